@@ -1,0 +1,247 @@
+//! Batched LoRA: every row of a batch may use a different adapter.
+//!
+//! For a projection `W` (`[out, in]`) and an adapter with `A` (`[r, in]`), `B` (`[out, r]`) and
+//! scale `s`, LoRA adds `s · (x · Aᵀ) · Bᵀ` to the projection's output. A batch carries, per row,
+//! the adapter slot it uses or none. Rows are grouped into [`Segment`]s — runs of consecutive
+//! rows that share a slot — and the product is computed in two steps:
+//!
+//! - **shrink**: `v[t, :r] = x[t] · Aᵀ` (down to the rank), then
+//! - **expand**: `y[t, off..off+out] += s · v[t, :r] · Bᵀ` (back up, into a column block of `y`).
+//!
+//! This is the SGMV formulation (segmented gather matrix-vector); BGMV is the special case of
+//! one row per segment, used for decode. Different segments may have different ranks. The
+//! functions here are the specification of the device kernels and the CPU execution path.
+
+use crate::matmul::linear_strided;
+use rayon::prelude::*;
+
+/// A run of consecutive batch rows `[start, start + len)` that all use adapter `slot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub start: u32,
+    pub len: u32,
+    pub slot: u32,
+}
+
+/// One adapter's matrices for one projection.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraMat<'a> {
+    /// `[rank, in]`, row-major.
+    pub a: &'a [f32],
+    /// `[out, rank]`, row-major.
+    pub b: &'a [f32],
+    pub rank: usize,
+    pub scale: f32,
+}
+
+/// Groups per-row adapter slots into segments, merging neighbours that share a slot. Rows with
+/// no adapter belong to no segment.
+pub fn segments(row_slots: &[Option<u32>]) -> Vec<Segment> {
+    let mut out: Vec<Segment> = Vec::new();
+    for (row, slot) in row_slots.iter().enumerate() {
+        let Some(slot) = *slot else { continue };
+        match out.last_mut() {
+            Some(seg) if seg.slot == slot && (seg.start + seg.len) as usize == row => seg.len += 1,
+            _ => out.push(Segment { start: row as u32, len: 1, slot }),
+        }
+    }
+    out
+}
+
+/// SGMV shrink: for every segment, `v[t, :rank] = x[t] · Aᵀ`. `x` rows are `in_dim` wide,
+/// `v` rows are `v_stride` (at least the largest rank) wide. Segments whose slot has no matrix
+/// for this projection (the adapter does not target it) are left untouched.
+pub fn sgmv_shrink<'a>(
+    x: &[f32],
+    in_dim: usize,
+    segs: &[Segment],
+    mat: impl Fn(u32) -> Option<LoraMat<'a>>,
+    v: &mut [f32],
+    v_stride: usize,
+) {
+    for seg in segs {
+        let Some(m) = mat(seg.slot) else { continue };
+        let (start, len) = (seg.start as usize, seg.len as usize);
+        v[start * v_stride..(start + len) * v_stride].fill(0.0);
+        linear_strided(
+            &x[start * in_dim..],
+            in_dim,
+            len,
+            in_dim,
+            m.a,
+            m.rank,
+            1.0,
+            &mut v[start * v_stride..],
+            v_stride,
+        );
+    }
+}
+
+/// SGMV expand: for every segment, `y[t, y_offset..y_offset+out] += scale · v[t, :rank] · Bᵀ`.
+#[allow(clippy::too_many_arguments)]
+pub fn sgmv_expand<'a>(
+    v: &[f32],
+    v_stride: usize,
+    segs: &[Segment],
+    mat: impl Fn(u32) -> Option<LoraMat<'a>>,
+    out_dim: usize,
+    y: &mut [f32],
+    y_stride: usize,
+    y_offset: usize,
+) {
+    for seg in segs {
+        let Some(m) = mat(seg.slot) else { continue };
+        let (start, len) = (seg.start as usize, seg.len as usize);
+        linear_strided(
+            &v[start * v_stride..],
+            v_stride,
+            len,
+            m.rank,
+            m.b,
+            out_dim,
+            m.scale,
+            &mut y[start * y_stride + y_offset..],
+            y_stride,
+        );
+    }
+}
+
+/// BGMV (one adapter per row): `y[t, off..off+out] += s · (x[t] · Aᵀ) · Bᵀ` for every row `t`
+/// whose slot has a matrix. Row-parallel; the decode-shaped counterpart of the SGMV pair.
+#[allow(clippy::too_many_arguments)]
+pub fn bgmv<'a>(
+    x: &[f32],
+    in_dim: usize,
+    row_slots: &[Option<u32>],
+    mat: impl Fn(u32) -> Option<LoraMat<'a>> + Sync,
+    out_dim: usize,
+    y: &mut [f32],
+    y_stride: usize,
+    y_offset: usize,
+) {
+    y.par_chunks_mut(y_stride)
+        .zip(x.par_chunks(in_dim))
+        .zip(row_slots.par_iter())
+        .for_each_init(Vec::new, |v: &mut Vec<f32>, ((y, x), slot)| {
+            let Some(m) = slot.and_then(&mat) else { return };
+            v.clear();
+            v.extend(m.a.chunks_exact(in_dim).take(m.rank).map(|a| dot(a, x)));
+            let y = &mut y[y_offset..y_offset + out_dim];
+            for (y, b) in y.iter_mut().zip(m.b.chunks_exact(m.rank)) {
+                *y += m.scale * dot(b, v);
+            }
+        });
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    struct Adapter {
+        a: Vec<f32>,
+        b: Vec<f32>,
+        rank: usize,
+        scale: f32,
+    }
+
+    fn random(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// The definition, per row, in f64.
+    fn reference(x: &[f32], in_dim: usize, rows: &[Option<u32>], ads: &[Adapter], out_dim: usize) -> Vec<f64> {
+        let mut y = vec![0f64; rows.len() * out_dim];
+        for (t, slot) in rows.iter().enumerate() {
+            let Some(s) = slot else { continue };
+            let ad = &ads[*s as usize];
+            let v: Vec<f64> = (0..ad.rank)
+                .map(|r| (0..in_dim).map(|i| ad.a[r * in_dim + i] as f64 * x[t * in_dim + i] as f64).sum())
+                .collect();
+            for o in 0..out_dim {
+                let dot: f64 = (0..ad.rank).map(|r| ad.b[o * ad.rank + r] as f64 * v[r]).sum();
+                y[t * out_dim + o] = ad.scale as f64 * dot;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn segments_merge_runs_and_skip_rows_without_adapter() {
+        let rows = [Some(2), Some(2), None, Some(2), Some(0), Some(0), None];
+        assert_eq!(
+            segments(&rows),
+            vec![
+                Segment { start: 0, len: 2, slot: 2 },
+                Segment { start: 3, len: 1, slot: 2 },
+                Segment { start: 4, len: 2, slot: 0 },
+            ]
+        );
+        assert!(segments(&[None, None]).is_empty());
+    }
+
+    #[test]
+    fn sgmv_and_bgmv_match_the_definition_with_mixed_ranks() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let (in_dim, out_dim) = (48, 40);
+        let ranks = [8usize, 16, 4, 32];
+        let ads: Vec<Adapter> = ranks
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| Adapter {
+                a: random(&mut rng, r * in_dim),
+                b: random(&mut rng, out_dim * r),
+                rank: r,
+                scale: 0.5 + i as f32,
+            })
+            .collect();
+        let rows = [Some(0), Some(0), Some(0), None, Some(3), Some(1), Some(1), None, Some(2), Some(3)];
+        let x = random(&mut rng, rows.len() * in_dim);
+        let want = reference(&x, in_dim, &rows, &ads, out_dim);
+        let mat = |s: u32| {
+            let a = &ads[s as usize];
+            Some(LoraMat { a: &a.a, b: &a.b, rank: a.rank, scale: a.scale })
+        };
+        // Write into the middle column block of a wider output holding a base result of 1.0.
+        let (stride, off) = (out_dim + 7, 3);
+        let check = |y: &[f32]| {
+            for t in 0..rows.len() {
+                for o in 0..stride {
+                    let got = y[t * stride + o] as f64;
+                    let expect = if (off..off + out_dim).contains(&o) { 1.0 + want[t * out_dim + o - off] } else { 1.0 };
+                    assert!((got - expect).abs() <= 1e-4 * (1.0 + expect.abs()), "row {t} col {o}: {got} vs {expect}");
+                }
+            }
+        };
+
+        let segs = segments(&rows);
+        let max_rank = 32;
+        let mut v = vec![f32::NAN; rows.len() * max_rank];
+        let mut y = vec![1f32; rows.len() * stride];
+        sgmv_shrink(&x, in_dim, &segs, mat, &mut v, max_rank);
+        sgmv_expand(&v, max_rank, &segs, mat, out_dim, &mut y, stride, off);
+        check(&y);
+
+        let mut y = vec![1f32; rows.len() * stride];
+        bgmv(&x, in_dim, &rows, mat, out_dim, &mut y, stride, off);
+        check(&y);
+    }
+
+    #[test]
+    fn a_slot_without_this_projection_leaves_rows_unchanged() {
+        let rows = [Some(0), Some(1)];
+        let (a, b) = (vec![1f32; 2 * 4], vec![1f32; 3 * 2]);
+        let mat = |s: u32| (s == 1).then_some(LoraMat { a: &a, b: &b, rank: 2, scale: 1.0 });
+        let x = vec![1f32; 2 * 4];
+        let mut y = vec![0f32; 2 * 3];
+        let segs = segments(&rows);
+        let mut v = vec![0f32; 2 * 2];
+        sgmv_shrink(&x, 4, &segs, mat, &mut v, 2);
+        sgmv_expand(&v, 2, &segs, mat, 3, &mut y, 3, 0);
+        assert_eq!(y, vec![0.0, 0.0, 0.0, 8.0, 8.0, 8.0]);
+    }
+}

@@ -1,0 +1,136 @@
+//! Element-wise and row-wise operations of a Llama-family decoder layer.
+
+use rayon::prelude::*;
+
+/// Rows per rayon task for row-wise operations; below this the work stays on one thread.
+const ROWS_PER_TASK: usize = 16;
+
+/// Copies embedding rows: `out[t] = table[ids[t]]`.
+///
+/// # Panics
+/// When an id is outside the table. Callers validate ids at the boundary, so this is a bug.
+pub fn embedding(table: &[f32], hidden: usize, ids: &[u32], out: &mut [f32]) {
+    for (row, &id) in out.chunks_exact_mut(hidden).zip(ids) {
+        let start = id as usize * hidden;
+        row.copy_from_slice(&table[start..start + hidden]);
+    }
+}
+
+/// RMSNorm as Llama defines it: `y = x / sqrt(mean(x²) + eps) · weight`, computed in f32
+/// (the mean accumulates in f64 for a reference-grade result).
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let hidden = weight.len();
+    out.par_chunks_mut(hidden * ROWS_PER_TASK)
+        .zip(x.par_chunks(hidden * ROWS_PER_TASK))
+        .for_each(|(out, x)| {
+            for (o, x) in out.chunks_exact_mut(hidden).zip(x.chunks_exact(hidden)) {
+                let mean_sq = x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / hidden as f64;
+                let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
+                for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
+                    *o = (x * inv) * w;
+                }
+            }
+        });
+}
+
+/// `x += y`, the residual connection.
+pub fn add_inplace(x: &mut [f32], y: &[f32]) {
+    x.par_chunks_mut(1 << 14).zip(y.par_chunks(1 << 14)).for_each(|(x, y)| {
+        for (x, y) in x.iter_mut().zip(y) {
+            *x += y;
+        }
+    });
+}
+
+/// SwiGLU: for each row of a fused `[gate | up]` matrix (`2·inter` wide), writes
+/// `silu(gate) · up` into `out` (`inter` wide).
+pub fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
+    out.par_chunks_mut(inter * ROWS_PER_TASK)
+        .zip(gate_up.par_chunks(2 * inter * ROWS_PER_TASK))
+        .for_each(|(out, gu)| {
+            for (o, gu) in out.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
+                let (gate, up) = gu.split_at(inter);
+                for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+        });
+}
+
+/// Rotary position embedding in the "rotate half" layout Hugging Face Llama uses: for each head,
+/// dimension `i < d/2` pairs with `i + d/2`.
+///
+/// `x` is `[tokens, row_stride]` and the heads to rotate are `n_heads` consecutive `head_dim`
+/// blocks starting at column `col_offset` (so the `q` and `k` parts of a fused `qkv` row can be
+/// rotated in place). The angle of pair `i` at position `p` is `p · inv_freq[i]` in f32, and
+/// `cos`/`sin` are multiplied by `attention_scaling` (1 except for YaRN).
+#[allow(clippy::too_many_arguments)]
+pub fn rope(
+    x: &mut [f32],
+    row_stride: usize,
+    col_offset: usize,
+    n_heads: usize,
+    head_dim: usize,
+    positions: &[u32],
+    inv_freq: &[f32],
+    attention_scaling: f32,
+) {
+    let half = head_dim / 2;
+    debug_assert_eq!(inv_freq.len(), half);
+    x.par_chunks_mut(row_stride).zip(positions.par_iter()).for_each(|(row, &pos)| {
+        let heads = &mut row[col_offset..col_offset + n_heads * head_dim];
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let angle = pos as f32 * f;
+            let (sin, cos) = angle.sin_cos();
+            let (sin, cos) = (sin * attention_scaling, cos * attention_scaling);
+            for head in heads.chunks_exact_mut(head_dim) {
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos - b * sin;
+                head[i + half] = b * cos + a * sin;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_normalises_then_scales() {
+        let x = [3.0f32, 4.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0];
+        let w = [1.0f32, 2.0, 1.0, 1.0];
+        let mut out = [0f32; 8];
+        rms_norm(&x, &w, 0.0, &mut out);
+        // mean square of the first row is 25/4, rms 2.5.
+        let want = [1.2f32, 3.2, 0.0, 0.0, 1.0, 2.0, 1.0, 1.0];
+        for (o, w) in out.iter().zip(want) {
+            assert!((o - w).abs() < 1e-6, "{out:?}");
+        }
+    }
+
+    #[test]
+    fn silu_mul_gates_the_up_projection() {
+        let gate_up = [0.0f32, 2.0, 5.0, 7.0];
+        let mut out = [0f32; 2];
+        silu_mul(&gate_up, 2, &mut out);
+        assert_eq!(out[0], 0.0);
+        let silu2 = 2.0 / (1.0 + (-2.0f32).exp());
+        assert!((out[1] - silu2 * 7.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_and_preserves_norm() {
+        let head_dim = 4;
+        let inv_freq = [1.0f32, 0.01];
+        let mut x = vec![1.0f32, 0.0, 0.0, 1.0, /* second token */ 1.0, 0.0, 0.0, 1.0];
+        rope(&mut x, 4, 0, 1, head_dim, &[0, 1], &inv_freq, 1.0);
+        // Position 0 leaves the vector unchanged.
+        assert_eq!(&x[..4], &[1.0, 0.0, 0.0, 1.0]);
+        // Position 1 rotates pair (0, 2) by 1 radian and pair (1, 3) by 0.01 radian.
+        assert!((x[4] - 1f32.cos()).abs() < 1e-6 && (x[6] - 1f32.sin()).abs() < 1e-6);
+        assert!((x[5] + 0.01f32.sin()).abs() < 1e-6 && (x[7] - 0.01f32.cos()).abs() < 1e-6);
+        let norm: f32 = x[4..].iter().map(|v| v * v).sum();
+        assert!((norm - 2.0).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,9 @@
+//! The backend contract, `switchyard.backend.v1`: generated messages, the server trait and the
+//! client. Both the gateway and the backend depend on this crate and on nothing of each other.
+
+#![allow(missing_docs, missing_debug_implementations, clippy::all)]
+
+/// Version 1 of the backend service.
+pub mod v1 {
+    tonic::include_proto!("switchyard.backend.v1");
+}
