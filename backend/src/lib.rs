@@ -1,1 +1,13 @@
+//! Switchyard's backend: a gRPC server that keeps LoRA adapters resident and runs a
+//! Llama-family model with continuous batching, each request on its own adapter.
+//!
+//! - [`model`]: configuration, weights and tokenizer of the base model;
+//! - [`adapters`]: reading and validating PEFT adapters, and the slot table;
+//! - [`engine`]: scheduler, sampling, and the [`engine::executor::Executor`] seam with its CPU
+//!   implementation;
+//! - [`service`]: the `switchyard.backend.v1.Backend` gRPC service and the server around it.
 
+pub mod adapters;
+pub mod engine;
+pub mod model;
+pub mod service;

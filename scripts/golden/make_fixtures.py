@@ -199,12 +199,15 @@ def main(out: Path):
         if kind == "llama":
             base.save_pretrained(model_dir, safe_serialization=True)
         else:
-            # bf16 on disk, in shards: exercises the index and the dtype conversion. The
-            # reference runs on exactly the bf16-rounded weights, in f32.
-            base = base.to(torch.bfloat16)
-            base.save_pretrained(model_dir, safe_serialization=True, max_shard_size="100KB")
-            base = base.to(torch.float32)
+            # bf16 on disk, in shards: exercises the index and the dtype conversion.
+            base.to(torch.bfloat16).save_pretrained(model_dir, safe_serialization=True, max_shard_size="100KB")
         base.generation_config.save_pretrained(model_dir)
+
+        def from_disk():
+            # The reference runs, in f32, exactly what is on disk (bf16-rounded weights included).
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+        base = from_disk()
 
         rendered = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
         chat_renderings[model_name] = {"messages": CHAT, "add_generation_prompt": True, "text": rendered}
@@ -214,10 +217,7 @@ def main(out: Path):
 
         variants = [(None, base)]
         for i, (name, kwargs) in enumerate(ADAPTERS[model_name].items()):
-            peft_model = get_peft_model(make_model(kind, len(tok), eos_id), LoraConfig(**kwargs))
-            if kind == "qwen2":
-                # Same base weights as the saved (bf16-rounded) model.
-                peft_model.base_model.model.load_state_dict(base.state_dict(), strict=False)
+            peft_model = get_peft_model(from_disk(), LoraConfig(**kwargs))
             randomize_lora(peft_model, SEED + 100 + i)
             adapter_dir = out / "adapters" / model_name / name
             peft_model.save_pretrained(adapter_dir, safe_serialization=True)
@@ -226,6 +226,8 @@ def main(out: Path):
             cfg_path = adapter_dir / "adapter_config.json"
             cfg = json.loads(cfg_path.read_text())
             cfg["base_model_name_or_path"] = model_name
+            if isinstance(cfg.get("target_modules"), list):
+                cfg["target_modules"] = sorted(cfg["target_modules"])  # PEFT writes a set's order
             cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
             variants.append((name, peft_model.eval()))
 

@@ -1,0 +1,304 @@
+//! PEFT LoRA adapters (`adapter_config.json` + `adapter_model.safetensors`), validated against
+//! the base model before any weight is handed to an executor.
+
+use super::AdapterError;
+use crate::model::{ModelConfig, Module};
+use safetensors::SafeTensors;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// One projection's LoRA matrices with the scale PEFT would apply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraModule {
+    /// `[rank, in]`.
+    pub a: Vec<f32>,
+    /// `[out, rank]`.
+    pub b: Vec<f32>,
+    pub rank: usize,
+    /// `alpha / rank`, or `alpha / √rank` with rsLoRA.
+    pub scale: f32,
+}
+
+/// A validated adapter in host memory, ready to be placed in a slot.
+#[derive(Debug, Clone)]
+pub struct AdapterWeights {
+    /// Per layer, per [`Module::index`]: the module's matrices when the adapter targets it.
+    pub layers: Vec<[Option<LoraModule>; 7]>,
+    /// Largest rank over all modules.
+    pub max_rank: usize,
+    /// Projections the adapter targets in at least one layer.
+    pub targets: BTreeSet<Module>,
+    /// `base_model_name_or_path` from the config, for reporting.
+    pub base_model: Option<String>,
+}
+
+impl AdapterWeights {
+    /// Bytes of f32 weights.
+    pub fn size_bytes(&self) -> u64 {
+        let values: usize = self
+            .layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|m| m.a.len() + m.b.len())
+            .sum();
+        values as u64 * 4
+    }
+}
+
+#[derive(Deserialize)]
+struct PeftConfig {
+    peft_type: Option<String>,
+    r: u64,
+    lora_alpha: f64,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    rank_pattern: Map<String, Value>,
+    #[serde(default)]
+    alpha_pattern: Map<String, Value>,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    bias: Option<String>,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    lora_bias: bool,
+    modules_to_save: Option<Value>,
+    base_model_name_or_path: Option<String>,
+}
+
+/// PEFT's rule for `rank_pattern`/`alpha_pattern`: the first key `k` (in file order) such that
+/// the module path matches `(.*\.)?(k)$` wins.
+fn pattern_value(
+    path: &Path,
+    pattern: &Map<String, Value>,
+    module_key: &str,
+) -> Result<Option<f64>, AdapterError> {
+    for (key, value) in pattern {
+        let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
+            AdapterError::invalid(
+                path,
+                format!("pattern key {key:?} is not a valid regex: {e}"),
+            )
+        })?;
+        if re.is_match(module_key) {
+            let v = value
+                .as_f64()
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .ok_or_else(|| {
+                    AdapterError::invalid(
+                        path,
+                        format!("pattern {key:?} has non-positive value {value}"),
+                    )
+                })?;
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
+}
+
+/// Splits `base_model.model.model.layers.{l}.{block}.{module}.lora_{A|B}.weight`.
+fn parse_key(key: &str) -> Option<(usize, &str, &str, char)> {
+    let rest = key.strip_prefix("base_model.model.model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (block, rest) = rest.split_once('.')?;
+    let (module, rest) = rest.split_once('.')?;
+    let which = match rest {
+        "lora_A.weight" => 'A',
+        "lora_B.weight" => 'B',
+        _ => return None,
+    };
+    Some((layer.parse().ok()?, block, module, which))
+}
+
+/// Reads a PEFT adapter directory and checks it against `model`: config fields, every tensor's
+/// name, dtype, shape and values, and ranks against `max_rank`.
+pub fn load_peft_dir(
+    dir: &Path,
+    model: &ModelConfig,
+    max_rank: usize,
+) -> Result<AdapterWeights, AdapterError> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(AdapterError::invalid(dir, "not a directory")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(AdapterError::NotFound {
+                path: dir.to_path_buf(),
+            });
+        }
+        Err(source) => {
+            return Err(AdapterError::Io {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+    }
+    let config_path = dir.join("adapter_config.json");
+    let text = match std::fs::read_to_string(&config_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(AdapterError::invalid(dir, "no adapter_config.json"));
+        }
+        Err(source) => {
+            return Err(AdapterError::Io {
+                path: config_path,
+                source,
+            });
+        }
+    };
+    let cfg: PeftConfig = serde_json::from_str(&text)
+        .map_err(|e| AdapterError::invalid(&config_path, format!("adapter_config.json: {e}")))?;
+    let unsupported = |what: &str| {
+        Err(AdapterError::invalid(
+            &config_path,
+            format!("{what} is not supported"),
+        ))
+    };
+    match cfg.peft_type.as_deref() {
+        Some("LORA") | None => {}
+        Some(other) => return unsupported(&format!("peft_type {other:?} (only LORA)")),
+    }
+    if cfg.fan_in_fan_out {
+        return unsupported("fan_in_fan_out=true");
+    }
+    if cfg.use_dora {
+        return unsupported("DoRA (use_dora=true)");
+    }
+    if cfg.lora_bias || cfg.bias.as_deref().is_some_and(|b| b != "none") {
+        return unsupported("training biases (bias != \"none\")");
+    }
+    if cfg
+        .modules_to_save
+        .as_ref()
+        .is_some_and(|m| !m.is_null() && m.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return unsupported("modules_to_save");
+    }
+    if cfg.r == 0 || !(cfg.lora_alpha.is_finite() && cfg.lora_alpha > 0.0) {
+        return Err(AdapterError::invalid(
+            &config_path,
+            "r and lora_alpha must be positive",
+        ));
+    }
+
+    let weights_path = dir.join("adapter_model.safetensors");
+    if !weights_path.exists() {
+        let reason = if dir.join("adapter_model.bin").exists() {
+            "only pickle weights (adapter_model.bin) found; they are refused because loading pickle can run code — convert to adapter_model.safetensors"
+        } else {
+            "no adapter_model.safetensors"
+        };
+        return Err(AdapterError::invalid(dir, reason));
+    }
+    let bytes = std::fs::read(&weights_path).map_err(|source| AdapterError::Io {
+        path: weights_path.clone(),
+        source,
+    })?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| AdapterError::invalid(&weights_path, format!("invalid safetensors: {e}")))?;
+
+    // (layer, module) -> (A, B)
+    let mut found: BTreeMap<(usize, Module), [Option<(Vec<usize>, Vec<f32>)>; 2]> = BTreeMap::new();
+    for (key, view) in st.tensors() {
+        let Some((layer, block, module_name, which)) = parse_key(&key) else {
+            return Err(AdapterError::invalid(
+                &weights_path,
+                format!("tensor {key} is not a LoRA A/B matrix of a decoder layer projection"),
+            ));
+        };
+        let module = Module::from_name(module_name)
+            .filter(|m| m.block() == block)
+            .ok_or_else(|| AdapterError::invalid(&weights_path, format!("tensor {key} targets {block}.{module_name}, which a {} layer does not have", model.architecture)))?;
+        if layer >= model.num_layers {
+            return Err(AdapterError::invalid(
+                &weights_path,
+                format!(
+                    "tensor {key} is for layer {layer}, but the model has {} layers",
+                    model.num_layers
+                ),
+            ));
+        }
+        let data = crate::model::weights_to_f32(view.dtype(), view.data()).ok_or_else(|| {
+            AdapterError::invalid(
+                &weights_path,
+                format!(
+                    "tensor {key} has dtype {:?}; supported: F32, BF16, F16",
+                    view.dtype()
+                ),
+            )
+        })?;
+        if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
+            return Err(AdapterError::invalid(
+                &weights_path,
+                format!("tensor {key} contains {bad}"),
+            ));
+        }
+        let slot = &mut found.entry((layer, module)).or_default()[usize::from(which == 'B')];
+        *slot = Some((view.shape().to_vec(), data));
+    }
+    if found.is_empty() {
+        return Err(AdapterError::invalid(
+            &weights_path,
+            "contains no LoRA tensors",
+        ));
+    }
+
+    let mut layers: Vec<[Option<LoraModule>; 7]> =
+        (0..model.num_layers).map(|_| Default::default()).collect();
+    let mut targets = BTreeSet::new();
+    let mut max_seen = 0;
+    for ((layer, module), [a, b]) in found {
+        let key = format!("model.layers.{layer}.{}.{}", module.block(), module.name());
+        let (Some((a_shape, a)), Some((b_shape, b))) = (a, b) else {
+            return Err(AdapterError::invalid(
+                &weights_path,
+                format!("{key} needs both lora_A and lora_B"),
+            ));
+        };
+        let (in_dim, out_dim) = model.module_shape(module);
+        let rank = a_shape.first().copied().unwrap_or(0);
+        if a_shape != [rank, in_dim] || b_shape != [out_dim, rank] || rank == 0 {
+            return Err(AdapterError::invalid(
+                &weights_path,
+                format!(
+                    "{key}: lora_A {a_shape:?} and lora_B {b_shape:?} do not fit the base projection [{out_dim}, {in_dim}] (expected [r, {in_dim}] and [{out_dim}, r])"
+                ),
+            ));
+        }
+        let want_rank = pattern_value(&config_path, &cfg.rank_pattern, &key)?
+            .map_or(cfg.r as usize, |r| r as usize);
+        if rank != want_rank {
+            return Err(AdapterError::invalid(
+                &weights_path,
+                format!("{key} has rank {rank} but adapter_config.json says {want_rank}"),
+            ));
+        }
+        if rank > max_rank {
+            return Err(AdapterError::RankTooLarge {
+                path: dir.to_path_buf(),
+                module: key,
+                rank,
+                max: max_rank,
+            });
+        }
+        let alpha =
+            pattern_value(&config_path, &cfg.alpha_pattern, &key)?.unwrap_or(cfg.lora_alpha);
+        let scale = if cfg.use_rslora {
+            alpha / (rank as f64).sqrt()
+        } else {
+            alpha / rank as f64
+        } as f32;
+        layers[layer][module.index()] = Some(LoraModule { a, b, rank, scale });
+        targets.insert(module);
+        max_seen = max_seen.max(rank);
+    }
+    Ok(AdapterWeights {
+        layers,
+        max_rank: max_seen,
+        targets,
+        base_model: cfg.base_model_name_or_path,
+    })
+}

@@ -1,0 +1,202 @@
+//! The table of adapter slots: which adapter is resident where, who is using it, and which
+//! idle adapter to evict when a new one needs room. Plain data, owned by the engine thread.
+
+/// An adapter occupying a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resident {
+    pub name: String,
+    pub uri: String,
+    pub max_rank: usize,
+    pub targets: Vec<String>,
+    pub size_bytes: u64,
+    /// Requests admitted with this adapter and not yet finished.
+    pub active: u32,
+    /// Logical time of the last acquire or release; the smallest idle one is evicted first.
+    last_used: u64,
+}
+
+/// Why a slot operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SlotError {
+    #[error("adapter {0:?} is not loaded")]
+    UnknownAdapter(String),
+    #[error("adapter {name:?} is in use by {active} request(s)")]
+    InUse { name: String, active: u32 },
+    #[error("all {max} adapter slots hold adapters that requests are using")]
+    Full { max: usize },
+}
+
+/// Adapter slots with LRU eviction of idle adapters. An adapter with active requests is never
+/// evicted or removed.
+#[derive(Debug)]
+pub struct SlotTable {
+    slots: Vec<Option<Resident>>,
+    clock: u64,
+}
+
+impl SlotTable {
+    pub fn new(max: usize) -> SlotTable {
+        SlotTable {
+            slots: vec![None; max],
+            clock: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn occupied(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    /// The slot holding `name`.
+    pub fn find(&self, name: &str) -> Option<u32> {
+        self.slots
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|r| r.name == name))
+            .map(|i| i as u32)
+    }
+
+    pub fn get(&self, slot: u32) -> Option<&Resident> {
+        self.slots.get(slot as usize).and_then(Option::as_ref)
+    }
+
+    /// Resident adapters with their slots, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Resident)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|r| (i as u32, r)))
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// Marks one more request as using `name` and returns its slot.
+    pub fn acquire(&mut self, name: &str) -> Result<u32, SlotError> {
+        let slot = self
+            .find(name)
+            .ok_or_else(|| SlotError::UnknownAdapter(name.to_string()))?;
+        let now = self.tick();
+        if let Some(r) = self.slots[slot as usize].as_mut() {
+            r.active += 1;
+            r.last_used = now;
+        }
+        Ok(slot)
+    }
+
+    /// Marks a request using `slot` as finished.
+    pub fn release(&mut self, slot: u32) {
+        let now = self.tick();
+        if let Some(r) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) {
+            r.active = r.active.saturating_sub(1);
+            r.last_used = now;
+        }
+    }
+
+    /// Chooses a slot for a new adapter: a free one, else the least recently used idle one.
+    /// Returns the slot and the name of the adapter that must be evicted from it, if any.
+    /// Nothing changes until [`SlotTable::insert`].
+    pub fn choose(&self) -> Result<(u32, Option<String>), SlotError> {
+        if let Some(free) = self.slots.iter().position(Option::is_none) {
+            return Ok((free as u32, None));
+        }
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().filter(|r| r.active == 0).map(|r| (i, r)))
+            .min_by_key(|(_, r)| r.last_used)
+            .map(|(i, r)| (i as u32, Some(r.name.clone())))
+            .ok_or(SlotError::Full {
+                max: self.slots.len(),
+            })
+    }
+
+    /// Puts an adapter in `slot`, replacing whatever was there.
+    pub fn insert(
+        &mut self,
+        slot: u32,
+        name: String,
+        uri: String,
+        max_rank: usize,
+        targets: Vec<String>,
+        size_bytes: u64,
+    ) {
+        let last_used = self.tick();
+        self.slots[slot as usize] = Some(Resident {
+            name,
+            uri,
+            max_rank,
+            targets,
+            size_bytes,
+            active: 0,
+            last_used,
+        });
+    }
+
+    /// Removes an idle adapter and returns its slot.
+    pub fn remove(&mut self, name: &str) -> Result<u32, SlotError> {
+        let slot = self
+            .find(name)
+            .ok_or_else(|| SlotError::UnknownAdapter(name.to_string()))?;
+        if let Some(r) = &self.slots[slot as usize]
+            && r.active > 0
+        {
+            return Err(SlotError::InUse {
+                name: name.to_string(),
+                active: r.active,
+            });
+        }
+        self.slots[slot as usize] = None;
+        Ok(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(t: &mut SlotTable, name: &str) -> u32 {
+        let (slot, _) = t.choose().expect("room");
+        t.insert(slot, name.into(), format!("file:///{name}"), 8, vec![], 0);
+        slot
+    }
+
+    #[test]
+    fn evicts_the_least_recently_used_idle_adapter() {
+        let mut t = SlotTable::new(2);
+        let a = put(&mut t, "a");
+        let b = put(&mut t, "b");
+        assert_ne!(a, b);
+        // Touch "a" so "b" is the least recently used.
+        t.acquire("a").expect("resident");
+        t.release(a);
+        assert_eq!(t.choose(), Ok((b, Some("b".into()))));
+    }
+
+    #[test]
+    fn never_evicts_or_removes_an_adapter_in_use() {
+        let mut t = SlotTable::new(2);
+        put(&mut t, "a");
+        put(&mut t, "b");
+        let a = t.acquire("a").expect("resident");
+        let b = t.acquire("b").expect("resident");
+        assert_eq!(t.choose(), Err(SlotError::Full { max: 2 }));
+        assert_eq!(
+            t.remove("a"),
+            Err(SlotError::InUse {
+                name: "a".into(),
+                active: 1
+            })
+        );
+        t.release(b);
+        assert_eq!(t.choose(), Ok((b, Some("b".into()))));
+        t.release(a);
+        assert_eq!(t.remove("a"), Ok(a));
+        assert_eq!(t.find("a"), None);
+        assert_eq!(t.acquire("a"), Err(SlotError::UnknownAdapter("a".into())));
+    }
+}

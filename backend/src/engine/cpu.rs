@@ -1,0 +1,403 @@
+//! The CPU executor: f32 weights in host memory, multi-threaded GEMMs, the kernels crate's
+//! reference implementations for everything else. Always built; the reference for other
+//! executors and the path CI runs.
+
+use super::executor::{Batch, Executor, ExecutorError};
+use crate::adapters::AdapterWeights;
+use crate::model::{ModelConfig, ModelWeights, Module};
+use switchyard_kernels::{AttentionSeq, KvLayout, LoraMat, attention, lora, matmul, ops};
+
+/// One decoder layer with its projections fused for fewer, larger GEMMs.
+#[derive(Debug)]
+struct Layer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    /// `[q_dim + 2·kv_dim, hidden]`: q, k and v stacked.
+    qkv: Vec<f32>,
+    qkv_bias: Option<Vec<f32>>,
+    o: Vec<f32>,
+    o_bias: Option<Vec<f32>>,
+    /// `[2·intermediate, hidden]`: gate and up stacked.
+    gate_up: Vec<f32>,
+    gate_up_bias: Option<Vec<f32>>,
+    down: Vec<f32>,
+    down_bias: Option<Vec<f32>>,
+}
+
+/// KV pools of one layer.
+#[derive(Debug)]
+struct LayerCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// The CPU implementation of [`Executor`].
+#[derive(Debug)]
+pub struct CpuExecutor {
+    config: ModelConfig,
+    embed: Vec<f32>,
+    /// `None` when tied to `embed`.
+    lm_head: Option<Vec<f32>>,
+    final_norm: Vec<f32>,
+    layers: Vec<Layer>,
+    cache: Vec<LayerCache>,
+    layout: KvLayout,
+    inv_freq: Vec<f32>,
+    rope_scale: f32,
+    adapters: Vec<Option<AdapterWeights>>,
+    max_rank: usize,
+}
+
+fn concat(parts: &[&[f32]]) -> Vec<f32> {
+    parts.concat()
+}
+
+impl CpuExecutor {
+    /// Takes ownership of the weights (fusing projections) and allocates a KV cache of
+    /// `kv_blocks` blocks of `block_size` tokens, and `max_loras` adapter slots of rank up to
+    /// `max_rank`.
+    pub fn new(
+        config: &ModelConfig,
+        weights: ModelWeights,
+        kv_blocks: usize,
+        block_size: usize,
+        max_loras: usize,
+        max_rank: usize,
+    ) -> CpuExecutor {
+        let ModelWeights {
+            embed_tokens,
+            layers,
+            final_norm,
+            lm_head,
+        } = weights;
+        let layers = layers
+            .into_iter()
+            .map(|l| {
+                let p = |m: Module| l.proj[m.index()].data.as_slice();
+                let b = |m: Module| l.bias[m.index()].as_ref().map(|t| t.data.as_slice());
+                let fuse_bias = |ms: &[Module]| -> Option<Vec<f32>> {
+                    let parts: Option<Vec<&[f32]>> = ms.iter().map(|&m| b(m)).collect();
+                    parts.map(|p| concat(&p))
+                };
+                Layer {
+                    input_norm: l.input_norm.data.clone(),
+                    post_norm: l.post_attention_norm.data.clone(),
+                    qkv: concat(&[p(Module::Q), p(Module::K), p(Module::V)]),
+                    qkv_bias: fuse_bias(&[Module::Q, Module::K, Module::V]),
+                    o: p(Module::O).to_vec(),
+                    o_bias: b(Module::O).map(<[f32]>::to_vec),
+                    gate_up: concat(&[p(Module::Gate), p(Module::Up)]),
+                    gate_up_bias: fuse_bias(&[Module::Gate, Module::Up]),
+                    down: p(Module::Down).to_vec(),
+                    down_bias: b(Module::Down).map(<[f32]>::to_vec),
+                }
+            })
+            .collect();
+        let layout = KvLayout {
+            block_size,
+            kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+        };
+        let pool = kv_blocks * block_size * layout.slot_width();
+        let cache = (0..config.num_layers)
+            .map(|_| LayerCache {
+                k: vec![0.0; pool],
+                v: vec![0.0; pool],
+            })
+            .collect();
+        let (inv_freq, rope_scale) = config.rope_inv_freq();
+        CpuExecutor {
+            config: config.clone(),
+            embed: embed_tokens.data,
+            lm_head: lm_head.map(|t| t.data),
+            final_norm: final_norm.data,
+            layers,
+            cache,
+            layout,
+            inv_freq,
+            rope_scale,
+            adapters: vec![None; max_loras],
+            max_rank,
+        }
+    }
+
+    /// `y[:, off..off+out] += LoRA_m(x)` for every row whose adapter targets module `m` in
+    /// `layer`. Prefill-shaped batches (segments longer than one row) use SGMV; decode-shaped
+    /// ones (every segment one row) use BGMV.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_lora(
+        &self,
+        layer: usize,
+        m: Module,
+        x: &[f32],
+        segs: &[lora::Segment],
+        rows: &[Option<u32>],
+        shrink: &mut [f32],
+        y: &mut [f32],
+        y_stride: usize,
+        y_offset: usize,
+    ) {
+        if segs.is_empty() {
+            return;
+        }
+        let (in_dim, out_dim) = self.config.module_shape(m);
+        let mat = |slot: u32| {
+            let lm =
+                self.adapters.get(slot as usize)?.as_ref()?.layers[layer][m.index()].as_ref()?;
+            Some(LoraMat {
+                a: &lm.a,
+                b: &lm.b,
+                rank: lm.rank,
+                scale: lm.scale,
+            })
+        };
+        if segs.iter().all(|s| s.len == 1) {
+            lora::bgmv(x, in_dim, rows, mat, out_dim, y, y_stride, y_offset);
+        } else {
+            lora::sgmv_shrink(x, in_dim, segs, mat, shrink, self.max_rank);
+            lora::sgmv_expand(
+                shrink,
+                self.max_rank,
+                segs,
+                mat,
+                out_dim,
+                y,
+                y_stride,
+                y_offset,
+            );
+        }
+    }
+}
+
+fn add_bias(y: &mut [f32], width: usize, bias: Option<&Vec<f32>>) {
+    if let Some(bias) = bias {
+        for row in y.chunks_exact_mut(width) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        }
+    }
+}
+
+impl Executor for CpuExecutor {
+    fn device(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn dtype(&self) -> &'static str {
+        "f32"
+    }
+
+    fn load_adapter(&mut self, slot: u32, adapter: &AdapterWeights) -> Result<(), ExecutorError> {
+        if adapter.max_rank > self.max_rank {
+            return Err(ExecutorError(format!(
+                "adapter rank {} exceeds slot rank {}",
+                adapter.max_rank, self.max_rank
+            )));
+        }
+        let entry = self
+            .adapters
+            .get_mut(slot as usize)
+            .ok_or_else(|| ExecutorError(format!("adapter slot {slot} does not exist")))?;
+        *entry = Some(adapter.clone());
+        Ok(())
+    }
+
+    fn unload_adapter(&mut self, slot: u32) {
+        if let Some(entry) = self.adapters.get_mut(slot as usize) {
+            *entry = None;
+        }
+    }
+
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>, ExecutorError> {
+        let c = &self.config;
+        let n = batch.tokens.len();
+        let (h, q_dim, kv_dim, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let qkv_w = q_dim + 2 * kv_dim;
+        if let Some(bad) = batch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ExecutorError(format!(
+                "token id {bad} outside the vocabulary"
+            )));
+        }
+        let rows = batch.row_adapters();
+        let segs = lora::segments(&rows);
+
+        let mut x = vec![0f32; n * h];
+        ops::embedding(&self.embed, h, &batch.tokens, &mut x);
+        let mut normed = vec![0f32; n * h];
+        let mut qkv = vec![0f32; n * qkv_w];
+        let mut attn = vec![0f32; n * q_dim];
+        let mut proj = vec![0f32; n * h];
+        let mut gate_up = vec![0f32; n * 2 * inter];
+        let mut act = vec![0f32; n * inter];
+        let mut shrink = vec![
+            0f32;
+            if segs.is_empty() {
+                0
+            } else {
+                n * self.max_rank
+            }
+        ];
+        let attn_seqs: Vec<AttentionSeq<'_>> = batch
+            .seqs
+            .iter()
+            .map(|s| AttentionSeq {
+                q_start: s.start,
+                q_len: s.len,
+                context_len: s.context_len,
+                blocks: &s.blocks,
+            })
+            .collect();
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            // Attention block.
+            ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed);
+            matmul::linear(&normed, n, h, &layer.qkv, qkv_w, &mut qkv, qkv_w, false);
+            add_bias(&mut qkv, qkv_w, layer.qkv_bias.as_ref());
+            for (m, off) in [
+                (Module::Q, 0),
+                (Module::K, q_dim),
+                (Module::V, q_dim + kv_dim),
+            ] {
+                self.apply_lora(
+                    li,
+                    m,
+                    &normed,
+                    &segs,
+                    &rows,
+                    &mut shrink,
+                    &mut qkv,
+                    qkv_w,
+                    off,
+                );
+            }
+            ops::rope(
+                &mut qkv,
+                qkv_w,
+                0,
+                c.num_heads,
+                c.head_dim,
+                &batch.positions,
+                &self.inv_freq,
+                self.rope_scale,
+            );
+            ops::rope(
+                &mut qkv,
+                qkv_w,
+                q_dim,
+                c.num_kv_heads,
+                c.head_dim,
+                &batch.positions,
+                &self.inv_freq,
+                self.rope_scale,
+            );
+            let cache = &mut self.cache[li];
+            attention::write_kv(
+                self.layout,
+                &qkv,
+                qkv_w,
+                q_dim,
+                q_dim + kv_dim,
+                &batch.kv_slots,
+                &mut cache.k,
+                &mut cache.v,
+            );
+            attention::paged_attention(
+                self.layout,
+                &qkv,
+                qkv_w,
+                c.num_heads,
+                &attn_seqs,
+                &cache.k,
+                &cache.v,
+                scale,
+                c.sliding_window,
+                &mut attn,
+            );
+            matmul::linear(&attn, n, q_dim, &layer.o, h, &mut proj, h, false);
+            add_bias(&mut proj, h, layer.o_bias.as_ref());
+            self.apply_lora(
+                li,
+                Module::O,
+                &attn,
+                &segs,
+                &rows,
+                &mut shrink,
+                &mut proj,
+                h,
+                0,
+            );
+            ops::add_inplace(&mut x, &proj);
+
+            // MLP block.
+            ops::rms_norm(&x, &layer.post_norm, c.rms_norm_eps, &mut normed);
+            matmul::linear(
+                &normed,
+                n,
+                h,
+                &layer.gate_up,
+                2 * inter,
+                &mut gate_up,
+                2 * inter,
+                false,
+            );
+            add_bias(&mut gate_up, 2 * inter, layer.gate_up_bias.as_ref());
+            for (m, off) in [(Module::Gate, 0), (Module::Up, inter)] {
+                self.apply_lora(
+                    li,
+                    m,
+                    &normed,
+                    &segs,
+                    &rows,
+                    &mut shrink,
+                    &mut gate_up,
+                    2 * inter,
+                    off,
+                );
+            }
+            ops::silu_mul(&gate_up, inter, &mut act);
+            matmul::linear(&act, n, inter, &layer.down, h, &mut proj, h, false);
+            add_bias(&mut proj, h, layer.down_bias.as_ref());
+            self.apply_lora(
+                li,
+                Module::Down,
+                &act,
+                &segs,
+                &rows,
+                &mut shrink,
+                &mut proj,
+                h,
+                0,
+            );
+            ops::add_inplace(&mut x, &proj);
+        }
+
+        // Logits only for the rows that need them: the last row of each finishing chunk.
+        let wanted: Vec<usize> = batch
+            .seqs
+            .iter()
+            .filter(|s| s.wants_logits)
+            .map(|s| s.start + s.len - 1)
+            .collect();
+        let mut last = Vec::with_capacity(wanted.len() * h);
+        for &r in &wanted {
+            last.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let mut last_normed = vec![0f32; last.len()];
+        ops::rms_norm(&last, &self.final_norm, c.rms_norm_eps, &mut last_normed);
+        let head = self.lm_head.as_deref().unwrap_or(&self.embed);
+        let mut logits = vec![0f32; wanted.len() * c.vocab_size];
+        matmul::linear(
+            &last_normed,
+            wanted.len(),
+            h,
+            head,
+            c.vocab_size,
+            &mut logits,
+            c.vocab_size,
+            false,
+        );
+        Ok(logits)
+    }
+}

@@ -1,0 +1,71 @@
+//! The seam between the engine and the hardware. The scheduler decides *what* runs each step;
+//! an [`Executor`] runs it: a forward pass over a flattened batch in which every sequence may
+//! use a different adapter slot.
+
+use crate::adapters::AdapterWeights;
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqChunk {
+    /// Rows `start .. start + len` of the batch belong to this sequence.
+    pub start: usize,
+    pub len: usize,
+    /// Tokens of the sequence in the KV cache after this step (its earlier tokens plus `len`).
+    pub context_len: usize,
+    /// KV cache blocks of the sequence, in position order.
+    pub blocks: Vec<u32>,
+    /// Adapter slot for all of this sequence's rows.
+    pub adapter: Option<u32>,
+    /// Whether the logits of the chunk's last row are wanted (the chunk ends the known tokens).
+    pub wants_logits: bool,
+}
+
+/// A step's work: the new tokens of every scheduled sequence, flattened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    /// Position of every token in its sequence.
+    pub positions: Vec<u32>,
+    /// KV cache slot each token's key and value are written to.
+    pub kv_slots: Vec<usize>,
+    pub seqs: Vec<SeqChunk>,
+}
+
+impl Batch {
+    /// Rows of logits the forward pass returns: one per sequence that wants them, in order.
+    pub fn logit_rows(&self) -> usize {
+        self.seqs.iter().filter(|s| s.wants_logits).count()
+    }
+
+    /// Per-row adapter slot.
+    pub fn row_adapters(&self) -> Vec<Option<u32>> {
+        let mut rows = vec![None; self.tokens.len()];
+        for s in &self.seqs {
+            rows[s.start..s.start + s.len].fill(s.adapter);
+        }
+        rows
+    }
+}
+
+/// Failure inside an executor (device errors, out of device memory).
+#[derive(Debug, thiserror::Error)]
+#[error("executor: {0}")]
+pub struct ExecutorError(pub String);
+
+/// Runs forward passes and holds the model weights, KV cache and adapter slots on its device.
+pub trait Executor: Send {
+    /// Human-readable device, e.g. `cpu (2 threads)`.
+    fn device(&self) -> String;
+
+    /// Compute dtype, e.g. `f32`.
+    fn dtype(&self) -> &'static str;
+
+    /// Copies a validated adapter into `slot`, replacing what was there.
+    fn load_adapter(&mut self, slot: u32, adapter: &AdapterWeights) -> Result<(), ExecutorError>;
+
+    /// Frees `slot`.
+    fn unload_adapter(&mut self, slot: u32);
+
+    /// Runs the batch; returns `[batch.logit_rows(), vocab]` logits.
+    fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>, ExecutorError>;
+}

@@ -1,0 +1,592 @@
+//! The engine: one thread that owns the executor, the scheduler and the adapter slots, and runs
+//! steps of continuous batching while requests come and go through channels.
+//!
+//! Async callers talk to it through [`Engine`]: a submitted request gets a stream of
+//! [`Event`]s; dropping that stream cancels the request at the next step boundary.
+
+pub mod cpu;
+pub mod executor;
+pub mod sampling;
+pub mod scheduler;
+pub mod text;
+
+use crate::adapters::{AdapterWeights, Resident, SlotError, SlotTable};
+use crate::model::{ModelConfig, Tokenizer};
+use executor::{Executor, ExecutorError};
+use sampling::{Sampler, SamplingParams};
+use scheduler::{Scheduler, SchedulerConfig, Sequence};
+use std::collections::HashMap;
+use std::sync::Arc;
+use text::{Detokenizer, Matched, StopMatcher};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Most stop strings one request may set.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Prompt tokens given to the detokenizer as context for the first generated token.
+const DETOKENIZER_CONTEXT: usize = 6;
+
+/// Limits of an engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+    /// Longest prompt + completion.
+    pub max_model_len: usize,
+    /// Requests that may wait for admission before new ones are refused.
+    pub max_waiting: usize,
+    pub max_loras: usize,
+    pub max_lora_rank: usize,
+}
+
+/// Why the engine refused or ended a request.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("adapter {0:?} is not loaded on this backend")]
+    UnknownAdapter(String),
+    #[error("adapter {name:?} is in use by {active} request(s); unload it when they finish")]
+    AdapterInUse { name: String, active: u32 },
+    #[error(
+        "adapter {name:?} is already loaded from {existing}; unload it before loading it from {requested}"
+    )]
+    AdapterConflict {
+        name: String,
+        existing: String,
+        requested: String,
+    },
+    #[error(
+        "all {max} adapter slots hold adapters that requests are using; retry later or raise --max-loras"
+    )]
+    SlotsFull { max: usize },
+    #[error("the request queue is full ({max} requests waiting); retry later")]
+    QueueFull { max: usize },
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Executor(#[from] ExecutorError),
+}
+
+impl From<SlotError> for EngineError {
+    fn from(e: SlotError) -> EngineError {
+        match e {
+            SlotError::UnknownAdapter(name) => EngineError::UnknownAdapter(name),
+            SlotError::InUse { name, active } => EngineError::AdapterInUse { name, active },
+            SlotError::Full { max } => EngineError::SlotsFull { max },
+        }
+    }
+}
+
+/// A generation request in engine terms.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    /// Resident adapter to use; `None` is the base model.
+    pub adapter: Option<String>,
+    pub sampling: SamplingParams,
+    /// 0 means "until the context is full".
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Eos,
+    Length,
+    Stop,
+}
+
+/// What a request's stream carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it completed (possibly empty).
+    Token { id: u32, text: String },
+    /// The last event: the final token, remaining text, and totals.
+    Finished {
+        id: Option<u32>,
+        text: String,
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The request failed after it was accepted (an executor error).
+    Failed(String),
+}
+
+/// An adapter as reported to clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterStatus {
+    pub slot: u32,
+    pub resident: Resident,
+}
+
+/// The engine's state as last published: cheap to read from any thread.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub adapters: Vec<AdapterStatus>,
+    pub waiting: usize,
+    pub running: usize,
+    pub kv_tokens_total: usize,
+    pub kv_tokens_free: usize,
+}
+
+enum Command {
+    Submit {
+        req: Box<GenerateRequest>,
+        events: mpsc::UnboundedSender<Event>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Install {
+        name: String,
+        uri: String,
+        weights: Box<AdapterWeights>,
+        reply: oneshot::Sender<Result<(AdapterStatus, bool), EngineError>>,
+    },
+    Unload {
+        name: String,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+}
+
+/// Handle to a running engine. Dropping it lets the engine finish its requests and stop.
+#[derive(Debug)]
+pub struct Engine {
+    commands: mpsc::UnboundedSender<Command>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    config: EngineConfig,
+    vocab_size: usize,
+}
+
+impl Engine {
+    /// Starts the engine thread.
+    pub fn start(
+        model: &ModelConfig,
+        tokenizer: Arc<Tokenizer>,
+        executor: Box<dyn Executor>,
+        config: EngineConfig,
+    ) -> Engine {
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::default()));
+        let mut worker = Worker {
+            executor,
+            scheduler: Scheduler::new(config.scheduler),
+            slots: SlotTable::new(config.max_loras),
+            active: HashMap::new(),
+            rx,
+            snapshot: snapshot_tx,
+            eos: tokenizer.eos_ids().to_vec(),
+            tokenizer,
+            config,
+            next_id: 0,
+        };
+        let spawned = std::thread::Builder::new()
+            .name("switchyard-engine".into())
+            .spawn(move || {
+                worker.publish();
+                worker.run();
+            });
+        if let Err(e) = spawned {
+            // Without its thread the engine answers every call with `Stopped`.
+            tracing::error!(error = %e, "could not start the engine thread");
+        }
+        Engine {
+            commands,
+            snapshot,
+            config,
+            vocab_size: model.vocab_size,
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The latest published state.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Validates and queues a request; the receiver yields its events. Errors that concern the
+    /// request itself (unknown adapter, prompt too long, queue full) are returned here, before
+    /// any token is generated.
+    pub async fn generate(
+        &self,
+        mut req: GenerateRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
+        let invalid = |m: String| Err(EngineError::InvalidRequest(m));
+        let max_len = self.config.max_model_len;
+        if req.prompt.is_empty() {
+            return invalid("the prompt is empty".into());
+        }
+        if let Some(bad) = req.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return invalid(format!(
+                "prompt token id {bad} is outside the vocabulary (size {})",
+                self.vocab_size
+            ));
+        }
+        if let Err(e) = req.sampling.validate() {
+            return invalid(e);
+        }
+        if req.stop.len() > MAX_STOP_STRINGS {
+            return invalid(format!(
+                "at most {MAX_STOP_STRINGS} stop strings are allowed, got {}",
+                req.stop.len()
+            ));
+        }
+        let prompt_len = req.prompt.len();
+        if prompt_len >= max_len {
+            return invalid(format!(
+                "the prompt has {prompt_len} tokens, but this model's context is {max_len} tokens and at least one must be left to generate"
+            ));
+        }
+        if req.max_tokens == 0 {
+            req.max_tokens = max_len - prompt_len;
+        } else if prompt_len + req.max_tokens > max_len {
+            return invalid(format!(
+                "this model's maximum context length is {max_len} tokens, but {} were requested ({prompt_len} in the prompt, {} to generate)",
+                prompt_len + req.max_tokens,
+                req.max_tokens
+            ));
+        }
+        let (events, rx) = mpsc::unbounded_channel();
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Submit {
+            req: Box::new(req),
+            events,
+            reply,
+        })?;
+        answer.await.map_err(|_| EngineError::Stopped)??;
+        Ok(rx)
+    }
+
+    /// Places validated adapter weights in a slot under `name`, evicting the least recently
+    /// used idle adapter if every slot is taken. Returns the adapter and whether it was already
+    /// resident from the same `uri` (then nothing changes).
+    pub async fn install_adapter(
+        &self,
+        name: String,
+        uri: String,
+        weights: AdapterWeights,
+    ) -> Result<(AdapterStatus, bool), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Install {
+            name,
+            uri,
+            weights: Box::new(weights),
+            reply,
+        })?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Frees an adapter's slot; refused while requests use it.
+    pub async fn unload_adapter(&self, name: String) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Unload { name, reply })?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), EngineError> {
+        self.commands.send(cmd).map_err(|_| EngineError::Stopped)
+    }
+}
+
+/// A request being generated.
+struct Active {
+    events: mpsc::UnboundedSender<Event>,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stops: StopMatcher,
+    prompt_len: usize,
+    generated: usize,
+    max_tokens: usize,
+    ignore_eos: bool,
+    adapter_slot: Option<u32>,
+}
+
+impl Active {
+    /// At the end of generation: appends to `text` whatever the detokenizer and the stop
+    /// matcher still hold. Returns the text and whether a stop string cut it.
+    fn drain(&mut self, tokenizer: &Tokenizer, mut text: String) -> (String, bool) {
+        let tail = self.detok.flush(tokenizer);
+        match self.stops.push(&tail) {
+            Matched::Stop(t) => {
+                text.push_str(&t);
+                (text, true)
+            }
+            Matched::Continue(t) => {
+                text.push_str(&t);
+                text.push_str(&self.stops.finish());
+                (text, false)
+            }
+        }
+    }
+}
+
+struct Worker {
+    executor: Box<dyn Executor>,
+    scheduler: Scheduler,
+    slots: SlotTable,
+    active: HashMap<u64, Active>,
+    rx: mpsc::UnboundedReceiver<Command>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    tokenizer: Arc<Tokenizer>,
+    eos: Vec<u32>,
+    config: EngineConfig,
+    next_id: u64,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        loop {
+            if self.scheduler.is_idle() {
+                // Nothing to compute: sleep until a command arrives (or every handle is gone).
+                match self.rx.blocking_recv() {
+                    Some(cmd) => self.handle(cmd),
+                    None => return,
+                }
+            }
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.handle(cmd);
+            }
+            self.reap_cancelled();
+            self.step();
+            self.publish();
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit { req, events, reply } => {
+                let _ = reply.send(self.submit(*req, events));
+            }
+            Command::Install {
+                name,
+                uri,
+                weights,
+                reply,
+            } => {
+                let _ = reply.send(self.install(name, uri, &weights));
+            }
+            Command::Unload { name, reply } => {
+                let result = self
+                    .slots
+                    .remove(&name)
+                    .map_err(EngineError::from)
+                    .map(|slot| {
+                        self.executor.unload_adapter(slot);
+                        tracing::info!(adapter = %name, slot, "adapter unloaded");
+                    });
+                let _ = reply.send(result);
+            }
+        }
+        self.publish();
+    }
+
+    fn submit(
+        &mut self,
+        req: GenerateRequest,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Result<(), EngineError> {
+        if self.scheduler.waiting_len() >= self.config.max_waiting {
+            return Err(EngineError::QueueFull {
+                max: self.config.max_waiting,
+            });
+        }
+        let adapter_slot = match &req.adapter {
+            Some(name) => Some(self.slots.acquire(name)?),
+            None => None,
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let tail = &req.prompt[req.prompt.len().saturating_sub(DETOKENIZER_CONTEXT)..];
+        self.active.insert(
+            id,
+            Active {
+                events,
+                sampler: Sampler::new(req.sampling),
+                detok: Detokenizer::new(tail),
+                stops: StopMatcher::new(req.stop),
+                prompt_len: req.prompt.len(),
+                generated: 0,
+                max_tokens: req.max_tokens,
+                ignore_eos: req.ignore_eos,
+                adapter_slot,
+            },
+        );
+        self.scheduler
+            .add(Sequence::new(id, req.prompt, adapter_slot));
+        Ok(())
+    }
+
+    fn install(
+        &mut self,
+        name: String,
+        uri: String,
+        weights: &AdapterWeights,
+    ) -> Result<(AdapterStatus, bool), EngineError> {
+        if let Some(slot) = self.slots.find(&name) {
+            let resident = self.slots.get(slot).cloned().ok_or(EngineError::Stopped)?;
+            if resident.uri == uri {
+                return Ok((AdapterStatus { slot, resident }, true));
+            }
+            return Err(EngineError::AdapterConflict {
+                name,
+                existing: resident.uri,
+                requested: uri,
+            });
+        }
+        let (slot, evicted) = self.slots.choose()?;
+        if let Err(e) = self.executor.load_adapter(slot, weights) {
+            // The slot's previous (idle) adapter may be partly overwritten: drop it as well, so
+            // the table never names weights the executor no longer holds.
+            if let Some(old) = evicted {
+                let _ = self.slots.remove(&old);
+            }
+            self.executor.unload_adapter(slot);
+            return Err(e.into());
+        }
+        if let Some(old) = &evicted {
+            tracing::info!(adapter = %old, slot, "evicted least recently used idle adapter");
+        }
+        let targets = weights
+            .targets
+            .iter()
+            .map(|m| m.name().to_string())
+            .collect();
+        self.slots.insert(
+            slot,
+            name.clone(),
+            uri,
+            weights.max_rank,
+            targets,
+            weights.size_bytes(),
+        );
+        tracing::info!(adapter = %name, slot, rank = weights.max_rank, "adapter loaded");
+        let resident = self.slots.get(slot).cloned().ok_or(EngineError::Stopped)?;
+        Ok((AdapterStatus { slot, resident }, false))
+    }
+
+    /// Drops requests whose caller has gone away.
+    fn reap_cancelled(&mut self) {
+        let gone: Vec<u64> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            tracing::debug!(request = id, "client went away; request cancelled");
+            self.retire(id);
+        }
+    }
+
+    /// Removes a request from the scheduler and the adapter table.
+    fn retire(&mut self, id: u64) -> Option<Active> {
+        self.scheduler.remove(id);
+        let active = self.active.remove(&id)?;
+        if let Some(slot) = active.adapter_slot {
+            self.slots.release(slot);
+        }
+        Some(active)
+    }
+
+    fn step(&mut self) {
+        let step = self.scheduler.schedule();
+        if step.batch.tokens.is_empty() {
+            return;
+        }
+        let logits = match self.executor.forward(&step.batch) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "forward pass failed; failing the requests in the batch");
+                for &(id, _) in &step.chunks {
+                    if let Some(a) = self.retire(id) {
+                        let _ = a.events.send(Event::Failed(e.to_string()));
+                    }
+                }
+                return;
+            }
+        };
+        self.scheduler.complete(&step);
+        let vocab = logits.len() / step.logits_for.len().max(1);
+        for (row, &id) in step.logits_for.iter().enumerate() {
+            let Some(active) = self.active.get_mut(&id) else {
+                continue;
+            };
+            let token = active
+                .sampler
+                .sample(&logits[row * vocab..(row + 1) * vocab]);
+            self.on_token(id, token);
+        }
+    }
+
+    fn on_token(&mut self, id: u64, token: u32) {
+        self.scheduler.push_token(id, token);
+        let Some(a) = self.active.get_mut(&id) else {
+            return;
+        };
+        a.generated += 1;
+        let finish = |a: &mut Active, reason, text: String| Event::Finished {
+            id: Some(token),
+            text,
+            reason,
+            prompt_tokens: a.prompt_len,
+            completion_tokens: a.generated,
+        };
+        let event = if !a.ignore_eos && self.eos.contains(&token) {
+            let (text, stopped) = a.drain(&self.tokenizer, String::new());
+            finish(
+                a,
+                if stopped {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Eos
+                },
+                text,
+            )
+        } else {
+            let piece = a.detok.push(&self.tokenizer, token);
+            match a.stops.push(&piece) {
+                Matched::Stop(text) => finish(a, FinishReason::Stop, text),
+                Matched::Continue(text) if a.generated >= a.max_tokens => {
+                    let (text, stopped) = a.drain(&self.tokenizer, text);
+                    finish(
+                        a,
+                        if stopped {
+                            FinishReason::Stop
+                        } else {
+                            FinishReason::Length
+                        },
+                        text,
+                    )
+                }
+                Matched::Continue(text) => Event::Token { id: token, text },
+            }
+        };
+        let done = matches!(event, Event::Finished { .. });
+        let sent = a.events.send(event).is_ok();
+        if done || !sent {
+            self.retire(id);
+        }
+    }
+
+    fn publish(&self) {
+        let cfg = self.scheduler.config();
+        let snapshot = Snapshot {
+            adapters: self
+                .slots
+                .iter()
+                .map(|(slot, r)| AdapterStatus {
+                    slot,
+                    resident: r.clone(),
+                })
+                .collect(),
+            waiting: self.scheduler.waiting_len(),
+            running: self.scheduler.running_len(),
+            kv_tokens_total: cfg.num_blocks * cfg.block_size,
+            kv_tokens_free: self.scheduler.free_blocks() * cfg.block_size,
+        };
+        self.snapshot.send_replace(Arc::new(snapshot));
+    }
+}

@@ -1,0 +1,183 @@
+//! Text ↔ token ids (the `tokenizers` crate over `tokenizer.json`) and chat templates
+//! (Jinja, rendered with `minijinja` as Hugging Face renders them).
+
+use super::config::token_ids;
+use super::{ModelConfig, ModelError};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// One chat message as templates expect it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// The model's tokenizer and chat template.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// The compiled chat template (named "chat"), if the model has one.
+    chat: Option<minijinja::Environment<'static>>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    eos_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.inner.get_vocab_size(true))
+            .field("has_chat_template", &self.chat.is_some())
+            .field("eos_ids", &self.eos_ids)
+            .finish()
+    }
+}
+
+/// A special token in `tokenizer_config.json` is either a string or an object with `content`.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(String::from),
+        _ => None,
+    }
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>, ModelError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| ModelError::Tokenizer {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ModelError::io(path, e)),
+    }
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json`, the special tokens and chat template of `tokenizer_config.json`
+    /// (or `chat_template.jinja`), and the end-of-sequence ids of `generation_config.json`.
+    pub fn load(dir: &Path, config: &ModelConfig) -> Result<Tokenizer, ModelError> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let tk_config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let chat_template = match tk_config.get("chat_template") {
+            Some(Value::String(t)) => Some(t.clone()),
+            // A list of named templates: use the one called "default".
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str).map(String::from)),
+            _ => match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+                Ok(t) => Some(t),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(ModelError::io(&dir.join("chat_template.jinja"), e)),
+            },
+        };
+        let bos_token = token_text(tk_config.get("bos_token"));
+        let eos_token = token_text(tk_config.get("eos_token"));
+
+        let mut eos: BTreeSet<u32> = config.eos_token_ids.iter().copied().collect();
+        let gen_path = dir.join("generation_config.json");
+        if let Some(gen_config) = read_json(&gen_path)? {
+            let ids = token_ids(gen_config.get("eos_token_id")).map_err(|reason| {
+                ModelError::Tokenizer {
+                    path: gen_path.clone(),
+                    reason,
+                }
+            })?;
+            eos.extend(ids);
+        }
+        if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
+            eos.insert(id);
+        }
+        let vocab = config.vocab_size as u32;
+        if let Some(bad) = eos.iter().find(|&&id| id >= vocab) {
+            return Err(ModelError::Tokenizer {
+                path,
+                reason: format!("end-of-sequence id {bad} is outside the vocabulary ({vocab})"),
+            });
+        }
+        // Compiled once, so a broken template fails at start-up rather than on a request.
+        let chat =
+            chat_template
+                .map(template_env)
+                .transpose()
+                .map_err(|e| ModelError::Tokenizer {
+                    path: dir.join("tokenizer_config.json"),
+                    reason: format!("chat template: {e}"),
+                })?;
+        Ok(Tokenizer {
+            inner,
+            chat,
+            bos_token,
+            eos_token,
+            eos_ids: eos.into_iter().collect(),
+        })
+    }
+
+    /// Token ids of `text`. Special tokens written in the text are recognised; no BOS or other
+    /// special tokens are added (chat templates write them out).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        self.inner
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Text of `ids`, without special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        self.inner.decode(ids, true).map_err(|e| e.to_string())
+    }
+
+    /// Token ids that end generation.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// Renders `messages` with the model's chat template.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
+        let env = self
+            .chat
+            .as_ref()
+            .ok_or("this model has no chat template; send a raw prompt")?;
+        let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.as_deref().unwrap_or(""),
+            eos_token => self.eos_token.as_deref().unwrap_or(""),
+        })
+        .map_err(|e| format!("chat template failed: {e}"))
+    }
+}
+
+/// A Jinja environment configured like Hugging Face's: Python string methods, `tojson`,
+/// `raise_exception`, trimmed blocks.
+fn template_env(template: String) -> Result<minijinja::Environment<'static>, minijinja::Error> {
+    let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template_owned("chat", template)?;
+    Ok(env)
+}

@@ -1,0 +1,290 @@
+//! Base-model weights from safetensors files, checked name by name and shape by shape.
+
+use super::{ModelConfig, ModelError, Module};
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// A dense f32 tensor in host memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> HostTensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        HostTensor { shape, data }
+    }
+}
+
+/// Weights of one decoder layer, in PyTorch layout (`[out, in]` for projections).
+#[derive(Debug)]
+pub struct LayerWeights {
+    pub input_norm: HostTensor,
+    pub post_attention_norm: HostTensor,
+    /// Indexed by [`Module::index`].
+    pub proj: [HostTensor; 7],
+    /// Bias per projection, where the architecture has one.
+    pub bias: [Option<HostTensor>; 7],
+}
+
+/// All weights of a Llama-family decoder.
+#[derive(Debug)]
+pub struct ModelWeights {
+    pub embed_tokens: HostTensor,
+    pub layers: Vec<LayerWeights>,
+    pub final_norm: HostTensor,
+    /// `None` when the output projection is tied to `embed_tokens`.
+    pub lm_head: Option<HostTensor>,
+}
+
+/// Converts a safetensors buffer of a float dtype to f32.
+pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    let words = |n: usize| bytes.chunks_exact(n);
+    Some(match dtype {
+        Dtype::F32 => words(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => words(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => words(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// Memory-maps every `.safetensors` file of a directory.
+struct Shards {
+    files: Vec<(PathBuf, memmap2::Mmap)>,
+}
+
+impl Shards {
+    fn open(dir: &Path) -> Result<Shards, ModelError> {
+        let index = dir.join("model.safetensors.index.json");
+        let names: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Weights {
+                    path: index.clone(),
+                    reason: e.to_string(),
+                })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::Weights {
+                    path: index.clone(),
+                    reason: "no `weight_map` object".into(),
+                })?;
+            let mut files: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
+            files.sort();
+            files.dedup();
+            for f in &files {
+                if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+                    return Err(ModelError::Weights {
+                        path: index.clone(),
+                        reason: format!("shard name {f:?} leaves the directory"),
+                    });
+                }
+            }
+            files.into_iter().map(|f| dir.join(f)).collect()
+        } else {
+            let single = dir.join("model.safetensors");
+            if !single.exists() {
+                return Err(ModelError::Weights {
+                    path: dir.to_path_buf(),
+                    reason: "no model.safetensors or model.safetensors.index.json (pickle .bin weights are not loaded)".into(),
+                });
+            }
+            vec![single]
+        };
+        let mut files = Vec::with_capacity(names.len());
+        for path in names {
+            let file = std::fs::File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+            // SAFETY: the map is read-only and lives while we read it. A concurrent writer to the
+            // file could change bytes under us, which at worst yields wrong weights; weights are
+            // copied out and validated by shape, and the files are not ours to lock.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
+            files.push((path, map));
+        }
+        Ok(Shards { files })
+    }
+}
+
+impl ModelWeights {
+    /// Loads and validates every tensor the configured architecture needs. Tensors may be F32,
+    /// BF16 or F16 on disk; they are held as f32.
+    pub fn load(dir: &Path, config: &ModelConfig) -> Result<ModelWeights, ModelError> {
+        let shards = Shards::open(dir)?;
+        let mut parsed = Vec::with_capacity(shards.files.len());
+        for (path, map) in &shards.files {
+            let st = SafeTensors::deserialize(map).map_err(|e| ModelError::Weights {
+                path: path.clone(),
+                reason: format!("invalid safetensors: {e}"),
+            })?;
+            parsed.push((path, st));
+        }
+        // name -> shard holding it
+        let mut location: HashMap<String, usize> = HashMap::new();
+        for (i, (_, st)) in parsed.iter().enumerate() {
+            for name in st.names() {
+                location.insert(name.to_string(), i);
+            }
+        }
+        let expected = expected_tensors(config);
+        for name in location.keys() {
+            // Some exporters save the rotary buffers; they are derived from the config.
+            if !expected.contains_key(name) && !name.ends_with("rotary_emb.inv_freq") {
+                let path = parsed[location[name]].0.clone();
+                return Err(ModelError::UnexpectedTensor {
+                    path,
+                    name: name.clone(),
+                    architecture: config.architecture.clone(),
+                });
+            }
+        }
+        let take = |name: &str| -> Result<Option<HostTensor>, ModelError> {
+            let Some(&i) = location.get(name) else {
+                return Ok(None);
+            };
+            let (path, st) = &parsed[i];
+            let view = st.tensor(name).map_err(|e| ModelError::Weights {
+                path: (*path).clone(),
+                reason: e.to_string(),
+            })?;
+            let shape = view.shape().to_vec();
+            let want = &expected[name];
+            if &shape != want {
+                return Err(ModelError::TensorShape {
+                    path: (*path).clone(),
+                    name: name.into(),
+                    found: shape,
+                    expected: want.clone(),
+                });
+            }
+            let data =
+                to_f32(view.dtype(), view.data()).ok_or_else(|| ModelError::TensorDtype {
+                    path: (*path).clone(),
+                    name: name.into(),
+                    dtype: format!("{:?}", view.dtype()),
+                })?;
+            Ok(Some(HostTensor::new(shape, data)))
+        };
+        let missing = |name: &str| ModelError::MissingTensor {
+            path: dir.to_path_buf(),
+            name: name.into(),
+        };
+        let need = |name: &str| take(name)?.ok_or_else(|| missing(name));
+
+        let embed_tokens = need("model.embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for l in 0..config.num_layers {
+            let p = format!("model.layers.{l}");
+            let mut proj = Vec::with_capacity(7);
+            let mut bias = Vec::with_capacity(7);
+            for m in Module::ALL {
+                proj.push(need(&format!("{p}.{}.{}.weight", m.block(), m.name()))?);
+                bias.push(if config.module_has_bias(m) {
+                    Some(need(&format!("{p}.{}.{}.bias", m.block(), m.name()))?)
+                } else {
+                    None
+                });
+            }
+            layers.push(LayerWeights {
+                input_norm: need(&format!("{p}.input_layernorm.weight"))?,
+                post_attention_norm: need(&format!("{p}.post_attention_layernorm.weight"))?,
+                proj: proj.try_into().map_err(|_| missing(&p))?,
+                bias: bias.try_into().map_err(|_| missing(&p))?,
+            });
+        }
+        let final_norm = need("model.norm.weight")?;
+        let lm_head = if config.tie_word_embeddings {
+            take("lm_head.weight")?
+        } else {
+            Some(need("lm_head.weight")?)
+        };
+        Ok(ModelWeights {
+            embed_tokens,
+            layers,
+            final_norm,
+            lm_head,
+        })
+    }
+
+    /// Random weights of the configured shape (normal-ish, deterministic in `seed`), for
+    /// benchmarks and tests that need a model of a given size rather than a given behaviour.
+    pub fn synthetic(config: &ModelConfig, seed: u64) -> ModelWeights {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut uniform = |shape: Vec<usize>, bound: f32| {
+            let n = shape.iter().product();
+            HostTensor::new(
+                shape,
+                (0..n).map(|_| rng.random_range(-bound..bound)).collect(),
+            )
+        };
+        let h = config.hidden_size;
+        let ones = |n: usize| HostTensor::new(vec![n], vec![1.0; n]);
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for _ in 0..config.num_layers {
+            let proj = Module::ALL.map(|m| {
+                let (i, o) = config.module_shape(m);
+                uniform(vec![o, i], (3.0 / i as f32).sqrt())
+            });
+            let bias = Module::ALL.map(|m| {
+                config
+                    .module_has_bias(m)
+                    .then(|| uniform(vec![config.module_shape(m).1], 0.1))
+            });
+            layers.push(LayerWeights {
+                input_norm: ones(h),
+                post_attention_norm: ones(h),
+                proj,
+                bias,
+            });
+        }
+        let embed_tokens = uniform(vec![config.vocab_size, h], 1.0);
+        let lm_head = (!config.tie_word_embeddings)
+            .then(|| uniform(vec![config.vocab_size, h], (3.0 / h as f32).sqrt()));
+        ModelWeights {
+            embed_tokens,
+            layers,
+            final_norm: ones(h),
+            lm_head,
+        }
+    }
+
+    /// The output projection (`[vocab, hidden]`), which may be the embedding table.
+    pub fn lm_head(&self) -> &HostTensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+}
+
+/// Every tensor name a model of this config may contain, with its shape.
+fn expected_tensors(config: &ModelConfig) -> BTreeMap<String, Vec<usize>> {
+    let (h, v) = (config.hidden_size, config.vocab_size);
+    let mut out = BTreeMap::new();
+    out.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
+    out.insert("model.norm.weight".to_string(), vec![h]);
+    out.insert("lm_head.weight".to_string(), vec![v, h]);
+    for l in 0..config.num_layers {
+        let p = format!("model.layers.{l}");
+        out.insert(format!("{p}.input_layernorm.weight"), vec![h]);
+        out.insert(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+        for m in Module::ALL {
+            let (i, o) = config.module_shape(m);
+            out.insert(format!("{p}.{}.{}.weight", m.block(), m.name()), vec![o, i]);
+            if config.module_has_bias(m) {
+                out.insert(format!("{p}.{}.{}.bias", m.block(), m.name()), vec![o]);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,111 @@
+//! The one mapping from backend errors to gRPC status codes.
+
+use crate::adapters::AdapterError;
+use crate::engine::EngineError;
+use tonic::{Code, Status};
+
+/// Every way a backend RPC can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The request message itself is malformed (a missing field, bad text).
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl ServiceError {
+    /// The gRPC code: each names one kind of failure, so clients can act on it.
+    pub fn code(&self) -> Code {
+        match self {
+            ServiceError::BadRequest(_) => Code::InvalidArgument,
+            ServiceError::Adapter(e) => match e {
+                AdapterError::BadName { .. }
+                | AdapterError::BadUri { .. }
+                | AdapterError::Invalid { .. }
+                | AdapterError::RankTooLarge { .. } => Code::InvalidArgument,
+                AdapterError::NotFound { .. } => Code::NotFound,
+                AdapterError::Io { source, .. } => match source.kind() {
+                    std::io::ErrorKind::PermissionDenied => Code::PermissionDenied,
+                    std::io::ErrorKind::NotFound => Code::NotFound,
+                    _ => Code::Internal,
+                },
+            },
+            ServiceError::Engine(e) => match e {
+                EngineError::UnknownAdapter(_) => Code::NotFound,
+                EngineError::AdapterInUse { .. } => Code::FailedPrecondition,
+                EngineError::AdapterConflict { .. } => Code::AlreadyExists,
+                EngineError::SlotsFull { .. } | EngineError::QueueFull { .. } => {
+                    Code::ResourceExhausted
+                }
+                EngineError::InvalidRequest(_) => Code::InvalidArgument,
+                EngineError::Stopped => Code::Unavailable,
+                EngineError::Executor(_) => Code::Internal,
+            },
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_failure_has_its_own_code() {
+        let cases: Vec<(ServiceError, Code)> = vec![
+            (
+                EngineError::UnknownAdapter("x".into()).into(),
+                Code::NotFound,
+            ),
+            (
+                EngineError::AdapterInUse {
+                    name: "x".into(),
+                    active: 1,
+                }
+                .into(),
+                Code::FailedPrecondition,
+            ),
+            (
+                EngineError::SlotsFull { max: 2 }.into(),
+                Code::ResourceExhausted,
+            ),
+            (
+                EngineError::QueueFull { max: 2 }.into(),
+                Code::ResourceExhausted,
+            ),
+            (
+                EngineError::InvalidRequest("long".into()).into(),
+                Code::InvalidArgument,
+            ),
+            (EngineError::Stopped.into(), Code::Unavailable),
+            (
+                AdapterError::NotFound { path: "/x".into() }.into(),
+                Code::NotFound,
+            ),
+            (
+                AdapterError::RankTooLarge {
+                    path: "/x".into(),
+                    module: "q".into(),
+                    rank: 64,
+                    max: 16,
+                }
+                .into(),
+                Code::InvalidArgument,
+            ),
+        ];
+        for (err, code) in cases {
+            let msg = err.to_string();
+            let status = Status::from(err);
+            assert_eq!(status.code(), code, "{msg}");
+            assert_eq!(status.message(), msg);
+        }
+    }
+}

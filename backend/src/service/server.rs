@@ -1,0 +1,200 @@
+//! Starting a backend: load the model, build the executor and engine, serve gRPC.
+
+use super::{BackendService, ServedModel};
+use crate::engine::cpu::CpuExecutor;
+use crate::engine::executor::Executor;
+use crate::engine::scheduler::SchedulerConfig;
+use crate::engine::{Engine, EngineConfig};
+use crate::model::{Model, ModelError};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use switchyard_proto::v1::backend_server::BackendServer;
+
+/// Tokens per KV cache block.
+pub const KV_BLOCK_SIZE: usize = 16;
+
+/// Everything `switchyard backend` is configured with.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub model: PathBuf,
+    pub listen: SocketAddr,
+    pub max_loras: usize,
+    pub max_lora_rank: usize,
+    /// Upper bound on prompt + completion; the model's own limit applies when lower.
+    pub max_model_len: Option<usize>,
+    /// Memory for the KV cache, in MiB.
+    pub kv_cache_mib: usize,
+    pub max_batch_tokens: usize,
+    pub max_running: usize,
+    pub max_waiting: usize,
+}
+
+/// Why a backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A backend that is loaded and bound, ready to serve.
+#[derive(Debug)]
+pub struct Served {
+    pub local_addr: SocketAddr,
+    listener: tokio::net::TcpListener,
+    service: BackendService,
+}
+
+/// Sizes the engine from the options and the model.
+fn engine_config(opts: &ServeOptions, model: &Model) -> Result<EngineConfig, ServeError> {
+    let c = &model.config;
+    for (name, v) in [
+        ("--max-loras", opts.max_loras),
+        ("--max-lora-rank", opts.max_lora_rank),
+        ("--max-batch-tokens", opts.max_batch_tokens),
+        ("--max-running", opts.max_running),
+        ("--max-waiting", opts.max_waiting),
+        ("--kv-cache-mib", opts.kv_cache_mib),
+    ] {
+        if v == 0 {
+            return Err(ServeError::Config(format!("{name} must be at least 1")));
+        }
+    }
+    // K and V, every layer, f32.
+    let bytes_per_token = 2 * c.num_layers * c.kv_dim() * std::mem::size_of::<f32>();
+    let budget_tokens = opts.kv_cache_mib * (1 << 20) / bytes_per_token;
+    let model_len = opts
+        .max_model_len
+        .unwrap_or(c.max_position_embeddings)
+        .min(c.max_position_embeddings);
+    // No point holding more than every running sequence at full length.
+    let useful_tokens = opts.max_running.saturating_mul(model_len);
+    let num_blocks = budget_tokens.min(useful_tokens).div_ceil(KV_BLOCK_SIZE);
+    let kv_tokens = num_blocks * KV_BLOCK_SIZE;
+    if kv_tokens < 2 {
+        return Err(ServeError::Config(format!(
+            "--kv-cache-mib {} holds fewer than 2 tokens of this model",
+            opts.kv_cache_mib
+        )));
+    }
+    // One sequence must always fit on its own, or it could never finish.
+    let max_model_len = model_len.min(kv_tokens);
+    if max_model_len < model_len {
+        tracing::warn!(
+            max_model_len,
+            kv_tokens,
+            "KV cache is smaller than the model context; limiting requests to what it holds"
+        );
+    }
+    Ok(EngineConfig {
+        scheduler: SchedulerConfig {
+            block_size: KV_BLOCK_SIZE,
+            num_blocks,
+            max_batch_tokens: opts.max_batch_tokens.max(1),
+            max_running: opts.max_running,
+        },
+        max_model_len,
+        max_waiting: opts.max_waiting,
+        max_loras: opts.max_loras,
+        max_lora_rank: opts.max_lora_rank,
+    })
+}
+
+/// Loads the model, starts the engine and binds the listener. Fails before binding when the
+/// model or the configuration is bad.
+pub async fn prepare(opts: ServeOptions) -> Result<Served, ServeError> {
+    let dir = opts.model.clone();
+    let model = tokio::task::spawn_blocking(move || Model::load(&dir))
+        .await
+        .map_err(|e| ServeError::Config(format!("model loader failed: {e}")))??;
+    let cfg = engine_config(&opts, &model)?;
+    let Model {
+        name,
+        config,
+        weights,
+        tokenizer,
+    } = model;
+    let executor = CpuExecutor::new(
+        &config,
+        weights,
+        cfg.scheduler.num_blocks,
+        KV_BLOCK_SIZE,
+        cfg.max_loras,
+        cfg.max_lora_rank,
+    );
+    let served = ServedModel {
+        name,
+        config: config.clone(),
+        device: executor.device(),
+        dtype: executor.dtype().to_string(),
+    };
+    tracing::info!(
+        model = %served.name,
+        architecture = %config.architecture,
+        device = %served.device,
+        max_model_len = cfg.max_model_len,
+        kv_cache_tokens = cfg.scheduler.num_blocks * KV_BLOCK_SIZE,
+        max_loras = cfg.max_loras,
+        max_lora_rank = cfg.max_lora_rank,
+        "model loaded"
+    );
+    let tokenizer = Arc::new(tokenizer);
+    let engine = Arc::new(Engine::start(
+        &config,
+        tokenizer.clone(),
+        Box::new(executor),
+        cfg,
+    ));
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: opts.listen,
+        source,
+    })?;
+    Ok(Served {
+        local_addr,
+        listener,
+        service: BackendService::new(engine, tokenizer, served),
+    })
+}
+
+impl Served {
+    /// Serves the backend and `grpc.health.v1` until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<BackendServer<BackendService>>().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(BackendServer::new(self.service))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(self.listener),
+                shutdown,
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// [`prepare`] then [`Served::run`].
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    prepare(opts).await?.run(shutdown).await
+}

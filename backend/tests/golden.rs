@@ -1,0 +1,307 @@
+//! Golden tests: the engine's logits and greedy tokens against transformers + PEFT, for single
+//! requests and for mixed-adapter batches.
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+use switchyard_backend::engine::cpu::CpuExecutor;
+use switchyard_backend::engine::executor::Executor;
+use switchyard_backend::engine::sampling::argmax;
+use switchyard_backend::engine::scheduler::{Scheduler, SchedulerConfig, Sequence};
+use switchyard_backend::engine::{Engine, EngineConfig, Event, FinishReason, GenerateRequest};
+use switchyard_backend::model::{ChatMessage, Model};
+
+const MAX_RANK: usize = 64;
+
+struct Harness {
+    executor: CpuExecutor,
+    scheduler: Scheduler,
+    slots: HashMap<Option<String>, Option<u32>>,
+}
+
+/// An executor with every adapter of `model` in a slot, and a scheduler over its cache.
+fn harness(model_name: &str, adapters: &[&str], max_batch_tokens: usize) -> Harness {
+    let Model {
+        config, weights, ..
+    } = load_model(model_name);
+    let reload = load_model(model_name);
+    let sched_cfg = SchedulerConfig {
+        block_size: 4,
+        num_blocks: 512,
+        max_batch_tokens,
+        max_running: 64,
+    };
+    let mut executor = CpuExecutor::new(
+        &config,
+        weights,
+        sched_cfg.num_blocks,
+        sched_cfg.block_size,
+        adapters.len().max(1),
+        MAX_RANK,
+    );
+    let mut slots = HashMap::from([(None, None)]);
+    for (slot, name) in adapters.iter().enumerate() {
+        let w = load_adapter(&reload, name);
+        executor.load_adapter(slot as u32, &w).expect("slot exists");
+        slots.insert(Some(name.to_string()), Some(slot as u32));
+    }
+    Harness {
+        executor,
+        scheduler: Scheduler::new(sched_cfg),
+        slots,
+    }
+}
+
+/// Runs `cases` through the scheduler and executor with teacher forcing (the reference's greedy
+/// token is appended each step) and checks every step's logits against the reference. Cases
+/// listed in `late` join the batch only after `join_after` steps.
+fn check_batch(
+    model_name: &str,
+    cases: &[&Case],
+    late: &[&Case],
+    join_after: usize,
+    max_batch_tokens: usize,
+) -> f64 {
+    let g = golden();
+    let mut adapters: Vec<&str> = cases
+        .iter()
+        .chain(late)
+        .filter_map(|c| c.adapter.as_deref())
+        .collect();
+    adapters.sort();
+    adapters.dedup();
+    let mut h = harness(model_name, &adapters, max_batch_tokens);
+    let all: Vec<&Case> = cases.iter().chain(late).copied().collect();
+    let mut produced: HashMap<u64, usize> = HashMap::new();
+    let add = |h: &mut Harness, id: usize, c: &Case| {
+        let slot = h.slots[&c.adapter];
+        h.scheduler
+            .add(Sequence::new(id as u64, c.prompt_ids.clone(), slot));
+    };
+    for (i, c) in cases.iter().enumerate() {
+        add(&mut h, i, c);
+    }
+    let mut worst = 0f64;
+    let mut step_no = 0;
+    while !h.scheduler.is_idle() || step_no <= join_after {
+        if step_no == join_after {
+            for (j, c) in late.iter().enumerate() {
+                add(&mut h, cases.len() + j, c);
+            }
+        }
+        step_no += 1;
+        let step = h.scheduler.schedule();
+        if step.batch.tokens.is_empty() {
+            continue;
+        }
+        let logits = h.executor.forward(&step.batch).expect("forward");
+        h.scheduler.complete(&step);
+        let vocab = logits.len() / step.logits_for.len().max(1);
+        for (row, &id) in step.logits_for.iter().enumerate() {
+            let case = all[id as usize];
+            let k = produced.entry(id).or_default();
+            let want = &g.logits[&case.key][*k * vocab..(*k + 1) * vocab];
+            let got = &logits[row * vocab..(row + 1) * vocab];
+            let err = row_rel_err(got, want);
+            assert!(
+                err < F32_TOLERANCE,
+                "{} step {k}: relative error {err:.2e}",
+                case.key
+            );
+            assert_eq!(
+                argmax(got),
+                case.greedy_ids[*k],
+                "{} step {k}: greedy token differs",
+                case.key
+            );
+            worst = worst.max(err);
+            let next = case.greedy_ids[*k];
+            *k += 1;
+            if *k == g.steps {
+                h.scheduler.remove(id);
+            } else {
+                h.scheduler.push_token(id, next);
+            }
+        }
+    }
+    assert_eq!(produced.len(), all.len(), "every case ran");
+    assert!(produced.values().all(|&n| n == g.steps));
+    worst
+}
+
+#[test]
+fn every_case_alone_matches_the_reference() {
+    let g = golden();
+    for case in &g.cases {
+        let err = check_batch(&case.model, &[case], &[], 0, 4096);
+        eprintln!("{}: max relative logit error {err:.2e}", case.key);
+    }
+}
+
+#[test]
+fn a_batch_mixing_five_adapters_of_different_ranks_and_base_rows_matches_the_reference() {
+    let g = golden();
+    let llama: Vec<&Case> = g.cases.iter().filter(|c| c.model == "tiny-llama").collect();
+    let distinct: std::collections::BTreeSet<_> = llama.iter().map(|c| c.adapter.clone()).collect();
+    assert!(
+        distinct.len() >= 5,
+        "the batch mixes base rows and at least four adapters"
+    );
+    // Half the requests start together; the rest join mid-generation. A small token budget
+    // forces chunked prefill next to decoding sequences.
+    let (first, late) = llama.split_at(llama.len() / 2);
+    let err = check_batch("tiny-llama", first, late, 3, 48);
+    eprintln!(
+        "mixed batch of {} requests: max relative logit error {err:.2e}",
+        llama.len()
+    );
+}
+
+#[test]
+fn qwen2_with_bias_sharded_bf16_weights_in_a_mixed_batch_matches_the_reference() {
+    let g = golden();
+    let qwen: Vec<&Case> = g.cases.iter().filter(|c| c.model == "tiny-qwen2").collect();
+    check_batch("tiny-qwen2", &qwen, &[], 0, 4096);
+}
+
+#[test]
+fn tokenizer_and_chat_template_match_the_reference() {
+    let g = golden();
+    for (model_name, chat) in &g.chat {
+        let model = load_model(model_name);
+        let messages: Vec<ChatMessage> = chat
+            .messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: m["role"].as_str().unwrap_or_default().into(),
+                content: m["content"].as_str().unwrap_or_default().into(),
+            })
+            .collect();
+        let text = model
+            .tokenizer
+            .apply_chat_template(&messages, chat.add_generation_prompt)
+            .expect("template renders");
+        assert_eq!(text, chat.text, "{model_name}: chat template rendering");
+        for case in g.cases.iter().filter(|c| &c.model == model_name) {
+            assert_eq!(
+                model.tokenizer.encode(&case.prompt).expect("encodes"),
+                case.prompt_ids,
+                "{}",
+                case.key
+            );
+        }
+    }
+}
+
+/// The whole engine (thread, scheduler, sampling, adapter slots) generating every tiny-llama
+/// case concurrently: greedy tokens equal the reference's.
+#[test]
+fn the_engine_generates_the_reference_tokens_for_concurrent_mixed_adapter_requests() {
+    let g = golden();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let model = load_model("tiny-llama");
+        let reload = load_model("tiny-llama");
+        let cfg = EngineConfig {
+            scheduler: SchedulerConfig {
+                block_size: 16,
+                num_blocks: 64,
+                max_batch_tokens: 64,
+                max_running: 16,
+            },
+            max_model_len: 128,
+            max_waiting: 64,
+            max_loras: 5,
+            max_lora_rank: MAX_RANK,
+        };
+        let executor = CpuExecutor::new(&model.config, model.weights, 64, 16, 5, MAX_RANK);
+        let engine = Arc::new(Engine::start(
+            &model.config,
+            Arc::new(model.tokenizer),
+            Box::new(executor),
+            cfg,
+        ));
+        for name in [
+            "r8-qv",
+            "r16-all-rslora",
+            "r4-patterns",
+            "r32-mlp-regex",
+            "r2-k-down",
+        ] {
+            let (_, already) = engine
+                .install_adapter(
+                    name.into(),
+                    format!("file:///{name}"),
+                    load_adapter(&reload, name),
+                )
+                .await
+                .expect("adapter installs");
+            assert!(!already);
+        }
+        let mut tasks = Vec::new();
+        for case in g.cases.iter().filter(|c| c.model == "tiny-llama").cloned() {
+            let engine = engine.clone();
+            let steps = g.steps;
+            tasks.push(tokio::spawn(async move {
+                let req = GenerateRequest {
+                    prompt: case.prompt_ids.clone(),
+                    adapter: case.adapter.clone(),
+                    max_tokens: steps,
+                    ignore_eos: true,
+                    ..Default::default()
+                };
+                let mut events = engine.generate(req).await.expect("accepted");
+                let mut ids = Vec::new();
+                while let Some(ev) = events.recv().await {
+                    match ev {
+                        Event::Token { id, .. } => ids.push(id),
+                        Event::Finished {
+                            id,
+                            reason,
+                            completion_tokens,
+                            prompt_tokens,
+                            ..
+                        } => {
+                            ids.extend(id);
+                            assert_eq!(reason, FinishReason::Length);
+                            assert_eq!(
+                                (prompt_tokens, completion_tokens),
+                                (case.prompt_ids.len(), steps)
+                            );
+                            break;
+                        }
+                        Event::Failed(e) => panic!("{}: {e}", case.key),
+                    }
+                }
+                assert_eq!(ids, case.greedy_ids, "{}", case.key);
+            }));
+        }
+        for t in tasks {
+            t.await.expect("case task");
+        }
+        // The engine publishes its state after the step that finished the last request.
+        let mut snap = engine.snapshot();
+        for _ in 0..500 {
+            if snap.running == 0 && snap.waiting == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            snap = engine.snapshot();
+        }
+        assert_eq!((snap.running, snap.waiting), (0, 0));
+        assert!(
+            snap.adapters.iter().all(|a| a.resident.active == 0),
+            "every adapter released"
+        );
+        assert_eq!(
+            snap.kv_tokens_free, snap.kv_tokens_total,
+            "every KV block returned"
+        );
+    });
+}
