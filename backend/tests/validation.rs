@@ -1,0 +1,284 @@
+//! Bad models and bad adapters are refused with an error that names the problem, before any
+//! weight reaches an executor.
+
+mod common;
+
+use common::*;
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use std::path::Path;
+use switchyard_backend::adapters::{AdapterError, load_peft_dir, resolve_uri};
+use switchyard_backend::model::{Model, ModelConfig, ModelError};
+
+type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+fn read_tensors(path: &Path) -> Tensors {
+    let bytes = std::fs::read(path).expect("readable");
+    let st = SafeTensors::deserialize(&bytes).expect("valid");
+    let mut out: Tensors = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, v.shape().to_vec(), data)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn write_tensors(path: &Path, tensors: &Tensors) {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                s.clone(),
+                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view"),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).expect("written");
+}
+
+/// A copy of the r8-qv adapter whose tensors `edit` may change.
+fn edited_adapter(edit: impl FnOnce(&mut Tensors)) -> tempfile::TempDir {
+    let src = adapter_dir("tiny-llama", "r8-qv");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        dir.path().join("adapter_config.json"),
+    )
+    .expect("copy config");
+    let mut tensors = read_tensors(&src.join("adapter_model.safetensors"));
+    edit(&mut tensors);
+    write_tensors(&dir.path().join("adapter_model.safetensors"), &tensors);
+    dir
+}
+
+fn llama_config() -> ModelConfig {
+    ModelConfig::from_dir(&model_dir("tiny-llama")).expect("fixture config")
+}
+
+fn invalid_reason(r: Result<impl std::fmt::Debug, AdapterError>) -> String {
+    match r {
+        Err(AdapterError::Invalid { reason, .. }) => reason,
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_unmodified_fixture_loads() {
+    let w = load_peft_dir(&adapter_dir("tiny-llama", "r8-qv"), &llama_config(), 64).expect("loads");
+    assert_eq!(w.max_rank, 8);
+    assert_eq!(
+        w.targets.iter().map(|m| m.name()).collect::<Vec<_>>(),
+        vec!["q_proj", "v_proj"]
+    );
+}
+
+#[test]
+fn rank_above_the_maximum_is_refused_naming_module_rank_and_limit() {
+    let err = load_peft_dir(
+        &adapter_dir("tiny-llama", "r32-mlp-regex"),
+        &llama_config(),
+        16,
+    )
+    .expect_err("refused");
+    let AdapterError::RankTooLarge {
+        rank,
+        max,
+        ref module,
+        ..
+    } = err
+    else {
+        panic!("{err:?}")
+    };
+    assert_eq!((rank, max), (32, 16));
+    assert!(module.contains("mlp"), "{module}");
+    assert!(err.to_string().contains("--max-lora-rank 16"), "{err}");
+}
+
+#[test]
+fn a_module_the_model_does_not_have_is_refused() {
+    let dir = edited_adapter(|t| {
+        for (name, _, _) in t
+            .iter_mut()
+            .filter(|(n, _, _)| n.contains("layers.0.self_attn.q_proj"))
+        {
+            *name = name.replace("q_proj", "qkv_proj");
+        }
+    });
+    let reason = invalid_reason(load_peft_dir(dir.path(), &llama_config(), 64));
+    assert!(reason.contains("qkv_proj"), "{reason}");
+}
+
+#[test]
+fn a_layer_beyond_the_model_is_refused() {
+    let dir = edited_adapter(|t| {
+        for (name, _, _) in t.iter_mut().filter(|(n, _, _)| n.contains("layers.2.")) {
+            *name = name.replace("layers.2.", "layers.7.");
+        }
+    });
+    let reason = invalid_reason(load_peft_dir(dir.path(), &llama_config(), 64));
+    assert!(
+        reason.contains("layer 7") && reason.contains("3 layers"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn matrices_that_do_not_fit_the_base_projection_are_refused() {
+    // v_proj outputs 32 values in this model; pretend the adapter was trained for 48.
+    let dir = edited_adapter(|t| {
+        let b = t
+            .iter_mut()
+            .find(|(n, _, _)| n.ends_with("layers.1.self_attn.v_proj.lora_B.weight"))
+            .expect("present");
+        b.1 = vec![48, 8];
+        b.2 = vec![0.1; 48 * 8];
+    });
+    let reason = invalid_reason(load_peft_dir(dir.path(), &llama_config(), 64));
+    assert!(
+        reason.contains("layers.1.self_attn.v_proj") && reason.contains("[48, 8]"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_missing_half_of_a_pair_is_refused() {
+    let dir = edited_adapter(|t| {
+        t.retain(|(n, _, _)| !n.ends_with("layers.0.self_attn.q_proj.lora_B.weight"))
+    });
+    let reason = invalid_reason(load_peft_dir(dir.path(), &llama_config(), 64));
+    assert!(
+        reason.contains("layers.0.self_attn.q_proj") && reason.contains("lora_B"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn non_finite_weights_are_refused() {
+    let dir = edited_adapter(|t| t[0].2[3] = f32::NAN);
+    let reason = invalid_reason(load_peft_dir(dir.path(), &llama_config(), 64));
+    assert!(reason.contains("NaN"), "{reason}");
+}
+
+#[test]
+fn missing_config_pickle_weights_and_missing_directories_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reason = invalid_reason(load_peft_dir(dir.path(), &llama_config(), 64));
+    assert!(reason.contains("adapter_config.json"), "{reason}");
+
+    std::fs::copy(
+        adapter_dir("tiny-llama", "r8-qv").join("adapter_config.json"),
+        dir.path().join("adapter_config.json"),
+    )
+    .expect("copy");
+    std::fs::write(dir.path().join("adapter_model.bin"), b"\x80\x02pickle").expect("write");
+    let reason = invalid_reason(load_peft_dir(dir.path(), &llama_config(), 64));
+    assert!(reason.contains("pickle"), "{reason}");
+
+    let gone = dir.path().join("nope");
+    assert!(matches!(
+        load_peft_dir(&gone, &llama_config(), 64),
+        Err(AdapterError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn adapter_uris_other_than_absolute_file_paths_are_refused() {
+    assert!(resolve_uri("file:///srv/a").is_ok());
+    for uri in [
+        "file://relative/dir",
+        "file:///srv/../etc",
+        "ftp://x/y",
+        "no-scheme",
+        "s3://bucket/key",
+    ] {
+        assert!(
+            matches!(resolve_uri(uri), Err(AdapterError::BadUri { .. })),
+            "{uri}"
+        );
+    }
+}
+
+/// A copy of the tiny Llama whose tensors `edit` may change.
+fn edited_model(edit: impl FnOnce(&mut Tensors)) -> tempfile::TempDir {
+    let src = model_dir("tiny-llama");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.path().join(f)).expect("copy");
+    }
+    let mut tensors = read_tensors(&src.join("model.safetensors"));
+    edit(&mut tensors);
+    write_tensors(&dir.path().join("model.safetensors"), &tensors);
+    dir
+}
+
+#[test]
+fn models_with_missing_or_mismatched_tensors_are_refused_by_name() {
+    let dir = edited_model(|t| t.retain(|(n, _, _)| n != "model.layers.2.mlp.up_proj.weight"));
+    match Model::load(dir.path()) {
+        Err(ModelError::MissingTensor { name, .. }) => {
+            assert_eq!(name, "model.layers.2.mlp.up_proj.weight")
+        }
+        other => panic!("expected MissingTensor, got {other:?}"),
+    }
+    let dir = edited_model(|t| {
+        let w = t
+            .iter_mut()
+            .find(|(n, _, _)| n == "model.layers.0.self_attn.k_proj.weight")
+            .expect("present");
+        w.1 = vec![64, 32];
+    });
+    let err = Model::load(dir.path()).expect_err("refused");
+    assert!(
+        matches!(err, ModelError::TensorShape { ref name, .. } if name == "model.layers.0.self_attn.k_proj.weight"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("[32, 64]"), "{err}");
+    let dir = edited_model(|t| {
+        t.push((
+            "model.layers.0.self_attn.q_norm.weight".into(),
+            vec![16],
+            vec![1.0; 16],
+        ))
+    });
+    let err = Model::load(dir.path()).expect_err("refused");
+    assert!(err.to_string().contains("q_norm"), "{err}");
+}
+
+#[test]
+fn an_unknown_architecture_is_refused_by_name() {
+    let dir = edited_model(|_| {});
+    let cfg = std::fs::read_to_string(dir.path().join("config.json")).expect("read");
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace("LlamaForCausalLM", "FalconForCausalLM"),
+    )
+    .expect("write");
+    let err = Model::load(dir.path()).expect_err("refused");
+    assert!(
+        err.to_string().contains("FalconForCausalLM") && err.to_string().contains("config.json"),
+        "{err}"
+    );
+}
