@@ -590,3 +590,6 @@ impl Worker {
         self.snapshot.send_replace(Arc::new(snapshot));
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,268 @@
+//! Engine behaviour around the forward pass — admission, cancellation, queue and slot limits,
+//! stop conditions — with a scripted executor standing in for the model.
+
+use super::*;
+use crate::model::Model;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// Always predicts token `next` (the same every step), taking `delay` per forward pass.
+struct Scripted {
+    vocab: usize,
+    next: Arc<AtomicUsize>,
+    forwards: Arc<AtomicUsize>,
+    delay: Duration,
+}
+
+impl Executor for Scripted {
+    fn device(&self) -> String {
+        "scripted".into()
+    }
+    fn dtype(&self) -> &'static str {
+        "f32"
+    }
+    fn load_adapter(&mut self, _: u32, _: &AdapterWeights) -> Result<(), ExecutorError> {
+        Ok(())
+    }
+    fn unload_adapter(&mut self, _: u32) {}
+    fn forward(&mut self, batch: &executor::Batch) -> Result<Vec<f32>, ExecutorError> {
+        std::thread::sleep(self.delay);
+        self.forwards.fetch_add(1, Ordering::SeqCst);
+        let mut logits = vec![0f32; batch.logit_rows() * self.vocab];
+        let next = self.next.load(Ordering::SeqCst);
+        for row in logits.chunks_mut(self.vocab) {
+            row[next] = 10.0;
+        }
+        Ok(logits)
+    }
+}
+
+struct Fixture {
+    engine: Engine,
+    next: Arc<AtomicUsize>,
+    forwards: Arc<AtomicUsize>,
+    tokenizer: Arc<Tokenizer>,
+}
+
+fn fixture(max_running: usize, max_waiting: usize, max_loras: usize) -> Fixture {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/tiny-llama");
+    let model = Model::load(&dir).expect("fixture model");
+    let next = Arc::new(AtomicUsize::new(65));
+    let forwards = Arc::new(AtomicUsize::new(0));
+    let exec = Scripted {
+        vocab: model.config.vocab_size,
+        next: next.clone(),
+        forwards: forwards.clone(),
+        delay: Duration::from_millis(2),
+    };
+    let cfg = EngineConfig {
+        scheduler: SchedulerConfig {
+            block_size: 16,
+            num_blocks: 1024,
+            max_batch_tokens: 256,
+            max_running,
+        },
+        max_model_len: 4096,
+        max_waiting,
+        max_loras,
+        max_lora_rank: 8,
+    };
+    let tokenizer = Arc::new(model.tokenizer);
+    let engine = Engine::start(&model.config, tokenizer.clone(), Box::new(exec), cfg);
+    Fixture {
+        engine,
+        next,
+        forwards,
+        tokenizer,
+    }
+}
+
+fn request(max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt: vec![10, 11, 12],
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+fn adapter() -> AdapterWeights {
+    AdapterWeights {
+        layers: Vec::new(),
+        max_rank: 4,
+        targets: Default::default(),
+        base_model: None,
+    }
+}
+
+async fn finish(events: &mut mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, String, FinishReason) {
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    while let Some(ev) = events.recv().await {
+        match ev {
+            Event::Token { id, text: t } => {
+                ids.push(id);
+                text.push_str(&t);
+            }
+            Event::Finished {
+                id,
+                text: t,
+                reason,
+                ..
+            } => {
+                ids.extend(id);
+                text.push_str(&t);
+                return (ids, text, reason);
+            }
+            Event::Failed(e) => panic!("failed: {e}"),
+        }
+    }
+    panic!("stream ended without Finished");
+}
+
+async fn wait_idle(engine: &Engine) -> Arc<Snapshot> {
+    for _ in 0..500 {
+        let s = engine.snapshot();
+        if s.running == 0 && s.waiting == 0 {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    engine.snapshot()
+}
+
+#[tokio::test]
+async fn dropping_the_stream_cancels_the_request_and_frees_its_cache() {
+    let f = fixture(4, 4, 1);
+    let mut events = f.engine.generate(request(2000)).await.expect("accepted");
+    events.recv().await.expect("first token");
+    drop(events);
+    let snap = wait_idle(&f.engine).await;
+    assert_eq!(snap.running, 0, "request cancelled");
+    assert_eq!(
+        snap.kv_tokens_free, snap.kv_tokens_total,
+        "its KV blocks are free"
+    );
+    let before = f.forwards.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(
+        f.forwards.load(Ordering::SeqCst),
+        before,
+        "no more steps run for it"
+    );
+    assert!(
+        before < 1000,
+        "stopped long before max_tokens ({before} steps)"
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_new_requests_until_it_drains() {
+    let f = fixture(1, 1, 1);
+    let mut running = f.engine.generate(request(2000)).await.expect("runs");
+    running
+        .recv()
+        .await
+        .expect("the first request holds the only running place");
+    let mut waiting = f.engine.generate(request(5)).await.expect("waits");
+    let err = f.engine.generate(request(5)).await.expect_err("queue full");
+    assert!(matches!(err, EngineError::QueueFull { max: 1 }), "{err}");
+    // Once the running request goes away the waiting one runs, and the queue has room again.
+    drop(running);
+    let (_, _, reason) = finish(&mut waiting).await;
+    assert_eq!(reason, FinishReason::Length);
+    f.engine.generate(request(5)).await.expect("room again");
+}
+
+#[tokio::test]
+async fn adapters_in_use_cannot_be_unloaded_or_evicted() {
+    let f = fixture(4, 4, 1);
+    f.engine
+        .install_adapter("a".into(), "file:///a".into(), adapter())
+        .await
+        .expect("installs");
+    let mut req = request(2000);
+    req.adapter = Some("a".into());
+    let mut events = f.engine.generate(req).await.expect("accepted");
+    events.recv().await.expect("running");
+    let err = f
+        .engine
+        .unload_adapter("a".into())
+        .await
+        .expect_err("in use");
+    assert!(
+        matches!(err, EngineError::AdapterInUse { active: 1, .. }),
+        "{err}"
+    );
+    let err = f
+        .engine
+        .install_adapter("b".into(), "file:///b".into(), adapter())
+        .await
+        .expect_err("no idle slot");
+    assert!(matches!(err, EngineError::SlotsFull { max: 1 }), "{err}");
+    drop(events);
+    wait_idle(&f.engine).await;
+    // Released: now "b" may evict "a", and "a" is gone.
+    f.engine
+        .install_adapter("b".into(), "file:///b".into(), adapter())
+        .await
+        .expect("evicts idle a");
+    let mut req = request(2);
+    req.adapter = Some("a".into());
+    assert!(matches!(
+        f.engine.generate(req).await,
+        Err(EngineError::UnknownAdapter(_))
+    ));
+}
+
+#[tokio::test]
+async fn eos_and_stop_strings_end_generation_with_their_reason() {
+    let f = fixture(4, 4, 1);
+    // The scripted model repeats one token; find its text.
+    let token = f.next.load(Ordering::SeqCst) as u32;
+    let piece = f.tokenizer.decode(&[token]).expect("decodes");
+    assert!(!piece.is_empty());
+
+    let (ids, text, reason) = finish(&mut f.engine.generate(request(5)).await.expect("ok")).await;
+    assert_eq!((ids.len(), reason), (5, FinishReason::Length));
+    assert_eq!(text, piece.repeat(5));
+
+    let mut req = request(50);
+    req.stop = vec![piece.repeat(3)];
+    let (ids, text, reason) = finish(&mut f.engine.generate(req).await.expect("ok")).await;
+    assert_eq!(reason, FinishReason::Stop);
+    assert_eq!(
+        ids.len(),
+        3,
+        "stops at the token completing the stop string"
+    );
+    assert_eq!(text, "", "the stop string itself is not returned");
+
+    let eos = f.tokenizer.eos_ids()[0];
+    f.next.store(eos as usize, Ordering::SeqCst);
+    let mut req = request(50);
+    req.ignore_eos = false;
+    let (ids, text, reason) = finish(&mut f.engine.generate(req).await.expect("ok")).await;
+    assert_eq!(
+        (ids, text.as_str(), reason),
+        (vec![eos], "", FinishReason::Eos)
+    );
+}
+
+#[tokio::test]
+async fn prompts_that_do_not_fit_the_context_are_refused_up_front() {
+    let f = fixture(4, 4, 1);
+    let mut req = request(10);
+    req.prompt = vec![1; 4096];
+    let err = f.engine.generate(req).await.expect_err("too long");
+    assert!(err.to_string().contains("4096 tokens"), "{err}");
+    let err = f
+        .engine
+        .generate(request(4094))
+        .await
+        .expect_err("too long with completion");
+    assert!(err.to_string().contains("4097"), "{err}");
+    let mut req = request(1);
+    req.prompt = vec![];
+    assert!(f.engine.generate(req).await.is_err());
+}
