@@ -1,6 +1,7 @@
 //! Shared fixtures of the backend's integration tests: the committed tiny models, their PEFT
 //! adapters and the outputs transformers + PEFT computed for them (`scripts/golden/`).
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails loudly on a broken fixture
 #![allow(dead_code)]
 
 use safetensors::SafeTensors;

@@ -1,6 +1,8 @@
 //! Bad models and bad adapters are refused with an error that names the problem, before any
 //! weight reaches an executor.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails loudly on a broken fixture
+
 mod common;
 
 use common::*;

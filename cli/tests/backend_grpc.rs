@@ -1,6 +1,8 @@
 //! The `switchyard backend` binary, started as a user starts it, serving the tiny fixture model
 //! to a real gRPC client.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails loudly on a broken fixture
+
 use serde::Deserialize;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

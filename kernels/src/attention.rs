@@ -142,6 +142,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Dense causal attention over contiguous K/V, in f64: the definition.
+    #[allow(clippy::too_many_arguments)]
     fn dense(
         q: &[f32],
         k: &[f32],

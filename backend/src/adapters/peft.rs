@@ -48,6 +48,41 @@ impl AdapterWeights {
     }
 }
 
+impl AdapterWeights {
+    /// A random adapter of `rank` on every projection of every layer, deterministic in
+    /// `seed`: for benchmarks and tests that need an adapter's shape, not its behaviour.
+    pub fn synthetic(model: &ModelConfig, rank: usize, seed: u64) -> AdapterWeights {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut random = |n: usize, bound: f32| {
+            (0..n)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect::<Vec<f32>>()
+        };
+        let layers = (0..model.num_layers)
+            .map(|_| {
+                Module::ALL.map(|m| {
+                    let (i, o) = model.module_shape(m);
+                    let a = random(rank * i, (1.0 / i as f32).sqrt());
+                    let b = random(o * rank, 0.01);
+                    Some(LoraModule {
+                        a,
+                        b,
+                        rank,
+                        scale: 2.0,
+                    })
+                })
+            })
+            .collect();
+        AdapterWeights {
+            layers,
+            max_rank: rank,
+            targets: Module::ALL.into_iter().collect(),
+            base_model: None,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct PeftConfig {
     peft_type: Option<String>,
@@ -200,8 +235,9 @@ pub fn load_peft_dir(
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| AdapterError::invalid(&weights_path, format!("invalid safetensors: {e}")))?;
 
-    // (layer, module) -> (A, B)
-    let mut found: BTreeMap<(usize, Module), [Option<(Vec<usize>, Vec<f32>)>; 2]> = BTreeMap::new();
+    // (layer, module) -> [A, B], each (shape, values)
+    type Pair = [Option<(Vec<usize>, Vec<f32>)>; 2];
+    let mut found: BTreeMap<(usize, Module), Pair> = BTreeMap::new();
     for (key, view) in st.tensors() {
         let Some((layer, block, module_name, which)) = parse_key(&key) else {
             return Err(AdapterError::invalid(
