@@ -161,11 +161,21 @@ fn a_batch_mixing_five_adapters_of_different_ranks_and_base_rows_matches_the_ref
     );
 }
 
-#[test]
-fn qwen2_with_bias_sharded_bf16_weights_in_a_mixed_batch_matches_the_reference() {
+fn check_whole_model(model: &str) {
     let g = golden();
-    let qwen: Vec<&Case> = g.cases.iter().filter(|c| c.model == "tiny-qwen2").collect();
-    check_batch("tiny-qwen2", &qwen, &[], 0, 4096);
+    let cases: Vec<&Case> = g.cases.iter().filter(|c| c.model == model).collect();
+    assert!(cases.iter().any(|c| c.adapter.is_some()) && cases.iter().any(|c| c.adapter.is_none()));
+    check_batch(model, &cases, &[], 0, 4096);
+}
+
+#[test]
+fn qwen2_with_qkv_bias_and_sharded_bf16_weights_in_a_mixed_batch_matches_the_reference() {
+    check_whole_model("tiny-qwen2");
+}
+
+#[test]
+fn mistral_with_a_sliding_window_and_linear_rope_scaling_in_a_mixed_batch_matches_the_reference() {
+    check_whole_model("tiny-mistral");
 }
 
 #[test]

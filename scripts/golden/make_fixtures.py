@@ -10,7 +10,8 @@ needs PyTorch; the tests and CI read the committed results.
 
 Output layout (all small):
     fixtures/models/tiny-llama/      config.json, model.safetensors, tokenizer.json, tokenizer_config.json
-    fixtures/models/tiny-qwen2/      the same, bf16 weights in two shards with an index
+    fixtures/models/tiny-qwen2/      the same, with q/k/v biases; bf16 weights in shards with an index
+    fixtures/models/tiny-mistral/    the same, with an 8-token sliding window and linear RoPE scaling
     fixtures/adapters/<model>/<name>/ adapter_config.json, adapter_model.safetensors
     fixtures/golden/cases.json       every case: model, adapter, prompt ids, greedy ids
     fixtures/golden/logits.safetensors  per case, the logits of every greedy step ([steps, vocab])
@@ -28,6 +29,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
+    MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
@@ -120,9 +122,17 @@ def make_model(kind: str, vocab: int, eos_id: int):
                 "original_max_position_embeddings": 16,
             },
         )
+    elif kind == "mistral":
+        # A window shorter than the longer prompts, and linear RoPE scaling.
+        cfg = MistralConfig(
+            **common,
+            tie_word_embeddings=False,
+            sliding_window=8,
+            rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        )
     else:
         cfg = Qwen2Config(**common, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    torch.manual_seed(SEED + (0 if kind == "llama" else 1))
+    torch.manual_seed(SEED + {"llama": 0, "qwen2": 1, "mistral": 3}[kind])
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -152,6 +162,9 @@ ADAPTERS = {
         ),
         "r32-mlp-regex": dict(r=32, lora_alpha=64, target_modules=r".*layers\.[02]\.mlp\.(gate_proj|up_proj|down_proj)"),
         "r2-k-down": dict(r=2, lora_alpha=6, target_modules=["k_proj", "down_proj"]),
+    },
+    "tiny-mistral": {
+        "r4-qkvo": dict(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     },
     "tiny-qwen2": {
         "r8-all": dict(
@@ -191,12 +204,12 @@ def main(out: Path):
     torch.set_num_threads(2)
     cases, logits = [], {}
     chat_renderings = {}
-    for model_name, kind in [("tiny-llama", "llama"), ("tiny-qwen2", "qwen2")]:
+    for model_name, kind in [("tiny-llama", "llama"), ("tiny-qwen2", "qwen2"), ("tiny-mistral", "mistral")]:
         model_dir = out / "models" / model_name
         tok = build_tokenizer(model_dir, vocab_size=384)
         eos_id = tok.convert_tokens_to_ids("<|im_end|>")
         base = make_model(kind, len(tok), eos_id)
-        if kind == "llama":
+        if kind != "qwen2":
             base.save_pretrained(model_dir, safe_serialization=True)
         else:
             # bf16 on disk, in shards: exercises the index and the dtype conversion.

@@ -130,6 +130,7 @@ impl pb::backend_server::Backend for BackendService {
             top_k: s.top_k as usize,
             seed: s.seed,
         };
+        tracing::debug!(request_id = %req.request_id, adapter = %req.adapter, prompt_tokens = prompt.len(), "generate");
         let adapter = (!req.adapter.is_empty()).then_some(req.adapter);
         let engine_req = GenerateRequest {
             prompt,
