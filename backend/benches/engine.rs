@@ -27,26 +27,16 @@ const RANK: usize = 16;
 const ADAPTERS: usize = 8;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// Decodes `steps` tokens for every sequence of the batch after a prefill; returns decode
 /// tokens per second.
 fn decode_tokens_per_s(exec: &mut CpuExecutor, adapters: &[Option<u32>], steps: usize) -> f64 {
-    let cfg = SchedulerConfig {
-        block_size: 16,
-        num_blocks: 256,
-        max_batch_tokens: 4096,
-        max_running: 64,
-    };
+    let cfg = SchedulerConfig { block_size: 16, num_blocks: 256, max_batch_tokens: 4096, max_running: 64 };
     let mut sched = Scheduler::new(cfg);
     for (i, &a) in adapters.iter().enumerate() {
-        let prompt = (0..PROMPT_LEN as u32)
-            .map(|t| (t * 97 + i as u32 * 13) % 49152)
-            .collect();
+        let prompt = (0..PROMPT_LEN as u32).map(|t| (t * 97 + i as u32 * 13) % 49152).collect();
         sched.add(Sequence::new(i as u64, prompt, a));
     }
     let mut run_step = |sched: &mut Scheduler| {
@@ -76,20 +66,9 @@ fn main() {
     let rounds = env_usize("BENCH_ROUNDS", 3);
     let steps = env_usize("BENCH_STEPS", 32);
     let config = ModelConfig::from_json(SMOLLM2_135M).expect("valid config");
-    let mut exec = CpuExecutor::new(
-        &config,
-        ModelWeights::synthetic(&config, 1),
-        256,
-        16,
-        ADAPTERS,
-        RANK,
-    );
+    let mut exec = CpuExecutor::new(&config, ModelWeights::synthetic(&config, 1), 256, 16, ADAPTERS, RANK);
     for slot in 0..ADAPTERS {
-        exec.load_adapter(
-            slot as u32,
-            &AdapterWeights::synthetic(&config, RANK, 100 + slot as u64),
-        )
-        .expect("slot");
+        exec.load_adapter(slot as u32, &AdapterWeights::synthetic(&config, RANK, 100 + slot as u64)).expect("slot");
     }
     let cases: Vec<(&str, Vec<Option<u32>>)> = vec![
         ("1 stream, no adapter", vec![None]),
@@ -109,10 +88,7 @@ fn main() {
     }
     let medians: Vec<f64> = results.into_iter().map(median).collect();
     let base_batch = medians[1];
-    println!(
-        "{:<32} {:>12} {:>16}",
-        "case", "tokens/s", "vs batch 8 base"
-    );
+    println!("{:<32} {:>12} {:>16}", "case", "tokens/s", "vs batch 8 base");
     for ((name, _), tps) in cases.iter().zip(&medians) {
         println!("{name:<32} {tps:>12.1} {:>16.2}", tps / base_batch);
     }

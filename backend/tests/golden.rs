@@ -25,53 +25,26 @@ struct Harness {
 
 /// An executor with every adapter of `model` in a slot, and a scheduler over its cache.
 fn harness(model_name: &str, adapters: &[&str], max_batch_tokens: usize) -> Harness {
-    let Model {
-        config, weights, ..
-    } = load_model(model_name);
+    let Model { config, weights, .. } = load_model(model_name);
     let reload = load_model(model_name);
-    let sched_cfg = SchedulerConfig {
-        block_size: 4,
-        num_blocks: 512,
-        max_batch_tokens,
-        max_running: 64,
-    };
-    let mut executor = CpuExecutor::new(
-        &config,
-        weights,
-        sched_cfg.num_blocks,
-        sched_cfg.block_size,
-        adapters.len().max(1),
-        MAX_RANK,
-    );
+    let sched_cfg = SchedulerConfig { block_size: 4, num_blocks: 512, max_batch_tokens, max_running: 64 };
+    let mut executor =
+        CpuExecutor::new(&config, weights, sched_cfg.num_blocks, sched_cfg.block_size, adapters.len().max(1), MAX_RANK);
     let mut slots = HashMap::from([(None, None)]);
     for (slot, name) in adapters.iter().enumerate() {
         let w = load_adapter(&reload, name);
         executor.load_adapter(slot as u32, &w).expect("slot exists");
         slots.insert(Some(name.to_string()), Some(slot as u32));
     }
-    Harness {
-        executor,
-        scheduler: Scheduler::new(sched_cfg),
-        slots,
-    }
+    Harness { executor, scheduler: Scheduler::new(sched_cfg), slots }
 }
 
 /// Runs `cases` through the scheduler and executor with teacher forcing (the reference's greedy
 /// token is appended each step) and checks every step's logits against the reference. Cases
 /// listed in `late` join the batch only after `join_after` steps.
-fn check_batch(
-    model_name: &str,
-    cases: &[&Case],
-    late: &[&Case],
-    join_after: usize,
-    max_batch_tokens: usize,
-) -> f64 {
+fn check_batch(model_name: &str, cases: &[&Case], late: &[&Case], join_after: usize, max_batch_tokens: usize) -> f64 {
     let g = golden();
-    let mut adapters: Vec<&str> = cases
-        .iter()
-        .chain(late)
-        .filter_map(|c| c.adapter.as_deref())
-        .collect();
+    let mut adapters: Vec<&str> = cases.iter().chain(late).filter_map(|c| c.adapter.as_deref()).collect();
     adapters.sort();
     adapters.dedup();
     let mut h = harness(model_name, &adapters, max_batch_tokens);
@@ -79,8 +52,7 @@ fn check_batch(
     let mut produced: HashMap<u64, usize> = HashMap::new();
     let add = |h: &mut Harness, id: usize, c: &Case| {
         let slot = h.slots[&c.adapter];
-        h.scheduler
-            .add(Sequence::new(id as u64, c.prompt_ids.clone(), slot));
+        h.scheduler.add(Sequence::new(id as u64, c.prompt_ids.clone(), slot));
     };
     for (i, c) in cases.iter().enumerate() {
         add(&mut h, i, c);
@@ -107,17 +79,8 @@ fn check_batch(
             let want = &g.logits[&case.key][*k * vocab..(*k + 1) * vocab];
             let got = &logits[row * vocab..(row + 1) * vocab];
             let err = row_rel_err(got, want);
-            assert!(
-                err < F32_TOLERANCE,
-                "{} step {k}: relative error {err:.2e}",
-                case.key
-            );
-            assert_eq!(
-                argmax(got),
-                case.greedy_ids[*k],
-                "{} step {k}: greedy token differs",
-                case.key
-            );
+            assert!(err < F32_TOLERANCE, "{} step {k}: relative error {err:.2e}", case.key);
+            assert_eq!(argmax(got), case.greedy_ids[*k], "{} step {k}: greedy token differs", case.key);
             worst = worst.max(err);
             let next = case.greedy_ids[*k];
             *k += 1;
@@ -147,18 +110,12 @@ fn a_batch_mixing_five_adapters_of_different_ranks_and_base_rows_matches_the_ref
     let g = golden();
     let llama: Vec<&Case> = g.cases.iter().filter(|c| c.model == "tiny-llama").collect();
     let distinct: std::collections::BTreeSet<_> = llama.iter().map(|c| c.adapter.clone()).collect();
-    assert!(
-        distinct.len() >= 5,
-        "the batch mixes base rows and at least four adapters"
-    );
+    assert!(distinct.len() >= 5, "the batch mixes base rows and at least four adapters");
     // Half the requests start together; the rest join mid-generation. A small token budget
     // forces chunked prefill next to decoding sequences.
     let (first, late) = llama.split_at(llama.len() / 2);
     let err = check_batch("tiny-llama", first, late, 3, 48);
-    eprintln!(
-        "mixed batch of {} requests: max relative logit error {err:.2e}",
-        llama.len()
-    );
+    eprintln!("mixed batch of {} requests: max relative logit error {err:.2e}", llama.len());
 }
 
 fn check_whole_model(model: &str) {
@@ -191,18 +148,11 @@ fn tokenizer_and_chat_template_match_the_reference() {
                 content: m["content"].as_str().unwrap_or_default().into(),
             })
             .collect();
-        let text = model
-            .tokenizer
-            .apply_chat_template(&messages, chat.add_generation_prompt)
-            .expect("template renders");
+        let text =
+            model.tokenizer.apply_chat_template(&messages, chat.add_generation_prompt).expect("template renders");
         assert_eq!(text, chat.text, "{model_name}: chat template rendering");
         for case in g.cases.iter().filter(|c| &c.model == model_name) {
-            assert_eq!(
-                model.tokenizer.encode(&case.prompt).expect("encodes"),
-                case.prompt_ids,
-                "{}",
-                case.key
-            );
+            assert_eq!(model.tokenizer.encode(&case.prompt).expect("encodes"), case.prompt_ids, "{}", case.key);
         }
     }
 }
@@ -212,46 +162,22 @@ fn tokenizer_and_chat_template_match_the_reference() {
 #[test]
 fn the_engine_generates_the_reference_tokens_for_concurrent_mixed_adapter_requests() {
     let g = golden();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let model = load_model("tiny-llama");
         let reload = load_model("tiny-llama");
         let cfg = EngineConfig {
-            scheduler: SchedulerConfig {
-                block_size: 16,
-                num_blocks: 64,
-                max_batch_tokens: 64,
-                max_running: 16,
-            },
+            scheduler: SchedulerConfig { block_size: 16, num_blocks: 64, max_batch_tokens: 64, max_running: 16 },
             max_model_len: 128,
             max_waiting: 64,
             max_loras: 5,
             max_lora_rank: MAX_RANK,
         };
         let executor = CpuExecutor::new(&model.config, model.weights, 64, 16, 5, MAX_RANK);
-        let engine = Arc::new(Engine::start(
-            &model.config,
-            Arc::new(model.tokenizer),
-            Box::new(executor),
-            cfg,
-        ));
-        for name in [
-            "r8-qv",
-            "r16-all-rslora",
-            "r4-patterns",
-            "r32-mlp-regex",
-            "r2-k-down",
-        ] {
+        let engine = Arc::new(Engine::start(&model.config, Arc::new(model.tokenizer), Box::new(executor), cfg));
+        for name in ["r8-qv", "r16-all-rslora", "r4-patterns", "r32-mlp-regex", "r2-k-down"] {
             let (_, already) = engine
-                .install_adapter(
-                    name.into(),
-                    format!("file:///{name}"),
-                    load_adapter(&reload, name),
-                )
+                .install_adapter(name.into(), format!("file:///{name}"), load_adapter(&reload, name))
                 .await
                 .expect("adapter installs");
             assert!(!already);
@@ -273,19 +199,10 @@ fn the_engine_generates_the_reference_tokens_for_concurrent_mixed_adapter_reques
                 while let Some(ev) = events.recv().await {
                     match ev {
                         Event::Token { id, .. } => ids.push(id),
-                        Event::Finished {
-                            id,
-                            reason,
-                            completion_tokens,
-                            prompt_tokens,
-                            ..
-                        } => {
+                        Event::Finished { id, reason, completion_tokens, prompt_tokens, .. } => {
                             ids.extend(id);
                             assert_eq!(reason, FinishReason::Length);
-                            assert_eq!(
-                                (prompt_tokens, completion_tokens),
-                                (case.prompt_ids.len(), steps)
-                            );
+                            assert_eq!((prompt_tokens, completion_tokens), (case.prompt_ids.len(), steps));
                             break;
                         }
                         Event::Failed(e) => panic!("{}: {e}", case.key),
@@ -307,13 +224,7 @@ fn the_engine_generates_the_reference_tokens_for_concurrent_mixed_adapter_reques
             snap = engine.snapshot();
         }
         assert_eq!((snap.running, snap.waiting), (0, 0));
-        assert!(
-            snap.adapters.iter().all(|a| a.resident.active == 0),
-            "every adapter released"
-        );
-        assert_eq!(
-            snap.kv_tokens_free, snap.kv_tokens_total,
-            "every KV block returned"
-        );
+        assert!(snap.adapters.iter().all(|a| a.resident.active == 0), "every adapter released");
+        assert_eq!(snap.kv_tokens_free, snap.kv_tokens_total, "every KV block returned");
     });
 }

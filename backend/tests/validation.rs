@@ -20,11 +20,7 @@ fn read_tensors(path: &Path) -> Tensors {
         .tensors()
         .into_iter()
         .map(|(name, v)| {
-            let data = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let data = v.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
             (name, v.shape().to_vec(), data)
         })
         .collect();
@@ -35,22 +31,11 @@ fn read_tensors(path: &Path) -> Tensors {
 fn write_tensors(path: &Path, tensors: &Tensors) {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .map(|(n, s, d)| {
-            (
-                n.clone(),
-                s.clone(),
-                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )
-        })
+        .map(|(n, s, d)| (n.clone(), s.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect()))
         .collect();
     let views: Vec<(String, TensorView<'_>)> = bytes
         .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view"),
-            )
-        })
+        .map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("consistent view")))
         .collect();
     safetensors::serialize_to_file(views, None, path).expect("written");
 }
@@ -59,11 +44,7 @@ fn write_tensors(path: &Path, tensors: &Tensors) {
 fn edited_adapter(edit: impl FnOnce(&mut Tensors)) -> tempfile::TempDir {
     let src = adapter_dir("tiny-llama", "r8-qv");
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::copy(
-        src.join("adapter_config.json"),
-        dir.path().join("adapter_config.json"),
-    )
-    .expect("copy config");
+    std::fs::copy(src.join("adapter_config.json"), dir.path().join("adapter_config.json")).expect("copy config");
     let mut tensors = read_tensors(&src.join("adapter_model.safetensors"));
     edit(&mut tensors);
     write_tensors(&dir.path().join("adapter_model.safetensors"), &tensors);
@@ -85,29 +66,13 @@ fn invalid_reason(r: Result<impl std::fmt::Debug, AdapterError>) -> String {
 fn the_unmodified_fixture_loads() {
     let w = load_peft_dir(&adapter_dir("tiny-llama", "r8-qv"), &llama_config(), 64).expect("loads");
     assert_eq!(w.max_rank, 8);
-    assert_eq!(
-        w.targets.iter().map(|m| m.name()).collect::<Vec<_>>(),
-        vec!["q_proj", "v_proj"]
-    );
+    assert_eq!(w.targets.iter().map(|m| m.name()).collect::<Vec<_>>(), vec!["q_proj", "v_proj"]);
 }
 
 #[test]
 fn rank_above_the_maximum_is_refused_naming_module_rank_and_limit() {
-    let err = load_peft_dir(
-        &adapter_dir("tiny-llama", "r32-mlp-regex"),
-        &llama_config(),
-        16,
-    )
-    .expect_err("refused");
-    let AdapterError::RankTooLarge {
-        rank,
-        max,
-        ref module,
-        ..
-    } = err
-    else {
-        panic!("{err:?}")
-    };
+    let err = load_peft_dir(&adapter_dir("tiny-llama", "r32-mlp-regex"), &llama_config(), 16).expect_err("refused");
+    let AdapterError::RankTooLarge { rank, max, ref module, .. } = err else { panic!("{err:?}") };
     assert_eq!((rank, max), (32, 16));
     assert!(module.contains("mlp"), "{module}");
     assert!(err.to_string().contains("--max-lora-rank 16"), "{err}");
@@ -116,10 +81,7 @@ fn rank_above_the_maximum_is_refused_naming_module_rank_and_limit() {
 #[test]
 fn a_module_the_model_does_not_have_is_refused() {
     let dir = edited_adapter(|t| {
-        for (name, _, _) in t
-            .iter_mut()
-            .filter(|(n, _, _)| n.contains("layers.0.self_attn.q_proj"))
-        {
+        for (name, _, _) in t.iter_mut().filter(|(n, _, _)| n.contains("layers.0.self_attn.q_proj")) {
             *name = name.replace("q_proj", "qkv_proj");
         }
     });
@@ -135,40 +97,26 @@ fn a_layer_beyond_the_model_is_refused() {
         }
     });
     let reason = invalid_reason(load_peft_dir(dir.path(), &llama_config(), 64));
-    assert!(
-        reason.contains("layer 7") && reason.contains("3 layers"),
-        "{reason}"
-    );
+    assert!(reason.contains("layer 7") && reason.contains("3 layers"), "{reason}");
 }
 
 #[test]
 fn matrices_that_do_not_fit_the_base_projection_are_refused() {
     // v_proj outputs 32 values in this model; pretend the adapter was trained for 48.
     let dir = edited_adapter(|t| {
-        let b = t
-            .iter_mut()
-            .find(|(n, _, _)| n.ends_with("layers.1.self_attn.v_proj.lora_B.weight"))
-            .expect("present");
+        let b = t.iter_mut().find(|(n, _, _)| n.ends_with("layers.1.self_attn.v_proj.lora_B.weight")).expect("present");
         b.1 = vec![48, 8];
         b.2 = vec![0.1; 48 * 8];
     });
     let reason = invalid_reason(load_peft_dir(dir.path(), &llama_config(), 64));
-    assert!(
-        reason.contains("layers.1.self_attn.v_proj") && reason.contains("[48, 8]"),
-        "{reason}"
-    );
+    assert!(reason.contains("layers.1.self_attn.v_proj") && reason.contains("[48, 8]"), "{reason}");
 }
 
 #[test]
 fn a_missing_half_of_a_pair_is_refused() {
-    let dir = edited_adapter(|t| {
-        t.retain(|(n, _, _)| !n.ends_with("layers.0.self_attn.q_proj.lora_B.weight"))
-    });
+    let dir = edited_adapter(|t| t.retain(|(n, _, _)| !n.ends_with("layers.0.self_attn.q_proj.lora_B.weight")));
     let reason = invalid_reason(load_peft_dir(dir.path(), &llama_config(), 64));
-    assert!(
-        reason.contains("layers.0.self_attn.q_proj") && reason.contains("lora_B"),
-        "{reason}"
-    );
+    assert!(reason.contains("layers.0.self_attn.q_proj") && reason.contains("lora_B"), "{reason}");
 }
 
 #[test]
@@ -194,26 +142,14 @@ fn missing_config_pickle_weights_and_missing_directories_are_refused() {
     assert!(reason.contains("pickle"), "{reason}");
 
     let gone = dir.path().join("nope");
-    assert!(matches!(
-        load_peft_dir(&gone, &llama_config(), 64),
-        Err(AdapterError::NotFound { .. })
-    ));
+    assert!(matches!(load_peft_dir(&gone, &llama_config(), 64), Err(AdapterError::NotFound { .. })));
 }
 
 #[test]
 fn adapter_uris_other_than_absolute_file_paths_are_refused() {
     assert!(resolve_uri("file:///srv/a").is_ok());
-    for uri in [
-        "file://relative/dir",
-        "file:///srv/../etc",
-        "ftp://x/y",
-        "no-scheme",
-        "s3://bucket/key",
-    ] {
-        assert!(
-            matches!(resolve_uri(uri), Err(AdapterError::BadUri { .. })),
-            "{uri}"
-        );
+    for uri in ["file://relative/dir", "file:///srv/../etc", "ftp://x/y", "no-scheme", "s3://bucket/key"] {
+        assert!(matches!(resolve_uri(uri), Err(AdapterError::BadUri { .. })), "{uri}");
     }
 }
 
@@ -221,13 +157,8 @@ fn adapter_uris_other_than_absolute_file_paths_are_refused() {
 fn edited_model(edit: impl FnOnce(&mut Tensors)) -> tempfile::TempDir {
     let src = model_dir("tiny-llama");
     let dir = tempfile::tempdir().expect("tempdir");
-    for f in [
-        "config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "chat_template.jinja",
-        "generation_config.json",
-    ] {
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"]
+    {
         std::fs::copy(src.join(f), dir.path().join(f)).expect("copy");
     }
     let mut tensors = read_tensors(&src.join("model.safetensors"));
@@ -246,10 +177,7 @@ fn models_with_missing_or_mismatched_tensors_are_refused_by_name() {
         other => panic!("expected MissingTensor, got {other:?}"),
     }
     let dir = edited_model(|t| {
-        let w = t
-            .iter_mut()
-            .find(|(n, _, _)| n == "model.layers.0.self_attn.k_proj.weight")
-            .expect("present");
+        let w = t.iter_mut().find(|(n, _, _)| n == "model.layers.0.self_attn.k_proj.weight").expect("present");
         w.1 = vec![64, 32];
     });
     let err = Model::load(dir.path()).expect_err("refused");
@@ -258,13 +186,7 @@ fn models_with_missing_or_mismatched_tensors_are_refused_by_name() {
         "{err}"
     );
     assert!(err.to_string().contains("[32, 64]"), "{err}");
-    let dir = edited_model(|t| {
-        t.push((
-            "model.layers.0.self_attn.q_norm.weight".into(),
-            vec![16],
-            vec![1.0; 16],
-        ))
-    });
+    let dir = edited_model(|t| t.push(("model.layers.0.self_attn.q_norm.weight".into(), vec![16], vec![1.0; 16])));
     let err = Model::load(dir.path()).expect_err("refused");
     assert!(err.to_string().contains("q_norm"), "{err}");
 }
@@ -273,14 +195,8 @@ fn models_with_missing_or_mismatched_tensors_are_refused_by_name() {
 fn an_unknown_architecture_is_refused_by_name() {
     let dir = edited_model(|_| {});
     let cfg = std::fs::read_to_string(dir.path().join("config.json")).expect("read");
-    std::fs::write(
-        dir.path().join("config.json"),
-        cfg.replace("LlamaForCausalLM", "FalconForCausalLM"),
-    )
-    .expect("write");
+    std::fs::write(dir.path().join("config.json"), cfg.replace("LlamaForCausalLM", "FalconForCausalLM"))
+        .expect("write");
     let err = Model::load(dir.path()).expect_err("refused");
-    assert!(
-        err.to_string().contains("FalconForCausalLM") && err.to_string().contains("config.json"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("FalconForCausalLM") && err.to_string().contains("config.json"), "{err}");
 }

@@ -16,11 +16,7 @@ const DEFAULT_MAX_RUNNING: usize = 64;
 const DEFAULT_MAX_WAITING: usize = 1024;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "switchyard",
-    version,
-    about = "Serve many LoRA fine-tunes of one base model to many tenants"
-)]
+#[command(name = "switchyard", version, about = "Serve many LoRA fine-tunes of one base model to many tenants")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

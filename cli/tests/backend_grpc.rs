@@ -34,10 +34,7 @@ struct Golden {
 fn case(key: &str) -> Case {
     let text = std::fs::read_to_string(fixtures().join("golden/cases.json")).expect("cases.json");
     let g: Golden = serde_json::from_str(&text).expect("parses");
-    g.cases
-        .into_iter()
-        .find(|c| c.key == key)
-        .expect("case exists")
+    g.cases.into_iter().find(|c| c.key == key).expect("case exists")
 }
 
 /// A running `switchyard backend`; killed on drop.
@@ -67,49 +64,29 @@ fn start_backend(extra: &[&str]) -> Backend {
         .expect("switchyard binary starts");
     let stdout = child.stdout.take().expect("piped stdout");
     let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("reads the listening line");
+    BufReader::new(stdout).read_line(&mut line).expect("reads the listening line");
     let addr = line.trim().rsplit(' ').next().expect("address").to_string();
-    assert!(
-        line.starts_with("switchyard backend listening on "),
-        "unexpected first line: {line:?}"
-    );
+    assert!(line.starts_with("switchyard backend listening on "), "unexpected first line: {line:?}");
     Backend { child, addr }
 }
 
 async fn connect(b: &Backend) -> (BackendClient<Channel>, HealthClient<Channel>) {
-    let channel = Channel::from_shared(format!("http://{}", b.addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connects");
-    (
-        BackendClient::new(channel.clone()),
-        HealthClient::new(channel),
-    )
+    let channel = Channel::from_shared(format!("http://{}", b.addr)).expect("uri").connect().await.expect("connects");
+    (BackendClient::new(channel.clone()), HealthClient::new(channel))
 }
 
 fn load_req(name: &str, adapter: &str) -> pb::LoadAdapterRequest {
-    let dir = fixtures()
-        .join("adapters/tiny-llama")
-        .join(adapter)
-        .canonicalize()
-        .expect("fixture adapter");
+    let dir = fixtures().join("adapters/tiny-llama").join(adapter).canonicalize().expect("fixture adapter");
     pb::LoadAdapterRequest {
         name: name.into(),
-        source: Some(pb::AdapterSource {
-            uri: format!("file://{}", dir.display()),
-        }),
+        source: Some(pb::AdapterSource { uri: format!("file://{}", dir.display()) }),
     }
 }
 
 fn greedy(ids: &[u32], adapter: &str, max_tokens: u32) -> pb::GenerateRequest {
     pb::GenerateRequest {
         adapter: adapter.into(),
-        input: Some(pb::generate_request::Input::TokenIds(pb::TokenIds {
-            ids: ids.to_vec(),
-        })),
+        input: Some(pb::generate_request::Input::TokenIds(pb::TokenIds { ids: ids.to_vec() })),
         max_tokens,
         ignore_eos: true,
         ..Default::default()
@@ -138,120 +115,51 @@ async fn streams_generations_with_and_without_an_adapter_and_reports_health() {
     let (mut client, mut health) = connect(&backend).await;
 
     for service in ["", "switchyard.backend.v1.Backend"] {
-        let status = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .expect("health answers")
-            .into_inner();
-        assert_eq!(
-            status.status(),
-            ServingStatus::Serving,
-            "service {service:?}"
-        );
+        let status =
+            health.check(HealthCheckRequest { service: service.into() }).await.expect("health answers").into_inner();
+        assert_eq!(status.status(), ServingStatus::Serving, "service {service:?}");
     }
-    let info = client
-        .info(pb::InfoRequest {})
-        .await
-        .expect("info")
-        .into_inner();
-    assert_eq!(
-        (info.model.as_str(), info.architecture.as_str()),
-        ("tiny-llama", "LlamaForCausalLM")
-    );
-    assert_eq!(
-        (
-            info.max_loras,
-            info.max_lora_rank,
-            info.loaded_loras,
-            info.max_model_len
-        ),
-        (2, 16, 0, 128)
-    );
+    let info = client.info(pb::InfoRequest {}).await.expect("info").into_inner();
+    assert_eq!((info.model.as_str(), info.architecture.as_str()), ("tiny-llama", "LlamaForCausalLM"));
+    assert_eq!((info.max_loras, info.max_lora_rank, info.loaded_loras, info.max_model_len), (2, 16, 0, 128));
 
     // Base model: the reference's greedy tokens, streamed one message per token.
     let base = case("tiny-llama.base.1");
-    let (ids, text, messages, last) = collect(&mut client, greedy(&base.prompt_ids, "", 8))
-        .await
-        .expect("generates");
+    let (ids, text, messages, last) = collect(&mut client, greedy(&base.prompt_ids, "", 8)).await.expect("generates");
     assert_eq!(ids, base.greedy_ids);
     assert_eq!(messages, 8, "one message per generated token");
     assert_eq!(last.finish_reason(), pb::FinishReason::Length);
-    assert_eq!(
-        last.usage,
-        Some(pb::Usage {
-            prompt_tokens: base.prompt_ids.len() as u32,
-            completion_tokens: 8
-        })
-    );
+    assert_eq!(last.usage, Some(pb::Usage { prompt_tokens: base.prompt_ids.len() as u32, completion_tokens: 8 }));
     assert!(!text.is_empty());
 
     // The same prompt as text is tokenized by the server to the same ids.
     let mut by_text = greedy(&[], "", 8);
     by_text.input = Some(pb::generate_request::Input::Prompt(base.prompt.clone()));
-    let (ids_from_text, text_from_text, _, _) =
-        collect(&mut client, by_text).await.expect("generates");
-    assert_eq!(
-        (ids_from_text, text_from_text),
-        (base.greedy_ids.clone(), text)
-    );
+    let (ids_from_text, text_from_text, _, _) = collect(&mut client, by_text).await.expect("generates");
+    assert_eq!((ids_from_text, text_from_text), (base.greedy_ids.clone(), text));
 
     // Load an adapter; loading it again from the same source changes nothing.
-    let loaded = client
-        .load_adapter(load_req("support-v1", "r8-qv"))
-        .await
-        .expect("loads")
-        .into_inner();
+    let loaded = client.load_adapter(load_req("support-v1", "r8-qv")).await.expect("loads").into_inner();
     let info_a = loaded.adapter.expect("adapter info");
     assert_eq!((info_a.rank, loaded.already_loaded), (8, false));
     assert_eq!(info_a.target_modules, vec!["q_proj", "v_proj"]);
-    let again = client
-        .load_adapter(load_req("support-v1", "r8-qv"))
-        .await
-        .expect("idempotent")
-        .into_inner();
+    let again = client.load_adapter(load_req("support-v1", "r8-qv")).await.expect("idempotent").into_inner();
     assert!(again.already_loaded);
     // The same name from another source is refused rather than silently replaced.
-    let conflict = client
-        .load_adapter(load_req("support-v1", "r2-k-down"))
-        .await
-        .expect_err("conflict");
+    let conflict = client.load_adapter(load_req("support-v1", "r2-k-down")).await.expect_err("conflict");
     assert_eq!(conflict.code(), Code::AlreadyExists, "{conflict:?}");
 
     let with = case("tiny-llama.r8-qv.1");
-    let (ids, _, _, _) = collect(&mut client, greedy(&with.prompt_ids, "support-v1", 8))
-        .await
-        .expect("generates");
-    assert_eq!(
-        ids, with.greedy_ids,
-        "the adapter changes the output exactly as PEFT does"
-    );
+    let (ids, _, _, _) = collect(&mut client, greedy(&with.prompt_ids, "support-v1", 8)).await.expect("generates");
+    assert_eq!(ids, with.greedy_ids, "the adapter changes the output exactly as PEFT does");
     assert_ne!(ids, base.greedy_ids);
 
-    let listed = client
-        .list_adapters(pb::ListAdaptersRequest {})
-        .await
-        .expect("lists")
-        .into_inner();
+    let listed = client.list_adapters(pb::ListAdaptersRequest {}).await.expect("lists").into_inner();
     assert_eq!(listed.adapters.len(), 1);
-    assert_eq!(
-        (
-            listed.adapters[0].name.as_str(),
-            listed.adapters[0].active_requests
-        ),
-        ("support-v1", 0)
-    );
+    assert_eq!((listed.adapters[0].name.as_str(), listed.adapters[0].active_requests), ("support-v1", 0));
 
-    client
-        .unload_adapter(pb::UnloadAdapterRequest {
-            name: "support-v1".into(),
-        })
-        .await
-        .expect("unloads");
-    let gone = collect(&mut client, greedy(&with.prompt_ids, "support-v1", 8))
-        .await
-        .expect_err("not resident");
+    client.unload_adapter(pb::UnloadAdapterRequest { name: "support-v1".into() }).await.expect("unloads");
+    let gone = collect(&mut client, greedy(&with.prompt_ids, "support-v1", 8)).await.expect_err("not resident");
     assert_eq!(gone.code(), Code::NotFound);
     assert!(gone.message().contains("support-v1"), "{}", gone.message());
 }
@@ -265,110 +173,49 @@ async fn bad_requests_get_precise_codes_and_the_server_keeps_serving() {
     let expect_code = |r: Result<_, tonic::Status>, code: Code, needle: &str| {
         let e = r.expect_err("refused");
         assert_eq!(e.code(), code, "{e:?}");
-        assert!(
-            e.message().contains(needle),
-            "message {:?} should mention {needle:?}",
-            e.message()
-        );
+        assert!(e.message().contains(needle), "message {:?} should mention {needle:?}", e.message());
     };
     expect_code(
-        collect(&mut client, greedy(&base.prompt_ids, "nobody", 4))
-            .await
-            .map(|_| ()),
+        collect(&mut client, greedy(&base.prompt_ids, "nobody", 4)).await.map(|_| ()),
         Code::NotFound,
         "nobody",
     );
+    expect_code(collect(&mut client, greedy(&[5; 200], "", 4)).await.map(|_| ()), Code::InvalidArgument, "200 tokens");
     expect_code(
-        collect(&mut client, greedy(&[5; 200], "", 4))
-            .await
-            .map(|_| ()),
-        Code::InvalidArgument,
-        "200 tokens",
-    );
-    expect_code(
-        collect(&mut client, greedy(&base.prompt_ids, "", 500))
-            .await
-            .map(|_| ()),
+        collect(&mut client, greedy(&base.prompt_ids, "", 500)).await.map(|_| ()),
         Code::InvalidArgument,
         "maximum context length is 128",
     );
-    expect_code(
-        collect(&mut client, greedy(&[1, 99_999], "", 4))
-            .await
-            .map(|_| ()),
-        Code::InvalidArgument,
-        "99999",
-    );
+    expect_code(collect(&mut client, greedy(&[1, 99_999], "", 4)).await.map(|_| ()), Code::InvalidArgument, "99999");
     let mut hot = greedy(&base.prompt_ids, "", 4);
-    hot.sampling = Some(pb::SamplingParams {
-        temperature: -1.0,
-        ..Default::default()
-    });
-    expect_code(
-        collect(&mut client, hot).await.map(|_| ()),
-        Code::InvalidArgument,
-        "temperature",
-    );
+    hot.sampling = Some(pb::SamplingParams { temperature: -1.0, ..Default::default() });
+    expect_code(collect(&mut client, hot).await.map(|_| ()), Code::InvalidArgument, "temperature");
     let mut empty = greedy(&[], "", 4);
     empty.input = None;
-    expect_code(
-        collect(&mut client, empty).await.map(|_| ()),
-        Code::InvalidArgument,
-        "prompt",
-    );
+    expect_code(collect(&mut client, empty).await.map(|_| ()), Code::InvalidArgument, "prompt");
 
     expect_code(
-        client
-            .load_adapter(load_req("big", "r32-mlp-regex"))
-            .await
-            .map(|_| ()),
+        client.load_adapter(load_req("big", "r32-mlp-regex")).await.map(|_| ()),
         Code::InvalidArgument,
         "--max-lora-rank 16",
     );
     let mut missing = load_req("x", "r8-qv");
-    missing.source = Some(pb::AdapterSource {
-        uri: "file:///definitely/not/here".into(),
-    });
-    expect_code(
-        client.load_adapter(missing).await.map(|_| ()),
-        Code::NotFound,
-        "/definitely/not/here",
-    );
+    missing.source = Some(pb::AdapterSource { uri: "file:///definitely/not/here".into() });
+    expect_code(client.load_adapter(missing).await.map(|_| ()), Code::NotFound, "/definitely/not/here");
     let mut s3 = load_req("x", "r8-qv");
-    s3.source = Some(pb::AdapterSource {
-        uri: "s3://bucket/adapter".into(),
-    });
+    s3.source = Some(pb::AdapterSource { uri: "s3://bucket/adapter".into() });
+    expect_code(client.load_adapter(s3).await.map(|_| ()), Code::InvalidArgument, "s3://bucket/adapter");
+    expect_code(client.load_adapter(load_req("", "r8-qv")).await.map(|_| ()), Code::InvalidArgument, "name");
     expect_code(
-        client.load_adapter(s3).await.map(|_| ()),
-        Code::InvalidArgument,
-        "s3://bucket/adapter",
-    );
-    expect_code(
-        client.load_adapter(load_req("", "r8-qv")).await.map(|_| ()),
-        Code::InvalidArgument,
-        "name",
-    );
-    expect_code(
-        client
-            .unload_adapter(pb::UnloadAdapterRequest {
-                name: "ghost".into(),
-            })
-            .await
-            .map(|_| ()),
+        client.unload_adapter(pb::UnloadAdapterRequest { name: "ghost".into() }).await.map(|_| ()),
         Code::NotFound,
         "ghost",
     );
 
     // Nothing half-loaded is left behind, and the server still serves.
-    let listed = client
-        .list_adapters(pb::ListAdaptersRequest {})
-        .await
-        .expect("lists")
-        .into_inner();
+    let listed = client.list_adapters(pb::ListAdaptersRequest {}).await.expect("lists").into_inner();
     assert!(listed.adapters.is_empty(), "{listed:?}");
-    let (ids, _, _, _) = collect(&mut client, greedy(&base.prompt_ids, "", 8))
-        .await
-        .expect("still serves");
+    let (ids, _, _, _) = collect(&mut client, greedy(&base.prompt_ids, "", 8)).await.expect("still serves");
     assert_eq!(ids, base.greedy_ids);
 }
 
@@ -376,25 +223,13 @@ async fn bad_requests_get_precise_codes_and_the_server_keeps_serving() {
 async fn idle_adapters_are_evicted_least_recently_used_first() {
     let backend = start_backend(&["--max-loras", "2"]);
     let (mut client, _) = connect(&backend).await;
-    client
-        .load_adapter(load_req("a", "r8-qv"))
-        .await
-        .expect("a");
-    client
-        .load_adapter(load_req("b", "r2-k-down"))
-        .await
-        .expect("b");
+    client.load_adapter(load_req("a", "r8-qv")).await.expect("a");
+    client.load_adapter(load_req("b", "r2-k-down")).await.expect("b");
     // Use "a" so "b" becomes the least recently used.
     let c = case("tiny-llama.r8-qv.0");
-    let (ids, _, _, _) = collect(&mut client, greedy(&c.prompt_ids, "a", 8))
-        .await
-        .expect("generates");
+    let (ids, _, _, _) = collect(&mut client, greedy(&c.prompt_ids, "a", 8)).await.expect("generates");
     assert_eq!(ids, c.greedy_ids);
-    let loaded = client
-        .load_adapter(load_req("c", "r4-patterns"))
-        .await
-        .expect("c evicts b")
-        .into_inner();
+    let loaded = client.load_adapter(load_req("c", "r4-patterns")).await.expect("c evicts b").into_inner();
     let mut names: Vec<String> = client
         .list_adapters(pb::ListAdaptersRequest {})
         .await
@@ -408,25 +243,14 @@ async fn idle_adapters_are_evicted_least_recently_used_first() {
     assert_eq!(names, vec!["a", "c"]);
     assert!(loaded.adapter.is_some());
     let c = case("tiny-llama.r4-patterns.2");
-    let (ids, _, _, _) = collect(&mut client, greedy(&c.prompt_ids, "c", 8))
-        .await
-        .expect("generates");
-    assert_eq!(
-        ids, c.greedy_ids,
-        "the new adapter's weights replaced the evicted one's"
-    );
+    let (ids, _, _, _) = collect(&mut client, greedy(&c.prompt_ids, "c", 8)).await.expect("generates");
+    assert_eq!(ids, c.greedy_ids, "the new adapter's weights replaced the evicted one's");
 }
 
 #[test]
 fn a_bad_model_directory_fails_before_binding_with_one_clear_line() {
     let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "backend",
-            "--model",
-            "/no/such/model",
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        .args(["backend", "--model", "/no/such/model", "--listen", "127.0.0.1:0"])
         .env("RUST_LOG", "off")
         .output()
         .expect("runs");

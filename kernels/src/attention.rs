@@ -99,41 +99,39 @@ pub fn paged_attention(
             work.push((seq.q_start + i, seq.context_len - seq.q_len + i, seq));
         }
     }
-    out.par_chunks_mut(n_heads * hd)
-        .zip(work.par_iter())
-        .for_each_init(
-            Vec::new,
-            |scores: &mut Vec<f32>, (out_row, &(row, pos, seq))| {
-                let first = sliding_window.map_or(0, |win| (pos + 1).saturating_sub(win));
-                for (h, o) in out_row.chunks_exact_mut(hd).enumerate() {
-                    let qh = &q[row * q_stride + h * hd..row * q_stride + (h + 1) * hd];
-                    let kv_col = (h / group) * hd;
-                    scores.clear();
-                    let mut max = f32::NEG_INFINITY;
-                    for p in first..=pos {
-                        let slot = slot_of(seq.blocks, layout.block_size, p);
-                        let k = &k_cache[slot * w + kv_col..slot * w + kv_col + hd];
-                        let s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        max = max.max(s);
-                        scores.push(s);
-                    }
-                    let mut denom = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        denom += *s;
-                    }
-                    o.fill(0.0);
-                    for (p, s) in (first..=pos).zip(scores.iter()) {
-                        let slot = slot_of(seq.blocks, layout.block_size, p);
-                        let v = &v_cache[slot * w + kv_col..slot * w + kv_col + hd];
-                        let weight = s / denom;
-                        for (o, v) in o.iter_mut().zip(v) {
-                            *o += weight * v;
-                        }
+    out.par_chunks_mut(n_heads * hd).zip(work.par_iter()).for_each_init(
+        Vec::new,
+        |scores: &mut Vec<f32>, (out_row, &(row, pos, seq))| {
+            let first = sliding_window.map_or(0, |win| (pos + 1).saturating_sub(win));
+            for (h, o) in out_row.chunks_exact_mut(hd).enumerate() {
+                let qh = &q[row * q_stride + h * hd..row * q_stride + (h + 1) * hd];
+                let kv_col = (h / group) * hd;
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for p in first..=pos {
+                    let slot = slot_of(seq.blocks, layout.block_size, p);
+                    let k = &k_cache[slot * w + kv_col..slot * w + kv_col + hd];
+                    let s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    max = max.max(s);
+                    scores.push(s);
+                }
+                let mut denom = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    denom += *s;
+                }
+                o.fill(0.0);
+                for (p, s) in (first..=pos).zip(scores.iter()) {
+                    let slot = slot_of(seq.blocks, layout.block_size, p);
+                    let v = &v_cache[slot * w + kv_col..slot * w + kv_col + hd];
+                    let weight = s / denom;
+                    for (o, v) in o.iter_mut().zip(v) {
+                        *o += weight * v;
                     }
                 }
-            },
-        );
+            }
+        },
+    );
 }
 
 #[cfg(test)]
@@ -143,16 +141,7 @@ mod tests {
 
     /// Dense causal attention over contiguous K/V, in f64: the definition.
     #[allow(clippy::too_many_arguments)]
-    fn dense(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        n: usize,
-        heads: usize,
-        kvh: usize,
-        hd: usize,
-        scale: f64,
-    ) -> Vec<f64> {
+    fn dense(q: &[f32], k: &[f32], v: &[f32], n: usize, heads: usize, kvh: usize, hd: usize, scale: f64) -> Vec<f64> {
         let mut out = vec![0f64; n * heads * hd];
         for t in 0..n {
             for h in 0..heads {
@@ -160,10 +149,7 @@ mod tests {
                 let s: Vec<f64> = (0..=t)
                     .map(|p| {
                         (0..hd)
-                            .map(|d| {
-                                q[(t * heads + h) * hd + d] as f64
-                                    * k[(p * kvh + kh) * hd + d] as f64
-                            })
+                            .map(|d| q[(t * heads + h) * hd + d] as f64 * k[(p * kvh + kh) * hd + d] as f64)
                             .sum::<f64>()
                             * scale
                     })
@@ -172,9 +158,7 @@ mod tests {
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for d in 0..hd {
-                    out[(t * heads + h) * hd + d] = (0..=t)
-                        .map(|p| e[p] / z * v[(p * kvh + kh) * hd + d] as f64)
-                        .sum();
+                    out[(t * heads + h) * hd + d] = (0..=t).map(|p| e[p] / z * v[(p * kvh + kh) * hd + d] as f64).sum();
                 }
             }
         }
@@ -184,19 +168,11 @@ mod tests {
     #[test]
     fn paged_attention_matches_dense_causal_attention_with_scattered_blocks() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let layout = KvLayout {
-            block_size: 4,
-            kv_heads: 2,
-            head_dim: 8,
-        };
+        let layout = KvLayout { block_size: 4, kv_heads: 2, head_dim: 8 };
         let (heads, n) = (4, 11);
         let w = layout.slot_width();
-        let q: Vec<f32> = (0..n * heads * 8)
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
-        let kv: Vec<f32> = (0..n * 2 * w)
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
+        let q: Vec<f32> = (0..n * heads * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let kv: Vec<f32> = (0..n * 2 * w).map(|_| rng.random_range(-1.0..1.0)).collect();
         // Row t of `kv` is [k_t | v_t], as a fused projection would lay it out.
         let k: Vec<f32> = kv.chunks(2 * w).flat_map(|r| r[..w].to_vec()).collect();
         let v: Vec<f32> = kv.chunks(2 * w).flat_map(|r| r[w..].to_vec()).collect();
@@ -209,68 +185,27 @@ mod tests {
         let scale = 1.0 / (8f32).sqrt();
         let want = dense(&q, &k, &v, n, heads, 2, 8, scale as f64);
         let mut out = vec![f32::NAN; n * heads * 8];
-        let seq = AttentionSeq {
-            q_start: 0,
-            q_len: n,
-            context_len: n,
-            blocks: &blocks,
-        };
-        paged_attention(
-            layout,
-            &q,
-            heads * 8,
-            heads,
-            &[seq],
-            &kc,
-            &vc,
-            scale,
-            None,
-            &mut out,
-        );
+        let seq = AttentionSeq { q_start: 0, q_len: n, context_len: n, blocks: &blocks };
+        paged_attention(layout, &q, heads * 8, heads, &[seq], &kc, &vc, scale, None, &mut out);
         for (a, b) in out.iter().zip(&want) {
             assert!((*a as f64 - b).abs() < 1e-5, "{a} vs {b}");
         }
         let tail = &q[(n - 3) * heads * 8..];
         let mut out_tail = vec![f32::NAN; 3 * heads * 8];
-        let seq = AttentionSeq {
-            q_start: 0,
-            q_len: 3,
-            context_len: n,
-            blocks: &blocks,
-        };
-        paged_attention(
-            layout,
-            tail,
-            heads * 8,
-            heads,
-            &[seq],
-            &kc,
-            &vc,
-            scale,
-            None,
-            &mut out_tail,
-        );
+        let seq = AttentionSeq { q_start: 0, q_len: 3, context_len: n, blocks: &blocks };
+        paged_attention(layout, tail, heads * 8, heads, &[seq], &kc, &vc, scale, None, &mut out_tail);
         assert_eq!(&out_tail[..], &out[(n - 3) * heads * 8..]);
     }
 
     #[test]
     fn sliding_window_limits_what_a_query_sees() {
-        let layout = KvLayout {
-            block_size: 2,
-            kv_heads: 1,
-            head_dim: 1,
-        };
+        let layout = KvLayout { block_size: 2, kv_heads: 1, head_dim: 1 };
         // Keys all equal, so attention averages the visible values.
         let blocks = [0u32, 1, 2];
         let kc = vec![1f32; 6];
         let vc: Vec<f32> = (0..6).map(|v| v as f32).collect();
         let q = vec![1f32; 5];
-        let seq = AttentionSeq {
-            q_start: 0,
-            q_len: 5,
-            context_len: 5,
-            blocks: &blocks,
-        };
+        let seq = AttentionSeq { q_start: 0, q_len: 5, context_len: 5, blocks: &blocks };
         let mut out = vec![0f32; 5];
         paged_attention(layout, &q, 1, 1, &[seq], &kc, &vc, 1.0, Some(2), &mut out);
         assert_eq!(out, vec![0.0, 0.5, 1.5, 2.5, 3.5]);

@@ -42,11 +42,7 @@ pub fn segments(row_slots: &[Option<u32>]) -> Vec<Segment> {
         let Some(slot) = *slot else { continue };
         match out.last_mut() {
             Some(seg) if seg.slot == slot && (seg.start + seg.len) as usize == row => seg.len += 1,
-            _ => out.push(Segment {
-                start: row as u32,
-                len: 1,
-                slot,
-            }),
+            _ => out.push(Segment { start: row as u32, len: 1, slot }),
         }
     }
     out
@@ -123,10 +119,9 @@ pub fn bgmv<'a>(
     y_stride: usize,
     y_offset: usize,
 ) {
-    y.par_chunks_mut(y_stride)
-        .zip(x.par_chunks(in_dim))
-        .zip(row_slots.par_iter())
-        .for_each_init(Vec::new, |v: &mut Vec<f32>, ((y, x), slot)| {
+    y.par_chunks_mut(y_stride).zip(x.par_chunks(in_dim)).zip(row_slots.par_iter()).for_each_init(
+        Vec::new,
+        |v: &mut Vec<f32>, ((y, x), slot)| {
             let Some(m) = slot.and_then(&mat) else { return };
             v.clear();
             v.extend(m.a.chunks_exact(in_dim).take(m.rank).map(|a| dot(a, x)));
@@ -134,7 +129,8 @@ pub fn bgmv<'a>(
             for (y, b) in y.iter_mut().zip(m.b.chunks_exact(m.rank)) {
                 *y += m.scale * dot(b, v);
             }
-        });
+        },
+    );
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -158,28 +154,16 @@ mod tests {
     }
 
     /// The definition, per row, in f64.
-    fn reference(
-        x: &[f32],
-        in_dim: usize,
-        rows: &[Option<u32>],
-        ads: &[Adapter],
-        out_dim: usize,
-    ) -> Vec<f64> {
+    fn reference(x: &[f32], in_dim: usize, rows: &[Option<u32>], ads: &[Adapter], out_dim: usize) -> Vec<f64> {
         let mut y = vec![0f64; rows.len() * out_dim];
         for (t, slot) in rows.iter().enumerate() {
             let Some(s) = slot else { continue };
             let ad = &ads[*s as usize];
             let v: Vec<f64> = (0..ad.rank)
-                .map(|r| {
-                    (0..in_dim)
-                        .map(|i| ad.a[r * in_dim + i] as f64 * x[t * in_dim + i] as f64)
-                        .sum()
-                })
+                .map(|r| (0..in_dim).map(|i| ad.a[r * in_dim + i] as f64 * x[t * in_dim + i] as f64).sum())
                 .collect();
             for o in 0..out_dim {
-                let dot: f64 = (0..ad.rank)
-                    .map(|r| ad.b[o * ad.rank + r] as f64 * v[r])
-                    .sum();
+                let dot: f64 = (0..ad.rank).map(|r| ad.b[o * ad.rank + r] as f64 * v[r]).sum();
                 y[t * out_dim + o] = ad.scale as f64 * dot;
             }
         }
@@ -192,21 +176,9 @@ mod tests {
         assert_eq!(
             segments(&rows),
             vec![
-                Segment {
-                    start: 0,
-                    len: 2,
-                    slot: 2
-                },
-                Segment {
-                    start: 3,
-                    len: 1,
-                    slot: 2
-                },
-                Segment {
-                    start: 4,
-                    len: 2,
-                    slot: 0
-                },
+                Segment { start: 0, len: 2, slot: 2 },
+                Segment { start: 3, len: 1, slot: 2 },
+                Segment { start: 4, len: 2, slot: 0 },
             ]
         );
         assert!(segments(&[None, None]).is_empty());
@@ -227,28 +199,12 @@ mod tests {
                 scale: 0.5 + i as f32,
             })
             .collect();
-        let rows = [
-            Some(0),
-            Some(0),
-            Some(0),
-            None,
-            Some(3),
-            Some(1),
-            Some(1),
-            None,
-            Some(2),
-            Some(3),
-        ];
+        let rows = [Some(0), Some(0), Some(0), None, Some(3), Some(1), Some(1), None, Some(2), Some(3)];
         let x = random(&mut rng, rows.len() * in_dim);
         let want = reference(&x, in_dim, &rows, &ads, out_dim);
         let mat = |s: u32| {
             let a = &ads[s as usize];
-            Some(LoraMat {
-                a: &a.a,
-                b: &a.b,
-                rank: a.rank,
-                scale: a.scale,
-            })
+            Some(LoraMat { a: &a.a, b: &a.b, rank: a.rank, scale: a.scale })
         };
         // Write into the middle column block of a wider output holding a base result of 1.0.
         let (stride, off) = (out_dim + 7, 3);
@@ -256,15 +212,9 @@ mod tests {
             for t in 0..rows.len() {
                 for o in 0..stride {
                     let got = y[t * stride + o] as f64;
-                    let expect = if (off..off + out_dim).contains(&o) {
-                        1.0 + want[t * out_dim + o - off]
-                    } else {
-                        1.0
-                    };
-                    assert!(
-                        (got - expect).abs() <= 1e-4 * (1.0 + expect.abs()),
-                        "row {t} col {o}: {got} vs {expect}"
-                    );
+                    let expect =
+                        if (off..off + out_dim).contains(&o) { 1.0 + want[t * out_dim + o - off] } else { 1.0 };
+                    assert!((got - expect).abs() <= 1e-4 * (1.0 + expect.abs()), "row {t} col {o}: {got} vs {expect}");
                 }
             }
         };
@@ -286,14 +236,7 @@ mod tests {
     fn a_slot_without_this_projection_leaves_rows_unchanged() {
         let rows = [Some(0), Some(1)];
         let (a, b) = (vec![1f32; 2 * 4], vec![1f32; 3 * 2]);
-        let mat = |s: u32| {
-            (s == 1).then_some(LoraMat {
-                a: &a,
-                b: &b,
-                rank: 2,
-                scale: 1.0,
-            })
-        };
+        let mat = |s: u32| (s == 1).then_some(LoraMat { a: &a, b: &b, rank: 2, scale: 1.0 });
         let x = vec![1f32; 2 * 4];
         let mut y = vec![0f32; 2 * 3];
         let segs = segments(&rows);

@@ -23,31 +23,12 @@ fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
 /// # Panics
 /// When a slice is shorter than the shapes require (a caller bug, never input-dependent).
 #[allow(clippy::too_many_arguments)]
-pub fn linear(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[f32],
-    n: usize,
-    y: &mut [f32],
-    y_stride: usize,
-    accumulate: bool,
-) {
+pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32], y_stride: usize, accumulate: bool) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        x.len() >= m * k,
-        "linear: x has {} values, needs {}",
-        x.len(),
-        m * k
-    );
-    assert!(
-        w.len() >= n * k,
-        "linear: w has {} values, needs {}",
-        w.len(),
-        n * k
-    );
+    assert!(x.len() >= m * k, "linear: x has {} values, needs {}", x.len(), m * k);
+    assert!(w.len() >= n * k, "linear: w has {} values, needs {}", w.len(), n * k);
     assert!(y_stride >= n, "linear: y stride {y_stride} < n {n}");
     assert!(y.len() >= (m - 1) * y_stride + n, "linear: y too short");
     if k == 0 {
@@ -103,15 +84,9 @@ pub fn linear_strided(
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    assert!(
-        x_stride >= k && x.len() >= (m - 1) * x_stride + k,
-        "linear_strided: x too short"
-    );
+    assert!(x_stride >= k && x.len() >= (m - 1) * x_stride + k, "linear_strided: x too short");
     assert!(w.len() >= n * k, "linear_strided: w too short");
-    assert!(
-        y_stride >= n && y.len() >= (m - 1) * y_stride + n,
-        "linear_strided: y too short"
-    );
+    assert!(y_stride >= n && y.len() >= (m - 1) * y_stride + n, "linear_strided: y too short");
     // SAFETY: as in `linear`, with lhs (i, p) at i*x_stride + p <= (m-1)*x_stride + k - 1.
     unsafe {
         gemm::gemm(
@@ -147,9 +122,7 @@ mod tests {
         let mut y = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
-                y[i * n + j] = (0..k)
-                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
-                    .sum();
+                y[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
             }
         }
         y
@@ -158,23 +131,14 @@ mod tests {
     #[test]
     fn linear_matches_naive_product_for_awkward_shapes() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        for &(m, k, n) in &[
-            (1, 1, 1),
-            (1, 64, 96),
-            (7, 33, 5),
-            (64, 128, 300),
-            (3, 576, 1536),
-        ] {
+        for &(m, k, n) in &[(1, 1, 1), (1, 64, 96), (7, 33, 5), (64, 128, 300), (3, 576, 1536)] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let want = naive(&x, m, k, &w, n);
             let mut y = vec![f32::NAN; m * n];
             linear(&x, m, k, &w, n, &mut y, n, false);
             for (a, b) in y.iter().zip(&want) {
-                assert!(
-                    (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                    "{m}x{k}x{n}: {a} vs {b}"
-                );
+                assert!((*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()), "{m}x{k}x{n}: {a} vs {b}");
             }
             // Accumulating adds the product to what is there.
             linear(&x, m, k, &w, n, &mut y, n, true);

@@ -20,44 +20,39 @@ pub fn embedding(table: &[f32], hidden: usize, ids: &[u32], out: &mut [f32]) {
 /// (the mean accumulates in f64 for a reference-grade result).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let hidden = weight.len();
-    out.par_chunks_mut(hidden * ROWS_PER_TASK)
-        .zip(x.par_chunks(hidden * ROWS_PER_TASK))
-        .for_each(|(out, x)| {
-            for (o, x) in out.chunks_exact_mut(hidden).zip(x.chunks_exact(hidden)) {
-                let mean_sq =
-                    x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / hidden as f64;
-                let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
-                for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
-                    *o = (x * inv) * w;
-                }
+    out.par_chunks_mut(hidden * ROWS_PER_TASK).zip(x.par_chunks(hidden * ROWS_PER_TASK)).for_each(|(out, x)| {
+        for (o, x) in out.chunks_exact_mut(hidden).zip(x.chunks_exact(hidden)) {
+            let mean_sq = x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / hidden as f64;
+            let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
+            for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
+                *o = (x * inv) * w;
             }
-        });
+        }
+    });
 }
 
 /// `x += y`, the residual connection.
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
-    x.par_chunks_mut(1 << 14)
-        .zip(y.par_chunks(1 << 14))
-        .for_each(|(x, y)| {
-            for (x, y) in x.iter_mut().zip(y) {
-                *x += y;
-            }
-        });
+    x.par_chunks_mut(1 << 14).zip(y.par_chunks(1 << 14)).for_each(|(x, y)| {
+        for (x, y) in x.iter_mut().zip(y) {
+            *x += y;
+        }
+    });
 }
 
 /// SwiGLU: for each row of a fused `[gate | up]` matrix (`2·inter` wide), writes
 /// `silu(gate) · up` into `out` (`inter` wide).
 pub fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
-    out.par_chunks_mut(inter * ROWS_PER_TASK)
-        .zip(gate_up.par_chunks(2 * inter * ROWS_PER_TASK))
-        .for_each(|(out, gu)| {
+    out.par_chunks_mut(inter * ROWS_PER_TASK).zip(gate_up.par_chunks(2 * inter * ROWS_PER_TASK)).for_each(
+        |(out, gu)| {
             for (o, gu) in out.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
                 let (gate, up) = gu.split_at(inter);
                 for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
                     *o = g / (1.0 + (-g).exp()) * u;
                 }
             }
-        });
+        },
+    );
 }
 
 /// Rotary position embedding in the "rotate half" layout Hugging Face Llama uses: for each head,
@@ -80,21 +75,19 @@ pub fn rope(
 ) {
     let half = head_dim / 2;
     debug_assert_eq!(inv_freq.len(), half);
-    x.par_chunks_mut(row_stride)
-        .zip(positions.par_iter())
-        .for_each(|(row, &pos)| {
-            let heads = &mut row[col_offset..col_offset + n_heads * head_dim];
-            for (i, &f) in inv_freq.iter().enumerate() {
-                let angle = pos as f32 * f;
-                let (sin, cos) = angle.sin_cos();
-                let (sin, cos) = (sin * attention_scaling, cos * attention_scaling);
-                for head in heads.chunks_exact_mut(head_dim) {
-                    let (a, b) = (head[i], head[i + half]);
-                    head[i] = a * cos - b * sin;
-                    head[i + half] = b * cos + a * sin;
-                }
+    x.par_chunks_mut(row_stride).zip(positions.par_iter()).for_each(|(row, &pos)| {
+        let heads = &mut row[col_offset..col_offset + n_heads * head_dim];
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let angle = pos as f32 * f;
+            let (sin, cos) = angle.sin_cos();
+            let (sin, cos) = (sin * attention_scaling, cos * attention_scaling);
+            for head in heads.chunks_exact_mut(head_dim) {
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos - b * sin;
+                head[i + half] = b * cos + a * sin;
             }
-        });
+        }
+    });
 }
 
 #[cfg(test)]
@@ -128,9 +121,7 @@ mod tests {
     fn rope_rotates_pairs_and_preserves_norm() {
         let head_dim = 4;
         let inv_freq = [1.0f32, 0.01];
-        let mut x = vec![
-            1.0f32, 0.0, 0.0, 1.0, /* second token */ 1.0, 0.0, 0.0, 1.0,
-        ];
+        let mut x = vec![1.0f32, 0.0, 0.0, 1.0, /* second token */ 1.0, 0.0, 0.0, 1.0];
         rope(&mut x, 4, 0, 1, head_dim, &[0, 1], &inv_freq, 1.0);
         // Position 0 leaves the vector unchanged.
         assert_eq!(&x[..4], &[1.0, 0.0, 0.0, 1.0]);

@@ -37,13 +37,7 @@ pub struct AdapterWeights {
 impl AdapterWeights {
     /// Bytes of f32 weights.
     pub fn size_bytes(&self) -> u64 {
-        let values: usize = self
-            .layers
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|m| m.a.len() + m.b.len())
-            .sum();
+        let values: usize = self.layers.iter().flatten().flatten().map(|m| m.a.len() + m.b.len()).sum();
         values as u64 * 4
     }
 }
@@ -54,32 +48,18 @@ impl AdapterWeights {
     pub fn synthetic(model: &ModelConfig, rank: usize, seed: u64) -> AdapterWeights {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut random = |n: usize, bound: f32| {
-            (0..n)
-                .map(|_| rng.random_range(-bound..bound))
-                .collect::<Vec<f32>>()
-        };
+        let mut random = |n: usize, bound: f32| (0..n).map(|_| rng.random_range(-bound..bound)).collect::<Vec<f32>>();
         let layers = (0..model.num_layers)
             .map(|_| {
                 Module::ALL.map(|m| {
                     let (i, o) = model.module_shape(m);
                     let a = random(rank * i, (1.0 / i as f32).sqrt());
                     let b = random(o * rank, 0.01);
-                    Some(LoraModule {
-                        a,
-                        b,
-                        rank,
-                        scale: 2.0,
-                    })
+                    Some(LoraModule { a, b, rank, scale: 2.0 })
                 })
             })
             .collect();
-        AdapterWeights {
-            layers,
-            max_rank: rank,
-            targets: Module::ALL.into_iter().collect(),
-            base_model: None,
-        }
+        AdapterWeights { layers, max_rank: rank, targets: Module::ALL.into_iter().collect(), base_model: None }
     }
 }
 
@@ -107,28 +87,14 @@ struct PeftConfig {
 
 /// PEFT's rule for `rank_pattern`/`alpha_pattern`: the first key `k` (in file order) such that
 /// the module path matches `(.*\.)?(k)$` wins.
-fn pattern_value(
-    path: &Path,
-    pattern: &Map<String, Value>,
-    module_key: &str,
-) -> Result<Option<f64>, AdapterError> {
+fn pattern_value(path: &Path, pattern: &Map<String, Value>, module_key: &str) -> Result<Option<f64>, AdapterError> {
     for (key, value) in pattern {
-        let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
-            AdapterError::invalid(
-                path,
-                format!("pattern key {key:?} is not a valid regex: {e}"),
-            )
-        })?;
+        let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+            .map_err(|e| AdapterError::invalid(path, format!("pattern key {key:?} is not a valid regex: {e}")))?;
         if re.is_match(module_key) {
-            let v = value
-                .as_f64()
-                .filter(|v| v.is_finite() && *v > 0.0)
-                .ok_or_else(|| {
-                    AdapterError::invalid(
-                        path,
-                        format!("pattern {key:?} has non-positive value {value}"),
-                    )
-                })?;
+            let v = value.as_f64().filter(|v| v.is_finite() && *v > 0.0).ok_or_else(|| {
+                AdapterError::invalid(path, format!("pattern {key:?} has non-positive value {value}"))
+            })?;
             return Ok(Some(v));
         }
     }
@@ -151,24 +117,15 @@ fn parse_key(key: &str) -> Option<(usize, &str, &str, char)> {
 
 /// Reads a PEFT adapter directory and checks it against `model`: config fields, every tensor's
 /// name, dtype, shape and values, and ranks against `max_rank`.
-pub fn load_peft_dir(
-    dir: &Path,
-    model: &ModelConfig,
-    max_rank: usize,
-) -> Result<AdapterWeights, AdapterError> {
+pub fn load_peft_dir(dir: &Path, model: &ModelConfig, max_rank: usize) -> Result<AdapterWeights, AdapterError> {
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(AdapterError::invalid(dir, "not a directory")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(AdapterError::NotFound {
-                path: dir.to_path_buf(),
-            });
+            return Err(AdapterError::NotFound { path: dir.to_path_buf() });
         }
         Err(source) => {
-            return Err(AdapterError::Io {
-                path: dir.to_path_buf(),
-                source,
-            });
+            return Err(AdapterError::Io { path: dir.to_path_buf(), source });
         }
     }
     let config_path = dir.join("adapter_config.json");
@@ -178,20 +135,12 @@ pub fn load_peft_dir(
             return Err(AdapterError::invalid(dir, "no adapter_config.json"));
         }
         Err(source) => {
-            return Err(AdapterError::Io {
-                path: config_path,
-                source,
-            });
+            return Err(AdapterError::Io { path: config_path, source });
         }
     };
     let cfg: PeftConfig = serde_json::from_str(&text)
         .map_err(|e| AdapterError::invalid(&config_path, format!("adapter_config.json: {e}")))?;
-    let unsupported = |what: &str| {
-        Err(AdapterError::invalid(
-            &config_path,
-            format!("{what} is not supported"),
-        ))
-    };
+    let unsupported = |what: &str| Err(AdapterError::invalid(&config_path, format!("{what} is not supported")));
     match cfg.peft_type.as_deref() {
         Some("LORA") | None => {}
         Some(other) => return unsupported(&format!("peft_type {other:?} (only LORA)")),
@@ -205,18 +154,11 @@ pub fn load_peft_dir(
     if cfg.lora_bias || cfg.bias.as_deref().is_some_and(|b| b != "none") {
         return unsupported("training biases (bias != \"none\")");
     }
-    if cfg
-        .modules_to_save
-        .as_ref()
-        .is_some_and(|m| !m.is_null() && m.as_array().is_none_or(|a| !a.is_empty()))
-    {
+    if cfg.modules_to_save.as_ref().is_some_and(|m| !m.is_null() && m.as_array().is_none_or(|a| !a.is_empty())) {
         return unsupported("modules_to_save");
     }
     if cfg.r == 0 || !(cfg.lora_alpha.is_finite() && cfg.lora_alpha > 0.0) {
-        return Err(AdapterError::invalid(
-            &config_path,
-            "r and lora_alpha must be positive",
-        ));
+        return Err(AdapterError::invalid(&config_path, "r and lora_alpha must be positive"));
     }
 
     let weights_path = dir.join("adapter_model.safetensors");
@@ -228,10 +170,8 @@ pub fn load_peft_dir(
         };
         return Err(AdapterError::invalid(dir, reason));
     }
-    let bytes = std::fs::read(&weights_path).map_err(|source| AdapterError::Io {
-        path: weights_path.clone(),
-        source,
-    })?;
+    let bytes =
+        std::fs::read(&weights_path).map_err(|source| AdapterError::Io { path: weights_path.clone(), source })?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| AdapterError::invalid(&weights_path, format!("invalid safetensors: {e}")))?;
 
@@ -245,54 +185,44 @@ pub fn load_peft_dir(
                 format!("tensor {key} is not a LoRA A/B matrix of a decoder layer projection"),
             ));
         };
-        let module = Module::from_name(module_name)
-            .filter(|m| m.block() == block)
-            .ok_or_else(|| AdapterError::invalid(&weights_path, format!("tensor {key} targets {block}.{module_name}, which a {} layer does not have", model.architecture)))?;
+        let module = Module::from_name(module_name).filter(|m| m.block() == block).ok_or_else(|| {
+            AdapterError::invalid(
+                &weights_path,
+                format!(
+                    "tensor {key} targets {block}.{module_name}, which a {} layer does not have",
+                    model.architecture
+                ),
+            )
+        })?;
         if layer >= model.num_layers {
             return Err(AdapterError::invalid(
                 &weights_path,
-                format!(
-                    "tensor {key} is for layer {layer}, but the model has {} layers",
-                    model.num_layers
-                ),
+                format!("tensor {key} is for layer {layer}, but the model has {} layers", model.num_layers),
             ));
         }
         let data = crate::model::weights_to_f32(view.dtype(), view.data()).ok_or_else(|| {
             AdapterError::invalid(
                 &weights_path,
-                format!(
-                    "tensor {key} has dtype {:?}; supported: F32, BF16, F16",
-                    view.dtype()
-                ),
+                format!("tensor {key} has dtype {:?}; supported: F32, BF16, F16", view.dtype()),
             )
         })?;
         if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
-            return Err(AdapterError::invalid(
-                &weights_path,
-                format!("tensor {key} contains {bad}"),
-            ));
+            return Err(AdapterError::invalid(&weights_path, format!("tensor {key} contains {bad}")));
         }
         let slot = &mut found.entry((layer, module)).or_default()[usize::from(which == 'B')];
         *slot = Some((view.shape().to_vec(), data));
     }
     if found.is_empty() {
-        return Err(AdapterError::invalid(
-            &weights_path,
-            "contains no LoRA tensors",
-        ));
+        return Err(AdapterError::invalid(&weights_path, "contains no LoRA tensors"));
     }
 
-    let mut layers: Vec<[Option<LoraModule>; 7]> =
-        (0..model.num_layers).map(|_| Default::default()).collect();
+    let mut layers: Vec<[Option<LoraModule>; 7]> = (0..model.num_layers).map(|_| Default::default()).collect();
     let mut targets = BTreeSet::new();
     let mut max_seen = 0;
     for ((layer, module), [a, b]) in found {
         let key = format!("model.layers.{layer}.{}.{}", module.block(), module.name());
         let (Some((a_shape, a)), Some((b_shape, b))) = (a, b) else {
-            return Err(AdapterError::invalid(
-                &weights_path,
-                format!("{key} needs both lora_A and lora_B"),
-            ));
+            return Err(AdapterError::invalid(&weights_path, format!("{key} needs both lora_A and lora_B")));
         };
         let (in_dim, out_dim) = model.module_shape(module);
         let rank = a_shape.first().copied().unwrap_or(0);
@@ -304,8 +234,7 @@ pub fn load_peft_dir(
                 ),
             ));
         }
-        let want_rank = pattern_value(&config_path, &cfg.rank_pattern, &key)?
-            .map_or(cfg.r as usize, |r| r as usize);
+        let want_rank = pattern_value(&config_path, &cfg.rank_pattern, &key)?.map_or(cfg.r as usize, |r| r as usize);
         if rank != want_rank {
             return Err(AdapterError::invalid(
                 &weights_path,
@@ -313,28 +242,13 @@ pub fn load_peft_dir(
             ));
         }
         if rank > max_rank {
-            return Err(AdapterError::RankTooLarge {
-                path: dir.to_path_buf(),
-                module: key,
-                rank,
-                max: max_rank,
-            });
+            return Err(AdapterError::RankTooLarge { path: dir.to_path_buf(), module: key, rank, max: max_rank });
         }
-        let alpha =
-            pattern_value(&config_path, &cfg.alpha_pattern, &key)?.unwrap_or(cfg.lora_alpha);
-        let scale = if cfg.use_rslora {
-            alpha / (rank as f64).sqrt()
-        } else {
-            alpha / rank as f64
-        } as f32;
+        let alpha = pattern_value(&config_path, &cfg.alpha_pattern, &key)?.unwrap_or(cfg.lora_alpha);
+        let scale = if cfg.use_rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 } as f32;
         layers[layer][module.index()] = Some(LoraModule { a, b, rank, scale });
         targets.insert(module);
         max_seen = max_seen.max(rank);
     }
-    Ok(AdapterWeights {
-        layers,
-        max_rank: max_seen,
-        targets,
-        base_model: cfg.base_model_name_or_path,
-    })
+    Ok(AdapterWeights { layers, max_rank: max_seen, targets, base_model: cfg.base_model_name_or_path })
 }

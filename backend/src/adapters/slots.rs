@@ -36,10 +36,7 @@ pub struct SlotTable {
 
 impl SlotTable {
     pub fn new(max: usize) -> SlotTable {
-        SlotTable {
-            slots: vec![None; max],
-            clock: 0,
-        }
+        SlotTable { slots: vec![None; max], clock: 0 }
     }
 
     pub fn capacity(&self) -> usize {
@@ -52,10 +49,7 @@ impl SlotTable {
 
     /// The slot holding `name`.
     pub fn find(&self, name: &str) -> Option<u32> {
-        self.slots
-            .iter()
-            .position(|s| s.as_ref().is_some_and(|r| r.name == name))
-            .map(|i| i as u32)
+        self.slots.iter().position(|s| s.as_ref().is_some_and(|r| r.name == name)).map(|i| i as u32)
     }
 
     pub fn get(&self, slot: u32) -> Option<&Resident> {
@@ -64,10 +58,7 @@ impl SlotTable {
 
     /// Resident adapters with their slots, in slot order.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &Resident)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.as_ref().map(|r| (i as u32, r)))
+        self.slots.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|r| (i as u32, r)))
     }
 
     fn tick(&mut self) -> u64 {
@@ -77,9 +68,7 @@ impl SlotTable {
 
     /// Marks one more request as using `name` and returns its slot.
     pub fn acquire(&mut self, name: &str) -> Result<u32, SlotError> {
-        let slot = self
-            .find(name)
-            .ok_or_else(|| SlotError::UnknownAdapter(name.to_string()))?;
+        let slot = self.find(name).ok_or_else(|| SlotError::UnknownAdapter(name.to_string()))?;
         let now = self.tick();
         if let Some(r) = self.slots[slot as usize].as_mut() {
             r.active += 1;
@@ -110,9 +99,7 @@ impl SlotTable {
             .filter_map(|(i, s)| s.as_ref().filter(|r| r.active == 0).map(|r| (i, r)))
             .min_by_key(|(_, r)| r.last_used)
             .map(|(i, r)| (i as u32, Some(r.name.clone())))
-            .ok_or(SlotError::Full {
-                max: self.slots.len(),
-            })
+            .ok_or(SlotError::Full { max: self.slots.len() })
     }
 
     /// Puts an adapter in `slot`, replacing whatever was there.
@@ -126,29 +113,16 @@ impl SlotTable {
         size_bytes: u64,
     ) {
         let last_used = self.tick();
-        self.slots[slot as usize] = Some(Resident {
-            name,
-            uri,
-            max_rank,
-            targets,
-            size_bytes,
-            active: 0,
-            last_used,
-        });
+        self.slots[slot as usize] = Some(Resident { name, uri, max_rank, targets, size_bytes, active: 0, last_used });
     }
 
     /// Removes an idle adapter and returns its slot.
     pub fn remove(&mut self, name: &str) -> Result<u32, SlotError> {
-        let slot = self
-            .find(name)
-            .ok_or_else(|| SlotError::UnknownAdapter(name.to_string()))?;
+        let slot = self.find(name).ok_or_else(|| SlotError::UnknownAdapter(name.to_string()))?;
         if let Some(r) = &self.slots[slot as usize]
             && r.active > 0
         {
-            return Err(SlotError::InUse {
-                name: name.to_string(),
-                active: r.active,
-            });
+            return Err(SlotError::InUse { name: name.to_string(), active: r.active });
         }
         self.slots[slot as usize] = None;
         Ok(slot)
@@ -185,13 +159,7 @@ mod tests {
         let a = t.acquire("a").expect("resident");
         let b = t.acquire("b").expect("resident");
         assert_eq!(t.choose(), Err(SlotError::Full { max: 2 }));
-        assert_eq!(
-            t.remove("a"),
-            Err(SlotError::InUse {
-                name: "a".into(),
-                active: 1
-            })
-        );
+        assert_eq!(t.remove("a"), Err(SlotError::InUse { name: "a".into(), active: 1 }));
         t.release(b);
         assert_eq!(t.choose(), Ok((b, Some("b".into()))));
         t.release(a);

@@ -31,6 +31,13 @@ struct LayerCache {
     v: Vec<f32>,
 }
 
+/// Which rows of a batch use which adapter, and scratch space for the rank-sized intermediate.
+struct LoraRows {
+    rows: Vec<Option<u32>>,
+    segs: Vec<lora::Segment>,
+    shrink: Vec<f32>,
+}
+
 /// The CPU implementation of [`Executor`].
 #[derive(Debug)]
 pub struct CpuExecutor {
@@ -64,12 +71,7 @@ impl CpuExecutor {
         max_loras: usize,
         max_rank: usize,
     ) -> CpuExecutor {
-        let ModelWeights {
-            embed_tokens,
-            layers,
-            final_norm,
-            lm_head,
-        } = weights;
+        let ModelWeights { embed_tokens, layers, final_norm, lm_head } = weights;
         let layers = layers
             .into_iter()
             .map(|l| {
@@ -93,18 +95,9 @@ impl CpuExecutor {
                 }
             })
             .collect();
-        let layout = KvLayout {
-            block_size,
-            kv_heads: config.num_kv_heads,
-            head_dim: config.head_dim,
-        };
+        let layout = KvLayout { block_size, kv_heads: config.num_kv_heads, head_dim: config.head_dim };
         let pool = kv_blocks * block_size * layout.slot_width();
-        let cache = (0..config.num_layers)
-            .map(|_| LayerCache {
-                k: vec![0.0; pool],
-                v: vec![0.0; pool],
-            })
-            .collect();
+        let cache = (0..config.num_layers).map(|_| LayerCache { k: vec![0.0; pool], v: vec![0.0; pool] }).collect();
         let (inv_freq, rope_scale) = config.rope_inv_freq();
         CpuExecutor {
             config: config.clone(),
@@ -127,44 +120,27 @@ impl CpuExecutor {
     #[allow(clippy::too_many_arguments)]
     fn apply_lora(
         &self,
+        lr: &mut LoraRows,
         layer: usize,
         m: Module,
         x: &[f32],
-        segs: &[lora::Segment],
-        rows: &[Option<u32>],
-        shrink: &mut [f32],
         y: &mut [f32],
         y_stride: usize,
         y_offset: usize,
     ) {
-        if segs.is_empty() {
+        if lr.segs.is_empty() {
             return;
         }
         let (in_dim, out_dim) = self.config.module_shape(m);
         let mat = |slot: u32| {
-            let lm =
-                self.adapters.get(slot as usize)?.as_ref()?.layers[layer][m.index()].as_ref()?;
-            Some(LoraMat {
-                a: &lm.a,
-                b: &lm.b,
-                rank: lm.rank,
-                scale: lm.scale,
-            })
+            let lm = self.adapters.get(slot as usize)?.as_ref()?.layers[layer][m.index()].as_ref()?;
+            Some(LoraMat { a: &lm.a, b: &lm.b, rank: lm.rank, scale: lm.scale })
         };
-        if segs.iter().all(|s| s.len == 1) {
-            lora::bgmv(x, in_dim, rows, mat, out_dim, y, y_stride, y_offset);
+        if lr.segs.iter().all(|s| s.len == 1) {
+            lora::bgmv(x, in_dim, &lr.rows, mat, out_dim, y, y_stride, y_offset);
         } else {
-            lora::sgmv_shrink(x, in_dim, segs, mat, shrink, self.max_rank);
-            lora::sgmv_expand(
-                shrink,
-                self.max_rank,
-                segs,
-                mat,
-                out_dim,
-                y,
-                y_stride,
-                y_offset,
-            );
+            lora::sgmv_shrink(x, in_dim, &lr.segs, mat, &mut lr.shrink, self.max_rank);
+            lora::sgmv_expand(&lr.shrink, self.max_rank, &lr.segs, mat, out_dim, y, y_stride, y_offset);
         }
     }
 }
@@ -215,12 +191,12 @@ impl Executor for CpuExecutor {
         let (h, q_dim, kv_dim, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let qkv_w = q_dim + 2 * kv_dim;
         if let Some(bad) = batch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ExecutorError(format!(
-                "token id {bad} outside the vocabulary"
-            )));
+            return Err(ExecutorError(format!("token id {bad} outside the vocabulary")));
         }
         let rows = batch.row_adapters();
         let segs = lora::segments(&rows);
+        let shrink = vec![0f32; if segs.is_empty() { 0 } else { n * self.max_rank }];
+        let mut lr = LoraRows { rows, segs, shrink };
 
         let mut x = vec![0f32; n * h];
         ops::embedding(&self.embed, h, &batch.tokens, &mut x);
@@ -230,68 +206,24 @@ impl Executor for CpuExecutor {
         let mut proj = vec![0f32; n * h];
         let mut gate_up = vec![0f32; n * 2 * inter];
         let mut act = vec![0f32; n * inter];
-        let mut shrink = vec![
-            0f32;
-            if segs.is_empty() {
-                0
-            } else {
-                n * self.max_rank
-            }
-        ];
         let attn_seqs: Vec<AttentionSeq<'_>> = batch
             .seqs
             .iter()
-            .map(|s| AttentionSeq {
-                q_start: s.start,
-                q_len: s.len,
-                context_len: s.context_len,
-                blocks: &s.blocks,
-            })
+            .map(|s| AttentionSeq { q_start: s.start, q_len: s.len, context_len: s.context_len, blocks: &s.blocks })
             .collect();
         let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let (rope_freq, rope_scale) = (&self.inv_freq, self.rope_scale);
 
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
             ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed);
             matmul::linear(&normed, n, h, &layer.qkv, qkv_w, &mut qkv, qkv_w, false);
             add_bias(&mut qkv, qkv_w, layer.qkv_bias.as_ref());
-            for (m, off) in [
-                (Module::Q, 0),
-                (Module::K, q_dim),
-                (Module::V, q_dim + kv_dim),
-            ] {
-                self.apply_lora(
-                    li,
-                    m,
-                    &normed,
-                    &segs,
-                    &rows,
-                    &mut shrink,
-                    &mut qkv,
-                    qkv_w,
-                    off,
-                );
+            for (m, off) in [(Module::Q, 0), (Module::K, q_dim), (Module::V, q_dim + kv_dim)] {
+                self.apply_lora(&mut lr, li, m, &normed, &mut qkv, qkv_w, off);
             }
-            ops::rope(
-                &mut qkv,
-                qkv_w,
-                0,
-                c.num_heads,
-                c.head_dim,
-                &batch.positions,
-                &self.inv_freq,
-                self.rope_scale,
-            );
-            ops::rope(
-                &mut qkv,
-                qkv_w,
-                q_dim,
-                c.num_kv_heads,
-                c.head_dim,
-                &batch.positions,
-                &self.inv_freq,
-                self.rope_scale,
-            );
+            ops::rope(&mut qkv, qkv_w, 0, c.num_heads, c.head_dim, &batch.positions, rope_freq, rope_scale);
+            ops::rope(&mut qkv, qkv_w, q_dim, c.num_kv_heads, c.head_dim, &batch.positions, rope_freq, rope_scale);
             let cache = &mut self.cache[li];
             attention::write_kv(
                 self.layout,
@@ -317,69 +249,24 @@ impl Executor for CpuExecutor {
             );
             matmul::linear(&attn, n, q_dim, &layer.o, h, &mut proj, h, false);
             add_bias(&mut proj, h, layer.o_bias.as_ref());
-            self.apply_lora(
-                li,
-                Module::O,
-                &attn,
-                &segs,
-                &rows,
-                &mut shrink,
-                &mut proj,
-                h,
-                0,
-            );
+            self.apply_lora(&mut lr, li, Module::O, &attn, &mut proj, h, 0);
             ops::add_inplace(&mut x, &proj);
 
             // MLP block.
             ops::rms_norm(&x, &layer.post_norm, c.rms_norm_eps, &mut normed);
-            matmul::linear(
-                &normed,
-                n,
-                h,
-                &layer.gate_up,
-                2 * inter,
-                &mut gate_up,
-                2 * inter,
-                false,
-            );
+            matmul::linear(&normed, n, h, &layer.gate_up, 2 * inter, &mut gate_up, 2 * inter, false);
             add_bias(&mut gate_up, 2 * inter, layer.gate_up_bias.as_ref());
-            for (m, off) in [(Module::Gate, 0), (Module::Up, inter)] {
-                self.apply_lora(
-                    li,
-                    m,
-                    &normed,
-                    &segs,
-                    &rows,
-                    &mut shrink,
-                    &mut gate_up,
-                    2 * inter,
-                    off,
-                );
-            }
+            self.apply_lora(&mut lr, li, Module::Gate, &normed, &mut gate_up, 2 * inter, 0);
+            self.apply_lora(&mut lr, li, Module::Up, &normed, &mut gate_up, 2 * inter, inter);
             ops::silu_mul(&gate_up, inter, &mut act);
             matmul::linear(&act, n, inter, &layer.down, h, &mut proj, h, false);
             add_bias(&mut proj, h, layer.down_bias.as_ref());
-            self.apply_lora(
-                li,
-                Module::Down,
-                &act,
-                &segs,
-                &rows,
-                &mut shrink,
-                &mut proj,
-                h,
-                0,
-            );
+            self.apply_lora(&mut lr, li, Module::Down, &act, &mut proj, h, 0);
             ops::add_inplace(&mut x, &proj);
         }
 
         // Logits only for the rows that need them: the last row of each finishing chunk.
-        let wanted: Vec<usize> = batch
-            .seqs
-            .iter()
-            .filter(|s| s.wants_logits)
-            .map(|s| s.start + s.len - 1)
-            .collect();
+        let wanted: Vec<usize> = batch.seqs.iter().filter(|s| s.wants_logits).map(|s| s.start + s.len - 1).collect();
         let mut last = Vec::with_capacity(wanted.len() * h);
         for &r in &wanted {
             last.extend_from_slice(&x[r * h..(r + 1) * h]);
@@ -388,16 +275,7 @@ impl Executor for CpuExecutor {
         ops::rms_norm(&last, &self.final_norm, c.rms_norm_eps, &mut last_normed);
         let head = self.lm_head.as_deref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; wanted.len() * c.vocab_size];
-        matmul::linear(
-            &last_normed,
-            wanted.len(),
-            h,
-            head,
-            c.vocab_size,
-            &mut logits,
-            c.vocab_size,
-            false,
-        );
+        matmul::linear(&last_normed, wanted.len(), h, head, c.vocab_size, &mut logits, c.vocab_size, false);
         Ok(logits)
     }
 }

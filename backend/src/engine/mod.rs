@@ -44,17 +44,9 @@ pub enum EngineError {
     UnknownAdapter(String),
     #[error("adapter {name:?} is in use by {active} request(s); unload it when they finish")]
     AdapterInUse { name: String, active: u32 },
-    #[error(
-        "adapter {name:?} is already loaded from {existing}; unload it before loading it from {requested}"
-    )]
-    AdapterConflict {
-        name: String,
-        existing: String,
-        requested: String,
-    },
-    #[error(
-        "all {max} adapter slots hold adapters that requests are using; retry later or raise --max-loras"
-    )]
+    #[error("adapter {name:?} is already loaded from {existing}; unload it before loading it from {requested}")]
+    AdapterConflict { name: String, existing: String, requested: String },
+    #[error("all {max} adapter slots hold adapters that requests are using; retry later or raise --max-loras")]
     SlotsFull { max: usize },
     #[error("the request queue is full ({max} requests waiting); retry later")]
     QueueFull { max: usize },
@@ -103,13 +95,7 @@ pub enum Event {
     /// A generated token and the text it completed (possibly empty).
     Token { id: u32, text: String },
     /// The last event: the final token, remaining text, and totals.
-    Finished {
-        id: Option<u32>,
-        text: String,
-        reason: FinishReason,
-        prompt_tokens: usize,
-        completion_tokens: usize,
-    },
+    Finished { id: Option<u32>, text: String, reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
     /// The request failed after it was accepted (an executor error).
     Failed(String),
 }
@@ -180,22 +166,15 @@ impl Engine {
             config,
             next_id: 0,
         };
-        let spawned = std::thread::Builder::new()
-            .name("switchyard-engine".into())
-            .spawn(move || {
-                worker.publish();
-                worker.run();
-            });
+        let spawned = std::thread::Builder::new().name("switchyard-engine".into()).spawn(move || {
+            worker.publish();
+            worker.run();
+        });
         if let Err(e) = spawned {
             // Without its thread the engine answers every call with `Stopped`.
             tracing::error!(error = %e, "could not start the engine thread");
         }
-        Engine {
-            commands,
-            snapshot,
-            config,
-            vocab_size: model.vocab_size,
-        }
+        Engine { commands, snapshot, config, vocab_size: model.vocab_size }
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -210,29 +189,20 @@ impl Engine {
     /// Validates and queues a request; the receiver yields its events. Errors that concern the
     /// request itself (unknown adapter, prompt too long, queue full) are returned here, before
     /// any token is generated.
-    pub async fn generate(
-        &self,
-        mut req: GenerateRequest,
-    ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
+    pub async fn generate(&self, mut req: GenerateRequest) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
         let invalid = |m: String| Err(EngineError::InvalidRequest(m));
         let max_len = self.config.max_model_len;
         if req.prompt.is_empty() {
             return invalid("the prompt is empty".into());
         }
         if let Some(bad) = req.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
-            return invalid(format!(
-                "prompt token id {bad} is outside the vocabulary (size {})",
-                self.vocab_size
-            ));
+            return invalid(format!("prompt token id {bad} is outside the vocabulary (size {})", self.vocab_size));
         }
         if let Err(e) = req.sampling.validate() {
             return invalid(e);
         }
         if req.stop.len() > MAX_STOP_STRINGS {
-            return invalid(format!(
-                "at most {MAX_STOP_STRINGS} stop strings are allowed, got {}",
-                req.stop.len()
-            ));
+            return invalid(format!("at most {MAX_STOP_STRINGS} stop strings are allowed, got {}", req.stop.len()));
         }
         let prompt_len = req.prompt.len();
         if prompt_len >= max_len {
@@ -251,11 +221,7 @@ impl Engine {
         }
         let (events, rx) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Submit {
-            req: Box::new(req),
-            events,
-            reply,
-        })?;
+        self.send(Command::Submit { req: Box::new(req), events, reply })?;
         answer.await.map_err(|_| EngineError::Stopped)??;
         Ok(rx)
     }
@@ -270,12 +236,7 @@ impl Engine {
         weights: AdapterWeights,
     ) -> Result<(AdapterStatus, bool), EngineError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Install {
-            name,
-            uri,
-            weights: Box::new(weights),
-            reply,
-        })?;
+        self.send(Command::Install { name, uri, weights: Box::new(weights), reply })?;
         answer.await.map_err(|_| EngineError::Stopped)?
     }
 
@@ -360,38 +321,23 @@ impl Worker {
             Command::Submit { req, events, reply } => {
                 let _ = reply.send(self.submit(*req, events));
             }
-            Command::Install {
-                name,
-                uri,
-                weights,
-                reply,
-            } => {
+            Command::Install { name, uri, weights, reply } => {
                 let _ = reply.send(self.install(name, uri, &weights));
             }
             Command::Unload { name, reply } => {
-                let result = self
-                    .slots
-                    .remove(&name)
-                    .map_err(EngineError::from)
-                    .map(|slot| {
-                        self.executor.unload_adapter(slot);
-                        tracing::info!(adapter = %name, slot, "adapter unloaded");
-                    });
+                let result = self.slots.remove(&name).map_err(EngineError::from).map(|slot| {
+                    self.executor.unload_adapter(slot);
+                    tracing::info!(adapter = %name, slot, "adapter unloaded");
+                });
                 let _ = reply.send(result);
             }
         }
         self.publish();
     }
 
-    fn submit(
-        &mut self,
-        req: GenerateRequest,
-        events: mpsc::UnboundedSender<Event>,
-    ) -> Result<(), EngineError> {
+    fn submit(&mut self, req: GenerateRequest, events: mpsc::UnboundedSender<Event>) -> Result<(), EngineError> {
         if self.scheduler.waiting_len() >= self.config.max_waiting {
-            return Err(EngineError::QueueFull {
-                max: self.config.max_waiting,
-            });
+            return Err(EngineError::QueueFull { max: self.config.max_waiting });
         }
         let adapter_slot = match &req.adapter {
             Some(name) => Some(self.slots.acquire(name)?),
@@ -414,8 +360,7 @@ impl Worker {
                 adapter_slot,
             },
         );
-        self.scheduler
-            .add(Sequence::new(id, req.prompt, adapter_slot));
+        self.scheduler.add(Sequence::new(id, req.prompt, adapter_slot));
         Ok(())
     }
 
@@ -430,11 +375,7 @@ impl Worker {
             if resident.uri == uri {
                 return Ok((AdapterStatus { slot, resident }, true));
             }
-            return Err(EngineError::AdapterConflict {
-                name,
-                existing: resident.uri,
-                requested: uri,
-            });
+            return Err(EngineError::AdapterConflict { name, existing: resident.uri, requested: uri });
         }
         let (slot, evicted) = self.slots.choose()?;
         if let Err(e) = self.executor.load_adapter(slot, weights) {
@@ -449,19 +390,8 @@ impl Worker {
         if let Some(old) = &evicted {
             tracing::info!(adapter = %old, slot, "evicted least recently used idle adapter");
         }
-        let targets = weights
-            .targets
-            .iter()
-            .map(|m| m.name().to_string())
-            .collect();
-        self.slots.insert(
-            slot,
-            name.clone(),
-            uri,
-            weights.max_rank,
-            targets,
-            weights.size_bytes(),
-        );
+        let targets = weights.targets.iter().map(|m| m.name().to_string()).collect();
+        self.slots.insert(slot, name.clone(), uri, weights.max_rank, targets, weights.size_bytes());
         tracing::info!(adapter = %name, slot, rank = weights.max_rank, "adapter loaded");
         let resident = self.slots.get(slot).cloned().ok_or(EngineError::Stopped)?;
         Ok((AdapterStatus { slot, resident }, false))
@@ -469,12 +399,7 @@ impl Worker {
 
     /// Drops requests whose caller has gone away.
     fn reap_cancelled(&mut self) {
-        let gone: Vec<u64> = self
-            .active
-            .iter()
-            .filter(|(_, a)| a.events.is_closed())
-            .map(|(&id, _)| id)
-            .collect();
+        let gone: Vec<u64> = self.active.iter().filter(|(_, a)| a.events.is_closed()).map(|(&id, _)| id).collect();
         for id in gone {
             tracing::debug!(request = id, "client went away; request cancelled");
             self.retire(id);
@@ -514,9 +439,7 @@ impl Worker {
             let Some(active) = self.active.get_mut(&id) else {
                 continue;
             };
-            let token = active
-                .sampler
-                .sample(&logits[row * vocab..(row + 1) * vocab]);
+            let token = active.sampler.sample(&logits[row * vocab..(row + 1) * vocab]);
             self.on_token(id, token);
         }
     }
@@ -536,30 +459,14 @@ impl Worker {
         };
         let event = if !a.ignore_eos && self.eos.contains(&token) {
             let (text, stopped) = a.drain(&self.tokenizer, String::new());
-            finish(
-                a,
-                if stopped {
-                    FinishReason::Stop
-                } else {
-                    FinishReason::Eos
-                },
-                text,
-            )
+            finish(a, if stopped { FinishReason::Stop } else { FinishReason::Eos }, text)
         } else {
             let piece = a.detok.push(&self.tokenizer, token);
             match a.stops.push(&piece) {
                 Matched::Stop(text) => finish(a, FinishReason::Stop, text),
                 Matched::Continue(text) if a.generated >= a.max_tokens => {
                     let (text, stopped) = a.drain(&self.tokenizer, text);
-                    finish(
-                        a,
-                        if stopped {
-                            FinishReason::Stop
-                        } else {
-                            FinishReason::Length
-                        },
-                        text,
-                    )
+                    finish(a, if stopped { FinishReason::Stop } else { FinishReason::Length }, text)
                 }
                 Matched::Continue(text) => Event::Token { id: token, text },
             }
@@ -574,14 +481,7 @@ impl Worker {
     fn publish(&self) {
         let cfg = self.scheduler.config();
         let snapshot = Snapshot {
-            adapters: self
-                .slots
-                .iter()
-                .map(|(slot, r)| AdapterStatus {
-                    slot,
-                    resident: r.clone(),
-                })
-                .collect(),
+            adapters: self.slots.iter().map(|(slot, r)| AdapterStatus { slot, resident: r.clone() }).collect(),
             waiting: self.scheduler.waiting_len(),
             running: self.scheduler.running_len(),
             kv_tokens_total: cfg.num_blocks * cfg.block_size,

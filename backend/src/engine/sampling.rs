@@ -18,12 +18,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> SamplingParams {
-        SamplingParams {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: None,
-        }
+        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, seed: None }
     }
 }
 
@@ -31,10 +26,7 @@ impl SamplingParams {
     /// Checks ranges; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(format!(
-                "temperature must be a finite number >= 0, got {}",
-                self.temperature
-            ));
+            return Err(format!("temperature must be a finite number >= 0, got {}", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -61,11 +53,7 @@ impl Sampler {
             Some(seed) => ChaCha8Rng::seed_from_u64(seed),
             None => ChaCha8Rng::from_os_rng(),
         };
-        Sampler {
-            params,
-            rng,
-            scratch: Vec::new(),
-        }
+        Sampler { params, rng, scratch: Vec::new() }
     }
 
     /// Picks a token from one row of logits.
@@ -76,12 +64,7 @@ impl Sampler {
         let p = self.params;
         let c = &mut self.scratch;
         c.clear();
-        c.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (l / p.temperature, i as u32)),
-        );
+        c.extend(logits.iter().enumerate().map(|(i, &l)| (l / p.temperature, i as u32)));
         let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
         if p.top_k > 0 && p.top_k < c.len() {
             c.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
@@ -136,12 +119,7 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_p: f32, top_k: usize) -> SamplingParams {
-        SamplingParams {
-            temperature,
-            top_p,
-            top_k,
-            seed: Some(42),
-        }
+        SamplingParams { temperature, top_p, top_k, seed: Some(42) }
     }
 
     #[test]
@@ -168,21 +146,12 @@ mod tests {
     fn the_same_seed_gives_the_same_tokens_and_sampling_explores() {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams {
-                seed: Some(seed),
-                ..params(1.0, 1.0, 0)
-            });
+            let mut s = Sampler::new(SamplingParams { seed: Some(seed), ..params(1.0, 1.0, 0) });
             (0..64).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
         assert_eq!(draw(1), draw(1));
         assert_ne!(draw(1), draw(2));
-        assert!(
-            draw(1)
-                .iter()
-                .collect::<std::collections::HashSet<_>>()
-                .len()
-                > 5
-        );
+        assert!(draw(1).iter().collect::<std::collections::HashSet<_>>().len() > 5);
     }
 
     #[test]

@@ -38,13 +38,7 @@ pub struct Sequence {
 
 impl Sequence {
     pub fn new(id: u64, tokens: Vec<u32>, adapter: Option<u32>) -> Sequence {
-        Sequence {
-            id,
-            tokens,
-            computed: 0,
-            blocks: Vec::new(),
-            adapter,
-        }
+        Sequence { id, tokens, computed: 0, blocks: Vec::new(), adapter }
     }
 }
 
@@ -74,12 +68,7 @@ impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Scheduler {
         // Pop from the end: hand out low block numbers first.
         let free = (0..cfg.num_blocks as u32).rev().collect();
-        Scheduler {
-            cfg,
-            free,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-        }
+        Scheduler { cfg, free, waiting: VecDeque::new(), running: Vec::new() }
     }
 
     pub fn config(&self) -> SchedulerConfig {
@@ -108,10 +97,7 @@ impl Scheduler {
     }
 
     pub fn get(&self, id: u64) -> Option<&Sequence> {
-        self.running
-            .iter()
-            .chain(self.waiting.iter())
-            .find(|s| s.id == id)
+        self.running.iter().chain(self.waiting.iter()).find(|s| s.id == id)
     }
 
     /// Appends a generated token to a running sequence.
@@ -215,14 +201,7 @@ impl Scheduler {
 
         // Rows grouped by adapter so each adapter's rows form one segment.
         let by_id = |id: u64| self.running.iter().find(|s| s.id == id);
-        plan.sort_by_key(|&(id, _)| {
-            (
-                by_id(id)
-                    .and_then(|s| s.adapter)
-                    .map_or(0, |a| a as u64 + 1),
-                id,
-            )
-        });
+        plan.sort_by_key(|&(id, _)| (by_id(id).and_then(|s| s.adapter).map_or(0, |a| a as u64 + 1), id));
         for (id, len) in plan {
             let Some(seq) = by_id(id) else { continue };
             let start = step.batch.tokens.len();
@@ -231,9 +210,7 @@ impl Scheduler {
                 step.batch.tokens.push(seq.tokens[pos]);
                 step.batch.positions.push(pos as u32);
                 let block = seq.blocks[pos / self.cfg.block_size] as usize;
-                step.batch
-                    .kv_slots
-                    .push(block * self.cfg.block_size + pos % self.cfg.block_size);
+                step.batch.kv_slots.push(block * self.cfg.block_size + pos % self.cfg.block_size);
             }
             let wants_logits = end == seq.tokens.len();
             step.batch.seqs.push(SeqChunk {
@@ -267,12 +244,7 @@ mod tests {
     use super::*;
 
     fn cfg(num_blocks: usize, max_batch_tokens: usize) -> SchedulerConfig {
-        SchedulerConfig {
-            block_size: 4,
-            num_blocks,
-            max_batch_tokens,
-            max_running: 8,
-        }
+        SchedulerConfig { block_size: 4, num_blocks, max_batch_tokens, max_running: 8 }
     }
 
     /// Runs a step and pretends every sequence with logits sampled token 7.
@@ -291,10 +263,7 @@ mod tests {
         s.add(Sequence::new(1, vec![1; 10], None));
         let step = run(&mut s);
         assert_eq!(step.chunks, vec![(1, 6)]);
-        assert!(
-            step.logits_for.is_empty(),
-            "a partial prefill yields no logits"
-        );
+        assert!(step.logits_for.is_empty(), "a partial prefill yields no logits");
         assert_eq!(step.batch.positions, (0..6).collect::<Vec<_>>());
         let step = run(&mut s);
         assert_eq!(step.chunks, vec![(1, 4)]);
@@ -315,10 +284,7 @@ mod tests {
         let step = run(&mut s);
         // Base-model rows first, then adapter 2's rows together.
         assert_eq!(step.chunks, vec![(2, 2), (1, 1), (3, 2)]);
-        assert_eq!(
-            step.batch.row_adapters(),
-            vec![None, None, Some(2), Some(2), Some(2)]
-        );
+        assert_eq!(step.batch.row_adapters(), vec![None, None, Some(2), Some(2), Some(2)]);
         assert_eq!(step.logits_for, vec![2, 1, 3]);
     }
 
@@ -346,11 +312,7 @@ mod tests {
         let step = run(&mut s);
         assert_eq!(step.preempted, vec![2]);
         assert_eq!(step.chunks, vec![(1, 1)]);
-        assert_eq!(
-            s.get(2)
-                .map(|q| (q.computed, q.tokens.len(), q.blocks.len())),
-            Some((0, 5, 0))
-        );
+        assert_eq!(s.get(2).map(|q| (q.computed, q.tokens.len(), q.blocks.len())), Some((0, 5, 0)));
         // When sequence 1 finishes, sequence 2 is recomputed, generated token included.
         s.remove(1);
         let step = run(&mut s);

@@ -45,8 +45,7 @@ struct Fixture {
 }
 
 fn fixture(max_running: usize, max_waiting: usize, max_loras: usize) -> Fixture {
-    let dir =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/tiny-llama");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/tiny-llama");
     let model = Model::load(&dir).expect("fixture model");
     let next = Arc::new(AtomicUsize::new(65));
     let forwards = Arc::new(AtomicUsize::new(0));
@@ -57,12 +56,7 @@ fn fixture(max_running: usize, max_waiting: usize, max_loras: usize) -> Fixture 
         delay: Duration::from_millis(2),
     };
     let cfg = EngineConfig {
-        scheduler: SchedulerConfig {
-            block_size: 16,
-            num_blocks: 1024,
-            max_batch_tokens: 256,
-            max_running,
-        },
+        scheduler: SchedulerConfig { block_size: 16, num_blocks: 1024, max_batch_tokens: 256, max_running },
         max_model_len: 4096,
         max_waiting,
         max_loras,
@@ -70,30 +64,15 @@ fn fixture(max_running: usize, max_waiting: usize, max_loras: usize) -> Fixture 
     };
     let tokenizer = Arc::new(model.tokenizer);
     let engine = Engine::start(&model.config, tokenizer.clone(), Box::new(exec), cfg);
-    Fixture {
-        engine,
-        next,
-        forwards,
-        tokenizer,
-    }
+    Fixture { engine, next, forwards, tokenizer }
 }
 
 fn request(max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        prompt: vec![10, 11, 12],
-        max_tokens,
-        ignore_eos: true,
-        ..Default::default()
-    }
+    GenerateRequest { prompt: vec![10, 11, 12], max_tokens, ignore_eos: true, ..Default::default() }
 }
 
 fn adapter() -> AdapterWeights {
-    AdapterWeights {
-        layers: Vec::new(),
-        max_rank: 4,
-        targets: Default::default(),
-        base_model: None,
-    }
+    AdapterWeights { layers: Vec::new(), max_rank: 4, targets: Default::default(), base_model: None }
 }
 
 async fn finish(events: &mut mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, String, FinishReason) {
@@ -104,12 +83,7 @@ async fn finish(events: &mut mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, Strin
                 ids.push(id);
                 text.push_str(&t);
             }
-            Event::Finished {
-                id,
-                text: t,
-                reason,
-                ..
-            } => {
+            Event::Finished { id, text: t, reason, .. } => {
                 ids.extend(id);
                 text.push_str(&t);
                 return (ids, text, reason);
@@ -139,31 +113,18 @@ async fn dropping_the_stream_cancels_the_request_and_frees_its_cache() {
     drop(events);
     let snap = wait_idle(&f.engine).await;
     assert_eq!(snap.running, 0, "request cancelled");
-    assert_eq!(
-        snap.kv_tokens_free, snap.kv_tokens_total,
-        "its KV blocks are free"
-    );
+    assert_eq!(snap.kv_tokens_free, snap.kv_tokens_total, "its KV blocks are free");
     let before = f.forwards.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(30)).await;
-    assert_eq!(
-        f.forwards.load(Ordering::SeqCst),
-        before,
-        "no more steps run for it"
-    );
-    assert!(
-        before < 1000,
-        "stopped long before max_tokens ({before} steps)"
-    );
+    assert_eq!(f.forwards.load(Ordering::SeqCst), before, "no more steps run for it");
+    assert!(before < 1000, "stopped long before max_tokens ({before} steps)");
 }
 
 #[tokio::test]
 async fn a_full_queue_refuses_new_requests_until_it_drains() {
     let f = fixture(1, 1, 1);
     let mut running = f.engine.generate(request(2000)).await.expect("runs");
-    running
-        .recv()
-        .await
-        .expect("the first request holds the only running place");
+    running.recv().await.expect("the first request holds the only running place");
     let mut waiting = f.engine.generate(request(5)).await.expect("waits");
     let err = f.engine.generate(request(5)).await.expect_err("queue full");
     assert!(matches!(err, EngineError::QueueFull { max: 1 }), "{err}");
@@ -177,42 +138,22 @@ async fn a_full_queue_refuses_new_requests_until_it_drains() {
 #[tokio::test]
 async fn adapters_in_use_cannot_be_unloaded_or_evicted() {
     let f = fixture(4, 4, 1);
-    f.engine
-        .install_adapter("a".into(), "file:///a".into(), adapter())
-        .await
-        .expect("installs");
+    f.engine.install_adapter("a".into(), "file:///a".into(), adapter()).await.expect("installs");
     let mut req = request(2000);
     req.adapter = Some("a".into());
     let mut events = f.engine.generate(req).await.expect("accepted");
     events.recv().await.expect("running");
-    let err = f
-        .engine
-        .unload_adapter("a".into())
-        .await
-        .expect_err("in use");
-    assert!(
-        matches!(err, EngineError::AdapterInUse { active: 1, .. }),
-        "{err}"
-    );
-    let err = f
-        .engine
-        .install_adapter("b".into(), "file:///b".into(), adapter())
-        .await
-        .expect_err("no idle slot");
+    let err = f.engine.unload_adapter("a".into()).await.expect_err("in use");
+    assert!(matches!(err, EngineError::AdapterInUse { active: 1, .. }), "{err}");
+    let err = f.engine.install_adapter("b".into(), "file:///b".into(), adapter()).await.expect_err("no idle slot");
     assert!(matches!(err, EngineError::SlotsFull { max: 1 }), "{err}");
     drop(events);
     wait_idle(&f.engine).await;
     // Released: now "b" may evict "a", and "a" is gone.
-    f.engine
-        .install_adapter("b".into(), "file:///b".into(), adapter())
-        .await
-        .expect("evicts idle a");
+    f.engine.install_adapter("b".into(), "file:///b".into(), adapter()).await.expect("evicts idle a");
     let mut req = request(2);
     req.adapter = Some("a".into());
-    assert!(matches!(
-        f.engine.generate(req).await,
-        Err(EngineError::UnknownAdapter(_))
-    ));
+    assert!(matches!(f.engine.generate(req).await, Err(EngineError::UnknownAdapter(_))));
 }
 
 #[tokio::test]
@@ -231,11 +172,7 @@ async fn eos_and_stop_strings_end_generation_with_their_reason() {
     req.stop = vec![piece.repeat(3)];
     let (ids, text, reason) = finish(&mut f.engine.generate(req).await.expect("ok")).await;
     assert_eq!(reason, FinishReason::Stop);
-    assert_eq!(
-        ids.len(),
-        3,
-        "stops at the token completing the stop string"
-    );
+    assert_eq!(ids.len(), 3, "stops at the token completing the stop string");
     assert_eq!(text, "", "the stop string itself is not returned");
 
     let eos = f.tokenizer.eos_ids()[0];
@@ -243,10 +180,7 @@ async fn eos_and_stop_strings_end_generation_with_their_reason() {
     let mut req = request(50);
     req.ignore_eos = false;
     let (ids, text, reason) = finish(&mut f.engine.generate(req).await.expect("ok")).await;
-    assert_eq!(
-        (ids, text.as_str(), reason),
-        (vec![eos], "", FinishReason::Eos)
-    );
+    assert_eq!((ids, text.as_str(), reason), (vec![eos], "", FinishReason::Eos));
 }
 
 #[tokio::test]
@@ -256,11 +190,7 @@ async fn prompts_that_do_not_fit_the_context_are_refused_up_front() {
     req.prompt = vec![1; 4096];
     let err = f.engine.generate(req).await.expect_err("too long");
     assert!(err.to_string().contains("4096 tokens"), "{err}");
-    let err = f
-        .engine
-        .generate(request(4094))
-        .await
-        .expect_err("too long with completion");
+    let err = f.engine.generate(request(4094)).await.expect_err("too long with completion");
     assert!(err.to_string().contains("4097"), "{err}");
     let mut req = request(1);
     req.prompt = vec![];

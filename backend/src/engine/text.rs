@@ -19,31 +19,26 @@ impl Detokenizer {
     /// Starts after `prompt_tail`, the last few prompt tokens, which give the first generated
     /// token its context (so a leading space decodes as it would mid-text).
     pub fn new(prompt_tail: &[u32]) -> Detokenizer {
-        Detokenizer {
-            ids: prompt_tail.to_vec(),
-            prefix_offset: 0,
-            read_offset: prompt_tail.len(),
-        }
+        Detokenizer { ids: prompt_tail.to_vec(), prefix_offset: 0, read_offset: prompt_tail.len() }
+    }
+
+    /// Decodes the window `[prefix_offset, read_offset)` and the window from `prefix_offset` to
+    /// the end; the new text is what the second adds to the first.
+    fn windows(&self, tok: &Tokenizer) -> (String, String) {
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset]).unwrap_or_default();
+        let full = tok.decode(&self.ids[self.prefix_offset..]).unwrap_or_default();
+        (prefix, full)
     }
 
     /// Adds a token; returns the text it completes (possibly empty).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
         self.ids.push(id);
-        let prefix = tok
-            .decode(&self.ids[self.prefix_offset..self.read_offset])
-            .unwrap_or_default();
-        let full = tok
-            .decode(&self.ids[self.prefix_offset..])
-            .unwrap_or_default();
+        let (prefix, full) = self.windows(tok);
         // An incomplete UTF-8 sequence decodes to U+FFFD: wait for the next token.
-        if full.len() > prefix.len()
-            && !full.ends_with('\u{FFFD}')
-            && full.is_char_boundary(prefix.len())
-        {
-            let text = full[prefix.len()..].to_string();
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
-            text
+            full[prefix.len()..].to_string()
         } else {
             String::new()
         }
@@ -51,12 +46,7 @@ impl Detokenizer {
 
     /// Text of tokens still held back (at the end of generation, emit it as it is).
     pub fn flush(&mut self, tok: &Tokenizer) -> String {
-        let prefix = tok
-            .decode(&self.ids[self.prefix_offset..self.read_offset])
-            .unwrap_or_default();
-        let full = tok
-            .decode(&self.ids[self.prefix_offset..])
-            .unwrap_or_default();
+        let (prefix, full) = self.windows(tok);
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
         full.get(prefix.len()..).unwrap_or_default().to_string()
@@ -82,10 +72,7 @@ pub enum Matched {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> StopMatcher {
-        StopMatcher {
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
-            ..Default::default()
-        }
+        StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), ..Default::default() }
     }
 
     pub fn push(&mut self, new_text: &str) -> Matched {
@@ -99,11 +86,7 @@ impl StopMatcher {
         while !self.text.is_char_boundary(from) {
             from -= 1;
         }
-        let hit = self
-            .stops
-            .iter()
-            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
-            .min();
+        let hit = self.stops.iter().filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i)).min();
         if let Some(at) = hit {
             return Matched::Stop(self.take(at.max(self.emitted)));
         }
@@ -111,9 +94,7 @@ impl StopMatcher {
         let held = self
             .stops
             .iter()
-            .flat_map(|s| {
-                (1..s.len()).filter(|&n| s.is_char_boundary(n) && self.text.ends_with(&s[..n]))
-            })
+            .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n) && self.text.ends_with(&s[..n])))
             .max()
             .unwrap_or(0);
         let safe = (self.text.len() - held).max(self.emitted);
@@ -154,10 +135,7 @@ mod tests {
     #[test]
     fn stops_before_a_stop_string_split_across_tokens() {
         let mut m = StopMatcher::new(vec!["\n\nUser:".into()]);
-        assert_eq!(
-            feed(&mut m, &["Hello", " there\n", "\nUs", "er: hi"]),
-            ("Hello there".into(), true)
-        );
+        assert_eq!(feed(&mut m, &["Hello", " there\n", "\nUs", "er: hi"]), ("Hello there".into(), true));
     }
 
     #[test]

@@ -7,8 +7,7 @@ use std::path::Path;
 
 /// Architectures this engine runs. All are Llama-family decoders; they differ in biases,
 /// embedding tying and attention windows, which [`ModelConfig`] captures.
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
 
 /// The projections of a decoder layer that carry weights LoRA can adapt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -23,15 +22,7 @@ pub enum Module {
 }
 
 impl Module {
-    pub const ALL: [Module; 7] = [
-        Module::Q,
-        Module::K,
-        Module::V,
-        Module::O,
-        Module::Gate,
-        Module::Up,
-        Module::Down,
-    ];
+    pub const ALL: [Module; 7] = [Module::Q, Module::K, Module::V, Module::O, Module::Gate, Module::Up, Module::Down];
 
     /// The module's name as Hugging Face checkpoints and PEFT spell it.
     pub fn name(self) -> &'static str {
@@ -72,12 +63,7 @@ pub enum RopeScaling {
     /// Positions divided by `factor` (all frequencies divided by it).
     Linear { factor: f32 },
     /// Llama 3's frequency-dependent scaling.
-    Llama3 {
-        factor: f32,
-        low_freq_factor: f32,
-        high_freq_factor: f32,
-        original_max_position: f32,
-    },
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: f32 },
 }
 
 /// Hyperparameters of a Llama-family decoder.
@@ -165,9 +151,7 @@ impl ModelConfig {
                 Some("mistral") => "MistralForCausalLM".into(),
                 Some("qwen2") => "Qwen2ForCausalLM".into(),
                 other => {
-                    return Err(format!(
-                        "no `architectures` and unknown model_type {other:?}"
-                    ));
+                    return Err(format!("no `architectures` and unknown model_type {other:?}"));
                 }
             },
         };
@@ -180,23 +164,16 @@ impl ModelConfig {
         if let Some(act) = raw.hidden_act.as_deref()
             && act != "silu"
         {
-            return Err(format!(
-                "unsupported hidden_act {act:?}; only \"silu\" (SwiGLU) is implemented"
-            ));
+            return Err(format!("unsupported hidden_act {act:?}; only \"silu\" (SwiGLU) is implemented"));
         }
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if raw.num_attention_heads == 0
-            || num_kv_heads == 0
-            || !raw.num_attention_heads.is_multiple_of(num_kv_heads)
-        {
+        if raw.num_attention_heads == 0 || num_kv_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({num_kv_heads})",
                 raw.num_attention_heads
             ));
         }
-        let head_dim = raw
-            .head_dim
-            .unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {head_dim} must be even and positive"));
         }
@@ -220,8 +197,7 @@ impl ModelConfig {
             }
             _ => None,
         };
-        let eos_token_ids =
-            token_ids(raw.eos_token_id.as_ref()).map_err(|e| format!("eos_token_id: {e}"))?;
+        let eos_token_ids = token_ids(raw.eos_token_id.as_ref()).map_err(|e| format!("eos_token_id: {e}"))?;
         Ok(ModelConfig {
             architecture,
             vocab_size: raw.vocab_size,
@@ -279,18 +255,11 @@ impl ModelConfig {
     /// configured scaling applied. Computed in f32 as the reference implementation does.
     pub fn rope_inv_freq(&self) -> (Vec<f32>, f32) {
         let dim = self.head_dim;
-        let base: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f32 / dim as f32))
-            .collect();
+        let base: Vec<f32> = (0..dim / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f32 / dim as f32)).collect();
         let inv = match self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position,
-            } => {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
                 let low_wavelen = original_max_position / low_freq_factor;
                 let high_wavelen = original_max_position / high_freq_factor;
                 base.into_iter()
@@ -316,27 +285,15 @@ impl ModelConfig {
 fn parse_rope(raw: &RawConfig) -> Result<(f32, RopeScaling), String> {
     // Newer configs carry everything in `rope_parameters`; older ones use `rope_theta` plus an
     // optional `rope_scaling` object. Accept both.
-    let params = raw
-        .rope_parameters
-        .as_ref()
-        .or(raw.rope_scaling.as_ref())
-        .filter(|v| !v.is_null());
-    let theta = params
-        .and_then(|p| p.get("rope_theta"))
-        .and_then(Value::as_f64)
-        .or(raw.rope_theta)
-        .unwrap_or(10_000.0);
+    let params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref()).filter(|v| !v.is_null());
+    let theta = params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).or(raw.rope_theta).unwrap_or(10_000.0);
     if theta <= 0.0 || !theta.is_finite() {
         return Err(format!("rope_theta {theta} must be positive"));
     }
     let Some(p) = params else {
         return Ok((theta as f32, RopeScaling::None));
     };
-    let kind = p
-        .get("rope_type")
-        .or_else(|| p.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |key: &str| -> Result<f32, String> {
         p.get(key)
             .and_then(Value::as_f64)
@@ -346,9 +303,7 @@ fn parse_rope(raw: &RawConfig) -> Result<(f32, RopeScaling), String> {
     };
     let scaling = match kind {
         "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear {
-            factor: num("factor")?,
-        },
+        "linear" => RopeScaling::Linear { factor: num("factor")? },
         "llama3" => {
             let original_max_position = num("original_max_position_embeddings")?;
             let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
@@ -363,9 +318,7 @@ fn parse_rope(raw: &RawConfig) -> Result<(f32, RopeScaling), String> {
             }
         }
         other => {
-            return Err(format!(
-                "unsupported rope scaling type {other:?}; supported: default, linear, llama3"
-            ));
+            return Err(format!("unsupported rope scaling type {other:?}; supported: default, linear, llama3"));
         }
     };
     Ok((theta as f32, scaling))
@@ -373,11 +326,7 @@ fn parse_rope(raw: &RawConfig) -> Result<(f32, RopeScaling), String> {
 
 /// Reads a token id field that may be absent, a number, or a list of numbers.
 pub(crate) fn token_ids(v: Option<&Value>) -> Result<Vec<u32>, String> {
-    let as_id = |v: &Value| {
-        v.as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or(format!("{v} is not a token id"))
-    };
+    let as_id = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or(format!("{v} is not a token id"));
     match v {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => items.iter().map(as_id).collect(),
@@ -399,10 +348,7 @@ mod tests {
         let c = ModelConfig::from_json(LLAMA).expect("valid config");
         assert_eq!(c.head_dim, 2);
         assert_eq!(c.rope_theta, 500000.0);
-        assert!(matches!(
-            c.rope_scaling,
-            RopeScaling::Llama3 { factor: 8.0, .. }
-        ));
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor: 8.0, .. }));
         assert_eq!(c.eos_token_ids, vec![1, 2]);
         assert_eq!(c.module_shape(Module::K), (8, 4));
         assert!(!c.qkv_bias);
@@ -410,15 +356,12 @@ mod tests {
 
     #[test]
     fn refuses_unknown_architectures_and_rope_types_by_name() {
-        let e = ModelConfig::from_json(&LLAMA.replace("LlamaForCausalLM", "GPT2LMHeadModel"))
-            .unwrap_err();
+        let e = ModelConfig::from_json(&LLAMA.replace("LlamaForCausalLM", "GPT2LMHeadModel")).unwrap_err();
         assert!(e.contains("GPT2LMHeadModel"), "{e}");
         let e = ModelConfig::from_json(&LLAMA.replace("\"llama3\"", "\"longrope\"")).unwrap_err();
         assert!(e.contains("longrope"), "{e}");
-        let e = ModelConfig::from_json(
-            &LLAMA.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3"),
-        )
-        .unwrap_err();
+        let e = ModelConfig::from_json(&LLAMA.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3"))
+            .unwrap_err();
         assert!(e.contains("num_key_value_heads"), "{e}");
     }
 

@@ -17,10 +17,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: invalid model config: {reason}")]
     Config { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
@@ -28,34 +25,18 @@ pub enum ModelError {
     #[error("{path}: missing tensor {name}")]
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}: tensor {name} has shape {found:?}, expected {expected:?}")]
-    TensorShape {
-        path: PathBuf,
-        name: String,
-        found: Vec<usize>,
-        expected: Vec<usize>,
-    },
+    TensorShape { path: PathBuf, name: String, found: Vec<usize>, expected: Vec<usize> },
     #[error("{path}: tensor {name} has dtype {dtype}; supported: F32, BF16, F16")]
-    TensorDtype {
-        path: PathBuf,
-        name: String,
-        dtype: String,
-    },
+    TensorDtype { path: PathBuf, name: String, dtype: String },
     #[error("{path}: unexpected tensor {name} (not part of a {architecture} model)")]
-    UnexpectedTensor {
-        path: PathBuf,
-        name: String,
-        architecture: String,
-    },
+    UnexpectedTensor { path: PathBuf, name: String, architecture: String },
     #[error("{path}: invalid tokenizer: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
 }
 
 impl ModelError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> ModelError {
-        ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        ModelError::Io { path: path.to_path_buf(), source }
     }
 }
 
@@ -81,11 +62,6 @@ impl Model {
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| dir.display().to_string());
-        Ok(Model {
-            name,
-            config,
-            weights,
-            tokenizer,
-        })
+        Ok(Model { name, config, weights, tokenizer })
     }
 }

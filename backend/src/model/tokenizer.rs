@@ -48,10 +48,7 @@ fn read_json(path: &Path) -> Result<Option<Value>, ModelError> {
     match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
             .map(Some)
-            .map_err(|e| ModelError::Tokenizer {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            }),
+            .map_err(|e| ModelError::Tokenizer { path: path.to_path_buf(), reason: e.to_string() }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(ModelError::io(path, e)),
     }
@@ -62,10 +59,8 @@ impl Tokenizer {
     /// (or `chat_template.jinja`), and the end-of-sequence ids of `generation_config.json`.
     pub fn load(dir: &Path, config: &ModelConfig) -> Result<Tokenizer, ModelError> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| ModelError::Tokenizer { path: path.clone(), reason: e.to_string() })?;
         let tk_config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let chat_template = match tk_config.get("chat_template") {
             Some(Value::String(t)) => Some(t.clone()),
@@ -86,12 +81,8 @@ impl Tokenizer {
         let mut eos: BTreeSet<u32> = config.eos_token_ids.iter().copied().collect();
         let gen_path = dir.join("generation_config.json");
         if let Some(gen_config) = read_json(&gen_path)? {
-            let ids = token_ids(gen_config.get("eos_token_id")).map_err(|reason| {
-                ModelError::Tokenizer {
-                    path: gen_path.clone(),
-                    reason,
-                }
-            })?;
+            let ids = token_ids(gen_config.get("eos_token_id"))
+                .map_err(|reason| ModelError::Tokenizer { path: gen_path.clone(), reason })?;
             eos.extend(ids);
         }
         if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
@@ -105,30 +96,17 @@ impl Tokenizer {
             });
         }
         // Compiled once, so a broken template fails at start-up rather than on a request.
-        let chat =
-            chat_template
-                .map(template_env)
-                .transpose()
-                .map_err(|e| ModelError::Tokenizer {
-                    path: dir.join("tokenizer_config.json"),
-                    reason: format!("chat template: {e}"),
-                })?;
-        Ok(Tokenizer {
-            inner,
-            chat,
-            bos_token,
-            eos_token,
-            eos_ids: eos.into_iter().collect(),
-        })
+        let chat = chat_template.map(template_env).transpose().map_err(|e| ModelError::Tokenizer {
+            path: dir.join("tokenizer_config.json"),
+            reason: format!("chat template: {e}"),
+        })?;
+        Ok(Tokenizer { inner, chat, bos_token, eos_token, eos_ids: eos.into_iter().collect() })
     }
 
     /// Token ids of `text`. Special tokens written in the text are recognised; no BOS or other
     /// special tokens are added (chat templates write them out).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        self.inner
-            .encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| e.to_string())
+        self.inner.encode(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
     }
 
     /// Text of `ids`, without special tokens.
@@ -142,15 +120,8 @@ impl Tokenizer {
     }
 
     /// Renders `messages` with the model's chat template.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, String> {
-        let env = self
-            .chat
-            .as_ref()
-            .ok_or("this model has no chat template; send a raw prompt")?;
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, String> {
+        let env = self.chat.as_ref().ok_or("this model has no chat template; send a raw prompt")?;
         let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
         tmpl.render(minijinja::context! {
             messages => messages,
@@ -169,15 +140,9 @@ fn template_env(template: String) -> Result<minijinja::Environment<'static>, min
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                msg,
-            ))
-        },
-    );
+    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
     env.add_template_owned("chat", template)?;
     Ok(env)
 }

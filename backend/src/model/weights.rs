@@ -45,15 +45,9 @@ pub struct ModelWeights {
 pub(crate) fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     let words = |n: usize| bytes.chunks_exact(n);
     Some(match dtype {
-        Dtype::F32 => words(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::BF16 => words(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => words(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
+        Dtype::F32 => words(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::BF16 => words(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F16 => words(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         _ => return None,
     })
 }
@@ -68,22 +62,13 @@ impl Shards {
         let index = dir.join("model.safetensors.index.json");
         let names: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| ModelError::Weights {
-                    path: index.clone(),
-                    reason: e.to_string(),
-                })?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::Weights { path: index.clone(), reason: e.to_string() })?;
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| ModelError::Weights {
-                    path: index.clone(),
-                    reason: "no `weight_map` object".into(),
-                })?;
-            let mut files: Vec<String> = map
-                .values()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect();
+                .ok_or_else(|| ModelError::Weights { path: index.clone(), reason: "no `weight_map` object".into() })?;
+            let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
             files.sort();
             files.dedup();
             for f in &files {
@@ -100,7 +85,8 @@ impl Shards {
             if !single.exists() {
                 return Err(ModelError::Weights {
                     path: dir.to_path_buf(),
-                    reason: "no model.safetensors or model.safetensors.index.json (pickle .bin weights are not loaded)".into(),
+                    reason: "no model.safetensors or model.safetensors.index.json (pickle .bin weights are not loaded)"
+                        .into(),
                 });
             }
             vec![single]
@@ -125,10 +111,8 @@ impl ModelWeights {
         let shards = Shards::open(dir)?;
         let mut parsed = Vec::with_capacity(shards.files.len());
         for (path, map) in &shards.files {
-            let st = SafeTensors::deserialize(map).map_err(|e| ModelError::Weights {
-                path: path.clone(),
-                reason: format!("invalid safetensors: {e}"),
-            })?;
+            let st = SafeTensors::deserialize(map)
+                .map_err(|e| ModelError::Weights { path: path.clone(), reason: format!("invalid safetensors: {e}") })?;
             parsed.push((path, st));
         }
         // name -> shard holding it
@@ -155,10 +139,8 @@ impl ModelWeights {
                 return Ok(None);
             };
             let (path, st) = &parsed[i];
-            let view = st.tensor(name).map_err(|e| ModelError::Weights {
-                path: (*path).clone(),
-                reason: e.to_string(),
-            })?;
+            let view =
+                st.tensor(name).map_err(|e| ModelError::Weights { path: (*path).clone(), reason: e.to_string() })?;
             let shape = view.shape().to_vec();
             let want = &expected[name];
             if &shape != want {
@@ -169,18 +151,14 @@ impl ModelWeights {
                     expected: want.clone(),
                 });
             }
-            let data =
-                to_f32(view.dtype(), view.data()).ok_or_else(|| ModelError::TensorDtype {
-                    path: (*path).clone(),
-                    name: name.into(),
-                    dtype: format!("{:?}", view.dtype()),
-                })?;
+            let data = to_f32(view.dtype(), view.data()).ok_or_else(|| ModelError::TensorDtype {
+                path: (*path).clone(),
+                name: name.into(),
+                dtype: format!("{:?}", view.dtype()),
+            })?;
             Ok(Some(HostTensor::new(shape, data)))
         };
-        let missing = |name: &str| ModelError::MissingTensor {
-            path: dir.to_path_buf(),
-            name: name.into(),
-        };
+        let missing = |name: &str| ModelError::MissingTensor { path: dir.to_path_buf(), name: name.into() };
         let need = |name: &str| take(name)?.ok_or_else(|| missing(name));
 
         let embed_tokens = need("model.embed_tokens.weight")?;
@@ -205,17 +183,8 @@ impl ModelWeights {
             });
         }
         let final_norm = need("model.norm.weight")?;
-        let lm_head = if config.tie_word_embeddings {
-            take("lm_head.weight")?
-        } else {
-            Some(need("lm_head.weight")?)
-        };
-        Ok(ModelWeights {
-            embed_tokens,
-            layers,
-            final_norm,
-            lm_head,
-        })
+        let lm_head = if config.tie_word_embeddings { take("lm_head.weight")? } else { Some(need("lm_head.weight")?) };
+        Ok(ModelWeights { embed_tokens, layers, final_norm, lm_head })
     }
 
     /// Random weights of the configured shape (normal-ish, deterministic in `seed`), for
@@ -225,10 +194,7 @@ impl ModelWeights {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut uniform = |shape: Vec<usize>, bound: f32| {
             let n = shape.iter().product();
-            HostTensor::new(
-                shape,
-                (0..n).map(|_| rng.random_range(-bound..bound)).collect(),
-            )
+            HostTensor::new(shape, (0..n).map(|_| rng.random_range(-bound..bound)).collect())
         };
         let h = config.hidden_size;
         let ones = |n: usize| HostTensor::new(vec![n], vec![1.0; n]);
@@ -238,27 +204,14 @@ impl ModelWeights {
                 let (i, o) = config.module_shape(m);
                 uniform(vec![o, i], (3.0 / i as f32).sqrt())
             });
-            let bias = Module::ALL.map(|m| {
-                config
-                    .module_has_bias(m)
-                    .then(|| uniform(vec![config.module_shape(m).1], 0.1))
-            });
-            layers.push(LayerWeights {
-                input_norm: ones(h),
-                post_attention_norm: ones(h),
-                proj,
-                bias,
-            });
+            let bias =
+                Module::ALL.map(|m| config.module_has_bias(m).then(|| uniform(vec![config.module_shape(m).1], 0.1)));
+            layers.push(LayerWeights { input_norm: ones(h), post_attention_norm: ones(h), proj, bias });
         }
         let embed_tokens = uniform(vec![config.vocab_size, h], 1.0);
-        let lm_head = (!config.tie_word_embeddings)
-            .then(|| uniform(vec![config.vocab_size, h], (3.0 / h as f32).sqrt()));
-        ModelWeights {
-            embed_tokens,
-            layers,
-            final_norm: ones(h),
-            lm_head,
-        }
+        let lm_head =
+            (!config.tie_word_embeddings).then(|| uniform(vec![config.vocab_size, h], (3.0 / h as f32).sqrt()));
+        ModelWeights { embed_tokens, layers, final_norm: ones(h), lm_head }
     }
 
     /// The output projection (`[vocab, hidden]`), which may be the embedding table.

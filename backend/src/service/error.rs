@@ -37,9 +37,7 @@ impl ServiceError {
                 EngineError::UnknownAdapter(_) => Code::NotFound,
                 EngineError::AdapterInUse { .. } => Code::FailedPrecondition,
                 EngineError::AdapterConflict { .. } => Code::AlreadyExists,
-                EngineError::SlotsFull { .. } | EngineError::QueueFull { .. } => {
-                    Code::ResourceExhausted
-                }
+                EngineError::SlotsFull { .. } | EngineError::QueueFull { .. } => Code::ResourceExhausted,
                 EngineError::InvalidRequest(_) => Code::InvalidArgument,
                 EngineError::Stopped => Code::Unavailable,
                 EngineError::Executor(_) => Code::Internal,
@@ -61,43 +59,15 @@ mod tests {
     #[test]
     fn each_failure_has_its_own_code() {
         let cases: Vec<(ServiceError, Code)> = vec![
-            (
-                EngineError::UnknownAdapter("x".into()).into(),
-                Code::NotFound,
-            ),
-            (
-                EngineError::AdapterInUse {
-                    name: "x".into(),
-                    active: 1,
-                }
-                .into(),
-                Code::FailedPrecondition,
-            ),
-            (
-                EngineError::SlotsFull { max: 2 }.into(),
-                Code::ResourceExhausted,
-            ),
-            (
-                EngineError::QueueFull { max: 2 }.into(),
-                Code::ResourceExhausted,
-            ),
-            (
-                EngineError::InvalidRequest("long".into()).into(),
-                Code::InvalidArgument,
-            ),
+            (EngineError::UnknownAdapter("x".into()).into(), Code::NotFound),
+            (EngineError::AdapterInUse { name: "x".into(), active: 1 }.into(), Code::FailedPrecondition),
+            (EngineError::SlotsFull { max: 2 }.into(), Code::ResourceExhausted),
+            (EngineError::QueueFull { max: 2 }.into(), Code::ResourceExhausted),
+            (EngineError::InvalidRequest("long".into()).into(), Code::InvalidArgument),
             (EngineError::Stopped.into(), Code::Unavailable),
+            (AdapterError::NotFound { path: "/x".into() }.into(), Code::NotFound),
             (
-                AdapterError::NotFound { path: "/x".into() }.into(),
-                Code::NotFound,
-            ),
-            (
-                AdapterError::RankTooLarge {
-                    path: "/x".into(),
-                    module: "q".into(),
-                    rank: 64,
-                    max: 16,
-                }
-                .into(),
+                AdapterError::RankTooLarge { path: "/x".into(), module: "q".into(), rank: 64, max: 16 }.into(),
                 Code::InvalidArgument,
             ),
         ];

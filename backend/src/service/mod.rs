@@ -36,41 +36,23 @@ pub struct BackendService {
 }
 
 impl BackendService {
-    pub fn new(
-        engine: Arc<Engine>,
-        tokenizer: Arc<Tokenizer>,
-        model: ServedModel,
-    ) -> BackendService {
-        BackendService {
-            engine,
-            tokenizer,
-            model: Arc::new(model),
-        }
+    pub fn new(engine: Arc<Engine>, tokenizer: Arc<Tokenizer>, model: ServedModel) -> BackendService {
+        BackendService { engine, tokenizer, model: Arc::new(model) }
     }
 
     /// Turns the request's input (text, chat or ids) into prompt token ids.
-    async fn prompt_ids(
-        &self,
-        input: Option<pb::generate_request::Input>,
-    ) -> Result<Vec<u32>, ServiceError> {
+    async fn prompt_ids(&self, input: Option<pb::generate_request::Input>) -> Result<Vec<u32>, ServiceError> {
         use pb::generate_request::Input;
         let tokenizer = self.tokenizer.clone();
-        let input = input.ok_or_else(|| {
-            ServiceError::BadRequest("one of prompt, chat or token_ids is required".into())
-        })?;
+        let input =
+            input.ok_or_else(|| ServiceError::BadRequest("one of prompt, chat or token_ids is required".into()))?;
         let encode = move || -> Result<Vec<u32>, ServiceError> {
             let text = match input {
                 Input::TokenIds(ids) => return Ok(ids.ids),
                 Input::Prompt(text) => text,
                 Input::Chat(chat) => {
-                    let messages: Vec<ChatMessage> = chat
-                        .messages
-                        .into_iter()
-                        .map(|m| ChatMessage {
-                            role: m.role,
-                            content: m.content,
-                        })
-                        .collect();
+                    let messages: Vec<ChatMessage> =
+                        chat.messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
                     if messages.is_empty() {
                         return Err(ServiceError::BadRequest("chat has no messages".into()));
                     }
@@ -79,9 +61,7 @@ impl BackendService {
                         .map_err(ServiceError::BadRequest)?
                 }
             };
-            tokenizer
-                .encode(&text)
-                .map_err(|e| ServiceError::BadRequest(format!("cannot tokenize prompt: {e}")))
+            tokenizer.encode(&text).map_err(|e| ServiceError::BadRequest(format!("cannot tokenize prompt: {e}")))
         };
         tokio::task::spawn_blocking(encode)
             .await
@@ -117,10 +97,7 @@ type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Sta
 impl pb::backend_server::Backend for BackendService {
     type GenerateStream = GenerateStream;
 
-    async fn generate(
-        &self,
-        request: Request<pb::GenerateRequest>,
-    ) -> Result<Response<GenerateStream>, Status> {
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let req = request.into_inner();
         let prompt = self.prompt_ids(req.input).await?;
         let s = req.sampling.unwrap_or_default();
@@ -140,26 +117,12 @@ impl pb::backend_server::Backend for BackendService {
             stop: req.stop,
             ignore_eos: req.ignore_eos,
         };
-        let events = self
-            .engine
-            .generate(engine_req)
-            .await
-            .map_err(ServiceError::from)?;
+        let events = self.engine.generate(engine_req).await.map_err(ServiceError::from)?;
         // Dropping the response stream (the client went away) drops the receiver, which the
         // engine notices at its next step and cancels the request.
         let stream = UnboundedReceiverStream::new(events).map(|event| match event {
-            Event::Token { id, text } => Ok(pb::GenerateResponse {
-                text,
-                token_ids: vec![id],
-                ..Default::default()
-            }),
-            Event::Finished {
-                id,
-                text,
-                reason,
-                prompt_tokens,
-                completion_tokens,
-            } => Ok(pb::GenerateResponse {
+            Event::Token { id, text } => Ok(pb::GenerateResponse { text, token_ids: vec![id], ..Default::default() }),
+            Event::Finished { id, text, reason, prompt_tokens, completion_tokens } => Ok(pb::GenerateResponse {
                 text,
                 token_ids: id.into_iter().collect(),
                 finish_reason: finish_reason(reason) as i32,
@@ -184,17 +147,10 @@ impl pb::backend_server::Backend for BackendService {
             return Err(ServiceError::BadRequest("source.uri is required".into()).into());
         }
         // Already resident from the same source: nothing to read.
-        if let Some(a) = self
-            .engine
-            .snapshot()
-            .adapters
-            .iter()
-            .find(|a| a.resident.name == req.name && a.resident.uri == uri)
+        if let Some(a) =
+            self.engine.snapshot().adapters.iter().find(|a| a.resident.name == req.name && a.resident.uri == uri)
         {
-            return Ok(Response::new(pb::LoadAdapterResponse {
-                adapter: Some(adapter_info(a)),
-                already_loaded: true,
-            }));
+            return Ok(Response::new(pb::LoadAdapterResponse { adapter: Some(adapter_info(a)), already_loaded: true }));
         }
         let dir = adapters::resolve_uri(&uri).map_err(ServiceError::from)?;
         let config = self.model.config.clone();
@@ -211,15 +167,9 @@ impl pb::backend_server::Backend for BackendService {
         {
             tracing::warn!(adapter = %req.name, adapter_base = %base, served = %self.model.name, "adapter was trained on a differently named base model");
         }
-        let (status, already_loaded) = self
-            .engine
-            .install_adapter(req.name, uri, weights)
-            .await
-            .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::LoadAdapterResponse {
-            adapter: Some(adapter_info(&status)),
-            already_loaded,
-        }))
+        let (status, already_loaded) =
+            self.engine.install_adapter(req.name, uri, weights).await.map_err(ServiceError::from)?;
+        Ok(Response::new(pb::LoadAdapterResponse { adapter: Some(adapter_info(&status)), already_loaded }))
     }
 
     async fn unload_adapter(
@@ -227,10 +177,7 @@ impl pb::backend_server::Backend for BackendService {
         request: Request<pb::UnloadAdapterRequest>,
     ) -> Result<Response<pb::UnloadAdapterResponse>, Status> {
         let name = request.into_inner().name;
-        self.engine
-            .unload_adapter(name)
-            .await
-            .map_err(ServiceError::from)?;
+        self.engine.unload_adapter(name).await.map_err(ServiceError::from)?;
         Ok(Response::new(pb::UnloadAdapterResponse {}))
     }
 
@@ -238,20 +185,11 @@ impl pb::backend_server::Backend for BackendService {
         &self,
         _: Request<pb::ListAdaptersRequest>,
     ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
-        let adapters = self
-            .engine
-            .snapshot()
-            .adapters
-            .iter()
-            .map(adapter_info)
-            .collect();
+        let adapters = self.engine.snapshot().adapters.iter().map(adapter_info).collect();
         Ok(Response::new(pb::ListAdaptersResponse { adapters }))
     }
 
-    async fn info(
-        &self,
-        _: Request<pb::InfoRequest>,
-    ) -> Result<Response<pb::InfoResponse>, Status> {
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         let snap = self.engine.snapshot();
         let cfg = self.engine.config();
         let m = &self.model;

@@ -38,10 +38,7 @@ pub enum ServeError {
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -72,10 +69,7 @@ fn engine_config(opts: &ServeOptions, model: &Model) -> Result<EngineConfig, Ser
     // K and V, every layer, f32.
     let bytes_per_token = 2 * c.num_layers * c.kv_dim() * std::mem::size_of::<f32>();
     let budget_tokens = opts.kv_cache_mib * (1 << 20) / bytes_per_token;
-    let model_len = opts
-        .max_model_len
-        .unwrap_or(c.max_position_embeddings)
-        .min(c.max_position_embeddings);
+    let model_len = opts.max_model_len.unwrap_or(c.max_position_embeddings).min(c.max_position_embeddings);
     // No point holding more than every running sequence at full length.
     let useful_tokens = opts.max_running.saturating_mul(model_len);
     let num_blocks = budget_tokens.min(useful_tokens).div_ceil(KV_BLOCK_SIZE);
@@ -117,26 +111,11 @@ pub async fn prepare(opts: ServeOptions) -> Result<Served, ServeError> {
         .await
         .map_err(|e| ServeError::Config(format!("model loader failed: {e}")))??;
     let cfg = engine_config(&opts, &model)?;
-    let Model {
-        name,
-        config,
-        weights,
-        tokenizer,
-    } = model;
-    let executor = CpuExecutor::new(
-        &config,
-        weights,
-        cfg.scheduler.num_blocks,
-        KV_BLOCK_SIZE,
-        cfg.max_loras,
-        cfg.max_lora_rank,
-    );
-    let served = ServedModel {
-        name,
-        config: config.clone(),
-        device: executor.device(),
-        dtype: executor.dtype().to_string(),
-    };
+    let Model { name, config, weights, tokenizer } = model;
+    let executor =
+        CpuExecutor::new(&config, weights, cfg.scheduler.num_blocks, KV_BLOCK_SIZE, cfg.max_loras, cfg.max_lora_rank);
+    let served =
+        ServedModel { name, config: config.clone(), device: executor.device(), dtype: executor.dtype().to_string() };
     tracing::info!(
         model = %served.name,
         architecture = %config.architecture,
@@ -148,27 +127,12 @@ pub async fn prepare(opts: ServeOptions) -> Result<Served, ServeError> {
         "model loaded"
     );
     let tokenizer = Arc::new(tokenizer);
-    let engine = Arc::new(Engine::start(
-        &config,
-        tokenizer.clone(),
-        Box::new(executor),
-        cfg,
-    ));
+    let engine = Arc::new(Engine::start(&config, tokenizer.clone(), Box::new(executor), cfg));
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
-        .map_err(|source| ServeError::Bind {
-            addr: opts.listen,
-            source,
-        })?;
-    let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: opts.listen,
-        source,
-    })?;
-    Ok(Served {
-        local_addr,
-        listener,
-        service: BackendService::new(engine, tokenizer, served),
-    })
+        .map_err(|source| ServeError::Bind { addr: opts.listen, source })?;
+    let local_addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: opts.listen, source })?;
+    Ok(Served { local_addr, listener, service: BackendService::new(engine, tokenizer, served) })
 }
 
 impl Served {
@@ -176,25 +140,17 @@ impl Served {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<BackendServer<BackendService>>().await;
-        health
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
+        health.set_service_status("", tonic_health::ServingStatus::Serving).await;
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(BackendServer::new(self.service))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(self.listener),
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(self.listener), shutdown)
             .await?;
         Ok(())
     }
 }
 
 /// [`prepare`] then [`Served::run`].
-pub async fn serve(
-    opts: ServeOptions,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
+pub async fn serve(opts: ServeOptions, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
     prepare(opts).await?.run(shutdown).await
 }

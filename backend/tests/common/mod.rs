@@ -56,11 +56,7 @@ pub fn golden() -> Golden {
     let bytes = std::fs::read(dir.join("logits.safetensors")).expect("logits.safetensors");
     let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
     for (name, view) in st.tensors() {
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         g.logits.insert(name, data);
     }
     g
@@ -71,8 +67,7 @@ pub fn load_model(name: &str) -> Model {
 }
 
 pub fn load_adapter(model: &Model, name: &str) -> AdapterWeights {
-    load_peft_dir(&adapter_dir(&model_dirname(model), name), &model.config, 64)
-        .expect("fixture adapter loads")
+    load_peft_dir(&adapter_dir(&model_dirname(model), name), &model.config, 64).expect("fixture adapter loads")
 }
 
 fn model_dirname(model: &Model) -> String {
@@ -83,11 +78,7 @@ fn model_dirname(model: &Model) -> String {
 pub fn row_rel_err(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().map(|v| v.abs() as f64).fold(1e-6, f64::max);
-    got.iter()
-        .zip(want)
-        .map(|(g, w)| (*g as f64 - *w as f64).abs())
-        .fold(0.0, f64::max)
-        / scale
+    got.iter().zip(want).map(|(g, w)| (*g as f64 - *w as f64).abs()).fold(0.0, f64::max) / scale
 }
 
 /// f32 tolerance of the golden tests: the reference runs the same f32 math in another order.
