@@ -12,6 +12,7 @@
 //! - the KV cache is paged: see [`attention`].
 
 pub mod attention;
+pub mod cuda;
 pub mod lora;
 pub mod matmul;
 pub mod ops;

@@ -1,0 +1,203 @@
+//! The CUDA kernels: `.cu` sources in `kernels/cuda/`, compiled at run time with NVRTC and
+//! launched through cudarc. Nothing here needs a CUDA toolkit at build time; at run time the
+//! driver (`libcuda`) and NVRTC (`libnvrtc`) are loaded dynamically, and their absence is an
+//! error value, never a panic.
+//!
+//! Every kernel has a CPU counterpart of the same name in this crate that specifies it.
+
+mod launch;
+
+pub use launch::{CudaKernels, LoraSlotEntry, Segments};
+
+use cudarc::driver::{CudaContext, DriverError};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+use std::sync::Arc;
+
+/// Helpers every source is compiled with (numeric types, warp reductions).
+const PRELUDE: &str = include_str!("../../cuda/prelude.cuh");
+
+/// The kernel sources, by name.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("lora", include_str!("../../cuda/lora.cu")),
+    ("ops", include_str!("../../cuda/ops.cu")),
+    ("attention", include_str!("../../cuda/attention.cu")),
+];
+
+/// Element types the kernels are instantiated for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    /// Suffix of the kernel entry points for this type.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+}
+
+/// Element types that can live in device buffers the kernels read and write.
+pub trait Element: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Send + Sync + 'static {
+    const DTYPE: Dtype;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Element for f32 {
+    const DTYPE: Dtype = Dtype::F32;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Element for half::bf16 {
+    const DTYPE: Dtype = Dtype::Bf16;
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+impl Element for half::f16 {
+    const DTYPE: Dtype = Dtype::F16;
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+/// Why the CUDA path is unavailable or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("the CUDA driver library (libcuda.so) was not found; install the NVIDIA driver or run on the CPU")]
+    NoDriver,
+    #[error("NVRTC (libnvrtc.so.13) was not found; install the CUDA 13 runtime compiler or add it to LD_LIBRARY_PATH")]
+    NoNvrtc,
+    #[error("no CUDA device {0}")]
+    NoDevice(usize),
+    #[error("compiling kernel source {name}.cu failed:\n{log}")]
+    Compile { name: String, log: String },
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] DriverError),
+    #[error("invalid kernel arguments: {0}")]
+    Arguments(String),
+}
+
+/// Whether NVRTC can be loaded.
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library; no symbol is called.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Whether the CUDA driver library can be loaded.
+pub fn driver_available() -> bool {
+    // SAFETY: only tries to dlopen the library; no symbol is called.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// NVRTC's `--gpu-architecture` value for a compute capability.
+fn arch_for(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (7, 0) => "compute_70",
+        (7, 5) => "compute_75",
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 9) => "compute_89",
+        (9, 0) => "compute_90",
+        (10, 0) => "compute_100",
+        (12, 0) => "compute_120",
+        // Newer or unlisted parts run PTX for the newest architecture we name, JIT-compiled by
+        // the driver.
+        _ => "compute_80",
+    }
+}
+
+/// Compiles one source (with the prelude) to PTX for `arch` (e.g. `compute_90`).
+pub fn compile(name: &str, source: &str, arch: &'static str) -> Result<Ptx, CudaError> {
+    if !nvrtc_available() {
+        return Err(CudaError::NoNvrtc);
+    }
+    let full = format!("{PRELUDE}\n{source}");
+    let opts = CompileOptions {
+        arch: Some(arch),
+        name: Some(format!("{name}.cu")),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(full, opts)
+        .map_err(|e| CudaError::Compile { name: name.to_string(), log: format!("{e:?}") })
+}
+
+/// Compiles every source for `arch`; the first failure names its file and carries NVRTC's log.
+pub fn compile_all(arch: &'static str) -> Result<Vec<(&'static str, Ptx)>, CudaError> {
+    SOURCES.iter().map(|&(name, src)| compile(name, src, arch).map(|ptx| (name, ptx))).collect()
+}
+
+/// Opens device `ordinal`, checking for the driver first (cudarc panics without it).
+pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>, CudaError> {
+    if !driver_available() {
+        return Err(CudaError::NoDriver);
+    }
+    let count = CudaContext::device_count()?;
+    if ordinal >= count.max(0) as usize {
+        return Err(CudaError::NoDevice(ordinal));
+    }
+    Ok(CudaContext::new(ordinal)?)
+}
+
+/// The NVRTC architecture for a context's device.
+pub fn device_arch(ctx: &CudaContext) -> Result<&'static str, CudaError> {
+    let (major, minor) = ctx.compute_capability()?;
+    Ok(arch_for(major, minor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compiles every kernel source to PTX. Needs only NVRTC (no GPU); CI installs it and sets
+    /// `SWITCHYARD_REQUIRE_NVRTC=1` so that a missing NVRTC fails instead of skipping.
+    #[test]
+    fn every_kernel_source_compiles_with_nvrtc() {
+        if !nvrtc_available() {
+            assert!(
+                std::env::var_os("SWITCHYARD_REQUIRE_NVRTC").is_none(),
+                "SWITCHYARD_REQUIRE_NVRTC is set but libnvrtc.so.13 cannot be loaded"
+            );
+            eprintln!("skipped: NVRTC (libnvrtc.so.13) not found; kernels were not compiled");
+            return;
+        }
+        for arch in ["compute_80", "compute_90"] {
+            for (name, ptx) in compile_all(arch).unwrap_or_else(|e| panic!("{e}")) {
+                let text = ptx.to_src();
+                for dtype in ["f32", "bf16", "f16"] {
+                    let entry = format!(".entry {}", launch::first_kernel_of(name));
+                    assert!(text.contains(&format!("{entry}_{dtype}")), "{name}.cu lacks {entry}_{dtype}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn missing_libraries_are_errors_not_panics() {
+        // On a machine without a driver this is the NoDriver path; with one, a bad ordinal.
+        match open_device(10_000) {
+            Err(CudaError::NoDriver) | Err(CudaError::NoDevice(_)) | Err(CudaError::Driver(_)) => {}
+            Ok(_) => panic!("device 10000 should not exist"),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+}
