@@ -79,6 +79,16 @@ __device__ void add_inplace(void* x_, const void* y_, long long n) {
         x[i] = D::store(D::load(x[i]) + D::load(y[i]));
 }
 
+// y[t, i] += bias[i] for `rows` rows of `width` values; grid (rows), block 256.
+template <typename D>
+__device__ void add_bias(void* y_, const void* bias_, int width) {
+    typedef typename D::T T;
+    T* y = (T*)y_ + (size_t)blockIdx.x * width;
+    const T* bias = (const T*)bias_;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) y[i] = D::store(D::load(y[i]) + D::load(bias[i]));
+}
+
+INSTANTIATE(add_bias, (void* y, const void* bias, int width), (y, bias, width))
 INSTANTIATE(embedding, (const int* ids, const void* table, void* out, int hidden), (ids, table, out, hidden))
 INSTANTIATE(rms_norm, (const void* x, const void* w, void* out, int hidden, float eps), (x, w, out, hidden, eps))
 INSTANTIATE(rope,

@@ -17,7 +17,9 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
-use switchyard_kernels::cuda::{CudaError, CudaKernels, Element, LoraSlotEntry, Segments, open_device};
+use switchyard_kernels::cuda::{
+    CudaError, CudaKernels, Element, LoraSlotEntry, SEGMENT_PIECE_ROWS, Segments, open_device,
+};
 use switchyard_kernels::{KvLayout, LoraMat, attention, lora, ops};
 
 type Result<T> = std::result::Result<T, CudaError>;
@@ -115,6 +117,15 @@ impl Check {
             ops::silu_mul(&gu_h, inter, &mut want);
             let got = self.down(&out)?;
             self.record::<E>("silu_mul", format!("rows={rows} inter={inter}"), &got, &want);
+
+            // add_bias
+            let (yb, yb_h) = self.random::<E>(rows * hidden, 1.0);
+            let (bias, bias_h) = self.random::<E>(hidden, 1.0);
+            let (mut d_yb, d_bias) = (self.up(&yb)?, self.up(&bias)?);
+            self.k.add_bias(&mut d_yb, &d_bias, rows, hidden)?;
+            let want: Vec<f32> = yb_h.iter().enumerate().map(|(i, v)| v + bias_h[i % hidden]).collect();
+            let got = self.down(&d_yb)?;
+            self.record::<E>("add_bias", shape.clone(), &got, &want);
 
             // add_inplace
             let (a, a_h) = self.random::<E>(rows * hidden, 1.0);
@@ -326,7 +337,7 @@ struct LoraBench {
 
 /// Times shrink+expand (`h → r → h`, bf16) for `rows` rows over `adapters` distinct adapters
 /// of rank `rank`, rows assigned round-robin. SGMV when rows share adapters, BGMV otherwise.
-fn lora_bench(c: &mut Check, rows: usize, adapters: usize, rank: usize, h: usize) -> Result<LoraBench> {
+fn lora_bench(c: &mut Check, rows: usize, adapters: usize, rank: usize, h: usize, piece: u32) -> Result<LoraBench> {
     let (table, _keep, _host) = c.adapters::<bf16>(&vec![rank; adapters], h, h)?;
     let (x, _) = c.random::<bf16>(rows * h, 1.0);
     let (y, _) = c.random::<bf16>(rows * h, 1.0);
@@ -335,7 +346,7 @@ fn lora_bench(c: &mut Check, rows: usize, adapters: usize, rank: usize, h: usize
     // Rows of one adapter are contiguous (the scheduler sorts rows by adapter).
     let per = rows.div_ceil(adapters);
     let row_slots: Vec<Option<u32>> = (0..rows).map(|t| Some((t / per) as u32)).collect();
-    let segs = Segments::upload(&c.stream, &lora::segments(&row_slots))?;
+    let segs = Segments::upload_pieces(&c.stream, &lora::segments(&row_slots), piece)?;
     let slots_i: Vec<i32> = row_slots.iter().map(|s| s.map_or(-1, |s| s as i32)).collect();
     let d_slots = c.up(&slots_i)?;
     let decode_shaped = per == 1;
@@ -398,9 +409,13 @@ fn run(out: Option<String>, torch: HashMap<String, f64>) -> Result<bool> {
     }
 
     let copy = copy_bandwidth(&c)?;
-    let big = lora_bench(&mut c, 256, 256, 64, 4096)?;
-    let small = lora_bench(&mut c, 64, 64, 16, 4096)?;
-    let one = lora_bench(&mut c, 64, 1, 16, 4096)?;
+    let big = lora_bench(&mut c, 256, 256, 64, 4096, SEGMENT_PIECE_ROWS)?;
+    let small = lora_bench(&mut c, 64, 64, 16, 4096, SEGMENT_PIECE_ROWS)?;
+    let one = lora_bench(&mut c, 64, 1, 16, 4096, SEGMENT_PIECE_ROWS)?;
+    let mut pieces = Vec::new();
+    for piece in [1u32, 2, 8, 16, 64] {
+        pieces.push((piece, lora_bench(&mut c, 64, 1, 16, 4096, piece)?.kernels_ms));
+    }
     let _ = writeln!(report, "\nLoRA benchmarks (bf16, shrink+expand, hidden 4096; medians of CUDA-event timings)");
     let _ = writeln!(report, "device-to-device copy bandwidth: {:.0} GB/s (read+write)", copy / 1e9);
     let big_bw = big.bytes / (big.kernels_ms * 1e-3);
@@ -412,7 +427,14 @@ fn run(out: Option<String>, torch: HashMap<String, f64>) -> Result<bool> {
         big_bw / copy
     );
     let _ = writeln!(report, "64 tokens x 64 adapters, rank 16: {:.1} us", small.kernels_ms * 1e3);
-    let _ = writeln!(report, "64 tokens x 1 adapter, rank 16: {:.1} us", one.kernels_ms * 1e3);
+    let _ = writeln!(
+        report,
+        "64 tokens x 1 adapter, rank 16: {:.1} us (segments split every {SEGMENT_PIECE_ROWS} rows)",
+        one.kernels_ms * 1e3
+    );
+    for (piece, ms) in pieces {
+        let _ = writeln!(report, "  with pieces of {piece} rows: {:.1} us", ms * 1e3);
+    }
     let _ = writeln!(report, "64 distinct / 1 adapter: {:.2}x (goal <= 2.5x)", small.kernels_ms / one.kernels_ms);
     for (baseline, goal) in [("torch_loop_us", 10.0), ("torch_gather_bmm_us", 3.0)] {
         if let Some(t) = torch.get(baseline) {

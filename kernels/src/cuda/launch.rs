@@ -21,7 +21,7 @@ const MAX_HEAD_DIM: usize = 256;
 /// Entry points defined by each source, without the dtype suffix.
 const ENTRY_POINTS: &[(&str, &[&str])] = &[
     ("lora", &["sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand"]),
-    ("ops", &["embedding", "rms_norm", "rope", "silu_mul", "add_inplace"]),
+    ("ops", &["add_bias", "embedding", "rms_norm", "rope", "silu_mul", "add_inplace"]),
     ("attention", &["write_kv", "paged_attention"]),
 ];
 
@@ -48,7 +48,28 @@ pub struct LoraSlotEntry {
 // in lora.cu (u64, u64, int, float; 24 bytes, 8-byte aligned).
 unsafe impl DeviceRepr for LoraSlotEntry {}
 
-/// Segments of a batch in device memory.
+/// Rows one SGMV block handles at most. Longer segments (many rows on one adapter, as in a
+/// prefill or a popular adapter) are split so their rows spread over many blocks; the pieces
+/// re-read the adapter's matrices from L2, which is cheap next to the parallelism gained.
+pub const SEGMENT_PIECE_ROWS: u32 = 4;
+
+/// Splits segments into pieces of at most `piece` rows.
+pub fn split_segments(segs: &[Segment], piece: u32) -> Vec<Segment> {
+    let piece = piece.max(1);
+    let mut out = Vec::with_capacity(segs.len());
+    for s in segs {
+        let mut start = s.start;
+        while start < s.start + s.len {
+            let len = piece.min(s.start + s.len - start);
+            out.push(Segment { start, len, slot: s.slot });
+            start += len;
+        }
+    }
+    out
+}
+
+/// Segments of a batch in device memory, split into pieces of at most
+/// [`SEGMENT_PIECE_ROWS`] rows.
 #[derive(Debug)]
 pub struct Segments {
     start: CudaSlice<i32>,
@@ -60,6 +81,12 @@ pub struct Segments {
 impl Segments {
     /// Uploads segments built by [`crate::lora::segments`].
     pub fn upload(stream: &Arc<CudaStream>, segs: &[Segment]) -> Result<Segments, CudaError> {
+        Self::upload_pieces(stream, segs, SEGMENT_PIECE_ROWS)
+    }
+
+    /// Uploads segments split into pieces of at most `piece` rows.
+    pub fn upload_pieces(stream: &Arc<CudaStream>, segs: &[Segment], piece: u32) -> Result<Segments, CudaError> {
+        let segs = &split_segments(segs, piece);
         let col = |f: fn(&Segment) -> u32| segs.iter().map(|s| f(s) as i32).collect::<Vec<i32>>();
         // Empty device allocations are not allowed: keep one unused element.
         let pad = |mut v: Vec<i32>| {
@@ -235,6 +262,26 @@ impl CudaKernels {
         let inter_i = i32_of(inter, "inter")?;
         let mut b = self.stream.launch_builder(self.func::<E>("silu_mul")?);
         b.arg(gate_up).arg(out).arg(&inter_i);
+        // SAFETY: one block per row within the checked sizes.
+        unsafe { b.launch(Self::cfg((u32_of(rows, "rows")?, 1), 256)) }?;
+        Ok(())
+    }
+
+    /// `y[t] += bias` for `rows` rows of `width` values.
+    pub fn add_bias<E: Element>(
+        &self,
+        y: &mut CudaSlice<E>,
+        bias: &CudaSlice<E>,
+        rows: usize,
+        width: usize,
+    ) -> Result<(), CudaError> {
+        check(y.len() >= rows * width && bias.len() >= width, || "add_bias: buffers too small".into())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let width_i = i32_of(width, "width")?;
+        let mut b = self.stream.launch_builder(self.func::<E>("add_bias")?);
+        b.arg(y).arg(bias).arg(&width_i);
         // SAFETY: one block per row within the checked sizes.
         unsafe { b.launch(Self::cfg((u32_of(rows, "rows")?, 1), 256)) }?;
         Ok(())
@@ -460,6 +507,21 @@ impl CudaKernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_segments_are_split_into_pieces_that_keep_their_slot() {
+        let segs = [Segment { start: 0, len: 10, slot: 3 }, Segment { start: 12, len: 1, slot: 0 }];
+        assert_eq!(
+            split_segments(&segs, 4),
+            vec![
+                Segment { start: 0, len: 4, slot: 3 },
+                Segment { start: 4, len: 4, slot: 3 },
+                Segment { start: 8, len: 2, slot: 3 },
+                Segment { start: 12, len: 1, slot: 0 },
+            ]
+        );
+        assert_eq!(split_segments(&segs, 0).len(), 11, "a zero piece size means one row per piece");
+    }
 
     #[test]
     fn the_slot_entry_matches_the_kernels_struct_layout() {
