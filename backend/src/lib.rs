@@ -8,6 +8,7 @@
 //! - [`service`]: the `switchyard.backend.v1.Backend` gRPC service and the server around it.
 
 pub mod adapters;
+pub mod bench;
 pub mod engine;
 pub mod model;
 pub mod service;

@@ -4,7 +4,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use switchyard_backend::service::{self, ServeOptions};
+use switchyard_backend::adapters::AdapterWeights;
+use switchyard_backend::bench::{BLOCK_SIZE, blocks_needed, decode_tokens_per_s};
+use switchyard_backend::model::Model;
+use switchyard_backend::service::{self, DeviceChoice, ServeOptions};
 
 /// Defaults, named once.
 const DEFAULT_BACKEND_LISTEN: &str = "127.0.0.1:50051";
@@ -26,13 +29,43 @@ struct Cli {
 enum Command {
     /// Run a backend: one model, resident adapters, continuous batching, gRPC.
     Backend(BackendArgs),
+    /// Measure decode throughput with 0, 1 and N distinct adapters in one batch.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Hugging Face model directory or synthetic:<preset> (tiny, smollm2-135m, llama-1b, llama-7b).
+    #[arg(long, default_value = "synthetic:llama-7b")]
+    model: PathBuf,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceChoice,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Distinct adapters in the batch, one case each (0 = base model only).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,64")]
+    adapters: Vec<usize>,
+    /// Rank of the synthetic adapters (on all seven projections).
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    /// Timed decode steps per case.
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
 }
 
 #[derive(clap::Args, Debug)]
 struct BackendArgs {
-    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or
+    /// synthetic:<preset> for random weights of a known shape.
     #[arg(long, env = "SWITCHYARD_MODEL")]
     model: PathBuf,
+    /// Where the model runs: auto (CUDA when usable, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "auto")]
+    device: DeviceChoice,
     /// Address for the gRPC server; port 0 picks a free port (printed at start-up).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = DEFAULT_BACKEND_LISTEN)]
     listen: SocketAddr,
@@ -59,8 +92,19 @@ struct BackendArgs {
     max_waiting: usize,
 }
 
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: what failed and why (the error chain), no backtrace.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -70,12 +114,14 @@ async fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Backend(args) => run_backend(args).await,
+        Command::Bench(args) => tokio::task::spawn_blocking(move || run_bench(args)).await?,
     }
 }
 
 async fn run_backend(a: BackendArgs) -> Result<()> {
     let opts = ServeOptions {
         model: a.model,
+        device: a.device,
         listen: a.listen,
         max_loras: a.max_loras,
         max_lora_rank: a.max_lora_rank,
@@ -90,6 +136,39 @@ async fn run_backend(a: BackendArgs) -> Result<()> {
     println!("switchyard backend listening on {}", served.local_addr);
     served.run(shutdown_signal()).await?;
     tracing::info!("backend stopped");
+    Ok(())
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    anyhow::ensure!(a.batch > 0 && a.steps > 0, "--batch and --steps must be at least 1");
+    let device = service::resolve_device(a.device)?;
+    let model = Model::open(&a.model)?;
+    let slots = a.adapters.iter().copied().max().unwrap_or(0).max(1);
+    let config = model.config.clone();
+    let blocks = blocks_needed(a.batch, a.prompt_len, a.steps);
+    let mut exec = service::build_executor(device, &config, model.weights, blocks, BLOCK_SIZE, slots, a.rank)?;
+    for slot in 0..slots {
+        exec.load_adapter(slot as u32, &AdapterWeights::synthetic(&config, a.rank, 1000 + slot as u64))?;
+    }
+    println!(
+        "{} on {} ({}), batch {}, prompt {}, {} decode steps, rank-{} adapters on all projections",
+        model.name,
+        exec.device(),
+        exec.dtype(),
+        a.batch,
+        a.prompt_len,
+        a.steps,
+        a.rank
+    );
+    println!("{:<22} {:>12} {:>14}", "distinct adapters", "tokens/s", "vs no adapter");
+    let mut base = None;
+    for &n in &a.adapters {
+        // Row i uses adapter i mod n: n distinct adapters spread over the batch.
+        let rows: Vec<Option<u32>> = (0..a.batch).map(|i| (n > 0).then(|| (i % n) as u32)).collect();
+        let tps = decode_tokens_per_s(exec.as_mut(), config.vocab_size, &rows, a.prompt_len, a.steps)?;
+        let base_tps = *base.get_or_insert(tps);
+        println!("{n:<22} {tps:>12.1} {:>14.2}", tps / base_tps);
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 //! [`Event`]s; dropping that stream cancels the request at the next step boundary.
 
 pub mod cpu;
+pub mod cuda;
 pub mod executor;
 pub mod sampling;
 pub mod scheduler;

@@ -2,6 +2,7 @@
 //! directory and validated before anything runs.
 
 mod config;
+pub mod synthetic;
 mod tokenizer;
 mod weights;
 
@@ -51,6 +52,15 @@ pub struct Model {
 }
 
 impl Model {
+    /// Opens a model by spec: `synthetic:<preset>` builds random weights of a known shape;
+    /// anything else is a Hugging Face model directory.
+    pub fn open(spec: &Path) -> Result<Model, ModelError> {
+        match spec.to_str().and_then(|s| s.strip_prefix(synthetic::PREFIX)) {
+            Some(preset) => synthetic::synthetic_model(preset, 0),
+            None => Model::load(spec),
+        }
+    }
+
     /// Loads `config.json`, `*.safetensors` (single file or sharded with an index) and the
     /// tokenizer from `dir`.
     pub fn load(dir: &Path) -> Result<Model, ModelError> {

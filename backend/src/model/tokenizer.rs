@@ -103,6 +103,20 @@ impl Tokenizer {
         Ok(Tokenizer { inner, chat, bos_token, eos_token, eos_ids: eos.into_iter().collect() })
     }
 
+    /// A stand-in tokenizer for synthetic models: every id is a word `t<ID>` (unknown words map
+    /// to 0), decoded joined by spaces. No chat template, no end-of-sequence token.
+    pub fn synthetic(vocab_size: usize) -> Result<Tokenizer, String> {
+        let vocab = (0..vocab_size as u32).map(|i| (format!("t{i}"), i)).collect();
+        let model = tokenizers::models::wordlevel::WordLevel::builder()
+            .vocab(vocab)
+            .unk_token("t0".into())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut inner = tokenizers::Tokenizer::new(model);
+        inner.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
+        Ok(Tokenizer { inner, chat: None, bos_token: None, eos_token: None, eos_ids: Vec::new() })
+    }
+
     /// Token ids of `text`. Special tokens written in the text are recognised; no BOS or other
     /// special tokens are added (chat templates write them out).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {

@@ -190,11 +190,10 @@ impl ModelWeights {
     /// Random weights of the configured shape (normal-ish, deterministic in `seed`), for
     /// benchmarks and tests that need a model of a given size rather than a given behaviour.
     pub fn synthetic(config: &ModelConfig, seed: u64) -> ModelWeights {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut next_seed = seed;
         let mut uniform = |shape: Vec<usize>, bound: f32| {
-            let n = shape.iter().product();
-            HostTensor::new(shape, (0..n).map(|_| rng.random_range(-bound..bound)).collect())
+            next_seed = next_seed.wrapping_add(1);
+            HostTensor::new(shape.clone(), fill_uniform(shape.iter().product(), bound, next_seed))
         };
         let h = config.hidden_size;
         let ones = |n: usize| HostTensor::new(vec![n], vec![1.0; n]);
@@ -204,13 +203,11 @@ impl ModelWeights {
                 let (i, o) = config.module_shape(m);
                 uniform(vec![o, i], (3.0 / i as f32).sqrt())
             });
-            let bias =
-                Module::ALL.map(|m| config.module_has_bias(m).then(|| uniform(vec![config.module_shape(m).1], 0.1)));
+            let bias = Module::ALL.map(|m| config.module_has_bias(m).then(|| uniform(vec![config.module_shape(m).1], 0.1)));
             layers.push(LayerWeights { input_norm: ones(h), post_attention_norm: ones(h), proj, bias });
         }
         let embed_tokens = uniform(vec![config.vocab_size, h], 1.0);
-        let lm_head =
-            (!config.tie_word_embeddings).then(|| uniform(vec![config.vocab_size, h], (3.0 / h as f32).sqrt()));
+        let lm_head = (!config.tie_word_embeddings).then(|| uniform(vec![config.vocab_size, h], (3.0 / h as f32).sqrt()));
         ModelWeights { embed_tokens, layers, final_norm: ones(h), lm_head }
     }
 
@@ -218,6 +215,28 @@ impl ModelWeights {
     pub fn lm_head(&self) -> &HostTensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
+}
+
+/// `n` values uniform in `[-bound, bound)`, filled in parallel from a SplitMix64 stream per
+/// chunk (deterministic in `seed`). Synthetic models of billions of parameters are built in
+/// seconds this way; their values only need to be non-degenerate.
+fn fill_uniform(n: usize, bound: f32, seed: u64) -> Vec<f32> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
+        let mut state = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for v in chunk {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            // 24 random bits to a float in [-1, 1).
+            *v = ((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * bound;
+        }
+    });
+    out
 }
 
 /// Every tensor name a model of this config may contain, with its shape.

@@ -5,7 +5,10 @@ mod error;
 mod server;
 
 pub use error::ServiceError;
-pub use server::{KV_BLOCK_SIZE, ServeError, ServeOptions, Served, prepare, serve};
+pub use server::{
+    DeviceChoice, KV_BLOCK_SIZE, ServeError, ServeOptions, Served, build_executor, kv_value_bytes, prepare, probe_cuda,
+    resolve_device, serve,
+};
 
 use crate::adapters::{self, AdapterWeights};
 use crate::engine::sampling::SamplingParams;

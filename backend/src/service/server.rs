@@ -2,6 +2,7 @@
 
 use super::{BackendService, ServedModel};
 use crate::engine::cpu::CpuExecutor;
+use crate::engine::cuda::CudaExecutor;
 use crate::engine::executor::Executor;
 use crate::engine::scheduler::SchedulerConfig;
 use crate::engine::{Engine, EngineConfig};
@@ -14,10 +15,100 @@ use switchyard_proto::v1::backend_server::BackendServer;
 /// Tokens per KV cache block.
 pub const KV_BLOCK_SIZE: usize = 16;
 
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA device 0 when a driver, a device, NVRTC and cuBLAS are present; else the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<DeviceChoice, String> {
+        match s {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| format!("unknown device {other:?}; expected auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+/// Whether CUDA device `ordinal` can run the CUDA executor, or why not (checked without
+/// touching the model weights).
+pub fn probe_cuda(ordinal: usize) -> Result<(), String> {
+    use switchyard_kernels::cuda;
+    cuda::open_device(ordinal).map_err(|e| e.to_string())?;
+    if !cuda::nvrtc_available() {
+        return Err(cuda::CudaError::NoNvrtc.to_string());
+    }
+    // SAFETY: only tries to dlopen the library; no symbol is called.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err("cuBLAS (libcublas.so.13) was not found".into());
+    }
+    Ok(())
+}
+
+/// Resolves `auto` to the device that will be used, saying why.
+pub fn resolve_device(choice: DeviceChoice) -> Result<DeviceChoice, ServeError> {
+    match choice {
+        DeviceChoice::Cpu => Ok(DeviceChoice::Cpu),
+        DeviceChoice::Cuda(n) => {
+            probe_cuda(n).map_err(|e| ServeError::Device(format!("--device cuda:{n}: {e}")))?;
+            Ok(DeviceChoice::Cuda(n))
+        }
+        DeviceChoice::Auto => match probe_cuda(0) {
+            Ok(()) => {
+                tracing::info!("device auto: using CUDA device 0");
+                Ok(DeviceChoice::Cuda(0))
+            }
+            Err(why) => {
+                tracing::info!(reason = %why, "device auto: using the CPU");
+                Ok(DeviceChoice::Cpu)
+            }
+        },
+    }
+}
+
+/// Bytes of one KV cache value on a device.
+pub fn kv_value_bytes(device: DeviceChoice) -> usize {
+    match device {
+        DeviceChoice::Cuda(_) => 2, // bf16
+        _ => 4,                     // f32
+    }
+}
+
+/// Builds the executor for a resolved device.
+pub fn build_executor(
+    device: DeviceChoice,
+    config: &crate::model::ModelConfig,
+    weights: crate::model::ModelWeights,
+    kv_blocks: usize,
+    block_size: usize,
+    max_loras: usize,
+    max_rank: usize,
+) -> Result<Box<dyn Executor>, ServeError> {
+    Ok(match device {
+        DeviceChoice::Cuda(n) => Box::new(
+            CudaExecutor::new(n, config, weights, kv_blocks, block_size, max_loras, max_rank)
+                .map_err(|e| ServeError::Device(format!("cuda:{n}: {e}")))?,
+        ),
+        _ => Box::new(CpuExecutor::new(config, weights, kv_blocks, block_size, max_loras, max_rank)),
+    })
+}
+
 /// Everything `switchyard backend` is configured with.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
+    /// A Hugging Face model directory, or `synthetic:<preset>`.
     pub model: PathBuf,
+    pub device: DeviceChoice,
     pub listen: SocketAddr,
     pub max_loras: usize,
     pub max_lora_rank: usize,
@@ -37,6 +128,8 @@ pub enum ServeError {
     Model(#[from] ModelError),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("{0}")]
+    Device(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("gRPC server failed: {0}")]
@@ -52,7 +145,7 @@ pub struct Served {
 }
 
 /// Sizes the engine from the options and the model.
-fn engine_config(opts: &ServeOptions, model: &Model) -> Result<EngineConfig, ServeError> {
+fn engine_config(opts: &ServeOptions, model: &Model, value_bytes: usize) -> Result<EngineConfig, ServeError> {
     let c = &model.config;
     for (name, v) in [
         ("--max-loras", opts.max_loras),
@@ -66,8 +159,8 @@ fn engine_config(opts: &ServeOptions, model: &Model) -> Result<EngineConfig, Ser
             return Err(ServeError::Config(format!("{name} must be at least 1")));
         }
     }
-    // K and V, every layer, f32.
-    let bytes_per_token = 2 * c.num_layers * c.kv_dim() * std::mem::size_of::<f32>();
+    // K and V, every layer.
+    let bytes_per_token = 2 * c.num_layers * c.kv_dim() * value_bytes;
     let budget_tokens = opts.kv_cache_mib * (1 << 20) / bytes_per_token;
     let model_len = opts.max_model_len.unwrap_or(c.max_position_embeddings).min(c.max_position_embeddings);
     // No point holding more than every running sequence at full length.
@@ -106,14 +199,20 @@ fn engine_config(opts: &ServeOptions, model: &Model) -> Result<EngineConfig, Ser
 /// Loads the model, starts the engine and binds the listener. Fails before binding when the
 /// model or the configuration is bad.
 pub async fn prepare(opts: ServeOptions) -> Result<Served, ServeError> {
+    let device = resolve_device(opts.device)?;
     let dir = opts.model.clone();
-    let model = tokio::task::spawn_blocking(move || Model::load(&dir))
+    let model = tokio::task::spawn_blocking(move || Model::open(&dir))
         .await
         .map_err(|e| ServeError::Config(format!("model loader failed: {e}")))??;
-    let cfg = engine_config(&opts, &model)?;
+    let cfg = engine_config(&opts, &model, kv_value_bytes(device))?;
     let Model { name, config, weights, tokenizer } = model;
-    let executor =
-        CpuExecutor::new(&config, weights, cfg.scheduler.num_blocks, KV_BLOCK_SIZE, cfg.max_loras, cfg.max_lora_rank);
+    let (blocks, loras, rank) = (cfg.scheduler.num_blocks, cfg.max_loras, cfg.max_lora_rank);
+    let executor = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || build_executor(device, &config, weights, blocks, KV_BLOCK_SIZE, loras, rank)
+    })
+    .await
+    .map_err(|e| ServeError::Config(format!("executor start-up failed: {e}")))??;
     let served =
         ServedModel { name, config: config.clone(), device: executor.device(), dtype: executor.dtype().to_string() };
     tracing::info!(
@@ -127,7 +226,7 @@ pub async fn prepare(opts: ServeOptions) -> Result<Served, ServeError> {
         "model loaded"
     );
     let tokenizer = Arc::new(tokenizer);
-    let engine = Arc::new(Engine::start(&config, tokenizer.clone(), Box::new(executor), cfg));
+    let engine = Arc::new(Engine::start(&config, tokenizer.clone(), executor, cfg));
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|source| ServeError::Bind { addr: opts.listen, source })?;
