@@ -53,7 +53,8 @@ fn main() {
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for _ in 0..rounds {
         for (i, (_, adapters)) in cases.iter().enumerate() {
-            results[i].push(decode_tokens_per_s(&mut exec, config.vocab_size, adapters, PROMPT_LEN, steps).expect("runs"));
+            results[i]
+                .push(decode_tokens_per_s(&mut exec, config.vocab_size, adapters, PROMPT_LEN, steps).expect("runs"));
         }
     }
     let medians: Vec<f64> = results.into_iter().map(median).collect();

@@ -6,94 +6,25 @@
 mod common;
 
 use common::*;
-use std::collections::HashMap;
 use std::sync::Arc;
 use switchyard_backend::engine::cpu::CpuExecutor;
 use switchyard_backend::engine::executor::Executor;
-use switchyard_backend::engine::sampling::argmax;
-use switchyard_backend::engine::scheduler::{Scheduler, SchedulerConfig, Sequence};
+use switchyard_backend::engine::scheduler::SchedulerConfig;
 use switchyard_backend::engine::{Engine, EngineConfig, Event, FinishReason, GenerateRequest};
-use switchyard_backend::model::{ChatMessage, Model};
+use switchyard_backend::model::{ChatMessage, ModelConfig, ModelWeights};
 
-const MAX_RANK: usize = 64;
-
-struct Harness {
-    executor: CpuExecutor,
-    scheduler: Scheduler,
-    slots: HashMap<Option<String>, Option<u32>>,
+fn cpu(
+    config: &ModelConfig,
+    weights: ModelWeights,
+    blocks: usize,
+    block_size: usize,
+    loras: usize,
+) -> Box<dyn Executor> {
+    Box::new(CpuExecutor::new(config, weights, blocks, block_size, loras, MAX_RANK))
 }
 
-/// An executor with every adapter of `model` in a slot, and a scheduler over its cache.
-fn harness(model_name: &str, adapters: &[&str], max_batch_tokens: usize) -> Harness {
-    let Model { config, weights, .. } = load_model(model_name);
-    let reload = load_model(model_name);
-    let sched_cfg = SchedulerConfig { block_size: 4, num_blocks: 512, max_batch_tokens, max_running: 64 };
-    let mut executor =
-        CpuExecutor::new(&config, weights, sched_cfg.num_blocks, sched_cfg.block_size, adapters.len().max(1), MAX_RANK);
-    let mut slots = HashMap::from([(None, None)]);
-    for (slot, name) in adapters.iter().enumerate() {
-        let w = load_adapter(&reload, name);
-        executor.load_adapter(slot as u32, &w).expect("slot exists");
-        slots.insert(Some(name.to_string()), Some(slot as u32));
-    }
-    Harness { executor, scheduler: Scheduler::new(sched_cfg), slots }
-}
-
-/// Runs `cases` through the scheduler and executor with teacher forcing (the reference's greedy
-/// token is appended each step) and checks every step's logits against the reference. Cases
-/// listed in `late` join the batch only after `join_after` steps.
-fn check_batch(model_name: &str, cases: &[&Case], late: &[&Case], join_after: usize, max_batch_tokens: usize) -> f64 {
-    let g = golden();
-    let mut adapters: Vec<&str> = cases.iter().chain(late).filter_map(|c| c.adapter.as_deref()).collect();
-    adapters.sort();
-    adapters.dedup();
-    let mut h = harness(model_name, &adapters, max_batch_tokens);
-    let all: Vec<&Case> = cases.iter().chain(late).copied().collect();
-    let mut produced: HashMap<u64, usize> = HashMap::new();
-    let add = |h: &mut Harness, id: usize, c: &Case| {
-        let slot = h.slots[&c.adapter];
-        h.scheduler.add(Sequence::new(id as u64, c.prompt_ids.clone(), slot));
-    };
-    for (i, c) in cases.iter().enumerate() {
-        add(&mut h, i, c);
-    }
-    let mut worst = 0f64;
-    let mut step_no = 0;
-    while !h.scheduler.is_idle() || step_no <= join_after {
-        if step_no == join_after {
-            for (j, c) in late.iter().enumerate() {
-                add(&mut h, cases.len() + j, c);
-            }
-        }
-        step_no += 1;
-        let step = h.scheduler.schedule();
-        if step.batch.tokens.is_empty() {
-            continue;
-        }
-        let logits = h.executor.forward(&step.batch).expect("forward");
-        h.scheduler.complete(&step);
-        let vocab = logits.len() / step.logits_for.len().max(1);
-        for (row, &id) in step.logits_for.iter().enumerate() {
-            let case = all[id as usize];
-            let k = produced.entry(id).or_default();
-            let want = &g.logits[&case.key][*k * vocab..(*k + 1) * vocab];
-            let got = &logits[row * vocab..(row + 1) * vocab];
-            let err = row_rel_err(got, want);
-            assert!(err < F32_TOLERANCE, "{} step {k}: relative error {err:.2e}", case.key);
-            assert_eq!(argmax(got), case.greedy_ids[*k], "{} step {k}: greedy token differs", case.key);
-            worst = worst.max(err);
-            let next = case.greedy_ids[*k];
-            *k += 1;
-            if *k == g.steps {
-                h.scheduler.remove(id);
-            } else {
-                h.scheduler.push_token(id, next);
-            }
-        }
-    }
-    assert_eq!(produced.len(), all.len(), "every case ran");
-    assert!(produced.values().all(|&n| n == g.steps));
-    worst
+fn check_batch(model: &str, cases: &[&Case], late: &[&Case], join_after: usize, max_batch_tokens: usize) -> f64 {
+    common::check_batch(model, cases, late, join_after, max_batch_tokens, &cpu, F32_TOLERANCE, true)
 }
 
 #[test]

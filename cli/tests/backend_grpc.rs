@@ -259,3 +259,26 @@ fn a_bad_model_directory_fails_before_binding_with_one_clear_line() {
     assert!(stderr.contains("/no/such/model/config.json"), "{stderr}");
     assert!(out.stdout.is_empty(), "nothing listened");
 }
+
+#[test]
+fn device_cuda_without_cuda_fails_with_a_one_line_explanation() {
+    if let Ok(()) = switchyard_backend::service::probe_cuda(0) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "backend_grpc: skipped the no-CUDA test, this machine has a usable GPU");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("backend")
+        .arg("--model")
+        .arg(fixtures().join("models/tiny-llama"))
+        .args(["--listen", "127.0.0.1:0", "--device", "cuda"])
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("error: --device cuda:0: "), "{stderr}");
+    assert!(stderr.contains("CUDA") || stderr.contains("NVRTC") || stderr.contains("cuBLAS"), "{stderr}");
+    assert!(out.stdout.is_empty(), "nothing listened");
+}

@@ -4,7 +4,7 @@
 
 use super::executor::{Batch, Executor, ExecutorError};
 use crate::adapters::AdapterWeights;
-use crate::model::{HostTensor, Module, ModelConfig, ModelWeights};
+use crate::model::{HostTensor, ModelConfig, ModelWeights, Module};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
@@ -76,18 +76,25 @@ pub struct CudaExecutor {
     max_rank: usize,
 }
 
-/// Converts to bf16 and uploads.
+/// Converts to bf16 (in parallel: a 7B model is billions of values) and uploads.
 fn upload(stream: &Arc<CudaStream>, data: &[f32]) -> Result<CudaSlice<E>, ExecutorError> {
-    let host: Vec<E> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+    use rayon::prelude::*;
+    let host: Vec<E> = data.par_iter().map(|&v| bf16::from_f32(v)).collect();
     stream.clone_htod(&host).map_err(driver)
 }
 
+/// Uploads tensors stacked along their first dimension (fused projections).
 fn upload_concat(stream: &Arc<CudaStream>, parts: &[&HostTensor]) -> Result<CudaSlice<E>, ExecutorError> {
-    let host: Vec<E> = parts.iter().flat_map(|t| t.data.iter().map(|&v| bf16::from_f32(v))).collect();
+    use rayon::prelude::*;
+    let host: Vec<E> =
+        parts.iter().flat_map(|t| t.data.par_iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()).collect();
     stream.clone_htod(&host).map_err(driver)
 }
 
-fn upload_opt_concat(stream: &Arc<CudaStream>, parts: &[Option<&HostTensor>]) -> Result<Option<CudaSlice<E>>, ExecutorError> {
+fn upload_opt_concat(
+    stream: &Arc<CudaStream>,
+    parts: &[Option<&HostTensor>],
+) -> Result<Option<CudaSlice<E>>, ExecutorError> {
     match parts.iter().copied().collect::<Option<Vec<&HostTensor>>>() {
         Some(p) => Ok(Some(upload_concat(stream, &p)?)),
         None => Ok(None),
@@ -120,7 +127,9 @@ impl CudaExecutor {
         let ctx = open_device(ordinal)?;
         // SAFETY: only tries to dlopen the library; no symbol is called.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-            return Err(ExecutorError("cuBLAS (libcublas.so.13) was not found; add the CUDA 13 libraries to LD_LIBRARY_PATH".into()));
+            return Err(ExecutorError(
+                "cuBLAS (libcublas.so.13) was not found; add the CUDA 13 libraries to LD_LIBRARY_PATH".into(),
+            ));
         }
         let name = ctx.name().map_err(driver)?;
         let kernels = CudaKernels::new(&ctx)?;
@@ -187,7 +196,15 @@ impl CudaExecutor {
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ` through cuBLAS (row-major operands, f32 accumulation).
-    fn linear(&self, x: &CudaSlice<E>, m: usize, k: usize, w: &CudaSlice<E>, n: usize, y: &mut CudaSlice<E>) -> Result<(), ExecutorError> {
+    fn linear(
+        &self,
+        x: &CudaSlice<E>,
+        m: usize,
+        k: usize,
+        w: &CudaSlice<E>,
+        n: usize,
+        y: &mut CudaSlice<E>,
+    ) -> Result<(), ExecutorError> {
         if m == 0 {
             return Ok(());
         }
@@ -210,7 +227,16 @@ impl CudaExecutor {
         unsafe { self.blas.gemm(cfg, w, x, y) }.map_err(cublas)
     }
 
-    fn lora(&self, step: &mut LoraStep, layer: usize, m: Module, x: &CudaSlice<E>, y: &mut CudaSlice<E>, y_stride: usize, y_offset: usize) -> Result<(), ExecutorError> {
+    fn lora(
+        &self,
+        step: &mut LoraStep,
+        layer: usize,
+        m: Module,
+        x: &CudaSlice<E>,
+        y: &mut CudaSlice<E>,
+        y_stride: usize,
+        y_offset: usize,
+    ) -> Result<(), ExecutorError> {
         if step.max_rank == 0 {
             return Ok(());
         }
@@ -219,8 +245,27 @@ impl CudaExecutor {
         let k = &self.kernels;
         match &step.segments {
             None => {
-                k.bgmv_shrink(x, in_dim, &step.row_slots, step.rows, table, step.max_rank, &mut step.shrink, self.max_rank)?;
-                k.bgmv_expand(&step.shrink, self.max_rank, &step.row_slots, step.rows, table, y, y_stride, y_offset, out_dim)?;
+                k.bgmv_shrink(
+                    x,
+                    in_dim,
+                    &step.row_slots,
+                    step.rows,
+                    table,
+                    step.max_rank,
+                    &mut step.shrink,
+                    self.max_rank,
+                )?;
+                k.bgmv_expand(
+                    &step.shrink,
+                    self.max_rank,
+                    &step.row_slots,
+                    step.rows,
+                    table,
+                    y,
+                    y_stride,
+                    y_offset,
+                    out_dim,
+                )?;
             }
             Some(segs) => {
                 k.sgmv_shrink(x, in_dim, segs, table, step.max_rank, &mut step.shrink, self.max_rank)?;
@@ -230,7 +275,13 @@ impl CudaExecutor {
         Ok(())
     }
 
-    fn bias(&self, y: &mut CudaSlice<E>, bias: Option<&CudaSlice<E>>, rows: usize, width: usize) -> Result<(), ExecutorError> {
+    fn bias(
+        &self,
+        y: &mut CudaSlice<E>,
+        bias: Option<&CudaSlice<E>>,
+        rows: usize,
+        width: usize,
+    ) -> Result<(), ExecutorError> {
         if let Some(b) = bias {
             self.kernels.add_bias(y, b, rows, width)?;
         }
@@ -264,7 +315,10 @@ impl Executor for CudaExecutor {
             return Err(ExecutorError(format!("adapter slot {slot} does not exist")));
         }
         if adapter.max_rank > self.max_rank {
-            return Err(ExecutorError(format!("adapter rank {} exceeds slot rank {}", adapter.max_rank, self.max_rank)));
+            return Err(ExecutorError(format!(
+                "adapter rank {} exceeds slot rank {}",
+                adapter.max_rank, self.max_rank
+            )));
         }
         let mut buffers = Vec::new();
         let mut entries = vec![[LoraSlotEntry::default(); 7]; self.config.num_layers];
@@ -402,7 +456,8 @@ impl Executor for CudaExecutor {
 
         // Logits for the last row of each chunk that wants them: gather those rows (the
         // embedding kernel over `x` as the table), norm, project.
-        let wanted: Vec<i32> = batch.seqs.iter().filter(|q| q.wants_logits).map(|q| (q.start + q.len - 1) as i32).collect();
+        let wanted: Vec<i32> =
+            batch.seqs.iter().filter(|q| q.wants_logits).map(|q| (q.start + q.len - 1) as i32).collect();
         let m = wanted.len();
         if m == 0 {
             return Ok(Vec::new());

@@ -317,23 +317,29 @@ impl Worker {
         }
     }
 
+    /// Carries out a command. The new state is published before the caller hears back, so a
+    /// caller that reads the snapshot after its reply sees its own change.
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Submit { req, events, reply } => {
-                let _ = reply.send(self.submit(*req, events));
+                let result = self.submit(*req, events);
+                self.publish();
+                let _ = reply.send(result);
             }
             Command::Install { name, uri, weights, reply } => {
-                let _ = reply.send(self.install(name, uri, &weights));
+                let result = self.install(name, uri, &weights);
+                self.publish();
+                let _ = reply.send(result);
             }
             Command::Unload { name, reply } => {
                 let result = self.slots.remove(&name).map_err(EngineError::from).map(|slot| {
                     self.executor.unload_adapter(slot);
                     tracing::info!(adapter = %name, slot, "adapter unloaded");
                 });
+                self.publish();
                 let _ = reply.send(result);
             }
         }
-        self.publish();
     }
 
     fn submit(&mut self, req: GenerateRequest, events: mpsc::UnboundedSender<Event>) -> Result<(), EngineError> {
@@ -475,7 +481,11 @@ impl Worker {
         let done = matches!(event, Event::Finished { .. });
         let sent = a.events.send(event).is_ok();
         if done || !sent {
-            self.retire(id);
+            // The stream ends when `finished` (holding its sender) is dropped: publish first, so
+            // a client that saw its stream end reads a snapshot without its request.
+            let finished = self.retire(id);
+            self.publish();
+            drop(finished);
         }
     }
 

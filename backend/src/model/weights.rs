@@ -203,11 +203,13 @@ impl ModelWeights {
                 let (i, o) = config.module_shape(m);
                 uniform(vec![o, i], (3.0 / i as f32).sqrt())
             });
-            let bias = Module::ALL.map(|m| config.module_has_bias(m).then(|| uniform(vec![config.module_shape(m).1], 0.1)));
+            let bias =
+                Module::ALL.map(|m| config.module_has_bias(m).then(|| uniform(vec![config.module_shape(m).1], 0.1)));
             layers.push(LayerWeights { input_norm: ones(h), post_attention_norm: ones(h), proj, bias });
         }
         let embed_tokens = uniform(vec![config.vocab_size, h], 1.0);
-        let lm_head = (!config.tie_word_embeddings).then(|| uniform(vec![config.vocab_size, h], (3.0 / h as f32).sqrt()));
+        let lm_head =
+            (!config.tie_word_embeddings).then(|| uniform(vec![config.vocab_size, h], (3.0 / h as f32).sqrt()));
         ModelWeights { embed_tokens, layers, final_norm: ones(h), lm_head }
     }
 
