@@ -227,6 +227,7 @@ impl CudaExecutor {
         unsafe { self.blas.gemm(cfg, w, x, y) }.map_err(cublas)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn lora(
         &self,
         step: &mut LoraStep,

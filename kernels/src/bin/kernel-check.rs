@@ -47,6 +47,10 @@ fn dtype_name<E: Element>() -> &'static str {
     E::DTYPE.suffix()
 }
 
+/// Uploaded adapters: the slot table, the device buffers it points at (kept alive), and host
+/// copies (A, B as `[out, r]`, rank, scale) for the CPU reference.
+type Adapters<E> = (CudaSlice<LoraSlotEntry>, Vec<CudaSlice<E>>, Vec<(Vec<f32>, Vec<f32>, usize, f32)>);
+
 struct Check {
     rng: ChaCha8Rng,
     stream: Arc<CudaStream>,
@@ -231,12 +235,7 @@ impl Check {
 
     /// Uploads adapters (A as [r, in], Bᵀ as [r, out]) and returns their slot table and host copies
     /// (A, B as [out, r]).
-    fn adapters<E: Element>(
-        &mut self,
-        ranks: &[usize],
-        in_dim: usize,
-        out_dim: usize,
-    ) -> Result<(CudaSlice<LoraSlotEntry>, Vec<CudaSlice<E>>, Vec<(Vec<f32>, Vec<f32>, usize, f32)>)> {
+    fn adapters<E: Element>(&mut self, ranks: &[usize], in_dim: usize, out_dim: usize) -> Result<Adapters<E>> {
         let (mut entries, mut keep, mut host) = (Vec::new(), Vec::new(), Vec::new());
         for (i, &r) in ranks.iter().enumerate() {
             let (a, a_h) = self.random::<E>(r * in_dim, (1.0 / in_dim as f32).sqrt() * 2.0);

@@ -1,7 +1,9 @@
 //! Typed launch wrappers: argument checks, grid shapes, and the device-side tables the LoRA
 //! kernels read (segments, adapter slot entries).
 
-use super::{CudaError, Dtype, Element, SOURCES, compile, device_arch};
+#[cfg(test)]
+use super::SOURCES;
+use super::{CudaError, Dtype, Element, compile_all, device_arch};
 use crate::lora::Segment;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::collections::HashMap;
@@ -142,8 +144,8 @@ impl CudaKernels {
     pub fn new(ctx: &Arc<CudaContext>) -> Result<CudaKernels, CudaError> {
         let arch = device_arch(ctx)?;
         let mut functions = HashMap::new();
-        for &(name, src) in SOURCES {
-            let module = ctx.load_module(compile(name, src, arch)?)?;
+        for (name, ptx) in compile_all(arch)? {
+            let module = ctx.load_module(ptx)?;
             let entries = ENTRY_POINTS.iter().find(|(s, _)| *s == name).map_or(&[][..], |(_, e)| e);
             for entry in entries {
                 for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
@@ -232,7 +234,7 @@ impl CudaKernels {
         check(col_offset + n_heads * head_dim <= row_stride && x.len() >= rows * row_stride, || {
             "rope: heads exceed the row or buffer".into()
         })?;
-        check(positions.len() >= rows && inv_freq.len() >= head_dim / 2 && head_dim % 2 == 0, || {
+        check(positions.len() >= rows && inv_freq.len() >= head_dim / 2 && head_dim.is_multiple_of(2), || {
             "rope: positions or frequencies too short".into()
         })?;
         if rows == 0 {
@@ -350,7 +352,7 @@ impl CudaKernels {
         rows: usize,
     ) -> Result<(), CudaError> {
         let hd = layout.head_dim;
-        check(hd <= MAX_HEAD_DIM && n_heads % layout.kv_heads == 0, || {
+        check(hd <= MAX_HEAD_DIM && n_heads.is_multiple_of(layout.kv_heads), || {
             format!("paged_attention: head_dim {hd} > {MAX_HEAD_DIM} or heads not a multiple of kv heads")
         })?;
         check(q.len() >= rows * q_stride && out.len() >= rows * n_heads * hd && n_heads * hd <= q_stride, || {
@@ -384,7 +386,7 @@ impl CudaKernels {
         max_rank: usize,
     ) -> Result<(), CudaError> {
         let w = vec_width::<E>();
-        check(in_dim % w == 0 && out_dim % w == 0, || {
+        check(in_dim.is_multiple_of(w) && out_dim.is_multiple_of(w), || {
             format!("LoRA kernels need in ({in_dim}) and out ({out_dim}) dimensions that are multiples of {w}")
         })?;
         check(max_rank <= v_stride, || format!("v stride {v_stride} below max rank {max_rank}"))

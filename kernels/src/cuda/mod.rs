@@ -142,8 +142,19 @@ pub fn compile(name: &str, source: &str, arch: &'static str) -> Result<Ptx, Cuda
 }
 
 /// Compiles every source for `arch`; the first failure names its file and carries NVRTC's log.
+/// Results are cached per architecture for the life of the process (every executor of a
+/// process, and every test, shares one compilation).
 pub fn compile_all(arch: &'static str) -> Result<Vec<(&'static str, Ptx)>, CudaError> {
-    SOURCES.iter().map(|&(name, src)| compile(name, src, arch).map(|ptx| (name, ptx))).collect()
+    type Compiled = Vec<(&'static str, Ptx)>;
+    static CACHE: std::sync::Mutex<Vec<(&'static str, Compiled)>> = std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, ptx)) = cache.iter().find(|(a, _)| *a == arch) {
+        return Ok(ptx.clone());
+    }
+    let compiled: Compiled =
+        SOURCES.iter().map(|&(name, src)| compile(name, src, arch).map(|ptx| (name, ptx))).collect::<Result<_, _>>()?;
+    cache.push((arch, compiled.clone()));
+    Ok(compiled)
 }
 
 /// Opens device `ordinal`, checking for the driver first (cudarc panics without it).
