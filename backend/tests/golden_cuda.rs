@@ -1,29 +1,39 @@
-//! Golden tests of the CUDA executor: the same cases as `golden.rs`, on the GPU in bf16,
-//! against the transformers + PEFT reference. Skipped, with a message, where no usable CUDA
-//! device is present; `SWITCHYARD_REQUIRE_CUDA=1` (set by the device check) turns the skip
-//! into a failure.
+//! Golden tests of the CUDA executor: the same cases as `golden.rs`, on the GPU, against the
+//! transformers + PEFT reference. In f32 the GPU must match as tightly as the CPU does (same
+//! tolerance, same greedy tokens): that proves the executor and kernels compute the model. In
+//! bf16, the serving dtype, the logits must stay within a bf16-sized tolerance.
+//!
+//! Skipped, with a message, where no usable CUDA device is present; `SWITCHYARD_REQUIRE_CUDA=1`
+//! (set by the device check) turns the skip into a failure.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails loudly on a broken fixture
 
 mod common;
 
 use common::*;
-use switchyard_backend::engine::cuda::CudaExecutor;
+use switchyard_backend::engine::cuda::{CudaExecutor, DeviceFloat};
 use switchyard_backend::engine::executor::Executor;
 use switchyard_backend::model::{ModelConfig, ModelWeights};
 use switchyard_backend::service::probe_cuda;
 
-/// bf16 weights and activations against an f32 reference: ‖·‖∞-relative logit error per row.
-const BF16_TOLERANCE: f64 = 6e-2;
+/// bf16 weights and activations against the f32 reference, as the largest logit error of a
+/// row relative to the row's largest logit. Measured worst case on an H200: 7.5e-2 (the tiny
+/// random models have large activations, and every op rounds to bf16).
+const BF16_TOLERANCE: f64 = 1e-1;
 
-fn cuda(
+fn cuda<E: DeviceFloat>(
     config: &ModelConfig,
     weights: ModelWeights,
     blocks: usize,
     block_size: usize,
     loras: usize,
-) -> Box<dyn Executor> {
-    Box::new(CudaExecutor::new(0, config, weights, blocks, block_size, loras, MAX_RANK).expect("CUDA executor starts"))
+) -> Box<dyn Executor>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<E>,
+{
+    Box::new(
+        CudaExecutor::<E>::new(0, config, weights, blocks, block_size, loras, MAX_RANK).expect("CUDA executor starts"),
+    )
 }
 
 fn cuda_present() -> bool {
@@ -40,29 +50,33 @@ fn cuda_present() -> bool {
     }
 }
 
-#[test]
-fn every_model_in_a_mixed_adapter_batch_matches_the_reference_on_the_gpu() {
-    if !cuda_present() {
-        return;
-    }
+/// Every model's cases in one mixed-adapter batch (half joining mid-generation, chunked
+/// prefill), then every case alone.
+fn check_all(make: &MakeExecutor, tolerance: f64, exact_greedy: bool, label: &str) {
     let g = golden();
     for model in ["tiny-llama", "tiny-qwen2", "tiny-mistral"] {
         let cases: Vec<&Case> = g.cases.iter().filter(|c| c.model == model).collect();
         let (first, late) = cases.split_at(cases.len() / 2);
-        let err = check_batch(model, first, late, 3, 48, &cuda, BF16_TOLERANCE, false);
-        eprintln!("{model} on cuda (bf16), {} requests: max relative logit error {err:.2e}", cases.len());
+        let err = check_batch(model, first, late, 3, 48, make, tolerance, exact_greedy);
+        eprintln!("{model} on cuda ({label}), mixed batch of {}: max relative logit error {err:.2e}", cases.len());
+    }
+    let mut worst = 0f64;
+    for case in &g.cases {
+        worst = worst.max(check_batch(&case.model, &[case], &[], 0, 4096, make, tolerance, exact_greedy));
+    }
+    eprintln!("{} cases alone on cuda ({label}): max relative logit error {worst:.2e}", g.cases.len());
+}
+
+#[test]
+fn in_f32_the_gpu_matches_the_reference_as_tightly_as_the_cpu() {
+    if cuda_present() {
+        check_all(&cuda::<f32>, F32_TOLERANCE, true, "f32");
     }
 }
 
 #[test]
-fn every_case_alone_matches_the_reference_on_the_gpu() {
-    if !cuda_present() {
-        return;
+fn in_bf16_the_gpu_stays_within_bf16_tolerance_of_the_reference() {
+    if cuda_present() {
+        check_all(&cuda::<half::bf16>, BF16_TOLERANCE, false, "bf16");
     }
-    let g = golden();
-    let mut worst = 0f64;
-    for case in &g.cases {
-        worst = worst.max(check_batch(&case.model, &[case], &[], 0, 4096, &cuda, BF16_TOLERANCE, false));
-    }
-    eprintln!("{} cases alone on cuda (bf16): max relative logit error {worst:.2e}", g.cases.len());
 }

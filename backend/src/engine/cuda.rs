@@ -1,6 +1,7 @@
-//! The CUDA executor: bf16 weights, KV cache and adapter slots in device memory; cuBLAS for the
-//! base projections; the project's own NVRTC-compiled kernels for everything else. One stream;
-//! a step uploads its small batch tables once and downloads only the logits.
+//! The CUDA executor: weights, KV cache and adapter slots in device memory (bf16 for serving,
+//! f32 for exact comparison with the reference); cuBLAS for the base projections; the project's
+//! own NVRTC-compiled kernels for everything else. One stream; a step uploads its small batch
+//! tables once and downloads only the logits.
 
 use super::executor::{Batch, Executor, ExecutorError};
 use crate::adapters::AdapterWeights;
@@ -10,11 +11,18 @@ use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 use std::sync::Arc;
-use switchyard_kernels::cuda::{CudaError, CudaKernels, LoraSlotEntry, Segments, open_device};
+use switchyard_kernels::cuda::{CudaError, CudaKernels, Element, LoraSlotEntry, Segments, open_device};
 use switchyard_kernels::{KvLayout, lora};
 
-/// Device element type of weights, activations and the KV cache.
-type E = bf16;
+/// Element types the CUDA executor runs in: the kernels' types that cuBLAS multiplies.
+pub trait DeviceFloat: Element
+where
+    CudaBlas: Gemm<Self>,
+{
+}
+
+impl DeviceFloat for bf16 {}
+impl DeviceFloat for f32 {}
 
 impl From<CudaError> for ExecutorError {
     fn from(e: CudaError) -> ExecutorError {
@@ -31,7 +39,7 @@ fn cublas(e: cudarc::cublas::result::CublasError) -> ExecutorError {
 }
 
 #[derive(Debug)]
-struct Layer {
+struct Layer<E> {
     input_norm: CudaSlice<E>,
     post_norm: CudaSlice<E>,
     qkv: CudaSlice<E>,
@@ -47,14 +55,17 @@ struct Layer {
 /// An adapter's matrices on the device (A as `[r, in]`, Bᵀ as `[r, out]`), kept alive while
 /// the slot tables point at them.
 #[derive(Debug)]
-struct DeviceAdapter {
+struct DeviceAdapter<E> {
     _buffers: Vec<CudaSlice<E>>,
     max_rank: usize,
 }
 
 /// The CUDA implementation of [`Executor`].
 #[derive(Debug)]
-pub struct CudaExecutor {
+pub struct CudaExecutor<E: DeviceFloat = bf16>
+where
+    CudaBlas: Gemm<E>,
+{
     config: ModelConfig,
     device: String,
     stream: Arc<CudaStream>,
@@ -63,13 +74,13 @@ pub struct CudaExecutor {
     embed: CudaSlice<E>,
     lm_head: Option<CudaSlice<E>>,
     final_norm: CudaSlice<E>,
-    layers: Vec<Layer>,
+    layers: Vec<Layer<E>>,
     k_cache: Vec<CudaSlice<E>>,
     v_cache: Vec<CudaSlice<E>>,
     layout: KvLayout,
     inv_freq: CudaSlice<f32>,
     rope_scale: f32,
-    adapters: Vec<Option<DeviceAdapter>>,
+    adapters: Vec<Option<DeviceAdapter<E>>>,
     /// `[layer][module]`: the slot table the LoRA kernels read, and its host mirror.
     tables: Vec<Vec<CudaSlice<LoraSlotEntry>>>,
     host_tables: Vec<Vec<Vec<LoraSlotEntry>>>,
@@ -77,21 +88,21 @@ pub struct CudaExecutor {
 }
 
 /// Converts to bf16 (in parallel: a 7B model is billions of values) and uploads.
-fn upload(stream: &Arc<CudaStream>, data: &[f32]) -> Result<CudaSlice<E>, ExecutorError> {
+fn upload<E: Element>(stream: &Arc<CudaStream>, data: &[f32]) -> Result<CudaSlice<E>, ExecutorError> {
     use rayon::prelude::*;
-    let host: Vec<E> = data.par_iter().map(|&v| bf16::from_f32(v)).collect();
+    let host: Vec<E> = data.par_iter().map(|&v| E::from_f32(v)).collect();
     stream.clone_htod(&host).map_err(driver)
 }
 
 /// Uploads tensors stacked along their first dimension (fused projections).
-fn upload_concat(stream: &Arc<CudaStream>, parts: &[&HostTensor]) -> Result<CudaSlice<E>, ExecutorError> {
+fn upload_concat<E: Element>(stream: &Arc<CudaStream>, parts: &[&HostTensor]) -> Result<CudaSlice<E>, ExecutorError> {
     use rayon::prelude::*;
     let host: Vec<E> =
-        parts.iter().flat_map(|t| t.data.par_iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>()).collect();
+        parts.iter().flat_map(|t| t.data.par_iter().map(|&v| E::from_f32(v)).collect::<Vec<_>>()).collect();
     stream.clone_htod(&host).map_err(driver)
 }
 
-fn upload_opt_concat(
+fn upload_opt_concat<E: Element>(
     stream: &Arc<CudaStream>,
     parts: &[Option<&HostTensor>],
 ) -> Result<Option<CudaSlice<E>>, ExecutorError> {
@@ -111,7 +122,10 @@ struct LoraStep {
     max_rank: usize,
 }
 
-impl CudaExecutor {
+impl<E: DeviceFloat> CudaExecutor<E>
+where
+    CudaBlas: Gemm<E>,
+{
     /// Opens CUDA device `ordinal`, compiles the kernels, uploads the weights (consumed layer by
     /// layer, so host memory is released as it goes) and allocates the KV cache and adapter
     /// slot tables.
@@ -123,7 +137,7 @@ impl CudaExecutor {
         block_size: usize,
         max_loras: usize,
         max_rank: usize,
-    ) -> Result<CudaExecutor, ExecutorError> {
+    ) -> Result<CudaExecutor<E>, ExecutorError> {
         let ctx = open_device(ordinal)?;
         // SAFETY: only tries to dlopen the library; no symbol is called.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
@@ -216,10 +230,10 @@ impl CudaExecutor {
             m: int(n)?,
             n: int(m)?,
             k: int(k)?,
-            alpha: bf16::ONE,
+            alpha: E::from_f32(1.0),
             lda: int(k)?,
             ldb: int(k)?,
-            beta: bf16::ZERO,
+            beta: E::from_f32(0.0),
             ldc: int(n)?,
         };
         // SAFETY: w holds n·k values, x at least m·k and y at least m·n (the executor sized
@@ -301,13 +315,16 @@ impl CudaExecutor {
     }
 }
 
-impl Executor for CudaExecutor {
+impl<E: DeviceFloat> Executor for CudaExecutor<E>
+where
+    CudaBlas: Gemm<E>,
+{
     fn device(&self) -> String {
         self.device.clone()
     }
 
     fn dtype(&self) -> &'static str {
-        "bf16"
+        E::DTYPE.suffix()
     }
 
     fn load_adapter(&mut self, slot: u32, adapter: &AdapterWeights) -> Result<(), ExecutorError> {
@@ -472,6 +489,6 @@ impl Executor for CudaExecutor {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         self.linear(&last_normed, m, h, head, c.vocab_size, &mut logits)?;
         let host = s.clone_dtoh(&logits).map_err(driver)?;
-        Ok(host.into_iter().take(m * c.vocab_size).map(bf16::to_f32).collect())
+        Ok(host.into_iter().take(m * c.vocab_size).map(Element::to_f32).collect())
     }
 }

@@ -96,7 +96,7 @@ pub fn build_executor(
 ) -> Result<Box<dyn Executor>, ServeError> {
     Ok(match device {
         DeviceChoice::Cuda(n) => Box::new(
-            CudaExecutor::new(n, config, weights, kv_blocks, block_size, max_loras, max_rank)
+            CudaExecutor::<half::bf16>::new(n, config, weights, kv_blocks, block_size, max_loras, max_rank)
                 .map_err(|e| ServeError::Device(format!("cuda:{n}: {e}")))?,
         ),
         _ => Box::new(CpuExecutor::new(config, weights, kv_blocks, block_size, max_loras, max_rank)),

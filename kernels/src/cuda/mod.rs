@@ -43,7 +43,9 @@ impl Dtype {
 }
 
 /// Element types that can live in device buffers the kernels read and write.
-pub trait Element: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Send + Sync + 'static {
+pub trait Element:
+    cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Send + Sync + std::fmt::Debug + 'static
+{
     const DTYPE: Dtype;
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
