@@ -1,7 +1,8 @@
 //! Golden tests of the CUDA executor: the same cases as `golden.rs`, on the GPU, against the
 //! transformers + PEFT reference. In f32 the GPU must match as tightly as the CPU does (same
 //! tolerance, same greedy tokens): that proves the executor and kernels compute the model. In
-//! bf16, the serving dtype, the logits must stay within a bf16-sized tolerance.
+//! bf16, the serving dtype, the logits may drift no further from the f32 reference than the
+//! reference itself drifts when PyTorch runs it in bf16 (recorded per case by the generator).
 //!
 //! Skipped, with a message, where no usable CUDA device is present; `SWITCHYARD_REQUIRE_CUDA=1`
 //! (set by the device check) turns the skip into a failure.
@@ -15,13 +16,6 @@ use switchyard_backend::engine::cuda::{CudaExecutor, DeviceFloat};
 use switchyard_backend::engine::executor::Executor;
 use switchyard_backend::model::{ModelConfig, ModelWeights};
 use switchyard_backend::service::probe_cuda;
-
-/// bf16 weights and activations against the f32 reference, as the largest logit error of a
-/// row relative to the row's largest logit. Every op rounds to bf16 and the tiny random models
-/// have large activations, so the drift is large: the worst case measured on an H200 was
-/// 1.9e-1 (an rsLoRA adapter on all projections). This test catches gross errors (a wrong
-/// slot, a missing bias); the f32 test above is the exactness proof.
-const BF16_TOLERANCE: f64 = 2.5e-1;
 
 fn cuda<E: DeviceFloat>(
     config: &ModelConfig,

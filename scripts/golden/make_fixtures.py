@@ -17,6 +17,7 @@ Output layout (all small):
     fixtures/golden/logits.safetensors  per case, the logits of every greedy step ([steps, vocab])
 """
 
+import copy
 import json
 import shutil
 import sys
@@ -186,6 +187,17 @@ def randomize_lora(model, seed):
 
 
 @torch.no_grad()
+def bf16_drift(model_bf16, prompt_ids, greedy_ids, want):
+    """How far the reference itself moves when run in bf16: the largest logit error of a step
+    relative to the step's largest logit. Engines running in bf16 are judged against this."""
+    ids = list(prompt_ids) + list(greedy_ids)
+    logits = model_bf16(torch.tensor([ids])).logits[0].float()
+    n = len(prompt_ids)
+    got = logits[n - 1 : n - 1 + len(greedy_ids)]
+    return float(((got - want).abs().max(dim=1).values / want.abs().max(dim=1).values).max())
+
+
+@torch.no_grad()
 def greedy(model, prompt_ids):
     ids = list(prompt_ids)
     steps, margins = [], []
@@ -245,6 +257,7 @@ def main(out: Path):
             variants.append((name, peft_model.eval()))
 
         for adapter, model in variants:
+            model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
             changed = False
             for p_idx, (text, ids) in enumerate(zip(texts, prompts)):
                 out_ids, step_logits, margin = greedy(model, ids)
@@ -261,6 +274,7 @@ def main(out: Path):
                         "prompt_ids": ids,
                         "greedy_ids": out_ids,
                         "min_margin": margin,
+                        "bf16_drift": bf16_drift(model_bf16, ids, out_ids, step_logits),
                     }
                 )
                 base_case = next(c for c in cases if c["key"] == f"{model_name}.base.{p_idx}")

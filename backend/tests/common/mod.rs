@@ -38,6 +38,8 @@ pub struct Case {
     pub prompt: String,
     pub prompt_ids: Vec<u32>,
     pub greedy_ids: Vec<u32>,
+    /// How far the reference's own logits move when it runs in bf16 (see the generator).
+    pub bf16_drift: f64,
 }
 
 #[derive(Debug, Deserialize)]
