@@ -74,13 +74,17 @@ fn in_f32_the_gpu_matches_the_reference_as_tightly_as_the_cpu() {
 }
 
 #[test]
-fn in_bf16_the_gpu_stays_within_bf16_tolerance_of_the_reference() {
+fn in_bf16_the_gpu_drifts_no_further_than_pytorch_in_bf16() {
     if cuda_present() {
+        // The tiny random models have large activations, so bf16 drift is large for everyone:
+        // judge against what PyTorch's own bf16 run of the same cases does.
+        let torch_bf16 = golden().cases.iter().map(|c| c.bf16_drift).fold(0.0, f64::max);
         // Measure every case first, then judge, so a failure reports the worst error.
         let worst = check_all(&cuda::<half::bf16>, f64::INFINITY, false, "bf16");
+        eprintln!("PyTorch bf16 on the same cases: max relative logit error {torch_bf16:.2e}");
         assert!(
-            worst <= BF16_TOLERANCE,
-            "bf16 logits drift {worst:.2e} from the reference (tolerance {BF16_TOLERANCE:.0e})"
+            worst <= torch_bf16,
+            "bf16 logits drift {worst:.2e} from the reference; PyTorch's bf16 run {torch_bf16:.2e}"
         );
     }
 }
