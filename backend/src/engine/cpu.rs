@@ -2,27 +2,12 @@
 //! reference implementations for everything else. Always built; the reference for other
 //! executors and the path CI runs.
 
-use super::executor::{Batch, Executor, ExecutorError};
+use super::executor::{Batch, Executor, ExecutorError, FusedLayer};
 use crate::adapters::AdapterWeights;
-use crate::model::{ModelConfig, ModelWeights, Module};
+use crate::model::{HostTensor, ModelConfig, ModelWeights, Module};
 use switchyard_kernels::{AttentionSeq, KvLayout, LoraMat, attention, lora, matmul, ops};
 
-/// One decoder layer with its projections fused for fewer, larger GEMMs.
-#[derive(Debug)]
-struct Layer {
-    input_norm: Vec<f32>,
-    post_norm: Vec<f32>,
-    /// `[q_dim + 2·kv_dim, hidden]`: q, k and v stacked.
-    qkv: Vec<f32>,
-    qkv_bias: Option<Vec<f32>>,
-    o: Vec<f32>,
-    o_bias: Option<Vec<f32>>,
-    /// `[2·intermediate, hidden]`: gate and up stacked.
-    gate_up: Vec<f32>,
-    gate_up_bias: Option<Vec<f32>>,
-    down: Vec<f32>,
-    down_bias: Option<Vec<f32>>,
-}
+type Layer = FusedLayer<Vec<f32>>;
 
 /// KV pools of one layer.
 #[derive(Debug)]
@@ -55,10 +40,6 @@ pub struct CpuExecutor {
     max_rank: usize,
 }
 
-fn concat(parts: &[&[f32]]) -> Vec<f32> {
-    parts.concat()
-}
-
 impl CpuExecutor {
     /// Takes ownership of the weights (fusing projections) and allocates a KV cache of
     /// `kv_blocks` blocks of `block_size` tokens, and `max_loras` adapter slots of rank up to
@@ -73,25 +54,14 @@ impl CpuExecutor {
     ) -> CpuExecutor {
         let ModelWeights { embed_tokens, layers, final_norm, lm_head } = weights;
         let layers = layers
-            .into_iter()
+            .iter()
             .map(|l| {
-                let p = |m: Module| l.proj[m.index()].data.as_slice();
-                let b = |m: Module| l.bias[m.index()].as_ref().map(|t| t.data.as_slice());
-                let fuse_bias = |ms: &[Module]| -> Option<Vec<f32>> {
-                    let parts: Option<Vec<&[f32]>> = ms.iter().map(|&m| b(m)).collect();
-                    parts.map(|p| concat(&p))
+                let stacked = |parts: &[&HostTensor]| {
+                    Ok::<_, std::convert::Infallible>(parts.iter().flat_map(|t| t.data.iter().copied()).collect())
                 };
-                Layer {
-                    input_norm: l.input_norm.data.clone(),
-                    post_norm: l.post_attention_norm.data.clone(),
-                    qkv: concat(&[p(Module::Q), p(Module::K), p(Module::V)]),
-                    qkv_bias: fuse_bias(&[Module::Q, Module::K, Module::V]),
-                    o: p(Module::O).to_vec(),
-                    o_bias: b(Module::O).map(<[f32]>::to_vec),
-                    gate_up: concat(&[p(Module::Gate), p(Module::Up)]),
-                    gate_up_bias: fuse_bias(&[Module::Gate, Module::Up]),
-                    down: p(Module::Down).to_vec(),
-                    down_bias: b(Module::Down).map(<[f32]>::to_vec),
+                match FusedLayer::build(l, stacked) {
+                    Ok(layer) => layer,
+                    Err(never) => match never {},
                 }
             })
             .collect();

@@ -3,7 +3,7 @@
 //! own NVRTC-compiled kernels for everything else. One stream; a step uploads its small batch
 //! tables once and downloads only the logits.
 
-use super::executor::{Batch, Executor, ExecutorError};
+use super::executor::{Batch, Executor, ExecutorError, FusedLayer};
 use crate::adapters::AdapterWeights;
 use crate::model::{HostTensor, ModelConfig, ModelWeights, Module};
 use cudarc::cublas::sys::cublasOperation_t;
@@ -11,7 +11,7 @@ use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 use std::sync::Arc;
-use switchyard_kernels::cuda::{CudaError, CudaKernels, Element, LoraSlotEntry, Segments, open_device};
+use switchyard_kernels::cuda::{CudaError, CudaKernels, Element, LoraRows, LoraSlotEntry, Segments, open_device};
 use switchyard_kernels::{KvLayout, lora};
 
 /// Element types the CUDA executor runs in: the kernels' types that cuBLAS multiplies.
@@ -38,20 +38,6 @@ fn cublas(e: cudarc::cublas::result::CublasError) -> ExecutorError {
     ExecutorError(format!("cuBLAS: {e:?}"))
 }
 
-#[derive(Debug)]
-struct Layer<E> {
-    input_norm: CudaSlice<E>,
-    post_norm: CudaSlice<E>,
-    qkv: CudaSlice<E>,
-    qkv_bias: Option<CudaSlice<E>>,
-    o: CudaSlice<E>,
-    o_bias: Option<CudaSlice<E>>,
-    gate_up: CudaSlice<E>,
-    gate_up_bias: Option<CudaSlice<E>>,
-    down: CudaSlice<E>,
-    down_bias: Option<CudaSlice<E>>,
-}
-
 /// An adapter's matrices on the device (A as `[r, in]`, Bᵀ as `[r, out]`), kept alive while
 /// the slot tables point at them.
 #[derive(Debug)]
@@ -74,7 +60,7 @@ where
     embed: CudaSlice<E>,
     lm_head: Option<CudaSlice<E>>,
     final_norm: CudaSlice<E>,
-    layers: Vec<Layer<E>>,
+    layers: Vec<FusedLayer<CudaSlice<E>>>,
     k_cache: Vec<CudaSlice<E>>,
     v_cache: Vec<CudaSlice<E>>,
     layout: KvLayout,
@@ -100,16 +86,6 @@ fn upload_concat<E: Element>(stream: &Arc<CudaStream>, parts: &[&HostTensor]) ->
     let host: Vec<E> =
         parts.iter().flat_map(|t| t.data.par_iter().map(|&v| E::from_f32(v)).collect::<Vec<_>>()).collect();
     stream.clone_htod(&host).map_err(driver)
-}
-
-fn upload_opt_concat<E: Element>(
-    stream: &Arc<CudaStream>,
-    parts: &[Option<&HostTensor>],
-) -> Result<Option<CudaSlice<E>>, ExecutorError> {
-    match parts.iter().copied().collect::<Option<Vec<&HostTensor>>>() {
-        Some(p) => Ok(Some(upload_concat(stream, &p)?)),
-        None => Ok(None),
-    }
 }
 
 /// Per-step LoRA state: which rows use which slot, in the shape the kernels want.
@@ -152,20 +128,8 @@ where
         let ModelWeights { embed_tokens, layers: host_layers, final_norm, lm_head } = weights;
         let mut layers = Vec::with_capacity(host_layers.len());
         for l in host_layers {
-            let p = |m: Module| &l.proj[m.index()];
-            let b = |m: Module| l.bias[m.index()].as_ref();
-            layers.push(Layer {
-                input_norm: upload(&stream, &l.input_norm.data)?,
-                post_norm: upload(&stream, &l.post_attention_norm.data)?,
-                qkv: upload_concat(&stream, &[p(Module::Q), p(Module::K), p(Module::V)])?,
-                qkv_bias: upload_opt_concat(&stream, &[b(Module::Q), b(Module::K), b(Module::V)])?,
-                o: upload(&stream, &p(Module::O).data)?,
-                o_bias: upload_opt_concat(&stream, &[b(Module::O)])?,
-                gate_up: upload_concat(&stream, &[p(Module::Gate), p(Module::Up)])?,
-                gate_up_bias: upload_opt_concat(&stream, &[b(Module::Gate), b(Module::Up)])?,
-                down: upload(&stream, &p(Module::Down).data)?,
-                down_bias: upload_opt_concat(&stream, &[b(Module::Down)])?,
-            });
+            // Each layer's host copy is released once it is on the device.
+            layers.push(FusedLayer::build(&l, |parts| upload_concat(&stream, parts))?);
         }
         let layout = KvLayout { block_size, kv_heads: config.num_kv_heads, head_dim: config.head_dim };
         let pool = kv_blocks * block_size * layout.slot_width();
@@ -257,36 +221,13 @@ where
         }
         let (in_dim, out_dim) = self.config.module_shape(m);
         let table = &self.tables[layer][m.index()];
+        let rows = match &step.segments {
+            None => LoraRows::PerRow { slots: &step.row_slots, rows: step.rows },
+            Some(segs) => LoraRows::Segments(segs),
+        };
         let k = &self.kernels;
-        match &step.segments {
-            None => {
-                k.bgmv_shrink(
-                    x,
-                    in_dim,
-                    &step.row_slots,
-                    step.rows,
-                    table,
-                    step.max_rank,
-                    &mut step.shrink,
-                    self.max_rank,
-                )?;
-                k.bgmv_expand(
-                    &step.shrink,
-                    self.max_rank,
-                    &step.row_slots,
-                    step.rows,
-                    table,
-                    y,
-                    y_stride,
-                    y_offset,
-                    out_dim,
-                )?;
-            }
-            Some(segs) => {
-                k.sgmv_shrink(x, in_dim, segs, table, step.max_rank, &mut step.shrink, self.max_rank)?;
-                k.sgmv_expand(&step.shrink, self.max_rank, segs, table, y, y_stride, y_offset, out_dim)?;
-            }
-        }
+        k.lora_shrink(x, in_dim, rows, table, step.max_rank, &mut step.shrink, self.max_rank)?;
+        k.lora_expand(&step.shrink, self.max_rank, rows, table, y, y_stride, y_offset, out_dim)?;
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 //! use a different adapter slot.
 
 use crate::adapters::AdapterWeights;
+use crate::model::{HostTensor, LayerWeights, Module};
 
 /// One sequence's part of a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,4 +69,52 @@ pub trait Executor: Send {
 
     /// Runs the batch; returns `[batch.logit_rows(), vocab]` logits.
     fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>, ExecutorError>;
+}
+
+/// A decoder layer's weights as the executors hold them: q, k and v stacked into one projection
+/// and gate and up into another (fewer, larger matrix products), in a buffer type `B` of the
+/// executor's choosing.
+#[derive(Debug)]
+pub struct FusedLayer<B> {
+    pub input_norm: B,
+    pub post_norm: B,
+    /// `[q_dim + 2·kv_dim, hidden]`.
+    pub qkv: B,
+    pub qkv_bias: Option<B>,
+    pub o: B,
+    pub o_bias: Option<B>,
+    /// `[2·intermediate, hidden]`.
+    pub gate_up: B,
+    pub gate_up_bias: Option<B>,
+    pub down: B,
+    pub down_bias: Option<B>,
+}
+
+impl<B> FusedLayer<B> {
+    /// Lays out `layer`; `put` makes a buffer of tensors stacked along their first dimension.
+    pub fn build<Err>(
+        layer: &LayerWeights,
+        mut put: impl FnMut(&[&HostTensor]) -> Result<B, Err>,
+    ) -> Result<FusedLayer<B>, Err> {
+        let w = |m: Module| &layer.proj[m.index()];
+        // A fused bias exists when every part has one (the architecture decides, per block).
+        let bias = |ms: &[Module]| ms.iter().map(|&m| layer.bias[m.index()].as_ref()).collect::<Option<Vec<_>>>();
+        let mut put_opt = |parts: Option<Vec<&HostTensor>>| parts.map(|p| put(&p)).transpose();
+        let qkv_bias = put_opt(bias(&[Module::Q, Module::K, Module::V]))?;
+        let o_bias = put_opt(bias(&[Module::O]))?;
+        let gate_up_bias = put_opt(bias(&[Module::Gate, Module::Up]))?;
+        let down_bias = put_opt(bias(&[Module::Down]))?;
+        Ok(FusedLayer {
+            input_norm: put(&[&layer.input_norm])?,
+            post_norm: put(&[&layer.post_attention_norm])?,
+            qkv: put(&[w(Module::Q), w(Module::K), w(Module::V)])?,
+            qkv_bias,
+            o: put(&[w(Module::O)])?,
+            o_bias,
+            gate_up: put(&[w(Module::Gate), w(Module::Up)])?,
+            gate_up_bias,
+            down: put(&[w(Module::Down)])?,
+            down_bias,
+        })
+    }
 }

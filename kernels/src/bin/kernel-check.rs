@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
 use switchyard_kernels::cuda::{
-    CudaError, CudaKernels, Element, LoraSlotEntry, SEGMENT_PIECE_ROWS, Segments, open_device,
+    CudaError, CudaKernels, Element, LoraRows, LoraSlotEntry, SEGMENT_PIECE_ROWS, Segments, open_device,
 };
 use switchyard_kernels::{KvLayout, LoraMat, attention, lora, ops};
 
@@ -291,8 +291,9 @@ impl Check {
             let segs = Segments::upload(&self.stream, &lora::segments(&row_slots))?;
             let mut v = self.stream.alloc_zeros::<f32>(rows * max_rank)?;
             let mut y = self.up(&y0)?;
-            self.k.sgmv_shrink(&d_x, in_dim, &segs, &table, max_rank, &mut v, max_rank)?;
-            self.k.sgmv_expand(&v, max_rank, &segs, &table, &mut y, y_stride, y_off, out_dim)?;
+            let sel = LoraRows::Segments(&segs);
+            self.k.lora_shrink(&d_x, in_dim, sel, &table, max_rank, &mut v, max_rank)?;
+            self.k.lora_expand(&v, max_rank, sel, &table, &mut y, y_stride, y_off, out_dim)?;
             let got = self.down(&y)?;
             self.record::<E>("sgmv shrink+expand", shape.clone(), &got, &want);
 
@@ -301,8 +302,9 @@ impl Check {
             let d_slots = self.up(&slots_i)?;
             let mut v = self.stream.alloc_zeros::<f32>(rows * max_rank)?;
             let mut y = self.up(&y0)?;
-            self.k.bgmv_shrink(&d_x, in_dim, &d_slots, rows, &table, max_rank, &mut v, max_rank)?;
-            self.k.bgmv_expand(&v, max_rank, &d_slots, rows, &table, &mut y, y_stride, y_off, out_dim)?;
+            let sel = LoraRows::PerRow { slots: &d_slots, rows };
+            self.k.lora_shrink(&d_x, in_dim, sel, &table, max_rank, &mut v, max_rank)?;
+            self.k.lora_expand(&v, max_rank, sel, &table, &mut y, y_stride, y_off, out_dim)?;
             let got = self.down(&y)?;
             self.record::<E>("bgmv shrink+expand", shape, &got, &want);
         }
@@ -352,13 +354,9 @@ fn lora_bench(c: &mut Check, rows: usize, adapters: usize, rank: usize, h: usize
     let stream = c.stream.clone();
     let k = &c.k;
     let ms = time_ms(&stream, 20, || {
-        if decode_shaped {
-            k.bgmv_shrink(&d_x, h, &d_slots, rows, &table, rank, &mut v, rank)?;
-            k.bgmv_expand(&v, rank, &d_slots, rows, &table, &mut d_y, h, 0, h)
-        } else {
-            k.sgmv_shrink(&d_x, h, &segs, &table, rank, &mut v, rank)?;
-            k.sgmv_expand(&v, rank, &segs, &table, &mut d_y, h, 0, h)
-        }
+        let sel = if decode_shaped { LoraRows::PerRow { slots: &d_slots, rows } } else { LoraRows::Segments(&segs) };
+        k.lora_shrink(&d_x, h, sel, &table, rank, &mut v, rank)?;
+        k.lora_expand(&v, rank, sel, &table, &mut d_y, h, 0, h)
     })?;
     // Bytes that must move: every used adapter's A and Bᵀ once, x once, v written and read, y
     // read and written.

@@ -80,6 +80,8 @@ pub struct Segments {
     len: CudaSlice<i32>,
     slot: CudaSlice<i32>,
     count: usize,
+    /// One past the last row any segment covers.
+    end: usize,
 }
 
 impl Segments {
@@ -104,6 +106,7 @@ impl Segments {
             len: stream.clone_htod(&pad(col(|s| s.len)))?,
             slot: stream.clone_htod(&pad(col(|s| s.slot)))?,
             count: segs.len(),
+            end: segs.iter().map(|s| (s.start + s.len) as usize).max().unwrap_or(0),
         })
     }
 
@@ -113,6 +116,52 @@ impl Segments {
 
     pub fn is_empty(&self) -> bool {
         self.count == 0
+    }
+}
+
+/// Which rows of a batch use which adapter slot, in the form a LoRA kernel family reads.
+#[derive(Debug, Clone, Copy)]
+pub enum LoraRows<'a> {
+    /// SGMV: segments of consecutive rows sharing a slot (prefill-shaped batches).
+    Segments(&'a Segments),
+    /// BGMV: one slot per row, negative for none (decode-shaped batches).
+    PerRow { slots: &'a CudaSlice<i32>, rows: usize },
+}
+
+impl LoraRows<'_> {
+    /// Blocks along the grid's first dimension: one per segment or per row.
+    fn blocks(&self) -> usize {
+        match self {
+            LoraRows::Segments(s) => s.count,
+            LoraRows::PerRow { rows, .. } => *rows,
+        }
+    }
+
+    /// Rows the launch touches (buffers must hold at least this many).
+    fn rows(&self) -> usize {
+        match self {
+            LoraRows::Segments(s) => s.end,
+            LoraRows::PerRow { rows, .. } => *rows,
+        }
+    }
+
+    fn kernel(&self, op: &str) -> String {
+        match self {
+            LoraRows::Segments(_) => format!("sgmv_{op}"),
+            LoraRows::PerRow { .. } => format!("bgmv_{op}"),
+        }
+    }
+
+    /// Pushes the row-selection arguments (segment arrays, or the per-row slots).
+    fn push<'b>(&'b self, b: &mut cudarc::driver::LaunchArgs<'b>) {
+        match self {
+            LoraRows::Segments(s) => {
+                b.arg(&s.start).arg(&s.len).arg(&s.slot);
+            }
+            LoraRows::PerRow { slots, .. } => {
+                b.arg(*slots);
+            }
+        }
     }
 }
 
@@ -394,39 +443,44 @@ impl CudaKernels {
         check(max_rank <= v_stride, || format!("v stride {v_stride} below max rank {max_rank}"))
     }
 
-    /// SGMV shrink: `v[t, :rank] = x[t] · Aᵀ` for the rows of every segment.
+    /// Shrink: `v[t, :rank] = x[t] · Aᵀ` for every row with an adapter (SGMV or BGMV by `rows`).
     #[allow(clippy::too_many_arguments)]
-    pub fn sgmv_shrink<E: Element>(
+    pub fn lora_shrink<E: Element>(
         &self,
         x: &CudaSlice<E>,
         in_dim: usize,
-        segs: &Segments,
+        rows: LoraRows<'_>,
         table: &CudaSlice<LoraSlotEntry>,
         max_rank: usize,
         v: &mut CudaSlice<f32>,
         v_stride: usize,
     ) -> Result<(), CudaError> {
         Self::check_lora::<E>(in_dim, in_dim, v_stride, max_rank)?;
-        if segs.is_empty() || max_rank == 0 {
+        let n = rows.rows();
+        check(x.len() >= n * in_dim && v.len() >= n * v_stride, || "LoRA shrink: buffers too small".into())?;
+        if rows.blocks() == 0 || max_rank == 0 {
             return Ok(());
         }
         let (in_i, vs) = (i32_of(in_dim, "in")?, i32_of(v_stride, "v_stride")?);
-        let mut b = self.stream.launch_builder(self.func::<E>("sgmv_shrink")?);
-        b.arg(x).arg(&in_i).arg(&segs.start).arg(&segs.len).arg(&segs.slot).arg(table).arg(v).arg(&vs);
-        let grid = (u32_of(segs.count, "segments")?, u32_of(max_rank.div_ceil(RANK_TILE), "rank tiles")?);
-        // SAFETY: segments index rows of x and v that the caller sized; slot entries point at
-        // live adapter matrices of the ranks they state.
+        let func = self.func::<E>(&rows.kernel("shrink"))?;
+        let mut b = self.stream.launch_builder(func);
+        b.arg(x).arg(&in_i);
+        rows.push(&mut b);
+        b.arg(table).arg(v).arg(&vs);
+        let grid = (u32_of(rows.blocks(), "rows")?, u32_of(max_rank.div_ceil(RANK_TILE), "rank tiles")?);
+        // SAFETY: the rows index x and v within the sizes checked above; slot entries point at
+        // live adapter matrices of the ranks they state (the executor keeps them alive).
         unsafe { b.launch(Self::cfg(grid, SHRINK_THREADS)) }?;
         Ok(())
     }
 
-    /// SGMV expand: `y[t, off..off+out] += scale · v[t, :rank] · Bᵀ` for every segment.
+    /// Expand: `y[t, off..off+out] += scale · v[t, :rank] · Bᵀ` for every row with an adapter.
     #[allow(clippy::too_many_arguments)]
-    pub fn sgmv_expand<E: Element>(
+    pub fn lora_expand<E: Element>(
         &self,
         v: &CudaSlice<f32>,
         v_stride: usize,
-        segs: &Segments,
+        rows: LoraRows<'_>,
         table: &CudaSlice<LoraSlotEntry>,
         y: &mut CudaSlice<E>,
         y_stride: usize,
@@ -434,75 +488,22 @@ impl CudaKernels {
         out_dim: usize,
     ) -> Result<(), CudaError> {
         Self::check_lora::<E>(out_dim, out_dim, v_stride, 0)?;
-        check(y_offset + out_dim <= y_stride, || "expand: output block exceeds the row".into())?;
-        if segs.is_empty() {
-            return Ok(());
-        }
-        let ints = [i32_of(v_stride, "v")?, i32_of(y_stride, "y")?, i32_of(y_offset, "off")?, i32_of(out_dim, "out")?];
-        let mut b = self.stream.launch_builder(self.func::<E>("sgmv_expand")?);
-        b.arg(v).arg(&ints[0]).arg(&segs.start).arg(&segs.len).arg(&segs.slot).arg(table);
-        b.arg(y).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]);
-        let per_block = EXPAND_THREADS as usize * vec_width::<E>();
-        let grid = (u32_of(segs.count, "segments")?, u32_of(out_dim.div_ceil(per_block), "out tiles")?);
-        // SAFETY: as for shrink; each thread writes its own outputs of the rows it owns.
-        unsafe { b.launch(Self::cfg(grid, EXPAND_THREADS)) }?;
-        Ok(())
-    }
-
-    /// BGMV shrink: one adapter per row (`row_slots[t] < 0`: none).
-    #[allow(clippy::too_many_arguments)]
-    pub fn bgmv_shrink<E: Element>(
-        &self,
-        x: &CudaSlice<E>,
-        in_dim: usize,
-        row_slots: &CudaSlice<i32>,
-        rows: usize,
-        table: &CudaSlice<LoraSlotEntry>,
-        max_rank: usize,
-        v: &mut CudaSlice<f32>,
-        v_stride: usize,
-    ) -> Result<(), CudaError> {
-        Self::check_lora::<E>(in_dim, in_dim, v_stride, max_rank)?;
-        check(row_slots.len() >= rows && x.len() >= rows * in_dim && v.len() >= rows * v_stride, || {
-            "bgmv_shrink: buffers too small".into()
+        let n = rows.rows();
+        check(y_offset + out_dim <= y_stride && y.len() >= n * y_stride && v.len() >= n * v_stride, || {
+            "LoRA expand: output block exceeds the row or buffers too small".into()
         })?;
-        if rows == 0 || max_rank == 0 {
-            return Ok(());
-        }
-        let (in_i, vs) = (i32_of(in_dim, "in")?, i32_of(v_stride, "v_stride")?);
-        let mut b = self.stream.launch_builder(self.func::<E>("bgmv_shrink")?);
-        b.arg(x).arg(&in_i).arg(row_slots).arg(table).arg(v).arg(&vs);
-        let grid = (u32_of(rows, "rows")?, u32_of(max_rank.div_ceil(RANK_TILE), "rank tiles")?);
-        // SAFETY: one block row per batch row within the checked sizes.
-        unsafe { b.launch(Self::cfg(grid, SHRINK_THREADS)) }?;
-        Ok(())
-    }
-
-    /// BGMV expand: one adapter per row.
-    #[allow(clippy::too_many_arguments)]
-    pub fn bgmv_expand<E: Element>(
-        &self,
-        v: &CudaSlice<f32>,
-        v_stride: usize,
-        row_slots: &CudaSlice<i32>,
-        rows: usize,
-        table: &CudaSlice<LoraSlotEntry>,
-        y: &mut CudaSlice<E>,
-        y_stride: usize,
-        y_offset: usize,
-        out_dim: usize,
-    ) -> Result<(), CudaError> {
-        Self::check_lora::<E>(out_dim, out_dim, v_stride, 0)?;
-        check(y_offset + out_dim <= y_stride && y.len() >= rows * y_stride, || "bgmv_expand: bad output".into())?;
-        if rows == 0 {
+        if rows.blocks() == 0 {
             return Ok(());
         }
         let ints = [i32_of(v_stride, "v")?, i32_of(y_stride, "y")?, i32_of(y_offset, "off")?, i32_of(out_dim, "out")?];
-        let mut b = self.stream.launch_builder(self.func::<E>("bgmv_expand")?);
-        b.arg(v).arg(&ints[0]).arg(row_slots).arg(table).arg(y).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]);
+        let func = self.func::<E>(&rows.kernel("expand"))?;
+        let mut b = self.stream.launch_builder(func);
+        b.arg(v).arg(&ints[0]);
+        rows.push(&mut b);
+        b.arg(table).arg(y).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]);
         let per_block = EXPAND_THREADS as usize * vec_width::<E>();
-        let grid = (u32_of(rows, "rows")?, u32_of(out_dim.div_ceil(per_block), "out tiles")?);
-        // SAFETY: one block row per batch row within the checked sizes.
+        let grid = (u32_of(rows.blocks(), "rows")?, u32_of(out_dim.div_ceil(per_block), "out tiles")?);
+        // SAFETY: as for shrink; each thread writes only its own outputs of the rows it owns.
         unsafe { b.launch(Self::cfg(grid, EXPAND_THREADS)) }?;
         Ok(())
     }

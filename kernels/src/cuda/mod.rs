@@ -7,7 +7,7 @@
 
 mod launch;
 
-pub use launch::{CudaKernels, LoraSlotEntry, SEGMENT_PIECE_ROWS, Segments, split_segments};
+pub use launch::{CudaKernels, LoraRows, LoraSlotEntry, SEGMENT_PIECE_ROWS, Segments, split_segments};
 
 use cudarc::driver::{CudaContext, DriverError};
 use cudarc::nvrtc::{CompileOptions, Ptx};
