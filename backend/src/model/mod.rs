@@ -2,6 +2,7 @@
 //! directory and validated before anything runs.
 
 mod config;
+pub mod gguf;
 pub mod synthetic;
 mod tokenizer;
 mod weights;

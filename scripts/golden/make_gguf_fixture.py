@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Builds fixtures/gguf/: a small GGUF file holding one tensor of every quantization type the
+engine reads, metadata of every value type, and the values the `gguf` package (llama.cpp's
+reference Python implementation) dequantizes them to.
+
+    .venv/bin/pip install gguf numpy safetensors
+    .venv/bin/python scripts/golden/make_gguf_fixture.py fixtures/gguf
+"""
+
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from safetensors.numpy import save_file
+
+ROWS, COLS = 3, 512  # COLS is a multiple of every block size (32 and 256)
+
+
+def k_blocks(rng, qtype, n_blocks):
+    """Random K-quant blocks with sane f16 scale fields (random bits could be NaN or huge)."""
+    size = {Q.Q4_K: 144, Q.Q6_K: 210}[qtype]
+    raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    def f16(values):
+        return np.frombuffer(np.asarray(values, dtype=np.float16).tobytes(), dtype=np.uint8).reshape(-1, 2)
+    if qtype == Q.Q4_K:
+        raw[:, 0:2] = f16(rng.uniform(0.001, 0.05, n_blocks))  # d
+        raw[:, 2:4] = f16(rng.uniform(0.001, 0.05, n_blocks))  # dmin
+    else:
+        raw[:, 208:210] = f16(rng.uniform(0.001, 0.05, n_blocks))  # d
+    return raw
+
+
+def main(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(20261128)
+    writer = gguf.GGUFWriter(str(out / "quant-types.gguf"), arch="llama")
+    writer.add_uint8("test.u8", 200)
+    writer.add_int32("test.i32", -7)
+    writer.add_uint64("test.u64", 1 << 40)
+    writer.add_float32("test.f32", 0.25)
+    writer.add_float64("test.f64", -1.5)
+    writer.add_bool("test.bool", True)
+    writer.add_string("test.string", "héllo")
+    writer.add_array("test.strings", ["a", "bc", ""])
+    writer.add_array("test.ints", [1, 2, 3])
+    expected = {}
+    dense = rng.standard_normal((ROWS, COLS)).astype(np.float32)
+    writer.add_tensor("t.f32", dense)
+    expected["t.f32"] = dense
+    writer.add_tensor("t.f16", dense.astype(np.float16))
+    expected["t.f16"] = dense.astype(np.float16).astype(np.float32)
+    for qtype in [Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]:
+        raw = gguf.quants.quantize(dense, qtype)
+        writer.add_tensor(f"t.{qtype.name.lower()}", raw, raw_dtype=qtype)
+        expected[f"t.{qtype.name.lower()}"] = gguf.quants.dequantize(raw, qtype).astype(np.float32)
+    for qtype in [Q.Q4_K, Q.Q6_K]:
+        raw = k_blocks(rng, qtype, ROWS * COLS // 256).reshape(ROWS, -1)
+        writer.add_tensor(f"t.{qtype.name.lower()}", raw, raw_dtype=qtype)
+        expected[f"t.{qtype.name.lower()}"] = gguf.quants.dequantize(raw, qtype).astype(np.float32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    save_file({k: np.ascontiguousarray(v.reshape(ROWS, COLS)) for k, v in expected.items()}, str(out / "quant-types.expected.safetensors"))
+    print(f"wrote {len(expected)} tensors to {out}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "fixtures/gguf"))
