@@ -3,6 +3,7 @@
 
 mod config;
 pub mod gguf;
+mod gguf_model;
 pub mod synthetic;
 mod tokenizer;
 mod weights;
@@ -53,11 +54,12 @@ pub struct Model {
 }
 
 impl Model {
-    /// Opens a model by spec: `synthetic:<preset>` builds random weights of a known shape;
-    /// anything else is a Hugging Face model directory.
+    /// Opens a model by spec: `synthetic:<preset>` builds random weights of a known shape; a
+    /// `.gguf` path is a llama.cpp model file; anything else is a Hugging Face model directory.
     pub fn open(spec: &Path) -> Result<Model, ModelError> {
         match spec.to_str().and_then(|s| s.strip_prefix(synthetic::PREFIX)) {
             Some(preset) => synthetic::synthetic_model(preset, 0),
+            None if spec.extension().is_some_and(|e| e == "gguf") => gguf_model::load_gguf(spec),
             None => Model::load(spec),
         }
     }

@@ -117,6 +117,89 @@ impl Tokenizer {
         Ok(Tokenizer { inner, chat: None, bos_token: None, eos_token: None, eos_ids: Vec::new() })
     }
 
+    /// The tokenizer a GGUF file describes (`tokenizer.ggml.*`), built as Hugging Face
+    /// `transformers` builds it from the same file: byte-level BPE from the vocabulary and
+    /// merges, control tokens as special tokens, user-defined tokens as added tokens, and the
+    /// chat template from `tokenizer.chat_template`.
+    pub fn from_gguf(g: &super::gguf::GgufFile, config: &ModelConfig) -> Result<Tokenizer, ModelError> {
+        use super::gguf::Value;
+        use tokenizers::{AddedToken, pre_tokenizers::byte_level::ByteLevel};
+        let bad = |reason: String| ModelError::Tokenizer { path: g.path.clone(), reason };
+        let strings = |key: &str| -> Result<Vec<&str>, ModelError> {
+            let items = g.get(key).and_then(Value::as_array).ok_or_else(|| bad(format!("missing {key}")))?;
+            items.iter().map(|v| v.as_str().ok_or_else(|| bad(format!("{key} holds a non-string")))).collect()
+        };
+        let kind = g.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
+        if kind != "gpt2" {
+            return Err(bad(format!(
+                "tokenizer.ggml.model {kind:?} is not supported (byte-level BPE \"gpt2\" is); use the model's tokenizer.json"
+            )));
+        }
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<u64> = g
+            .get("tokenizer.ggml.token_type")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        // Byte-level vocabularies spell every byte as a printable character; respell tokens
+        // stored as raw text (llama.cpp does this for some added tokens).
+        let spelling = bytes_to_unicode();
+        let alphabet: std::collections::HashSet<char> = spelling.iter().copied().collect();
+        let spell = |t: &str| -> String {
+            if t.chars().all(|c| alphabet.contains(&c)) {
+                t.to_string()
+            } else {
+                t.bytes().map(|b| spelling[b as usize]).collect()
+            }
+        };
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (spell(t), i as u32)).collect();
+        let merges: Vec<(String, String)> = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| bad(format!("merge {m:?} is not two tokens")))
+            })
+            .collect::<Result<_, _>>()?;
+        let bpe = tokenizers::models::bpe::BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| bad(format!("BPE model: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        inner.with_decoder(Some(ByteLevel::default()));
+        // 3 = CONTROL (special), 4 = USER_DEFINED (added, matched whole).
+        let of_type = |ty: u64| tokens.iter().zip(&types).filter(move |(_, t)| **t == ty).map(|(tok, _)| *tok);
+        let control: Vec<AddedToken> = of_type(3)
+            .filter(|t| t.chars().all(|c| alphabet.contains(&c)))
+            .map(|t| AddedToken::from(t, true))
+            .collect();
+        inner.add_special_tokens(&control);
+        let user: Vec<AddedToken> = of_type(4).map(|t| AddedToken::from(t, false)).collect();
+        inner.add_tokens(&user);
+
+        let token_at =
+            |key: &str| g.get(key).and_then(Value::as_u64).and_then(|i| tokens.get(i as usize)).map(|t| t.to_string());
+        let chat = g
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(|t| template_env(t.to_string()))
+            .transpose()
+            .map_err(|e| bad(format!("chat template: {e}")))?;
+        let mut eos_ids = config.eos_token_ids.clone();
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        Ok(Tokenizer {
+            inner,
+            chat,
+            bos_token: token_at("tokenizer.ggml.bos_token_id"),
+            eos_token: token_at("tokenizer.ggml.eos_token_id"),
+            eos_ids,
+        })
+    }
+
     /// Token ids of `text`. Special tokens written in the text are recognised; no BOS or other
     /// special tokens are added (chat templates write them out).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
@@ -145,6 +228,24 @@ impl Tokenizer {
         })
         .map_err(|e| format!("chat template failed: {e}"))
     }
+}
+
+/// GPT-2's byte-to-character table: printable bytes map to themselves, the rest to characters
+/// from U+0100 on, so every byte sequence has a printable spelling.
+fn bytes_to_unicode() -> Vec<char> {
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let mut next = 0x100u32;
+    (0u32..256)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap_or('?')
+            } else {
+                let c = char::from_u32(next).unwrap_or('?');
+                next += 1;
+                c
+            }
+        })
+        .collect()
 }
 
 /// A Jinja environment configured like Hugging Face's: Python string methods, `tojson`,

@@ -1,0 +1,148 @@
+//! Golden test on a real model: SmolLM2-135M-Instruct (Q4_1 GGUF, fetched by
+//! `scripts/fetch-smollm2`) against Hugging Face `transformers` loading the same file. The
+//! tokenizer must produce identical ids and chat text, logits must agree, greedy continuations
+//! must be identical.
+//!
+//! The file is looked up at `SWITCHYARD_SMOLLM2_GGUF`, else in the user cache where the fetch
+//! script puts it. Without it the test is skipped with a message; `SWITCHYARD_REQUIRE_SMOLLM2=1`
+//! (set by CI, which fetches the model) turns the skip into a failure.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails loudly on a broken fixture
+
+mod common;
+
+use serde::Deserialize;
+use std::path::PathBuf;
+use switchyard_backend::engine::cpu::CpuExecutor;
+use switchyard_backend::engine::executor::Executor;
+use switchyard_backend::engine::sampling::argmax;
+use switchyard_backend::engine::scheduler::{Scheduler, SchedulerConfig, Sequence};
+use switchyard_backend::model::{ChatMessage, Model};
+
+/// Both sides dequantize the same Q4_1 data to f32 and compute in f32; only the order of
+/// summation differs. Measured worst case: 2e-6 (relative to max(1, |logit|)); the tolerance
+/// leaves room for other CPUs' GEMM blocking while still catching any real difference.
+const LOGIT_TOLERANCE: f32 = 1e-4;
+
+#[derive(Deserialize)]
+struct Top {
+    position: usize,
+    ids: Vec<u32>,
+    logits: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    text: String,
+    chat: Option<Vec<serde_json::Value>>,
+    ids: Vec<u32>,
+    top_logits: Vec<Top>,
+    greedy_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct Golden {
+    steps: usize,
+    cases: Vec<Case>,
+}
+
+fn gguf_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SWITCHYARD_SMOLLM2_GGUF") {
+        return Some(PathBuf::from(p));
+    }
+    let cache = std::env::var_os("SWITCHYARD_CACHE").map(PathBuf::from).or_else(|| {
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|c| c.join("switchyard"))
+    })?;
+    Some(cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+
+fn model() -> Option<Model> {
+    let path = gguf_path().filter(|p| p.exists());
+    let Some(path) = path else {
+        assert!(
+            std::env::var_os("SWITCHYARD_REQUIRE_SMOLLM2").is_none(),
+            "SWITCHYARD_REQUIRE_SMOLLM2 is set but the GGUF is missing"
+        );
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "golden_smollm2: skipped, run scripts/fetch-smollm2 first");
+        return None;
+    };
+    Some(Model::open(&path).expect("SmolLM2 GGUF loads"))
+}
+
+fn golden() -> Golden {
+    let text = std::fs::read_to_string(common::fixtures().join("golden/smollm2.json")).expect("smollm2.json");
+    serde_json::from_str(&text).expect("parses")
+}
+
+#[test]
+fn smollm2_gguf_matches_transformers_on_tokens_logits_and_greedy_text() {
+    let Some(model) = model() else { return };
+    let g = golden();
+    assert_eq!((model.config.num_layers, model.config.hidden_size, model.config.vocab_size), (30, 576, 49152));
+
+    // Tokenizer and chat template.
+    for case in &g.cases {
+        if let Some(chat) = &case.chat {
+            let messages: Vec<ChatMessage> = chat
+                .iter()
+                .map(|m| ChatMessage {
+                    role: m["role"].as_str().unwrap().into(),
+                    content: m["content"].as_str().unwrap().into(),
+                })
+                .collect();
+            assert_eq!(model.tokenizer.apply_chat_template(&messages, true).expect("renders"), case.text);
+        }
+        assert_eq!(model.tokenizer.encode(&case.text).expect("encodes"), case.ids, "{:?}", case.text);
+    }
+
+    let Model { config, weights, .. } = model;
+    let sched_cfg = SchedulerConfig { block_size: 16, num_blocks: 256, max_batch_tokens: 4096, max_running: 64 };
+    let mut exec = CpuExecutor::new(&config, weights, 256, 16, 1, 8);
+    let mut worst = 0f32;
+    let mut id = 0u64;
+    for case in &g.cases {
+        // Logits at each reference position: prefixes of the prompt as sequences of one batch.
+        let mut sched = Scheduler::new(sched_cfg);
+        for top in &case.top_logits {
+            sched.add(Sequence::new(id, case.ids[..=top.position].to_vec(), None));
+            id += 1;
+        }
+        let step = sched.schedule();
+        let logits = exec.forward(&step.batch).expect("forward");
+        let vocab = config.vocab_size;
+        for (row, top) in case.top_logits.iter().enumerate() {
+            let got = &logits[row * vocab..(row + 1) * vocab];
+            for (&tid, &want) in top.ids.iter().zip(&top.logits) {
+                let err = (got[tid as usize] - want).abs() / want.abs().max(1.0);
+                worst = worst.max(err);
+                assert!(
+                    err <= LOGIT_TOLERANCE,
+                    "{:?} pos {} token {tid}: {} vs {want}",
+                    case.text,
+                    top.position,
+                    got[tid as usize]
+                );
+            }
+        }
+        // Greedy continuation.
+        let mut sched = Scheduler::new(sched_cfg);
+        sched.add(Sequence::new(id, case.ids.clone(), None));
+        let mut out = Vec::new();
+        while out.len() < g.steps {
+            let step = sched.schedule();
+            let logits = exec.forward(&step.batch).expect("forward");
+            sched.complete(&step);
+            let next = argmax(&logits);
+            out.push(next);
+            sched.push_token(id, next);
+        }
+        sched.remove(id);
+        id += 1;
+        assert_eq!(out, case.greedy_ids, "{:?}", case.text);
+    }
+    eprintln!("SmolLM2: largest top-k logit error {worst:.2e} (relative to max(1, |logit|))");
+}
