@@ -282,3 +282,66 @@ fn device_cuda_without_cuda_fails_with_a_one_line_explanation() {
     assert!(stderr.contains("CUDA") || stderr.contains("NVRTC") || stderr.contains("cuBLAS"), "{stderr}");
     assert!(out.stdout.is_empty(), "nothing listened");
 }
+
+/// SmolLM2-135M-Instruct as `scripts/fetch-smollm2` places it, if present (see the backend's
+/// golden_smollm2 test for the lookup rules).
+fn smollm2() -> Option<PathBuf> {
+    let path = std::env::var_os("SWITCHYARD_SMOLLM2_GGUF").map(PathBuf::from).or_else(|| {
+        let cache = std::env::var_os("SWITCHYARD_CACHE").map(PathBuf::from).or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .map(|c| c.join("switchyard"))
+        })?;
+        Some(cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    });
+    match path.filter(|p| p.exists()) {
+        Some(p) => Some(p),
+        None => {
+            assert!(
+                std::env::var_os("SWITCHYARD_REQUIRE_SMOLLM2").is_none(),
+                "SWITCHYARD_REQUIRE_SMOLLM2 is set but the GGUF is missing"
+            );
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "backend_grpc: skipped the SmolLM2 chat test, run scripts/fetch-smollm2 first"
+            );
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_real_model_from_gguf_answers_a_chat_request_in_english() {
+    let Some(gguf) = smollm2() else { return };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("backend")
+        .arg("--model")
+        .arg(&gguf)
+        .args(["--listen", "127.0.0.1:0", "--device", "cpu"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("switchyard binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line).expect("listening line");
+    let backend = Backend { child, addr: line.trim().rsplit(' ').next().expect("address").to_string() };
+    let (mut client, _) = connect(&backend).await;
+    let info = client.info(pb::InfoRequest {}).await.expect("info").into_inner();
+    assert_eq!(info.model, "SmolLM2-135M-Instruct.Q4_1");
+
+    let req = pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Chat(pb::ChatPrompt {
+            messages: vec![pb::ChatMessage { role: "user".into(), content: "What is the capital of France?".into() }],
+            add_generation_prompt: true,
+        })),
+        max_tokens: 24,
+        ..Default::default()
+    };
+    let (_, text, _, last) = collect(&mut client, req).await.expect("generates");
+    assert!(text.contains("Paris"), "answer: {text:?}");
+    assert!(text.is_ascii() && text.split_whitespace().count() >= 4, "a sentence of English: {text:?}");
+    assert_eq!(last.finish_reason(), pb::FinishReason::Eos, "the model ends its answer: {text:?}");
+}

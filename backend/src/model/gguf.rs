@@ -317,7 +317,7 @@ impl GgufFile {
         let (block_elems, block_bytes) = ty.block();
         let elements = t.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
         let elements = elements.ok_or_else(|| self.bad(format!("tensor {}: dimensions overflow", t.name)))?;
-        if t.dims[0] % block_elems != 0 {
+        if !t.dims[0].is_multiple_of(block_elems) {
             return Err(self.bad(format!(
                 "tensor {}: row length {} is not a multiple of the {} block size {block_elems}",
                 t.name,
