@@ -1,7 +1,8 @@
 //! Golden test on a real model: SmolLM2-135M-Instruct (Q4_1 GGUF, fetched by
 //! `scripts/fetch-smollm2`) against Hugging Face `transformers` loading the same file. The
 //! tokenizer must produce identical ids and chat text, logits must agree, greedy continuations
-//! must be identical.
+//! must be identical: for the base model and with the demo `uppercase` adapter (PEFT in
+//! `transformers`, our LoRA path here).
 //!
 //! The file is looked up at `SWITCHYARD_SMOLLM2_GGUF`, else in the user cache where the fetch
 //! script puts it. Without it the test is skipped with a message; `SWITCHYARD_REQUIRE_SMOLLM2=1`
@@ -13,6 +14,7 @@ mod common;
 
 use serde::Deserialize;
 use std::path::PathBuf;
+use switchyard_backend::adapters::load_peft_dir;
 use switchyard_backend::engine::cpu::CpuExecutor;
 use switchyard_backend::engine::executor::Executor;
 use switchyard_backend::engine::sampling::argmax;
@@ -35,6 +37,8 @@ struct Top {
 struct Case {
     text: String,
     chat: Option<Vec<serde_json::Value>>,
+    /// Demo adapter (under fixtures/adapters/smollm2/) the case runs with, if any.
+    adapter: Option<String>,
     ids: Vec<u32>,
     top_logits: Vec<Top>,
     greedy_ids: Vec<u32>,
@@ -102,13 +106,22 @@ fn smollm2_gguf_matches_transformers_on_tokens_logits_and_greedy_text() {
     let Model { config, weights, .. } = model;
     let sched_cfg = SchedulerConfig { block_size: 16, num_blocks: 256, max_batch_tokens: 4096, max_running: 64 };
     let mut exec = CpuExecutor::new(&config, weights, 256, 16, 1, 8);
+    let adapter_dir = common::fixtures().join("adapters/smollm2/uppercase");
+    exec.load_adapter(0, &load_peft_dir(&adapter_dir, &config, 8).expect("uppercase adapter loads")).expect("slot 0");
+    let slot = |case: &Case| {
+        case.adapter.as_deref().map(|name| {
+            assert_eq!(name, "uppercase");
+            0u32
+        })
+    };
+    assert!(g.cases.iter().any(|c| c.adapter.is_some()) && g.cases.iter().any(|c| c.adapter.is_none()));
     let mut worst = 0f32;
     let mut id = 0u64;
     for case in &g.cases {
         // Logits at each reference position: prefixes of the prompt as sequences of one batch.
         let mut sched = Scheduler::new(sched_cfg);
         for top in &case.top_logits {
-            sched.add(Sequence::new(id, case.ids[..=top.position].to_vec(), None));
+            sched.add(Sequence::new(id, case.ids[..=top.position].to_vec(), slot(case)));
             id += 1;
         }
         let step = sched.schedule();
@@ -130,7 +143,7 @@ fn smollm2_gguf_matches_transformers_on_tokens_logits_and_greedy_text() {
         }
         // Greedy continuation.
         let mut sched = Scheduler::new(sched_cfg);
-        sched.add(Sequence::new(id, case.ids.clone(), None));
+        sched.add(Sequence::new(id, case.ids.clone(), slot(case)));
         let mut out = Vec::new();
         while out.len() < g.steps {
             let step = sched.schedule();
