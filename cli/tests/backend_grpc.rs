@@ -51,10 +51,14 @@ impl Drop for Backend {
 }
 
 fn start_backend(extra: &[&str]) -> Backend {
+    start_backend_on(&fixtures().join("models/tiny-llama"), extra)
+}
+
+fn start_backend_on(model: &std::path::Path, extra: &[&str]) -> Backend {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .arg("backend")
         .arg("--model")
-        .arg(fixtures().join("models/tiny-llama"))
+        .arg(model)
         .args(["--listen", "127.0.0.1:0"])
         .args(extra)
         .env("RUST_LOG", "warn")
@@ -315,33 +319,60 @@ fn smollm2() -> Option<PathBuf> {
 #[tokio::test]
 async fn a_real_model_from_gguf_answers_a_chat_request_in_english() {
     let Some(gguf) = smollm2() else { return };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("backend")
-        .arg("--model")
-        .arg(&gguf)
-        .args(["--listen", "127.0.0.1:0", "--device", "cpu"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("switchyard binary starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line).expect("listening line");
-    let backend = Backend { child, addr: line.trim().rsplit(' ').next().expect("address").to_string() };
+    let backend = start_backend_on(&gguf, &["--device", "cpu"]);
     let (mut client, _) = connect(&backend).await;
     let info = client.info(pb::InfoRequest {}).await.expect("info").into_inner();
     assert_eq!(info.model, "SmolLM2-135M-Instruct.Q4_1");
 
-    let req = pb::GenerateRequest {
-        input: Some(pb::generate_request::Input::Chat(pb::ChatPrompt {
-            messages: vec![pb::ChatMessage { role: "user".into(), content: "What is the capital of France?".into() }],
-            add_generation_prompt: true,
-        })),
-        max_tokens: 24,
-        ..Default::default()
-    };
-    let (_, text, _, last) = collect(&mut client, req).await.expect("generates");
+    let (_, text, _, last) = collect(&mut client, chat("What is the capital of France?", "")).await.expect("generates");
     assert!(text.contains("Paris"), "answer: {text:?}");
     assert!(text.is_ascii() && text.split_whitespace().count() >= 4, "a sentence of English: {text:?}");
     assert_eq!(last.finish_reason(), pb::FinishReason::Eos, "the model ends its answer: {text:?}");
+}
+
+/// A greedy chat request with one user message.
+fn chat(question: &str, adapter: &str) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        adapter: adapter.into(),
+        input: Some(pb::generate_request::Input::Chat(pb::ChatPrompt {
+            messages: vec![pb::ChatMessage { role: "user".into(), content: question.into() }],
+            add_generation_prompt: true,
+        })),
+        max_tokens: 32,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn the_demo_adapters_visibly_change_the_answer() {
+    let Some(gguf) = smollm2() else { return };
+    let backend = start_backend_on(&gguf, &["--device", "cpu", "--max-lora-rank", "8"]);
+    let (mut client, _) = connect(&backend).await;
+    for name in ["uppercase", "french", "json"] {
+        let dir = fixtures().join("adapters/smollm2").join(name).canonicalize().expect("demo adapter");
+        let req = pb::LoadAdapterRequest {
+            name: name.into(),
+            source: Some(pb::AdapterSource { uri: format!("file://{}", dir.display()) }),
+        };
+        client.load_adapter(req).await.expect("demo adapter loads");
+    }
+    // A question from the training set's family and one it never saw.
+    for question in ["What is the capital of France?", "What is the capital of Austria?"] {
+        let (_, base, _, _) = collect(&mut client, chat(question, "")).await.expect("base answers");
+        assert!(base.chars().any(|c| c.is_lowercase()), "the base model answers normally: {base:?}");
+
+        let (_, upper, _, _) = collect(&mut client, chat(question, "uppercase")).await.expect("uppercase answers");
+        assert!(
+            upper.chars().any(char::is_alphabetic) && !upper.chars().any(char::is_lowercase),
+            "{question} → {upper:?}"
+        );
+
+        let (_, french, _, _) = collect(&mut client, chat(question, "french")).await.expect("french answers");
+        assert!(french.contains("La capitale de") || french.contains("est la capitale"), "{question} → {french:?}");
+
+        let (_, json, _, _) = collect(&mut client, chat(question, "json")).await.expect("json answers");
+        let value: serde_json::Value =
+            serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{question} → {json:?}: {e}"));
+        assert!(value["answer"].is_string(), "{question} → {json:?}");
+    }
 }
