@@ -73,3 +73,152 @@ fn corrupt_and_truncated_files_are_refused_by_name() {
         assert!(err.contains(needle) && err.contains(file), "{file}: {err}");
     }
 }
+
+/// A minimal GGUF writer for hand-made bad files: string/u32/string-array metadata and F32
+/// tensors (or any type id, with the given raw bytes).
+struct Writer {
+    kv: Vec<u8>,
+    kv_count: u64,
+    infos: Vec<u8>,
+    data: Vec<u8>,
+    tensors: u64,
+}
+
+impl Writer {
+    fn new() -> Writer {
+        Writer { kv: Vec::new(), kv_count: 0, infos: Vec::new(), data: Vec::new(), tensors: 0 }
+    }
+
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+
+    fn key(&mut self, k: &str, ty: u32) {
+        Self::string(&mut self.kv, k);
+        self.kv.extend(ty.to_le_bytes());
+        self.kv_count += 1;
+    }
+
+    fn str(mut self, k: &str, v: &str) -> Writer {
+        self.key(k, 8);
+        Self::string(&mut self.kv, v);
+        self
+    }
+
+    fn u32(mut self, k: &str, v: u32) -> Writer {
+        self.key(k, 4);
+        self.kv.extend(v.to_le_bytes());
+        self
+    }
+
+    fn strs(mut self, k: &str, v: &[&str]) -> Writer {
+        self.key(k, 9);
+        self.kv.extend(8u32.to_le_bytes());
+        self.kv.extend((v.len() as u64).to_le_bytes());
+        for s in v {
+            Self::string(&mut self.kv, s);
+        }
+        self
+    }
+
+    /// A tensor; `dims` in GGML order (innermost first).
+    fn tensor(mut self, name: &str, dims: &[u64], type_id: u32, bytes: Vec<u8>) -> Writer {
+        Self::string(&mut self.infos, name);
+        self.infos.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            self.infos.extend(d.to_le_bytes());
+        }
+        self.infos.extend(type_id.to_le_bytes());
+        self.infos.extend((self.data.len() as u64).to_le_bytes());
+        self.data.extend(bytes);
+        while self.data.len() % 32 != 0 {
+            self.data.push(0);
+        }
+        self.tensors += 1;
+        self
+    }
+
+    fn f32(self, name: &str, dims: &[u64]) -> Writer {
+        let n: u64 = dims.iter().product();
+        self.tensor(name, dims, 0, (0..n).flat_map(|i| (i as f32 * 0.01).to_le_bytes()).collect())
+    }
+
+    fn write(self, path: &std::path::Path) {
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend(self.tensors.to_le_bytes());
+        out.extend(self.kv_count.to_le_bytes());
+        out.extend(self.kv);
+        out.extend(self.infos);
+        while out.len() % 32 != 0 {
+            out.push(0);
+        }
+        out.extend(self.data);
+        std::fs::write(path, out).expect("write");
+    }
+}
+
+/// A one-layer Llama (hidden 8, 2 heads, 1 KV head, vocab 4) whose tensors `tensors` adds.
+fn tiny_llama(tensors: impl FnOnce(Writer) -> Writer) -> Writer {
+    let w = Writer::new()
+        .str("general.architecture", "llama")
+        .u32("llama.block_count", 1)
+        .u32("llama.embedding_length", 8)
+        .u32("llama.feed_forward_length", 16)
+        .u32("llama.attention.head_count", 2)
+        .u32("llama.attention.head_count_kv", 1)
+        .u32("llama.context_length", 64)
+        .str("tokenizer.ggml.model", "gpt2")
+        .strs("tokenizer.ggml.tokens", &["a", "b", "c", "d"])
+        .strs("tokenizer.ggml.merges", &[]);
+    tensors(w)
+}
+
+fn all_tensors(w: Writer, embd_dims: &[u64]) -> Writer {
+    let mut w = w.f32("token_embd.weight", embd_dims).f32("output_norm.weight", &[8]);
+    for (name, dims) in [
+        ("attn_norm", vec![8]),
+        ("ffn_norm", vec![8]),
+        ("attn_q", vec![8, 8]),
+        ("attn_k", vec![8, 4]),
+        ("attn_v", vec![8, 4]),
+        ("attn_output", vec![8, 8]),
+        ("ffn_gate", vec![8, 16]),
+        ("ffn_up", vec![8, 16]),
+        ("ffn_down", vec![16, 8]),
+    ] {
+        w = w.f32(&format!("blk.0.{name}.weight"), &dims);
+    }
+    w
+}
+
+#[test]
+fn a_hand_made_gguf_model_loads_and_bad_ones_are_refused_by_name() {
+    use switchyard_backend::model::Model;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |n: &str| dir.path().join(n);
+
+    tiny_llama(|w| all_tensors(w, &[8, 4])).write(&path("ok.gguf"));
+    let m = Model::open(&path("ok.gguf")).expect("a consistent file loads");
+    assert_eq!((m.config.hidden_size, m.config.num_kv_heads, m.config.vocab_size), (8, 1, 4));
+    assert!(m.config.tie_word_embeddings, "no output.weight: embeddings are tied");
+
+    // Metadata says hidden 8, the embedding table is 6 wide.
+    tiny_llama(|w| all_tensors(w, &[6, 4])).write(&path("shape.gguf"));
+    let err = Model::open(&path("shape.gguf")).expect_err("refused").to_string();
+    assert!(err.contains("token_embd.weight") && err.contains("[4, 8]"), "{err}");
+
+    // A quantization the engine does not read.
+    tiny_llama(|w| w.tensor("token_embd.weight", &[32, 4], 6, vec![0; 4 * 22])).write(&path("q5.gguf"));
+    let err = Model::open(&path("q5.gguf")).expect_err("refused").to_string();
+    assert!(err.contains("Q5_0") && err.contains("token_embd.weight"), "{err}");
+
+    // An architecture the engine does not run, and a missing hyperparameter.
+    Writer::new().str("general.architecture", "falcon").write(&path("arch.gguf"));
+    let err = Model::open(&path("arch.gguf")).expect_err("refused").to_string();
+    assert!(err.contains("falcon"), "{err}");
+    Writer::new().str("general.architecture", "llama").u32("llama.block_count", 1).write(&path("meta.gguf"));
+    let err = Model::open(&path("meta.gguf")).expect_err("refused").to_string();
+    assert!(err.contains("llama.attention.head_count") || err.contains("llama.embedding_length"), "{err}");
+}
