@@ -222,3 +222,22 @@ fn a_hand_made_gguf_model_loads_and_bad_ones_are_refused_by_name() {
     let err = Model::open(&path("meta.gguf")).expect_err("refused").to_string();
     assert!(err.contains("llama.attention.head_count") || err.contains("llama.embedding_length"), "{err}");
 }
+
+#[test]
+fn a_sentencepiece_vocabulary_tokenizes_like_transformers() {
+    use switchyard_backend::model::Tokenizer;
+    #[derive(serde::Deserialize)]
+    struct Case {
+        text: String,
+        ids: Vec<u32>,
+        decoded: String,
+    }
+    let g = GgufFile::open(&common::fixtures().join("gguf/sentencepiece.gguf")).expect("opens");
+    let tok = Tokenizer::from_gguf(&g, &[2]).expect("builds");
+    let text = std::fs::read_to_string(common::fixtures().join("gguf/sentencepiece.expected.json")).expect("expected");
+    let cases: Vec<Case> = serde_json::from_str(&text).expect("parses");
+    for c in &cases {
+        assert_eq!(tok.encode(&c.text).expect("encodes"), c.ids, "{:?}", c.text);
+        assert_eq!(tok.decode(&c.ids).expect("decodes"), c.decoded, "{:?}", c.text);
+    }
+}

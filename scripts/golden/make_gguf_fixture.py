@@ -7,6 +7,7 @@ reference Python implementation) dequantizes them to.
     .venv/bin/python scripts/golden/make_gguf_fixture.py fixtures/gguf
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -65,6 +66,43 @@ def main(out: Path):
     writer.close()
     save_file({k: np.ascontiguousarray(v.reshape(ROWS, COLS)) for k, v in expected.items()}, str(out / "quant-types.expected.safetensors"))
     print(f"wrote {len(expected)} tensors to {out}")
+    sentencepiece_fixture(out)
+
+
+SPM_TEXTS = ["the cat and the hat", "  leading spaces", "théâtre ☃ new", "<s>the</s> cat", "hat\nand\tcat"]
+
+
+def sentencepiece_fixture(out: Path):
+    """A SentencePiece-style ("llama") vocabulary with scores and byte fallback, and how
+    `transformers` tokenizes texts with it."""
+    from transformers import AutoTokenizer
+
+    pieces = ["\u2581", "\u2581t", "\u2581th", "\u2581the", "\u2581c", "\u2581ca", "\u2581cat", "\u2581a", "\u2581an",
+              "\u2581and", "\u2581h", "\u2581ha", "\u2581hat", "\u2581n", "\u2581ne", "\u2581new", "\u2581l",
+              "t", "h", "e", "c", "a", "n", "d", "w", "l", "i", "g", "s", "r", "\u00e9", "at", "th", "he", "an", "in", "ing"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
+    path = out / "sentencepiece.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tok = AutoTokenizer.from_pretrained(str(out), gguf_file=path.name)
+    cases = []
+    for text in SPM_TEXTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        cases.append({"text": text, "ids": ids, "decoded": tok.decode(ids, skip_special_tokens=True)})
+    (out / "sentencepiece.expected.json").write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

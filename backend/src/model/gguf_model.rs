@@ -142,7 +142,7 @@ fn weights(g: &GgufFile, c: &ModelConfig) -> Result<ModelWeights, ModelError> {
 pub fn load_gguf(path: &Path) -> Result<Model, ModelError> {
     let g = GgufFile::open(path)?;
     let config = config(&g)?;
-    let tokenizer = Tokenizer::from_gguf(&g, &config)?;
+    let tokenizer = Tokenizer::from_gguf(&g, &config.eos_token_ids)?;
     let weights = weights(&g, &config)?;
     let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
     Ok(Model { name, config, weights, tokenizer })

@@ -118,10 +118,11 @@ impl Tokenizer {
     }
 
     /// The tokenizer a GGUF file describes (`tokenizer.ggml.*`), built as Hugging Face
-    /// `transformers` builds it from the same file: byte-level BPE from the vocabulary and
-    /// merges, control tokens as special tokens, user-defined tokens as added tokens, and the
-    /// chat template from `tokenizer.chat_template`.
-    pub fn from_gguf(g: &super::gguf::GgufFile, config: &ModelConfig) -> Result<Tokenizer, ModelError> {
+    /// `transformers` builds it from the same file: byte-level BPE ("gpt2") from the vocabulary
+    /// and merges, or SentencePiece ("llama") as BPE with byte fallback over merges given or
+    /// implied by the scores; control tokens as special tokens, user-defined tokens as added
+    /// tokens; the chat template from `tokenizer.chat_template`.
+    pub fn from_gguf(g: &super::gguf::GgufFile, eos_token_ids: &[u32]) -> Result<Tokenizer, ModelError> {
         use super::gguf::Value;
         use tokenizers::{AddedToken, pre_tokenizers::byte_level::ByteLevel};
         let bad = |reason: String| ModelError::Tokenizer { path: g.path.clone(), reason };
@@ -130,50 +131,69 @@ impl Tokenizer {
             items.iter().map(|v| v.as_str().ok_or_else(|| bad(format!("{key} holds a non-string")))).collect()
         };
         let kind = g.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
-        if kind != "gpt2" {
-            return Err(bad(format!(
-                "tokenizer.ggml.model {kind:?} is not supported (byte-level BPE \"gpt2\" is); use the model's tokenizer.json"
-            )));
-        }
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<u64> = g
             .get("tokenizer.ggml.token_type")
             .and_then(Value::as_array)
             .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
             .unwrap_or_default();
-        // Byte-level vocabularies spell every byte as a printable character; respell tokens
-        // stored as raw text (llama.cpp does this for some added tokens).
+        let given_merges = g.get("tokenizer.ggml.merges").map(|_| strings("tokenizer.ggml.merges")).transpose()?;
+        let split = |m: &&str| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| bad(format!("merge {m:?} is not two tokens")))
+        };
+        // Byte-level vocabularies spell every byte as a printable character.
         let spelling = bytes_to_unicode();
         let alphabet: std::collections::HashSet<char> = spelling.iter().copied().collect();
-        let spell = |t: &str| -> String {
-            if t.chars().all(|c| alphabet.contains(&c)) {
-                t.to_string()
-            } else {
-                t.bytes().map(|b| spelling[b as usize]).collect()
+        let mut inner = match kind {
+            "gpt2" => {
+                // Respell tokens stored as raw text (llama.cpp does this for some added tokens).
+                let spell = |t: &str| -> String {
+                    if t.chars().all(|c| alphabet.contains(&c)) {
+                        t.to_string()
+                    } else {
+                        t.bytes().map(|b| spelling[b as usize]).collect()
+                    }
+                };
+                let vocab: tokenizers::models::bpe::Vocab =
+                    tokens.iter().enumerate().map(|(i, t)| (spell(t), i as u32)).collect();
+                let merges = given_merges.ok_or_else(|| bad("missing tokenizer.ggml.merges".into()))?;
+                let merges = merges.iter().map(split).collect::<Result<Vec<_>, _>>()?;
+                let bpe = tokenizers::models::bpe::BPE::builder()
+                    .vocab_and_merges(vocab, merges)
+                    .build()
+                    .map_err(|e| bad(format!("BPE model: {e}")))?;
+                let mut inner = tokenizers::Tokenizer::new(bpe);
+                inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+                inner.with_decoder(Some(ByteLevel::default()));
+                inner
+            }
+            "llama" => {
+                let merges = match given_merges {
+                    Some(m) => m.iter().map(split).collect::<Result<Vec<_>, _>>()?,
+                    None => {
+                        let scores = g.get("tokenizer.ggml.scores").and_then(Value::as_array).ok_or_else(|| {
+                            bad("a SentencePiece vocabulary needs tokenizer.ggml.merges or tokenizer.ggml.scores"
+                                .into())
+                        })?;
+                        let scores: Vec<f64> = scores.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect();
+                        merges_from_scores(&tokens, &scores)
+                    }
+                };
+                sentencepiece_bpe(&tokens, merges).map_err(|e| bad(format!("SentencePiece model: {e}")))?
+            }
+            other => {
+                return Err(bad(format!(
+                    "tokenizer.ggml.model {other:?} is not supported (\"gpt2\" byte-level BPE and \"llama\" SentencePiece are)"
+                )));
             }
         };
-        let vocab: tokenizers::models::bpe::Vocab =
-            tokens.iter().enumerate().map(|(i, t)| (spell(t), i as u32)).collect();
-        let merges: Vec<(String, String)> = merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| bad(format!("merge {m:?} is not two tokens")))
-            })
-            .collect::<Result<_, _>>()?;
-        let bpe = tokenizers::models::bpe::BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| bad(format!("BPE model: {e}")))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-        inner.with_decoder(Some(ByteLevel::default()));
-        // 3 = CONTROL (special), 4 = USER_DEFINED (added, matched whole).
+        // 3 = CONTROL (special), 4 = USER_DEFINED (added, matched whole). In a byte-level
+        // vocabulary a control token outside the byte alphabet is a mislabel and is skipped.
         let of_type = |ty: u64| tokens.iter().zip(&types).filter(move |(_, t)| **t == ty).map(|(tok, _)| *tok);
         let control: Vec<AddedToken> = of_type(3)
-            .filter(|t| t.chars().all(|c| alphabet.contains(&c)))
+            .filter(|t| kind != "gpt2" || t.chars().all(|c| alphabet.contains(&c)))
             .map(|t| AddedToken::from(t, true))
             .collect();
         inner.add_special_tokens(&control);
@@ -188,7 +208,7 @@ impl Tokenizer {
             .map(|t| template_env(t.to_string()))
             .transpose()
             .map_err(|e| bad(format!("chat template: {e}")))?;
-        let mut eos_ids = config.eos_token_ids.clone();
+        let mut eos_ids = eos_token_ids.to_vec();
         eos_ids.sort_unstable();
         eos_ids.dedup();
         Ok(Tokenizer {
@@ -228,6 +248,57 @@ impl Tokenizer {
         })
         .map_err(|e| format!("chat template failed: {e}"))
     }
+}
+
+/// A SentencePiece vocabulary as Hugging Face runs it: BPE with byte fallback over pieces
+/// that spell a leading space as `▁` (prepended to the first word only).
+fn sentencepiece_bpe(tokens: &[&str], merges: Vec<(String, String)>) -> tokenizers::Result<tokenizers::Tokenizer> {
+    use tokenizers::decoders::{
+        DecoderWrapper, byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence, strip::Strip,
+    };
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+    let vocab: tokenizers::models::bpe::Vocab =
+        tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+    let bpe = tokenizers::models::bpe::BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(Metaspace::new('\u{2581}', PrependScheme::First, false)));
+    inner.with_decoder(Some(Sequence::new(vec![
+        DecoderWrapper::Replace(tokenizers::normalizers::replace::Replace::new("\u{2581}", " ")?),
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
+        DecoderWrapper::Strip(Strip::new(' ', 1, 0)),
+    ])));
+    Ok(inner)
+}
+
+/// Merges implied by a scored vocabulary, as Hugging Face derives them: every way to split a
+/// token into two tokens of the vocabulary, best-scored merged token first (ties: longer left
+/// part, then longer right part, then vocabulary order).
+fn merges_from_scores(tokens: &[&str], scores: &[f64]) -> Vec<(String, String)> {
+    let index: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        let mut local: Vec<(&str, &str, f64)> = token
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| token.split_at(at))
+            .filter(|(l, r)| index.contains_key(l) && index.contains_key(r))
+            .map(|(l, r)| (l, r, scores.get(i).copied().unwrap_or(0.0)))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (index[l], index[r]));
+        merges.extend(local);
+    }
+    // Stable sort, descending on (score, left length, right length): equal keys keep the order above.
+    merges.sort_by(|a, b| {
+        b.2.total_cmp(&a.2)
+            .then(b.0.chars().count().cmp(&a.0.chars().count()))
+            .then(b.1.chars().count().cmp(&a.1.chars().count()))
+    });
+    merges.into_iter().map(|(l, r, _)| (l.to_string(), r.to_string())).collect()
 }
 
 /// GPT-2's byte-to-character table: printable bytes map to themselves, the rest to characters
