@@ -11,4 +11,5 @@ pub mod adapters;
 pub mod bench;
 pub mod engine;
 pub mod model;
+pub mod paths;
 pub mod service;

@@ -51,16 +51,7 @@ struct Golden {
 }
 
 fn gguf_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SWITCHYARD_SMOLLM2_GGUF") {
-        return Some(PathBuf::from(p));
-    }
-    let cache = std::env::var_os("SWITCHYARD_CACHE").map(PathBuf::from).or_else(|| {
-        std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .map(|c| c.join("switchyard"))
-    })?;
-    Some(cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    std::env::var_os("SWITCHYARD_SMOLLM2_GGUF").map(PathBuf::from).or_else(switchyard_backend::paths::default_model)
 }
 
 fn model() -> Option<Model> {

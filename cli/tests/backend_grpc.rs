@@ -287,18 +287,12 @@ fn device_cuda_without_cuda_fails_with_a_one_line_explanation() {
     assert!(out.stdout.is_empty(), "nothing listened");
 }
 
-/// SmolLM2-135M-Instruct as `scripts/fetch-smollm2` places it, if present (see the backend's
-/// golden_smollm2 test for the lookup rules).
+/// SmolLM2-135M-Instruct at `SWITCHYARD_SMOLLM2_GGUF`, else where `scripts/fetch-smollm2`
+/// places it, if present.
 fn smollm2() -> Option<PathBuf> {
-    let path = std::env::var_os("SWITCHYARD_SMOLLM2_GGUF").map(PathBuf::from).or_else(|| {
-        let cache = std::env::var_os("SWITCHYARD_CACHE").map(PathBuf::from).or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .map(|c| c.join("switchyard"))
-        })?;
-        Some(cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    });
+    let path = std::env::var_os("SWITCHYARD_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .or_else(switchyard_backend::paths::default_model);
     match path.filter(|p| p.exists()) {
         Some(p) => Some(p),
         None => {
