@@ -72,6 +72,16 @@ impl BackendService {
     }
 }
 
+/// Whether an adapter's `base_model_name_or_path` names the served model. Names are compared
+/// loosely: the last path segment, case-insensitively, either one a prefix of the other (so
+/// `org/SmolLM2-135M-Instruct` matches a served `SmolLM2-135M-Instruct.Q4_1`). A mismatch is
+/// reported, not refused: the tensors' shapes are what decide whether an adapter fits.
+fn same_base_model(base: &str, served: &str) -> bool {
+    let last = |s: &str| s.trim_end_matches('/').rsplit('/').next().unwrap_or(s).to_lowercase();
+    let (base, served) = (last(base), last(served));
+    !base.is_empty() && (served.starts_with(&base) || base.starts_with(&served))
+}
+
 fn adapter_info(a: &AdapterStatus) -> pb::AdapterInfo {
     let r = &a.resident;
     pb::AdapterInfo {
@@ -95,6 +105,20 @@ fn finish_reason(r: FinishReason) -> pb::FinishReason {
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+#[cfg(test)]
+mod tests {
+    use super::same_base_model;
+
+    #[test]
+    fn base_model_names_match_across_paths_cases_and_quantization_suffixes() {
+        assert!(same_base_model("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1"));
+        assert!(same_base_model("/models/tiny-llama/", "tiny-llama"));
+        assert!(same_base_model("Tiny-Llama", "tiny-llama"));
+        assert!(!same_base_model("meta-llama/Llama-2-7b-hf", "SmolLM2-135M-Instruct"));
+        assert!(!same_base_model("", "tiny-llama"));
+    }
+}
 
 #[tonic::async_trait]
 impl pb::backend_server::Backend for BackendService {
@@ -166,7 +190,7 @@ impl pb::backend_server::Backend for BackendService {
                 .map_err(|e| ServiceError::BadRequest(format!("adapter reader failed: {e}")))?
                 .map_err(ServiceError::from)?;
         if let Some(base) = &weights.base_model
-            && !base.ends_with(&self.model.name)
+            && !same_base_model(base, &self.model.name)
         {
             tracing::warn!(adapter = %req.name, adapter_base = %base, served = %self.model.name, "adapter was trained on a differently named base model");
         }
