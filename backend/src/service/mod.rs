@@ -106,20 +106,6 @@ fn finish_reason(r: FinishReason) -> pb::FinishReason {
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
-#[cfg(test)]
-mod tests {
-    use super::same_base_model;
-
-    #[test]
-    fn base_model_names_match_across_paths_cases_and_quantization_suffixes() {
-        assert!(same_base_model("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1"));
-        assert!(same_base_model("/models/tiny-llama/", "tiny-llama"));
-        assert!(same_base_model("Tiny-Llama", "tiny-llama"));
-        assert!(!same_base_model("meta-llama/Llama-2-7b-hf", "SmolLM2-135M-Instruct"));
-        assert!(!same_base_model("", "tiny-llama"));
-    }
-}
-
 #[tonic::async_trait]
 impl pb::backend_server::Backend for BackendService {
     type GenerateStream = GenerateStream;
@@ -236,5 +222,19 @@ impl pb::backend_server::Backend for BackendService {
             lora_target_modules: Module::ALL.iter().map(|m| m.name().to_string()).collect(),
             vocab_size: m.config.vocab_size as u32,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_base_model;
+
+    #[test]
+    fn base_model_names_match_across_paths_cases_and_quantization_suffixes() {
+        assert!(same_base_model("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1"));
+        assert!(same_base_model("/models/tiny-llama/", "tiny-llama"));
+        assert!(same_base_model("Tiny-Llama", "tiny-llama"));
+        assert!(!same_base_model("meta-llama/Llama-2-7b-hf", "SmolLM2-135M-Instruct"));
+        assert!(!same_base_model("", "tiny-llama"));
     }
 }
