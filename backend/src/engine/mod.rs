@@ -162,7 +162,6 @@ impl Engine {
             active: HashMap::new(),
             rx,
             snapshot: snapshot_tx,
-            eos: tokenizer.eos_ids().to_vec(),
             tokenizer,
             config,
             next_id: 0,
@@ -293,7 +292,6 @@ struct Worker {
     rx: mpsc::UnboundedReceiver<Command>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     tokenizer: Arc<Tokenizer>,
-    eos: Vec<u32>,
     config: EngineConfig,
     next_id: u64,
 }
@@ -464,7 +462,7 @@ impl Worker {
             prompt_tokens: a.prompt_len,
             completion_tokens: a.generated,
         };
-        let event = if !a.ignore_eos && self.eos.contains(&token) {
+        let event = if !a.ignore_eos && self.tokenizer.eos_ids().contains(&token) {
             let (text, stopped) = a.drain(&self.tokenizer, String::new());
             finish(a, if stopped { FinishReason::Stop } else { FinishReason::Eos }, text)
         } else {
