@@ -107,11 +107,11 @@ fn the_engine_generates_the_reference_tokens_for_concurrent_mixed_adapter_reques
         let executor = CpuExecutor::new(&model.config, model.weights, 64, 16, 5, MAX_RANK);
         let engine = Arc::new(Engine::start(&model.config, Arc::new(model.tokenizer), Box::new(executor), cfg));
         for name in ["r8-qv", "r16-all-rslora", "r4-patterns", "r32-mlp-regex", "r2-k-down"] {
-            let (_, already) = engine
+            let installed = engine
                 .install_adapter(name.into(), format!("file:///{name}"), load_adapter(&reload, name))
                 .await
                 .expect("adapter installs");
-            assert!(!already);
+            assert!(!installed.already_loaded);
         }
         let mut tasks = Vec::new();
         for case in g.cases.iter().filter(|c| c.model == "tiny-llama").cloned() {

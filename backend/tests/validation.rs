@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::path::Path;
-use switchyard_backend::adapters::{AdapterError, load_peft_dir, resolve_uri};
+use switchyard_backend::adapters::{AdapterError, FileSource, SourceRegistry, load_peft_dir};
 use switchyard_backend::model::{Model, ModelConfig, ModelError};
 
 type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
@@ -145,12 +145,68 @@ fn missing_config_pickle_weights_and_missing_directories_are_refused() {
     assert!(matches!(load_peft_dir(&gone, &llama_config(), 64), Err(AdapterError::NotFound { .. })));
 }
 
-#[test]
-fn adapter_uris_other_than_absolute_file_paths_are_refused() {
-    assert!(resolve_uri("file:///srv/a").is_ok());
-    for uri in ["file://relative/dir", "file:///srv/../etc", "ftp://x/y", "no-scheme", "s3://bucket/key"] {
-        assert!(matches!(resolve_uri(uri), Err(AdapterError::BadUri { .. })), "{uri}");
+/// A `file://` source allowing one root that holds a copy of a fixture adapter, and, outside
+/// it, another copy reachable only through symlinks.
+struct Roots {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    outside: std::path::PathBuf,
+    sources: SourceRegistry,
+}
+
+fn roots() -> Roots {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().canonicalize().expect("resolves");
+    let (root, outside) = (base.join("allowed"), base.join("elsewhere"));
+    for d in [root.join("good"), outside.join("secret")] {
+        std::fs::create_dir_all(&d).expect("mkdir");
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(adapter_dir("tiny-llama", "r8-qv").join(f), d.join(f)).expect("copy");
+        }
     }
+    std::os::unix::fs::symlink(outside.join("secret"), root.join("dir-link")).expect("symlink");
+    std::fs::create_dir(root.join("file-link")).expect("mkdir");
+    std::fs::copy(root.join("good/adapter_config.json"), root.join("file-link/adapter_config.json")).expect("copy");
+    std::os::unix::fs::symlink(
+        outside.join("secret/adapter_model.safetensors"),
+        root.join("file-link/adapter_model.safetensors"),
+    )
+    .expect("symlink");
+    let mut sources = SourceRegistry::new();
+    sources.register("file", std::sync::Arc::new(FileSource::new(vec![root.clone()]).expect("root exists")));
+    Roots { _dir: dir, root, outside, sources }
+}
+
+async fn fetch_file(r: &Roots, path: &Path) -> Result<std::path::PathBuf, AdapterError> {
+    let (uri, source) = r.sources.resolve(&format!("file://{}", path.display()))?;
+    source.fetch(&uri, Path::new(""), u64::MAX).await.map(|f| f.dir)
+}
+
+#[tokio::test]
+async fn file_adapters_are_read_only_from_inside_the_allowed_roots() {
+    let r = roots();
+    assert_eq!(fetch_file(&r, &r.root.join("good")).await.expect("inside"), r.root.join("good"));
+    let denied = |res: Result<_, AdapterError>, needle: &str| match res {
+        Err(e @ AdapterError::AccessDenied { .. }) => assert!(e.to_string().contains(needle), "{e}"),
+        other => panic!("expected access denied mentioning {needle:?}, got {other:?}"),
+    };
+    denied(fetch_file(&r, &r.outside.join("secret")).await, "outside the allowed roots");
+    // A symlinked directory, or a symlinked weights file, that leads outside.
+    denied(fetch_file(&r, &r.root.join("dir-link")).await, "resolves to");
+    denied(fetch_file(&r, &r.root.join("file-link")).await, "adapter_model.safetensors resolves to");
+    // `..` is refused before any path is looked at, as are relative paths and unknown schemes.
+    let traversal = format!("file://{}/../elsewhere/secret", r.root.display());
+    for uri in [traversal.as_str(), "file://relative/dir", "no-scheme", "ftp://x/y"] {
+        assert!(matches!(r.sources.resolve(uri), Err(AdapterError::BadUri { .. })), "{uri}");
+    }
+    // Missing inside the roots is "not found"; outside, the answer does not say.
+    assert!(matches!(fetch_file(&r, &r.root.join("nope")).await, Err(AdapterError::NotFound { .. })));
+    denied(fetch_file(&r, &r.outside.join("nope")).await, "outside the allowed roots");
+    // No roots at all: file:// is off.
+    let mut off = SourceRegistry::new();
+    off.register("file", std::sync::Arc::new(FileSource::new(vec![]).expect("no roots")));
+    let (uri, source) = off.resolve(&format!("file://{}", r.root.join("good").display())).expect("syntax ok");
+    denied(source.fetch(&uri, Path::new(""), u64::MAX).await.map(|f| f.dir), "no --adapter-roots");
 }
 
 /// A copy of the tiny Llama whose tensors `edit` may change.

@@ -4,10 +4,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use switchyard_backend::adapters::AdapterWeights;
 use switchyard_backend::bench::{BLOCK_SIZE, blocks_needed, decode_tokens_per_s};
 use switchyard_backend::model::Model;
-use switchyard_backend::service::{self, DeviceChoice, ServeOptions};
+use switchyard_backend::service::{self, AdapterOptions, DeviceChoice, ServeOptions};
 
 /// Defaults, named once.
 const DEFAULT_BACKEND_LISTEN: &str = "127.0.0.1:50051";
@@ -17,6 +18,30 @@ const DEFAULT_KV_CACHE_MIB: usize = 1024;
 const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
 const DEFAULT_MAX_RUNNING: usize = 64;
 const DEFAULT_MAX_WAITING: usize = 1024;
+const DEFAULT_LORA_CACHE_BYTES: &str = "20GiB";
+const DEFAULT_MAX_ADAPTER_BYTES: &str = "4GiB";
+const DEFAULT_ADAPTER_DOWNLOAD_TIMEOUT_S: u64 = 600;
+const DEFAULT_UNLOAD_TIMEOUT_S: u64 = 30;
+
+/// A byte count: a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB, TiB).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a byte count (e.g. 512MiB, 20GiB)"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => return Err(format!("unknown unit {other:?} in {text:?}; use B, KB, MB, GB, KiB, MiB, GiB or TiB")),
+    };
+    number.checked_mul(scale).ok_or_else(|| format!("{text:?} is too large"))
+}
 
 #[derive(Parser, Debug)]
 #[command(name = "switchyard", version, about = "Serve many LoRA fine-tunes of one base model to many tenants")]
@@ -90,6 +115,27 @@ struct BackendArgs {
     /// Most requests waiting for admission; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "SWITCHYARD_MAX_WAITING", default_value_t = DEFAULT_MAX_WAITING)]
     max_waiting: usize,
+    /// Directories file:// adapters may be loaded from (comma-separated). Without any, file://
+    /// loads are refused.
+    #[arg(long, env = "SWITCHYARD_ADAPTER_ROOTS", value_delimiter = ',')]
+    adapter_roots: Vec<PathBuf>,
+    /// Disk cache for s3:// and hf:// adapters (default: adapters/ in the Switchyard cache,
+    /// $SWITCHYARD_CACHE or ~/.cache/switchyard).
+    #[arg(long, env = "SWITCHYARD_LORA_CACHE_DIR")]
+    lora_cache_dir: Option<PathBuf>,
+    /// Byte budget of the adapter disk cache; least recently used adapters not in use are
+    /// evicted past it.
+    #[arg(long, env = "SWITCHYARD_LORA_CACHE_BYTES", default_value = DEFAULT_LORA_CACHE_BYTES, value_parser = parse_bytes)]
+    lora_cache_bytes: u64,
+    /// Largest adapter accepted (config and weights together).
+    #[arg(long, env = "SWITCHYARD_MAX_ADAPTER_BYTES", default_value = DEFAULT_MAX_ADAPTER_BYTES, value_parser = parse_bytes)]
+    max_adapter_bytes: u64,
+    /// Seconds a fetch of one adapter from S3 or the Hub may take.
+    #[arg(long, env = "SWITCHYARD_ADAPTER_DOWNLOAD_TIMEOUT", default_value_t = DEFAULT_ADAPTER_DOWNLOAD_TIMEOUT_S)]
+    adapter_download_timeout: u64,
+    /// Seconds an unload waits for the adapter's running requests before it is called off.
+    #[arg(long, env = "SWITCHYARD_UNLOAD_TIMEOUT", default_value_t = DEFAULT_UNLOAD_TIMEOUT_S)]
+    unload_timeout: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -130,6 +176,14 @@ async fn run_backend(a: BackendArgs) -> Result<()> {
         max_batch_tokens: a.max_batch_tokens,
         max_running: a.max_running,
         max_waiting: a.max_waiting,
+        adapters: AdapterOptions {
+            roots: a.adapter_roots,
+            cache_dir: a.lora_cache_dir,
+            cache_bytes: a.lora_cache_bytes,
+            max_adapter_bytes: a.max_adapter_bytes,
+            download_timeout: Duration::from_secs(a.adapter_download_timeout),
+            unload_timeout: Duration::from_secs(a.unload_timeout),
+        },
     };
     let served = service::prepare(opts).await?;
     // One line on stdout, for scripts and tests that start the backend on port 0.
@@ -199,4 +253,19 @@ async fn shutdown_signal() {
         () = term => {}
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_counts_take_decimal_and_binary_units() {
+        assert_eq!(parse_bytes("512"), Ok(512));
+        assert_eq!(parse_bytes("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_bytes("3MB"), Ok(3_000_000));
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("GiB").is_err());
+        assert!(parse_bytes("99999999999TiB").is_err());
+    }
 }

@@ -41,6 +41,7 @@ fn case(key: &str) -> Case {
 struct Backend {
     child: Child,
     addr: String,
+    _cache: tempfile::TempDir,
 }
 
 impl Drop for Backend {
@@ -55,6 +56,7 @@ fn start_backend(extra: &[&str]) -> Backend {
 }
 
 fn start_backend_on(model: &std::path::Path, extra: &[&str]) -> Backend {
+    let cache = tempfile::tempdir().expect("cache dir");
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .arg("backend")
         .arg("--model")
@@ -62,6 +64,9 @@ fn start_backend_on(model: &std::path::Path, extra: &[&str]) -> Backend {
         .args(["--listen", "127.0.0.1:0"])
         .args(extra)
         .env("RUST_LOG", "warn")
+        // Adapters may come from the fixtures; remote ones are cached per test.
+        .env("SWITCHYARD_ADAPTER_ROOTS", fixtures())
+        .env("SWITCHYARD_LORA_CACHE_DIR", cache.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -71,7 +76,7 @@ fn start_backend_on(model: &std::path::Path, extra: &[&str]) -> Backend {
     BufReader::new(stdout).read_line(&mut line).expect("reads the listening line");
     let addr = line.trim().rsplit(' ').next().expect("address").to_string();
     assert!(line.starts_with("switchyard backend listening on "), "unexpected first line: {line:?}");
-    Backend { child, addr }
+    Backend { child, addr, _cache: cache }
 }
 
 async fn connect(b: &Backend) -> (BackendClient<Channel>, HealthClient<Channel>) {
@@ -83,7 +88,7 @@ fn load_req(name: &str, adapter: &str) -> pb::LoadAdapterRequest {
     let dir = fixtures().join("adapters/tiny-llama").join(adapter).canonicalize().expect("fixture adapter");
     pb::LoadAdapterRequest {
         name: name.into(),
-        source: Some(pb::AdapterSource { uri: format!("file://{}", dir.display()) }),
+        source: Some(pb::AdapterSource { uri: format!("file://{}", dir.display()), ..Default::default() }),
     }
 }
 
@@ -149,9 +154,14 @@ async fn streams_generations_with_and_without_an_adapter_and_reports_health() {
     assert_eq!(info_a.target_modules, vec!["q_proj", "v_proj"]);
     let again = client.load_adapter(load_req("support-v1", "r8-qv")).await.expect("idempotent").into_inner();
     assert!(again.already_loaded);
-    // The same name from another source is refused rather than silently replaced.
-    let conflict = client.load_adapter(load_req("support-v1", "r2-k-down")).await.expect_err("conflict");
-    assert_eq!(conflict.code(), Code::AlreadyExists, "{conflict:?}");
+    // The same name from another source is a hot swap: new requests get the new weights.
+    let swapped = client.load_adapter(load_req("support-v1", "r2-k-down")).await.expect("swaps").into_inner();
+    assert!(swapped.hot_swap && !swapped.already_loaded, "{swapped:?}");
+    let other = case("tiny-llama.r2-k-down.1");
+    let (ids, _, _, _) = collect(&mut client, greedy(&other.prompt_ids, "support-v1", 8)).await.expect("generates");
+    assert_eq!(ids, other.greedy_ids);
+    let back = client.load_adapter(load_req("support-v1", "r8-qv")).await.expect("swaps back").into_inner();
+    assert!(back.hot_swap);
 
     let with = case("tiny-llama.r8-qv.1");
     let (ids, _, _, _) = collect(&mut client, greedy(&with.prompt_ids, "support-v1", 8)).await.expect("generates");
@@ -204,11 +214,12 @@ async fn bad_requests_get_precise_codes_and_the_server_keeps_serving() {
         "--max-lora-rank 16",
     );
     let mut missing = load_req("x", "r8-qv");
-    missing.source = Some(pb::AdapterSource { uri: "file:///definitely/not/here".into() });
+    let gone = fixtures().canonicalize().expect("fixtures").join("definitely/not/here");
+    missing.source = Some(pb::AdapterSource { uri: format!("file://{}", gone.display()), ..Default::default() });
     expect_code(client.load_adapter(missing).await.map(|_| ()), Code::NotFound, "/definitely/not/here");
-    let mut s3 = load_req("x", "r8-qv");
-    s3.source = Some(pb::AdapterSource { uri: "s3://bucket/adapter".into() });
-    expect_code(client.load_adapter(s3).await.map(|_| ()), Code::InvalidArgument, "s3://bucket/adapter");
+    let mut gs = load_req("x", "r8-qv");
+    gs.source = Some(pb::AdapterSource { uri: "gs://bucket/adapter".into(), ..Default::default() });
+    expect_code(client.load_adapter(gs).await.map(|_| ()), Code::InvalidArgument, "unknown scheme \"gs\"");
     expect_code(client.load_adapter(load_req("", "r8-qv")).await.map(|_| ()), Code::InvalidArgument, "name");
     expect_code(
         client.unload_adapter(pb::UnloadAdapterRequest { name: "ghost".into() }).await.map(|_| ()),
@@ -216,9 +227,12 @@ async fn bad_requests_get_precise_codes_and_the_server_keeps_serving() {
         "ghost",
     );
 
-    // Nothing half-loaded is left behind, and the server still serves.
+    // Nothing half-loaded is left behind: the failed loads are listed as failed, with why.
     let listed = client.list_adapters(pb::ListAdaptersRequest {}).await.expect("lists").into_inner();
-    assert!(listed.adapters.is_empty(), "{listed:?}");
+    let states: Vec<(&str, i32, bool)> =
+        listed.adapters.iter().map(|a| (a.name.as_str(), a.state, a.error.is_empty())).collect();
+    let failed = pb::AdapterState::Failed as i32;
+    assert_eq!(states, vec![("big", failed, false), ("x", failed, false)], "{listed:?}");
     let (ids, _, _, _) = collect(&mut client, greedy(&base.prompt_ids, "", 8)).await.expect("still serves");
     assert_eq!(ids, base.greedy_ids);
 }
@@ -234,21 +248,25 @@ async fn idle_adapters_are_evicted_least_recently_used_first() {
     let (ids, _, _, _) = collect(&mut client, greedy(&c.prompt_ids, "a", 8)).await.expect("generates");
     assert_eq!(ids, c.greedy_ids);
     let loaded = client.load_adapter(load_req("c", "r4-patterns")).await.expect("c evicts b").into_inner();
-    let mut names: Vec<String> = client
-        .list_adapters(pb::ListAdaptersRequest {})
-        .await
-        .expect("lists")
-        .into_inner()
-        .adapters
-        .into_iter()
-        .map(|a| a.name)
-        .collect();
-    names.sort();
-    assert_eq!(names, vec!["a", "c"]);
     assert!(loaded.adapter.is_some());
+    let states = |list: pb::ListAdaptersResponse| {
+        let mut s: Vec<(String, i32)> = list.adapters.into_iter().map(|a| (a.name, a.state)).collect();
+        s.sort();
+        s
+    };
+    let (resident, evicted) = (pb::AdapterState::Resident as i32, pb::AdapterState::Evicted as i32);
+    let listed = client.list_adapters(pb::ListAdaptersRequest {}).await.expect("lists").into_inner();
+    assert_eq!(states(listed), vec![("a".into(), resident), ("b".into(), evicted), ("c".into(), resident)]);
     let c = case("tiny-llama.r4-patterns.2");
     let (ids, _, _, _) = collect(&mut client, greedy(&c.prompt_ids, "c", 8)).await.expect("generates");
     assert_eq!(ids, c.greedy_ids, "the new adapter's weights replaced the evicted one's");
+
+    // A request for the evicted adapter loads it again (evicting the least recently used, a).
+    let b = case("tiny-llama.r2-k-down.1");
+    let (ids, _, _, _) = collect(&mut client, greedy(&b.prompt_ids, "b", 8)).await.expect("b reloads");
+    assert_eq!(ids, b.greedy_ids);
+    let listed = client.list_adapters(pb::ListAdaptersRequest {}).await.expect("lists").into_inner();
+    assert_eq!(states(listed), vec![("a".into(), evicted), ("b".into(), resident), ("c".into(), resident)]);
 }
 
 #[test]
@@ -346,7 +364,7 @@ async fn the_demo_adapters_visibly_change_the_answer() {
         let dir = fixtures().join("adapters/smollm2").join(name).canonicalize().expect("demo adapter");
         let req = pb::LoadAdapterRequest {
             name: name.into(),
-            source: Some(pb::AdapterSource { uri: format!("file://{}", dir.display()) }),
+            source: Some(pb::AdapterSource { uri: format!("file://{}", dir.display()), ..Default::default() }),
         };
         client.load_adapter(req).await.expect("demo adapter loads");
     }

@@ -1,18 +1,35 @@
-//! LoRA adapters: reading a PEFT adapter from where it lives, validating it against the base
-//! model, and the table of resident adapter slots.
+//! LoRA adapters: where they come from ([`source`]), the disk cache that keeps remote ones
+//! ([`cache`]), reading and validating a PEFT adapter against the base model ([`peft`]), the
+//! store that ties those together ([`store`]), and the table of resident slots ([`slots`]).
 
+pub mod cache;
+mod lifecycle;
 mod peft;
 mod slots;
+pub mod source;
+mod store;
 
+pub use cache::{AdapterCache, CachePin, CacheStats};
+pub use lifecycle::{Lifecycle, Origin, Phase, Record};
 pub use peft::{AdapterWeights, LoraModule, load_peft_dir};
-pub use slots::{Resident, SlotError, SlotTable};
+pub use slots::{Released, Resident, SlotError, SlotTable};
+pub use source::{
+    AdapterSource, AdapterUri, Fetched, FileSource, HfSource, HfSourceOptions, S3Source, S3SourceOptions,
+    SourceRegistry,
+};
+pub use store::{AdapterStore, Digest, Loaded, StoreOptions};
 
 use std::path::{Path, PathBuf};
 
 /// Longest adapter name accepted.
 pub const MAX_NAME_LEN: usize = 256;
+/// The PEFT files an adapter is made of.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// PEFT's pickle weights: recognised only to be refused by name.
+pub const PICKLE_FILE: &str = "adapter_model.bin";
 
-/// Why an adapter could not be read or does not fit the served model.
+/// Why an adapter could not be fetched, read or used.
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
     #[error("invalid adapter name {name:?}: {reason}")]
@@ -27,6 +44,23 @@ pub enum AdapterError {
     Invalid { path: PathBuf, reason: String },
     #[error("adapter {path} has rank {rank} in {module}, above this backend's --max-lora-rank {max}")]
     RankTooLarge { path: PathBuf, module: String, rank: usize, max: usize },
+    /// The source answered, and what was asked for is not there.
+    #[error("adapter source {uri}: {reason}")]
+    SourceNotFound { uri: String, reason: String },
+    /// The source refused our credentials, or a `file://` path is outside the allowed roots.
+    #[error("adapter source {uri}: access denied: {reason}")]
+    AccessDenied { uri: String, reason: String },
+    /// The source could not be reached or broke off (after retries).
+    #[error("adapter source {uri} is unavailable: {reason}")]
+    Unavailable { uri: String, reason: String },
+    #[error("adapter {uri} is {bytes} bytes, above this backend's --max-adapter-bytes {max}")]
+    TooLarge { uri: String, bytes: u64, max: u64 },
+    #[error("adapter {uri}: sha256 of {WEIGHTS_FILE} is {actual}, but the request pins {expected}")]
+    DigestMismatch { uri: String, expected: String, actual: String },
+    #[error(
+        "the adapter cache is full: {uri} needs {needed} bytes, the budget is {budget} bytes and {pinned} bytes are pinned by loaded adapters; unload adapters or raise --lora-cache-bytes"
+    )]
+    CacheFull { uri: String, needed: u64, budget: u64, pinned: u64 },
 }
 
 impl AdapterError {
@@ -48,26 +82,4 @@ pub fn validate_name(name: &str) -> Result<(), AdapterError> {
         return bad("must not contain whitespace or control characters");
     }
     Ok(())
-}
-
-/// Resolves an adapter URI to a local directory. This backend reads `file://` URIs with an
-/// absolute path.
-pub fn resolve_uri(uri: &str) -> Result<PathBuf, AdapterError> {
-    let bad = |reason: &str| AdapterError::BadUri { uri: uri.to_string(), reason: reason.to_string() };
-    let (scheme, rest) =
-        uri.split_once("://").ok_or_else(|| bad("expected scheme://location, e.g. file:///srv/adapters/my-lora"))?;
-    match scheme {
-        "file" => {
-            if !rest.starts_with('/') {
-                return Err(bad("file:// URIs need an absolute path (file:///abs/dir)"));
-            }
-            let path = PathBuf::from(rest);
-            if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-                return Err(bad("the path must not contain '..'"));
-            }
-            Ok(path)
-        }
-        "s3" | "hf" => Err(bad("this backend loads file:// adapters only")),
-        other => Err(bad(&format!("unknown scheme {other:?}"))),
-    }
 }

@@ -11,6 +11,8 @@ pub struct Resident {
     pub size_bytes: u64,
     /// Requests admitted with this adapter and not yet finished.
     pub active: u32,
+    /// Being unloaded or replaced: takes no new requests, freed when `active` reaches 0.
+    pub draining: bool,
     /// Logical time of the last acquire or release; the smallest idle one is evicted first.
     last_used: u64,
 }
@@ -26,8 +28,16 @@ pub enum SlotError {
     Full { max: usize },
 }
 
+/// A draining adapter whose last request finished: its slot is free again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    pub slot: u32,
+    pub name: String,
+}
+
 /// Adapter slots with LRU eviction of idle adapters. An adapter with active requests is never
-/// evicted or removed.
+/// evicted or removed; one being unloaded or replaced *drains*: new requests no longer find
+/// it, the ones it has finish, then its slot is freed.
 #[derive(Debug)]
 pub struct SlotTable {
     slots: Vec<Option<Resident>>,
@@ -47,9 +57,9 @@ impl SlotTable {
         self.slots.iter().flatten().count()
     }
 
-    /// The slot holding `name`.
+    /// The slot holding `name` for new requests (draining slots are not found).
     pub fn find(&self, name: &str) -> Option<u32> {
-        self.slots.iter().position(|s| s.as_ref().is_some_and(|r| r.name == name)).map(|i| i as u32)
+        self.slots.iter().position(|s| s.as_ref().is_some_and(|r| r.name == name && !r.draining)).map(|i| i as u32)
     }
 
     pub fn get(&self, slot: u32) -> Option<&Resident> {
@@ -77,19 +87,26 @@ impl SlotTable {
         Ok(slot)
     }
 
-    /// Marks a request using `slot` as finished.
-    pub fn release(&mut self, slot: u32) {
+    /// Marks a request using `slot` as finished. When that was the last request of a
+    /// draining adapter, its slot is freed and returned.
+    pub fn release(&mut self, slot: u32) -> Option<Released> {
         let now = self.tick();
-        if let Some(r) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) {
-            r.active = r.active.saturating_sub(1);
-            r.last_used = now;
+        let entry = self.slots.get_mut(slot as usize)?;
+        let r = entry.as_mut()?;
+        r.active = r.active.saturating_sub(1);
+        r.last_used = now;
+        if r.draining && r.active == 0 {
+            let name = r.name.clone();
+            *entry = None;
+            return Some(Released { slot, name });
         }
+        None
     }
 
-    /// Chooses a slot for a new adapter: a free one, else the least recently used idle one.
-    /// Returns the slot and the name of the adapter that must be evicted from it, if any.
-    /// Nothing changes until [`SlotTable::insert`].
-    pub fn choose(&self) -> Result<(u32, Option<String>), SlotError> {
+    /// Chooses a slot for a new adapter: a free one, else the least recently used idle one,
+    /// never `avoid` while another choice exists. Returns the slot and the name of the adapter
+    /// that must be evicted from it, if any. Nothing changes until [`SlotTable::insert`].
+    pub fn choose(&self, avoid: Option<u32>) -> Result<(u32, Option<String>), SlotError> {
         if let Some(free) = self.slots.iter().position(Option::is_none) {
             return Ok((free as u32, None));
         }
@@ -97,9 +114,38 @@ impl SlotTable {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.as_ref().filter(|r| r.active == 0).map(|r| (i, r)))
-            .min_by_key(|(_, r)| r.last_used)
+            .min_by_key(|(i, r)| (Some(*i as u32) == avoid, r.last_used))
             .map(|(i, r)| (i as u32, Some(r.name.clone())))
             .ok_or(SlotError::Full { max: self.slots.len() })
+    }
+
+    /// Starts draining `name`: new requests no longer find it. Returns its slot and whether
+    /// the slot is already free (no request was using it).
+    pub fn drain(&mut self, name: &str) -> Result<(u32, bool), SlotError> {
+        let slot = self.find(name).ok_or_else(|| SlotError::UnknownAdapter(name.to_string()))?;
+        let entry = &mut self.slots[slot as usize];
+        let idle = entry.as_ref().is_some_and(|r| r.active == 0);
+        if idle {
+            *entry = None;
+        } else if let Some(r) = entry.as_mut() {
+            r.draining = true;
+        }
+        Ok((slot, idle))
+    }
+
+    /// Stops draining `slot` if it still holds `name` and no other slot has taken the name
+    /// meanwhile. Returns whether the adapter is back in service.
+    pub fn undrain(&mut self, slot: u32, name: &str) -> bool {
+        if self.find(name).is_some() {
+            return false;
+        }
+        match self.slots.get_mut(slot as usize).and_then(Option::as_mut) {
+            Some(r) if r.name == name && r.draining => {
+                r.draining = false;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Puts an adapter in `slot`, replacing whatever was there.
@@ -113,7 +159,8 @@ impl SlotTable {
         size_bytes: u64,
     ) {
         let last_used = self.tick();
-        self.slots[slot as usize] = Some(Resident { name, uri, max_rank, targets, size_bytes, active: 0, last_used });
+        self.slots[slot as usize] =
+            Some(Resident { name, uri, max_rank, targets, size_bytes, active: 0, draining: false, last_used });
     }
 
     /// Removes an idle adapter and returns its slot.
@@ -134,7 +181,7 @@ mod tests {
     use super::*;
 
     fn put(t: &mut SlotTable, name: &str) -> u32 {
-        let (slot, _) = t.choose().expect("room");
+        let (slot, _) = t.choose(None).expect("room");
         t.insert(slot, name.into(), format!("file:///{name}"), 8, vec![], 0);
         slot
     }
@@ -148,7 +195,9 @@ mod tests {
         // Touch "a" so "b" is the least recently used.
         t.acquire("a").expect("resident");
         t.release(a);
-        assert_eq!(t.choose(), Ok((b, Some("b".into()))));
+        assert_eq!(t.choose(None), Ok((b, Some("b".into()))));
+        // Unless "b" must be kept (it is being replaced) and another idle slot exists.
+        assert_eq!(t.choose(Some(b)), Ok((a, Some("a".into()))));
     }
 
     #[test]
@@ -158,13 +207,45 @@ mod tests {
         put(&mut t, "b");
         let a = t.acquire("a").expect("resident");
         let b = t.acquire("b").expect("resident");
-        assert_eq!(t.choose(), Err(SlotError::Full { max: 2 }));
+        assert_eq!(t.choose(None), Err(SlotError::Full { max: 2 }));
         assert_eq!(t.remove("a"), Err(SlotError::InUse { name: "a".into(), active: 1 }));
-        t.release(b);
-        assert_eq!(t.choose(), Ok((b, Some("b".into()))));
+        assert_eq!(t.release(b), None);
+        assert_eq!(t.choose(None), Ok((b, Some("b".into()))));
         t.release(a);
         assert_eq!(t.remove("a"), Ok(a));
         assert_eq!(t.find("a"), None);
         assert_eq!(t.acquire("a"), Err(SlotError::UnknownAdapter("a".into())));
+    }
+
+    #[test]
+    fn a_draining_adapter_takes_no_new_requests_and_frees_its_slot_after_the_last() {
+        let mut t = SlotTable::new(2);
+        put(&mut t, "a");
+        let a = t.acquire("a").expect("resident");
+        t.acquire("a").expect("resident");
+        assert_eq!(t.drain("a"), Ok((a, false)));
+        assert_eq!(t.acquire("a"), Err(SlotError::UnknownAdapter("a".into())));
+        // The name can be taken by a replacement while the old slot drains.
+        let (b, _) = t.choose(None).expect("room");
+        assert_ne!(a, b);
+        t.insert(b, "a".into(), "file:///a2".into(), 8, vec![], 0);
+        assert!(!t.undrain(a, "a"), "a replacement holds the name");
+        assert_eq!(t.release(a), None);
+        assert_eq!(t.release(a), Some(Released { slot: a, name: "a".into() }));
+        assert_eq!(t.get(a), None);
+        assert_eq!(t.find("a"), Some(b));
+    }
+
+    #[test]
+    fn an_idle_adapter_drains_at_once_and_a_cancelled_drain_restores_it() {
+        let mut t = SlotTable::new(1);
+        put(&mut t, "a");
+        let a = t.acquire("a").expect("resident");
+        assert_eq!(t.drain("a"), Ok((a, false)));
+        assert!(t.undrain(a, "a"));
+        assert_eq!(t.find("a"), Some(a));
+        t.release(a);
+        assert_eq!(t.drain("a"), Ok((a, true)));
+        assert_eq!(t.get(a), None);
     }
 }

@@ -11,13 +11,14 @@ pub mod sampling;
 pub mod scheduler;
 pub mod text;
 
-use crate::adapters::{AdapterWeights, Resident, SlotError, SlotTable};
+use crate::adapters::{AdapterWeights, Released, Resident, SlotError, SlotTable};
 use crate::model::{ModelConfig, Tokenizer};
 use executor::{Executor, ExecutorError};
 use sampling::{Sampler, SamplingParams};
 use scheduler::{Scheduler, SchedulerConfig, Sequence};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 use text::{Detokenizer, Matched, StopMatcher};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -45,8 +46,10 @@ pub enum EngineError {
     UnknownAdapter(String),
     #[error("adapter {name:?} is in use by {active} request(s); unload it when they finish")]
     AdapterInUse { name: String, active: u32 },
-    #[error("adapter {name:?} is already loaded from {existing}; unload it before loading it from {requested}")]
-    AdapterConflict { name: String, existing: String, requested: String },
+    #[error(
+        "adapter {name:?} is still used by {active} request(s) after waiting {waited:?}; it stays loaded — retry the unload when they finish"
+    )]
+    UnloadTimedOut { name: String, active: u32, waited: Duration },
     #[error("all {max} adapter slots hold adapters that requests are using; retry later or raise --max-loras")]
     SlotsFull { max: usize },
     #[error("the request queue is full ({max} requests waiting); retry later")]
@@ -101,6 +104,19 @@ pub enum Event {
     Failed(String),
 }
 
+/// What an install did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub status: AdapterStatus,
+    /// The name was already resident from the same URI; nothing changed.
+    pub already_loaded: bool,
+    /// An idle adapter evicted (least recently used) to make room.
+    pub evicted: Option<String>,
+    /// The URI of the adapter this one replaced under the same name (a hot swap). Requests
+    /// already running on it finish on it; new requests use the new weights.
+    pub replaced: Option<String>,
+}
+
 /// An adapter as reported to clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdapterStatus {
@@ -128,11 +144,18 @@ enum Command {
         name: String,
         uri: String,
         weights: Box<AdapterWeights>,
-        reply: oneshot::Sender<Result<(AdapterStatus, bool), EngineError>>,
+        reply: oneshot::Sender<Result<Installed, EngineError>>,
     },
     Unload {
         name: String,
-        reply: oneshot::Sender<Result<(), EngineError>>,
+        /// The slot being drained and a receiver that fires when it is free.
+        reply: oneshot::Sender<Result<(u32, oneshot::Receiver<()>), EngineError>>,
+    },
+    Undrain {
+        name: String,
+        slot: u32,
+        /// Whether the adapter is back in service, and how many requests use it.
+        reply: oneshot::Sender<Option<u32>>,
     },
 }
 
@@ -159,6 +182,7 @@ impl Engine {
             executor,
             scheduler: Scheduler::new(config.scheduler),
             slots: SlotTable::new(config.max_loras),
+            drains: HashMap::new(),
             active: HashMap::new(),
             rx,
             snapshot: snapshot_tx,
@@ -227,24 +251,38 @@ impl Engine {
     }
 
     /// Places validated adapter weights in a slot under `name`, evicting the least recently
-    /// used idle adapter if every slot is taken. Returns the adapter and whether it was already
-    /// resident from the same `uri` (then nothing changes).
+    /// used idle adapter if every slot is taken. A name resident from the same `uri` is left
+    /// as it is; from another `uri` it is hot-swapped: the new weights go to another slot when
+    /// one can be had (so a failure leaves the old adapter serving), new requests use them,
+    /// and the old slot drains.
     pub async fn install_adapter(
         &self,
         name: String,
         uri: String,
         weights: AdapterWeights,
-    ) -> Result<(AdapterStatus, bool), EngineError> {
+    ) -> Result<Installed, EngineError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Install { name, uri, weights: Box::new(weights), reply })?;
         answer.await.map_err(|_| EngineError::Stopped)?
     }
 
-    /// Frees an adapter's slot; refused while requests use it.
-    pub async fn unload_adapter(&self, name: String) -> Result<(), EngineError> {
+    /// Unloads an adapter: new requests stop finding it at once, the ones using it finish,
+    /// then its slot is freed. If they have not finished within `wait`, the unload is called
+    /// off and the adapter stays loaded ([`EngineError::UnloadTimedOut`]).
+    pub async fn unload_adapter(&self, name: String, wait: Duration) -> Result<(), EngineError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Unload { name, reply })?;
-        answer.await.map_err(|_| EngineError::Stopped)?
+        self.send(Command::Unload { name: name.clone(), reply })?;
+        let (slot, freed) = answer.await.map_err(|_| EngineError::Stopped)??;
+        if tokio::time::timeout(wait, freed).await.is_ok() {
+            return Ok(());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Undrain { name: name.clone(), slot, reply })?;
+        match answer.await.map_err(|_| EngineError::Stopped)? {
+            Some(active) => Err(EngineError::UnloadTimedOut { name, active, waited: wait }),
+            // Freed (or replaced) just as the wait ran out: the unload happened.
+            None => Ok(()),
+        }
     }
 
     fn send(&self, cmd: Command) -> Result<(), EngineError> {
@@ -288,6 +326,8 @@ struct Worker {
     executor: Box<dyn Executor>,
     scheduler: Scheduler,
     slots: SlotTable,
+    /// Unloads waiting for a draining slot to be freed.
+    drains: HashMap<u32, Vec<oneshot::Sender<()>>>,
     active: HashMap<u64, Active>,
     rx: mpsc::UnboundedReceiver<Command>,
     snapshot: watch::Sender<Arc<Snapshot>>,
@@ -330,13 +370,39 @@ impl Worker {
                 let _ = reply.send(result);
             }
             Command::Unload { name, reply } => {
-                let result = self.slots.remove(&name).map_err(EngineError::from).map(|slot| {
-                    self.executor.unload_adapter(slot);
-                    tracing::info!(adapter = %name, slot, "adapter unloaded");
+                let (done, freed) = oneshot::channel();
+                let result = self.slots.drain(&name).map_err(EngineError::from).map(|(slot, idle)| {
+                    if idle {
+                        self.free_slot(Released { slot, name });
+                        let _ = done.send(());
+                    } else {
+                        tracing::info!(adapter = %name, slot, "adapter draining before unload");
+                        self.drains.entry(slot).or_default().push(done);
+                    }
+                    (slot, freed)
                 });
                 self.publish();
                 let _ = reply.send(result);
             }
+            Command::Undrain { name, slot, reply } => {
+                let restored = self.slots.undrain(slot, &name);
+                let active = restored.then(|| self.slots.get(slot).map_or(0, |r| r.active));
+                if restored {
+                    self.drains.remove(&slot);
+                    tracing::info!(adapter = %name, slot, "unload timed out; adapter stays loaded");
+                }
+                self.publish();
+                let _ = reply.send(active);
+            }
+        }
+    }
+
+    /// A draining slot is empty: drop its weights and tell whoever waits for it.
+    fn free_slot(&mut self, released: Released) {
+        self.executor.unload_adapter(released.slot);
+        tracing::info!(adapter = %released.name, slot = released.slot, "adapter unloaded");
+        for waiter in self.drains.remove(&released.slot).unwrap_or_default() {
+            let _ = waiter.send(());
         }
     }
 
@@ -369,37 +435,46 @@ impl Worker {
         Ok(())
     }
 
-    fn install(
-        &mut self,
-        name: String,
-        uri: String,
-        weights: &AdapterWeights,
-    ) -> Result<(AdapterStatus, bool), EngineError> {
-        if let Some(slot) = self.slots.find(&name) {
+    fn install(&mut self, name: String, uri: String, weights: &AdapterWeights) -> Result<Installed, EngineError> {
+        let current = self.slots.find(&name);
+        let mut replaced = None;
+        if let Some(slot) = current {
             let resident = self.slots.get(slot).cloned().ok_or(EngineError::Stopped)?;
             if resident.uri == uri {
-                return Ok((AdapterStatus { slot, resident }, true));
+                let status = AdapterStatus { slot, resident };
+                return Ok(Installed { status, already_loaded: true, evicted: None, replaced: None });
             }
-            return Err(EngineError::AdapterConflict { name, existing: resident.uri, requested: uri });
+            replaced = Some(resident.uri);
         }
-        let (slot, evicted) = self.slots.choose()?;
+        // A hot swap keeps the old adapter's slot out of the choice while another exists, so
+        // the old adapter keeps serving if the new one fails to load.
+        let (slot, evicted) = self.slots.choose(current)?;
         if let Err(e) = self.executor.load_adapter(slot, weights) {
             // The slot's previous (idle) adapter may be partly overwritten: drop it as well, so
             // the table never names weights the executor no longer holds.
-            if let Some(old) = evicted {
-                let _ = self.slots.remove(&old);
+            if let Some(old) = &evicted {
+                let _ = self.slots.remove(old);
+                tracing::warn!(adapter = %old, slot, "adapter dropped: a failed load overwrote its slot");
             }
             self.executor.unload_adapter(slot);
             return Err(e.into());
         }
+        if let Some(old_slot) = current.filter(|&s| s != slot) {
+            let (_, idle) = self.slots.drain(&name)?;
+            if idle {
+                self.free_slot(Released { slot: old_slot, name: name.clone() });
+            }
+        }
+        // Replacing the same name in place is a swap, not an eviction.
+        let evicted = evicted.filter(|old| *old != name);
         if let Some(old) = &evicted {
             tracing::info!(adapter = %old, slot, "evicted least recently used idle adapter");
         }
         let targets = weights.targets.iter().map(|m| m.name().to_string()).collect();
         self.slots.insert(slot, name.clone(), uri, weights.max_rank, targets, weights.size_bytes());
-        tracing::info!(adapter = %name, slot, rank = weights.max_rank, "adapter loaded");
+        tracing::info!(adapter = %name, slot, rank = weights.max_rank, hot_swap = replaced.is_some(), "adapter loaded");
         let resident = self.slots.get(slot).cloned().ok_or(EngineError::Stopped)?;
-        Ok((AdapterStatus { slot, resident }, false))
+        Ok(Installed { status: AdapterStatus { slot, resident }, already_loaded: false, evicted, replaced })
     }
 
     /// Drops requests whose caller has gone away.
@@ -415,8 +490,8 @@ impl Worker {
     fn retire(&mut self, id: u64) -> Option<Active> {
         self.scheduler.remove(id);
         let active = self.active.remove(&id)?;
-        if let Some(slot) = active.adapter_slot {
-            self.slots.release(slot);
+        if let Some(released) = active.adapter_slot.and_then(|slot| self.slots.release(slot)) {
+            self.free_slot(released);
         }
         Some(active)
     }

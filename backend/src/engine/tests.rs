@@ -11,6 +11,10 @@ struct Scripted {
     vocab: usize,
     next: Arc<AtomicUsize>,
     forwards: Arc<AtomicUsize>,
+    /// Adapter slots of the rows of the last forward pass.
+    last_slots: Arc<std::sync::Mutex<Vec<Option<u32>>>>,
+    /// Slots whose weights were dropped.
+    unloaded: Arc<std::sync::Mutex<Vec<u32>>>,
     delay: Duration,
 }
 
@@ -24,9 +28,12 @@ impl Executor for Scripted {
     fn load_adapter(&mut self, _: u32, _: &AdapterWeights) -> Result<(), ExecutorError> {
         Ok(())
     }
-    fn unload_adapter(&mut self, _: u32) {}
+    fn unload_adapter(&mut self, slot: u32) {
+        self.unloaded.lock().expect("lock").push(slot);
+    }
     fn forward(&mut self, batch: &executor::Batch) -> Result<Vec<f32>, ExecutorError> {
         std::thread::sleep(self.delay);
+        *self.last_slots.lock().expect("lock") = batch.row_adapters();
         self.forwards.fetch_add(1, Ordering::SeqCst);
         let mut logits = vec![0f32; batch.logit_rows() * self.vocab];
         let next = self.next.load(Ordering::SeqCst);
@@ -41,6 +48,8 @@ struct Fixture {
     engine: Engine,
     next: Arc<AtomicUsize>,
     forwards: Arc<AtomicUsize>,
+    last_slots: Arc<std::sync::Mutex<Vec<Option<u32>>>>,
+    unloaded: Arc<std::sync::Mutex<Vec<u32>>>,
     tokenizer: Arc<Tokenizer>,
 }
 
@@ -53,8 +62,11 @@ fn fixture(max_running: usize, max_waiting: usize, max_loras: usize) -> Fixture 
         vocab: model.config.vocab_size,
         next: next.clone(),
         forwards: forwards.clone(),
+        last_slots: Arc::default(),
+        unloaded: Arc::default(),
         delay: Duration::from_millis(2),
     };
+    let (last_slots, unloaded) = (exec.last_slots.clone(), exec.unloaded.clone());
     let cfg = EngineConfig {
         scheduler: SchedulerConfig { block_size: 16, num_blocks: 1024, max_batch_tokens: 256, max_running },
         max_model_len: 4096,
@@ -64,7 +76,7 @@ fn fixture(max_running: usize, max_waiting: usize, max_loras: usize) -> Fixture 
     };
     let tokenizer = Arc::new(model.tokenizer);
     let engine = Engine::start(&model.config, tokenizer.clone(), Box::new(exec), cfg);
-    Fixture { engine, next, forwards, tokenizer }
+    Fixture { engine, next, forwards, last_slots, unloaded, tokenizer }
 }
 
 fn request(max_tokens: usize) -> GenerateRequest {
@@ -135,25 +147,71 @@ async fn a_full_queue_refuses_new_requests_until_it_drains() {
     f.engine.generate(request(5)).await.expect("room again");
 }
 
+fn with_adapter(max_tokens: usize, name: &str) -> GenerateRequest {
+    GenerateRequest { adapter: Some(name.into()), ..request(max_tokens) }
+}
+
 #[tokio::test]
-async fn adapters_in_use_cannot_be_unloaded_or_evicted() {
+async fn adapters_in_use_cannot_be_evicted_and_an_unload_that_times_out_changes_nothing() {
     let f = fixture(4, 4, 1);
     f.engine.install_adapter("a".into(), "file:///a".into(), adapter()).await.expect("installs");
-    let mut req = request(2000);
-    req.adapter = Some("a".into());
-    let mut events = f.engine.generate(req).await.expect("accepted");
+    let mut events = f.engine.generate(with_adapter(2000, "a")).await.expect("accepted");
     events.recv().await.expect("running");
-    let err = f.engine.unload_adapter("a".into()).await.expect_err("in use");
-    assert!(matches!(err, EngineError::AdapterInUse { active: 1, .. }), "{err}");
+    let err = f.engine.unload_adapter("a".into(), Duration::from_millis(50)).await.expect_err("in use");
+    assert!(matches!(err, EngineError::UnloadTimedOut { active: 1, .. }), "{err}");
+    // Still loaded and taking requests.
+    drop(f.engine.generate(with_adapter(2, "a")).await.expect("a is still loaded"));
     let err = f.engine.install_adapter("b".into(), "file:///b".into(), adapter()).await.expect_err("no idle slot");
     assert!(matches!(err, EngineError::SlotsFull { max: 1 }), "{err}");
     drop(events);
     wait_idle(&f.engine).await;
     // Released: now "b" may evict "a", and "a" is gone.
     f.engine.install_adapter("b".into(), "file:///b".into(), adapter()).await.expect("evicts idle a");
-    let mut req = request(2);
-    req.adapter = Some("a".into());
-    assert!(matches!(f.engine.generate(req).await, Err(EngineError::UnknownAdapter(_))));
+    assert!(matches!(f.engine.generate(with_adapter(2, "a")).await, Err(EngineError::UnknownAdapter(_))));
+}
+
+#[tokio::test]
+async fn an_unload_waits_for_the_adapters_requests_and_refuses_new_ones_meanwhile() {
+    let f = fixture(4, 4, 2);
+    f.engine.install_adapter("a".into(), "file:///a".into(), adapter()).await.expect("installs");
+    let slot = f.engine.snapshot().adapters[0].slot;
+    let mut running = f.engine.generate(with_adapter(40, "a")).await.expect("accepted");
+    running.recv().await.expect("running");
+    let unload = f.engine.unload_adapter("a".into(), Duration::from_secs(30));
+    let (unloaded, finished) = tokio::join!(unload, async {
+        // While draining, the adapter takes no new requests, and its running request finishes.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let refused = f.engine.generate(with_adapter(2, "a")).await;
+        assert!(matches!(refused, Err(EngineError::UnknownAdapter(_))), "{refused:?}");
+        finish(&mut running).await
+    });
+    unloaded.expect("unloaded once the request finished");
+    assert_eq!(finished.2, FinishReason::Length);
+    assert_eq!(finished.0.len(), 39, "the running request was not cut short (one token read before)");
+    assert!(f.engine.snapshot().adapters.is_empty());
+    assert_eq!(*f.unloaded.lock().expect("lock"), vec![slot]);
+}
+
+#[tokio::test]
+async fn a_hot_swap_sends_new_requests_to_the_new_weights_while_old_ones_finish() {
+    let f = fixture(4, 4, 2);
+    let first = f.engine.install_adapter("a".into(), "file:///a1".into(), adapter()).await.expect("installs");
+    let mut old = f.engine.generate(with_adapter(60, "a")).await.expect("accepted");
+    old.recv().await.expect("running");
+    let swap = f.engine.install_adapter("a".into(), "file:///a2".into(), adapter()).await.expect("swaps");
+    assert_eq!(swap.replaced.as_deref(), Some("file:///a1"));
+    assert_ne!(swap.status.slot, first.status.slot, "the old slot keeps serving its request");
+    let mut new = f.engine.generate(with_adapter(3, "a")).await.expect("accepted");
+    new.recv().await.expect("running");
+    let rows = f.last_slots.lock().expect("lock").clone();
+    assert!(rows.contains(&Some(first.status.slot)) && rows.contains(&Some(swap.status.slot)), "{rows:?}");
+    finish(&mut new).await;
+    let (ids, _, _) = finish(&mut old).await;
+    assert_eq!(ids.len(), 59, "the old request ran to its end (one token read before)");
+    let snap = wait_idle(&f.engine).await;
+    let uris: Vec<_> = snap.adapters.iter().map(|a| (a.slot, a.resident.uri.as_str())).collect();
+    assert_eq!(uris, vec![(swap.status.slot, "file:///a2")], "the old slot was freed");
+    assert_eq!(*f.unloaded.lock().expect("lock"), vec![first.status.slot]);
 }
 
 #[tokio::test]

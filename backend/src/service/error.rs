@@ -25,8 +25,13 @@ impl ServiceError {
                 AdapterError::BadName { .. }
                 | AdapterError::BadUri { .. }
                 | AdapterError::Invalid { .. }
-                | AdapterError::RankTooLarge { .. } => Code::InvalidArgument,
-                AdapterError::NotFound { .. } => Code::NotFound,
+                | AdapterError::RankTooLarge { .. }
+                | AdapterError::TooLarge { .. }
+                | AdapterError::DigestMismatch { .. } => Code::InvalidArgument,
+                AdapterError::NotFound { .. } | AdapterError::SourceNotFound { .. } => Code::NotFound,
+                AdapterError::AccessDenied { .. } => Code::PermissionDenied,
+                AdapterError::Unavailable { .. } => Code::Unavailable,
+                AdapterError::CacheFull { .. } => Code::ResourceExhausted,
                 AdapterError::Io { source, .. } => match source.kind() {
                     std::io::ErrorKind::PermissionDenied => Code::PermissionDenied,
                     std::io::ErrorKind::NotFound => Code::NotFound,
@@ -35,8 +40,7 @@ impl ServiceError {
             },
             ServiceError::Engine(e) => match e {
                 EngineError::UnknownAdapter(_) => Code::NotFound,
-                EngineError::AdapterInUse { .. } => Code::FailedPrecondition,
-                EngineError::AdapterConflict { .. } => Code::AlreadyExists,
+                EngineError::AdapterInUse { .. } | EngineError::UnloadTimedOut { .. } => Code::FailedPrecondition,
                 EngineError::SlotsFull { .. } | EngineError::QueueFull { .. } => Code::ResourceExhausted,
                 EngineError::InvalidRequest(_) => Code::InvalidArgument,
                 EngineError::Stopped => Code::Unavailable,
@@ -66,6 +70,24 @@ mod tests {
             (EngineError::InvalidRequest("long".into()).into(), Code::InvalidArgument),
             (EngineError::Stopped.into(), Code::Unavailable),
             (AdapterError::NotFound { path: "/x".into() }.into(), Code::NotFound),
+            (
+                AdapterError::SourceNotFound { uri: "s3://b/x".into(), reason: "no bucket".into() }.into(),
+                Code::NotFound,
+            ),
+            (
+                AdapterError::AccessDenied { uri: "s3://b/x".into(), reason: "403".into() }.into(),
+                Code::PermissionDenied,
+            ),
+            (AdapterError::Unavailable { uri: "s3://b/x".into(), reason: "refused".into() }.into(), Code::Unavailable),
+            (
+                AdapterError::CacheFull { uri: "s3://b/x".into(), needed: 2, budget: 1, pinned: 1 }.into(),
+                Code::ResourceExhausted,
+            ),
+            (
+                AdapterError::DigestMismatch { uri: "s3://b/x".into(), expected: "a".into(), actual: "b".into() }
+                    .into(),
+                Code::InvalidArgument,
+            ),
             (
                 AdapterError::RankTooLarge { path: "/x".into(), module: "q".into(), rank: 64, max: 16 }.into(),
                 Code::InvalidArgument,

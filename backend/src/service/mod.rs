@@ -1,18 +1,20 @@
 //! The `switchyard.backend.v1.Backend` gRPC service over an [`Engine`], and the server that
 //! hosts it with the standard `grpc.health.v1` service.
 
+mod adapters;
 mod error;
 mod server;
 
+pub use adapters::{AdapterManager, LoadOutcome};
 pub use error::ServiceError;
 pub use server::{
-    DeviceChoice, KV_BLOCK_SIZE, ServeError, ServeOptions, Served, build_executor, kv_value_bytes, prepare, probe_cuda,
-    resolve_device, serve,
+    AdapterOptions, DeviceChoice, KV_BLOCK_SIZE, ServeError, ServeOptions, Served, build_executor, default_sources,
+    kv_value_bytes, open_store, prepare, prepare_with_sources, probe_cuda, resolve_device, serve,
 };
 
-use crate::adapters::{self, AdapterWeights};
+use crate::adapters::Digest;
 use crate::engine::sampling::SamplingParams;
-use crate::engine::{AdapterStatus, Engine, Event, FinishReason, GenerateRequest};
+use crate::engine::{Engine, Event, FinishReason, GenerateRequest};
 use crate::model::{ChatMessage, ModelConfig, Module, Tokenizer};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,13 +36,19 @@ pub struct ServedModel {
 #[derive(Debug, Clone)]
 pub struct BackendService {
     engine: Arc<Engine>,
+    adapters: Arc<AdapterManager>,
     tokenizer: Arc<Tokenizer>,
     model: Arc<ServedModel>,
 }
 
 impl BackendService {
-    pub fn new(engine: Arc<Engine>, tokenizer: Arc<Tokenizer>, model: ServedModel) -> BackendService {
-        BackendService { engine, tokenizer, model: Arc::new(model) }
+    pub fn new(
+        engine: Arc<Engine>,
+        adapters: Arc<AdapterManager>,
+        tokenizer: Arc<Tokenizer>,
+        model: ServedModel,
+    ) -> BackendService {
+        BackendService { engine, adapters, tokenizer, model: Arc::new(model) }
     }
 
     /// Turns the request's input (text, chat or ids) into prompt token ids.
@@ -72,30 +80,6 @@ impl BackendService {
     }
 }
 
-/// Whether an adapter's `base_model_name_or_path` names the served model. Names are compared
-/// loosely: the last path segment, case-insensitively, either one a prefix of the other (so
-/// `org/SmolLM2-135M-Instruct` matches a served `SmolLM2-135M-Instruct.Q4_1`). A mismatch is
-/// reported, not refused: the tensors' shapes are what decide whether an adapter fits.
-fn same_base_model(base: &str, served: &str) -> bool {
-    let last = |s: &str| s.trim_end_matches('/').rsplit('/').next().unwrap_or(s).to_lowercase();
-    let (base, served) = (last(base), last(served));
-    !base.is_empty() && (served.starts_with(&base) || base.starts_with(&served))
-}
-
-fn adapter_info(a: &AdapterStatus) -> pb::AdapterInfo {
-    let r = &a.resident;
-    pb::AdapterInfo {
-        name: r.name.clone(),
-        uri: r.uri.clone(),
-        state: pb::AdapterState::Resident as i32,
-        rank: r.max_rank as u32,
-        target_modules: r.targets.clone(),
-        active_requests: r.active,
-        slot: a.slot,
-        size_bytes: r.size_bytes,
-    }
-}
-
 fn finish_reason(r: FinishReason) -> pb::FinishReason {
     match r {
         FinishReason::Eos => pb::FinishReason::Eos,
@@ -121,6 +105,9 @@ impl pb::backend_server::Backend for BackendService {
             seed: s.seed,
         };
         tracing::debug!(request_id = %req.request_id, adapter = %req.adapter, prompt_tokens = prompt.len(), "generate");
+        if !req.adapter.is_empty() {
+            self.adapters.ensure_resident(&req.adapter).await?;
+        }
         let adapter = (!req.adapter.is_empty()).then_some(req.adapter);
         let engine_req = GenerateRequest {
             prompt,
@@ -154,43 +141,30 @@ impl pb::backend_server::Backend for BackendService {
         request: Request<pb::LoadAdapterRequest>,
     ) -> Result<Response<pb::LoadAdapterResponse>, Status> {
         let req = request.into_inner();
-        adapters::validate_name(&req.name).map_err(ServiceError::from)?;
-        let uri = req.source.map(|s| s.uri).unwrap_or_default();
-        if uri.is_empty() {
+        let source = req.source.unwrap_or_default();
+        if source.uri.is_empty() {
             return Err(ServiceError::BadRequest("source.uri is required".into()).into());
         }
-        // Already resident from the same source: nothing to read.
-        if let Some(a) =
-            self.engine.snapshot().adapters.iter().find(|a| a.resident.name == req.name && a.resident.uri == uri)
-        {
-            return Ok(Response::new(pb::LoadAdapterResponse { adapter: Some(adapter_info(a)), already_loaded: true }));
-        }
-        let dir = adapters::resolve_uri(&uri).map_err(ServiceError::from)?;
-        let config = self.model.config.clone();
-        let max_rank = self.engine.config().max_lora_rank;
-        // Reading and validating happen off the engine thread; the engine only places the
-        // validated weights in a slot.
-        let weights: AdapterWeights =
-            tokio::task::spawn_blocking(move || adapters::load_peft_dir(&dir, &config, max_rank))
-                .await
-                .map_err(|e| ServiceError::BadRequest(format!("adapter reader failed: {e}")))?
-                .map_err(ServiceError::from)?;
-        if let Some(base) = &weights.base_model
-            && !same_base_model(base, &self.model.name)
-        {
-            tracing::warn!(adapter = %req.name, adapter_base = %base, served = %self.model.name, "adapter was trained on a differently named base model");
-        }
-        let (status, already_loaded) =
-            self.engine.install_adapter(req.name, uri, weights).await.map_err(ServiceError::from)?;
-        Ok(Response::new(pb::LoadAdapterResponse { adapter: Some(adapter_info(&status)), already_loaded }))
+        let digest = match source.sha256.as_str() {
+            "" => None,
+            text => Some(Digest::parse(text).map_err(ServiceError::BadRequest)?),
+        };
+        let outcome = self.adapters.load(&req.name, &source.uri, digest).await?;
+        let LoadOutcome { installed, warnings, fetched, origin } = outcome;
+        Ok(Response::new(pb::LoadAdapterResponse {
+            adapter: Some(adapters::adapter_info(&installed.status, Some(&origin))),
+            already_loaded: installed.already_loaded,
+            hot_swap: installed.replaced.is_some(),
+            warnings,
+            fetched,
+        }))
     }
 
     async fn unload_adapter(
         &self,
         request: Request<pb::UnloadAdapterRequest>,
     ) -> Result<Response<pb::UnloadAdapterResponse>, Status> {
-        let name = request.into_inner().name;
-        self.engine.unload_adapter(name).await.map_err(ServiceError::from)?;
+        self.adapters.unload(&request.into_inner().name).await?;
         Ok(Response::new(pb::UnloadAdapterResponse {}))
     }
 
@@ -198,8 +172,7 @@ impl pb::backend_server::Backend for BackendService {
         &self,
         _: Request<pb::ListAdaptersRequest>,
     ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
-        let adapters = self.engine.snapshot().adapters.iter().map(adapter_info).collect();
-        Ok(Response::new(pb::ListAdaptersResponse { adapters }))
+        Ok(Response::new(pb::ListAdaptersResponse { adapters: self.adapters.list() }))
     }
 
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
@@ -222,19 +195,5 @@ impl pb::backend_server::Backend for BackendService {
             lora_target_modules: Module::ALL.iter().map(|m| m.name().to_string()).collect(),
             vocab_size: m.config.vocab_size as u32,
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::same_base_model;
-
-    #[test]
-    fn base_model_names_match_across_paths_cases_and_quantization_suffixes() {
-        assert!(same_base_model("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1"));
-        assert!(same_base_model("/models/tiny-llama/", "tiny-llama"));
-        assert!(same_base_model("Tiny-Llama", "tiny-llama"));
-        assert!(!same_base_model("meta-llama/Llama-2-7b-hf", "SmolLM2-135M-Instruct"));
-        assert!(!same_base_model("", "tiny-llama"));
     }
 }

@@ -1,6 +1,9 @@
 //! Starting a backend: load the model, build the executor and engine, serve gRPC.
 
-use super::{BackendService, ServedModel};
+use super::{AdapterManager, BackendService, ServedModel};
+use crate::adapters::{
+    AdapterStore, FileSource, HfSource, HfSourceOptions, S3Source, S3SourceOptions, SourceRegistry, StoreOptions,
+};
 use crate::engine::cpu::CpuExecutor;
 use crate::engine::cuda::CudaExecutor;
 use crate::engine::executor::Executor;
@@ -10,6 +13,7 @@ use crate::model::{Model, ModelError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use switchyard_proto::v1::backend_server::BackendServer;
 
 /// Tokens per KV cache block.
@@ -119,6 +123,68 @@ pub struct ServeOptions {
     pub max_batch_tokens: usize,
     pub max_running: usize,
     pub max_waiting: usize,
+    pub adapters: AdapterOptions,
+}
+
+/// Where adapters may come from and how they are kept.
+#[derive(Debug, Clone)]
+pub struct AdapterOptions {
+    /// Directories `file://` adapters may be read from; empty refuses every `file://` load.
+    pub roots: Vec<PathBuf>,
+    /// Disk cache for remote adapters (default: `adapters/` in the user's Switchyard cache).
+    pub cache_dir: Option<PathBuf>,
+    /// Byte budget of the disk cache.
+    pub cache_bytes: u64,
+    /// Largest adapter accepted, config and weights together.
+    pub max_adapter_bytes: u64,
+    /// Upper bound on fetching one adapter from a remote source.
+    pub download_timeout: Duration,
+    /// How long an unload waits for the adapter's running requests.
+    pub unload_timeout: Duration,
+}
+
+impl Default for AdapterOptions {
+    fn default() -> AdapterOptions {
+        AdapterOptions {
+            roots: Vec::new(),
+            cache_dir: None,
+            cache_bytes: 20 << 30,
+            max_adapter_bytes: 4 << 30,
+            download_timeout: Duration::from_secs(600),
+            unload_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The sources a backend reads by default: `file://` (inside the allowed roots), `s3://` and
+/// `hf://`. Register more on the result to add schemes.
+pub fn default_sources(opts: &AdapterOptions) -> Result<SourceRegistry, ServeError> {
+    let mut sources = SourceRegistry::new();
+    let file = FileSource::new(opts.roots.clone()).map_err(|e| ServeError::Config(format!("--adapter-roots: {e}")))?;
+    sources.register("file", Arc::new(file));
+    let s3 = S3Source::new(S3SourceOptions { download_timeout: opts.download_timeout, ..S3SourceOptions::default() });
+    sources.register("s3", Arc::new(s3));
+    let hf =
+        HfSource::from_env(HfSourceOptions { download_timeout: opts.download_timeout, ..HfSourceOptions::default() })
+            .map_err(|e| ServeError::Config(e.to_string()))?;
+    sources.register("hf", Arc::new(hf));
+    Ok(sources)
+}
+
+/// Opens the adapter store: the sources and the disk cache.
+pub fn open_store(opts: &AdapterOptions, sources: SourceRegistry) -> Result<AdapterStore, ServeError> {
+    let cache_dir = match &opts.cache_dir {
+        Some(dir) => dir.clone(),
+        None => crate::paths::cache_dir()
+            .map(|c| c.join("adapters"))
+            .ok_or_else(|| ServeError::Config("no cache directory: set --lora-cache-dir or HOME".into()))?,
+    };
+    if opts.max_adapter_bytes == 0 || opts.cache_bytes == 0 {
+        return Err(ServeError::Config("--max-adapter-bytes and --lora-cache-bytes must be at least 1".into()));
+    }
+    let store_opts =
+        StoreOptions { cache_dir, cache_bytes: opts.cache_bytes, max_adapter_bytes: opts.max_adapter_bytes };
+    AdapterStore::new(sources, &store_opts).map_err(|e| ServeError::Config(format!("adapter cache: {e}")))
 }
 
 /// Why a backend could not start.
@@ -199,6 +265,13 @@ fn engine_config(opts: &ServeOptions, model: &Model, value_bytes: usize) -> Resu
 /// Loads the model, starts the engine and binds the listener. Fails before binding when the
 /// model or the configuration is bad.
 pub async fn prepare(opts: ServeOptions) -> Result<Served, ServeError> {
+    let sources = default_sources(&opts.adapters)?;
+    prepare_with_sources(opts, sources).await
+}
+
+/// [`prepare`] with the adapter sources given (e.g. [`default_sources`] plus a custom scheme).
+pub async fn prepare_with_sources(opts: ServeOptions, sources: SourceRegistry) -> Result<Served, ServeError> {
+    let store = open_store(&opts.adapters, sources)?;
     let device = resolve_device(opts.device)?;
     let dir = opts.model.clone();
     let model = tokio::task::spawn_blocking(move || Model::open(&dir))
@@ -227,11 +300,18 @@ pub async fn prepare(opts: ServeOptions) -> Result<Served, ServeError> {
     );
     let tokenizer = Arc::new(tokenizer);
     let engine = Arc::new(Engine::start(&config, tokenizer.clone(), executor, cfg));
+    let adapters = Arc::new(AdapterManager::new(
+        store,
+        engine.clone(),
+        config.clone(),
+        served.name.clone(),
+        opts.adapters.unload_timeout,
+    ));
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|source| ServeError::Bind { addr: opts.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: opts.listen, source })?;
-    Ok(Served { local_addr, listener, service: BackendService::new(engine, tokenizer, served) })
+    Ok(Served { local_addr, listener, service: BackendService::new(engine, adapters, tokenizer, served) })
 }
 
 impl Served {

@@ -1,0 +1,133 @@
+//! `file:///abs/dir`: adapters read in place, only from inside the configured roots.
+
+use super::{AdapterSource, AdapterUri, Fetched};
+use crate::adapters::{AdapterError, CONFIG_FILE, WEIGHTS_FILE};
+use std::path::{Component, Path, PathBuf};
+
+/// Reads adapters from local directories under a set of allowed roots. Paths are resolved
+/// (symlinks included) before they are checked, so neither `..` nor a symlink — of the
+/// directory or of a file in it — reaches outside the roots.
+#[derive(Debug, Clone)]
+pub struct FileSource {
+    /// Each root as configured and as resolved.
+    roots: Vec<(PathBuf, PathBuf)>,
+}
+
+impl FileSource {
+    /// A source allowing the given roots, each resolved now; a root that does not exist is
+    /// a configuration error. No roots: every `file://` load is refused.
+    pub fn new(roots: Vec<PathBuf>) -> Result<FileSource, AdapterError> {
+        let roots = roots
+            .into_iter()
+            .map(|r| match std::fs::canonicalize(&r) {
+                Ok(resolved) => Ok((r, resolved)),
+                Err(source) => Err(AdapterError::Io { path: r, source }),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(FileSource { roots })
+    }
+
+    /// The allowed roots, resolved.
+    pub fn roots(&self) -> impl Iterator<Item = &Path> {
+        self.roots.iter().map(|(_, resolved)| resolved.as_path())
+    }
+
+    /// Whether a resolved path is inside a resolved root.
+    fn inside_roots(&self, path: &Path) -> bool {
+        self.roots.iter().any(|(_, r)| path.starts_with(r))
+    }
+
+    fn denied(&self, uri: &AdapterUri, reason: String) -> AdapterError {
+        AdapterError::AccessDenied { uri: uri.uri.clone(), reason }
+    }
+
+    fn roots_list(&self) -> String {
+        self.roots.iter().map(|(r, _)| r.display().to_string()).collect::<Vec<_>>().join(", ")
+    }
+
+    fn resolve(&self, uri: &AdapterUri) -> Result<PathBuf, AdapterError> {
+        if self.roots.is_empty() {
+            return Err(self.denied(uri, "file:// adapters are disabled on this backend (no --adapter-roots)".into()));
+        }
+        let path = PathBuf::from(&uri.location);
+        // Refuse paths outside the roots before touching them, so the answer says nothing
+        // about what exists elsewhere.
+        if !self.roots.iter().any(|(given, resolved)| path.starts_with(given) || path.starts_with(resolved)) {
+            return Err(
+                self.denied(uri, format!("{} is outside the allowed roots ({})", path.display(), self.roots_list()))
+            );
+        }
+        let dir = match std::fs::canonicalize(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(AdapterError::NotFound { path }),
+            Err(source) => return Err(AdapterError::Io { path, source }),
+        };
+        if !self.inside_roots(&dir) {
+            return Err(self.denied(
+                uri,
+                format!(
+                    "{} resolves to {}, outside the allowed roots ({})",
+                    path.display(),
+                    dir.display(),
+                    self.roots_list()
+                ),
+            ));
+        }
+        // The files themselves may be symlinks; they must resolve inside the roots too.
+        for file in [CONFIG_FILE, WEIGHTS_FILE] {
+            if let Ok(target) = std::fs::canonicalize(dir.join(file))
+                && !self.inside_roots(&target)
+            {
+                return Err(self.denied(
+                    uri,
+                    format!(
+                        "{file} resolves to {}, outside the allowed roots ({})",
+                        target.display(),
+                        self.roots_list()
+                    ),
+                ));
+            }
+        }
+        Ok(dir)
+    }
+}
+
+#[async_trait::async_trait]
+impl AdapterSource for FileSource {
+    fn check(&self, uri: &AdapterUri) -> Result<(), AdapterError> {
+        let bad = |reason: &str| AdapterError::BadUri { uri: uri.uri.clone(), reason: reason.to_string() };
+        if !uri.location.starts_with('/') {
+            return Err(bad("file:// URIs need an absolute path (file:///abs/dir)"));
+        }
+        if Path::new(&uri.location).components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(bad("the path must not contain '..'"));
+        }
+        Ok(())
+    }
+
+    fn in_place(&self) -> bool {
+        true
+    }
+
+    async fn fetch(&self, uri: &AdapterUri, _dest: &Path, max_bytes: u64) -> Result<Fetched, AdapterError> {
+        let this = self.clone();
+        let uri = uri.clone();
+        tokio::task::spawn_blocking(move || {
+            let dir = this.resolve(&uri)?;
+            let bytes: u64 = [CONFIG_FILE, WEIGHTS_FILE]
+                .iter()
+                .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+                .map(|m| m.len())
+                .sum();
+            if bytes > max_bytes {
+                return Err(AdapterError::TooLarge { uri: uri.uri.clone(), bytes, max: max_bytes });
+            }
+            Ok(Fetched { dir, revision: None })
+        })
+        .await
+        .map_err(|e| AdapterError::Unavailable {
+            uri: String::new(),
+            reason: format!("file reader task failed: {e}"),
+        })?
+    }
+}

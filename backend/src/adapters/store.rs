@@ -1,0 +1,199 @@
+//! The adapter store: URI → source → (cache) → validated adapter, with size limits and an
+//! optional digest pin.
+
+use super::cache::{AdapterCache, CachePin, CacheStats, EntryMeta, sha256_file};
+use super::source::{AdapterUri, SourceRegistry};
+use super::{AdapterError, WEIGHTS_FILE};
+use std::path::{Path, PathBuf};
+
+/// A requested SHA-256 of an adapter's weights file (`adapter_model.safetensors`), as 64 hex
+/// digits, optionally prefixed `sha256:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest(String);
+
+impl Digest {
+    pub fn parse(text: &str) -> Result<Digest, String> {
+        let hex = text.strip_prefix("sha256:").unwrap_or(text);
+        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!("sha256 {text:?} is not 64 hex digits (optionally prefixed sha256:)"));
+        }
+        Ok(Digest(hex.to_ascii_lowercase()))
+    }
+
+    pub fn hex(&self) -> &str {
+        &self.0
+    }
+
+    fn verify(&self, uri: &str, actual: &str) -> Result<(), AdapterError> {
+        if self.0 == actual {
+            return Ok(());
+        }
+        Err(AdapterError::DigestMismatch { uri: uri.to_string(), expected: self.0.clone(), actual: actual.to_string() })
+    }
+}
+
+/// Limits and places of an [`AdapterStore`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Root of the disk cache for remote adapters.
+    pub cache_dir: PathBuf,
+    /// Byte budget of the disk cache.
+    pub cache_bytes: u64,
+    /// Largest adapter (config + weights) accepted from any source.
+    pub max_adapter_bytes: u64,
+}
+
+/// A validated adapter and where it came from.
+#[derive(Debug)]
+pub struct Loaded<T> {
+    /// What the validator made of the files (the weights).
+    pub value: T,
+    /// SHA-256 of the weights file, when known (always for cached adapters; for `file://`
+    /// when a digest was requested).
+    pub sha256: Option<String>,
+    pub revision: Option<String>,
+    /// Keeps the cache entry from eviction; `None` for in-place sources.
+    pub pin: Option<CachePin>,
+    /// Whether this load fetched from the source (a cache miss).
+    pub fetched: bool,
+}
+
+/// Sources, the disk cache and the limits, in one place.
+#[derive(Debug)]
+pub struct AdapterStore {
+    sources: SourceRegistry,
+    cache: AdapterCache,
+    max_adapter_bytes: u64,
+}
+
+/// Rewrites paths inside a temp or cache directory in an error as the adapter's URI, so
+/// messages name what the user asked for.
+fn relabel(err: AdapterError, dir: &Path, uri: &str) -> AdapterError {
+    let rename = |p: PathBuf| match p.strip_prefix(dir) {
+        Ok(rest) if rest.as_os_str().is_empty() => PathBuf::from(uri),
+        Ok(rest) => PathBuf::from(format!("{uri}/{}", rest.display())),
+        Err(_) => p,
+    };
+    match err {
+        AdapterError::Invalid { path, reason } => AdapterError::Invalid { path: rename(path), reason },
+        AdapterError::RankTooLarge { path, module, rank, max } => {
+            AdapterError::RankTooLarge { path: rename(path), module, rank, max }
+        }
+        other => other,
+    }
+}
+
+impl AdapterStore {
+    pub fn new(sources: SourceRegistry, options: &StoreOptions) -> Result<AdapterStore, AdapterError> {
+        let cache = AdapterCache::open(&options.cache_dir, options.cache_bytes)?;
+        Ok(AdapterStore { sources, cache, max_adapter_bytes: options.max_adapter_bytes })
+    }
+
+    pub fn sources(&self) -> &SourceRegistry {
+        &self.sources
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// Checks a URI's syntax and scheme without any I/O.
+    pub fn check_uri(&self, uri: &str) -> Result<AdapterUri, AdapterError> {
+        self.sources.resolve(uri).map(|(u, _)| u)
+    }
+
+    /// Fetches (or finds in the cache) the adapter at `uri`, checks `digest` and runs
+    /// `validate` on its directory off the async threads. A remote adapter is validated before
+    /// it is cached, so one that fails validation leaves nothing in the cache.
+    pub async fn load<T, V>(&self, uri: &str, digest: Option<&Digest>, validate: V) -> Result<Loaded<T>, AdapterError>
+    where
+        T: Send + 'static,
+        V: Fn(&Path) -> Result<T, AdapterError> + Send + Sync + 'static,
+    {
+        let (uri, source) = self.sources.resolve(uri)?;
+        let max = self.max_adapter_bytes;
+        let too_large = |e: AdapterError, room: u64, uri: &AdapterUri| match e {
+            // Over the room the cache has left but not over the adapter limit: the cache is full.
+            AdapterError::TooLarge { bytes, .. } if bytes <= max => {
+                let budget = self.cache.stats().budget;
+                AdapterError::CacheFull {
+                    uri: uri.uri.clone(),
+                    needed: bytes,
+                    budget,
+                    pinned: budget.saturating_sub(room),
+                }
+            }
+            AdapterError::TooLarge { bytes, .. } => AdapterError::TooLarge { uri: uri.uri.clone(), bytes, max },
+            other => other,
+        };
+
+        if source.in_place() {
+            let fetched = source.fetch(&uri, Path::new(""), max).await.map_err(|e| too_large(e, max, &uri))?;
+            let digest = digest.cloned();
+            let uri_text = uri.uri.clone();
+            let (value, sha256) = tokio::task::spawn_blocking(move || -> Result<_, AdapterError> {
+                let sha256 = match digest {
+                    Some(d) => {
+                        let weights = fetched.dir.join(WEIGHTS_FILE);
+                        let actual = sha256_file(&weights)
+                            .map_err(|source| AdapterError::Io { path: weights.clone(), source })?;
+                        d.verify(&uri_text, &actual)?;
+                        Some(actual)
+                    }
+                    None => None,
+                };
+                Ok((validate(&fetched.dir)?, sha256))
+            })
+            .await
+            .map_err(|e| AdapterError::Unavailable {
+                uri: uri.uri.clone(),
+                reason: format!("loader task failed: {e}"),
+            })??;
+            return Ok(Loaded { value, sha256, revision: None, pin: None, fetched: false });
+        }
+
+        let validate = std::sync::Arc::new(validate);
+        let check = {
+            let (validate, digest, uri_text) = (validate.clone(), digest.cloned(), uri.uri.clone());
+            move |dir: &Path, meta: &EntryMeta| -> Result<T, AdapterError> {
+                if let Some(d) = &digest {
+                    d.verify(&uri_text, &meta.sha256)?;
+                }
+                validate(dir).map_err(|e| relabel(e, dir, &uri_text))
+            }
+        };
+        let fetch = |dir: PathBuf, room: u64| {
+            let (source, uri) = (source.clone(), uri.clone());
+            async move {
+                source.fetch(&uri, &dir, room.min(max)).await.map(|f| f.revision).map_err(|e| too_large(e, room, &uri))
+            }
+        };
+        let (entry, checked) = self.cache.get_or_fetch(&uri, fetch, check).await?;
+        let fetched = checked.is_some();
+        let value = match checked {
+            Some(value) => value,
+            None => {
+                // A cache hit: the entry was validated when fetched, but this backend may
+                // serve a different model or limits than the one that fetched it.
+                if let Some(d) = digest {
+                    d.verify(&uri.uri, &entry.meta.sha256)?;
+                }
+                let dir = entry.dir.clone();
+                let uri_text = uri.uri.clone();
+                tokio::task::spawn_blocking(move || validate(&dir).map_err(|e| relabel(e, &dir, &uri_text)))
+                    .await
+                    .map_err(|e| AdapterError::Unavailable {
+                        uri: uri.uri.clone(),
+                        reason: format!("loader task failed: {e}"),
+                    })??
+            }
+        };
+        Ok(Loaded {
+            value,
+            sha256: Some(entry.meta.sha256.clone()),
+            revision: entry.meta.revision.clone(),
+            pin: Some(entry.pin),
+            fetched,
+        })
+    }
+}
