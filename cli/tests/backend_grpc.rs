@@ -3,120 +3,14 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails loudly on a broken fixture
 
-use serde::Deserialize;
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use support::*;
 use switchyard_proto::v1 as pb;
-use switchyard_proto::v1::backend_client::BackendClient;
 use tonic::Code;
-use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
-}
-
-#[derive(Deserialize)]
-struct Case {
-    key: String,
-    prompt: String,
-    prompt_ids: Vec<u32>,
-    greedy_ids: Vec<u32>,
-}
-
-#[derive(Deserialize)]
-struct Golden {
-    cases: Vec<Case>,
-}
-
-fn case(key: &str) -> Case {
-    let text = std::fs::read_to_string(fixtures().join("golden/cases.json")).expect("cases.json");
-    let g: Golden = serde_json::from_str(&text).expect("parses");
-    g.cases.into_iter().find(|c| c.key == key).expect("case exists")
-}
-
-/// A running `switchyard backend`; killed on drop.
-struct Backend {
-    child: Child,
-    addr: String,
-    _cache: tempfile::TempDir,
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_backend(extra: &[&str]) -> Backend {
-    start_backend_on(&fixtures().join("models/tiny-llama"), extra)
-}
-
-fn start_backend_on(model: &std::path::Path, extra: &[&str]) -> Backend {
-    let cache = tempfile::tempdir().expect("cache dir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("backend")
-        .arg("--model")
-        .arg(model)
-        .args(["--listen", "127.0.0.1:0"])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        // Adapters may come from the fixtures; remote ones are cached per test.
-        .env("SWITCHYARD_ADAPTER_ROOTS", fixtures())
-        .env("SWITCHYARD_LORA_CACHE_DIR", cache.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("switchyard binary starts");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("reads the listening line");
-    let addr = line.trim().rsplit(' ').next().expect("address").to_string();
-    assert!(line.starts_with("switchyard backend listening on "), "unexpected first line: {line:?}");
-    Backend { child, addr, _cache: cache }
-}
-
-async fn connect(b: &Backend) -> (BackendClient<Channel>, HealthClient<Channel>) {
-    let channel = Channel::from_shared(format!("http://{}", b.addr)).expect("uri").connect().await.expect("connects");
-    (BackendClient::new(channel.clone()), HealthClient::new(channel))
-}
-
-fn load_req(name: &str, adapter: &str) -> pb::LoadAdapterRequest {
-    let dir = fixtures().join("adapters/tiny-llama").join(adapter).canonicalize().expect("fixture adapter");
-    pb::LoadAdapterRequest {
-        name: name.into(),
-        source: Some(pb::AdapterSource { uri: format!("file://{}", dir.display()), ..Default::default() }),
-    }
-}
-
-fn greedy(ids: &[u32], adapter: &str, max_tokens: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        adapter: adapter.into(),
-        input: Some(pb::generate_request::Input::TokenIds(pb::TokenIds { ids: ids.to_vec() })),
-        max_tokens,
-        ignore_eos: true,
-        ..Default::default()
-    }
-}
-
-/// Collects a generation: token ids, text, the number of messages and the final message.
-async fn collect(
-    client: &mut BackendClient<Channel>,
-    req: pb::GenerateRequest,
-) -> Result<(Vec<u32>, String, usize, pb::GenerateResponse), tonic::Status> {
-    let mut stream = client.generate(req).await?.into_inner();
-    let (mut ids, mut text, mut n, mut last) = (Vec::new(), String::new(), 0, None);
-    while let Some(msg) = stream.message().await? {
-        ids.extend(&msg.token_ids);
-        text.push_str(&msg.text);
-        n += 1;
-        last = Some(msg);
-    }
-    Ok((ids, text, n, last.expect("at least one message")))
-}
 
 #[tokio::test]
 async fn streams_generations_with_and_without_an_adapter_and_reports_health() {
@@ -213,13 +107,18 @@ async fn bad_requests_get_precise_codes_and_the_server_keeps_serving() {
         Code::InvalidArgument,
         "--max-lora-rank 16",
     );
-    let mut missing = load_req("x", "r8-qv");
-    let gone = fixtures().canonicalize().expect("fixtures").join("definitely/not/here");
-    missing.source = Some(pb::AdapterSource { uri: format!("file://{}", gone.display()), ..Default::default() });
-    expect_code(client.load_adapter(missing).await.map(|_| ()), Code::NotFound, "/definitely/not/here");
-    let mut gs = load_req("x", "r8-qv");
-    gs.source = Some(pb::AdapterSource { uri: "gs://bucket/adapter".into(), ..Default::default() });
-    expect_code(client.load_adapter(gs).await.map(|_| ()), Code::InvalidArgument, "unknown scheme \"gs\"");
+    let gone = format!("file://{}", fixtures().join("definitely/not/here").display());
+    expect_code(client.load_adapter(load_uri("x", &gone)).await.map(|_| ()), Code::NotFound, "/definitely/not/here");
+    expect_code(
+        client.load_adapter(load_uri("x", "gs://bucket/adapter")).await.map(|_| ()),
+        Code::InvalidArgument,
+        "unknown scheme \"gs\"",
+    );
+    expect_code(
+        client.load_adapter(load_uri("x", "file:///etc")).await.map(|_| ()),
+        Code::PermissionDenied,
+        "outside the allowed roots",
+    );
     expect_code(client.load_adapter(load_req("", "r8-qv")).await.map(|_| ()), Code::InvalidArgument, "name");
     expect_code(
         client.unload_adapter(pb::UnloadAdapterRequest { name: "ghost".into() }).await.map(|_| ()),
@@ -271,7 +170,7 @@ async fn idle_adapters_are_evicted_least_recently_used_first() {
 
 #[test]
 fn a_bad_model_directory_fails_before_binding_with_one_clear_line() {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["backend", "--model", "/no/such/model", "--listen", "127.0.0.1:0"])
         .env("RUST_LOG", "off")
         .output()
@@ -289,7 +188,7 @@ fn device_cuda_without_cuda_fails_with_a_one_line_explanation() {
         let _ = writeln!(std::io::stderr(), "backend_grpc: skipped the no-CUDA test, this machine has a usable GPU");
         return;
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .arg("backend")
         .arg("--model")
         .arg(fixtures().join("models/tiny-llama"))
@@ -331,7 +230,7 @@ fn smollm2() -> Option<PathBuf> {
 #[tokio::test]
 async fn a_real_model_from_gguf_answers_a_chat_request_in_english() {
     let Some(gguf) = smollm2() else { return };
-    let backend = start_backend_on(&gguf, &["--device", "cpu"]);
+    let backend = start_backend_with(&gguf, &["--device", "cpu"], &[]);
     let (mut client, _) = connect(&backend).await;
     let info = client.info(pb::InfoRequest {}).await.expect("info").into_inner();
     assert_eq!(info.model, "SmolLM2-135M-Instruct.Q4_1");
@@ -358,15 +257,11 @@ fn chat(question: &str, adapter: &str) -> pb::GenerateRequest {
 #[tokio::test]
 async fn the_demo_adapters_visibly_change_the_answer() {
     let Some(gguf) = smollm2() else { return };
-    let backend = start_backend_on(&gguf, &["--device", "cpu", "--max-lora-rank", "8"]);
+    let backend = start_backend_with(&gguf, &["--device", "cpu", "--max-lora-rank", "8"], &[]);
     let (mut client, _) = connect(&backend).await;
     for name in ["uppercase", "french", "json"] {
-        let dir = fixtures().join("adapters/smollm2").join(name).canonicalize().expect("demo adapter");
-        let req = pb::LoadAdapterRequest {
-            name: name.into(),
-            source: Some(pb::AdapterSource { uri: format!("file://{}", dir.display()), ..Default::default() }),
-        };
-        client.load_adapter(req).await.expect("demo adapter loads");
+        let dir = fixtures().join("adapters/smollm2").join(name);
+        client.load_adapter(load_uri(name, &format!("file://{}", dir.display()))).await.expect("demo adapter loads");
     }
     // A question from the training set's family and one it never saw.
     for question in ["What is the capital of France?", "What is the capital of Austria?"] {

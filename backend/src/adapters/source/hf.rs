@@ -104,18 +104,30 @@ impl HfSource {
             Ok(info) => info,
             Err(e) => {
                 let err = self.classify(uri, &format!("revision {revision}"), e);
-                // Say which is missing: the repository, or the revision in it.
-                if matches!(err, AdapterError::SourceNotFound { .. })
-                    && let Ok(refs) = repo.list_refs().send().await
-                {
-                    let known: Vec<&str> =
-                        refs.branches.iter().chain(&refs.tags).map(|r| r.name.as_str()).take(8).collect();
-                    return Err(AdapterError::SourceNotFound {
-                        uri: uri.uri.clone(),
-                        reason: format!("revision {revision:?} not found (branches and tags: {})", known.join(", ")),
-                    });
+                if !matches!(err, AdapterError::SourceNotFound { .. }) {
+                    return Err(err);
                 }
-                return Err(err);
+                // Say which is missing: the repository, or the revision in it.
+                return Err(match repo.list_refs().send().await {
+                    Ok(refs) => {
+                        let known: Vec<&str> =
+                            refs.branches.iter().chain(&refs.tags).map(|r| r.name.as_str()).take(8).collect();
+                        AdapterError::SourceNotFound {
+                            uri: uri.uri.clone(),
+                            reason: format!(
+                                "revision {revision:?} not found (branches and tags: {})",
+                                known.join(", ")
+                            ),
+                        }
+                    }
+                    Err(e) => match self.classify(uri, "listing revisions", e) {
+                        AdapterError::SourceNotFound { .. } => AdapterError::SourceNotFound {
+                            uri: uri.uri.clone(),
+                            reason: format!("repository {org}/{name} not found (or private: set HF_TOKEN)"),
+                        },
+                        _ => err,
+                    },
+                });
             }
         };
         let commit = info.sha.ok_or_else(|| AdapterError::Unavailable {

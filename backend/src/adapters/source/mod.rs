@@ -7,7 +7,7 @@
 //! before downloading anything.
 //!
 //! Adding a scheme: implement [`AdapterSource`] and [`SourceRegistry::register`] it under its
-//! scheme before the backend starts serving (see `backend/tests/adapter_sources.rs`).
+//! scheme before the backend starts serving (`backend/tests/custom_source.rs` shows one).
 
 mod file;
 mod hf;

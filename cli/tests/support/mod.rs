@@ -1,0 +1,462 @@
+//! What the `switchyard` binary's tests share: starting the backend as a user does, talking to
+//! it with a real gRPC client, and the real servers adapter sources are tested against
+//! (`s3s-fs` for S3, `olah` for the Hugging Face Hub) plus a TCP proxy that counts requests or
+//! dies mid-download.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use serde::Deserialize;
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::backend_client::BackendClient;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures").canonicalize().expect("fixtures exist")
+}
+
+pub fn fixture_adapter(name: &str) -> PathBuf {
+    fixtures().join("adapters/tiny-llama").join(name)
+}
+
+#[derive(Deserialize)]
+pub struct Case {
+    pub key: String,
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct Golden {
+    cases: Vec<Case>,
+}
+
+/// A golden case of the tiny models (`scripts/golden/make_fixtures.py`).
+pub fn case(key: &str) -> Case {
+    let text = std::fs::read_to_string(fixtures().join("golden/cases.json")).expect("cases.json");
+    let g: Golden = serde_json::from_str(&text).expect("parses");
+    g.cases.into_iter().find(|c| c.key == key).expect("case exists")
+}
+
+/// A running `switchyard backend`; killed on drop.
+pub struct Backend {
+    child: Child,
+    pub addr: String,
+    /// The adapter disk cache (`--lora-cache-dir`), unless the test chose its own.
+    pub cache: tempfile::TempDir,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start_backend(extra: &[&str]) -> Backend {
+    start_backend_with(&fixtures().join("models/tiny-llama"), extra, &[])
+}
+
+/// Starts the backend on `model` with extra flags and environment. File adapters may come from
+/// the fixtures; the adapter cache is a fresh temp dir (an env entry may override either).
+pub fn start_backend_with(model: &Path, extra: &[&str], env: &[(&str, String)]) -> Backend {
+    let cache = tempfile::tempdir().expect("cache dir");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.arg("backend")
+        .arg("--model")
+        .arg(model)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .env("SWITCHYARD_ADAPTER_ROOTS", fixtures())
+        .env("SWITCHYARD_LORA_CACHE_DIR", cache.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("switchyard binary starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("reads the listening line");
+    let addr = line.trim().rsplit(' ').next().expect("address").to_string();
+    assert!(line.starts_with("switchyard backend listening on "), "unexpected first line: {line:?}");
+    Backend { child, addr, cache }
+}
+
+pub async fn connect(b: &Backend) -> (BackendClient<Channel>, HealthClient<Channel>) {
+    let channel = Channel::from_shared(format!("http://{}", b.addr)).expect("uri").connect().await.expect("connects");
+    (BackendClient::new(channel.clone()), HealthClient::new(channel))
+}
+
+pub fn load_uri(name: &str, uri: &str) -> pb::LoadAdapterRequest {
+    pb::LoadAdapterRequest {
+        name: name.into(),
+        source: Some(pb::AdapterSource { uri: uri.into(), ..Default::default() }),
+    }
+}
+
+/// Loads a fixture adapter of the tiny Llama by `file://`.
+pub fn load_req(name: &str, adapter: &str) -> pb::LoadAdapterRequest {
+    load_uri(name, &format!("file://{}", fixture_adapter(adapter).display()))
+}
+
+pub fn greedy(ids: &[u32], adapter: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        adapter: adapter.into(),
+        input: Some(pb::generate_request::Input::TokenIds(pb::TokenIds { ids: ids.to_vec() })),
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+/// Collects a generation: token ids, text, the number of messages and the final message.
+pub async fn collect(
+    client: &mut BackendClient<Channel>,
+    req: pb::GenerateRequest,
+) -> Result<(Vec<u32>, String, usize, pb::GenerateResponse), tonic::Status> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let (mut ids, mut text, mut n, mut last) = (Vec::new(), String::new(), 0, None);
+    while let Some(msg) = stream.message().await? {
+        ids.extend(&msg.token_ids);
+        text.push_str(&msg.text);
+        n += 1;
+        last = Some(msg);
+    }
+    Ok((ids, text, n, last.expect("at least one message")))
+}
+
+/// Greedy tokens of a golden case through `adapter` equal the reference's.
+pub async fn assert_generates(client: &mut BackendClient<Channel>, adapter: &str, key: &str) {
+    let c = case(key);
+    let (ids, _, _, _) = collect(client, greedy(&c.prompt_ids, adapter, c.greedy_ids.len() as u32))
+        .await
+        .unwrap_or_else(|e| panic!("generation with {adapter:?} failed: {e}"));
+    assert_eq!(ids, c.greedy_ids, "adapter {adapter:?} on case {key}");
+}
+
+/// A free loopback port (for servers that cannot report the one they bound).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("binds").local_addr().expect("addr").port()
+}
+
+/// A tool the tests need: `$VAR` if set, else where `scripts/install-test-servers` puts it,
+/// else `name` on the PATH. `None` (the test is skipped, saying so) when absent, unless
+/// `SWITCHYARD_REQUIRE_ADAPTER_SERVERS` is set, as CI does.
+pub fn tool(var: &str, name: &str) -> Option<PathBuf> {
+    let installed = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-tools/bin").join(name);
+    let found =
+        std::env::var_os(var).map(PathBuf::from).or_else(|| installed.is_file().then_some(installed)).or_else(|| {
+            std::env::var_os("PATH")
+                .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()))
+        });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("SWITCHYARD_REQUIRE_ADAPTER_SERVERS").is_none(),
+            "{name} is required: run scripts/install-test-servers (or set {var})"
+        );
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "skipped: {name} not found (run scripts/install-test-servers)");
+    }
+    found
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start listening on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed on drop.
+pub struct Server {
+    child: Child,
+}
+
+impl Server {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub const S3_ACCESS_KEY: &str = "switchyard-test";
+pub const S3_SECRET_KEY: &str = "switchyard-test-secret";
+
+/// `s3s-fs`: an S3-compatible server over a directory (bucket = directory, object = file).
+pub struct S3Server {
+    pub endpoint: String,
+    pub root: tempfile::TempDir,
+    /// Empty AWS config and credentials files, so the developer's own never leak in.
+    aws: tempfile::TempDir,
+    pub server: Server,
+}
+
+impl S3Server {
+    pub fn start() -> Option<S3Server> {
+        let bin = tool("SWITCHYARD_S3S_FS", "s3s-fs")?;
+        let root = tempfile::tempdir().expect("s3 root");
+        let mut child = Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", "0", "--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(root.path())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("s3s-fs starts");
+        let mut out = BufReader::new(child.stdout.take().expect("piped"));
+        let server = Server { child };
+        let mut line = String::new();
+        let endpoint = loop {
+            line.clear();
+            let n = out.read_line(&mut line).expect("reads s3s-fs output");
+            assert!(n > 0, "s3s-fs exited before it was listening");
+            if let Some(at) = line.find("server is running at ") {
+                break line[at + "server is running at ".len()..].trim().to_string();
+            }
+        };
+        // Keep draining its log so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = out.read_to_end(&mut sink);
+        });
+        let aws = tempfile::tempdir().expect("aws dir");
+        for f in ["config", "credentials"] {
+            std::fs::write(aws.path().join(f), "").expect("empty aws file");
+        }
+        Some(S3Server { endpoint, root, aws, server })
+    }
+
+    /// Puts `files` (name, bytes) under `s3://bucket/prefix/`.
+    pub fn put(&self, bucket: &str, prefix: &str, files: &[(&str, Vec<u8>)]) -> String {
+        let dir = self.root.path().join(bucket).join(prefix);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        for (name, bytes) in files {
+            std::fs::write(dir.join(name), bytes).expect("write object");
+        }
+        format!("s3://{bucket}/{prefix}")
+    }
+
+    /// Puts a fixture adapter's files under `s3://bucket/prefix/`.
+    pub fn put_fixture(&self, bucket: &str, prefix: &str, adapter: &str) -> String {
+        let files = adapter_files(&fixture_adapter(adapter));
+        let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+        self.put(bucket, prefix, &refs)
+    }
+
+    /// The environment that points a backend at this server, the way AWS tools are configured.
+    pub fn env(&self, endpoint: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL_S3", endpoint.to_string()),
+            ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY.to_string()),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY.to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+            ("AWS_CONFIG_FILE", self.aws.path().join("config").display().to_string()),
+            ("AWS_SHARED_CREDENTIALS_FILE", self.aws.path().join("credentials").display().to_string()),
+        ]
+    }
+}
+
+/// The files of an adapter directory, by name.
+pub fn adapter_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    ["adapter_config.json", "adapter_model.safetensors"]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(dir.join(f)).expect("fixture file")))
+        .collect()
+}
+
+/// `olah` in offline mode: a Hugging Face Hub mirror serving local git repositories.
+pub struct HfMirror {
+    pub endpoint: String,
+    dir: tempfile::TempDir,
+    pub server: Server,
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=switchyard",
+            "-c",
+            "user.email=test@switchyard.invalid",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl HfMirror {
+    pub fn start() -> Option<HfMirror> {
+        let bin = tool("SWITCHYARD_OLAH", "olah-cli")?;
+        let dir = tempfile::tempdir().expect("mirror dir");
+        let port = free_port();
+        let config = format!(
+            r#"[basic]
+host = "127.0.0.1"
+port = {port}
+repos-path = "{repos}"
+mirrors-path = ["{mirrors}"]
+hf-scheme = "http"
+hf-netloc = "127.0.0.1:9"
+hf-lfs-netloc = "127.0.0.1:9"
+
+[accessibility]
+offline = true
+"#,
+            repos = dir.path().join("cache").display(),
+            mirrors = dir.path().join("mirrors").display(),
+        );
+        std::fs::create_dir_all(dir.path().join("mirrors/models")).expect("mkdir");
+        std::fs::write(dir.path().join("olah.toml"), config).expect("config");
+        let child = Command::new(bin)
+            .args(["-c", "olah.toml"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("olah starts");
+        let server = Server { child };
+        wait_for_port(port, "olah");
+        Some(HfMirror { endpoint: format!("http://127.0.0.1:{port}"), dir, server })
+    }
+
+    /// Commits `files` to the model repo `org/name` (created on first use), tags the commit if
+    /// `tag` is given, and returns the commit's sha.
+    pub fn commit(&self, repo: &str, files: &[(String, Vec<u8>)], tag: Option<&str>) -> String {
+        let dir = self.dir.path().join("mirrors/models").join(repo);
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            git(&dir, &["init", "-q"]);
+        }
+        for (name, bytes) in files {
+            std::fs::write(dir.join(name), bytes).expect("write");
+        }
+        git(&dir, &["add", "-A"]);
+        git(&dir, &["commit", "-q", "-m", "adapter"]);
+        if let Some(tag) = tag {
+            git(&dir, &["tag", tag]);
+        }
+        git(&dir, &["rev-parse", "HEAD"])
+    }
+
+    pub fn env(&self, hf_home: &Path) -> Vec<(&'static str, String)> {
+        vec![
+            ("HF_ENDPOINT", self.endpoint.clone()),
+            ("HF_HOME", hf_home.display().to_string()),
+            ("HF_HUB_CACHE", hf_home.join("hub").display().to_string()),
+            ("HF_TOKEN", String::new()),
+            ("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1".to_string()),
+        ]
+    }
+}
+
+/// A TCP proxy in front of a server: counts requests whose request line contains `count`, and
+/// with `die_after` set, stops dead (closing every connection and the port) once that many
+/// response bytes have passed on one connection — a server dying mid-download.
+pub struct Proxy {
+    pub endpoint: String,
+    pub counted: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str, count: &'static str, die_after: Option<u64>) -> Proxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let counted = Arc::new(AtomicU64::new(0));
+        let (dead_tx, dead_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn({
+            let counted = counted.clone();
+            async move {
+                let mut dead = dead_rx.clone();
+                loop {
+                    let (client, _) = tokio::select! {
+                        accepted = listener.accept() => match accepted { Ok(c) => c, Err(_) => return },
+                        _ = dead.changed() => return, // dropping the listener closes the port
+                    };
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { continue };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let counted = counted.clone();
+                    let mut dead_up = dead_rx.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 << 10];
+                        loop {
+                            let n = tokio::select! {
+                                n = cr.read(&mut buf) => match n { Ok(0) | Err(_) => return, Ok(n) => n },
+                                _ = dead_up.changed() => return,
+                            };
+                            let text = String::from_utf8_lossy(&buf[..n]);
+                            let hits = text.lines().filter(|l| l.starts_with("GET ") && l.contains(count)).count();
+                            counted.fetch_add(hits as u64, Ordering::SeqCst);
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let dead_tx = dead_tx.clone();
+                    let mut dead_down = dead_rx.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 << 10];
+                        let mut passed = 0u64;
+                        loop {
+                            let n = tokio::select! {
+                                n = sr.read(&mut buf) => match n { Ok(0) | Err(_) => return, Ok(n) => n },
+                                _ = dead_down.changed() => return,
+                            };
+                            passed += n as u64;
+                            if die_after.is_some_and(|limit| passed > limit) {
+                                let _ = dead_tx.send(true);
+                                return;
+                            }
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Proxy { endpoint, counted, task }
+    }
+}
+
+/// Entries of an adapter cache directory (completed ones and leftovers alike).
+pub fn cache_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
