@@ -132,7 +132,8 @@ async fn hub_adapters_load_at_the_commit_their_revision_names() {
 #[tokio::test]
 async fn bad_adapters_are_refused_by_name_and_leave_nothing_resident_or_cached() {
     let Some(s3) = S3Server::start() else { return };
-    let backend = start_backend_with(&tiny_llama(), &["--max-lora-rank", "16"], &s3.env(&s3.endpoint));
+    let args = ["--max-lora-rank", "16", "--max-adapter-bytes", "1MiB"];
+    let backend = start_backend_with(&tiny_llama(), &args, &s3.env(&s3.endpoint));
     let (mut client, _) = connect(&backend).await;
     let files = adapter_files(&fixture_adapter("r8-qv"));
     let (config, weights) = (files[0].1.clone(), files[1].1.clone());
@@ -159,7 +160,14 @@ async fn bad_adapters_are_refused_by_name_and_leave_nothing_resident_or_cached()
         let start = h[&key]["data_offsets"][0].as_u64().unwrap() as usize;
         data[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     });
+    let mut too_big = weights.clone();
+    too_big.resize(2 << 20, 0);
     let cases: Vec<(String, Code, &str)> = vec![
+        (
+            s3.put("loras", "too-big", &with_weights(too_big)),
+            Code::InvalidArgument,
+            "above this backend's --max-adapter-bytes 1048576",
+        ),
         (
             s3.put("loras", "no-config", &[("adapter_model.safetensors", weights.clone())]),
             Code::InvalidArgument,
@@ -217,8 +225,55 @@ async fn bad_adapters_are_refused_by_name_and_leave_nothing_resident_or_cached()
     assert!(resident(&listed).is_empty(), "{listed:?}");
     assert!(listed.iter().all(|a| a.state() == pb::AdapterState::Failed && !a.error.is_empty()), "{listed:?}");
     assert_eq!(cache_entries(backend.cache.path()), Vec::<String>::new(), "nothing cached, no leftovers");
-    // And the good adapter still loads.
+    // And the good adapter still loads. An adapter naming another base model loads too (its
+    // tensors fit), with a warning that says so.
     client.load_adapter(load_uri("good", &good)).await.expect("loads");
+    let mut config: serde_json::Value = serde_json::from_slice(&config).unwrap();
+    config["base_model_name_or_path"] = "meta-llama/Llama-2-7b-hf".into();
+    let other = s3.put(
+        "loras",
+        "other-base",
+        &[("adapter_config.json", config.to_string().into_bytes()), ("adapter_model.safetensors", weights)],
+    );
+    let loaded = client.load_adapter(load_uri("other-base", &other)).await.expect("loads").into_inner();
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("trained on \"meta-llama/Llama-2-7b-hf\"") && w.contains("tiny-llama")),
+        "{:?}",
+        loaded.warnings
+    );
+}
+
+#[tokio::test]
+async fn a_load_in_progress_is_listed_as_fetching_then_resident() {
+    let Some(s3) = S3Server::start() else { return };
+    let uri = s3.put_fixture("loras", "team/r8-qv", "r8-qv");
+    let proxy = Proxy::start_slow(&s3.endpoint, std::time::Duration::from_millis(200)).await;
+    let backend = start_backend_with(&tiny_llama(), &[], &s3.env(&proxy.endpoint));
+    let (mut client, _) = connect(&backend).await;
+    let load = tokio::spawn({
+        let mut c = client.clone();
+        let req = load_uri("support", &uri);
+        async move { c.load_adapter(req).await }
+    });
+    let mut seen = Vec::new();
+    while !load.is_finished() {
+        for a in list(&mut client).await {
+            if seen.last() != Some(&a.state()) {
+                seen.push(a.state());
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    load.await.unwrap().expect("loads");
+    assert_eq!(seen.first(), Some(&pb::AdapterState::Fetching), "{seen:?}");
+    let listed = list(&mut client).await;
+    assert_eq!(
+        (listed.len(), listed[0].state(), listed[0].uri.as_str()),
+        (1, pb::AdapterState::Resident, uri.as_str())
+    );
 }
 
 #[tokio::test]

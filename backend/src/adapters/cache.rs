@@ -193,14 +193,24 @@ fn read_entry(dir: &Path) -> Option<(EntryMeta, std::time::SystemTime)> {
     (file_sizes(dir).ok()? == meta.files).then_some((meta, mtime))
 }
 
-/// Removes a directory by first renaming it to a temp name, so a crash mid-way leaves
-/// something the next start cleans up, never a half entry.
-fn remove_entry_dir(root: &Path, dir: &Path) {
+/// Takes a directory out of the cache at once by renaming it to a temp name (so a crash before
+/// it is deleted leaves something the next start cleans up, never a half entry). Returns what
+/// to delete.
+fn retire_dir(root: &Path, dir: &Path) -> PathBuf {
     let doomed = root.join(format!("{TMP_PREFIX}evicted-{}", rand::random::<u64>()));
-    let target = if std::fs::rename(dir, &doomed).is_ok() { doomed } else { dir.to_path_buf() };
-    if let Err(e) = std::fs::remove_dir_all(&target) {
-        tracing::warn!(dir = %target.display(), error = %e, "could not remove adapter cache directory");
+    if std::fs::rename(dir, &doomed).is_ok() { doomed } else { dir.to_path_buf() }
+}
+
+fn delete_dirs(dirs: Vec<PathBuf>) {
+    for dir in dirs {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove adapter cache directory");
+        }
     }
+}
+
+fn remove_entry_dir(root: &Path, dir: &Path) {
+    delete_dirs(vec![retire_dir(root, dir)]);
 }
 
 impl AdapterCache {
@@ -241,7 +251,9 @@ impl AdapterCache {
         let cache = AdapterCache { inner };
         {
             let mut state = cache.inner.state();
-            cache.evict_until(&mut state, budget, None);
+            let mut doomed = Vec::new();
+            cache.evict_until(&mut state, budget, None, &mut doomed);
+            delete_dirs(doomed);
             tracing::info!(dir = %root.display(), entries = state.entries.len(), bytes = state.used(), budget, "adapter cache opened");
         }
         Ok(cache)
@@ -265,8 +277,9 @@ impl AdapterCache {
     }
 
     /// Evicts unpinned entries, least recently used first, until at most `limit` bytes are
-    /// used; `keep` is never evicted. Returns whether the limit was reached.
-    fn evict_until(&self, state: &mut State, limit: u64, keep: Option<&str>) -> bool {
+    /// used; `keep` is never evicted. Their directories are renamed away at once and added to
+    /// `doomed`, for deleting outside the lock. Returns whether the limit was reached.
+    fn evict_until(&self, state: &mut State, limit: u64, keep: Option<&str>, doomed: &mut Vec<PathBuf>) -> bool {
         while state.used() > limit {
             let victim = state
                 .entries
@@ -280,7 +293,7 @@ impl AdapterCache {
             if let Some(e) = state.entries.remove(&victim) {
                 tracing::info!(uri = %e.meta.uri, bytes = e.meta.bytes(), "evicting adapter cache entry");
             }
-            remove_entry_dir(&self.inner.root, &self.inner.root.join(&victim));
+            doomed.push(retire_dir(&self.inner.root, &self.inner.root.join(&victim)));
             state.evictions += 1;
         }
         true
@@ -395,32 +408,49 @@ impl AdapterCache {
         .map_err(|e| AdapterError::Unavailable { uri: uri.uri.clone(), reason: format!("cache task failed: {e}") })??;
 
         let bytes = meta.bytes();
+        let mut doomed = Vec::new();
+        let result = self.insert_entry(uri, key, tmp, meta, &mut doomed);
+        if !doomed.is_empty() {
+            // Deleting evicted entries can take a while; nothing needs to wait for it.
+            tokio::task::spawn_blocking(move || delete_dirs(doomed));
+        }
+        let entry = result?;
+        tracing::info!(uri = %uri, bytes, "adapter cached");
+        Ok((entry, checked))
+    }
+
+    /// Makes room for a fetched and checked entry, then renames it into place, pinned.
+    fn insert_entry(
+        &self,
+        uri: &AdapterUri,
+        key: &str,
+        tmp: tempfile::TempDir,
+        meta: EntryMeta,
+        doomed: &mut Vec<PathBuf>,
+    ) -> Result<CacheEntry, AdapterError> {
+        let root = &self.inner.root;
+        let bytes = meta.bytes();
+        let budget = self.inner.budget;
         let mut state = self.inner.state();
         let pinned = state.pinned_except(key);
-        if !self.evict_until(&mut state, self.inner.budget.saturating_sub(bytes), Some(key)) {
-            return Err(AdapterError::CacheFull {
-                uri: uri.uri.clone(),
-                needed: bytes,
-                budget: self.inner.budget,
-                pinned,
-            });
+        if !self.evict_until(&mut state, budget.saturating_sub(bytes), Some(key), doomed) {
+            return Err(AdapterError::CacheFull { uri: uri.uri.clone(), needed: bytes, budget, pinned });
         }
         let final_dir = root.join(key);
         // Not expected (misses are single-flight), but a stray directory must not block us.
         if final_dir.exists() {
             state.entries.remove(key);
-            remove_entry_dir(root, &final_dir);
+            doomed.push(retire_dir(root, &final_dir));
         }
         let tmp_path = tmp.keep();
         if let Err(e) = std::fs::rename(&tmp_path, &final_dir) {
-            remove_entry_dir(root, &tmp_path);
+            doomed.push(tmp_path);
             return Err(AdapterError::Io { path: final_dir, source: e });
         }
         let last_used = state.tick();
         state.entries.insert(key.to_string(), Entry { meta: meta.clone(), last_used, pins: 1 });
-        tracing::info!(uri = %uri, bytes, "adapter cached");
         let pin = CachePin { inner: self.inner.clone(), key: key.to_string() };
-        Ok((CacheEntry { dir: final_dir, meta, pin }, checked))
+        Ok(CacheEntry { dir: final_dir, meta, pin })
     }
 }
 
@@ -461,7 +491,12 @@ mod tests {
         // Everything left is pinned: a fourth cannot fit and leaves nothing behind.
         let err = put(&cache, "s3://b/d", 100).await.expect_err("full");
         assert!(matches!(err, AdapterError::CacheFull { needed: 102, budget: 250, pinned: 204, .. }), "{err}");
-        let names: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+        // Evicted entries are renamed away at once and deleted in the background.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with(".tmp-evicted-"))
+            .collect();
         assert_eq!(names.len(), 2, "{names:?}");
         drop(a);
         put(&cache, "s3://b/d", 100).await.expect("a was unpinned and evicted");

@@ -373,9 +373,10 @@ offline = true
     }
 }
 
-/// A TCP proxy in front of a server: counts requests whose request line contains `count`, and
-/// with `die_after` set, stops dead (closing every connection and the port) once that many
-/// response bytes have passed on one connection — a server dying mid-download.
+/// A TCP proxy in front of a server: counts requests whose request line contains `count`; with
+/// `die_after` set, stops dead (closing every connection and the port) once that many response
+/// bytes have passed on one connection — a server dying mid-download; with `delay`, holds each
+/// piece of a response that long — a slow server.
 pub struct Proxy {
     pub endpoint: String,
     pub counted: Arc<AtomicU64>,
@@ -390,6 +391,14 @@ impl Drop for Proxy {
 
 impl Proxy {
     pub async fn start(upstream: &str, count: &'static str, die_after: Option<u64>) -> Proxy {
+        Proxy::start_with(upstream, count, die_after, None).await
+    }
+
+    pub async fn start_slow(upstream: &str, delay: Duration) -> Proxy {
+        Proxy::start_with(upstream, "", None, Some(delay)).await
+    }
+
+    async fn start_with(upstream: &str, count: &'static str, die_after: Option<u64>, delay: Option<Duration>) -> Proxy {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let upstream = upstream.trim_start_matches("http://").to_string();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
@@ -436,6 +445,9 @@ impl Proxy {
                                 _ = dead_down.changed() => return,
                             };
                             passed += n as u64;
+                            if let Some(delay) = delay {
+                                tokio::time::sleep(delay).await;
+                            }
                             if die_after.is_some_and(|limit| passed > limit) {
                                 let _ = dead_tx.send(true);
                                 return;
@@ -452,11 +464,13 @@ impl Proxy {
     }
 }
 
-/// Entries of an adapter cache directory (completed ones and leftovers alike).
+/// Entries of an adapter cache directory: completed ones and leftovers of fetches alike, but not
+/// evicted entries, which are renamed away at once and deleted in the background.
 pub fn cache_entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
+    names.retain(|n| !n.starts_with(".tmp-evicted-"));
     names.sort();
     names
 }
