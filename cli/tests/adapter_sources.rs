@@ -381,3 +381,27 @@ async fn a_failed_hot_swap_leaves_the_old_adapter_serving() {
         list(&mut client).await.iter().map(|a| (a.uri.clone(), a.state())).collect();
     assert_eq!(states, vec![(v2, pb::AdapterState::Resident)]);
 }
+
+#[tokio::test]
+async fn file_adapters_outside_the_allowed_roots_are_refused() {
+    // The root holds one real adapter and a symlink to an adapter outside it.
+    let root = tempfile::tempdir().unwrap();
+    let root_path = root.path().canonicalize().unwrap();
+    std::fs::create_dir(root_path.join("mine")).unwrap();
+    for (name, bytes) in adapter_files(&fixture_adapter("r8-qv")) {
+        std::fs::write(root_path.join("mine").join(name), bytes).unwrap();
+    }
+    std::os::unix::fs::symlink(fixture_adapter("r4-patterns"), root_path.join("escape")).unwrap();
+    let env = [("SWITCHYARD_ADAPTER_ROOTS", root_path.display().to_string())];
+    let backend = start_backend_with(&tiny_llama(), &[], &env);
+    let (mut client, _) = connect(&backend).await;
+
+    let file = |p: &str| format!("file://{}/{p}", root_path.display());
+    client.load_adapter(load_uri("mine", &file("mine"))).await.expect("inside the root");
+    let outside = format!("file://{}", fixture_adapter("r4-patterns").display());
+    refused(&mut client, load_uri("x", &outside), Code::PermissionDenied, "outside the allowed roots").await;
+    refused(&mut client, load_uri("x", &file("escape")), Code::PermissionDenied, "resolves to").await;
+    refused(&mut client, load_uri("x", &file("../etc")), Code::InvalidArgument, "must not contain '..'").await;
+    refused(&mut client, load_uri("x", "file://relative/path"), Code::InvalidArgument, "absolute path").await;
+    assert_eq!(resident(&list(&mut client).await), vec!["mine"]);
+}

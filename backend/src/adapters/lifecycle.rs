@@ -82,15 +82,19 @@ impl Lifecycle {
     /// The load failed; an adapter already resident under the name (a hot swap) stays.
     pub fn failed(&mut self, name: &str, origin: Origin, error: String) {
         self.set(name, Phase::Failed, origin, Some(error));
+        self.failed_order.retain(|n| n != name);
         self.failed_order.push_back(name.to_string());
         while self.failed_order.len() > MAX_FAILED {
-            if let Some(old) = self.failed_order.pop_front()
-                && self.records.get(&old).is_some_and(|r| r.phase == Phase::Failed)
-                && !self.failed_order.contains(&old)
-            {
+            if let Some(old) = self.failed_order.pop_front() {
                 self.records.remove(&old);
             }
         }
+    }
+
+    /// A resident name is gone from its slot without an unload (a failed in-place swap
+    /// overwrote it): forget where it came from.
+    pub fn lost(&mut self, name: &str) {
+        self.loaded.remove(name);
     }
 
     /// The engine evicted `name` from its slot: remember where to load it from again and let
@@ -123,6 +127,9 @@ impl Lifecycle {
     }
 
     fn set(&mut self, name: &str, phase: Phase, origin: Origin, error: Option<String>) {
+        if phase != Phase::Failed {
+            self.failed_order.retain(|n| n != name);
+        }
         self.records.insert(name.to_string(), Record { name: name.to_string(), phase, origin, error });
     }
 
@@ -179,6 +186,8 @@ mod tests {
         assert_eq!(phase(&t, "a"), Some(Phase::Failed));
         assert_eq!(t.origin("a").map(|o| o.uri.as_str()), Some("s3://b/v1"));
         for i in 0..(MAX_FAILED + 10) {
+            t.failed(&format!("f{i}"), origin("s3://b/x"), "no".into());
+            // Failing again does not count twice.
             t.failed(&format!("f{i}"), origin("s3://b/x"), "no".into());
         }
         assert_eq!(t.records().count(), MAX_FAILED);

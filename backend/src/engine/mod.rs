@@ -401,7 +401,12 @@ impl Worker {
     fn free_slot(&mut self, released: Released) {
         self.executor.unload_adapter(released.slot);
         tracing::info!(adapter = %released.name, slot = released.slot, "adapter unloaded");
-        for waiter in self.drains.remove(&released.slot).unwrap_or_default() {
+        let waiters = self.drains.remove(&released.slot).unwrap_or_default();
+        if !waiters.is_empty() {
+            // Like every reply: publish first, so the unloader sees the slot gone.
+            self.publish();
+        }
+        for waiter in waiters {
             let _ = waiter.send(());
         }
     }

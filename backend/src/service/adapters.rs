@@ -72,6 +72,11 @@ impl AdapterManager {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The adapter serving new requests under `name`, if any.
+    fn resident(&self, name: &str) -> Option<AdapterStatus> {
+        self.engine.snapshot().adapters.iter().find(|a| a.resident.name == name && !a.resident.draining).cloned()
+    }
+
     /// Waits for this name's turn: loads and unloads of one name never interleave.
     async fn turn(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
@@ -98,9 +103,7 @@ impl AdapterManager {
         digest: Option<Digest>,
     ) -> Result<LoadOutcome, ServiceError> {
         // Already resident from this source: only a digest pin can still disagree.
-        let current =
-            self.engine.snapshot().adapters.iter().find(|a| a.resident.name == name && !a.resident.draining).cloned();
-        if let Some(status) = current.filter(|a| a.resident.uri == uri.uri) {
+        if let Some(status) = self.resident(name).filter(|a| a.resident.uri == uri.uri) {
             let origin = self.table().origin(name).cloned();
             if let (Some(d), Some(known)) = (&digest, origin.as_ref().and_then(|o| o.sha256.as_deref()))
                 && d.hex() != known
@@ -131,6 +134,9 @@ impl AdapterManager {
             }
             Err(e) => {
                 tracing::warn!(adapter = %name, uri = %uri, error = %e, "adapter load failed");
+                if self.resident(name).is_none() {
+                    table.lost(name);
+                }
                 table.failed(name, origin, e.to_string());
                 Err(e)
             }
@@ -183,10 +189,7 @@ impl AdapterManager {
     /// Makes sure an adapter a request names is resident: an adapter evicted from its slot is
     /// loaded again from where it came from (normally the disk cache).
     pub async fn ensure_resident(&self, name: &str) -> Result<(), ServiceError> {
-        let resident = |m: &AdapterManager| {
-            m.engine.snapshot().adapters.iter().any(|a| a.resident.name == name && !a.resident.draining)
-        };
-        if resident(self) {
+        if self.resident(name).is_some() {
             return Ok(());
         }
         let origin = match self.table().record(name) {
@@ -194,7 +197,7 @@ impl AdapterManager {
             _ => return Ok(()), // The engine reports the unknown adapter.
         };
         let _turn = self.turn(name).await;
-        if resident(self) {
+        if self.resident(name).is_some() {
             return Ok(());
         }
         tracing::info!(adapter = %name, uri = %origin.uri, "reloading an evicted adapter for a request");

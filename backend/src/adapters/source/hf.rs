@@ -4,7 +4,7 @@
 //! is fetched at that commit, so one adapter never mixes files of two commits. Files land in
 //! the standard HF cache and are linked (or copied) into the adapter cache entry.
 
-use super::{AdapterSource, AdapterUri, Fetched, plan_download};
+use super::{AdapterSource, AdapterUri, Fetched, plan_download, within};
 use crate::adapters::AdapterError;
 use hf_hub::{HFClient, HFError};
 use std::collections::BTreeMap;
@@ -169,14 +169,8 @@ impl AdapterSource for HfSource {
     }
 
     async fn fetch(&self, uri: &AdapterUri, dest: &Path, max_bytes: u64) -> Result<Fetched, AdapterError> {
-        let limit = self.options.download_timeout;
-        match tokio::time::timeout(limit, self.fetch_all(uri, dest, max_bytes)).await {
-            Ok(result) => result.map(|commit| Fetched { dir: dest.to_path_buf(), revision: Some(commit) }),
-            Err(_) => Err(AdapterError::Unavailable {
-                uri: uri.uri.clone(),
-                reason: format!("the download did not finish within {limit:?}"),
-            }),
-        }
+        let commit = within(uri, self.options.download_timeout, self.fetch_all(uri, dest, max_bytes)).await?;
+        Ok(Fetched { dir: dest.to_path_buf(), revision: Some(commit) })
     }
 }
 

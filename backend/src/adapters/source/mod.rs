@@ -128,6 +128,20 @@ impl SourceRegistry {
     }
 }
 
+/// Runs a remote fetch under the source's download timeout.
+pub(crate) async fn within<T>(
+    uri: &AdapterUri,
+    limit: std::time::Duration,
+    fetch: impl Future<Output = Result<T, AdapterError>>,
+) -> Result<T, AdapterError> {
+    tokio::time::timeout(limit, fetch).await.unwrap_or_else(|_| {
+        Err(AdapterError::Unavailable {
+            uri: uri.uri.clone(),
+            reason: format!("the download did not finish within {limit:?}"),
+        })
+    })
+}
+
 /// Decides which of a remote listing's files to download: the config and the safetensors
 /// weights. `listing` maps file names (relative to the adapter's location) to sizes, where
 /// known. Refuses a missing config, pickle-only weights, and a total above `max_bytes`.

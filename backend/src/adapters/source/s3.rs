@@ -3,7 +3,7 @@
 //! default `us-east-1`), path-style addressing for S3-compatible stores, request retries with
 //! backoff, and objects streamed to disk under an overall download timeout.
 
-use super::{AdapterSource, AdapterUri, Fetched, plan_download};
+use super::{AdapterSource, AdapterUri, Fetched, plan_download, within};
 use crate::adapters::AdapterError;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
@@ -236,14 +236,8 @@ impl AdapterSource for S3Source {
     }
 
     async fn fetch(&self, uri: &AdapterUri, dest: &Path, max_bytes: u64) -> Result<Fetched, AdapterError> {
-        let limit = self.options.download_timeout;
-        match tokio::time::timeout(limit, self.fetch_all(uri, dest, max_bytes)).await {
-            Ok(result) => result.map(|()| Fetched { dir: dest.to_path_buf(), revision: None }),
-            Err(_) => Err(AdapterError::Unavailable {
-                uri: uri.uri.clone(),
-                reason: format!("the download did not finish within {limit:?}"),
-            }),
-        }
+        within(uri, self.options.download_timeout, self.fetch_all(uri, dest, max_bytes)).await?;
+        Ok(Fetched { dir: dest.to_path_buf(), revision: None })
     }
 }
 
