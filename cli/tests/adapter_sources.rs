@@ -118,15 +118,27 @@ async fn hub_adapters_load_at_the_commit_their_revision_names() {
     let by_sha = client.load_adapter(load_uri("sha", &format!("hf://testorg/support-lora@{v1}"))).await.expect("sha");
     assert_eq!(by_sha.into_inner().adapter.map(|a| a.revision), Some(v1.clone()));
 
-    // The files went through the standard HF cache named by HF_HOME / HF_HUB_CACHE.
-    assert!(hf_home.path().join("hub/models--testorg--support-lora").is_dir());
     assert_eq!(cache_entries(backend.cache.path()).len(), 3);
+
+    // A commit already in the standard HF cache (HF_HUB_CACHE) is used from there, with no
+    // request: this repository does not exist on the mirror.
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snapshot = hf_home.path().join("hub/models--testorg--downloaded-lora/snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for (name, bytes) in adapter_files(&fixture_adapter("r16-all-rslora")) {
+        std::fs::write(snapshot.join(name), bytes).unwrap();
+    }
+    let local = format!("hf://testorg/downloaded-lora@{commit}");
+    let loaded = client.load_adapter(load_uri("local", &local)).await.expect("from the HF cache").into_inner();
+    assert_eq!(loaded.adapter.map(|a| a.revision), Some(commit.to_string()));
+    assert_generates(&mut client, "local", "tiny-llama.r16-all-rslora.0").await;
+    assert_eq!(cache_entries(backend.cache.path()).len(), 4);
 
     // Not there: a repository, or a revision of one that is.
     refused(&mut client, load_uri("x", "hf://testorg/nope"), Code::NotFound, "repository testorg/nope not found").await;
     refused(&mut client, load_uri("x", "hf://testorg/support-lora@v9"), Code::NotFound, "revision \"v9\" not found")
         .await;
-    assert_eq!(cache_entries(backend.cache.path()).len(), 3, "failed loads cached nothing");
+    assert_eq!(cache_entries(backend.cache.path()).len(), 4, "failed loads cached nothing");
 }
 
 #[tokio::test]
@@ -404,4 +416,26 @@ async fn file_adapters_outside_the_allowed_roots_are_refused() {
     refused(&mut client, load_uri("x", &file("../etc")), Code::InvalidArgument, "must not contain '..'").await;
     refused(&mut client, load_uri("x", "file://relative/path"), Code::InvalidArgument, "absolute path").await;
     assert_eq!(resident(&list(&mut client).await), vec!["mine"]);
+}
+
+#[tokio::test]
+async fn a_load_whose_caller_gives_up_still_finishes_and_is_recorded() {
+    let Some(s3) = S3Server::start() else { return };
+    let uri = s3.put_fixture("loras", "team/r8-qv", "r8-qv");
+    let proxy = Proxy::start_slow(&s3.endpoint, std::time::Duration::from_millis(200)).await;
+    let backend = start_backend_with(&tiny_llama(), &[], &s3.env(&proxy.endpoint));
+    let (mut client, _) = connect(&backend).await;
+    let mut impatient = tonic::Request::new(load_uri("support", &uri));
+    impatient.set_timeout(std::time::Duration::from_millis(100));
+    let gave_up = client.load_adapter(impatient).await.expect_err("the deadline passes first");
+    assert!(matches!(gave_up.code(), Code::DeadlineExceeded | Code::Cancelled), "{gave_up:?}");
+    // The load runs to its end anyway: resident, recorded, usable.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while resident(&list(&mut client).await).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the load never finished: {:?}", list(&mut client).await);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_generates(&mut client, "support", "tiny-llama.r8-qv.1").await;
+    let again = client.load_adapter(load_uri("support", &uri)).await.expect("loads").into_inner();
+    assert!(again.already_loaded && !again.adapter.unwrap().sha256.is_empty());
 }

@@ -63,6 +63,8 @@ struct Entry {
     meta: EntryMeta,
     last_used: u64,
     pins: u32,
+    /// Tells pins of this entry from pins of an earlier entry under the same key.
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -120,6 +122,7 @@ impl std::fmt::Debug for AdapterCache {
 pub struct CachePin {
     inner: Arc<Inner>,
     key: String,
+    generation: u64,
 }
 
 impl std::fmt::Debug for CachePin {
@@ -130,7 +133,9 @@ impl std::fmt::Debug for CachePin {
 
 impl Drop for CachePin {
     fn drop(&mut self) {
-        if let Some(e) = self.inner.state().entries.get_mut(&self.key) {
+        if let Some(e) = self.inner.state().entries.get_mut(&self.key)
+            && e.generation == self.generation
+        {
             e.pins = e.pins.saturating_sub(1);
         }
     }
@@ -244,7 +249,7 @@ impl AdapterCache {
         let mut state = State::default();
         for (_, key, meta) in found {
             let last_used = state.tick();
-            state.entries.insert(key, Entry { meta, last_used, pins: 0 });
+            state.entries.insert(key, Entry { meta, last_used, pins: 0, generation: last_used });
         }
         let inner =
             Arc::new(Inner { root: root.to_path_buf(), budget, state: Mutex::new(state), flights: Mutex::default() });
@@ -312,28 +317,38 @@ impl AdapterCache {
         }
     }
 
-    /// Pins and returns an existing, intact entry.
-    fn hit(&self, key: &str) -> Option<CacheEntry> {
+    /// Pins and returns an existing, intact entry. A damaged one is dropped (and fetched again).
+    async fn hit(&self, key: &str) -> Option<CacheEntry> {
         let dir = self.inner.root.join(key);
-        let mut state = self.inner.state();
-        let now = state.tick();
-        let entry = state.entries.get_mut(key)?;
-        if file_sizes(&dir).ok().as_ref() != Some(&entry.meta.files) {
-            tracing::warn!(uri = %entry.meta.uri, "adapter cache entry was damaged on disk; fetching it again");
-            state.entries.remove(key);
-            remove_entry_dir(&self.inner.root, &dir);
-            return None;
-        }
-        entry.last_used = now;
-        entry.pins += 1;
-        let meta = entry.meta.clone();
-        state.hits += 1;
-        drop(state);
+        // The lock is released before anything is awaited.
+        let found = {
+            let mut state = self.inner.state();
+            let now = state.tick();
+            let entry = state.entries.get_mut(key)?;
+            if file_sizes(&dir).ok().as_ref() == Some(&entry.meta.files) {
+                entry.last_used = now;
+                entry.pins += 1;
+                let found = (entry.meta.clone(), entry.generation);
+                state.hits += 1;
+                Ok(found)
+            } else {
+                tracing::warn!(uri = %entry.meta.uri, "adapter cache entry was damaged on disk; fetching it again");
+                state.entries.remove(key);
+                Err(retire_dir(&self.inner.root, &dir))
+            }
+        };
+        let (meta, generation) = match found {
+            Ok(found) => found,
+            Err(doomed) => {
+                let _ = tokio::task::spawn_blocking(move || delete_dirs(vec![doomed])).await;
+                return None;
+            }
+        };
         // Recency survives restarts through the metadata file's mtime (best effort).
         if let Ok(f) = std::fs::File::options().append(true).open(dir.join(META_FILE)) {
             let _ = f.set_modified(std::time::SystemTime::now());
         }
-        Some(CacheEntry { dir, meta, pin: CachePin { inner: self.inner.clone(), key: key.to_string() } })
+        Some(CacheEntry { dir, meta, pin: CachePin { inner: self.inner.clone(), key: key.to_string(), generation } })
     }
 
     /// Returns the entry for `uri`, fetching it on a miss. On a miss, `fetch` gets an empty
@@ -357,7 +372,7 @@ impl AdapterCache {
         let flight = self.flight(&key);
         let result = {
             let _turn = flight.lock().await;
-            match self.hit(&key) {
+            match self.hit(&key).await {
                 Some(entry) => Ok((entry, None)),
                 None => self.fetch_entry(uri, &key, fetch, check).await.map(|(e, t)| (e, Some(t))),
             }
@@ -411,8 +426,12 @@ impl AdapterCache {
         let mut doomed = Vec::new();
         let result = self.insert_entry(uri, key, tmp, meta, &mut doomed);
         if !doomed.is_empty() {
-            // Deleting evicted entries can take a while; nothing needs to wait for it.
-            tokio::task::spawn_blocking(move || delete_dirs(doomed));
+            // Deleting evicted entries can take a while and nothing needs to wait for it; a
+            // refused fetch, though, has left nothing behind once it returns.
+            let deleting = tokio::task::spawn_blocking(move || delete_dirs(doomed));
+            if result.is_err() {
+                let _ = deleting.await;
+            }
         }
         let entry = result?;
         tracing::info!(uri = %uri, bytes, "adapter cached");
@@ -433,7 +452,11 @@ impl AdapterCache {
         let budget = self.inner.budget;
         let mut state = self.inner.state();
         let pinned = state.pinned_except(key);
-        if !self.evict_until(&mut state, budget.saturating_sub(bytes), Some(key), doomed) {
+        // Evict nothing unless evicting makes enough room.
+        if pinned.saturating_add(bytes) > budget
+            || !self.evict_until(&mut state, budget.saturating_sub(bytes), Some(key), doomed)
+        {
+            doomed.push(tmp.keep());
             return Err(AdapterError::CacheFull { uri: uri.uri.clone(), needed: bytes, budget, pinned });
         }
         let final_dir = root.join(key);
@@ -448,8 +471,9 @@ impl AdapterCache {
             return Err(AdapterError::Io { path: final_dir, source: e });
         }
         let last_used = state.tick();
-        state.entries.insert(key.to_string(), Entry { meta: meta.clone(), last_used, pins: 1 });
-        let pin = CachePin { inner: self.inner.clone(), key: key.to_string() };
+        let generation = last_used;
+        state.entries.insert(key.to_string(), Entry { meta: meta.clone(), last_used, pins: 1, generation });
+        let pin = CachePin { inner: self.inner.clone(), key: key.to_string(), generation };
         Ok(CacheEntry { dir: final_dir, meta, pin })
     }
 }
@@ -500,6 +524,18 @@ mod tests {
         assert_eq!(names.len(), 2, "{names:?}");
         drop(a);
         put(&cache, "s3://b/d", 100).await.expect("a was unpinned and evicted");
+    }
+
+    #[tokio::test]
+    async fn a_fetch_that_cannot_fit_evicts_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = AdapterCache::open(dir.path(), 250).expect("opens");
+        let _a = put(&cache, "s3://b/a", 100).await.expect("a");
+        drop(put(&cache, "s3://b/b", 100).await.expect("b"));
+        // 102 pinned + 202 needed > 250: evicting b would not help, so b stays.
+        let err = put(&cache, "s3://b/c", 200).await.expect_err("cannot fit");
+        assert!(matches!(err, AdapterError::CacheFull { needed: 202, .. }), "{err}");
+        assert_eq!((cache.stats().entries, cache.stats().evictions), (2, 0));
     }
 
     #[tokio::test]

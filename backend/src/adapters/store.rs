@@ -174,18 +174,28 @@ impl AdapterStore {
             Some(value) => value,
             None => {
                 // A cache hit: the entry was validated when fetched, but this backend may
-                // serve a different model or limits than the one that fetched it.
+                // serve a different model or limits than the one that fetched it. A pinned
+                // digest is checked against the files as they are now, not as recorded.
                 if let Some(d) = digest {
                     d.verify(&uri.uri, &entry.meta.sha256)?;
                 }
                 let dir = entry.dir.clone();
                 let uri_text = uri.uri.clone();
-                tokio::task::spawn_blocking(move || validate(&dir).map_err(|e| relabel(e, &dir, &uri_text)))
-                    .await
-                    .map_err(|e| AdapterError::Unavailable {
-                        uri: uri.uri.clone(),
-                        reason: format!("loader task failed: {e}"),
-                    })??
+                let digest = digest.cloned();
+                tokio::task::spawn_blocking(move || {
+                    if let Some(d) = digest {
+                        let weights = dir.join(WEIGHTS_FILE);
+                        let actual =
+                            sha256_file(&weights).map_err(|source| AdapterError::Io { path: weights, source })?;
+                        d.verify(&uri_text, &actual)?;
+                    }
+                    validate(&dir).map_err(|e| relabel(e, &dir, &uri_text))
+                })
+                .await
+                .map_err(|e| AdapterError::Unavailable {
+                    uri: uri.uri.clone(),
+                    reason: format!("loader task failed: {e}"),
+                })??
             }
         };
         Ok(Loaded {

@@ -60,6 +60,10 @@ pub enum EngineError {
     Stopped,
     #[error(transparent)]
     Executor(#[from] ExecutorError),
+    /// The executor failed to place an adapter's weights; the idle adapter that was being
+    /// evicted for it (if any) is gone too.
+    #[error("{source}")]
+    AdapterLoadFailed { source: ExecutorError, dropped: Option<String> },
 }
 
 impl From<SlotError> for EngineError {
@@ -273,8 +277,10 @@ impl Engine {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Unload { name: name.clone(), reply })?;
         let (slot, freed) = answer.await.map_err(|_| EngineError::Stopped)??;
-        if tokio::time::timeout(wait, freed).await.is_ok() {
-            return Ok(());
+        match tokio::time::timeout(wait, freed).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => return Err(EngineError::Stopped),
+            Err(_) => {}
         }
         let (reply, answer) = oneshot::channel();
         self.send(Command::Undrain { name: name.clone(), slot, reply })?;
@@ -454,7 +460,7 @@ impl Worker {
         // A hot swap keeps the old adapter's slot out of the choice while another exists, so
         // the old adapter keeps serving if the new one fails to load.
         let (slot, evicted) = self.slots.choose(current)?;
-        if let Err(e) = self.executor.load_adapter(slot, weights) {
+        if let Err(source) = self.executor.load_adapter(slot, weights) {
             // The slot's previous (idle) adapter may be partly overwritten: drop it as well, so
             // the table never names weights the executor no longer holds.
             if let Some(old) = &evicted {
@@ -462,7 +468,7 @@ impl Worker {
                 tracing::warn!(adapter = %old, slot, "adapter dropped: a failed load overwrote its slot");
             }
             self.executor.unload_adapter(slot);
-            return Err(e.into());
+            return Err(EngineError::AdapterLoadFailed { source, dropped: evicted });
         }
         if let Some(old_slot) = current.filter(|&s| s != slot) {
             let (_, idle) = self.slots.drain(&name)?;

@@ -89,11 +89,20 @@ impl AdapterManager {
     }
 
     /// Loads `uri` under `name` (see the `LoadAdapter` contract in the proto).
-    pub async fn load(&self, name: &str, uri: &str, digest: Option<Digest>) -> Result<LoadOutcome, ServiceError> {
+    pub async fn load(
+        self: &Arc<Self>,
+        name: &str,
+        uri: &str,
+        digest: Option<Digest>,
+    ) -> Result<LoadOutcome, ServiceError> {
         adapters::validate_name(name)?;
         let uri: AdapterUri = self.store.check_uri(uri)?;
-        let _turn = self.turn(name).await;
-        self.load_locked(name, uri, digest).await
+        let (this, name) = (self.clone(), name.to_string());
+        detached(async move {
+            let _turn = this.turn(&name).await;
+            this.load_locked(&name, uri, digest).await
+        })
+        .await
     }
 
     async fn load_locked(
@@ -102,10 +111,14 @@ impl AdapterManager {
         uri: AdapterUri,
         digest: Option<Digest>,
     ) -> Result<LoadOutcome, ServiceError> {
-        // Already resident from this source: only a digest pin can still disagree.
-        if let Some(status) = self.resident(name).filter(|a| a.resident.uri == uri.uri) {
-            let origin = self.table().origin(name).cloned();
-            if let (Some(d), Some(known)) = (&digest, origin.as_ref().and_then(|o| o.sha256.as_deref()))
+        // Already resident from this source: only a digest pin can still disagree. A pin on an
+        // adapter loaded without one (its digest unknown) goes the full way, which checks it.
+        let origin = self.table().origin(name).cloned();
+        let known_sha = origin.as_ref().and_then(|o| o.sha256.clone());
+        if let Some(status) = self.resident(name).filter(|a| a.resident.uri == uri.uri)
+            && (digest.is_none() || known_sha.is_some())
+        {
+            if let (Some(d), Some(known)) = (&digest, known_sha.as_deref())
                 && d.hex() != known
             {
                 return Err(adapters::AdapterError::DigestMismatch {
@@ -136,6 +149,9 @@ impl AdapterManager {
                 tracing::warn!(adapter = %name, uri = %uri, error = %e, "adapter load failed");
                 if self.resident(name).is_none() {
                     table.lost(name);
+                }
+                if let ServiceError::Engine(EngineError::AdapterLoadFailed { dropped: Some(other), .. }) = &e {
+                    table.evicted(other);
                 }
                 table.failed(name, origin, e.to_string());
                 Err(e)
@@ -173,36 +189,46 @@ impl AdapterManager {
     }
 
     /// Unloads `name` (see the `UnloadAdapter` contract in the proto).
-    pub async fn unload(&self, name: &str) -> Result<(), ServiceError> {
-        let _turn = self.turn(name).await;
-        match self.engine.unload_adapter(name.to_string(), self.unload_timeout).await {
-            Ok(()) => {
-                self.table().unloaded(name);
-                Ok(())
+    pub async fn unload(self: &Arc<Self>, name: &str) -> Result<(), ServiceError> {
+        let (this, name) = (self.clone(), name.to_string());
+        detached(async move {
+            let _turn = this.turn(&name).await;
+            match this.engine.unload_adapter(name.clone(), this.unload_timeout).await {
+                Ok(()) => {
+                    this.table().unloaded(&name);
+                    Ok(())
+                }
+                // Not resident: forgetting an evicted or failed name is an unload too.
+                Err(EngineError::UnknownAdapter(_)) if this.table().unloaded(&name) => Ok(()),
+                Err(e) => Err(e.into()),
             }
-            // Not resident: forgetting an evicted or failed name is an unload too.
-            Err(EngineError::UnknownAdapter(_)) if self.table().unloaded(name) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        })
+        .await
     }
 
     /// Makes sure an adapter a request names is resident: an adapter evicted from its slot is
     /// loaded again from where it came from (normally the disk cache).
-    pub async fn ensure_resident(&self, name: &str) -> Result<(), ServiceError> {
-        if self.resident(name).is_some() {
-            return Ok(());
-        }
-        let origin = match self.table().record(name) {
-            Some(r) if r.phase == Phase::Evicted => r.origin.clone(),
-            _ => return Ok(()), // The engine reports the unknown adapter.
+    pub async fn ensure_resident(self: &Arc<Self>, name: &str) -> Result<(), ServiceError> {
+        let evicted = |m: &AdapterManager, name: &str| match m.table().record(name) {
+            Some(r) if r.phase == Phase::Evicted => Some(r.origin.clone()),
+            _ => None,
         };
-        let _turn = self.turn(name).await;
-        if self.resident(name).is_some() {
-            return Ok(());
+        if self.resident(name).is_some() || evicted(self, name).is_none() {
+            return Ok(()); // Resident, or unknown: the engine reports the unknown adapter.
         }
-        tracing::info!(adapter = %name, uri = %origin.uri, "reloading an evicted adapter for a request");
-        let uri = self.store.check_uri(&origin.uri)?;
-        self.load_locked(name, uri, origin.digest).await.map(|_| ())
+        let (this, name) = (self.clone(), name.to_string());
+        detached(async move {
+            let _turn = this.turn(&name).await;
+            // Whatever ran before us (an unload, another load) decides; only a name that is
+            // still evicted is loaded again, from where it came from.
+            let Some(origin) = evicted(&this, &name).filter(|_| this.resident(&name).is_none()) else {
+                return Ok(());
+            };
+            tracing::info!(adapter = %name, uri = %origin.uri, "reloading an evicted adapter for a request");
+            let uri = this.store.check_uri(&origin.uri)?;
+            this.load_locked(&name, uri, origin.digest).await.map(|_| ())
+        })
+        .await
     }
 
     /// Every adapter this backend knows, as `ListAdapters` reports them.
@@ -230,6 +256,14 @@ impl AdapterManager {
         }));
         out
     }
+}
+
+/// Runs a lifecycle operation as its own task: it finishes — and records what it did — even if
+/// the RPC that started it is cancelled, so a client going away never leaves a half state.
+async fn detached<T: Send + 'static>(
+    work: impl Future<Output = Result<T, ServiceError>> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::spawn(work).await.map_err(|e| ServiceError::Internal(format!("adapter task failed: {e}")))?
 }
 
 /// A resident (or draining) adapter as the gRPC API reports it.

@@ -14,6 +14,9 @@ pub enum ServiceError {
     /// The request message itself is malformed (a missing field, bad text).
     #[error("{0}")]
     BadRequest(String),
+    /// A bug: a task of ours failed (panicked).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ServiceError {
@@ -21,6 +24,7 @@ impl ServiceError {
     pub fn code(&self) -> Code {
         match self {
             ServiceError::BadRequest(_) => Code::InvalidArgument,
+            ServiceError::Internal(_) => Code::Internal,
             ServiceError::Adapter(e) => match e {
                 AdapterError::BadName { .. }
                 | AdapterError::BadUri { .. }
@@ -44,7 +48,7 @@ impl ServiceError {
                 EngineError::SlotsFull { .. } | EngineError::QueueFull { .. } => Code::ResourceExhausted,
                 EngineError::InvalidRequest(_) => Code::InvalidArgument,
                 EngineError::Stopped => Code::Unavailable,
-                EngineError::Executor(_) => Code::Internal,
+                EngineError::Executor(_) | EngineError::AdapterLoadFailed { .. } => Code::Internal,
             },
         }
     }

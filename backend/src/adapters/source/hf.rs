@@ -1,15 +1,26 @@
 //! `hf://org/repo[@revision]`: the Hugging Face Hub (or a mirror) through the `hf-hub` crate,
-//! which honours `HF_ENDPOINT`, `HF_TOKEN` (and the stored token), `HF_HOME` and
-//! `HF_HUB_CACHE`. A revision (default `main`) is resolved to its commit first and every file
-//! is fetched at that commit, so one adapter never mixes files of two commits. Files land in
-//! the standard HF cache and are linked (or copied) into the adapter cache entry.
+//! which honours `HF_ENDPOINT`, `HF_TOKEN` (and the token stored under `HF_HOME`) and
+//! `HF_HUB_CACHE`.
+//!
+//! - A revision (default `main`) is resolved to its commit first and every file is fetched at
+//!   that commit, so one adapter never mixes files of two commits.
+//! - A commit already in the standard HF cache (`huggingface-cli download` put it there) is
+//!   used from there without any request; branches and tags always ask the Hub.
+//! - Otherwise the files are streamed straight into the adapter cache's temp directory, so the
+//!   size limit holds while downloading and `--lora-cache-bytes` bounds the disk they take. The
+//!   HF cache is read, never written.
+//! - The adapter cache keys on the URI as written: `hf://org/repo@main` is resolved when first
+//!   fetched and served from the cache (its commit shown in `ListAdapters`) until the entry is
+//!   evicted. Pin a commit or a tag to say exactly which weights to serve.
 
 use super::{AdapterSource, AdapterUri, Fetched, plan_download, within};
-use crate::adapters::AdapterError;
+use crate::adapters::{AdapterError, CONFIG_FILE, WEIGHTS_FILE};
+use futures::StreamExt;
 use hf_hub::{HFClient, HFError};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 
 /// How an [`HfSource`] talks to the Hub.
 #[derive(Debug, Clone)]
@@ -31,6 +42,11 @@ impl Default for HfSourceOptions {
 pub struct HfSource {
     client: HFClient,
     options: HfSourceOptions,
+}
+
+/// A full commit sha (which names immutable content).
+fn is_commit(revision: &str) -> bool {
+    revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit())
 }
 
 /// `org/repo[@revision]` split and checked; the revision defaults to `main`.
@@ -97,8 +113,39 @@ impl HfSource {
         }
     }
 
+    /// The adapter's files at `commit` from the local HF cache, when both are there.
+    async fn cached_commit_files(&self, org: &str, name: &str, commit: &str) -> Option<Vec<(String, PathBuf)>> {
+        let repo = self.client.model(org, name);
+        let mut found = Vec::new();
+        for file in [CONFIG_FILE, WEIGHTS_FILE] {
+            let path = repo.download_file().filename(file).revision(commit).local_files_only(true).send().await.ok()?;
+            found.push((file.to_string(), path));
+        }
+        Some(found)
+    }
+
     async fn fetch_all(&self, uri: &AdapterUri, dest: &Path, max_bytes: u64) -> Result<String, AdapterError> {
         let (org, name, revision) = split_location(uri)?;
+        if is_commit(revision)
+            && let Some(files) = self.cached_commit_files(org, name, revision).await
+        {
+            let mut used = 0u64;
+            for (file, path) in files {
+                let target = dest.join(&file);
+                let io = |source| AdapterError::Io { path: target.clone(), source };
+                let blob = tokio::fs::canonicalize(&path).await.map_err(io)?;
+                used += tokio::fs::metadata(&blob).await.map_err(io)?.len();
+                if used > max_bytes {
+                    return Err(AdapterError::TooLarge { uri: uri.uri.clone(), bytes: used, max: max_bytes });
+                }
+                // A hard link shares the HF cache's blob; across file systems, copy.
+                if tokio::fs::hard_link(&blob, &target).await.is_err() {
+                    tokio::fs::copy(&blob, &target).await.map_err(io)?;
+                }
+            }
+            tracing::info!(%uri, "adapter found in the HF cache");
+            return Ok(revision.to_string());
+        }
         let repo = self.client.model(org, name);
         let info = match repo.info().revision(revision).send().await {
             Ok(info) => info,
@@ -139,24 +186,33 @@ impl HfSource {
         let files = plan_download(uri, &listing, max_bytes)?;
         let mut used = 0u64;
         for file in files {
-            let cached = repo
-                .download_file()
+            let what = format!("downloading {file}");
+            let (length, mut body) = repo
+                .download_file_stream()
                 .filename(file.clone())
                 .revision(commit.clone())
                 .send()
                 .await
-                .map_err(|e| self.classify(uri, &format!("downloading {file}"), e))?;
+                .map_err(|e| self.classify(uri, &what, e))?;
+            // Refuse what is announced as too large before reading it, and stop reading once
+            // the limit is passed either way.
+            if let Some(length) = length
+                && used + length > max_bytes
+            {
+                return Err(AdapterError::TooLarge { uri: uri.uri.clone(), bytes: used + length, max: max_bytes });
+            }
             let target = dest.join(&file);
             let io = |source| AdapterError::Io { path: target.clone(), source };
-            let blob = tokio::fs::canonicalize(&cached).await.map_err(io)?;
-            used += tokio::fs::metadata(&blob).await.map_err(io)?.len();
-            if used > max_bytes {
-                return Err(AdapterError::TooLarge { uri: uri.uri.clone(), bytes: used, max: max_bytes });
+            let mut out = tokio::fs::File::create(&target).await.map_err(io)?;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| self.classify(uri, &what, e))?;
+                used += chunk.len() as u64;
+                if used > max_bytes {
+                    return Err(AdapterError::TooLarge { uri: uri.uri.clone(), bytes: used, max: max_bytes });
+                }
+                out.write_all(&chunk).await.map_err(io)?;
             }
-            // A hard link shares the HF cache's blob; across file systems, copy.
-            if tokio::fs::hard_link(&blob, &target).await.is_err() {
-                tokio::fs::copy(&blob, &target).await.map_err(io)?;
-            }
+            out.sync_all().await.map_err(io)?;
         }
         Ok(commit)
     }

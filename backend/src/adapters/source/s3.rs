@@ -84,12 +84,21 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
             AdapterError::SourceNotFound { uri, reason: format!("{what}: the bucket does not exist") }
         }
         (_, Some("NoSuchKey")) => AdapterError::SourceNotFound { uri, reason: format!("{what}: no such object") },
-        (_, Some(c @ ("AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AllAccessDisabled"))) => {
-            AdapterError::AccessDenied {
-                uri,
-                reason: format!("{what}: {c} (check the AWS credentials and permissions)"),
-            }
-        }
+        (
+            _,
+            Some(
+                c @ ("AccessDenied"
+                | "InvalidAccessKeyId"
+                | "SignatureDoesNotMatch"
+                | "AllAccessDisabled"
+                | "ExpiredToken"
+                | "InvalidToken"
+                | "TokenRefreshRequired"),
+            ),
+        ) => AdapterError::AccessDenied {
+            uri,
+            reason: format!("{what}: {c} (check the AWS credentials and permissions)"),
+        },
         (SdkError::ServiceError(e), _) if e.raw().status().as_u16() == 403 => {
             AdapterError::AccessDenied { uri, reason: format!("{what}: HTTP 403") }
         }
