@@ -1,0 +1,7 @@
+//! The OpenAI-compatible surface: request bodies as SDKs send them, and errors in OpenAI's shape.
+
+mod error;
+mod types;
+
+pub use error::{ApiError, ErrorType};
+pub use types::{ChatRequest, CompletionRequest, Generation, MAX_STOP, Message, parse_chat, parse_completion};
