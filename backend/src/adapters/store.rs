@@ -24,6 +24,14 @@ impl Digest {
         &self.0
     }
 
+    /// Hashes the weights file in `dir` and checks it against this digest; returns the hash.
+    fn verify_dir(&self, uri: &str, dir: &Path) -> Result<String, AdapterError> {
+        let weights = dir.join(WEIGHTS_FILE);
+        let actual = sha256_file(&weights).map_err(|source| AdapterError::Io { path: weights, source })?;
+        self.verify(uri, &actual)?;
+        Ok(actual)
+    }
+
     fn verify(&self, uri: &str, actual: &str) -> Result<(), AdapterError> {
         if self.0 == actual {
             return Ok(());
@@ -132,16 +140,7 @@ impl AdapterStore {
             let digest = digest.cloned();
             let uri_text = uri.uri.clone();
             let (value, sha256) = tokio::task::spawn_blocking(move || -> Result<_, AdapterError> {
-                let sha256 = match digest {
-                    Some(d) => {
-                        let weights = fetched.dir.join(WEIGHTS_FILE);
-                        let actual = sha256_file(&weights)
-                            .map_err(|source| AdapterError::Io { path: weights.clone(), source })?;
-                        d.verify(&uri_text, &actual)?;
-                        Some(actual)
-                    }
-                    None => None,
-                };
+                let sha256 = digest.map(|d| d.verify_dir(&uri_text, &fetched.dir)).transpose()?;
                 Ok((validate(&fetched.dir)?, sha256))
             })
             .await
@@ -184,10 +183,7 @@ impl AdapterStore {
                 let digest = digest.cloned();
                 tokio::task::spawn_blocking(move || {
                     if let Some(d) = digest {
-                        let weights = dir.join(WEIGHTS_FILE);
-                        let actual =
-                            sha256_file(&weights).map_err(|source| AdapterError::Io { path: weights, source })?;
-                        d.verify(&uri_text, &actual)?;
+                        d.verify_dir(&uri_text, &dir)?;
                     }
                     validate(&dir).map_err(|e| relabel(e, &dir, &uri_text))
                 })

@@ -29,13 +29,12 @@ const CHAT_UNSUPPORTED: &[&str] = &[
     "store",
     "metadata",
 ];
-const CHAT_FIELDS: &[&str] = &[
+/// Fields both APIs take.
+const COMMON_FIELDS: &[&str] = &[
     "model",
-    "messages",
     "temperature",
     "top_p",
     "max_tokens",
-    "max_completion_tokens",
     "stop",
     "seed",
     "n",
@@ -46,23 +45,9 @@ const CHAT_FIELDS: &[&str] = &[
     "frequency_penalty",
     "logprobs",
 ];
+const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens"];
 const COMPLETION_UNSUPPORTED: &[&str] = &["echo", "best_of", "suffix", "logit_bias"];
-const COMPLETION_FIELDS: &[&str] = &[
-    "model",
-    "prompt",
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "stop",
-    "seed",
-    "n",
-    "stream",
-    "stream_options",
-    "user",
-    "presence_penalty",
-    "frequency_penalty",
-    "logprobs",
-];
+const COMPLETION_FIELDS: &[&str] = &["prompt"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -151,7 +136,8 @@ pub struct CompletionRequest {
     pub generation: Generation,
 }
 
-/// Parses a JSON object, refusing unsupported and unknown fields by name.
+/// Parses a JSON object, refusing unsupported and unknown fields by name (`fields` are the
+/// API's own, beside [`COMMON_FIELDS`]).
 fn object(body: &[u8], fields: &[&str], unsupported: &[&str]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}"), None))?;
@@ -165,7 +151,7 @@ fn object(body: &[u8], fields: &[&str], unsupported: &[&str]) -> Result<Map<Stri
                 return Err(ApiError::invalid(format!("`{key}` is not supported by this server"), Some(key))
                     .with_code("unsupported_parameter"));
             }
-        } else if !fields.contains(&key.as_str()) {
+        } else if !fields.contains(&key.as_str()) && !COMMON_FIELDS.contains(&key.as_str()) {
             return Err(
                 ApiError::invalid(format!("unknown parameter `{key}`"), Some(key)).with_code("unknown_parameter")
             );
