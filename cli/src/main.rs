@@ -22,6 +22,9 @@ const DEFAULT_LORA_CACHE_BYTES: &str = "20GiB";
 const DEFAULT_MAX_ADAPTER_BYTES: &str = "4GiB";
 const DEFAULT_ADAPTER_DOWNLOAD_TIMEOUT_S: u64 = 600;
 const DEFAULT_UNLOAD_TIMEOUT_S: u64 = 30;
+const DEFAULT_GATEWAY_LISTEN: &str = "127.0.0.1:8080";
+const DEFAULT_MAX_BODY_BYTES: &str = "4MiB";
+const DEFAULT_PROBE_INTERVAL_MS: u64 = 2000;
 
 /// A byte count: a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB, TiB).
 fn parse_bytes(text: &str) -> Result<u64, String> {
@@ -54,6 +57,8 @@ struct Cli {
 enum Command {
     /// Run a backend: one model, resident adapters, continuous batching, gRPC.
     Backend(BackendArgs),
+    /// Run the gateway: OpenAI-compatible HTTP with JWT auth in front of one or more backends.
+    Gateway(GatewayArgs),
     /// Measure decode throughput with 0, 1 and N distinct adapters in one batch.
     Bench(BenchArgs),
 }
@@ -138,6 +143,50 @@ struct BackendArgs {
     unload_timeout: u64,
 }
 
+#[derive(clap::Args, Debug)]
+struct GatewayArgs {
+    /// Address for the HTTP server; port 0 picks a free port (printed at start-up).
+    #[arg(long, env = "SWITCHYARD_GATEWAY_LISTEN", default_value = DEFAULT_GATEWAY_LISTEN)]
+    listen: SocketAddr,
+    /// A backend's gRPC address, e.g. http://127.0.0.1:50051 (repeat, or comma-separate).
+    #[arg(long = "backend", env = "SWITCHYARD_BACKENDS", value_delimiter = ',', required = true)]
+    backends: Vec<String>,
+    /// Directory for the gateway's state (the desired adapter set).
+    #[arg(long, env = "SWITCHYARD_STATE_DIR")]
+    state_dir: PathBuf,
+    /// TOML file with the tenants: their adapters, load prefixes and routing.
+    #[arg(long, env = "SWITCHYARD_GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Required `iss` of tokens.
+    #[arg(long, env = "SWITCHYARD_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Required `aud` of tokens.
+    #[arg(long, env = "SWITCHYARD_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    #[arg(long, env = "SWITCHYARD_JWT_LEEWAY", default_value_t = switchyard_gateway::auth::DEFAULT_LEEWAY.as_secs())]
+    jwt_leeway: u64,
+    /// The claim that names the caller's tenant.
+    #[arg(long, env = "SWITCHYARD_TENANT_CLAIM", default_value = switchyard_gateway::auth::DEFAULT_TENANT_CLAIM)]
+    tenant_claim: String,
+    /// File holding the HS256 secret (at least 32 bytes).
+    #[arg(long, env = "SWITCHYARD_JWT_HS256_SECRET_FILE")]
+    jwt_hs256_secret_file: Option<PathBuf>,
+    /// A PEM public key bound to its algorithm: RS256=PATH, ES256=PATH or EdDSA=PATH (repeatable).
+    #[arg(long = "jwt-public-key", env = "SWITCHYARD_JWT_PUBLIC_KEYS", value_delimiter = ',',
+          value_parser = switchyard_gateway::auth::parse_public_key_arg)]
+    jwt_public_keys: Vec<(switchyard_gateway::auth::Algorithm, PathBuf)>,
+    /// A JWKS file (`{"keys": [...]}`), re-read when it changes.
+    #[arg(long, env = "SWITCHYARD_JWKS_FILE")]
+    jwks_file: Option<PathBuf>,
+    /// Largest request body accepted.
+    #[arg(long, env = "SWITCHYARD_MAX_BODY_BYTES", default_value = DEFAULT_MAX_BODY_BYTES, value_parser = parse_bytes)]
+    max_body_bytes: u64,
+    /// Milliseconds between health probes of each backend.
+    #[arg(long, env = "SWITCHYARD_PROBE_INTERVAL_MS", default_value_t = DEFAULT_PROBE_INTERVAL_MS)]
+    probe_interval_ms: u64,
+}
+
 fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -160,6 +209,7 @@ async fn run() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Backend(args) => run_backend(args).await,
+        Command::Gateway(args) => run_gateway(args).await,
         Command::Bench(args) => tokio::task::spawn_blocking(move || run_bench(args)).await?,
     }
 }
@@ -190,6 +240,57 @@ async fn run_backend(a: BackendArgs) -> Result<()> {
     println!("switchyard backend listening on {}", served.local_addr);
     served.run(shutdown_signal()).await?;
     tracing::info!("backend stopped");
+    Ok(())
+}
+
+async fn run_gateway(a: GatewayArgs) -> Result<()> {
+    use anyhow::Context;
+    use std::sync::Arc;
+    use switchyard_gateway::upstream::{GrpcUpstream, Upstream, UpstreamTimeouts};
+    use switchyard_gateway::{Gateway, GatewayOptions, auth, loras, policy, tenants};
+
+    anyhow::ensure!(a.probe_interval_ms > 0, "--probe-interval-ms must be at least 1");
+    let file = match &a.config {
+        Some(path) => tenants::GatewayFile::load(path).map_err(anyhow::Error::msg)?,
+        None => tenants::GatewayFile::default(),
+    };
+    if file.tenants.is_empty() {
+        tracing::warn!("no tenants configured (--config): every request will be refused");
+    }
+    let verifier = auth::Verifier::new(auth::AuthConfig {
+        issuer: a.jwt_issuer,
+        audience: a.jwt_audience,
+        leeway: Duration::from_secs(a.jwt_leeway),
+        tenant_claim: a.tenant_claim,
+        hs256_secret_file: a.jwt_hs256_secret_file,
+        public_keys: a.jwt_public_keys,
+        jwks_file: a.jwks_file,
+    })
+    .context("JWT keys")?;
+    let mut backends: Vec<Arc<dyn Upstream>> = Vec::new();
+    for address in &a.backends {
+        backends.push(Arc::new(GrpcUpstream::new(address, UpstreamTimeouts::default()).map_err(anyhow::Error::msg)?));
+    }
+    let store = loras::LoraStore::open(&a.state_dir).context("state dir")?;
+    let tenants = Arc::new(file.tenants);
+    let options = GatewayOptions {
+        max_body_bytes: usize::try_from(a.max_body_bytes).context("--max-body-bytes")?,
+        probe_interval: Duration::from_millis(a.probe_interval_ms),
+    };
+    let gw = Arc::new(Gateway::new(
+        backends,
+        store,
+        tenants.clone(),
+        Arc::new(policy::StaticPolicy::new(tenants)),
+        Arc::new(verifier),
+        options,
+    ));
+    let listener =
+        tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+    // One line on stdout, for scripts and tests that start the gateway on port 0.
+    println!("switchyard gateway listening on {}", listener.local_addr()?);
+    switchyard_gateway::serve(gw, listener, shutdown_signal()).await?;
+    tracing::info!("gateway stopped");
     Ok(())
 }
 

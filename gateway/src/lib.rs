@@ -1,6 +1,172 @@
-//! The Switchyard gateway: the edge tenants and operators talk to. This crate grows by module:
-//! [`auth`] verifies callers' JWTs and says who they are and what they may do; [`openai`] reads
-//! OpenAI-shaped requests and writes OpenAI-shaped errors.
+//! The Switchyard gateway: an OpenAI-compatible HTTP endpoint in front of many backends. It
+//! verifies each caller's JWT, asks the tenant's routing policy which adapter (and possibly
+//! which backend) a request is for, picks a backend that has or can load that adapter, and
+//! forwards the request over gRPC. It also serves the adapter load API, keeping the desired
+//! adapter set in its state dir and applying it to every backend, including ones that restart
+//! or appear later.
+//!
+//! Layout: [`auth`] (JWTs), [`openai`] (request bodies and error shapes), [`policy`] (the
+//! routing decision), [`cluster`] (the routing table), [`upstream`] (the seam to a backend and
+//! its gRPC implementation), [`loras`] (the desired set), [`admin`] (applying it),
+//! [`reconcile`] (health probes and re-applying), [`dispatch`] (sending a request to a
+//! backend), [`http`] (the axum server), [`metrics`].
 
+pub mod admin;
 pub mod auth;
+pub mod cluster;
+pub mod dispatch;
+pub mod http;
+pub mod loras;
+pub mod metrics;
 pub mod openai;
+pub mod policy;
+pub mod reconcile;
+pub mod tenants;
+pub mod upstream;
+
+use crate::auth::Verifier;
+use crate::cluster::BackendView;
+use crate::loras::LoraStore;
+use crate::metrics::Metrics;
+use crate::policy::PolicyEngine;
+use crate::tenants::Tenant;
+use crate::upstream::Upstream;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+/// Default largest request body.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
+/// Default time between health probes of each backend.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// `Retry-After` seconds sent with a 503.
+pub const RETRY_AFTER_S: u64 = 2;
+
+/// Knobs of the gateway that are not the components themselves.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    pub max_body_bytes: usize,
+    pub probe_interval: Duration,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions { max_body_bytes: DEFAULT_MAX_BODY_BYTES, probe_interval: DEFAULT_PROBE_INTERVAL }
+    }
+}
+
+/// Everything a request handler needs, shared by all of them.
+#[derive(Debug)]
+pub struct Gateway {
+    pub(crate) backends: Vec<Arc<dyn Upstream>>,
+    /// One view per backend, same order as `backends`.
+    pub(crate) views: RwLock<Vec<BackendView>>,
+    pub(crate) loras: LoraStore,
+    pub(crate) tenants: Arc<BTreeMap<String, Tenant>>,
+    pub(crate) policy: Arc<dyn PolicyEngine>,
+    pub(crate) verifier: Arc<Verifier>,
+    pub(crate) metrics: Metrics,
+    pub(crate) options: GatewayOptions,
+    /// Per adapter name: admin operations and re-applies of one name run one at a time.
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The base model's name, from the first backend that answered a probe.
+    base_model: RwLock<Option<String>>,
+}
+
+impl Gateway {
+    pub fn new(
+        backends: Vec<Arc<dyn Upstream>>,
+        loras: LoraStore,
+        tenants: Arc<BTreeMap<String, Tenant>>,
+        policy: Arc<dyn PolicyEngine>,
+        verifier: Arc<Verifier>,
+        options: GatewayOptions,
+    ) -> Gateway {
+        let views = backends
+            .iter()
+            .map(|b| BackendView {
+                address: b.address().to_string(),
+                last_error: Some("not probed yet".into()),
+                ..Default::default()
+            })
+            .collect();
+        Gateway {
+            backends,
+            views: RwLock::new(views),
+            loras,
+            tenants,
+            policy,
+            verifier,
+            metrics: Metrics::new(),
+            options,
+            turns: Mutex::new(HashMap::new()),
+            base_model: RwLock::new(None),
+        }
+    }
+
+    /// The routing table as of now.
+    pub fn views(&self) -> Vec<BackendView> {
+        self.views.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub(crate) fn with_view<R>(&self, index: usize, f: impl FnOnce(&mut BackendView) -> R) -> Option<R> {
+        let mut views = self.views.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        views.get_mut(index).map(f)
+    }
+
+    /// Whether at least one backend is healthy.
+    pub fn ready(&self) -> bool {
+        self.views.read().unwrap_or_else(std::sync::PoisonError::into_inner).iter().any(|v| v.healthy)
+    }
+
+    pub fn base_model(&self) -> Option<String> {
+        self.base_model.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub(crate) fn set_base_model(&self, name: &str) {
+        let mut base = self.base_model.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if base.as_deref() != Some(name) {
+            if let Some(old) = base.as_deref() {
+                tracing::warn!(old, new = name, "backends report a different base model");
+            }
+            *base = Some(name.to_string());
+        }
+    }
+
+    /// The turn lock of one adapter name.
+    pub(crate) fn turn(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.turns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Forget locks nobody holds or waits for.
+        turns.retain(|_, t| Arc::strong_count(t) > 1);
+        turns.entry(name.to_string()).or_default().clone()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn loras(&self) -> &LoraStore {
+        &self.loras
+    }
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves: the HTTP app, one
+/// probe-and-reconcile task per backend, and the JWKS reloader.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut tasks = reconcile::spawn(gw.clone());
+    if gw.verifier.config().jwks_file.is_some() {
+        tasks.push(auth::spawn_reloader(gw.verifier.clone(), JWKS_RELOAD_INTERVAL));
+    }
+    let served = axum::serve(listener, http::router(gw)).with_graceful_shutdown(shutdown).await;
+    for t in tasks {
+        t.abort();
+    }
+    served
+}
+
+/// How often the JWKS file is checked for changes.
+pub const JWKS_RELOAD_INTERVAL: Duration = Duration::from_secs(5);

@@ -13,10 +13,11 @@
 
 mod keys;
 
+pub use jsonwebtoken::Algorithm;
 pub use keys::{KeyError, KeySet};
 
+use jsonwebtoken::Validation;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, Validation};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -64,6 +65,22 @@ pub struct AuthConfig {
     pub public_keys: Vec<(Algorithm, PathBuf)>,
     /// A JWKS document (`{"keys": [...]}`), re-read when it changes.
     pub jwks_file: Option<PathBuf>,
+}
+
+/// Reads `ALG=PATH` (e.g. `RS256=/etc/switchyard/issuer.pem`): a public key file bound to one
+/// of the asymmetric algorithms the gateway accepts.
+pub fn parse_public_key_arg(arg: &str) -> Result<(Algorithm, PathBuf), String> {
+    let (alg, path) = arg.split_once('=').ok_or_else(|| format!("{arg:?} is not ALG=PATH (e.g. RS256=key.pem)"))?;
+    let alg = match alg {
+        "RS256" => Algorithm::RS256,
+        "ES256" => Algorithm::ES256,
+        "EdDSA" => Algorithm::EdDSA,
+        other => return Err(format!("algorithm {other:?} is not one of RS256, ES256, EdDSA")),
+    };
+    if path.is_empty() {
+        return Err(format!("{arg:?} names no file"));
+    }
+    Ok((alg, PathBuf::from(path)))
 }
 
 impl Default for AuthConfig {

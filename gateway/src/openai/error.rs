@@ -78,6 +78,45 @@ impl ApiError {
         }
     }
 
+    /// 409: the request conflicts with the current state.
+    pub fn conflict(message: impl Into<String>, code: &str) -> ApiError {
+        ApiError { code: Some(code.to_string()), ..ApiError::new(409, ErrorType::ConflictError, message) }
+    }
+
+    /// 413: the body is larger than the gateway accepts.
+    pub fn too_large(limit: usize) -> ApiError {
+        ApiError {
+            code: Some("request_too_large".into()),
+            ..ApiError::new(413, ErrorType::InvalidRequestError, format!("the request body exceeds {limit} bytes"))
+        }
+    }
+
+    /// 422: well-formed, but what it names cannot be used (an adapter that does not fit).
+    pub fn unprocessable(message: impl Into<String>, code: &str) -> ApiError {
+        ApiError { code: Some(code.to_string()), ..ApiError::new(422, ErrorType::UnprocessableEntityError, message) }
+    }
+
+    /// 500/502: the gateway's own failure, or a backend answering outside its contract.
+    pub fn server(status: u16, message: impl Into<String>, code: &str) -> ApiError {
+        ApiError { code: Some(code.to_string()), ..ApiError::new(status, ErrorType::ServerError, message) }
+    }
+
+    /// A 4xx chosen by someone else (a routing policy), with the error type OpenAI uses for
+    /// that status. Anything outside 400–499 becomes 403.
+    pub fn client(status: u16, message: impl Into<String>, code: &str) -> ApiError {
+        let (status, kind) = match status {
+            400 => (400, ErrorType::InvalidRequestError),
+            401 => (401, ErrorType::AuthenticationError),
+            404 => (404, ErrorType::NotFoundError),
+            409 => (409, ErrorType::ConflictError),
+            422 => (422, ErrorType::UnprocessableEntityError),
+            429 => (429, ErrorType::RateLimitError),
+            s @ 402..=499 if s != 403 => (s, ErrorType::InvalidRequestError),
+            _ => (403, ErrorType::PermissionError),
+        };
+        ApiError { code: Some(code.to_string()), ..ApiError::new(status, kind, message) }
+    }
+
     /// With a machine-readable code.
     pub fn with_code(mut self, code: &str) -> ApiError {
         self.code = Some(code.to_string());

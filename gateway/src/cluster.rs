@@ -1,0 +1,208 @@
+//! The routing table: what the gateway last learned about each backend, and the choice of
+//! backends for a request. Plain data, updated by the health probes and read by every request.
+//!
+//! For a request that uses an adapter, backends are ranked by how ready they are for it
+//! (resident > free slot > loading > must evict another adapter), then:
+//! - among backends that have it resident, by queue depth (spread the load);
+//! - for a cold adapter, by rendezvous (highest-random-weight) hashing of adapter and backend
+//!   first, so every gateway replica pins it to the same backend instead of loading it
+//!   everywhere; queue depth only breaks ties.
+//!
+//! Base-model requests are ranked by queue depth alone.
+
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use switchyard_proto::v1 as pb;
+
+/// How ready a backend is to serve an adapter. Higher is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fit {
+    /// Every adapter slot holds an adapter; this one must evict another (or wait for one).
+    MustEvict,
+    /// The adapter is being fetched or placed there.
+    Loading,
+    /// A slot is free: the adapter loads without evicting anything.
+    FreeSlot,
+    /// The adapter is resident (or the request is for the base model).
+    Resident,
+}
+
+/// What the gateway knows about one backend.
+#[derive(Debug, Clone, Default)]
+pub struct BackendView {
+    pub address: String,
+    /// The last probe succeeded and the backend said SERVING.
+    pub healthy: bool,
+    /// Why the last probe failed, if it did.
+    pub last_error: Option<String>,
+    /// From the last successful probe.
+    pub info: Option<pb::InfoResponse>,
+    /// Adapters the backend listed, by name; for a name listed twice (a hot swap in flight) the
+    /// most useful state.
+    pub adapters: HashMap<String, pb::AdapterInfo>,
+    /// Requests this gateway has in flight there now (fresher than the probe's queue figures).
+    pub in_flight: u32,
+}
+
+impl BackendView {
+    /// Records a probe's answer.
+    pub fn observe(&mut self, serving: bool, info: pb::InfoResponse, adapters: Vec<pb::AdapterInfo>) {
+        self.healthy = serving;
+        self.last_error = (!serving).then(|| "backend reports NOT_SERVING".to_string());
+        self.info = Some(info);
+        self.adapters.clear();
+        for a in adapters {
+            let better = self.adapters.get(&a.name).is_none_or(|old| state_rank(a.state()) > state_rank(old.state()));
+            if better {
+                self.adapters.insert(a.name.clone(), a);
+            }
+        }
+    }
+
+    /// Records a failed probe.
+    pub fn fail(&mut self, error: String) {
+        self.healthy = false;
+        self.last_error = Some(error);
+    }
+
+    /// Requests waiting or running there.
+    pub fn queue_depth(&self) -> u32 {
+        let reported = self.info.as_ref().map_or(0, |i| i.queued_requests + i.running_requests);
+        reported.max(self.in_flight)
+    }
+
+    /// How ready this backend is for `adapter` (`None`: the base model).
+    pub fn fit(&self, adapter: Option<&str>) -> Fit {
+        let Some(name) = adapter else { return Fit::Resident };
+        match self.adapters.get(name).map(pb::AdapterInfo::state) {
+            Some(pb::AdapterState::Resident | pb::AdapterState::Draining) => return Fit::Resident,
+            Some(pb::AdapterState::Fetching | pb::AdapterState::Validated) => return Fit::Loading,
+            _ => {}
+        }
+        match &self.info {
+            Some(info) if info.loaded_loras < info.max_loras => Fit::FreeSlot,
+            _ => Fit::MustEvict,
+        }
+    }
+}
+
+fn state_rank(s: pb::AdapterState) -> u8 {
+    match s {
+        pb::AdapterState::Resident => 5,
+        pb::AdapterState::Draining => 4,
+        pb::AdapterState::Validated => 3,
+        pb::AdapterState::Fetching => 2,
+        pb::AdapterState::Evicted => 1,
+        pb::AdapterState::Failed | pb::AdapterState::Unspecified => 0,
+    }
+}
+
+/// The rendezvous weight of `backend` for `key`: stable across processes and versions.
+pub fn rendezvous_weight(key: &str, backend: &str) -> u64 {
+    let mut h = Sha256::new();
+    h.update(key.as_bytes());
+    h.update([0]);
+    h.update(backend.as_bytes());
+    let d = h.finalize();
+    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+/// Healthy backends for a request, best first (indices into `backends`). `pinned` restricts
+/// the choice to the backend with that address (a policy's explicit choice).
+pub fn rank(backends: &[BackendView], adapter: Option<&str>, pinned: Option<&str>) -> Vec<usize> {
+    let key = adapter.unwrap_or("");
+    let mut ranked: Vec<(usize, Fit, u32, u64)> = backends
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.healthy && pinned.is_none_or(|p| p == b.address))
+        .map(|(i, b)| (i, b.fit(adapter), b.queue_depth(), rendezvous_weight(key, &b.address)))
+        .collect();
+    ranked.sort_by(|a, b| {
+        b.1.cmp(&a.1).then_with(|| {
+            if a.1 == Fit::Resident { a.2.cmp(&b.2).then(b.3.cmp(&a.3)) } else { b.3.cmp(&a.3).then(a.2.cmp(&b.2)) }
+        })
+    });
+    ranked.into_iter().map(|(i, ..)| i).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(address: &str, slots: (u32, u32), queue: u32, adapters: &[(&str, pb::AdapterState)]) -> BackendView {
+        let mut b = BackendView { address: address.into(), ..Default::default() };
+        let info = pb::InfoResponse {
+            loaded_loras: slots.0,
+            max_loras: slots.1,
+            queued_requests: queue,
+            ..Default::default()
+        };
+        let list = adapters
+            .iter()
+            .map(|(n, s)| pb::AdapterInfo { name: n.to_string(), state: *s as i32, ..Default::default() })
+            .collect();
+        b.observe(true, info, list);
+        b
+    }
+
+    #[test]
+    fn resident_beats_free_slot_beats_loading_beats_must_evict() {
+        use pb::AdapterState::*;
+        let bs = vec![
+            backend("full", (4, 4), 0, &[]),
+            backend("loading", (4, 4), 0, &[("a", Fetching)]),
+            backend("free", (1, 4), 0, &[]),
+            backend("resident-busy", (4, 4), 9, &[("a", Resident)]),
+        ];
+        assert_eq!(rank(&bs, Some("a"), None), vec![3, 2, 1, 0]);
+        // Evicted is not resident: it is ranked by the slots the backend has.
+        let bs = vec![backend("evicted", (4, 4), 0, &[("a", Evicted)]), backend("free", (0, 4), 0, &[])];
+        assert_eq!(rank(&bs, Some("a"), None), vec![1, 0]);
+    }
+
+    #[test]
+    fn resident_backends_are_chosen_by_queue_depth() {
+        use pb::AdapterState::*;
+        let bs = vec![backend("x", (1, 4), 7, &[("a", Resident)]), backend("y", (1, 4), 2, &[("a", Resident)])];
+        assert_eq!(rank(&bs, Some("a"), None), vec![1, 0]);
+        assert_eq!(rank(&bs, None, None), vec![1, 0], "base-model requests go to the shorter queue");
+        let mut busy = bs.clone();
+        busy[1].in_flight = 20;
+        assert_eq!(rank(&busy, Some("a"), None), vec![0, 1], "this gateway's own in-flight requests count");
+    }
+
+    #[test]
+    fn a_cold_adapter_is_pinned_by_rendezvous_hashing_whatever_the_queues() {
+        let addrs: Vec<String> = (0..5).map(|i| format!("http://10.0.0.{i}:50051")).collect();
+        for adapter in ["support-v1", "acme/legal", "b/x"] {
+            let quiet: Vec<BackendView> = addrs.iter().map(|a| backend(a, (0, 4), 0, &[])).collect();
+            let busy: Vec<BackendView> =
+                addrs.iter().enumerate().map(|(i, a)| backend(a, (0, 4), 10 * i as u32, &[])).collect();
+            let first = rank(&quiet, Some(adapter), None)[0];
+            assert_eq!(rank(&busy, Some(adapter), None)[0], first, "{adapter}: same backend under load");
+            let best = (0..5).max_by_key(|&i| rendezvous_weight(adapter, &addrs[i])).unwrap_or(0);
+            assert_eq!(first, best);
+            // Removing another backend never moves the adapter (the point of rendezvous hashing).
+            let mut fewer = quiet.clone();
+            let other = (first + 1) % 5;
+            fewer[other].healthy = false;
+            assert_eq!(rank(&fewer, Some(adapter), None)[0], first);
+        }
+        // Different adapters spread over the backends.
+        let quiet: Vec<BackendView> = addrs.iter().map(|a| backend(a, (0, 4), 0, &[])).collect();
+        let chosen: std::collections::HashSet<usize> =
+            (0..40).map(|i| rank(&quiet, Some(&format!("adapter-{i}")), None)[0]).collect();
+        assert!(chosen.len() >= 4, "40 adapters landed on only {} of 5 backends", chosen.len());
+    }
+
+    #[test]
+    fn unhealthy_backends_are_never_chosen_and_a_pin_restricts_the_choice() {
+        let mut bs = vec![backend("x", (0, 4), 0, &[]), backend("y", (0, 4), 0, &[])];
+        bs[0].fail("connection refused".into());
+        assert_eq!(rank(&bs, Some("a"), None), vec![1]);
+        assert_eq!(rank(&bs, None, Some("y")), vec![1]);
+        assert!(rank(&bs, None, Some("x")).is_empty(), "a pinned backend that is down is not replaced");
+        bs[1].observe(false, pb::InfoResponse::default(), vec![]);
+        assert!(rank(&bs, None, None).is_empty());
+    }
+}

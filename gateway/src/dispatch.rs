@@ -1,0 +1,136 @@
+//! Sending one generation to a backend: rank the healthy backends for the request's adapter,
+//! start it on the best one, and move on to the next when a backend is down or full. A backend
+//! that does not know a desired adapter (it restarted and has not been re-applied yet) gets it
+//! loaded first. Nothing is returned to the client until the backend has produced its first
+//! message, so a request that fails early can still be retried elsewhere.
+
+use crate::Gateway;
+use crate::admin::load_request;
+use crate::cluster;
+use crate::openai::ApiError;
+use crate::policy::Route;
+use crate::upstream::{TokenStream, UpstreamCode, UpstreamError};
+use futures::StreamExt;
+use std::sync::Arc;
+use switchyard_proto::v1 as pb;
+
+/// Most backends one request is tried on.
+pub const MAX_ATTEMPTS: usize = 3;
+
+/// Counts a request against its backend's queue depth while it runs.
+#[derive(Debug)]
+pub struct InFlight {
+    gw: Arc<Gateway>,
+    index: usize,
+}
+
+impl InFlight {
+    fn new(gw: &Arc<Gateway>, index: usize) -> InFlight {
+        gw.with_view(index, |v| v.in_flight += 1);
+        InFlight { gw: gw.clone(), index }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.gw.with_view(self.index, |v| v.in_flight = v.in_flight.saturating_sub(1));
+    }
+}
+
+/// A generation that has started on a backend.
+#[derive(Debug)]
+pub struct Started {
+    pub backend: String,
+    /// The backend's first message, already received.
+    pub first: Option<pb::GenerateResponse>,
+    pub rest: TokenStreamHolder,
+    pub in_flight: InFlight,
+}
+
+/// The rest of the stream (a newtype so [`Started`] can derive `Debug`).
+pub struct TokenStreamHolder(pub TokenStream);
+
+impl std::fmt::Debug for TokenStreamHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenStream")
+    }
+}
+
+/// The answer for a backend's refusal of a generation.
+pub fn generation_error(backend: &str, e: &UpstreamError) -> ApiError {
+    match e.code {
+        UpstreamCode::InvalidArgument => ApiError::invalid(e.message.clone(), None),
+        UpstreamCode::NotFound => ApiError::not_found(e.message.clone(), Some("model")).with_code("model_not_found"),
+        UpstreamCode::PermissionDenied => {
+            ApiError::server(502, format!("backend {backend}: {}", e.message), "backend_error")
+        }
+        UpstreamCode::FailedPrecondition | UpstreamCode::ResourceExhausted => {
+            ApiError::unavailable(format!("backend {backend} is busy: {}", e.message), crate::RETRY_AFTER_S)
+                .with_code("backend_busy")
+        }
+        UpstreamCode::Unavailable | UpstreamCode::Timeout => {
+            ApiError::unavailable(format!("backend {backend} is unavailable: {}", e.message), crate::RETRY_AFTER_S)
+                .with_code("backend_unavailable")
+        }
+        UpstreamCode::Other => ApiError::server(502, format!("backend {backend}: {}", e.message), "backend_error"),
+    }
+}
+
+async fn attempt(gw: &Arc<Gateway>, index: usize, request: &pb::GenerateRequest) -> Result<Started, UpstreamError> {
+    let backend = gw.backends[index].clone();
+    let in_flight = InFlight::new(gw, index);
+    let mut stream = backend.generate(request.clone()).await?;
+    let first = stream.next().await.transpose()?;
+    Ok(Started { backend: backend.address().to_string(), first, rest: TokenStreamHolder(stream), in_flight })
+}
+
+/// Starts `request` on the best backend for `route`.
+pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: pb::GenerateRequest) -> Result<Started, ApiError> {
+    request.adapter = route.adapter.clone().unwrap_or_default();
+    let candidates = cluster::rank(&gw.views(), route.adapter.as_deref(), route.backend.as_deref());
+    if candidates.is_empty() {
+        let message = match &route.backend {
+            Some(b) => format!("backend {b} chosen by the routing policy is not healthy"),
+            None => "no backend is healthy".to_string(),
+        };
+        return Err(ApiError::unavailable(message, crate::RETRY_AFTER_S).with_code("no_backend"));
+    }
+    let mut last = None;
+    for &i in candidates.iter().take(MAX_ATTEMPTS) {
+        let address = gw.backends[i].address().to_string();
+        let mut result = attempt(gw, i, &request).await;
+        if let (Err(e), Some(name)) = (&result, &route.adapter)
+            && e.code == UpstreamCode::NotFound
+            && let Some(lora) = gw.loras.get(name)
+        {
+            // The backend does not know this desired adapter (yet): load it there, then retry.
+            tracing::info!(backend = %address, adapter = %name, "loading a desired adapter the backend lacks");
+            let loaded = {
+                let turn = gw.turn(name);
+                let _turn = turn.lock().await;
+                gw.backends[i].load_adapter(load_request(&lora)).await
+            };
+            result = match loaded {
+                Ok(_) => attempt(gw, i, &request).await,
+                Err(e) => Err(e),
+            };
+        }
+        match result {
+            Ok(started) => return Ok(started),
+            Err(e) => {
+                tracing::warn!(backend = %address, code = ?e.code, error = %e, "generation could not start");
+                if e.is_backend_failure() {
+                    gw.with_view(i, |v| v.fail(e.message.clone()));
+                    gw.metrics.backend_health(&address, false);
+                } else if e.code != UpstreamCode::ResourceExhausted {
+                    return Err(generation_error(&address, &e));
+                }
+                last = Some((address, e));
+            }
+        }
+    }
+    let (address, e) = last.unwrap_or_else(|| {
+        (String::new(), UpstreamError::new(UpstreamCode::Unavailable, "no backend could take the request"))
+    });
+    Err(generation_error(&address, &e))
+}

@@ -1,0 +1,147 @@
+//! The gateway's HTTP server (axum): the OpenAI endpoints, the adapter API, health, readiness
+//! and metrics. Handlers are thin: they read the request, call [`crate::admin`] or
+//! [`crate::dispatch`], and shape the answer. Every error leaves as an OpenAI error body.
+
+mod inference;
+mod loras;
+#[cfg(test)]
+mod tests;
+
+use crate::Gateway;
+use crate::auth::Principal;
+use crate::openai::ApiError;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use std::sync::Arc;
+use tracing::Instrument;
+
+/// The header that carries a request's id, in and out.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// A request's id: the client's `x-request-id` when it is sane, else a fresh random one.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, [(header::CONTENT_TYPE, "application/json")], self.body()).into_response();
+        if let Some(s) = self.retry_after_s {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.status == 401 {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// The whole HTTP application.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(inference::chat))
+        .route("/v1/completions", post(inference::completions))
+        .route("/v1/models", get(inference::models))
+        .route("/v1/loras", get(loras::list).post(loras::load))
+        .route("/v1/loras/{*name}", delete(loras::unload))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such endpoint", None).with_code("unknown_url") })
+        .method_not_allowed_fallback(|| async {
+            ApiError {
+                status: 405,
+                ..ApiError::invalid("this method is not allowed on this endpoint", None).with_code("method_not_allowed")
+            }
+        })
+        .layer(middleware::from_fn(request_id))
+        .with_state(gw)
+}
+
+fn fresh_id() -> String {
+    use rand::TryRngCore;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut bytes = [0u8; 12];
+    if rand::rngs::OsRng.try_fill_bytes(&mut bytes).is_err() {
+        // No OS randomness: still unique within this process, which is what logs need.
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        bytes[..8].copy_from_slice(&n.to_be_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Gives every request an id (in a tracing span, the response header and the handlers'
+/// extensions) and logs one line per request: method, path, status, duration. Never bodies.
+async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(fresh_id, str::to_string);
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("request", id = %id, method = %request.method(), path = %request.uri().path());
+    let started = std::time::Instant::now();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::info!(status = response.status().as_u16(), ms = started.elapsed().as_millis() as u64, "answered");
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, v);
+    }
+    response
+}
+
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    if gw.ready() {
+        "ready".into_response()
+    } else {
+        ApiError::unavailable("no backend is healthy", crate::RETRY_AFTER_S).with_code("no_backend").into_response()
+    }
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], gw.metrics.render())
+        .into_response()
+}
+
+/// The caller, from the `Authorization: Bearer` header.
+pub(crate) fn principal(gw: &Gateway, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let header =
+        match headers.get(header::AUTHORIZATION) {
+            None => None,
+            Some(v) => Some(v.to_str().map_err(|_| {
+                ApiError::unauthenticated("the Authorization header is not valid text", "invalid_token")
+            })?),
+        };
+    Ok(gw.verifier.verify_header(header)?)
+}
+
+/// The request body, up to the configured limit.
+pub(crate) async fn read_body(gw: &Gateway, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let limit = gw.options.max_body_bytes;
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+        let mut too_large = false;
+        while let Some(c) = cause {
+            too_large |= c.is::<http_body_util::LengthLimitError>();
+            cause = c.source();
+        }
+        if too_large {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::invalid(format!("cannot read the request body: {e}"), None)
+        }
+    })
+}

@@ -1,0 +1,459 @@
+//! The HTTP surface against an in-process backend double: every bad-input case gets the right
+//! status and an OpenAI error body; streams have OpenAI's shape; adapters are re-applied.
+//! (The same behaviour against real backend processes and the official SDK is tested in the
+//! `switchyard` crate's `gateway` test.)
+
+use crate::auth::{AuthConfig, Verifier};
+use crate::loras::LoraStore;
+use crate::policy::StaticPolicy;
+use crate::reconcile::{self, Failures};
+use crate::tenants::GatewayFile;
+use crate::upstream::{Probe, TokenStream, Upstream, UpstreamCode, UpstreamError};
+use crate::{Gateway, GatewayOptions};
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures::StreamExt;
+use jsonwebtoken::{EncodingKey, Header};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use switchyard_proto::v1 as pb;
+use tower::ServiceExt;
+
+const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-test";
+
+/// A backend double: adapters by name → uri, and what generation does.
+#[derive(Debug, Default)]
+struct FakeBackend {
+    adapters: Mutex<BTreeMap<String, String>>,
+    down: Mutex<bool>,
+    /// Messages before the stream breaks off (None: it finishes).
+    die_after: Mutex<Option<usize>>,
+    generations: Mutex<Vec<pb::GenerateRequest>>,
+}
+
+fn err(code: UpstreamCode, m: &str) -> UpstreamError {
+    UpstreamError::new(code, m)
+}
+
+#[async_trait]
+impl Upstream for FakeBackend {
+    fn address(&self) -> &str {
+        "http://fake:1"
+    }
+
+    async fn probe(&self) -> Result<Probe, UpstreamError> {
+        if *self.down.lock().unwrap() {
+            return Err(err(UpstreamCode::Unavailable, "connection refused"));
+        }
+        let adapters = self.adapters.lock().unwrap();
+        let list = adapters
+            .iter()
+            .map(|(n, u)| pb::AdapterInfo {
+                name: n.clone(),
+                uri: u.clone(),
+                state: pb::AdapterState::Resident as i32,
+                ..Default::default()
+            })
+            .collect();
+        let info = pb::InfoResponse {
+            model: "tiny".into(),
+            max_loras: 4,
+            loaded_loras: adapters.len() as u32,
+            ..Default::default()
+        };
+        Ok(Probe { serving: true, info, adapters: list })
+    }
+
+    async fn generate(&self, request: pb::GenerateRequest) -> Result<TokenStream, UpstreamError> {
+        if *self.down.lock().unwrap() {
+            return Err(err(UpstreamCode::Unavailable, "connection refused"));
+        }
+        if !request.adapter.is_empty() && !self.adapters.lock().unwrap().contains_key(&request.adapter) {
+            return Err(err(UpstreamCode::NotFound, "adapter not resident"));
+        }
+        self.generations.lock().unwrap().push(request);
+        let die_after = *self.die_after.lock().unwrap();
+        let mut items: Vec<Result<pb::GenerateResponse, UpstreamError>> = ["Hello", " there", ""]
+            .iter()
+            .map(|t| Ok(pb::GenerateResponse { text: t.to_string(), ..Default::default() }))
+            .collect();
+        if let Some(Ok(last)) = items.last_mut() {
+            last.finish_reason = pb::FinishReason::Length as i32;
+            last.usage = Some(pb::Usage { prompt_tokens: 5, completion_tokens: 2 });
+        }
+        if let Some(n) = die_after {
+            items.truncate(n);
+            items.push(Err(err(UpstreamCode::Unavailable, "backend went away")));
+        }
+        Ok(futures::stream::iter(items).boxed())
+    }
+
+    async fn load_adapter(&self, r: pb::LoadAdapterRequest) -> Result<pb::LoadAdapterResponse, UpstreamError> {
+        let uri = r.source.map(|s| s.uri).unwrap_or_default();
+        if uri.contains("bad") {
+            return Err(err(UpstreamCode::InvalidArgument, "rank 512 exceeds the maximum 64"));
+        }
+        if uri.contains("missing") {
+            return Err(err(UpstreamCode::NotFound, "no such bucket"));
+        }
+        let old = self.adapters.lock().unwrap().insert(r.name.clone(), uri.clone());
+        Ok(pb::LoadAdapterResponse {
+            already_loaded: old.as_deref() == Some(uri.as_str()),
+            hot_swap: old.is_some_and(|o| o != uri),
+            ..Default::default()
+        })
+    }
+
+    async fn unload_adapter(&self, name: &str) -> Result<(), UpstreamError> {
+        match self.adapters.lock().unwrap().remove(name) {
+            Some(_) => Ok(()),
+            None => Err(err(UpstreamCode::NotFound, "unknown adapter")),
+        }
+    }
+}
+
+struct Harness {
+    gw: Arc<Gateway>,
+    backend: Arc<FakeBackend>,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let file: GatewayFile = toml::from_str(
+        r#"
+        [tenants.acme]
+        adapters = ["acme/*"]
+        load_prefixes = ["s3://acme/"]
+        [tenants.beta]
+        adapters = ["beta/*"]
+        load_prefixes = ["s3://beta/"]
+        "#,
+    )
+    .unwrap();
+    let verifier = Verifier::new(AuthConfig {
+        issuer: Some("https://issuer.test".into()),
+        audience: Some("switchyard".into()),
+        hs256_secret_file: Some(secret),
+        ..Default::default()
+    })
+    .unwrap();
+    let backend = Arc::new(FakeBackend::default());
+    let tenants = Arc::new(file.tenants);
+    let gw = Arc::new(Gateway::new(
+        vec![backend.clone()],
+        LoraStore::open(&dir.path().join("state")).unwrap(),
+        tenants.clone(),
+        Arc::new(StaticPolicy::new(tenants)),
+        Arc::new(verifier),
+        GatewayOptions { max_body_bytes: 64 << 10, ..Default::default() },
+    ));
+    reconcile::round(&gw, 0, &mut Failures::default()).await;
+    Harness { gw, backend, _dir: dir }
+}
+
+fn token(tenant: &str, scopes: &str, exp_offset: i64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let claims = json!({"iss": "https://issuer.test", "aud": "switchyard", "sub": "u1", "tenant": tenant,
+        "scope": scopes, "exp": now + exp_offset});
+    jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET).unwrap()).unwrap()
+}
+
+async fn call(
+    h: &Harness,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Body,
+) -> (StatusCode, Value, axum::http::HeaderMap) {
+    let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = crate::http::router(h.gw.clone()).oneshot(req.body(body).unwrap()).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let value =
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    (parts.status, value, parts.headers)
+}
+
+async fn json_call(h: &Harness, method: &str, path: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+    let (s, v, _) = call(h, method, path, token, Body::from(body.to_string())).await;
+    (s, v)
+}
+
+/// Asserts an OpenAI error body with this status, type and (when given) code.
+fn assert_error(got: (StatusCode, Value), status: u16, kind: &str, code: Option<&str>) {
+    let (s, v) = got;
+    assert_eq!(s.as_u16(), status, "{v}");
+    assert_eq!(v["error"]["type"], kind, "{v}");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    if let Some(code) = code {
+        assert_eq!(v["error"]["code"], code, "{v}");
+    }
+}
+
+async fn load(h: &Harness, tenant: &str, name: &str, uri: &str) -> (StatusCode, Value) {
+    let t = token(tenant, "lora:load lora:read lora:unload", 600);
+    json_call(h, "POST", "/v1/loras", Some(&t), json!({"lora_name": name, "source": {"uri": uri}})).await
+}
+
+fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+}
+
+#[tokio::test]
+async fn inference_bad_input_gets_the_right_status_and_an_openai_error() {
+    let h = harness().await;
+    let t = token("acme", "", 600);
+    let raw = |body: &'static str| Body::from(body);
+    let (s, v, _) = call(&h, "POST", "/v1/chat/completions", Some(&t), raw("{\"model\": \"tiny\", ")).await;
+    assert_error((s, v), 400, "invalid_request_error", None);
+    let wrong_type = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"});
+    assert_error(
+        json_call(&h, "POST", "/v1/chat/completions", Some(&t), wrong_type).await,
+        400,
+        "invalid_request_error",
+        None,
+    );
+    let huge = json!({"model": "tiny", "prompt": "x".repeat(100 << 10)});
+    assert_error(
+        json_call(&h, "POST", "/v1/completions", Some(&t), huge).await,
+        413,
+        "invalid_request_error",
+        Some("request_too_large"),
+    );
+    assert_error(
+        json_call(&h, "POST", "/v1/chat/completions", Some(&t), chat("nope")).await,
+        404,
+        "not_found_error",
+        Some("model_not_found"),
+    );
+    // beta's adapter exists, but acme may not use it: the same answer as a model that does not exist.
+    assert_eq!(load(&h, "beta", "beta/secret", "s3://beta/secret").await.0, StatusCode::OK);
+    assert_error(
+        json_call(&h, "POST", "/v1/chat/completions", Some(&t), chat("beta/secret")).await,
+        404,
+        "not_found_error",
+        Some("model_not_found"),
+    );
+    // Tokens: none, expired, garbage, signed with another key.
+    assert_error(
+        json_call(&h, "POST", "/v1/chat/completions", None, chat("tiny")).await,
+        401,
+        "authentication_error",
+        None,
+    );
+    let expired = token("acme", "", -3600);
+    assert_error(
+        json_call(&h, "POST", "/v1/chat/completions", Some(&expired), chat("tiny")).await,
+        401,
+        "authentication_error",
+        None,
+    );
+    assert_error(
+        json_call(&h, "POST", "/v1/chat/completions", Some("abc.def"), chat("tiny")).await,
+        401,
+        "authentication_error",
+        None,
+    );
+    let forged = jsonwebtoken::encode(
+        &Header::default(),
+        &json!({"iss": "https://issuer.test", "aud": "switchyard", "tenant": "acme", "exp": 4_000_000_000u64}),
+        &EncodingKey::from_secret(b"another-secret-another-secret-another").unwrap(),
+    )
+    .unwrap();
+    assert_error(
+        json_call(&h, "POST", "/v1/chat/completions", Some(&forged), chat("tiny")).await,
+        401,
+        "authentication_error",
+        None,
+    );
+    // A tenant the gateway does not know.
+    let stranger = token("gamma", "", 600);
+    assert_error(
+        json_call(&h, "POST", "/v1/chat/completions", Some(&stranger), chat("tiny")).await,
+        403,
+        "permission_error",
+        Some("unknown_tenant"),
+    );
+    // Nothing reached the backend.
+    assert!(h.backend.generations.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_adapter_api_checks_scopes_prefixes_and_names_and_keeps_no_half_state() {
+    let h = harness().await;
+    let read_only = token("acme", "lora:read", 600);
+    let body = json!({"lora_name": "acme/a", "source": {"uri": "s3://acme/a"}});
+    assert_error(
+        json_call(&h, "POST", "/v1/loras", Some(&read_only), body).await,
+        403,
+        "permission_error",
+        Some("insufficient_scope"),
+    );
+    assert_error(load(&h, "acme", "acme/a", "s3://beta/a").await, 403, "permission_error", Some("source_not_allowed"));
+    assert_error(
+        load(&h, "acme", "acme/a", "s3://acme-evil/a").await,
+        403,
+        "permission_error",
+        Some("source_not_allowed"),
+    );
+    assert_error(load(&h, "acme", "beta/a", "s3://acme/a").await, 403, "permission_error", Some("adapter_not_allowed"));
+    assert_error(load(&h, "acme", "acme/../x", "s3://acme/a").await, 400, "invalid_request_error", None);
+    let t = token("acme", "lora:load", 600);
+    let unknown_field = json!({"lora_name": "acme/a", "source": {"uri": "s3://acme/a"}, "lora_path": "/x"});
+    assert_error(json_call(&h, "POST", "/v1/loras", Some(&t), unknown_field).await, 400, "invalid_request_error", None);
+    // The backend refuses the adapter: 422, and nothing is recorded or left loaded.
+    assert_error(
+        load(&h, "acme", "acme/bad", "s3://acme/bad").await,
+        422,
+        "unprocessable_entity_error",
+        Some("invalid_adapter"),
+    );
+    assert_error(
+        load(&h, "acme", "acme/gone", "s3://acme/missing").await,
+        422,
+        "unprocessable_entity_error",
+        Some("adapter_source_not_found"),
+    );
+    assert!(h.gw.loras.list().is_empty());
+    assert!(h.backend.adapters.lock().unwrap().is_empty());
+
+    let (s, v) = load(&h, "acme", "acme/a", "s3://acme/a").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "success");
+    assert_eq!(v["lora_name"], "acme/a");
+    assert_eq!(v["lora_id"], crate::loras::lora_id("acme/a"));
+    assert_eq!(v["backends"][0]["status"], "loaded");
+    assert_eq!(load(&h, "acme", "acme/a", "s3://acme/a").await.1["already_loaded"], true);
+    assert_error(load(&h, "acme", "acme/a", "s3://acme/a2").await, 409, "conflict_error", Some("lora_exists"));
+    let swap = json!({"lora_name": "acme/a", "source": {"uri": "s3://acme/a2"}, "hot_swap": true});
+    let (s, v) = json_call(&h, "POST", "/v1/loras", Some(&token("acme", "lora:load", 600)), swap).await;
+    assert_eq!((s, &v["hot_swap"]), (StatusCode::OK, &json!(true)), "{v}");
+
+    let reader = token("acme", "lora:read", 600);
+    let (s, v) = json_call(&h, "GET", "/v1/loras", Some(&reader), Value::Null).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["loras"], json!({"acme/a": crate::loras::lora_id("acme/a")}));
+    assert_eq!(v["count"], 1);
+    // beta sees none of acme's adapters, and cannot unload them.
+    let (_, v) = json_call(&h, "GET", "/v1/loras", Some(&token("beta", "lora:read", 600)), Value::Null).await;
+    assert_eq!(v["count"], 0);
+    let beta = token("beta", "lora:unload", 600);
+    assert_error(
+        json_call(&h, "DELETE", "/v1/loras/acme/a", Some(&beta), Value::Null).await,
+        403,
+        "permission_error",
+        None,
+    );
+    assert_error(
+        json_call(&h, "DELETE", "/v1/loras/acme/a", Some(&reader), Value::Null).await,
+        403,
+        "permission_error",
+        Some("insufficient_scope"),
+    );
+
+    let unloader = token("acme", "lora:unload", 600);
+    let (s, v) = json_call(&h, "DELETE", "/v1/loras/acme/a", Some(&unloader), Value::Null).await;
+    assert_eq!((s, &v["lora_name"]), (StatusCode::OK, &json!("acme/a")), "{v}");
+    assert!(h.backend.adapters.lock().unwrap().is_empty());
+    let (s, v) = json_call(&h, "DELETE", "/v1/loras/acme/a", Some(&unloader), Value::Null).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(v["error"]["message"].as_str().unwrap().starts_with("LoRA adapter 'acme/a' not found. Available LoRAs: ["));
+}
+
+#[tokio::test]
+async fn an_unreachable_backend_gives_503_with_retry_after_and_loads_are_refused() {
+    let h = harness().await;
+    *h.backend.down.lock().unwrap() = true;
+    reconcile::round(&h.gw, 0, &mut Failures::default()).await;
+    let t = token("acme", "", 600);
+    let (s, v, headers) =
+        call(&h, "POST", "/v1/chat/completions", Some(&t), Body::from(chat("tiny").to_string())).await;
+    assert_error((s, v), 503, "service_unavailable_error", Some("no_backend"));
+    assert!(headers.get("retry-after").is_some());
+    assert_error(load(&h, "acme", "acme/a", "s3://acme/a").await, 503, "service_unavailable_error", Some("no_backend"));
+    assert!(h.gw.loras.list().is_empty(), "a load no backend took is not recorded");
+    let (s, _, _) = call(&h, "GET", "/readyz", None, Body::empty()).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let (_, metrics, _) = call(&h, "GET", "/metrics", None, Body::empty()).await;
+    assert!(metrics.as_str().unwrap().contains("switchyard_gateway_backend_healthy{backend=\"http://fake:1\"} 0"));
+}
+
+fn sse_data(text: &str) -> Vec<(Option<String>, String)> {
+    let mut events = Vec::new();
+    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
+        let mut event = None;
+        let mut data = String::new();
+        for line in block.lines() {
+            if let Some(e) = line.strip_prefix("event: ") {
+                event = Some(e.to_string());
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                data.push_str(d);
+            }
+        }
+        if !data.is_empty() {
+            events.push((event, data));
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn streams_have_openai_chunks_usage_and_done_and_a_dying_backend_gives_an_error_event() {
+    let h = harness().await;
+    assert_eq!(load(&h, "acme", "acme/a", "s3://acme/a").await.0, StatusCode::OK);
+    let t = token("acme", "", 600);
+    let mut body = chat("acme/a");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let (s, v, _) = call(&h, "POST", "/v1/chat/completions", Some(&t), Body::from(body.to_string())).await;
+    assert_eq!(s, StatusCode::OK);
+    let events = sse_data(v.as_str().unwrap());
+    let datas: Vec<&str> = events.iter().map(|(_, d)| d.as_str()).collect();
+    assert_eq!(datas.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = datas[..datas.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, "Hello there");
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let usage = &chunks[chunks.len() - 1];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["total_tokens"], 7);
+    assert_eq!(h.backend.generations.lock().unwrap()[0].adapter, "acme/a");
+
+    *h.backend.die_after.lock().unwrap() = Some(1);
+    let (_, v, _) = call(&h, "POST", "/v1/chat/completions", Some(&t), Body::from(body.to_string())).await;
+    let events = sse_data(v.as_str().unwrap());
+    let (event, data) = events.last().unwrap();
+    assert_eq!(event.as_deref(), Some("error"));
+    let error: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(error["error"]["code"], "backend_unavailable");
+    assert!(!events.iter().any(|(_, d)| d == "[DONE]"), "a broken stream does not claim to be done");
+}
+
+#[tokio::test]
+async fn a_restarted_backend_gets_the_desired_adapters_back() {
+    let h = harness().await;
+    assert_eq!(load(&h, "acme", "acme/a", "s3://acme/a").await.0, StatusCode::OK);
+    assert_eq!(load(&h, "beta", "beta/b", "s3://beta/b").await.0, StatusCode::OK);
+    // The backend restarts: it knows no adapter.
+    h.backend.adapters.lock().unwrap().clear();
+    // A request for an adapter it lacks loads it there first, before the reconciler runs.
+    let t = token("acme", "", 600);
+    let (s, v) = json_call(&h, "POST", "/v1/chat/completions", Some(&t), chat("acme/a")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello there");
+    assert_eq!(v["usage"]["total_tokens"], 7);
+    // The reconciler brings back the rest.
+    reconcile::round(&h.gw, 0, &mut Failures::default()).await;
+    let loaded: Vec<String> = h.backend.adapters.lock().unwrap().keys().cloned().collect();
+    assert_eq!(loaded, vec!["acme/a".to_string(), "beta/b".to_string()]);
+}

@@ -1,0 +1,157 @@
+//! Prometheus metrics of the gateway, served at `/metrics` in the text exposition format.
+//! Label values come only from bounded sets: configured tenants, adapters in the desired set,
+//! the base model and configured backends. Anything else (an unknown tenant, a model name a
+//! client made up) is recorded as `-`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+/// The label for a value outside the bounded sets.
+pub const OTHER: &str = "-";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: &'static str,
+    status: String,
+    tenant: String,
+    model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    endpoint: &'static str,
+    model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    kind: &'static str,
+    tenant: String,
+    model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_buckets() -> Histogram {
+    // 1 ms to ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// The gateway's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: HistogramFamily<LatencyLabels>,
+    first_token: HistogramFamily<LatencyLabels>,
+    tokens: Family<TokenLabels, Counter>,
+    backend_healthy: Family<BackendLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("switchyard_gateway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by endpoint, HTTP status, tenant and model",
+            requests.clone(),
+        );
+        let duration: HistogramFamily<LatencyLabels> = Family::new_with_constructor(latency_buckets);
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to the last byte of the answer",
+            duration.clone(),
+        );
+        let first_token: HistogramFamily<LatencyLabels> = Family::new_with_constructor(latency_buckets);
+        registry.register(
+            "time_to_first_token_seconds",
+            "Time from request to the first generated text",
+            first_token.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register("tokens", "Prompt and completion tokens, by tenant and model", tokens.clone());
+        let backend_healthy = Family::<BackendLabels, Gauge>::default();
+        registry.register(
+            "backend_healthy",
+            "1 when the backend's last health probe succeeded",
+            backend_healthy.clone(),
+        );
+        Metrics { registry, requests, duration, first_token, tokens, backend_healthy }
+    }
+
+    /// Counts one answered request and its duration.
+    pub fn request(&self, endpoint: &'static str, status: u16, tenant: &str, model: &str, took: Duration) {
+        let labels = RequestLabels {
+            endpoint,
+            status: status.to_string(),
+            tenant: tenant.to_string(),
+            model: model.to_string(),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.duration.get_or_create(&LatencyLabels { endpoint, model: model.to_string() }).observe(took.as_secs_f64());
+    }
+
+    pub fn first_token(&self, endpoint: &'static str, model: &str, after: Duration) {
+        self.first_token
+            .get_or_create(&LatencyLabels { endpoint, model: model.to_string() })
+            .observe(after.as_secs_f64());
+    }
+
+    pub fn tokens(&self, tenant: &str, model: &str, prompt: u32, completion: u32) {
+        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+            let labels = TokenLabels { kind, tenant: tenant.to_string(), model: model.to_string() };
+            self.tokens.get_or_create(&labels).inc_by(u64::from(n));
+        }
+    }
+
+    pub fn backend_health(&self, backend: &str, healthy: bool) {
+        self.backend_healthy.get_or_create(&BackendLabels { backend: backend.to_string() }).set(i64::from(healthy));
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_carries_every_family_with_its_labels() {
+        let m = Metrics::new();
+        m.request("chat_completions", 200, "acme", "acme/support", Duration::from_millis(12));
+        m.tokens("acme", "acme/support", 7, 3);
+        m.backend_health("http://127.0.0.1:50051", true);
+        let text = m.render();
+        for needle in [
+            "switchyard_gateway_requests_total{endpoint=\"chat_completions\",status=\"200\",tenant=\"acme\",model=\"acme/support\"} 1",
+            "switchyard_gateway_tokens_total{kind=\"completion\",tenant=\"acme\",model=\"acme/support\"} 3",
+            "switchyard_gateway_backend_healthy{backend=\"http://127.0.0.1:50051\"} 1",
+            "switchyard_gateway_request_duration_seconds_bucket",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Routing policy: maps a verified request to an adapter (or the base model) and optionally a
+//! backend, or rejects it. The HTTP layer depends only on [`PolicyEngine`]; [`StaticPolicy`]
+//! is the built-in implementation over the tenants file, and per-tenant WebAssembly policies
+//! implement the same trait.
+
+use crate::tenants::Tenant;
+use async_trait::async_trait;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// Which OpenAI API the request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+}
+
+/// What a policy sees of a request.
+#[derive(Debug, Clone)]
+pub struct PolicyInput<'a> {
+    pub tenant: &'a str,
+    pub subject: Option<&'a str>,
+    pub scopes: &'a BTreeSet<String>,
+    pub endpoint: Endpoint,
+    /// The `model` field as the client sent it.
+    pub model: &'a str,
+    /// The base model's name, as the backends report it.
+    pub base_model: &'a str,
+    pub stream: bool,
+    pub max_tokens: Option<u32>,
+    /// Prompt size in characters (a cheap estimate; tokens are counted by the backend).
+    pub prompt_chars: usize,
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The adapter to apply; `None` for the base model.
+    pub adapter: Option<String>,
+    /// A backend address the request must go to; `None` lets the router choose.
+    pub backend: Option<String>,
+}
+
+/// A policy's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Route(Route),
+    /// Refuse the request with this HTTP status (4xx), machine-readable code and message.
+    Reject {
+        status: u16,
+        code: String,
+        message: String,
+    },
+}
+
+/// A policy that could not decide (as opposed to deciding to reject).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("routing policy failed: {0}")]
+pub struct PolicyError(pub String);
+
+/// Decides where each request goes.
+#[async_trait]
+pub trait PolicyEngine: Send + Sync + std::fmt::Debug {
+    async fn decide(&self, input: &PolicyInput<'_>) -> Result<Decision, PolicyError>;
+}
+
+/// The built-in policy: the model name is the base model, an alias from the tenant's
+/// `models` table, or an adapter name the tenant may use; the tenant's `backend` (if set)
+/// pins where its requests go.
+#[derive(Debug, Clone)]
+pub struct StaticPolicy {
+    tenants: Arc<BTreeMap<String, Tenant>>,
+}
+
+impl StaticPolicy {
+    pub fn new(tenants: Arc<BTreeMap<String, Tenant>>) -> StaticPolicy {
+        StaticPolicy { tenants }
+    }
+}
+
+/// OpenAI's answer for a model the caller does not have: the same whether it does not exist
+/// or belongs to someone else, so a tenant cannot probe for other tenants' adapter names.
+pub fn model_not_found(model: &str) -> Decision {
+    Decision::Reject {
+        status: 404,
+        code: "model_not_found".into(),
+        message: format!("The model `{model}` does not exist or you do not have access to it."),
+    }
+}
+
+#[async_trait]
+impl PolicyEngine for StaticPolicy {
+    async fn decide(&self, input: &PolicyInput<'_>) -> Result<Decision, PolicyError> {
+        let Some(tenant) = self.tenants.get(input.tenant) else {
+            return Ok(Decision::Reject {
+                status: 403,
+                code: "unknown_tenant".into(),
+                message: format!("tenant {:?} is not configured on this gateway", input.tenant),
+            });
+        };
+        let backend = tenant.backend.clone();
+        if input.model == input.base_model {
+            if !tenant.base_model {
+                return Ok(model_not_found(input.model));
+            }
+            return Ok(Decision::Route(Route { adapter: None, backend }));
+        }
+        let adapter = tenant.models.get(input.model).map_or(input.model, String::as_str);
+        if !tenant.may_use(adapter) {
+            return Ok(model_not_found(input.model));
+        }
+        Ok(Decision::Route(Route { adapter: Some(adapter.to_string()), backend }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input<'a>(tenant: &'a str, model: &'a str, scopes: &'a BTreeSet<String>) -> PolicyInput<'a> {
+        PolicyInput {
+            tenant,
+            subject: None,
+            scopes,
+            endpoint: Endpoint::ChatCompletions,
+            model,
+            base_model: "base",
+            stream: false,
+            max_tokens: None,
+            prompt_chars: 10,
+        }
+    }
+
+    #[tokio::test]
+    async fn tenants_reach_their_own_adapters_aliases_and_the_base_only() {
+        let file: crate::tenants::GatewayFile = toml::from_str(
+            "[tenants.a]\nadapters=[\"a/*\"]\nbackend=\"http://b1:1\"\n[tenants.a.models]\nsupport=\"a/support\"\n\
+             [tenants.b]\nadapters=[\"b/*\"]\nbase_model=false\n",
+        )
+        .unwrap();
+        let p = StaticPolicy::new(Arc::new(file.tenants));
+        let s = BTreeSet::new();
+        let route = |adapter: Option<&str>, backend: Option<&str>| {
+            Decision::Route(Route { adapter: adapter.map(Into::into), backend: backend.map(Into::into) })
+        };
+        assert_eq!(p.decide(&input("a", "a/x", &s)).await.unwrap(), route(Some("a/x"), Some("http://b1:1")));
+        assert_eq!(p.decide(&input("a", "support", &s)).await.unwrap(), route(Some("a/support"), Some("http://b1:1")));
+        assert_eq!(p.decide(&input("a", "base", &s)).await.unwrap(), route(None, Some("http://b1:1")));
+        assert_eq!(p.decide(&input("a", "b/x", &s)).await.unwrap(), model_not_found("b/x"));
+        assert_eq!(p.decide(&input("b", "base", &s)).await.unwrap(), model_not_found("base"));
+        assert_eq!(p.decide(&input("b", "b/x", &s)).await.unwrap(), route(Some("b/x"), None));
+        let Decision::Reject { status, code, .. } = p.decide(&input("c", "base", &s)).await.unwrap() else {
+            panic!("an unknown tenant is rejected")
+        };
+        assert_eq!((status, code.as_str()), (403, "unknown_tenant"));
+    }
+}
