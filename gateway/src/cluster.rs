@@ -59,10 +59,12 @@ impl BackendView {
         }
     }
 
-    /// Records a failed probe.
+    /// Records a failed probe. What it said about its adapters no longer holds (a backend
+    /// that comes back may have restarted with none).
     pub fn fail(&mut self, error: String) {
         self.healthy = false;
         self.last_error = Some(error);
+        self.adapters.clear();
     }
 
     /// Requests waiting or running there.

@@ -161,6 +161,13 @@ pub async fn serve(
     if gw.verifier.config().jwks_file.is_some() {
         tasks.push(auth::spawn_reloader(gw.verifier.clone(), JWKS_RELOAD_INTERVAL));
     }
+    use axum::serve::ListenerExt;
+    // TCP_NODELAY: small responses and SSE events go out at once instead of waiting on Nagle.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let served = axum::serve(listener, http::router(gw)).with_graceful_shutdown(shutdown).await;
     for t in tasks {
         t.abort();

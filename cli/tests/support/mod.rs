@@ -70,11 +70,11 @@ pub fn start_backend(extra: &[&str]) -> Backend {
 pub fn start_backend_with(model: &Path, extra: &[&str], env: &[(&str, String)]) -> Backend {
     let cache = tempfile::tempdir().expect("cache dir");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
-    cmd.arg("backend")
-        .arg("--model")
-        .arg(model)
-        .args(["--listen", "127.0.0.1:0"])
-        .args(extra)
+    cmd.arg("backend").arg("--model").arg(model);
+    if !extra.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    cmd.args(extra)
         .env("RUST_LOG", "warn")
         .env("SWITCHYARD_ADAPTER_ROOTS", fixtures())
         .env("SWITCHYARD_LORA_CACHE_DIR", cache.path())
@@ -473,4 +473,48 @@ pub fn cache_entries(dir: &Path) -> Vec<String> {
     names.retain(|n| !n.starts_with(".tmp-evicted-"));
     names.sort();
     names
+}
+
+/// A running `switchyard gateway`; killed on drop.
+pub struct Gateway {
+    pub server: Server,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+}
+
+/// Starts the gateway in front of `backends` with extra flags (keys, config, state dir).
+pub fn start_gateway(backends: &[&str], extra: &[&str]) -> Gateway {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.arg("gateway").args(["--listen", "127.0.0.1:0"]).args(["--probe-interval-ms", "200"]);
+    for b in backends {
+        cmd.args(["--backend", &format!("http://{b}")]);
+    }
+    cmd.args(extra).env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut child = cmd.spawn().expect("switchyard binary starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("reads the listening line");
+    assert!(line.starts_with("switchyard gateway listening on "), "unexpected first line: {line:?}");
+    let addr = line.trim().rsplit(' ').next().expect("address").to_string();
+    Gateway { server: Server { child }, url: format!("http://{addr}") }
+}
+
+/// The Python with the test clients (`openai`, `PyJWT`): `$SWITCHYARD_TEST_PYTHON`, else the
+/// venv `scripts/install-test-servers` makes. `None` (skipped, saying so) when absent, unless
+/// `SWITCHYARD_REQUIRE_TEST_CLIENTS` is set, as CI does.
+pub fn test_python() -> Option<PathBuf> {
+    let installed = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-tools/py/bin/python");
+    let found = std::env::var_os("SWITCHYARD_TEST_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| installed.is_file().then_some(installed));
+    if found.is_none() {
+        assert!(
+            std::env::var_os("SWITCHYARD_REQUIRE_TEST_CLIENTS").is_none(),
+            "the Python test clients are required: run scripts/install-test-servers (or set SWITCHYARD_TEST_PYTHON)"
+        );
+        use std::io::Write;
+        let _ =
+            writeln!(std::io::stderr(), "skipped: Python test clients not found (run scripts/install-test-servers)");
+    }
+    found
 }
