@@ -31,6 +31,18 @@ struct FakeBackend {
     /// Messages before the stream breaks off (None: it finishes).
     die_after: Mutex<Option<usize>>,
     generations: Mutex<Vec<pb::GenerateRequest>>,
+    /// Generate streams forever; `cancelled` is set when the gateway drops the stream.
+    endless: Mutex<bool>,
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Sets its flag when dropped: stands for the backend seeing its stream cancelled.
+struct OnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 fn err(code: UpstreamCode, m: &str) -> UpstreamError {
@@ -74,6 +86,14 @@ impl Upstream for FakeBackend {
             return Err(err(UpstreamCode::NotFound, "adapter not resident"));
         }
         self.generations.lock().unwrap().push(request);
+        if *self.endless.lock().unwrap() {
+            let guard = OnDrop(self.cancelled.clone());
+            return Ok(futures::stream::unfold(guard, |guard| async move {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                Some((Ok(pb::GenerateResponse { text: "x".into(), ..Default::default() }), guard))
+            })
+            .boxed());
+        }
         let die_after = *self.die_after.lock().unwrap();
         let mut items: Vec<Result<pb::GenerateResponse, UpstreamError>> = ["Hello", " there", ""]
             .iter()
@@ -456,4 +476,34 @@ async fn a_restarted_backend_gets_the_desired_adapters_back() {
     reconcile::round(&h.gw, 0, &mut Failures::default()).await;
     let loaded: Vec<String> = h.backend.adapters.lock().unwrap().keys().cloned().collect();
     assert_eq!(loaded, vec!["acme/a".to_string(), "beta/b".to_string()]);
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_the_generation_on_the_backend() {
+    use http_body_util::BodyExt;
+    let h = harness().await;
+    *h.backend.endless.lock().unwrap() = true;
+    let mut body = chat("tiny");
+    body["stream"] = json!(true);
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("authorization", format!("Bearer {}", token("acme", "", 600)))
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = crate::http::router(h.gw.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    // The stream is running: text keeps coming.
+    for _ in 0..3 {
+        let frame = body.frame().await.unwrap().unwrap();
+        assert!(frame.is_data());
+    }
+    assert!(!h.backend.cancelled.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(h.gw.views()[0].in_flight, 1);
+    drop(body);
+    assert!(h.backend.cancelled.load(std::sync::atomic::Ordering::SeqCst), "the backend stream was not dropped");
+    assert_eq!(h.gw.views()[0].in_flight, 0, "the request still counts against the backend's queue");
+    let metrics = h.gw.metrics.render();
+    assert!(metrics.contains("status=\"499\""), "an abandoned stream is counted as 499:\n{metrics}");
 }
