@@ -75,15 +75,7 @@ async fn main() {
         assert!(Instant::now() < deadline, "gateway never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let uri = format!("file://{}", fixture_adapter("r8-qv").display());
-    let r = http
-        .post(format!("{}/v1/loras", gw.url))
-        .bearer_auth(&token)
-        .json(&json!({"lora_name": "bench/a", "source": {"uri": uri}}))
-        .send()
-        .await
-        .expect("load answers");
-    assert!(r.status().is_success(), "adapter load failed: {}", r.text().await.unwrap_or_default());
+    load_through_gateway(&http, &gw, &token, "bench/a", "r8-qv").await;
 
     let (mut client, _) = connect(&backend).await;
     let content = "Say hello";

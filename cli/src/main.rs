@@ -267,6 +267,15 @@ async fn run_gateway(a: GatewayArgs) -> Result<()> {
         jwks_file: a.jwks_file,
     })
     .context("JWT keys")?;
+    for (name, t) in &file.tenants {
+        if let Some(b) = &t.backend {
+            anyhow::ensure!(
+                a.backends.contains(b),
+                "tenants.{name}.backend {b:?} is not one of the --backend addresses ({})",
+                a.backends.join(", ")
+            );
+        }
+    }
     let mut backends: Vec<Arc<dyn Upstream>> = Vec::new();
     for address in &a.backends {
         backends.push(Arc::new(GrpcUpstream::new(address, UpstreamTimeouts::default()).map_err(anyhow::Error::msg)?));

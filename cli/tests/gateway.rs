@@ -31,6 +31,17 @@ fn write_config(dir: &Path) -> String {
     config.display().to_string()
 }
 
+/// A gateway in front of `backend` with the test tenants, a state dir in `dir`, the test
+/// issuer and audience, and `auth` (the key flags).
+fn start_test_gateway(backend: &str, dir: &Path, auth: &[&str]) -> Gateway {
+    let state = dir.join("state").display().to_string();
+    let config = write_config(dir);
+    let mut flags =
+        vec!["--state-dir", &state, "--config", &config, "--jwt-issuer", ISSUER, "--jwt-audience", AUDIENCE];
+    flags.extend_from_slice(auth);
+    start_gateway(&[backend], &flags)
+}
+
 async fn wait_until(what: &str, timeout: Duration, mut ready: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ready().await {
@@ -54,19 +65,10 @@ async fn the_openai_sdk_with_pyjwt_tokens_works_through_the_gateway() {
 
     let backend = start_backend(&[]);
     let key = |f: &str| keys.join(f).display().to_string();
-    let state = dir.path().join("state").display().to_string();
-    let config = write_config(dir.path());
-    let gw = start_gateway(
-        &[&backend.addr],
+    let gw = start_test_gateway(
+        &backend.addr,
+        dir.path(),
         &[
-            "--state-dir",
-            &state,
-            "--config",
-            &config,
-            "--jwt-issuer",
-            ISSUER,
-            "--jwt-audience",
-            AUDIENCE,
             "--jwt-hs256-secret-file",
             &key("hs256.secret"),
             "--jwt-public-key",
@@ -132,37 +134,13 @@ async fn a_restarted_backend_is_marked_unhealthy_then_gets_its_adapters_back() {
     let dir = tempfile::tempdir().expect("temp dir");
     let secret = dir.path().join("secret");
     std::fs::write(&secret, SECRET).expect("secret");
-    let state = dir.path().join("state").display().to_string();
-    let config = write_config(dir.path());
-    let gw = start_gateway(
-        &[&listen],
-        &[
-            "--state-dir",
-            &state,
-            "--config",
-            &config,
-            "--jwt-issuer",
-            ISSUER,
-            "--jwt-audience",
-            AUDIENCE,
-            "--jwt-hs256-secret-file",
-            &secret.display().to_string(),
-        ],
-    );
+    let gw = start_test_gateway(&listen, dir.path(), &["--jwt-hs256-secret-file", &secret.display().to_string()]);
     let http = reqwest::Client::new();
     wait_until("the gateway is ready", Duration::from_secs(30), async || readyz(&http, &gw).await == 200).await;
     let admin = token("ops", "lora:load lora:read");
     let acme = token("acme", "");
 
-    let uri = format!("file://{}", fixture_adapter("r8-qv").display());
-    let r = http
-        .post(format!("{}/v1/loras", gw.url))
-        .bearer_auth(&admin)
-        .json(&json!({"lora_name": "acme/support", "source": {"uri": uri}}))
-        .send()
-        .await
-        .expect("answers");
-    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap_or_default());
+    load_through_gateway(&http, &gw, &admin, "acme/support", "r8-qv").await;
 
     // Through the gateway, the adapter's output is the backend's own.
     let (status, body, _) = chat(&http, &gw, &acme, "acme/support").await;

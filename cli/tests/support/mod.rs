@@ -499,6 +499,20 @@ pub fn start_gateway(backends: &[&str], extra: &[&str]) -> Gateway {
     Gateway { server: Server { child }, url: format!("http://{addr}") }
 }
 
+/// Loads the fixture adapter `fixture` under `name` through the gateway's adapter API.
+pub async fn load_through_gateway(http: &reqwest::Client, gw: &Gateway, token: &str, name: &str, fixture: &str) {
+    let uri = format!("file://{}", fixture_adapter(fixture).display());
+    let r = http
+        .post(format!("{}/v1/loras", gw.url))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"lora_name": name, "source": {"uri": uri}}))
+        .send()
+        .await
+        .expect("the gateway answers");
+    let status = r.status();
+    assert!(status.is_success(), "adapter load failed: {status} {}", r.text().await.unwrap_or_default());
+}
+
 /// The Python with the test clients (`openai`, `PyJWT`): `$SWITCHYARD_TEST_PYTHON`, else the
 /// venv `scripts/install-test-servers` makes. `None` (skipped, saying so) when absent, unless
 /// `SWITCHYARD_REQUIRE_TEST_CLIENTS` is set, as CI does.
