@@ -59,6 +59,11 @@ enum Command {
     Backend(BackendArgs),
     /// Run the gateway: OpenAI-compatible HTTP with JWT auth in front of one or more backends.
     Gateway(GatewayArgs),
+    /// Work with routing policies (WebAssembly components).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Measure decode throughput with 0, 1 and N distinct adapters in one batch.
     Bench(BenchArgs),
 }
@@ -143,6 +148,26 @@ struct BackendArgs {
     unload_timeout: u64,
 }
 
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Run a policy component against recorded requests and the decisions expected for them.
+    Test(PolicyTestArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct PolicyTestArgs {
+    /// The policy component (.wasm).
+    policy: PathBuf,
+    /// The deployment configuration (a JSON file), as given at activation; default `{}`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The cases: a JSON list of {"name", "request", "expect"}.
+    #[arg(long)]
+    cases: PathBuf,
+    #[command(flatten)]
+    limits: PolicyHostArgs,
+}
+
 #[derive(clap::Args, Debug)]
 struct GatewayArgs {
     /// Address for the HTTP server; port 0 picks a free port (printed at start-up).
@@ -185,6 +210,38 @@ struct GatewayArgs {
     /// Milliseconds between health probes of each backend.
     #[arg(long, env = "SWITCHYARD_PROBE_INTERVAL_MS", default_value_t = DEFAULT_PROBE_INTERVAL_MS)]
     probe_interval_ms: u64,
+    #[command(flatten)]
+    policy: PolicyHostArgs,
+}
+
+/// Limits of the WebAssembly policy host.
+#[derive(clap::Args, Debug, Clone)]
+struct PolicyHostArgs {
+    /// Linear memory one policy instance may use.
+    #[arg(long, env = "SWITCHYARD_POLICY_MEMORY", default_value = "32MiB", value_parser = parse_bytes)]
+    policy_memory: u64,
+    /// Milliseconds one policy decision may take.
+    #[arg(long, env = "SWITCHYARD_POLICY_DEADLINE_MS", default_value_t = 25)]
+    policy_deadline_ms: u64,
+    /// Largest policy component accepted.
+    #[arg(long, env = "SWITCHYARD_POLICY_MAX_BYTES", default_value = "16MiB", value_parser = parse_bytes)]
+    policy_max_bytes: u64,
+    /// Request headers passed to policies (comma-separated; `authorization` never is).
+    #[arg(long, env = "SWITCHYARD_POLICY_HEADERS", value_delimiter = ',')]
+    policy_headers: Vec<String>,
+}
+
+impl PolicyHostArgs {
+    fn limits(&self) -> Result<switchyard_gateway::policy::wasm::WasmLimits> {
+        use anyhow::Context;
+        anyhow::ensure!(self.policy_deadline_ms > 0, "--policy-deadline-ms must be at least 1");
+        Ok(switchyard_gateway::policy::wasm::WasmLimits {
+            memory_bytes: usize::try_from(self.policy_memory).context("--policy-memory")?,
+            deadline: Duration::from_millis(self.policy_deadline_ms),
+            max_component_bytes: usize::try_from(self.policy_max_bytes).context("--policy-max-bytes")?,
+            ..Default::default()
+        })
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -210,6 +267,9 @@ async fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Backend(args) => run_backend(args).await,
         Command::Gateway(args) => run_gateway(args).await,
+        Command::Policy { command: PolicyCommand::Test(args) } => {
+            tokio::task::spawn_blocking(move || run_policy_test(args)).await?
+        }
         Command::Bench(args) => tokio::task::spawn_blocking(move || run_bench(args)).await?,
     }
 }
@@ -282,24 +342,57 @@ async fn run_gateway(a: GatewayArgs) -> Result<()> {
     }
     let store = loras::LoraStore::open(&a.state_dir).context("state dir")?;
     let tenants = Arc::new(file.tenants);
+    let policy_headers: Vec<String> = a.policy.policy_headers.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+    anyhow::ensure!(
+        !policy_headers.iter().any(|h| h == "authorization"),
+        "--policy-headers may not pass authorization"
+    );
     let options = GatewayOptions {
         max_body_bytes: usize::try_from(a.max_body_bytes).context("--max-body-bytes")?,
         probe_interval: Duration::from_millis(a.probe_interval_ms),
+        policy_headers,
     };
-    let gw = Arc::new(Gateway::new(
-        backends,
-        store,
-        tenants.clone(),
-        Arc::new(policy::StaticPolicy::new(tenants)),
-        Arc::new(verifier),
-        options,
-    ));
+    let runtime = Arc::new(policy::wasm::PolicyRuntime::new(a.policy.limits()?).map_err(anyhow::Error::msg)?);
+    let policies = Arc::new(
+        policy::deploy::PolicyStore::open(&a.state_dir.join("policies"), runtime).context("deployed policies")?,
+    );
+    let engine = policy::WasmPolicies::new(policies.clone(), Arc::new(policy::StaticPolicy::new(tenants.clone())));
+    let gw = Arc::new(
+        Gateway::new(backends, store, tenants, Arc::new(engine), Arc::new(verifier), options)
+            .with_policy_store(policies),
+    );
     let listener =
         tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
     // One line on stdout, for scripts and tests that start the gateway on port 0.
     println!("switchyard gateway listening on {}", listener.local_addr()?);
     switchyard_gateway::serve(gw, listener, shutdown_signal()).await?;
     tracing::info!("gateway stopped");
+    Ok(())
+}
+
+fn run_policy_test(a: PolicyTestArgs) -> Result<()> {
+    use anyhow::Context;
+    use switchyard_gateway::policy::{cases, wasm};
+    let config = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+            value.to_string()
+        }
+        None => "{}".to_string(),
+    };
+    let cases = cases::load(&a.cases).map_err(anyhow::Error::msg)?;
+    let runtime = wasm::PolicyRuntime::new(a.limits.limits()?).map_err(anyhow::Error::msg)?;
+    let bytes = std::fs::read(&a.policy).with_context(|| format!("cannot read {}", a.policy.display()))?;
+    let policy = runtime.compile(&bytes).with_context(|| format!("{}", a.policy.display()))?;
+    let results = cases::run(&runtime, &policy, &config, &cases).map_err(anyhow::Error::msg)?;
+    let failed = results.iter().filter(|r| !r.passed).count();
+    for r in &results {
+        println!("{} {}: {}", if r.passed { "ok  " } else { "FAIL" }, r.name, r.got);
+    }
+    println!("{} passed, {failed} failed", results.len() - failed);
+    anyhow::ensure!(failed == 0, "{failed} of {} cases failed", results.len());
     Ok(())
 }
 

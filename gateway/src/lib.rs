@@ -47,11 +47,17 @@ pub const RETRY_AFTER_S: u64 = 2;
 pub struct GatewayOptions {
     pub max_body_bytes: usize,
     pub probe_interval: Duration,
+    /// Request headers passed to routing policies (lower-case; `authorization` is never passed).
+    pub policy_headers: Vec<String>,
 }
 
 impl Default for GatewayOptions {
     fn default() -> Self {
-        GatewayOptions { max_body_bytes: DEFAULT_MAX_BODY_BYTES, probe_interval: DEFAULT_PROBE_INTERVAL }
+        GatewayOptions {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+            policy_headers: Vec::new(),
+        }
     }
 }
 
@@ -71,6 +77,8 @@ pub struct Gateway {
     turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The base model's name, from the first backend that answered a probe.
     base_model: RwLock<Option<String>>,
+    /// Deployed WebAssembly policies, when the policy host is enabled.
+    pub(crate) policies: Option<Arc<policy::deploy::PolicyStore>>,
 }
 
 impl Gateway {
@@ -101,7 +109,14 @@ impl Gateway {
             options,
             turns: Mutex::new(HashMap::new()),
             base_model: RwLock::new(None),
+            policies: None,
         }
+    }
+
+    /// Serves the policy deploy API from `store` (the policy engine should consult it too).
+    pub fn with_policy_store(mut self, store: Arc<policy::deploy::PolicyStore>) -> Gateway {
+        self.policies = Some(store);
+        self
     }
 
     /// The routing table as of now.

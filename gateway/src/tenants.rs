@@ -8,6 +8,7 @@
 //! load_prefixes = ["s3://acme-loras/"]   # where its tokens may load adapters from
 //! base_model = true                      # may it call the base model (default true)
 //! backend = "http://10.0.0.7:50051"      # optional: send all its requests to this backend
+//! admin = false                          # may it deploy policies for other tenants
 //! [tenants.acme.models]                  # optional aliases: the `model` clients send -> adapter
 //! support = "acme/support-v2"
 //! ```
@@ -35,6 +36,10 @@ pub struct Tenant {
     /// Model aliases: the `model` a client sends, mapped to an adapter name.
     #[serde(default)]
     pub models: BTreeMap<String, String>,
+    /// An operator tenant: with `policy:deploy` it may manage every tenant's policy and the
+    /// default one (others manage only their own).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 fn yes() -> bool {

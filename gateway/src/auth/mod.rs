@@ -104,6 +104,8 @@ pub struct Principal {
     pub subject: Option<String>,
     pub tenant: String,
     pub scopes: BTreeSet<String>,
+    /// Every claim of the verified token (routing policies may read them).
+    pub claims: serde_json::Map<String, Value>,
 }
 
 impl Principal {
@@ -304,7 +306,7 @@ impl Verifier {
             }
         }
         let subject = claims.get("sub").and_then(Value::as_str).map(str::to_string);
-        Ok(Principal { subject, tenant, scopes })
+        Ok(Principal { subject, tenant, scopes, claims: claims.clone() })
     }
 }
 

@@ -171,6 +171,7 @@ async fn begin(
             tenant: &who.tenant,
             subject: who.subject.as_deref(),
             scopes: &who.scopes,
+            claims: &who.claims,
             endpoint: match api {
                 Api::Chat => Endpoint::ChatCompletions,
                 Api::Completion => Endpoint::Completions,
@@ -180,9 +181,18 @@ async fn begin(
             stream: generation.stream,
             max_tokens: generation.max_tokens,
             prompt_chars,
+            headers: policy_headers(gw, headers),
+            backends: gw.views(),
+            adapters: gw.loras.list().into_iter().map(|l| (l.name, l.owner)).collect(),
         })
         .await
-        .map_err(|e| ApiError::server(500, e.to_string(), "policy_failed"))?;
+        .map_err(|e| {
+            if e.busy {
+                ApiError::unavailable(e.to_string(), crate::RETRY_AFTER_S).with_code("policy_busy")
+            } else {
+                ApiError::server(500, e.to_string(), "policy_failed")
+            }
+        })?;
     let route = match decision {
         Decision::Route(route) => route,
         Decision::Reject { status, code, message } => return Err(ApiError::client(status, message, &code)),
@@ -201,6 +211,18 @@ async fn begin(
         include_usage: generation.include_usage,
     };
     Ok((job, started))
+}
+
+/// The request headers the gateway is configured to show policies.
+fn policy_headers(gw: &Gateway, headers: &HeaderMap) -> Vec<(String, String)> {
+    gw.options
+        .policy_headers
+        .iter()
+        .filter_map(|name| {
+            let value = headers.get(name.as_str())?.to_str().ok()?;
+            Some((name.clone(), value.to_string()))
+        })
+        .collect()
 }
 
 /// Whatever the policy said, a tenant only reaches adapters its ACL allows and that are

@@ -4,6 +4,7 @@
 
 mod inference;
 mod loras;
+mod policies;
 #[cfg(test)]
 mod tests;
 
@@ -49,6 +50,9 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/models", get(inference::models))
         .route("/v1/loras", get(loras::list).post(loras::load))
         .route("/v1/loras/{*name}", delete(loras::unload))
+        .route("/v1/policies", get(policies::list).post(policies::upload))
+        .route("/v1/policies/rollback", post(policies::rollback))
+        .route("/v1/policies/{id}/activate", post(policies::activate))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -125,7 +129,11 @@ pub(crate) fn principal(gw: &Gateway, headers: &HeaderMap) -> Result<Principal, 
 
 /// The request body, up to the configured limit.
 pub(crate) async fn read_body(gw: &Gateway, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-    let limit = gw.options.max_body_bytes;
+    read_body_up_to(gw.options.max_body_bytes, headers, body).await
+}
+
+/// The request body, up to `limit` bytes.
+pub(crate) async fn read_body_up_to(limit: usize, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {

@@ -6,6 +6,9 @@
 use crate::auth::{AuthConfig, Verifier};
 use crate::loras::LoraStore;
 use crate::policy::StaticPolicy;
+use crate::policy::WasmPolicies;
+use crate::policy::deploy::PolicyStore;
+use crate::policy::wasm::{PolicyRuntime, WasmLimits};
 use crate::reconcile::{self, Failures};
 use crate::tenants::GatewayFile;
 use crate::upstream::{Probe, TokenStream, Upstream, UpstreamCode, UpstreamError};
@@ -141,7 +144,15 @@ struct Harness {
 }
 
 async fn harness() -> Harness {
-    let dir = tempfile::tempdir().unwrap();
+    harness_with(false).await
+}
+
+/// With `policies`, the gateway hosts WebAssembly policies (state in the same temp dir).
+async fn harness_with(policies: bool) -> Harness {
+    harness_in(tempfile::tempdir().unwrap(), policies).await
+}
+
+async fn harness_in(dir: tempfile::TempDir, policies: bool) -> Harness {
     let secret = dir.path().join("secret");
     std::fs::write(&secret, SECRET).unwrap();
     let file: GatewayFile = toml::from_str(
@@ -152,6 +163,9 @@ async fn harness() -> Harness {
         [tenants.beta]
         adapters = ["beta/*"]
         load_prefixes = ["s3://beta/"]
+        [tenants.ops]
+        adapters = ["*"]
+        admin = true
         "#,
     )
     .unwrap();
@@ -164,14 +178,30 @@ async fn harness() -> Harness {
     .unwrap();
     let backend = Arc::new(FakeBackend::default());
     let tenants = Arc::new(file.tenants);
-    let gw = Arc::new(Gateway::new(
+    let fallback: Arc<dyn crate::policy::PolicyEngine> = Arc::new(StaticPolicy::new(tenants.clone()));
+    let store = policies.then(|| {
+        let runtime = Arc::new(
+            PolicyRuntime::new(WasmLimits { deadline: std::time::Duration::from_millis(50), ..Default::default() })
+                .unwrap(),
+        );
+        Arc::new(PolicyStore::open(&dir.path().join("state/policies"), runtime).unwrap())
+    });
+    let engine: Arc<dyn crate::policy::PolicyEngine> = match &store {
+        Some(store) => Arc::new(WasmPolicies::new(store.clone(), fallback)),
+        None => fallback,
+    };
+    let mut gateway = Gateway::new(
         vec![backend.clone()],
         LoraStore::open(&dir.path().join("state")).unwrap(),
-        tenants.clone(),
-        Arc::new(StaticPolicy::new(tenants)),
+        tenants,
+        engine,
         Arc::new(verifier),
-        GatewayOptions { max_body_bytes: 64 << 10, ..Default::default() },
-    ));
+        GatewayOptions { max_body_bytes: 64 << 10, policy_headers: vec!["x-plan".into()], ..Default::default() },
+    );
+    if let Some(store) = store {
+        gateway = gateway.with_policy_store(store);
+    }
+    let gw = Arc::new(gateway);
     reconcile::round(&gw, 0, &mut Failures::default()).await;
     Harness { gw, backend, _dir: dir }
 }
@@ -506,4 +536,138 @@ async fn a_client_that_goes_away_cancels_the_generation_on_the_backend() {
     assert_eq!(h.gw.views()[0].in_flight, 0, "the request still counts against the backend's queue");
     let metrics = h.gw.metrics.render();
     assert!(metrics.contains("status=\"499\""), "an abandoned stream is counted as 499:\n{metrics}");
+}
+
+async fn upload(h: &Harness, name: &str, bytes: Vec<u8>) -> (StatusCode, Value) {
+    let t = token("ops", "policy:deploy", 600);
+    let (s, v, _) = call(h, "POST", &format!("/v1/policies?name={name}"), Some(&t), Body::from(bytes)).await;
+    (s, v)
+}
+
+async fn activate(h: &Harness, who: &str, id: &str, body: Value) -> (StatusCode, Value) {
+    let t = token(who, "policy:deploy", 600);
+    json_call(h, "POST", &format!("/v1/policies/{id}/activate"), Some(&t), body).await
+}
+
+#[tokio::test]
+async fn policies_are_deployed_activated_rolled_back_and_survive_a_restart_through_the_api() {
+    let h = harness_with(true).await;
+    for name in ["acme/v1", "acme/v2", "acme/pro"] {
+        assert_eq!(load(&h, "acme", name, &format!("s3://acme/{name}")).await.0, StatusCode::OK);
+    }
+    // Not a component; a core module; no token; no scope.
+    assert_error(
+        upload(&h, "junk", b"not wasm".to_vec()).await,
+        422,
+        "unprocessable_entity_error",
+        Some("invalid_policy"),
+    );
+    let (s, _, _) = call(&h, "POST", "/v1/policies?name=x", None, Body::from(vec![0u8; 8])).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let no_scope = token("ops", "lora:load", 600);
+    let (s, v, _) = call(&h, "POST", "/v1/policies?name=x", Some(&no_scope), Body::from(vec![0u8; 8])).await;
+    assert_error((s, v), 403, "permission_error", Some("insufficient_scope"));
+
+    let (s, v) = upload(&h, "tenant-map", crate::policy::built::component("tenant-map")).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let map = v["policy"]["id"].as_str().unwrap().to_string();
+    let (_, v) = upload(&h, "canary", crate::policy::built::component("canary")).await;
+    let canary = v["policy"]["id"].as_str().unwrap().to_string();
+
+    // acme may manage only its own policy; ops (admin) may set anyone's and the default.
+    assert_error(
+        activate(&h, "acme", &map, json!({"tenant": "beta"})).await,
+        403,
+        "permission_error",
+        Some("policy_not_allowed"),
+    );
+    assert_error(
+        activate(&h, "acme", "0000000000000000", json!({})).await,
+        404,
+        "not_found_error",
+        Some("policy_not_found"),
+    );
+    assert_error(
+        activate(&h, "acme", &canary, json!({"config": {"percent": 5}})).await,
+        422,
+        "unprocessable_entity_error",
+        Some("policy_dry_run_failed"),
+    );
+    let (s, v) = activate(&h, "acme", &map, json!({"config": {"tenants": {"acme": "acme/v1"}}})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let t = token("acme", "", 600);
+    let content = |v: Value| v["choices"][0]["message"]["content"].as_str().map(str::to_string);
+    let (s, v) = json_call(&h, "POST", "/v1/chat/completions", Some(&t), chat("anything")).await;
+    assert_eq!((s, content(v).as_deref()), (StatusCode::OK, Some("Hello there")));
+    assert_eq!(h.backend.generations.lock().unwrap().last().unwrap().adapter, "acme/v1");
+
+    let (s, v) =
+        activate(&h, "acme", &canary, json!({"config": {"stable": "acme/v1", "canary": "acme/v2", "percent": 100}}))
+            .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    json_call(&h, "POST", "/v1/chat/completions", Some(&t), chat("anything")).await;
+    assert_eq!(h.backend.generations.lock().unwrap().last().unwrap().adapter, "acme/v2");
+
+    let deployer = token("acme", "policy:deploy", 600);
+    let (s, v) = json_call(&h, "POST", "/v1/policies/rollback", Some(&deployer), json!({})).await;
+    assert_eq!((s, &v["active"]["id"]), (StatusCode::OK, &json!(map)), "{v}");
+    json_call(&h, "POST", "/v1/chat/completions", Some(&t), chat("anything")).await;
+    assert_eq!(h.backend.generations.lock().unwrap().last().unwrap().adapter, "acme/v1");
+    assert_error(
+        json_call(&h, "POST", "/v1/policies/rollback", Some(&deployer), json!({})).await,
+        409,
+        "conflict_error",
+        Some("nothing_to_roll_back"),
+    );
+    let (_, v) = json_call(&h, "GET", "/v1/policies", Some(&deployer), Value::Null).await;
+    assert_eq!(v["policies"].as_array().unwrap().len(), 2);
+    assert_eq!(v["active"].as_object().unwrap().keys().collect::<Vec<_>>(), vec!["acme"], "acme sees only its own");
+
+    // Restart: a new gateway over the same state dir routes acme the same way.
+    let Harness { _dir: dir, .. } = h;
+    let h = harness_in(dir, true).await;
+    json_call(&h, "POST", "/v1/chat/completions", Some(&t), chat("anything")).await;
+    assert_eq!(h.backend.generations.lock().unwrap().last().unwrap().adapter, "acme/v1");
+}
+
+#[tokio::test]
+async fn a_hostile_policy_fails_its_tenants_requests_and_no_one_elses() {
+    let h = harness_with(true).await;
+    assert_eq!(load(&h, "acme", "acme/v1", "s3://acme/v1").await.0, StatusCode::OK);
+    let (_, v) = upload(&h, "hostile", crate::policy::built::component("hostile")).await;
+    let hostile = v["policy"]["id"].as_str().unwrap().to_string();
+    let (_, v) = upload(&h, "tenant-map", crate::policy::built::component("tenant-map")).await;
+    let map = v["policy"]["id"].as_str().unwrap().to_string();
+    let (s, v) = activate(&h, "ops", &map, json!({"tenant": "acme", "config": {"tenants": {"acme": "acme/v1"}}})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // An activation whose dry run faults is refused; one whose faults show only on real
+    // requests (here: the ghost adapter) is the tenant's own problem.
+    assert_error(
+        activate(&h, "ops", &hostile, json!({"tenant": "beta", "config": {"mode": "loop"}})).await,
+        422,
+        "unprocessable_entity_error",
+        Some("policy_dry_run_failed"),
+    );
+    let (s, _) = activate(&h, "ops", &hostile, json!({"tenant": "beta", "config": {"mode": "ghost"}})).await;
+    assert_eq!(s, StatusCode::OK);
+    let beta = token("beta", "", 600);
+    assert_error(
+        json_call(&h, "POST", "/v1/chat/completions", Some(&beta), chat("x")).await,
+        404,
+        "not_found_error",
+        Some("model_not_found"),
+    );
+    // A policy that passes its dry run and loops on real requests: beta's requests fail
+    // with a clear 500, promptly; acme's are served.
+    let (s, v) =
+        activate(&h, "ops", &hostile, json!({"tenant": "beta", "config": {"mode": "loop", "only_live": true}})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let started = std::time::Instant::now();
+    let (s, v) = json_call(&h, "POST", "/v1/chat/completions", Some(&beta), chat("x")).await;
+    assert_error((s, v.clone()), 500, "server_error", Some("policy_failed"));
+    assert!(v["error"]["message"].as_str().unwrap().contains("deadline"), "{v}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    let acme = token("acme", "", 600);
+    let (s, _) = json_call(&h, "POST", "/v1/chat/completions", Some(&acme), chat("x")).await;
+    assert_eq!(s, StatusCode::OK, "acme is unaffected");
 }

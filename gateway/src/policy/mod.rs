@@ -3,6 +3,11 @@
 //! is the built-in implementation over the tenants file, and per-tenant WebAssembly policies
 //! implement the same trait.
 
+pub mod cases;
+pub mod deploy;
+pub mod wasm;
+
+use crate::cluster::BackendView;
 use crate::tenants::Tenant;
 use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,6 +26,8 @@ pub struct PolicyInput<'a> {
     pub tenant: &'a str,
     pub subject: Option<&'a str>,
     pub scopes: &'a BTreeSet<String>,
+    /// Every claim of the caller's verified token.
+    pub claims: &'a serde_json::Map<String, serde_json::Value>,
     pub endpoint: Endpoint,
     /// The `model` field as the client sent it.
     pub model: &'a str,
@@ -30,6 +37,12 @@ pub struct PolicyInput<'a> {
     pub max_tokens: Option<u32>,
     /// Prompt size in characters (a cheap estimate; tokens are counted by the backend).
     pub prompt_chars: usize,
+    /// Request headers the gateway passes to policies (lower-case names).
+    pub headers: Vec<(String, String)>,
+    /// The routing table as of this request.
+    pub backends: Vec<BackendView>,
+    /// The desired adapters: (name, owner tenant).
+    pub adapters: Vec<(String, String)>,
 }
 
 /// Where a request goes.
@@ -55,8 +68,12 @@ pub enum Decision {
 
 /// A policy that could not decide (as opposed to deciding to reject).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("routing policy failed: {0}")]
-pub struct PolicyError(pub String);
+#[error("routing policy failed: {message}")]
+pub struct PolicyError {
+    pub message: String,
+    /// The failure is the host being full, not the policy misbehaving: worth retrying.
+    pub busy: bool,
+}
 
 /// Decides where each request goes.
 #[async_trait]
@@ -85,6 +102,50 @@ pub fn model_not_found(model: &str) -> Decision {
         status: 404,
         code: "model_not_found".into(),
         message: format!("The model `{model}` does not exist or you do not have access to it."),
+    }
+}
+
+/// Tenants with an active WebAssembly policy get its decision; the others get the fallback
+/// (the built-in static policy).
+#[derive(Debug)]
+pub struct WasmPolicies {
+    store: Arc<deploy::PolicyStore>,
+    fallback: Arc<dyn PolicyEngine>,
+}
+
+impl WasmPolicies {
+    pub fn new(store: Arc<deploy::PolicyStore>, fallback: Arc<dyn PolicyEngine>) -> WasmPolicies {
+        WasmPolicies { store, fallback }
+    }
+
+    pub fn store(&self) -> &Arc<deploy::PolicyStore> {
+        &self.store
+    }
+}
+
+#[async_trait]
+impl PolicyEngine for WasmPolicies {
+    async fn decide(&self, input: &PolicyInput<'_>) -> Result<Decision, PolicyError> {
+        let Some(active) = self.store.active_for(input.tenant) else {
+            return self.fallback.decide(input).await;
+        };
+        let request = wasm::request(input);
+        let runtime = self.store.runtime().clone();
+        let call = tokio::task::spawn_blocking(move || {
+            runtime.decide(&active.policy, &request, active.config.clone(), active.label.clone())
+        });
+        let outcome =
+            call.await.map_err(|e| PolicyError { message: format!("policy task failed: {e}"), busy: false })?;
+        match outcome {
+            Ok(wasm::WitDecision::Route(r)) => Ok(Decision::Route(Route { adapter: r.adapter, backend: r.backend })),
+            Ok(wasm::WitDecision::Reject(r)) => {
+                Ok(Decision::Reject { status: r.status, code: r.code, message: r.message })
+            }
+            Err(fault) => {
+                tracing::warn!(tenant = input.tenant, error = %fault, "routing policy fault");
+                Err(PolicyError { busy: matches!(fault, wasm::PolicyFault::Busy(_)), message: fault.to_string() })
+            }
+        }
     }
 }
 
@@ -118,10 +179,16 @@ mod tests {
     use super::*;
 
     fn input<'a>(tenant: &'a str, model: &'a str, scopes: &'a BTreeSet<String>) -> PolicyInput<'a> {
+        static CLAIMS: std::sync::LazyLock<serde_json::Map<String, serde_json::Value>> =
+            std::sync::LazyLock::new(serde_json::Map::new);
         PolicyInput {
             tenant,
             subject: None,
             scopes,
+            claims: &CLAIMS,
+            headers: Vec::new(),
+            backends: Vec::new(),
+            adapters: Vec::new(),
             endpoint: Endpoint::ChatCompletions,
             model,
             base_model: "base",
@@ -155,3 +222,31 @@ mod tests {
         assert_eq!((status, code.as_str()), (403, "unknown_tenant"));
     }
 }
+
+/// Built policy components for tests: `scripts/build-policies` runs once per test process.
+#[cfg(test)]
+pub(crate) mod built {
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+
+    fn dir() -> &'static PathBuf {
+        static DIR: OnceLock<PathBuf> = OnceLock::new();
+        DIR.get_or_init(|| {
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+            let out = std::process::Command::new(root.join("scripts/build-policies"))
+                .output()
+                .expect("scripts/build-policies runs");
+            assert!(out.status.success(), "building the policies failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        })
+    }
+
+    /// The component of crate `name` (`tenant-map`, `canary`, `claims-route`, `hostile`).
+    pub fn component(name: &str) -> Vec<u8> {
+        let file = dir().join(format!("{}.wasm", name.replace('-', "_")));
+        std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests_wasm;

@@ -1,0 +1,145 @@
+//! Policy cost per request: the `tenant-map` component against the built-in static policy
+//! doing the same mapping (acme's `support` → `acme/support`), interleaved in one run; then the
+//! same component's latency for tenant acme while tenant evil's policy loops until its
+//! deadline on every request, back to back.
+//!
+//! `cargo bench -p switchyard-gateway --bench policy [-- --requests N]`
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark stops at the first failure
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use switchyard_gateway::policy::deploy::PolicyStore;
+use switchyard_gateway::policy::wasm::{PolicyRuntime, WasmLimits};
+use switchyard_gateway::policy::{Endpoint, PolicyEngine, PolicyInput, StaticPolicy, WasmPolicies};
+use switchyard_gateway::tenants::GatewayFile;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+fn built(name: &str) -> Vec<u8> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new(root.join("scripts/build-policies")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join(format!("{name}.wasm"))).unwrap()
+}
+
+async fn time(engine: &dyn PolicyEngine, input: &PolicyInput<'_>) -> Duration {
+    let t = Instant::now();
+    engine.decide(input).await.unwrap();
+    t.elapsed()
+}
+
+fn row(name: &str, xs: &mut [Duration]) -> (f64, f64) {
+    xs.sort();
+    let (p50, p99) = (percentile(xs, 0.5), percentile(xs, 0.99));
+    println!("{name:<44} {p50:>10.1} {p99:>10.1}");
+    (p50, p99)
+}
+
+#[tokio::main]
+async fn main() {
+    let requests = arg("--requests", 2000);
+    let file: GatewayFile = toml::from_str(
+        "[tenants.acme]\nadapters = [\"acme/*\"]\n[tenants.acme.models]\nsupport = \"acme/support\"\n\
+         [tenants.evil]\nadapters = [\"evil/*\"]\n",
+    )
+    .unwrap();
+    let tenants = Arc::new(file.tenants);
+    let builtin = StaticPolicy::new(tenants.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Arc::new(PolicyRuntime::new(WasmLimits::default()).unwrap());
+    let store = Arc::new(PolicyStore::open(dir.path(), runtime).unwrap());
+    let map = store.upload("tenant-map", &built("tenant_map")).unwrap();
+    store.activate("acme", &map.id, serde_json::json!({"tenants": {"acme": "acme/support"}})).unwrap();
+    let hostile = store.upload("hostile", &built("hostile")).unwrap();
+    store.activate("evil", &hostile.id, serde_json::json!({"mode": "loop", "only_live": true})).unwrap();
+    let wasm = Arc::new(WasmPolicies::new(store, Arc::new(builtin.clone())));
+
+    let scopes = BTreeSet::new();
+    let claims = serde_json::Map::new();
+    let input = |tenant: &'static str| PolicyInput {
+        tenant,
+        subject: Some("user-1"),
+        scopes: &scopes,
+        claims: &claims,
+        endpoint: Endpoint::ChatCompletions,
+        model: "support",
+        base_model: "base",
+        stream: false,
+        max_tokens: Some(64),
+        prompt_chars: 120,
+        headers: Vec::new(),
+        backends: Vec::new(),
+        adapters: vec![("acme/support".into(), "acme".into())],
+    };
+    let acme = input("acme");
+    assert_eq!(builtin.decide(&acme).await.unwrap(), wasm.decide(&acme).await.unwrap(), "same mapping");
+
+    for _ in 0..100 {
+        time(&builtin, &acme).await;
+        time(wasm.as_ref(), &acme).await;
+    }
+    let (mut s, mut w) = (Vec::with_capacity(requests), Vec::with_capacity(requests));
+    for _ in 0..requests {
+        s.push(time(&builtin, &acme).await);
+        w.push(time(wasm.as_ref(), &acme).await);
+    }
+    println!("{requests} decisions each, interleaved, one at a time (tenant-map vs the static policy)");
+    println!("{:<44} {:>10} {:>10}", "", "p50 µs", "p99 µs");
+    let (s50, s99) = row("built-in static policy", &mut s);
+    let (w50, w99) = row("tenant-map component (fresh instance each)", &mut w);
+    println!("{:<44} {:>10.1} {:>10.1}", "added by the component", w50 - s50, w99 - s99);
+
+    // Tenant evil's policy loops until its 25 ms deadline on every request, back to back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacks = Arc::new(AtomicU64::new(0));
+    let attacker = {
+        let (wasm, stop, attacks) = (wasm.clone(), stop.clone(), attacks.clone());
+        tokio::spawn(async move {
+            let (scopes, claims) = (BTreeSet::new(), serde_json::Map::new());
+            while !stop.load(Ordering::Relaxed) {
+                let evil = PolicyInput {
+                    tenant: "evil",
+                    subject: None,
+                    scopes: &scopes,
+                    claims: &claims,
+                    endpoint: Endpoint::ChatCompletions,
+                    model: "x",
+                    base_model: "base",
+                    stream: false,
+                    max_tokens: None,
+                    prompt_chars: 1,
+                    headers: Vec::new(),
+                    backends: Vec::new(),
+                    adapters: Vec::new(),
+                };
+                assert!(wasm.decide(&evil).await.is_err(), "the attack must fail");
+                attacks.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut under = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        under.push(time(wasm.as_ref(), &acme).await);
+    }
+    stop.store(true, Ordering::Relaxed);
+    attacker.await.unwrap();
+    let (_, a99) = row("tenant-map while evil's policy loops", &mut under);
+    println!(
+        "attack: {} looping decisions stopped at their deadline; acme p99 under attack / normal = {:.2}",
+        attacks.load(Ordering::Relaxed),
+        a99 / w99
+    );
+}

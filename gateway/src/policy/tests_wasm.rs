@@ -1,0 +1,208 @@
+//! The policy host against real components: the example policies decide as documented, every
+//! hostile behaviour is contained to its own call, and components that are not policies are
+//! refused at upload.
+
+use super::built::component;
+use super::deploy::{DEFAULT_SCOPE, PolicyStore};
+use super::wasm::{CompiledPolicy, LoadError, PolicyFault, PolicyRuntime, WasmLimits, WitDecision, request};
+use super::{Decision, Endpoint, PolicyEngine, PolicyInput, Route, StaticPolicy, WasmPolicies};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One runtime for these tests (compiled components belong to their engine).
+fn runtime() -> Arc<PolicyRuntime> {
+    static RUNTIME: std::sync::LazyLock<Arc<PolicyRuntime>> = std::sync::LazyLock::new(|| {
+        Arc::new(PolicyRuntime::new(WasmLimits { deadline: Duration::from_millis(50), ..Default::default() }).unwrap())
+    });
+    RUNTIME.clone()
+}
+
+struct Req {
+    tenant: String,
+    model: String,
+    subject: Option<String>,
+    claims: serde_json::Map<String, serde_json::Value>,
+    headers: Vec<(String, String)>,
+    adapters: Vec<(String, String)>,
+}
+
+fn req(tenant: &str, model: &str) -> Req {
+    Req {
+        tenant: tenant.into(),
+        model: model.into(),
+        subject: None,
+        claims: Default::default(),
+        headers: Vec::new(),
+        adapters: Vec::new(),
+    }
+}
+
+static NO_SCOPES: std::sync::LazyLock<BTreeSet<String>> = std::sync::LazyLock::new(BTreeSet::new);
+
+fn input(r: &Req) -> PolicyInput<'_> {
+    PolicyInput {
+        tenant: &r.tenant,
+        subject: r.subject.as_deref(),
+        scopes: &NO_SCOPES,
+        claims: &r.claims,
+        endpoint: Endpoint::ChatCompletions,
+        model: &r.model,
+        base_model: "base",
+        stream: false,
+        max_tokens: None,
+        prompt_chars: 5,
+        headers: r.headers.clone(),
+        backends: Vec::new(),
+        adapters: r.adapters.clone(),
+    }
+}
+
+/// Compiles each component once (with the shared runtime).
+fn compiled(rt: &PolicyRuntime, name: &str) -> CompiledPolicy {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static CACHE: std::sync::LazyLock<Mutex<HashMap<String, CompiledPolicy>>> =
+        std::sync::LazyLock::new(Default::default);
+    let mut cache = CACHE.lock().unwrap();
+    cache.entry(name.to_string()).or_insert_with(|| rt.compile(&component(name)).unwrap()).clone()
+}
+
+fn decide(rt: &PolicyRuntime, name: &str, config: &str, r: &Req) -> Result<WitDecision, PolicyFault> {
+    rt.decide(&compiled(rt, name), &request(&input(r)), Arc::from(config), Arc::from(name))
+}
+
+fn routed(d: Result<WitDecision, PolicyFault>) -> Option<String> {
+    match d {
+        Ok(WitDecision::Route(r)) => r.adapter,
+        other => panic!("expected a route, got {other:?}"),
+    }
+}
+
+fn rejected(d: Result<WitDecision, PolicyFault>) -> (u16, String) {
+    match d {
+        Ok(WitDecision::Reject(r)) => (r.status, r.code),
+        other => panic!("expected a reject, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_example_policies_decide_as_documented() {
+    let rt = runtime();
+    let cfg = r#"{"tenants": {"acme": "acme/support"}, "default": "shared/general", "deny": ["mallory"]}"#;
+    assert_eq!(routed(decide(&rt, "tenant-map", cfg, &req("acme", "anything"))).as_deref(), Some("acme/support"));
+    assert_eq!(routed(decide(&rt, "tenant-map", cfg, &req("beta", "anything"))).as_deref(), Some("shared/general"));
+    assert_eq!(routed(decide(&rt, "tenant-map", cfg, &req("acme", "base"))), None);
+    let mut named = req("acme", "acme/support-v2");
+    named.adapters.push(("acme/support-v2".into(), "acme".into()));
+    assert_eq!(routed(decide(&rt, "tenant-map", cfg, &named)).as_deref(), Some("acme/support-v2"));
+    assert_eq!(rejected(decide(&rt, "tenant-map", cfg, &req("mallory", "x"))), (403, "tenant_denied".into()));
+
+    // canary: sticky per user, and about `percent` of users.
+    let cfg = r#"{"stable": "a/v1", "canary": "a/v2", "percent": 30}"#;
+    let mut canaries = 0;
+    for i in 0..200 {
+        let mut r = req("acme", "x");
+        r.subject = Some(format!("user-{i}"));
+        let first = routed(decide(&rt, "canary", cfg, &r));
+        assert_eq!(routed(decide(&rt, "canary", cfg, &r)), first, "user-{i} moved between versions");
+        canaries += usize::from(first.as_deref() == Some("a/v2"));
+    }
+    assert!((35..=85).contains(&canaries), "{canaries} of 200 users on a 30% canary");
+    let all = r#"{"stable": "a/v1", "canary": "a/v2", "percent": 100}"#;
+    assert_eq!(routed(decide(&rt, "canary", all, &req("acme", "x"))).as_deref(), Some("a/v2"));
+    assert!(matches!(decide(&rt, "canary", "{}", &req("acme", "x")), Err(PolicyFault::Failed(_))));
+
+    // claims-route: a claim (or a header) picks the adapter; nothing matching is refused.
+    let cfg = r#"{"claim": "plan", "routes": {"pro": "acme/pro", "free": "acme/free"}, "header": "x-plan"}"#;
+    let mut pro = req("acme", "x");
+    pro.claims.insert("plan".into(), serde_json::json!("pro"));
+    assert_eq!(routed(decide(&rt, "claims-route", cfg, &pro)).as_deref(), Some("acme/pro"));
+    let mut listed = req("acme", "x");
+    listed.claims.insert("plan".into(), serde_json::json!(["free", "pro"]));
+    assert_eq!(routed(decide(&rt, "claims-route", cfg, &listed)).as_deref(), Some("acme/free"));
+    let mut by_header = req("acme", "x");
+    by_header.headers.push(("x-plan".into(), "pro".into()));
+    assert_eq!(routed(decide(&rt, "claims-route", cfg, &by_header)).as_deref(), Some("acme/pro"));
+    assert_eq!(rejected(decide(&rt, "claims-route", cfg, &req("acme", "x"))), (403, "no_route".into()));
+}
+
+fn hostile(rt: &PolicyRuntime, mode: &str) -> Result<WitDecision, PolicyFault> {
+    decide(rt, "hostile", &format!(r#"{{"mode": "{mode}"}}"#), &req("evil", "x"))
+}
+
+#[test]
+fn hostile_components_fail_their_own_call_and_nothing_else() {
+    let rt = runtime();
+    let started = Instant::now();
+    assert_eq!(hostile(&rt, "loop"), Err(PolicyFault::Deadline(50)));
+    assert!(started.elapsed() < Duration::from_secs(2), "the deadline did not stop the loop in time");
+    assert_eq!(hostile(&rt, "memory"), Err(PolicyFault::Memory(32)));
+    assert_eq!(hostile(&rt, "recurse"), Err(PolicyFault::StackOverflow));
+    assert!(matches!(hostile(&rt, "trap"), Err(PolicyFault::Trap(_))), "{:?}", hostile(&rt, "trap"));
+    assert!(matches!(hostile(&rt, "huge"), Err(PolicyFault::InvalidDecision(_))));
+    assert_eq!(hostile(&rt, "error"), Err(PolicyFault::Failed("the policy could not decide".into())));
+    // After all that, the same runtime still serves a well-behaved policy.
+    let cfg = r#"{"tenants": {"acme": "acme/support"}}"#;
+    assert_eq!(routed(decide(&rt, "tenant-map", cfg, &req("acme", "x"))).as_deref(), Some("acme/support"));
+}
+
+#[test]
+fn components_that_are_not_policies_are_refused_with_the_reason() {
+    let rt = runtime();
+    let core = wat::parse_str("(module)").unwrap();
+    assert!(matches!(rt.compile(&core), Err(LoadError::NotAComponent(m)) if m.contains("core WebAssembly module")));
+    assert!(matches!(rt.compile(b"definitely not wasm"), Err(LoadError::NotAComponent(_))));
+    // A component importing what the world does not offer.
+    let sneaky = wat::parse_str(
+        r#"(component
+             (import "evil:net/socket@1.0.0" (instance (export "connect" (func (param "host" string)))))
+           )"#,
+    )
+    .unwrap();
+    let err = rt.compile(&sneaky).unwrap_err();
+    assert!(matches!(&err, LoadError::WrongWorld(m) if m.contains("evil:net/socket")), "{err}");
+    // A component that offers no `decide`.
+    let empty = wat::parse_str("(component)").unwrap();
+    assert!(matches!(rt.compile(&empty), Err(LoadError::WrongWorld(_))));
+    let limited = PolicyRuntime::new(WasmLimits { max_component_bytes: 1000, ..Default::default() }).unwrap();
+    assert!(matches!(limited.compile(&component("tenant-map")), Err(LoadError::TooLarge { .. })));
+}
+
+#[tokio::test]
+async fn deployments_activate_atomically_roll_back_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let store = Arc::new(PolicyStore::open(dir.path(), rt.clone()).unwrap());
+    let map = store.upload("tenant-map", &component("tenant-map")).unwrap();
+    let canary = store.upload("canary", &component("canary")).unwrap();
+    assert_eq!(store.upload("tenant-map", &component("tenant-map")).unwrap(), map, "same bytes, same version");
+    // A version that faults in its dry run is refused before anyone can activate it.
+    assert!(store.upload("hostile", &component("hostile")).is_ok(), "an error value is not a fault");
+    let hostile_id = store.list().0.into_iter().find(|v| v.name == "hostile").unwrap().id;
+    assert!(store.activate("acme", &hostile_id, serde_json::json!({"mode": "loop"})).is_err());
+    assert!(store.activate("acme", &canary.id, serde_json::json!({})).is_err(), "canary needs its config");
+    assert!(store.active_for("acme").is_none(), "a refused activation changes nothing");
+
+    store.activate(DEFAULT_SCOPE, &map.id, serde_json::json!({"default": "shared/general"})).unwrap();
+    store.activate("acme", &map.id, serde_json::json!({"tenants": {"acme": "acme/v1"}})).unwrap();
+    store
+        .activate("acme", &canary.id, serde_json::json!({"stable": "acme/v1", "canary": "acme/v2", "percent": 100}))
+        .unwrap();
+    let engine = WasmPolicies::new(store.clone(), Arc::new(StaticPolicy::new(Arc::new(Default::default()))));
+    let route = |adapter: &str| Decision::Route(Route { adapter: Some(adapter.into()), backend: None });
+    let acme = req("acme", "x");
+    assert_eq!(engine.decide(&input(&acme)).await.unwrap(), route("acme/v2"));
+    assert_eq!(engine.decide(&input(&req("beta", "x"))).await.unwrap(), route("shared/general"), "the default");
+
+    store.rollback("acme").unwrap();
+    assert_eq!(engine.decide(&input(&acme)).await.unwrap(), route("acme/v1"));
+    store.rollback("acme").unwrap_err();
+
+    // A new gateway process over the same state dir serves the same policies.
+    drop(engine);
+    drop(store);
+    let again = Arc::new(PolicyStore::open(dir.path(), rt).unwrap());
+    let engine = WasmPolicies::new(again, Arc::new(StaticPolicy::new(Arc::new(Default::default()))));
+    assert_eq!(engine.decide(&input(&acme)).await.unwrap(), route("acme/v1"));
+}

@@ -1,0 +1,404 @@
+//! The WebAssembly policy host: the one place that uses wasmtime.
+//!
+//! One [`Engine`] for the process, configured once:
+//! - the component model;
+//! - the pooling allocator, so instantiating a component takes microseconds, with memories
+//!   initialised copy-on-write from the compiled image;
+//! - epoch interruption, with a ticker thread, so a call that runs past its deadline traps.
+//!
+//! Every request gets a fresh [`Store`] and a fresh instance: no state, memory or globals are
+//! shared between requests, and so none between tenants. Each store has a memory cap enforced
+//! by a [`ResourceLimiter`], and the calls run on the blocking pool, never on the async threads.
+//! A trap, a deadline or a limit hit is returned as a [`PolicyFault`] for that request alone.
+//!
+//! Guests may import the `host` interface of `wit/policy.wit`, plus the WASI interfaces the Rust
+//! standard library links in. Those are given a WASI context that grants nothing: no
+//! environment, no arguments, no preopened directories, no sockets, stdin closed, stdout and
+//! stderr discarded.
+
+use super::{Endpoint, PolicyInput};
+use crate::cluster::BackendView;
+use bindings::switchyard::policy::{host, types};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use switchyard_proto::v1 as pb;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+mod bindings {
+    wasmtime::component::bindgen!({ path: "../wit", world: "policy", additional_derives: [PartialEq] });
+}
+
+pub use bindings::switchyard::policy::types::{Decision as WitDecision, Request as WitRequest};
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// Default limits (each can be configured).
+pub const DEFAULT_MEMORY_BYTES: usize = 32 << 20;
+pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(25);
+pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 16 << 20;
+/// Instances the pool holds at once: the most policy calls that can run concurrently.
+pub const DEFAULT_POOL_INSTANCES: u32 = 128;
+/// The guest's WebAssembly stack. Deep recursion traps with a stack overflow past it.
+pub const MAX_WASM_STACK: usize = 512 << 10;
+/// A log line from a policy is cut to this many bytes, and a call may log this many lines.
+const MAX_LOG_LINE: usize = 512;
+const MAX_LOG_LINES: u32 = 16;
+/// Longest strings a decision may carry.
+const MAX_DECISION_STRING: usize = 1024;
+
+/// The host's limits.
+#[derive(Debug, Clone)]
+pub struct WasmLimits {
+    /// Linear memory a policy instance may grow to.
+    pub memory_bytes: usize,
+    /// Wall time one decision may take, instantiation included.
+    pub deadline: Duration,
+    /// Largest component accepted for upload.
+    pub max_component_bytes: usize,
+    /// Concurrent policy instances.
+    pub pool_instances: u32,
+}
+
+impl Default for WasmLimits {
+    fn default() -> Self {
+        WasmLimits {
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+            deadline: DEFAULT_DEADLINE,
+            max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
+            pool_instances: DEFAULT_POOL_INSTANCES,
+        }
+    }
+}
+
+/// Why a policy did not produce a decision.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyFault {
+    #[error("the policy ran past its {0} ms deadline")]
+    Deadline(u128),
+    #[error("the policy exceeded its {0} MiB memory limit")]
+    Memory(usize),
+    #[error("the policy overflowed its stack")]
+    StackOverflow,
+    #[error("the policy trapped: {0}")]
+    Trap(String),
+    #[error("the policy failed: {0}")]
+    Failed(String),
+    #[error("the policy returned an invalid decision: {0}")]
+    InvalidDecision(String),
+    #[error("all {0} policy instances are busy")]
+    Busy(u32),
+}
+
+/// Why a component was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    #[error("the component is {size} bytes; the limit is {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("not a WebAssembly component: {0}")]
+    NotAComponent(String),
+    #[error("the component does not fit the switchyard:policy world: {0}")]
+    WrongWorld(String),
+}
+
+/// The process-wide policy runtime: engine, linker and epoch ticker.
+pub struct PolicyRuntime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    limits: WasmLimits,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for PolicyRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyRuntime").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+impl Drop for PolicyRuntime {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One compiled, linked policy component, ready to instantiate.
+#[derive(Clone)]
+pub struct CompiledPolicy {
+    pre: bindings::PolicyPre<HostState>,
+}
+
+impl std::fmt::Debug for CompiledPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CompiledPolicy")
+    }
+}
+
+/// What a store carries: the WASI context that grants nothing, the deployment's config, and
+/// the accounting the limiter and the log keep.
+struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    config: Arc<str>,
+    /// Names the policy in its log lines.
+    label: Arc<str>,
+    memory_cap: usize,
+    memory_hit: bool,
+    log_lines: u32,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl ResourceLimiter for HostState {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_cap {
+            self.memory_hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: host::Level, message: String) {
+        self.log_lines += 1;
+        if self.log_lines > MAX_LOG_LINES {
+            return;
+        }
+        let mut end = message.len().min(MAX_LOG_LINE);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let message = &message[..end];
+        let policy = &*self.label;
+        match level {
+            host::Level::Debug => tracing::debug!(policy, "{message}"),
+            host::Level::Info => tracing::info!(policy, "{message}"),
+            host::Level::Warn => tracing::warn!(policy, "{message}"),
+            host::Level::Error => tracing::error!(policy, "{message}"),
+        }
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn random(&mut self) -> u64 {
+        use rand::TryRngCore;
+        rand::rngs::OsRng.try_next_u64().unwrap_or_else(|_| self.now_ms().wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
+    fn config(&mut self) -> String {
+        self.config.to_string()
+    }
+}
+
+impl PolicyRuntime {
+    /// Builds the engine with every limit named, and starts the epoch ticker.
+    pub fn new(limits: WasmLimits) -> Result<PolicyRuntime, String> {
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(limits.pool_instances)
+            // A Rust wasip2 component is a handful of core instances (the program, its WASI
+            // adapter and shims), with one memory and a few tables.
+            .max_core_instances_per_component(16)
+            .total_core_instances(limits.pool_instances * 16)
+            .max_memories_per_component(4)
+            .total_memories(limits.pool_instances * 4)
+            .max_tables_per_component(16)
+            .total_tables(limits.pool_instances * 16)
+            .max_memory_size(limits.memory_bytes)
+            .table_elements(100_000);
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(MAX_WASM_STACK)
+            // Memories start as copy-on-write views of the compiled image (the default, named
+            // because instantiation per request relies on it being cheap).
+            .memory_init_cow(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| format!("cannot configure the policy engine: {e}"))?;
+        let mut linker: Linker<HostState> = Linker::new(&engine);
+        bindings::Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| format!("cannot link the policy host: {e}"))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| format!("cannot link WASI: {e}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ticker, stopped) = (engine.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("policy-epoch".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker.increment_epoch();
+                }
+            })
+            .map_err(|e| format!("cannot start the policy epoch thread: {e}"))?;
+        Ok(PolicyRuntime { engine, linker, limits, stop })
+    }
+
+    pub fn limits(&self) -> &WasmLimits {
+        &self.limits
+    }
+
+    /// Compiles `bytes` and links it against the world. Runs on the calling thread; compiling
+    /// takes milliseconds to seconds, so async callers use the blocking pool.
+    pub fn compile(&self, bytes: &[u8]) -> Result<CompiledPolicy, LoadError> {
+        if bytes.len() > self.limits.max_component_bytes {
+            return Err(LoadError::TooLarge { size: bytes.len(), limit: self.limits.max_component_bytes });
+        }
+        if is_core_module(bytes) {
+            return Err(LoadError::NotAComponent(
+                "this is a core WebAssembly module; build the policy as a component (cargo build --target wasm32-wasip2)"
+                    .into(),
+            ));
+        }
+        let component =
+            Component::from_binary(&self.engine, bytes).map_err(|e| LoadError::NotAComponent(format!("{e:#}")))?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        let pre = bindings::PolicyPre::new(pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        Ok(CompiledPolicy { pre })
+    }
+
+    /// Runs one decision in a fresh instance. Blocking: call it from the blocking pool.
+    pub fn decide(
+        &self,
+        policy: &CompiledPolicy,
+        request: &WitRequest,
+        config: Arc<str>,
+        label: Arc<str>,
+    ) -> Result<WitDecision, PolicyFault> {
+        let state = HostState {
+            wasi: WasiCtxBuilder::new().build(),
+            table: ResourceTable::new(),
+            config,
+            label,
+            memory_cap: self.limits.memory_bytes,
+            memory_hit: false,
+            log_lines: 0,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| s);
+        let ticks = (self.limits.deadline.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        let outcome = policy.pre.instantiate(&mut store).and_then(|p| p.call_decide(&mut store, request));
+        match outcome {
+            Ok(Ok(decision)) => check_decision(decision),
+            Ok(Err(message)) => Err(PolicyFault::Failed(cut(&message))),
+            Err(e) => Err(self.classify(&e, store.data().memory_hit)),
+        }
+    }
+
+    fn classify(&self, e: &wasmtime::Error, memory_hit: bool) -> PolicyFault {
+        if memory_hit {
+            return PolicyFault::Memory(self.limits.memory_bytes >> 20);
+        }
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => PolicyFault::Deadline(self.limits.deadline.as_millis()),
+            Some(Trap::StackOverflow) => PolicyFault::StackOverflow,
+            Some(trap) => PolicyFault::Trap(trap.to_string()),
+            None if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>().is_some() => {
+                PolicyFault::Busy(self.limits.pool_instances)
+            }
+            None => PolicyFault::Trap(cut(&format!("{e:#}"))),
+        }
+    }
+}
+
+/// A core module starts with the same magic as a component but a different version/layer.
+fn is_core_module(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [1, 0, 0, 0]
+}
+
+fn cut(s: &str) -> String {
+    let mut end = s.len().min(MAX_DECISION_STRING);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+fn check_decision(d: WitDecision) -> Result<WitDecision, PolicyFault> {
+    let too_long = |what: &str, s: &str| {
+        (s.len() > MAX_DECISION_STRING).then(|| {
+            PolicyFault::InvalidDecision(format!("{what} is {} bytes (at most {MAX_DECISION_STRING})", s.len()))
+        })
+    };
+    let fault = match &d {
+        types::Decision::Route(r) => r
+            .adapter
+            .as_deref()
+            .and_then(|a| too_long("the adapter name", a))
+            .or_else(|| r.backend.as_deref().and_then(|b| too_long("the backend address", b))),
+        types::Decision::Reject(r) => too_long("the code", &r.code).or_else(|| too_long("the message", &r.message)),
+    };
+    match fault {
+        Some(f) => Err(f),
+        None => Ok(d),
+    }
+}
+
+fn adapter_state(s: pb::AdapterState) -> types::AdapterState {
+    match s {
+        pb::AdapterState::Resident => types::AdapterState::Resident,
+        pb::AdapterState::Fetching | pb::AdapterState::Validated => types::AdapterState::Loading,
+        pb::AdapterState::Evicted => types::AdapterState::Evicted,
+        pb::AdapterState::Draining => types::AdapterState::Draining,
+        pb::AdapterState::Failed | pb::AdapterState::Unspecified => types::AdapterState::Failed,
+    }
+}
+
+fn backend(v: &BackendView) -> types::Backend {
+    let free_slots = v.info.as_ref().map_or(0, |i| i.max_loras.saturating_sub(i.loaded_loras));
+    types::Backend {
+        address: v.address.clone(),
+        healthy: v.healthy,
+        adapters: v
+            .adapters
+            .values()
+            .map(|a| types::BackendAdapter { name: a.name.clone(), state: adapter_state(a.state()) })
+            .collect(),
+        free_slots,
+        queue_depth: v.queue_depth(),
+    }
+}
+
+/// The WIT request for a policy input.
+pub fn request(input: &PolicyInput<'_>) -> WitRequest {
+    types::Request {
+        tenant: input.tenant.to_string(),
+        subject: input.subject.map(str::to_string),
+        scopes: input.scopes.iter().cloned().collect(),
+        claims: input
+            .claims
+            .iter()
+            .map(|(name, value)| types::Claim { name: name.clone(), value: value.to_string() })
+            .collect(),
+        endpoint: match input.endpoint {
+            Endpoint::ChatCompletions => types::Endpoint::ChatCompletions,
+            Endpoint::Completions => types::Endpoint::Completions,
+        },
+        model: input.model.to_string(),
+        base_model: input.base_model.to_string(),
+        headers: input.headers.iter().map(|(n, v)| types::Header { name: n.clone(), value: v.clone() }).collect(),
+        prompt_chars: u32::try_from(input.prompt_chars).unwrap_or(u32::MAX),
+        max_tokens: input.max_tokens,
+        stream: input.stream,
+        backends: input.backends.iter().map(backend).collect(),
+        adapters: input
+            .adapters
+            .iter()
+            .map(|(name, owner)| types::KnownAdapter { name: name.clone(), owner: owner.clone() })
+            .collect(),
+    }
+}
