@@ -91,7 +91,8 @@ pub(super) async fn upload(
     let Query(query) = query.map_err(|e| ApiError::invalid(format!("invalid query: {e}"), None))?;
     let name = query.name.ok_or_else(|| ApiError::invalid("`name` (a query parameter) is required", Some("name")))?;
     let bytes = read_body_up_to(store.runtime().limits().max_component_bytes, &headers, body).await?;
-    let version = blocking(move || store.upload(&name, &bytes)).await?;
+    let tenant = who.tenant.clone();
+    let version = blocking(move || store.upload(&name, &bytes, &tenant)).await?;
     tracing::info!(policy = %version.name, id = %version.id, tenant = %who.tenant, "policy uploaded");
     Ok((StatusCode::CREATED, Json(json!({"status": "success", "policy": version}))).into_response())
 }
@@ -99,14 +100,35 @@ pub(super) async fn upload(
 pub(super) async fn list(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     let who = principal(&gw, &headers)?;
     who.require(Scope::PolicyDeploy)?;
-    let (versions, mut active) = store(&gw)?.list();
+    let (mut versions, mut active) = store(&gw)?.list();
     if !is_admin(&gw, &who) {
+        // A tenant sees its own activations and the versions it uploaded or runs.
         active.retain(|scope, _| *scope == who.tenant);
+        let runs: std::collections::BTreeSet<&str> = active.values().flatten().map(|a| a.id.as_str()).collect();
+        versions.retain(|v| v.uploaded_by == who.tenant || runs.contains(v.id.as_str()));
     }
     Ok(Json(json!({"status": "success", "policies": versions, "active": active})))
 }
 
-#[derive(Debug, Deserialize)]
+/// The caller, with `policy:deploy`, the store, and the optional JSON body (empty: defaults).
+async fn deploy_call<T: serde::de::DeserializeOwned + Default>(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Principal, Arc<PolicyStore>, T), ApiError> {
+    let who = principal(gw, headers)?;
+    who.require(Scope::PolicyDeploy)?;
+    let store = store(gw)?.clone();
+    let bytes = read_body(gw, headers, body).await?;
+    let body = if bytes.is_empty() {
+        T::default()
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))?
+    };
+    Ok((who, store, body))
+}
+
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ActivateBody {
     #[serde(default)]
@@ -121,15 +143,7 @@ pub(super) async fn activate(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let who = principal(&gw, &headers)?;
-    who.require(Scope::PolicyDeploy)?;
-    let store = store(&gw)?.clone();
-    let bytes = read_body(&gw, &headers, body).await?;
-    let body: ActivateBody = if bytes.is_empty() {
-        ActivateBody { tenant: None, config: None }
-    } else {
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("invalid activation: {e}"), None))?
-    };
+    let (who, store, body) = deploy_call::<ActivateBody>(&gw, &headers, body).await?;
     let scope = scope(&gw, &who, body.tenant)?;
     let config = body.config.unwrap_or_else(|| json!({}));
     let target = scope.clone();
@@ -138,7 +152,7 @@ pub(super) async fn activate(
     Ok(Json(json!({"status": "success", "tenant": scope, "active": activation})))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RollbackBody {
     #[serde(default)]
@@ -150,15 +164,7 @@ pub(super) async fn rollback(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let who = principal(&gw, &headers)?;
-    who.require(Scope::PolicyDeploy)?;
-    let store = store(&gw)?.clone();
-    let bytes = read_body(&gw, &headers, body).await?;
-    let body: RollbackBody = if bytes.is_empty() {
-        RollbackBody { tenant: None }
-    } else {
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("invalid rollback: {e}"), None))?
-    };
+    let (who, store, body) = deploy_call::<RollbackBody>(&gw, &headers, body).await?;
     let scope = scope(&gw, &who, body.tenant)?;
     let target = scope.clone();
     let activation = blocking(move || store.rollback(&target)).await?;

@@ -31,6 +31,8 @@ pub struct Version {
     pub size: usize,
     /// Seconds since the Unix epoch.
     pub uploaded_at: u64,
+    /// The tenant whose token uploaded it.
+    pub uploaded_by: String,
 }
 
 /// One activation of a version, for a tenant or the default.
@@ -231,7 +233,7 @@ impl PolicyStore {
 
     /// Validates and stores a component (blocking: compiles it). Uploading the same bytes
     /// again returns the existing version.
-    pub fn upload(&self, name: &str, bytes: &[u8]) -> Result<Version, DeployError> {
+    pub fn upload(&self, name: &str, bytes: &[u8], tenant: &str) -> Result<Version, DeployError> {
         if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
             return Err(DeployError::Invalid(format!("policy name {name:?}: use 1-128 of A-Z a-z 0-9 - _ .")));
@@ -251,7 +253,14 @@ impl PolicyStore {
         let _change = self.changes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let file = self.dir.join(format!("{id}.wasm"));
         write_atomic(&file, bytes)?;
-        let version = Version { id: id.clone(), name: name.to_string(), sha256, size: bytes.len(), uploaded_at: now() };
+        let version = Version {
+            id: id.clone(),
+            name: name.to_string(),
+            sha256,
+            size: bytes.len(),
+            uploaded_at: now(),
+            uploaded_by: tenant.to_string(),
+        };
         let mut registry = self.read().registry.clone();
         registry.versions.insert(id.clone(), version.clone());
         self.persist(&registry)?;

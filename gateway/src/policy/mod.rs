@@ -3,6 +3,7 @@
 //! is the built-in implementation over the tenants file, and per-tenant WebAssembly policies
 //! implement the same trait.
 
+pub mod breaker;
 pub mod cases;
 pub mod deploy;
 pub mod wasm;
@@ -111,11 +112,18 @@ pub fn model_not_found(model: &str) -> Decision {
 pub struct WasmPolicies {
     store: Arc<deploy::PolicyStore>,
     fallback: Arc<dyn PolicyEngine>,
+    /// Per deployment (scope and version label).
+    breakers: std::sync::Mutex<std::collections::HashMap<Arc<str>, breaker::Breaker>>,
 }
 
 impl WasmPolicies {
     pub fn new(store: Arc<deploy::PolicyStore>, fallback: Arc<dyn PolicyEngine>) -> WasmPolicies {
-        WasmPolicies { store, fallback }
+        WasmPolicies { store, fallback, breakers: Default::default() }
+    }
+
+    fn breaker<R>(&self, key: &Arc<str>, f: impl FnOnce(&mut breaker::Breaker) -> R) -> R {
+        let mut breakers = self.breakers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(breakers.entry(key.clone()).or_default())
     }
 
     pub fn store(&self) -> &Arc<deploy::PolicyStore> {
@@ -129,6 +137,17 @@ impl PolicyEngine for WasmPolicies {
         let Some(active) = self.store.active_for(input.tenant) else {
             return self.fallback.decide(input).await;
         };
+        let key: Arc<str> = Arc::from(format!("{}:{}", input.tenant, active.label));
+        if let Err(wait) = self.breaker(&key, |b| b.allow(std::time::Instant::now())) {
+            return Err(PolicyError {
+                message: format!(
+                    "routing policy {} is suspended after repeated faults; retried in {} s",
+                    active.label,
+                    wait.as_secs() + 1
+                ),
+                busy: false,
+            });
+        }
         let request = wasm::request(input);
         let runtime = self.store.runtime().clone();
         let call = tokio::task::spawn_blocking(move || {
@@ -136,6 +155,14 @@ impl PolicyEngine for WasmPolicies {
         });
         let outcome =
             call.await.map_err(|e| PolicyError { message: format!("policy task failed: {e}"), busy: false })?;
+        let costly = matches!(
+            outcome,
+            Err(wasm::PolicyFault::Deadline(_)
+                | wasm::PolicyFault::Memory(_)
+                | wasm::PolicyFault::StackOverflow
+                | wasm::PolicyFault::Trap(_))
+        );
+        self.breaker(&key, |b| b.record(costly, std::time::Instant::now()));
         match outcome {
             Ok(wasm::WitDecision::Route(r)) => Ok(Decision::Route(Route { adapter: r.adapter, backend: r.backend })),
             Ok(wasm::WitDecision::Reject(r)) => {

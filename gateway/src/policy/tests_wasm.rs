@@ -174,11 +174,11 @@ async fn deployments_activate_atomically_roll_back_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
     let store = Arc::new(PolicyStore::open(dir.path(), rt.clone()).unwrap());
-    let map = store.upload("tenant-map", &component("tenant-map")).unwrap();
-    let canary = store.upload("canary", &component("canary")).unwrap();
-    assert_eq!(store.upload("tenant-map", &component("tenant-map")).unwrap(), map, "same bytes, same version");
+    let map = store.upload("tenant-map", &component("tenant-map"), "ops").unwrap();
+    let canary = store.upload("canary", &component("canary"), "ops").unwrap();
+    assert_eq!(store.upload("tenant-map", &component("tenant-map"), "ops").unwrap(), map, "same bytes, same version");
     // A version that faults in its dry run is refused before anyone can activate it.
-    assert!(store.upload("hostile", &component("hostile")).is_ok(), "an error value is not a fault");
+    assert!(store.upload("hostile", &component("hostile"), "ops").is_ok(), "an error value is not a fault");
     let hostile_id = store.list().0.into_iter().find(|v| v.name == "hostile").unwrap().id;
     assert!(store.activate("acme", &hostile_id, serde_json::json!({"mode": "loop"})).is_err());
     assert!(store.activate("acme", &canary.id, serde_json::json!({})).is_err(), "canary needs its config");

@@ -34,7 +34,7 @@ mod bindings {
 pub use bindings::switchyard::policy::types::{Decision as WitDecision, Request as WitRequest};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
-pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Default limits (each can be configured).
 pub const DEFAULT_MEMORY_BYTES: usize = 32 << 20;
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(25);
@@ -289,7 +289,8 @@ impl PolicyRuntime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
-        let ticks = (self.limits.deadline.as_micros() / EPOCH_TICK.as_micros()).max(1) as u64;
+        // The deadline holds to within one tick.
+        let ticks = self.limits.deadline.as_micros().div_ceil(EPOCH_TICK.as_micros()).max(1) as u64;
         store.set_epoch_deadline(ticks);
         let outcome = policy.pre.instantiate(&mut store).and_then(|p| p.call_decide(&mut store, request));
         match outcome {
