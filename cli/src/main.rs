@@ -59,6 +59,8 @@ enum Command {
     Backend(BackendArgs),
     /// Run the gateway: OpenAI-compatible HTTP with JWT auth in front of one or more backends.
     Gateway(GatewayArgs),
+    /// Mint a development token (HS256) for a tenant, signed with the gateway's secret.
+    Token(TokenArgs),
     /// Work with routing policies (WebAssembly components).
     Policy {
         #[command(subcommand)]
@@ -146,6 +148,44 @@ struct BackendArgs {
     /// Seconds an unload waits for the adapter's running requests before it is called off.
     #[arg(long, env = "SWITCHYARD_UNLOAD_TIMEOUT", default_value_t = DEFAULT_UNLOAD_TIMEOUT_S)]
     unload_timeout: u64,
+}
+
+#[derive(clap::Args, Debug)]
+struct TokenArgs {
+    /// The HS256 secret file the gateway verifies tokens with.
+    #[arg(long, env = "SWITCHYARD_JWT_HS256_SECRET_FILE")]
+    secret_file: PathBuf,
+    /// The tenant the token speaks for.
+    #[arg(long)]
+    tenant: String,
+    /// Space-separated scopes, e.g. "lora:load lora:read lora:unload policy:deploy".
+    #[arg(long, default_value = "")]
+    scope: String,
+    /// The `sub` claim.
+    #[arg(long)]
+    subject: Option<String>,
+    /// Seconds until the token expires.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
+    /// The `iss` claim (match the gateway's --jwt-issuer).
+    #[arg(long, env = "SWITCHYARD_JWT_ISSUER")]
+    issuer: Option<String>,
+    /// The `aud` claim (match the gateway's --jwt-audience).
+    #[arg(long, env = "SWITCHYARD_JWT_AUDIENCE")]
+    audience: Option<String>,
+    /// The claim that carries the tenant (match the gateway's --tenant-claim).
+    #[arg(long, env = "SWITCHYARD_TENANT_CLAIM", default_value = switchyard_gateway::auth::DEFAULT_TENANT_CLAIM)]
+    tenant_claim: String,
+    /// An extra claim as NAME=JSON, e.g. plan='"pro"' or groups='["a","b"]' (repeatable).
+    #[arg(long = "claim", value_parser = parse_claim)]
+    claims: Vec<(String, serde_json::Value)>,
+}
+
+/// Reads NAME=JSON.
+fn parse_claim(text: &str) -> Result<(String, serde_json::Value), String> {
+    let (name, value) = text.split_once('=').ok_or_else(|| format!("{text:?} is not NAME=JSON"))?;
+    let value = serde_json::from_str(value).map_err(|e| format!("claim {name:?}: {value:?} is not JSON: {e}"))?;
+    Ok((name.to_string(), value))
 }
 
 #[derive(Subcommand, Debug)]
@@ -267,6 +307,7 @@ async fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Backend(args) => run_backend(args).await,
         Command::Gateway(args) => run_gateway(args).await,
+        Command::Token(args) => run_token(args),
         Command::Policy { command: PolicyCommand::Test(args) } => {
             tokio::task::spawn_blocking(move || run_policy_test(args)).await?
         }
@@ -367,6 +408,30 @@ async fn run_gateway(a: GatewayArgs) -> Result<()> {
     println!("switchyard gateway listening on {}", listener.local_addr()?);
     switchyard_gateway::serve(gw, listener, shutdown_signal()).await?;
     tracing::info!("gateway stopped");
+    Ok(())
+}
+
+fn run_token(a: TokenArgs) -> Result<()> {
+    use serde_json::Value;
+    anyhow::ensure!(a.ttl > 0, "--ttl must be at least 1 second");
+    let secret = switchyard_gateway::auth::read_hs256_secret(&a.secret_file)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let mut claims = serde_json::Map::new();
+    for (name, value) in a.claims {
+        claims.insert(name, value);
+    }
+    claims.insert(a.tenant_claim, Value::String(a.tenant));
+    claims.insert("iat".into(), now.into());
+    claims.insert("exp".into(), (now + a.ttl).into());
+    if !a.scope.trim().is_empty() {
+        claims.insert("scope".into(), Value::String(a.scope));
+    }
+    for (name, value) in [("sub", a.subject), ("iss", a.issuer), ("aud", a.audience)] {
+        if let Some(v) = value {
+            claims.insert(name.into(), Value::String(v));
+        }
+    }
+    println!("{}", switchyard_gateway::auth::mint_hs256(&secret, &claims).map_err(anyhow::Error::msg)?);
     Ok(())
 }
 

@@ -189,3 +189,37 @@ async fn a_restarted_backend_is_marked_unhealthy_then_gets_its_adapters_back() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], text.as_str());
 }
+
+/// `switchyard token` mints what the gateway accepts: the tenant, the scopes, the issuer and
+/// audience it checks.
+#[tokio::test]
+async fn switchyard_token_mints_tokens_the_gateway_accepts() {
+    let backend = start_backend(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET).expect("secret");
+    let secret_flag = secret.display().to_string();
+    let gw = start_test_gateway(&backend.addr, dir.path(), &["--jwt-hs256-secret-file", &secret_flag]);
+    let mint = |tenant: &str, scope: &str, issuer: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["token", "--secret-file", &secret_flag, "--tenant", tenant, "--scope", scope])
+            .args(["--issuer", issuer, "--audience", AUDIENCE])
+            .output()
+            .expect("switchyard runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let http = reqwest::Client::new();
+    wait_until("the gateway is ready", Duration::from_secs(30), async || readyz(&http, &gw).await == 200).await;
+    let get = async |token: &str| {
+        http.get(format!("{}/v1/loras", gw.url)).bearer_auth(token).send().await.expect("answers").status().as_u16()
+    };
+    assert_eq!(get(&mint("ops", "lora:read", ISSUER)).await, 200);
+    assert_eq!(get(&mint("ops", "", ISSUER)).await, 403, "no scope");
+    assert_eq!(get(&mint("ops", "lora:read", "https://elsewhere.test")).await, 401, "wrong issuer");
+    let short = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["token", "--secret-file", &secret_flag, "--tenant", "ops", "--ttl", "0"])
+        .output()
+        .expect("switchyard runs");
+    assert!(!short.status.success());
+}

@@ -66,18 +66,25 @@ fn jwk_algorithm(alg: Option<KeyAlgorithm>, params: &AlgorithmParameters) -> Res
 /// The algorithms tokens may use.
 const ACCEPTED: [Algorithm; 4] = [Algorithm::HS256, Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA];
 
+/// Reads an HS256 secret file: its bytes, trailing newline removed, at least
+/// [`MIN_HS256_SECRET`] of them.
+pub fn read_hs256_secret(path: &Path) -> Result<Vec<u8>, KeyError> {
+    let mut secret = read(path)?;
+    while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        secret.pop();
+    }
+    if secret.len() < MIN_HS256_SECRET {
+        return Err(invalid(path, format!("an HS256 secret needs at least {MIN_HS256_SECRET} bytes")));
+    }
+    Ok(secret)
+}
+
 impl KeySet {
     /// Reads every configured key.
     pub fn load(config: &AuthConfig) -> Result<KeySet, KeyError> {
         let mut keys = Vec::new();
         if let Some(path) = &config.hs256_secret_file {
-            let mut secret = read(path)?;
-            while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                secret.pop();
-            }
-            if secret.len() < MIN_HS256_SECRET {
-                return Err(invalid(path, format!("an HS256 secret needs at least {MIN_HS256_SECRET} bytes")));
-            }
+            let secret = read_hs256_secret(path)?;
             let key = DecodingKey::from_secret(&secret).map_err(|e| invalid(path, e.to_string()))?;
             keys.push(VerifyingKey { kid: None, alg: Algorithm::HS256, key });
         }

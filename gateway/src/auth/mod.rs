@@ -14,7 +14,7 @@
 mod keys;
 
 pub use jsonwebtoken::Algorithm;
-pub use keys::{KeyError, KeySet};
+pub use keys::{KeyError, KeySet, read_hs256_secret};
 
 use jsonwebtoken::Validation;
 use jsonwebtoken::errors::ErrorKind;
@@ -65,6 +65,13 @@ pub struct AuthConfig {
     pub public_keys: Vec<(Algorithm, PathBuf)>,
     /// A JWKS document (`{"keys": [...]}`), re-read when it changes.
     pub jwks_file: Option<PathBuf>,
+}
+
+/// Mints an HS256 token carrying `claims`. For development and tests (`switchyard token`):
+/// in production, tokens come from the identity provider.
+pub fn mint_hs256(secret: &[u8], claims: &serde_json::Map<String, Value>) -> Result<String, String> {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret).map_err(|e| e.to_string())?;
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), claims, &key).map_err(|e| e.to_string())
 }
 
 /// Reads `ALG=PATH` (e.g. `RS256=/etc/switchyard/issuer.pem`): a public key file bound to one
