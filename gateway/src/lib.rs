@@ -15,6 +15,7 @@ pub mod admin;
 pub mod auth;
 pub mod cluster;
 pub mod dispatch;
+pub mod files;
 pub mod http;
 pub mod loras;
 pub mod metrics;
@@ -122,6 +123,12 @@ impl Gateway {
     /// The routing table as of now.
     pub fn views(&self) -> Vec<BackendView> {
         self.views.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Reads one backend's view without copying the table.
+    pub(crate) fn read_view<R>(&self, index: usize, f: impl FnOnce(&BackendView) -> R) -> Option<R> {
+        let views = self.views.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        views.get(index).map(f)
     }
 
     pub(crate) fn with_view<R>(&self, index: usize, f: impl FnOnce(&mut BackendView) -> R) -> Option<R> {

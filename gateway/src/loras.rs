@@ -3,6 +3,7 @@
 //! file in the state dir, replaced atomically on every change and read again when another
 //! process (a gateway replica sharing the directory) has changed it.
 
+use crate::files::{self, FileError, failed};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -90,8 +91,8 @@ pub fn normalize_sha256(pin: &str) -> Result<String, String> {
 /// Why the desired set could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot {action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] FileError),
     #[error("{path} is not a Switchyard adapter state file: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 }
@@ -120,14 +121,10 @@ pub struct LoraStore {
     inner: Mutex<Inner>,
 }
 
-fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StateError + 'a {
-    move |source| StateError::Io { action, path: path.to_path_buf(), source }
-}
-
 impl LoraStore {
     /// Opens (creating when absent) the state in `dir`.
     pub fn open(dir: &Path) -> Result<LoraStore, StateError> {
-        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        std::fs::create_dir_all(dir).map_err(failed("create", dir))?;
         let path = dir.join(STATE_FILE);
         let (state, seen) = read(&path)?;
         Ok(LoraStore { path, inner: Mutex::new(Inner { state, seen }) })
@@ -210,7 +207,7 @@ fn read(path: &Path) -> Result<(StateFile, Option<SystemTime>), StateError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok((StateFile { version: FORMAT_VERSION, ..Default::default() }, None));
         }
-        Err(e) => return Err(StateError::Io { action: "read", path: path.to_path_buf(), source: e }),
+        Err(e) => return Err(failed("read", path)(e).into()),
     };
     let state: StateFile = serde_json::from_slice(&bytes)
         .map_err(|e| StateError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
@@ -224,15 +221,11 @@ fn read(path: &Path) -> Result<(StateFile, Option<SystemTime>), StateError> {
     Ok((state, modified))
 }
 
-/// Writes the whole state to a temp file beside `path`, syncs it and renames it over `path`.
+/// Replaces the state file with `state`.
 fn write(path: &Path, state: &StateFile) -> Result<Option<SystemTime>, StateError> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io("create a temp file in", dir))?;
     let bytes = serde_json::to_vec_pretty(state)
         .map_err(|e| StateError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
-    tmp.write_all(&bytes).and_then(|()| tmp.as_file().sync_all()).map_err(io("write", path))?;
-    tmp.persist(path).map_err(|e| StateError::Io { action: "replace", path: path.to_path_buf(), source: e.error })?;
+    files::replace(path, &bytes)?;
     Ok(std::fs::metadata(path).and_then(|m| m.modified()).ok())
 }
 

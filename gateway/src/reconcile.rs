@@ -70,7 +70,7 @@ pub async fn round(gw: &Arc<Gateway>, i: usize, failures: &mut Failures) {
     match (was, now) {
         (false, true) => tracing::info!(backend = %address, "backend is healthy"),
         (true, false) => {
-            let reason = gw.views().get(i).and_then(|v| v.last_error.clone()).unwrap_or_default();
+            let reason = gw.read_view(i, |v| v.last_error.clone()).flatten().unwrap_or_default();
             tracing::warn!(backend = %address, %reason, "backend is unhealthy");
         }
         _ => {}
@@ -95,7 +95,7 @@ async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures) {
     }
     let backend = gw.backends[i].clone();
     for lora in gw.loras.list() {
-        let listed = gw.views().get(i).and_then(|v| v.adapters.get(&lora.name).cloned());
+        let listed = gw.read_view(i, |v| v.adapters.get(&lora.name).cloned()).flatten();
         if satisfied(listed.as_ref(), &lora) || !failures.may_retry(&lora.name) {
             continue;
         }
@@ -123,7 +123,7 @@ async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures) {
         }
     }
     for name in gw.loras.removed() {
-        let listed = gw.views().get(i).is_some_and(|v| v.adapters.contains_key(&name));
+        let listed = gw.read_view(i, |v| v.adapters.contains_key(&name)).unwrap_or(false);
         if !listed {
             continue;
         }

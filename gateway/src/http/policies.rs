@@ -29,9 +29,7 @@ impl From<DeployError> for ApiError {
             DeployError::UnknownVersion(_) => ApiError::not_found(message, None).with_code("policy_not_found"),
             DeployError::NothingToRollBack(_) => ApiError::conflict(message, "nothing_to_roll_back"),
             DeployError::Invalid(_) => ApiError::invalid(message, None),
-            DeployError::Io { .. } | DeployError::Corrupt { .. } => {
-                ApiError::server(500, message, "state_write_failed")
-            }
+            DeployError::Io(_) | DeployError::Corrupt { .. } => ApiError::server(500, message, "state_write_failed"),
         }
     }
 }

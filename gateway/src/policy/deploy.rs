@@ -9,6 +9,7 @@
 //! activation is validated with its configuration before it replaces the previous one.
 
 use super::wasm::{CompiledPolicy, LoadError, PolicyFault, PolicyRuntime, WitDecision, WitRequest};
+use crate::files::{self, FileError, failed};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -77,8 +78,8 @@ pub enum DeployError {
     NothingToRollBack(String),
     #[error("invalid request: {0}")]
     Invalid(String),
-    #[error("cannot {action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] FileError),
     #[error("{path} is damaged: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 }
@@ -109,8 +110,11 @@ fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DeployError + 'a {
-    move |source| DeployError::Io { action, path: path.to_path_buf(), source }
+/// Reads and compiles the stored component of version `id`.
+fn compile_stored(dir: &Path, runtime: &PolicyRuntime, id: &str) -> Result<CompiledPolicy, DeployError> {
+    let file = dir.join(format!("{id}.wasm"));
+    let bytes = std::fs::read(&file).map_err(failed("read", &file))?;
+    Ok(runtime.compile(&bytes)?)
 }
 
 /// The request a version is dry-run with: a plain chat request on an empty cluster.
@@ -142,9 +146,9 @@ fn check_scope(scope: &str) -> Result<(), DeployError> {
 }
 
 impl PolicyStore {
-    /// Opens the store in `dir`, compiling every recorded version.
+    /// Opens the store in `dir`, compiling the versions its activations name.
     pub fn open(dir: &Path, runtime: Arc<PolicyRuntime>) -> Result<PolicyStore, DeployError> {
-        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        std::fs::create_dir_all(dir).map_err(failed("create", dir))?;
         let path = dir.join(REGISTRY_FILE);
         let registry = match std::fs::read(&path) {
             Ok(bytes) => {
@@ -158,13 +162,15 @@ impl PolicyStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Registry { version: FORMAT_VERSION, ..Default::default() }
             }
-            Err(e) => return Err(DeployError::Io { action: "read", path, source: e }),
+            Err(e) => return Err(failed("read", &path)(e).into()),
         };
+        // Only versions some activation history names are compiled now (rollback may need
+        // them); the others when they are activated.
         let mut compiled = HashMap::new();
-        for id in registry.versions.keys() {
-            let file = dir.join(format!("{id}.wasm"));
-            let bytes = std::fs::read(&file).map_err(io("read", &file))?;
-            compiled.insert(id.clone(), runtime.compile(&bytes)?);
+        for id in registry.active.values().flatten().map(|a| &a.id) {
+            if !compiled.contains_key(id) {
+                compiled.insert(id.clone(), compile_stored(dir, &runtime, id)?);
+            }
         }
         let store = PolicyStore {
             dir: dir.to_path_buf(),
@@ -252,7 +258,7 @@ impl PolicyStore {
         }
         let _change = self.changes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let file = self.dir.join(format!("{id}.wasm"));
-        write_atomic(&file, bytes)?;
+        files::replace(&file, bytes)?;
         let version = Version {
             id: id.clone(),
             name: name.to_string(),
@@ -273,8 +279,18 @@ impl PolicyStore {
     /// Makes version `id` with `config` the active policy of `scope` (blocking: dry-runs it).
     pub fn activate(&self, scope: &str, id: &str, config: serde_json::Value) -> Result<Activation, DeployError> {
         check_scope(scope)?;
-        let policy =
-            self.read().compiled.get(id).cloned().ok_or_else(|| DeployError::UnknownVersion(id.to_string()))?;
+        let cached = self.read().compiled.get(id).cloned();
+        let policy = match cached {
+            Some(policy) => policy,
+            None => {
+                if !self.read().registry.versions.contains_key(id) {
+                    return Err(DeployError::UnknownVersion(id.to_string()));
+                }
+                let policy = compile_stored(&self.dir, &self.runtime, id)?;
+                self.write().compiled.insert(id.to_string(), policy.clone());
+                policy
+            }
+        };
         self.dry_run(&policy, &config.to_string()).map_err(DeployError::DryRun)?;
         let _change = self.changes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let activation = Activation { id: id.to_string(), config, activated_at: now() };
@@ -311,15 +327,6 @@ impl PolicyStore {
         let path = self.dir.join(REGISTRY_FILE);
         let bytes = serde_json::to_vec_pretty(registry)
             .map_err(|e| DeployError::Corrupt { path: path.clone(), reason: e.to_string() })?;
-        write_atomic(&path, &bytes)
+        Ok(files::replace(&path, &bytes)?)
     }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DeployError> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io("create a temp file in", dir))?;
-    tmp.write_all(bytes).and_then(|()| tmp.as_file().sync_all()).map_err(io("write", path))?;
-    tmp.persist(path).map_err(|e| DeployError::Io { action: "replace", path: path.to_path_buf(), source: e.error })?;
-    Ok(())
 }
