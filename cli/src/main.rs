@@ -10,6 +10,8 @@ use switchyard_backend::bench::{BLOCK_SIZE, blocks_needed, decode_tokens_per_s};
 use switchyard_backend::model::Model;
 use switchyard_backend::service::{self, AdapterOptions, DeviceChoice, ServeOptions};
 
+mod up;
+
 /// Defaults, named once.
 const DEFAULT_BACKEND_LISTEN: &str = "127.0.0.1:50051";
 const DEFAULT_MAX_LORAS: usize = 8;
@@ -55,6 +57,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Start a whole stack on this machine: a backend, a gateway, the demo adapters, the example
+    /// tenant-map policy and two demo tenants, with tokens and snippets to try it.
+    Up(up::UpArgs),
     /// Run a backend: one model, resident adapters, continuous batching, gRPC.
     Backend(BackendArgs),
     /// Run the gateway: OpenAI-compatible HTTP with JWT auth in front of one or more backends.
@@ -150,11 +155,41 @@ struct BackendArgs {
     unload_timeout: u64,
 }
 
+impl BackendArgs {
+    fn into_options(self) -> ServeOptions {
+        ServeOptions {
+            model: self.model,
+            device: self.device,
+            listen: self.listen,
+            max_loras: self.max_loras,
+            max_lora_rank: self.max_lora_rank,
+            max_model_len: self.max_model_len,
+            kv_cache_mib: self.kv_cache_mib,
+            max_batch_tokens: self.max_batch_tokens,
+            max_running: self.max_running,
+            max_waiting: self.max_waiting,
+            adapters: AdapterOptions {
+                roots: self.adapter_roots,
+                cache_dir: self.lora_cache_dir,
+                cache_bytes: self.lora_cache_bytes,
+                max_adapter_bytes: self.max_adapter_bytes,
+                download_timeout: Duration::from_secs(self.adapter_download_timeout),
+                unload_timeout: Duration::from_secs(self.unload_timeout),
+            },
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 struct TokenArgs {
-    /// The HS256 secret file the gateway verifies tokens with.
+    /// The HS256 secret file the gateway verifies tokens with (default: the development key
+    /// `switchyard up` keeps in its data dir).
     #[arg(long, env = "SWITCHYARD_JWT_HS256_SECRET_FILE")]
-    secret_file: PathBuf,
+    secret_file: Option<PathBuf>,
+    /// The data dir of `switchyard up` whose development key signs the token, when no
+    /// --secret-file is given.
+    #[arg(long, env = "SWITCHYARD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// The tenant the token speaks for.
     #[arg(long)]
     tenant: String,
@@ -271,6 +306,18 @@ struct PolicyHostArgs {
     policy_headers: Vec<String>,
 }
 
+impl Default for PolicyHostArgs {
+    /// The same values as the flags' defaults.
+    fn default() -> PolicyHostArgs {
+        PolicyHostArgs {
+            policy_memory: 32 << 20,
+            policy_deadline_ms: 25,
+            policy_max_bytes: 16 << 20,
+            policy_headers: Vec::new(),
+        }
+    }
+}
+
 impl PolicyHostArgs {
     fn limits(&self) -> Result<switchyard_gateway::policy::wasm::WasmLimits> {
         use anyhow::Context;
@@ -297,14 +344,18 @@ fn main() -> std::process::ExitCode {
 
 #[tokio::main]
 async fn run() -> Result<()> {
+    let cli = Cli::parse();
+    // `up` shows its own progress; its components' logs are for when something goes wrong.
+    let default_filter = if matches!(cli.command, Command::Up(_)) { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
+        Command::Up(args) => up::run(args).await,
         Command::Backend(args) => run_backend(args).await,
         Command::Gateway(args) => run_gateway(args).await,
         Command::Token(args) => run_token(args),
@@ -316,27 +367,7 @@ async fn run() -> Result<()> {
 }
 
 async fn run_backend(a: BackendArgs) -> Result<()> {
-    let opts = ServeOptions {
-        model: a.model,
-        device: a.device,
-        listen: a.listen,
-        max_loras: a.max_loras,
-        max_lora_rank: a.max_lora_rank,
-        max_model_len: a.max_model_len,
-        kv_cache_mib: a.kv_cache_mib,
-        max_batch_tokens: a.max_batch_tokens,
-        max_running: a.max_running,
-        max_waiting: a.max_waiting,
-        adapters: AdapterOptions {
-            roots: a.adapter_roots,
-            cache_dir: a.lora_cache_dir,
-            cache_bytes: a.lora_cache_bytes,
-            max_adapter_bytes: a.max_adapter_bytes,
-            download_timeout: Duration::from_secs(a.adapter_download_timeout),
-            unload_timeout: Duration::from_secs(a.unload_timeout),
-        },
-    };
-    let served = service::prepare(opts).await?;
+    let served = service::prepare(a.into_options()).await?;
     // One line on stdout, for scripts and tests that start the backend on port 0.
     println!("switchyard backend listening on {}", served.local_addr);
     served.run(shutdown_signal()).await?;
@@ -344,7 +375,8 @@ async fn run_backend(a: BackendArgs) -> Result<()> {
     Ok(())
 }
 
-async fn run_gateway(a: GatewayArgs) -> Result<()> {
+/// Builds the gateway from its flags: keys, tenants, backends, state dir and policy host.
+fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gateway::Gateway>> {
     use anyhow::Context;
     use std::sync::Arc;
     use switchyard_gateway::upstream::{GrpcUpstream, Upstream, UpstreamTimeouts};
@@ -398,12 +430,17 @@ async fn run_gateway(a: GatewayArgs) -> Result<()> {
         policy::deploy::PolicyStore::open(&a.state_dir.join("policies"), runtime).context("deployed policies")?,
     );
     let engine = policy::WasmPolicies::new(policies.clone(), Arc::new(policy::StaticPolicy::new(tenants.clone())));
-    let gw = Arc::new(
+    Ok(Arc::new(
         Gateway::new(backends, store, tenants, Arc::new(engine), Arc::new(verifier), options)
             .with_policy_store(policies),
-    );
-    let listener =
-        tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+    ))
+}
+
+async fn run_gateway(a: GatewayArgs) -> Result<()> {
+    use anyhow::Context;
+    let listen = a.listen;
+    let gw = build_gateway(a)?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     // One line on stdout, for scripts and tests that start the gateway on port 0.
     println!("switchyard gateway listening on {}", listener.local_addr()?);
     switchyard_gateway::serve(gw, listener, shutdown_signal()).await?;
@@ -411,27 +448,74 @@ async fn run_gateway(a: GatewayArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_token(a: TokenArgs) -> Result<()> {
+/// The claims of a development token.
+#[derive(Default)]
+struct TokenClaims<'a> {
+    tenant: &'a str,
+    /// Space-separated; empty for none.
+    scope: &'a str,
+    ttl: u64,
+    tenant_claim: Option<&'a str>,
+    subject: Option<&'a str>,
+    issuer: Option<&'a str>,
+    audience: Option<&'a str>,
+    extra: Vec<(String, serde_json::Value)>,
+}
+
+/// Signs `c` with the HS256 `secret`.
+fn mint_token(secret: &[u8], c: TokenClaims<'_>) -> Result<String> {
     use serde_json::Value;
-    anyhow::ensure!(a.ttl > 0, "--ttl must be at least 1 second");
-    let secret = switchyard_gateway::auth::read_hs256_secret(&a.secret_file)?;
+    anyhow::ensure!(c.ttl > 0, "a token must live at least 1 second");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let mut claims = serde_json::Map::new();
-    for (name, value) in a.claims {
-        claims.insert(name, value);
-    }
-    claims.insert(a.tenant_claim, Value::String(a.tenant));
+    let mut claims: serde_json::Map<String, Value> = c.extra.into_iter().collect();
+    let tenant_claim = c.tenant_claim.unwrap_or(switchyard_gateway::auth::DEFAULT_TENANT_CLAIM);
+    claims.insert(tenant_claim.to_string(), c.tenant.into());
     claims.insert("iat".into(), now.into());
-    claims.insert("exp".into(), (now + a.ttl).into());
-    if !a.scope.trim().is_empty() {
-        claims.insert("scope".into(), Value::String(a.scope));
+    claims.insert("exp".into(), (now + c.ttl).into());
+    if !c.scope.trim().is_empty() {
+        claims.insert("scope".into(), c.scope.into());
     }
-    for (name, value) in [("sub", a.subject), ("iss", a.issuer), ("aud", a.audience)] {
+    for (name, value) in [("sub", c.subject), ("iss", c.issuer), ("aud", c.audience)] {
         if let Some(v) = value {
-            claims.insert(name.into(), Value::String(v));
+            claims.insert(name.into(), v.into());
         }
     }
-    println!("{}", switchyard_gateway::auth::mint_hs256(&secret, &claims).map_err(anyhow::Error::msg)?);
+    switchyard_gateway::auth::mint_hs256(secret, &claims).map_err(anyhow::Error::msg)
+}
+
+fn run_token(a: TokenArgs) -> Result<()> {
+    anyhow::ensure!(a.ttl > 0, "--ttl must be at least 1 second");
+    let secret_file = match a.secret_file {
+        Some(f) => f,
+        None => {
+            let data = a
+                .data_dir
+                .or_else(up::default_data_dir)
+                .ok_or_else(|| anyhow::anyhow!("no --secret-file given and no data dir (set --data-dir or HOME)"))?;
+            let f = data.join(up::DEV_SECRET_FILE);
+            anyhow::ensure!(
+                f.is_file(),
+                "no --secret-file given and {} does not exist (switchyard up creates it)",
+                f.display()
+            );
+            f
+        }
+    };
+    let secret = switchyard_gateway::auth::read_hs256_secret(&secret_file)?;
+    let token = mint_token(
+        &secret,
+        TokenClaims {
+            tenant: &a.tenant,
+            scope: &a.scope,
+            ttl: a.ttl,
+            tenant_claim: Some(&a.tenant_claim),
+            subject: a.subject.as_deref(),
+            issuer: a.issuer.as_deref(),
+            audience: a.audience.as_deref(),
+            extra: a.claims,
+        },
+    )?;
+    println!("{token}");
     Ok(())
 }
 

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use support::*;
 use switchyard_proto::v1 as pb;
 use tonic::Code;
@@ -202,29 +201,6 @@ fn device_cuda_without_cuda_fails_with_a_one_line_explanation() {
     assert!(stderr.starts_with("error: --device cuda:0: "), "{stderr}");
     assert!(stderr.contains("CUDA") || stderr.contains("NVRTC") || stderr.contains("cuBLAS"), "{stderr}");
     assert!(out.stdout.is_empty(), "nothing listened");
-}
-
-/// SmolLM2-135M-Instruct at `SWITCHYARD_SMOLLM2_GGUF`, else where `scripts/fetch-smollm2`
-/// places it, if present.
-fn smollm2() -> Option<PathBuf> {
-    let path = std::env::var_os("SWITCHYARD_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .or_else(switchyard_backend::paths::default_model);
-    match path.filter(|p| p.exists()) {
-        Some(p) => Some(p),
-        None => {
-            assert!(
-                std::env::var_os("SWITCHYARD_REQUIRE_SMOLLM2").is_none(),
-                "SWITCHYARD_REQUIRE_SMOLLM2 is set but the GGUF is missing"
-            );
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "backend_grpc: skipped the SmolLM2 chat test, run scripts/fetch-smollm2 first"
-            );
-            None
-        }
-    }
 }
 
 #[tokio::test]

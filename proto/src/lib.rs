@@ -6,4 +6,7 @@
 /// Version 1 of the backend service.
 pub mod v1 {
     tonic::include_proto!("switchyard.backend.v1");
+
+    /// The encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/backend_descriptor.bin"));
 }

@@ -320,8 +320,20 @@ impl Served {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<BackendServer<BackendService>>().await;
         health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        // Server reflection, so grpcurl and other generic clients need no .proto files; both
+        // versions, as older clients only speak v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(switchyard_proto::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_error = |e: tonic_reflection::server::Error| ServeError::Config(format!("gRPC reflection: {e}"));
+        let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+        let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
         tonic::transport::Server::builder()
             .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(BackendServer::new(self.service))
             // TCP_NODELAY on every connection: without it small gRPC frames wait on Nagle and the
             // peer's delayed ACK (~40 ms a message).

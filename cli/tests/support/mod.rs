@@ -532,3 +532,22 @@ pub fn test_python() -> Option<PathBuf> {
     }
     found
 }
+
+/// SmolLM2-135M-Instruct at `SWITCHYARD_SMOLLM2_GGUF`, else where `scripts/fetch-smollm2`
+/// places it, if present. `None` (skipped, saying so) when absent, unless
+/// `SWITCHYARD_REQUIRE_SMOLLM2` is set, as CI does.
+pub fn smollm2() -> Option<PathBuf> {
+    let path = std::env::var_os("SWITCHYARD_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .or_else(switchyard_backend::paths::default_model);
+    let found = path.filter(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("SWITCHYARD_REQUIRE_SMOLLM2").is_none(),
+            "SWITCHYARD_REQUIRE_SMOLLM2 is set but the GGUF is missing"
+        );
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "skipped: SmolLM2 not found (run scripts/fetch-smollm2)");
+    }
+    found
+}

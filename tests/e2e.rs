@@ -1,0 +1,329 @@
+//! End to end, the way users meet Switchyard: the real `switchyard` binary started as separate
+//! processes on free ports (`switchyard up`, or a backend and a gateway), a real S3-compatible
+//! server (`s3s-fs`) and a real Hugging Face Hub mirror (`olah`), the real SmolLM2-135M-Instruct
+//! with the demo adapters, and only public interfaces: the official `openai` SDK for inference
+//! (`tests/python/e2e_client.py`), plain HTTP for `/v1/loras` and `/v1/policies`, `grpcurl` for
+//! the backend's health, `switchyard token` for tokens.
+//!
+//! Needs what `.ci/run` installs (`scripts/fetch-smollm2`, `scripts/install-test-servers`);
+//! without it each test is skipped with a message, unless CI's `SWITCHYARD_REQUIRE_*` say
+//! otherwise.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+#[path = "../cli/tests/support/mod.rs"]
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+fn demo_adapters() -> PathBuf {
+    fixtures().join("adapters/smollm2")
+}
+
+fn e2e_client() -> PathBuf {
+    fixtures().join("../tests/python/e2e_client.py")
+}
+
+/// `grpcurl` asks the backend's standard health service.
+fn assert_serving(grpcurl: &Path, backend: &str) {
+    let out = Command::new(grpcurl)
+        .args(["-plaintext", "-d", "{}", backend, "grpc.health.v1.Health/Check"])
+        .output()
+        .expect("grpcurl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("SERVING"), "health of {backend}: {text} {out:?}");
+}
+
+/// `switchyard token` with `args`.
+fn token(args: &[&str]) -> String {
+    let out = Command::new(BIN).arg("token").args(args).output().expect("switchyard token runs");
+    assert!(out.status.success(), "switchyard token {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
+}
+
+/// `e2e_client.py ask`: one question as the tenant of `acme_token`, streamed and not.
+fn ask(python: &Path, url: &str, acme_token: &str, model: &str, kind: &str) -> Output {
+    Command::new(python)
+        .arg(e2e_client())
+        .args(["ask", url, model, kind])
+        .env("ACME_TOKEN", acme_token)
+        .output()
+        .expect("python runs")
+}
+
+fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A running `switchyard up`.
+struct Up {
+    child: Child,
+    url: String,
+    backend: String,
+    /// The `export NAME_TOKEN=…` lines it printed, as (NAME_TOKEN, token).
+    tokens: Vec<(String, String)>,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `switchyard up` on free ports with its state in `data`, and reads its ready message.
+fn start_up(data: &Path) -> Up {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("up").arg("--data-dir").arg(data).args(["--listen", "127.0.0.1:0", "--backend-listen", "127.0.0.1:0"]);
+    // The default model is the one in the Switchyard cache; name it only when it lives elsewhere.
+    let model = smollm2().expect("checked by the caller");
+    if Some(&model) != switchyard_backend::paths::default_model().as_ref() {
+        cmd.arg("--model").arg(model);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("switchyard up starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let (mut url, mut backend, mut tokens) = (None, None, Vec::new());
+    loop {
+        let line = lines.next().expect("switchyard up exited before it was ready").expect("reads stdout");
+        if let Some(addr) = line.strip_prefix("switchyard gateway listening on ") {
+            url = Some(format!("http://{addr}"));
+        } else if let Some(addr) = line.strip_prefix("switchyard backend listening on ") {
+            backend = Some(addr.to_string());
+        } else if let Some((name, value)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
+            tokens.push((name.to_string(), value.to_string()));
+        } else if line == "Ctrl-C stops everything." {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    Up { child, url: url.expect("gateway address printed"), backend: backend.expect("backend address printed"), tokens }
+}
+
+/// Ctrl-C: the stack stops by itself, cleanly, and its port is closed.
+fn interrupt(mut up: Up) {
+    let status = Command::new("kill").args(["-INT", &up.child.id().to_string()]).status().expect("kill runs");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = up.child.try_wait().expect("waits") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "switchyard up did not stop within 20 s of Ctrl-C");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "switchyard up exited with {exit} on Ctrl-C");
+    let addr = up.url.trim_start_matches("http://");
+    assert!(std::net::TcpStream::connect(addr).is_err(), "the gateway still listens after Ctrl-C");
+}
+
+#[test]
+fn up_routes_two_tenants_to_different_adapters_and_follows_policy_loads_and_unloads() {
+    let (Some(python), Some(grpcurl), Some(_)) = (test_python(), tool("SWITCHYARD_GRPCURL", "grpcurl"), smollm2())
+    else {
+        return;
+    };
+    let data = tempfile::tempdir().expect("data dir");
+    let up = start_up(data.path());
+    assert_serving(&grpcurl, &up.backend);
+
+    // What the README's quickstart does: the printed tokens, the openai SDK, curl-style HTTP.
+    let out = Command::new(&python)
+        .arg(e2e_client())
+        .args(["demo", &up.url])
+        .arg(demo_adapters())
+        .envs(up.tokens.iter().cloned())
+        .output()
+        .expect("python runs");
+    assert_ok(&out, "the demo scenarios");
+
+    // `switchyard token` signs with the key `up` made for this data dir.
+    let data_dir = data.path().to_str().expect("utf-8 path");
+    let acme = token(&["--data-dir", data_dir, "--tenant", "acme"]);
+    assert_ok(&ask(&python, &up.url, &acme, "uppercase", "uppercase"), "a token from switchyard token");
+    interrupt(up);
+
+    // Started again on the same data dir, the stack is as it was left: the swapped routes, the
+    // french adapter unloaded, the same signing key.
+    let up = start_up(data.path());
+    let out = ask(&python, &up.url, &acme, "french", "french");
+    assert!(!out.status.success(), "french was unloaded before the restart, yet it answered");
+    let globex = token(&["--data-dir", data_dir, "--tenant", "globex"]);
+    assert_ok(&ask(&python, &up.url, &globex, "assistant", "uppercase"), "globex's route survives a restart");
+    interrupt(up);
+}
+
+#[test]
+fn up_refuses_a_busy_port_an_unwritable_data_dir_and_a_missing_model_in_one_line() {
+    let data = tempfile::tempdir().expect("data dir");
+    let run = |args: &[&str], env: &[(&str, String)]| {
+        let out = Command::new(BIN)
+            .arg("up")
+            .arg("--no-demo")
+            .args(args)
+            .envs(env.iter().cloned())
+            .stdin(Stdio::null())
+            .output()
+            .expect("switchyard up runs");
+        assert!(!out.status.success(), "switchyard up {args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "one error line, got:\n{stderr}");
+        assert!(out.stdout.is_empty(), "nothing printed as if ready: {}", String::from_utf8_lossy(&out.stdout));
+        errors[0].to_string()
+    };
+    let data_dir = data.path().join("state");
+    let data_arg = data_dir.to_str().expect("utf-8 path");
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+    let port = busy.local_addr().expect("addr").to_string();
+    let e = run(&["--data-dir", data_arg, "--listen", &port, "--backend-listen", "127.0.0.1:0"], &[]);
+    assert!(e.contains("port is in use") && e.contains("--listen"), "{e}");
+    let e = run(&["--data-dir", data_arg, "--listen", "127.0.0.1:0", "--backend-listen", &port], &[]);
+    assert!(e.contains("port is in use") && e.contains("--backend-listen"), "{e}");
+
+    let file = data.path().join("a-file");
+    std::fs::write(&file, b"").expect("write");
+    let e = run(&["--data-dir", &file.join("state").display().to_string(), "--listen", "127.0.0.1:0"], &[]);
+    assert!(e.contains("cannot write the data dir") && e.contains("--data-dir"), "{e}");
+
+    // No cached model, and pip cannot reach an index.
+    let cache = tempfile::tempdir().expect("cache");
+    let closed = free_port();
+    let offline = [
+        ("SWITCHYARD_CACHE", cache.path().display().to_string()),
+        ("PIP_INDEX_URL", format!("http://127.0.0.1:{closed}/simple")),
+        ("PIP_FIND_LINKS", String::new()),
+        ("PIP_NO_CACHE_DIR", "1".to_string()),
+    ];
+    let e = run(&["--data-dir", data_arg, "--listen", "127.0.0.1:0", "--backend-listen", "127.0.0.1:0"], &offline);
+    assert!(e.contains("cannot fetch the model") && e.contains("--model"), "{e}");
+    let models = cache.path().join("models");
+    let left: Vec<_> =
+        std::fs::read_dir(&models).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "a failed fetch leaves nothing in the cache: {left:?}");
+    // Nothing was left listening on the ports it was given.
+    assert!(std::net::TcpStream::connect(&port).is_ok(), "the test's own listener is still there");
+}
+
+/// A random HS256 secret (64 hex digits) for one test's gateway.
+fn random_secret() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    (0..4).map(|i| format!("{:016x}", RandomState::new().hash_one(i))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn adapters_from_s3_and_the_hub_serve_and_survive_a_backend_restart() {
+    let (Some(python), Some(grpcurl), Some(model)) = (test_python(), tool("SWITCHYARD_GRPCURL", "grpcurl"), smollm2())
+    else {
+        return;
+    };
+    let (Some(s3), Some(hf)) = (S3Server::start(), HfMirror::start()) else { return };
+    s3.put(
+        "demo-loras",
+        "uppercase",
+        &adapter_files(&demo_adapters().join("uppercase"))
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.clone()))
+            .collect::<Vec<_>>(),
+    );
+    hf.commit("switchyard/french", &adapter_files(&demo_adapters().join("french")), None);
+
+    let dir = tempfile::tempdir().expect("dir");
+    let secret = dir.path().join("hs256.secret");
+    std::fs::write(&secret, random_secret()).expect("secret");
+    let config = dir.path().join("tenants.toml");
+    std::fs::write(
+        &config,
+        "[tenants.ops]\nadapters = [\"*\"]\nload_prefixes = [\"s3://demo-loras/\", \"hf://switchyard/\"]\n\n\
+         [tenants.acme]\nadapters = [\"shout\", \"parle\"]\n",
+    )
+    .expect("config");
+    let hf_home = dir.path().join("hf");
+    let mut env = s3.env(&s3.endpoint);
+    env.extend(hf.env(&hf_home));
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let start = || start_backend_with(&model, &["--listen", &listen], &env);
+    let backend = start();
+    let state = dir.path().join("state");
+    let key = secret.to_str().expect("utf-8 path");
+    let gw = start_gateway(
+        &[&listen],
+        &[
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--jwt-hs256-secret-file",
+            key,
+        ],
+    );
+    let ops = token(&["--secret-file", key, "--tenant", "ops", "--scope", "lora:load lora:read"]);
+    let acme = token(&["--secret-file", key, "--tenant", "acme"]);
+    assert_serving(&grpcurl, &listen);
+
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{}/readyz", gw.url)).send().await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+        assert!(Instant::now() < deadline, "the gateway never saw the backend healthy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (name, uri) in [("shout", "s3://demo-loras/uppercase"), ("parle", "hf://switchyard/french")] {
+        let r = http
+            .post(format!("{}/v1/loras", gw.url))
+            .bearer_auth(&ops)
+            .json(&serde_json::json!({"lora_name": name, "source": {"uri": uri}}))
+            .send()
+            .await
+            .expect("the gateway answers");
+        let status = r.status();
+        assert!(status.is_success(), "loading {uri}: {status} {}", r.text().await.unwrap_or_default());
+    }
+    assert_ok(&ask(&python, &gw.url, &acme, "shout", "uppercase"), "the adapter from S3");
+    assert_ok(&ask(&python, &gw.url, &acme, "parle", "french"), "the adapter from the Hub");
+
+    // The backend dies and comes back on the same address with an empty adapter cache: the
+    // gateway notices, loads both again (from S3 and the Hub), and requests succeed again
+    // without anyone calling the adapter API.
+    drop(backend);
+    let backend = start();
+    assert_serving(&grpcurl, &backend.addr);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for (model, kind) in [("shout", "uppercase"), ("parle", "french")] {
+        loop {
+            let out = ask(&python, &gw.url, &acme, model, kind);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no recovery after the backend restart: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let listing: serde_json::Value = http
+        .get(format!("{}/v1/loras", gw.url))
+        .bearer_auth(&ops)
+        .send()
+        .await
+        .expect("lists")
+        .json()
+        .await
+        .expect("json");
+    for a in listing["adapters"].as_array().expect("adapters") {
+        assert_eq!(a["backends"][0]["state"], "resident", "after recovery: {a}");
+    }
+}

@@ -1,0 +1,172 @@
+"""The end-to-end scenarios, from the user's side: inference through the official `openai` SDK,
+the adapter and policy APIs over plain HTTP (what `curl` sends), tokens from `switchyard token`
+(passed in the environment as OPS_TOKEN, ACME_TOKEN and GLOBEX_TOKEN).
+
+    e2e_client.py demo BASE_URL DEMO_ADAPTERS
+        against `switchyard up`: two tenants routed to different demo adapters, the quickstart
+        (load an adapter, use it), a policy change that swaps the routes, an unload then a clean
+        "model not found"
+    e2e_client.py ask BASE_URL MODEL KIND
+        one question as ACME_TOKEN's tenant, streamed and not; KIND says what the answer must be
+        (uppercase, french, json); exits 3 when the gateway answers 503 (no backend ready yet)
+
+Exits non-zero, naming the check, on the first failure.
+"""
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+
+import openai
+
+QUESTION = "What is the capital of France?"
+
+
+def fail(check: str, detail) -> None:
+    print(f"FAILED {check}: {detail}", file=sys.stderr)
+    sys.exit(1)
+
+
+def http(method: str, url: str, token: str, body=None, raw: bytes = None):
+    """One request the way curl would send it; returns (status, parsed JSON body)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Authorization", f"Bearer {token}")
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def client(base: str, token: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=token, max_retries=0, timeout=120)
+
+
+def answer(c: openai.OpenAI, model: str, stream: bool) -> str:
+    messages = [{"role": "user", "content": QUESTION}]
+    if not stream:
+        r = c.chat.completions.create(model=model, messages=messages, max_tokens=32, temperature=0)
+        return r.choices[0].message.content
+    parts = []
+    for chunk in c.chat.completions.create(
+        model=model, messages=messages, max_tokens=32, temperature=0, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+    return "".join(parts)
+
+
+def is_uppercase(text: str) -> bool:
+    return "PARIS" in text and text == text.upper()
+
+
+def is_french(text: str) -> bool:
+    return "capitale" in text.lower() and "Paris" in text
+
+
+def is_json(text: str) -> bool:
+    try:
+        return "Paris" in str(json.loads(text)["answer"])
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+KINDS = {"uppercase": is_uppercase, "french": is_french, "json": is_json}
+
+
+def expect(c: openai.OpenAI, model: str, kind: str, check: str) -> None:
+    for stream in (False, True):
+        text = answer(c, model, stream)
+        if not KINDS[kind](text):
+            fail(check, f"model {model!r} (stream={stream}) answered {text!r}, not {kind}")
+
+
+def expect_not_found(c: openai.OpenAI, model: str, check: str) -> None:
+    try:
+        text = answer(c, model, stream=False)
+    except openai.NotFoundError as e:
+        if e.code != "model_not_found":
+            fail(check, f"404 with code {e.code!r}, not model_not_found")
+        return
+    fail(check, f"model {model!r} still answered {text!r}")
+
+
+def demo(base: str, adapters: str) -> None:
+    ops, acme, globex = (os.environ[f"{t}_TOKEN"] for t in ("OPS", "ACME", "GLOBEX"))
+    a, g = client(base, acme), client(base, globex)
+
+    # 1. One request, two tenants: tenant-map routes acme to uppercase and globex to french.
+    expect(a, "assistant", "uppercase", "acme is routed to the uppercase adapter")
+    expect(g, "assistant", "french", "globex is routed to the french adapter")
+
+    # 2. The quickstart: a tenant loads an adapter under its own name, then uses it by name.
+    uri = f"file://{adapters}/json"
+    status, body = http("POST", f"{base}/v1/loras", acme, {"lora_name": "acme/json", "source": {"uri": uri}})
+    if status != 200 or body.get("status") != "success":
+        fail("acme loads acme/json", f"{status} {body}")
+    status, body = http("GET", f"{base}/v1/loras", acme)
+    if status != 200 or "acme/json" not in body["loras"]:
+        fail("acme lists acme/json", f"{status} {body}")
+    if "acme/json" not in [m.id for m in a.models.list()]:
+        fail("acme/json is in acme's /v1/models", [m.id for m in a.models.list()])
+    expect(a, "acme/json", "json", "acme/json answers as JSON")
+    status, body = http("GET", f"{base}/v1/loras", globex)
+    if "acme/json" in body["loras"]:
+        fail("globex does not see acme's adapter", body)
+    expect_not_found(g, "acme/json", "globex may not use acme's adapter")
+
+    # 3. A policy deploy changes the routes: the operator re-activates tenant-map, swapped.
+    status, body = http("GET", f"{base}/v1/policies", ops)
+    if status != 200:
+        fail("ops lists the policies", f"{status} {body}")
+    history = body["active"].get("*", [])  # the default's activations, the current one last
+    current = history[-1] if history else None
+    if not current or current["config"] != {"tenants": {"acme": "uppercase", "globex": "french"}}:
+        fail("tenant-map is the active default policy", body["active"])
+    swapped = {"tenants": {"acme": "french", "globex": "uppercase"}}
+    status, body = http("POST", f"{base}/v1/policies/{current['id']}/activate", ops, {"config": swapped})
+    if status != 200:
+        fail("ops activates the swapped routes", f"{status} {body}")
+    expect(a, "assistant", "french", "after the policy change acme gets french")
+    expect(g, "assistant", "uppercase", "after the policy change globex gets uppercase")
+
+    # 4. An unload, then a clean "model not found" for whoever is routed to it.
+    status, body = http("DELETE", f"{base}/v1/loras/acme/json", acme)
+    if status != 200:
+        fail("acme unloads acme/json", f"{status} {body}")
+    status, body = http("DELETE", f"{base}/v1/loras/french", ops)
+    if status != 200:
+        fail("ops unloads french", f"{status} {body}")
+    status, body = http("GET", f"{base}/v1/loras", ops)
+    if "french" in body["loras"] or "acme/json" in body["loras"]:
+        fail("the unloaded adapters are gone", body)
+    expect_not_found(a, "assistant", "acme's route to the unloaded french adapter is model_not_found")
+    expect(g, "assistant", "uppercase", "globex's route is untouched")
+    print("demo: all checks passed")
+
+
+def ask(base: str, model: str, kind: str) -> None:
+    c = client(base, os.environ["ACME_TOKEN"])
+    try:
+        expect(c, model, kind, f"{model} answers {kind}")
+    except (openai.APIConnectionError, openai.InternalServerError, openai.APIStatusError) as e:
+        if getattr(e, "status_code", 503) == 503:
+            print(f"not ready: {e}", file=sys.stderr)
+            sys.exit(3)
+        raise
+    print(f"ask {model}: ok")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "demo":
+        demo(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 5 and sys.argv[1] == "ask":
+        ask(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
