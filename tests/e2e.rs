@@ -14,9 +14,8 @@
 #[path = "../cli/tests/support/mod.rs"]
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -66,67 +65,6 @@ fn assert_ok(out: &Output, what: &str) {
     );
 }
 
-/// A running `switchyard up`.
-struct Up {
-    child: Child,
-    url: String,
-    backend: String,
-    /// The `export NAME_TOKEN=…` lines it printed, as (NAME_TOKEN, token).
-    tokens: Vec<(String, String)>,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `switchyard up` on free ports with its state in `data`, and reads its ready message.
-fn start_up(data: &Path) -> Up {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("up").arg("--data-dir").arg(data).args(["--listen", "127.0.0.1:0", "--backend-listen", "127.0.0.1:0"]);
-    // The default model is the one in the Switchyard cache; name it only when it lives elsewhere.
-    let model = smollm2().expect("checked by the caller");
-    if Some(&model) != switchyard_backend::paths::default_model().as_ref() {
-        cmd.arg("--model").arg(model);
-    }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("switchyard up starts");
-    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-    let (mut url, mut backend, mut tokens) = (None, None, Vec::new());
-    loop {
-        let line = lines.next().expect("switchyard up exited before it was ready").expect("reads stdout");
-        if let Some(addr) = line.strip_prefix("switchyard gateway listening on ") {
-            url = Some(format!("http://{addr}"));
-        } else if let Some(addr) = line.strip_prefix("switchyard backend listening on ") {
-            backend = Some(addr.to_string());
-        } else if let Some((name, value)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
-            tokens.push((name.to_string(), value.to_string()));
-        } else if line == "Ctrl-C stops everything." {
-            break;
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    Up { child, url: url.expect("gateway address printed"), backend: backend.expect("backend address printed"), tokens }
-}
-
-/// Ctrl-C: the stack stops by itself, cleanly, and its port is closed.
-fn interrupt(mut up: Up) {
-    let status = Command::new("kill").args(["-INT", &up.child.id().to_string()]).status().expect("kill runs");
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let exit = loop {
-        if let Some(s) = up.child.try_wait().expect("waits") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "switchyard up did not stop within 20 s of Ctrl-C");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(exit.success(), "switchyard up exited with {exit} on Ctrl-C");
-    let addr = up.url.trim_start_matches("http://");
-    assert!(std::net::TcpStream::connect(addr).is_err(), "the gateway still listens after Ctrl-C");
-}
-
 #[test]
 fn up_routes_two_tenants_to_different_adapters_and_follows_policy_loads_and_unloads() {
     let (Some(python), Some(grpcurl), Some(_)) = (test_python(), tool("SWITCHYARD_GRPCURL", "grpcurl"), smollm2())
@@ -134,7 +72,7 @@ fn up_routes_two_tenants_to_different_adapters_and_follows_policy_loads_and_unlo
         return;
     };
     let data = tempfile::tempdir().expect("data dir");
-    let up = start_up(data.path());
+    let up = start_up(data.path(), &[]);
     assert_serving(&grpcurl, &up.backend);
 
     // What the README's quickstart does: the printed tokens, the openai SDK, curl-style HTTP.
@@ -155,7 +93,7 @@ fn up_routes_two_tenants_to_different_adapters_and_follows_policy_loads_and_unlo
 
     // Started again on the same data dir, the stack is as it was left: the swapped routes, the
     // french adapter unloaded, the same signing key.
-    let up = start_up(data.path());
+    let up = start_up(data.path(), &[]);
     let out = ask(&python, &up.url, &acme, "french", "french");
     assert!(!out.status.success(), "french was unloaded before the restart, yet it answered");
     let globex = token(&["--data-dir", data_dir, "--tenant", "globex"]);

@@ -111,6 +111,13 @@ struct BackendArgs {
     /// Address for the gRPC server; port 0 picks a free port (printed at start-up).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = DEFAULT_BACKEND_LISTEN)]
     listen: SocketAddr,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// How a backend's engine and adapter store are sized: shared by `backend` and `up`.
+#[derive(clap::Args, Debug, Clone)]
+struct EngineArgs {
     /// Adapter slots: adapters resident at once. Idle adapters are evicted least recently used first.
     #[arg(long, env = "SWITCHYARD_MAX_LORAS", default_value_t = DEFAULT_MAX_LORAS)]
     max_loras: usize,
@@ -155,12 +162,13 @@ struct BackendArgs {
     unload_timeout: u64,
 }
 
-impl BackendArgs {
-    fn into_options(self) -> ServeOptions {
+impl EngineArgs {
+    /// The backend's options: these settings plus what to serve and where.
+    fn serve_options(self, model: PathBuf, device: DeviceChoice, listen: SocketAddr) -> ServeOptions {
         ServeOptions {
-            model: self.model,
-            device: self.device,
-            listen: self.listen,
+            model,
+            device,
+            listen,
             max_loras: self.max_loras,
             max_lora_rank: self.max_lora_rank,
             max_model_len: self.max_model_len,
@@ -279,6 +287,13 @@ struct GatewayArgs {
     /// A JWKS file (`{"keys": [...]}`), re-read when it changes.
     #[arg(long, env = "SWITCHYARD_JWKS_FILE")]
     jwks_file: Option<PathBuf>,
+    #[command(flatten)]
+    tuning: GatewayTuning,
+}
+
+/// The gateway's limits: shared by `gateway` and `up`.
+#[derive(clap::Args, Debug, Clone)]
+struct GatewayTuning {
     /// Largest request body accepted.
     #[arg(long, env = "SWITCHYARD_MAX_BODY_BYTES", default_value = DEFAULT_MAX_BODY_BYTES, value_parser = parse_bytes)]
     max_body_bytes: u64,
@@ -304,18 +319,6 @@ struct PolicyHostArgs {
     /// Request headers passed to policies (comma-separated; `authorization` never is).
     #[arg(long, env = "SWITCHYARD_POLICY_HEADERS", value_delimiter = ',')]
     policy_headers: Vec<String>,
-}
-
-impl Default for PolicyHostArgs {
-    /// The same values as the flags' defaults.
-    fn default() -> PolicyHostArgs {
-        PolicyHostArgs {
-            policy_memory: 32 << 20,
-            policy_deadline_ms: 25,
-            policy_max_bytes: 16 << 20,
-            policy_headers: Vec::new(),
-        }
-    }
 }
 
 impl PolicyHostArgs {
@@ -367,7 +370,7 @@ async fn run() -> Result<()> {
 }
 
 async fn run_backend(a: BackendArgs) -> Result<()> {
-    let served = service::prepare(a.into_options()).await?;
+    let served = service::prepare(a.engine.serve_options(a.model, a.device, a.listen)).await?;
     // One line on stdout, for scripts and tests that start the backend on port 0.
     println!("switchyard backend listening on {}", served.local_addr);
     served.run(shutdown_signal()).await?;
@@ -382,7 +385,7 @@ fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gateway::Ga
     use switchyard_gateway::upstream::{GrpcUpstream, Upstream, UpstreamTimeouts};
     use switchyard_gateway::{Gateway, GatewayOptions, auth, loras, policy, tenants};
 
-    anyhow::ensure!(a.probe_interval_ms > 0, "--probe-interval-ms must be at least 1");
+    anyhow::ensure!(a.tuning.probe_interval_ms > 0, "--probe-interval-ms must be at least 1");
     let file = match &a.config {
         Some(path) => tenants::GatewayFile::load(path).map_err(anyhow::Error::msg)?,
         None => tenants::GatewayFile::default(),
@@ -415,17 +418,18 @@ fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gateway::Ga
     }
     let store = loras::LoraStore::open(&a.state_dir).context("state dir")?;
     let tenants = Arc::new(file.tenants);
-    let policy_headers: Vec<String> = a.policy.policy_headers.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+    let policy_headers: Vec<String> =
+        a.tuning.policy.policy_headers.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
     anyhow::ensure!(
         !policy_headers.iter().any(|h| h == "authorization"),
         "--policy-headers may not pass authorization"
     );
     let options = GatewayOptions {
-        max_body_bytes: usize::try_from(a.max_body_bytes).context("--max-body-bytes")?,
-        probe_interval: Duration::from_millis(a.probe_interval_ms),
+        max_body_bytes: usize::try_from(a.tuning.max_body_bytes).context("--max-body-bytes")?,
+        probe_interval: Duration::from_millis(a.tuning.probe_interval_ms),
         policy_headers,
     };
-    let runtime = Arc::new(policy::wasm::PolicyRuntime::new(a.policy.limits()?).map_err(anyhow::Error::msg)?);
+    let runtime = Arc::new(policy::wasm::PolicyRuntime::new(a.tuning.policy.limits()?).map_err(anyhow::Error::msg)?);
     let policies = Arc::new(
         policy::deploy::PolicyStore::open(&a.state_dir.join("policies"), runtime).context("deployed policies")?,
     );

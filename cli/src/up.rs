@@ -6,14 +6,14 @@
 //! loaded with `POST /v1/loras` and the policy is deployed with `/v1/policies`, using tokens
 //! signed with the data dir's key.
 
-use crate::{GatewayArgs, PolicyHostArgs, shutdown_signal};
+use crate::{EngineArgs, GatewayArgs, GatewayTuning, shutdown_signal};
 use anyhow::{Context, Result, anyhow, bail};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use switchyard_backend::paths;
-use switchyard_backend::service::{self, AdapterOptions, DeviceChoice, ServeOptions};
+use switchyard_backend::service::{self, DeviceChoice};
 
 /// The development signing key, in the data dir.
 pub const DEV_SECRET_FILE: &str = "dev-hs256.secret";
@@ -67,21 +67,14 @@ pub struct UpArgs {
     /// Start without the demo: no demo adapters loaded, no policy deployed.
     #[arg(long)]
     no_demo: bool,
-    /// More directories file:// adapters may be loaded from (comma-separated), besides the demo's.
-    #[arg(long, env = "SWITCHYARD_ADAPTER_ROOTS", value_delimiter = ',')]
-    adapter_roots: Vec<PathBuf>,
-    /// Disk cache for s3:// and hf:// adapters (default: adapters/ in the Switchyard cache).
-    #[arg(long, env = "SWITCHYARD_LORA_CACHE_DIR")]
-    lora_cache_dir: Option<PathBuf>,
-    /// Adapter slots: adapters resident at once.
-    #[arg(long, env = "SWITCHYARD_MAX_LORAS", default_value_t = crate::DEFAULT_MAX_LORAS)]
-    max_loras: usize,
-    /// Memory for the paged KV cache, in MiB.
-    #[arg(long, env = "SWITCHYARD_KV_CACHE_MIB", default_value_t = crate::DEFAULT_KV_CACHE_MIB)]
-    kv_cache_mib: usize,
     /// Seconds the printed tokens stay valid.
     #[arg(long, default_value_t = 86_400)]
     token_ttl: u64,
+    /// The backend's engine and adapter store (`--adapter-roots` adds to the demo's directory).
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    gateway: GatewayTuning,
 }
 
 /// `$XDG_DATA_HOME/switchyard`, else `$HOME/.local/share/switchyard`.
@@ -128,26 +121,13 @@ pub async fn run(a: UpArgs) -> Result<()> {
     // The backend: the model, the engine, the gRPC server.
     let loading = Instant::now();
     step("backend", format!("loading {} …", model.display()));
-    let mut roots = a.adapter_roots.clone();
-    roots.extend(demo.as_ref().map(|d| d.adapters.clone()));
-    let served = service::prepare(ServeOptions {
-        model,
-        device: a.device,
-        listen: a.backend_listen,
-        max_loras: a.max_loras,
-        max_lora_rank: crate::DEFAULT_MAX_LORA_RANK,
-        max_model_len: None,
-        kv_cache_mib: a.kv_cache_mib,
-        max_batch_tokens: crate::DEFAULT_MAX_BATCH_TOKENS,
-        max_running: crate::DEFAULT_MAX_RUNNING,
-        max_waiting: crate::DEFAULT_MAX_WAITING,
-        adapters: AdapterOptions { roots, cache_dir: a.lora_cache_dir.clone(), ..AdapterOptions::default() },
-    })
-    .await
-    .map_err(|e| match e {
-        service::ServeError::Bind { addr, source } => port_error(addr, "--backend-listen", &source),
-        other => anyhow::Error::new(other).context("backend"),
-    })?;
+    let mut engine = a.engine.clone();
+    engine.adapter_roots.extend(demo.as_ref().map(|d| d.adapters.clone()));
+    let served =
+        service::prepare(engine.serve_options(model, a.device, a.backend_listen)).await.map_err(|e| match e {
+            service::ServeError::Bind { addr, source } => port_error(addr, "--backend-listen", &source),
+            other => anyhow::Error::new(other).context("backend"),
+        })?;
     let backend_addr = served.local_addr;
     step("backend", format!("listening on {backend_addr} ({:.1} s)", loading.elapsed().as_secs_f64()));
 
@@ -164,9 +144,7 @@ pub async fn run(a: UpArgs) -> Result<()> {
         jwt_hs256_secret_file: Some(secret.clone()),
         jwt_public_keys: Vec::new(),
         jwks_file: None,
-        max_body_bytes: crate::parse_bytes(crate::DEFAULT_MAX_BODY_BYTES).map_err(anyhow::Error::msg)?,
-        probe_interval_ms: crate::DEFAULT_PROBE_INTERVAL_MS,
-        policy: PolicyHostArgs::default(),
+        tuning: a.gateway.clone(),
     })?;
     let gateway_addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::watch::channel(false);

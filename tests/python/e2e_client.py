@@ -47,18 +47,21 @@ def client(base: str, token: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base}/v1", api_key=token, max_retries=0, timeout=120)
 
 
-def answer(c: openai.OpenAI, model: str, stream: bool) -> str:
+def answer(c: openai.OpenAI, model: str, stream: bool) -> tuple:
+    """(the answer's text, the adapter the gateway says served it)."""
     messages = [{"role": "user", "content": QUESTION}]
     if not stream:
-        r = c.chat.completions.create(model=model, messages=messages, max_tokens=32, temperature=0)
-        return r.choices[0].message.content
+        raw = c.chat.completions.with_raw_response.create(
+            model=model, messages=messages, max_tokens=32, temperature=0
+        )
+        return raw.parse().choices[0].message.content, raw.headers.get("x-switchyard-model")
     parts = []
     for chunk in c.chat.completions.create(
         model=model, messages=messages, max_tokens=32, temperature=0, stream=True
     ):
         if chunk.choices and chunk.choices[0].delta.content:
             parts.append(chunk.choices[0].delta.content)
-    return "".join(parts)
+    return "".join(parts), None
 
 
 def is_uppercase(text: str) -> bool:
@@ -79,16 +82,19 @@ def is_json(text: str) -> bool:
 KINDS = {"uppercase": is_uppercase, "french": is_french, "json": is_json}
 
 
-def expect(c: openai.OpenAI, model: str, kind: str, check: str) -> None:
+def expect(c: openai.OpenAI, model: str, kind: str, check: str, served: str = None) -> None:
+    """Both ways, the answer is of `kind`; when `served` is given, the response header names it."""
     for stream in (False, True):
-        text = answer(c, model, stream)
+        text, by = answer(c, model, stream)
         if not KINDS[kind](text):
             fail(check, f"model {model!r} (stream={stream}) answered {text!r}, not {kind}")
+        if served is not None and not stream and by != served:
+            fail(check, f"x-switchyard-model is {by!r}, not {served!r}")
 
 
 def expect_not_found(c: openai.OpenAI, model: str, check: str) -> None:
     try:
-        text = answer(c, model, stream=False)
+        text, _ = answer(c, model, stream=False)
     except openai.NotFoundError as e:
         if e.code != "model_not_found":
             fail(check, f"404 with code {e.code!r}, not model_not_found")
@@ -101,8 +107,8 @@ def demo(base: str, adapters: str) -> None:
     a, g = client(base, acme), client(base, globex)
 
     # 1. One request, two tenants: tenant-map routes acme to uppercase and globex to french.
-    expect(a, "assistant", "uppercase", "acme is routed to the uppercase adapter")
-    expect(g, "assistant", "french", "globex is routed to the french adapter")
+    expect(a, "assistant", "uppercase", "acme is routed to the uppercase adapter", served="uppercase")
+    expect(g, "assistant", "french", "globex is routed to the french adapter", served="french")
 
     # 2. The quickstart: a tenant loads an adapter under its own name, then uses it by name.
     uri = f"file://{adapters}/json"
@@ -114,7 +120,7 @@ def demo(base: str, adapters: str) -> None:
         fail("acme lists acme/json", f"{status} {body}")
     if "acme/json" not in [m.id for m in a.models.list()]:
         fail("acme/json is in acme's /v1/models", [m.id for m in a.models.list()])
-    expect(a, "acme/json", "json", "acme/json answers as JSON")
+    expect(a, "acme/json", "json", "acme/json answers as JSON", served="acme/json")
     status, body = http("GET", f"{base}/v1/loras", globex)
     if "acme/json" in body["loras"]:
         fail("globex does not see acme's adapter", body)
@@ -132,8 +138,8 @@ def demo(base: str, adapters: str) -> None:
     status, body = http("POST", f"{base}/v1/policies/{current['id']}/activate", ops, {"config": swapped})
     if status != 200:
         fail("ops activates the swapped routes", f"{status} {body}")
-    expect(a, "assistant", "french", "after the policy change acme gets french")
-    expect(g, "assistant", "uppercase", "after the policy change globex gets uppercase")
+    expect(a, "assistant", "french", "after the policy change acme gets french", served="french")
+    expect(g, "assistant", "uppercase", "after the policy change globex gets uppercase", served="uppercase")
 
     # 4. An unload, then a clean "model not found" for whoever is routed to it.
     status, body = http("DELETE", f"{base}/v1/loras/acme/json", acme)

@@ -9,7 +9,7 @@ use crate::policy::{Decision, Endpoint, PolicyInput, Route};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Extension, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -116,19 +116,33 @@ async fn serve(gw: Arc<Gateway>, id: RequestId, headers: HeaderMap, body: Body, 
             record.finish(e.status, None);
             e.into_response()
         }
-        Ok((job, started)) if job.stream => stream(job, started, record).into_response(),
-        Ok((job, started)) => match collect(&job, started, &mut record).await {
-            Ok(body) => {
-                record.finish(200, None);
-                Json(body).into_response()
+        Ok((job, started)) => {
+            // What actually serves the request: the adapter the policy chose, or the base model.
+            let served = HeaderValue::from_str(&record.model).ok();
+            let mut response = if job.stream {
+                stream(job, started, record)
+            } else {
+                match collect(&job, started, &mut record).await {
+                    Ok(body) => {
+                        record.finish(200, None);
+                        Json(body).into_response()
+                    }
+                    Err(e) => {
+                        record.finish(e.status, None);
+                        return e.into_response();
+                    }
+                }
+            };
+            if let Some(v) = served {
+                response.headers_mut().insert(SERVED_MODEL, v);
             }
-            Err(e) => {
-                record.finish(e.status, None);
-                e.into_response()
-            }
-        },
+            response
+        }
     }
 }
+
+/// The response header naming the adapter (or base model) that served the request.
+pub const SERVED_MODEL: &str = "x-switchyard-model";
 
 /// Authenticates, parses, routes and starts the generation.
 async fn begin(
@@ -248,7 +262,7 @@ fn generate_request(id: &str, input: pb::generate_request::Input, g: &Generation
         sampling: Some(pb::SamplingParams { temperature: g.temperature, top_p: g.top_p, top_k: 0, seed: g.seed }),
         max_tokens: g.max_tokens.unwrap_or(0),
         stop: g.stop.clone(),
-        ignore_eos: false,
+        ignore_eos: g.ignore_eos,
     }
 }
 

@@ -463,8 +463,15 @@ async fn streams_have_openai_chunks_usage_and_done_and_a_dying_backend_gives_an_
     let mut body = chat("acme/a");
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    let (s, v, _) = call(&h, "POST", "/v1/chat/completions", Some(&t), Body::from(body.to_string())).await;
+    body["ignore_eos"] = json!(true);
+    let (s, v, headers) = call(&h, "POST", "/v1/chat/completions", Some(&t), Body::from(body.to_string())).await;
     assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        headers[crate::http::inference::SERVED_MODEL],
+        "acme/a",
+        "the response names the adapter that served it"
+    );
+    assert!(h.backend.generations.lock().unwrap()[0].ignore_eos, "vLLM's ignore_eos reaches the backend");
     let events = sse_data(v.as_str().unwrap());
     let datas: Vec<&str> = events.iter().map(|(_, d)| d.as_str()).collect();
     assert_eq!(datas.last(), Some(&"[DONE]"));
@@ -478,6 +485,11 @@ async fn streams_have_openai_chunks_usage_and_done_and_a_dying_backend_gives_an_
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"]["total_tokens"], 7);
     assert_eq!(h.backend.generations.lock().unwrap()[0].adapter, "acme/a");
+    let (s, _, headers) =
+        call(&h, "POST", "/v1/chat/completions", Some(&t), Body::from(chat("tiny").to_string())).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(headers[crate::http::inference::SERVED_MODEL], "tiny", "the base model, named as such");
+    assert!(!h.backend.generations.lock().unwrap()[1].ignore_eos);
 
     *h.backend.die_after.lock().unwrap() = Some(1);
     let (_, v, _) = call(&h, "POST", "/v1/chat/completions", Some(&t), Body::from(body.to_string())).await;

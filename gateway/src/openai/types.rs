@@ -44,6 +44,8 @@ const COMMON_FIELDS: &[&str] = &[
     "presence_penalty",
     "frequency_penalty",
     "logprobs",
+    // vLLM's extension: keep generating past end-of-sequence (benchmarks use it for fixed lengths).
+    "ignore_eos",
 ];
 const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens"];
 const COMPLETION_UNSUPPORTED: &[&str] = &["echo", "best_of", "suffix", "logit_bias"];
@@ -98,6 +100,8 @@ struct RawCommon {
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
     logprobs: Option<Value>,
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 /// One chat message, text only.
@@ -120,6 +124,8 @@ pub struct Generation {
     pub seed: Option<u64>,
     pub stream: bool,
     pub include_usage: bool,
+    /// Generate until `max_tokens` (or the context) even past end-of-sequence.
+    pub ignore_eos: bool,
 }
 
 /// A validated `POST /v1/chat/completions` body.
@@ -215,6 +221,7 @@ fn generation(c: RawCommon, max_tokens_field: &str) -> Result<Generation, ApiErr
         seed: c.seed,
         stream: c.stream,
         include_usage: c.stream_options.unwrap_or_default().include_usage,
+        ignore_eos: c.ignore_eos,
     })
 }
 

@@ -7,7 +7,7 @@ use super::{AdapterSource, AdapterUri, Fetched, plan_download, within};
 use crate::adapters::AdapterError;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -76,7 +76,7 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
     what: &str,
     err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
 ) -> AdapterError {
-    let detail = DisplayErrorContext(&err).to_string();
+    let detail = causes(&err);
     let code = err.code().map(str::to_string);
     let uri = uri.uri.clone();
     match (&err, code.as_deref()) {
@@ -105,8 +105,31 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
         (SdkError::ServiceError(e), _) if e.raw().status().as_u16() == 404 => {
             AdapterError::SourceNotFound { uri, reason: format!("{what}: HTTP 404") }
         }
+        // The SDK found no credentials at all: a configuration problem, not an outage to retry.
+        (SdkError::DispatchFailure(_), _) if detail.contains("loading credentials") => AdapterError::AccessDenied {
+            uri,
+            reason: format!(
+                "{what}: no AWS credentials found ({detail}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+                 or AWS_PROFILE, where the backend runs"
+            ),
+        },
         _ => AdapterError::Unavailable { uri, reason: format!("{what}: {detail}") },
     }
+}
+
+/// The error and its causes, each as its own `Display` says it, once: the SDK's
+/// `DisplayErrorContext` also appends the whole `Debug` tree, too much for a message.
+fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
 }
 
 impl S3Source {
@@ -185,7 +208,7 @@ impl S3Source {
         while let Some(chunk) = body.try_next().await.map_err(|e| {
             Attempt::Retry(AdapterError::Unavailable {
                 uri: uri.uri.clone(),
-                reason: format!("{what}: the download broke off after {written} bytes: {}", DisplayErrorContext(&e)),
+                reason: format!("{what}: the download broke off after {written} bytes: {}", causes(&e)),
             })
         })? {
             written += chunk.len() as u64;
