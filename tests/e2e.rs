@@ -135,8 +135,9 @@ fn up_refuses_a_busy_port_an_unwritable_data_dir_and_a_missing_model_in_one_line
     let e = run(&["--data-dir", &file.join("state").display().to_string(), "--listen", "127.0.0.1:0"], &[]);
     assert!(e.contains("cannot write the data dir") && e.contains("--data-dir"), "{e}");
 
-    // No cached model, and pip cannot reach an index.
+    // No cached model, and pip cannot reach an index; an earlier fetch was interrupted.
     let cache = tempfile::tempdir().expect("cache");
+    std::fs::create_dir_all(cache.path().join("models/.fetch-interrupted")).expect("mkdir");
     let closed = free_port();
     let offline = [
         ("SWITCHYARD_CACHE", cache.path().display().to_string()),
@@ -149,7 +150,7 @@ fn up_refuses_a_busy_port_an_unwritable_data_dir_and_a_missing_model_in_one_line
     let models = cache.path().join("models");
     let left: Vec<_> =
         std::fs::read_dir(&models).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
-    assert!(left.is_empty(), "a failed fetch leaves nothing in the cache: {left:?}");
+    assert!(left.is_empty(), "a failed fetch leaves nothing in the cache, and clears what one left: {left:?}");
     // Nothing was left listening on the ports it was given.
     assert!(std::net::TcpStream::connect(&port).is_ok(), "the test's own listener is still there");
 }

