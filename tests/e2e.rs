@@ -219,15 +219,7 @@ async fn adapters_from_s3_and_the_hub_serve_and_survive_a_backend_restart() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for (name, uri) in [("shout", "s3://demo-loras/uppercase"), ("parle", "hf://switchyard/french")] {
-        let r = http
-            .post(format!("{}/v1/loras", gw.url))
-            .bearer_auth(&ops)
-            .json(&serde_json::json!({"lora_name": name, "source": {"uri": uri}}))
-            .send()
-            .await
-            .expect("the gateway answers");
-        let status = r.status();
-        assert!(status.is_success(), "loading {uri}: {status} {}", r.text().await.unwrap_or_default());
+        load_uri_through_gateway(&http, &gw, &ops, name, uri).await;
     }
     assert_ok(&ask(&python, &gw.url, &acme, "shout", "uppercase"), "the adapter from S3");
     assert_ok(&ask(&python, &gw.url, &acme, "parle", "french"), "the adapter from the Hub");

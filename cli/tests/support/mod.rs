@@ -502,6 +502,11 @@ pub fn start_gateway(backends: &[&str], extra: &[&str]) -> Gateway {
 /// Loads the fixture adapter `fixture` under `name` through the gateway's adapter API.
 pub async fn load_through_gateway(http: &reqwest::Client, gw: &Gateway, token: &str, name: &str, fixture: &str) {
     let uri = format!("file://{}", fixture_adapter(fixture).display());
+    load_uri_through_gateway(http, gw, token, name, &uri).await;
+}
+
+/// Loads the adapter at `uri` under `name` through the gateway's adapter API.
+pub async fn load_uri_through_gateway(http: &reqwest::Client, gw: &Gateway, token: &str, name: &str, uri: &str) {
     let r = http
         .post(format!("{}/v1/loras", gw.url))
         .bearer_auth(token)
@@ -510,7 +515,7 @@ pub async fn load_through_gateway(http: &reqwest::Client, gw: &Gateway, token: &
         .await
         .expect("the gateway answers");
     let status = r.status();
-    assert!(status.is_success(), "adapter load failed: {status} {}", r.text().await.unwrap_or_default());
+    assert!(status.is_success(), "loading {uri}: {status} {}", r.text().await.unwrap_or_default());
 }
 
 /// The Python with the test clients (`openai`, `PyJWT`): `$SWITCHYARD_TEST_PYTHON`, else the
