@@ -29,12 +29,21 @@ fn e2e_client() -> PathBuf {
     fixtures().join("../tests/python/e2e_client.py")
 }
 
-/// `grpcurl` asks the backend's standard health service.
-fn assert_serving(grpcurl: &Path, backend: &str) {
-    let out = Command::new(grpcurl)
-        .args(["-plaintext", "-d", "{}", backend, "grpc.health.v1.Health/Check"])
-        .output()
-        .expect("grpcurl runs");
+/// `grpcurl` asks the backend's standard health service: over mutual TLS with the certificates
+/// in `tls` (the `tls/` of a `switchyard up` data dir), else in plaintext.
+fn assert_serving(grpcurl: &Path, backend: &str, tls: Option<&Path>) {
+    let mut cmd = Command::new(grpcurl);
+    match tls {
+        Some(dir) => cmd
+            .arg("-cacert")
+            .arg(dir.join("ca.pem"))
+            .arg("-cert")
+            .arg(dir.join("gateway.pem"))
+            .arg("-key")
+            .arg(dir.join("gateway.key")),
+        None => cmd.arg("-plaintext"),
+    };
+    let out = cmd.args(["-d", "{}", backend, "grpc.health.v1.Health/Check"]).output().expect("grpcurl runs");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("SERVING"), "health of {backend}: {text} {out:?}");
 }
@@ -73,20 +82,30 @@ fn up_routes_two_tenants_to_different_adapters_and_follows_policy_loads_and_unlo
     };
     let data = tempfile::tempdir().expect("data dir");
     let up = start_up(data.path(), &[]);
-    assert_serving(&grpcurl, &up.backend);
+    // The backend speaks only mutual TLS: plaintext does not reach it; the data dir's certificates do.
+    let plaintext = Command::new(&grpcurl)
+        .args(["-plaintext", "-d", "{}", &up.backend, "grpc.health.v1.Health/Check"])
+        .output()
+        .expect("grpcurl runs");
+    assert!(!plaintext.status.success(), "up's backend answered plaintext");
+    assert_serving(&grpcurl, &up.backend, Some(&data.path().join("tls")));
+    let data_dir = data.path().to_str().expect("utf-8 path");
 
-    // What the README's quickstart does: the printed tokens, the openai SDK, curl-style HTTP.
+    // What the README's quickstart does: the printed tokens, the openai SDK, curl-style HTTP;
+    // and a token `switchyard token` mints for a tenant the demo does not configure.
+    let mallory = token(&["--data-dir", data_dir, "--tenant", "mallory", "--scope", "lora:read"]);
     let out = Command::new(&python)
         .arg(e2e_client())
         .args(["demo", &up.url])
         .arg(demo_adapters())
         .envs(up.tokens.iter().cloned())
+        .env("MALLORY_TOKEN", mallory)
+        .env("METRICS_URL", format!("{}/metrics", up.metrics))
         .output()
         .expect("python runs");
     assert_ok(&out, "the demo scenarios");
 
     // `switchyard token` signs with the key `up` made for this data dir.
-    let data_dir = data.path().to_str().expect("utf-8 path");
     let acme = token(&["--data-dir", data_dir, "--tenant", "acme"]);
     assert_ok(&ask(&python, &up.url, &acme, "uppercase", "uppercase"), "a token from switchyard token");
     interrupt(up);
@@ -108,6 +127,7 @@ fn up_refuses_a_busy_port_an_unwritable_data_dir_and_a_missing_model_in_one_line
         let out = Command::new(BIN)
             .arg("up")
             .arg("--no-demo")
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .args(args)
             .envs(env.iter().cloned())
             .stdin(Stdio::null())
@@ -184,7 +204,7 @@ async fn adapters_from_s3_and_the_hub_serve_and_survive_a_backend_restart() {
     let config = dir.path().join("tenants.toml");
     std::fs::write(
         &config,
-        "[tenants.ops]\nadapters = [\"*\"]\nload_prefixes = [\"s3://demo-loras/\", \"hf://switchyard/\"]\n\n\
+        "[tenants.ops]\nadmin = true\nadapters = [\"*\"]\nload_prefixes = [\"s3://demo-loras/\", \"hf://switchyard/\"]\n\n\
          [tenants.acme]\nadapters = [\"shout\", \"parle\"]\n",
     )
     .expect("config");
@@ -210,7 +230,7 @@ async fn adapters_from_s3_and_the_hub_serve_and_survive_a_backend_restart() {
     );
     let ops = token(&["--secret-file", key, "--tenant", "ops", "--scope", "lora:load lora:read"]);
     let acme = token(&["--secret-file", key, "--tenant", "acme"]);
-    assert_serving(&grpcurl, &listen);
+    assert_serving(&grpcurl, &listen, None);
 
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -229,7 +249,7 @@ async fn adapters_from_s3_and_the_hub_serve_and_survive_a_backend_restart() {
     // without anyone calling the adapter API.
     drop(backend);
     let backend = start();
-    assert_serving(&grpcurl, &backend.addr);
+    assert_serving(&grpcurl, &backend.addr, None);
     let deadline = Instant::now() + Duration::from_secs(90);
     for (model, kind) in [("shout", "uppercase"), ("parle", "french")] {
         loop {

@@ -19,9 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
-use switchyard_backend::adapters::{
-    AdapterStore, S3Source, S3SourceOptions, SourceRegistry, StoreOptions, load_peft_dir,
-};
+use switchyard_backend::adapters::{AdapterStore, S3Source, S3SourceOptions, SourceRegistry, StoreOptions, load_peft};
 use switchyard_backend::model::synthetic::preset_config;
 use switchyard_backend::model::{ModelConfig, Module};
 
@@ -124,7 +122,7 @@ fn main() {
         let config = config.clone();
         let start = Instant::now();
         let loaded = runtime
-            .block_on(store.load(uri, None, move |dir| load_peft_dir(dir, &config, RANK)))
+            .block_on(store.load(uri, None, None, move |files| load_peft(files, &config, RANK)))
             .expect("adapter loads");
         assert_eq!(loaded.value.max_rank, RANK);
         (start.elapsed().as_secs_f64() * 1e3, loaded.fetched)
@@ -137,7 +135,7 @@ fn main() {
     for _ in 0..rounds {
         let cache = tempfile::tempdir().unwrap();
         let start = Instant::now();
-        runtime.block_on(store(cache.path()).load(uri, None, |_| Ok(()))).expect("fetches");
+        runtime.block_on(store(cache.path()).load(uri, None, None, |_| Ok(()))).expect("fetches");
         fetch_only.push(start.elapsed().as_secs_f64() * 1e3);
         let cache = tempfile::tempdir().unwrap();
         let (ms, fetched) = load(&store(cache.path()));

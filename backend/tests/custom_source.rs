@@ -11,7 +11,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use switchyard_backend::adapters::{
-    AdapterError, AdapterSource, AdapterStore, AdapterUri, Fetched, SourceRegistry, StoreOptions, load_peft_dir,
+    AdapterError, AdapterSource, AdapterStore, AdapterUri, Fetched, SourceRegistry, StoreOptions, load_peft,
+    load_peft_dir,
 };
 use switchyard_backend::model::ModelConfig;
 
@@ -47,7 +48,7 @@ impl AdapterSource for Vault {
             std::fs::write(dest.join(name), data)
                 .map_err(|source| AdapterError::Io { path: dest.join(name), source })?;
         }
-        Ok(Fetched { dir: dest.to_path_buf(), revision: None })
+        Ok(Fetched { dir: dest.to_path_buf(), revision: None, files: None })
     }
 }
 
@@ -72,7 +73,7 @@ async fn a_registered_scheme_loads_through_the_cache_once_per_uri() {
 
     let loads = (0..6).map(|_| {
         let (store, config) = (store.clone(), config.clone());
-        tokio::spawn(async move { store.load("vault://support", None, move |d| load_peft_dir(d, &config, 64)).await })
+        tokio::spawn(async move { store.load("vault://support", None, None, move |f| load_peft(f, &config, 64)).await })
     });
     let results = futures::future::join_all(loads).await;
     let loaded: Vec<_> = results.into_iter().map(|r| r.expect("task").expect("loads")).collect();
@@ -84,8 +85,8 @@ async fn a_registered_scheme_loads_through_the_cache_once_per_uri() {
     assert_eq!(loaded[3].value.layers, expected.layers, "the weights are the fixture's");
 
     // The source's own errors and checks come through unchanged.
-    let err = store.load("vault://missing", None, |_| Ok(())).await.expect_err("missing");
+    let err = store.load("vault://missing", None, None, |_| Ok(())).await.expect_err("missing");
     assert!(matches!(err, AdapterError::SourceNotFound { .. }), "{err}");
-    let err = store.load("vault://a/b", None, |_| Ok(())).await.expect_err("bad syntax");
+    let err = store.load("vault://a/b", None, None, |_| Ok(())).await.expect_err("bad syntax");
     assert!(matches!(err, AdapterError::BadUri { .. }), "{err}");
 }

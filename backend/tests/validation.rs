@@ -8,7 +8,9 @@ mod common;
 use common::*;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::path::Path;
-use switchyard_backend::adapters::{AdapterError, FileSource, SourceRegistry, load_peft_dir};
+use switchyard_backend::adapters::{
+    AdapterError, AdapterStore, FileSource, SourceRegistry, SourceScope, StoreOptions, load_peft_dir,
+};
 use switchyard_backend::model::{Model, ModelConfig, ModelError};
 
 type Tensors = Vec<(String, Vec<usize>, Vec<f32>)>;
@@ -207,6 +209,50 @@ async fn file_adapters_are_read_only_from_inside_the_allowed_roots() {
     off.register("file", std::sync::Arc::new(FileSource::new(vec![]).expect("no roots")));
     let (uri, source) = off.resolve(&format!("file://{}", r.root.join("good").display())).expect("syntax ok");
     denied(source.fetch(&uri, Path::new(""), u64::MAX).await.map(|f| f.dir), "no --adapter-roots");
+}
+
+#[tokio::test]
+async fn a_load_reads_the_files_it_checked_and_holds_its_scope_on_resolved_paths() {
+    let r = roots();
+    let cache = tempfile::tempdir().expect("cache");
+    let options =
+        StoreOptions { cache_dir: cache.path().to_path_buf(), cache_bytes: 1 << 30, max_adapter_bytes: 1 << 30 };
+    let store = AdapterStore::new(r.sources.clone(), &options).expect("store");
+    let good = r.root.join("good");
+    let weights = good.join("adapter_model.safetensors");
+    let original = std::fs::read(&weights).expect("fixture");
+    let secret = r.outside.join("secret/adapter_model.safetensors");
+    std::fs::copy(adapter_dir("tiny-llama", "r4-patterns").join("adapter_model.safetensors"), &secret).expect("copy");
+    let uri = format!("file://{}", good.display());
+    // Between the check and the validation, the weights become a symlink out of the roots: the
+    // validation still sees the bytes that were checked.
+    let (w, s) = (weights.clone(), secret.clone());
+    let loaded = store
+        .load(&uri, None, None, move |files| {
+            std::fs::remove_file(&w).and_then(|()| std::os::unix::fs::symlink(&s, &w)).expect("swap");
+            Ok(files.weights.clone())
+        })
+        .await
+        .expect("the checked files load");
+    assert_eq!(loaded.value.as_deref(), Some(&original[..]), "the swapped-in file was read");
+    // The next load of the same path checks again, and refuses it.
+    let again = store.load(&uri, None, None, |_| Ok(())).await;
+    assert!(matches!(again, Err(AdapterError::AccessDenied { .. })), "{again:?}");
+
+    // A scope is checked on where the files resolve to, not on the path that names them.
+    std::fs::remove_file(&weights).expect("unswap");
+    std::fs::write(&weights, &original).expect("restore");
+    let scoped = |prefix: &Path| SourceScope::new(vec![format!("file://{}/", prefix.display())]);
+    assert!(store.load(&uri, None, Some(&scoped(&r.root)), |_| Ok(())).await.is_ok());
+    // Inside the backend's roots, but out of the load's scope through a symlink.
+    let a = r.root.join("tenant-a");
+    std::fs::create_dir(&a).expect("mkdir");
+    std::os::unix::fs::symlink(&good, a.join("borrowed")).expect("symlink");
+    let borrowed = format!("file://{}", a.join("borrowed").display());
+    let e = store.load(&borrowed, None, Some(&scoped(&a)), |_| Ok(())).await.expect_err("refused");
+    assert!(matches!(e, AdapterError::AccessDenied { .. }) && e.to_string().contains("resolves to"), "{e}");
+    let e = store.load(&uri, None, Some(&scoped(&r.root.join("other"))), |_| Ok(())).await.expect_err("refused");
+    assert!(e.to_string().contains("may only read from"), "{e}");
 }
 
 /// A copy of the tiny Llama whose tensors `edit` may change.

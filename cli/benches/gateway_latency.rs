@@ -1,8 +1,9 @@
 //! Gateway added latency: the same small generation sent straight to a backend's gRPC and
 //! through the gateway's HTTP API (JWT verification, policy, routing, gRPC forwarding, OpenAI
 //! response), interleaved in one run against one backend process, and the percentiles of both.
+//! With `--tls` both paths go over mutual TLS with the backend credential, as in a deployment.
 //!
-//! `cargo bench -p switchyard --bench gateway_latency [-- --requests N --max-tokens N --stream]`
+//! `cargo bench -p switchyard --bench gateway_latency [-- --requests N --max-tokens N --stream --tls]`
 
 // A benchmark, like a test, stops at the first thing that goes wrong.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,6 +15,10 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 use support::*;
 use switchyard_proto::v1 as pb;
+use switchyard_proto::v1::backend_client::BackendClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const CREDENTIAL: &str = "benchmark-backend-credential-0123456789";
 
 const SECRET: &[u8] = b"benchmark-secret-benchmark-secret-benchmark";
 
@@ -36,7 +41,18 @@ async fn main() {
     let requests = arg("--requests", 300);
     let max_tokens = arg("--max-tokens", 1) as u32;
     let stream = std::env::args().any(|a| a == "--stream");
-    let backend = start_backend(&[]);
+    let tls = std::env::args().any(|a| a == "--tls");
+    let pki = TestPki::new();
+    let credential = pki.dir.path().join("credential");
+    std::fs::write(&credential, CREDENTIAL).expect("credential");
+    let path = |p: &std::path::Path| p.display().to_string();
+    let (cert, key, ca, cred) = (path(&pki.server_cert), path(&pki.server_key), path(&pki.ca), path(&credential));
+    let backend_flags: Vec<&str> = if tls {
+        vec!["--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &ca, "--credential-file", &cred]
+    } else {
+        Vec::new()
+    };
+    let backend = start_backend(&backend_flags);
     let dir = tempfile::tempdir().expect("temp dir");
     let secret = dir.path().join("secret");
     std::fs::write(&secret, SECRET).expect("secret");
@@ -44,23 +60,21 @@ async fn main() {
     std::fs::write(
         &config,
         format!(
-            "[tenants.bench]\nadapters = [\"bench/*\"]\nload_prefixes = [\"file://{}/\"]\n",
+            "[tenants.bench]\nadapters = [\"bench/*\"]\nmanage = [\"bench/*\"]\nload_prefixes = [\"file://{}/\"]\n",
             fixtures().join("adapters").display()
         ),
     )
     .expect("config");
     let state = dir.path().join("state");
-    let gw = start_gateway(
-        &[&backend.addr],
-        &[
-            "--state-dir",
-            &state.display().to_string(),
-            "--config",
-            &config.display().to_string(),
-            "--jwt-hs256-secret-file",
-            &secret.display().to_string(),
-        ],
-    );
+    let (client_cert, client_key) = (path(&pki.client_cert), path(&pki.client_key));
+    let (state, config, secret) = (path(&state), path(&config), path(&secret));
+    let mut gateway_flags = vec!["--state-dir", &state, "--config", &config, "--jwt-hs256-secret-file", &secret];
+    let address = if tls { format!("https://{}", backend.addr) } else { backend.addr.clone() };
+    if tls {
+        gateway_flags.extend(["--backend-ca-file", &ca, "--backend-client-cert", &client_cert]);
+        gateway_flags.extend(["--backend-client-key", &client_key, "--backend-credential-file", &cred]);
+    }
+    let gw = start_gateway(&[&address], &gateway_flags);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
     let claims = json!({"tenant": "bench", "scope": "lora:load", "exp": now + 3600});
     let key = jsonwebtoken::EncodingKey::from_secret(SECRET).expect("key");
@@ -77,7 +91,20 @@ async fn main() {
     }
     load_through_gateway(&http, &gw, &token, "bench/a", "r8-qv").await;
 
-    let (mut client, _) = connect(&backend).await;
+    let endpoint = Channel::from_shared(format!("{}://{}", if tls { "https" } else { "http" }, backend.addr)).unwrap();
+    let endpoint = if tls {
+        let read = |p: &std::path::Path| std::fs::read(p).expect("pki file");
+        endpoint
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(read(&pki.ca)))
+                    .identity(Identity::from_pem(read(&pki.client_cert), read(&pki.client_key))),
+            )
+            .unwrap()
+    } else {
+        endpoint
+    };
+    let mut client = BackendClient::new(endpoint.tcp_nodelay(true).connect().await.expect("connects"));
     let content = "Say hello";
     let direct_request = pb::GenerateRequest {
         adapter: "bench/a".into(),
@@ -99,7 +126,12 @@ async fn main() {
     let warmup = 20;
     for i in 0..warmup + requests {
         let t = Instant::now();
-        collect(&mut client, direct_request.clone()).await.expect("direct generation");
+        let mut request = tonic::Request::new(direct_request.clone());
+        if tls {
+            request.metadata_mut().insert("authorization", format!("Bearer {CREDENTIAL}").parse().unwrap());
+        }
+        let mut answer = client.generate(request).await.expect("direct generation").into_inner();
+        while answer.message().await.expect("direct generation").is_some() {}
         let d = t.elapsed();
         let t = Instant::now();
         let r = http.post(&url).bearer_auth(&token).json(&body).send().await.expect("gateway answers");
@@ -114,8 +146,9 @@ async fn main() {
     direct.sort();
     through.sort();
     println!(
-        "{requests} requests each way, interleaved; chat with adapter, max_tokens {max_tokens}, {}; one tiny-llama CPU backend",
-        if stream { "streamed (SSE)" } else { "not streamed" }
+        "{requests} requests each way, interleaved; chat with adapter, max_tokens {max_tokens}, {}; one tiny-llama CPU backend{}",
+        if stream { "streamed (SSE)" } else { "not streamed" },
+        if tls { "; gRPC over mutual TLS with the credential" } else { "" }
     );
     println!("{:<34} {:>9} {:>9} {:>9}", "", "p50 ms", "p90 ms", "p99 ms");
     for (name, xs) in [("backend gRPC, direct", &direct), ("gateway HTTP -> backend gRPC", &through)] {

@@ -8,8 +8,9 @@ use std::time::Duration;
 use switchyard_backend::adapters::AdapterWeights;
 use switchyard_backend::bench::{BLOCK_SIZE, blocks_needed, decode_tokens_per_s};
 use switchyard_backend::model::Model;
-use switchyard_backend::service::{self, AdapterOptions, DeviceChoice, ServeOptions};
+use switchyard_backend::service::{self, AdapterOptions, DeviceChoice, SecurityOptions, ServeOptions, TlsFiles};
 
+mod devtls;
 mod up;
 
 /// Defaults, named once.
@@ -25,6 +26,8 @@ const DEFAULT_MAX_ADAPTER_BYTES: &str = "4GiB";
 const DEFAULT_ADAPTER_DOWNLOAD_TIMEOUT_S: u64 = 600;
 const DEFAULT_UNLOAD_TIMEOUT_S: u64 = 30;
 const DEFAULT_GATEWAY_LISTEN: &str = "127.0.0.1:8080";
+/// Where `up` serves the gateway's metrics (the OpenTelemetry Prometheus exporter's port).
+const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 const DEFAULT_MAX_BODY_BYTES: &str = "4MiB";
 const DEFAULT_PROBE_INTERVAL_MS: u64 = 2000;
 
@@ -113,6 +116,37 @@ struct BackendArgs {
     listen: SocketAddr,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    security: BackendSecurityArgs,
+}
+
+/// Who may call the backend.
+#[derive(clap::Args, Debug, Clone)]
+struct BackendSecurityArgs {
+    /// File with the credential every call must carry (`authorization: Bearer <credential>`),
+    /// one per line (several during a rotation). Without it, anyone who reaches the port may use
+    /// the backend.
+    #[arg(long, env = "SWITCHYARD_CREDENTIAL_FILE")]
+    credential_file: Option<PathBuf>,
+    /// The server certificate (PEM) for TLS; needs --tls-key.
+    #[arg(long, env = "SWITCHYARD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    #[arg(long, env = "SWITCHYARD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, env = "SWITCHYARD_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+impl BackendSecurityArgs {
+    fn options(self) -> SecurityOptions {
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: self.tls_client_ca }),
+            _ => None,
+        };
+        SecurityOptions { credential_file: self.credential_file, tls }
+    }
 }
 
 /// How a backend's engine and adapter store are sized: shared by `backend` and `up`.
@@ -163,8 +197,14 @@ struct EngineArgs {
 }
 
 impl EngineArgs {
-    /// The backend's options: these settings plus what to serve and where.
-    fn serve_options(self, model: PathBuf, device: DeviceChoice, listen: SocketAddr) -> ServeOptions {
+    /// The backend's options: these settings plus what to serve, where and for whom.
+    fn serve_options(
+        self,
+        model: PathBuf,
+        device: DeviceChoice,
+        listen: SocketAddr,
+        security: SecurityOptions,
+    ) -> ServeOptions {
         ServeOptions {
             model,
             device,
@@ -184,6 +224,7 @@ impl EngineArgs {
                 download_timeout: Duration::from_secs(self.adapter_download_timeout),
                 unload_timeout: Duration::from_secs(self.unload_timeout),
             },
+            security,
         }
     }
 }
@@ -256,9 +297,17 @@ struct GatewayArgs {
     /// Address for the HTTP server; port 0 picks a free port (printed at start-up).
     #[arg(long, env = "SWITCHYARD_GATEWAY_LISTEN", default_value = DEFAULT_GATEWAY_LISTEN)]
     listen: SocketAddr,
-    /// A backend's gRPC address, e.g. http://127.0.0.1:50051 (repeat, or comma-separate).
+    /// A backend's gRPC address, e.g. https://10.0.0.7:50051 or http://127.0.0.1:50051 (repeat,
+    /// or comma-separate). https:// needs --backend-ca-file.
     #[arg(long = "backend", env = "SWITCHYARD_BACKENDS", value_delimiter = ',', required = true)]
     backends: Vec<String>,
+    /// Where to serve /metrics (and /healthz, /readyz) for operators, e.g. 127.0.0.1:9464. The
+    /// metrics name every tenant and adapter, so they are never served on --listen. Default:
+    /// not served.
+    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    backend_security: UpstreamSecurityArgs,
     /// Directory for the gateway's state (the desired adapter set).
     #[arg(long, env = "SWITCHYARD_STATE_DIR")]
     state_dir: PathBuf,
@@ -291,6 +340,23 @@ struct GatewayArgs {
     tuning: GatewayTuning,
 }
 
+/// How the gateway reaches its backends.
+#[derive(clap::Args, Debug, Clone, Default)]
+struct UpstreamSecurityArgs {
+    /// The CA (PEM) that signed the backends' certificates, for https:// backends.
+    #[arg(long, env = "SWITCHYARD_BACKEND_CA_FILE")]
+    backend_ca_file: Option<PathBuf>,
+    /// The gateway's client certificate (PEM) for backends that require mutual TLS.
+    #[arg(long, env = "SWITCHYARD_BACKEND_CLIENT_CERT", requires = "backend_client_key")]
+    backend_client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "SWITCHYARD_BACKEND_CLIENT_KEY", requires = "backend_client_cert")]
+    backend_client_key: Option<PathBuf>,
+    /// File with the backend credential the gateway sends on every call (its first line).
+    #[arg(long, env = "SWITCHYARD_BACKEND_CREDENTIAL_FILE")]
+    backend_credential_file: Option<PathBuf>,
+}
+
 /// The gateway's limits: shared by `gateway` and `up`.
 #[derive(clap::Args, Debug, Clone)]
 struct GatewayTuning {
@@ -310,8 +376,13 @@ struct PolicyHostArgs {
     /// Linear memory one policy instance may use.
     #[arg(long, env = "SWITCHYARD_POLICY_MEMORY", default_value = "32MiB", value_parser = parse_bytes)]
     policy_memory: u64,
-    /// Milliseconds one policy decision may take.
-    #[arg(long, env = "SWITCHYARD_POLICY_DEADLINE_MS", default_value_t = 25)]
+    /// Fuel (about one unit per WebAssembly instruction) one policy decision may use: the bound
+    /// on the policy's own work, the same on an idle machine and a loaded one.
+    #[arg(long, env = "SWITCHYARD_POLICY_FUEL", default_value_t = switchyard_gateway::policy::wasm::DEFAULT_FUEL)]
+    policy_fuel: u64,
+    /// Milliseconds one policy decision may take on the wall clock: a generous guard behind the
+    /// fuel, for a host too loaded to run the policy at all.
+    #[arg(long, env = "SWITCHYARD_POLICY_DEADLINE_MS", default_value_t = 1000)]
     policy_deadline_ms: u64,
     /// Largest policy component accepted.
     #[arg(long, env = "SWITCHYARD_POLICY_MAX_BYTES", default_value = "16MiB", value_parser = parse_bytes)]
@@ -319,17 +390,42 @@ struct PolicyHostArgs {
     /// Request headers passed to policies (comma-separated; `authorization` never is).
     #[arg(long, env = "SWITCHYARD_POLICY_HEADERS", value_delimiter = ',')]
     policy_headers: Vec<String>,
+    /// Policy versions one tenant may keep (delete unused ones with DELETE /v1/policies/{id}).
+    #[arg(long, env = "SWITCHYARD_POLICY_VERSIONS_PER_TENANT",
+          default_value_t = switchyard_gateway::policy::deploy::DEFAULT_VERSIONS_PER_TENANT)]
+    policy_versions_per_tenant: usize,
+    /// Bytes of policy components one tenant may keep.
+    #[arg(long, env = "SWITCHYARD_POLICY_BYTES_PER_TENANT", default_value = "64MiB", value_parser = parse_bytes)]
+    policy_bytes_per_tenant: u64,
+    /// Activations each tenant's (and the default) policy remembers for rollback.
+    #[arg(long, env = "SWITCHYARD_POLICY_HISTORY",
+          default_value_t = switchyard_gateway::policy::deploy::DEFAULT_HISTORY_PER_SCOPE)]
+    policy_history: usize,
 }
 
 impl PolicyHostArgs {
     fn limits(&self) -> Result<switchyard_gateway::policy::wasm::WasmLimits> {
         use anyhow::Context;
         anyhow::ensure!(self.policy_deadline_ms > 0, "--policy-deadline-ms must be at least 1");
+        anyhow::ensure!(self.policy_fuel > 0, "--policy-fuel must be at least 1");
         Ok(switchyard_gateway::policy::wasm::WasmLimits {
             memory_bytes: usize::try_from(self.policy_memory).context("--policy-memory")?,
+            fuel: self.policy_fuel,
             deadline: Duration::from_millis(self.policy_deadline_ms),
             max_component_bytes: usize::try_from(self.policy_max_bytes).context("--policy-max-bytes")?,
             ..Default::default()
+        })
+    }
+
+    fn store_limits(&self) -> Result<switchyard_gateway::policy::deploy::StoreLimits> {
+        anyhow::ensure!(
+            self.policy_versions_per_tenant > 0 && self.policy_history > 0,
+            "--policy-versions-per-tenant and --policy-history must be at least 1"
+        );
+        Ok(switchyard_gateway::policy::deploy::StoreLimits {
+            versions_per_tenant: self.policy_versions_per_tenant,
+            bytes_per_tenant: self.policy_bytes_per_tenant,
+            history_per_scope: self.policy_history,
         })
     }
 }
@@ -370,7 +466,7 @@ async fn run() -> Result<()> {
 }
 
 async fn run_backend(a: BackendArgs) -> Result<()> {
-    let served = service::prepare(a.engine.serve_options(a.model, a.device, a.listen)).await?;
+    let served = service::prepare(a.engine.serve_options(a.model, a.device, a.listen, a.security.options())).await?;
     // One line on stdout, for scripts and tests that start the backend on port 0.
     println!("switchyard backend listening on {}", served.local_addr);
     served.run(shutdown_signal()).await?;
@@ -382,7 +478,7 @@ async fn run_backend(a: BackendArgs) -> Result<()> {
 fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gateway::Gateway>> {
     use anyhow::Context;
     use std::sync::Arc;
-    use switchyard_gateway::upstream::{GrpcUpstream, Upstream, UpstreamTimeouts};
+    use switchyard_gateway::upstream::{GrpcUpstream, Upstream, UpstreamSecurity, UpstreamTimeouts};
     use switchyard_gateway::{Gateway, GatewayOptions, auth, loras, policy, tenants};
 
     anyhow::ensure!(a.tuning.probe_interval_ms > 0, "--probe-interval-ms must be at least 1");
@@ -412,9 +508,19 @@ fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gateway::Ga
             );
         }
     }
+    let s = &a.backend_security;
+    let client = s.backend_client_cert.as_deref().zip(s.backend_client_key.as_deref());
+    let security =
+        UpstreamSecurity::from_files(s.backend_ca_file.as_deref(), client, s.backend_credential_file.as_deref())
+            .map_err(anyhow::Error::msg)?;
+    if s.backend_credential_file.is_none() {
+        tracing::warn!("no --backend-credential-file: backends that require a credential will refuse this gateway");
+    }
     let mut backends: Vec<Arc<dyn Upstream>> = Vec::new();
     for address in &a.backends {
-        backends.push(Arc::new(GrpcUpstream::new(address, UpstreamTimeouts::default()).map_err(anyhow::Error::msg)?));
+        let upstream =
+            GrpcUpstream::new(address, UpstreamTimeouts::default(), &security).map_err(anyhow::Error::msg)?;
+        backends.push(Arc::new(upstream));
     }
     let store = loras::LoraStore::open(&a.state_dir).context("state dir")?;
     let tenants = Arc::new(file.tenants);
@@ -430,8 +536,10 @@ fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gateway::Ga
         policy_headers,
     };
     let runtime = Arc::new(policy::wasm::PolicyRuntime::new(a.tuning.policy.limits()?).map_err(anyhow::Error::msg)?);
+    let limits = a.tuning.policy.store_limits()?;
     let policies = Arc::new(
-        policy::deploy::PolicyStore::open(&a.state_dir.join("policies"), runtime).context("deployed policies")?,
+        policy::deploy::PolicyStore::open(&a.state_dir.join("policies"), runtime, limits)
+            .context("deployed policies")?,
     );
     let engine = policy::WasmPolicies::new(policies.clone(), Arc::new(policy::StaticPolicy::new(tenants.clone())));
     Ok(Arc::new(
@@ -442,12 +550,24 @@ fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gateway::Ga
 
 async fn run_gateway(a: GatewayArgs) -> Result<()> {
     use anyhow::Context;
-    let listen = a.listen;
+    let (listen, metrics_listen) = (a.listen, a.metrics_listen);
     let gw = build_gateway(a)?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-    // One line on stdout, for scripts and tests that start the gateway on port 0.
+    let metrics = match metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?,
+        ),
+        None => None,
+    };
+    // One line on stdout, for scripts and tests that start the gateway on port 0 (and one for
+    // the metrics listener).
     println!("switchyard gateway listening on {}", listener.local_addr()?);
-    switchyard_gateway::serve(gw, listener, shutdown_signal()).await?;
+    if let Some(m) = &metrics {
+        println!("switchyard gateway metrics on {}", m.local_addr()?);
+    }
+    switchyard_gateway::serve(gw, listener, metrics, shutdown_signal()).await?;
     tracing::info!("gateway stopped");
     Ok(())
 }

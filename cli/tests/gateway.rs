@@ -22,7 +22,7 @@ fn write_config(dir: &Path) -> String {
     std::fs::write(
         &config,
         format!(
-            "[tenants.ops]\nadapters = [\"*\"]\nload_prefixes = [\"file://{}/\"]\n\n\
+            "[tenants.ops]\nadmin = true\nadapters = [\"*\"]\nload_prefixes = [\"file://{}/\"]\n\n\
              [tenants.acme]\nadapters = [\"acme/*\"]\n\n[tenants.beta]\nadapters = [\"beta/*\"]\n",
             adapters.display()
         ),

@@ -1,5 +1,5 @@
-//! The adapter load API's operations, independent of HTTP: check the caller's right to them,
-//! apply them to every healthy backend at once, and record the desired set only when the
+//! The adapter load API's operations, independent of HTTP: check the caller's right to them
+//! ([`crate::authz`]), apply them to every healthy backend at once, and record the desired set only when the
 //! operation took. A load that a backend refuses (the adapter does not fit, its source does not
 //! exist) is undone on the backends that took it, so no backend keeps an adapter the gateway
 //! does not list. Backends that are down are reported as `pending`; the reconcilers apply the
@@ -9,7 +9,6 @@ use crate::Gateway;
 use crate::auth::{Principal, Scope};
 use crate::loras::{self, DesiredLora};
 use crate::openai::ApiError;
-use crate::tenants::Tenant;
 use crate::upstream::{UpstreamCode, UpstreamError};
 use futures::future::join_all;
 use serde::Serialize;
@@ -49,6 +48,8 @@ pub struct LoadRequest {
     pub sha256: Option<String>,
     /// Replace an adapter of the same name loaded from another source.
     pub hot_swap: bool,
+    /// Let every configured tenant use it (`None`: as it was, or private for a new adapter).
+    pub shared: Option<bool>,
 }
 
 /// What a successful load did.
@@ -59,16 +60,6 @@ pub struct LoadOutcome {
     pub already_loaded: bool,
     pub hot_swap: bool,
     pub backends: Vec<BackendResult>,
-}
-
-fn tenant<'a>(gw: &'a Gateway, p: &Principal) -> Result<&'a Tenant, ApiError> {
-    gw.tenants.get(&p.tenant).ok_or_else(|| {
-        ApiError::forbidden(format!("tenant {:?} is not configured on this gateway", p.tenant), "unknown_tenant")
-    })
-}
-
-fn not_allowed(name: &str) -> ApiError {
-    ApiError::forbidden(format!("this tenant may not manage adapter {name:?}"), "adapter_not_allowed")
 }
 
 /// The answer for a backend's refusal of an adapter operation.
@@ -101,10 +92,15 @@ fn is_refusal(e: &UpstreamError) -> bool {
     )
 }
 
-pub(crate) fn load_request(lora: &DesiredLora) -> pb::LoadAdapterRequest {
+/// The backend call that loads `lora`, bounded to the `load_prefixes` of the tenant whose grant
+/// admitted its source: the backend checks them again on the resolved location. A tenant no
+/// longer configured bounds it to nothing, so the backend refuses it.
+pub(crate) fn load_request(gw: &Gateway, lora: &DesiredLora) -> pb::LoadAdapterRequest {
+    let prefixes = gw.tenants.get(lora.loader()).map(|t| t.load_prefixes.clone()).unwrap_or_default();
     pb::LoadAdapterRequest {
         name: lora.name.clone(),
         source: Some(pb::AdapterSource { uri: lora.uri.clone(), sha256: lora.sha256.clone().unwrap_or_default() }),
+        scope: Some(pb::SourceScope { prefixes }),
     }
 }
 
@@ -130,7 +126,7 @@ fn no_backend() -> ApiError {
 /// Loads (or hot-swaps) an adapter on every healthy backend and records it as desired.
 pub async fn load(gw: &Arc<Gateway>, who: &Principal, req: LoadRequest) -> Result<LoadOutcome, ApiError> {
     who.require(Scope::LoraLoad)?;
-    let tenant = tenant(gw, who)?;
+    let caller = gw.caller(who)?;
     loras::validate_name(&req.name).map_err(|m| ApiError::invalid(m, Some("lora_name")))?;
     loras::validate_uri(&req.uri).map_err(|m| ApiError::invalid(m, Some("source.uri")))?;
     let sha256 = req
@@ -139,20 +135,20 @@ pub async fn load(gw: &Arc<Gateway>, who: &Principal, req: LoadRequest) -> Resul
         .map(loras::normalize_sha256)
         .transpose()
         .map_err(|m| ApiError::invalid(m, Some("sha256")))?;
-    if !tenant.may_use(&req.name) {
-        return Err(not_allowed(&req.name));
-    }
-    if !tenant.may_load_from(&req.uri) {
-        return Err(ApiError::forbidden(
-            format!("this tenant may not load adapters from {:?}", req.uri),
-            "source_not_allowed",
-        ));
-    }
-    let lora = DesiredLora { name: req.name.clone(), uri: req.uri, sha256, owner: who.tenant.clone() };
 
-    let turn = gw.turn(&lora.name);
+    let turn = gw.turn(&req.name);
     let _turn = turn.lock().await;
-    let previous = gw.loras.get(&lora.name);
+    let previous = gw.loras.get(&req.name);
+    caller.check_load(&req.name, &req.uri, previous.as_ref())?;
+    let lora = DesiredLora {
+        name: req.name.clone(),
+        uri: req.uri,
+        sha256,
+        // Ownership stays with whoever loaded the name first; an admin's hot swap keeps it.
+        owner: previous.as_ref().map_or_else(|| caller.name.to_string(), |p| p.owner.clone()),
+        shared: req.shared.unwrap_or_else(|| previous.as_ref().is_some_and(|p| p.shared)),
+        loaded_by: previous.as_ref().is_some_and(|p| p.owner != caller.name).then(|| caller.name.to_string()),
+    };
     let same_source = previous.as_ref().is_some_and(|p| p.uri == lora.uri && p.sha256 == lora.sha256);
     if let Some(p) = &previous
         && !same_source
@@ -171,7 +167,7 @@ pub async fn load(gw: &Arc<Gateway>, who: &Principal, req: LoadRequest) -> Resul
     if healthy.is_empty() {
         return Err(no_backend());
     }
-    let request = load_request(&lora);
+    let request = load_request(gw, &lora);
     let calls = healthy.iter().map(|&i| {
         let backend = gw.backends[i].clone();
         let request = request.clone();
@@ -192,7 +188,9 @@ pub async fn load(gw: &Arc<Gateway>, who: &Principal, req: LoadRequest) -> Resul
         let (i, e) = answers.iter().find_map(|(i, r)| r.as_ref().err().map(|e| (*i, e))).ok_or_else(no_backend)?;
         return Err(refusal(gw.backends[i].address(), e));
     }
-    if let Err(e) = gw.loras.put(lora.clone()) {
+    if previous.as_ref() != Some(&lora)
+        && let Err(e) = gw.loras.put(lora.clone())
+    {
         undo_load(gw, &took, previous.as_ref(), &lora.name).await;
         return Err(ApiError::server(500, format!("cannot record the adapter: {e}"), "state_write_failed"));
     }
@@ -223,7 +221,7 @@ async fn undo_load(gw: &Gateway, took: &[usize], previous: Option<&DesiredLora>,
         let backend = gw.backends[i].clone();
         async move {
             let r = match previous {
-                Some(p) => backend.load_adapter(load_request(p)).await.map(|_| ()),
+                Some(p) => backend.load_adapter(load_request(gw, p)).await.map(|_| ()),
                 None => backend.unload_adapter(name).await,
             };
             if let Err(e) = r {
@@ -242,21 +240,11 @@ pub async fn unload(
     name: &str,
 ) -> Result<(DesiredLora, Vec<BackendResult>), ApiError> {
     who.require(Scope::LoraUnload)?;
-    let tenant = tenant(gw, who)?;
-    if !tenant.may_use(name) {
-        return Err(not_allowed(name));
-    }
+    let caller = gw.caller(who)?;
     let turn = gw.turn(name);
     let _turn = turn.lock().await;
-    let Some(lora) = gw.loras.get(name) else {
-        let available: Vec<String> =
-            gw.loras.list().into_iter().filter(|l| tenant.may_use(&l.name)).map(|l| format!("'{}'", l.name)).collect();
-        return Err(ApiError::not_found(
-            format!("LoRA adapter '{name}' not found. Available LoRAs: [{}]", available.join(", ")),
-            None,
-        )
-        .with_code("lora_not_found"));
-    };
+    let loras = gw.loras.snapshot();
+    let lora = caller.check_unload(name, loras.get(name), &loras)?.clone();
     let (healthy, mut results) = split_by_health(gw);
     let calls = healthy.iter().map(|&i| {
         let backend = gw.backends[i].clone();
@@ -300,7 +288,7 @@ async fn undo_unload(gw: &Gateway, took: &[usize], lora: &DesiredLora) {
     let undo = took.iter().map(|&i| {
         let backend = gw.backends[i].clone();
         async move {
-            if let Err(e) = backend.load_adapter(load_request(lora)).await {
+            if let Err(e) = backend.load_adapter(load_request(gw, lora)).await {
                 tracing::warn!(backend = backend.address(), adapter = %lora.name, error = %e, "cannot undo an unload");
             }
         }
@@ -317,6 +305,8 @@ pub struct ListedLora {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     pub owner: String,
+    /// Every configured tenant may use it.
+    pub shared: bool,
     /// Per backend: its state for this adapter (`resident`, `evicted`, … or `absent`).
     pub backends: Vec<BackendState>,
 }
@@ -335,16 +325,16 @@ pub struct BackendState {
     pub error: String,
 }
 
-/// The desired adapters the caller's tenant may see, with each backend's view of them.
+/// The desired adapters the caller may see (use or manage), with each backend's view of them.
 pub fn list(gw: &Gateway, who: &Principal) -> Result<Vec<ListedLora>, ApiError> {
     who.require(Scope::LoraRead)?;
-    let tenant = tenant(gw, who)?;
+    let caller = gw.caller(who)?;
     let views = gw.views();
     Ok(gw
         .loras
         .list()
         .into_iter()
-        .filter(|l| tenant.may_use(&l.name))
+        .filter(|l| caller.may_see(l))
         .map(|l| ListedLora {
             lora_name: l.name.clone(),
             lora_id: l.lora_id(),
@@ -362,6 +352,7 @@ pub fn list(gw: &Gateway, who: &Principal) -> Result<Vec<ListedLora>, ApiError> 
             source: Source { uri: l.uri },
             sha256: l.sha256,
             owner: l.owner,
+            shared: l.shared,
         })
         .collect())
 }

@@ -108,7 +108,7 @@ pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: pb::GenerateRe
             let loaded = {
                 let turn = gw.turn(name);
                 let _turn = turn.lock().await;
-                gw.backends[i].load_adapter(load_request(&lora)).await
+                gw.backends[i].load_adapter(load_request(gw, &lora)).await
             };
             result = match loaded {
                 Ok(_) => attempt(gw, i, &request).await,

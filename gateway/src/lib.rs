@@ -5,7 +5,7 @@
 //! adapter set in its state dir and applying it to every backend, including ones that restart
 //! or appear later.
 //!
-//! Layout: [`auth`] (JWTs), [`openai`] (request bodies and error shapes), [`policy`] (the
+//! Layout: [`auth`] (JWTs), [`authz`] (what a caller may do), [`openai`] (request bodies and error shapes), [`policy`] (the
 //! routing decision), [`cluster`] (the routing table), [`upstream`] (the seam to a backend and
 //! its gRPC implementation), [`loras`] (the desired set), [`admin`] (applying it),
 //! [`reconcile`] (health probes and re-applying), [`dispatch`] (sending a request to a
@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod authz;
 pub mod cluster;
 pub mod dispatch;
 pub mod files;
@@ -163,6 +164,11 @@ impl Gateway {
         turns.entry(name.to_string()).or_default().clone()
     }
 
+    /// The caller behind a verified token, if its tenant is configured (see [`authz`]).
+    pub fn caller(&self, who: &auth::Principal) -> Result<authz::Caller<'_>, authz::Denied> {
+        authz::caller(&self.tenants, who)
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
@@ -172,25 +178,38 @@ impl Gateway {
     }
 }
 
-/// Serves the gateway on `listener` until `shutdown` resolves: the HTTP app, one
-/// probe-and-reconcile task per backend, and the JWKS reloader.
+/// Serves the gateway on `listener` (the public API) and, when given, `metrics` (the operators'
+/// listener with `/metrics`) until `shutdown` resolves: the HTTP apps, one probe-and-reconcile
+/// task per backend, and the JWKS reloader.
 pub async fn serve(
     gw: Arc<Gateway>,
     listener: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let mut tasks = reconcile::spawn(gw.clone());
     if gw.verifier.config().jwks_file.is_some() {
         tasks.push(auth::spawn_reloader(gw.verifier.clone(), JWKS_RELOAD_INTERVAL));
     }
-    use axum::serve::ListenerExt;
-    // TCP_NODELAY: small responses and SSE events go out at once instead of waiting on Nagle.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tasks.push(tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    }));
+    let signal = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
         }
-    });
-    let served = axum::serve(listener, http::router(gw)).with_graceful_shutdown(shutdown).await;
+    };
+    let public = http::serve(listener, http::router(gw.clone()), signal());
+    let served = match metrics {
+        Some(m) => {
+            let (a, b) = tokio::join!(public, http::serve(m, http::metrics_router(gw), signal()));
+            a.and(b)
+        }
+        None => public.await,
+    };
     for t in tasks {
         t.abort();
     }

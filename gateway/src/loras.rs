@@ -26,14 +26,27 @@ pub struct DesiredLora {
     /// Optional SHA-256 pin of `adapter_model.safetensors` (64 lowercase hex digits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
-    /// The tenant whose token loaded it.
+    /// The tenant that owns it: the one whose token first loaded it. Only the owner (or an admin
+    /// tenant) may replace or unload it; a hot swap by an admin keeps the owner.
     pub owner: String,
+    /// Set by the owner: every configured tenant may use it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
+    /// The tenant whose load grant admitted the current source, when not the owner (an admin
+    /// that hot-swapped it). Its `load_prefixes` travel with every load of this adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded_by: Option<String>,
 }
 
 impl DesiredLora {
     /// Dynamo's `lora_id`: stable across workers and gateway replicas.
     pub fn lora_id(&self) -> u32 {
         lora_id(&self.name)
+    }
+
+    /// The tenant whose `load_prefixes` bound where this adapter may be loaded from.
+    pub fn loader(&self) -> &str {
+        self.loaded_by.as_deref().unwrap_or(&self.owner)
     }
 }
 
@@ -97,11 +110,14 @@ pub enum StateError {
     Corrupt { path: PathBuf, reason: String },
 }
 
+/// The desired adapters by name, as of one moment; cheap to clone.
+pub type Snapshot = std::sync::Arc<BTreeMap<String, DesiredLora>>;
+
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StateFile {
     version: u32,
-    loras: BTreeMap<String, DesiredLora>,
+    loras: Snapshot,
     /// Names unloaded through the API: a backend that still has one (it was unreachable when
     /// the unload ran) is told to unload it when it is next seen.
     removed: BTreeSet<String>,
@@ -158,6 +174,11 @@ impl LoraStore {
         self.lock().state.loras.values().cloned().collect()
     }
 
+    /// The desired set as of now, without copying it.
+    pub fn snapshot(&self) -> Snapshot {
+        self.lock().state.loras.clone()
+    }
+
     /// Names unloaded through the API.
     pub fn removed(&self) -> BTreeSet<String> {
         self.lock().state.removed.clone()
@@ -168,14 +189,14 @@ impl LoraStore {
     pub fn put(&self, lora: DesiredLora) -> Result<(), StateError> {
         self.update(|s| {
             s.removed.remove(&lora.name);
-            s.loras.insert(lora.name.clone(), lora);
+            std::sync::Arc::make_mut(&mut s.loras).insert(lora.name.clone(), lora);
         })
     }
 
     /// Removes `name` from the desired set and remembers it was removed.
     pub fn remove(&self, name: &str) -> Result<(), StateError> {
         self.update(|s| {
-            s.loras.remove(name);
+            std::sync::Arc::make_mut(&mut s.loras).remove(name);
             s.removed.insert(name.to_string());
         })
     }
@@ -234,7 +255,14 @@ mod tests {
     use super::*;
 
     fn lora(name: &str, uri: &str) -> DesiredLora {
-        DesiredLora { name: name.into(), uri: uri.into(), sha256: None, owner: "acme".into() }
+        DesiredLora {
+            name: name.into(),
+            uri: uri.into(),
+            sha256: None,
+            owner: "acme".into(),
+            shared: false,
+            loaded_by: None,
+        }
     }
 
     #[test]

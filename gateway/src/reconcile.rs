@@ -105,7 +105,7 @@ async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures) {
         if gw.loras.get(&lora.name).as_ref() != Some(&lora) {
             continue;
         }
-        match backend.load_adapter(load_request(&lora)).await {
+        match backend.load_adapter(load_request(gw, &lora)).await {
             Ok(r) => {
                 failures.0.remove(&lora.name);
                 tracing::info!(backend = backend.address(), adapter = %lora.name, fetched = r.fetched, "re-applied adapter");

@@ -1,17 +1,22 @@
-//! Tenants: which adapters each may use and manage, where its tokens may load adapters from,
-//! and its static routing. Read from the `[tenants.<name>]` tables of the gateway's TOML file;
-//! unknown keys are an error.
+//! Tenants: which adapters each may use, which names it may load adapters under, where its
+//! tokens may load adapters from, and its static routing. Read from the `[tenants.<name>]`
+//! tables of the gateway's TOML file; unknown keys are an error.
 //!
 //! ```toml
 //! [tenants.acme]
-//! adapters = ["acme/*"]                  # names, or prefixes ending in '*', it may use, load and unload
+//! adapters = ["acme/*", "support-v1"]    # names, or prefixes ending in '*', it may use
+//! manage = ["acme/*"]                    # names it may load new adapters under (it then owns them)
 //! load_prefixes = ["s3://acme-loras/"]   # where its tokens may load adapters from
 //! base_model = true                      # may it call the base model (default true)
-//! backend = "http://10.0.0.7:50051"      # optional: send all its requests to this backend
-//! admin = false                          # may it deploy policies for other tenants
+//! backend = "https://10.0.0.7:50051"     # optional: send all its requests to this backend
+//! admin = false                          # an operator: manages every adapter and policy
 //! [tenants.acme.models]                  # optional aliases: the `model` clients send -> adapter
 //! support = "acme/support-v2"
 //! ```
+//!
+//! Using and managing are separate grants (see [`crate::authz`]): a tenant uses the adapters its
+//! `adapters` patterns name, the adapters it owns and the adapters their owners marked shared;
+//! it unloads or replaces only the adapters it owns, unless it is an admin.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -21,9 +26,12 @@ use std::path::Path;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tenant {
-    /// Adapter names (exact, or a prefix followed by `*`) the tenant may use, load and unload.
+    /// Adapter names (exact, or a prefix followed by `*`) the tenant may use, whoever owns them.
     #[serde(default)]
     pub adapters: Vec<String>,
+    /// Adapter names (same syntax) the tenant may load new adapters under; it owns what it loads.
+    #[serde(default)]
+    pub manage: Vec<String>,
     /// URI prefixes the tenant's tokens may load adapters from.
     #[serde(default)]
     pub load_prefixes: Vec<String>,
@@ -36,8 +44,9 @@ pub struct Tenant {
     /// Model aliases: the `model` a client sends, mapped to an adapter name.
     #[serde(default)]
     pub models: BTreeMap<String, String>,
-    /// An operator tenant: with `policy:deploy` it may manage every tenant's policy and the
-    /// default one (others manage only their own).
+    /// An operator tenant: it may load adapters under any name, unload or replace any adapter,
+    /// and (with `policy:deploy`) manage every tenant's policy and the default one. Others
+    /// manage only what they own.
     #[serde(default)]
     pub admin: bool,
 }
@@ -65,9 +74,12 @@ impl GatewayFile {
 
     fn check(&self) -> Result<(), String> {
         for (name, t) in &self.tenants {
-            for p in &t.adapters {
-                if p.is_empty() || p.strip_suffix('*').unwrap_or(p).contains('*') {
-                    return Err(format!("tenants.{name}.adapters: {p:?} must be a name or a prefix ending in '*'"));
+            validate_tenant_name(name).map_err(|e| format!("tenants.{name}: {e}"))?;
+            for (field, patterns) in [("adapters", &t.adapters), ("manage", &t.manage)] {
+                if let Some(p) =
+                    patterns.iter().find(|p| p.is_empty() || p.strip_suffix('*').unwrap_or(p).contains('*'))
+                {
+                    return Err(format!("tenants.{name}.{field}: {p:?} must be a name or a prefix ending in '*'"));
                 }
             }
             for p in &t.load_prefixes {
@@ -76,9 +88,9 @@ impl GatewayFile {
                 }
             }
             for (alias, adapter) in &t.models {
-                if !t.may_use(adapter) {
+                if !t.uses(adapter) && !t.manages(adapter) {
                     return Err(format!(
-                        "tenants.{name}.models: alias {alias:?} maps to {adapter:?}, which the tenant's adapters do not allow"
+                        "tenants.{name}.models: alias {alias:?} maps to {adapter:?}, which neither the tenant's adapters nor its manage patterns name"
                     ));
                 }
             }
@@ -87,13 +99,48 @@ impl GatewayFile {
     }
 }
 
+/// Tenant names the gateway keeps for itself: `*` scopes the default policy, `-` is the metrics
+/// label for anything outside the configured sets, `dry-run` is the tenant of policy dry runs.
+pub const RESERVED_TENANT_NAMES: [&str; 3] = ["*", "-", "dry-run"];
+/// Longest tenant name.
+pub const MAX_TENANT_NAME: usize = 64;
+
+/// Checks a tenant name: 1–64 of `A-Z a-z 0-9 . _ -`, starting with a letter or digit, and not
+/// one of [`RESERVED_TENANT_NAMES`].
+pub fn validate_tenant_name(name: &str) -> Result<(), String> {
+    if RESERVED_TENANT_NAMES.contains(&name) {
+        return Err(format!("the tenant name {name:?} is reserved"));
+    }
+    let charset = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if name.is_empty()
+        || name.len() > MAX_TENANT_NAME
+        || !charset
+        || !name.starts_with(|c: char| c.is_ascii_alphanumeric())
+    {
+        return Err(format!(
+            "{name:?} is not a tenant name: use 1 to {MAX_TENANT_NAME} of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `name` matches one of `patterns` (exact names, or prefixes followed by `*`).
+fn matches_any(patterns: &[String], name: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => p == name,
+    })
+}
+
 impl Tenant {
-    /// Whether the tenant may use (and manage) the adapter `name`.
-    pub fn may_use(&self, name: &str) -> bool {
-        self.adapters.iter().any(|p| match p.strip_suffix('*') {
-            Some(prefix) => name.starts_with(prefix),
-            None => p == name,
-        })
+    /// Whether the tenant's `adapters` patterns name `name` (a grant to use it, whoever owns it).
+    pub fn uses(&self, name: &str) -> bool {
+        matches_any(&self.adapters, name)
+    }
+
+    /// Whether the tenant's `manage` patterns name `name` (it may load a new adapter there).
+    pub fn manages(&self, name: &str) -> bool {
+        matches_any(&self.manage, name)
     }
 
     /// Whether the tenant's tokens may load from `uri`. A prefix that does not end in `/` only
@@ -121,8 +168,9 @@ mod tests {
     #[test]
     fn adapter_patterns_and_load_prefixes_match_whole_segments() {
         let t = tenant(&["acme/*", "shared-v1"], &["s3://acme-loras/", "hf://acme", "file:///srv/acme"]);
-        assert!(t.may_use("acme/support") && t.may_use("shared-v1"));
-        assert!(!t.may_use("shared-v2") && !t.may_use("beta/support") && !t.may_use("acme"));
+        assert!(t.uses("acme/support") && t.uses("shared-v1"));
+        assert!(!t.uses("shared-v2") && !t.uses("beta/support") && !t.uses("acme"));
+        assert!(!t.manages("acme/support"), "using is not managing");
         assert!(t.may_load_from("s3://acme-loras/support-v1"));
         assert!(t.may_load_from("hf://acme/support@v2") && t.may_load_from("file:///srv/acme/a"));
         assert!(!t.may_load_from("hf://acme-evil/support"));
@@ -145,5 +193,19 @@ mod tests {
         assert!(bad.check().unwrap_err().contains("beta/s"));
         let bad: GatewayFile = toml::from_str("[tenants.acme]\nload_prefixes = [\"/srv\"]\n").unwrap();
         assert!(bad.check().is_err());
+        let bad: GatewayFile = toml::from_str("[tenants.acme]\nmanage = [\"a*b\"]\n").unwrap();
+        assert!(bad.check().unwrap_err().contains("manage"));
+    }
+
+    #[test]
+    fn reserved_and_malformed_tenant_names_are_refused() {
+        for name in ["*", "-", "dry-run", "", "-acme", "a b", "ac/me", &"x".repeat(65)] {
+            assert!(validate_tenant_name(name).is_err(), "{name:?}");
+            let file: GatewayFile = toml::from_str(&format!("[tenants.{:?}]\n", name)).unwrap();
+            assert!(file.check().is_err(), "{name:?} in the tenants file");
+        }
+        for name in ["acme", "acme-2", "a.b_c", "7up"] {
+            assert!(validate_tenant_name(name).is_ok(), "{name:?}");
+        }
     }
 }

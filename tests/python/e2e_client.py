@@ -4,8 +4,10 @@ the adapter and policy APIs over plain HTTP (what `curl` sends), tokens from `sw
 
     e2e_client.py demo BASE_URL DEMO_ADAPTERS
         against `switchyard up`: two tenants routed to different demo adapters, the quickstart
-        (load an adapter, use it), a policy change that swaps the routes, an unload then a clean
-        "model not found"
+        (load an adapter, use it), the tenant boundaries (a tenant outside the tenants file, an
+        adapter used but not owned, metrics off the public port; MALLORY_TOKEN is a token for a
+        tenant the demo does not configure; METRICS_URL is the operators' metrics listener), a
+        policy change that swaps the routes, an unload then a clean "model not found"
     e2e_client.py ask BASE_URL MODEL KIND
         one question as ACME_TOKEN's tenant, streamed and not; KIND says what the answer must be
         (uppercase, french, json); exits 3 when the gateway answers 503 (no backend ready yet)
@@ -124,9 +126,35 @@ def demo(base: str, adapters: str) -> None:
     status, body = http("GET", f"{base}/v1/loras", globex)
     if "acme/json" in body["loras"]:
         fail("globex does not see acme's adapter", body)
-    expect_not_found(g, "acme/json", "globex may not use acme's adapter")
+    # globex's policy is not even shown acme's adapter: to tenant-map the name is just another
+    # alias, so globex gets its own mapped adapter, never acme's weights.
+    expect(g, "acme/json", "french", "globex never reaches acme's adapter", served="french")
 
-    # 3. A policy deploy changes the routes: the operator re-activates tenant-map, swapped.
+    # 3. The tenant boundaries hold as a new user meets them.
+    base_model = next(m.id for m in client(base, ops).models.list() if m.parent is None)
+    try:
+        client(base, os.environ["MALLORY_TOKEN"]).chat.completions.create(
+            model=base_model, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+        fail("a tenant outside the tenants file is refused", "it was served")
+    except openai.PermissionDeniedError as e:
+        if e.code != "unknown_tenant":
+            fail("a tenant outside the tenants file is refused", f"403 with code {e.code!r}")
+    status, body = http("DELETE", f"{base}/v1/loras/french", acme)
+    if status != 403 or body["error"]["code"] != "adapter_not_owned":
+        fail("acme may use french but not unload it (ops owns it)", f"{status} {body}")
+    status, body = http("POST", f"{base}/v1/loras", acme,
+                        {"lora_name": "uppercase", "source": {"uri": uri}, "hot_swap": True})
+    if status != 403 or body["error"]["code"] != "adapter_not_owned":
+        fail("acme may not swap the weights of uppercase, which globex uses too", f"{status} {body}")
+    expect(g, "assistant", "french", "globex is still served by the weights ops loaded", served="french")
+    status, body = http("GET", f"{base}/metrics", acme)
+    if status != 404:
+        fail("the public port serves no metrics", f"{status} {body}")
+    with urllib.request.urlopen(os.environ["METRICS_URL"], timeout=30) as r:
+        if 'tenant="acme"' not in r.read().decode():
+            fail("operators scrape the metrics on their own listener", "no series for acme")
+
+    # 4. A policy deploy changes the routes: the operator re-activates tenant-map, swapped.
     status, body = http("GET", f"{base}/v1/policies", ops)
     if status != 200:
         fail("ops lists the policies", f"{status} {body}")
@@ -141,7 +169,7 @@ def demo(base: str, adapters: str) -> None:
     expect(a, "assistant", "french", "after the policy change acme gets french", served="french")
     expect(g, "assistant", "uppercase", "after the policy change globex gets uppercase", served="uppercase")
 
-    # 4. An unload, then a clean "model not found" for whoever is routed to it.
+    # 5. An unload, then a clean "model not found" for whoever is routed to it.
     status, body = http("DELETE", f"{base}/v1/loras/acme/json", acme)
     if status != 200:
         fail("acme unloads acme/json", f"{status} {body}")

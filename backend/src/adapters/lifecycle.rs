@@ -5,8 +5,8 @@
 //! Resident adapters live in the engine's slot table; this table holds where each came from
 //! (to reload it after an eviction) and the cache pin that keeps its files on disk.
 
-use super::CachePin;
 use super::store::Digest;
+use super::{CachePin, SourceScope};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Failed loads remembered for `ListAdapters`; older ones are forgotten.
@@ -31,6 +31,17 @@ pub struct Origin {
     pub sha256: Option<String>,
     /// What the source resolved the location to (an `hf://` commit).
     pub revision: Option<String>,
+    /// The scope the load was given: a reload after an eviction is held to it again.
+    pub scope: Option<SourceScope>,
+    /// Where an in-place adapter's files resolved to when it was loaded.
+    pub resolved: Vec<std::path::PathBuf>,
+}
+
+impl Origin {
+    /// The origin of a load of `uri` that has not fetched anything yet.
+    pub fn new(uri: &str, digest: Option<Digest>, scope: Option<SourceScope>) -> Origin {
+        Origin { uri: uri.to_string(), digest, sha256: None, revision: None, scope, resolved: Vec::new() }
+    }
 }
 
 /// A name in a phase other than resident.
@@ -144,7 +155,7 @@ mod tests {
     use super::*;
 
     fn origin(uri: &str) -> Origin {
-        Origin { uri: uri.into(), digest: None, sha256: None, revision: None }
+        Origin::new(uri, None, None)
     }
 
     fn phase(t: &Lifecycle, name: &str) -> Option<Phase> {

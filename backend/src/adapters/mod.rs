@@ -3,6 +3,7 @@
 //! store that ties those together ([`store`]), and the table of resident slots ([`slots`]).
 
 pub mod cache;
+mod files;
 mod lifecycle;
 mod peft;
 mod slots;
@@ -10,8 +11,9 @@ pub mod source;
 mod store;
 
 pub use cache::{AdapterCache, CachePin, CacheStats};
+pub use files::{AdapterFiles, SourceScope};
 pub use lifecycle::{Lifecycle, Origin, Phase, Record};
-pub use peft::{AdapterWeights, LoraModule, load_peft_dir};
+pub use peft::{AdapterWeights, LoraModule, load_peft, load_peft_dir};
 pub use slots::{Released, Resident, SlotError, SlotTable};
 pub use source::{
     AdapterSource, AdapterUri, Fetched, FileSource, HfSource, HfSourceOptions, S3Source, S3SourceOptions,

@@ -1,7 +1,8 @@
 //! PEFT LoRA adapters (`adapter_config.json` + `adapter_model.safetensors`), validated against
 //! the base model before any weight is handed to an executor.
 
-use super::AdapterError;
+use super::files::AdapterFiles;
+use super::{AdapterError, CONFIG_FILE, WEIGHTS_FILE};
 use crate::model::{ModelConfig, Module};
 use safetensors::SafeTensors;
 use serde::Deserialize;
@@ -115,30 +116,22 @@ fn parse_key(key: &str) -> Option<(usize, &str, &str, char)> {
     Some((layer.parse().ok()?, block, module, which))
 }
 
-/// Reads a PEFT adapter directory and checks it against `model`: config fields, every tensor's
-/// name, dtype, shape and values, and ranks against `max_rank`.
+/// Reads a PEFT adapter directory and checks it against `model` (see [`load_peft`]).
 pub fn load_peft_dir(dir: &Path, model: &ModelConfig, max_rank: usize) -> Result<AdapterWeights, AdapterError> {
-    match std::fs::metadata(dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(AdapterError::invalid(dir, "not a directory")),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(AdapterError::NotFound { path: dir.to_path_buf() });
-        }
-        Err(source) => {
-            return Err(AdapterError::Io { path: dir.to_path_buf(), source });
-        }
-    }
-    let config_path = dir.join("adapter_config.json");
-    let text = match std::fs::read_to_string(&config_path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(AdapterError::invalid(dir, "no adapter_config.json"));
-        }
-        Err(source) => {
-            return Err(AdapterError::Io { path: config_path, source });
-        }
+    load_peft(&AdapterFiles::read_dir(dir, u64::MAX)?, model, max_rank)
+}
+
+/// Checks a PEFT adapter's files against `model`: config fields, every tensor's name, dtype,
+/// shape and values, and ranks against `max_rank`.
+pub fn load_peft(files: &AdapterFiles, model: &ModelConfig, max_rank: usize) -> Result<AdapterWeights, AdapterError> {
+    let dir = files.dir.as_path();
+    let config_path = dir.join(CONFIG_FILE);
+    let Some(config) = &files.config else {
+        return Err(AdapterError::invalid(dir, "no adapter_config.json"));
     };
-    let cfg: PeftConfig = serde_json::from_str(&text)
+    let text = std::str::from_utf8(config)
+        .map_err(|e| AdapterError::invalid(&config_path, format!("adapter_config.json is not UTF-8: {e}")))?;
+    let cfg: PeftConfig = serde_json::from_str(text)
         .map_err(|e| AdapterError::invalid(&config_path, format!("adapter_config.json: {e}")))?;
     let unsupported = |what: &str| Err(AdapterError::invalid(&config_path, format!("{what} is not supported")));
     match cfg.peft_type.as_deref() {
@@ -161,18 +154,16 @@ pub fn load_peft_dir(dir: &Path, model: &ModelConfig, max_rank: usize) -> Result
         return Err(AdapterError::invalid(&config_path, "r and lora_alpha must be positive"));
     }
 
-    let weights_path = dir.join("adapter_model.safetensors");
-    if !weights_path.exists() {
-        let reason = if dir.join("adapter_model.bin").exists() {
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let Some(bytes) = &files.weights else {
+        let reason = if files.pickle_only {
             "only pickle weights (adapter_model.bin) found; they are refused because loading pickle can run code — convert to adapter_model.safetensors"
         } else {
             "no adapter_model.safetensors"
         };
         return Err(AdapterError::invalid(dir, reason));
-    }
-    let bytes =
-        std::fs::read(&weights_path).map_err(|source| AdapterError::Io { path: weights_path.clone(), source })?;
-    let st = SafeTensors::deserialize(&bytes)
+    };
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| AdapterError::invalid(&weights_path, format!("invalid safetensors: {e}")))?;
 
     // (layer, module) -> [A, B], each (shape, values)

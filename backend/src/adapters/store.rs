@@ -1,9 +1,10 @@
 //! The adapter store: URI → source → (cache) → validated adapter, with size limits and an
 //! optional digest pin.
 
-use super::cache::{AdapterCache, CachePin, CacheStats, EntryMeta, sha256_file};
+use super::AdapterError;
+use super::cache::{AdapterCache, CachePin, CacheStats, EntryMeta};
+use super::files::{AdapterFiles, SourceScope};
 use super::source::{AdapterUri, SourceRegistry};
-use super::{AdapterError, WEIGHTS_FILE};
 use std::path::{Path, PathBuf};
 
 /// A requested SHA-256 of an adapter's weights file (`adapter_model.safetensors`), as 64 hex
@@ -24,10 +25,9 @@ impl Digest {
         &self.0
     }
 
-    /// Hashes the weights file in `dir` and checks it against this digest; returns the hash.
-    fn verify_dir(&self, uri: &str, dir: &Path) -> Result<String, AdapterError> {
-        let weights = dir.join(WEIGHTS_FILE);
-        let actual = sha256_file(&weights).map_err(|source| AdapterError::Io { path: weights, source })?;
+    /// Checks the weights as read against this digest; returns their hash.
+    fn verify_files(&self, uri: &str, files: &AdapterFiles) -> Result<String, AdapterError> {
+        let actual = files.weights_sha256().unwrap_or_default();
         self.verify(uri, &actual)?;
         Ok(actual)
     }
@@ -64,6 +64,8 @@ pub struct Loaded<T> {
     pub pin: Option<CachePin>,
     /// Whether this load fetched from the source (a cache miss).
     pub fetched: bool,
+    /// Where an in-place adapter's files resolved to (empty for cached ones).
+    pub resolved: Vec<PathBuf>,
 }
 
 /// Sources, the disk cache and the limits, in one place.
@@ -110,15 +112,26 @@ impl AdapterStore {
         self.sources.resolve(uri).map(|(u, _)| u)
     }
 
-    /// Fetches (or finds in the cache) the adapter at `uri`, checks `digest` and runs
-    /// `validate` on its directory off the async threads. A remote adapter is validated before
-    /// it is cached, so one that fails validation leaves nothing in the cache.
-    pub async fn load<T, V>(&self, uri: &str, digest: Option<&Digest>, validate: V) -> Result<Loaded<T>, AdapterError>
+    /// Fetches (or finds in the cache) the adapter at `uri`, checks it against `scope` (when
+    /// given), checks `digest` and runs `validate` on its files off the async threads. A remote
+    /// adapter is validated before it is cached, so one that fails validation leaves nothing in
+    /// the cache.
+    pub async fn load<T, V>(
+        &self,
+        uri: &str,
+        digest: Option<&Digest>,
+        scope: Option<&SourceScope>,
+        validate: V,
+    ) -> Result<Loaded<T>, AdapterError>
     where
         T: Send + 'static,
-        V: Fn(&Path) -> Result<T, AdapterError> + Send + Sync + 'static,
+        V: Fn(&AdapterFiles) -> Result<T, AdapterError> + Send + Sync + 'static,
     {
         let (uri, source) = self.sources.resolve(uri)?;
+        // The URI first, before any I/O: a load outside its scope learns nothing about the source.
+        if let Some(scope) = scope {
+            scope.check(&uri, &[])?;
+        }
         let max = self.max_adapter_bytes;
         let too_large = |e: AdapterError, room: u64, uri: &AdapterUri| match e {
             // Over the room the cache has left but not over the adapter limit: the cache is full.
@@ -137,18 +150,26 @@ impl AdapterStore {
 
         if source.in_place() {
             let fetched = source.fetch(&uri, Path::new(""), max).await.map_err(|e| too_large(e, max, &uri))?;
-            let digest = digest.cloned();
-            let uri_text = uri.uri.clone();
-            let (value, sha256) = tokio::task::spawn_blocking(move || -> Result<_, AdapterError> {
-                let sha256 = digest.map(|d| d.verify_dir(&uri_text, &fetched.dir)).transpose()?;
-                Ok((validate(&fetched.dir)?, sha256))
+            let (digest, scope) = (digest.cloned(), scope.cloned());
+            let uri_parsed = uri.clone();
+            let (value, sha256, resolved) = tokio::task::spawn_blocking(move || -> Result<_, AdapterError> {
+                // A custom in-place source may hand over only its directory: read it once here.
+                let files = match fetched.files {
+                    Some(files) => files,
+                    None => AdapterFiles::read_dir(&fetched.dir, max)?,
+                };
+                if let Some(scope) = &scope {
+                    scope.check(&uri_parsed, &files.resolved)?;
+                }
+                let sha256 = digest.map(|d| d.verify_files(&uri_parsed.uri, &files)).transpose()?;
+                Ok((validate(&files)?, sha256, files.resolved))
             })
             .await
             .map_err(|e| AdapterError::Unavailable {
                 uri: uri.uri.clone(),
                 reason: format!("loader task failed: {e}"),
             })??;
-            return Ok(Loaded { value, sha256, revision: None, pin: None, fetched: false });
+            return Ok(Loaded { value, sha256, revision: None, pin: None, fetched: false, resolved });
         }
 
         let validate = std::sync::Arc::new(validate);
@@ -158,7 +179,8 @@ impl AdapterStore {
                 if let Some(d) = &digest {
                     d.verify(&uri_text, &meta.sha256)?;
                 }
-                validate(dir).map_err(|e| relabel(e, dir, &uri_text))
+                let files = AdapterFiles::read_dir(dir, max)?;
+                validate(&files).map_err(|e| relabel(e, dir, &uri_text))
             }
         };
         let fetch = |dir: PathBuf, room: u64| {
@@ -182,10 +204,11 @@ impl AdapterStore {
                 let uri_text = uri.uri.clone();
                 let digest = digest.cloned();
                 tokio::task::spawn_blocking(move || {
+                    let files = AdapterFiles::read_dir(&dir, max)?;
                     if let Some(d) = digest {
-                        d.verify_dir(&uri_text, &dir)?;
+                        d.verify_files(&uri_text, &files)?;
                     }
-                    validate(&dir).map_err(|e| relabel(e, &dir, &uri_text))
+                    validate(&files).map_err(|e| relabel(e, &dir, &uri_text))
                 })
                 .await
                 .map_err(|e| AdapterError::Unavailable {
@@ -200,6 +223,7 @@ impl AdapterStore {
             revision: entry.meta.revision.clone(),
             pin: Some(entry.pin),
             fetched,
+            resolved: Vec::new(),
         })
     }
 }

@@ -24,6 +24,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// Most stop strings one request may set.
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes. Matching costs the same whatever their length, but this much
+/// text (less one byte) is held back while a stop string could be completing.
+pub const MAX_STOP_BYTES: usize = 1024;
 /// Prompt tokens given to the detokenizer as context for the first generated token.
 const DETOKENIZER_CONTEXT: usize = 6;
 
@@ -141,6 +144,7 @@ pub struct Snapshot {
 enum Command {
     Submit {
         req: Box<GenerateRequest>,
+        stops: Box<StopMatcher>,
         events: mpsc::UnboundedSender<Event>,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
@@ -232,6 +236,11 @@ impl Engine {
         if req.stop.len() > MAX_STOP_STRINGS {
             return invalid(format!("at most {MAX_STOP_STRINGS} stop strings are allowed, got {}", req.stop.len()));
         }
+        if let Some(long) = req.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return invalid(format!("a stop string is {} bytes; the limit is {MAX_STOP_BYTES}", long.len()));
+        }
+        // Built here, off the engine thread, which only feeds it the generated text.
+        let stops = StopMatcher::new(&req.stop).map_err(EngineError::InvalidRequest)?;
         let prompt_len = req.prompt.len();
         if prompt_len >= max_len {
             return invalid(format!(
@@ -249,7 +258,7 @@ impl Engine {
         }
         let (events, rx) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Submit { req: Box::new(req), events, reply })?;
+        self.send(Command::Submit { req: Box::new(req), stops: Box::new(stops), events, reply })?;
         answer.await.map_err(|_| EngineError::Stopped)??;
         Ok(rx)
     }
@@ -365,8 +374,8 @@ impl Worker {
     /// caller that reads the snapshot after its reply sees its own change.
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit { req, events, reply } => {
-                let result = self.submit(*req, events);
+            Command::Submit { req, stops, events, reply } => {
+                let result = self.submit(*req, *stops, events);
                 self.publish();
                 let _ = reply.send(result);
             }
@@ -417,7 +426,12 @@ impl Worker {
         }
     }
 
-    fn submit(&mut self, req: GenerateRequest, events: mpsc::UnboundedSender<Event>) -> Result<(), EngineError> {
+    fn submit(
+        &mut self,
+        req: GenerateRequest,
+        stops: StopMatcher,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Result<(), EngineError> {
         if self.scheduler.waiting_len() >= self.config.max_waiting {
             return Err(EngineError::QueueFull { max: self.config.max_waiting });
         }
@@ -434,7 +448,7 @@ impl Worker {
                 events,
                 sampler: Sampler::new(req.sampling),
                 detok: Detokenizer::new(tail),
-                stops: StopMatcher::new(req.stop),
+                stops,
                 prompt_len: req.prompt.len(),
                 generated: 0,
                 max_tokens: req.max_tokens,

@@ -1,5 +1,11 @@
 //! Text ↔ token ids (the `tokenizers` crate over `tokenizer.json`) and chat templates
 //! (Jinja, rendered with `minijinja` as Hugging Face renders them).
+//!
+//! Chat messages are data ([`Tokenizer::encode_chat`]): only the template's own markers become
+//! special tokens. A control token written inside a message (`<|im_end|>\n<|im_start|>system`)
+//! is tokenized as the plain text it is, as Hugging Face's `split_special_tokens` does, so a
+//! user cannot forge turns or roles. Messages without such text are tokenized exactly as
+//! `transformers` tokenizes the rendered template.
 
 use super::config::token_ids;
 use super::{ModelConfig, ModelError};
@@ -18,6 +24,11 @@ pub struct ChatMessage {
 /// The model's tokenizer and chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Message text as data: special tokens in what it encodes are split like any text.
+    plain: tokenizers::Tokenizer,
+    /// The special tokens' texts, found in message text to be kept from becoming tokens.
+    specials: Option<aho_corasick::AhoCorasick>,
+    special_ids: std::collections::HashSet<u32>,
     /// The compiled chat template (named "chat"), if the model has one.
     chat: Option<minijinja::Environment<'static>>,
     bos_token: Option<String>,
@@ -100,7 +111,34 @@ impl Tokenizer {
             path: dir.join("tokenizer_config.json"),
             reason: format!("chat template: {e}"),
         })?;
-        Ok(Tokenizer { inner, chat, bos_token, eos_token, eos_ids: eos.into_iter().collect() })
+        Ok(Tokenizer::assemble(inner, chat, bos_token, eos_token, eos.into_iter().collect()))
+    }
+
+    /// The tokenizer with its plain twin and the special tokens to watch for in messages.
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        chat: Option<minijinja::Environment<'static>>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        eos_ids: Vec<u32>,
+    ) -> Tokenizer {
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let special: Vec<(u32, String)> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (id, t.content))
+            .collect();
+        let texts: Vec<&str> = special.iter().map(|(_, t)| t.as_str()).filter(|t| !t.is_empty()).collect();
+        // Leftmost-longest, as the tokenizer's own added-vocabulary matching finds them.
+        let specials = (!texts.is_empty())
+            .then(|| {
+                aho_corasick::AhoCorasick::builder().match_kind(aho_corasick::MatchKind::LeftmostLongest).build(&texts)
+            })
+            .and_then(Result::ok);
+        let special_ids = special.iter().map(|(id, _)| *id).collect();
+        Tokenizer { inner, plain, specials, special_ids, chat, bos_token, eos_token, eos_ids }
     }
 
     /// A stand-in tokenizer for synthetic models: every id is a word `t<ID>` (unknown words map
@@ -114,7 +152,7 @@ impl Tokenizer {
             .map_err(|e| e.to_string())?;
         let mut inner = tokenizers::Tokenizer::new(model);
         inner.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::Whitespace {}));
-        Ok(Tokenizer { inner, chat: None, bos_token: None, eos_token: None, eos_ids: Vec::new() })
+        Ok(Tokenizer::assemble(inner, None, None, None, Vec::new()))
     }
 
     /// The tokenizer a GGUF file describes (`tokenizer.ggml.*`), built as Hugging Face
@@ -211,13 +249,8 @@ impl Tokenizer {
         let mut eos_ids = eos_token_ids.to_vec();
         eos_ids.sort_unstable();
         eos_ids.dedup();
-        Ok(Tokenizer {
-            inner,
-            chat,
-            bos_token: token_at("tokenizer.ggml.bos_token_id"),
-            eos_token: token_at("tokenizer.ggml.eos_token_id"),
-            eos_ids,
-        })
+        let (bos, eos) = (token_at("tokenizer.ggml.bos_token_id"), token_at("tokenizer.ggml.eos_token_id"));
+        Ok(Tokenizer::assemble(inner, chat, bos, eos, eos_ids))
     }
 
     /// Token ids of `text`. Special tokens written in the text are recognised; no BOS or other
@@ -236,6 +269,70 @@ impl Tokenizer {
         &self.eos_ids
     }
 
+    /// Token ids of `messages` rendered with the chat template, the messages' roles and contents
+    /// treated as data: only the template's own markers become special tokens (see the module
+    /// documentation).
+    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>, String> {
+        let Some(specials) = &self.specials else {
+            return self.encode(&self.apply_chat_template(messages, add_generation_prompt)?);
+        };
+        let written = |t: &str| specials.find(t).is_some();
+        if !messages.iter().any(|m| written(&m.role) || written(&m.content)) {
+            // Nothing to defuse: exactly what transformers does with the rendered template.
+            return self.encode(&self.apply_chat_template(messages, add_generation_prompt)?);
+        }
+        // Each special token's text inside a message is swapped for a placeholder made of a
+        // private-use character no message contains, and the template rendered over that: the
+        // special tokens it then holds are the template's own. The stretches between them that
+        // hold a placeholder are encoded again, placeholders restored, as plain text.
+        let marker = (0xE000u32..=0xF8FF)
+            .filter_map(char::from_u32)
+            .find(|c| !messages.iter().any(|m| m.role.contains(*c) || m.content.contains(*c)))
+            .ok_or("the messages use every private-use character")?;
+        let mut originals: Vec<String> = Vec::new();
+        let mut defuse = |text: &str| -> String {
+            let mut out = String::with_capacity(text.len());
+            let mut last = 0;
+            for m in specials.find_iter(text) {
+                out.push_str(&text[last..m.start()]);
+                out.push_str(&format!("{marker}{}{marker}", originals.len()));
+                originals.push(text[m.start()..m.end()].to_string());
+                last = m.end();
+            }
+            out.push_str(&text[last..]);
+            out
+        };
+        let defused: Vec<ChatMessage> =
+            messages.iter().map(|m| ChatMessage { role: defuse(&m.role), content: defuse(&m.content) }).collect();
+        let text = self.apply_chat_template(&defused, add_generation_prompt)?;
+        let encoding = self.inner.encode(text.as_str(), false).map_err(|e| e.to_string())?;
+        let (ids, offsets) = (encoding.get_ids(), encoding.get_offsets());
+        let mut out = Vec::with_capacity(ids.len());
+        let mut i = 0;
+        while i < ids.len() {
+            if self.special_ids.contains(&ids[i]) {
+                out.push(ids[i]);
+                i += 1;
+                continue;
+            }
+            let run = i;
+            while i < ids.len() && !self.special_ids.contains(&ids[i]) {
+                i += 1;
+            }
+            let from = offsets[run..i].iter().map(|o| o.0).min().unwrap_or(0);
+            let to = offsets[run..i].iter().map(|o| o.1).max().unwrap_or(0);
+            let stretch = text.get(from..to).ok_or("the tokenizer reported offsets inside a character")?;
+            if !stretch.contains(marker) {
+                out.extend_from_slice(&ids[run..i]);
+                continue;
+            }
+            let restored = restore(stretch, marker, &originals)?;
+            let plain = self.plain.encode(restored.as_str(), false).map_err(|e| e.to_string())?;
+            out.extend_from_slice(plain.get_ids());
+        }
+        Ok(out)
+    }
+
     /// Renders `messages` with the model's chat template.
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, String> {
         let env = self.chat.as_ref().ok_or("this model has no chat template; send a raw prompt")?;
@@ -248,6 +345,20 @@ impl Tokenizer {
         })
         .map_err(|e| format!("chat template failed: {e}"))
     }
+}
+
+/// `text` with every `{marker}N{marker}` placeholder replaced by `originals[N]`.
+fn restore(text: &str, marker: char, originals: &[String]) -> Result<String, String> {
+    let broken = || "the chat template altered a message's text in a way it cannot be tokenized as data".to_string();
+    let mut out = String::with_capacity(text.len());
+    let mut parts = text.split(marker);
+    out.push_str(parts.next().unwrap_or_default());
+    while let Some(index) = parts.next() {
+        let original = index.parse::<usize>().ok().and_then(|n| originals.get(n)).ok_or_else(broken)?;
+        out.push_str(original);
+        out.push_str(parts.next().ok_or_else(broken)?);
+    }
+    Ok(out)
 }
 
 /// A SentencePiece vocabulary as Hugging Face runs it: BPE with byte fallback over pieces

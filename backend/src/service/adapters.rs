@@ -4,7 +4,7 @@
 
 use super::ServiceError;
 use crate::adapters::{
-    self, AdapterStore, AdapterUri, AdapterWeights, Digest, Lifecycle, Origin, Phase, load_peft_dir,
+    self, AdapterStore, AdapterUri, AdapterWeights, Digest, Lifecycle, Origin, Phase, SourceScope, load_peft,
 };
 use crate::engine::{AdapterStatus, Engine, EngineError, Installed};
 use crate::model::ModelConfig;
@@ -88,19 +88,21 @@ impl AdapterManager {
         lock.lock_owned().await
     }
 
-    /// Loads `uri` under `name` (see the `LoadAdapter` contract in the proto).
+    /// Loads `uri` under `name`, held to `scope` when given (see the `LoadAdapter` contract in
+    /// the proto).
     pub async fn load(
         self: &Arc<Self>,
         name: &str,
         uri: &str,
         digest: Option<Digest>,
+        scope: Option<SourceScope>,
     ) -> Result<LoadOutcome, ServiceError> {
         adapters::validate_name(name)?;
         let uri: AdapterUri = self.store.check_uri(uri)?;
         let (this, name) = (self.clone(), name.to_string());
         detached(async move {
             let _turn = this.turn(&name).await;
-            this.load_locked(&name, uri, digest).await
+            this.load_locked(&name, uri, digest, scope).await
         })
         .await
     }
@@ -110,14 +112,19 @@ impl AdapterManager {
         name: &str,
         uri: AdapterUri,
         digest: Option<Digest>,
+        scope: Option<SourceScope>,
     ) -> Result<LoadOutcome, ServiceError> {
-        // Already resident from this source: only a digest pin can still disagree. A pin on an
-        // adapter loaded without one (its digest unknown) goes the full way, which checks it.
+        // Already resident from this source: only a digest pin and the scope can still disagree.
+        // A pin on an adapter loaded without one (its digest unknown) goes the full way, which
+        // checks it; the scope is checked on the URI and on where its files resolved to.
         let origin = self.table().origin(name).cloned();
         let known_sha = origin.as_ref().and_then(|o| o.sha256.clone());
         if let Some(status) = self.resident(name).filter(|a| a.resident.uri == uri.uri)
             && (digest.is_none() || known_sha.is_some())
         {
+            if let Some(scope) = &scope {
+                scope.check(&uri, origin.as_ref().map_or(&[][..], |o| &o.resolved))?;
+            }
             if let (Some(d), Some(known)) = (&digest, known_sha.as_deref())
                 && d.hex() != known
             {
@@ -128,12 +135,12 @@ impl AdapterManager {
                 }
                 .into());
             }
-            let origin = origin.unwrap_or(Origin { uri: uri.uri.clone(), digest, sha256: None, revision: None });
+            let origin = origin.unwrap_or_else(|| Origin::new(&uri.uri, digest, scope));
             let installed = Installed { status, already_loaded: true, evicted: None, replaced: None };
             return Ok(LoadOutcome { installed, warnings: Vec::new(), fetched: false, origin });
         }
 
-        let mut origin = Origin { uri: uri.uri.clone(), digest: digest.clone(), sha256: None, revision: None };
+        let mut origin = Origin::new(&uri.uri, digest.clone(), scope);
         self.table().fetching(name, origin.clone());
         let result = self.fetch_and_install(name, &uri, digest.as_ref(), &mut origin).await;
         let mut table = self.table();
@@ -167,9 +174,13 @@ impl AdapterManager {
         origin: &mut Origin,
     ) -> Result<(LoadOutcome, Option<adapters::CachePin>), ServiceError> {
         let (config, max_rank) = (self.model.clone(), self.engine.config().max_lora_rank);
-        let loaded = self.store.load(&uri.uri, digest, move |dir| load_peft_dir(dir, &config, max_rank)).await?;
+        let loaded = self
+            .store
+            .load(&uri.uri, digest, origin.scope.as_ref(), move |files| load_peft(files, &config, max_rank))
+            .await?;
         origin.sha256 = loaded.sha256.clone();
         origin.revision = loaded.revision.clone();
+        origin.resolved = loaded.resolved.clone();
         self.table().validated(name, loaded.sha256.clone(), loaded.revision.clone());
         let weights: AdapterWeights = loaded.value;
         let mut warnings = Vec::new();
@@ -226,7 +237,7 @@ impl AdapterManager {
             };
             tracing::info!(adapter = %name, uri = %origin.uri, "reloading an evicted adapter for a request");
             let uri = this.store.check_uri(&origin.uri)?;
-            this.load_locked(&name, uri, origin.digest).await.map(|_| ())
+            this.load_locked(&name, uri, origin.digest, origin.scope).await.map(|_| ())
         })
         .await
     }

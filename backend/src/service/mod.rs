@@ -3,10 +3,12 @@
 
 mod adapters;
 mod error;
+pub mod security;
 mod server;
 
 pub use adapters::{AdapterManager, LoadOutcome};
 pub use error::ServiceError;
+pub use security::{SecurityOptions, TlsFiles};
 pub use server::{
     AdapterOptions, DeviceChoice, KV_BLOCK_SIZE, ServeError, ServeOptions, Served, build_executor, default_sources,
     kv_value_bytes, open_store, prepare, prepare_with_sources, probe_cuda, resolve_device, serve,
@@ -58,21 +60,20 @@ impl BackendService {
         let input =
             input.ok_or_else(|| ServiceError::BadRequest("one of prompt, chat or token_ids is required".into()))?;
         let encode = move || -> Result<Vec<u32>, ServiceError> {
-            let text = match input {
-                Input::TokenIds(ids) => return Ok(ids.ids),
-                Input::Prompt(text) => text,
+            let bad = |e: String| ServiceError::BadRequest(format!("cannot tokenize prompt: {e}"));
+            match input {
+                Input::TokenIds(ids) => Ok(ids.ids),
+                Input::Prompt(text) => tokenizer.encode(&text).map_err(bad),
                 Input::Chat(chat) => {
                     let messages: Vec<ChatMessage> =
                         chat.messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
                     if messages.is_empty() {
                         return Err(ServiceError::BadRequest("chat has no messages".into()));
                     }
-                    tokenizer
-                        .apply_chat_template(&messages, chat.add_generation_prompt)
-                        .map_err(ServiceError::BadRequest)?
+                    // Roles and contents are data: their special-token text never becomes a token.
+                    tokenizer.encode_chat(&messages, chat.add_generation_prompt).map_err(ServiceError::BadRequest)
                 }
-            };
-            tokenizer.encode(&text).map_err(|e| ServiceError::BadRequest(format!("cannot tokenize prompt: {e}")))
+            }
         };
         tokio::task::spawn_blocking(encode)
             .await
@@ -149,7 +150,8 @@ impl pb::backend_server::Backend for BackendService {
             "" => None,
             text => Some(Digest::parse(text).map_err(ServiceError::BadRequest)?),
         };
-        let outcome = self.adapters.load(&req.name, &source.uri, digest).await?;
+        let scope = req.scope.map(|s| crate::adapters::SourceScope::new(s.prefixes));
+        let outcome = self.adapters.load(&req.name, &source.uri, digest, scope).await?;
         let LoadOutcome { installed, warnings, fetched, origin } = outcome;
         Ok(Response::new(pb::LoadAdapterResponse {
             adapter: Some(adapters::adapter_info(&installed.status, Some(&origin))),

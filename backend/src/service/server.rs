@@ -1,5 +1,6 @@
 //! Starting a backend: load the model, build the executor and engine, serve gRPC.
 
+use super::security::{self, Credentials, RequireCredential, SecurityError, SecurityOptions};
 use super::{AdapterManager, BackendService, ServedModel};
 use crate::adapters::{
     AdapterStore, FileSource, HfSource, HfSourceOptions, S3Source, S3SourceOptions, SourceRegistry, StoreOptions,
@@ -124,6 +125,8 @@ pub struct ServeOptions {
     pub max_running: usize,
     pub max_waiting: usize,
     pub adapters: AdapterOptions,
+    /// The credential callers must present, and TLS.
+    pub security: SecurityOptions,
 }
 
 /// Where adapters may come from and how they are kept.
@@ -200,6 +203,8 @@ pub enum ServeError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Security(#[from] SecurityError),
 }
 
 /// A backend that is loaded and bound, ready to serve.
@@ -208,6 +213,8 @@ pub struct Served {
     pub local_addr: SocketAddr,
     listener: tokio::net::TcpListener,
     service: BackendService,
+    credentials: Option<Credentials>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 /// Sizes the engine from the options and the model.
@@ -271,6 +278,9 @@ pub async fn prepare(opts: ServeOptions) -> Result<Served, ServeError> {
 
 /// [`prepare`] with the adapter sources given (e.g. [`default_sources`] plus a custom scheme).
 pub async fn prepare_with_sources(opts: ServeOptions, sources: SourceRegistry) -> Result<Served, ServeError> {
+    // Bad security settings fail before anything slow, and before the port is bound.
+    let credentials = opts.security.credential_file.as_deref().map(Credentials::read).transpose()?;
+    let tls = opts.security.tls.as_ref().map(security::server_tls).transpose()?;
     let store = open_store(&opts.adapters, sources)?;
     let device = resolve_device(opts.device)?;
     let dir = opts.model.clone();
@@ -311,7 +321,21 @@ pub async fn prepare_with_sources(opts: ServeOptions, sources: SourceRegistry) -
         .await
         .map_err(|source| ServeError::Bind { addr: opts.listen, source })?;
     let local_addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: opts.listen, source })?;
-    Ok(Served { local_addr, listener, service: BackendService::new(engine, adapters, tokenizer, served) })
+    if credentials.is_none() {
+        tracing::warn!(
+            address = %local_addr,
+            "NO BACKEND CREDENTIAL (--credential-file): anyone who can reach this port may load any adapter this \
+             backend can read (its --adapter-roots, S3 and the Hub with its own credentials) and generate with it"
+        );
+    }
+    if tls.is_none() {
+        tracing::warn!(
+            address = %local_addr,
+            "no TLS (--tls-cert, --tls-key): prompts, completions and the credential cross the network in the clear"
+        );
+    }
+    let service = BackendService::new(engine, adapters, tokenizer, served);
+    Ok(Served { local_addr, listener, service, credentials, tls })
 }
 
 impl Served {
@@ -330,11 +354,17 @@ impl Served {
         let reflection_error = |e: tonic_reflection::server::Error| ServeError::Config(format!("gRPC reflection: {e}"));
         let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
-        tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            server = server.tls_config(tls)?;
+        }
+        // Health and reflection stay open (probes and tools); the Backend service checks the
+        // credential on every call.
+        server
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(BackendServer::new(self.service))
+            .add_service(BackendServer::with_interceptor(self.service, RequireCredential(self.credentials)))
             // TCP_NODELAY on every connection: without it small gRPC frames wait on Nagle and the
             // peer's delayed ACK (~40 ms a message).
             .serve_with_incoming_shutdown(

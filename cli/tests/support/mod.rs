@@ -101,6 +101,7 @@ pub fn load_uri(name: &str, uri: &str) -> pb::LoadAdapterRequest {
     pb::LoadAdapterRequest {
         name: name.into(),
         source: Some(pb::AdapterSource { uri: uri.into(), ..Default::default() }),
+        scope: None,
     }
 }
 
@@ -480,23 +481,37 @@ pub struct Gateway {
     pub server: Server,
     /// `http://127.0.0.1:PORT`
     pub url: String,
+    /// `http://127.0.0.1:PORT` of the operators' listener, when `--metrics-listen` was given.
+    pub metrics: Option<String>,
 }
 
-/// Starts the gateway in front of `backends` with extra flags (keys, config, state dir).
+/// Starts the gateway in front of `backends` (`host:port`, reached over plain gRPC, or a full
+/// `https://…` address) with extra flags (keys, config, state dir).
 pub fn start_gateway(backends: &[&str], extra: &[&str]) -> Gateway {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
     cmd.arg("gateway").args(["--listen", "127.0.0.1:0"]).args(["--probe-interval-ms", "200"]);
     for b in backends {
-        cmd.args(["--backend", &format!("http://{b}")]);
+        let address = if b.contains("://") { b.to_string() } else { format!("http://{b}") };
+        cmd.args(["--backend", &address]);
     }
     cmd.args(extra).env("RUST_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::inherit());
     let mut child = cmd.spawn().expect("switchyard binary starts");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("reads the listening line");
-    assert!(line.starts_with("switchyard gateway listening on "), "unexpected first line: {line:?}");
-    let addr = line.trim().rsplit(' ').next().expect("address").to_string();
-    Gateway { server: Server { child }, url: format!("http://{addr}") }
+    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    let mut next = || lines.next().expect("the gateway exited before it was listening").expect("reads stdout");
+    let line = next();
+    let addr = line
+        .strip_prefix("switchyard gateway listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"));
+    let url = format!("http://{addr}");
+    let metrics = extra.contains(&"--metrics-listen").then(|| {
+        let line = next();
+        let addr =
+            line.strip_prefix("switchyard gateway metrics on ").unwrap_or_else(|| panic!("unexpected line: {line:?}"));
+        format!("http://{addr}")
+    });
+    // Keep reading, so the gateway never writes to a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Gateway { server: Server { child }, url, metrics }
 }
 
 /// Loads the fixture adapter `fixture` under `name` through the gateway's adapter API.
@@ -562,6 +577,8 @@ pub struct Up {
     child: Child,
     pub url: String,
     pub backend: String,
+    /// `http://…` of the operators' metrics listener.
+    pub metrics: String,
     /// The `export NAME_TOKEN=…` lines it printed, as (NAME_TOKEN, token).
     pub tokens: Vec<(String, String)>,
 }
@@ -577,6 +594,7 @@ impl Drop for Up {
 pub fn start_up(data: &Path, extra: &[&str]) -> Up {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
     cmd.arg("up").arg("--data-dir").arg(data).args(["--listen", "127.0.0.1:0", "--backend-listen", "127.0.0.1:0"]);
+    cmd.args(["--metrics-listen", "127.0.0.1:0"]);
     // The default model is the one in the Switchyard cache; name it only when it lives elsewhere.
     let model = smollm2().expect("checked by the caller");
     if Some(&model) != switchyard_backend::paths::default_model().as_ref() {
@@ -585,13 +603,15 @@ pub fn start_up(data: &Path, extra: &[&str]) -> Up {
     cmd.args(extra);
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("switchyard up starts");
     let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-    let (mut url, mut backend, mut tokens) = (None, None, Vec::new());
+    let (mut url, mut backend, mut metrics, mut tokens) = (None, None, None, Vec::new());
     loop {
         let line = lines.next().expect("switchyard up exited before it was ready").expect("reads stdout");
         if let Some(addr) = line.strip_prefix("switchyard gateway listening on ") {
             url = Some(format!("http://{addr}"));
         } else if let Some(addr) = line.strip_prefix("switchyard backend listening on ") {
             backend = Some(addr.to_string());
+        } else if let Some(addr) = line.strip_prefix("switchyard gateway metrics on ") {
+            metrics = Some(format!("http://{addr}"));
         } else if let Some((name, value)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
             tokens.push((name.to_string(), value.to_string()));
         } else if line == "Ctrl-C stops everything." {
@@ -599,7 +619,13 @@ pub fn start_up(data: &Path, extra: &[&str]) -> Up {
         }
     }
     std::thread::spawn(move || lines.for_each(drop));
-    Up { child, url: url.expect("gateway address printed"), backend: backend.expect("backend address printed"), tokens }
+    Up {
+        child,
+        url: url.expect("gateway address printed"),
+        backend: backend.expect("backend address printed"),
+        metrics: metrics.expect("metrics address printed"),
+        tokens,
+    }
 }
 
 /// Ctrl-C: the stack stops by itself, cleanly, and its port is closed.
@@ -617,4 +643,73 @@ pub fn interrupt(mut up: Up) {
     assert!(exit.success(), "switchyard up exited with {exit} on Ctrl-C");
     let addr = up.url.trim_start_matches("http://");
     assert!(std::net::TcpStream::connect(addr).is_err(), "the gateway still listens after Ctrl-C");
+}
+
+/// The example and fixture policies, built by `scripts/build-policies` (once per test binary):
+/// the directory holding `<crate>.wasm`.
+pub fn built_policies() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let out = Command::new(root.join("scripts/build-policies")).output().expect("scripts/build-policies runs");
+        assert!(out.status.success(), "building the policies failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
+/// A throwaway PKI: a CA, a server certificate for 127.0.0.1 and localhost, and a client
+/// certificate, as PEM files in a temp dir.
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().expect("pki dir");
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name.push(DnType::CommonName, "switchyard test CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).expect("ca");
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(names).expect("params");
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &issuer).expect("signs");
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server, server_key) =
+            leaf(vec!["127.0.0.1".into(), "localhost".into()], ExtendedKeyUsagePurpose::ServerAuth);
+        let (client, client_key) = leaf(Vec::new(), ExtendedKeyUsagePurpose::ClientAuth);
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("writes");
+            path
+        };
+        TestPki {
+            ca: write("ca.pem", &ca_cert.pem()),
+            server_cert: write("server.pem", &server),
+            server_key: write("server.key", &server_key),
+            client_cert: write("client.pem", &client),
+            client_key: write("client.key", &client_key),
+            dir,
+        }
+    }
+}
+
+/// Polls `GET /readyz` until the gateway sees a healthy backend.
+pub async fn wait_ready(http: &reqwest::Client, gw: &Gateway) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http.get(format!("{}/readyz", gw.url)).send().await.is_ok_and(|r| r.status().is_success()) {
+        assert!(Instant::now() < deadline, "the gateway never saw a healthy backend");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

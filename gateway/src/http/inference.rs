@@ -5,7 +5,7 @@ use crate::Gateway;
 use crate::dispatch::{self, Started};
 use crate::metrics::OTHER;
 use crate::openai::{self, ApiError, Generation};
-use crate::policy::{Decision, Endpoint, PolicyInput, Route};
+use crate::policy::{Decision, Endpoint, PolicyInput};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Extension, State};
@@ -154,9 +154,8 @@ async fn begin(
     record: &mut Record,
 ) -> Result<(Job, Started), ApiError> {
     let who = principal(gw, headers)?;
-    if gw.tenants.contains_key(&who.tenant) {
-        record.tenant = who.tenant.clone();
-    }
+    let caller = gw.caller(&who)?;
+    record.tenant = caller.name.to_string();
     let bytes = read_body(gw, headers, body).await?;
     let (input, generation, prompt_chars) = match api {
         Api::Chat => {
@@ -179,6 +178,14 @@ async fn begin(
     let Some(base) = gw.base_model() else {
         return Err(ApiError::unavailable("no backend has answered yet", crate::RETRY_AFTER_S).with_code("no_backend"));
     };
+    // The policy sees only the adapters this tenant may use, in the known set and on every backend.
+    let loras = gw.loras.snapshot();
+    let usable: Vec<(String, String)> =
+        loras.values().filter(|l| caller.may_use(l)).map(|l| (l.name.clone(), l.owner.clone())).collect();
+    let mut backends = gw.views();
+    for b in &mut backends {
+        b.adapters.retain(|name, _| loras.get(name).is_some_and(|l| caller.may_use(l)));
+    }
     let decision = gw
         .policy
         .decide(&PolicyInput {
@@ -196,8 +203,8 @@ async fn begin(
             max_tokens: generation.max_tokens,
             prompt_chars,
             headers: policy_headers(gw, headers),
-            backends: gw.views(),
-            adapters: gw.loras.list().into_iter().map(|l| (l.name, l.owner)).collect(),
+            backends,
+            adapters: usable,
         })
         .await
         .map_err(|e| {
@@ -211,7 +218,7 @@ async fn begin(
         Decision::Route(route) => route,
         Decision::Reject { status, code, message } => return Err(ApiError::client(status, message, &code)),
     };
-    check_route(gw, &who.tenant, &generation.model, &route)?;
+    let route = caller.route(&generation.model, route, &loras)?;
     record.model = route.adapter.clone().unwrap_or(base);
     let request = generate_request(&id.0, input, &generation);
     let started = dispatch::start(gw, &route, request).await?;
@@ -237,21 +244,6 @@ fn policy_headers(gw: &Gateway, headers: &HeaderMap) -> Vec<(String, String)> {
             Some((name.clone(), value.to_string()))
         })
         .collect()
-}
-
-/// Whatever the policy said, a tenant only reaches adapters its ACL allows and that are
-/// loaded through the adapter API.
-fn check_route(gw: &Gateway, tenant: &str, model: &str, route: &Route) -> Result<(), ApiError> {
-    let Some(adapter) = &route.adapter else { return Ok(()) };
-    let allowed = gw.tenants.get(tenant).is_some_and(|t| t.may_use(adapter));
-    if !allowed || gw.loras.get(adapter).is_none() {
-        return Err(ApiError::not_found(
-            format!("The model `{model}` does not exist or you do not have access to it."),
-            Some("model"),
-        )
-        .with_code("model_not_found"));
-    }
-    Ok(())
 }
 
 fn generate_request(id: &str, input: pb::generate_request::Input, g: &Generation) -> pb::GenerateRequest {
@@ -509,31 +501,27 @@ fn stream(job: Job, started: Started, record: Record) -> Response {
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
-/// `GET /v1/models`: the base model and the adapters (and aliases) the caller may use.
+/// `GET /v1/models`: the base model (when the tenant may use it), the adapters the caller may
+/// use, and the tenant's aliases of them.
 pub(super) async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     let who = principal(&gw, &headers)?;
-    let Some(tenant) = gw.tenants.get(&who.tenant) else {
-        return Err(ApiError::forbidden(
-            format!("tenant {:?} is not configured on this gateway", who.tenant),
-            "unknown_tenant",
-        ));
-    };
+    let caller = gw.caller(&who)?;
     let base = gw.base_model();
     let mut data = Vec::new();
     if let Some(base) = &base
-        && tenant.base_model
+        && caller.tenant.base_model
     {
         data.push(json!({"id": base, "object": "model", "created": 0, "owned_by": "switchyard", "root": base, "parent": null}));
     }
-    let loras = gw.loras.list();
-    for l in loras.iter().filter(|l| tenant.may_use(&l.name)) {
+    let loras = gw.loras.snapshot();
+    for l in loras.values().filter(|l| caller.may_use(l)) {
         data.push(
             json!({"id": l.name, "object": "model", "created": 0, "owned_by": l.owner, "root": l.name, "parent": base}),
         );
     }
-    for (alias, adapter) in &tenant.models {
-        if loras.iter().any(|l| &l.name == adapter) {
-            data.push(json!({"id": alias, "object": "model", "created": 0, "owned_by": who.tenant, "root": adapter, "parent": base}));
+    for (alias, adapter) in &caller.tenant.models {
+        if loras.get(adapter).is_some_and(|l| caller.may_use(l)) {
+            data.push(json!({"id": alias, "object": "model", "created": 0, "owned_by": caller.name, "root": adapter, "parent": base}));
         }
     }
     Ok(Json(json!({"object": "list", "data": data})))

@@ -25,6 +25,9 @@ struct LoadBody {
     sha256: Option<String>,
     #[serde(default)]
     hot_swap: bool,
+    /// Let every configured tenant use the adapter (only its owner or an admin may set it).
+    #[serde(default)]
+    shared: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,7 +53,13 @@ pub(super) async fn load(
         }
         (a, b) => a.or(b),
     };
-    let request = LoadRequest { name: body.lora_name, uri: body.source.uri, sha256, hot_swap: body.hot_swap };
+    let request = LoadRequest {
+        name: body.lora_name,
+        uri: body.source.uri,
+        sha256,
+        hot_swap: body.hot_swap,
+        shared: body.shared,
+    };
     let outcome = admin::load(&gw, &who, request).await?;
     let name = &outcome.lora.name;
     let message = if outcome.already_loaded {
@@ -67,6 +76,8 @@ pub(super) async fn load(
         "already_loaded": outcome.already_loaded,
         "source": {"uri": outcome.lora.uri},
         "sha256": outcome.lora.sha256,
+        "owner": outcome.lora.owner,
+        "shared": outcome.lora.shared,
         "backends": outcome.backends,
     })))
 }

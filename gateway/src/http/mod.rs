@@ -1,12 +1,17 @@
-//! The gateway's HTTP server (axum): the OpenAI endpoints, the adapter API, health, readiness
-//! and metrics. Handlers are thin: they read the request, call [`crate::admin`] or
-//! [`crate::dispatch`], and shape the answer. Every error leaves as an OpenAI error body.
+//! The gateway's HTTP servers (axum): the public one with the OpenAI endpoints, the adapter and
+//! policy APIs, health and readiness; and the operators' one ([`metrics_router`]) with the
+//! Prometheus metrics, on a listener of its own that tenants are not given. Handlers are thin:
+//! they read the request, call [`crate::admin`] or [`crate::dispatch`], and shape the answer.
+//! Every error leaves as an OpenAI error body.
 
 mod inference;
 mod loras;
 mod policies;
+mod serve;
 #[cfg(test)]
 mod tests;
+
+pub use serve::{HYPER_MAX_HEAD_BYTES, MAX_HEADER_BYTES, serve};
 
 use crate::Gateway;
 use crate::auth::Principal;
@@ -42,7 +47,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The whole HTTP application.
+/// The public HTTP application (what tenants reach).
 pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(inference::chat))
@@ -52,19 +57,64 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/loras/{*name}", delete(loras::unload))
         .route("/v1/policies", get(policies::list).post(policies::upload))
         .route("/v1/policies/rollback", post(policies::rollback))
+        .route("/v1/policies/{id}", delete(policies::delete))
         .route("/v1/policies/{id}/activate", post(policies::activate))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::not_found("no such endpoint", None).with_code("unknown_url") })
-        .method_not_allowed_fallback(|| async {
-            ApiError {
-                status: 405,
-                ..ApiError::invalid("this method is not allowed on this endpoint", None).with_code("method_not_allowed")
-            }
-        })
+        .fallback(unknown_url)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(check_headers))
         .layer(middleware::from_fn(request_id))
         .with_state(gw)
+}
+
+/// The operators' HTTP application: `/metrics` (the Prometheus text exposition, whose labels
+/// name every tenant and adapter), `/healthz` and `/readyz`. Serve it on a listener tenants
+/// cannot reach.
+pub fn metrics_router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .fallback(unknown_url)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(gw)
+}
+
+async fn unknown_url() -> ApiError {
+    ApiError::not_found("no such endpoint", None).with_code("unknown_url")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: 405,
+        ..ApiError::invalid("this method is not allowed on this endpoint", None).with_code("method_not_allowed")
+    }
+}
+
+/// Refuses a request whose head is larger than [`MAX_HEADER_BYTES`] (431) or that carries more
+/// than one `Authorization` header (400: which one speaks for the caller would be a guess), with
+/// an OpenAI error body like every other refusal.
+async fn check_headers(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let bytes: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len()).sum();
+    if bytes > MAX_HEADER_BYTES {
+        return ApiError {
+            status: 431,
+            ..ApiError::invalid(
+                format!("the request headers take {bytes} bytes; the limit is {MAX_HEADER_BYTES}"),
+                None,
+            )
+            .with_code("headers_too_large")
+        }
+        .into_response();
+    }
+    if headers.get_all(header::AUTHORIZATION).iter().nth(1).is_some() {
+        return ApiError::invalid("the request has more than one Authorization header; send exactly one", None)
+            .with_code("duplicate_authorization")
+            .into_response();
+    }
+    next.run(request).await
 }
 
 fn fresh_id() -> String {

@@ -1,14 +1,17 @@
 //! The policy deploy API (scope `policy:deploy`): `POST /v1/policies?name=N` uploads a
 //! component (the body), `GET /v1/policies` lists versions and activations,
-//! `POST /v1/policies/{id}/activate {"tenant"?, "config"?}` activates a version, and
-//! `POST /v1/policies/rollback {"tenant"?}` goes back one activation. A tenant manages its own
-//! policy; an `admin` tenant manages any tenant's and the default (`"tenant"` omitted).
+//! `POST /v1/policies/{id}/activate {"tenant"?, "config"?}` activates a version,
+//! `POST /v1/policies/rollback {"tenant"?}` goes back one activation, and
+//! `DELETE /v1/policies/{id}` deletes a version no activation names. A tenant manages its own
+//! policy and the versions it uploaded; an `admin` tenant manages any tenant's and the default
+//! (`"tenant"` omitted). Who may do what is decided by [`crate::authz`].
 
 use super::{principal, read_body, read_body_up_to};
 use crate::Gateway;
 use crate::auth::{Principal, Scope};
+use crate::authz::Caller;
 use crate::openai::ApiError;
-use crate::policy::deploy::{DEFAULT_SCOPE, DeployError, PolicyStore};
+use crate::policy::deploy::{DeployError, PolicyStore};
 use crate::policy::wasm::LoadError;
 use axum::Json;
 use axum::body::Body;
@@ -27,6 +30,8 @@ impl From<DeployError> for ApiError {
             DeployError::Load(_) => ApiError::unprocessable(message, "invalid_policy"),
             DeployError::DryRun(_) => ApiError::unprocessable(message, "policy_dry_run_failed"),
             DeployError::UnknownVersion(_) => ApiError::not_found(message, None).with_code("policy_not_found"),
+            DeployError::Quota(_) => ApiError::forbidden(message, "policy_quota_exceeded"),
+            DeployError::InUse { .. } => ApiError::conflict(message, "policy_in_use"),
             DeployError::NothingToRollBack(_) => ApiError::conflict(message, "nothing_to_roll_back"),
             DeployError::Invalid(_) => ApiError::invalid(message, None),
             DeployError::Io(_) | DeployError::Corrupt { .. } => ApiError::server(500, message, "state_write_failed"),
@@ -40,26 +45,15 @@ fn store(gw: &Gateway) -> Result<&Arc<PolicyStore>, ApiError> {
     })
 }
 
-fn is_admin(gw: &Gateway, who: &Principal) -> bool {
-    gw.tenants.get(&who.tenant).is_some_and(|t| t.admin)
+/// The same answer for a version that does not exist and one the caller may not touch.
+fn no_version(id: &str) -> ApiError {
+    DeployError::UnknownVersion(id.to_string()).into()
 }
 
-/// The activation scope a caller names: its own tenant by default; another tenant or the
-/// default only for admins.
-fn scope(gw: &Gateway, who: &Principal, tenant: Option<String>) -> Result<String, ApiError> {
-    let admin = is_admin(gw, who);
-    let scope = match tenant {
-        Some(t) => t,
-        None if admin => DEFAULT_SCOPE.to_string(),
-        None => who.tenant.clone(),
-    };
-    if scope != who.tenant && !admin {
-        return Err(ApiError::forbidden(
-            format!("tenant {:?} may only manage its own policy", who.tenant),
-            "policy_not_allowed",
-        ));
-    }
-    Ok(scope)
+/// The caller, with `policy:deploy`, whose tenant is configured.
+fn deployer<'a>(gw: &'a Gateway, who: &Principal) -> Result<Caller<'a>, ApiError> {
+    who.require(Scope::PolicyDeploy)?;
+    Ok(gw.caller(who)?)
 }
 
 /// Runs blocking store work (compiling, dry runs, file writes) off the async threads.
@@ -84,12 +78,14 @@ pub(super) async fn upload(
     body: Body,
 ) -> Result<Response, ApiError> {
     let who = principal(&gw, &headers)?;
-    who.require(Scope::PolicyDeploy)?;
+    let caller = deployer(&gw, &who)?;
     let store = store(&gw)?.clone();
     let Query(query) = query.map_err(|e| ApiError::invalid(format!("invalid query: {e}"), None))?;
     let name = query.name.ok_or_else(|| ApiError::invalid("`name` (a query parameter) is required", Some("name")))?;
+    // A tenant at its version limit is refused before its upload is read.
+    store.check_quota(caller.name, 0)?;
     let bytes = read_body_up_to(store.runtime().limits().max_component_bytes, &headers, body).await?;
-    let tenant = who.tenant.clone();
+    let tenant = caller.name.to_string();
     let version = blocking(move || store.upload(&name, &bytes, &tenant)).await?;
     tracing::info!(policy = %version.name, id = %version.id, tenant = %who.tenant, "policy uploaded");
     Ok((StatusCode::CREATED, Json(json!({"status": "success", "policy": version}))).into_response())
@@ -97,13 +93,13 @@ pub(super) async fn upload(
 
 pub(super) async fn list(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     let who = principal(&gw, &headers)?;
-    who.require(Scope::PolicyDeploy)?;
+    let caller = deployer(&gw, &who)?;
     let (mut versions, mut active) = store(&gw)?.list();
-    if !is_admin(&gw, &who) {
+    if !caller.is_admin() {
         // A tenant sees its own activations and the versions it uploaded or runs.
-        active.retain(|scope, _| *scope == who.tenant);
+        active.retain(|scope, _| scope == caller.name);
         let runs: std::collections::BTreeSet<&str> = active.values().flatten().map(|a| a.id.as_str()).collect();
-        versions.retain(|v| v.uploaded_by == who.tenant || runs.contains(v.id.as_str()));
+        versions.retain(|v| caller.may_see_version(&v.uploaded_by, runs.contains(v.id.as_str())));
     }
     Ok(Json(json!({"status": "success", "policies": versions, "active": active})))
 }
@@ -115,7 +111,7 @@ async fn deploy_call<T: serde::de::DeserializeOwned + Default>(
     body: Body,
 ) -> Result<(Principal, Arc<PolicyStore>, T), ApiError> {
     let who = principal(gw, headers)?;
-    who.require(Scope::PolicyDeploy)?;
+    deployer(gw, &who)?;
     let store = store(gw)?.clone();
     let bytes = read_body(gw, headers, body).await?;
     let body = if bytes.is_empty() {
@@ -142,7 +138,13 @@ pub(super) async fn activate(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let (who, store, body) = deploy_call::<ActivateBody>(&gw, &headers, body).await?;
-    let scope = scope(&gw, &who, body.tenant)?;
+    let caller = gw.caller(&who)?;
+    let scope = caller.policy_scope(body.tenant.as_deref(), &gw.tenants)?;
+    let version = store.version(&id).ok_or_else(|| no_version(&id))?;
+    let by_admin = gw.tenants.get(&version.uploaded_by).is_some_and(|t| t.admin);
+    if !caller.may_activate_version(&version.uploaded_by, by_admin, store.in_history(&scope, &id)) {
+        return Err(no_version(&id));
+    }
     let config = body.config.unwrap_or_else(|| json!({}));
     let target = scope.clone();
     let activation = blocking(move || store.activate(&target, &id, config)).await?;
@@ -163,9 +165,27 @@ pub(super) async fn rollback(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let (who, store, body) = deploy_call::<RollbackBody>(&gw, &headers, body).await?;
-    let scope = scope(&gw, &who, body.tenant)?;
+    let scope = gw.caller(&who)?.policy_scope(body.tenant.as_deref(), &gw.tenants)?;
     let target = scope.clone();
     let activation = blocking(move || store.rollback(&target)).await?;
     tracing::info!(id = %activation.id, scope = %scope, tenant = %who.tenant, "policy rolled back");
     Ok(Json(json!({"status": "success", "tenant": scope, "active": activation})))
+}
+
+/// `DELETE /v1/policies/{id}`: its uploader (or an admin) deletes a version no activation names.
+pub(super) async fn delete(
+    State(gw): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let who = principal(&gw, &headers)?;
+    let caller = deployer(&gw, &who)?;
+    let store = store(&gw)?.clone();
+    let version = store.version(&id).ok_or_else(|| no_version(&id))?;
+    if !caller.may_delete_version(&version.uploaded_by) {
+        return Err(no_version(&id));
+    }
+    let deleted = blocking(move || store.delete(&id)).await?;
+    tracing::info!(id = %deleted.id, policy = %deleted.name, tenant = %caller.name, "policy version deleted");
+    Ok(Json(json!({"status": "success", "deleted": deleted})))
 }

@@ -159,12 +159,15 @@ async fn harness_in(dir: tempfile::TempDir, policies: bool) -> Harness {
         r#"
         [tenants.acme]
         adapters = ["acme/*"]
+        manage = ["acme/*"]
         load_prefixes = ["s3://acme/"]
         [tenants.beta]
         adapters = ["beta/*"]
+        manage = ["beta/*"]
         load_prefixes = ["s3://beta/"]
         [tenants.ops]
         adapters = ["*"]
+        load_prefixes = ["s3://ops/"]
         admin = true
         "#,
     )
@@ -184,7 +187,7 @@ async fn harness_in(dir: tempfile::TempDir, policies: bool) -> Harness {
             PolicyRuntime::new(WasmLimits { deadline: std::time::Duration::from_millis(50), ..Default::default() })
                 .unwrap(),
         );
-        Arc::new(PolicyStore::open(&dir.path().join("state/policies"), runtime).unwrap())
+        Arc::new(PolicyStore::open(&dir.path().join("state/policies"), runtime, Default::default()).unwrap())
     });
     let engine: Arc<dyn crate::policy::PolicyEngine> = match &store {
         Some(store) => Arc::new(WasmPolicies::new(store.clone(), fallback)),
@@ -224,7 +227,12 @@ async fn call(
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
-    let resp = crate::http::router(h.gw.clone()).oneshot(req.body(body).unwrap()).await.unwrap();
+    send(crate::http::router(h.gw.clone()), req.body(body).unwrap()).await
+}
+
+/// Sends `req` to `app`; the status, the body (JSON, else text) and the headers.
+async fn send(app: axum::Router, req: Request<Body>) -> (StatusCode, Value, axum::http::HeaderMap) {
+    let resp = app.oneshot(req).await.unwrap();
     let (parts, body) = resp.into_parts();
     let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
     let value =
@@ -392,15 +400,15 @@ async fn the_adapter_api_checks_scopes_prefixes_and_names_and_keeps_no_half_stat
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["loras"], json!({"acme/a": crate::loras::lora_id("acme/a")}));
     assert_eq!(v["count"], 1);
-    // beta sees none of acme's adapters, and cannot unload them.
+    // beta sees none of acme's adapters, and cannot unload them: to beta they do not exist.
     let (_, v) = json_call(&h, "GET", "/v1/loras", Some(&token("beta", "lora:read", 600)), Value::Null).await;
     assert_eq!(v["count"], 0);
     let beta = token("beta", "lora:unload", 600);
     assert_error(
         json_call(&h, "DELETE", "/v1/loras/acme/a", Some(&beta), Value::Null).await,
-        403,
-        "permission_error",
-        None,
+        404,
+        "not_found_error",
+        Some("lora_not_found"),
     );
     assert_error(
         json_call(&h, "DELETE", "/v1/loras/acme/a", Some(&reader), Value::Null).await,
@@ -432,8 +440,117 @@ async fn an_unreachable_backend_gives_503_with_retry_after_and_loads_are_refused
     assert!(h.gw.loras.list().is_empty(), "a load no backend took is not recorded");
     let (s, _, _) = call(&h, "GET", "/readyz", None, Body::empty()).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-    let (_, metrics, _) = call(&h, "GET", "/metrics", None, Body::empty()).await;
+    let (_, metrics, _) = metrics(&h).await;
     assert!(metrics.as_str().unwrap().contains("switchyard_gateway_backend_healthy{backend=\"http://fake:1\"} 0"));
+}
+
+/// `GET /metrics` on the operators' router.
+async fn metrics(h: &Harness) -> (StatusCode, Value, axum::http::HeaderMap) {
+    let req = Request::builder().uri("/metrics").body(Body::empty()).unwrap();
+    send(crate::http::metrics_router(h.gw.clone()), req).await
+}
+
+#[tokio::test]
+async fn metrics_are_served_to_operators_and_never_on_the_public_port() {
+    let h = harness().await;
+    let t = token("acme", "", 600);
+    json_call(&h, "POST", "/v1/chat/completions", Some(&t), chat("tiny")).await;
+    let (s, v, _) = metrics(&h).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(v.as_str().unwrap().contains("tenant=\"acme\""), "{v}");
+    // The public port has no /metrics, with or without a token.
+    for token in [None, Some(t.as_str()), Some(&*token("ops", "lora:read policy:deploy", 600))] {
+        let (s, v, _) = call(&h, "GET", "/metrics", token, Body::empty()).await;
+        assert_error((s, v), 404, "not_found_error", Some("unknown_url"));
+    }
+}
+
+#[tokio::test]
+async fn duplicate_authorization_and_oversized_headers_get_openai_errors() {
+    let h = harness().await;
+    let (a, b) = (token("acme", "", 600), token("beta", "", 600));
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("authorization", format!("Bearer {a}"))
+        .header("authorization", format!("Bearer {b}"))
+        .body(Body::from(chat("tiny").to_string()))
+        .unwrap();
+    let (s, v, _) = send(crate::http::router(h.gw.clone()), req).await;
+    assert_error((s, v), 400, "invalid_request_error", Some("duplicate_authorization"));
+    let big = format!("Bearer {}", "x".repeat(crate::http::MAX_HEADER_BYTES));
+    let req = Request::builder().uri("/v1/models").header("authorization", big).body(Body::empty()).unwrap();
+    let (s, v, _) = send(crate::http::router(h.gw.clone()), req).await;
+    assert_error((s, v), 431, "invalid_request_error", Some("headers_too_large"));
+    assert!(h.backend.generations.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn owners_manage_their_adapters_and_others_use_them_only_when_granted() {
+    let h = harness().await;
+    let ops = token("ops", "lora:load lora:unload lora:read", 600);
+    let load_as = |who: &str, name: &str, uri: &str, extra: Value| {
+        let mut body = json!({"lora_name": name, "source": {"uri": uri}});
+        body.as_object_mut().unwrap().extend(extra.as_object().cloned().unwrap_or_default());
+        (token(who, "lora:load lora:unload lora:read", 600), body)
+    };
+    // ops publishes one adapter to everyone and keeps one to itself.
+    let (t, body) = load_as("ops", "published", "s3://ops/published", json!({"shared": true}));
+    let (s, v) = json_call(&h, "POST", "/v1/loras", Some(&t), body).await;
+    assert_eq!((s, &v["owner"], &v["shared"]), (StatusCode::OK, &json!("ops"), &json!(true)), "{v}");
+    let (t, body) = load_as("ops", "private", "s3://ops/private", json!({}));
+    assert_eq!(json_call(&h, "POST", "/v1/loras", Some(&t), body).await.0, StatusCode::OK);
+
+    // acme uses the shared one, not the private one, and sees only the shared one.
+    let acme = token("acme", "lora:read lora:unload lora:load", 600);
+    let (s, _) = json_call(&h, "POST", "/v1/chat/completions", Some(&acme), chat("published")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_error(
+        json_call(&h, "POST", "/v1/chat/completions", Some(&acme), chat("private")).await,
+        404,
+        "not_found_error",
+        Some("model_not_found"),
+    );
+    let (_, v) = json_call(&h, "GET", "/v1/loras", Some(&acme), Value::Null).await;
+    assert_eq!(v["loras"].as_object().unwrap().keys().collect::<Vec<_>>(), vec!["published"], "{v}");
+    assert_eq!((&v["adapters"][0]["owner"], &v["adapters"][0]["shared"]), (&json!("ops"), &json!(true)));
+
+    // Using is not managing: acme can neither unload it nor swap its weights.
+    assert_error(
+        json_call(&h, "DELETE", "/v1/loras/published", Some(&acme), Value::Null).await,
+        403,
+        "permission_error",
+        Some("adapter_not_owned"),
+    );
+    let (_, body) = load_as("acme", "published", "s3://acme/evil", json!({"hot_swap": true}));
+    assert_error(
+        json_call(&h, "POST", "/v1/loras", Some(&acme), body).await,
+        403,
+        "permission_error",
+        Some("adapter_not_owned"),
+    );
+    assert_eq!(h.backend.adapters.lock().unwrap().get("published").map(String::as_str), Some("s3://ops/published"));
+    // A name outside its manage patterns is not acme's to create either.
+    let (_, body) = load_as("acme", "json", "s3://acme/json", json!({}));
+    assert_error(
+        json_call(&h, "POST", "/v1/loras", Some(&acme), body).await,
+        403,
+        "permission_error",
+        Some("adapter_not_allowed"),
+    );
+
+    // An admin's hot swap keeps the owner; the owner's load grant no longer bounds the source.
+    let (_, body) = load_as("ops", "acme/x", "s3://acme/x", json!({}));
+    let (s, _) = json_call(&h, "POST", "/v1/loras", Some(&acme), body).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, body) = load_as("ops", "acme/x", "s3://ops/x2", json!({"hot_swap": true}));
+    let (s, v) = json_call(&h, "POST", "/v1/loras", Some(&ops), body).await;
+    assert_eq!((s, &v["owner"]), (StatusCode::OK, &json!("acme")), "{v}");
+    let lora = h.gw.loras.get("acme/x").unwrap();
+    assert_eq!((lora.owner.as_str(), lora.loader()), ("acme", "ops"));
+    // The owner unloads its own adapter; the admin unloads anyone's.
+    assert_eq!(json_call(&h, "DELETE", "/v1/loras/acme/x", Some(&acme), Value::Null).await.0, StatusCode::OK);
+    assert_eq!(json_call(&h, "DELETE", "/v1/loras/published", Some(&ops), Value::Null).await.0, StatusCode::OK);
 }
 
 fn sse_data(text: &str) -> Vec<(Option<String>, String)> {
@@ -679,12 +796,12 @@ async fn a_hostile_policy_fails_its_tenants_requests_and_no_one_elses() {
     let started = std::time::Instant::now();
     let (s, v) = json_call(&h, "POST", "/v1/chat/completions", Some(&beta), chat("x")).await;
     assert_error((s, v.clone()), 500, "server_error", Some("policy_failed"));
-    assert!(v["error"]["message"].as_str().unwrap().contains("deadline"), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("fuel"), "{v}");
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
     let acme = token("acme", "", 600);
     let (s, _) = json_call(&h, "POST", "/v1/chat/completions", Some(&acme), chat("x")).await;
     assert_eq!(s, StatusCode::OK, "acme is unaffected");
-    // Faults that keep costing a deadline suspend the policy: beta is refused at once.
+    // Faults that keep costing their fuel suspend the policy: beta is refused at once.
     for _ in 1..crate::policy::breaker::FAULTS_TO_OPEN {
         json_call(&h, "POST", "/v1/chat/completions", Some(&beta), chat("x")).await;
     }
@@ -695,4 +812,79 @@ async fn a_hostile_policy_fails_its_tenants_requests_and_no_one_elses() {
     assert!(started.elapsed() < std::time::Duration::from_millis(25), "a suspended policy is not run");
     let (s, _) = json_call(&h, "POST", "/v1/chat/completions", Some(&acme), chat("x")).await;
     assert_eq!(s, StatusCode::OK);
+}
+
+/// A valid component with different bytes: the same policy with a custom section appended.
+fn variant(bytes: &[u8], n: u32) -> Vec<u8> {
+    let name = b"variant";
+    let payload = n.to_le_bytes();
+    let mut out = bytes.to_vec();
+    // Custom section: id 0, size, name (length-prefixed), payload; sizes < 128 fit one LEB byte.
+    out.extend([0u8, (1 + name.len() + payload.len()) as u8, name.len() as u8]);
+    out.extend(name);
+    out.extend(payload);
+    out
+}
+
+#[tokio::test]
+async fn the_policy_store_is_bounded_per_tenant_and_unused_versions_can_be_deleted() {
+    let h = harness_with(true).await;
+    let acme = token("acme", "policy:deploy", 600);
+    let put = |n: u32| {
+        let body = variant(&crate::policy::built::component("tenant-map"), n);
+        let acme = acme.clone();
+        let h = &h;
+        async move {
+            let (s, v, _) = call(h, "POST", "/v1/policies?name=mine", Some(&acme), Body::from(body)).await;
+            (s, v)
+        }
+    };
+    let limit = crate::policy::deploy::DEFAULT_VERSIONS_PER_TENANT as u32;
+    let mut ids = Vec::new();
+    for n in 0..limit {
+        let (s, v) = put(n).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        ids.push(v["policy"]["id"].as_str().unwrap().to_string());
+    }
+    assert_error(put(limit).await, 403, "permission_error", Some("policy_quota_exceeded"));
+    // Other tenants are not held to acme's count.
+    let (s, v) = upload(&h, "tenant-map", crate::policy::built::component("tenant-map")).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert!(!ids.contains(&v["policy"]["id"].as_str().unwrap().to_string()), "ids are per uploader");
+
+    // A version an activation names cannot be deleted; an unused one can, and frees room.
+    let (s, v) = activate(&h, "acme", &ids[0], json!({"config": {"tenants": {}}})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let delete = |id: String, who: &str| {
+        let t = token(who, "policy:deploy", 600);
+        let h = &h;
+        async move { json_call(h, "DELETE", &format!("/v1/policies/{id}"), Some(&t), Value::Null).await }
+    };
+    assert_error(delete(ids[0].clone(), "acme").await, 409, "conflict_error", Some("policy_in_use"));
+    assert_error(delete(ids[1].clone(), "beta").await, 404, "not_found_error", Some("policy_not_found"));
+    let (s, v) = delete(ids[1].clone(), "acme").await;
+    assert_eq!((s, &v["deleted"]["id"]), (StatusCode::OK, &json!(ids[1])), "{v}");
+    assert_error(delete(ids[1].clone(), "acme").await, 404, "not_found_error", Some("policy_not_found"));
+    assert!(!h.gw.policies.as_ref().unwrap().list().0.iter().any(|v| v.id == ids[1]));
+    assert_eq!(put(limit).await.0, StatusCode::CREATED, "deleting made room");
+
+    // A token whose tenant is "*" (the default policy's key) is no tenant at all.
+    let star = token("*", "policy:deploy", 600);
+    for (method, path) in [("GET", "/v1/policies"), ("POST", "/v1/policies/rollback")] {
+        assert_error(
+            json_call(&h, method, path, Some(&star), json!({})).await,
+            403,
+            "permission_error",
+            Some("unknown_tenant"),
+        );
+    }
+    // Nor may an admin name it (or a tenant that does not exist) instead of omitting the tenant.
+    for tenant in ["*", "mallory"] {
+        assert_error(
+            activate(&h, "ops", &ids[0], json!({"tenant": tenant})).await,
+            400,
+            "invalid_request_error",
+            Some("unknown_tenant"),
+        );
+    }
 }

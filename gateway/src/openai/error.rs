@@ -141,6 +141,24 @@ impl From<crate::auth::AuthError> for ApiError {
     }
 }
 
+impl From<crate::authz::Denied> for ApiError {
+    fn from(e: crate::authz::Denied) -> ApiError {
+        use crate::authz::Denied;
+        let (message, code) = (e.to_string(), e.code());
+        match e {
+            Denied::ModelNotFound(_) => ApiError::not_found(message, Some("model")).with_code(code),
+            Denied::LoraNotFound { .. } => ApiError::not_found(message, None).with_code(code),
+            Denied::NoSuchPolicyScope(_) => ApiError::invalid(message, Some("tenant")).with_code(code),
+            Denied::UnknownTenant(_)
+            | Denied::BackendNotAllowed { .. }
+            | Denied::NameNotAllowed(_)
+            | Denied::NotOwner { .. }
+            | Denied::SourceNotAllowed(_)
+            | Denied::PolicyNotAllowed(_) => ApiError::forbidden(message, code),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

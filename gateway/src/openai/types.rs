@@ -9,6 +9,9 @@ use serde_json::{Map, Value};
 
 /// Most stop sequences a request may give (OpenAI's limit).
 pub const MAX_STOP: usize = 4;
+/// Longest stop sequence, in bytes (the backend's limit: while a stop sequence could still be
+/// completing, this much generated text less one byte is held back).
+pub const MAX_STOP_BYTES: usize = 1024;
 
 /// Fields of the chat API that exist in OpenAI's API but are not implemented here.
 const CHAT_UNSUPPORTED: &[&str] = &[
@@ -209,6 +212,9 @@ fn generation(c: RawCommon, max_tokens_field: &str) -> Result<Generation, ApiErr
     if stop.len() > MAX_STOP || stop.iter().any(String::is_empty) {
         return bad("stop", format!("`stop` takes up to {MAX_STOP} non-empty strings"));
     }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return bad("stop", format!("a `stop` sequence is {} bytes; the limit is {MAX_STOP_BYTES}", long.len()));
+    }
     if c.stream_options.is_some() && !c.stream {
         return bad("stream_options", "`stream_options` is only allowed with stream: true".into());
     }
@@ -336,6 +342,7 @@ mod tests {
             (r#","n":2"#, "n", "only n=1"),
             (r#","max_completion_tokens":0"#, "max_completion_tokens", "at least 1"),
             (r#","stop":["a","b","c","d","e"]"#, "stop", "up to 4"),
+            (&format!(r#","stop":["{}"]"#, "x".repeat(1025)), "stop", "the limit is 1024"),
             (r#","frequency_penalty":0.5"#, "frequency_penalty", "not supported"),
             (r#","logprobs":true"#, "logprobs", "not supported"),
             (r#","stream_options":{"include_usage":true}"#, "stream_options", "only allowed with stream"),

@@ -1,7 +1,7 @@
 //! A circuit breaker per deployment: a policy whose calls keep ending in a costly fault (its
-//! deadline, its memory cap, a stack overflow, a trap) stops being run for a while, and its
+//! fuel, its deadline, its memory cap, a stack overflow, a trap) stops being run for a while, and its
 //! tenant's requests are refused at once. Without it, a tenant whose policy loops until its
-//! deadline on every request holds a CPU core for as long as it sends requests, and every
+//! fuel runs out on every request holds a CPU core for as long as it sends requests, and every
 //! other tenant's latency pays for it. Plain data; the engine keeps one per deployment.
 
 use std::time::{Duration, Instant};

@@ -3,6 +3,13 @@
 //! (`policies/<id>.wasm` and `policies/policies.json`, each replaced atomically) and compiled
 //! again at start-up, so a restarted gateway serves the same policies.
 //!
+//! The store is bounded: each tenant may keep at most [`StoreLimits::versions_per_tenant`]
+//! versions and [`StoreLimits::bytes_per_tenant`] bytes of components, each scope remembers its
+//! last [`StoreLimits::history_per_scope`] activations, and a version no activation (current or
+//! in a history) names can be deleted, its file and compiled code with it. Version ids are per
+//! uploader (a hash of the tenant and the bytes), so two tenants uploading the same component
+//! get two versions and learn nothing of each other.
+//!
 //! Activation is atomic: a request takes the active deployment (an `Arc`) once, at its start,
 //! and a new activation replaces it whole. A version is validated before anyone can activate
 //! it (it must compile, link against the world and run a dry decision without a fault), and an
@@ -18,6 +25,31 @@ use std::sync::{Arc, Mutex, RwLock};
 
 /// The activation key of the default policy (tenants without their own).
 pub const DEFAULT_SCOPE: &str = "*";
+/// Default limits of the store.
+pub const DEFAULT_VERSIONS_PER_TENANT: usize = 16;
+pub const DEFAULT_BYTES_PER_TENANT: u64 = 64 << 20;
+pub const DEFAULT_HISTORY_PER_SCOPE: usize = 16;
+
+/// How much each tenant may keep in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Versions one tenant may have uploaded and not deleted.
+    pub versions_per_tenant: usize,
+    /// Bytes of components one tenant may keep.
+    pub bytes_per_tenant: u64,
+    /// Activations each scope remembers for rollback (the current one included).
+    pub history_per_scope: usize,
+}
+
+impl Default for StoreLimits {
+    fn default() -> StoreLimits {
+        StoreLimits {
+            versions_per_tenant: DEFAULT_VERSIONS_PER_TENANT,
+            bytes_per_tenant: DEFAULT_BYTES_PER_TENANT,
+            history_per_scope: DEFAULT_HISTORY_PER_SCOPE,
+        }
+    }
+}
 const REGISTRY_FILE: &str = "policies.json";
 const FORMAT_VERSION: u32 = 1;
 
@@ -25,7 +57,7 @@ const FORMAT_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Version {
-    /// The first 16 hex digits of the component's SHA-256.
+    /// 16 hex digits: a SHA-256 of the uploading tenant and the component.
     pub id: String,
     pub name: String,
     pub sha256: String,
@@ -72,6 +104,12 @@ pub enum DeployError {
     Load(#[from] LoadError),
     #[error("the policy failed its dry run: {0}")]
     DryRun(PolicyFault),
+    #[error("{0}")]
+    Quota(String),
+    #[error(
+        "policy version {id} is still named by the activations of {scopes}; activate another version (or roll back) first"
+    )]
+    InUse { id: String, scopes: String },
     #[error("no policy version {0:?}")]
     UnknownVersion(String),
     #[error("{0} has no earlier activation to roll back to")]
@@ -88,6 +126,7 @@ pub enum DeployError {
 pub struct PolicyStore {
     dir: PathBuf,
     runtime: Arc<PolicyRuntime>,
+    limits: StoreLimits,
     /// Serialises changes (each writes the registry).
     changes: Mutex<()>,
     state: RwLock<State>,
@@ -147,7 +186,7 @@ fn check_scope(scope: &str) -> Result<(), DeployError> {
 
 impl PolicyStore {
     /// Opens the store in `dir`, compiling the versions its activations name.
-    pub fn open(dir: &Path, runtime: Arc<PolicyRuntime>) -> Result<PolicyStore, DeployError> {
+    pub fn open(dir: &Path, runtime: Arc<PolicyRuntime>, limits: StoreLimits) -> Result<PolicyStore, DeployError> {
         std::fs::create_dir_all(dir).map_err(failed("create", dir))?;
         let path = dir.join(REGISTRY_FILE);
         let registry = match std::fs::read(&path) {
@@ -175,6 +214,7 @@ impl PolicyStore {
         let store = PolicyStore {
             dir: dir.to_path_buf(),
             runtime,
+            limits,
             changes: Mutex::new(()),
             state: RwLock::new(State::default()),
         };
@@ -232,23 +272,92 @@ impl PolicyStore {
         (state.registry.versions.values().cloned().collect(), state.registry.active.clone())
     }
 
+    pub fn limits(&self) -> &StoreLimits {
+        &self.limits
+    }
+
+    /// Version `id`, if stored.
+    pub fn version(&self, id: &str) -> Option<Version> {
+        self.read().registry.versions.get(id).cloned()
+    }
+
+    /// Whether `scope`'s activation history names version `id`.
+    pub fn in_history(&self, scope: &str, id: &str) -> bool {
+        self.read().registry.active.get(scope).is_some_and(|h| h.iter().any(|a| a.id == id))
+    }
+
+    /// Refuses an upload of `size` more bytes by `tenant` past its limits (`size` 0: only
+    /// whether it may add a version at all).
+    pub fn check_quota(&self, tenant: &str, size: usize) -> Result<(), DeployError> {
+        let state = self.read();
+        let mine = state.registry.versions.values().filter(|v| v.uploaded_by == tenant);
+        let (count, bytes) = mine.fold((0usize, 0u64), |(n, b), v| (n + 1, b + v.size as u64));
+        let l = &self.limits;
+        if count >= l.versions_per_tenant {
+            return Err(DeployError::Quota(format!(
+                "tenant {tenant:?} keeps {count} policy versions, its limit; delete one it no longer needs (DELETE /v1/policies/{{id}})"
+            )));
+        }
+        if bytes + size as u64 > l.bytes_per_tenant {
+            return Err(DeployError::Quota(format!(
+                "tenant {tenant:?} keeps {bytes} bytes of policy components; {size} more would pass its limit of {}; delete versions it no longer needs (DELETE /v1/policies/{{id}})",
+                l.bytes_per_tenant
+            )));
+        }
+        Ok(())
+    }
+
+    /// Deletes version `id`: its registry entry, its file and its compiled code. Refused while
+    /// any scope's activations (current or in the history rollback walks) name it.
+    pub fn delete(&self, id: &str) -> Result<Version, DeployError> {
+        let _change = self.changes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut registry = self.read().registry.clone();
+        let scopes: Vec<&str> = registry
+            .active
+            .iter()
+            .filter(|(_, history)| history.iter().any(|a| a.id == id))
+            .map(|(scope, _)| if scope == DEFAULT_SCOPE { "the default policy" } else { scope.as_str() })
+            .collect();
+        if !scopes.is_empty() {
+            return Err(DeployError::InUse { id: id.to_string(), scopes: scopes.join(", ") });
+        }
+        let version = registry.versions.remove(id).ok_or_else(|| DeployError::UnknownVersion(id.to_string()))?;
+        self.persist(&registry)?;
+        {
+            let mut state = self.write();
+            state.registry = registry;
+            state.compiled.remove(id);
+        }
+        // The registry no longer names the file: a failure to remove it leaves only an orphan
+        // that the next upload of the same bytes overwrites.
+        let file = self.dir.join(format!("{id}.wasm"));
+        if let Err(e) = std::fs::remove_file(&file) {
+            tracing::warn!(file = %file.display(), error = %e, "cannot remove a deleted policy version's file");
+        }
+        Ok(version)
+    }
+
     /// Runs `policy` once on the sample request (blocking).
     fn dry_run(&self, policy: &CompiledPolicy, config: &str) -> Result<WitDecision, PolicyFault> {
         self.runtime.decide(policy, &sample_request(), Arc::from(config), Arc::from("dry-run"))
     }
 
-    /// Validates and stores a component (blocking: compiles it). Uploading the same bytes
-    /// again returns the existing version.
+    /// Validates and stores a component (blocking: compiles it). The same tenant uploading the
+    /// same bytes again gets the existing version; past the tenant's limits it is refused.
     pub fn upload(&self, name: &str, bytes: &[u8], tenant: &str) -> Result<Version, DeployError> {
         if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
             return Err(DeployError::Invalid(format!("policy name {name:?}: use 1-128 of A-Z a-z 0-9 - _ .")));
         }
-        let sha256: String = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
-        let id = sha256[..16].to_string();
+        let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let sha256 = hex(&Sha256::digest(bytes));
+        let id = hex(&Sha256::new().chain_update(tenant.as_bytes()).chain_update([0]).chain_update(bytes).finalize())
+            [..16]
+            .to_string();
         if let Some(v) = self.read().registry.versions.get(&id) {
             return Ok(v.clone());
         }
+        self.check_quota(tenant, bytes.len())?;
         let policy = self.runtime.compile(bytes)?;
         // A fault (trap, deadline, limit) fails the upload; an error value is the policy
         // complaining about the empty configuration, which activation checks again.
@@ -257,6 +366,8 @@ impl PolicyStore {
             Err(fault) => return Err(DeployError::DryRun(fault)),
         }
         let _change = self.changes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Again under the lock: another upload of this tenant's may have finished meanwhile.
+        self.check_quota(tenant, bytes.len())?;
         let file = self.dir.join(format!("{id}.wasm"));
         files::replace(&file, bytes)?;
         let version = Version {
@@ -295,7 +406,12 @@ impl PolicyStore {
         let _change = self.changes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let activation = Activation { id: id.to_string(), config, activated_at: now() };
         let mut registry = self.read().registry.clone();
-        registry.active.entry(scope.to_string()).or_default().push(activation.clone());
+        let history = registry.active.entry(scope.to_string()).or_default();
+        history.push(activation.clone());
+        let keep = self.limits.history_per_scope.max(1);
+        if history.len() > keep {
+            history.drain(..history.len() - keep);
+        }
         self.commit(registry)?;
         Ok(activation)
     }

@@ -83,8 +83,8 @@ pub trait PolicyEngine: Send + Sync + std::fmt::Debug {
 }
 
 /// The built-in policy: the model name is the base model, an alias from the tenant's
-/// `models` table, or an adapter name the tenant may use; the tenant's `backend` (if set)
-/// pins where its requests go.
+/// `models` table, or an adapter name. It only maps names: whether the tenant may use what it
+/// names, and where its requests may go, is decided after every policy by [`crate::authz`].
 #[derive(Debug, Clone)]
 pub struct StaticPolicy {
     tenants: Arc<BTreeMap<String, Tenant>>,
@@ -93,16 +93,6 @@ pub struct StaticPolicy {
 impl StaticPolicy {
     pub fn new(tenants: Arc<BTreeMap<String, Tenant>>) -> StaticPolicy {
         StaticPolicy { tenants }
-    }
-}
-
-/// OpenAI's answer for a model the caller does not have: the same whether it does not exist
-/// or belongs to someone else, so a tenant cannot probe for other tenants' adapter names.
-pub fn model_not_found(model: &str) -> Decision {
-    Decision::Reject {
-        status: 404,
-        code: "model_not_found".into(),
-        message: format!("The model `{model}` does not exist or you do not have access to it."),
     }
 }
 
@@ -157,7 +147,8 @@ impl PolicyEngine for WasmPolicies {
             call.await.map_err(|e| PolicyError { message: format!("policy task failed: {e}"), busy: false })?;
         let costly = matches!(
             outcome,
-            Err(wasm::PolicyFault::Deadline(_)
+            Err(wasm::PolicyFault::Fuel(_)
+                | wasm::PolicyFault::Deadline(_)
                 | wasm::PolicyFault::Memory(_)
                 | wasm::PolicyFault::StackOverflow
                 | wasm::PolicyFault::Trap(_))
@@ -179,25 +170,12 @@ impl PolicyEngine for WasmPolicies {
 #[async_trait]
 impl PolicyEngine for StaticPolicy {
     async fn decide(&self, input: &PolicyInput<'_>) -> Result<Decision, PolicyError> {
-        let Some(tenant) = self.tenants.get(input.tenant) else {
-            return Ok(Decision::Reject {
-                status: 403,
-                code: "unknown_tenant".into(),
-                message: format!("tenant {:?} is not configured on this gateway", input.tenant),
-            });
-        };
-        let backend = tenant.backend.clone();
         if input.model == input.base_model {
-            if !tenant.base_model {
-                return Ok(model_not_found(input.model));
-            }
-            return Ok(Decision::Route(Route { adapter: None, backend }));
+            return Ok(Decision::Route(Route { adapter: None, backend: None }));
         }
-        let adapter = tenant.models.get(input.model).map_or(input.model, String::as_str);
-        if !tenant.may_use(adapter) {
-            return Ok(model_not_found(input.model));
-        }
-        Ok(Decision::Route(Route { adapter: Some(adapter.to_string()), backend }))
+        let alias = self.tenants.get(input.tenant).and_then(|t| t.models.get(input.model));
+        let adapter = alias.map_or(input.model, String::as_str);
+        Ok(Decision::Route(Route { adapter: Some(adapter.to_string()), backend: None }))
     }
 }
 
@@ -226,27 +204,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tenants_reach_their_own_adapters_aliases_and_the_base_only() {
+    async fn the_static_policy_maps_the_base_model_aliases_and_adapter_names() {
         let file: crate::tenants::GatewayFile = toml::from_str(
-            "[tenants.a]\nadapters=[\"a/*\"]\nbackend=\"http://b1:1\"\n[tenants.a.models]\nsupport=\"a/support\"\n\
-             [tenants.b]\nadapters=[\"b/*\"]\nbase_model=false\n",
+            "[tenants.a]\nadapters=[\"a/*\"]\nbackend=\"http://b1:1\"\n[tenants.a.models]\nsupport=\"a/support\"\n",
         )
         .unwrap();
         let p = StaticPolicy::new(Arc::new(file.tenants));
         let s = BTreeSet::new();
-        let route = |adapter: Option<&str>, backend: Option<&str>| {
-            Decision::Route(Route { adapter: adapter.map(Into::into), backend: backend.map(Into::into) })
-        };
-        assert_eq!(p.decide(&input("a", "a/x", &s)).await.unwrap(), route(Some("a/x"), Some("http://b1:1")));
-        assert_eq!(p.decide(&input("a", "support", &s)).await.unwrap(), route(Some("a/support"), Some("http://b1:1")));
-        assert_eq!(p.decide(&input("a", "base", &s)).await.unwrap(), route(None, Some("http://b1:1")));
-        assert_eq!(p.decide(&input("a", "b/x", &s)).await.unwrap(), model_not_found("b/x"));
-        assert_eq!(p.decide(&input("b", "base", &s)).await.unwrap(), model_not_found("base"));
-        assert_eq!(p.decide(&input("b", "b/x", &s)).await.unwrap(), route(Some("b/x"), None));
-        let Decision::Reject { status, code, .. } = p.decide(&input("c", "base", &s)).await.unwrap() else {
-            panic!("an unknown tenant is rejected")
-        };
-        assert_eq!((status, code.as_str()), (403, "unknown_tenant"));
+        let route = |adapter: Option<&str>| Decision::Route(Route { adapter: adapter.map(Into::into), backend: None });
+        assert_eq!(p.decide(&input("a", "a/x", &s)).await.unwrap(), route(Some("a/x")));
+        assert_eq!(p.decide(&input("a", "support", &s)).await.unwrap(), route(Some("a/support")));
+        assert_eq!(p.decide(&input("a", "base", &s)).await.unwrap(), route(None));
+        // Access is not its business: the authorization point refuses what the tenant may not use.
+        assert_eq!(p.decide(&input("b", "b/x", &s)).await.unwrap(), route(Some("b/x")));
     }
 }
 

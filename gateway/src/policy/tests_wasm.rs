@@ -10,6 +10,10 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+fn wasm_fuel() -> u64 {
+    super::wasm::DEFAULT_FUEL
+}
+
 /// One runtime for these tests (compiled components belong to their engine).
 fn runtime() -> Arc<PolicyRuntime> {
     static RUNTIME: std::sync::LazyLock<Arc<PolicyRuntime>> = std::sync::LazyLock::new(|| {
@@ -132,11 +136,36 @@ fn hostile(rt: &PolicyRuntime, mode: &str) -> Result<WitDecision, PolicyFault> {
 }
 
 #[test]
+fn the_fuel_bounds_the_guests_own_work_and_the_wall_clock_is_a_guard() {
+    // Honest work within the fuel succeeds however slow the wall clock is: a machine so loaded
+    // that the call takes longer than a tight deadline would allow still gets its decision.
+    let rt = runtime();
+    let work = |iterations: u64| {
+        let cfg = format!(r#"{{"mode": "work", "iterations": {iterations}, "adapter": "acme/a"}}"#);
+        decide(&rt, "hostile", &cfg, &req("acme", "x"))
+    };
+    assert_eq!(routed(work(100_000)).as_deref(), Some("acme/a"));
+    // The same work past the fuel fails, and says so.
+    assert_eq!(work(100_000_000).map(|_| ()), Err(PolicyFault::Fuel(wasm_fuel())));
+    // With fuel to spare and a wall clock too short for it, the guard still stops the loop.
+    let tight =
+        PolicyRuntime::new(WasmLimits { fuel: u64::MAX, deadline: Duration::from_millis(20), ..Default::default() })
+            .unwrap();
+    let bytes = component("hostile");
+    let policy = tight.compile(&bytes).unwrap();
+    let loop_cfg: Arc<str> = Arc::from(r#"{"mode": "loop"}"#);
+    assert_eq!(
+        tight.decide(&policy, &request(&input(&req("evil", "x"))), loop_cfg, Arc::from("t")),
+        Err(PolicyFault::Deadline(20))
+    );
+}
+
+#[test]
 fn hostile_components_fail_their_own_call_and_nothing_else() {
     let rt = runtime();
     let started = Instant::now();
-    assert_eq!(hostile(&rt, "loop"), Err(PolicyFault::Deadline(50)));
-    assert!(started.elapsed() < Duration::from_secs(2), "the deadline did not stop the loop in time");
+    assert_eq!(hostile(&rt, "loop"), Err(PolicyFault::Fuel(wasm_fuel())));
+    assert!(started.elapsed() < Duration::from_secs(2), "the fuel did not stop the loop in time");
     assert_eq!(hostile(&rt, "memory"), Err(PolicyFault::Memory(32)));
     assert_eq!(hostile(&rt, "recurse"), Err(PolicyFault::StackOverflow));
     assert!(matches!(hostile(&rt, "trap"), Err(PolicyFault::Trap(_))), "{:?}", hostile(&rt, "trap"));
@@ -173,7 +202,7 @@ fn components_that_are_not_policies_are_refused_with_the_reason() {
 async fn deployments_activate_atomically_roll_back_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
-    let store = Arc::new(PolicyStore::open(dir.path(), rt.clone()).unwrap());
+    let store = Arc::new(PolicyStore::open(dir.path(), rt.clone(), Default::default()).unwrap());
     let map = store.upload("tenant-map", &component("tenant-map"), "ops").unwrap();
     let canary = store.upload("canary", &component("canary"), "ops").unwrap();
     assert_eq!(store.upload("tenant-map", &component("tenant-map"), "ops").unwrap(), map, "same bytes, same version");
@@ -202,7 +231,7 @@ async fn deployments_activate_atomically_roll_back_and_survive_a_restart() {
     // A new gateway process over the same state dir serves the same policies.
     drop(engine);
     drop(store);
-    let again = Arc::new(PolicyStore::open(dir.path(), rt).unwrap());
+    let again = Arc::new(PolicyStore::open(dir.path(), rt, Default::default()).unwrap());
     let engine = WasmPolicies::new(again, Arc::new(StaticPolicy::new(Arc::new(Default::default()))));
     assert_eq!(engine.decide(&input(&acme)).await.unwrap(), route("acme/v1"));
 }

@@ -3,10 +3,13 @@
 use super::{Probe, TokenStream, Upstream, UpstreamCode, UpstreamError};
 use async_trait::async_trait;
 use futures::StreamExt;
+use std::path::Path;
 use std::time::Duration;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::backend_client::BackendClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -32,33 +35,107 @@ impl Default for UpstreamTimeouts {
     }
 }
 
+/// How the gateway authenticates itself to backends and checks them: the CA that signed the
+/// backends' certificates and the gateway's own client certificate (mutual TLS) for `https://`
+/// addresses, and the backend credential sent on every call.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamSecurity {
+    tls: Option<ClientTlsConfig>,
+    credential: Option<MetadataValue<Ascii>>,
+}
+
+impl UpstreamSecurity {
+    /// Reads the files: `ca` (PEM) to trust backends' certificates, `client` (certificate and
+    /// key, PEM) to present, and `credential_file`, whose first line that is not blank or a
+    /// `#` comment is the credential.
+    pub fn from_files(
+        ca: Option<&Path>,
+        client: Option<(&Path, &Path)>,
+        credential_file: Option<&Path>,
+    ) -> Result<UpstreamSecurity, String> {
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        if client.is_some() && ca.is_none() {
+            return Err("a backend client certificate needs the backends' CA (--backend-ca-file) too".into());
+        }
+        let tls = match ca {
+            None => None,
+            Some(ca) => {
+                let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+                if let Some((cert, key)) = client {
+                    tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+                }
+                Some(tls)
+            }
+        };
+        let credential = match credential_file {
+            None => None,
+            Some(path) => {
+                let text =
+                    String::from_utf8(read(path)?).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+                let line = text
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty() && !l.starts_with('#'))
+                    .ok_or_else(|| format!("{} holds no credential", path.display()))?;
+                Some(
+                    format!("Bearer {line}")
+                        .parse()
+                        .map_err(|_| format!("{}: the credential is not printable ASCII", path.display()))?,
+                )
+            }
+        };
+        Ok(UpstreamSecurity { tls, credential })
+    }
+}
+
+/// Adds the backend credential to every call.
+#[derive(Debug, Clone)]
+pub struct AttachCredential(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for AttachCredential {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(c) = &self.0 {
+            request.metadata_mut().insert("authorization", c.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// A backend reached over gRPC. The channel connects lazily and reconnects by itself, so a
 /// backend that restarts on the same address is picked up again without a new client.
 #[derive(Debug, Clone)]
 pub struct GrpcUpstream {
     address: String,
-    backend: BackendClient<Channel>,
+    backend: BackendClient<InterceptedService<Channel, AttachCredential>>,
     health: HealthClient<Channel>,
     timeouts: UpstreamTimeouts,
 }
 
 impl GrpcUpstream {
-    /// A client for the backend at `address` (`http://host:port`). Fails only on an address
-    /// that is not a valid URI; nothing is connected yet.
-    pub fn new(address: &str, timeouts: UpstreamTimeouts) -> Result<GrpcUpstream, String> {
-        let endpoint = Endpoint::from_shared(address.to_string())
+    /// A client for the backend at `address` (`http://host:port`, or `https://host:port` with
+    /// TLS configured in `security`). Fails only on an address or TLS settings that cannot be
+    /// used; nothing is connected yet.
+    pub fn new(address: &str, timeouts: UpstreamTimeouts, security: &UpstreamSecurity) -> Result<GrpcUpstream, String> {
+        let mut endpoint = Endpoint::from_shared(address.to_string())
             .map_err(|e| format!("backend address {address:?} is not a URI: {e}"))?
             .connect_timeout(timeouts.connect)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
-        if !matches!(endpoint.uri().scheme_str(), Some("http" | "https")) || endpoint.uri().host().is_none() {
-            return Err(format!("backend address {address:?} must look like http://host:port"));
+        let scheme = endpoint.uri().scheme_str().unwrap_or_default().to_string();
+        if !matches!(scheme.as_str(), "http" | "https") || endpoint.uri().host().is_none() {
+            return Err(format!("backend address {address:?} must look like http://host:port or https://host:port"));
+        }
+        if scheme == "https" {
+            let tls = security.tls.clone().ok_or_else(|| {
+                format!("backend {address} is https:// but no CA is configured to check it (--backend-ca-file)")
+            })?;
+            endpoint = endpoint.tls_config(tls).map_err(|e| format!("backend {address}: TLS: {e}"))?;
         }
         let channel = endpoint.connect_lazy();
         Ok(GrpcUpstream {
             address: address.to_string(),
-            backend: BackendClient::new(channel.clone()),
+            backend: BackendClient::with_interceptor(channel.clone(), AttachCredential(security.credential.clone())),
             health: HealthClient::new(channel),
             timeouts,
         })

@@ -3,7 +3,7 @@
 
 mod grpc;
 
-pub use grpc::{GrpcUpstream, UpstreamTimeouts};
+pub use grpc::{GrpcUpstream, UpstreamSecurity, UpstreamTimeouts};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;

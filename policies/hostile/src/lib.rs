@@ -2,12 +2,17 @@
 //! show that each kind of misbehaviour is contained:
 //! `loop` (never returns), `memory` (grows memory until stopped), `recurse` (overflows the
 //! stack), `trap` (panics, which aborts: a trap), `huge` (returns a 4 MiB adapter name),
-//! `error` (returns an error value), `ghost` (routes to an adapter that does not exist).
+//! `error` (returns an error value), `ghost` (routes to an adapter that does not exist),
+//! `base` (routes to the base model, whatever the tenant may use), `elsewhere` (routes to the
+//! backend its configuration names), `echo` (refuses every request, its message listing every
+//! adapter name the policy was shown, so a test can see what a policy learns), and `work` (a
+//! benign policy that does `iterations` rounds of arithmetic, then routes to `adapter`: honest
+//! work that must not fail because of someone else's load).
 //! With `"only_live": true` it behaves during the gateway's dry run (tenant `dry-run`) and
 //! misbehaves only on real requests, as a sneaky policy would.
 
 use switchyard_policy::serde_json::Value;
-use switchyard_policy::{Decision, Policy, Request, config, route};
+use switchyard_policy::{Decision, Policy, Request, Route, config, reject, route};
 
 struct Hostile;
 
@@ -33,9 +38,11 @@ impl Policy for Hostile {
                 }
             }
             "memory" => {
+                // Reserved, not written: memory grows a MiB at a time for almost no fuel, so the
+                // memory cap is what stops it.
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
-                    hoard.push(std::hint::black_box(vec![1u8; 1 << 20]));
+                    hoard.push(std::hint::black_box(Vec::with_capacity(1 << 20)));
                 }
             }
             "recurse" => Err(format!("{}", recurse(0))),
@@ -43,6 +50,28 @@ impl Policy for Hostile {
             "huge" => Ok(route(Some(&"x".repeat(4 << 20)))),
             "error" => Err("the policy could not decide".into()),
             "ghost" => Ok(route(Some("nobody/ghost-adapter"))),
+            "base" => Ok(route(None)),
+            "elsewhere" => Ok(Decision::Route(Route {
+                adapter: cfg["adapter"].as_str().map(str::to_string),
+                backend: cfg["backend"].as_str().map(str::to_string),
+                priority: 0,
+            })),
+            "echo" => {
+                let mut seen: Vec<String> =
+                    req.adapters.iter().map(|a| format!("{} (owner {})", a.name, a.owner)).collect();
+                for b in &req.backends {
+                    seen.extend(b.adapters.iter().map(|a| format!("{} on {}", a.name, b.address)));
+                }
+                Ok(reject(403, "echo", format!("seen: [{}]", seen.join(", "))))
+            }
+            "work" => {
+                let mut x: u64 = 1;
+                for _ in 0..cfg["iterations"].as_u64().unwrap_or(0) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+                std::hint::black_box(x);
+                Ok(route(cfg["adapter"].as_str()))
+            }
             other => Err(format!("unknown mode {other:?}")),
         }
     }

@@ -1,12 +1,15 @@
 //! `file:///abs/dir`: adapters read in place, only from inside the configured roots.
 
 use super::{AdapterSource, AdapterUri, Fetched};
-use crate::adapters::{AdapterError, CONFIG_FILE, WEIGHTS_FILE};
+use crate::adapters::{AdapterError, AdapterFiles, CONFIG_FILE, WEIGHTS_FILE};
 use std::path::{Component, Path, PathBuf};
 
 /// Reads adapters from local directories under a set of allowed roots. Paths are resolved
 /// (symlinks included) before they are checked, so neither `..` nor a symlink — of the
-/// directory or of a file in it — reaches outside the roots.
+/// directory or of a file in it — reaches outside the roots. Each file is opened once and
+/// checked as opened (the opened file must be the one its resolved path names), and its bytes
+/// are what the fetch returns: nothing is opened again by name, so a path swapped after the
+/// check cannot change what is loaded.
 #[derive(Debug, Clone)]
 pub struct FileSource {
     /// Each root as configured and as resolved.
@@ -73,22 +76,45 @@ impl FileSource {
                 ),
             ));
         }
-        // The files themselves may be symlinks; they must resolve inside the roots too.
-        for file in [CONFIG_FILE, WEIGHTS_FILE] {
-            if let Ok(target) = std::fs::canonicalize(dir.join(file))
-                && !self.inside_roots(&target)
-            {
-                return Err(self.denied(
-                    uri,
-                    format!(
-                        "{file} resolves to {}, outside the allowed roots ({})",
-                        target.display(),
-                        self.roots_list()
-                    ),
-                ));
+        Ok(dir)
+    }
+
+    /// Opens `name` in the resolved directory `dir` and checks the file as opened: where its
+    /// path resolves now, that this is the file that was opened, and that it is inside the
+    /// roots. `None` when it does not exist.
+    fn open_checked(
+        &self,
+        uri: &AdapterUri,
+        dir: &Path,
+        name: &str,
+    ) -> Result<Option<(std::fs::File, PathBuf)>, AdapterError> {
+        let path = dir.join(name);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(AdapterError::Io { path, source }),
+        };
+        let io = |source| AdapterError::Io { path: path.clone(), source };
+        let opened = file.metadata().map_err(io)?;
+        if !opened.is_file() {
+            return Err(AdapterError::invalid(&path, "not a regular file"));
+        }
+        let resolved = std::fs::canonicalize(&path).map_err(io)?;
+        if !self.inside_roots(&resolved) {
+            return Err(self.denied(
+                uri,
+                format!("{name} resolves to {}, outside the allowed roots ({})", resolved.display(), self.roots_list()),
+            ));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let named = std::fs::metadata(&resolved).map_err(io)?;
+            if (named.dev(), named.ino()) != (opened.dev(), opened.ino()) {
+                return Err(self.denied(uri, format!("{name} changed while it was being opened")));
             }
         }
-        Ok(dir)
+        Ok(Some((file, resolved)))
     }
 }
 
@@ -114,15 +140,15 @@ impl AdapterSource for FileSource {
         let uri = uri.clone();
         tokio::task::spawn_blocking(move || {
             let dir = this.resolve(&uri)?;
-            let bytes: u64 = [CONFIG_FILE, WEIGHTS_FILE]
-                .iter()
-                .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
-                .map(|m| m.len())
-                .sum();
-            if bytes > max_bytes {
-                return Err(AdapterError::TooLarge { uri: uri.uri.clone(), bytes, max: max_bytes });
-            }
-            Ok(Fetched { dir, revision: None })
+            let config = this.open_checked(&uri, &dir, CONFIG_FILE)?;
+            let weights = this.open_checked(&uri, &dir, WEIGHTS_FILE)?;
+            let files = AdapterFiles::from_open(&dir, config, weights, max_bytes).map_err(|e| match e {
+                AdapterError::TooLarge { bytes, max, .. } => {
+                    AdapterError::TooLarge { uri: uri.uri.clone(), bytes, max }
+                }
+                other => other,
+            })?;
+            Ok(Fetched { dir, revision: None, files: Some(files) })
         })
         .await
         .map_err(|e| AdapterError::Unavailable {

@@ -226,7 +226,7 @@ impl AdapterSource for HfSource {
 
     async fn fetch(&self, uri: &AdapterUri, dest: &Path, max_bytes: u64) -> Result<Fetched, AdapterError> {
         let commit = within(uri, self.options.download_timeout, self.fetch_all(uri, dest, max_bytes)).await?;
-        Ok(Fetched { dir: dest.to_path_buf(), revision: Some(commit) })
+        Ok(Fetched { dir: dest.to_path_buf(), revision: Some(commit), files: None })
     }
 }
 

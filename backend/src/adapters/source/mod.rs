@@ -74,6 +74,10 @@ pub struct Fetched {
     /// What the location resolved to, when the source has versions (the commit of an `hf://`
     /// revision); cached with the files and reported in `ListAdapters`.
     pub revision: Option<String>,
+    /// An in-place source's files as it opened and checked them: validation reads these bytes,
+    /// never the files again by name. `None` from a remote source (its files are in the cache
+    /// directory `dest`, which the backend owns).
+    pub files: Option<super::AdapterFiles>,
 }
 
 /// Where adapters of one URI scheme come from.

@@ -269,7 +269,7 @@ impl AdapterSource for S3Source {
 
     async fn fetch(&self, uri: &AdapterUri, dest: &Path, max_bytes: u64) -> Result<Fetched, AdapterError> {
         within(uri, self.options.download_timeout, self.fetch_all(uri, dest, max_bytes)).await?;
-        Ok(Fetched { dir: dest.to_path_buf(), revision: None })
+        Ok(Fetched { dir: dest.to_path_buf(), revision: None, files: None })
     }
 }
 
