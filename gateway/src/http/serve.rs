@@ -10,7 +10,7 @@
 use axum::Router;
 use axum::body::Body;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -26,6 +26,9 @@ pub const MAX_HEADER_BYTES: usize = 64 << 10;
 pub const HYPER_MAX_HEAD_BYTES: usize = 2 << 20;
 /// Most header fields hyper parses in one HTTP/1.1 request (its default is 100).
 const HYPER_MAX_HEADERS: usize = 1024;
+/// How long a client may take to send a request head: a connection trickling its headers in
+/// (holding up to [`HYPER_MAX_HEAD_BYTES`] of buffer) is closed after this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the loop waits after an accept error that is not about one connection (for
 /// example, out of file descriptors) before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -37,7 +40,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(HYPER_MAX_HEAD_BYTES).max_headers(HYPER_MAX_HEADERS);
+    builder
+        .http1()
+        .max_buf_size(HYPER_MAX_HEAD_BYTES)
+        .max_headers(HYPER_MAX_HEADERS)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     builder.http2().max_header_list_size(HYPER_MAX_HEAD_BYTES as u32);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);

@@ -43,8 +43,8 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 pub const DEFAULT_MEMORY_BYTES: usize = 32 << 20;
 /// Fuel units (one per WebAssembly instruction, roughly) one decision may use. A Rust
 /// `tenant-map` decision, instantiation included, takes under 8 thousand; this allows ten
-/// thousand times that, and stops an endless loop after about 18 ms of one core (measured with
-/// the policy benchmark on a 2-core x86-64 machine).
+/// thousand times that, and stops an endless loop after 10 to 18 ms of one core (the policy
+/// benchmark on a 2-core x86-64 machine).
 pub const DEFAULT_FUEL: u64 = 100_000_000;
 /// The wall-clock guard: generous, since the fuel bounds the guest's own work and this only
 /// catches what fuel cannot (a host so overloaded that it cannot run the guest at all).
