@@ -5,11 +5,11 @@
 //! adapter set in its state dir and applying it to every backend, including ones that restart
 //! or appear later.
 //!
-//! Layout: [`auth`] (JWTs), [`authz`] (what a caller may do), [`openai`] (request bodies and error shapes), [`policy`] (the
-//! routing decision), [`cluster`] (the routing table), [`upstream`] (the seam to a backend and
-//! its gRPC implementation), [`loras`] (the desired set), [`admin`] (applying it),
-//! [`reconcile`] (health probes and re-applying), [`dispatch`] (sending a request to a
-//! backend), [`http`] (the axum server), [`metrics`].
+//! Layout: [`auth`] (JWTs), [`authz`] (what a caller may do), [`openai`] (request bodies and
+//! error shapes), [`policy`] (the routing decision), [`cluster`] (the routing table),
+//! [`upstream`] (the seam to a backend and its gRPC implementation), [`loras`] (the desired
+//! set), [`admin`] (applying it), [`reconcile`] (health probes and re-applying), [`dispatch`]
+//! (sending a request to a backend), [`http`] (the axum servers), [`metrics`].
 
 pub mod admin;
 pub mod auth;
