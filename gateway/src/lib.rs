@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod reconcile;
+pub mod store;
 pub mod tenants;
 pub mod upstream;
 

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod etcd;
+
 use serde::Deserialize;
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;

@@ -1,0 +1,234 @@
+//! The shared state a fleet of gateways runs on, against the real thing: the directory store
+//! and a three-member etcd cluster started by the test. Two handles on one store stand for two
+//! gateway processes.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::etcd::EtcdCluster;
+use switchyard_gateway::store::{self, Expect, Location, Replica, StateStore, StoreError, Write};
+
+/// Two handles on one store, and what keeps it alive.
+struct Shared {
+    name: &'static str,
+    a: Arc<dyn StateStore>,
+    b: Arc<dyn StateStore>,
+    _dir: Option<tempfile::TempDir>,
+    etcd: Option<EtcdCluster>,
+}
+
+async fn file_store() -> Shared {
+    let dir = tempfile::tempdir().expect("dir");
+    let loc = Location::Dir(dir.path().to_path_buf());
+    let a = store::open(&loc).await.expect("opens");
+    let b = store::open(&loc).await.expect("opens");
+    Shared { name: "dir", a, b, _dir: Some(dir), etcd: None }
+}
+
+async fn etcd_store(prefix: &str) -> Option<Shared> {
+    let cluster = EtcdCluster::start(3)?;
+    let loc: Location = cluster.url(prefix).parse().expect("parses");
+    let a = store::open(&loc).await.expect("connects");
+    let b = store::open(&loc).await.expect("connects");
+    Some(Shared { name: "etcd", a, b, _dir: None, etcd: Some(cluster) })
+}
+
+async fn every_store(prefix: &str) -> Vec<Shared> {
+    let mut all = vec![file_store().await];
+    all.extend(etcd_store(prefix).await);
+    all
+}
+
+/// Polls `check` until it holds or `within` passes.
+async fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what} did not happen within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn value(r: &Replica, key: &str) -> Option<String> {
+    r.current().entries.get(key).map(|e| e.value.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_writers_that_read_the_same_revision_exactly_one_wins() {
+    for s in every_store("cas").await {
+        let name = s.name;
+        let r1 = s.a.commit(vec![Write::put("loras/a", Expect::Absent, "1")]).await.expect("created");
+        let again = s.b.commit(vec![Write::put("loras/a", Expect::Absent, "2")]).await;
+        assert_eq!(again, Err(StoreError::Conflict { key: "loras/a".into() }), "{name}: a second create");
+
+        let seen = s.b.snapshot().await.expect("reads");
+        assert_eq!(seen.expect("loras/a"), Expect::At(r1), "{name}");
+        let (x, y) = tokio::join!(
+            s.a.commit(vec![Write::put("loras/a", Expect::At(r1), "from-a")]),
+            s.b.commit(vec![Write::put("loras/a", Expect::At(r1), "from-b")]),
+        );
+        let winner = match (&x, &y) {
+            (Ok(_), Err(StoreError::Conflict { key })) if key == "loras/a" => "from-a",
+            (Err(StoreError::Conflict { key }), Ok(_)) if key == "loras/a" => "from-b",
+            other => panic!("{name}: expected one winner and one conflict, got {other:?}"),
+        };
+        let after = s.a.snapshot().await.expect("reads");
+        assert_eq!(after.entries.get("loras/a").map(|e| e.value.as_str()), Some(winner), "{name}");
+
+        // A transaction is all or nothing: the stale write stops the fresh one with it.
+        let both =
+            s.b.commit(vec![Write::put("loras/b", Expect::Absent, "new"), Write::delete("loras/a", Expect::At(r1))]);
+        assert_eq!(both.await, Err(StoreError::Conflict { key: "loras/a".into() }), "{name}");
+        let after = s.b.snapshot().await.expect("reads");
+        assert!(!after.entries.contains_key("loras/b"), "{name}: half a transaction was applied");
+        assert!(after.entries.contains_key("loras/a"), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_follows_what_another_gateway_writes_and_reads_its_own_writes() {
+    for s in every_store("follow").await {
+        let name = s.name;
+        let replica = Replica::open(s.a.clone()).await.expect("first snapshot");
+        let follower = replica.follow();
+        s.b.commit(vec![Write::put("loras/x", Expect::Absent, "v1")]).await.expect("commits");
+        eventually(Duration::from_secs(5), "the put reaching the replica", || {
+            value(&replica, "loras/x").as_deref() == Some("v1")
+        })
+        .await;
+        s.b.commit(vec![Write::delete("loras/x", Expect::Any)]).await.expect("commits");
+        eventually(Duration::from_secs(5), "the delete reaching the replica", || value(&replica, "loras/x").is_none())
+            .await;
+        // Its own commit is in the copy when the commit returns.
+        let at = replica.commit(vec![Write::put("loras/y", Expect::Absent, "mine")]).await.expect("commits");
+        assert_eq!(value(&replica, "loras/y").as_deref(), Some("mine"), "{name}");
+        assert!(replica.revision() >= at, "{name}");
+        assert!(replica.trouble().is_none(), "{name}: {:?}", replica.trouble());
+        follower.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_larger_than_one_etcd_value_round_trip_and_are_checked() {
+    for s in every_store("blobs").await {
+        let name = s.name;
+        let bytes: Vec<u8> = (0..3_500_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let digest = s.a.put_blob(&bytes).await.expect("stores");
+        assert_eq!(digest, store::digest(&bytes));
+        assert_eq!(s.a.put_blob(&bytes).await.expect("idempotent"), digest);
+        assert!(s.b.get_blob(&digest).await.expect("reads") == bytes, "{name}: other bytes came back");
+        let unknown = store::digest(b"nothing");
+        assert_eq!(s.b.get_blob(&unknown).await, Err(StoreError::BlobMissing { digest: unknown.clone() }), "{name}");
+        assert!(matches!(s.b.get_blob("../../etc/passwd").await, Err(StoreError::Invalid(_))), "{name}");
+        s.b.delete_blob(&digest).await.expect("deletes");
+        assert_eq!(s.a.get_blob(&digest).await, Err(StoreError::BlobMissing { digest: digest.clone() }), "{name}");
+    }
+}
+
+/// The etcd store for direct access to the cluster (to compact it, to damage a blob).
+async fn raw_etcd(cluster: &EtcdCluster, prefix: &str) -> store::EtcdStore {
+    let endpoints: Vec<String> = cluster.endpoints().iter().map(|e| format!("http://{e}")).collect();
+    store::EtcdStore::connect(&endpoints, &format!("/{prefix}/")).await.expect("connects")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_blob_is_refused_and_a_compacted_history_is_read_again() {
+    let Some(s) = etcd_store("damage").await else { return };
+    let cluster = s.etcd.as_ref().expect("etcd");
+    let raw = raw_etcd(cluster, "damage").await;
+    let bytes = vec![7u8; 2 << 20];
+    let digest = s.a.put_blob(&bytes).await.expect("stores");
+    let mut client = raw.client();
+    client.put(format!("/damage/blobs/{digest}/00001"), vec![8u8; 1 << 20], None).await.expect("tampers");
+    assert!(matches!(s.b.get_blob(&digest).await, Err(StoreError::Corrupt(_))), "tampered bytes were accepted");
+
+    // A replica that fell behind past a compaction reads a snapshot and carries on.
+    let replica = Replica::open(s.a.clone()).await.expect("first snapshot");
+    let mut last = 0;
+    for i in 0..5 {
+        last = s.b.commit(vec![Write::put(format!("loras/{i}"), Expect::Any, "v")]).await.expect("commits");
+    }
+    client.compact(last, None).await.expect("compacts");
+    let follower = replica.follow();
+    eventually(Duration::from_secs(10), "the replica reading past the compaction", || {
+        (0..5).all(|i| value(&replica, &format!("loras/{i}")).is_some())
+    })
+    .await;
+    s.b.commit(vec![Write::put("loras/after", Expect::Absent, "v")]).await.expect("commits");
+    eventually(Duration::from_secs(5), "the watch resuming after the snapshot", || {
+        value(&replica, "loras/after").is_some()
+    })
+    .await;
+    follower.abort();
+}
+
+/// Commits until one succeeds or `within` passes (an election in progress fails requests).
+async fn commit_within(s: &dyn StateStore, within: Duration, write: Write) -> Result<i64, StoreError> {
+    let deadline = Instant::now() + within;
+    loop {
+        match s.commit(vec![write.clone()]).await {
+            Err(StoreError::Unavailable { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_writes_fail_promptly_reads_serve_and_everything_converges_after() {
+    let Some(mut s) = etcd_store("quorum").await else { return };
+    let replica = Replica::open(s.a.clone()).await.expect("first snapshot");
+    let follower = replica.follow();
+    replica.commit(vec![Write::put("loras/kept", Expect::Absent, "v")]).await.expect("commits");
+
+    // The leader dies: a new one is elected and writes carry on.
+    let cluster = s.etcd.as_mut().expect("etcd");
+    let leader = cluster.leader();
+    cluster.kill(leader);
+    commit_within(&*s.b, Duration::from_secs(15), Write::put("loras/after-leader", Expect::Absent, "v"))
+        .await
+        .expect("writes continue after the leader is killed");
+    eventually(Duration::from_secs(10), "the write reaching the replica", || {
+        value(&replica, "loras/after-leader").is_some()
+    })
+    .await;
+
+    // A second member dies: no quorum. Writes fail, promptly and by name; reads serve.
+    let second = (0..3).find(|&i| i != leader).expect("another member");
+    cluster.kill(second);
+    let started = Instant::now();
+    let refused = s.b.commit(vec![Write::put("loras/lost", Expect::Absent, "v")]).await;
+    assert!(matches!(refused, Err(StoreError::Unavailable { .. })), "{refused:?}");
+    assert!(started.elapsed() < Duration::from_secs(8), "the refusal took {:?}", started.elapsed());
+    assert!(value(&replica, "loras/kept").is_some() && value(&replica, "loras/after-leader").is_some());
+
+    // Quorum returns: writes work again and the replica converges without being restarted.
+    cluster.restart(leader);
+    cluster.restart(second);
+    commit_within(&*s.b, Duration::from_secs(30), Write::put("loras/back", Expect::Absent, "v"))
+        .await
+        .expect("writes work again once quorum is back");
+    eventually(Duration::from_secs(15), "the replica converging", || value(&replica, "loras/back").is_some()).await;
+    assert!(value(&replica, "loras/lost").is_none(), "a refused write must not appear");
+    follower.abort();
+}
+
+#[test]
+fn store_locations_are_parsed_and_bad_ones_named() {
+    assert_eq!(
+        "etcd://10.0.0.1:2379,10.0.0.2:2379/fleet-a".parse::<Location>(),
+        Ok(Location::Etcd {
+            endpoints: vec!["http://10.0.0.1:2379".into(), "http://10.0.0.2:2379".into()],
+            prefix: "/fleet-a/".into()
+        })
+    );
+    assert_eq!(
+        "etcd://etcd:2379".parse::<Location>(),
+        Ok(Location::Etcd { endpoints: vec!["http://etcd:2379".into()], prefix: store::DEFAULT_ETCD_PREFIX.into() })
+    );
+    assert_eq!("/var/lib/switchyard".parse::<Location>(), Ok(Location::Dir("/var/lib/switchyard".into())));
+    for bad in ["etcd://", "etcd://host", "etcd://user@host:1", "consul://x:1", ""] {
+        assert!(bad.parse::<Location>().is_err(), "{bad:?} was accepted");
+    }
+}

@@ -1,0 +1,268 @@
+//! The state store on an etcd cluster, for fleets of gateways.
+//!
+//! Keys: `<prefix>state/<key>` for the desired state (what snapshots and watches cover) and
+//! `<prefix>blobs/<sha256>` for blobs. A blob is written as chunks of [`BLOB_CHUNK`] bytes
+//! (`…/<sha256>/00000`, …), each its own request because etcd refuses requests past 1.5 MiB
+//! by default, and then its manifest (`…/<sha256>`), so a reader that finds the manifest finds
+//! every chunk; an interrupted write leaves chunks without a manifest, which the next write of
+//! the same bytes overwrites. Chunking in etcd rather than keeping components beside it (an
+//! object store) means a fleet needs nothing but etcd; the policy store's per-tenant byte quota
+//! bounds what that costs etcd's database (2 GiB by default).
+//!
+//! Commits are one etcd transaction: a compare per expectation (`mod_revision` equal, or
+//! `create_revision` 0 for absent), then the puts and deletes. When a compare fails the
+//! transaction reads the keys instead, to name the one that changed.
+//!
+//! Every request has a deadline ([`REQUEST_TIMEOUT`]) and requires a leader, so a cluster that
+//! has lost quorum answers [`StoreError::Unavailable`] promptly instead of hanging.
+
+use super::{Batch, Change, Entry, Expect, Revision, Snapshot, StateStore, StoreError, Watch, Write};
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use futures::StreamExt;
+use std::time::Duration;
+
+/// Deadline of each request to etcd.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Deadline of connecting to an endpoint.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bytes per blob chunk: under etcd's default request limit (1.5 MiB) with room for the key.
+pub const BLOB_CHUNK: usize = 1 << 20;
+
+/// The desired state in etcd under one prefix.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    endpoints: Vec<String>,
+    prefix: String,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore").field("endpoints", &self.endpoints).field("prefix", &self.prefix).finish()
+    }
+}
+
+fn unavailable(e: etcd_client::Error) -> StoreError {
+    match &e {
+        etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::InvalidArgument => {
+            StoreError::Invalid(format!("etcd refused the request: {}", s.message()))
+        }
+        etcd_client::Error::GRpcStatus(s) => StoreError::Unavailable { reason: format!("etcd: {}", s.message()) },
+        _ => StoreError::Unavailable { reason: format!("etcd: {e}") },
+    }
+}
+
+fn text(bytes: &[u8], key: &str) -> Result<String, StoreError> {
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| StoreError::Corrupt(format!("etcd key {key} holds a non-UTF-8 value")))
+}
+
+impl EtcdStore {
+    /// Connects to the cluster at `endpoints` (`http://host:port`), keeping keys under `prefix`.
+    /// Fails only on malformed endpoints: an unreachable cluster shows in the first request.
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<EtcdStore, StoreError> {
+        let options = ConnectOptions::new()
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_require_leader(true);
+        let client = Client::connect(endpoints, Some(options)).await.map_err(unavailable)?;
+        Ok(EtcdStore { client, endpoints: endpoints.to_vec(), prefix: prefix.to_string() })
+    }
+
+    /// The etcd client, for the parts of the gateway that use etcd directly (leases).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The key prefix of this store (ends in `/`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn state_key(&self, key: &str) -> String {
+        format!("{}state/{key}", self.prefix)
+    }
+
+    fn state_prefix(&self) -> String {
+        format!("{}state/", self.prefix)
+    }
+
+    fn blob_key(&self, digest: &str) -> String {
+        format!("{}blobs/{digest}", self.prefix)
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BlobManifest {
+    size: usize,
+    chunks: usize,
+}
+
+#[async_trait]
+impl StateStore for EtcdStore {
+    fn describe(&self) -> String {
+        format!("etcd {} under {}", self.endpoints.join(","), self.prefix)
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let prefix = self.state_prefix();
+        let r = self
+            .client
+            .clone()
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(unavailable)?;
+        let revision = r.header().map_or(0, |h| h.revision());
+        let mut entries = std::collections::BTreeMap::new();
+        for kv in r.kvs() {
+            let key = String::from_utf8_lossy(kv.key());
+            let Some(key) = key.strip_prefix(&prefix) else { continue };
+            entries.insert(key.to_string(), Entry { value: text(kv.value(), key)?, mod_revision: kv.mod_revision() });
+        }
+        Ok(Snapshot { revision, entries })
+    }
+
+    async fn commit(&self, writes: Vec<Write>) -> Result<Revision, StoreError> {
+        let compares: Vec<Compare> = writes
+            .iter()
+            .filter_map(|w| {
+                let key = self.state_key(&w.key);
+                match w.expect {
+                    Expect::Any => None,
+                    Expect::Absent => Some(Compare::create_revision(key, CompareOp::Equal, 0)),
+                    Expect::At(r) => Some(Compare::mod_revision(key, CompareOp::Equal, r)),
+                }
+            })
+            .collect();
+        let ops: Vec<TxnOp> = writes
+            .iter()
+            .map(|w| match &w.value {
+                Some(v) => TxnOp::put(self.state_key(&w.key), v.clone(), None),
+                None => TxnOp::delete(self.state_key(&w.key), None),
+            })
+            .collect();
+        let reads: Vec<TxnOp> = writes.iter().map(|w| TxnOp::get(self.state_key(&w.key), None)).collect();
+        let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
+        let r = self.client.clone().txn(txn).await.map_err(unavailable)?;
+        if r.succeeded() {
+            return Ok(r.header().map_or(0, |h| h.revision()));
+        }
+        // Name the first key whose expectation failed.
+        for (w, answer) in writes.iter().zip(r.op_responses()) {
+            let TxnOpResponse::Get(g) = answer else { continue };
+            let current = g.kvs().first().map(|kv| kv.mod_revision());
+            let holds = match w.expect {
+                Expect::Any => true,
+                Expect::Absent => current.is_none(),
+                Expect::At(rev) => current == Some(rev),
+            };
+            if !holds {
+                return Err(StoreError::Conflict { key: w.key.clone() });
+            }
+        }
+        Err(StoreError::Conflict { key: writes.first().map(|w| w.key.clone()).unwrap_or_default() })
+    }
+
+    async fn watch(&self, after: Revision) -> Result<Watch, StoreError> {
+        let prefix = self.state_prefix();
+        let options = WatchOptions::new().with_prefix().with_start_revision(after + 1).with_progress_notify();
+        let stream = self.client.clone().watch(prefix.clone(), Some(options)).await.map_err(unavailable)?;
+        let changes = stream.map(move |message| {
+            let message = message.map_err(unavailable)?;
+            if message.compact_revision() > 0 {
+                return Err(StoreError::Compacted { revision: message.compact_revision() });
+            }
+            if message.canceled() {
+                return Err(StoreError::Unavailable {
+                    reason: format!("etcd ended the watch: {}", message.cancel_reason()),
+                });
+            }
+            let mut changes = Vec::with_capacity(message.events().len());
+            for event in message.events() {
+                let Some(kv) = event.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key());
+                let Some(key) = key.strip_prefix(&prefix) else { continue };
+                changes.push(match event.event_type() {
+                    EventType::Put => {
+                        Change::Put { key: key.to_string(), value: text(kv.value(), key)?, revision: kv.mod_revision() }
+                    }
+                    EventType::Delete => Change::Delete { key: key.to_string(), revision: kv.mod_revision() },
+                });
+            }
+            // A message without events is the watch's creation (history may follow it: no
+            // progress) or a progress notification, which etcd sends only once every change up
+            // to its header's revision has been sent.
+            let revision = match changes.iter().map(Change::revision).max() {
+                Some(r) => r,
+                None if message.created() => 0,
+                None => message.header().map_or(0, |h| h.revision()),
+            };
+            Ok(Batch { revision, changes })
+        });
+        Ok(Box::pin(changes))
+    }
+
+    async fn put_blob(&self, bytes: &[u8]) -> Result<String, StoreError> {
+        let digest = super::digest(bytes);
+        let key = self.blob_key(&digest);
+        let mut client = self.client.clone();
+        if !client.get(key.clone(), None).await.map_err(unavailable)?.kvs().is_empty() {
+            return Ok(digest);
+        }
+        let chunks: Vec<&[u8]> = bytes.chunks(BLOB_CHUNK).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            client.put(format!("{key}/{i:05}"), chunk.to_vec(), None).await.map_err(unavailable)?;
+        }
+        let manifest = serde_json::to_string(&BlobManifest { size: bytes.len(), chunks: chunks.len() })
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        client.put(key, manifest, None).await.map_err(unavailable)?;
+        Ok(digest)
+    }
+
+    async fn get_blob(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
+        super::check_digest(digest)?;
+        let key = self.blob_key(digest);
+        let mut client = self.client.clone();
+        let r = client.get(key.clone(), None).await.map_err(unavailable)?;
+        let Some(kv) = r.kvs().first() else {
+            return Err(StoreError::BlobMissing { digest: digest.to_string() });
+        };
+        let manifest: BlobManifest = serde_json::from_slice(kv.value())
+            .map_err(|e| StoreError::Corrupt(format!("blob {digest}: bad manifest: {e}")))?;
+        let parts = client
+            .get(
+                format!("{key}/"),
+                Some(GetOptions::new().with_prefix().with_revision(r.header().map_or(0, |h| h.revision()))),
+            )
+            .await
+            .map_err(unavailable)?;
+        if parts.kvs().len() != manifest.chunks {
+            return Err(StoreError::Corrupt(format!(
+                "blob {digest}: {} of its {} chunks are in etcd",
+                parts.kvs().len(),
+                manifest.chunks
+            )));
+        }
+        let mut bytes = Vec::with_capacity(manifest.size);
+        // etcd returns a range sorted by key, and chunk keys sort in order.
+        for kv in parts.kvs() {
+            bytes.extend_from_slice(kv.value());
+        }
+        super::check_blob(digest, bytes)
+    }
+
+    async fn delete_blob(&self, digest: &str) -> Result<(), StoreError> {
+        super::check_digest(digest)?;
+        // The manifest first, so no reader finds a manifest without its chunks.
+        let key = self.blob_key(digest);
+        let mut client = self.client.clone();
+        client.delete(key.clone(), None).await.map_err(unavailable)?;
+        client.delete(format!("{key}/"), Some(DeleteOptions::new().with_prefix())).await.map_err(unavailable)?;
+        Ok(())
+    }
+}

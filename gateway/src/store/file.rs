@@ -1,0 +1,261 @@
+//! The state store in a local directory: the embedded default (`switchyard up`, one gateway).
+//!
+//! - `store.json` holds every key with its revision and the store revision. A commit takes an
+//!   exclusive lock on `store.lock`, reads the file, checks every expectation, and replaces the
+//!   file atomically (temp file, fsync, rename), so gateways on one machine sharing the
+//!   directory never lose each other's writes and a crash leaves the old file or the new one.
+//! - `blobs/<sha256>` holds each blob, written the same way.
+//! - A watch polls the file (every [`POLL_INTERVAL`], and at once after a commit through this
+//!   handle) and reports the difference from what it last saw. It keeps no history: a watch
+//!   asked to start from a revision older than the file's is told [`StoreError::Compacted`],
+//!   and its owner reads a new snapshot.
+
+use super::{Batch, Change, Entry, Revision, Snapshot, StateStore, StoreError, Watch, Write};
+use crate::files;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How often a watch reads the file for changes made by other processes.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+const STATE_FILE: &str = "store.json";
+const LOCK_FILE: &str = "store.lock";
+const BLOB_DIR: &str = "blobs";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    format: u32,
+    revision: Revision,
+    entries: BTreeMap<String, FileEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEntry {
+    value: String,
+    mod_revision: Revision,
+}
+
+/// The desired state in a directory.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    dir: PathBuf,
+    /// Tells this process's watches that a commit landed (other processes are seen by polling).
+    committed: std::sync::Arc<tokio::sync::watch::Sender<Revision>>,
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |e| StoreError::Unavailable { reason: files::failed(action, path)(e).to_string() }
+}
+
+impl FileStore {
+    /// Opens the store in `dir`, creating the directory when absent. A damaged state file is
+    /// an error, never an empty state.
+    pub fn open(dir: &Path) -> Result<FileStore, StoreError> {
+        std::fs::create_dir_all(dir.join(BLOB_DIR)).map_err(io("create", dir))?;
+        let store = FileStore { dir: dir.to_path_buf(), committed: Default::default() };
+        store.read()?;
+        Ok(store)
+    }
+
+    fn read(&self) -> Result<Snapshot, StoreError> {
+        let path = self.dir.join(STATE_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Snapshot::default()),
+            Err(e) => return Err(io("read", &path)(e)),
+        };
+        let file: StateFile = serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::Corrupt(format!("{} is not a Switchyard state file: {e}", path.display())))?;
+        if file.format != FORMAT_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "{} has format {} (this gateway reads {FORMAT_VERSION})",
+                path.display(),
+                file.format
+            )));
+        }
+        Ok(Snapshot {
+            revision: file.revision,
+            entries: file
+                .entries
+                .into_iter()
+                .map(|(k, e)| (k, Entry { value: e.value, mod_revision: e.mod_revision }))
+                .collect(),
+        })
+    }
+
+    fn commit_locked(&self, writes: &[Write]) -> Result<Revision, StoreError> {
+        let lock_path = self.dir.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io("open", &lock_path))?;
+        lock.lock().map_err(io("lock", &lock_path))?;
+        let mut state = self.read()?;
+        for w in writes {
+            let current = state.entries.get(&w.key).map(|e| e.mod_revision);
+            let holds = match w.expect {
+                super::Expect::Any => true,
+                super::Expect::Absent => current.is_none(),
+                super::Expect::At(r) => current == Some(r),
+            };
+            if !holds {
+                return Err(StoreError::Conflict { key: w.key.clone() });
+            }
+        }
+        let revision = state.revision + 1;
+        for w in writes {
+            match &w.value {
+                Some(v) => {
+                    state.entries.insert(w.key.clone(), Entry { value: v.clone(), mod_revision: revision });
+                }
+                None => {
+                    state.entries.remove(&w.key);
+                }
+            }
+        }
+        let file = StateFile {
+            format: FORMAT_VERSION,
+            revision,
+            entries: state
+                .entries
+                .into_iter()
+                .map(|(k, e)| (k, FileEntry { value: e.value, mod_revision: e.mod_revision }))
+                .collect(),
+        };
+        let path = self.dir.join(STATE_FILE);
+        let bytes = serde_json::to_vec_pretty(&file).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        files::replace(&path, &bytes).map_err(|e| StoreError::Unavailable { reason: e.to_string() })?;
+        // The lock is released when `lock` is dropped, after the rename.
+        drop(lock);
+        Ok(revision)
+    }
+
+    fn blob_path(&self, digest: &str) -> Result<PathBuf, StoreError> {
+        super::check_digest(digest)?;
+        Ok(self.dir.join(BLOB_DIR).join(digest))
+    }
+}
+
+/// What changed between two states of the file, in revision order.
+fn diff(old: &Snapshot, new: &Snapshot) -> Vec<Change> {
+    let mut changes: Vec<Change> = new
+        .entries
+        .iter()
+        .filter(|(k, e)| old.entries.get(*k) != Some(*e))
+        .map(|(k, e)| Change::Put { key: k.clone(), value: e.value.clone(), revision: e.mod_revision })
+        .collect();
+    changes.extend(
+        old.entries
+            .keys()
+            .filter(|k| !new.entries.contains_key(*k))
+            .map(|k| Change::Delete { key: k.clone(), revision: new.revision }),
+    );
+    changes.sort_by_key(Change::revision);
+    changes
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Unavailable { reason: format!("the store task failed: {e}") })?
+}
+
+#[async_trait]
+impl StateStore for FileStore {
+    fn describe(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let me = self.clone();
+        blocking(move || me.read()).await
+    }
+
+    async fn commit(&self, writes: Vec<Write>) -> Result<Revision, StoreError> {
+        let me = self.clone();
+        let revision = blocking(move || me.commit_locked(&writes)).await?;
+        self.committed.send_replace(revision);
+        Ok(revision)
+    }
+
+    async fn watch(&self, after: Revision) -> Result<Watch, StoreError> {
+        let mut committed = self.committed.subscribe();
+        committed.borrow_and_update();
+        let base = self.snapshot().await?;
+        if base.revision != after {
+            // No history here: the caller must read a new snapshot.
+            let compacted: Result<Batch, StoreError> = Err(StoreError::Compacted { revision: after });
+            return Ok(Box::pin(futures::stream::iter([compacted])));
+        }
+        let me = self.clone();
+        let stream = futures::stream::unfold(Some((base, committed)), move |state| {
+            let me = me.clone();
+            async move {
+                let (last, mut committed) = state?;
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                        r = committed.changed() => if r.is_err() { return None },
+                    }
+                    let now = match me.snapshot().await {
+                        Ok(s) => s,
+                        Err(e) => return Some((Err(e), None)),
+                    };
+                    if now.revision < last.revision {
+                        // The file was replaced by an older one (a restored backup): start over.
+                        return Some((Err(StoreError::Compacted { revision: last.revision }), None));
+                    }
+                    if now.revision > last.revision {
+                        let batch = Batch { revision: now.revision, changes: diff(&last, &now) };
+                        return Some((Ok(batch), Some((now, committed))));
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+
+    async fn put_blob(&self, bytes: &[u8]) -> Result<String, StoreError> {
+        let digest = super::digest(bytes);
+        let path = self.blob_path(&digest)?;
+        let bytes = bytes.to_vec();
+        blocking(move || {
+            if !path.exists() {
+                files::replace(&path, &bytes).map_err(|e| StoreError::Unavailable { reason: e.to_string() })?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(digest)
+    }
+
+    async fn get_blob(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
+        let path = self.blob_path(digest)?;
+        let d = digest.to_string();
+        blocking(move || match std::fs::read(&path) {
+            Ok(b) => super::check_blob(&d, b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::BlobMissing { digest: d }),
+            Err(e) => Err(io("read", &path)(e)),
+        })
+        .await
+    }
+
+    async fn delete_blob(&self, digest: &str) -> Result<(), StoreError> {
+        let path = self.blob_path(digest)?;
+        blocking(move || match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("remove", &path)(e)),
+        })
+        .await
+    }
+}

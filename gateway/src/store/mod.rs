@@ -1,0 +1,255 @@
+//! The desired state (adapters, policy versions, activations) behind one seam, so that any
+//! number of gateways can share it. The model is etcd's, because etcd is the store fleets use:
+//! string keys under one prefix, each value with the store revision that last changed it, a
+//! store-wide revision that grows with every write, transactions that apply only when every
+//! key is still at the revision the writer read (compare-and-set), and a watch that reports
+//! every change after a revision.
+//!
+//! Two implementations:
+//! - [`FileStore`]: one JSON file in a local directory, the embedded default. Writers on one
+//!   machine (gateway replicas sharing the directory) serialise through a file lock; watchers
+//!   poll the file.
+//! - [`EtcdStore`]: an etcd cluster (`etcd://host:2379,host:2379/prefix`).
+//!
+//! Values are JSON text. Policy components are too large for one etcd value (1.5 MiB by
+//! default), so they are blobs: content-addressed by SHA-256, written before the record that
+//! names them, checked against their digest when read (see [`StateStore::put_blob`]).
+//!
+//! What the gateway builds on top: a [`Replica`] holds the last snapshot it read and follows the
+//! watch, so requests never wait on the store and keep being served from the last known state
+//! when it is unreachable; writes go to the store and fail with [`StoreError::Unavailable`].
+
+mod etcd;
+mod file;
+mod replica;
+
+pub use etcd::EtcdStore;
+pub use file::FileStore;
+pub use replica::Replica;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// A store revision: the number of the write that produced a state. `0` is "before any write".
+pub type Revision = i64;
+
+/// One value with the revision of the write that last changed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub value: String,
+    pub mod_revision: Revision,
+}
+
+/// Every key under the store's prefix as of one revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub revision: Revision,
+    pub entries: BTreeMap<String, Entry>,
+}
+
+impl Snapshot {
+    /// The entries whose keys start with `prefix`, with the prefix removed.
+    pub fn under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a Entry)> + 'a {
+        self.entries.range(prefix.to_string()..).map_while(move |(k, e)| k.strip_prefix(prefix).map(|rest| (rest, e)))
+    }
+
+    /// The revision a compare-and-set of `key` must name: its `mod_revision`, or absent.
+    pub fn expect(&self, key: &str) -> Expect {
+        self.entries.get(key).map_or(Expect::Absent, |e| Expect::At(e.mod_revision))
+    }
+
+    /// Applies a watched batch. Changes this snapshot already holds (at or before its
+    /// revision) are skipped, so a batch that overlaps a newer snapshot changes nothing.
+    pub fn apply(&mut self, batch: &Batch) {
+        let known = self.revision;
+        for change in batch.changes.iter().filter(|c| c.revision() > known) {
+            self.apply_one(change);
+        }
+        self.revision = self.revision.max(batch.revision);
+    }
+
+    fn apply_one(&mut self, change: &Change) {
+        match change {
+            Change::Put { key, value, revision } => {
+                self.entries.insert(key.clone(), Entry { value: value.clone(), mod_revision: *revision });
+            }
+            Change::Delete { key, .. } => {
+                self.entries.remove(key);
+            }
+        }
+    }
+}
+
+/// What a write expects of its key when it is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The key does not exist.
+    Absent,
+    /// The key was last changed by this revision (nobody changed it since it was read).
+    At(Revision),
+    /// No condition.
+    Any,
+}
+
+/// One key's part of a transaction: its precondition and its new value (`None` deletes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    pub key: String,
+    pub expect: Expect,
+    pub value: Option<String>,
+}
+
+impl Write {
+    pub fn put(key: impl Into<String>, expect: Expect, value: impl Into<String>) -> Write {
+        Write { key: key.into(), expect, value: Some(value.into()) }
+    }
+
+    pub fn delete(key: impl Into<String>, expect: Expect) -> Write {
+        Write { key: key.into(), expect, value: None }
+    }
+}
+
+/// One change a watch reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Put { key: String, value: String, revision: Revision },
+    Delete { key: String, revision: Revision },
+}
+
+impl Change {
+    pub fn revision(&self) -> Revision {
+        match self {
+            Change::Put { revision, .. } | Change::Delete { revision, .. } => *revision,
+        }
+    }
+}
+
+/// What a watch reports: changes in revision order, and the revision the state is at once they
+/// are applied (it may be past the last change: progress, or changes outside the watch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub revision: Revision,
+    pub changes: Vec<Change>,
+}
+
+/// Batches of changes, in revision order; an error ends the watch.
+pub type Watch = BoxStream<'static, Result<Batch, StoreError>>;
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// A key of the transaction was changed (or created, or deleted) since it was read: the
+    /// writer lost a race and must read again.
+    #[error("{key} was changed by someone else since it was read")]
+    Conflict { key: String },
+    /// The store cannot be reached or cannot commit (an etcd cluster without quorum).
+    #[error("the state store is unavailable: {reason}")]
+    Unavailable { reason: String },
+    /// The watch asked for history the store no longer keeps: read a new snapshot.
+    #[error("the store compacted its history past revision {revision}")]
+    Compacted { revision: Revision },
+    /// A blob was asked for that the store does not hold.
+    #[error("blob {digest} is not in the store")]
+    BlobMissing { digest: String },
+    /// The store holds something this gateway cannot read (a damaged file, a blob whose bytes
+    /// do not match its digest).
+    #[error("{0}")]
+    Corrupt(String),
+    /// The store refused the request itself (a value past its size limit, a bad address).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The shared desired state.
+#[async_trait]
+pub trait StateStore: Send + Sync + std::fmt::Debug {
+    /// Where it is, for logs (no credentials).
+    fn describe(&self) -> String;
+    /// Every key, as of one revision.
+    async fn snapshot(&self) -> Result<Snapshot, StoreError>;
+    /// Applies every write, or none of them if any write's expectation does not hold
+    /// ([`StoreError::Conflict`] names a key whose expectation failed). Returns the new revision.
+    async fn commit(&self, writes: Vec<Write>) -> Result<Revision, StoreError>;
+    /// The changes after `after`, in order, as they happen.
+    async fn watch(&self, after: Revision) -> Result<Watch, StoreError>;
+    /// Stores `bytes` under their SHA-256 (lowercase hex, returned). Idempotent.
+    async fn put_blob(&self, bytes: &[u8]) -> Result<String, StoreError>;
+    /// The bytes stored under `digest`, checked against it.
+    async fn get_blob(&self, digest: &str) -> Result<Vec<u8>, StoreError>;
+    /// Removes a blob (absent is fine).
+    async fn delete_blob(&self, digest: &str) -> Result<(), StoreError>;
+}
+
+/// The SHA-256 of `bytes` as lowercase hex.
+pub fn digest(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(bytes);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Checks that a blob's bytes are the ones its digest names.
+pub(crate) fn check_blob(digest_hex: &str, bytes: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+    if digest(&bytes) != digest_hex {
+        return Err(StoreError::Corrupt(format!("blob {digest_hex} does not match its digest")));
+    }
+    Ok(bytes)
+}
+
+/// Checks a digest handed in from outside: 64 lowercase hex digits.
+pub(crate) fn check_digest(d: &str) -> Result<(), StoreError> {
+    if d.len() == 64 && d.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!("{d:?} is not a SHA-256 digest")))
+    }
+}
+
+/// Where the desired state lives, as `--store` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A local directory.
+    Dir(std::path::PathBuf),
+    /// An etcd cluster: its endpoints (`http://host:port`) and the key prefix (ends in `/`).
+    Etcd { endpoints: Vec<String>, prefix: String },
+}
+
+/// The default key prefix in etcd.
+pub const DEFAULT_ETCD_PREFIX: &str = "/switchyard/";
+
+impl std::str::FromStr for Location {
+    type Err = String;
+
+    /// `etcd://host:2379[,host:2379…][/prefix]`, or a directory path.
+    fn from_str(s: &str) -> Result<Location, String> {
+        let Some(rest) = s.strip_prefix("etcd://") else {
+            if s.contains("://") {
+                return Err(format!("store {s:?}: use etcd://host:port[,host:port…][/prefix] or a directory"));
+            }
+            if s.is_empty() {
+                return Err("store: empty path".into());
+            }
+            return Ok(Location::Dir(s.into()));
+        };
+        let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let endpoints: Vec<String> = hosts.split(',').map(str::trim).map(String::from).collect();
+        if endpoints.iter().any(|h| h.is_empty() || h.contains('@') || !h.contains(':')) {
+            return Err(format!("store {s:?}: every etcd endpoint is host:port"));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("store {s:?}: the prefix has whitespace or control characters"));
+        }
+        let prefix = if prefix.is_empty() { DEFAULT_ETCD_PREFIX.to_string() } else { format!("/{prefix}/") };
+        Ok(Location::Etcd { endpoints: endpoints.into_iter().map(|h| format!("http://{h}")).collect(), prefix })
+    }
+}
+
+/// Opens the store at `location`.
+pub async fn open(location: &Location) -> Result<Arc<dyn StateStore>, StoreError> {
+    Ok(match location {
+        Location::Dir(dir) => Arc::new(FileStore::open(dir)?),
+        Location::Etcd { endpoints, prefix } => Arc::new(EtcdStore::connect(endpoints, prefix).await?),
+    })
+}
