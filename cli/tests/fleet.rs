@@ -2,6 +2,8 @@
 //! and a three-member etcd cluster started by the test. Two handles on one store stand for two
 //! gateway processes.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails loudly on a broken fixture
+
 mod support;
 
 use std::sync::Arc;
