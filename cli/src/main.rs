@@ -308,9 +308,14 @@ struct GatewayArgs {
     metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     backend_security: UpstreamSecurityArgs,
-    /// Directory for the gateway's state (the desired adapter set).
+    /// Directory for the gateway's local state (deployed policies; and the desired adapter set
+    /// unless --store names a shared store).
     #[arg(long, env = "SWITCHYARD_STATE_DIR")]
     state_dir: PathBuf,
+    /// The state store gateways of one fleet share: etcd://host:2379[,host:2379…][/prefix]
+    /// (default prefix /switchyard/), or a directory. Default: the --state-dir.
+    #[arg(long, env = "SWITCHYARD_STORE")]
+    store: Option<switchyard_gateway::store::Location>,
     /// TOML file with the tenants: their adapters, load prefixes and routing.
     #[arg(long, env = "SWITCHYARD_GATEWAY_CONFIG")]
     config: Option<PathBuf>,
@@ -475,7 +480,7 @@ async fn run_backend(a: BackendArgs) -> Result<()> {
 }
 
 /// Builds the gateway from its flags: keys, tenants, backends, state dir and policy host.
-fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gateway::Gateway>> {
+async fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gateway::Gateway>> {
     use anyhow::Context;
     use std::sync::Arc;
     use switchyard_gateway::upstream::{GrpcUpstream, Upstream, UpstreamSecurity, UpstreamTimeouts};
@@ -522,7 +527,14 @@ fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gateway::Ga
             GrpcUpstream::new(address, UpstreamTimeouts::default(), &security).map_err(anyhow::Error::msg)?;
         backends.push(Arc::new(upstream));
     }
-    let store = loras::LoraStore::open(&a.state_dir).context("state dir")?;
+    let location = a.store.clone().unwrap_or_else(|| switchyard_gateway::store::Location::Dir(a.state_dir.clone()));
+    let shared = switchyard_gateway::store::open(&location).await.context("cannot open the state store (--store)")?;
+    let described = shared.describe();
+    let replica = switchyard_gateway::store::Replica::open(shared)
+        .await
+        .with_context(|| format!("cannot read the state store {described}"))?;
+    let store = loras::LoraStore::new(replica);
+    store.import_legacy(&a.state_dir).await.context("cannot import the adapter state of an earlier version")?;
     let tenants = Arc::new(file.tenants);
     let policy_headers: Vec<String> =
         a.tuning.policy.policy_headers.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
@@ -534,6 +546,7 @@ fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gateway::Ga
         max_body_bytes: usize::try_from(a.tuning.max_body_bytes).context("--max-body-bytes")?,
         probe_interval: Duration::from_millis(a.tuning.probe_interval_ms),
         policy_headers,
+        instance: switchyard_gateway::default_instance(),
     };
     let runtime = Arc::new(policy::wasm::PolicyRuntime::new(a.tuning.policy.limits()?).map_err(anyhow::Error::msg)?);
     let limits = a.tuning.policy.store_limits()?;
@@ -551,7 +564,7 @@ fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gateway::Ga
 async fn run_gateway(a: GatewayArgs) -> Result<()> {
     use anyhow::Context;
     let (listen, metrics_listen) = (a.listen, a.metrics_listen);
-    let gw = build_gateway(a)?;
+    let gw = build_gateway(a).await?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let metrics = match metrics_listen {
         Some(addr) => Some(

@@ -171,6 +171,7 @@ pub async fn run(a: UpArgs) -> Result<()> {
             backend_credential_file: Some(tls.credential.clone()),
         },
         state_dir: data.join("state"),
+        store: None,
         config: Some(config),
         jwt_issuer: None,
         jwt_audience: None,
@@ -180,7 +181,8 @@ pub async fn run(a: UpArgs) -> Result<()> {
         jwt_public_keys: Vec::new(),
         jwks_file: None,
         tuning: a.gateway.clone(),
-    })?;
+    })
+    .await?;
     let gateway_addr = listener.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
     let (stop_gateway, gateway_stop) = tokio::sync::watch::channel(false);

@@ -337,7 +337,7 @@ async fn a_cache_full_of_adapters_in_use_refuses_a_new_one_until_one_is_unloaded
     assert_eq!(cache_entries(backend.cache.path()).len(), 1);
     assert_eq!(resident(&list(&mut client).await), vec!["a"]);
     // Unloading a unpins its entry, which is then evicted for b.
-    client.unload_adapter(pb::UnloadAdapterRequest { name: "a".into() }).await.expect("unloads");
+    client.unload_adapter(pb::UnloadAdapterRequest { name: "a".into(), fence: 0 }).await.expect("unloads");
     client.load_adapter(load_uri("b", &b)).await.expect("b fits now");
     assert_eq!(cache_entries(backend.cache.path()).len(), 1);
     assert_generates(&mut client, "b", "tiny-llama.r4-patterns.1").await;

@@ -65,7 +65,7 @@ async fn streams_generations_with_and_without_an_adapter_and_reports_health() {
     assert_eq!(listed.adapters.len(), 1);
     assert_eq!((listed.adapters[0].name.as_str(), listed.adapters[0].active_requests), ("support-v1", 0));
 
-    client.unload_adapter(pb::UnloadAdapterRequest { name: "support-v1".into() }).await.expect("unloads");
+    client.unload_adapter(pb::UnloadAdapterRequest { name: "support-v1".into(), fence: 0 }).await.expect("unloads");
     let gone = collect(&mut client, greedy(&with.prompt_ids, "support-v1", 8)).await.expect_err("not resident");
     assert_eq!(gone.code(), Code::NotFound);
     assert!(gone.message().contains("support-v1"), "{}", gone.message());
@@ -120,7 +120,7 @@ async fn bad_requests_get_precise_codes_and_the_server_keeps_serving() {
     );
     expect_code(client.load_adapter(load_req("", "r8-qv")).await.map(|_| ()), Code::InvalidArgument, "name");
     expect_code(
-        client.unload_adapter(pb::UnloadAdapterRequest { name: "ghost".into() }).await.map(|_| ()),
+        client.unload_adapter(pb::UnloadAdapterRequest { name: "ghost".into(), fence: 0 }).await.map(|_| ()),
         Code::NotFound,
         "ghost",
     );

@@ -68,7 +68,7 @@ pub fn generation_error(backend: &str, e: &UpstreamError) -> ApiError {
             ApiError::unavailable(format!("backend {backend} is busy: {}", e.message), crate::RETRY_AFTER_S)
                 .with_code("backend_busy")
         }
-        UpstreamCode::Unavailable | UpstreamCode::Timeout => {
+        UpstreamCode::Unavailable | UpstreamCode::Timeout | UpstreamCode::Fenced => {
             ApiError::unavailable(format!("backend {backend} is unavailable: {}", e.message), crate::RETRY_AFTER_S)
                 .with_code("backend_unavailable")
         }
@@ -103,16 +103,26 @@ pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: pb::GenerateRe
             && e.code == UpstreamCode::NotFound
             && let Some(lora) = gw.loras.get(name)
         {
-            // The backend does not know this desired adapter (yet): load it there, then retry.
-            tracing::info!(backend = %address, adapter = %name, "loading a desired adapter the backend lacks");
-            let loaded = {
-                let turn = gw.turn(name);
-                let _turn = turn.lock().await;
-                gw.backends[i].load_adapter(load_request(gw, &lora)).await
-            };
-            result = match loaded {
-                Ok(_) => attempt(gw, i, &request).await,
-                Err(e) => Err(e),
+            // The backend does not know this desired adapter (yet). The leader loads it there and
+            // retries; another gateway may not (one actor drives the backends), so it tries the
+            // next backend, or answers that the adapter is on its way.
+            result = match gw.leadership.token() {
+                Some(fence) => {
+                    tracing::info!(backend = %address, adapter = %name, "loading a desired adapter the backend lacks");
+                    let loaded = {
+                        let turn = gw.turn(name);
+                        let _turn = turn.lock().await;
+                        gw.backends[i].load_adapter(load_request(gw, &lora, fence)).await
+                    };
+                    match loaded {
+                        Ok(_) => attempt(gw, i, &request).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                None => Err(UpstreamError::new(
+                    UpstreamCode::ResourceExhausted,
+                    format!("adapter {name} is not on this backend yet; the leading gateway is placing it"),
+                )),
             };
         }
         match result {

@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod dispatch;
 pub mod files;
 pub mod http;
+pub mod leader;
 pub mod loras;
 pub mod metrics;
 pub mod openai;
@@ -52,6 +53,24 @@ pub struct GatewayOptions {
     pub probe_interval: Duration,
     /// Request headers passed to routing policies (lower-case; `authorization` is never passed).
     pub policy_headers: Vec<String>,
+    /// Names this gateway among its fleet (in leadership and operation records).
+    pub instance: String,
+}
+
+/// A name for this gateway process: the host's name (`$HOSTNAME`, as Kubernetes sets it to the
+/// pod's), the process id and a random part, so restarts and replicas never share one.
+pub fn default_instance() -> String {
+    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "gateway".into());
+    format!("{host}-{}-{:06x}", std::process::id(), random_u64() & 0xff_ffff)
+}
+
+/// A random number from the operating system (for ids, not secrets: falls back to the clock).
+pub(crate) fn random_u64() -> u64 {
+    use rand::TryRngCore;
+    rand::rngs::OsRng.try_next_u64().unwrap_or_else(|_| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        (t.as_nanos() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    })
 }
 
 impl Default for GatewayOptions {
@@ -60,6 +79,7 @@ impl Default for GatewayOptions {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             probe_interval: DEFAULT_PROBE_INTERVAL,
             policy_headers: Vec::new(),
+            instance: default_instance(),
         }
     }
 }
@@ -82,6 +102,8 @@ pub struct Gateway {
     base_model: RwLock<Option<String>>,
     /// Deployed WebAssembly policies, when the policy host is enabled.
     pub(crate) policies: Option<Arc<policy::deploy::PolicyStore>>,
+    /// Whether this gateway drives the backends now, and its fencing token.
+    pub(crate) leadership: Arc<leader::Leadership>,
 }
 
 impl Gateway {
@@ -109,10 +131,11 @@ impl Gateway {
             policy,
             verifier,
             metrics: Metrics::new(),
-            options,
             turns: Mutex::new(HashMap::new()),
             base_model: RwLock::new(None),
             policies: None,
+            leadership: Arc::new(leader::Leadership::new(options.instance.clone())),
+            options,
         }
     }
 
@@ -177,6 +200,25 @@ impl Gateway {
     pub fn loras(&self) -> &LoraStore {
         &self.loras
     }
+
+    /// This gateway's copy of the shared desired state.
+    pub fn replica(&self) -> &Arc<store::Replica> {
+        self.loras.replica()
+    }
+
+    pub fn leadership(&self) -> &Arc<leader::Leadership> {
+        &self.leadership
+    }
+
+    /// Starts what keeps the shared state moving: following the store, campaigning for the
+    /// lead, and (while leading) running adapter operations. The probes are [`reconcile::spawn`].
+    pub fn spawn_state_tasks(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            self.replica().follow(),
+            self.leadership.spawn(self.replica().store().clone()),
+            admin::execute::spawn(self.clone()),
+        ]
+    }
 }
 
 /// Serves the gateway on `listener` (the public API) and, when given, `metrics` (the operators'
@@ -188,7 +230,8 @@ pub async fn serve(
     metrics: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let mut tasks = reconcile::spawn(gw.clone());
+    let mut tasks = gw.spawn_state_tasks();
+    tasks.extend(reconcile::spawn(gw.clone()));
     if gw.verifier.config().jwks_file.is_some() {
         tasks.push(auth::spawn_reloader(gw.verifier.clone(), JWKS_RELOAD_INTERVAL));
     }

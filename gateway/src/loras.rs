@@ -1,21 +1,19 @@
-//! The desired adapter set: which adapters should be loaded on every backend, from where. The
-//! adapter API changes it; the reconcilers make the backends match it. It lives in one JSON
-//! file in the state dir, replaced atomically on every change and read again when another
-//! process (a gateway replica sharing the directory) has changed it.
+//! The desired adapter set: which adapters should be loaded on the backends, from where. The
+//! adapter API changes it; the leading gateway's reconcilers make the backends match it. Each
+//! adapter is one record (`loras/<name>`) in the shared state store ([`crate::store`]), so
+//! every gateway of a fleet reads the same set and two gateways changing one adapter cannot
+//! both win.
 
-use crate::files::{self, FileError, failed};
+use crate::files::{FileError, failed};
+use crate::store::{Expect, Replica, Revision, StoreError, Write};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex};
 
-/// The file in the state dir.
-pub const STATE_FILE: &str = "loras.json";
 /// Longest adapter name accepted.
 pub const MAX_NAME_LEN: usize = 256;
-const FORMAT_VERSION: u32 = 1;
 
 /// One adapter the operator (or a tenant) asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,153 +99,153 @@ pub fn normalize_sha256(pin: &str) -> Result<String, String> {
     Ok(hex.to_ascii_lowercase())
 }
 
-/// Why the desired set could not be read or written.
+/// Why the desired set could not be changed.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error(transparent)]
-    Io(#[from] FileError),
+    Store(#[from] StoreError),
     #[error("{path} is not a Switchyard adapter state file: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Io(#[from] FileError),
 }
 
 /// The desired adapters by name, as of one moment; cheap to clone.
-pub type Snapshot = std::sync::Arc<BTreeMap<String, DesiredLora>>;
+pub type Snapshot = Arc<BTreeMap<String, DesiredLora>>;
 
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StateFile {
-    version: u32,
+/// Keys of the desired set in the state store.
+pub const KEY_PREFIX: &str = "loras/";
+
+/// The store key of adapter `name`.
+pub fn key(name: &str) -> String {
+    format!("{KEY_PREFIX}{name}")
+}
+
+/// The desired set decoded from one revision of the store.
+#[derive(Debug, Default)]
+struct Decoded {
+    revision: Revision,
     loras: Snapshot,
-    /// Names unloaded through the API: a backend that still has one (it was unreachable when
-    /// the unload ran) is told to unload it when it is next seen.
-    removed: BTreeSet<String>,
+    /// Each adapter's `mod_revision`: what a compare-and-set of it expects.
+    revisions: BTreeMap<String, Revision>,
 }
 
-#[derive(Debug)]
-struct Inner {
-    state: StateFile,
-    /// The file's modification time when last read or written.
-    seen: Option<SystemTime>,
-}
-
-/// The desired set, in memory and on disk.
+/// The desired set: a typed view of the `loras/` keys of the gateway's [`Replica`]. Reads come
+/// from the replica (never waiting on the store); writes are compare-and-set transactions.
 #[derive(Debug)]
 pub struct LoraStore {
-    path: PathBuf,
-    inner: Mutex<Inner>,
+    replica: Arc<Replica>,
+    decoded: Mutex<Arc<Decoded>>,
 }
 
 impl LoraStore {
-    /// Opens (creating when absent) the state in `dir`.
-    pub fn open(dir: &Path) -> Result<LoraStore, StateError> {
-        std::fs::create_dir_all(dir).map_err(failed("create", dir))?;
-        let path = dir.join(STATE_FILE);
-        let (state, seen) = read(&path)?;
-        Ok(LoraStore { path, inner: Mutex::new(Inner { state, seen }) })
+    pub fn new(replica: Arc<Replica>) -> LoraStore {
+        LoraStore { replica, decoded: Mutex::new(Arc::default()) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // The state is replaced whole under the lock, so a poisoned lock still holds a
-        // consistent value.
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// The desired set in a directory store of its own (one gateway, or tests).
+    pub async fn open_dir(dir: &Path) -> Result<LoraStore, StateError> {
+        let store: Arc<dyn crate::store::StateStore> = Arc::new(crate::store::FileStore::open(dir)?);
+        Ok(LoraStore::new(Replica::open(store).await?))
     }
 
-    /// Reads the file again if another process changed it. Returns whether it did.
-    pub fn refresh(&self) -> Result<bool, StateError> {
-        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
-        if modified == self.lock().seen {
-            return Ok(false);
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
+    }
+
+    /// The decoded set as of the replica's revision (decoded again only after a change).
+    fn decoded(&self) -> Arc<Decoded> {
+        let snapshot = self.replica.current();
+        let mut cached = self.decoded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cached.revision == snapshot.revision && snapshot.revision != 0 {
+            return cached.clone();
         }
-        let (state, seen) = read(&self.path)?;
-        let mut inner = self.lock();
-        let changed = inner.state != state;
-        *inner = Inner { state, seen };
-        Ok(changed)
+        let mut loras = BTreeMap::new();
+        let mut revisions = BTreeMap::new();
+        for (name, entry) in snapshot.under(KEY_PREFIX) {
+            match serde_json::from_str::<DesiredLora>(&entry.value) {
+                Ok(l) if l.name == name => {
+                    loras.insert(name.to_string(), l);
+                    revisions.insert(name.to_string(), entry.mod_revision);
+                }
+                Ok(l) => {
+                    tracing::warn!(key = %key(name), holds = %l.name, "ignoring an adapter record stored under another name")
+                }
+                Err(e) => {
+                    tracing::warn!(key = %key(name), error = %e, "ignoring an adapter record this gateway cannot read")
+                }
+            }
+        }
+        let decoded = Arc::new(Decoded { revision: snapshot.revision, loras: Arc::new(loras), revisions });
+        *cached = decoded.clone();
+        decoded
     }
 
     pub fn get(&self, name: &str) -> Option<DesiredLora> {
-        self.lock().state.loras.get(name).cloned()
+        self.decoded().loras.get(name).cloned()
+    }
+
+    /// `name`'s record and what a compare-and-set of it must expect.
+    pub fn get_versioned(&self, name: &str) -> (Option<DesiredLora>, Expect) {
+        let d = self.decoded();
+        let expect = d.revisions.get(name).map_or(Expect::Absent, |r| Expect::At(*r));
+        (d.loras.get(name).cloned(), expect)
     }
 
     /// Every desired adapter, by name.
     pub fn list(&self) -> Vec<DesiredLora> {
-        self.lock().state.loras.values().cloned().collect()
+        self.decoded().loras.values().cloned().collect()
     }
 
     /// The desired set as of now, without copying it.
     pub fn snapshot(&self) -> Snapshot {
-        self.lock().state.loras.clone()
+        self.decoded().loras.clone()
     }
 
-    /// Names unloaded through the API.
-    pub fn removed(&self) -> BTreeSet<String> {
-        self.lock().state.removed.clone()
+    /// Records `lora` as desired if its record is still as `expect` says; nothing changes on a
+    /// conflict or a failed write.
+    pub async fn put(&self, lora: &DesiredLora, expect: Expect) -> Result<Revision, StateError> {
+        Ok(self.replica.commit(vec![put_write(lora, expect)?]).await?)
     }
 
-    /// Records `lora` as desired (replacing an entry of the same name). On a write failure
-    /// nothing changes.
-    pub fn put(&self, lora: DesiredLora) -> Result<(), StateError> {
-        self.update(|s| {
-            s.removed.remove(&lora.name);
-            std::sync::Arc::make_mut(&mut s.loras).insert(lora.name.clone(), lora);
-        })
+    /// Removes `name` from the desired set if its record is still as `expect` says.
+    pub async fn remove(&self, name: &str, expect: Expect) -> Result<Revision, StateError> {
+        Ok(self.replica.commit(vec![Write::delete(key(name), expect)]).await?)
     }
 
-    /// Removes `name` from the desired set and remembers it was removed.
-    pub fn remove(&self, name: &str) -> Result<(), StateError> {
-        self.update(|s| {
-            std::sync::Arc::make_mut(&mut s.loras).remove(name);
-            s.removed.insert(name.to_string());
-        })
-    }
-
-    /// Forgets that `name` was removed (every backend has unloaded it).
-    pub fn forget_removed(&self, name: &str) -> Result<(), StateError> {
-        if !self.lock().state.removed.contains(name) {
-            return Ok(());
+    /// Imports a desired set kept by an earlier version of the gateway (`loras.json` in the
+    /// state dir) into a store that has never been written. Returns how many adapters it held.
+    pub async fn import_legacy(&self, dir: &Path) -> Result<usize, StateError> {
+        let path = dir.join(LEGACY_STATE_FILE);
+        if self.replica.revision() != 0 || !path.exists() {
+            return Ok(0);
         }
-        self.update(|s| {
-            s.removed.remove(name);
-        })
-    }
-
-    fn update(&self, change: impl FnOnce(&mut StateFile)) -> Result<(), StateError> {
-        let mut inner = self.lock();
-        let mut next = inner.state.clone();
-        change(&mut next);
-        next.version = FORMAT_VERSION;
-        let seen = write(&self.path, &next)?;
-        *inner = Inner { state: next, seen };
-        Ok(())
+        let bytes = std::fs::read(&path).map_err(failed("read", &path))?;
+        let legacy: LegacyStateFile = serde_json::from_slice(&bytes)
+            .map_err(|e| StateError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+        let writes = legacy.loras.values().map(|l| put_write(l, Expect::Absent)).collect::<Result<Vec<_>, _>>()?;
+        if writes.is_empty() {
+            return Ok(0);
+        }
+        let n = writes.len();
+        self.replica.commit(writes).await?;
+        tracing::info!(adapters = n, file = %path.display(), "imported the desired adapters of an earlier version");
+        Ok(n)
     }
 }
 
-fn read(path: &Path) -> Result<(StateFile, Option<SystemTime>), StateError> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok((StateFile { version: FORMAT_VERSION, ..Default::default() }, None));
-        }
-        Err(e) => return Err(failed("read", path)(e).into()),
-    };
-    let state: StateFile = serde_json::from_slice(&bytes)
-        .map_err(|e| StateError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
-    if state.version != FORMAT_VERSION {
-        return Err(StateError::Corrupt {
-            path: path.to_path_buf(),
-            reason: format!("format version {} (this gateway reads {FORMAT_VERSION})", state.version),
-        });
-    }
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    Ok((state, modified))
+/// The write that stores `lora` under its name.
+pub(crate) fn put_write(lora: &DesiredLora, expect: Expect) -> Result<Write, StateError> {
+    let value = serde_json::to_string(lora).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    Ok(Write::put(key(&lora.name), expect, value))
 }
 
-/// Replaces the state file with `state`.
-fn write(path: &Path, state: &StateFile) -> Result<Option<SystemTime>, StateError> {
-    let bytes = serde_json::to_vec_pretty(state)
-        .map_err(|e| StateError::Corrupt { path: path.to_path_buf(), reason: e.to_string() })?;
-    files::replace(path, &bytes)?;
-    Ok(std::fs::metadata(path).and_then(|m| m.modified()).ok())
+/// The file earlier versions kept the desired set in.
+const LEGACY_STATE_FILE: &str = "loras.json";
+
+#[derive(Debug, Deserialize)]
+struct LegacyStateFile {
+    loras: BTreeMap<String, DesiredLora>,
 }
 
 #[cfg(test)]
@@ -265,29 +263,42 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_desired_set_survives_a_restart_and_removals_are_remembered() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LoraStore::open(dir.path()).unwrap();
-        store.put(lora("acme/support", "s3://acme/support")).unwrap();
-        store.put(lora("b", "hf://org/b")).unwrap();
-        store.remove("b").unwrap();
-        let again = LoraStore::open(dir.path()).unwrap();
-        assert_eq!(again.list(), vec![lora("acme/support", "s3://acme/support")]);
-        assert!(again.removed().contains("b"));
-        again.put(lora("b", "hf://org/b2")).unwrap();
-        assert!(!again.removed().contains("b"), "loading a name again cancels its removal");
-        // The first handle sees the other's change.
-        assert!(store.refresh().unwrap() || store.get("b").is_some());
-        assert_eq!(store.get("b").map(|l| l.uri), Some("hf://org/b2".into()));
+    async fn open(dir: &Path) -> LoraStore {
+        LoraStore::open_dir(dir).await.unwrap()
     }
 
-    #[test]
-    fn a_damaged_state_file_is_an_error_not_an_empty_set() {
+    #[tokio::test]
+    async fn the_desired_set_survives_a_restart_and_a_stale_write_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(STATE_FILE), b"{\"version\":1,\"loras\":").unwrap();
-        let err = LoraStore::open(dir.path()).unwrap_err();
-        assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
+        let store = open(dir.path()).await;
+        store.put(&lora("acme/support", "s3://acme/support"), Expect::Absent).await.unwrap();
+        store.put(&lora("b", "hf://org/b"), Expect::Absent).await.unwrap();
+        let (_, b_at) = store.get_versioned("b");
+        store.remove("b", b_at).await.unwrap();
+        let again = open(dir.path()).await;
+        assert_eq!(again.list(), vec![lora("acme/support", "s3://acme/support")]);
+        // A second gateway that read the record before the first one changed it loses.
+        let (_, read) = again.get_versioned("acme/support");
+        store.put(&lora("acme/support", "s3://acme/support-v2"), read).await.unwrap();
+        let stale = again.put(&lora("acme/support", "s3://acme/other"), read).await;
+        assert!(matches!(stale, Err(StateError::Store(StoreError::Conflict { .. }))), "{stale:?}");
+        assert_eq!(open(dir.path()).await.get("acme/support").map(|l| l.uri), Some("s3://acme/support-v2".into()));
+    }
+
+    #[tokio::test]
+    async fn the_desired_set_of_an_earlier_version_is_imported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = serde_json::json!({"version": 1, "removed": ["gone"],
+            "loras": {"acme/a": lora("acme/a", "s3://acme/a")}});
+        std::fs::write(dir.path().join(LEGACY_STATE_FILE), legacy.to_string()).unwrap();
+        let store = open(dir.path()).await;
+        assert_eq!(store.import_legacy(dir.path()).await.unwrap(), 1);
+        assert_eq!(store.list(), vec![lora("acme/a", "s3://acme/a")]);
+        let (_, at) = store.get_versioned("acme/a");
+        store.remove("acme/a", at).await.unwrap();
+        let again = open(dir.path()).await;
+        assert_eq!(again.import_legacy(dir.path()).await.unwrap(), 0, "imported twice");
+        assert!(again.list().is_empty());
     }
 
     #[test]

@@ -1,12 +1,15 @@
-//! One task per backend: probe it (`grpc.health.v1`, `Info`, `ListAdapters`) every interval,
-//! record what it said in the routing table, and make its adapters match the desired set:
-//! load what it lacks (after a restart it lacks everything), unload what was removed while it
-//! was unreachable. Nothing here needs an operator: a backend that restarts or appears is
-//! brought up to date on its first healthy probe.
+//! One task per backend: probe it (`grpc.health.v1`, `Info`, `ListAdapters`) every interval and
+//! record what it said in the routing table. On the leading gateway ([`crate::leader`]) the task
+//! also makes the backend's adapters match the desired set: it loads what the backend lacks
+//! (after a restart it lacks everything) and unloads what no gateway knows about (removed while
+//! the backend was unreachable, or left by an operation that never finished), leaving alone
+//! adapters with an operation pending. Nothing here needs an operator: a backend that restarts
+//! or appears is brought up to date on its first healthy probe.
 
 use crate::Gateway;
-use crate::admin::load_request;
+use crate::admin::{load_request, ops};
 use crate::loras::DesiredLora;
+use crate::upstream::UpstreamCode;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,8 +78,8 @@ pub async fn round(gw: &Arc<Gateway>, i: usize, failures: &mut Failures) {
         }
         _ => {}
     }
-    if now {
-        converge(gw, i, failures).await;
+    if now && let Some(fence) = gw.leadership.token() {
+        converge(gw, i, failures, fence).await;
     }
 }
 
@@ -89,14 +92,16 @@ fn satisfied(listed: Option<&pb::AdapterInfo>, lora: &DesiredLora) -> bool {
     })
 }
 
-async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures) {
-    if let Err(e) = gw.loras.refresh() {
-        tracing::warn!(error = %e, "cannot re-read the adapter state file; using the last good copy");
-    }
+async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures, fence: u64) {
     let backend = gw.backends[i].clone();
+    let pending: std::collections::HashSet<String> = ops::all(&gw.replica().current())
+        .into_iter()
+        .filter(|(_, op, _)| op.outcome.is_none())
+        .map(|(name, ..)| name)
+        .collect();
     for lora in gw.loras.list() {
         let listed = gw.read_view(i, |v| v.adapters.get(&lora.name).cloned()).flatten();
-        if satisfied(listed.as_ref(), &lora) || !failures.may_retry(&lora.name) {
+        if satisfied(listed.as_ref(), &lora) || !failures.may_retry(&lora.name) || pending.contains(&lora.name) {
             continue;
         }
         let turn = gw.turn(&lora.name);
@@ -105,7 +110,7 @@ async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures) {
         if gw.loras.get(&lora.name).as_ref() != Some(&lora) {
             continue;
         }
-        match backend.load_adapter(load_request(gw, &lora)).await {
+        match backend.load_adapter(load_request(gw, &lora, fence)).await {
             Ok(r) => {
                 failures.0.remove(&lora.name);
                 tracing::info!(backend = backend.address(), adapter = %lora.name, fetched = r.fetched, "re-applied adapter");
@@ -113,6 +118,7 @@ async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures) {
                     gw.with_view(i, |v| v.adapters.insert(info.name.clone(), info));
                 }
             }
+            Err(e) if e.code == UpstreamCode::Fenced => return,
             Err(e) => {
                 failures.0.insert(lora.name.clone(), Instant::now());
                 tracing::warn!(backend = backend.address(), adapter = %lora.name, error = %e, "cannot re-apply adapter");
@@ -122,23 +128,35 @@ async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures) {
             }
         }
     }
-    for name in gw.loras.removed() {
-        let listed = gw.read_view(i, |v| v.adapters.contains_key(&name)).unwrap_or(false);
-        if !listed {
+    // What the backend has that no gateway knows about. Not while the store cannot be followed:
+    // the copy may be missing an adapter another gateway has just recorded.
+    if gw.replica().trouble().is_some() {
+        return;
+    }
+    let listed: Vec<String> = gw.read_view(i, |v| v.adapters.keys().cloned().collect()).unwrap_or_default();
+    for name in listed {
+        if gw.loras.get(&name).is_some() || pending.contains(&name) {
             continue;
         }
         let turn = gw.turn(&name);
         let _turn = turn.lock().await;
-        if !gw.loras.removed().contains(&name) {
+        let snapshot = gw.replica().current();
+        if gw.loras.get(&name).is_some() || ops::read(&snapshot, &name).is_some_and(|(op, _)| op.outcome.is_none()) {
             continue;
         }
-        match backend.unload_adapter(&name).await {
+        match backend.unload_adapter(&name, fence).await {
             Ok(()) => {
-                tracing::info!(backend = backend.address(), adapter = %name, "unloaded a removed adapter");
+                tracing::info!(backend = backend.address(), adapter = %name, "unloaded an adapter that is not desired");
+                gw.with_view(i, |v| v.adapters.remove(&name));
+            }
+            Err(e) if e.code == UpstreamCode::NotFound => {
                 gw.with_view(i, |v| v.adapters.remove(&name));
             }
             Err(e) => {
-                tracing::warn!(backend = backend.address(), adapter = %name, error = %e, "cannot unload a removed adapter")
+                tracing::warn!(backend = backend.address(), adapter = %name, error = %e, "cannot unload an adapter that is not desired");
+                if e.is_backend_failure() || e.code == UpstreamCode::Fenced {
+                    return;
+                }
             }
         }
     }

@@ -14,6 +14,10 @@ pub enum ServiceError {
     /// The request message itself is malformed (a missing field, bad text).
     #[error("{0}")]
     BadRequest(String),
+    /// The call carries a fencing token below the highest seen: it comes from a gateway that
+    /// no longer leads its fleet.
+    #[error("fencing token {got} is stale: a gateway with token {highest} drives this backend now")]
+    Fenced { got: u64, highest: u64 },
     /// A bug: a task of ours failed (panicked).
     #[error("internal error: {0}")]
     Internal(String),
@@ -25,6 +29,7 @@ impl ServiceError {
         match self {
             ServiceError::BadRequest(_) => Code::InvalidArgument,
             ServiceError::Internal(_) => Code::Internal,
+            ServiceError::Fenced { .. } => Code::Aborted,
             ServiceError::Adapter(e) => match e {
                 AdapterError::BadName { .. }
                 | AdapterError::BadUri { .. }
@@ -67,6 +72,7 @@ mod tests {
     #[test]
     fn each_failure_has_its_own_code() {
         let cases: Vec<(ServiceError, Code)> = vec![
+            (ServiceError::Fenced { got: 3, highest: 7 }, Code::Aborted),
             (EngineError::UnknownAdapter("x".into()).into(), Code::NotFound),
             (EngineError::AdapterInUse { name: "x".into(), active: 1 }.into(), Code::FailedPrecondition),
             (EngineError::SlotsFull { max: 2 }.into(), Code::ResourceExhausted),

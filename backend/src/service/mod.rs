@@ -41,6 +41,26 @@ pub struct BackendService {
     adapters: Arc<AdapterManager>,
     tokenizer: Arc<Tokenizer>,
     model: Arc<ServedModel>,
+    fence: Arc<Fence>,
+}
+
+/// The highest fencing token seen on an adapter call: calls from gateways with a lower one are
+/// refused, so a leader that was replaced (and does not know it yet) changes nothing.
+#[derive(Debug, Default)]
+pub struct Fence(std::sync::atomic::AtomicU64);
+
+impl Fence {
+    /// Admits a call with `token` (0: unfenced, always admitted) and raises the highest seen.
+    pub fn admit(&self, token: u64) -> Result<(), ServiceError> {
+        if token == 0 {
+            return Ok(());
+        }
+        let highest = self.0.fetch_max(token, std::sync::atomic::Ordering::SeqCst);
+        if token < highest {
+            return Err(ServiceError::Fenced { got: token, highest });
+        }
+        Ok(())
+    }
 }
 
 impl BackendService {
@@ -50,7 +70,7 @@ impl BackendService {
         tokenizer: Arc<Tokenizer>,
         model: ServedModel,
     ) -> BackendService {
-        BackendService { engine, adapters, tokenizer, model: Arc::new(model) }
+        BackendService { engine, adapters, tokenizer, model: Arc::new(model), fence: Arc::default() }
     }
 
     /// Turns the request's input (text, chat or ids) into prompt token ids.
@@ -142,6 +162,7 @@ impl pb::backend_server::Backend for BackendService {
         request: Request<pb::LoadAdapterRequest>,
     ) -> Result<Response<pb::LoadAdapterResponse>, Status> {
         let req = request.into_inner();
+        self.fence.admit(req.fence)?;
         let source = req.source.unwrap_or_default();
         if source.uri.is_empty() {
             return Err(ServiceError::BadRequest("source.uri is required".into()).into());
@@ -166,7 +187,9 @@ impl pb::backend_server::Backend for BackendService {
         &self,
         request: Request<pb::UnloadAdapterRequest>,
     ) -> Result<Response<pb::UnloadAdapterResponse>, Status> {
-        self.adapters.unload(&request.into_inner().name).await?;
+        let req = request.into_inner();
+        self.fence.admit(req.fence)?;
+        self.adapters.unload(&req.name).await?;
         Ok(Response::new(pb::UnloadAdapterResponse {}))
     }
 
@@ -197,5 +220,21 @@ impl pb::backend_server::Backend for BackendService {
             lora_target_modules: Module::ALL.iter().map(|m| m.name().to_string()).collect(),
             vocab_size: m.config.vocab_size as u32,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_leaders_token_is_refused_and_unfenced_calls_pass() {
+        let fence = Fence::default();
+        assert!(fence.admit(5).is_ok());
+        assert!(fence.admit(5).is_ok(), "the leader's own token stays good");
+        assert!(fence.admit(0).is_ok(), "an operator's unfenced call");
+        assert!(fence.admit(9).is_ok(), "a new leader");
+        assert!(matches!(fence.admit(5), Err(ServiceError::Fenced { got: 5, highest: 9 })));
+        assert!(fence.admit(9).is_ok());
     }
 }

@@ -104,6 +104,7 @@ pub fn load_uri(name: &str, uri: &str) -> pb::LoadAdapterRequest {
         name: name.into(),
         source: Some(pb::AdapterSource { uri: uri.into(), ..Default::default() }),
         scope: None,
+        fence: 0,
     }
 }
 

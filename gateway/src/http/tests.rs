@@ -129,7 +129,7 @@ impl Upstream for FakeBackend {
         })
     }
 
-    async fn unload_adapter(&self, name: &str) -> Result<(), UpstreamError> {
+    async fn unload_adapter(&self, name: &str, _fence: u64) -> Result<(), UpstreamError> {
         match self.adapters.lock().unwrap().remove(name) {
             Some(_) => Ok(()),
             None => Err(err(UpstreamCode::NotFound, "unknown adapter")),
@@ -140,7 +140,16 @@ impl Upstream for FakeBackend {
 struct Harness {
     gw: Arc<Gateway>,
     backend: Arc<FakeBackend>,
-    _dir: tempfile::TempDir,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 async fn harness() -> Harness {
@@ -195,7 +204,7 @@ async fn harness_in(dir: tempfile::TempDir, policies: bool) -> Harness {
     };
     let mut gateway = Gateway::new(
         vec![backend.clone()],
-        LoraStore::open(&dir.path().join("state")).unwrap(),
+        LoraStore::open_dir(&dir.path().join("state")).await.unwrap(),
         tenants,
         engine,
         Arc::new(verifier),
@@ -205,8 +214,12 @@ async fn harness_in(dir: tempfile::TempDir, policies: bool) -> Harness {
         gateway = gateway.with_policy_store(store);
     }
     let gw = Arc::new(gateway);
+    let tasks = gw.spawn_state_tasks();
+    // The only gateway on its directory leads at once.
+    let mut lead = gw.leadership().subscribe();
+    lead.wait_for(Option::is_some).await.unwrap();
     reconcile::round(&gw, 0, &mut Failures::default()).await;
-    Harness { gw, backend, _dir: dir }
+    Harness { gw, backend, tasks, dir: Some(dir) }
 }
 
 fn token(tenant: &str, scopes: &str, exp_offset: i64) -> String {
@@ -755,7 +768,9 @@ async fn policies_are_deployed_activated_rolled_back_and_survive_a_restart_throu
     assert_eq!(v["active"].as_object().unwrap().keys().collect::<Vec<_>>(), vec!["acme"], "acme sees only its own");
 
     // Restart: a new gateway over the same state dir routes acme the same way.
-    let Harness { _dir: dir, .. } = h;
+    let mut h = h;
+    let dir = h.dir.take().unwrap();
+    drop(h);
     let h = harness_in(dir, true).await;
     json_call(&h, "POST", "/v1/chat/completions", Some(&t), chat("anything")).await;
     assert_eq!(h.backend.generations.lock().unwrap().last().unwrap().adapter, "acme/v1");

@@ -16,11 +16,11 @@
 //! Every request has a deadline ([`REQUEST_TIMEOUT`]) and requires a leader, so a cluster that
 //! has lost quorum answers [`StoreError::Unavailable`] promptly instead of hanging.
 
-use super::{Batch, Change, Entry, Expect, Revision, Snapshot, StateStore, StoreError, Watch, Write};
+use super::{Batch, Change, Entry, Expect, Revision, Set, Snapshot, StateStore, StoreError, Watch, Write};
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
 };
 use futures::StreamExt;
 use std::time::Duration;
@@ -31,6 +31,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes per blob chunk: under etcd's default request limit (1.5 MiB) with room for the key.
 pub const BLOB_CHUNK: usize = 1 << 20;
+/// Seconds the leader's lease lives without a renewal: how long a dead leader keeps others
+/// from driving the backends. Renewed every third of it.
+pub const LEADER_TTL_S: i64 = 3;
 
 /// The desired state in etcd under one prefix.
 #[derive(Clone)]
@@ -92,8 +95,81 @@ impl EtcdStore {
         format!("{}state/", self.prefix)
     }
 
+    fn leader_key(&self) -> String {
+        format!("{}leader", self.prefix)
+    }
+
+    /// Grants a lease of `ttl_s` seconds and keeps it alive until the returned guard is dropped
+    /// (which revokes it). The receiver turns true once the lease may have expired: no renewal
+    /// was confirmed within its TTL.
+    pub async fn keep_lease(
+        &self,
+        ttl_s: i64,
+    ) -> Result<(i64, tokio::sync::watch::Receiver<bool>, LeaseGuard), StoreError> {
+        let mut client = self.client.clone();
+        let granted = client.lease_grant(ttl_s, None).await.map_err(unavailable)?;
+        let id = granted.id();
+        let ttl = Duration::from_secs(ttl_s.max(1) as u64);
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        let started = tokio::time::Instant::now();
+        let task = tokio::spawn(async move {
+            let mut valid_until = started + ttl;
+            'reconnect: loop {
+                if tokio::time::Instant::now() >= valid_until {
+                    break;
+                }
+                let Ok((mut keeper, mut answers)) = client.lease_keep_alive(id).await else {
+                    tokio::time::sleep(ttl / 6).await;
+                    continue;
+                };
+                loop {
+                    let sent = tokio::time::Instant::now();
+                    if keeper.keep_alive().await.is_err() {
+                        continue 'reconnect;
+                    }
+                    let answer = tokio::time::timeout_at(valid_until.max(sent), answers.message()).await;
+                    match answer {
+                        Ok(Ok(Some(a))) if a.ttl() > 0 => valid_until = sent + Duration::from_secs(a.ttl() as u64),
+                        // TTL 0: etcd says the lease is gone.
+                        Ok(Ok(Some(_))) => break 'reconnect,
+                        Ok(_) => continue 'reconnect,
+                        Err(_) => break 'reconnect,
+                    }
+                    tokio::time::sleep(ttl / 3).await;
+                }
+            }
+            let _ = lost_tx.send(true);
+        });
+        Ok((id, lost, LeaseGuard { task, client: self.client.clone(), id }))
+    }
+
     fn blob_key(&self, digest: &str) -> String {
         format!("{}blobs/{digest}", self.prefix)
+    }
+}
+
+/// Keeps a lease alive; revokes it when dropped (inside a tokio runtime).
+pub struct LeaseGuard {
+    task: tokio::task::JoinHandle<()>,
+    client: Client,
+    id: i64,
+}
+
+impl std::fmt::Debug for LeaseGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseGuard").field("id", &self.id).finish()
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+        let (mut client, id) = (self.client.clone(), self.id);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = client.lease_revoke(id).await;
+            });
+        }
     }
 }
 
@@ -141,9 +217,10 @@ impl StateStore for EtcdStore {
             .collect();
         let ops: Vec<TxnOp> = writes
             .iter()
-            .map(|w| match &w.value {
-                Some(v) => TxnOp::put(self.state_key(&w.key), v.clone(), None),
-                None => TxnOp::delete(self.state_key(&w.key), None),
+            .filter_map(|w| match &w.change {
+                Set::Put(v) => Some(TxnOp::put(self.state_key(&w.key), v.clone(), None)),
+                Set::Delete => Some(TxnOp::delete(self.state_key(&w.key), None)),
+                Set::Keep => None,
             })
             .collect();
         let reads: Vec<TxnOp> = writes.iter().map(|w| TxnOp::get(self.state_key(&w.key), None)).collect();
@@ -254,6 +331,40 @@ impl StateStore for EtcdStore {
             bytes.extend_from_slice(kv.value());
         }
         super::check_blob(digest, bytes)
+    }
+
+    async fn lead(&self, holder: &str) -> Result<super::Lead, StoreError> {
+        let key = self.leader_key();
+        let mut client = self.client.clone();
+        loop {
+            let (lease, lost, guard) = self.keep_lease(LEADER_TTL_S).await?;
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key.clone(), holder, Some(PutOptions::new().with_lease(lease)))])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let r = client.txn(txn).await.map_err(unavailable)?;
+            let revision = r.header().map_or(0, |h| h.revision());
+            if r.succeeded() {
+                // The leader key's creation revision: etcd's revisions only grow, so every later
+                // leader's token is greater.
+                return Ok(super::Lead::new(revision as u64, lost, Box::new(guard)));
+            }
+            drop(guard);
+            // Someone leads: wait for its key to go (its lease expired or was revoked).
+            let mut watch = client
+                .watch(key.clone(), Some(WatchOptions::new().with_start_revision(revision + 1)))
+                .await
+                .map_err(unavailable)?;
+            let ttl = Duration::from_secs(LEADER_TTL_S as u64);
+            loop {
+                match tokio::time::timeout(ttl, watch.message()).await {
+                    Ok(Ok(Some(m))) if m.events().iter().any(|e| e.event_type() == EventType::Delete) => break,
+                    Ok(Ok(Some(_))) => {}
+                    // The watch broke or nothing happened for a while: try again.
+                    _ => break,
+                }
+            }
+        }
     }
 
     async fn delete_blob(&self, digest: &str) -> Result<(), StoreError> {

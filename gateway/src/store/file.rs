@@ -23,6 +23,12 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 const STATE_FILE: &str = "store.json";
 const LOCK_FILE: &str = "store.lock";
 const BLOB_DIR: &str = "blobs";
+/// Held (an exclusive lock) by the leading gateway for as long as it runs.
+const LEADER_LOCK: &str = "leader.lock";
+/// The last fencing token handed out, written under the leader lock.
+const LEADER_EPOCH: &str = "leader.epoch";
+/// How often a gateway that does not lead tries the leader lock again.
+pub const LEADER_RETRY: Duration = Duration::from_millis(500);
 const FORMAT_VERSION: u32 = 1;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -111,13 +117,14 @@ impl FileStore {
         }
         let revision = state.revision + 1;
         for w in writes {
-            match &w.value {
-                Some(v) => {
+            match &w.change {
+                super::Set::Put(v) => {
                     state.entries.insert(w.key.clone(), Entry { value: v.clone(), mod_revision: revision });
                 }
-                None => {
+                super::Set::Delete => {
                     state.entries.remove(&w.key);
                 }
+                super::Set::Keep => {}
             }
         }
         let file = StateFile {
@@ -135,6 +142,35 @@ impl FileStore {
         // The lock is released when `lock` is dropped, after the rename.
         drop(lock);
         Ok(revision)
+    }
+
+    /// Takes the leader lock if it is free: the next fencing token and the lock's file.
+    fn try_lead(&self) -> Result<Option<(u64, std::fs::File)>, StoreError> {
+        let path = self.dir.join(LEADER_LOCK);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("lock", &path)(e)),
+        }
+        let epoch_path = self.dir.join(LEADER_EPOCH);
+        let last = match std::fs::read_to_string(&epoch_path) {
+            Ok(t) => t
+                .trim()
+                .parse::<u64>()
+                .map_err(|e| StoreError::Corrupt(format!("{} does not hold a number: {e}", epoch_path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io("read", &epoch_path)(e)),
+        };
+        let token = last + 1;
+        files::replace(&epoch_path, token.to_string().as_bytes())
+            .map_err(|e| StoreError::Unavailable { reason: e.to_string() })?;
+        Ok(Some((token, lock)))
     }
 
     fn blob_path(&self, digest: &str) -> Result<PathBuf, StoreError> {
@@ -247,6 +283,18 @@ impl StateStore for FileStore {
             Err(e) => Err(io("read", &path)(e)),
         })
         .await
+    }
+
+    async fn lead(&self, _holder: &str) -> Result<super::Lead, StoreError> {
+        loop {
+            let me = self.clone();
+            if let Some((token, lock)) = blocking(move || me.try_lead()).await? {
+                // A lock held by this process is never lost while it runs.
+                let (keep, lost) = tokio::sync::watch::channel(false);
+                return Ok(super::Lead::new(token, lost, Box::new((lock, keep))));
+            }
+            tokio::time::sleep(LEADER_RETRY).await;
+        }
     }
 
     async fn delete_blob(&self, digest: &str) -> Result<(), StoreError> {

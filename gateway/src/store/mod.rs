@@ -93,21 +93,35 @@ pub enum Expect {
     Any,
 }
 
-/// One key's part of a transaction: its precondition and its new value (`None` deletes it).
+/// One key's part of a transaction: its precondition and what happens to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Write {
     pub key: String,
     pub expect: Expect,
-    pub value: Option<String>,
+    pub change: Set,
+}
+
+/// What a transaction does to one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Set {
+    Put(String),
+    Delete,
+    /// Nothing: the key is only a precondition.
+    Keep,
 }
 
 impl Write {
     pub fn put(key: impl Into<String>, expect: Expect, value: impl Into<String>) -> Write {
-        Write { key: key.into(), expect, value: Some(value.into()) }
+        Write { key: key.into(), expect, change: Set::Put(value.into()) }
     }
 
     pub fn delete(key: impl Into<String>, expect: Expect) -> Write {
-        Write { key: key.into(), expect, value: None }
+        Write { key: key.into(), expect, change: Set::Delete }
+    }
+
+    /// Makes the transaction depend on `key` being as `expect` says, without changing it.
+    pub fn check(key: impl Into<String>, expect: Expect) -> Write {
+        Write { key: key.into(), expect, change: Set::Keep }
     }
 }
 
@@ -180,6 +194,39 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     async fn get_blob(&self, digest: &str) -> Result<Vec<u8>, StoreError>;
     /// Removes a blob (absent is fine).
     async fn delete_blob(&self, digest: &str) -> Result<(), StoreError>;
+    /// Campaigns to be the one gateway that drives the backends, as `holder`: returns once this
+    /// holder leads, with a fencing token greater than every earlier leader's.
+    async fn lead(&self, holder: &str) -> Result<Lead, StoreError>;
+}
+
+/// Leadership held: the fencing token backends check, and whether it has been lost. Dropping it
+/// gives leadership up.
+pub struct Lead {
+    pub token: u64,
+    lost: tokio::sync::watch::Receiver<bool>,
+    _hold: Box<dyn Send + Sync>,
+}
+
+impl std::fmt::Debug for Lead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lead").field("token", &self.token).field("lost", &*self.lost.borrow()).finish()
+    }
+}
+
+impl Lead {
+    pub(crate) fn new(token: u64, lost: tokio::sync::watch::Receiver<bool>, hold: Box<dyn Send + Sync>) -> Lead {
+        Lead { token, lost, _hold: hold }
+    }
+
+    /// Whether this holder may have been replaced (its lease could not be renewed in time).
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// Resolves when leadership is lost.
+    pub async fn lost(&mut self) {
+        let _ = self.lost.wait_for(|l| *l).await;
+    }
 }
 
 /// The SHA-256 of `bytes` as lowercase hex.

@@ -100,8 +100,8 @@ impl Replica {
     pub async fn commit(&self, writes: Vec<Write>) -> Result<Revision, StoreError> {
         let revision = self.store.commit(writes).await?;
         let mut seen = self.subscribe();
-        let caught_up = tokio::time::timeout(CATCH_UP, seen.wait_for(|r| *r >= revision)).await;
-        if !matches!(caught_up, Ok(Ok(_))) {
+        let caught_up = matches!(tokio::time::timeout(CATCH_UP, seen.wait_for(|r| *r >= revision)).await, Ok(Ok(_)));
+        if !caught_up {
             self.resync().await?;
         }
         Ok(revision)

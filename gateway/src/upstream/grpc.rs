@@ -148,7 +148,8 @@ fn from_status(status: tonic::Status) -> UpstreamError {
         Code::NotFound => UpstreamCode::NotFound,
         Code::InvalidArgument | Code::OutOfRange => UpstreamCode::InvalidArgument,
         Code::PermissionDenied | Code::Unauthenticated => UpstreamCode::PermissionDenied,
-        Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => UpstreamCode::FailedPrecondition,
+        Code::FailedPrecondition | Code::AlreadyExists => UpstreamCode::FailedPrecondition,
+        Code::Aborted => UpstreamCode::Fenced,
         Code::ResourceExhausted => UpstreamCode::ResourceExhausted,
         Code::Unavailable | Code::Cancelled => UpstreamCode::Unavailable,
         Code::DeadlineExceeded => UpstreamCode::Timeout,
@@ -198,9 +199,9 @@ impl Upstream for GrpcUpstream {
         backend.load_adapter(request).await.map(tonic::Response::into_inner).map_err(from_status)
     }
 
-    async fn unload_adapter(&self, name: &str) -> Result<(), UpstreamError> {
+    async fn unload_adapter(&self, name: &str, fence: u64) -> Result<(), UpstreamError> {
         let mut backend = self.backend.clone();
-        let mut request = tonic::Request::new(pb::UnloadAdapterRequest { name: name.to_string() });
+        let mut request = tonic::Request::new(pb::UnloadAdapterRequest { name: name.to_string(), fence });
         request.set_timeout(self.timeouts.admin);
         backend.unload_adapter(request).await.map(|_| ()).map_err(from_status)
     }

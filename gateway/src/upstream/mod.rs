@@ -24,6 +24,8 @@ pub enum UpstreamCode {
     Unavailable,
     /// The call ran past its deadline.
     Timeout,
+    /// The backend refused the call's fencing token: a newer leader drives it.
+    Fenced,
     /// Anything else (a backend bug, a protocol error).
     Other,
 }
@@ -67,5 +69,6 @@ pub trait Upstream: Send + Sync + std::fmt::Debug {
     /// Starts a generation. Dropping the stream cancels it on the backend.
     async fn generate(&self, request: pb::GenerateRequest) -> Result<TokenStream, UpstreamError>;
     async fn load_adapter(&self, request: pb::LoadAdapterRequest) -> Result<pb::LoadAdapterResponse, UpstreamError>;
-    async fn unload_adapter(&self, name: &str) -> Result<(), UpstreamError>;
+    /// Unloads `name`, with the caller's fencing token (0: unfenced).
+    async fn unload_adapter(&self, name: &str, fence: u64) -> Result<(), UpstreamError>;
 }

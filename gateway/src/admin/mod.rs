@@ -1,0 +1,340 @@
+//! The adapter load API's operations, independent of HTTP: check the caller's right to them
+//! ([`crate::authz`]), record the operation in the state store before any backend is called
+//! ([`ops`]), and wait for the leading gateway to run it ([`execute`]) and record its outcome.
+//!
+//! So an operation outlives whoever asked for it: a client that goes away during a long
+//! download, or a gateway that dies, leaves a recorded operation that the leader finishes, never
+//! an adapter no gateway knows about. Two requests changing one adapter at once cannot both go
+//! through: the second is told (409) while the first is pending, and an outcome is recorded
+//! only if the adapter's record is still the one the operation was authorised against.
+//!
+//! A load that a backend refuses (the adapter does not fit, its source does not exist) is undone
+//! on the backends that took it. Backends that are down are reported as `pending`; the
+//! reconcilers bring them up to date when they come back.
+
+pub mod execute;
+pub mod ops;
+
+use crate::Gateway;
+use crate::auth::{Principal, Scope};
+use crate::loras::{self, DesiredLora};
+use crate::openai::ApiError;
+use crate::store::{Expect, StoreError, Write};
+use ops::{Action, AdminCode, AdminError, Operation, Outcome};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard_proto::v1 as pb;
+
+/// How long the gateway that took an adapter request waits for its outcome before answering
+/// that it is still running (the operation goes on).
+pub const OUTCOME_WAIT: Duration = Duration::from_secs(600);
+
+/// What one backend did with an operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Applied {
+    Loaded {
+        hot_swap: bool,
+        fetched: bool,
+        warnings: Vec<String>,
+    },
+    AlreadyLoaded,
+    Unloaded,
+    /// The backend is down; the change reaches it when it is healthy again.
+    Pending {
+        reason: String,
+    },
+}
+
+/// One backend's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendResult {
+    pub backend: String,
+    #[serde(flatten)]
+    pub applied: Applied,
+}
+
+/// A load request, as the API takes it.
+#[derive(Debug, Clone)]
+pub struct LoadRequest {
+    pub name: String,
+    pub uri: String,
+    pub sha256: Option<String>,
+    /// Replace an adapter of the same name loaded from another source.
+    pub hot_swap: bool,
+    /// Let every configured tenant use it (`None`: as it was, or private for a new adapter).
+    pub shared: Option<bool>,
+}
+
+/// What a successful load did.
+#[derive(Debug, Clone)]
+pub struct LoadOutcome {
+    pub lora: DesiredLora,
+    /// The name was already desired from the same source.
+    pub already_loaded: bool,
+    pub hot_swap: bool,
+    pub backends: Vec<BackendResult>,
+}
+
+/// The backend call that loads `lora`, bounded to the `load_prefixes` of the tenant whose grant
+/// admitted its source: the backend checks them again on the resolved location. A tenant no
+/// longer configured bounds it to nothing, so the backend refuses it.
+pub(crate) fn load_request(gw: &Gateway, lora: &DesiredLora, fence: u64) -> pb::LoadAdapterRequest {
+    let prefixes = gw.tenants.get(lora.loader()).map(|t| t.load_prefixes.clone()).unwrap_or_default();
+    pb::LoadAdapterRequest {
+        name: lora.name.clone(),
+        source: Some(pb::AdapterSource { uri: lora.uri.clone(), sha256: lora.sha256.clone().unwrap_or_default() }),
+        scope: Some(pb::SourceScope { prefixes }),
+        fence,
+    }
+}
+
+/// Indices of healthy backends, and results for the others.
+pub(crate) fn split_by_health(gw: &Gateway) -> (Vec<usize>, Vec<BackendResult>) {
+    let mut healthy = Vec::new();
+    let mut pending = Vec::new();
+    for (i, v) in gw.views().into_iter().enumerate() {
+        if v.healthy {
+            healthy.push(i);
+        } else {
+            let reason = v.last_error.unwrap_or_else(|| "unhealthy".into());
+            pending.push(BackendResult { backend: v.address, applied: Applied::Pending { reason } });
+        }
+    }
+    (healthy, pending)
+}
+
+/// The HTTP answer for an adapter operation's failure: the one mapping of [`AdminCode`]s.
+pub fn api_error(e: AdminError) -> ApiError {
+    let retry = crate::RETRY_AFTER_S;
+    match e.code {
+        AdminCode::InvalidAdapter => ApiError::unprocessable(e.message, "invalid_adapter"),
+        AdminCode::AdapterSourceNotFound => ApiError::unprocessable(e.message, "adapter_source_not_found"),
+        AdminCode::AdapterSourceDenied => ApiError::forbidden(e.message, "adapter_source_denied"),
+        AdminCode::AdapterBusy => ApiError::conflict(e.message, "adapter_busy"),
+        AdminCode::OperationInProgress => ApiError::conflict(e.message, "operation_in_progress"),
+        AdminCode::ChangedConcurrently => ApiError::conflict(e.message, "changed_concurrently"),
+        AdminCode::BackendResourceExhausted => {
+            ApiError::unavailable(e.message, retry).with_code("backend_resource_exhausted")
+        }
+        AdminCode::BackendUnavailable => ApiError::unavailable(e.message, retry).with_code("backend_unavailable"),
+        AdminCode::NoBackend => ApiError::unavailable(e.message, retry).with_code("no_backend"),
+        AdminCode::StateUnavailable => ApiError::unavailable(e.message, retry).with_code("state_unavailable"),
+        AdminCode::BackendError => ApiError::server(502, e.message, "backend_error"),
+        AdminCode::OperationTimeout => ApiError::server(504, e.message, "operation_timeout"),
+        AdminCode::OperationLost => ApiError::server(500, e.message, "operation_lost"),
+    }
+}
+
+fn state_error(e: &StoreError) -> AdminError {
+    AdminError::new(AdminCode::StateUnavailable, format!("cannot record the operation: {e}"))
+}
+
+/// Records `action` on adapter `name` (authorised against the record at `expect`), then waits
+/// for its outcome.
+async fn run(gw: &Gateway, who: &str, action: Action, expect: Expect) -> Result<Outcome, AdminError> {
+    let name = action.lora().name.clone();
+    let op = Operation {
+        id: format!("{:016x}", crate::random_u64()),
+        action,
+        expect: match expect {
+            Expect::At(r) => Some(r),
+            _ => None,
+        },
+        requested_by: who.to_string(),
+        gateway: gw.leadership.holder().to_string(),
+        requested_at: ops::now(),
+        outcome: None,
+    };
+    let value = serde_json::to_string(&op).map_err(|e| AdminError::new(AdminCode::StateUnavailable, e.to_string()))?;
+    let mut changes = gw.replica().subscribe();
+    let record = vec![Write::put(ops::key(&name), Expect::Absent, value), Write::check(loras::key(&name), expect)];
+    match gw.replica().commit(record).await {
+        Ok(_) => {}
+        Err(StoreError::Conflict { key }) if key == ops::key(&name) => {
+            let by = ops::read(&gw.replica().current(), &name).map(|(o, _)| o.requested_by).unwrap_or_default();
+            return Err(AdminError::new(
+                AdminCode::OperationInProgress,
+                format!(
+                    "another operation on LoRA adapter '{name}' is in progress (asked for by tenant '{by}'); retry when it is done"
+                ),
+            ));
+        }
+        Err(StoreError::Conflict { .. }) => {
+            return Err(AdminError::new(
+                AdminCode::ChangedConcurrently,
+                format!("LoRA adapter '{name}' was changed by another request; read it again and retry"),
+            ));
+        }
+        Err(e) => return Err(state_error(&e)),
+    }
+    let waited = tokio::time::timeout(OUTCOME_WAIT, async {
+        loop {
+            match ops::read(&gw.replica().current(), &name) {
+                Some((recorded, revision)) if recorded.id == op.id => {
+                    if let Some(outcome) = recorded.outcome {
+                        // Read: the record has done its job (the leader removes it later if this fails).
+                        let _ = gw.replica().commit(vec![Write::delete(ops::key(&name), Expect::At(revision))]).await;
+                        return Ok(outcome);
+                    }
+                }
+                _ => {
+                    return Err(AdminError::new(
+                        AdminCode::OperationLost,
+                        format!("the operation on LoRA adapter '{name}' was removed before it finished"),
+                    ));
+                }
+            }
+            if changes.changed().await.is_err() {
+                return Err(AdminError::new(AdminCode::OperationLost, "the gateway is shutting down"));
+            }
+        }
+    })
+    .await;
+    waited.unwrap_or_else(|_| {
+        Err(AdminError::new(
+            AdminCode::OperationTimeout,
+            format!(
+                "the operation on LoRA adapter '{name}' is still running after {}s; GET /v1/loras shows when it is done",
+                OUTCOME_WAIT.as_secs()
+            ),
+        ))
+    })
+}
+
+/// Whether any backend is healthy in this gateway's view.
+fn any_healthy(gw: &Gateway) -> Result<(), ApiError> {
+    if gw.views().iter().any(|v| v.healthy) {
+        return Ok(());
+    }
+    Err(api_error(AdminError::new(AdminCode::NoBackend, "no backend is healthy; nothing was changed")))
+}
+
+/// Loads (or hot-swaps) an adapter on every healthy backend and records it as desired.
+pub async fn load(gw: &Arc<Gateway>, who: &Principal, req: LoadRequest) -> Result<LoadOutcome, ApiError> {
+    who.require(Scope::LoraLoad)?;
+    let caller = gw.caller(who)?;
+    loras::validate_name(&req.name).map_err(|m| ApiError::invalid(m, Some("lora_name")))?;
+    loras::validate_uri(&req.uri).map_err(|m| ApiError::invalid(m, Some("source.uri")))?;
+    let sha256 = req
+        .sha256
+        .as_deref()
+        .map(loras::normalize_sha256)
+        .transpose()
+        .map_err(|m| ApiError::invalid(m, Some("sha256")))?;
+
+    let (previous, expect) = gw.loras.get_versioned(&req.name);
+    caller.check_load(&req.name, &req.uri, previous.as_ref())?;
+    let lora = DesiredLora {
+        name: req.name.clone(),
+        uri: req.uri,
+        sha256,
+        // Ownership stays with whoever loaded the name first; an admin's hot swap keeps it.
+        owner: previous.as_ref().map_or_else(|| caller.name.to_string(), |p| p.owner.clone()),
+        shared: req.shared.unwrap_or_else(|| previous.as_ref().is_some_and(|p| p.shared)),
+        loaded_by: previous.as_ref().is_some_and(|p| p.owner != caller.name).then(|| caller.name.to_string()),
+    };
+    let same_source = previous.as_ref().is_some_and(|p| p.uri == lora.uri && p.sha256 == lora.sha256);
+    if let Some(p) = &previous
+        && !same_source
+        && !req.hot_swap
+    {
+        return Err(ApiError::conflict(
+            format!(
+                "LoRA adapter '{}' is already loaded from {}; unload it first, or send \"hot_swap\": true to replace it",
+                p.name, p.uri
+            ),
+            "lora_exists",
+        ));
+    }
+    any_healthy(gw)?;
+    match run(gw, caller.name, Action::Load { lora: lora.clone() }, expect).await.map_err(api_error)? {
+        Outcome::Done { hot_swap, backends, .. } => {
+            tracing::info!(adapter = %lora.name, tenant = %who.tenant, hot_swap, "adapter loaded");
+            Ok(LoadOutcome { lora, already_loaded: same_source, hot_swap, backends })
+        }
+        Outcome::Failed { error, .. } => Err(api_error(error)),
+    }
+}
+
+/// Unloads an adapter from every healthy backend and removes it from the desired set.
+pub async fn unload(
+    gw: &Arc<Gateway>,
+    who: &Principal,
+    name: &str,
+) -> Result<(DesiredLora, Vec<BackendResult>), ApiError> {
+    who.require(Scope::LoraUnload)?;
+    let caller = gw.caller(who)?;
+    let loras = gw.loras.snapshot();
+    let lora = caller.check_unload(name, loras.get(name), &loras)?.clone();
+    let (_, expect) = gw.loras.get_versioned(name);
+    match run(gw, caller.name, Action::Unload { lora: lora.clone() }, expect).await.map_err(api_error)? {
+        Outcome::Done { backends, .. } => {
+            tracing::info!(adapter = name, tenant = %who.tenant, "adapter unloaded");
+            Ok((lora, backends))
+        }
+        Outcome::Failed { error, .. } => Err(api_error(error)),
+    }
+}
+
+/// An adapter as the list API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListedLora {
+    pub lora_name: String,
+    pub lora_id: u32,
+    pub source: Source,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    pub owner: String,
+    /// Every configured tenant may use it.
+    pub shared: bool,
+    /// Per backend: its state for this adapter (`resident`, `evicted`, … or `absent`).
+    pub backends: Vec<BackendState>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Source {
+    pub uri: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendState {
+    pub backend: String,
+    pub healthy: bool,
+    pub state: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+/// The desired adapters the caller may see (use or manage), with each backend's view of them.
+pub fn list(gw: &Gateway, who: &Principal) -> Result<Vec<ListedLora>, ApiError> {
+    who.require(Scope::LoraRead)?;
+    let caller = gw.caller(who)?;
+    let views = gw.views();
+    Ok(gw
+        .loras
+        .list()
+        .into_iter()
+        .filter(|l| caller.may_see(l))
+        .map(|l| ListedLora {
+            lora_name: l.name.clone(),
+            lora_id: l.lora_id(),
+            backends: views
+                .iter()
+                .map(|v| {
+                    let info = v.adapters.get(&l.name);
+                    let state = info.map_or("absent".to_string(), |a| {
+                        a.state().as_str_name().trim_start_matches("ADAPTER_STATE_").to_ascii_lowercase()
+                    });
+                    let error = info.map(|a| a.error.clone()).unwrap_or_default();
+                    BackendState { backend: v.address.clone(), healthy: v.healthy, state, error }
+                })
+                .collect(),
+            source: Source { uri: l.uri },
+            sha256: l.sha256,
+            owner: l.owner,
+            shared: l.shared,
+        })
+        .collect())
+}

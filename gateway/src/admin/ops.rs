@@ -1,0 +1,151 @@
+//! Adapter operations as records in the state store: `ops/<name>` holds the one operation on
+//! adapter `name` that is pending or recently finished. A record is written (create-only, so
+//! two operations on one adapter cannot run at once) before any backend is called, carries the
+//! revision of the adapter's record that it was authorised against, and receives its outcome in
+//! the same transaction that changes the desired set.
+
+use super::BackendResult;
+use crate::loras::DesiredLora;
+use crate::store::{Expect, Revision, Snapshot};
+use serde::{Deserialize, Serialize};
+
+/// Keys of operation records.
+pub const KEY_PREFIX: &str = "ops/";
+
+/// The store key of the operation on adapter `name`.
+pub fn key(name: &str) -> String {
+    format!("{KEY_PREFIX}{name}")
+}
+
+/// One operation on one adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Operation {
+    /// Random, so the gateway that recorded it recognises its own.
+    pub id: String,
+    pub action: Action,
+    /// The adapter record's `mod_revision` when the operation was authorised (`None`: there
+    /// was none). The outcome is recorded only if the record is still at it.
+    pub expect: Option<Revision>,
+    /// The tenant whose token asked for it.
+    pub requested_by: String,
+    /// The gateway that took the request.
+    pub gateway: String,
+    /// Seconds since the Unix epoch.
+    pub requested_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+}
+
+/// What an operation does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    /// Load (or hot-swap) `lora` on every backend and make it the desired record.
+    Load { lora: DesiredLora },
+    /// Unload `lora` from every backend and remove its record.
+    Unload { lora: DesiredLora },
+}
+
+impl Action {
+    pub fn lora(&self) -> &DesiredLora {
+        match self {
+            Action::Load { lora } | Action::Unload { lora } => lora,
+        }
+    }
+}
+
+/// How an operation ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Outcome {
+    Done { hot_swap: bool, backends: Vec<BackendResult>, finished_at: u64 },
+    Failed { error: AdminError, finished_at: u64 },
+}
+
+impl Outcome {
+    pub fn finished_at(&self) -> u64 {
+        match self {
+            Outcome::Done { finished_at, .. } | Outcome::Failed { finished_at, .. } => *finished_at,
+        }
+    }
+}
+
+/// Why an adapter operation failed: a stable code and a message naming the problem. Stored
+/// with the operation, so the gateway that took the request can answer for the leader that ran
+/// it; mapped to HTTP once, in [`crate::http`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+#[serde(deny_unknown_fields)]
+pub struct AdminError {
+    pub code: AdminCode,
+    pub message: String,
+}
+
+impl AdminError {
+    pub fn new(code: AdminCode, message: impl Into<String>) -> AdminError {
+        AdminError { code, message: message.into() }
+    }
+}
+
+/// The kinds of [`AdminError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminCode {
+    /// A backend found the adapter invalid (its files, its shapes, its rank).
+    InvalidAdapter,
+    /// A backend could not find the source.
+    AdapterSourceNotFound,
+    /// A backend refused the source (outside its roots or the tenant's load scope).
+    AdapterSourceDenied,
+    /// A backend cannot change the adapter now (requests are using it).
+    AdapterBusy,
+    /// A backend has no room (cache or slots).
+    BackendResourceExhausted,
+    /// A backend is down or timed out.
+    BackendUnavailable,
+    /// A backend failed in a way it should not.
+    BackendError,
+    /// No backend is healthy.
+    NoBackend,
+    /// Another operation on this adapter is pending.
+    OperationInProgress,
+    /// The adapter changed between being read and the operation's outcome.
+    ChangedConcurrently,
+    /// The state store cannot be written now.
+    StateUnavailable,
+    /// The operation is still running after the gateway stopped waiting.
+    OperationTimeout,
+    /// The operation's record disappeared before it finished.
+    OperationLost,
+}
+
+/// The operation on `name` in `snapshot`, with its record's revision.
+pub fn read(snapshot: &Snapshot, name: &str) -> Option<(Operation, Revision)> {
+    let entry = snapshot.entries.get(&key(name))?;
+    match serde_json::from_str(&entry.value) {
+        Ok(op) => Some((op, entry.mod_revision)),
+        Err(e) => {
+            tracing::warn!(key = %key(name), error = %e, "ignoring an operation record this gateway cannot read");
+            None
+        }
+    }
+}
+
+/// Every operation record in `snapshot`, by adapter name.
+pub fn all(snapshot: &Snapshot) -> Vec<(String, Operation, Revision)> {
+    snapshot
+        .under(KEY_PREFIX)
+        .filter_map(|(name, _)| read(snapshot, name).map(|(op, rev)| (name.to_string(), op, rev)))
+        .collect()
+}
+
+/// The expectation an operation's `expect` stands for.
+pub fn expectation(expect: Option<Revision>) -> Expect {
+    expect.map_or(Expect::Absent, Expect::At)
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
