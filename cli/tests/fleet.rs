@@ -6,9 +6,11 @@
 
 mod support;
 
+use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::etcd::EtcdCluster;
+use support::*;
 use switchyard_gateway::store::{self, Expect, Location, Replica, StateStore, StoreError, Write};
 
 /// Two handles on one store, and what keeps it alive.
@@ -233,4 +235,101 @@ fn store_locations_are_parsed_and_bad_ones_named() {
     for bad in ["etcd://", "etcd://host", "etcd://user@host:1", "consul://x:1", ""] {
         assert!(bad.parse::<Location>().is_err(), "{bad:?} was accepted");
     }
+}
+
+/// The tenants of the fleet tests: an operator that loads from the fixtures, and acme.
+fn fleet_tenants() -> String {
+    format!(
+        "[tenants.ops]\nadmin = true\nadapters = [\"*\"]\nload_prefixes = [\"file://{}/\"]\n\n\
+         [tenants.acme]\nadapters = [\"acme/*\"]\n",
+        fixtures().join("adapters").display()
+    )
+}
+
+async fn get(http: &reqwest::Client, gw: &Gateway, path: &str, token: &str) -> (u16, Value) {
+    let r = http.get(format!("{}{path}", gw.url)).bearer_auth(token).send().await.expect("answers");
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+fn fixture_uri(name: &str) -> String {
+    format!("file://{}", fixture_adapter(name).display())
+}
+
+/// Polls an async `check` until it holds or `within` passes.
+async fn until(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what} did not happen within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The names `/v1/models` lists for `who` through `gw`.
+async fn models(http: &reqwest::Client, gw: &Gateway, who: &str) -> Vec<String> {
+    let (_, v) = get(http, gw, "/v1/models", &token(who, "")).await;
+    v["data"]
+        .as_array()
+        .map_or_else(Vec::new, |d| d.iter().filter_map(|m| m["id"].as_str().map(String::from)).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_one_etcd_share_adapters_and_never_both_win_a_race() {
+    let Some(cluster) = EtcdCluster::start(3) else { return };
+    let backend = start_backend(&[]);
+    let store = cluster.url("two-gateways");
+    let tenants = fleet_tenants();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = gateway(da.path(), &[&backend.addr], &tenants, &["--store", &store]);
+    let b = gateway(db.path(), &[&backend.addr], &tenants, &["--store", &store]);
+    let http = reqwest::Client::new();
+    wait_ready(&http, &a).await;
+    wait_ready(&http, &b).await;
+    let ops = token("ops", "lora:load lora:read lora:unload");
+
+    // Loaded through A: B lists it and serves it, with the same answer as A.
+    let body = json!({"lora_name": "acme/support", "source": {"uri": fixture_uri("r8-qv")}});
+    let (status, v) = post(&http, &a, "/v1/loras", &ops, body).await;
+    assert_eq!(status, 200, "{v}");
+    until(Duration::from_secs(5), "B listing the adapter", async || {
+        models(&http, &b, "acme").await.contains(&"acme/support".to_string())
+    })
+    .await;
+    let (status, through_b) =
+        post(&http, &b, "/v1/chat/completions", &token("acme", ""), chat("acme/support", "hello")).await;
+    assert_eq!(status, 200, "{through_b}");
+    let (_, through_a) =
+        post(&http, &a, "/v1/chat/completions", &token("acme", ""), chat("acme/support", "hello")).await;
+    assert_eq!(through_b["choices"][0]["message"], through_a["choices"][0]["message"]);
+    let (_, base) = post(&http, &b, "/v1/chat/completions", &token("ops", ""), chat("tiny-llama", "hello")).await;
+    assert_ne!(through_b["choices"][0]["message"], base["choices"][0]["message"], "the adapter changes the answer");
+
+    // Both gateways hot-swap it at once: one wins, the other is told, and both then agree.
+    let swap = |uri: String| json!({"lora_name": "acme/support", "source": {"uri": uri}, "hot_swap": true});
+    let (x, y) = tokio::join!(
+        post(&http, &a, "/v1/loras", &ops, swap(fixture_uri("r4-patterns"))),
+        post(&http, &b, "/v1/loras", &ops, swap(fixture_uri("r16-all-rslora"))),
+    );
+    let winner = match (x.0, y.0) {
+        (200, 409) => (fixture_uri("r4-patterns"), &y.1),
+        (409, 200) => (fixture_uri("r16-all-rslora"), &x.1),
+        other => panic!("expected one 200 and one 409, got {other:?}: {} / {}", x.1, y.1),
+    };
+    let code = winner.1["error"]["code"].as_str().unwrap_or_default();
+    assert!(matches!(code, "operation_in_progress" | "changed_concurrently"), "{}", winner.1);
+    for gw in [&a, &b] {
+        until(Duration::from_secs(5), "both gateways recording the winner", async || {
+            let (_, v) = get(&http, gw, "/v1/loras", &ops).await;
+            v["adapters"][0]["source"]["uri"] == winner.0.as_str()
+        })
+        .await;
+    }
+
+    // Unloaded through B: A stops serving it.
+    let (status, v) = delete(&http, &b, "/v1/loras/acme/support", &ops).await;
+    assert_eq!(status, 200, "{v}");
+    until(Duration::from_secs(5), "A forgetting the adapter", async || {
+        let (s, v) = post(&http, &a, "/v1/chat/completions", &token("acme", ""), chat("acme/support", "hello")).await;
+        s == 404 && v["error"]["code"] == "model_not_found"
+    })
+    .await;
 }

@@ -14,42 +14,6 @@ use std::time::Duration;
 use support::*;
 use switchyard_proto::v1 as pb;
 
-const SECRET: &[u8] = b"isolation-test-secret-isolation-test-secret";
-
-fn token(tenant: &str, scope: &str) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let claims = json!({"tenant": tenant, "scope": scope, "exp": now + 600});
-    let key = jsonwebtoken::EncodingKey::from_secret(SECRET).unwrap();
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
-}
-
-/// A gateway over `backends` with the tenants file `tenants`, its state in `dir`.
-fn gateway(dir: &Path, backends: &[&str], tenants: &str, extra: &[&str]) -> Gateway {
-    let secret = dir.join("secret");
-    std::fs::write(&secret, SECRET).unwrap();
-    let config = dir.join("tenants.toml");
-    std::fs::write(&config, tenants).unwrap();
-    let (state, config, secret) =
-        (dir.join("state").display().to_string(), config.display().to_string(), secret.display().to_string());
-    let mut flags = vec!["--state-dir", &state, "--config", &config, "--jwt-hs256-secret-file", &secret];
-    flags.extend_from_slice(extra);
-    start_gateway(backends, &flags)
-}
-
-async fn post(http: &reqwest::Client, gw: &Gateway, path: &str, token: &str, body: Value) -> (u16, Value) {
-    let r = http.post(format!("{}{path}", gw.url)).bearer_auth(token).json(&body).send().await.expect("answers");
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
-
-async fn delete(http: &reqwest::Client, gw: &Gateway, path: &str, token: &str) -> (u16, Value) {
-    let r = http.delete(format!("{}{path}", gw.url)).bearer_auth(token).send().await.expect("answers");
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
-
-fn chat(model: &str, content: &str) -> Value {
-    json!({"model": model, "temperature": 0, "max_tokens": 4, "messages": [{"role": "user", "content": content}]})
-}
-
 /// Loads the file adapter at `dir` under `name` as `who`, with extra body fields.
 async fn load(http: &reqwest::Client, gw: &Gateway, who: &str, name: &str, dir: &Path, extra: Value) -> (u16, Value) {
     let mut body = json!({"lora_name": name, "source": {"uri": format!("file://{}", dir.display())}});

@@ -8,6 +8,7 @@
 pub mod etcd;
 
 use serde::Deserialize;
+use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -528,7 +529,7 @@ pub async fn load_uri_through_gateway(http: &reqwest::Client, gw: &Gateway, toke
     let r = http
         .post(format!("{}/v1/loras", gw.url))
         .bearer_auth(token)
-        .json(&serde_json::json!({"lora_name": name, "source": {"uri": uri}}))
+        .json(&json!({"lora_name": name, "source": {"uri": uri}}))
         .send()
         .await
         .expect("the gateway answers");
@@ -715,4 +716,47 @@ pub async fn wait_ready(http: &reqwest::Client, gw: &Gateway) {
         assert!(Instant::now() < deadline, "the gateway never saw a healthy backend");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+// A gateway whose tokens the tests sign (HS256), and plain JSON calls to it.
+
+/// The HS256 secret of [`gateway`]s; [`token`] signs with it.
+pub const SECRET: &[u8] = b"isolation-test-secret-isolation-test-secret";
+
+/// A token for `tenant` with `scope`, valid for ten minutes.
+pub fn token(tenant: &str, scope: &str) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = json!({"tenant": tenant, "scope": scope, "exp": now + 600});
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET).unwrap();
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+}
+
+/// A gateway over `backends` with the tenants file `tenants`, its state in `dir`.
+pub fn gateway(dir: &Path, backends: &[&str], tenants: &str, extra: &[&str]) -> Gateway {
+    let secret = dir.join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let config = dir.join("tenants.toml");
+    std::fs::write(&config, tenants).unwrap();
+    let (state, config, secret) =
+        (dir.join("state").display().to_string(), config.display().to_string(), secret.display().to_string());
+    let mut flags = vec!["--state-dir", &state, "--config", &config, "--jwt-hs256-secret-file", &secret];
+    flags.extend_from_slice(extra);
+    start_gateway(backends, &flags)
+}
+
+/// POSTs JSON with a bearer token; the status and the JSON answer.
+pub async fn post(http: &reqwest::Client, gw: &Gateway, path: &str, token: &str, body: Value) -> (u16, Value) {
+    let r = http.post(format!("{}{path}", gw.url)).bearer_auth(token).json(&body).send().await.expect("answers");
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// DELETEs with a bearer token; the status and the JSON answer.
+pub async fn delete(http: &reqwest::Client, gw: &Gateway, path: &str, token: &str) -> (u16, Value) {
+    let r = http.delete(format!("{}{path}", gw.url)).bearer_auth(token).send().await.expect("answers");
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// A short greedy chat request for `model`.
+pub fn chat(model: &str, content: &str) -> Value {
+    json!({"model": model, "temperature": 0, "max_tokens": 4, "messages": [{"role": "user", "content": content}]})
 }
