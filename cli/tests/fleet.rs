@@ -333,3 +333,80 @@ async fn two_gateways_on_one_etcd_share_adapters_and_never_both_win_a_race() {
     })
     .await;
 }
+
+/// The sum of the gateway's `reconcile_calls` counter for `call` (`load`, `unload`).
+async fn reconcile_calls(http: &reqwest::Client, gw: &Gateway, call: &str) -> u64 {
+    let url = format!("{}/metrics", gw.metrics.as_deref().expect("a metrics listener"));
+    let text = http.get(url).send().await.expect("metrics answer").text().await.expect("text");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("switchyard_gateway_reconcile_calls_total{") && l.contains(&format!("call=\"{call}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_quorum_gateways_serve_and_refuse_writes_then_converge_without_a_restart() {
+    let Some(mut cluster) = EtcdCluster::start(3) else { return };
+    let backend = start_backend(&[]);
+    let store = cluster.url("quorum");
+    let tenants = fleet_tenants();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let flags = ["--store", &store, "--metrics-listen", "127.0.0.1:0"];
+    let a = gateway(da.path(), &[&backend.addr], &tenants, &flags);
+    let b = gateway(db.path(), &[&backend.addr], &tenants, &flags);
+    let http = reqwest::Client::new();
+    wait_ready(&http, &a).await;
+    wait_ready(&http, &b).await;
+    let ops = token("ops", "lora:load lora:read lora:unload");
+    let acme = token("acme", "");
+
+    // A source written with a trailing '/' is the backend's source: no reload at every probe.
+    let uri = format!("{}/", fixture_uri("r8-qv"));
+    let (status, v) =
+        post(&http, &a, "/v1/loras", &ops, json!({"lora_name": "acme/support", "source": {"uri": uri}})).await;
+    assert_eq!(status, 200, "{v}");
+    tokio::time::sleep(Duration::from_secs(2)).await; // ten probe intervals
+    for gw in [&a, &b] {
+        assert_eq!(reconcile_calls(&http, gw, "load").await, 0, "the reconcilers reloaded an unchanged adapter");
+    }
+
+    // Two members die: no quorum.
+    let leader = cluster.leader();
+    let second = (0..3).find(|&i| i != leader).unwrap();
+    cluster.kill(leader);
+    cluster.kill(second);
+    // Inference goes on from the last known state, through both gateways.
+    for gw in [&a, &b] {
+        let (status, v) = post(&http, gw, "/v1/chat/completions", &acme, chat("acme/support", "hello")).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    // Writes are refused, promptly, by name, with Retry-After.
+    let started = Instant::now();
+    let r = http
+        .post(format!("{}/v1/loras", b.url))
+        .bearer_auth(&ops)
+        .json(&json!({"lora_name": "acme/other", "source": {"uri": fixture_uri("r4-patterns")}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().contains_key("retry-after"), "503 without Retry-After");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "state_unavailable", "{v}");
+    assert!(started.elapsed() < Duration::from_secs(8), "the refusal took {:?}", started.elapsed());
+
+    // Quorum returns: writes through either gateway work again and both see them, unrestarted.
+    cluster.restart(leader);
+    cluster.restart(second);
+    until(Duration::from_secs(40), "a write through B succeeding", async || {
+        let body = json!({"lora_name": "acme/other", "source": {"uri": fixture_uri("r4-patterns")}});
+        post(&http, &b, "/v1/loras", &ops, body).await.0 == 200
+    })
+    .await;
+    until(Duration::from_secs(10), "A serving the new adapter", async || {
+        post(&http, &a, "/v1/chat/completions", &acme, chat("acme/other", "hello")).await.0 == 200
+    })
+    .await;
+}

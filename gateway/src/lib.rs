@@ -213,10 +213,22 @@ impl Gateway {
     /// Starts what keeps the shared state moving: following the store, campaigning for the
     /// lead, and (while leading) running adapter operations. The probes are [`reconcile::spawn`].
     pub fn spawn_state_tasks(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        let gw = self.clone();
+        let gauge = tokio::spawn(async move {
+            let mut lead = gw.leadership.subscribe();
+            loop {
+                let leads = lead.borrow_and_update().is_some();
+                gw.metrics.leading(leads);
+                if lead.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
         vec![
             self.replica().follow(),
             self.leadership.spawn(self.replica().store().clone()),
             admin::execute::spawn(self.clone()),
+            gauge,
         ]
     }
 }

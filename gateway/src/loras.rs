@@ -90,6 +90,18 @@ pub fn validate_uri(uri: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A source URI as backends report it: without trailing `/` (`s3://bucket/prefix/` and
+/// `s3://bucket/prefix` name the same adapter). Records are kept in this form, and listings
+/// compared in it, so a URI written either way does not look changed at every probe.
+pub fn canonical_uri(uri: &str) -> &str {
+    match uri.split_once("://") {
+        Some((scheme, rest)) if !rest.trim_end_matches('/').is_empty() => {
+            &uri[..scheme.len() + 3 + rest.trim_end_matches('/').len()]
+        }
+        _ => uri,
+    }
+}
+
 /// Normalises a `sha256` pin: 64 hex digits, optionally prefixed `sha256:`, to lowercase.
 pub fn normalize_sha256(pin: &str) -> Result<String, String> {
     let hex = pin.strip_prefix("sha256:").unwrap_or(pin);
@@ -315,6 +327,13 @@ mod tests {
         let hex = "AB".repeat(32);
         assert_eq!(normalize_sha256(&format!("sha256:{hex}")), Ok("ab".repeat(32)));
         assert!(normalize_sha256("abc").is_err());
+    }
+
+    #[test]
+    fn uris_with_and_without_a_trailing_slash_are_one_source() {
+        assert_eq!(canonical_uri("s3://bucket/prefix/"), "s3://bucket/prefix");
+        assert_eq!(canonical_uri("file:///srv/a//"), "file:///srv/a");
+        assert_eq!(canonical_uri("hf://org/repo@v1"), "hf://org/repo@v1");
     }
 
     #[test]

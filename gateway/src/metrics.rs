@@ -40,6 +40,12 @@ struct BackendLabels {
     backend: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CorrectionLabels {
+    backend: String,
+    call: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_buckets() -> Histogram {
@@ -56,6 +62,8 @@ pub struct Metrics {
     first_token: HistogramFamily<LatencyLabels>,
     tokens: Family<TokenLabels, Counter>,
     backend_healthy: Family<BackendLabels, Gauge>,
+    corrections: Family<CorrectionLabels, Counter>,
+    leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -93,7 +101,24 @@ impl Metrics {
             "1 when the backend's last health probe succeeded",
             backend_healthy.clone(),
         );
-        Metrics { registry, requests, duration, first_token, tokens, backend_healthy }
+        let corrections = Family::<CorrectionLabels, Counter>::default();
+        registry.register(
+            "reconcile_calls",
+            "Loads and unloads the reconcilers made to bring a backend to the desired set",
+            corrections.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this gateway drives the backends' adapters", leader.clone());
+        Metrics { registry, requests, duration, first_token, tokens, backend_healthy, corrections, leader }
+    }
+
+    /// Counts a reconciler's `call` (`load` or `unload`) to `backend`.
+    pub fn reconcile_call(&self, backend: &str, call: &'static str) {
+        self.corrections.get_or_create(&CorrectionLabels { backend: backend.to_string(), call }).inc();
+    }
+
+    pub fn leading(&self, leads: bool) {
+        self.leader.set(i64::from(leads));
     }
 
     /// Counts one answered request and its duration.

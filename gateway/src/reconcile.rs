@@ -86,7 +86,7 @@ pub async fn round(gw: &Arc<Gateway>, i: usize, failures: &mut Failures) {
 /// Whether the backend's listing already satisfies `lora`: the same source (and pin), not failed.
 fn satisfied(listed: Option<&pb::AdapterInfo>, lora: &DesiredLora) -> bool {
     listed.is_some_and(|a| {
-        a.uri == lora.uri
+        crate::loras::canonical_uri(&a.uri) == crate::loras::canonical_uri(&lora.uri)
             && a.state() != pb::AdapterState::Failed
             && lora.sha256.as_ref().is_none_or(|pin| a.sha256.is_empty() || *pin == a.sha256)
     })
@@ -110,6 +110,7 @@ async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures, fence: u
         if gw.loras.get(&lora.name).as_ref() != Some(&lora) {
             continue;
         }
+        gw.metrics.reconcile_call(backend.address(), "load");
         match backend.load_adapter(load_request(gw, &lora, fence)).await {
             Ok(r) => {
                 failures.0.remove(&lora.name);
@@ -144,6 +145,7 @@ async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures, fence: u
         if gw.loras.get(&name).is_some() || ops::read(&snapshot, &name).is_some_and(|(op, _)| op.outcome.is_none()) {
             continue;
         }
+        gw.metrics.reconcile_call(backend.address(), "unload");
         match backend.unload_adapter(&name, fence).await {
             Ok(()) => {
                 tracing::info!(backend = backend.address(), adapter = %name, "unloaded an adapter that is not desired");
@@ -159,5 +161,31 @@ async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures, fence: u
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_written_with_a_trailing_slash_is_satisfied_by_the_backends_report() {
+        let lora = DesiredLora {
+            name: "a".into(),
+            uri: "s3://bucket/a/".into(),
+            sha256: None,
+            owner: "acme".into(),
+            shared: false,
+            loaded_by: None,
+        };
+        let listed = pb::AdapterInfo {
+            name: "a".into(),
+            uri: "s3://bucket/a".into(),
+            state: pb::AdapterState::Resident as i32,
+            ..Default::default()
+        };
+        assert!(satisfied(Some(&listed), &lora), "it would be reloaded at every probe");
+        let other = pb::AdapterInfo { uri: "s3://bucket/b".into(), ..listed };
+        assert!(!satisfied(Some(&other), &lora));
     }
 }

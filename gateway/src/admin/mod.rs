@@ -228,14 +228,15 @@ pub async fn load(gw: &Arc<Gateway>, who: &Principal, req: LoadRequest) -> Resul
     caller.check_load(&req.name, &req.uri, previous.as_ref())?;
     let lora = DesiredLora {
         name: req.name.clone(),
-        uri: req.uri,
+        uri: loras::canonical_uri(&req.uri).to_string(),
         sha256,
         // Ownership stays with whoever loaded the name first; an admin's hot swap keeps it.
         owner: previous.as_ref().map_or_else(|| caller.name.to_string(), |p| p.owner.clone()),
         shared: req.shared.unwrap_or_else(|| previous.as_ref().is_some_and(|p| p.shared)),
         loaded_by: previous.as_ref().is_some_and(|p| p.owner != caller.name).then(|| caller.name.to_string()),
     };
-    let same_source = previous.as_ref().is_some_and(|p| p.uri == lora.uri && p.sha256 == lora.sha256);
+    let same_source =
+        previous.as_ref().is_some_and(|p| loras::canonical_uri(&p.uri) == lora.uri && p.sha256 == lora.sha256);
     if let Some(p) = &previous
         && !same_source
         && !req.hot_swap
