@@ -278,3 +278,32 @@ async fn adapters_from_s3_and_the_hub_serve_and_survive_a_backend_restart() {
         assert_eq!(a["backends"][0]["state"], "resident", "after recovery: {a}");
     }
 }
+
+#[tokio::test]
+async fn two_gateways_on_one_etcd_store_serve_what_either_was_told() {
+    let (Some(python), Some(model)) = (test_python(), smollm2()) else { return };
+    let Some(cluster) = support::etcd::EtcdCluster::start(3) else { return };
+    let backend = start_backend_with(&model, &[], &[]);
+    let tenants = format!(
+        "[tenants.ops]\nadmin = true\nadapters = [\"*\"]\nload_prefixes = [\"file://{}/\"]\n\n\
+         [tenants.acme]\nadapters = [\"uppercase\", \"french\"]\n",
+        demo_adapters().display()
+    );
+    let store = cluster.url("e2e");
+    let (da, db) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let a = gateway(da.path(), &[&backend.addr], &tenants, &["--store", &store]);
+    let b = gateway(db.path(), &[&backend.addr], &tenants, &["--store", &store]);
+    let http = reqwest::Client::new();
+    wait_ready(&http, &a).await;
+    wait_ready(&http, &b).await;
+    let out = Command::new(&python)
+        .arg(e2e_client())
+        .args(["fleet", &a.url, &b.url])
+        .arg(demo_adapters())
+        .arg(built_policies().join("tenant_map.wasm"))
+        .env("OPS_TOKEN", support::token("ops", "lora:load lora:read policy:deploy"))
+        .env("ACME_TOKEN", support::token("acme", ""))
+        .output()
+        .expect("python runs");
+    assert_ok(&out, "the fleet scenarios");
+}

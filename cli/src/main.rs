@@ -533,7 +533,7 @@ async fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gatew
     let replica = switchyard_gateway::store::Replica::open(shared)
         .await
         .with_context(|| format!("cannot read the state store {described}"))?;
-    let store = loras::LoraStore::new(replica);
+    let store = loras::LoraStore::new(replica.clone());
     store.import_legacy(&a.state_dir).await.context("cannot import the adapter state of an earlier version")?;
     let tenants = Arc::new(file.tenants);
     let policy_headers: Vec<String> =
@@ -550,10 +550,11 @@ async fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gatew
     };
     let runtime = Arc::new(policy::wasm::PolicyRuntime::new(a.tuning.policy.limits()?).map_err(anyhow::Error::msg)?);
     let limits = a.tuning.policy.store_limits()?;
-    let policies = Arc::new(
-        policy::deploy::PolicyStore::open(&a.state_dir.join("policies"), runtime, limits)
-            .context("deployed policies")?,
-    );
+    let policies = policy::deploy::PolicyStore::open(replica, runtime, limits).await.context("deployed policies")?;
+    policies
+        .import_legacy(&a.state_dir.join("policies"))
+        .await
+        .context("cannot import the policies of an earlier version")?;
     let engine = policy::WasmPolicies::new(policies.clone(), Arc::new(policy::StaticPolicy::new(tenants.clone())));
     Ok(Arc::new(
         Gateway::new(backends, store, tenants, Arc::new(engine), Arc::new(verifier), options)

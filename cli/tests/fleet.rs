@@ -113,19 +113,19 @@ async fn a_replica_follows_what_another_gateway_writes_and_reads_its_own_writes(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blobs_larger_than_one_etcd_value_round_trip_and_are_checked() {
+async fn blobs_larger_than_one_etcd_value_round_trip_and_are_replaced_whole() {
     for s in every_store("blobs").await {
         let name = s.name;
         let bytes: Vec<u8> = (0..3_500_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-        let digest = s.a.put_blob(&bytes).await.expect("stores");
-        assert_eq!(digest, store::digest(&bytes));
-        assert_eq!(s.a.put_blob(&bytes).await.expect("idempotent"), digest);
-        assert!(s.b.get_blob(&digest).await.expect("reads") == bytes, "{name}: other bytes came back");
-        let unknown = store::digest(b"nothing");
-        assert_eq!(s.b.get_blob(&unknown).await, Err(StoreError::BlobMissing { digest: unknown.clone() }), "{name}");
+        s.a.put_blob("policy-1", &bytes).await.expect("stores");
+        assert!(s.b.get_blob("policy-1").await.expect("reads") == bytes, "{name}: other bytes came back");
+        // Replaced by a shorter blob: no chunk of the old one comes back with it.
+        s.a.put_blob("policy-1", b"short").await.expect("replaces");
+        assert_eq!(s.b.get_blob("policy-1").await.expect("reads"), b"short", "{name}");
+        assert_eq!(s.b.get_blob("nothing").await, Err(StoreError::BlobMissing { name: "nothing".into() }), "{name}");
         assert!(matches!(s.b.get_blob("../../etc/passwd").await, Err(StoreError::Invalid(_))), "{name}");
-        s.b.delete_blob(&digest).await.expect("deletes");
-        assert_eq!(s.a.get_blob(&digest).await, Err(StoreError::BlobMissing { digest: digest.clone() }), "{name}");
+        s.b.delete_blob("policy-1").await.expect("deletes");
+        assert_eq!(s.a.get_blob("policy-1").await, Err(StoreError::BlobMissing { name: "policy-1".into() }), "{name}");
     }
 }
 
@@ -140,11 +140,10 @@ async fn a_damaged_blob_is_refused_and_a_compacted_history_is_read_again() {
     let Some(s) = etcd_store("damage").await else { return };
     let cluster = s.etcd.as_ref().expect("etcd");
     let raw = raw_etcd(cluster, "damage").await;
-    let bytes = vec![7u8; 2 << 20];
-    let digest = s.a.put_blob(&bytes).await.expect("stores");
+    s.a.put_blob("component", &vec![7u8; 2 << 20]).await.expect("stores");
     let mut client = raw.client();
-    client.put(format!("/damage/blobs/{digest}/00001"), vec![8u8; 1 << 20], None).await.expect("tampers");
-    assert!(matches!(s.b.get_blob(&digest).await, Err(StoreError::Corrupt(_))), "tampered bytes were accepted");
+    client.put("/damage/blobs/component/00001", vec![8u8; 1 << 20], None).await.expect("tampers");
+    assert!(matches!(s.b.get_blob("component").await, Err(StoreError::Corrupt(_))), "tampered bytes were accepted");
 
     // A replica that fell behind past a compaction reads a snapshot and carries on.
     let replica = Replica::open(s.a.clone()).await.expect("first snapshot");

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use switchyard_gateway::loras::LoraStore;
 use switchyard_gateway::policy::deploy::PolicyStore;
 use switchyard_gateway::policy::wasm::{PolicyRuntime, WasmLimits};
 use switchyard_gateway::policy::{Endpoint, PolicyEngine, PolicyInput, StaticPolicy, WasmPolicies};
@@ -59,11 +60,12 @@ async fn main() {
     let builtin = StaticPolicy::new(tenants.clone());
     let dir = tempfile::tempdir().unwrap();
     let runtime = Arc::new(PolicyRuntime::new(WasmLimits::default()).unwrap());
-    let store = Arc::new(PolicyStore::open(dir.path(), runtime, Default::default()).unwrap());
-    let map = store.upload("tenant-map", &built("tenant_map"), "ops").unwrap();
-    store.activate("acme", &map.id, serde_json::json!({"tenants": {"acme": "acme/support"}})).unwrap();
-    let hostile = store.upload("hostile", &built("hostile"), "ops").unwrap();
-    store.activate("evil", &hostile.id, serde_json::json!({"mode": "loop", "only_live": true})).unwrap();
+    let replica = LoraStore::open_dir(dir.path()).await.unwrap().replica().clone();
+    let store = PolicyStore::open(replica, runtime, Default::default()).await.unwrap();
+    let map = store.upload("tenant-map", built("tenant_map"), "ops").await.unwrap();
+    store.activate("acme", &map.id, serde_json::json!({"tenants": {"acme": "acme/support"}})).await.unwrap();
+    let hostile = store.upload("hostile", built("hostile"), "ops").await.unwrap();
+    store.activate("evil", &hostile.id, serde_json::json!({"mode": "loop", "only_live": true})).await.unwrap();
     let wasm = Arc::new(WasmPolicies::new(store, Arc::new(builtin.clone())));
 
     let scopes = BTreeSet::new();

@@ -224,12 +224,14 @@ impl Gateway {
                 }
             }
         });
-        vec![
+        let mut tasks = vec![
             self.replica().follow(),
             self.leadership.spawn(self.replica().store().clone()),
             admin::execute::spawn(self.clone()),
             gauge,
-        ]
+        ];
+        tasks.extend(self.policies.as_ref().map(|p| p.follow()));
+        tasks
     }
 }
 

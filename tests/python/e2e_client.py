@@ -8,6 +8,10 @@ the adapter and policy APIs over plain HTTP (what `curl` sends), tokens from `sw
         adapter used but not owned, metrics off the public port; MALLORY_TOKEN is a token for a
         tenant the demo does not configure; METRICS_URL is the operators' metrics listener), a
         policy change that swaps the routes, an unload then a clean "model not found"
+    e2e_client.py fleet URL_A URL_B DEMO_ADAPTERS POLICY_WASM
+        against two gateways sharing one etcd store: adapters loaded through either gateway
+        serve through the other, and a policy uploaded and activated through one routes requests
+        through the other (OPS_TOKEN and ACME_TOKEN)
     e2e_client.py ask BASE_URL MODEL KIND
         one question as ACME_TOKEN's tenant, streamed and not; KIND says what the answer must be
         (uppercase, french, json); exits 3 when the gateway answers 503 (no backend ready yet)
@@ -18,6 +22,7 @@ Exits non-zero, naming the check, on the first failure.
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -184,6 +189,56 @@ def demo(base: str, adapters: str) -> None:
     print("demo: all checks passed")
 
 
+def eventually(check: str, probe, within: float = 10.0) -> None:
+    """Retries `probe` (which calls `fail` through `expect`) until it passes or `within` runs out:
+    a change reaches the other gateway through the store's watch, within milliseconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            probe()
+            return
+        except (SystemExit, openai.APIStatusError) as e:
+            if time.monotonic() > deadline:
+                fail(check, f"never held: {e}")
+            time.sleep(0.1)
+
+
+def fleet(url_a: str, url_b: str, adapters: str, policy: str) -> None:
+    ops, acme = os.environ["OPS_TOKEN"], os.environ["ACME_TOKEN"]
+    via_a, via_b = client(url_a, acme), client(url_b, acme)
+
+    # 1. An adapter loaded through one gateway serves through the other, and the other way round.
+    for base, name in ((url_a, "uppercase"), (url_b, "french")):
+        body = {"lora_name": name, "source": {"uri": f"file://{adapters}/{name}"}}
+        status, answer_body = http("POST", f"{base}/v1/loras", ops, body)
+        if status != 200:
+            fail(f"ops loads {name} through {base}", f"{status} {answer_body}")
+    expect(via_b, "uppercase", "uppercase", "uppercase, loaded through A, serves through B", served="uppercase")
+    expect(via_a, "french", "french", "french, loaded through B, serves through A", served="french")
+
+    # 2. A policy uploaded and activated through A routes acme's requests through B.
+    with open(policy, "rb") as f:
+        status, body = http("POST", f"{url_a}/v1/policies?name=tenant-map", ops, raw=f.read())
+    if status != 201:
+        fail("ops uploads tenant-map through A", f"{status} {body}")
+    version = body["policy"]["id"]
+    config = {"config": {"tenants": {"acme": "uppercase"}}}
+    status, body = http("POST", f"{url_a}/v1/policies/{version}/activate", ops, config)
+    if status != 200:
+        fail("ops activates tenant-map through A", f"{status} {body}")
+    eventually("B routes acme by the policy activated through A",
+               lambda: expect(via_b, "assistant", "uppercase", "B follows A's activation", served="uppercase"))
+
+    # 3. And an activation through B re-routes acme on A.
+    config = {"config": {"tenants": {"acme": "french"}}}
+    status, body = http("POST", f"{url_b}/v1/policies/{version}/activate", ops, config)
+    if status != 200:
+        fail("ops re-activates tenant-map through B", f"{status} {body}")
+    eventually("A routes acme by the policy activated through B",
+               lambda: expect(via_a, "assistant", "french", "A follows B's activation", served="french"))
+    print("fleet: all checks passed")
+
+
 def ask(base: str, model: str, kind: str) -> None:
     c = client(base, os.environ["ACME_TOKEN"])
     try:
@@ -199,6 +254,8 @@ def ask(base: str, model: str, kind: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "demo":
         demo(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 6 and sys.argv[1] == "fleet":
+        fleet(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
     elif len(sys.argv) == 5 and sys.argv[1] == "ask":
         ask(sys.argv[2], sys.argv[3], sys.argv[4])
     else:

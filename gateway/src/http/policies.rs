@@ -13,6 +13,7 @@ use crate::authz::Caller;
 use crate::openai::ApiError;
 use crate::policy::deploy::{DeployError, PolicyStore};
 use crate::policy::wasm::LoadError;
+use crate::store::StoreError;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -34,7 +35,15 @@ impl From<DeployError> for ApiError {
             DeployError::InUse { .. } => ApiError::conflict(message, "policy_in_use"),
             DeployError::NothingToRollBack(_) => ApiError::conflict(message, "nothing_to_roll_back"),
             DeployError::Invalid(_) => ApiError::invalid(message, None),
-            DeployError::Io(_) | DeployError::Corrupt { .. } => ApiError::server(500, message, "state_write_failed"),
+            DeployError::Contended(_) => ApiError::conflict(message, "changed_concurrently"),
+            DeployError::Store(StoreError::Unavailable { .. }) => {
+                ApiError::unavailable(message, crate::RETRY_AFTER_S).with_code("state_unavailable")
+            }
+            DeployError::Store(StoreError::Conflict { .. }) => ApiError::conflict(message, "changed_concurrently"),
+            DeployError::Store(StoreError::Invalid(_)) => ApiError::invalid(message, None),
+            DeployError::Store(_) | DeployError::Io(_) | DeployError::Corrupt { .. } => {
+                ApiError::server(500, message, "state_damaged")
+            }
         }
     }
 }
@@ -54,16 +63,6 @@ fn no_version(id: &str) -> ApiError {
 fn deployer<'a>(gw: &'a Gateway, who: &Principal) -> Result<Caller<'a>, ApiError> {
     who.require(Scope::PolicyDeploy)?;
     Ok(gw.caller(who)?)
-}
-
-/// Runs blocking store work (compiling, dry runs, file writes) off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, DeployError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::server(500, format!("policy task failed: {e}"), "policy_task_failed"))?
-        .map_err(ApiError::from)
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,7 +85,7 @@ pub(super) async fn upload(
     store.check_quota(caller.name, 0)?;
     let bytes = read_body_up_to(store.runtime().limits().max_component_bytes, &headers, body).await?;
     let tenant = caller.name.to_string();
-    let version = blocking(move || store.upload(&name, &bytes, &tenant)).await?;
+    let version = store.upload(&name, bytes.to_vec(), &tenant).await?;
     tracing::info!(policy = %version.name, id = %version.id, tenant = %who.tenant, "policy uploaded");
     Ok((StatusCode::CREATED, Json(json!({"status": "success", "policy": version}))).into_response())
 }
@@ -146,8 +145,7 @@ pub(super) async fn activate(
         return Err(no_version(&id));
     }
     let config = body.config.unwrap_or_else(|| json!({}));
-    let target = scope.clone();
-    let activation = blocking(move || store.activate(&target, &id, config)).await?;
+    let activation = store.activate(&scope, &id, config).await?;
     tracing::info!(id = %activation.id, scope = %scope, tenant = %who.tenant, "policy activated");
     Ok(Json(json!({"status": "success", "tenant": scope, "active": activation})))
 }
@@ -166,8 +164,7 @@ pub(super) async fn rollback(
 ) -> Result<Json<Value>, ApiError> {
     let (who, store, body) = deploy_call::<RollbackBody>(&gw, &headers, body).await?;
     let scope = gw.caller(&who)?.policy_scope(body.tenant.as_deref(), &gw.tenants)?;
-    let target = scope.clone();
-    let activation = blocking(move || store.rollback(&target)).await?;
+    let activation = store.rollback(&scope).await?;
     tracing::info!(id = %activation.id, scope = %scope, tenant = %who.tenant, "policy rolled back");
     Ok(Json(json!({"status": "success", "tenant": scope, "active": activation})))
 }
@@ -185,7 +182,7 @@ pub(super) async fn delete(
     if !caller.may_delete_version(&version.uploaded_by) {
         return Err(no_version(&id));
     }
-    let deleted = blocking(move || store.delete(&id)).await?;
+    let deleted = store.delete(&id).await?;
     tracing::info!(id = %deleted.id, policy = %deleted.name, tenant = %caller.name, "policy version deleted");
     Ok(Json(json!({"status": "success", "deleted": deleted})))
 }

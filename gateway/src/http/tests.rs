@@ -191,20 +191,24 @@ async fn harness_in(dir: tempfile::TempDir, policies: bool) -> Harness {
     let backend = Arc::new(FakeBackend::default());
     let tenants = Arc::new(file.tenants);
     let fallback: Arc<dyn crate::policy::PolicyEngine> = Arc::new(StaticPolicy::new(tenants.clone()));
-    let store = policies.then(|| {
-        let runtime = Arc::new(
-            PolicyRuntime::new(WasmLimits { deadline: std::time::Duration::from_millis(50), ..Default::default() })
-                .unwrap(),
-        );
-        Arc::new(PolicyStore::open(&dir.path().join("state/policies"), runtime, Default::default()).unwrap())
-    });
+    let loras = LoraStore::open_dir(&dir.path().join("state")).await.unwrap();
+    let store = match policies {
+        true => {
+            let runtime = Arc::new(
+                PolicyRuntime::new(WasmLimits { deadline: std::time::Duration::from_millis(50), ..Default::default() })
+                    .unwrap(),
+            );
+            Some(PolicyStore::open(loras.replica().clone(), runtime, Default::default()).await.unwrap())
+        }
+        false => None,
+    };
     let engine: Arc<dyn crate::policy::PolicyEngine> = match &store {
         Some(store) => Arc::new(WasmPolicies::new(store.clone(), fallback)),
         None => fallback,
     };
     let mut gateway = Gateway::new(
         vec![backend.clone()],
-        LoraStore::open_dir(&dir.path().join("state")).await.unwrap(),
+        loras,
         tenants,
         engine,
         Arc::new(verifier),

@@ -1,27 +1,38 @@
 //! Deployed policies: uploaded component versions, and which one is active for each tenant
-//! (or as the default), with the history that rollback walks back. Persisted in the state dir
-//! (`policies/<id>.wasm` and `policies/policies.json`, each replaced atomically) and compiled
-//! again at start-up, so a restarted gateway serves the same policies.
+//! (or as the default), with the history that rollback walks back. They live in the shared
+//! state store ([`crate::store`]), so every gateway of a fleet runs the same policies:
+//!
+//! - `policies/versions/<id>`: a version (name, size, SHA-256, uploader) and the name of the
+//!   blob holding its component, written for it alone before the record (so deleting a version
+//!   and its blob can never take a component from another record);
+//! - `policies/active/<scope>`: a scope's activations, the current one last;
+//! - `policies/usage/<tenant>`: what a tenant's versions take, changed in the same transaction
+//!   as them, so a quota holds however many gateways take uploads.
+//!
+//! Every gateway follows its replica: it compiles the versions its scopes' current activations
+//! name (fetching and checking the component), and swaps its active deployments whole; a
+//! request takes the active deployment (an `Arc`) once, at its start. Changes are
+//! compare-and-set transactions, retried when another gateway changed the same record first.
 //!
 //! The store is bounded: each tenant may keep at most [`StoreLimits::versions_per_tenant`]
 //! versions and [`StoreLimits::bytes_per_tenant`] bytes of components, each scope remembers its
 //! last [`StoreLimits::history_per_scope`] activations, and a version no activation (current or
-//! in a history) names can be deleted, its file and compiled code with it. Version ids are per
+//! in a history) names can be deleted, its blob and compiled code with it. Version ids are per
 //! uploader (a hash of the tenant and the bytes), so two tenants uploading the same component
 //! get two versions and learn nothing of each other.
 //!
-//! Activation is atomic: a request takes the active deployment (an `Arc`) once, at its start,
-//! and a new activation replaces it whole. A version is validated before anyone can activate
-//! it (it must compile, link against the world and run a dry decision without a fault), and an
-//! activation is validated with its configuration before it replaces the previous one.
+//! A version is validated before anyone can activate it (it must compile, link against the
+//! world and run a dry decision without a fault), and an activation is validated with its
+//! configuration before it replaces the previous one.
 
 use super::wasm::{CompiledPolicy, LoadError, PolicyFault, PolicyRuntime, WitDecision, WitRequest};
-use crate::files::{self, FileError, failed};
+use crate::files::{FileError, failed};
+use crate::store::{Expect, Replica, Revision, Snapshot, StoreError, Write};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 /// The activation key of the default policy (tenants without their own).
 pub const DEFAULT_SCOPE: &str = "*";
@@ -50,9 +61,6 @@ impl Default for StoreLimits {
         }
     }
 }
-const REGISTRY_FILE: &str = "policies.json";
-const FORMAT_VERSION: u32 = 1;
-
 /// One uploaded version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,15 +86,6 @@ pub struct Activation {
     pub activated_at: u64,
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Registry {
-    version: u32,
-    versions: BTreeMap<String, Version>,
-    /// Per tenant (or [`DEFAULT_SCOPE`]): activations, the current one last.
-    active: BTreeMap<String, Vec<Activation>>,
-}
-
 /// The deployment a request runs: compiled, with its configuration.
 #[derive(Debug)]
 pub struct Active {
@@ -95,6 +94,28 @@ pub struct Active {
     pub config: Arc<str>,
     /// `name@id`, for logs.
     pub label: Arc<str>,
+}
+
+const VERSIONS: &str = "policies/versions/";
+const ACTIVE: &str = "policies/active/";
+const USAGE: &str = "policies/usage/";
+/// How often a change that lost a compare-and-set race is tried again.
+const ATTEMPTS: usize = 8;
+
+/// A version as stored: the version and its component's blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionRecord {
+    version: Version,
+    blob: String,
+}
+
+/// What one tenant's versions take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Usage {
+    versions: usize,
+    bytes: u64,
 }
 
 /// Why a deploy operation failed.
@@ -117,31 +138,90 @@ pub enum DeployError {
     #[error("invalid request: {0}")]
     Invalid(String),
     #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0} was changed by other requests too often; retry")]
+    Contended(String),
+    #[error(transparent)]
     Io(#[from] FileError),
     #[error("{path} is damaged: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 }
 
-/// Deployed policies.
+/// The policy records of one replica revision, decoded.
+#[derive(Debug, Default)]
+struct Records {
+    revision: Revision,
+    versions: BTreeMap<String, (VersionRecord, Revision)>,
+    /// Per tenant (or [`DEFAULT_SCOPE`]): activations, the current one last.
+    active: BTreeMap<String, (Vec<Activation>, Revision)>,
+    usage: BTreeMap<String, (Usage, Revision)>,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(snapshot: &Snapshot, prefix: &str) -> BTreeMap<String, (T, Revision)> {
+    snapshot
+        .under(prefix)
+        .filter_map(|(key, entry)| match serde_json::from_str(&entry.value) {
+            Ok(v) => Some((key.to_string(), (v, entry.mod_revision))),
+            Err(e) => {
+                tracing::warn!(key = %format!("{prefix}{key}"), error = %e, "ignoring a policy record this gateway cannot read");
+                None
+            }
+        })
+        .collect()
+}
+
+impl Records {
+    fn of(snapshot: &Snapshot) -> Records {
+        Records {
+            revision: snapshot.revision,
+            versions: decode(snapshot, VERSIONS),
+            active: decode(snapshot, ACTIVE),
+            usage: decode(snapshot, USAGE),
+        }
+    }
+
+    fn version(&self, id: &str) -> Option<&(VersionRecord, Revision)> {
+        self.versions.get(id)
+    }
+
+    fn history(&self, scope: &str) -> (Vec<Activation>, Expect) {
+        self.active.get(scope).map_or((Vec::new(), Expect::Absent), |(h, r)| (h.clone(), Expect::At(*r)))
+    }
+
+    fn usage(&self, tenant: &str) -> (Usage, Expect) {
+        self.usage.get(tenant).map_or((Usage::default(), Expect::Absent), |(u, r)| (*u, Expect::At(*r)))
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Result<String, DeployError> {
+    serde_json::to_string(value).map_err(|e| DeployError::Invalid(e.to_string()))
+}
+
+fn usage_write(tenant: &str, usage: Usage, expect: Expect) -> Result<Write, DeployError> {
+    Ok(Write::put(format!("{USAGE}{tenant}"), expect, json(&usage)?))
+}
+
+/// Deployed policies, as this gateway follows them.
 pub struct PolicyStore {
-    dir: PathBuf,
+    replica: Arc<Replica>,
     runtime: Arc<PolicyRuntime>,
     limits: StoreLimits,
-    /// Serialises changes (each writes the registry).
-    changes: Mutex<()>,
+    /// One sync at a time.
+    syncing: tokio::sync::Mutex<()>,
     state: RwLock<State>,
 }
 
 #[derive(Default)]
 struct State {
-    registry: Registry,
+    records: Arc<Records>,
+    /// Compiled components, by version id.
     compiled: HashMap<String, CompiledPolicy>,
     active: HashMap<String, Arc<Active>>,
 }
 
 impl std::fmt::Debug for PolicyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicyStore").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("PolicyStore").field("limits", &self.limits).finish_non_exhaustive()
     }
 }
 
@@ -149,11 +229,15 @@ fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Reads and compiles the stored component of version `id`.
-fn compile_stored(dir: &Path, runtime: &PolicyRuntime, id: &str) -> Result<CompiledPolicy, DeployError> {
-    let file = dir.join(format!("{id}.wasm"));
-    let bytes = std::fs::read(&file).map_err(failed("read", &file))?;
-    Ok(runtime.compile(&bytes)?)
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs blocking work (compiling, dry runs) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DeployError> + Send + 'static,
+) -> Result<T, DeployError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| DeployError::Invalid(format!("policy task failed: {e}")))?
 }
 
 /// The request a version is dry-run with: a plain chat request on an empty cluster.
@@ -185,41 +269,20 @@ fn check_scope(scope: &str) -> Result<(), DeployError> {
 }
 
 impl PolicyStore {
-    /// Opens the store in `dir`, compiling the versions its activations name.
-    pub fn open(dir: &Path, runtime: Arc<PolicyRuntime>, limits: StoreLimits) -> Result<PolicyStore, DeployError> {
-        std::fs::create_dir_all(dir).map_err(failed("create", dir))?;
-        let path = dir.join(REGISTRY_FILE);
-        let registry = match std::fs::read(&path) {
-            Ok(bytes) => {
-                let r: Registry = serde_json::from_slice(&bytes)
-                    .map_err(|e| DeployError::Corrupt { path: path.clone(), reason: e.to_string() })?;
-                if r.version != FORMAT_VERSION {
-                    return Err(DeployError::Corrupt { path, reason: format!("format version {}", r.version) });
-                }
-                r
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Registry { version: FORMAT_VERSION, ..Default::default() }
-            }
-            Err(e) => return Err(failed("read", &path)(e).into()),
-        };
-        // Only versions some activation history names are compiled now (rollback may need
-        // them); the others when they are activated.
-        let mut compiled = HashMap::new();
-        for id in registry.active.values().flatten().map(|a| &a.id) {
-            if !compiled.contains_key(id) {
-                compiled.insert(id.clone(), compile_stored(dir, &runtime, id)?);
-            }
-        }
-        let store = PolicyStore {
-            dir: dir.to_path_buf(),
+    /// The deployed policies of `replica`, with the versions its activations name compiled.
+    pub async fn open(
+        replica: Arc<Replica>,
+        runtime: Arc<PolicyRuntime>,
+        limits: StoreLimits,
+    ) -> Result<Arc<PolicyStore>, DeployError> {
+        let store = Arc::new(PolicyStore {
+            replica,
             runtime,
             limits,
-            changes: Mutex::new(()),
+            syncing: tokio::sync::Mutex::new(()),
             state: RwLock::new(State::default()),
-        };
-        let active = store.resolve(&registry, &compiled)?;
-        *store.write() = State { registry, compiled, active };
+        });
+        store.sync().await;
         Ok(store)
     }
 
@@ -235,29 +298,95 @@ impl PolicyStore {
         &self.runtime
     }
 
-    /// The current activation of every scope.
-    fn resolve(
-        &self,
-        registry: &Registry,
-        compiled: &HashMap<String, CompiledPolicy>,
-    ) -> Result<HashMap<String, Arc<Active>>, DeployError> {
+    pub fn limits(&self) -> &StoreLimits {
+        &self.limits
+    }
+
+    /// The records as of the replica now (decoded again only after a change).
+    fn records(&self) -> Arc<Records> {
+        let snapshot = self.replica.current();
+        let cached = self.read().records.clone();
+        if cached.revision == snapshot.revision && snapshot.revision != 0 {
+            return cached;
+        }
+        Arc::new(Records::of(&snapshot))
+    }
+
+    /// Follows the replica: every change is synced. Runs until the task is aborted.
+    pub fn follow(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut changes = me.replica.subscribe();
+            while changes.changed().await.is_ok() {
+                me.sync().await;
+            }
+        })
+    }
+
+    /// Brings the active deployments to the replica's records: compiles what the current
+    /// activations name and this gateway lacks, then swaps them whole. A version that cannot
+    /// be fetched or compiled keeps its scope on what it ran before (and says so).
+    pub async fn sync(&self) {
+        let _one = self.syncing.lock().await;
+        let records = Arc::new(Records::of(&self.replica.current()));
+        let wanted: Vec<String> = records.active.values().filter_map(|(h, _)| h.last()).map(|a| a.id.clone()).collect();
+        for id in wanted {
+            if self.read().compiled.contains_key(&id) {
+                continue;
+            }
+            let Some((record, _)) = records.version(&id) else { continue };
+            match self.fetch_and_compile(record).await {
+                Ok(policy) => {
+                    self.write().compiled.insert(id, policy);
+                }
+                Err(e) => tracing::warn!(id = %id, error = %e, "cannot compile an activated policy version"),
+            }
+        }
+        let mut state = self.write();
         let mut active = HashMap::new();
-        for (scope, history) in &registry.active {
+        for (scope, (history, _)) in &records.active {
             let Some(current) = history.last() else { continue };
-            let version =
-                registry.versions.get(&current.id).ok_or_else(|| DeployError::UnknownVersion(current.id.clone()))?;
-            let policy = compiled.get(&current.id).ok_or_else(|| DeployError::UnknownVersion(current.id.clone()))?;
-            active.insert(
-                scope.clone(),
+            let built = records.version(&current.id).zip(state.compiled.get(&current.id)).map(|((r, _), policy)| {
                 Arc::new(Active {
-                    version: version.clone(),
+                    version: r.version.clone(),
                     policy: policy.clone(),
                     config: Arc::from(current.config.to_string()),
-                    label: Arc::from(format!("{}@{}", version.name, version.id)),
-                }),
-            );
+                    label: Arc::from(format!("{}@{}", r.version.name, r.version.id)),
+                })
+            });
+            if let Some(a) = built.or_else(|| state.active.get(scope).cloned()) {
+                active.insert(scope.clone(), a);
+            }
         }
-        Ok(active)
+        state.compiled.retain(|id, _| records.versions.contains_key(id));
+        state.active = active;
+        state.records = records;
+    }
+
+    /// Reads a version's component from the store, checks it against its digest and compiles it.
+    async fn fetch_and_compile(&self, record: &VersionRecord) -> Result<CompiledPolicy, DeployError> {
+        let bytes = self.replica.store().get_blob(&record.blob).await?;
+        if hex(&Sha256::digest(&bytes)) != record.version.sha256 {
+            return Err(StoreError::Corrupt(format!(
+                "policy version {}: its component does not match its SHA-256",
+                record.version.id
+            ))
+            .into());
+        }
+        let runtime = self.runtime.clone();
+        blocking(move || Ok(runtime.compile(&bytes)?)).await
+    }
+
+    /// The compiled component of version `id`: from this gateway's cache, else from the store.
+    async fn compiled(&self, id: &str) -> Result<CompiledPolicy, DeployError> {
+        if let Some(p) = self.read().compiled.get(id).cloned() {
+            return Ok(p);
+        }
+        let records = self.records();
+        let (record, _) = records.version(id).ok_or_else(|| DeployError::UnknownVersion(id.to_string()))?;
+        let policy = self.fetch_and_compile(record).await?;
+        self.write().compiled.insert(id.to_string(), policy.clone());
+        Ok(policy)
     }
 
     /// The deployment for `tenant`: its own, else the default.
@@ -268,181 +397,268 @@ impl PolicyStore {
 
     /// Every version, and every scope's activation history (current last).
     pub fn list(&self) -> (Vec<Version>, BTreeMap<String, Vec<Activation>>) {
-        let state = self.read();
-        (state.registry.versions.values().cloned().collect(), state.registry.active.clone())
-    }
-
-    pub fn limits(&self) -> &StoreLimits {
-        &self.limits
+        let records = self.records();
+        (
+            records.versions.values().map(|(r, _)| r.version.clone()).collect(),
+            records.active.iter().map(|(scope, (h, _))| (scope.clone(), h.clone())).collect(),
+        )
     }
 
     /// Version `id`, if stored.
     pub fn version(&self, id: &str) -> Option<Version> {
-        self.read().registry.versions.get(id).cloned()
+        self.records().version(id).map(|(r, _)| r.version.clone())
     }
 
     /// Whether `scope`'s activation history names version `id`.
     pub fn in_history(&self, scope: &str, id: &str) -> bool {
-        self.read().registry.active.get(scope).is_some_and(|h| h.iter().any(|a| a.id == id))
+        self.records().active.get(scope).is_some_and(|(h, _)| h.iter().any(|a| a.id == id))
     }
 
     /// Refuses an upload of `size` more bytes by `tenant` past its limits (`size` 0: only
     /// whether it may add a version at all).
     pub fn check_quota(&self, tenant: &str, size: usize) -> Result<(), DeployError> {
-        let state = self.read();
-        let mine = state.registry.versions.values().filter(|v| v.uploaded_by == tenant);
-        let (count, bytes) = mine.fold((0usize, 0u64), |(n, b), v| (n + 1, b + v.size as u64));
+        let (usage, _) = self.records().usage(tenant);
+        self.check_usage(tenant, usage, size)
+    }
+
+    fn check_usage(&self, tenant: &str, usage: Usage, size: usize) -> Result<(), DeployError> {
         let l = &self.limits;
-        if count >= l.versions_per_tenant {
+        if usage.versions >= l.versions_per_tenant {
             return Err(DeployError::Quota(format!(
-                "tenant {tenant:?} keeps {count} policy versions, its limit; delete one it no longer needs (DELETE /v1/policies/{{id}})"
+                "tenant {tenant:?} keeps {} policy versions, its limit; delete one it no longer needs (DELETE /v1/policies/{{id}})",
+                usage.versions
             )));
         }
-        if bytes + size as u64 > l.bytes_per_tenant {
+        if usage.bytes + size as u64 > l.bytes_per_tenant {
             return Err(DeployError::Quota(format!(
-                "tenant {tenant:?} keeps {bytes} bytes of policy components; {size} more would pass its limit of {}; delete versions it no longer needs (DELETE /v1/policies/{{id}})",
-                l.bytes_per_tenant
+                "tenant {tenant:?} keeps {} bytes of policy components; {size} more would pass its limit of {}; delete versions it no longer needs (DELETE /v1/policies/{{id}})",
+                usage.bytes, l.bytes_per_tenant
             )));
         }
         Ok(())
     }
 
-    /// Deletes version `id`: its registry entry, its file and its compiled code. Refused while
-    /// any scope's activations (current or in the history rollback walks) name it.
-    pub fn delete(&self, id: &str) -> Result<Version, DeployError> {
-        let _change = self.changes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut registry = self.read().registry.clone();
-        let scopes: Vec<&str> = registry
-            .active
-            .iter()
-            .filter(|(_, history)| history.iter().any(|a| a.id == id))
-            .map(|(scope, _)| if scope == DEFAULT_SCOPE { "the default policy" } else { scope.as_str() })
-            .collect();
-        if !scopes.is_empty() {
-            return Err(DeployError::InUse { id: id.to_string(), scopes: scopes.join(", ") });
-        }
-        let version = registry.versions.remove(id).ok_or_else(|| DeployError::UnknownVersion(id.to_string()))?;
-        self.persist(&registry)?;
-        {
-            let mut state = self.write();
-            state.registry = registry;
-            state.compiled.remove(id);
-        }
-        // The registry no longer names the file: a failure to remove it leaves only an orphan
-        // that the next upload of the same bytes overwrites.
-        let file = self.dir.join(format!("{id}.wasm"));
-        if let Err(e) = std::fs::remove_file(&file) {
-            tracing::warn!(file = %file.display(), error = %e, "cannot remove a deleted policy version's file");
-        }
-        Ok(version)
-    }
-
-    /// Runs `policy` once on the sample request (blocking).
-    fn dry_run(&self, policy: &CompiledPolicy, config: &str) -> Result<WitDecision, PolicyFault> {
-        self.runtime.decide(policy, &sample_request(), Arc::from(config), Arc::from("dry-run"))
-    }
-
-    /// Validates and stores a component (blocking: compiles it). The same tenant uploading the
-    /// same bytes again gets the existing version; past the tenant's limits it is refused.
-    pub fn upload(&self, name: &str, bytes: &[u8], tenant: &str) -> Result<Version, DeployError> {
+    /// Validates and stores a component. The same tenant uploading the same bytes again gets
+    /// the existing version; past the tenant's limits it is refused.
+    pub async fn upload(&self, name: &str, bytes: Vec<u8>, tenant: &str) -> Result<Version, DeployError> {
         if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
             return Err(DeployError::Invalid(format!("policy name {name:?}: use 1-128 of A-Z a-z 0-9 - _ .")));
         }
-        let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
-        let sha256 = hex(&Sha256::digest(bytes));
-        let id = hex(&Sha256::new().chain_update(tenant.as_bytes()).chain_update([0]).chain_update(bytes).finalize())
+        let sha256 = hex(&Sha256::digest(&bytes));
+        let id = hex(&Sha256::new().chain_update(tenant.as_bytes()).chain_update([0]).chain_update(&bytes).finalize())
             [..16]
             .to_string();
-        if let Some(v) = self.read().registry.versions.get(&id) {
-            return Ok(v.clone());
+        if let Some(v) = self.version(&id) {
+            return Ok(v);
         }
         self.check_quota(tenant, bytes.len())?;
-        let policy = self.runtime.compile(bytes)?;
-        // A fault (trap, deadline, limit) fails the upload; an error value is the policy
-        // complaining about the empty configuration, which activation checks again.
-        match self.dry_run(&policy, "{}") {
-            Ok(_) | Err(PolicyFault::Failed(_)) => {}
-            Err(fault) => return Err(DeployError::DryRun(fault)),
-        }
-        let _change = self.changes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Again under the lock: another upload of this tenant's may have finished meanwhile.
-        self.check_quota(tenant, bytes.len())?;
-        let file = self.dir.join(format!("{id}.wasm"));
-        files::replace(&file, bytes)?;
+        let runtime = self.runtime.clone();
+        let size = bytes.len();
+        let (policy, bytes) = blocking(move || {
+            let policy = runtime.compile(&bytes)?;
+            // A fault (trap, deadline, limit) fails the upload; an error value is the policy
+            // complaining about the empty configuration, which activation checks again.
+            match dry_run(&runtime, &policy, "{}") {
+                Ok(_) | Err(PolicyFault::Failed(_)) => Ok((policy, bytes)),
+                Err(fault) => Err(DeployError::DryRun(fault)),
+            }
+        })
+        .await?;
+        let blob = format!("policy-{id}-{:012x}", crate::random_u64() & 0xffff_ffff_ffff);
+        self.replica.store().put_blob(&blob, &bytes).await?;
         let version = Version {
             id: id.clone(),
             name: name.to_string(),
             sha256,
-            size: bytes.len(),
+            size,
             uploaded_at: now(),
             uploaded_by: tenant.to_string(),
         };
-        let mut registry = self.read().registry.clone();
-        registry.versions.insert(id.clone(), version.clone());
-        self.persist(&registry)?;
-        let mut state = self.write();
-        state.registry = registry;
-        state.compiled.insert(id, policy);
-        Ok(version)
+        let record = VersionRecord { version: version.clone(), blob: blob.clone() };
+        let committed = async {
+            for _ in 0..ATTEMPTS {
+                let records = self.records();
+                if let Some((existing, _)) = records.version(&id) {
+                    // The same upload landed through another request meanwhile.
+                    return Ok(Some(existing.version.clone()));
+                }
+                let (usage, at) = records.usage(tenant);
+                self.check_usage(tenant, usage, size)?;
+                let grown = Usage { versions: usage.versions + 1, bytes: usage.bytes + size as u64 };
+                let writes = vec![
+                    Write::put(format!("{VERSIONS}{id}"), Expect::Absent, json(&record)?),
+                    usage_write(tenant, grown, at)?,
+                ];
+                match self.replica.commit(writes).await {
+                    Ok(_) => return Ok(None),
+                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(e) => return Err(DeployError::from(e)),
+                }
+            }
+            Err(DeployError::Contended(format!("tenant {tenant:?}'s policy versions")))
+        };
+        match committed.await {
+            Ok(None) => {
+                self.write().compiled.insert(id, policy);
+                self.sync().await;
+                Ok(version)
+            }
+            outcome => {
+                // Nothing names the blob written for this request.
+                let _ = self.replica.store().delete_blob(&blob).await;
+                outcome.map(|existing| existing.unwrap_or(version))
+            }
+        }
     }
 
-    /// Makes version `id` with `config` the active policy of `scope` (blocking: dry-runs it).
-    pub fn activate(&self, scope: &str, id: &str, config: serde_json::Value) -> Result<Activation, DeployError> {
+    /// Makes version `id` with `config` the active policy of `scope` (after a dry run).
+    pub async fn activate(&self, scope: &str, id: &str, config: serde_json::Value) -> Result<Activation, DeployError> {
         check_scope(scope)?;
-        let cached = self.read().compiled.get(id).cloned();
-        let policy = match cached {
-            Some(policy) => policy,
-            None => {
-                if !self.read().registry.versions.contains_key(id) {
-                    return Err(DeployError::UnknownVersion(id.to_string()));
-                }
-                let policy = compile_stored(&self.dir, &self.runtime, id)?;
-                self.write().compiled.insert(id.to_string(), policy.clone());
-                policy
-            }
-        };
-        self.dry_run(&policy, &config.to_string()).map_err(DeployError::DryRun)?;
-        let _change = self.changes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let policy = self.compiled(id).await?;
+        let runtime = self.runtime.clone();
+        let text = config.to_string();
+        blocking(move || dry_run(&runtime, &policy, &text).map(|_| ()).map_err(DeployError::DryRun)).await?;
         let activation = Activation { id: id.to_string(), config, activated_at: now() };
-        let mut registry = self.read().registry.clone();
-        let history = registry.active.entry(scope.to_string()).or_default();
-        history.push(activation.clone());
-        let keep = self.limits.history_per_scope.max(1);
-        if history.len() > keep {
-            history.drain(..history.len() - keep);
+        for _ in 0..ATTEMPTS {
+            let records = self.records();
+            let (record, at) = records.version(id).ok_or_else(|| DeployError::UnknownVersion(id.to_string()))?;
+            let (mut history, expect) = records.history(scope);
+            history.push(activation.clone());
+            let keep = self.limits.history_per_scope.max(1);
+            if history.len() > keep {
+                history.drain(..history.len() - keep);
+            }
+            // Rewriting the version's record moves its revision, so a delete that read it
+            // before this activation fails instead of removing a version in use.
+            let writes = vec![
+                Write::put(format!("{ACTIVE}{scope}"), expect, json(&history)?),
+                Write::put(format!("{VERSIONS}{id}"), Expect::At(*at), json(record)?),
+            ];
+            match self.replica.commit(writes).await {
+                Ok(_) => {
+                    self.sync().await;
+                    return Ok(activation);
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        self.commit(registry)?;
-        Ok(activation)
+        Err(DeployError::Contended(format!("the activations of {scope}")))
     }
 
     /// Goes back to `scope`'s previous activation.
-    pub fn rollback(&self, scope: &str) -> Result<Activation, DeployError> {
+    pub async fn rollback(&self, scope: &str) -> Result<Activation, DeployError> {
         check_scope(scope)?;
-        let _change = self.changes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut registry = self.read().registry.clone();
-        let history = registry.active.get_mut(scope).filter(|h| h.len() >= 2);
-        let Some(history) = history else { return Err(DeployError::NothingToRollBack(scope.to_string())) };
-        history.pop();
-        let current = history.last().cloned().ok_or_else(|| DeployError::NothingToRollBack(scope.to_string()))?;
-        self.commit(registry)?;
-        Ok(current)
+        for _ in 0..ATTEMPTS {
+            let (mut history, expect) = self.records().history(scope);
+            if history.len() < 2 {
+                return Err(DeployError::NothingToRollBack(scope.to_string()));
+            }
+            history.pop();
+            let current = history.last().cloned().ok_or_else(|| DeployError::NothingToRollBack(scope.to_string()))?;
+            // The version rolled back to is in the history, so no delete can have removed it;
+            // this gateway may not have compiled it yet.
+            self.compiled(&current.id).await?;
+            match self.replica.commit(vec![Write::put(format!("{ACTIVE}{scope}"), expect, json(&history)?)]).await {
+                Ok(_) => {
+                    self.sync().await;
+                    return Ok(current);
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(DeployError::Contended(format!("the activations of {scope}")))
     }
 
-    /// Persists `registry`, then swaps the active deployments in one step.
-    fn commit(&self, registry: Registry) -> Result<(), DeployError> {
-        let active = self.resolve(&registry, &self.read().compiled)?;
-        self.persist(&registry)?;
-        let mut state = self.write();
-        state.registry = registry;
-        state.active = active;
-        Ok(())
+    /// Deletes version `id`: its record, its blob and its compiled code. Refused while any
+    /// scope's activations (current or in the history rollback walks) name it.
+    pub async fn delete(&self, id: &str) -> Result<Version, DeployError> {
+        for _ in 0..ATTEMPTS {
+            let records = self.records();
+            let (record, at) = records.version(id).ok_or_else(|| DeployError::UnknownVersion(id.to_string()))?;
+            let scopes: Vec<&str> = records
+                .active
+                .iter()
+                .filter(|(_, (history, _))| history.iter().any(|a| a.id == id))
+                .map(|(scope, _)| if scope == DEFAULT_SCOPE { "the default policy" } else { scope.as_str() })
+                .collect();
+            if !scopes.is_empty() {
+                return Err(DeployError::InUse { id: id.to_string(), scopes: scopes.join(", ") });
+            }
+            let tenant = &record.version.uploaded_by;
+            let (usage, usage_at) = records.usage(tenant);
+            let shrunk = Usage {
+                versions: usage.versions.saturating_sub(1),
+                bytes: usage.bytes.saturating_sub(record.version.size as u64),
+            };
+            let writes =
+                vec![Write::delete(format!("{VERSIONS}{id}"), Expect::At(*at)), usage_write(tenant, shrunk, usage_at)?];
+            match self.replica.commit(writes).await {
+                Ok(_) => {
+                    // The record no longer names the blob: a failure to remove it leaves only an
+                    // orphan, which no record will ever name.
+                    if let Err(e) = self.replica.store().delete_blob(&record.blob).await {
+                        tracing::warn!(blob = %record.blob, error = %e, "cannot remove a deleted policy version's blob");
+                    }
+                    self.sync().await;
+                    return Ok(record.version.clone());
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(DeployError::Contended(format!("policy version {id}")))
     }
 
-    fn persist(&self, registry: &Registry) -> Result<(), DeployError> {
-        let path = self.dir.join(REGISTRY_FILE);
-        let bytes = serde_json::to_vec_pretty(registry)
+    /// Imports the policies an earlier version of the gateway kept in `dir` (`policies.json`
+    /// and `<id>.wasm`) into a store that holds none. Returns how many versions it imported.
+    pub async fn import_legacy(&self, dir: &Path) -> Result<usize, DeployError> {
+        let path = dir.join(LEGACY_REGISTRY_FILE);
+        if !self.records().versions.is_empty() || !path.exists() {
+            return Ok(0);
+        }
+        let bytes = std::fs::read(&path).map_err(failed("read", &path))?;
+        let legacy: LegacyRegistry = serde_json::from_slice(&bytes)
             .map_err(|e| DeployError::Corrupt { path: path.clone(), reason: e.to_string() })?;
-        Ok(files::replace(&path, &bytes)?)
+        let mut writes = Vec::new();
+        let mut usage: BTreeMap<String, Usage> = BTreeMap::new();
+        for (id, version) in &legacy.versions {
+            let file = dir.join(format!("{id}.wasm"));
+            let component = std::fs::read(&file).map_err(failed("read", &file))?;
+            let blob = format!("policy-{id}-imported");
+            self.replica.store().put_blob(&blob, &component).await?;
+            let record = VersionRecord { version: version.clone(), blob };
+            writes.push(Write::put(format!("{VERSIONS}{id}"), Expect::Absent, json(&record)?));
+            let u = usage.entry(version.uploaded_by.clone()).or_default();
+            u.versions += 1;
+            u.bytes += version.size as u64;
+        }
+        for (tenant, u) in usage {
+            writes.push(usage_write(&tenant, u, Expect::Absent)?);
+        }
+        for (scope, history) in &legacy.active {
+            writes.push(Write::put(format!("{ACTIVE}{scope}"), Expect::Absent, json(history)?));
+        }
+        let n = legacy.versions.len();
+        self.replica.commit(writes).await?;
+        self.sync().await;
+        tracing::info!(versions = n, file = %path.display(), "imported the policies of an earlier version");
+        Ok(n)
     }
+}
+
+/// Runs `policy` once on the sample request (blocking).
+fn dry_run(runtime: &PolicyRuntime, policy: &CompiledPolicy, config: &str) -> Result<WitDecision, PolicyFault> {
+    runtime.decide(policy, &sample_request(), Arc::from(config), Arc::from("dry-run"))
+}
+
+/// The registry file earlier versions kept in the policies directory.
+const LEGACY_REGISTRY_FILE: &str = "policies.json";
+
+#[derive(Debug, Deserialize)]
+struct LegacyRegistry {
+    versions: BTreeMap<String, Version>,
+    active: BTreeMap<String, Vec<Activation>>,
 }

@@ -198,25 +198,35 @@ fn components_that_are_not_policies_are_refused_with_the_reason() {
     assert!(matches!(limited.compile(&component("tenant-map")), Err(LoadError::TooLarge { .. })));
 }
 
+async fn open_store(dir: &std::path::Path, rt: Arc<PolicyRuntime>) -> Arc<PolicyStore> {
+    let loras = crate::loras::LoraStore::open_dir(dir).await.unwrap();
+    PolicyStore::open(loras.replica().clone(), rt, Default::default()).await.unwrap()
+}
+
 #[tokio::test]
 async fn deployments_activate_atomically_roll_back_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
-    let store = Arc::new(PolicyStore::open(dir.path(), rt.clone(), Default::default()).unwrap());
-    let map = store.upload("tenant-map", &component("tenant-map"), "ops").unwrap();
-    let canary = store.upload("canary", &component("canary"), "ops").unwrap();
-    assert_eq!(store.upload("tenant-map", &component("tenant-map"), "ops").unwrap(), map, "same bytes, same version");
+    let store = open_store(dir.path(), rt.clone()).await;
+    let map = store.upload("tenant-map", component("tenant-map"), "ops").await.unwrap();
+    let canary = store.upload("canary", component("canary"), "ops").await.unwrap();
+    assert_eq!(
+        store.upload("tenant-map", component("tenant-map"), "ops").await.unwrap(),
+        map,
+        "same bytes, same version"
+    );
     // A version that faults in its dry run is refused before anyone can activate it.
-    assert!(store.upload("hostile", &component("hostile"), "ops").is_ok(), "an error value is not a fault");
+    assert!(store.upload("hostile", component("hostile"), "ops").await.is_ok(), "an error value is not a fault");
     let hostile_id = store.list().0.into_iter().find(|v| v.name == "hostile").unwrap().id;
-    assert!(store.activate("acme", &hostile_id, serde_json::json!({"mode": "loop"})).is_err());
-    assert!(store.activate("acme", &canary.id, serde_json::json!({})).is_err(), "canary needs its config");
+    assert!(store.activate("acme", &hostile_id, serde_json::json!({"mode": "loop"})).await.is_err());
+    assert!(store.activate("acme", &canary.id, serde_json::json!({})).await.is_err(), "canary needs its config");
     assert!(store.active_for("acme").is_none(), "a refused activation changes nothing");
 
-    store.activate(DEFAULT_SCOPE, &map.id, serde_json::json!({"default": "shared/general"})).unwrap();
-    store.activate("acme", &map.id, serde_json::json!({"tenants": {"acme": "acme/v1"}})).unwrap();
+    store.activate(DEFAULT_SCOPE, &map.id, serde_json::json!({"default": "shared/general"})).await.unwrap();
+    store.activate("acme", &map.id, serde_json::json!({"tenants": {"acme": "acme/v1"}})).await.unwrap();
     store
         .activate("acme", &canary.id, serde_json::json!({"stable": "acme/v1", "canary": "acme/v2", "percent": 100}))
+        .await
         .unwrap();
     let engine = WasmPolicies::new(store.clone(), Arc::new(StaticPolicy::new(Arc::new(Default::default()))));
     let route = |adapter: &str| Decision::Route(Route { adapter: Some(adapter.into()), backend: None });
@@ -224,14 +234,38 @@ async fn deployments_activate_atomically_roll_back_and_survive_a_restart() {
     assert_eq!(engine.decide(&input(&acme)).await.unwrap(), route("acme/v2"));
     assert_eq!(engine.decide(&input(&req("beta", "x"))).await.unwrap(), route("shared/general"), "the default");
 
-    store.rollback("acme").unwrap();
+    store.rollback("acme").await.unwrap();
     assert_eq!(engine.decide(&input(&acme)).await.unwrap(), route("acme/v1"));
-    store.rollback("acme").unwrap_err();
+    store.rollback("acme").await.unwrap_err();
 
     // A new gateway process over the same state dir serves the same policies.
     drop(engine);
     drop(store);
-    let again = Arc::new(PolicyStore::open(dir.path(), rt, Default::default()).unwrap());
+    let again = open_store(dir.path(), rt).await;
     let engine = WasmPolicies::new(again, Arc::new(StaticPolicy::new(Arc::new(Default::default()))));
     assert_eq!(engine.decide(&input(&acme)).await.unwrap(), route("acme/v1"));
+}
+
+#[tokio::test]
+async fn the_policies_of_an_earlier_version_are_imported_with_their_activations() {
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = dir.path().join("policies");
+    std::fs::create_dir_all(&legacy).unwrap();
+    let bytes = component("tenant-map");
+    let sha: String = <sha2::Sha256 as sha2::Digest>::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(legacy.join("0123456789abcdef.wasm"), &bytes).unwrap();
+    let registry = serde_json::json!({"version": 1,
+        "versions": {"0123456789abcdef": {"id": "0123456789abcdef", "name": "tenant-map", "sha256": sha,
+            "size": bytes.len(), "uploaded_at": 1, "uploaded_by": "ops"}},
+        "active": {"acme": [{"id": "0123456789abcdef", "config": {"tenants": {"acme": "acme/v1"}}, "activated_at": 2}]}});
+    std::fs::write(legacy.join("policies.json"), registry.to_string()).unwrap();
+    let store = open_store(dir.path(), runtime()).await;
+    assert_eq!(store.import_legacy(&legacy).await.unwrap(), 1);
+    assert_eq!(store.import_legacy(&legacy).await.unwrap(), 0, "imported twice");
+    let engine = WasmPolicies::new(store.clone(), Arc::new(StaticPolicy::new(Arc::new(Default::default()))));
+    let route = Decision::Route(Route { adapter: Some("acme/v1".into()), backend: None });
+    assert_eq!(engine.decide(&input(&req("acme", "x"))).await.unwrap(), route);
+    // The tenant's usage came with it: its quota counts the imported version.
+    assert!(store.check_quota("ops", 0).is_ok());
+    assert_eq!(store.list().0.len(), 1);
 }

@@ -1,11 +1,10 @@
 //! The state store on an etcd cluster, for fleets of gateways.
 //!
 //! Keys: `<prefix>state/<key>` for the desired state (what snapshots and watches cover) and
-//! `<prefix>blobs/<sha256>` for blobs. A blob is written as chunks of [`BLOB_CHUNK`] bytes
-//! (`…/<sha256>/00000`, …), each its own request because etcd refuses requests past 1.5 MiB
-//! by default, and then its manifest (`…/<sha256>`), so a reader that finds the manifest finds
-//! every chunk; an interrupted write leaves chunks without a manifest, which the next write of
-//! the same bytes overwrites. Chunking in etcd rather than keeping components beside it (an
+//! `<prefix>blobs/<name>` for blobs. A blob is written as chunks of [`BLOB_CHUNK`] bytes
+//! (`…/<name>/00000`, …), each its own request because etcd refuses requests past 1.5 MiB by
+//! default, and then its manifest (`…/<name>`: size, chunk count, SHA-256), so a reader that
+//! finds the manifest finds every chunk, and checks what it reassembled against the digest. Chunking in etcd rather than keeping components beside it (an
 //! object store) means a fleet needs nothing but etcd; the policy store's per-tenant byte quota
 //! bounds what that costs etcd's database (2 GiB by default).
 //!
@@ -143,8 +142,8 @@ impl EtcdStore {
         Ok((id, lost, LeaseGuard { task, client: self.client.clone(), id }))
     }
 
-    fn blob_key(&self, digest: &str) -> String {
-        format!("{}blobs/{digest}", self.prefix)
+    fn blob_key(&self, name: &str) -> String {
+        format!("{}blobs/{name}", self.prefix)
     }
 }
 
@@ -177,6 +176,7 @@ impl Drop for LeaseGuard {
 struct BlobManifest {
     size: usize,
     chunks: usize,
+    sha256: String,
 }
 
 #[async_trait]
@@ -284,53 +284,47 @@ impl StateStore for EtcdStore {
         Ok(Box::pin(changes))
     }
 
-    async fn put_blob(&self, bytes: &[u8]) -> Result<String, StoreError> {
-        let digest = super::digest(bytes);
-        let key = self.blob_key(&digest);
+    async fn put_blob(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        super::check_blob_name(name)?;
+        let key = self.blob_key(name);
         let mut client = self.client.clone();
-        if !client.get(key.clone(), None).await.map_err(unavailable)?.kvs().is_empty() {
-            return Ok(digest);
-        }
+        // The old manifest goes first, so no reader pairs it with new chunks.
+        client.delete(key.clone(), None).await.map_err(unavailable)?;
         let chunks: Vec<&[u8]> = bytes.chunks(BLOB_CHUNK).collect();
         for (i, chunk) in chunks.iter().enumerate() {
             client.put(format!("{key}/{i:05}"), chunk.to_vec(), None).await.map_err(unavailable)?;
         }
-        let manifest = serde_json::to_string(&BlobManifest { size: bytes.len(), chunks: chunks.len() })
-            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let manifest = BlobManifest { size: bytes.len(), chunks: chunks.len(), sha256: super::digest(bytes) };
+        let manifest = serde_json::to_string(&manifest).map_err(|e| StoreError::Invalid(e.to_string()))?;
         client.put(key, manifest, None).await.map_err(unavailable)?;
-        Ok(digest)
+        Ok(())
     }
 
-    async fn get_blob(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
-        super::check_digest(digest)?;
-        let key = self.blob_key(digest);
+    async fn get_blob(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        super::check_blob_name(name)?;
+        let key = self.blob_key(name);
         let mut client = self.client.clone();
         let r = client.get(key.clone(), None).await.map_err(unavailable)?;
         let Some(kv) = r.kvs().first() else {
-            return Err(StoreError::BlobMissing { digest: digest.to_string() });
+            return Err(StoreError::BlobMissing { name: name.to_string() });
         };
         let manifest: BlobManifest = serde_json::from_slice(kv.value())
-            .map_err(|e| StoreError::Corrupt(format!("blob {digest}: bad manifest: {e}")))?;
+            .map_err(|e| StoreError::Corrupt(format!("blob {name}: bad manifest: {e}")))?;
+        let at = r.header().map_or(0, |h| h.revision());
         let parts = client
-            .get(
-                format!("{key}/"),
-                Some(GetOptions::new().with_prefix().with_revision(r.header().map_or(0, |h| h.revision()))),
-            )
+            .get(format!("{key}/"), Some(GetOptions::new().with_prefix().with_revision(at)))
             .await
             .map_err(unavailable)?;
-        if parts.kvs().len() != manifest.chunks {
-            return Err(StoreError::Corrupt(format!(
-                "blob {digest}: {} of its {} chunks are in etcd",
-                parts.kvs().len(),
-                manifest.chunks
-            )));
-        }
-        let mut bytes = Vec::with_capacity(manifest.size);
         // etcd returns a range sorted by key, and chunk keys sort in order.
-        for kv in parts.kvs() {
-            bytes.extend_from_slice(kv.value());
+        let bytes: Vec<u8> =
+            parts.kvs().iter().take(manifest.chunks).flat_map(|kv| kv.value().iter().copied()).collect();
+        if parts.kvs().len() < manifest.chunks
+            || bytes.len() != manifest.size
+            || super::digest(&bytes) != manifest.sha256
+        {
+            return Err(StoreError::Corrupt(format!("blob {name}: its chunks in etcd do not match its manifest")));
         }
-        super::check_blob(digest, bytes)
+        Ok(bytes)
     }
 
     async fn lead(&self, holder: &str) -> Result<super::Lead, StoreError> {
@@ -367,10 +361,10 @@ impl StateStore for EtcdStore {
         }
     }
 
-    async fn delete_blob(&self, digest: &str) -> Result<(), StoreError> {
-        super::check_digest(digest)?;
+    async fn delete_blob(&self, name: &str) -> Result<(), StoreError> {
+        super::check_blob_name(name)?;
         // The manifest first, so no reader finds a manifest without its chunks.
-        let key = self.blob_key(digest);
+        let key = self.blob_key(name);
         let mut client = self.client.clone();
         client.delete(key.clone(), None).await.map_err(unavailable)?;
         client.delete(format!("{key}/"), Some(DeleteOptions::new().with_prefix())).await.map_err(unavailable)?;

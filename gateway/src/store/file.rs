@@ -4,7 +4,7 @@
 //!   exclusive lock on `store.lock`, reads the file, checks every expectation, and replaces the
 //!   file atomically (temp file, fsync, rename), so gateways on one machine sharing the
 //!   directory never lose each other's writes and a crash leaves the old file or the new one.
-//! - `blobs/<sha256>` holds each blob, written the same way.
+//! - `blobs/<name>` holds each blob, written the same way.
 //! - A watch polls the file (every [`POLL_INTERVAL`], and at once after a commit through this
 //!   handle) and reports the difference from what it last saw. It keeps no history: a watch
 //!   asked to start from a revision older than the file's is told [`StoreError::Compacted`],
@@ -173,9 +173,9 @@ impl FileStore {
         Ok(Some((token, lock)))
     }
 
-    fn blob_path(&self, digest: &str) -> Result<PathBuf, StoreError> {
-        super::check_digest(digest)?;
-        Ok(self.dir.join(BLOB_DIR).join(digest))
+    fn blob_path(&self, name: &str) -> Result<PathBuf, StoreError> {
+        super::check_blob_name(name)?;
+        Ok(self.dir.join(BLOB_DIR).join(name))
     }
 }
 
@@ -260,26 +260,19 @@ impl StateStore for FileStore {
         Ok(Box::pin(stream))
     }
 
-    async fn put_blob(&self, bytes: &[u8]) -> Result<String, StoreError> {
-        let digest = super::digest(bytes);
-        let path = self.blob_path(&digest)?;
+    async fn put_blob(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.blob_path(name)?;
         let bytes = bytes.to_vec();
-        blocking(move || {
-            if !path.exists() {
-                files::replace(&path, &bytes).map_err(|e| StoreError::Unavailable { reason: e.to_string() })?;
-            }
-            Ok(())
-        })
-        .await?;
-        Ok(digest)
+        blocking(move || files::replace(&path, &bytes).map_err(|e| StoreError::Unavailable { reason: e.to_string() }))
+            .await
     }
 
-    async fn get_blob(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
-        let path = self.blob_path(digest)?;
-        let d = digest.to_string();
+    async fn get_blob(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        let path = self.blob_path(name)?;
+        let name = name.to_string();
         blocking(move || match std::fs::read(&path) {
-            Ok(b) => super::check_blob(&d, b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::BlobMissing { digest: d }),
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::BlobMissing { name }),
             Err(e) => Err(io("read", &path)(e)),
         })
         .await
@@ -297,8 +290,8 @@ impl StateStore for FileStore {
         }
     }
 
-    async fn delete_blob(&self, digest: &str) -> Result<(), StoreError> {
-        let path = self.blob_path(digest)?;
+    async fn delete_blob(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.blob_path(name)?;
         blocking(move || match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -12,8 +12,9 @@
 //! - [`EtcdStore`]: an etcd cluster (`etcd://host:2379,host:2379/prefix`).
 //!
 //! Values are JSON text. Policy components are too large for one etcd value (1.5 MiB by
-//! default), so they are blobs: content-addressed by SHA-256, written before the record that
-//! names them, checked against their digest when read (see [`StateStore::put_blob`]).
+//! default), so they are blobs: written under a name of their own before the record that names
+//! them (with their SHA-256, which the reader checks), and removed after it. Every record names a
+//! blob written for it alone, so removing one can never take away another's.
 //!
 //! What the gateway builds on top: a [`Replica`] holds the last snapshot it read and follows the
 //! watch, so requests never wait on the store and keep being served from the last known state
@@ -165,8 +166,8 @@ pub enum StoreError {
     #[error("the store compacted its history past revision {revision}")]
     Compacted { revision: Revision },
     /// A blob was asked for that the store does not hold.
-    #[error("blob {digest} is not in the store")]
-    BlobMissing { digest: String },
+    #[error("blob {name} is not in the store")]
+    BlobMissing { name: String },
     /// The store holds something this gateway cannot read (a damaged file, a blob whose bytes
     /// do not match its digest).
     #[error("{0}")]
@@ -188,12 +189,12 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     async fn commit(&self, writes: Vec<Write>) -> Result<Revision, StoreError>;
     /// The changes after `after`, in order, as they happen.
     async fn watch(&self, after: Revision) -> Result<Watch, StoreError>;
-    /// Stores `bytes` under their SHA-256 (lowercase hex, returned). Idempotent.
-    async fn put_blob(&self, bytes: &[u8]) -> Result<String, StoreError>;
-    /// The bytes stored under `digest`, checked against it.
-    async fn get_blob(&self, digest: &str) -> Result<Vec<u8>, StoreError>;
-    /// Removes a blob (absent is fine).
-    async fn delete_blob(&self, digest: &str) -> Result<(), StoreError>;
+    /// Stores `bytes` as blob `name` (1–128 of `a-z 0-9 -`), replacing any blob of that name.
+    async fn put_blob(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// The bytes of blob `name`, whole (a blob is never read half written).
+    async fn get_blob(&self, name: &str) -> Result<Vec<u8>, StoreError>;
+    /// Removes blob `name` (absent is fine).
+    async fn delete_blob(&self, name: &str) -> Result<(), StoreError>;
     /// Campaigns to be the one gateway that drives the backends, as `holder`: returns once this
     /// holder leads, with a fencing token greater than every earlier leader's.
     async fn lead(&self, holder: &str) -> Result<Lead, StoreError>;
@@ -236,20 +237,12 @@ pub fn digest(bytes: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Checks that a blob's bytes are the ones its digest names.
-pub(crate) fn check_blob(digest_hex: &str, bytes: Vec<u8>) -> Result<Vec<u8>, StoreError> {
-    if digest(&bytes) != digest_hex {
-        return Err(StoreError::Corrupt(format!("blob {digest_hex} does not match its digest")));
-    }
-    Ok(bytes)
-}
-
-/// Checks a digest handed in from outside: 64 lowercase hex digits.
-pub(crate) fn check_digest(d: &str) -> Result<(), StoreError> {
-    if d.len() == 64 && d.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+/// Checks a blob name: 1–128 of `a-z 0-9 -` (it becomes a file name and an etcd key).
+pub(crate) fn check_blob_name(name: &str) -> Result<(), StoreError> {
+    if !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'-')) {
         Ok(())
     } else {
-        Err(StoreError::Invalid(format!("{d:?} is not a SHA-256 digest")))
+        Err(StoreError::Invalid(format!("{name:?} is not a blob name (1-128 of a-z 0-9 -)")))
     }
 }
 
