@@ -46,6 +46,19 @@ async fn sweep(gw: &Arc<Gateway>, fence: u64, running: &Arc<Mutex<HashSet<String
     let now = ops::now();
     for (name, op, revision) in ops::all(&snapshot) {
         match &op.outcome {
+            None if op.started.is_none() && now.saturating_sub(op.requested_at) > ops::ACCEPT_WITHIN_S => {
+                let error = AdminError::new(
+                    AdminCode::OperationExpired,
+                    format!(
+                        "the operation on LoRA adapter '{name}' reached the state store more than {}s after it was asked for (the store was unavailable); it was not run",
+                        ops::ACCEPT_WITHIN_S
+                    ),
+                );
+                let failed = Operation { outcome: Some(Outcome::Failed { error, finished_at: now }), ..op };
+                if let Ok(v) = serde_json::to_string(&failed) {
+                    let _ = gw.replica().commit(vec![Write::put(ops::key(&name), Expect::At(revision), v)]).await;
+                }
+            }
             None => {
                 let fresh = running.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(op.id.clone());
                 if fresh {
@@ -78,6 +91,14 @@ enum Ran {
 async fn run(gw: &Arc<Gateway>, name: &str, op: Operation, revision: Revision, fence: u64) {
     let turn = gw.turn(name);
     let _turn = turn.lock().await;
+    // Say who runs it before calling any backend (a record nobody started, and old, expires).
+    let op = Operation { started: Some(ops::Started { by: gw.leadership.holder().to_string(), at: ops::now() }), ..op };
+    let Ok(value) = serde_json::to_string(&op) else { return };
+    let revision = match gw.replica().commit(vec![Write::put(ops::key(name), Expect::At(revision), value)]).await {
+        Ok(r) => r,
+        // Changed or gone: whoever changed it decides; the store unavailable: the next sweep.
+        Err(_) => return,
+    };
     let expect = ops::expectation(op.expect);
     let ran = match &op.action {
         Action::Load { lora } => load(gw, lora, expect, fence).await,

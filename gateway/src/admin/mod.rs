@@ -124,11 +124,18 @@ pub fn api_error(e: AdminError) -> ApiError {
         AdminCode::BackendError => ApiError::server(502, e.message, "backend_error"),
         AdminCode::OperationTimeout => ApiError::server(504, e.message, "operation_timeout"),
         AdminCode::OperationLost => ApiError::server(500, e.message, "operation_lost"),
+        AdminCode::OperationExpired => ApiError::conflict(e.message, "operation_expired"),
     }
 }
 
 fn state_error(e: &StoreError) -> AdminError {
-    AdminError::new(AdminCode::StateUnavailable, format!("cannot record the operation: {e}"))
+    AdminError::new(
+        AdminCode::StateUnavailable,
+        format!(
+            "cannot record the operation: {e}; a store that recovers within {}s may still apply it, so check GET /v1/loras before retrying (retrying the same request is safe)",
+            ops::ACCEPT_WITHIN_S
+        ),
+    )
 }
 
 /// Records `action` on adapter `name` (authorised against the record at `expect`), then waits
@@ -145,11 +152,18 @@ async fn run(gw: &Gateway, who: &str, action: Action, expect: Expect) -> Result<
         requested_by: who.to_string(),
         gateway: gw.leadership.holder().to_string(),
         requested_at: ops::now(),
+        started: None,
         outcome: None,
     };
     let value = serde_json::to_string(&op).map_err(|e| AdminError::new(AdminCode::StateUnavailable, e.to_string()))?;
     let mut changes = gw.replica().subscribe();
-    let record = vec![Write::put(ops::key(&name), Expect::Absent, value), Write::check(loras::key(&name), expect)];
+    // A finished operation's record (its requester gone before reading it) is replaced; a
+    // pending one is another request in progress.
+    let previous = match ops::read(&gw.replica().current(), &name) {
+        Some((done, revision)) if done.outcome.is_some() => Expect::At(revision),
+        _ => Expect::Absent,
+    };
+    let record = vec![Write::put(ops::key(&name), previous, value), Write::check(loras::key(&name), expect)];
     match gw.replica().commit(record).await {
         Ok(_) => {}
         Err(StoreError::Conflict { key }) if key == ops::key(&name) => {

@@ -33,9 +33,27 @@ pub struct Operation {
     pub gateway: String,
     /// Seconds since the Unix epoch.
     pub requested_at: u64,
+    /// Set by the leader before it calls any backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<Started>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Outcome>,
 }
+
+/// Which leader took an operation up, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Started {
+    pub by: String,
+    pub at: u64,
+}
+
+/// Seconds within which a leader must take up a recorded operation. A write that timed out
+/// while the store had no quorum may still be committed when quorum returns, long after its
+/// client was told 503: such a record, never started and this old, is failed, not run.
+/// (A commit answers within the store's request deadline of being asked for; the rest is room
+/// for a leader failover and clock skew between gateways.)
+pub const ACCEPT_WITHIN_S: u64 = 15;
 
 /// What an operation does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,6 +136,8 @@ pub enum AdminCode {
     OperationTimeout,
     /// The operation's record disappeared before it finished.
     OperationLost,
+    /// The operation was recorded too late to run (see [`ACCEPT_WITHIN_S`]).
+    OperationExpired,
 }
 
 /// The operation on `name` in `snapshot`, with its record's revision.

@@ -907,3 +907,54 @@ async fn the_policy_store_is_bounded_per_tenant_and_unused_versions_can_be_delet
         );
     }
 }
+
+#[tokio::test]
+async fn an_operation_recorded_too_late_is_failed_unrun_and_a_finished_one_blocks_nothing() {
+    use crate::admin::ops::{self, Action, AdminCode, Operation, Outcome};
+    use crate::store::{Expect, Write};
+    let h = harness().await;
+    let lora = crate::loras::DesiredLora {
+        name: "acme/late".into(),
+        uri: "s3://acme/late".into(),
+        sha256: None,
+        owner: "acme".into(),
+        shared: false,
+        loaded_by: None,
+    };
+    // What a write that timed out during a store outage looks like when etcd commits it later.
+    let late = Operation {
+        id: "late".into(),
+        action: Action::Load { lora },
+        expect: None,
+        requested_by: "acme".into(),
+        gateway: "another".into(),
+        requested_at: ops::now() - ops::ACCEPT_WITHIN_S - 5,
+        started: None,
+        outcome: None,
+    };
+    let record = vec![Write::put(ops::key("acme/late"), Expect::Absent, serde_json::to_string(&late).unwrap())];
+    h.gw.replica().commit(record).await.unwrap();
+    let mut changes = h.gw.replica().subscribe();
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            if let Some((op, _)) = ops::read(&h.gw.replica().current(), "acme/late")
+                && let Some(outcome) = op.outcome
+            {
+                return outcome;
+            }
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the leader settles the record");
+    assert!(
+        matches!(outcome, Outcome::Failed { ref error, .. } if error.code == AdminCode::OperationExpired),
+        "{outcome:?}"
+    );
+    assert!(h.backend.adapters.lock().unwrap().get("acme/late").is_none(), "an expired operation reached a backend");
+    assert!(h.gw.loras.get("acme/late").is_none());
+    // Its finished record (nobody read it) does not stand in the way of the next request.
+    let (status, v) = load(&h, "acme", "acme/late", "s3://acme/late").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(h.backend.adapters.lock().unwrap().get("acme/late").map(String::as_str), Some("s3://acme/late"));
+}
