@@ -21,19 +21,19 @@ pub const MAX_ATTEMPTS: usize = 3;
 #[derive(Debug)]
 pub struct InFlight {
     gw: Arc<Gateway>,
-    index: usize,
+    backend: String,
 }
 
 impl InFlight {
-    fn new(gw: &Arc<Gateway>, index: usize) -> InFlight {
-        gw.with_view(index, |v| v.in_flight += 1);
-        InFlight { gw: gw.clone(), index }
+    fn new(gw: &Arc<Gateway>, backend: &str) -> InFlight {
+        gw.with_view(backend, |v| v.in_flight += 1);
+        InFlight { gw: gw.clone(), backend: backend.to_string() }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.gw.with_view(self.index, |v| v.in_flight = v.in_flight.saturating_sub(1));
+        self.gw.with_view(&self.backend, |v| v.in_flight = v.in_flight.saturating_sub(1));
     }
 }
 
@@ -76,9 +76,12 @@ pub fn generation_error(backend: &str, e: &UpstreamError) -> ApiError {
     }
 }
 
-async fn attempt(gw: &Arc<Gateway>, index: usize, request: &pb::GenerateRequest) -> Result<Started, UpstreamError> {
-    let backend = gw.backends[index].clone();
-    let in_flight = InFlight::new(gw, index);
+async fn attempt(gw: &Arc<Gateway>, address: &str, request: &pb::GenerateRequest) -> Result<Started, UpstreamError> {
+    let backend = gw
+        .members
+        .upstream(address)
+        .ok_or_else(|| UpstreamError::new(UpstreamCode::Unavailable, format!("backend {address} left the fleet")))?;
+    let in_flight = InFlight::new(gw, address);
     let mut stream = backend.generate(request.clone()).await?;
     let first = stream.next().await.transpose()?;
     Ok(Started { backend: backend.address().to_string(), first, rest: TokenStreamHolder(stream), in_flight })
@@ -87,7 +90,11 @@ async fn attempt(gw: &Arc<Gateway>, index: usize, request: &pb::GenerateRequest)
 /// Starts `request` on the best backend for `route`.
 pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: pb::GenerateRequest) -> Result<Started, ApiError> {
     request.adapter = route.adapter.clone().unwrap_or_default();
-    let candidates = cluster::rank(&gw.views(), route.adapter.as_deref(), route.backend.as_deref());
+    let views = gw.views();
+    let candidates: Vec<&str> = cluster::rank(&views, route.adapter.as_deref(), route.backend.as_deref())
+        .into_iter()
+        .map(|i| views[i].address.as_str())
+        .collect();
     if candidates.is_empty() {
         let message = match &route.backend {
             Some(b) => format!("backend {b} chosen by the routing policy is not healthy"),
@@ -96,9 +103,8 @@ pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: pb::GenerateRe
         return Err(ApiError::unavailable(message, crate::RETRY_AFTER_S).with_code("no_backend"));
     }
     let mut last = None;
-    for &i in candidates.iter().take(MAX_ATTEMPTS) {
-        let address = gw.backends[i].address().to_string();
-        let mut result = attempt(gw, i, &request).await;
+    for &address in candidates.iter().take(MAX_ATTEMPTS) {
+        let mut result = attempt(gw, address, &request).await;
         if let (Err(e), Some(name)) = (&result, &route.adapter)
             && e.code == UpstreamCode::NotFound
             && let Some(lora) = gw.loras.get(name)
@@ -109,13 +115,16 @@ pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: pb::GenerateRe
             result = match gw.leadership.token() {
                 Some(fence) => {
                     tracing::info!(backend = %address, adapter = %name, "loading a desired adapter the backend lacks");
-                    let loaded = {
-                        let turn = gw.turn(name);
-                        let _turn = turn.lock().await;
-                        gw.backends[i].load_adapter(load_request(gw, &lora, fence)).await
+                    let loaded = match gw.members.upstream(address) {
+                        Some(backend) => {
+                            let turn = gw.turn(name);
+                            let _turn = turn.lock().await;
+                            backend.load_adapter(load_request(gw, &lora, fence)).await
+                        }
+                        None => Err(UpstreamError::new(UpstreamCode::Unavailable, "the backend left the fleet")),
                     };
                     match loaded {
-                        Ok(_) => attempt(gw, i, &request).await,
+                        Ok(_) => attempt(gw, address, &request).await,
                         Err(e) => Err(e),
                     }
                 }
@@ -130,17 +139,17 @@ pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: pb::GenerateRe
             Err(e) => {
                 tracing::warn!(backend = %address, code = ?e.code, error = %e, "generation could not start");
                 if e.is_backend_failure() {
-                    gw.with_view(i, |v| v.fail(e.message.clone()));
-                    gw.metrics.backend_health(&address, false);
+                    gw.with_view(address, |v| v.fail(e.message.clone()));
+                    gw.metrics.backend_health(address, false);
                 } else if e.code != UpstreamCode::ResourceExhausted {
-                    return Err(generation_error(&address, &e));
+                    return Err(generation_error(address, &e));
                 }
                 last = Some((address, e));
             }
         }
     }
     let (address, e) = last.unwrap_or_else(|| {
-        (String::new(), UpstreamError::new(UpstreamCode::Unavailable, "no backend could take the request"))
+        ("", UpstreamError::new(UpstreamCode::Unavailable, "no backend could take the request"))
     });
-    Err(generation_error(&address, &e))
+    Err(generation_error(address, &e))
 }

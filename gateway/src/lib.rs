@@ -20,6 +20,7 @@ pub mod files;
 pub mod http;
 pub mod leader;
 pub mod loras;
+pub mod members;
 pub mod metrics;
 pub mod openai;
 pub mod policy;
@@ -31,6 +32,7 @@ pub mod upstream;
 use crate::auth::Verifier;
 use crate::cluster::BackendView;
 use crate::loras::LoraStore;
+use crate::members::{Connect, Members};
 use crate::metrics::Metrics;
 use crate::policy::PolicyEngine;
 use crate::tenants::Tenant;
@@ -87,9 +89,10 @@ impl Default for GatewayOptions {
 /// Everything a request handler needs, shared by all of them.
 #[derive(Debug)]
 pub struct Gateway {
-    pub(crate) backends: Vec<Arc<dyn Upstream>>,
-    /// One view per backend, same order as `backends`.
-    pub(crate) views: RwLock<Vec<BackendView>>,
+    /// The backends, keyed by address: configured, and found by discovery.
+    pub(crate) members: Members,
+    /// Makes the client of a backend found by discovery; `None`: no discovery.
+    connect: Option<Connect>,
     pub(crate) loras: LoraStore,
     pub(crate) tenants: Arc<BTreeMap<String, Tenant>>,
     pub(crate) policy: Arc<dyn PolicyEngine>,
@@ -115,17 +118,9 @@ impl Gateway {
         verifier: Arc<Verifier>,
         options: GatewayOptions,
     ) -> Gateway {
-        let views = backends
-            .iter()
-            .map(|b| BackendView {
-                address: b.address().to_string(),
-                last_error: Some("not probed yet".into()),
-                ..Default::default()
-            })
-            .collect();
         Gateway {
-            backends,
-            views: RwLock::new(views),
+            members: Members::new(backends),
+            connect: None,
             loras,
             tenants,
             policy,
@@ -145,25 +140,34 @@ impl Gateway {
         self
     }
 
-    /// The routing table as of now.
+    /// Finds backends registered in the state store (`connect` makes their clients), besides
+    /// the configured ones.
+    pub fn with_discovery(mut self, connect: Connect) -> Gateway {
+        self.connect = Some(connect);
+        self
+    }
+
+    pub(crate) fn discovery(&self) -> Option<&Connect> {
+        self.connect.as_ref()
+    }
+
+    /// The routing table as of now, in address order.
     pub fn views(&self) -> Vec<BackendView> {
-        self.views.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.members.views()
     }
 
-    /// Reads one backend's view without copying the table.
-    pub(crate) fn read_view<R>(&self, index: usize, f: impl FnOnce(&BackendView) -> R) -> Option<R> {
-        let views = self.views.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        views.get(index).map(f)
+    /// Reads one backend's row without copying the table.
+    pub(crate) fn read_view<R>(&self, id: &str, f: impl FnOnce(&BackendView) -> R) -> Option<R> {
+        self.members.read_view(id, f)
     }
 
-    pub(crate) fn with_view<R>(&self, index: usize, f: impl FnOnce(&mut BackendView) -> R) -> Option<R> {
-        let mut views = self.views.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        views.get_mut(index).map(f)
+    pub(crate) fn with_view<R>(&self, id: &str, f: impl FnOnce(&mut BackendView) -> R) -> Option<R> {
+        self.members.with_view(id, f)
     }
 
     /// Whether at least one backend is healthy.
     pub fn ready(&self) -> bool {
-        self.views.read().unwrap_or_else(std::sync::PoisonError::into_inner).iter().any(|v| v.healthy)
+        self.members.any_healthy()
     }
 
     pub fn base_model(&self) -> Option<String> {
@@ -263,7 +267,7 @@ pub async fn serve(
     let public = http::serve(listener, http::router(gw.clone()), signal());
     let served = match metrics {
         Some(m) => {
-            let (a, b) = tokio::join!(public, http::serve(m, http::metrics_router(gw), signal()));
+            let (a, b) = tokio::join!(public, http::serve(m, http::metrics_router(gw.clone()), signal()));
             a.and(b)
         }
         None => public.await,
@@ -271,6 +275,7 @@ pub async fn serve(
     for t in tasks {
         t.abort();
     }
+    gw.members.stop();
     served
 }
 

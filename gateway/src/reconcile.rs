@@ -5,6 +5,10 @@
 //! the backend was unreachable, or left by an operation that never finished), leaving alone
 //! adapters with an operation pending. Nothing here needs an operator: a backend that restarts
 //! or appears is brought up to date on its first healthy probe.
+//!
+//! With discovery, one more task follows the backends' registrations in the state store
+//! ([`switchyard_fleet::registration`]): a backend that registers is added (and probed), one
+//! whose registration goes (its lease expired, or it withdrew) leaves the routing table at once.
 
 use crate::Gateway;
 use crate::admin::{load_request, ops};
@@ -18,22 +22,73 @@ use switchyard_proto::v1 as pb;
 /// How long a failed load of one adapter on one backend waits before it is tried again.
 pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(30);
 
-/// Starts the probe-and-reconcile task of every backend.
+/// Starts the probe-and-reconcile task of every backend, and the discovery task when the
+/// gateway discovers backends. The probe tasks stop with [`crate::members::Members::stop`].
 pub fn spawn(gw: Arc<Gateway>) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..gw.backends.len())
-        .map(|i| {
-            let gw = gw.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(gw.options.probe_interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut failures = Failures::default();
-                loop {
-                    tick.tick().await;
-                    round(&gw, i, &mut failures).await;
+    for id in gw.members.ids() {
+        start_probe(&gw, &id);
+    }
+    gw.discovery().is_some().then(|| tokio::spawn(discover(gw.clone()))).into_iter().collect()
+}
+
+/// Starts probing backend `id` every interval, for as long as it is a member.
+fn start_probe(gw: &Arc<Gateway>, id: &str) {
+    let (me, member) = (gw.clone(), id.to_string());
+    let task = tokio::spawn(async move {
+        let id = member;
+        let mut tick = tokio::time::interval(me.options.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failures = Failures::default();
+        loop {
+            tick.tick().await;
+            round(&me, &id, &mut failures).await;
+        }
+    });
+    gw.members.set_probe(id, task.abort_handle());
+}
+
+/// Follows the registrations in the store: adds the backends that register, removes those
+/// whose registration is gone.
+async fn discover(gw: Arc<Gateway>) {
+    use switchyard_fleet::registration::{BackendRecord, KEY_PREFIX};
+    let Some(connect) = gw.discovery().cloned() else { return };
+    let mut changes = gw.replica().subscribe();
+    loop {
+        let snapshot = gw.replica().current();
+        let registered: std::collections::BTreeSet<String> = snapshot
+            .under(KEY_PREFIX)
+            .filter_map(|(key, entry)| match serde_json::from_str::<BackendRecord>(&entry.value) {
+                Ok(r) => Some(r.address),
+                Err(e) => {
+                    tracing::warn!(key = %format!("{KEY_PREFIX}{key}"), error = %e, "ignoring a backend registration this gateway cannot read");
+                    None
                 }
             })
-        })
-        .collect()
+            .collect();
+        for address in &registered {
+            if gw.members.upstream(address).is_some() {
+                continue;
+            }
+            match connect.connect(address) {
+                Ok(upstream) => {
+                    if gw.members.add(upstream, true) {
+                        tracing::info!(backend = %address, "a backend registered: routing to it once it is healthy");
+                        start_probe(&gw, address);
+                    }
+                }
+                Err(e) => tracing::warn!(backend = %address, error = %e, "cannot use a registered backend"),
+            }
+        }
+        for id in gw.members.registered() {
+            if !registered.contains(&id) && gw.members.remove_registered(&id) {
+                tracing::warn!(backend = %id, "a backend's registration is gone: it left the routing table");
+                gw.metrics.backend_health(&id, false);
+            }
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// When each adapter last failed to load on this backend.
@@ -46,9 +101,9 @@ impl Failures {
     }
 }
 
-/// One probe of backend `i`, then (if healthy) one reconciliation.
-pub async fn round(gw: &Arc<Gateway>, i: usize, failures: &mut Failures) {
-    let backend = gw.backends[i].clone();
+/// One probe of backend `id`, then (if healthy and this gateway leads) one reconciliation.
+pub async fn round(gw: &Arc<Gateway>, id: &str, failures: &mut Failures) {
+    let Some(backend) = gw.members.upstream(id) else { return };
     let address = backend.address().to_string();
     let probe = backend.probe().await;
     let (was, now) = match probe {
@@ -56,13 +111,13 @@ pub async fn round(gw: &Arc<Gateway>, i: usize, failures: &mut Failures) {
             if p.serving && !p.info.model.is_empty() {
                 gw.set_base_model(&p.info.model);
             }
-            gw.with_view(i, |v| {
+            gw.with_view(id, |v| {
                 let was = v.healthy;
                 v.observe(p.serving, p.info, p.adapters);
                 (was, v.healthy)
             })
         }
-        Err(e) => gw.with_view(i, |v| {
+        Err(e) => gw.with_view(id, |v| {
             let was = v.healthy;
             v.fail(e.message.clone());
             (was, false)
@@ -73,13 +128,13 @@ pub async fn round(gw: &Arc<Gateway>, i: usize, failures: &mut Failures) {
     match (was, now) {
         (false, true) => tracing::info!(backend = %address, "backend is healthy"),
         (true, false) => {
-            let reason = gw.read_view(i, |v| v.last_error.clone()).flatten().unwrap_or_default();
+            let reason = gw.read_view(id, |v| v.last_error.clone()).flatten().unwrap_or_default();
             tracing::warn!(backend = %address, %reason, "backend is unhealthy");
         }
         _ => {}
     }
     if now && let Some(fence) = gw.leadership.token() {
-        converge(gw, i, failures, fence).await;
+        converge(gw, id, failures, fence).await;
     }
 }
 
@@ -92,15 +147,15 @@ fn satisfied(listed: Option<&pb::AdapterInfo>, lora: &DesiredLora) -> bool {
     })
 }
 
-async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures, fence: u64) {
-    let backend = gw.backends[i].clone();
+async fn converge(gw: &Arc<Gateway>, id: &str, failures: &mut Failures, fence: u64) {
+    let Some(backend) = gw.members.upstream(id) else { return };
     let pending: std::collections::HashSet<String> = ops::all(&gw.replica().current())
         .into_iter()
         .filter(|(_, op, _)| op.outcome.is_none())
         .map(|(name, ..)| name)
         .collect();
     for lora in gw.loras.list() {
-        let listed = gw.read_view(i, |v| v.adapters.get(&lora.name).cloned()).flatten();
+        let listed = gw.read_view(id, |v| v.adapters.get(&lora.name).cloned()).flatten();
         if satisfied(listed.as_ref(), &lora) || !failures.may_retry(&lora.name) || pending.contains(&lora.name) {
             continue;
         }
@@ -116,7 +171,7 @@ async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures, fence: u
                 failures.0.remove(&lora.name);
                 tracing::info!(backend = backend.address(), adapter = %lora.name, fetched = r.fetched, "re-applied adapter");
                 if let Some(info) = r.adapter {
-                    gw.with_view(i, |v| v.adapters.insert(info.name.clone(), info));
+                    gw.with_view(id, |v| v.adapters.insert(info.name.clone(), info));
                 }
             }
             Err(e) if e.code == UpstreamCode::Fenced => return,
@@ -134,7 +189,7 @@ async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures, fence: u
     if gw.replica().trouble().is_some() {
         return;
     }
-    let listed: Vec<String> = gw.read_view(i, |v| v.adapters.keys().cloned().collect()).unwrap_or_default();
+    let listed: Vec<String> = gw.read_view(id, |v| v.adapters.keys().cloned().collect()).unwrap_or_default();
     for name in listed {
         if gw.loras.get(&name).is_some() || pending.contains(&name) {
             continue;
@@ -149,10 +204,10 @@ async fn converge(gw: &Arc<Gateway>, i: usize, failures: &mut Failures, fence: u
         match backend.unload_adapter(&name, fence).await {
             Ok(()) => {
                 tracing::info!(backend = backend.address(), adapter = %name, "unloaded an adapter that is not desired");
-                gw.with_view(i, |v| v.adapters.remove(&name));
+                gw.with_view(id, |v| v.adapters.remove(&name));
             }
             Err(e) if e.code == UpstreamCode::NotFound => {
-                gw.with_view(i, |v| v.adapters.remove(&name));
+                gw.with_view(id, |v| v.adapters.remove(&name));
             }
             Err(e) => {
                 tracing::warn!(backend = backend.address(), adapter = %name, error = %e, "cannot unload an adapter that is not desired");

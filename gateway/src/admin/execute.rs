@@ -81,7 +81,7 @@ async fn sweep(gw: &Arc<Gateway>, fence: u64, running: &Arc<Mutex<HashSet<String
 /// What running an operation on the backends did.
 enum Ran {
     /// It took: the outcome, and the write that makes the desired set say so.
-    Took { hot_swap: bool, backends: Vec<BackendResult>, took: Vec<usize>, desired: Write },
+    Took { hot_swap: bool, backends: Vec<BackendResult>, took: Vec<String>, desired: Write },
     /// It was refused; the backends that took it were put back.
     Refused(AdminError),
     /// A newer leader drives the backends: leave the operation to it.
@@ -188,27 +188,26 @@ async fn load(gw: &Arc<Gateway>, lora: &DesiredLora, expect: Expect, fence: u64)
         return Ran::Refused(no_backend());
     }
     let request = load_request(gw, lora, fence);
-    let calls = healthy.iter().map(|&i| {
-        let backend = gw.backends[i].clone();
+    let calls = healthy.iter().map(|(id, backend)| {
         let request = request.clone();
-        async move { (i, backend.load_adapter(request).await) }
+        async move { (id.clone(), backend.load_adapter(request).await) }
     });
     let answers = join_all(calls).await;
-    let took: Vec<usize> = answers.iter().filter(|(_, r)| r.is_ok()).map(|(i, _)| *i).collect();
+    let took: Vec<String> = answers.iter().filter(|(_, r)| r.is_ok()).map(|(id, _)| id.clone()).collect();
     if answers.iter().any(|(_, r)| matches!(r, Err(e) if e.code == UpstreamCode::Fenced)) {
         return Ran::Fenced;
     }
     let previous = gw.loras.get(&lora.name);
     let undo_action = Action::Load { lora: lora.clone() };
-    if let Some((i, e)) = answers.iter().find_map(|(i, r)| match r {
-        Err(e) if is_refusal(e) => Some((*i, e.clone())),
+    if let Some((id, e)) = answers.iter().find_map(|(id, r)| match r {
+        Err(e) if is_refusal(e) => Some((id, e.clone())),
         _ => None,
     }) {
         undo_load(gw, &took, previous.as_ref(), &lora.name, fence).await;
-        return Ran::Refused(refusal(gw.backends[i].address(), &e));
+        return Ran::Refused(refusal(id, &e));
     }
     if took.is_empty() {
-        let refused = answers.iter().find_map(|(i, r)| r.as_ref().err().map(|e| refusal(gw.backends[*i].address(), e)));
+        let refused = answers.iter().find_map(|(id, r)| r.as_ref().err().map(|e| refusal(id, e)));
         return Ran::Refused(refused.unwrap_or_else(no_backend));
     }
     let desired = match loras::put_write(lora, expect) {
@@ -222,19 +221,19 @@ async fn load(gw: &Arc<Gateway>, lora: &DesiredLora, expect: Expect, fence: u64)
         }
     };
     let mut hot_swap = false;
-    for (i, answer) in answers {
+    for (id, answer) in answers {
         let applied = match answer {
             Ok(r) if r.already_loaded => Applied::AlreadyLoaded,
             Ok(r) => {
                 hot_swap |= r.hot_swap;
                 if let Some(info) = r.adapter {
-                    gw.with_view(i, |v| v.adapters.insert(info.name.clone(), info));
+                    gw.with_view(&id, |v| v.adapters.insert(info.name.clone(), info));
                 }
                 Applied::Loaded { hot_swap: r.hot_swap, fetched: r.fetched, warnings: r.warnings }
             }
             Err(e) => Applied::Pending { reason: e.message },
         };
-        results.push(BackendResult { backend: gw.backends[i].address().to_string(), applied });
+        results.push(BackendResult { backend: id, applied });
     }
     results.sort_by(|a, b| a.backend.cmp(&b.backend));
     Ran::Took { hot_swap, backends: results, took, desired }
@@ -243,10 +242,7 @@ async fn load(gw: &Arc<Gateway>, lora: &DesiredLora, expect: Expect, fence: u64)
 async fn unload(gw: &Arc<Gateway>, lora: &DesiredLora, expect: Expect, fence: u64) -> Ran {
     let name = lora.name.as_str();
     let (healthy, mut results) = split_by_health(gw);
-    let calls = healthy.iter().map(|&i| {
-        let backend = gw.backends[i].clone();
-        async move { (i, backend.unload_adapter(name, fence).await) }
-    });
+    let calls = healthy.iter().map(|(id, backend)| async move { (id.clone(), backend.unload_adapter(name, fence).await) });
     let answers = join_all(calls).await;
     if answers.iter().any(|(_, r)| matches!(r, Err(e) if e.code == UpstreamCode::Fenced)) {
         return Ran::Fenced;
@@ -254,38 +250,37 @@ async fn unload(gw: &Arc<Gateway>, lora: &DesiredLora, expect: Expect, fence: u6
     // NOT_FOUND: the backend does not have it (it restarted, or never got it): as good as unloaded.
     let gone =
         |r: &Result<(), UpstreamError>| matches!(r, Ok(()) | Err(UpstreamError { code: UpstreamCode::NotFound, .. }));
-    let took: Vec<usize> = answers.iter().filter(|(_, r)| gone(r)).map(|(i, _)| *i).collect();
-    if let Some((i, e)) = answers.iter().find_map(|(i, r)| match r {
-        Err(e) if e.code == UpstreamCode::FailedPrecondition => Some((*i, e.clone())),
+    let took: Vec<String> = answers.iter().filter(|(_, r)| gone(r)).map(|(id, _)| id.clone()).collect();
+    if let Some((id, e)) = answers.iter().find_map(|(id, r)| match r {
+        Err(e) if e.code == UpstreamCode::FailedPrecondition => Some((id, e.clone())),
         _ => None,
     }) {
         undo(gw, &Action::Unload { lora: lora.clone() }, &took, fence).await;
-        return Ran::Refused(refusal(gw.backends[i].address(), &e));
+        return Ran::Refused(refusal(id, &e));
     }
-    for (i, answer) in answers {
+    for (id, answer) in answers {
         let applied = if gone(&answer) {
-            gw.with_view(i, |v| v.adapters.remove(name));
+            gw.with_view(&id, |v| v.adapters.remove(name));
             Applied::Unloaded
         } else {
             // The reconcilers unload it there when it answers: it is no longer desired.
             Applied::Pending { reason: answer.err().map(|e| e.message).unwrap_or_default() }
         };
-        results.push(BackendResult { backend: gw.backends[i].address().to_string(), applied });
+        results.push(BackendResult { backend: id, applied });
     }
     results.sort_by(|a, b| a.backend.cmp(&b.backend));
     Ran::Took { hot_swap: false, backends: results, took, desired: Write::delete(loras::key(name), expect) }
 }
 
 /// Puts the backends in `took` back as they were before `action`.
-async fn undo(gw: &Arc<Gateway>, action: &Action, took: &[usize], fence: u64) {
+async fn undo(gw: &Arc<Gateway>, action: &Action, took: &[String], fence: u64) {
     match action {
         Action::Load { lora } => {
             let previous = gw.loras.get(&lora.name);
             undo_load(gw, took, previous.as_ref(), &lora.name, fence).await;
         }
         Action::Unload { lora } => {
-            let calls = took.iter().map(|&i| {
-                let backend = gw.backends[i].clone();
+            let calls = took.iter().filter_map(|id| gw.members.upstream(id)).map(|backend| {
                 async move {
                     if let Err(e) = backend.load_adapter(load_request(gw, lora, fence)).await {
                         tracing::warn!(backend = backend.address(), adapter = %lora.name, error = %e, "cannot undo an unload");
@@ -298,9 +293,8 @@ async fn undo(gw: &Arc<Gateway>, action: &Action, took: &[usize], fence: u64) {
 }
 
 /// Puts the backends in `took` back as they were before a load that did not go through.
-async fn undo_load(gw: &Gateway, took: &[usize], previous: Option<&DesiredLora>, name: &str, fence: u64) {
-    let calls = took.iter().map(|&i| {
-        let backend = gw.backends[i].clone();
+async fn undo_load(gw: &Gateway, took: &[String], previous: Option<&DesiredLora>, name: &str, fence: u64) {
+    let calls = took.iter().filter_map(|id| gw.members.upstream(id)).map(|backend| {
         async move {
             let r = match previous {
                 Some(p) => backend.load_adapter(load_request(gw, p, fence)).await.map(|_| ()),

@@ -20,6 +20,7 @@ use crate::auth::{Principal, Scope};
 use crate::loras::{self, DesiredLora};
 use crate::openai::ApiError;
 use crate::store::{Expect, StoreError, Write};
+use crate::upstream::Upstream;
 use ops::{Action, AdminCode, AdminError, Operation, Outcome};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -90,16 +91,17 @@ pub(crate) fn load_request(gw: &Gateway, lora: &DesiredLora, fence: u64) -> pb::
     }
 }
 
-/// Indices of healthy backends, and results for the others.
-pub(crate) fn split_by_health(gw: &Gateway) -> (Vec<usize>, Vec<BackendResult>) {
+/// The healthy backends (address and client), and results for the others.
+pub(crate) fn split_by_health(gw: &Gateway) -> (Vec<(String, Arc<dyn Upstream>)>, Vec<BackendResult>) {
     let mut healthy = Vec::new();
     let mut pending = Vec::new();
-    for (i, v) in gw.views().into_iter().enumerate() {
-        if v.healthy {
-            healthy.push(i);
-        } else {
-            let reason = v.last_error.unwrap_or_else(|| "unhealthy".into());
-            pending.push(BackendResult { backend: v.address, applied: Applied::Pending { reason } });
+    for v in gw.views() {
+        match gw.members.upstream(&v.address) {
+            Some(upstream) if v.healthy => healthy.push((v.address, upstream)),
+            _ => {
+                let reason = v.last_error.unwrap_or_else(|| "unhealthy".into());
+                pending.push(BackendResult { backend: v.address, applied: Applied::Pending { reason } });
+            }
         }
     }
     (healthy, pending)

@@ -26,6 +26,9 @@ use tower::ServiceExt;
 
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-test";
 
+/// The fake backend's address: its identity in the gateway's routing table.
+const FAKE: &str = "http://fake:1";
+
 /// A backend double: adapters by name → uri, and what generation does.
 #[derive(Debug, Default)]
 struct FakeBackend {
@@ -55,7 +58,7 @@ fn err(code: UpstreamCode, m: &str) -> UpstreamError {
 #[async_trait]
 impl Upstream for FakeBackend {
     fn address(&self) -> &str {
-        "http://fake:1"
+        FAKE
     }
 
     async fn probe(&self) -> Result<Probe, UpstreamError> {
@@ -222,7 +225,7 @@ async fn harness_in(dir: tempfile::TempDir, policies: bool) -> Harness {
     // The only gateway on its directory leads at once.
     let mut lead = gw.leadership().subscribe();
     lead.wait_for(Option::is_some).await.unwrap();
-    reconcile::round(&gw, 0, &mut Failures::default()).await;
+    reconcile::round(&gw, FAKE, &mut Failures::default()).await;
     Harness { gw, backend, tasks, dir: Some(dir) }
 }
 
@@ -447,7 +450,7 @@ async fn the_adapter_api_checks_scopes_prefixes_and_names_and_keeps_no_half_stat
 async fn an_unreachable_backend_gives_503_with_retry_after_and_loads_are_refused() {
     let h = harness().await;
     *h.backend.down.lock().unwrap() = true;
-    reconcile::round(&h.gw, 0, &mut Failures::default()).await;
+    reconcile::round(&h.gw, FAKE, &mut Failures::default()).await;
     let t = token("acme", "", 600);
     let (s, v, headers) =
         call(&h, "POST", "/v1/chat/completions", Some(&t), Body::from(chat("tiny").to_string())).await;
@@ -649,7 +652,7 @@ async fn a_restarted_backend_gets_the_desired_adapters_back() {
     assert_eq!(v["choices"][0]["message"]["content"], "Hello there");
     assert_eq!(v["usage"]["total_tokens"], 7);
     // The reconciler brings back the rest.
-    reconcile::round(&h.gw, 0, &mut Failures::default()).await;
+    reconcile::round(&h.gw, FAKE, &mut Failures::default()).await;
     let loaded: Vec<String> = h.backend.adapters.lock().unwrap().keys().cloned().collect();
     assert_eq!(loaded, vec!["acme/a".to_string(), "beta/b".to_string()]);
 }

@@ -12,22 +12,19 @@
 //! `create_revision` 0 for absent), then the puts and deletes. When a compare fails the
 //! transaction reads the keys instead, to name the one that changed.
 //!
-//! Every request has a deadline ([`REQUEST_TIMEOUT`]) and requires a leader, so a cluster that
+//! Every request has a deadline ([`switchyard_fleet::REQUEST_TIMEOUT`]) and requires a leader, so a cluster that
 //! has lost quorum answers [`StoreError::Unavailable`] promptly instead of hanging.
 
 use super::{Batch, Change, Entry, Expect, Revision, Set, Snapshot, StateStore, StoreError, Watch, Write};
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    Client, Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
     TxnOpResponse, WatchOptions,
 };
 use futures::StreamExt;
+use switchyard_fleet::LeaseGuard;
 use std::time::Duration;
 
-/// Deadline of each request to etcd.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-/// Deadline of connecting to an endpoint.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes per blob chunk: under etcd's default request limit (1.5 MiB) with room for the key.
 pub const BLOB_CHUNK: usize = 1 << 20;
 /// Seconds the leader's lease lives without a renewal: how long a dead leader keeps others
@@ -67,12 +64,7 @@ impl EtcdStore {
     /// Connects to the cluster at `endpoints` (`http://host:port`), keeping keys under `prefix`.
     /// Fails only on malformed endpoints: an unreachable cluster shows in the first request.
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<EtcdStore, StoreError> {
-        let options = ConnectOptions::new()
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
-            .with_require_leader(true);
-        let client = Client::connect(endpoints, Some(options)).await.map_err(unavailable)?;
+        let client = switchyard_fleet::connect(endpoints).await.map_err(unavailable)?;
         Ok(EtcdStore { client, endpoints: endpoints.to_vec(), prefix: prefix.to_string() })
     }
 
@@ -87,88 +79,27 @@ impl EtcdStore {
     }
 
     fn state_key(&self, key: &str) -> String {
-        format!("{}state/{key}", self.prefix)
+        switchyard_fleet::state_key(&self.prefix, key)
     }
 
     fn state_prefix(&self) -> String {
-        format!("{}state/", self.prefix)
+        switchyard_fleet::state_key(&self.prefix, "")
     }
 
     fn leader_key(&self) -> String {
         format!("{}leader", self.prefix)
     }
 
-    /// Grants a lease of `ttl_s` seconds and keeps it alive until the returned guard is dropped
-    /// (which revokes it). The receiver turns true once the lease may have expired: no renewal
-    /// was confirmed within its TTL.
+    /// Grants a lease of `ttl_s` seconds and keeps it alive (see [`switchyard_fleet::keep_lease`]).
     pub async fn keep_lease(
         &self,
         ttl_s: i64,
     ) -> Result<(i64, tokio::sync::watch::Receiver<bool>, LeaseGuard), StoreError> {
-        let mut client = self.client.clone();
-        let granted = client.lease_grant(ttl_s, None).await.map_err(unavailable)?;
-        let id = granted.id();
-        let ttl = Duration::from_secs(ttl_s.max(1) as u64);
-        let (lost_tx, lost) = tokio::sync::watch::channel(false);
-        let started = tokio::time::Instant::now();
-        let task = tokio::spawn(async move {
-            let mut valid_until = started + ttl;
-            'reconnect: loop {
-                if tokio::time::Instant::now() >= valid_until {
-                    break;
-                }
-                let Ok((mut keeper, mut answers)) = client.lease_keep_alive(id).await else {
-                    tokio::time::sleep(ttl / 6).await;
-                    continue;
-                };
-                loop {
-                    let sent = tokio::time::Instant::now();
-                    if keeper.keep_alive().await.is_err() {
-                        continue 'reconnect;
-                    }
-                    let answer = tokio::time::timeout_at(valid_until.max(sent), answers.message()).await;
-                    match answer {
-                        Ok(Ok(Some(a))) if a.ttl() > 0 => valid_until = sent + Duration::from_secs(a.ttl() as u64),
-                        // TTL 0: etcd says the lease is gone.
-                        Ok(Ok(Some(_))) => break 'reconnect,
-                        Ok(_) => continue 'reconnect,
-                        Err(_) => break 'reconnect,
-                    }
-                    tokio::time::sleep(ttl / 3).await;
-                }
-            }
-            let _ = lost_tx.send(true);
-        });
-        Ok((id, lost, LeaseGuard { task, client: self.client.clone(), id }))
+        switchyard_fleet::keep_lease(&self.client, ttl_s).await.map_err(unavailable)
     }
 
     fn blob_key(&self, name: &str) -> String {
         format!("{}blobs/{name}", self.prefix)
-    }
-}
-
-/// Keeps a lease alive; revokes it when dropped (inside a tokio runtime).
-pub struct LeaseGuard {
-    task: tokio::task::JoinHandle<()>,
-    client: Client,
-    id: i64,
-}
-
-impl std::fmt::Debug for LeaseGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LeaseGuard").field("id", &self.id).finish()
-    }
-}
-
-impl Drop for LeaseGuard {
-    fn drop(&mut self) {
-        self.task.abort();
-        let (mut client, id) = (self.client.clone(), self.id);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = client.lease_revoke(id).await;
-            });
-        }
     }
 }
 

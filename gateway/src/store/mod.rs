@@ -246,45 +246,7 @@ pub(crate) fn check_blob_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
-/// Where the desired state lives, as `--store` names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Location {
-    /// A local directory.
-    Dir(std::path::PathBuf),
-    /// An etcd cluster: its endpoints (`http://host:port`) and the key prefix (ends in `/`).
-    Etcd { endpoints: Vec<String>, prefix: String },
-}
-
-/// The default key prefix in etcd.
-pub const DEFAULT_ETCD_PREFIX: &str = "/switchyard/";
-
-impl std::str::FromStr for Location {
-    type Err = String;
-
-    /// `etcd://host:2379[,host:2379…][/prefix]`, or a directory path.
-    fn from_str(s: &str) -> Result<Location, String> {
-        let Some(rest) = s.strip_prefix("etcd://") else {
-            if s.contains("://") {
-                return Err(format!("store {s:?}: use etcd://host:port[,host:port…][/prefix] or a directory"));
-            }
-            if s.is_empty() {
-                return Err("store: empty path".into());
-            }
-            return Ok(Location::Dir(s.into()));
-        };
-        let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let endpoints: Vec<String> = hosts.split(',').map(str::trim).map(String::from).collect();
-        if endpoints.iter().any(|h| h.is_empty() || h.contains('@') || !h.contains(':')) {
-            return Err(format!("store {s:?}: every etcd endpoint is host:port"));
-        }
-        let prefix = prefix.trim_matches('/');
-        if prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(format!("store {s:?}: the prefix has whitespace or control characters"));
-        }
-        let prefix = if prefix.is_empty() { DEFAULT_ETCD_PREFIX.to_string() } else { format!("/{prefix}/") };
-        Ok(Location::Etcd { endpoints: endpoints.into_iter().map(|h| format!("http://{h}")).collect(), prefix })
-    }
-}
+pub use switchyard_fleet::{DEFAULT_ETCD_PREFIX, Location};
 
 /// Opens the store at `location`.
 pub async fn open(location: &Location) -> Result<Arc<dyn StateStore>, StoreError> {
