@@ -118,6 +118,45 @@ struct BackendArgs {
     engine: EngineArgs,
     #[command(flatten)]
     security: BackendSecurityArgs,
+    #[command(flatten)]
+    fleet: FleetArgs,
+}
+
+/// How a backend joins a fleet whose gateways discover backends.
+#[derive(clap::Args, Debug, Clone)]
+struct FleetArgs {
+    /// The fleet's state store, etcd://host:2379[,host:2379…][/prefix], where this backend
+    /// registers itself (needs --advertise).
+    #[arg(long, env = "SWITCHYARD_STORE", requires = "advertise")]
+    store: Option<switchyard_fleet::Location>,
+    /// The address gateways reach this backend at, e.g. https://10.0.0.7:50051: registered in
+    /// --store under a lease, so gateways add it, and drop it within --advertise-ttl-s of it dying.
+    #[arg(long, env = "SWITCHYARD_ADVERTISE", requires = "store")]
+    advertise: Option<String>,
+    /// Seconds the registration outlives this backend if it dies without withdrawing it.
+    #[arg(long, env = "SWITCHYARD_ADVERTISE_TTL_S", default_value_t = switchyard_fleet::registration::DEFAULT_TTL_S)]
+    advertise_ttl_s: i64,
+}
+
+impl FleetArgs {
+    /// Registers the backend when asked to; `None` when it is not part of a discovered fleet.
+    async fn register(&self) -> Result<Option<switchyard_fleet::registration::Registration>> {
+        use anyhow::Context;
+        use switchyard_fleet::registration::{BackendRecord, Registration};
+        let (Some(store), Some(address)) = (&self.store, &self.advertise) else { return Ok(None) };
+        let switchyard_fleet::Location::Etcd { endpoints, prefix } = store else {
+            anyhow::bail!("--advertise needs an etcd:// --store (a directory cannot be shared with gateways elsewhere)");
+        };
+        anyhow::ensure!(
+            address.starts_with("http://") || address.starts_with("https://"),
+            "--advertise {address:?} must be an http:// or https:// address gateways can reach"
+        );
+        anyhow::ensure!(self.advertise_ttl_s >= 1, "--advertise-ttl-s must be at least 1");
+        let client = switchyard_fleet::connect(endpoints).await.context("cannot reach the --store etcd cluster")?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+        let record = BackendRecord { address: address.clone(), registered_at: now };
+        Ok(Some(Registration::spawn(client, prefix, record, self.advertise_ttl_s)))
+    }
 }
 
 /// Who may call the backend.
@@ -298,8 +337,9 @@ struct GatewayArgs {
     #[arg(long, env = "SWITCHYARD_GATEWAY_LISTEN", default_value = DEFAULT_GATEWAY_LISTEN)]
     listen: SocketAddr,
     /// A backend's gRPC address, e.g. https://10.0.0.7:50051 or http://127.0.0.1:50051 (repeat,
-    /// or comma-separate). https:// needs --backend-ca-file.
-    #[arg(long = "backend", env = "SWITCHYARD_BACKENDS", value_delimiter = ',', required = true)]
+    /// or comma-separate). https:// needs --backend-ca-file. With an etcd --store, backends
+    /// that register themselves (their --advertise) are found as well, and this may be empty.
+    #[arg(long = "backend", env = "SWITCHYARD_BACKENDS", value_delimiter = ',')]
     backends: Vec<String>,
     /// Where to serve /metrics (and /healthz, /readyz) for operators, e.g. 127.0.0.1:9464. The
     /// metrics name every tenant and adapter, so they are never served on --listen. Default:
@@ -474,7 +514,16 @@ async fn run_backend(a: BackendArgs) -> Result<()> {
     let served = service::prepare(a.engine.serve_options(a.model, a.device, a.listen, a.security.options())).await?;
     // One line on stdout, for scripts and tests that start the backend on port 0.
     println!("switchyard backend listening on {}", served.local_addr);
-    served.run(shutdown_signal()).await?;
+    let registration = a.fleet.register().await?;
+    // On shutdown the registration goes first, so gateways stop routing here while the
+    // requests already running finish.
+    let stop = async move {
+        shutdown_signal().await;
+        if let Some(r) = registration {
+            r.withdraw().await;
+        }
+    };
+    served.run(stop).await?;
     tracing::info!("backend stopped");
     Ok(())
 }
@@ -504,10 +553,17 @@ async fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gatew
         jwks_file: a.jwks_file,
     })
     .context("JWT keys")?;
+    let location = a.store.clone().unwrap_or_else(|| switchyard_gateway::store::Location::Dir(a.state_dir.clone()));
+    let discovers = matches!(location, switchyard_gateway::store::Location::Etcd { .. });
+    anyhow::ensure!(
+        discovers || !a.backends.is_empty(),
+        "no backend: pass --backend (or an etcd --store, where backends register themselves)"
+    );
     for (name, t) in &file.tenants {
         if let Some(b) = &t.backend {
+            // A discovered backend's address is known only once it registers.
             anyhow::ensure!(
-                a.backends.contains(b),
+                discovers || a.backends.contains(b),
                 "tenants.{name}.backend {b:?} is not one of the --backend addresses ({})",
                 a.backends.join(", ")
             );
@@ -527,7 +583,6 @@ async fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gatew
             GrpcUpstream::new(address, UpstreamTimeouts::default(), &security).map_err(anyhow::Error::msg)?;
         backends.push(Arc::new(upstream));
     }
-    let location = a.store.clone().unwrap_or_else(|| switchyard_gateway::store::Location::Dir(a.state_dir.clone()));
     let shared = switchyard_gateway::store::open(&location).await.context("cannot open the state store (--store)")?;
     let described = shared.describe();
     let replica = switchyard_gateway::store::Replica::open(shared)
@@ -556,10 +611,16 @@ async fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gatew
         .await
         .context("cannot import the policies of an earlier version")?;
     let engine = policy::WasmPolicies::new(policies.clone(), Arc::new(policy::StaticPolicy::new(tenants.clone())));
-    Ok(Arc::new(
-        Gateway::new(backends, store, tenants, Arc::new(engine), Arc::new(verifier), options)
-            .with_policy_store(policies),
-    ))
+    let mut gateway = Gateway::new(backends, store, tenants, Arc::new(engine), Arc::new(verifier), options)
+        .with_policy_store(policies);
+    if discovers {
+        let security = security.clone();
+        gateway = gateway.with_discovery(switchyard_gateway::members::Connect::new(move |address| {
+            let upstream = GrpcUpstream::new(address, UpstreamTimeouts::default(), &security)?;
+            Ok(Arc::new(upstream) as Arc<dyn Upstream>)
+        }));
+    }
+    Ok(Arc::new(gateway))
 }
 
 async fn run_gateway(a: GatewayArgs) -> Result<()> {

@@ -410,3 +410,66 @@ async fn without_etcd_quorum_gateways_serve_and_refuse_writes_then_converge_with
     })
     .await;
 }
+
+/// The backends `GET /v1/loras` lists for the first adapter, with their states.
+async fn backend_states(http: &reqwest::Client, gw: &Gateway, token: &str) -> Vec<(String, String)> {
+    let (_, v) = get(http, gw, "/v1/loras", token).await;
+    v["adapters"][0]["backends"]
+        .as_array()
+        .map(|b| {
+            b.iter()
+                .map(|b| (b["backend"].as_str().unwrap_or("").to_string(), b["state"].as_str().unwrap_or("").to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_register_themselves_and_a_dead_one_leaves_the_routing_table_within_its_ttl() {
+    let Some(cluster) = EtcdCluster::start(3) else { return };
+    let store = cluster.url("discovery");
+    let backend_at = |listen: &str| {
+        let advertise = format!("http://{listen}");
+        start_backend(&["--listen", listen, "--store", &store, "--advertise", &advertise, "--advertise-ttl-s", "2"])
+    };
+    let (first, second) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let _a = backend_at(&first);
+    let dir = tempfile::tempdir().unwrap();
+    // No --backend: the gateway finds them.
+    let gw = gateway(dir.path(), &[], &fleet_tenants(), &["--store", &store]);
+    let http = reqwest::Client::new();
+    wait_ready(&http, &gw).await;
+    let ops = token("ops", "lora:load lora:read");
+    let (status, v) =
+        post(&http, &gw, "/v1/loras", &ops, json!({"lora_name": "acme/support", "source": {"uri": fixture_uri("r8-qv")}}))
+            .await;
+    assert_eq!(status, 200, "{v}");
+
+    // A second backend registers: it joins the table and is given the adapter.
+    let b = backend_at(&second);
+    let mut both = vec![(format!("http://{first}"), "resident".to_string()), (format!("http://{second}"), "resident".to_string())];
+    both.sort(); // the table is in address order
+    until(Duration::from_secs(15), "the second backend joining with the adapter", async || {
+        backend_states(&http, &gw, &ops).await == both
+    })
+    .await;
+
+    // It dies without a word: its registration expires with its lease, and it leaves the table.
+    drop(b);
+    let died = Instant::now();
+    until(Duration::from_secs(10), "the dead backend leaving the table", async || {
+        backend_states(&http, &gw, &ops).await.len() == 1
+    })
+    .await;
+    let gone_after = died.elapsed();
+    assert!(gone_after < Duration::from_secs(5), "a backend with a 2 s lease stayed {gone_after:?}");
+    let (status, v) = post(&http, &gw, "/v1/chat/completions", &token("acme", ""), chat("acme/support", "hi")).await;
+    assert_eq!(status, 200, "the survivor serves: {v}");
+
+    // Restarted, it registers again and gets the adapter back without anyone asking.
+    let _b = backend_at(&second);
+    until(Duration::from_secs(15), "the restarted backend rejoining with the adapter", async || {
+        backend_states(&http, &gw, &ops).await == both
+    })
+    .await;
+}
