@@ -145,7 +145,9 @@ impl FleetArgs {
         use switchyard_fleet::registration::{BackendRecord, Registration};
         let (Some(store), Some(address)) = (&self.store, &self.advertise) else { return Ok(None) };
         let switchyard_fleet::Location::Etcd { endpoints, prefix } = store else {
-            anyhow::bail!("--advertise needs an etcd:// --store (a directory cannot be shared with gateways elsewhere)");
+            anyhow::bail!(
+                "--advertise needs an etcd:// --store (a directory cannot be shared with gateways elsewhere)"
+            );
         };
         anyhow::ensure!(
             address.starts_with("http://") || address.starts_with("https://"),

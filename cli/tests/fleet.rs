@@ -418,7 +418,9 @@ async fn backend_states(http: &reqwest::Client, gw: &Gateway, token: &str) -> Ve
         .as_array()
         .map(|b| {
             b.iter()
-                .map(|b| (b["backend"].as_str().unwrap_or("").to_string(), b["state"].as_str().unwrap_or("").to_string()))
+                .map(|b| {
+                    (b["backend"].as_str().unwrap_or("").to_string(), b["state"].as_str().unwrap_or("").to_string())
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -440,14 +442,20 @@ async fn backends_register_themselves_and_a_dead_one_leaves_the_routing_table_wi
     let http = reqwest::Client::new();
     wait_ready(&http, &gw).await;
     let ops = token("ops", "lora:load lora:read");
-    let (status, v) =
-        post(&http, &gw, "/v1/loras", &ops, json!({"lora_name": "acme/support", "source": {"uri": fixture_uri("r8-qv")}}))
-            .await;
+    let (status, v) = post(
+        &http,
+        &gw,
+        "/v1/loras",
+        &ops,
+        json!({"lora_name": "acme/support", "source": {"uri": fixture_uri("r8-qv")}}),
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
 
     // A second backend registers: it joins the table and is given the adapter.
     let b = backend_at(&second);
-    let mut both = vec![(format!("http://{first}"), "resident".to_string()), (format!("http://{second}"), "resident".to_string())];
+    let mut both =
+        vec![(format!("http://{first}"), "resident".to_string()), (format!("http://{second}"), "resident".to_string())];
     both.sort(); // the table is in address order
     until(Duration::from_secs(15), "the second backend joining with the adapter", async || {
         backend_states(&http, &gw, &ops).await == both
@@ -472,4 +480,84 @@ async fn backends_register_themselves_and_a_dead_one_leaves_the_routing_table_wi
         backend_states(&http, &gw, &ops).await == both
     })
     .await;
+}
+
+/// Whether `gw` says (on its metrics listener) that it leads.
+async fn leads(http: &reqwest::Client, gw: &Gateway) -> bool {
+    let url = format!("{}/metrics", gw.metrics.as_deref().expect("a metrics listener"));
+    let Ok(r) = http.get(url).send().await else { return false };
+    r.text().await.is_ok_and(|t| t.lines().any(|l| l == "switchyard_gateway_leader 1"))
+}
+
+/// The adapters the backend itself has, by name.
+async fn on_backend(backend: &Backend) -> Vec<String> {
+    let (mut client, _) = connect(backend).await;
+    let listed = client.list_adapters(switchyard_proto::v1::ListAdaptersRequest {}).await.expect("lists");
+    let mut names: Vec<String> = listed.into_inner().adapters.into_iter().map(|a| a.name).collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_during_a_load_leaves_the_operation_to_the_fleet_and_nothing_orphaned() {
+    let (Some(cluster), Some(s3)) = (EtcdCluster::start(3), S3Server::start()) else { return };
+    let slow_a = s3.put_fixture("loras", "slow/a", "r8-qv");
+    let slow_b = s3.put_fixture("loras", "slow/b", "r4-patterns");
+    // Each chunk of the download waits: a load takes seconds.
+    let proxy = Proxy::start_slow(&s3.endpoint, Duration::from_millis(150)).await;
+    let backend = start_backend_with(&fixtures().join("models/tiny-llama"), &[], &s3.env(&proxy.endpoint));
+    let tenants = "[tenants.ops]\nadmin = true\nadapters = [\"*\"]\nload_prefixes = [\"s3://loras/\"]\n";
+    let store = cluster.url("killed");
+    let flags = ["--store", &store, "--metrics-listen", "127.0.0.1:0"];
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = gateway(da.path(), &[&backend.addr], tenants, &flags);
+    let http = reqwest::Client::new();
+    wait_ready(&http, &a).await;
+    until(Duration::from_secs(10), "A leading", async || leads(&http, &a).await).await;
+    let mut b = gateway(db.path(), &[&backend.addr], tenants, &flags);
+    wait_ready(&http, &b).await;
+    let ops = token("ops", "lora:load lora:read");
+
+    // 1. B takes a load and dies before it is done: A, the leader, finishes it.
+    let load = |gw: &Gateway, name: &str, uri: &str| {
+        let (http, url, ops) = (http.clone(), format!("{}/v1/loras", gw.url), ops.clone());
+        let body = json!({"lora_name": name, "source": {"uri": uri}});
+        tokio::spawn(
+            async move { http.post(url).bearer_auth(ops).json(&body).send().await.map(|r| r.status().as_u16()) },
+        )
+    };
+    let dying = load(&b, "slow-a", &slow_a);
+    until(Duration::from_secs(10), "the load running on the leader", async || {
+        let (_, v) = get(&http, &a, "/v1/loras", &ops).await;
+        v["operations"][0]["started_by"].is_string()
+    })
+    .await;
+    b.server.kill();
+    assert!(dying.await.unwrap().is_err(), "the killed gateway answered");
+    until(Duration::from_secs(30), "A finishing the load B took", async || {
+        let (_, v) = get(&http, &a, "/v1/loras", &ops).await;
+        v["loras"].get("slow-a").is_some() && backend_states(&http, &a, &ops).await.iter().all(|(_, s)| s == "resident")
+    })
+    .await;
+    assert_eq!(on_backend(&backend).await, vec!["slow-a"], "the backend holds exactly the desired set");
+
+    // 2. The leader dies during a load another gateway took: the new leader runs it again, and
+    // the gateway that took it answers its client.
+    let b = gateway(db.path(), &[&backend.addr], tenants, &flags);
+    wait_ready(&http, &b).await;
+    let waiting = load(&b, "slow-b", &slow_b);
+    until(Duration::from_secs(10), "the load running on the leader", async || {
+        let (_, v) = get(&http, &b, "/v1/loras", &ops).await;
+        v["operations"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|o| o["lora_name"] == "slow-b" && o["started_by"].is_string()))
+    })
+    .await;
+    a.server.kill();
+    let answered = tokio::time::timeout(Duration::from_secs(60), waiting).await.expect("B answers").unwrap();
+    assert_eq!(answered.expect("B answers"), 200, "the load B took went through after the leader died");
+    assert!(leads(&http, &b).await, "B took over the lead");
+    let (_, v) = get(&http, &b, "/v1/loras", &ops).await;
+    assert!(v["loras"].get("slow-a").is_some() && v["loras"].get("slow-b").is_some(), "{v}");
+    assert_eq!(on_backend(&backend).await, vec!["slow-a", "slow-b"], "the backend holds exactly the desired set");
 }

@@ -148,8 +148,7 @@ pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: pb::GenerateRe
             }
         }
     }
-    let (address, e) = last.unwrap_or_else(|| {
-        ("", UpstreamError::new(UpstreamCode::Unavailable, "no backend could take the request"))
-    });
+    let (address, e) = last
+        .unwrap_or_else(|| ("", UpstreamError::new(UpstreamCode::Unavailable, "no backend could take the request")));
     Err(generation_error(address, &e))
 }

@@ -8,9 +8,12 @@ use crate::upstream::Upstream;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+/// What makes a backend's client from its address (or says why it cannot).
+type Connector = dyn Fn(&str) -> Result<Arc<dyn Upstream>, String> + Send + Sync;
+
 /// Makes the client of a backend found by discovery, from its registered address.
 #[derive(Clone)]
-pub struct Connect(Arc<dyn Fn(&str) -> Result<Arc<dyn Upstream>, String> + Send + Sync>);
+pub struct Connect(Arc<Connector>);
 
 impl Connect {
     pub fn new(f: impl Fn(&str) -> Result<Arc<dyn Upstream>, String> + Send + Sync + 'static) -> Connect {

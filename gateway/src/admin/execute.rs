@@ -242,7 +242,8 @@ async fn load(gw: &Arc<Gateway>, lora: &DesiredLora, expect: Expect, fence: u64)
 async fn unload(gw: &Arc<Gateway>, lora: &DesiredLora, expect: Expect, fence: u64) -> Ran {
     let name = lora.name.as_str();
     let (healthy, mut results) = split_by_health(gw);
-    let calls = healthy.iter().map(|(id, backend)| async move { (id.clone(), backend.unload_adapter(name, fence).await) });
+    let calls =
+        healthy.iter().map(|(id, backend)| async move { (id.clone(), backend.unload_adapter(name, fence).await) });
     let answers = join_all(calls).await;
     if answers.iter().any(|(_, r)| matches!(r, Err(e) if e.code == UpstreamCode::Fenced)) {
         return Ran::Fenced;

@@ -91,8 +91,11 @@ pub(crate) fn load_request(gw: &Gateway, lora: &DesiredLora, fence: u64) -> pb::
     }
 }
 
-/// The healthy backends (address and client), and results for the others.
-pub(crate) fn split_by_health(gw: &Gateway) -> (Vec<(String, Arc<dyn Upstream>)>, Vec<BackendResult>) {
+/// A backend an operation is applied to: its address and its client.
+pub(crate) type Target = (String, Arc<dyn Upstream>);
+
+/// The healthy backends, and results for the others.
+pub(crate) fn split_by_health(gw: &Gateway) -> (Vec<Target>, Vec<BackendResult>) {
     let mut healthy = Vec::new();
     let mut pending = Vec::new();
     for v in gw.views() {
@@ -322,6 +325,52 @@ pub struct BackendState {
     pub state: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub error: String,
+}
+
+/// An adapter operation as the list API shows it: pending, or finished and not yet read by
+/// the gateway that took it (its client went away, or that gateway died).
+#[derive(Debug, Clone, Serialize)]
+pub struct ListedOperation {
+    pub lora_name: String,
+    pub action: &'static str,
+    pub requested_by: String,
+    pub requested_at: u64,
+    /// The leader that runs it, once it started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_by: Option<String>,
+    /// `pending`, `done` or `failed`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<AdminError>,
+}
+
+/// The operations on adapters the caller may see.
+pub fn operations(gw: &Gateway, who: &Principal) -> Result<Vec<ListedOperation>, ApiError> {
+    who.require(Scope::LoraRead)?;
+    let caller = gw.caller(who)?;
+    Ok(ops::all(&gw.replica().current())
+        .into_iter()
+        .filter(|(_, op, _)| caller.may_see(op.action.lora()))
+        .map(|(name, op, _)| ListedOperation {
+            lora_name: name,
+            action: match op.action {
+                Action::Load { .. } => "load",
+                Action::Unload { .. } => "unload",
+            },
+            requested_by: op.requested_by,
+            requested_at: op.requested_at,
+            started_by: op.started.map(|s| s.by),
+            status: match &op.outcome {
+                None => "pending",
+                Some(Outcome::Done { .. }) => "done",
+                Some(Outcome::Failed { .. }) => "failed",
+            },
+            error: match op.outcome {
+                Some(Outcome::Failed { error, .. }) => Some(error),
+                _ => None,
+            },
+        })
+        .collect())
 }
 
 /// The desired adapters the caller may see (use or manage), with each backend's view of them.

@@ -85,12 +85,14 @@ pub(super) async fn load(
 pub(super) async fn list(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     let who = principal(&gw, &headers)?;
     let adapters = admin::list(&gw, &who)?;
+    let operations = admin::operations(&gw, &who)?;
     let loras: BTreeMap<&str, u32> = adapters.iter().map(|a| (a.lora_name.as_str(), a.lora_id)).collect();
     Ok(Json(json!({
         "status": "success",
         "loras": loras,
         "count": adapters.len(),
         "adapters": adapters,
+        "operations": operations,
     })))
 }
 

@@ -18,12 +18,12 @@
 use super::{Batch, Change, Entry, Expect, Revision, Set, Snapshot, StateStore, StoreError, Watch, Write};
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
 };
 use futures::StreamExt;
-use switchyard_fleet::LeaseGuard;
 use std::time::Duration;
+use switchyard_fleet::LeaseGuard;
 
 /// Bytes per blob chunk: under etcd's default request limit (1.5 MiB) with room for the key.
 pub const BLOB_CHUNK: usize = 1 << 20;
