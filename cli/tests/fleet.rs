@@ -561,3 +561,41 @@ async fn a_gateway_killed_during_a_load_leaves_the_operation_to_the_fleet_and_no
     assert!(v["loras"].get("slow-a").is_some() && v["loras"].get("slow-b").is_some(), "{v}");
     assert_eq!(on_backend(&backend).await, vec!["slow-a", "slow-b"], "the backend holds exactly the desired set");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_with_one_replica_lives_on_one_backend_and_moves_when_that_one_dies() {
+    let Some(cluster) = EtcdCluster::start(3) else { return };
+    let (x, y) = (start_backend(&[]), start_backend(&[]));
+    let dir = tempfile::tempdir().unwrap();
+    let store = cluster.url("replicas");
+    let gw = gateway(dir.path(), &[&x.addr, &y.addr], &fleet_tenants(), &["--store", &store]);
+    let http = reqwest::Client::new();
+    wait_ready(&http, &gw).await;
+    let ops = token("ops", "lora:load lora:read");
+    let body = json!({"lora_name": "acme/one", "source": {"uri": fixture_uri("r8-qv")}, "replicas": 1});
+    let (status, v) = post(&http, &gw, "/v1/loras", &ops, body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["backends"].as_array().map(Vec::len), Some(1), "loaded on one backend: {v}");
+    let holder = v["backends"][0]["backend"].as_str().unwrap().to_string();
+    let (_, listed) = get(&http, &gw, "/v1/loras", &ops).await;
+    assert_eq!(
+        (listed["adapters"][0]["replicas"].as_u64(), listed["adapters"][0]["ready"].as_u64()),
+        (Some(1), Some(1))
+    );
+
+    // The backend holding it dies: the copy moves to the other, and requests are served there.
+    let survivor = if holder.ends_with(&x.addr) {
+        drop(x);
+        y
+    } else {
+        drop(y);
+        x
+    };
+    until(Duration::from_secs(20), "the copy moving to the survivor", async || {
+        let states = backend_states(&http, &gw, &ops).await;
+        states.iter().any(|(b, s)| b.ends_with(&survivor.addr) && s == "resident")
+    })
+    .await;
+    let (status, v) = post(&http, &gw, "/v1/chat/completions", &token("acme", ""), chat("acme/one", "hi")).await;
+    assert_eq!(status, 200, "{v}");
+}

@@ -229,6 +229,7 @@ mod tests {
             owner: owner.into(),
             shared,
             loaded_by: None,
+            replicas: None,
         }
     }
 

@@ -109,6 +109,20 @@ pub fn rendezvous_weight(key: &str, backend: &str) -> u64 {
     u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
 }
 
+/// The backends that should keep adapter `name` loaded: with `replicas` unset, every healthy
+/// one; else that many healthy ones, by rendezvous weight of the adapter and the backend (so
+/// every gateway computes the same set, and a backend joining or leaving moves only the
+/// adapters it gains or held), skipping backends with no free slot for it while others have
+/// one (a full backend would have to evict another adapter). Addresses, best first.
+pub fn placement(name: &str, replicas: Option<u32>, backends: &[BackendView]) -> Vec<String> {
+    let mut healthy: Vec<&BackendView> = backends.iter().filter(|b| b.healthy).collect();
+    let Some(n) = replicas else { return healthy.iter().map(|b| b.address.clone()).collect() };
+    healthy.sort_by_key(|b| std::cmp::Reverse(rendezvous_weight(name, &b.address)));
+    let (roomy, full): (Vec<&BackendView>, Vec<&BackendView>) =
+        healthy.into_iter().partition(|b| b.fit(Some(name)) != Fit::MustEvict);
+    roomy.into_iter().chain(full).take(n as usize).map(|b| b.address.clone()).collect()
+}
+
 /// Healthy backends for a request, best first (indices into `backends`). `pinned` restricts
 /// the choice to the backend with that address (a policy's explicit choice).
 pub fn rank(backends: &[BackendView], adapter: Option<&str>, pinned: Option<&str>) -> Vec<usize> {
@@ -195,6 +209,35 @@ mod tests {
         let chosen: std::collections::HashSet<usize> =
             (0..40).map(|i| rank(&quiet, Some(&format!("adapter-{i}")), None)[0]).collect();
         assert!(chosen.len() >= 4, "40 adapters landed on only {} of 5 backends", chosen.len());
+    }
+
+    #[test]
+    fn placement_is_rendezvous_among_healthy_backends_with_room_and_moves_little() {
+        let addrs: Vec<String> = (0..6).map(|i| format!("http://10.0.1.{i}:50051")).collect();
+        let bs: Vec<BackendView> = addrs.iter().map(|a| backend(a, (0, 4), 0, &[])).collect();
+        assert_eq!(placement("x", None, &bs).len(), 6, "no replicas: everywhere");
+        for name in ["acme/support", "b", "c/d"] {
+            let two = placement(name, Some(2), &bs);
+            assert_eq!(two.len(), 2);
+            let mut by_weight = addrs.clone();
+            by_weight.sort_by_key(|a| std::cmp::Reverse(rendezvous_weight(name, a)));
+            assert_eq!(two, by_weight[..2].to_vec(), "{name}: the two heaviest");
+            // A backend that is neither of the two dies: the placement does not move.
+            let mut fewer = bs.clone();
+            let other = addrs.iter().position(|a| !two.contains(a)).unwrap_or(0);
+            fewer[other].fail("gone".into());
+            assert_eq!(placement(name, Some(2), &fewer), two, "{name}");
+            // One of the two dies: only its copy moves, to the next heaviest.
+            let mut lost = bs.clone();
+            let first = addrs.iter().position(|a| *a == two[0]).unwrap_or(0);
+            lost[first].fail("gone".into());
+            assert_eq!(placement(name, Some(2), &lost), vec![two[1].clone(), by_weight[2].clone()], "{name}");
+            // A full backend gives way to one with room.
+            let mut full = bs.clone();
+            full[first] = backend(&two[0], (4, 4), 0, &[]);
+            assert!(!placement(name, Some(2), &full).contains(&two[0]), "{name}");
+        }
+        assert_eq!(placement("x", Some(10), &bs).len(), 6, "no more copies than backends");
     }
 
     #[test]

@@ -112,7 +112,8 @@ pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: pb::GenerateRe
             // The backend does not know this desired adapter (yet). The leader loads it there and
             // retries; another gateway may not (one actor drives the backends), so it tries the
             // next backend, or answers that the adapter is on its way.
-            result = match gw.leadership.token() {
+            let placed = crate::cluster::placement(name, lora.replicas, &gw.views()).iter().any(|p| p == address);
+            result = match gw.leadership.token().filter(|_| placed) {
                 Some(fence) => {
                     tracing::info!(backend = %address, adapter = %name, "loading a desired adapter the backend lacks");
                     let loaded = match gw.members.upstream(address) {
@@ -130,7 +131,7 @@ pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: pb::GenerateRe
                 }
                 None => Err(UpstreamError::new(
                     UpstreamCode::ResourceExhausted,
-                    format!("adapter {name} is not on this backend yet; the leading gateway is placing it"),
+                    format!("adapter {name} is not on this backend; the leading gateway places it"),
                 )),
             };
         }

@@ -34,6 +34,10 @@ pub struct DesiredLora {
     /// that hot-swapped it). Its `load_prefixes` travel with every load of this adapter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loaded_by: Option<String>,
+    /// How many backends keep it loaded (`None`: all of them), chosen by rendezvous hashing
+    /// ([`crate::cluster::placement`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
 }
 
 impl DesiredLora {
@@ -272,6 +276,7 @@ mod tests {
             owner: "acme".into(),
             shared: false,
             loaded_by: None,
+            replicas: None,
         }
     }
 

@@ -154,7 +154,13 @@ async fn converge(gw: &Arc<Gateway>, id: &str, failures: &mut Failures, fence: u
         .filter(|(_, op, _)| op.outcome.is_none())
         .map(|(name, ..)| name)
         .collect();
+    let views = gw.views();
+    let mut unplaced = Vec::new();
     for lora in gw.loras.list() {
+        if !crate::cluster::placement(&lora.name, lora.replicas, &views).iter().any(|p| p == id) {
+            unplaced.push(lora.name.clone());
+            continue;
+        }
         let listed = gw.read_view(id, |v| v.adapters.get(&lora.name).cloned()).flatten();
         if satisfied(listed.as_ref(), &lora) || !failures.may_retry(&lora.name) || pending.contains(&lora.name) {
             continue;
@@ -184,26 +190,27 @@ async fn converge(gw: &Arc<Gateway>, id: &str, failures: &mut Failures, fence: u
             }
         }
     }
-    // What the backend has that no gateway knows about. Not while the store cannot be followed:
-    // the copy may be missing an adapter another gateway has just recorded.
+    // What the backend has that no gateway knows about, or that is placed elsewhere. Not while
+    // the store cannot be followed: the copy may be missing what another gateway just recorded.
     if gw.replica().trouble().is_some() {
         return;
     }
     let listed: Vec<String> = gw.read_view(id, |v| v.adapters.keys().cloned().collect()).unwrap_or_default();
+    let keep = |name: &str| gw.loras.get(name).is_some() && !unplaced.iter().any(|u| u == name);
     for name in listed {
-        if gw.loras.get(&name).is_some() || pending.contains(&name) {
+        if keep(&name) || pending.contains(&name) {
             continue;
         }
         let turn = gw.turn(&name);
         let _turn = turn.lock().await;
         let snapshot = gw.replica().current();
-        if gw.loras.get(&name).is_some() || ops::read(&snapshot, &name).is_some_and(|(op, _)| op.outcome.is_none()) {
+        if keep(&name) || ops::read(&snapshot, &name).is_some_and(|(op, _)| op.outcome.is_none()) {
             continue;
         }
         gw.metrics.reconcile_call(backend.address(), "unload");
         match backend.unload_adapter(&name, fence).await {
             Ok(()) => {
-                tracing::info!(backend = backend.address(), adapter = %name, "unloaded an adapter that is not desired");
+                tracing::info!(backend = backend.address(), adapter = %name, "unloaded an adapter not desired here");
                 gw.with_view(id, |v| v.adapters.remove(&name));
             }
             Err(e) if e.code == UpstreamCode::NotFound => {
@@ -232,6 +239,7 @@ mod tests {
             owner: "acme".into(),
             shared: false,
             loaded_by: None,
+            replicas: None,
         };
         let listed = pb::AdapterInfo {
             name: "a".into(),

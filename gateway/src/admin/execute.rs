@@ -183,7 +183,10 @@ fn no_backend() -> AdminError {
 }
 
 async fn load(gw: &Arc<Gateway>, lora: &DesiredLora, expect: Expect, fence: u64) -> Ran {
-    let (healthy, mut results) = split_by_health(gw);
+    let (mut healthy, mut results) = split_by_health(gw);
+    // Only where it is placed; the reconcilers unload it from backends that lose their copy.
+    let placed = crate::cluster::placement(&lora.name, lora.replicas, &gw.views());
+    healthy.retain(|(id, _)| placed.contains(id));
     if healthy.is_empty() {
         return Ran::Refused(no_backend());
     }

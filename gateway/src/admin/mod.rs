@@ -66,6 +66,8 @@ pub struct LoadRequest {
     pub hot_swap: bool,
     /// Let every configured tenant use it (`None`: as it was, or private for a new adapter).
     pub shared: Option<bool>,
+    /// How many backends keep it (`None`: as it was, or all for a new adapter).
+    pub replicas: Option<u32>,
 }
 
 /// What a successful load did.
@@ -236,6 +238,9 @@ pub async fn load(gw: &Arc<Gateway>, who: &Principal, req: LoadRequest) -> Resul
     let caller = gw.caller(who)?;
     loras::validate_name(&req.name).map_err(|m| ApiError::invalid(m, Some("lora_name")))?;
     loras::validate_uri(&req.uri).map_err(|m| ApiError::invalid(m, Some("source.uri")))?;
+    if req.replicas == Some(0) {
+        return Err(ApiError::invalid("replicas must be at least 1 (omit it for every backend)", Some("replicas")));
+    }
     let sha256 = req
         .sha256
         .as_deref()
@@ -253,6 +258,7 @@ pub async fn load(gw: &Arc<Gateway>, who: &Principal, req: LoadRequest) -> Resul
         owner: previous.as_ref().map_or_else(|| caller.name.to_string(), |p| p.owner.clone()),
         shared: req.shared.unwrap_or_else(|| previous.as_ref().is_some_and(|p| p.shared)),
         loaded_by: previous.as_ref().is_some_and(|p| p.owner != caller.name).then(|| caller.name.to_string()),
+        replicas: req.replicas.or_else(|| previous.as_ref().and_then(|p| p.replicas)),
     };
     let same_source =
         previous.as_ref().is_some_and(|p| loras::canonical_uri(&p.uri) == lora.uri && p.sha256 == lora.sha256);
@@ -309,6 +315,11 @@ pub struct ListedLora {
     pub owner: String,
     /// Every configured tenant may use it.
     pub shared: bool,
+    /// How many backends keep it (absent: all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// Backends where it is resident now.
+    pub ready: usize,
     /// Per backend: its state for this adapter (`resident`, `evicted`, … or `absent`).
     pub backends: Vec<BackendState>,
 }
@@ -383,10 +394,8 @@ pub fn list(gw: &Gateway, who: &Principal) -> Result<Vec<ListedLora>, ApiError> 
         .list()
         .into_iter()
         .filter(|l| caller.may_see(l))
-        .map(|l| ListedLora {
-            lora_name: l.name.clone(),
-            lora_id: l.lora_id(),
-            backends: views
+        .map(|l| {
+            let backends: Vec<BackendState> = views
                 .iter()
                 .map(|v| {
                     let info = v.adapters.get(&l.name);
@@ -396,11 +405,18 @@ pub fn list(gw: &Gateway, who: &Principal) -> Result<Vec<ListedLora>, ApiError> 
                     let error = info.map(|a| a.error.clone()).unwrap_or_default();
                     BackendState { backend: v.address.clone(), healthy: v.healthy, state, error }
                 })
-                .collect(),
-            source: Source { uri: l.uri },
-            sha256: l.sha256,
-            owner: l.owner,
-            shared: l.shared,
+                .collect();
+            ListedLora {
+                lora_name: l.name.clone(),
+                lora_id: l.lora_id(),
+                ready: backends.iter().filter(|b| b.healthy && b.state == "resident").count(),
+                backends,
+                source: Source { uri: l.uri },
+                sha256: l.sha256,
+                owner: l.owner,
+                shared: l.shared,
+                replicas: l.replicas,
+            }
         })
         .collect())
 }

@@ -28,6 +28,9 @@ struct LoadBody {
     /// Let every configured tenant use the adapter (only its owner or an admin may set it).
     #[serde(default)]
     shared: Option<bool>,
+    /// How many backends keep it (default: all).
+    #[serde(default)]
+    replicas: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +62,7 @@ pub(super) async fn load(
         sha256,
         hot_swap: body.hot_swap,
         shared: body.shared,
+        replicas: body.replicas,
     };
     let outcome = admin::load(&gw, &who, request).await?;
     let name = &outcome.lora.name;
