@@ -10,6 +10,7 @@ use switchyard_backend::bench::{BLOCK_SIZE, blocks_needed, decode_tokens_per_s};
 use switchyard_backend::model::Model;
 use switchyard_backend::service::{self, AdapterOptions, DeviceChoice, SecurityOptions, ServeOptions, TlsFiles};
 
+mod declare;
 mod devtls;
 mod up;
 
@@ -73,6 +74,13 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Apply LoraAdapter manifests (a file or a directory) through a gateway's adapter API.
+    Apply(declare::ApplyArgs),
+    /// Show resources of a gateway.
+    Get {
+        #[command(subcommand)]
+        what: declare::GetCommand,
     },
     /// Measure decode throughput with 0, 1 and N distinct adapters in one batch.
     Bench(BenchArgs),
@@ -361,6 +369,10 @@ struct GatewayArgs {
     /// TOML file with the tenants: their adapters, load prefixes and routing.
     #[arg(long, env = "SWITCHYARD_GATEWAY_CONFIG")]
     config: Option<PathBuf>,
+    /// A directory of LoraAdapter manifests (e.g. a mounted ConfigMap) the fleet's leading
+    /// gateway applies, and follows as it changes.
+    #[arg(long, env = "SWITCHYARD_MANIFESTS")]
+    manifests: Option<PathBuf>,
     /// Required `iss` of tokens.
     #[arg(long, env = "SWITCHYARD_JWT_ISSUER")]
     jwt_issuer: Option<String>,
@@ -509,6 +521,8 @@ async fn run() -> Result<()> {
             tokio::task::spawn_blocking(move || run_policy_test(args)).await?
         }
         Command::Bench(args) => tokio::task::spawn_blocking(move || run_bench(args)).await?,
+        Command::Apply(args) => declare::apply(args).await,
+        Command::Get { what } => declare::get(what).await,
     }
 }
 
@@ -615,6 +629,10 @@ async fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gatew
     let engine = policy::WasmPolicies::new(policies.clone(), Arc::new(policy::StaticPolicy::new(tenants.clone())));
     let mut gateway = Gateway::new(backends, store, tenants, Arc::new(engine), Arc::new(verifier), options)
         .with_policy_store(policies);
+    if let Some(dir) = a.manifests {
+        manifest_dir_ok(&dir)?;
+        gateway = gateway.with_manifests(dir);
+    }
     if discovers {
         let security = security.clone();
         gateway = gateway.with_discovery(switchyard_gateway::members::Connect::new(move |address| {
@@ -623,6 +641,13 @@ async fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gatew
         }));
     }
     Ok(Arc::new(gateway))
+}
+
+/// Refuses a --manifests that is not a readable directory of good manifests, before any port
+/// is bound.
+fn manifest_dir_ok(dir: &std::path::Path) -> Result<()> {
+    anyhow::ensure!(dir.is_dir(), "--manifests {} is not a directory", dir.display());
+    switchyard_gateway::manifest::read(dir).map(|_| ()).map_err(|e| anyhow::anyhow!("--manifests: {e}"))
 }
 
 async fn run_gateway(a: GatewayArgs) -> Result<()> {

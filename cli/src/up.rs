@@ -173,6 +173,7 @@ pub async fn run(a: UpArgs) -> Result<()> {
         state_dir: data.join("state"),
         store: None,
         config: Some(config),
+        manifests: None,
         jwt_issuer: None,
         jwt_audience: None,
         jwt_leeway: switchyard_gateway::auth::DEFAULT_LEEWAY.as_secs(),

@@ -599,3 +599,114 @@ async fn an_adapter_with_one_replica_lives_on_one_backend_and_moves_when_that_on
     let (status, v) = post(&http, &gw, "/v1/chat/completions", &token("acme", ""), chat("acme/one", "hi")).await;
     assert_eq!(status, 200, "{v}");
 }
+
+fn manifest(object: &str, lora: &str, tenant: &str, fixture: &str) -> String {
+    format!(
+        "apiVersion: switchyard.dev/v1alpha1\nkind: LoraAdapter\nmetadata:\n  name: {object}\nspec:\n  loraName: {lora}\n  \
+         source:\n    uri: {}\n  tenant: {tenant}\n",
+        fixture_uri(fixture)
+    )
+}
+
+/// `switchyard apply`/`get` against `gw` with `token`: exit status, stdout, stderr.
+fn cli(gw: &Gateway, token: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env("SWITCHYARD_GATEWAY", &gw.url)
+        .env("SWITCHYARD_TOKEN", token)
+        .output()
+        .expect("switchyard runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_are_applied_from_a_watched_directory_and_by_switchyard_apply() {
+    let Some(cluster) = EtcdCluster::start(3) else { return };
+    let backend = start_backend(&[]);
+    let store = cluster.url("manifests");
+    let fixtures_prefix = format!("file://{}/", fixtures().join("adapters").display());
+    let tenants = format!(
+        "{}\n[tenants.acme]\nadapters = [\"acme/*\"]\nload_prefixes = [\"{fixtures_prefix}\"]\n\n[tenants.globex]\nadapters = [\"globex/*\"]\n",
+        "[tenants.ops]\nadmin = true\nadapters = [\"*\"]\nload_prefixes = [\"".to_string() + &fixtures_prefix + "\"]"
+    );
+    let watched = tempfile::tempdir().unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let dir = watched.path().display().to_string();
+    let flags = ["--store", &store, "--manifests", &dir];
+    let a = gateway(da.path(), &[&backend.addr], &tenants, &flags);
+    let b = gateway(db.path(), &[&backend.addr], &tenants, &flags);
+    let http = reqwest::Client::new();
+    wait_ready(&http, &a).await;
+    wait_ready(&http, &b).await;
+    let ops = token("ops", "lora:load lora:read lora:unload");
+    let listed = async |gw: &Gateway| {
+        let (_, v) = get(&http, gw, "/v1/loras", &ops).await;
+        v["adapters"].as_array().cloned().unwrap_or_default()
+    };
+
+    // The watched directory: a manifest appears, and the adapter is loaded, for its tenant.
+    std::fs::write(watched.path().join("support.yaml"), manifest("acme-support", "acme/support", "acme", "r8-qv"))
+        .unwrap();
+    until(Duration::from_secs(20), "the declared adapter ready", async || {
+        listed(&b).await.iter().any(|l| {
+            l["lora_name"] == "acme/support"
+                && l["owner"] == "acme"
+                && l["ready"] == 1
+                && l["declared"]["origin"] == "directory"
+        })
+    })
+    .await;
+    let (status, v) = post(&http, &a, "/v1/chat/completions", &token("acme", ""), chat("acme/support", "hi")).await;
+    assert_eq!(status, 200, "{v}");
+    // A half-edited file refuses the whole set: nothing is unloaded meanwhile.
+    std::fs::write(
+        watched.path().join("broken.yaml"),
+        manifest("x", "acme/x", "acme", "r4-patterns") + "  replica: 3\n",
+    )
+    .unwrap();
+    std::fs::remove_file(watched.path().join("support.yaml")).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await; // two polls
+    assert!(listed(&a).await.iter().any(|l| l["lora_name"] == "acme/support"), "a bad set unloaded an adapter");
+    // Fixed (the broken file removed): the set is applied, and what it no longer declares goes.
+    std::fs::remove_file(watched.path().join("broken.yaml")).unwrap();
+    until(Duration::from_secs(20), "the undeclared adapter unloaded", async || {
+        !listed(&a).await.iter().any(|l| l["lora_name"] == "acme/support")
+    })
+    .await;
+
+    // `switchyard apply`: created, then unchanged, then pruned; `switchyard get loras` shows them.
+    let files = tempfile::tempdir().unwrap();
+    let file_dir = files.path().display().to_string();
+    std::fs::write(files.path().join("a.yaml"), manifest("acme-a", "acme/a", "acme", "r8-qv")).unwrap();
+    std::fs::write(files.path().join("b.yaml"), manifest("acme-b", "acme/b", "acme", "r4-patterns")).unwrap();
+    let (ok, out, err) = cli(&a, &ops, &["apply", "-f", &file_dir]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "loraadapter/acme-a created\nloraadapter/acme-b created\n");
+    let (ok, out, err) = cli(&b, &ops, &["apply", "-f", &file_dir]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out, "loraadapter/acme-a unchanged\nloraadapter/acme-b unchanged\n",
+        "apply is idempotent, through any gateway"
+    );
+    std::fs::remove_file(files.path().join("b.yaml")).unwrap();
+    let (ok, out, err) = cli(&b, &ops, &["apply", "-f", &file_dir, "--prune"]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "loraadapter/acme-a unchanged\nloraadapter/acme-b pruned\n");
+    let (ok, out, err) = cli(&a, &ops, &["get", "loras"]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("NAME") && lines[0].contains("READY"), "{out}");
+    assert!(lines.iter().any(|l| l.starts_with("acme-a") && l.contains("acme/a") && l.contains("1/1")), "{out}");
+
+    // Refused by name: an unknown kind, and a name another tenant owns.
+    std::fs::write(
+        files.path().join("a.yaml"),
+        manifest("acme-a", "acme/a", "acme", "r8-qv").replace("kind: LoraAdapter", "kind: Secret"),
+    )
+    .unwrap();
+    let (ok, _, err) = cli(&a, &ops, &["apply", "-f", &file_dir]);
+    assert!(!ok && err.contains("a.yaml") && err.contains("kind \"Secret\""), "{err}");
+    std::fs::write(files.path().join("a.yaml"), manifest("acme-a", "acme/a", "globex", "r8-qv")).unwrap();
+    let (ok, _, err) = cli(&a, &ops, &["apply", "-f", &file_dir]);
+    assert!(!ok && err.contains("loraadapter/acme-a") && err.contains("owned by tenant \"acme\""), "{err}");
+}

@@ -230,6 +230,7 @@ mod tests {
             shared,
             loaded_by: None,
             replicas: None,
+            declared: None,
         }
     }
 

@@ -15,11 +15,13 @@ pub mod admin;
 pub mod auth;
 pub mod authz;
 pub mod cluster;
+pub mod declare;
 pub mod dispatch;
 pub mod files;
 pub mod http;
 pub mod leader;
 pub mod loras;
+pub mod manifest;
 pub mod members;
 pub mod metrics;
 pub mod openai;
@@ -107,6 +109,8 @@ pub struct Gateway {
     pub(crate) policies: Option<Arc<policy::deploy::PolicyStore>>,
     /// Whether this gateway drives the backends now, and its fencing token.
     pub(crate) leadership: Arc<leader::Leadership>,
+    /// The directory of `LoraAdapter` manifests to follow ([`declare`]).
+    manifests: Option<std::path::PathBuf>,
 }
 
 impl Gateway {
@@ -130,6 +134,7 @@ impl Gateway {
             base_model: RwLock::new(None),
             policies: None,
             leadership: Arc::new(leader::Leadership::new(options.instance.clone())),
+            manifests: None,
             options,
         }
     }
@@ -144,6 +149,12 @@ impl Gateway {
     /// the configured ones.
     pub fn with_discovery(mut self, connect: Connect) -> Gateway {
         self.connect = Some(connect);
+        self
+    }
+
+    /// Follows the `LoraAdapter` manifests in `dir` (while this gateway leads).
+    pub fn with_manifests(mut self, dir: std::path::PathBuf) -> Gateway {
+        self.manifests = Some(dir);
         self
     }
 
@@ -235,6 +246,7 @@ impl Gateway {
             gauge,
         ];
         tasks.extend(self.policies.as_ref().map(|p| p.follow()));
+        tasks.extend(self.manifests.clone().map(|dir| declare::spawn(self.clone(), dir)));
         tasks
     }
 }

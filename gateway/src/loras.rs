@@ -38,6 +38,28 @@ pub struct DesiredLora {
     /// ([`crate::cluster::placement`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
+    /// The `LoraAdapter` manifest that declares it, when it was declared ([`crate::manifest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared: Option<Declaration>,
+}
+
+/// Which manifest declares an adapter, and through which path it came: a prune removes only what
+/// its own path declared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Declaration {
+    /// The manifest's `metadata.name`.
+    pub name: String,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// `switchyard apply`, through the adapter API.
+    Apply,
+    /// The directory the gateways watch (`--manifests`).
+    Directory,
 }
 
 impl DesiredLora {
@@ -277,6 +299,7 @@ mod tests {
             shared: false,
             loaded_by: None,
             replicas: None,
+            declared: None,
         }
     }
 

@@ -240,6 +240,7 @@ mod tests {
             shared: false,
             loaded_by: None,
             replicas: None,
+            declared: None,
         };
         let listed = pb::AdapterInfo {
             name: "a".into(),

@@ -68,6 +68,11 @@ pub struct LoadRequest {
     pub shared: Option<bool>,
     /// How many backends keep it (`None`: as it was, or all for a new adapter).
     pub replicas: Option<u32>,
+    /// The tenant that owns it (`None`: the caller for a new adapter). Only an admin names
+    /// another tenant; an existing adapter's owner never changes.
+    pub owner: Option<String>,
+    /// The manifest that declares it (`switchyard apply`).
+    pub declared: Option<loras::Declaration>,
 }
 
 /// What a successful load did.
@@ -147,7 +152,7 @@ fn state_error(e: &StoreError) -> AdminError {
 
 /// Records `action` on adapter `name` (authorised against the record at `expect`), then waits
 /// for its outcome.
-async fn run(gw: &Gateway, who: &str, action: Action, expect: Expect) -> Result<Outcome, AdminError> {
+pub(crate) async fn run(gw: &Gateway, who: &str, action: Action, expect: Expect) -> Result<Outcome, AdminError> {
     let name = action.lora().name.clone();
     let op = Operation {
         id: format!("{:016x}", crate::random_u64()),
@@ -250,15 +255,34 @@ pub async fn load(gw: &Arc<Gateway>, who: &Principal, req: LoadRequest) -> Resul
 
     let (previous, expect) = gw.loras.get_versioned(&req.name);
     caller.check_load(&req.name, &req.uri, previous.as_ref())?;
+    if let Some(owner) = &req.owner {
+        if owner != caller.name && !caller.is_admin() {
+            return Err(ApiError::forbidden(
+                format!("only an admin tenant loads adapters for another tenant ({owner:?})"),
+                "owner_not_allowed",
+            ));
+        }
+        if !gw.tenants.contains_key(owner) {
+            return Err(ApiError::invalid(format!("owner {owner:?} is not a configured tenant"), Some("owner")));
+        }
+        if let Some(p) = previous.as_ref().filter(|p| p.owner != *owner) {
+            return Err(ApiError::conflict(
+                format!("LoRA adapter '{}' is owned by tenant {:?}, not {owner:?}", p.name, p.owner),
+                "adapter_owned_by_another",
+            ));
+        }
+    }
+    // Ownership stays with whoever loaded the name first; an admin's hot swap keeps it.
+    let owner = previous.as_ref().map(|p| p.owner.clone()).or(req.owner).unwrap_or_else(|| caller.name.to_string());
     let lora = DesiredLora {
         name: req.name.clone(),
         uri: loras::canonical_uri(&req.uri).to_string(),
         sha256,
-        // Ownership stays with whoever loaded the name first; an admin's hot swap keeps it.
-        owner: previous.as_ref().map_or_else(|| caller.name.to_string(), |p| p.owner.clone()),
         shared: req.shared.unwrap_or_else(|| previous.as_ref().is_some_and(|p| p.shared)),
-        loaded_by: previous.as_ref().is_some_and(|p| p.owner != caller.name).then(|| caller.name.to_string()),
+        loaded_by: (owner != caller.name).then(|| caller.name.to_string()),
+        owner,
         replicas: req.replicas.or_else(|| previous.as_ref().and_then(|p| p.replicas)),
+        declared: req.declared.or_else(|| previous.as_ref().and_then(|p| p.declared.clone())),
     };
     let same_source =
         previous.as_ref().is_some_and(|p| loras::canonical_uri(&p.uri) == lora.uri && p.sha256 == lora.sha256);
@@ -318,6 +342,9 @@ pub struct ListedLora {
     /// How many backends keep it (absent: all).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
+    /// The manifest that declares it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub declared: Option<loras::Declaration>,
     /// Backends where it is resident now.
     pub ready: usize,
     /// Per backend: its state for this adapter (`resident`, `evicted`, … or `absent`).
@@ -416,6 +443,7 @@ pub fn list(gw: &Gateway, who: &Principal) -> Result<Vec<ListedLora>, ApiError> 
                 owner: l.owner,
                 shared: l.shared,
                 replicas: l.replicas,
+                declared: l.declared,
             }
         })
         .collect())

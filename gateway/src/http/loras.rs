@@ -31,6 +31,12 @@ struct LoadBody {
     /// How many backends keep it (default: all).
     #[serde(default)]
     replicas: Option<u32>,
+    /// The owning tenant, when an admin loads for another tenant.
+    #[serde(default)]
+    owner: Option<String>,
+    /// The `metadata.name` of the `LoraAdapter` manifest that declares it (`switchyard apply`).
+    #[serde(default)]
+    manifest: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,6 +69,14 @@ pub(super) async fn load(
         hot_swap: body.hot_swap,
         shared: body.shared,
         replicas: body.replicas,
+        owner: body.owner,
+        declared: match body.manifest {
+            Some(name) => {
+                crate::manifest::validate_object_name(&name).map_err(|m| ApiError::invalid(m, Some("manifest")))?;
+                Some(crate::loras::Declaration { name, origin: crate::loras::Origin::Apply })
+            }
+            None => None,
+        },
     };
     let outcome = admin::load(&gw, &who, request).await?;
     let name = &outcome.lora.name;

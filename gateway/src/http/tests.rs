@@ -924,6 +924,7 @@ async fn an_operation_recorded_too_late_is_failed_unrun_and_a_finished_one_block
         shared: false,
         loaded_by: None,
         replicas: None,
+        declared: None,
     };
     // What a write that timed out during a store outage looks like when etcd commits it later.
     let late = Operation {
