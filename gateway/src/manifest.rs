@@ -129,11 +129,24 @@ impl LoraAdapter {
 
 /// Parses the manifests in `text` (one or more YAML documents; JSON is YAML too), from `origin`.
 pub fn parse(origin: &str, text: &str) -> Result<Vec<LoraAdapter>, ManifestError> {
-    let docs: Vec<LoraAdapter> = serde_saphyr::from_multiple(text)
+    // YAML 1.2 booleans only: `shared: yes` is a mistake to report, not `true`.
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    // Through JSON values first, so types are what the YAML says (a quoted "true" is a string,
+    // as a schema validator sees it), then strictly typed, naming the field at fault.
+    let values: Vec<serde_json::Value> = serde_saphyr::from_multiple_with_options(text, options)
         .map_err(|e| ManifestError { origin: origin.to_string(), message: e.to_string() })?;
-    for (i, doc) in docs.iter().enumerate() {
-        let at = if docs.len() > 1 { format!("{origin} (document {})", i + 1) } else { origin.to_string() };
+    let many = values.len() > 1;
+    let mut docs = Vec::with_capacity(values.len());
+    for (i, value) in values.into_iter().enumerate() {
+        let at = if many { format!("{origin} (document {})", i + 1) } else { origin.to_string() };
+        let doc: LoraAdapter = serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            let message = if field == "." { e.inner().to_string() } else { format!("{field}: {}", e.inner()) };
+            ManifestError { origin: at.clone(), message }
+        })?;
         doc.check().map_err(|message| ManifestError { origin: at, message })?;
+        docs.push(doc);
     }
     Ok(docs)
 }
@@ -215,6 +228,8 @@ mod tests {
             (GOOD.replace("loraName: acme/support", "loraName: acme//x"), "spec.loraName"),
             (format!("{GOOD}  sha256: abc\n"), "spec.sha256"),
             (GOOD.replace("  tenant: acme\n", ""), "tenant"),
+            (GOOD.replace("replicas: 2", "replicas: \"2\""), "spec.replicas: invalid type"),
+            (format!("{GOOD}  shared: yes\n"), "spec.shared: invalid type"),
         ];
         for (text, says) in cases {
             let e = parse("bad.yaml", &text).unwrap_err();
