@@ -290,12 +290,7 @@ async fn two_gateways_on_one_etcd_store_serve_what_either_was_told() {
         demo_adapters().display()
     );
     let store = cluster.url("e2e");
-    let (da, db) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
-    let a = gateway(da.path(), &[&backend.addr], &tenants, &["--store", &store]);
-    let b = gateway(db.path(), &[&backend.addr], &tenants, &["--store", &store]);
-    let http = reqwest::Client::new();
-    wait_ready(&http, &a).await;
-    wait_ready(&http, &b).await;
+    let GatewayPair { a, b, dirs: _dirs, .. } = two_gateways(&[&backend.addr], &tenants, &["--store", &store]).await;
     let out = Command::new(&python)
         .arg(e2e_client())
         .args(["fleet", &a.url, &b.url])

@@ -26,7 +26,13 @@ fn arg(name: &str, default: usize) -> usize {
 fn report(what: &str, mut samples: Vec<Duration>) {
     samples.sort();
     let at = |p: f64| samples[(((samples.len() - 1) as f64) * p).round() as usize].as_secs_f64() * 1e3;
-    println!("{what:<48} n={:<4} p50 {:>8.1} ms   p99 {:>8.1} ms   max {:>8.1} ms", samples.len(), at(0.5), at(0.99), at(1.0));
+    println!(
+        "{what:<48} n={:<4} p50 {:>8.1} ms   p99 {:>8.1} ms   max {:>8.1} ms",
+        samples.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
 }
 
 /// Polls `check` every millisecond until it holds; how long that took.
@@ -57,12 +63,7 @@ async fn main() {
         "[tenants.ops]\nadmin = true\nadapters = [\"*\"]\nload_prefixes = [\"file://{}/\"]\n[tenants.acme]\nadapters = [\"*\"]\n",
         adapters.display()
     );
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = gateway(da.path(), &[&backend.addr], &tenants, &["--store", &store]);
-    let b = gateway(db.path(), &[&backend.addr], &tenants, &["--store", &store]);
-    let http = reqwest::Client::new();
-    wait_ready(&http, &a).await;
-    wait_ready(&http, &b).await;
+    let GatewayPair { a, b, http, dirs: _dirs } = two_gateways(&[&backend.addr], &tenants, &["--store", &store]).await;
     let ops = token("ops", "lora:load lora:read lora:unload policy:deploy");
     let acme = token("acme", "");
     let uri = format!("file://{}", fixture_adapter("r8-qv").display());
@@ -85,7 +86,8 @@ async fn main() {
 
     // Policy activations: from A's 200 until B routes by the new configuration.
     let wasm = std::fs::read(built_policies().join("tenant_map.wasm")).expect("built policy");
-    let r = http.post(format!("{}/v1/policies?name=tenant-map", a.url)).bearer_auth(&ops).body(wasm).send().await.unwrap();
+    let r =
+        http.post(format!("{}/v1/policies?name=tenant-map", a.url)).bearer_auth(&ops).body(wasm).send().await.unwrap();
     let id = r.json::<Value>().await.unwrap()["policy"]["id"].as_str().unwrap().to_string();
     let mut activations = Vec::new();
     for i in 0..changes {
@@ -115,11 +117,21 @@ async fn main() {
         let listen = format!("127.0.0.1:{}", free_port());
         let advertise = format!("http://{listen}");
         let ttl_s = ttl.to_string();
-        let extra =
-            start_backend(&["--listen", &listen, "--store", &store, "--advertise", &advertise, "--advertise-ttl-s", &ttl_s]);
+        let extra = start_backend(&[
+            "--listen",
+            &listen,
+            "--store",
+            &store,
+            "--advertise",
+            &advertise,
+            "--advertise-ttl-s",
+            &ttl_s,
+        ]);
         let listed = async || {
             let v = get(&http, &a, "/v1/loras", &ops).await;
-            v["adapters"][0]["backends"].as_array().is_some_and(|bs| bs.iter().any(|x| x["backend"] == advertise.as_str()))
+            v["adapters"][0]["backends"]
+                .as_array()
+                .is_some_and(|bs| bs.iter().any(|x| x["backend"] == advertise.as_str()))
         };
         time_until(listed).await;
         drop(extra); // SIGKILL

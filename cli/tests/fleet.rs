@@ -278,12 +278,7 @@ async fn two_gateways_on_one_etcd_share_adapters_and_never_both_win_a_race() {
     let backend = start_backend(&[]);
     let store = cluster.url("two-gateways");
     let tenants = fleet_tenants();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = gateway(da.path(), &[&backend.addr], &tenants, &["--store", &store]);
-    let b = gateway(db.path(), &[&backend.addr], &tenants, &["--store", &store]);
-    let http = reqwest::Client::new();
-    wait_ready(&http, &a).await;
-    wait_ready(&http, &b).await;
+    let GatewayPair { a, b, http, dirs: _dirs } = two_gateways(&[&backend.addr], &tenants, &["--store", &store]).await;
     let ops = token("ops", "lora:load lora:read lora:unload");
 
     // Loaded through A: B lists it and serves it, with the same answer as A.
@@ -352,13 +347,8 @@ async fn without_etcd_quorum_gateways_serve_and_refuse_writes_then_converge_with
     let backend = start_backend(&[]);
     let store = cluster.url("quorum");
     let tenants = fleet_tenants();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let flags = ["--store", &store, "--metrics-listen", "127.0.0.1:0"];
-    let a = gateway(da.path(), &[&backend.addr], &tenants, &flags);
-    let b = gateway(db.path(), &[&backend.addr], &tenants, &flags);
-    let http = reqwest::Client::new();
-    wait_ready(&http, &a).await;
-    wait_ready(&http, &b).await;
+    let GatewayPair { a, b, http, dirs: _dirs } = two_gateways(&[&backend.addr], &tenants, &flags).await;
     let ops = token("ops", "lora:load lora:read lora:unload");
     let acme = token("acme", "");
 
@@ -630,14 +620,9 @@ async fn manifests_are_applied_from_a_watched_directory_and_by_switchyard_apply(
         "[tenants.ops]\nadmin = true\nadapters = [\"*\"]\nload_prefixes = [\"".to_string() + &fixtures_prefix + "\"]"
     );
     let watched = tempfile::tempdir().unwrap();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let dir = watched.path().display().to_string();
     let flags = ["--store", &store, "--manifests", &dir];
-    let a = gateway(da.path(), &[&backend.addr], &tenants, &flags);
-    let b = gateway(db.path(), &[&backend.addr], &tenants, &flags);
-    let http = reqwest::Client::new();
-    wait_ready(&http, &a).await;
-    wait_ready(&http, &b).await;
+    let GatewayPair { a, b, http, dirs: _dirs } = two_gateways(&[&backend.addr], &tenants, &flags).await;
     let ops = token("ops", "lora:load lora:read lora:unload");
     let listed = async |gw: &Gateway| {
         let (_, v) = get(&http, gw, "/v1/loras", &ops).await;

@@ -222,16 +222,7 @@ mod tests {
     }
 
     fn lora(name: &str, owner: &str, shared: bool) -> DesiredLora {
-        DesiredLora {
-            name: name.into(),
-            uri: format!("s3://{owner}/{name}"),
-            sha256: None,
-            owner: owner.into(),
-            shared,
-            loaded_by: None,
-            replicas: None,
-            declared: None,
-        }
+        DesiredLora { shared, ..DesiredLora::new(name, &format!("s3://{owner}/{name}"), owner) }
     }
 
     fn who(tenant: &str) -> Principal {

@@ -63,6 +63,20 @@ pub enum Origin {
 }
 
 impl DesiredLora {
+    /// `name` from `uri`, owned by `owner`: private, on every backend, loaded by its owner.
+    pub fn new(name: &str, uri: &str, owner: &str) -> DesiredLora {
+        DesiredLora {
+            name: name.to_string(),
+            uri: uri.to_string(),
+            sha256: None,
+            owner: owner.to_string(),
+            shared: false,
+            loaded_by: None,
+            replicas: None,
+            declared: None,
+        }
+    }
+
     /// Dynamo's `lora_id`: stable across workers and gateway replicas.
     pub fn lora_id(&self) -> u32 {
         lora_id(&self.name)
@@ -291,16 +305,7 @@ mod tests {
     use super::*;
 
     fn lora(name: &str, uri: &str) -> DesiredLora {
-        DesiredLora {
-            name: name.into(),
-            uri: uri.into(),
-            sha256: None,
-            owner: "acme".into(),
-            shared: false,
-            loaded_by: None,
-            replicas: None,
-            declared: None,
-        }
+        DesiredLora::new(name, uri, "acme")
     }
 
     async fn open(dir: &Path) -> LoraStore {

@@ -232,16 +232,7 @@ mod tests {
 
     #[test]
     fn a_source_written_with_a_trailing_slash_is_satisfied_by_the_backends_report() {
-        let lora = DesiredLora {
-            name: "a".into(),
-            uri: "s3://bucket/a/".into(),
-            sha256: None,
-            owner: "acme".into(),
-            shared: false,
-            loaded_by: None,
-            replicas: None,
-            declared: None,
-        };
+        let lora = DesiredLora::new("a", "s3://bucket/a/", "acme");
         let listed = pb::AdapterInfo {
             name: "a".into(),
             uri: "s3://bucket/a".into(),

@@ -760,3 +760,23 @@ pub async fn delete(http: &reqwest::Client, gw: &Gateway, path: &str, token: &st
 pub fn chat(model: &str, content: &str) -> Value {
     json!({"model": model, "temperature": 0, "max_tokens": 4, "messages": [{"role": "user", "content": content}]})
 }
+
+/// Two gateways over `backends` with the tenants file `tenants` and the same `flags` (a shared
+/// `--store`), each with a state dir of its own, both ready; and the client that waited.
+pub struct GatewayPair {
+    pub a: Gateway,
+    pub b: Gateway,
+    pub http: reqwest::Client,
+    /// Their state dirs: they live as long as whoever binds them.
+    pub dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+pub async fn two_gateways(backends: &[&str], tenants: &str, flags: &[&str]) -> GatewayPair {
+    let dirs = (tempfile::tempdir().expect("state dir"), tempfile::tempdir().expect("state dir"));
+    let a = gateway(dirs.0.path(), backends, tenants, flags);
+    let b = gateway(dirs.1.path(), backends, tenants, flags);
+    let http = reqwest::Client::new();
+    wait_ready(&http, &a).await;
+    wait_ready(&http, &b).await;
+    GatewayPair { a, b, http, dirs }
+}

@@ -916,16 +916,7 @@ async fn an_operation_recorded_too_late_is_failed_unrun_and_a_finished_one_block
     use crate::admin::ops::{self, Action, AdminCode, Operation, Outcome};
     use crate::store::{Expect, Write};
     let h = harness().await;
-    let lora = crate::loras::DesiredLora {
-        name: "acme/late".into(),
-        uri: "s3://acme/late".into(),
-        sha256: None,
-        owner: "acme".into(),
-        shared: false,
-        loaded_by: None,
-        replicas: None,
-        declared: None,
-    };
+    let lora = crate::loras::DesiredLora::new("acme/late", "s3://acme/late", "acme");
     // What a write that timed out during a store outage looks like when etcd commits it later.
     let late = Operation {
         id: "late".into(),
