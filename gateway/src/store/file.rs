@@ -94,14 +94,20 @@ impl FileStore {
         })
     }
 
-    fn commit_locked(&self, writes: &[Write]) -> Result<Revision, StoreError> {
-        let lock_path = self.dir.join(LOCK_FILE);
-        let lock = std::fs::OpenOptions::new()
+    /// Opens (creating when absent) the lock file `name`; the lock itself is the caller's.
+    fn lock_file(&self, name: &str) -> Result<(std::fs::File, PathBuf), StoreError> {
+        let path = self.dir.join(name);
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&lock_path)
-            .map_err(io("open", &lock_path))?;
+            .open(&path)
+            .map_err(io("open", &path))?;
+        Ok((file, path))
+    }
+
+    fn commit_locked(&self, writes: &[Write]) -> Result<Revision, StoreError> {
+        let (lock, lock_path) = self.lock_file(LOCK_FILE)?;
         lock.lock().map_err(io("lock", &lock_path))?;
         let mut state = self.read()?;
         for w in writes {
@@ -146,13 +152,7 @@ impl FileStore {
 
     /// Takes the leader lock if it is free: the next fencing token and the lock's file.
     fn try_lead(&self) -> Result<Option<(u64, std::fs::File)>, StoreError> {
-        let path = self.dir.join(LEADER_LOCK);
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io("open", &path))?;
+        let (lock, path) = self.lock_file(LEADER_LOCK)?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
