@@ -544,110 +544,38 @@ async fn run_backend(a: BackendArgs) -> Result<()> {
     Ok(())
 }
 
-/// Builds the gateway from its flags: keys, tenants, backends, state dir and policy host.
+/// Builds the gateway from its flags (the gateway crate does the assembly and its checks).
 async fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gateway::Gateway>> {
     use anyhow::Context;
-    use std::sync::Arc;
-    use switchyard_gateway::upstream::{GrpcUpstream, Upstream, UpstreamSecurity, UpstreamTimeouts};
-    use switchyard_gateway::{Gateway, GatewayOptions, auth, loras, policy, tenants};
-
-    anyhow::ensure!(a.tuning.probe_interval_ms > 0, "--probe-interval-ms must be at least 1");
-    let file = match &a.config {
-        Some(path) => tenants::GatewayFile::load(path).map_err(anyhow::Error::msg)?,
-        None => tenants::GatewayFile::default(),
+    let s = a.backend_security;
+    let config = switchyard_gateway::assemble::GatewayConfig {
+        backends: a.backends,
+        backend_ca_file: s.backend_ca_file,
+        backend_client: s.backend_client_cert.zip(s.backend_client_key),
+        backend_credential_file: s.backend_credential_file,
+        state_dir: a.state_dir,
+        store: a.store,
+        tenants_file: a.config,
+        manifests: a.manifests,
+        auth: switchyard_gateway::auth::AuthConfig {
+            issuer: a.jwt_issuer,
+            audience: a.jwt_audience,
+            leeway: Duration::from_secs(a.jwt_leeway),
+            tenant_claim: a.tenant_claim,
+            hs256_secret_file: a.jwt_hs256_secret_file,
+            public_keys: a.jwt_public_keys,
+            jwks_file: a.jwks_file,
+        },
+        options: switchyard_gateway::GatewayOptions {
+            max_body_bytes: usize::try_from(a.tuning.max_body_bytes).context("--max-body-bytes")?,
+            probe_interval: Duration::from_millis(a.tuning.probe_interval_ms),
+            policy_headers: a.tuning.policy.policy_headers.clone(),
+            instance: switchyard_gateway::default_instance(),
+        },
+        policy_limits: a.tuning.policy.limits()?,
+        store_limits: a.tuning.policy.store_limits()?,
     };
-    if file.tenants.is_empty() {
-        tracing::warn!("no tenants configured (--config): every request will be refused");
-    }
-    let verifier = auth::Verifier::new(auth::AuthConfig {
-        issuer: a.jwt_issuer,
-        audience: a.jwt_audience,
-        leeway: Duration::from_secs(a.jwt_leeway),
-        tenant_claim: a.tenant_claim,
-        hs256_secret_file: a.jwt_hs256_secret_file,
-        public_keys: a.jwt_public_keys,
-        jwks_file: a.jwks_file,
-    })
-    .context("JWT keys")?;
-    let location = a.store.clone().unwrap_or_else(|| switchyard_gateway::store::Location::Dir(a.state_dir.clone()));
-    let discovers = matches!(location, switchyard_gateway::store::Location::Etcd { .. });
-    anyhow::ensure!(
-        discovers || !a.backends.is_empty(),
-        "no backend: pass --backend (or an etcd --store, where backends register themselves)"
-    );
-    for (name, t) in &file.tenants {
-        if let Some(b) = &t.backend {
-            // A discovered backend's address is known only once it registers.
-            anyhow::ensure!(
-                discovers || a.backends.contains(b),
-                "tenants.{name}.backend {b:?} is not one of the --backend addresses ({})",
-                a.backends.join(", ")
-            );
-        }
-    }
-    let s = &a.backend_security;
-    let client = s.backend_client_cert.as_deref().zip(s.backend_client_key.as_deref());
-    let security =
-        UpstreamSecurity::from_files(s.backend_ca_file.as_deref(), client, s.backend_credential_file.as_deref())
-            .map_err(anyhow::Error::msg)?;
-    if s.backend_credential_file.is_none() {
-        tracing::warn!("no --backend-credential-file: backends that require a credential will refuse this gateway");
-    }
-    let mut backends: Vec<Arc<dyn Upstream>> = Vec::new();
-    for address in &a.backends {
-        let upstream =
-            GrpcUpstream::new(address, UpstreamTimeouts::default(), &security).map_err(anyhow::Error::msg)?;
-        backends.push(Arc::new(upstream));
-    }
-    let shared = switchyard_gateway::store::open(&location).await.context("cannot open the state store (--store)")?;
-    let described = shared.describe();
-    let replica = switchyard_gateway::store::Replica::open(shared)
-        .await
-        .with_context(|| format!("cannot read the state store {described}"))?;
-    let store = loras::LoraStore::new(replica.clone());
-    store.import_legacy(&a.state_dir).await.context("cannot import the adapter state of an earlier version")?;
-    let tenants = Arc::new(file.tenants);
-    let policy_headers: Vec<String> =
-        a.tuning.policy.policy_headers.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
-    anyhow::ensure!(
-        !policy_headers.iter().any(|h| h == "authorization"),
-        "--policy-headers may not pass authorization"
-    );
-    let options = GatewayOptions {
-        max_body_bytes: usize::try_from(a.tuning.max_body_bytes).context("--max-body-bytes")?,
-        probe_interval: Duration::from_millis(a.tuning.probe_interval_ms),
-        policy_headers,
-        instance: switchyard_gateway::default_instance(),
-    };
-    let runtime = Arc::new(policy::wasm::PolicyRuntime::new(a.tuning.policy.limits()?).map_err(anyhow::Error::msg)?);
-    let limits = a.tuning.policy.store_limits()?;
-    let policies = policy::deploy::PolicyStore::open(replica, runtime, limits).await.context("deployed policies")?;
-    policies
-        .import_legacy(&a.state_dir.join("policies"))
-        .await
-        .context("cannot import the policies of an earlier version")?;
-    let engine = policy::WasmPolicies::new(policies.clone(), Arc::new(policy::StaticPolicy::new(tenants.clone())));
-    let mut gateway = Gateway::new(backends, store, tenants, Arc::new(engine), Arc::new(verifier), options)
-        .with_policy_store(policies);
-    if let Some(dir) = a.manifests {
-        manifest_dir_ok(&dir)?;
-        gateway = gateway.with_manifests(dir);
-    }
-    if discovers {
-        let security = security.clone();
-        gateway = gateway.with_discovery(switchyard_gateway::members::Connect::new(move |address| {
-            let upstream = GrpcUpstream::new(address, UpstreamTimeouts::default(), &security)?;
-            Ok(Arc::new(upstream) as Arc<dyn Upstream>)
-        }));
-    }
-    Ok(Arc::new(gateway))
-}
-
-/// Refuses a --manifests that is not a readable directory of good manifests, before any port
-/// is bound.
-fn manifest_dir_ok(dir: &std::path::Path) -> Result<()> {
-    anyhow::ensure!(dir.is_dir(), "--manifests {} is not a directory", dir.display());
-    switchyard_gateway::manifest::read(dir).map(|_| ()).map_err(|e| anyhow::anyhow!("--manifests: {e}"))
+    Ok(config.build().await?)
 }
 
 async fn run_gateway(a: GatewayArgs) -> Result<()> {

@@ -1,17 +1,20 @@
 //! The Switchyard gateway: an OpenAI-compatible HTTP endpoint in front of many backends. It
 //! verifies each caller's JWT, asks the tenant's routing policy which adapter (and possibly
 //! which backend) a request is for, picks a backend that has or can load that adapter, and
-//! forwards the request over gRPC. It also serves the adapter load API, keeping the desired
-//! adapter set in its state dir and applying it to every backend, including ones that restart
-//! or appear later.
+//! forwards the request over gRPC. It also serves the adapter load API and the policy deploy
+//! API, over a state store that any number of gateways may share.
 //!
-//! Layout: [`auth`] (JWTs), [`authz`] (what a caller may do), [`openai`] (request bodies and
-//! error shapes), [`policy`] (the routing decision), [`cluster`] (the routing table),
-//! [`upstream`] (the seam to a backend and its gRPC implementation), [`loras`] (the desired
-//! set), [`admin`] (applying it), [`reconcile`] (health probes and re-applying), [`dispatch`]
-//! (sending a request to a backend), [`http`] (the axum servers), [`metrics`].
+//! Layout: [`assemble`] (configuration → gateway), [`auth`] (JWTs), [`authz`] (what a caller
+//! may do), [`openai`] (request bodies and error shapes), [`policy`] (the routing decision),
+//! [`store`] (the shared state and this gateway's replica of it), [`leader`] (who drives the
+//! backends), [`members`] (the backends, configured and discovered), [`cluster`] (the routing
+//! table and placement), [`upstream`] (the seam to a backend and its gRPC implementation),
+//! [`loras`] (the desired set), [`admin`] (adapter operations), [`manifest`] and [`declare`]
+//! (declared adapters), [`reconcile`] (probes, re-applying, discovery), [`dispatch`] (sending a
+//! request to a backend), [`http`] (the axum servers), [`metrics`].
 
 pub mod admin;
+pub mod assemble;
 pub mod auth;
 pub mod authz;
 pub mod cluster;
