@@ -4,6 +4,11 @@
 //! its calls carries its fencing token, and a backend refuses tokens below the highest it has
 //! seen, so a leader that was replaced while it stalled (and has not noticed) changes nothing.
 //!
+//! Why a leader, rather than each backend reconciling its own assignment from the store: static
+//! `--backend` backends keep working the same way, backends stay free of the store's schema
+//! (they only register themselves), and placement is decided with every backend's load and
+//! slots in view, in one place.
+//!
 //! Leadership comes from the state store ([`crate::store::StateStore::lead`]): an etcd lease
 //! (a dead leader is replaced within its TTL) or, in a local directory, a file lock held for
 //! the life of the process.
