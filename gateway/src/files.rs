@@ -1,5 +1,5 @@
-//! The files the gateway keeps in its state dir (the desired adapter set, deployed policies):
-//! each is replaced whole and atomically, so a reader sees the old file or the new one.
+//! The files the gateway writes (the directory state store and its blobs): each is replaced
+//! whole and atomically, so a reader sees the old file or the new one.
 
 use std::path::{Path, PathBuf};
 

@@ -71,6 +71,11 @@ pub fn default_instance() -> String {
     format!("{host}-{}-{:06x}", std::process::id(), random_u64() & 0xff_ffff)
 }
 
+/// Seconds since the Unix epoch (0 before it), for the times records carry.
+pub(crate) fn unix_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// A random number from the operating system (for ids, not secrets: falls back to the clock).
 pub(crate) fn random_u64() -> u64 {
     use rand::TryRngCore;

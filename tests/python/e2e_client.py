@@ -222,20 +222,17 @@ def fleet(url_a: str, url_b: str, adapters: str, policy: str) -> None:
     if status != 201:
         fail("ops uploads tenant-map through A", f"{status} {body}")
     version = body["policy"]["id"]
-    config = {"config": {"tenants": {"acme": "uppercase"}}}
-    status, body = http("POST", f"{url_a}/v1/policies/{version}/activate", ops, config)
-    if status != 200:
-        fail("ops activates tenant-map through A", f"{status} {body}")
-    eventually("B routes acme by the policy activated through A",
-               lambda: expect(via_b, "assistant", "uppercase", "B follows A's activation", served="uppercase"))
+    def route_acme(through: str, seen_by: openai.OpenAI, adapter: str, check: str) -> None:
+        """Activates tenant-map through one gateway, routing acme to `adapter`; the other follows."""
+        body = {"config": {"tenants": {"acme": adapter}}}
+        status, answer_body = http("POST", f"{through}/v1/policies/{version}/activate", ops, body)
+        if status != 200:
+            fail(f"ops activates tenant-map through {through}", f"{status} {answer_body}")
+        eventually(check, lambda: expect(seen_by, "assistant", adapter, check, served=adapter))
 
+    route_acme(url_a, via_b, "uppercase", "B routes acme by the policy activated through A")
     # 3. And an activation through B re-routes acme on A.
-    config = {"config": {"tenants": {"acme": "french"}}}
-    status, body = http("POST", f"{url_b}/v1/policies/{version}/activate", ops, config)
-    if status != 200:
-        fail("ops re-activates tenant-map through B", f"{status} {body}")
-    eventually("A routes acme by the policy activated through B",
-               lambda: expect(via_a, "assistant", "french", "A follows B's activation", served="french"))
+    route_acme(url_b, via_a, "french", "A routes acme by the policy activated through B")
     print("fleet: all checks passed")
 
 

@@ -179,12 +179,10 @@ pub(crate) async fn run(gw: &Gateway, who: &str, action: Action, expect: Expect)
     match gw.replica().commit(record).await {
         Ok(_) => {}
         Err(StoreError::Conflict { key }) if key == ops::key(&name) => {
-            let by = ops::read(&gw.replica().current(), &name).map(|(o, _)| o.requested_by).unwrap_or_default();
+            // Who asked for it is not said: it may be another tenant (an admin).
             return Err(AdminError::new(
                 AdminCode::OperationInProgress,
-                format!(
-                    "another operation on LoRA adapter '{name}' is in progress (asked for by tenant '{by}'); retry when it is done"
-                ),
+                format!("another operation on LoRA adapter '{name}' is in progress; retry when it is done"),
             ));
         }
         Err(StoreError::Conflict { .. }) => {
@@ -382,13 +380,14 @@ pub struct ListedOperation {
     pub error: Option<AdminError>,
 }
 
-/// The operations on adapters the caller may see.
+/// The operations on adapters the caller may manage. Those who only use an adapter (shared
+/// with them) do not see who changes it, or the backends' errors about its sources.
 pub fn operations(gw: &Gateway, who: &Principal) -> Result<Vec<ListedOperation>, ApiError> {
     who.require(Scope::LoraRead)?;
     let caller = gw.caller(who)?;
     Ok(ops::all(&gw.replica().current())
         .into_iter()
-        .filter(|(_, op, _)| caller.may_see(op.action.lora()))
+        .filter(|(_, op, _)| caller.may_manage(op.action.lora()))
         .map(|(name, op, _)| ListedOperation {
             lora_name: name,
             action: match op.action {

@@ -167,5 +167,5 @@ pub fn expectation(expect: Option<Revision>) -> Expect {
 
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    crate::unix_seconds()
 }

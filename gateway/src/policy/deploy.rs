@@ -226,7 +226,7 @@ impl std::fmt::Debug for PolicyStore {
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    crate::unix_seconds()
 }
 
 fn hex(d: &[u8]) -> String {
@@ -366,7 +366,7 @@ impl PolicyStore {
     /// Reads a version's component from the store, checks it against its digest and compiles it.
     async fn fetch_and_compile(&self, record: &VersionRecord) -> Result<CompiledPolicy, DeployError> {
         let bytes = self.replica.store().get_blob(&record.blob).await?;
-        if hex(&Sha256::digest(&bytes)) != record.version.sha256 {
+        if crate::store::digest(&bytes) != record.version.sha256 {
             return Err(StoreError::Corrupt(format!(
                 "policy version {}: its component does not match its SHA-256",
                 record.version.id
@@ -445,7 +445,7 @@ impl PolicyStore {
         {
             return Err(DeployError::Invalid(format!("policy name {name:?}: use 1-128 of A-Z a-z 0-9 - _ .")));
         }
-        let sha256 = hex(&Sha256::digest(&bytes));
+        let sha256 = crate::store::digest(&bytes);
         let id = hex(&Sha256::new().chain_update(tenant.as_bytes()).chain_update([0]).chain_update(&bytes).finalize())
             [..16]
             .to_string();
