@@ -517,9 +517,7 @@ async fn run() -> Result<()> {
         Command::Backend(args) => run_backend(args).await,
         Command::Gateway(args) => run_gateway(args).await,
         Command::Token(args) => run_token(args),
-        Command::Policy { command: PolicyCommand::Test(args) } => {
-            tokio::task::spawn_blocking(move || run_policy_test(args)).await?
-        }
+        Command::Policy { command: PolicyCommand::Test(args) } => run_policy_test(args).await,
         Command::Bench(args) => tokio::task::spawn_blocking(move || run_bench(args)).await?,
         Command::Apply(args) => declare::apply(args).await,
         Command::Get { what } => declare::get(what).await,
@@ -673,7 +671,7 @@ fn run_token(a: TokenArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_policy_test(a: PolicyTestArgs) -> Result<()> {
+async fn run_policy_test(a: PolicyTestArgs) -> Result<()> {
     use anyhow::Context;
     use switchyard_gateway::policy::{cases, wasm};
     let config = match &a.config {
@@ -689,7 +687,7 @@ fn run_policy_test(a: PolicyTestArgs) -> Result<()> {
     let runtime = wasm::PolicyRuntime::new(a.limits.limits()?).map_err(anyhow::Error::msg)?;
     let bytes = std::fs::read(&a.policy).with_context(|| format!("cannot read {}", a.policy.display()))?;
     let policy = runtime.compile(&bytes).with_context(|| format!("{}", a.policy.display()))?;
-    let results = cases::run(&runtime, &policy, &config, &cases).map_err(anyhow::Error::msg)?;
+    let results = cases::run(&runtime, &policy, &config, &cases).await.map_err(anyhow::Error::msg)?;
     let failed = results.iter().filter(|r| !r.passed).count();
     for r in &results {
         println!("{} {}: {}", if r.passed { "ok  " } else { "FAIL" }, r.name, r.got);

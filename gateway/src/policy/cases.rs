@@ -96,7 +96,7 @@ pub fn load(path: &std::path::Path) -> Result<Vec<Case>, String> {
 }
 
 /// Runs every case against `policy` with `config`.
-pub fn run(
+pub async fn run(
     runtime: &PolicyRuntime,
     policy: &CompiledPolicy,
     config: &str,
@@ -126,7 +126,8 @@ pub fn run(
             backends: Vec::new(),
             adapters: r.adapters.iter().map(|a| (a.clone(), r.tenant.clone())).collect(),
         };
-        let outcome = runtime.decide(policy, &super::wasm::request(&input), config.clone(), Arc::from("policy-test"));
+        let outcome =
+            runtime.decide(policy, &super::wasm::request(&input), config.clone(), Arc::from("policy-test")).await;
         let (passed, got) = match (&outcome, &case.expect) {
             (Ok(WitDecision::Route(route)), Expected::Route { adapter, backend }) => {
                 (route.adapter == *adapter && route.backend == *backend, describe(&outcome))

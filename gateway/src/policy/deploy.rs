@@ -25,7 +25,7 @@
 //! world and run a dry decision without a fault), and an activation is validated with its
 //! configuration before it replaces the previous one.
 
-use super::wasm::{CompiledPolicy, LoadError, PolicyFault, PolicyRuntime, WitDecision, WitRequest};
+use super::wasm::{CompiledPolicy, Deployment, LoadError, PolicyFault, PolicyRuntime, WitDecision, WitRequest};
 use crate::files::{FileError, failed};
 use crate::store::{Expect, Replica, Revision, Snapshot, StoreError, Write};
 use serde::{Deserialize, Serialize};
@@ -90,10 +90,7 @@ pub struct Activation {
 #[derive(Debug)]
 pub struct Active {
     pub version: Version,
-    pub policy: CompiledPolicy,
-    pub config: Arc<str>,
-    /// `name@id`, for logs.
-    pub label: Arc<str>,
+    pub deployment: Arc<Deployment>,
 }
 
 const VERSIONS: &str = "policies/versions/";
@@ -346,12 +343,15 @@ impl PolicyStore {
         let mut active = HashMap::new();
         for (scope, (history, _)) in &records.active {
             let Some(current) = history.last() else { continue };
-            let built = records.version(&current.id).zip(state.compiled.get(&current.id)).map(|((r, _), policy)| {
-                Arc::new(Active {
-                    version: r.version.clone(),
-                    policy: policy.clone(),
-                    config: Arc::from(current.config.to_string()),
-                    label: Arc::from(format!("{}@{}", r.version.name, r.version.id)),
+            let config = current.config.to_string();
+            // An unchanged deployment stays as it is, with the instances it made ahead.
+            let same =
+                state.active.get(scope).filter(|a| a.version.id == current.id && **a.deployment.config() == *config);
+            let built = same.cloned().or_else(|| {
+                records.version(&current.id).zip(state.compiled.get(&current.id)).map(|((r, _), policy)| {
+                    let label = Arc::from(format!("{}@{}", r.version.name, r.version.id));
+                    let deployment = Deployment::new(self.runtime.clone(), policy.clone(), Arc::from(config), label);
+                    Arc::new(Active { version: r.version.clone(), deployment: Arc::new(deployment) })
                 })
             });
             if let Some(a) = built.or_else(|| state.active.get(scope).cloned()) {
@@ -455,16 +455,13 @@ impl PolicyStore {
         self.check_quota(tenant, bytes.len())?;
         let runtime = self.runtime.clone();
         let size = bytes.len();
-        let (policy, bytes) = blocking(move || {
-            let policy = runtime.compile(&bytes)?;
-            // A fault (trap, deadline, limit) fails the upload; an error value is the policy
-            // complaining about the empty configuration, which activation checks again.
-            match dry_run(&runtime, &policy, "{}") {
-                Ok(_) | Err(PolicyFault::Failed(_)) => Ok((policy, bytes)),
-                Err(fault) => Err(DeployError::DryRun(fault)),
-            }
-        })
-        .await?;
+        let (policy, bytes) = blocking(move || Ok((runtime.compile(&bytes)?, bytes))).await?;
+        // A fault (trap, deadline, limit) fails the upload; an error value is the policy
+        // complaining about the empty configuration, which activation checks again.
+        match dry_run(&self.runtime, &policy, "{}").await {
+            Ok(_) | Err(PolicyFault::Failed(_)) => {}
+            Err(fault) => return Err(DeployError::DryRun(fault)),
+        }
         let blob = format!("policy-{id}-{:012x}", crate::random_u64() & 0xffff_ffff_ffff);
         self.replica.store().put_blob(&blob, &bytes).await?;
         let version = Version {
@@ -516,9 +513,7 @@ impl PolicyStore {
     pub async fn activate(&self, scope: &str, id: &str, config: serde_json::Value) -> Result<Activation, DeployError> {
         check_scope(scope)?;
         let policy = self.compiled(id).await?;
-        let runtime = self.runtime.clone();
-        let text = config.to_string();
-        blocking(move || dry_run(&runtime, &policy, &text).map(|_| ()).map_err(DeployError::DryRun)).await?;
+        dry_run(&self.runtime, &policy, &config.to_string()).await.map_err(DeployError::DryRun)?;
         let activation = Activation { id: id.to_string(), config, activated_at: now() };
         for _ in 0..ATTEMPTS {
             let records = self.records();
@@ -649,9 +644,9 @@ impl PolicyStore {
     }
 }
 
-/// Runs `policy` once on the sample request (blocking).
-fn dry_run(runtime: &PolicyRuntime, policy: &CompiledPolicy, config: &str) -> Result<WitDecision, PolicyFault> {
-    runtime.decide(policy, &sample_request(), Arc::from(config), Arc::from("dry-run"))
+/// Runs `policy` once on the sample request.
+async fn dry_run(runtime: &PolicyRuntime, policy: &CompiledPolicy, config: &str) -> Result<WitDecision, PolicyFault> {
+    runtime.decide(policy, &sample_request(), Arc::from(config), Arc::from("dry-run")).await
 }
 
 /// The registry file earlier versions kept in the policies directory.

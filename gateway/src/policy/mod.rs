@@ -127,24 +127,20 @@ impl PolicyEngine for WasmPolicies {
         let Some(active) = self.store.active_for(input.tenant) else {
             return self.fallback.decide(input).await;
         };
-        let key: Arc<str> = Arc::from(format!("{}:{}", input.tenant, active.label));
+        let label = active.deployment.label();
+        let key: Arc<str> = Arc::from(format!("{}:{label}", input.tenant));
         if let Err(wait) = self.breaker(&key, |b| b.allow(std::time::Instant::now())) {
             return Err(PolicyError {
                 message: format!(
                     "routing policy {} is suspended after repeated faults; retried in {} s",
-                    active.label,
+                    label,
                     wait.as_secs() + 1
                 ),
                 busy: false,
             });
         }
         let request = wasm::request(input);
-        let runtime = self.store.runtime().clone();
-        let call = tokio::task::spawn_blocking(move || {
-            runtime.decide(&active.policy, &request, active.config.clone(), active.label.clone())
-        });
-        let outcome =
-            call.await.map_err(|e| PolicyError { message: format!("policy task failed: {e}"), busy: false })?;
+        let outcome = active.deployment.decide(&request).await;
         let costly = matches!(
             outcome,
             Err(wasm::PolicyFault::Fuel(_)

@@ -4,7 +4,9 @@
 
 use super::built::component;
 use super::deploy::{DEFAULT_SCOPE, PolicyStore};
-use super::wasm::{CompiledPolicy, LoadError, PolicyFault, PolicyRuntime, WasmLimits, WitDecision, request};
+use super::wasm::{
+    CompiledPolicy, Deployment, LoadError, PolicyFault, PolicyRuntime, WasmLimits, WitDecision, request,
+};
 use super::{Decision, Endpoint, PolicyEngine, PolicyInput, Route, StaticPolicy, WasmPolicies};
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -72,8 +74,8 @@ fn compiled(rt: &PolicyRuntime, name: &str) -> CompiledPolicy {
     cache.entry(name.to_string()).or_insert_with(|| rt.compile(&component(name)).unwrap()).clone()
 }
 
-fn decide(rt: &PolicyRuntime, name: &str, config: &str, r: &Req) -> Result<WitDecision, PolicyFault> {
-    rt.decide(&compiled(rt, name), &request(&input(r)), Arc::from(config), Arc::from(name))
+async fn decide(rt: &PolicyRuntime, name: &str, config: &str, r: &Req) -> Result<WitDecision, PolicyFault> {
+    rt.decide(&compiled(rt, name), &request(&input(r)), Arc::from(config), Arc::from(name)).await
 }
 
 fn routed(d: Result<WitDecision, PolicyFault>) -> Option<String> {
@@ -90,17 +92,20 @@ fn rejected(d: Result<WitDecision, PolicyFault>) -> (u16, String) {
     }
 }
 
-#[test]
-fn the_example_policies_decide_as_documented() {
+#[tokio::test]
+async fn the_example_policies_decide_as_documented() {
     let rt = runtime();
     let cfg = r#"{"tenants": {"acme": "acme/support"}, "default": "shared/general", "deny": ["mallory"]}"#;
-    assert_eq!(routed(decide(&rt, "tenant-map", cfg, &req("acme", "anything"))).as_deref(), Some("acme/support"));
-    assert_eq!(routed(decide(&rt, "tenant-map", cfg, &req("beta", "anything"))).as_deref(), Some("shared/general"));
-    assert_eq!(routed(decide(&rt, "tenant-map", cfg, &req("acme", "base"))), None);
+    assert_eq!(routed(decide(&rt, "tenant-map", cfg, &req("acme", "anything")).await).as_deref(), Some("acme/support"));
+    assert_eq!(
+        routed(decide(&rt, "tenant-map", cfg, &req("beta", "anything")).await).as_deref(),
+        Some("shared/general")
+    );
+    assert_eq!(routed(decide(&rt, "tenant-map", cfg, &req("acme", "base")).await), None);
     let mut named = req("acme", "acme/support-v2");
     named.adapters.push(("acme/support-v2".into(), "acme".into()));
-    assert_eq!(routed(decide(&rt, "tenant-map", cfg, &named)).as_deref(), Some("acme/support-v2"));
-    assert_eq!(rejected(decide(&rt, "tenant-map", cfg, &req("mallory", "x"))), (403, "tenant_denied".into()));
+    assert_eq!(routed(decide(&rt, "tenant-map", cfg, &named).await).as_deref(), Some("acme/support-v2"));
+    assert_eq!(rejected(decide(&rt, "tenant-map", cfg, &req("mallory", "x")).await), (403, "tenant_denied".into()));
 
     // canary: sticky per user, and about `percent` of users.
     let cfg = r#"{"stable": "a/v1", "canary": "a/v2", "percent": 30}"#;
@@ -108,45 +113,83 @@ fn the_example_policies_decide_as_documented() {
     for i in 0..200 {
         let mut r = req("acme", "x");
         r.subject = Some(format!("user-{i}"));
-        let first = routed(decide(&rt, "canary", cfg, &r));
-        assert_eq!(routed(decide(&rt, "canary", cfg, &r)), first, "user-{i} moved between versions");
+        let first = routed(decide(&rt, "canary", cfg, &r).await);
+        assert_eq!(routed(decide(&rt, "canary", cfg, &r).await), first, "user-{i} moved between versions");
         canaries += usize::from(first.as_deref() == Some("a/v2"));
     }
     assert!((35..=85).contains(&canaries), "{canaries} of 200 users on a 30% canary");
     let all = r#"{"stable": "a/v1", "canary": "a/v2", "percent": 100}"#;
-    assert_eq!(routed(decide(&rt, "canary", all, &req("acme", "x"))).as_deref(), Some("a/v2"));
-    assert!(matches!(decide(&rt, "canary", "{}", &req("acme", "x")), Err(PolicyFault::Failed(_))));
+    assert_eq!(routed(decide(&rt, "canary", all, &req("acme", "x")).await).as_deref(), Some("a/v2"));
+    assert!(matches!(decide(&rt, "canary", "{}", &req("acme", "x")).await, Err(PolicyFault::Failed(_))));
 
     // claims-route: a claim (or a header) picks the adapter; nothing matching is refused.
     let cfg = r#"{"claim": "plan", "routes": {"pro": "acme/pro", "free": "acme/free"}, "header": "x-plan"}"#;
     let mut pro = req("acme", "x");
     pro.claims.insert("plan".into(), serde_json::json!("pro"));
-    assert_eq!(routed(decide(&rt, "claims-route", cfg, &pro)).as_deref(), Some("acme/pro"));
+    assert_eq!(routed(decide(&rt, "claims-route", cfg, &pro).await).as_deref(), Some("acme/pro"));
     let mut listed = req("acme", "x");
     listed.claims.insert("plan".into(), serde_json::json!(["free", "pro"]));
-    assert_eq!(routed(decide(&rt, "claims-route", cfg, &listed)).as_deref(), Some("acme/free"));
+    assert_eq!(routed(decide(&rt, "claims-route", cfg, &listed).await).as_deref(), Some("acme/free"));
     let mut by_header = req("acme", "x");
     by_header.headers.push(("x-plan".into(), "pro".into()));
-    assert_eq!(routed(decide(&rt, "claims-route", cfg, &by_header)).as_deref(), Some("acme/pro"));
-    assert_eq!(rejected(decide(&rt, "claims-route", cfg, &req("acme", "x"))), (403, "no_route".into()));
+    assert_eq!(routed(decide(&rt, "claims-route", cfg, &by_header).await).as_deref(), Some("acme/pro"));
+    assert_eq!(rejected(decide(&rt, "claims-route", cfg, &req("acme", "x")).await), (403, "no_route".into()));
 }
 
-fn hostile(rt: &PolicyRuntime, mode: &str) -> Result<WitDecision, PolicyFault> {
-    decide(rt, "hostile", &format!(r#"{{"mode": "{mode}"}}"#), &req("evil", "x"))
+async fn hostile(rt: &PolicyRuntime, mode: &str) -> Result<WitDecision, PolicyFault> {
+    decide(rt, "hostile", &format!(r#"{{"mode": "{mode}"}}"#), &req("evil", "x")).await
 }
 
-#[test]
-fn the_fuel_bounds_the_guests_own_work_and_the_wall_clock_is_a_guard() {
+#[tokio::test]
+async fn no_request_sees_anything_of_the_requests_before_it() {
+    // A policy that keeps what it sees in a global, run as requests run it: through a
+    // deployment, from instances made ahead while earlier requests were answered.
+    let rt = runtime();
+    let config = Arc::from(r#"{"mode": "remember"}"#);
+    let deployment = Arc::new(Deployment::new(rt.clone(), compiled(&rt, "hostile"), config, Arc::from("remember")));
+    let mut from_ahead = 0;
+    for subject in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        let mut r = req("acme", "x");
+        r.subject = Some(subject.into());
+        from_ahead += usize::from(deployment.ready() > 0);
+        match deployment.decide(&request(&input(&r))).await {
+            Ok(WitDecision::Reject(r)) => assert_eq!(r.message, "earlier: []", "{subject} saw an earlier request"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // The answer goes out; the instance is dropped and the next one made meanwhile.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+    assert!(from_ahead >= 5, "only {from_ahead} of 6 requests found an instance made ahead");
+    // Instances made ahead stay within a quarter of the pool, over all deployments.
+    let small = Arc::new(PolicyRuntime::new(WasmLimits { pool_instances: 4, ..Default::default() }).unwrap());
+    let policy = small.compile(&component("tenant-map")).unwrap();
+    let config: Arc<str> = Arc::from(r#"{"tenants": {"acme": "acme/support"}}"#);
+    let deployments: Vec<_> = (0..3)
+        .map(|i| Arc::new(Deployment::new(small.clone(), policy.clone(), config.clone(), Arc::from(format!("d{i}")))))
+        .collect();
+    for d in &deployments {
+        for _ in 0..3 {
+            assert_eq!(routed(d.decide(&request(&input(&req("acme", "x")))).await).as_deref(), Some("acme/support"));
+            tokio::task::yield_now().await;
+        }
+    }
+    assert_eq!(deployments.iter().map(|d| d.ready()).sum::<usize>(), 1);
+}
+
+#[tokio::test]
+async fn the_fuel_bounds_the_guests_own_work_and_the_wall_clock_is_a_guard() {
     // Honest work within the fuel succeeds however slow the wall clock is: a machine so loaded
     // that the call takes longer than a tight deadline would allow still gets its decision.
     let rt = runtime();
-    let work = |iterations: u64| {
+    let work = async |iterations: u64| {
         let cfg = format!(r#"{{"mode": "work", "iterations": {iterations}, "adapter": "acme/a"}}"#);
-        decide(&rt, "hostile", &cfg, &req("acme", "x"))
+        decide(&rt, "hostile", &cfg, &req("acme", "x")).await
     };
-    assert_eq!(routed(work(100_000)).as_deref(), Some("acme/a"));
+    assert_eq!(routed(work(100_000).await).as_deref(), Some("acme/a"));
     // The same work past the fuel fails, and says so.
-    assert_eq!(work(100_000_000).map(|_| ()), Err(PolicyFault::Fuel(wasm_fuel())));
+    assert_eq!(work(100_000_000).await.map(|_| ()), Err(PolicyFault::Fuel(wasm_fuel())));
     // With fuel to spare and a wall clock too short for it, the guard still stops the loop.
     let tight =
         PolicyRuntime::new(WasmLimits { fuel: u64::MAX, deadline: Duration::from_millis(20), ..Default::default() })
@@ -155,25 +198,25 @@ fn the_fuel_bounds_the_guests_own_work_and_the_wall_clock_is_a_guard() {
     let policy = tight.compile(&bytes).unwrap();
     let loop_cfg: Arc<str> = Arc::from(r#"{"mode": "loop"}"#);
     assert_eq!(
-        tight.decide(&policy, &request(&input(&req("evil", "x"))), loop_cfg, Arc::from("t")),
+        tight.decide(&policy, &request(&input(&req("evil", "x"))), loop_cfg, Arc::from("t")).await,
         Err(PolicyFault::Deadline(20))
     );
 }
 
-#[test]
-fn hostile_components_fail_their_own_call_and_nothing_else() {
+#[tokio::test]
+async fn hostile_components_fail_their_own_call_and_nothing_else() {
     let rt = runtime();
     let started = Instant::now();
-    assert_eq!(hostile(&rt, "loop"), Err(PolicyFault::Fuel(wasm_fuel())));
+    assert_eq!(hostile(&rt, "loop").await, Err(PolicyFault::Fuel(wasm_fuel())));
     assert!(started.elapsed() < Duration::from_secs(2), "the fuel did not stop the loop in time");
-    assert_eq!(hostile(&rt, "memory"), Err(PolicyFault::Memory(32)));
-    assert_eq!(hostile(&rt, "recurse"), Err(PolicyFault::StackOverflow));
-    assert!(matches!(hostile(&rt, "trap"), Err(PolicyFault::Trap(_))), "{:?}", hostile(&rt, "trap"));
-    assert!(matches!(hostile(&rt, "huge"), Err(PolicyFault::InvalidDecision(_))));
-    assert_eq!(hostile(&rt, "error"), Err(PolicyFault::Failed("the policy could not decide".into())));
+    assert_eq!(hostile(&rt, "memory").await, Err(PolicyFault::Memory(32)));
+    assert_eq!(hostile(&rt, "recurse").await, Err(PolicyFault::StackOverflow));
+    assert!(matches!(hostile(&rt, "trap").await, Err(PolicyFault::Trap(_))), "{:?}", hostile(&rt, "trap").await);
+    assert!(matches!(hostile(&rt, "huge").await, Err(PolicyFault::InvalidDecision(_))));
+    assert_eq!(hostile(&rt, "error").await, Err(PolicyFault::Failed("the policy could not decide".into())));
     // After all that, the same runtime still serves a well-behaved policy.
     let cfg = r#"{"tenants": {"acme": "acme/support"}}"#;
-    assert_eq!(routed(decide(&rt, "tenant-map", cfg, &req("acme", "x"))).as_deref(), Some("acme/support"));
+    assert_eq!(routed(decide(&rt, "tenant-map", cfg, &req("acme", "x")).await).as_deref(), Some("acme/support"));
 }
 
 #[test]

@@ -10,9 +10,13 @@
 //! - epoch interruption, with a ticker thread, as a generous wall-clock guard
 //!   ([`WasmLimits::deadline`]) behind the fuel.
 //!
-//! Every request gets a fresh [`Store`] and a fresh instance: no state, memory or globals are
-//! shared between requests, and so none between tenants. Each store has a memory cap enforced
-//! by a [`ResourceLimiter`], and the calls run on the blocking pool, never on the async threads.
+//! Every request gets a fresh [`Store`] and a fresh instance, used for that one decision and
+//! dropped: no state, memory or globals are shared between requests, and so none between
+//! tenants. A [`Deployment`] makes its instances ahead of the requests and drops them after,
+//! so a request waits only for the call itself. Each store has a memory cap enforced by a
+//! [`ResourceLimiter`]. A call runs on the task that asked for the decision, on a fiber stack
+//! from the pool; a policy that runs long yields the thread back to the executor every
+//! [`FUEL_YIELD_INTERVAL`] units of fuel, so other requests keep being served while it runs.
 //! A trap, a deadline or a limit hit is returned as a [`PolicyFault`] for that request alone.
 //!
 //! Guests may import the `host` interface of `wit/policy.wit`, plus the WASI interfaces the Rust
@@ -24,7 +28,7 @@ use super::{Endpoint, PolicyInput};
 use crate::cluster::BackendView;
 use bindings::switchyard::policy::{host, types};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 use switchyard_proto::v1 as pb;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
@@ -32,7 +36,12 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 mod bindings {
-    wasmtime::component::bindgen!({ path: "../wit", world: "policy", additional_derives: [PartialEq] });
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "policy",
+        exports: { default: async },
+        additional_derives: [PartialEq],
+    });
 }
 
 pub use bindings::switchyard::policy::types::{Decision as WitDecision, Request as WitRequest};
@@ -41,17 +50,25 @@ pub use bindings::switchyard::policy::types::{Decision as WitDecision, Request a
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Default limits (each can be configured).
 pub const DEFAULT_MEMORY_BYTES: usize = 32 << 20;
-/// Fuel units (one per WebAssembly instruction, roughly) one decision may use. A Rust
-/// `tenant-map` decision, instantiation included, takes under 8 thousand; this allows ten
+/// Fuel units (one per WebAssembly instruction, roughly) one decision may use; instantiating
+/// (which may run the guest's start code) gets the same again. A Rust `tenant-map` decision,
+/// instantiation included, takes under 8 thousand; this allows ten
 /// thousand times that, and stops an endless loop after 10 to 18 ms of one core (the policy
 /// benchmark on a 2-core x86-64 machine).
 pub const DEFAULT_FUEL: u64 = 100_000_000;
+/// Fuel a guest runs between yields to the executor: far more than a decision needs (it never
+/// yields), and a loop gives the thread back every few tens of microseconds.
+pub const FUEL_YIELD_INTERVAL: u64 = 200_000;
 /// The wall-clock guard: generous, since the fuel bounds the guest's own work and this only
 /// catches what fuel cannot (a host so overloaded that it cannot run the guest at all).
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_COMPONENT_BYTES: usize = 16 << 20;
 /// Instances the pool holds at once: the most policy calls that can run concurrently.
 pub const DEFAULT_POOL_INSTANCES: u32 = 128;
+/// Per pooled memory and table: how much of what a guest wrote is reset in place (kept
+/// resident) rather than returned to the kernel. A small policy writes far less; the bound is
+/// what an idle slot may keep resident.
+const KEEP_RESIDENT_BYTES: usize = 1 << 20;
 /// The guest's WebAssembly stack. Deep recursion traps with a stack overflow past it.
 pub const MAX_WASM_STACK: usize = 512 << 10;
 /// A log line from a policy is cut to this many bytes, and a call may log this many lines.
@@ -67,7 +84,8 @@ pub struct WasmLimits {
     pub memory_bytes: usize,
     /// Fuel one decision may use: the bound on the guest's own work.
     pub fuel: u64,
-    /// Wall time one decision may take, instantiation included: a guard behind the fuel.
+    /// Wall time one decision (and, separately, one instantiation) may take: a guard behind
+    /// the fuel.
     pub deadline: Duration,
     /// Largest component accepted for upload.
     pub max_component_bytes: usize,
@@ -125,6 +143,8 @@ pub struct PolicyRuntime {
     linker: Linker<HostState>,
     limits: WasmLimits,
     stop: Arc<AtomicBool>,
+    /// Instances made ahead, over every deployment (see [`Deployment`]).
+    made_ahead: Arc<AtomicU32>,
 }
 
 impl std::fmt::Debug for PolicyRuntime {
@@ -234,7 +254,18 @@ impl PolicyRuntime {
             .max_tables_per_component(16)
             .total_tables(limits.pool_instances * 16)
             .max_memory_size(limits.memory_bytes)
-            .table_elements(100_000);
+            .table_elements(100_000)
+            .total_stacks(limits.pool_instances)
+            // Reuse the slots (stacks, tables, memories) used last, which are warm in the
+            // caches, instead of cycling through a hundred of them.
+            .max_unused_warm_slots(0)
+            // Resetting a slot for the next request: PAGEMAP_SCAN finds the pages the guest
+            // wrote and copies the image back over just those, so the slot stays mapped (no
+            // madvise, no TLB shootdown across cores, no page faults for the next request).
+            // A guest that dirties more than this is reset the usual way past it.
+            .pagemap_scan(wasmtime::Enabled::Auto)
+            .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
+            .table_keep_resident(KEEP_RESIDENT_BYTES);
         let mut config = Config::new();
         config
             .wasm_component_model(true)
@@ -249,7 +280,7 @@ impl PolicyRuntime {
         let mut linker: Linker<HostState> = Linker::new(&engine);
         bindings::Policy::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| format!("cannot link the policy host: {e}"))?;
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| format!("cannot link WASI: {e}"))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| format!("cannot link WASI: {e}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let (ticker, stopped) = (engine.clone(), stop.clone());
         std::thread::Builder::new()
@@ -261,7 +292,7 @@ impl PolicyRuntime {
                 }
             })
             .map_err(|e| format!("cannot start the policy epoch thread: {e}"))?;
-        Ok(PolicyRuntime { engine, linker, limits, stop })
+        Ok(PolicyRuntime { engine, linker, limits, stop, made_ahead: Default::default() })
     }
 
     pub fn limits(&self) -> &WasmLimits {
@@ -287,14 +318,26 @@ impl PolicyRuntime {
         Ok(CompiledPolicy { pre })
     }
 
-    /// Runs one decision in a fresh instance. Blocking: call it from the blocking pool.
-    pub fn decide(
+    /// Runs one decision in an instance made for it, on the calling task (a dry run, a test
+    /// case). Requests go through a [`Deployment`], which makes the instance ahead of time.
+    pub async fn decide(
         &self,
         policy: &CompiledPolicy,
         request: &WitRequest,
         config: Arc<str>,
         label: Arc<str>,
     ) -> Result<WitDecision, PolicyFault> {
+        let (mut store, instance) = self.prepare(policy, config, label).await?;
+        self.run(&mut store, &instance, request).await
+    }
+
+    /// A fresh store and an instance of `policy` in it, not yet called.
+    async fn prepare(
+        &self,
+        policy: &CompiledPolicy,
+        config: Arc<str>,
+        label: Arc<str>,
+    ) -> Result<(Store<HostState>, bindings::Policy), PolicyFault> {
         let state = HostState {
             wasi: WasiCtxBuilder::new().build(),
             table: ResourceTable::new(),
@@ -306,12 +349,35 @@ impl PolicyRuntime {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
+        store
+            .fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL))
+            .map_err(|e| PolicyFault::Trap(format!("cannot set the policy's yield interval: {e}")))?;
+        // Instantiating may run the guest's start code: it gets a budget of its own.
+        self.arm(&mut store)?;
+        match policy.pre.instantiate_async(&mut store).await {
+            Ok(instance) => Ok((store, instance)),
+            Err(e) => Err(self.classify(&e, store.data().memory_hit)),
+        }
+    }
+
+    /// Gives `store` the decision's fuel and starts its deadline.
+    fn arm(&self, store: &mut Store<HostState>) -> Result<(), PolicyFault> {
         store.set_fuel(self.limits.fuel).map_err(|e| PolicyFault::Trap(format!("cannot give the policy fuel: {e}")))?;
         // The deadline holds to within one tick.
         let ticks = self.limits.deadline.as_micros().div_ceil(EPOCH_TICK.as_micros()).max(1) as u64;
         store.set_epoch_deadline(ticks);
-        let outcome = policy.pre.instantiate(&mut store).and_then(|p| p.call_decide(&mut store, request));
-        match outcome {
+        Ok(())
+    }
+
+    /// Calls `decide` on a prepared instance, with a full budget.
+    async fn run(
+        &self,
+        store: &mut Store<HostState>,
+        instance: &bindings::Policy,
+        request: &WitRequest,
+    ) -> Result<WitDecision, PolicyFault> {
+        self.arm(store)?;
+        match instance.call_decide(&mut *store, request).await {
             Ok(Ok(decision)) => check_decision(decision),
             Ok(Err(message)) => Err(PolicyFault::Failed(cut(&message))),
             Err(e) => Err(self.classify(&e, store.data().memory_hit)),
@@ -331,6 +397,113 @@ impl PolicyRuntime {
                 PolicyFault::Busy(self.limits.pool_instances)
             }
             None => PolicyFault::Trap(cut(&format!("{e:#}"))),
+        }
+    }
+}
+
+/// Instances a deployment keeps made ahead of its requests.
+const READY_PER_DEPLOYMENT: usize = 2;
+
+/// A compiled policy with its configuration, as requests run it.
+///
+/// Every decision still gets an instance of its own, used once and dropped. What that costs
+/// besides the call (instantiating, and resetting the pooled memory afterwards) is kept off the
+/// request's path: the deployment holds a few instances made ahead (never called, so nothing
+/// in them came from any request), and a background task drops the used one and makes the
+/// next. Instances made ahead count against a runtime-wide budget (a quarter of the pool), so
+/// calls always find free slots.
+pub struct Deployment {
+    runtime: Arc<PolicyRuntime>,
+    policy: CompiledPolicy,
+    config: Arc<str>,
+    label: Arc<str>,
+    ready: std::sync::Mutex<Vec<Prepared>>,
+}
+
+/// An instance made ahead of the request that will use it.
+struct Prepared {
+    store: Store<HostState>,
+    instance: bindings::Policy,
+    _held: Held,
+}
+
+/// One instance's share of the runtime's budget for instances made ahead.
+struct Held(Arc<AtomicU32>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Deployment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deployment").field("label", &self.label).finish_non_exhaustive()
+    }
+}
+
+impl Deployment {
+    pub fn new(runtime: Arc<PolicyRuntime>, policy: CompiledPolicy, config: Arc<str>, label: Arc<str>) -> Deployment {
+        Deployment { runtime, policy, config, label, ready: Default::default() }
+    }
+
+    /// `name@id`, for logs.
+    pub fn label(&self) -> &Arc<str> {
+        &self.label
+    }
+
+    pub fn config(&self) -> &Arc<str> {
+        &self.config
+    }
+
+    /// Instances made ahead and not yet used.
+    pub fn ready(&self) -> usize {
+        self.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    /// Decides one request, in an instance made ahead when one is ready.
+    pub async fn decide(self: &Arc<Self>, request: &WitRequest) -> Result<WitDecision, PolicyFault> {
+        let ready = self.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        let (mut store, instance) = match ready {
+            Some(p) => (p.store, p.instance),
+            None => self.runtime.prepare(&self.policy, self.config.clone(), self.label.clone()).await?,
+        };
+        let outcome = self.runtime.run(&mut store, &instance, request).await;
+        // A policy that faulted gets no instance made ahead: its next request pays for its own.
+        let again = matches!(outcome, Ok(_) | Err(PolicyFault::Failed(_)));
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let me = self.clone();
+                handle.spawn(async move {
+                    drop(store);
+                    if again {
+                        me.refill().await;
+                    }
+                });
+            }
+            Err(_) => drop(store),
+        }
+        outcome
+    }
+
+    /// Makes one instance ahead, if this deployment and the runtime have room for it.
+    async fn refill(&self) {
+        let ready = || self.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ready().len() >= READY_PER_DEPLOYMENT {
+            return;
+        }
+        let budget = self.runtime.limits.pool_instances / 4;
+        let count = &self.runtime.made_ahead;
+        if count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < budget).then_some(n + 1)).is_err() {
+            return;
+        }
+        let held = Held(count.clone());
+        if let Ok((store, instance)) = self.runtime.prepare(&self.policy, self.config.clone(), self.label.clone()).await
+        {
+            let mut ready = ready();
+            if ready.len() < READY_PER_DEPLOYMENT {
+                ready.push(Prepared { store, instance, _held: held });
+            }
         }
     }
 }

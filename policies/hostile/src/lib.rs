@@ -7,7 +7,9 @@
 //! backend its configuration names), `echo` (refuses every request, its message listing every
 //! adapter name the policy was shown, so a test can see what a policy learns), and `work` (a
 //! benign policy that does `iterations` rounds of arithmetic, then routes to `adapter`: honest
-//! work that must not fail because of someone else's load).
+//! work that must not fail because of someone else's load), and `remember` (keeps every caller's
+//! subject in a global and refuses each request listing the subjects of the requests before
+//! it, as a policy leaking one caller's data to the next would).
 //! With `"only_live": true` it behaves during the gateway's dry run (tenant `dry-run`) and
 //! misbehaves only on real requests, as a sneaky policy would.
 
@@ -71,6 +73,13 @@ impl Policy for Hostile {
                 }
                 std::hint::black_box(x);
                 Ok(route(cfg["adapter"].as_str()))
+            }
+            "remember" => {
+                static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+                let mut seen = SEEN.lock().map_err(|e| e.to_string())?;
+                let earlier = seen.join(", ");
+                seen.push(req.subject.clone().unwrap_or_default());
+                Ok(reject(403, "remember", format!("earlier: [{earlier}]")))
             }
             other => Err(format!("unknown mode {other:?}")),
         }
