@@ -1,6 +1,8 @@
 //! Gateway added latency: the same small generation sent straight to a backend's gRPC and
 //! through the gateway's HTTP API (JWT verification, policy, routing, gRPC forwarding, OpenAI
-//! response), interleaved in one run against one backend process, and the percentiles of both.
+//! response), interleaved in one run against one backend process, and the percentiles of both;
+//! with the machine's floor beside them (a round trip that does no work, over HTTP to the
+//! gateway and over gRPC to the backend), since the gateway's path has one hop more.
 //! With `--tls` both paths go over mutual TLS with the backend credential, as in a deployment.
 //!
 //! `cargo bench -p switchyard --bench gateway_latency [-- --requests N --max-tokens N --stream --tls]`
@@ -123,8 +125,27 @@ async fn main() {
 
     let mut direct = Vec::with_capacity(requests);
     let mut through = Vec::with_capacity(requests);
+    // The floors: a round trip that does no work, to each server. The gateway's path has one
+    // more hop than the direct one (client to gateway), so what it adds is that hop's round
+    // trip plus the gateway's own work.
+    let (mut http_floor, mut grpc_floor) = (Vec::with_capacity(requests), Vec::with_capacity(requests));
+    let healthz = format!("{}/healthz", gw.url);
     let warmup = 20;
     for i in 0..warmup + requests {
+        let t = Instant::now();
+        http.get(&healthz).send().await.expect("healthz").bytes().await.expect("body");
+        let h = t.elapsed();
+        let t = Instant::now();
+        let mut request = tonic::Request::new(pb::InfoRequest {});
+        if tls {
+            request.metadata_mut().insert("authorization", format!("Bearer {CREDENTIAL}").parse().unwrap());
+        }
+        client.info(request).await.expect("info");
+        let g = t.elapsed();
+        if i >= warmup {
+            http_floor.push(h);
+            grpc_floor.push(g);
+        }
         let t = Instant::now();
         let mut request = tonic::Request::new(direct_request.clone());
         if tls {
@@ -143,15 +164,21 @@ async fn main() {
             through.push(g);
         }
     }
-    direct.sort();
-    through.sort();
+    for xs in [&mut direct, &mut through, &mut http_floor, &mut grpc_floor] {
+        xs.sort();
+    }
     println!(
         "{requests} requests each way, interleaved; chat with adapter, max_tokens {max_tokens}, {}; one tiny-llama CPU backend{}",
         if stream { "streamed (SSE)" } else { "not streamed" },
         if tls { "; gRPC over mutual TLS with the credential" } else { "" }
     );
     println!("{:<34} {:>9} {:>9} {:>9}", "", "p50 ms", "p90 ms", "p99 ms");
-    for (name, xs) in [("backend gRPC, direct", &direct), ("gateway HTTP -> backend gRPC", &through)] {
+    for (name, xs) in [
+        ("backend gRPC, direct", &direct),
+        ("gateway HTTP -> backend gRPC", &through),
+        ("gRPC round trip, no work (Info)", &grpc_floor),
+        ("HTTP round trip, no work (/healthz)", &http_floor),
+    ] {
         println!(
             "{name:<34} {:>9.3} {:>9.3} {:>9.3}",
             ms(percentile(xs, 0.5)),
@@ -166,4 +193,6 @@ async fn main() {
         ms(percentile(&through, 0.9)) - ms(percentile(&direct, 0.9)),
         ms(percentile(&through, 0.99)) - ms(percentile(&direct, 0.99)),
     );
+    let p50 = |xs: &[Duration]| ms(percentile(xs, 0.5));
+    println!("{:<34} {:>9.3}", "added, less the HTTP round trip", p50(&through) - p50(&direct) - p50(&http_floor));
 }

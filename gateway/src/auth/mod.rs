@@ -10,6 +10,9 @@
 //!   RFC 8693) or `scp` (a list or a string).
 //! - A JWKS file is re-read when it changes ([`Verifier::reload_if_changed`]); a bad new file is
 //!   reported and the previous keys stay in use.
+//! - Tokens that verified are remembered by their text until they expire, for the key set that
+//!   verified them (as Envoy's `jwt_authn` cache does): a client sends the same token on every
+//!   request, and the signature check and claim parsing are most of what authentication costs.
 
 mod keys;
 
@@ -19,7 +22,7 @@ pub use keys::{KeyError, KeySet, read_hs256_secret};
 use jsonwebtoken::Validation;
 use jsonwebtoken::errors::ErrorKind;
 use serde_json::Value;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -200,6 +203,9 @@ fn from_jwt(e: jsonwebtoken::errors::Error) -> AuthError {
     }
 }
 
+/// Verified tokens the cache holds at most; past it, the expired go first, then all.
+pub const CACHED_TOKENS: usize = 4096;
+
 /// Verifies bearer tokens. Shared by every request; the key set is swapped whole on reload.
 #[derive(Debug)]
 pub struct Verifier {
@@ -207,6 +213,17 @@ pub struct Verifier {
     keys: RwLock<Arc<KeySet>>,
     /// Modification time of the JWKS file the current keys were read from.
     jwks_seen: Mutex<Option<SystemTime>>,
+    verified: Mutex<HashMap<String, Verified>>,
+}
+
+/// A token that verified: who it speaks for, until when, and with which keys.
+#[derive(Debug)]
+struct Verified {
+    principal: Arc<Principal>,
+    /// Unix seconds after which a fresh check would refuse it (`exp` plus the leeway).
+    until: u64,
+    /// The key set that verified it: after a reload, it is checked again.
+    keys: Arc<KeySet>,
 }
 
 impl Verifier {
@@ -214,7 +231,12 @@ impl Verifier {
     pub fn new(config: AuthConfig) -> Result<Verifier, KeyError> {
         let seen = config.jwks_file.as_ref().and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
         let keys = KeySet::load(&config)?;
-        Ok(Verifier { config, keys: RwLock::new(Arc::new(keys)), jwks_seen: Mutex::new(seen) })
+        Ok(Verifier {
+            config,
+            keys: RwLock::new(Arc::new(keys)),
+            jwks_seen: Mutex::new(seen),
+            verified: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn config(&self) -> &AuthConfig {
@@ -245,7 +267,7 @@ impl Verifier {
     }
 
     /// Verifies an `Authorization` header value (`Bearer <token>`).
-    pub fn verify_header(&self, header: Option<&str>) -> Result<Principal, AuthError> {
+    pub fn verify_header(&self, header: Option<&str>) -> Result<Arc<Principal>, AuthError> {
         let value = header.ok_or(AuthError::MissingToken)?;
         let token = value
             .strip_prefix("Bearer ")
@@ -257,13 +279,40 @@ impl Verifier {
     }
 
     /// Verifies a token and reads the caller's identity from it.
-    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+    pub fn verify(&self, token: &str) -> Result<Arc<Principal>, AuthError> {
+        let keys = self.current();
+        let now = crate::unix_seconds();
+        {
+            let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            match verified.get(token) {
+                Some(v) if now <= v.until && Arc::ptr_eq(&v.keys, &keys) => return Ok(v.principal.clone()),
+                Some(_) => {
+                    verified.remove(token);
+                }
+                None => {}
+            }
+        }
+        let (principal, exp) = self.check(token, &keys)?;
+        let principal = Arc::new(principal);
+        let until = exp.saturating_add(self.config.leeway.as_secs());
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if verified.len() >= CACHED_TOKENS {
+            verified.retain(|_, v| now <= v.until && Arc::ptr_eq(&v.keys, &keys));
+            if verified.len() >= CACHED_TOKENS {
+                verified.clear();
+            }
+        }
+        verified.insert(token.to_string(), Verified { principal: principal.clone(), until, keys });
+        Ok(principal)
+    }
+
+    /// Checks a token's signature and claims with `keys`: who it speaks for, and its `exp`.
+    fn check(&self, token: &str, keys: &KeySet) -> Result<(Principal, u64), AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             // `alg` values the library does not know, `none` included, fail to parse.
             ErrorKind::Json(_) => AuthError::AlgorithmNotAccepted("(unknown or none)".into()),
             _ => AuthError::Malformed("not a JWS compact token".into()),
         })?;
-        let keys = self.current();
         let candidates = keys.candidates(header.alg, header.kid.as_deref())?;
         let c = &self.config;
         let mut validation = Validation::new(header.alg);
@@ -286,7 +335,11 @@ impl Verifier {
         let mut last = AuthError::BadSignature;
         for key in candidates {
             match jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, key, &validation) {
-                Ok(data) => return self.principal(&data.claims),
+                Ok(data) => {
+                    // Required, and checked to be a number, by the validation.
+                    let exp = data.claims.get("exp").and_then(Value::as_f64).unwrap_or(0.0) as u64;
+                    return Ok((self.principal(&data.claims)?, exp));
+                }
                 // Another key with the same algorithm (and no kid) may have signed it.
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => last = AuthError::BadSignature,
                 Err(e) => return Err(from_jwt(e)),

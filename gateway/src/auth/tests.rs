@@ -185,6 +185,29 @@ fn forged_expired_and_misdirected_tokens_are_refused() {
 }
 
 #[test]
+fn a_verified_token_is_remembered_only_until_it_expires() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hs = hs256();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, &hs.public).expect("write");
+    let config = AuthConfig { leeway: Duration::ZERO, hs256_secret_file: Some(secret), ..AuthConfig::default() };
+    let v = Verifier::new(config).expect("loads");
+    let mut short = claims();
+    short["exp"] = json!(now() + 1);
+    let token = mint(&hs, &short, None);
+    let first = v.verify(&token).expect("valid now");
+    assert_eq!(v.verify(&token).expect("valid still"), first, "the same caller, from the cache");
+    // Another tenant's token is its own entry.
+    let mut other = claims();
+    other["tenant"] = json!("globex");
+    assert_eq!(v.verify(&mint(&hs, &other, None)).expect("valid").tenant, "globex");
+    while now() <= short["exp"].as_u64().expect("exp") {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(v.verify(&token), Err(AuthError::Expired), "served from the cache past its exp");
+}
+
+#[test]
 fn a_jwks_file_is_reloaded_when_it_changes_and_a_bad_one_keeps_the_old_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("jwks.json");
@@ -212,6 +235,7 @@ fn a_jwks_file_is_reloaded_when_it_changes_and_a_bad_one_keeps_the_old_keys() {
     assert!(v.reload_if_changed().expect("reloads"));
     v.verify(&token_b).expect("b is trusted now");
     v.verify(&mint(&c, &claims(), Some("c"))).expect("an Ed25519 JWK works too");
+    // Token a verified before, with the keys replaced since: checked again, and refused.
     assert_eq!(v.verify(&token_a), Err(AuthError::UnknownKey("a".into())));
 
     touch("{not json".into(), 20);

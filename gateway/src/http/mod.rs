@@ -117,17 +117,20 @@ async fn check_headers(request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
+/// A fresh request id: 24 hex digits. The first 16 are a bijective mix of a per-process
+/// counter (so unique within the process), the last 8 come from a key drawn once at start (so
+/// processes differ). Ids name requests in logs; they are not secrets.
 fn fresh_id() -> String {
-    use rand::TryRngCore;
     use std::sync::atomic::{AtomicU64, Ordering};
+    static KEY: std::sync::LazyLock<u64> = std::sync::LazyLock::new(crate::random_u64);
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut bytes = [0u8; 12];
-    if rand::rngs::OsRng.try_fill_bytes(&mut bytes).is_err() {
-        // No OS randomness: still unique within this process, which is what logs need.
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        bytes[..8].copy_from_slice(&n.to_be_bytes());
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // splitmix64's finalizer: a bijection on u64.
+    let mut z = n.wrapping_add(*KEY).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    format!("{z:016x}{:08x}", *KEY >> 32)
 }
 
 /// Gives every request an id (in a tracing span, the response header and the handlers'
@@ -166,7 +169,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 /// The caller, from the `Authorization: Bearer` header.
-pub(crate) fn principal(gw: &Gateway, headers: &HeaderMap) -> Result<Principal, ApiError> {
+pub(crate) fn principal(gw: &Gateway, headers: &HeaderMap) -> Result<Arc<Principal>, ApiError> {
     let header =
         match headers.get(header::AUTHORIZATION) {
             None => None,

@@ -108,7 +108,7 @@ async fn deploy_call<T: serde::de::DeserializeOwned + Default>(
     gw: &Gateway,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Principal, Arc<PolicyStore>, T), ApiError> {
+) -> Result<(Arc<Principal>, Arc<PolicyStore>, T), ApiError> {
     let who = principal(gw, headers)?;
     deployer(gw, &who)?;
     let store = store(gw)?.clone();
