@@ -10,9 +10,9 @@
 //!
 //! Base-model requests are ranked by queue depth alone.
 
+use crate::upstream::{AdapterState, AdapterStatus, BackendInfo};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use switchyard_proto::v1 as pb;
 
 /// How ready a backend is to serve an adapter. Higher is better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -36,23 +36,23 @@ pub struct BackendView {
     /// Why the last probe failed, if it did.
     pub last_error: Option<String>,
     /// From the last successful probe.
-    pub info: Option<pb::InfoResponse>,
+    pub info: Option<BackendInfo>,
     /// Adapters the backend listed, by name; for a name listed twice (a hot swap in flight) the
     /// most useful state.
-    pub adapters: HashMap<String, pb::AdapterInfo>,
+    pub adapters: HashMap<String, AdapterStatus>,
     /// Requests this gateway has in flight there now (fresher than the probe's queue figures).
     pub in_flight: u32,
 }
 
 impl BackendView {
     /// Records a probe's answer.
-    pub fn observe(&mut self, serving: bool, info: pb::InfoResponse, adapters: Vec<pb::AdapterInfo>) {
+    pub fn observe(&mut self, serving: bool, info: BackendInfo, adapters: Vec<AdapterStatus>) {
         self.healthy = serving;
         self.last_error = (!serving).then(|| "backend reports NOT_SERVING".to_string());
         self.info = Some(info);
         self.adapters.clear();
         for a in adapters {
-            let better = self.adapters.get(&a.name).is_none_or(|old| state_rank(a.state()) > state_rank(old.state()));
+            let better = self.adapters.get(&a.name).is_none_or(|old| state_rank(a.state) > state_rank(old.state));
             if better {
                 self.adapters.insert(a.name.clone(), a);
             }
@@ -76,9 +76,9 @@ impl BackendView {
     /// How ready this backend is for `adapter` (`None`: the base model).
     pub fn fit(&self, adapter: Option<&str>) -> Fit {
         let Some(name) = adapter else { return Fit::Resident };
-        match self.adapters.get(name).map(pb::AdapterInfo::state) {
-            Some(pb::AdapterState::Resident | pb::AdapterState::Draining) => return Fit::Resident,
-            Some(pb::AdapterState::Fetching | pb::AdapterState::Validated) => return Fit::Loading,
+        match self.adapters.get(name).map(|a| a.state) {
+            Some(AdapterState::Resident | AdapterState::Draining) => return Fit::Resident,
+            Some(AdapterState::Fetching | AdapterState::Validated) => return Fit::Loading,
             _ => {}
         }
         match &self.info {
@@ -88,14 +88,14 @@ impl BackendView {
     }
 }
 
-fn state_rank(s: pb::AdapterState) -> u8 {
+fn state_rank(s: AdapterState) -> u8 {
     match s {
-        pb::AdapterState::Resident => 5,
-        pb::AdapterState::Draining => 4,
-        pb::AdapterState::Validated => 3,
-        pb::AdapterState::Fetching => 2,
-        pb::AdapterState::Evicted => 1,
-        pb::AdapterState::Failed | pb::AdapterState::Unspecified => 0,
+        AdapterState::Resident => 5,
+        AdapterState::Draining => 4,
+        AdapterState::Validated => 3,
+        AdapterState::Fetching => 2,
+        AdapterState::Evicted => 1,
+        AdapterState::Failed | AdapterState::Unknown => 0,
     }
 }
 
@@ -145,25 +145,18 @@ pub fn rank(backends: &[BackendView], adapter: Option<&str>, pinned: Option<&str
 mod tests {
     use super::*;
 
-    fn backend(address: &str, slots: (u32, u32), queue: u32, adapters: &[(&str, pb::AdapterState)]) -> BackendView {
+    fn backend(address: &str, slots: (u32, u32), queue: u32, adapters: &[(&str, AdapterState)]) -> BackendView {
         let mut b = BackendView { address: address.into(), ..Default::default() };
-        let info = pb::InfoResponse {
-            loaded_loras: slots.0,
-            max_loras: slots.1,
-            queued_requests: queue,
-            ..Default::default()
-        };
-        let list = adapters
-            .iter()
-            .map(|(n, s)| pb::AdapterInfo { name: n.to_string(), state: *s as i32, ..Default::default() })
-            .collect();
+        let info =
+            BackendInfo { loaded_loras: slots.0, max_loras: slots.1, queued_requests: queue, ..Default::default() };
+        let list = adapters.iter().map(|(n, s)| AdapterStatus::new(n, "", *s)).collect();
         b.observe(true, info, list);
         b
     }
 
     #[test]
     fn resident_beats_free_slot_beats_loading_beats_must_evict() {
-        use pb::AdapterState::*;
+        use AdapterState::*;
         let bs = vec![
             backend("full", (4, 4), 0, &[]),
             backend("loading", (4, 4), 0, &[("a", Fetching)]),
@@ -178,7 +171,7 @@ mod tests {
 
     #[test]
     fn resident_backends_are_chosen_by_queue_depth() {
-        use pb::AdapterState::*;
+        use AdapterState::*;
         let bs = vec![backend("x", (1, 4), 7, &[("a", Resident)]), backend("y", (1, 4), 2, &[("a", Resident)])];
         assert_eq!(rank(&bs, Some("a"), None), vec![1, 0]);
         assert_eq!(rank(&bs, None, None), vec![1, 0], "base-model requests go to the shorter queue");
@@ -247,7 +240,7 @@ mod tests {
         assert_eq!(rank(&bs, Some("a"), None), vec![1]);
         assert_eq!(rank(&bs, None, Some("y")), vec![1]);
         assert!(rank(&bs, None, Some("x")).is_empty(), "a pinned backend that is down is not replaced");
-        bs[1].observe(false, pb::InfoResponse::default(), vec![]);
+        bs[1].observe(false, BackendInfo::default(), vec![]);
         assert!(rank(&bs, None, None).is_empty());
     }
 }

@@ -9,10 +9,9 @@ use crate::admin::load_request;
 use crate::cluster;
 use crate::openai::ApiError;
 use crate::policy::Route;
-use crate::upstream::{TokenStream, UpstreamCode, UpstreamError};
+use crate::upstream::{GenerateCall, Piece, TokenStream, UpstreamCode, UpstreamError};
 use futures::StreamExt;
 use std::sync::Arc;
-use switchyard_proto::v1 as pb;
 
 /// Most backends one request is tried on.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -42,7 +41,7 @@ impl Drop for InFlight {
 pub struct Started {
     pub backend: String,
     /// The backend's first message, already received.
-    pub first: Option<pb::GenerateResponse>,
+    pub first: Option<Piece>,
     pub rest: TokenStreamHolder,
     pub in_flight: InFlight,
 }
@@ -76,7 +75,7 @@ pub fn generation_error(backend: &str, e: &UpstreamError) -> ApiError {
     }
 }
 
-async fn attempt(gw: &Arc<Gateway>, address: &str, request: &pb::GenerateRequest) -> Result<Started, UpstreamError> {
+async fn attempt(gw: &Arc<Gateway>, address: &str, request: &GenerateCall) -> Result<Started, UpstreamError> {
     let backend = gw
         .members
         .upstream(address)
@@ -88,8 +87,8 @@ async fn attempt(gw: &Arc<Gateway>, address: &str, request: &pb::GenerateRequest
 }
 
 /// Starts `request` on the best backend for `route`.
-pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: pb::GenerateRequest) -> Result<Started, ApiError> {
-    request.adapter = route.adapter.clone().unwrap_or_default();
+pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: GenerateCall) -> Result<Started, ApiError> {
+    request.adapter.clone_from(&route.adapter);
     let views = gw.views();
     let candidates: Vec<&str> = cluster::rank(&views, route.adapter.as_deref(), route.backend.as_deref())
         .into_iter()

@@ -13,11 +13,10 @@
 use crate::Gateway;
 use crate::admin::{load_request, ops};
 use crate::loras::DesiredLora;
-use crate::upstream::UpstreamCode;
+use crate::upstream::{AdapterState, AdapterStatus, UpstreamCode};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use switchyard_proto::v1 as pb;
 
 /// How long a failed load of one adapter on one backend waits before it is tried again.
 pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(30);
@@ -139,11 +138,11 @@ pub async fn round(gw: &Arc<Gateway>, id: &str, failures: &mut Failures) {
 }
 
 /// Whether the backend's listing already satisfies `lora`: the same source (and pin), not failed.
-fn satisfied(listed: Option<&pb::AdapterInfo>, lora: &DesiredLora) -> bool {
+fn satisfied(listed: Option<&AdapterStatus>, lora: &DesiredLora) -> bool {
     listed.is_some_and(|a| {
         crate::loras::canonical_uri(&a.uri) == crate::loras::canonical_uri(&lora.uri)
-            && a.state() != pb::AdapterState::Failed
-            && lora.sha256.as_ref().is_none_or(|pin| a.sha256.is_empty() || *pin == a.sha256)
+            && a.state != AdapterState::Failed
+            && lora.sha256.as_ref().is_none_or(|pin| a.sha256.as_ref().is_none_or(|d| d == pin))
     })
 }
 
@@ -233,14 +232,9 @@ mod tests {
     #[test]
     fn a_source_written_with_a_trailing_slash_is_satisfied_by_the_backends_report() {
         let lora = DesiredLora::new("a", "s3://bucket/a/", "acme");
-        let listed = pb::AdapterInfo {
-            name: "a".into(),
-            uri: "s3://bucket/a".into(),
-            state: pb::AdapterState::Resident as i32,
-            ..Default::default()
-        };
+        let listed = AdapterStatus::new("a", "s3://bucket/a", AdapterState::Resident);
         assert!(satisfied(Some(&listed), &lora), "it would be reloaded at every probe");
-        let other = pb::AdapterInfo { uri: "s3://bucket/b".into(), ..listed };
+        let other = AdapterStatus { uri: "s3://bucket/b".into(), ..listed };
         assert!(!satisfied(Some(&other), &lora));
     }
 }

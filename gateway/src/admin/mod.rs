@@ -20,12 +20,11 @@ use crate::auth::{Principal, Scope};
 use crate::loras::{self, DesiredLora};
 use crate::openai::ApiError;
 use crate::store::{Expect, StoreError, Write};
-use crate::upstream::Upstream;
+use crate::upstream::{LoadCall, Upstream};
 use ops::{Action, AdminCode, AdminError, Operation, Outcome};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_proto::v1 as pb;
 
 /// How long the gateway that took an adapter request waits for its outcome before answering
 /// that it is still running (the operation goes on).
@@ -88,14 +87,9 @@ pub struct LoadOutcome {
 /// The backend call that loads `lora`, bounded to the `load_prefixes` of the tenant whose grant
 /// admitted its source: the backend checks them again on the resolved location. A tenant no
 /// longer configured bounds it to nothing, so the backend refuses it.
-pub(crate) fn load_request(gw: &Gateway, lora: &DesiredLora, fence: u64) -> pb::LoadAdapterRequest {
-    let prefixes = gw.tenants.get(lora.loader()).map(|t| t.load_prefixes.clone()).unwrap_or_default();
-    pb::LoadAdapterRequest {
-        name: lora.name.clone(),
-        source: Some(pb::AdapterSource { uri: lora.uri.clone(), sha256: lora.sha256.clone().unwrap_or_default() }),
-        scope: Some(pb::SourceScope { prefixes }),
-        fence,
-    }
+pub(crate) fn load_request(gw: &Gateway, lora: &DesiredLora, fence: u64) -> LoadCall {
+    let allowed_prefixes = gw.tenants.get(lora.loader()).map(|t| t.load_prefixes.clone()).unwrap_or_default();
+    LoadCall { name: lora.name.clone(), uri: lora.uri.clone(), sha256: lora.sha256.clone(), allowed_prefixes, fence }
 }
 
 /// A backend an operation is applied to: its address and its client.
@@ -425,10 +419,8 @@ pub fn list(gw: &Gateway, who: &Principal) -> Result<Vec<ListedLora>, ApiError> 
                 .iter()
                 .map(|v| {
                     let info = v.adapters.get(&l.name);
-                    let state = info.map_or("absent".to_string(), |a| {
-                        a.state().as_str_name().trim_start_matches("ADAPTER_STATE_").to_ascii_lowercase()
-                    });
-                    let error = info.map(|a| a.error.clone()).unwrap_or_default();
+                    let state = info.map_or("absent", |a| a.state.as_str()).to_string();
+                    let error = info.and_then(|a| a.error.clone()).unwrap_or_default();
                     BackendState { backend: v.address.clone(), healthy: v.healthy, state, error }
                 })
                 .collect();

@@ -4,11 +4,14 @@ use super::{RequestId, principal, read_body};
 use crate::Gateway;
 use crate::dispatch::{self, Started};
 use crate::metrics::OTHER;
+use crate::openai::response::{Api, Chunk, Head, Usage};
 use crate::openai::{self, ApiError, Generation};
 use crate::policy::{Decision, Endpoint, PolicyInput};
+use crate::upstream::{self, ChatMessage, Finish, GenerateCall, Piece, Prompt};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Extension, State};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -16,21 +19,13 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use switchyard_proto::v1 as pb;
+use std::time::Instant;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Api {
-    Chat,
-    Completion,
-}
-
-impl Api {
-    fn endpoint(self) -> &'static str {
-        match self {
-            Api::Chat => "chat_completions",
-            Api::Completion => "completions",
-        }
+/// The endpoint's name in metrics.
+fn endpoint(api: Api) -> &'static str {
+    match api {
+        Api::Chat => "chat_completions",
+        Api::Completion => "completions",
     }
 }
 
@@ -66,11 +61,11 @@ struct Record {
 }
 
 impl Record {
-    fn finish(&mut self, status: u16, usage: Option<&pb::Usage>) {
+    fn finish(&mut self, status: u16, usage: Option<&upstream::Usage>) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
-        self.gw.metrics.request(self.api.endpoint(), status, &self.tenant, &self.model, self.started.elapsed());
+        self.gw.metrics.request(endpoint(self.api), status, &self.tenant, &self.model, self.started.elapsed());
         if let Some(u) = usage {
             self.gw.metrics.tokens(&self.tenant, &self.model, u.prompt_tokens, u.completion_tokens);
         }
@@ -78,7 +73,7 @@ impl Record {
 
     fn saw_text(&mut self) {
         if !std::mem::replace(&mut self.first_token, true) {
-            self.gw.metrics.first_token(self.api.endpoint(), &self.model, self.started.elapsed());
+            self.gw.metrics.first_token(endpoint(self.api), &self.model, self.started.elapsed());
         }
     }
 }
@@ -92,11 +87,7 @@ impl Drop for Record {
 /// What the answer needs to know about the request.
 #[derive(Debug)]
 struct Job {
-    api: Api,
-    id: String,
-    /// `model` as the client sent it; echoed back.
-    model: String,
-    created: u64,
+    head: Head,
     stream: bool,
     include_usage: bool,
 }
@@ -125,7 +116,7 @@ async fn serve(gw: Arc<Gateway>, id: RequestId, headers: HeaderMap, body: Body, 
                 match collect(&job, started, &mut record).await {
                     Ok(body) => {
                         record.finish(200, None);
-                        Json(body).into_response()
+                        ([(CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
                     }
                     Err(e) => {
                         record.finish(e.status, None);
@@ -157,22 +148,18 @@ async fn begin(
     let caller = gw.caller(&who)?;
     record.tenant = caller.name.to_string();
     let bytes = read_body(gw, headers, body).await?;
-    let (input, generation, prompt_chars) = match api {
+    let (prompt, generation, prompt_chars) = match api {
         Api::Chat => {
             let chat = openai::parse_chat(&bytes)?;
             let chars = chat.messages.iter().map(|m| m.content.len()).sum();
             let messages =
-                chat.messages.into_iter().map(|m| pb::ChatMessage { role: m.role, content: m.content }).collect();
-            (
-                pb::generate_request::Input::Chat(pb::ChatPrompt { messages, add_generation_prompt: true }),
-                chat.generation,
-                chars,
-            )
+                chat.messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
+            (Prompt::Chat(messages), chat.generation, chars)
         }
         Api::Completion => {
             let c = openai::parse_completion(&bytes)?;
             let chars = c.prompt.len();
-            (pb::generate_request::Input::Prompt(c.prompt), c.generation, chars)
+            (Prompt::Text(c.prompt), c.generation, chars)
         }
     };
     let Some(base) = gw.base_model() else {
@@ -220,17 +207,16 @@ async fn begin(
     };
     let route = caller.route(&generation.model, route, &loras)?;
     record.model = route.adapter.clone().unwrap_or(base);
-    let request = generate_request(&id.0, input, &generation);
+    let request = generate_call(&id.0, prompt, &generation);
     let started = dispatch::start(gw, &route, request).await?;
     tracing::debug!(backend = %started.backend, adapter = ?route.adapter, "generation started");
-    let job = Job {
+    let head = Head {
         api,
-        id: id.0.clone(),
+        id: format!("{}{}", api.id_prefix(), id.0),
+        created: crate::unix_seconds(),
         model: generation.model,
-        created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        stream: generation.stream,
-        include_usage: generation.include_usage,
     };
+    let job = Job { head, stream: generation.stream, include_usage: generation.include_usage };
     Ok((job, started))
 }
 
@@ -246,33 +232,31 @@ fn policy_headers(gw: &Gateway, headers: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-fn generate_request(id: &str, input: pb::generate_request::Input, g: &Generation) -> pb::GenerateRequest {
-    pb::GenerateRequest {
+fn generate_call(id: &str, prompt: Prompt, g: &Generation) -> GenerateCall {
+    GenerateCall {
         request_id: id.to_string(),
-        adapter: String::new(),
-        input: Some(input),
-        sampling: Some(pb::SamplingParams { temperature: g.temperature, top_p: g.top_p, top_k: 0, seed: g.seed }),
+        adapter: None,
+        prompt,
+        temperature: g.temperature,
+        top_p: g.top_p,
+        seed: g.seed,
         max_tokens: g.max_tokens.unwrap_or(0),
         stop: g.stop.clone(),
         ignore_eos: g.ignore_eos,
     }
 }
 
-fn finish_reason(m: &pb::GenerateResponse) -> Option<&'static str> {
-    match m.finish_reason() {
-        pb::FinishReason::Unspecified => None,
-        pb::FinishReason::Length => Some("length"),
-        pb::FinishReason::Eos | pb::FinishReason::Stop => Some("stop"),
-    }
+/// OpenAI's `finish_reason`, on the piece that ends the generation.
+fn finish_reason(m: &Piece) -> Option<&'static str> {
+    m.finish.map(|f| match f {
+        Finish::Length => "length",
+        Finish::Eos | Finish::Stop => "stop",
+    })
 }
 
-fn usage_json(u: Option<&pb::Usage>) -> Value {
+fn openai_usage(u: Option<&upstream::Usage>) -> Usage {
     let u = u.copied().unwrap_or_default();
-    json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-    })
+    Usage::new(u.prompt_tokens, u.completion_tokens)
 }
 
 fn ended_early(backend: &str) -> ApiError {
@@ -281,7 +265,7 @@ fn ended_early(backend: &str) -> ApiError {
 }
 
 /// Non-streaming: the whole generation in one body.
-async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<Value, ApiError> {
+async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<String, ApiError> {
     let Started { backend, first, rest, in_flight } = started;
     let mut rest = rest.0;
     let mut pending = first;
@@ -308,30 +292,7 @@ async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<Val
     if let Some(u) = usage {
         record.gw.metrics.tokens(&record.tenant, &record.model, u.prompt_tokens, u.completion_tokens);
     }
-    let reason = finish_reason(&last);
-    Ok(match job.api {
-        Api::Chat => json!({
-            "id": format!("chatcmpl-{}", job.id),
-            "object": "chat.completion",
-            "created": job.created,
-            "model": job.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": null},
-                "logprobs": null,
-                "finish_reason": reason,
-            }],
-            "usage": usage_json(usage),
-        }),
-        Api::Completion => json!({
-            "id": format!("cmpl-{}", job.id),
-            "object": "text_completion",
-            "created": job.created,
-            "model": job.model,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": reason}],
-            "usage": usage_json(usage),
-        }),
-    })
+    Ok(job.head.complete(&text, finish_reason(&last), openai_usage(usage)))
 }
 
 /// Where a stream is.
@@ -350,12 +311,12 @@ enum Phase {
 struct StreamState {
     job: Job,
     backend: String,
-    pending: Option<pb::GenerateResponse>,
+    pending: Option<Piece>,
     rest: crate::upstream::TokenStream,
     phase: Phase,
     record: Record,
     /// From the final message.
-    usage: Option<pb::Usage>,
+    usage: Option<upstream::Usage>,
     _in_flight: dispatch::InFlight,
 }
 
@@ -364,53 +325,8 @@ impl StreamState {
         if self.job.include_usage { Phase::Usage } else { Phase::Done }
     }
 
-    fn chunk(&self, text: Option<&str>, finish: Option<&'static str>, role: bool) -> Event {
-        let body = match self.job.api {
-            Api::Chat => {
-                let mut delta = serde_json::Map::new();
-                if role {
-                    delta.insert("role".into(), "assistant".into());
-                    delta.insert("content".into(), "".into());
-                }
-                if let Some(t) = text {
-                    delta.insert("content".into(), t.into());
-                }
-                json!({
-                    "id": format!("chatcmpl-{}", self.job.id),
-                    "object": "chat.completion.chunk",
-                    "created": self.job.created,
-                    "model": self.job.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-                    "usage": null,
-                })
-            }
-            Api::Completion => json!({
-                "id": format!("cmpl-{}", self.job.id),
-                "object": "text_completion",
-                "created": self.job.created,
-                "model": self.job.model,
-                "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
-                "usage": null,
-            }),
-        };
-        Event::default().data(body.to_string())
-    }
-
-    fn usage_chunk(&self, usage: Option<&pb::Usage>) -> Event {
-        let object = match self.job.api {
-            Api::Chat => "chat.completion.chunk",
-            Api::Completion => "text_completion",
-        };
-        let prefix = if self.job.api == Api::Chat { "chatcmpl" } else { "cmpl" };
-        let body = json!({
-            "id": format!("{prefix}-{}", self.job.id),
-            "object": object,
-            "created": self.job.created,
-            "model": self.job.model,
-            "choices": [],
-            "usage": usage_json(usage),
-        });
-        Event::default().data(body.to_string())
+    fn chunk(&self, chunk: Chunk<'_>) -> Event {
+        Event::default().data(self.job.head.chunk(chunk))
     }
 
     /// The next event, or `None` when the stream is over.
@@ -419,7 +335,7 @@ impl StreamState {
             match std::mem::replace(&mut self.phase, Phase::End) {
                 Phase::Role => {
                     self.phase = Phase::Body;
-                    return Some(self.chunk(None, None, true));
+                    return Some(self.chunk(Chunk::Role));
                 }
                 Phase::Body => {
                     let message = match self.pending.take() {
@@ -456,26 +372,26 @@ impl StreamState {
                         }
                         (Some(t), None) => {
                             self.phase = Phase::Body;
-                            return Some(self.chunk(Some(t), None, false));
+                            return Some(self.chunk(Chunk::Text(t)));
                         }
                         // OpenAI sends the finish reason in a chunk of its own.
                         (Some(t), Some(reason)) => {
                             self.phase = Phase::Finish(reason);
-                            return Some(self.chunk(Some(t), None, false));
+                            return Some(self.chunk(Chunk::Text(t)));
                         }
                         (None, Some(reason)) => {
                             self.phase = self.after_finish();
-                            return Some(self.chunk(None, Some(reason), false));
+                            return Some(self.chunk(Chunk::Finish(reason)));
                         }
                     }
                 }
                 Phase::Finish(reason) => {
                     self.phase = self.after_finish();
-                    return Some(self.chunk(None, Some(reason), false));
+                    return Some(self.chunk(Chunk::Finish(reason)));
                 }
                 Phase::Usage => {
                     self.phase = Phase::Done;
-                    return Some(self.usage_chunk(self.usage.as_ref()));
+                    return Some(self.chunk(Chunk::Usage(openai_usage(self.usage.as_ref()))));
                 }
                 Phase::Done => {
                     self.phase = Phase::End;
@@ -491,7 +407,7 @@ impl StreamState {
 /// stream, which drops the backend call and cancels the generation there.
 fn stream(job: Job, started: Started, record: Record) -> Response {
     let Started { backend, first, rest, in_flight } = started;
-    let phase = if job.api == Api::Chat { Phase::Role } else { Phase::Body };
+    let phase = if job.head.api == Api::Chat { Phase::Role } else { Phase::Body };
     let state =
         StreamState { job, backend, pending: first, rest: rest.0, phase, record, usage: None, _in_flight: in_flight };
     let events = futures::stream::unfold(state, |mut s| async move {

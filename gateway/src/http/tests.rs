@@ -11,7 +11,10 @@ use crate::policy::deploy::PolicyStore;
 use crate::policy::wasm::{PolicyRuntime, WasmLimits};
 use crate::reconcile::{self, Failures};
 use crate::tenants::GatewayFile;
-use crate::upstream::{Probe, TokenStream, Upstream, UpstreamCode, UpstreamError};
+use crate::upstream::{
+    AdapterState, AdapterStatus, BackendInfo, Finish, GenerateCall, LoadCall, Loaded, Piece, Probe, TokenStream,
+    Upstream, UpstreamCode, UpstreamError, Usage,
+};
 use crate::{Gateway, GatewayOptions};
 use async_trait::async_trait;
 use axum::body::Body;
@@ -21,7 +24,6 @@ use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use switchyard_proto::v1 as pb;
 use tower::ServiceExt;
 
 const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-test";
@@ -36,7 +38,7 @@ struct FakeBackend {
     down: Mutex<bool>,
     /// Messages before the stream breaks off (None: it finishes).
     die_after: Mutex<Option<usize>>,
-    generations: Mutex<Vec<pb::GenerateRequest>>,
+    generations: Mutex<Vec<GenerateCall>>,
     /// Generate streams forever; `cancelled` is set when the gateway drops the stream.
     endless: Mutex<bool>,
     cancelled: Arc<std::sync::atomic::AtomicBool>,
@@ -66,16 +68,8 @@ impl Upstream for FakeBackend {
             return Err(err(UpstreamCode::Unavailable, "connection refused"));
         }
         let adapters = self.adapters.lock().unwrap();
-        let list = adapters
-            .iter()
-            .map(|(n, u)| pb::AdapterInfo {
-                name: n.clone(),
-                uri: u.clone(),
-                state: pb::AdapterState::Resident as i32,
-                ..Default::default()
-            })
-            .collect();
-        let info = pb::InfoResponse {
+        let list = adapters.iter().map(|(n, u)| AdapterStatus::new(n, u, AdapterState::Resident)).collect();
+        let info = BackendInfo {
             model: "tiny".into(),
             max_loras: 4,
             loaded_loras: adapters.len() as u32,
@@ -84,11 +78,13 @@ impl Upstream for FakeBackend {
         Ok(Probe { serving: true, info, adapters: list })
     }
 
-    async fn generate(&self, request: pb::GenerateRequest) -> Result<TokenStream, UpstreamError> {
+    async fn generate(&self, request: GenerateCall) -> Result<TokenStream, UpstreamError> {
         if *self.down.lock().unwrap() {
             return Err(err(UpstreamCode::Unavailable, "connection refused"));
         }
-        if !request.adapter.is_empty() && !self.adapters.lock().unwrap().contains_key(&request.adapter) {
+        if let Some(a) = &request.adapter
+            && !self.adapters.lock().unwrap().contains_key(a)
+        {
             return Err(err(UpstreamCode::NotFound, "adapter not resident"));
         }
         self.generations.lock().unwrap().push(request);
@@ -96,18 +92,16 @@ impl Upstream for FakeBackend {
             let guard = OnDrop(self.cancelled.clone());
             return Ok(futures::stream::unfold(guard, |guard| async move {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                Some((Ok(pb::GenerateResponse { text: "x".into(), ..Default::default() }), guard))
+                Some((Ok(Piece { text: "x".into(), ..Default::default() }), guard))
             })
             .boxed());
         }
         let die_after = *self.die_after.lock().unwrap();
-        let mut items: Vec<Result<pb::GenerateResponse, UpstreamError>> = ["Hello", " there", ""]
-            .iter()
-            .map(|t| Ok(pb::GenerateResponse { text: t.to_string(), ..Default::default() }))
-            .collect();
+        let mut items: Vec<Result<Piece, UpstreamError>> =
+            ["Hello", " there", ""].iter().map(|t| Ok(Piece { text: t.to_string(), ..Default::default() })).collect();
         if let Some(Ok(last)) = items.last_mut() {
-            last.finish_reason = pb::FinishReason::Length as i32;
-            last.usage = Some(pb::Usage { prompt_tokens: 5, completion_tokens: 2 });
+            last.finish = Some(Finish::Length);
+            last.usage = Some(Usage { prompt_tokens: 5, completion_tokens: 2 });
         }
         if let Some(n) = die_after {
             items.truncate(n);
@@ -116,8 +110,8 @@ impl Upstream for FakeBackend {
         Ok(futures::stream::iter(items).boxed())
     }
 
-    async fn load_adapter(&self, r: pb::LoadAdapterRequest) -> Result<pb::LoadAdapterResponse, UpstreamError> {
-        let uri = r.source.map(|s| s.uri).unwrap_or_default();
+    async fn load_adapter(&self, r: LoadCall) -> Result<Loaded, UpstreamError> {
+        let uri = r.uri;
         if uri.contains("bad") {
             return Err(err(UpstreamCode::InvalidArgument, "rank 512 exceeds the maximum 64"));
         }
@@ -125,7 +119,7 @@ impl Upstream for FakeBackend {
             return Err(err(UpstreamCode::NotFound, "no such bucket"));
         }
         let old = self.adapters.lock().unwrap().insert(r.name.clone(), uri.clone());
-        Ok(pb::LoadAdapterResponse {
+        Ok(Loaded {
             already_loaded: old.as_deref() == Some(uri.as_str()),
             hot_swap: old.is_some_and(|o| o != uri),
             ..Default::default()
@@ -621,7 +615,7 @@ async fn streams_have_openai_chunks_usage_and_done_and_a_dying_backend_gives_an_
     let usage = &chunks[chunks.len() - 1];
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"]["total_tokens"], 7);
-    assert_eq!(h.backend.generations.lock().unwrap()[0].adapter, "acme/a");
+    assert_eq!(h.backend.generations.lock().unwrap()[0].adapter.as_deref(), Some("acme/a"));
     let (s, _, headers) =
         call(&h, "POST", "/v1/chat/completions", Some(&t), Body::from(chat("tiny").to_string())).await;
     assert_eq!(s, StatusCode::OK);
@@ -748,20 +742,20 @@ async fn policies_are_deployed_activated_rolled_back_and_survive_a_restart_throu
     let content = |v: Value| v["choices"][0]["message"]["content"].as_str().map(str::to_string);
     let (s, v) = json_call(&h, "POST", "/v1/chat/completions", Some(&t), chat("anything")).await;
     assert_eq!((s, content(v).as_deref()), (StatusCode::OK, Some("Hello there")));
-    assert_eq!(h.backend.generations.lock().unwrap().last().unwrap().adapter, "acme/v1");
+    assert_eq!(h.backend.generations.lock().unwrap().last().unwrap().adapter.as_deref(), Some("acme/v1"));
 
     let (s, v) =
         activate(&h, "acme", &canary, json!({"config": {"stable": "acme/v1", "canary": "acme/v2", "percent": 100}}))
             .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     json_call(&h, "POST", "/v1/chat/completions", Some(&t), chat("anything")).await;
-    assert_eq!(h.backend.generations.lock().unwrap().last().unwrap().adapter, "acme/v2");
+    assert_eq!(h.backend.generations.lock().unwrap().last().unwrap().adapter.as_deref(), Some("acme/v2"));
 
     let deployer = token("acme", "policy:deploy", 600);
     let (s, v) = json_call(&h, "POST", "/v1/policies/rollback", Some(&deployer), json!({})).await;
     assert_eq!((s, &v["active"]["id"]), (StatusCode::OK, &json!(map)), "{v}");
     json_call(&h, "POST", "/v1/chat/completions", Some(&t), chat("anything")).await;
-    assert_eq!(h.backend.generations.lock().unwrap().last().unwrap().adapter, "acme/v1");
+    assert_eq!(h.backend.generations.lock().unwrap().last().unwrap().adapter.as_deref(), Some("acme/v1"));
     assert_error(
         json_call(&h, "POST", "/v1/policies/rollback", Some(&deployer), json!({})).await,
         409,
@@ -780,7 +774,7 @@ async fn policies_are_deployed_activated_rolled_back_and_survive_a_restart_throu
     drop(h);
     let h = harness_in(dir, true).await;
     json_call(&h, "POST", "/v1/chat/completions", Some(&t), chat("anything")).await;
-    assert_eq!(h.backend.generations.lock().unwrap().last().unwrap().adapter, "acme/v1");
+    assert_eq!(h.backend.generations.lock().unwrap().last().unwrap().adapter.as_deref(), Some("acme/v1"));
 }
 
 #[tokio::test]

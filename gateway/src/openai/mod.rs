@@ -1,6 +1,8 @@
-//! The OpenAI-compatible surface: request bodies as SDKs send them, and errors in OpenAI's shape.
+//! The OpenAI-compatible surface: request bodies as SDKs send them, response bodies and errors
+//! in OpenAI's shape.
 
 mod error;
+pub mod response;
 mod types;
 
 pub use error::{ApiError, ErrorType};

@@ -26,11 +26,11 @@
 
 use super::{Endpoint, PolicyInput};
 use crate::cluster::BackendView;
+use crate::upstream::AdapterState;
 use bindings::switchyard::policy::{host, types};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
-use switchyard_proto::v1 as pb;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -541,13 +541,13 @@ fn check_decision(d: WitDecision) -> Result<WitDecision, PolicyFault> {
     }
 }
 
-fn adapter_state(s: pb::AdapterState) -> types::AdapterState {
+fn adapter_state(s: AdapterState) -> types::AdapterState {
     match s {
-        pb::AdapterState::Resident => types::AdapterState::Resident,
-        pb::AdapterState::Fetching | pb::AdapterState::Validated => types::AdapterState::Loading,
-        pb::AdapterState::Evicted => types::AdapterState::Evicted,
-        pb::AdapterState::Draining => types::AdapterState::Draining,
-        pb::AdapterState::Failed | pb::AdapterState::Unspecified => types::AdapterState::Failed,
+        AdapterState::Resident => types::AdapterState::Resident,
+        AdapterState::Fetching | AdapterState::Validated => types::AdapterState::Loading,
+        AdapterState::Evicted => types::AdapterState::Evicted,
+        AdapterState::Draining => types::AdapterState::Draining,
+        AdapterState::Failed | AdapterState::Unknown => types::AdapterState::Failed,
     }
 }
 
@@ -559,7 +559,7 @@ fn backend(v: &BackendView) -> types::Backend {
         adapters: v
             .adapters
             .values()
-            .map(|a| types::BackendAdapter { name: a.name.clone(), state: adapter_state(a.state()) })
+            .map(|a| types::BackendAdapter { name: a.name.clone(), state: adapter_state(a.state) })
             .collect(),
         free_slots,
         queue_depth: v.queue_depth(),

@@ -1,6 +1,9 @@
 //! [`Upstream`] over the backend's gRPC service and `grpc.health.v1`.
 
-use super::{Probe, TokenStream, Upstream, UpstreamCode, UpstreamError};
+use super::{
+    AdapterState, AdapterStatus, BackendInfo, Finish, GenerateCall, LoadCall, Loaded, Piece, Probe, Prompt,
+    TokenStream, Upstream, UpstreamCode, UpstreamError, Usage,
+};
 use async_trait::async_trait;
 use futures::StreamExt;
 use std::path::Path;
@@ -163,6 +166,82 @@ fn timed_out(what: &str, after: Duration) -> UpstreamError {
     UpstreamError::new(UpstreamCode::Timeout, format!("{what} took longer than {}s", after.as_secs()))
 }
 
+fn generate_request(c: GenerateCall) -> pb::GenerateRequest {
+    let input = match c.prompt {
+        Prompt::Text(text) => pb::generate_request::Input::Prompt(text),
+        Prompt::Chat(messages) => pb::generate_request::Input::Chat(pb::ChatPrompt {
+            messages: messages.into_iter().map(|m| pb::ChatMessage { role: m.role, content: m.content }).collect(),
+            add_generation_prompt: true,
+        }),
+    };
+    pb::GenerateRequest {
+        request_id: c.request_id,
+        adapter: c.adapter.unwrap_or_default(),
+        input: Some(input),
+        sampling: Some(pb::SamplingParams { temperature: c.temperature, top_p: c.top_p, top_k: 0, seed: c.seed }),
+        max_tokens: c.max_tokens,
+        stop: c.stop,
+        ignore_eos: c.ignore_eos,
+    }
+}
+
+fn piece(m: pb::GenerateResponse) -> Piece {
+    let finish = match m.finish_reason() {
+        pb::FinishReason::Unspecified => None,
+        pb::FinishReason::Eos => Some(Finish::Eos),
+        pb::FinishReason::Length => Some(Finish::Length),
+        pb::FinishReason::Stop => Some(Finish::Stop),
+    };
+    let usage = m.usage.map(|u| Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens });
+    Piece { text: m.text, finish, usage }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn adapter_status(a: pb::AdapterInfo) -> AdapterStatus {
+    let state = match a.state() {
+        pb::AdapterState::Resident => AdapterState::Resident,
+        pb::AdapterState::Fetching => AdapterState::Fetching,
+        pb::AdapterState::Validated => AdapterState::Validated,
+        pb::AdapterState::Evicted => AdapterState::Evicted,
+        pb::AdapterState::Failed => AdapterState::Failed,
+        pb::AdapterState::Draining => AdapterState::Draining,
+        pb::AdapterState::Unspecified => AdapterState::Unknown,
+    };
+    AdapterStatus { name: a.name, uri: a.uri, state, sha256: non_empty(a.sha256), error: non_empty(a.error) }
+}
+
+fn backend_info(i: pb::InfoResponse) -> BackendInfo {
+    BackendInfo {
+        model: i.model,
+        max_loras: i.max_loras,
+        loaded_loras: i.loaded_loras,
+        queued_requests: i.queued_requests,
+        running_requests: i.running_requests,
+    }
+}
+
+fn load_request(c: LoadCall) -> pb::LoadAdapterRequest {
+    pb::LoadAdapterRequest {
+        name: c.name,
+        source: Some(pb::AdapterSource { uri: c.uri, sha256: c.sha256.unwrap_or_default() }),
+        scope: Some(pb::SourceScope { prefixes: c.allowed_prefixes }),
+        fence: c.fence,
+    }
+}
+
+fn loaded(r: pb::LoadAdapterResponse) -> Loaded {
+    Loaded {
+        adapter: r.adapter.map(adapter_status),
+        already_loaded: r.already_loaded,
+        hot_swap: r.hot_swap,
+        fetched: r.fetched,
+        warnings: r.warnings,
+    }
+}
+
 #[async_trait]
 impl Upstream for GrpcUpstream {
     fn address(&self) -> &str {
@@ -177,8 +256,8 @@ impl Upstream for GrpcUpstream {
             let adapters = backend.list_adapters(pb::ListAdaptersRequest {}).await.map_err(from_status)?;
             Ok(Probe {
                 serving: status.into_inner().status() == ServingStatus::Serving,
-                info,
-                adapters: adapters.into_inner().adapters,
+                info: backend_info(info),
+                adapters: adapters.into_inner().adapters.into_iter().map(adapter_status).collect(),
             })
         };
         tokio::time::timeout(self.timeouts.probe, calls)
@@ -186,17 +265,17 @@ impl Upstream for GrpcUpstream {
             .map_err(|_| timed_out("health probe", self.timeouts.probe))?
     }
 
-    async fn generate(&self, request: pb::GenerateRequest) -> Result<TokenStream, UpstreamError> {
+    async fn generate(&self, call: GenerateCall) -> Result<TokenStream, UpstreamError> {
         let mut backend = self.backend.clone();
-        let stream = backend.generate(request).await.map_err(from_status)?.into_inner();
-        Ok(stream.map(|m| m.map_err(from_status)).boxed())
+        let stream = backend.generate(generate_request(call)).await.map_err(from_status)?.into_inner();
+        Ok(stream.map(|m| m.map(piece).map_err(from_status)).boxed())
     }
 
-    async fn load_adapter(&self, request: pb::LoadAdapterRequest) -> Result<pb::LoadAdapterResponse, UpstreamError> {
+    async fn load_adapter(&self, call: LoadCall) -> Result<Loaded, UpstreamError> {
         let mut backend = self.backend.clone();
-        let mut request = tonic::Request::new(request);
+        let mut request = tonic::Request::new(load_request(call));
         request.set_timeout(self.timeouts.admin);
-        backend.load_adapter(request).await.map(tonic::Response::into_inner).map_err(from_status)
+        backend.load_adapter(request).await.map(|r| loaded(r.into_inner())).map_err(from_status)
     }
 
     async fn unload_adapter(&self, name: &str, fence: u64) -> Result<(), UpstreamError> {

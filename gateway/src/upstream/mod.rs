@@ -1,5 +1,6 @@
-//! The gateway's seam to one backend. The router and the HTTP layer talk to [`Upstream`]; the
-//! gRPC client behind it ([`GrpcUpstream`]) is the real implementation.
+//! The gateway's seam to one backend. The router and the HTTP layer talk to [`Upstream`] in the
+//! gateway's own types (below); the gRPC client behind it ([`GrpcUpstream`]) is the real
+//! implementation and the only code that sees the backend contract's protobuf types.
 
 mod grpc;
 
@@ -7,10 +8,154 @@ pub use grpc::{GrpcUpstream, UpstreamSecurity, UpstreamTimeouts};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use switchyard_proto::v1 as pb;
 
-/// The messages of one generation, as the backend streams them.
-pub type TokenStream = BoxStream<'static, Result<pb::GenerateResponse, UpstreamError>>;
+/// The pieces of one generation, as the backend streams them.
+pub type TokenStream = BoxStream<'static, Result<Piece, UpstreamError>>;
+
+/// One generation to run on a backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateCall {
+    /// Names the request in the backend's logs.
+    pub request_id: String,
+    /// The adapter to apply (`None`: the base model).
+    pub adapter: Option<String>,
+    pub prompt: Prompt,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: Option<u64>,
+    pub max_tokens: u32,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+}
+
+/// What the model continues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// Raw text, tokenized as it is.
+    Text(String),
+    /// Messages, rendered by the model's chat template with the assistant's turn opened.
+    Chat(Vec<ChatMessage>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// One streamed piece of a generation: new text, and on the last piece why it ended and what
+/// it used.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Piece {
+    pub text: String,
+    pub finish: Option<Finish>,
+    pub usage: Option<Usage>,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The model's end-of-sequence token.
+    Eos,
+    /// `max_tokens` or the context length.
+    Length,
+    /// A stop string.
+    Stop,
+}
+
+/// Tokens a generation used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// An adapter load to run on a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadCall {
+    pub name: String,
+    pub uri: String,
+    /// The content pin, when the adapter has one.
+    pub sha256: Option<String>,
+    /// The URI prefixes the source must resolve under (the loading tenant's `load_prefixes`);
+    /// empty allows nothing.
+    pub allowed_prefixes: Vec<String>,
+    /// The caller's fencing token (0: unfenced).
+    pub fence: u64,
+}
+
+/// A backend's answer to a load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Loaded {
+    /// The adapter as the backend now lists it.
+    pub adapter: Option<AdapterStatus>,
+    /// The same source was already loaded there; nothing changed.
+    pub already_loaded: bool,
+    /// It replaced another source under the same name.
+    pub hot_swap: bool,
+    /// It was downloaded (not found in the backend's cache).
+    pub fetched: bool,
+    pub warnings: Vec<String>,
+}
+
+/// Where an adapter stands on a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterState {
+    Resident,
+    Fetching,
+    Validated,
+    Evicted,
+    Failed,
+    Draining,
+    /// A state this gateway does not know (a newer backend).
+    Unknown,
+}
+
+impl AdapterState {
+    /// The name answers and policies use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdapterState::Resident => "resident",
+            AdapterState::Fetching => "fetching",
+            AdapterState::Validated => "validated",
+            AdapterState::Evicted => "evicted",
+            AdapterState::Failed => "failed",
+            AdapterState::Draining => "draining",
+            AdapterState::Unknown => "unknown",
+        }
+    }
+}
+
+/// One adapter a backend lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterStatus {
+    pub name: String,
+    /// The source it was loaded from, as the backend normalized it.
+    pub uri: String,
+    pub state: AdapterState,
+    /// The digest of its files, when the backend computed one.
+    pub sha256: Option<String>,
+    /// Why it failed, for [`AdapterState::Failed`].
+    pub error: Option<String>,
+}
+
+impl AdapterStatus {
+    /// An adapter in `state`, loaded from `uri`, with no digest or error.
+    pub fn new(name: &str, uri: &str, state: AdapterState) -> AdapterStatus {
+        AdapterStatus { name: name.into(), uri: uri.into(), state, sha256: None, error: None }
+    }
+}
+
+/// What a backend says about itself: its model, its adapter slots and its load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// The base model's name.
+    pub model: String,
+    pub max_loras: u32,
+    pub loaded_loras: u32,
+    pub queued_requests: u32,
+    pub running_requests: u32,
+}
 
 /// What went wrong talking to a backend, by the backend contract's status codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,8 +200,8 @@ impl UpstreamError {
 pub struct Probe {
     /// `grpc.health.v1` says SERVING.
     pub serving: bool,
-    pub info: pb::InfoResponse,
-    pub adapters: Vec<pb::AdapterInfo>,
+    pub info: BackendInfo,
+    pub adapters: Vec<AdapterStatus>,
 }
 
 /// One backend, as the gateway uses it.
@@ -67,8 +212,8 @@ pub trait Upstream: Send + Sync + std::fmt::Debug {
     /// Health, model facts and load, and the adapters it knows, in one round of calls.
     async fn probe(&self) -> Result<Probe, UpstreamError>;
     /// Starts a generation. Dropping the stream cancels it on the backend.
-    async fn generate(&self, request: pb::GenerateRequest) -> Result<TokenStream, UpstreamError>;
-    async fn load_adapter(&self, request: pb::LoadAdapterRequest) -> Result<pb::LoadAdapterResponse, UpstreamError>;
+    async fn generate(&self, call: GenerateCall) -> Result<TokenStream, UpstreamError>;
+    async fn load_adapter(&self, call: LoadCall) -> Result<Loaded, UpstreamError>;
     /// Unloads `name`, with the caller's fencing token (0: unfenced).
     async fn unload_adapter(&self, name: &str, fence: u64) -> Result<(), UpstreamError>;
 }
