@@ -18,6 +18,7 @@
 //!   manages every tenant's and the default one.
 
 use crate::auth::Principal;
+use crate::error::Code;
 use crate::loras::DesiredLora;
 use crate::policy::Route;
 use crate::tenants::Tenant;
@@ -54,18 +55,18 @@ pub enum Denied {
 }
 
 impl Denied {
-    /// A stable machine-readable code for error bodies.
-    pub fn code(&self) -> &'static str {
+    /// Its stable code.
+    pub fn code(&self) -> Code {
         match self {
-            Denied::UnknownTenant(_) => "unknown_tenant",
-            Denied::ModelNotFound(_) => "model_not_found",
-            Denied::BackendNotAllowed { .. } => "backend_not_allowed",
-            Denied::NameNotAllowed(_) => "adapter_not_allowed",
-            Denied::NotOwner { .. } => "adapter_not_owned",
-            Denied::SourceNotAllowed(_) => "source_not_allowed",
-            Denied::LoraNotFound { .. } => "lora_not_found",
-            Denied::PolicyNotAllowed(_) => "policy_not_allowed",
-            Denied::NoSuchPolicyScope(_) => "unknown_tenant",
+            Denied::UnknownTenant(_) => Code::UnknownTenant,
+            Denied::ModelNotFound(_) => Code::ModelNotFound,
+            Denied::BackendNotAllowed { .. } => Code::BackendNotAllowed,
+            Denied::NameNotAllowed(_) => Code::AdapterNotAllowed,
+            Denied::NotOwner { .. } => Code::AdapterNotOwned,
+            Denied::SourceNotAllowed(_) => Code::SourceNotAllowed,
+            Denied::LoraNotFound { .. } => Code::LoraNotFound,
+            Denied::PolicyNotAllowed(_) => Code::PolicyNotAllowed,
+            Denied::NoSuchPolicyScope(_) => Code::NoSuchTenant,
         }
     }
 }
@@ -237,7 +238,7 @@ mod tests {
     fn unknown_tenants_are_refused_whatever_their_token_says() {
         let t = tenants();
         assert_eq!(caller(&t, &who("mallory")).unwrap_err(), Denied::UnknownTenant("mallory".into()));
-        assert_eq!(caller(&t, &who("*")).unwrap_err().code(), "unknown_tenant");
+        assert_eq!(caller(&t, &who("*")).unwrap_err().code(), Code::UnknownTenant);
         assert_eq!(caller(&t, &who("acme")).unwrap().name, "acme");
     }
 
@@ -267,7 +268,7 @@ mod tests {
         assert_eq!(acme.route("m", route(None, Some("http://b2:1")), &loras), Ok(route(None, Some("http://b2:1"))));
         assert_eq!(
             acme.route("m", route(None, Some("http://b1:1")), &loras).unwrap_err().code(),
-            "backend_not_allowed"
+            Code::BackendNotAllowed
         );
         // No base model for globex, whoever routes it there.
         let globex = caller(&t, &who("globex")).unwrap();
@@ -283,19 +284,19 @@ mod tests {
         assert!(acme.may_use(&french) && !acme.may_manage(&french));
         assert_eq!(
             acme.check_unload("french", Some(&french), &set(std::slice::from_ref(&french))).unwrap_err().code(),
-            "adapter_not_owned"
+            Code::AdapterNotOwned
         );
         assert_eq!(
             acme.check_load("french", "s3://acme/french-v2", Some(&french)).unwrap_err().code(),
-            "adapter_not_owned",
+            Code::AdapterNotOwned,
             "a hot swap of another tenant's adapter"
         );
         let ops = caller(&t, &who("ops")).unwrap();
         assert!(ops.check_unload("french", Some(&french), &set(&[])).is_ok());
         assert!(ops.check_load("french", "s3://ops/french-v2", Some(&french)).is_ok());
         // A name it may not create, and a source outside its prefixes.
-        assert_eq!(acme.check_load("json", "s3://acme/json", None).unwrap_err().code(), "adapter_not_allowed");
-        assert_eq!(acme.check_load("acme/j", "s3://ops/json", None).unwrap_err().code(), "source_not_allowed");
+        assert_eq!(acme.check_load("json", "s3://acme/json", None).unwrap_err().code(), Code::AdapterNotAllowed);
+        assert_eq!(acme.check_load("acme/j", "s3://ops/json", None).unwrap_err().code(), Code::SourceNotAllowed);
         assert!(acme.check_load("acme/j", "s3://acme/json", None).is_ok());
     }
 
@@ -310,7 +311,7 @@ mod tests {
         assert_eq!(e.to_string(), "LoRA adapter 'globex/g' not found. Available LoRAs: ['acme/a']");
         assert_eq!(
             acme.check_load("globex/g", "s3://acme/x", Some(&theirs)).unwrap_err().code(),
-            "adapter_not_allowed"
+            Code::AdapterNotAllowed
         );
     }
 
@@ -319,11 +320,11 @@ mod tests {
         let t = tenants();
         let acme = caller(&t, &who("acme")).unwrap();
         assert_eq!(acme.policy_scope(None, &t).unwrap(), "acme");
-        assert_eq!(acme.policy_scope(Some("globex"), &t).unwrap_err().code(), "policy_not_allowed");
+        assert_eq!(acme.policy_scope(Some("globex"), &t).unwrap_err().code(), Code::PolicyNotAllowed);
         let ops = caller(&t, &who("ops")).unwrap();
         assert_eq!(ops.policy_scope(None, &t).unwrap(), "*");
         assert_eq!(ops.policy_scope(Some("globex"), &t).unwrap(), "globex");
-        assert_eq!(ops.policy_scope(Some("*"), &t).unwrap_err().code(), "unknown_tenant");
-        assert_eq!(ops.policy_scope(Some("mallory"), &t).unwrap_err().code(), "unknown_tenant");
+        assert_eq!(ops.policy_scope(Some("*"), &t).unwrap_err().code(), Code::NoSuchTenant);
+        assert_eq!(ops.policy_scope(Some("mallory"), &t).unwrap_err().code(), Code::NoSuchTenant);
     }
 }

@@ -7,7 +7,7 @@
 use crate::Gateway;
 use crate::admin::load_request;
 use crate::cluster;
-use crate::openai::ApiError;
+use crate::error::{Code, Error};
 use crate::policy::Route;
 use crate::upstream::{GenerateCall, Piece, TokenStream, UpstreamCode, UpstreamError};
 use futures::StreamExt;
@@ -55,23 +55,20 @@ impl std::fmt::Debug for TokenStreamHolder {
     }
 }
 
-/// The answer for a backend's refusal of a generation.
-pub fn generation_error(backend: &str, e: &UpstreamError) -> ApiError {
+/// The failure a backend's refusal of a generation is for the client.
+pub fn generation_error(backend: &str, e: &UpstreamError) -> Error {
     match e.code {
-        UpstreamCode::InvalidArgument => ApiError::invalid(e.message.clone(), None),
-        UpstreamCode::NotFound => ApiError::not_found(e.message.clone(), Some("model")).with_code("model_not_found"),
-        UpstreamCode::PermissionDenied => {
-            ApiError::server(502, format!("backend {backend}: {}", e.message), "backend_error")
-        }
+        UpstreamCode::InvalidArgument => Error::invalid(e.message.clone(), None),
+        UpstreamCode::NotFound => Error::new(Code::ModelNotFound, e.message.clone()).at(Some("model")),
         UpstreamCode::FailedPrecondition | UpstreamCode::ResourceExhausted => {
-            ApiError::unavailable(format!("backend {backend} is busy: {}", e.message), crate::RETRY_AFTER_S)
-                .with_code("backend_busy")
+            Error::new(Code::BackendBusy, format!("backend {backend} is busy: {}", e.message))
         }
         UpstreamCode::Unavailable | UpstreamCode::Timeout | UpstreamCode::Fenced => {
-            ApiError::unavailable(format!("backend {backend} is unavailable: {}", e.message), crate::RETRY_AFTER_S)
-                .with_code("backend_unavailable")
+            Error::new(Code::BackendUnavailable, format!("backend {backend} is unavailable: {}", e.message))
         }
-        UpstreamCode::Other => ApiError::server(502, format!("backend {backend}: {}", e.message), "backend_error"),
+        UpstreamCode::PermissionDenied | UpstreamCode::Other => {
+            Error::new(Code::BackendError, format!("backend {backend}: {}", e.message))
+        }
     }
 }
 
@@ -87,7 +84,7 @@ async fn attempt(gw: &Arc<Gateway>, address: &str, request: &GenerateCall) -> Re
 }
 
 /// Starts `request` on the best backend for `route`.
-pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: GenerateCall) -> Result<Started, ApiError> {
+pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: GenerateCall) -> Result<Started, Error> {
     request.adapter.clone_from(&route.adapter);
     let views = gw.views();
     let candidates: Vec<&str> = cluster::rank(&views, route.adapter.as_deref(), route.backend.as_deref())
@@ -99,7 +96,7 @@ pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: GenerateCall) 
             Some(b) => format!("backend {b} chosen by the routing policy is not healthy"),
             None => "no backend is healthy".to_string(),
         };
-        return Err(ApiError::unavailable(message, crate::RETRY_AFTER_S).with_code("no_backend"));
+        return Err(Error::new(Code::NoBackend, message));
     }
     let mut last = None;
     for &address in candidates.iter().take(MAX_ATTEMPTS) {

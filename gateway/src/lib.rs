@@ -4,14 +4,15 @@
 //! forwards the request over gRPC. It also serves the adapter load API and the policy deploy
 //! API, over a state store that any number of gateways may share.
 //!
-//! Layout: [`assemble`] (configuration → gateway), [`auth`] (JWTs), [`authz`] (what a caller
-//! may do), [`openai`] (request bodies and error shapes), [`policy`] (the routing decision),
-//! [`store`] (the shared state and this gateway's replica of it), [`leader`] (who drives the
-//! backends), [`members`] (the backends, configured and discovered), [`cluster`] (the routing
-//! table and placement), [`upstream`] (the seam to a backend and its gRPC implementation),
-//! [`loras`] (the desired set), [`admin`] (adapter operations), [`manifest`] and [`declare`]
-//! (declared adapters), [`reconcile`] (probes, re-applying, discovery), [`dispatch`] (sending a
-//! request to a backend), [`http`] (the axum servers), [`metrics`].
+//! Layout: [`assemble`] (configuration → gateway), [`error`] (the one error type and its
+//! codes), [`auth`] (JWTs), [`authz`] (what a caller may do), [`openai`] (request bodies, and
+//! errors in OpenAI's shape and statuses), [`policy`] (the routing decision), [`store`] (the
+//! shared state and this gateway's replica of it), [`leader`] (who drives the backends),
+//! [`members`] (the backends, configured and discovered), [`cluster`] (the routing table and
+//! placement), [`upstream`] (the seam to a backend and its gRPC implementation), [`loras`] (the
+//! desired set), [`admin`] (adapter operations), [`manifest`] and [`declare`] (declared
+//! adapters), [`reconcile`] (probes, re-applying, discovery), [`dispatch`] (sending a request
+//! to a backend), [`http`] (the axum servers), [`metrics`].
 
 pub mod admin;
 pub mod assemble;
@@ -20,6 +21,7 @@ pub mod authz;
 pub mod cluster;
 pub mod declare;
 pub mod dispatch;
+pub mod error;
 pub mod files;
 pub mod http;
 pub mod leader;

@@ -5,9 +5,10 @@
 //! unloading what is gone are no-ops on a backend). Finished records are removed once the
 //! gateway that waits for them has had time to read them.
 
-use super::ops::{self, Action, AdminCode, AdminError, Operation, Outcome};
+use super::ops::{self, Action, Operation, Outcome};
 use super::{Applied, BackendResult, load_request, split_by_health};
 use crate::Gateway;
+use crate::error::{Code, Error};
 use crate::loras::{self, DesiredLora};
 use crate::store::{Expect, Revision, StoreError, Write};
 use crate::upstream::{UpstreamCode, UpstreamError};
@@ -47,8 +48,8 @@ async fn sweep(gw: &Arc<Gateway>, fence: u64, running: &Arc<Mutex<HashSet<String
     for (name, op, revision) in ops::all(&snapshot) {
         match &op.outcome {
             None if op.started.is_none() && now.saturating_sub(op.requested_at) > ops::ACCEPT_WITHIN_S => {
-                let error = AdminError::new(
-                    AdminCode::OperationExpired,
+                let error = Error::new(
+                    Code::OperationExpired,
                     format!(
                         "the operation on LoRA adapter '{name}' reached the state store more than {}s after it was asked for (the store was unavailable); it was not run",
                         ops::ACCEPT_WITHIN_S
@@ -83,7 +84,7 @@ enum Ran {
     /// It took: the outcome, and the write that makes the desired set say so.
     Took { hot_swap: bool, backends: Vec<BackendResult>, took: Vec<String>, desired: Write },
     /// It was refused; the backends that took it were put back.
-    Refused(AdminError),
+    Refused(Error),
     /// A newer leader drives the backends: leave the operation to it.
     Fenced,
 }
@@ -129,8 +130,8 @@ async fn run(gw: &Arc<Gateway>, name: &str, op: Operation, revision: Revision, f
             // The record changed under the operation (a gateway of an earlier version wrote it):
             // put the backends back, and say so.
             undo(gw, &op.action, &took, fence).await;
-            let error = AdminError::new(
-                AdminCode::ChangedConcurrently,
+            let error = Error::new(
+                Code::ChangedConcurrently,
                 format!(
                     "LoRA adapter '{name}' was changed by another request while this one ran; read it again and retry"
                 ),
@@ -152,18 +153,18 @@ async fn run(gw: &Arc<Gateway>, name: &str, op: Operation, revision: Revision, f
 }
 
 /// The error for a backend's refusal of an adapter operation.
-pub fn refusal(backend: &str, e: &UpstreamError) -> AdminError {
+pub fn refusal(backend: &str, e: &UpstreamError) -> Error {
     let message = format!("backend {backend}: {}", e.message);
     let code = match e.code {
-        UpstreamCode::InvalidArgument => AdminCode::InvalidAdapter,
-        UpstreamCode::NotFound => AdminCode::AdapterSourceNotFound,
-        UpstreamCode::PermissionDenied => AdminCode::AdapterSourceDenied,
-        UpstreamCode::FailedPrecondition => AdminCode::AdapterBusy,
-        UpstreamCode::ResourceExhausted => AdminCode::BackendResourceExhausted,
-        UpstreamCode::Unavailable | UpstreamCode::Timeout | UpstreamCode::Fenced => AdminCode::BackendUnavailable,
-        UpstreamCode::Other => AdminCode::BackendError,
+        UpstreamCode::InvalidArgument => Code::InvalidAdapter,
+        UpstreamCode::NotFound => Code::AdapterSourceNotFound,
+        UpstreamCode::PermissionDenied => Code::AdapterSourceDenied,
+        UpstreamCode::FailedPrecondition => Code::AdapterBusy,
+        UpstreamCode::ResourceExhausted => Code::BackendResourceExhausted,
+        UpstreamCode::Unavailable | UpstreamCode::Timeout | UpstreamCode::Fenced => Code::BackendUnavailable,
+        UpstreamCode::Other => Code::BackendError,
     };
-    AdminError::new(code, message)
+    Error::new(code, message)
 }
 
 /// Whether a backend's error is about the adapter (the same everywhere) rather than that
@@ -178,8 +179,8 @@ fn is_refusal(e: &UpstreamError) -> bool {
     )
 }
 
-fn no_backend() -> AdminError {
-    AdminError::new(AdminCode::NoBackend, "no backend is healthy; nothing was changed")
+fn no_backend() -> Error {
+    Error::new(Code::NoBackend, "no backend is healthy; nothing was changed")
 }
 
 async fn load(gw: &Arc<Gateway>, lora: &DesiredLora, expect: Expect, fence: u64) -> Ran {
@@ -217,10 +218,7 @@ async fn load(gw: &Arc<Gateway>, lora: &DesiredLora, expect: Expect, fence: u64)
         Ok(w) => w,
         Err(e) => {
             undo(gw, &undo_action, &took, fence).await;
-            return Ran::Refused(AdminError::new(
-                AdminCode::StateUnavailable,
-                format!("cannot record the adapter: {e}"),
-            ));
+            return Ran::Refused(Error::new(Code::StateUnavailable, format!("cannot record the adapter: {e}")));
         }
     };
     let mut hot_swap = false;

@@ -17,11 +17,11 @@ pub mod ops;
 
 use crate::Gateway;
 use crate::auth::{Principal, Scope};
+use crate::error::{Code, Error};
 use crate::loras::{self, DesiredLora};
-use crate::openai::ApiError;
 use crate::store::{Expect, StoreError, Write};
 use crate::upstream::{LoadCall, Upstream};
-use ops::{Action, AdminCode, AdminError, Operation, Outcome};
+use ops::{Action, Operation, Outcome};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,32 +111,9 @@ pub(crate) fn split_by_health(gw: &Gateway) -> (Vec<Target>, Vec<BackendResult>)
     (healthy, pending)
 }
 
-/// The HTTP answer for an adapter operation's failure: the one mapping of [`AdminCode`]s.
-pub fn api_error(e: AdminError) -> ApiError {
-    let retry = crate::RETRY_AFTER_S;
-    match e.code {
-        AdminCode::InvalidAdapter => ApiError::unprocessable(e.message, "invalid_adapter"),
-        AdminCode::AdapterSourceNotFound => ApiError::unprocessable(e.message, "adapter_source_not_found"),
-        AdminCode::AdapterSourceDenied => ApiError::forbidden(e.message, "adapter_source_denied"),
-        AdminCode::AdapterBusy => ApiError::conflict(e.message, "adapter_busy"),
-        AdminCode::OperationInProgress => ApiError::conflict(e.message, "operation_in_progress"),
-        AdminCode::ChangedConcurrently => ApiError::conflict(e.message, "changed_concurrently"),
-        AdminCode::BackendResourceExhausted => {
-            ApiError::unavailable(e.message, retry).with_code("backend_resource_exhausted")
-        }
-        AdminCode::BackendUnavailable => ApiError::unavailable(e.message, retry).with_code("backend_unavailable"),
-        AdminCode::NoBackend => ApiError::unavailable(e.message, retry).with_code("no_backend"),
-        AdminCode::StateUnavailable => ApiError::unavailable(e.message, retry).with_code("state_unavailable"),
-        AdminCode::BackendError => ApiError::server(502, e.message, "backend_error"),
-        AdminCode::OperationTimeout => ApiError::server(504, e.message, "operation_timeout"),
-        AdminCode::OperationLost => ApiError::server(500, e.message, "operation_lost"),
-        AdminCode::OperationExpired => ApiError::conflict(e.message, "operation_expired"),
-    }
-}
-
-fn state_error(e: &StoreError) -> AdminError {
-    AdminError::new(
-        AdminCode::StateUnavailable,
+fn state_error(e: &StoreError) -> Error {
+    Error::new(
+        Code::StateUnavailable,
         format!(
             "cannot record the operation: {e}; a store that recovers within {}s may still apply it, so check GET /v1/loras before retrying (retrying the same request is safe)",
             ops::ACCEPT_WITHIN_S
@@ -146,7 +123,7 @@ fn state_error(e: &StoreError) -> AdminError {
 
 /// Records `action` on adapter `name` (authorised against the record at `expect`), then waits
 /// for its outcome.
-pub(crate) async fn run(gw: &Gateway, who: &str, action: Action, expect: Expect) -> Result<Outcome, AdminError> {
+pub(crate) async fn run(gw: &Gateway, who: &str, action: Action, expect: Expect) -> Result<Outcome, Error> {
     let name = action.lora().name.clone();
     let op = Operation {
         id: format!("{:016x}", crate::random_u64()),
@@ -161,7 +138,7 @@ pub(crate) async fn run(gw: &Gateway, who: &str, action: Action, expect: Expect)
         started: None,
         outcome: None,
     };
-    let value = serde_json::to_string(&op).map_err(|e| AdminError::new(AdminCode::StateUnavailable, e.to_string()))?;
+    let value = serde_json::to_string(&op).map_err(|e| Error::new(Code::StateUnavailable, e.to_string()))?;
     let mut changes = gw.replica().subscribe();
     // A finished operation's record (its requester gone before reading it) is replaced; a
     // pending one is another request in progress.
@@ -174,14 +151,14 @@ pub(crate) async fn run(gw: &Gateway, who: &str, action: Action, expect: Expect)
         Ok(_) => {}
         Err(StoreError::Conflict { key }) if key == ops::key(&name) => {
             // Who asked for it is not said: it may be another tenant (an admin).
-            return Err(AdminError::new(
-                AdminCode::OperationInProgress,
+            return Err(Error::new(
+                Code::OperationInProgress,
                 format!("another operation on LoRA adapter '{name}' is in progress; retry when it is done"),
             ));
         }
         Err(StoreError::Conflict { .. }) => {
-            return Err(AdminError::new(
-                AdminCode::ChangedConcurrently,
+            return Err(Error::new(
+                Code::ChangedConcurrently,
                 format!("LoRA adapter '{name}' was changed by another request; read it again and retry"),
             ));
         }
@@ -198,21 +175,21 @@ pub(crate) async fn run(gw: &Gateway, who: &str, action: Action, expect: Expect)
                     }
                 }
                 _ => {
-                    return Err(AdminError::new(
-                        AdminCode::OperationLost,
+                    return Err(Error::new(
+                        Code::OperationLost,
                         format!("the operation on LoRA adapter '{name}' was removed before it finished"),
                     ));
                 }
             }
             if changes.changed().await.is_err() {
-                return Err(AdminError::new(AdminCode::OperationLost, "the gateway is shutting down"));
+                return Err(Error::new(Code::OperationLost, "the gateway is shutting down"));
             }
         }
     })
     .await;
     waited.unwrap_or_else(|_| {
-        Err(AdminError::new(
-            AdminCode::OperationTimeout,
+        Err(Error::new(
+            Code::OperationTimeout,
             format!(
                 "the operation on LoRA adapter '{name}' is still running after {}s; GET /v1/loras shows when it is done",
                 OUTCOME_WAIT.as_secs()
@@ -222,45 +199,46 @@ pub(crate) async fn run(gw: &Gateway, who: &str, action: Action, expect: Expect)
 }
 
 /// Whether any backend is healthy in this gateway's view.
-fn any_healthy(gw: &Gateway) -> Result<(), ApiError> {
+fn any_healthy(gw: &Gateway) -> Result<(), Error> {
     if gw.views().iter().any(|v| v.healthy) {
         return Ok(());
     }
-    Err(api_error(AdminError::new(AdminCode::NoBackend, "no backend is healthy; nothing was changed")))
+    Err(Error::new(Code::NoBackend, "no backend is healthy; nothing was changed"))
 }
 
 /// Loads (or hot-swaps) an adapter on every healthy backend and records it as desired.
-pub async fn load(gw: &Arc<Gateway>, who: &Principal, req: LoadRequest) -> Result<LoadOutcome, ApiError> {
+pub async fn load(gw: &Arc<Gateway>, who: &Principal, req: LoadRequest) -> Result<LoadOutcome, Error> {
     who.require(Scope::LoraLoad)?;
     let caller = gw.caller(who)?;
-    loras::validate_name(&req.name).map_err(|m| ApiError::invalid(m, Some("lora_name")))?;
-    loras::validate_uri(&req.uri).map_err(|m| ApiError::invalid(m, Some("source.uri")))?;
+    loras::validate_name(&req.name).map_err(|m| Error::invalid(m, Some("lora_name")))?;
+    loras::validate_uri(&req.uri).map_err(|m| Error::invalid(m, Some("source.uri")))?;
     if req.replicas == Some(0) {
-        return Err(ApiError::invalid("replicas must be at least 1 (omit it for every backend)", Some("replicas")));
+        return Err(Error::invalid("replicas must be at least 1 (omit it for every backend)", Some("replicas")));
     }
     let sha256 = req
         .sha256
         .as_deref()
         .map(loras::normalize_sha256)
         .transpose()
-        .map_err(|m| ApiError::invalid(m, Some("sha256")))?;
+        .map_err(|m| Error::invalid(m, Some("sha256")))?;
 
     let (previous, expect) = gw.loras.get_versioned(&req.name);
     caller.check_load(&req.name, &req.uri, previous.as_ref())?;
     if let Some(owner) = &req.owner {
         if owner != caller.name && !caller.is_admin() {
-            return Err(ApiError::forbidden(
+            return Err(Error::new(
+                Code::OwnerNotAllowed,
                 format!("only an admin tenant loads adapters for another tenant ({owner:?})"),
-                "owner_not_allowed",
             ));
         }
         if !gw.tenants.contains_key(owner) {
-            return Err(ApiError::invalid(format!("owner {owner:?} is not a configured tenant"), Some("owner")));
+            let message = format!("owner {owner:?} is not a configured tenant");
+            return Err(Error::new(Code::NoSuchTenant, message).at(Some("owner")));
         }
         if let Some(p) = previous.as_ref().filter(|p| p.owner != *owner) {
-            return Err(ApiError::conflict(
+            return Err(Error::new(
+                Code::AdapterOwnedByAnother,
                 format!("LoRA adapter '{}' is owned by tenant {:?}, not {owner:?}", p.name, p.owner),
-                "adapter_owned_by_another",
             ));
         }
     }
@@ -282,21 +260,21 @@ pub async fn load(gw: &Arc<Gateway>, who: &Principal, req: LoadRequest) -> Resul
         && !same_source
         && !req.hot_swap
     {
-        return Err(ApiError::conflict(
+        return Err(Error::new(
+            Code::LoraExists,
             format!(
                 "LoRA adapter '{}' is already loaded from {}; unload it first, or send \"hot_swap\": true to replace it",
                 p.name, p.uri
             ),
-            "lora_exists",
         ));
     }
     any_healthy(gw)?;
-    match run(gw, caller.name, Action::Load { lora: lora.clone() }, expect).await.map_err(api_error)? {
+    match run(gw, caller.name, Action::Load { lora: lora.clone() }, expect).await? {
         Outcome::Done { hot_swap, backends, .. } => {
             tracing::info!(adapter = %lora.name, tenant = %who.tenant, hot_swap, "adapter loaded");
             Ok(LoadOutcome { lora, already_loaded: same_source, hot_swap, backends })
         }
-        Outcome::Failed { error, .. } => Err(api_error(error)),
+        Outcome::Failed { error, .. } => Err(error),
     }
 }
 
@@ -305,18 +283,18 @@ pub async fn unload(
     gw: &Arc<Gateway>,
     who: &Principal,
     name: &str,
-) -> Result<(DesiredLora, Vec<BackendResult>), ApiError> {
+) -> Result<(DesiredLora, Vec<BackendResult>), Error> {
     who.require(Scope::LoraUnload)?;
     let caller = gw.caller(who)?;
     let loras = gw.loras.snapshot();
     let lora = caller.check_unload(name, loras.get(name), &loras)?.clone();
     let (_, expect) = gw.loras.get_versioned(name);
-    match run(gw, caller.name, Action::Unload { lora: lora.clone() }, expect).await.map_err(api_error)? {
+    match run(gw, caller.name, Action::Unload { lora: lora.clone() }, expect).await? {
         Outcome::Done { backends, .. } => {
             tracing::info!(adapter = name, tenant = %who.tenant, "adapter unloaded");
             Ok((lora, backends))
         }
-        Outcome::Failed { error, .. } => Err(api_error(error)),
+        Outcome::Failed { error, .. } => Err(error),
     }
 }
 
@@ -371,12 +349,12 @@ pub struct ListedOperation {
     /// `pending`, `done` or `failed`.
     pub status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<AdminError>,
+    pub error: Option<Error>,
 }
 
 /// The operations on adapters the caller may manage. Those who only use an adapter (shared
 /// with them) do not see who changes it, or the backends' errors about its sources.
-pub fn operations(gw: &Gateway, who: &Principal) -> Result<Vec<ListedOperation>, ApiError> {
+pub fn operations(gw: &Gateway, who: &Principal) -> Result<Vec<ListedOperation>, Error> {
     who.require(Scope::LoraRead)?;
     let caller = gw.caller(who)?;
     Ok(ops::all(&gw.replica().current())
@@ -405,7 +383,7 @@ pub fn operations(gw: &Gateway, who: &Principal) -> Result<Vec<ListedOperation>,
 }
 
 /// The desired adapters the caller may see (use or manage), with each backend's view of them.
-pub fn list(gw: &Gateway, who: &Principal) -> Result<Vec<ListedLora>, ApiError> {
+pub fn list(gw: &Gateway, who: &Principal) -> Result<Vec<ListedLora>, Error> {
     who.require(Scope::LoraRead)?;
     let caller = gw.caller(who)?;
     let views = gw.views();

@@ -5,6 +5,7 @@
 //! the same transaction that changes the desired set.
 
 use super::BackendResult;
+use crate::error::Error;
 use crate::loras::DesiredLora;
 use crate::store::{Expect, Revision, Snapshot};
 use serde::{Deserialize, Serialize};
@@ -78,7 +79,7 @@ impl Action {
 #[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Outcome {
     Done { hot_swap: bool, backends: Vec<BackendResult>, finished_at: u64 },
-    Failed { error: AdminError, finished_at: u64 },
+    Failed { error: Error, finished_at: u64 },
 }
 
 impl Outcome {
@@ -87,57 +88,6 @@ impl Outcome {
             Outcome::Done { finished_at, .. } | Outcome::Failed { finished_at, .. } => *finished_at,
         }
     }
-}
-
-/// Why an adapter operation failed: a stable code and a message naming the problem. Stored
-/// with the operation, so the gateway that took the request can answer for the leader that ran
-/// it; mapped to HTTP once, in [`crate::http`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("{message}")]
-#[serde(deny_unknown_fields)]
-pub struct AdminError {
-    pub code: AdminCode,
-    pub message: String,
-}
-
-impl AdminError {
-    pub fn new(code: AdminCode, message: impl Into<String>) -> AdminError {
-        AdminError { code, message: message.into() }
-    }
-}
-
-/// The kinds of [`AdminError`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AdminCode {
-    /// A backend found the adapter invalid (its files, its shapes, its rank).
-    InvalidAdapter,
-    /// A backend could not find the source.
-    AdapterSourceNotFound,
-    /// A backend refused the source (outside its roots or the tenant's load scope).
-    AdapterSourceDenied,
-    /// A backend cannot change the adapter now (requests are using it).
-    AdapterBusy,
-    /// A backend has no room (cache or slots).
-    BackendResourceExhausted,
-    /// A backend is down or timed out.
-    BackendUnavailable,
-    /// A backend failed in a way it should not.
-    BackendError,
-    /// No backend is healthy.
-    NoBackend,
-    /// Another operation on this adapter is pending.
-    OperationInProgress,
-    /// The adapter changed between being read and the operation's outcome.
-    ChangedConcurrently,
-    /// The state store cannot be written now.
-    StateUnavailable,
-    /// The operation is still running after the gateway stopped waiting.
-    OperationTimeout,
-    /// The operation's record disappeared before it finished.
-    OperationLost,
-    /// The operation was recorded too late to run (see [`ACCEPT_WITHIN_S`]).
-    OperationExpired,
 }
 
 /// The operation on `name` in `snapshot`, with its record's revision.

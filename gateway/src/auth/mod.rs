@@ -19,6 +19,7 @@ mod keys;
 pub use jsonwebtoken::Algorithm;
 pub use keys::{KeyError, KeySet, read_hs256_secret};
 
+use crate::error::Code;
 use jsonwebtoken::Validation;
 use jsonwebtoken::errors::ErrorKind;
 use serde_json::Value;
@@ -159,30 +160,22 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// HTTP status: 401 for a token that does not authenticate, 403 for one that does but
-    /// does not allow the call.
-    pub fn status(&self) -> u16 {
+    /// Its stable code (mapped to 401, or 403 for a token that authenticates but does not
+    /// allow the call).
+    pub fn code(&self) -> Code {
         match self {
-            AuthError::MissingScope { .. } => 403,
-            _ => 401,
-        }
-    }
-
-    /// A stable machine-readable code for error bodies.
-    pub fn code(&self) -> &'static str {
-        match self {
-            AuthError::MissingToken => "missing_token",
-            AuthError::Malformed(_) => "malformed_token",
-            AuthError::AlgorithmNotAccepted(_) => "algorithm_not_accepted",
-            AuthError::UnknownKey(_) => "unknown_key",
-            AuthError::BadSignature => "invalid_signature",
-            AuthError::Expired => "token_expired",
-            AuthError::NotYetValid => "token_not_yet_valid",
-            AuthError::WrongAudience => "invalid_audience",
-            AuthError::WrongIssuer => "invalid_issuer",
-            AuthError::MissingClaim(_) => "missing_claim",
-            AuthError::NoTenant { .. } => "missing_tenant",
-            AuthError::MissingScope { .. } => "insufficient_scope",
+            AuthError::MissingToken => Code::MissingToken,
+            AuthError::Malformed(_) => Code::MalformedToken,
+            AuthError::AlgorithmNotAccepted(_) => Code::AlgorithmNotAccepted,
+            AuthError::UnknownKey(_) => Code::UnknownKey,
+            AuthError::BadSignature => Code::InvalidSignature,
+            AuthError::Expired => Code::TokenExpired,
+            AuthError::NotYetValid => Code::TokenNotYetValid,
+            AuthError::WrongAudience => Code::InvalidAudience,
+            AuthError::WrongIssuer => Code::InvalidIssuer,
+            AuthError::MissingClaim(_) => Code::MissingClaim,
+            AuthError::NoTenant { .. } => Code::MissingTenant,
+            AuthError::MissingScope { .. } => Code::InsufficientScope,
         }
     }
 }

@@ -3,9 +3,10 @@
 use super::{RequestId, principal, read_body};
 use crate::Gateway;
 use crate::dispatch::{self, Started};
+use crate::error::{Code, Error};
 use crate::metrics::OTHER;
 use crate::openai::response::{Api, Chunk, Head, Usage};
-use crate::openai::{self, ApiError, Generation};
+use crate::openai::{self, Generation};
 use crate::policy::{Decision, Endpoint, PolicyInput};
 use crate::upstream::{self, ChatMessage, Finish, GenerateCall, Piece, Prompt};
 use axum::Json;
@@ -104,7 +105,7 @@ async fn serve(gw: Arc<Gateway>, id: RequestId, headers: HeaderMap, body: Body, 
     };
     match begin(&gw, &id, &headers, body, api, &mut record).await {
         Err(e) => {
-            record.finish(e.status, None);
+            record.finish(openai::error::status(&e.code).0, None);
             e.into_response()
         }
         Ok((job, started)) => {
@@ -119,7 +120,7 @@ async fn serve(gw: Arc<Gateway>, id: RequestId, headers: HeaderMap, body: Body, 
                         ([(CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
                     }
                     Err(e) => {
-                        record.finish(e.status, None);
+                        record.finish(openai::error::status(&e.code).0, None);
                         return e.into_response();
                     }
                 }
@@ -143,7 +144,7 @@ async fn begin(
     body: Body,
     api: Api,
     record: &mut Record,
-) -> Result<(Job, Started), ApiError> {
+) -> Result<(Job, Started), Error> {
     let who = principal(gw, headers)?;
     let caller = gw.caller(&who)?;
     record.tenant = caller.name.to_string();
@@ -163,7 +164,7 @@ async fn begin(
         }
     };
     let Some(base) = gw.base_model() else {
-        return Err(ApiError::unavailable("no backend has answered yet", crate::RETRY_AFTER_S).with_code("no_backend"));
+        return Err(Error::new(Code::NoBackend, "no backend has answered yet"));
     };
     // The policy sees only the adapters this tenant may use, in the known set and on every backend.
     let loras = gw.loras.snapshot();
@@ -195,15 +196,12 @@ async fn begin(
         })
         .await
         .map_err(|e| {
-            if e.busy {
-                ApiError::unavailable(e.to_string(), crate::RETRY_AFTER_S).with_code("policy_busy")
-            } else {
-                ApiError::server(500, e.to_string(), "policy_failed")
-            }
+            let code = if e.busy { Code::PolicyBusy } else { Code::PolicyFailed };
+            Error::new(code, e.to_string())
         })?;
     let route = match decision {
         Decision::Route(route) => route,
-        Decision::Reject { status, code, message } => return Err(ApiError::client(status, message, &code)),
+        Decision::Reject { status, code, message } => return Err(Error::new(Code::Refused { status, code }, message)),
     };
     let route = caller.route(&generation.model, route, &loras)?;
     record.model = route.adapter.clone().unwrap_or(base);
@@ -259,13 +257,12 @@ fn openai_usage(u: Option<&upstream::Usage>) -> Usage {
     Usage::new(u.prompt_tokens, u.completion_tokens)
 }
 
-fn ended_early(backend: &str) -> ApiError {
-    ApiError::server(502, format!("backend {backend} ended the generation without finishing it"), "backend_error")
-        .with_code("incomplete_generation")
+fn ended_early(backend: &str) -> Error {
+    Error::new(Code::IncompleteGeneration, format!("backend {backend} ended the generation without finishing it"))
 }
 
 /// Non-streaming: the whole generation in one body.
-async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<String, ApiError> {
+async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<String, Error> {
     let Started { backend, first, rest, in_flight } = started;
     let mut rest = rest.0;
     let mut pending = first;
@@ -351,9 +348,9 @@ impl StreamState {
                             // Headers are gone: the error travels as an SSE event, and the
                             // stream ends without [DONE].
                             tracing::warn!(backend = %self.backend, error = %e.message, "generation broke off mid-stream");
-                            self.record.finish(e.status, None);
+                            self.record.finish(openai::error::status(&e.code).0, None);
                             self.phase = Phase::End;
-                            return Some(Event::default().event("error").data(e.body()));
+                            return Some(Event::default().event("error").data(openai::error::body(&e)));
                         }
                     };
                     let finish = finish_reason(&message);
@@ -419,7 +416,7 @@ fn stream(job: Job, started: Started, record: Record) -> Response {
 
 /// `GET /v1/models`: the base model (when the tenant may use it), the adapters the caller may
 /// use, and the tenant's aliases of them.
-pub(super) async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+pub(super) async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<Value>, Error> {
     let who = principal(&gw, &headers)?;
     let caller = gw.caller(&who)?;
     let base = gw.base_model();

@@ -6,7 +6,7 @@
 use super::{principal, read_body};
 use crate::Gateway;
 use crate::admin::{self, LoadRequest};
-use crate::openai::ApiError;
+use crate::error::Error;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -47,18 +47,14 @@ struct SourceBody {
     sha256: Option<String>,
 }
 
-pub(super) async fn load(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Json<Value>, ApiError> {
+pub(super) async fn load(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Result<Json<Value>, Error> {
     let who = principal(&gw, &headers)?;
     let bytes = read_body(&gw, &headers, body).await?;
     let body: LoadBody = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::invalid(format!("invalid adapter load request: {e}"), None))?;
+        .map_err(|e| Error::invalid(format!("invalid adapter load request: {e}"), None))?;
     let sha256 = match (body.sha256, body.source.sha256) {
         (Some(a), Some(b)) if a != b => {
-            return Err(ApiError::invalid("`sha256` and `source.sha256` disagree", Some("sha256")));
+            return Err(Error::invalid("`sha256` and `source.sha256` disagree", Some("sha256")));
         }
         (a, b) => a.or(b),
     };
@@ -72,7 +68,7 @@ pub(super) async fn load(
         owner: body.owner,
         declared: match body.manifest {
             Some(name) => {
-                crate::manifest::validate_object_name(&name).map_err(|m| ApiError::invalid(m, Some("manifest")))?;
+                crate::manifest::validate_object_name(&name).map_err(|m| Error::invalid(m, Some("manifest")))?;
                 Some(crate::loras::Declaration { name, origin: crate::loras::Origin::Apply })
             }
             None => None,
@@ -100,7 +96,7 @@ pub(super) async fn load(
     })))
 }
 
-pub(super) async fn list(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+pub(super) async fn list(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<Value>, Error> {
     let who = principal(&gw, &headers)?;
     let adapters = admin::list(&gw, &who)?;
     let operations = admin::operations(&gw, &who)?;
@@ -118,7 +114,7 @@ pub(super) async fn unload(
     State(gw): State<Arc<Gateway>>,
     Path(name): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Error> {
     let who = principal(&gw, &headers)?;
     let (lora, backends) = admin::unload(&gw, &who, &name).await?;
     Ok(Json(json!({

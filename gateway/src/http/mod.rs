@@ -15,7 +15,7 @@ pub use serve::{HYPER_MAX_HEAD_BYTES, MAX_HEADER_BYTES, serve};
 
 use crate::Gateway;
 use crate::auth::Principal;
-use crate::openai::ApiError;
+use crate::error::{Code, Error};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -33,14 +33,18 @@ pub const REQUEST_ID: &str = "x-request-id";
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-impl IntoResponse for ApiError {
+/// Every failure leaves as an OpenAI error body with the status its code maps to; a 503 says
+/// when to retry, a 401 which scheme authenticates.
+impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut response = (status, [(header::CONTENT_TYPE, "application/json")], self.body()).into_response();
-        if let Some(s) = self.retry_after_s {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        let (status, _) = crate::openai::error::status(&self.code);
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response =
+            (status, [(header::CONTENT_TYPE, "application/json")], crate::openai::error::body(&self)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(crate::RETRY_AFTER_S));
         }
-        if self.status == 401 {
+        if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
@@ -81,15 +85,12 @@ pub fn metrics_router(gw: Arc<Gateway>) -> Router {
         .with_state(gw)
 }
 
-async fn unknown_url() -> ApiError {
-    ApiError::not_found("no such endpoint", None).with_code("unknown_url")
+async fn unknown_url() -> Error {
+    Error::new(Code::UnknownUrl, "no such endpoint")
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError {
-        status: 405,
-        ..ApiError::invalid("this method is not allowed on this endpoint", None).with_code("method_not_allowed")
-    }
+async fn method_not_allowed() -> Error {
+    Error::new(Code::MethodNotAllowed, "this method is not allowed on this endpoint")
 }
 
 /// Refuses a request whose head is larger than [`MAX_HEADER_BYTES`] (431) or that carries more
@@ -99,20 +100,12 @@ async fn check_headers(request: Request, next: Next) -> Response {
     let headers = request.headers();
     let bytes: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len()).sum();
     if bytes > MAX_HEADER_BYTES {
-        return ApiError {
-            status: 431,
-            ..ApiError::invalid(
-                format!("the request headers take {bytes} bytes; the limit is {MAX_HEADER_BYTES}"),
-                None,
-            )
-            .with_code("headers_too_large")
-        }
-        .into_response();
+        let message = format!("the request headers take {bytes} bytes; the limit is {MAX_HEADER_BYTES}");
+        return Error::new(Code::HeadersTooLarge, message).into_response();
     }
     if headers.get_all(header::AUTHORIZATION).iter().nth(1).is_some() {
-        return ApiError::invalid("the request has more than one Authorization header; send exactly one", None)
-            .with_code("duplicate_authorization")
-            .into_response();
+        let message = "the request has more than one Authorization header; send exactly one";
+        return Error::new(Code::DuplicateAuthorization, message).into_response();
     }
     next.run(request).await
 }
@@ -159,7 +152,7 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     if gw.ready() {
         "ready".into_response()
     } else {
-        ApiError::unavailable("no backend is healthy", crate::RETRY_AFTER_S).with_code("no_backend").into_response()
+        Error::new(Code::NoBackend, "no backend is healthy").into_response()
     }
 }
 
@@ -169,28 +162,27 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 /// The caller, from the `Authorization: Bearer` header.
-pub(crate) fn principal(gw: &Gateway, headers: &HeaderMap) -> Result<Arc<Principal>, ApiError> {
-    let header =
-        match headers.get(header::AUTHORIZATION) {
-            None => None,
-            Some(v) => Some(v.to_str().map_err(|_| {
-                ApiError::unauthenticated("the Authorization header is not valid text", "invalid_token")
-            })?),
-        };
+pub(crate) fn principal(gw: &Gateway, headers: &HeaderMap) -> Result<Arc<Principal>, Error> {
+    let header = match headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(v) => Some(
+            v.to_str().map_err(|_| Error::new(Code::MalformedToken, "the Authorization header is not valid text"))?,
+        ),
+    };
     Ok(gw.verifier.verify_header(header)?)
 }
 
 /// The request body, up to the configured limit.
-pub(crate) async fn read_body(gw: &Gateway, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(gw: &Gateway, headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
     read_body_up_to(gw.options.max_body_bytes, headers, body).await
 }
 
 /// The request body, up to `limit` bytes.
-pub(crate) async fn read_body_up_to(limit: usize, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body_up_to(limit: usize, headers: &HeaderMap, body: Body) -> Result<Bytes, Error> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::too_large(limit));
+        return Err(Error::too_large(limit));
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
@@ -200,9 +192,9 @@ pub(crate) async fn read_body_up_to(limit: usize, headers: &HeaderMap, body: Bod
             cause = c.source();
         }
         if too_large {
-            ApiError::too_large(limit)
+            Error::too_large(limit)
         } else {
-            ApiError::invalid(format!("cannot read the request body: {e}"), None)
+            Error::invalid(format!("cannot read the request body: {e}"), None)
         }
     })
 }

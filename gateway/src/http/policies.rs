@@ -10,10 +10,8 @@ use super::{principal, read_body, read_body_up_to};
 use crate::Gateway;
 use crate::auth::{Principal, Scope};
 use crate::authz::Caller;
-use crate::openai::ApiError;
+use crate::error::{Code, Error};
 use crate::policy::deploy::{DeployError, PolicyStore};
-use crate::policy::wasm::LoadError;
-use crate::store::StoreError;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -23,44 +21,19 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
-impl From<DeployError> for ApiError {
-    fn from(e: DeployError) -> ApiError {
-        let message = e.to_string();
-        match e {
-            DeployError::Load(LoadError::TooLarge { limit, .. }) => ApiError::too_large(limit),
-            DeployError::Load(_) => ApiError::unprocessable(message, "invalid_policy"),
-            DeployError::DryRun(_) => ApiError::unprocessable(message, "policy_dry_run_failed"),
-            DeployError::UnknownVersion(_) => ApiError::not_found(message, None).with_code("policy_not_found"),
-            DeployError::Quota(_) => ApiError::forbidden(message, "policy_quota_exceeded"),
-            DeployError::InUse { .. } => ApiError::conflict(message, "policy_in_use"),
-            DeployError::NothingToRollBack(_) => ApiError::conflict(message, "nothing_to_roll_back"),
-            DeployError::Invalid(_) => ApiError::invalid(message, None),
-            DeployError::Contended(_) => ApiError::conflict(message, "changed_concurrently"),
-            DeployError::Store(StoreError::Unavailable { .. }) => {
-                ApiError::unavailable(message, crate::RETRY_AFTER_S).with_code("state_unavailable")
-            }
-            DeployError::Store(StoreError::Conflict { .. }) => ApiError::conflict(message, "changed_concurrently"),
-            DeployError::Store(StoreError::Invalid(_)) => ApiError::invalid(message, None),
-            DeployError::Store(_) | DeployError::Io(_) | DeployError::Corrupt { .. } => {
-                ApiError::server(500, message, "state_damaged")
-            }
-        }
-    }
-}
-
-fn store(gw: &Gateway) -> Result<&Arc<PolicyStore>, ApiError> {
-    gw.policies.as_ref().ok_or_else(|| {
-        ApiError::not_found("the policy host is not enabled on this gateway", None).with_code("policies_disabled")
-    })
+fn store(gw: &Gateway) -> Result<&Arc<PolicyStore>, Error> {
+    gw.policies
+        .as_ref()
+        .ok_or_else(|| Error::new(Code::PoliciesDisabled, "the policy host is not enabled on this gateway"))
 }
 
 /// The same answer for a version that does not exist and one the caller may not touch.
-fn no_version(id: &str) -> ApiError {
+fn no_version(id: &str) -> Error {
     DeployError::UnknownVersion(id.to_string()).into()
 }
 
 /// The caller, with `policy:deploy`, whose tenant is configured.
-fn deployer<'a>(gw: &'a Gateway, who: &Principal) -> Result<Caller<'a>, ApiError> {
+fn deployer<'a>(gw: &'a Gateway, who: &Principal) -> Result<Caller<'a>, Error> {
     who.require(Scope::PolicyDeploy)?;
     Ok(gw.caller(who)?)
 }
@@ -75,12 +48,12 @@ pub(super) async fn upload(
     query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let who = principal(&gw, &headers)?;
     let caller = deployer(&gw, &who)?;
     let store = store(&gw)?.clone();
-    let Query(query) = query.map_err(|e| ApiError::invalid(format!("invalid query: {e}"), None))?;
-    let name = query.name.ok_or_else(|| ApiError::invalid("`name` (a query parameter) is required", Some("name")))?;
+    let Query(query) = query.map_err(|e| Error::invalid(format!("invalid query: {e}"), None))?;
+    let name = query.name.ok_or_else(|| Error::invalid("`name` (a query parameter) is required", Some("name")))?;
     // A tenant at its version limit is refused before its upload is read.
     store.check_quota(caller.name, 0)?;
     let bytes = read_body_up_to(store.runtime().limits().max_component_bytes, &headers, body).await?;
@@ -90,7 +63,7 @@ pub(super) async fn upload(
     Ok((StatusCode::CREATED, Json(json!({"status": "success", "policy": version}))).into_response())
 }
 
-pub(super) async fn list(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+pub(super) async fn list(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Json<Value>, Error> {
     let who = principal(&gw, &headers)?;
     let caller = deployer(&gw, &who)?;
     let (mut versions, mut active) = store(&gw)?.list();
@@ -108,7 +81,7 @@ async fn deploy_call<T: serde::de::DeserializeOwned + Default>(
     gw: &Gateway,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Arc<Principal>, Arc<PolicyStore>, T), ApiError> {
+) -> Result<(Arc<Principal>, Arc<PolicyStore>, T), Error> {
     let who = principal(gw, headers)?;
     deployer(gw, &who)?;
     let store = store(gw)?.clone();
@@ -116,7 +89,7 @@ async fn deploy_call<T: serde::de::DeserializeOwned + Default>(
     let body = if bytes.is_empty() {
         T::default()
     } else {
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))?
+        serde_json::from_slice(&bytes).map_err(|e| Error::invalid(format!("invalid request body: {e}"), None))?
     };
     Ok((who, store, body))
 }
@@ -135,7 +108,7 @@ pub(super) async fn activate(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Error> {
     let (who, store, body) = deploy_call::<ActivateBody>(&gw, &headers, body).await?;
     let caller = gw.caller(&who)?;
     let scope = caller.policy_scope(body.tenant.as_deref(), &gw.tenants)?;
@@ -161,7 +134,7 @@ pub(super) async fn rollback(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Error> {
     let (who, store, body) = deploy_call::<RollbackBody>(&gw, &headers, body).await?;
     let scope = gw.caller(&who)?.policy_scope(body.tenant.as_deref(), &gw.tenants)?;
     let activation = store.rollback(&scope).await?;
@@ -174,7 +147,7 @@ pub(super) async fn delete(
     State(gw): State<Arc<Gateway>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Error> {
     let who = principal(&gw, &headers)?;
     let caller = deployer(&gw, &who)?;
     let store = store(&gw)?.clone();

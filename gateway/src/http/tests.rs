@@ -900,14 +900,15 @@ async fn the_policy_store_is_bounded_per_tenant_and_unused_versions_can_be_delet
             activate(&h, "ops", &ids[0], json!({"tenant": tenant})).await,
             400,
             "invalid_request_error",
-            Some("unknown_tenant"),
+            Some("no_such_tenant"),
         );
     }
 }
 
 #[tokio::test]
 async fn an_operation_recorded_too_late_is_failed_unrun_and_a_finished_one_blocks_nothing() {
-    use crate::admin::ops::{self, Action, AdminCode, Operation, Outcome};
+    use crate::admin::ops::{self, Action, Operation, Outcome};
+    use crate::error::Code;
     use crate::store::{Expect, Write};
     let h = harness().await;
     let lora = crate::loras::DesiredLora::new("acme/late", "s3://acme/late", "acme");
@@ -938,7 +939,7 @@ async fn an_operation_recorded_too_late_is_failed_unrun_and_a_finished_one_block
     .await
     .expect("the leader settles the record");
     assert!(
-        matches!(outcome, Outcome::Failed { ref error, .. } if error.code == AdminCode::OperationExpired),
+        matches!(outcome, Outcome::Failed { ref error, .. } if error.code == Code::OperationExpired),
         "{outcome:?}"
     );
     assert!(h.backend.adapters.lock().unwrap().get("acme/late").is_none(), "an expired operation reached a backend");

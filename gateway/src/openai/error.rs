@@ -1,6 +1,8 @@
 //! Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the HTTP
-//! status OpenAI uses for each kind, so SDKs raise the exception users expect.
+//! status OpenAI uses for each kind, so SDKs raise the exception users expect. [`status`] is
+//! the one mapping from the gateway's error codes to HTTP.
 
+use crate::error::{Code, Error};
 use serde::Serialize;
 
 /// The `type` field, which OpenAI SDKs map to exception classes together with the status.
@@ -18,17 +20,82 @@ pub enum ErrorType {
     ServiceUnavailableError,
 }
 
-/// An error answer: status, body fields, and (for 503) when to retry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    pub status: u16,
-    pub kind: ErrorType,
-    pub message: String,
-    /// The request field at fault, when one is.
-    pub param: Option<String>,
-    /// A stable machine-readable code.
-    pub code: Option<String>,
-    pub retry_after_s: Option<u64>,
+/// The HTTP status and error type of a failure with `code`.
+pub fn status(code: &Code) -> (u16, ErrorType) {
+    use ErrorType::*;
+    match code {
+        Code::InvalidRequest
+        | Code::UnknownParameter
+        | Code::UnsupportedParameter
+        | Code::DuplicateAuthorization
+        | Code::NoSuchTenant => (400, InvalidRequestError),
+        Code::MethodNotAllowed => (405, InvalidRequestError),
+        Code::RequestTooLarge => (413, InvalidRequestError),
+        Code::HeadersTooLarge => (431, InvalidRequestError),
+
+        Code::MissingToken
+        | Code::MalformedToken
+        | Code::AlgorithmNotAccepted
+        | Code::UnknownKey
+        | Code::InvalidSignature
+        | Code::TokenExpired
+        | Code::TokenNotYetValid
+        | Code::InvalidAudience
+        | Code::InvalidIssuer
+        | Code::MissingClaim
+        | Code::MissingTenant => (401, AuthenticationError),
+
+        Code::InsufficientScope
+        | Code::UnknownTenant
+        | Code::BackendNotAllowed
+        | Code::AdapterNotAllowed
+        | Code::AdapterNotOwned
+        | Code::SourceNotAllowed
+        | Code::PolicyNotAllowed
+        | Code::OwnerNotAllowed
+        | Code::AdapterSourceDenied
+        | Code::PolicyQuotaExceeded => (403, PermissionError),
+
+        Code::UnknownUrl | Code::ModelNotFound | Code::LoraNotFound | Code::PoliciesDisabled | Code::PolicyNotFound => {
+            (404, NotFoundError)
+        }
+
+        Code::LoraExists
+        | Code::AdapterOwnedByAnother
+        | Code::AdapterBusy
+        | Code::OperationInProgress
+        | Code::ChangedConcurrently
+        | Code::OperationExpired
+        | Code::PolicyInUse
+        | Code::NothingToRollBack => (409, ConflictError),
+
+        Code::InvalidAdapter | Code::AdapterSourceNotFound | Code::InvalidPolicy | Code::PolicyDryRunFailed => {
+            (422, UnprocessableEntityError)
+        }
+
+        Code::OperationLost | Code::PolicyFailed | Code::StateDamaged => (500, ServerError),
+        Code::BackendError | Code::IncompleteGeneration => (502, ServerError),
+        Code::OperationTimeout => (504, ServerError),
+
+        Code::NoBackend
+        | Code::BackendBusy
+        | Code::BackendResourceExhausted
+        | Code::BackendUnavailable
+        | Code::PolicyBusy
+        | Code::StateUnavailable => (503, ServiceUnavailableError),
+
+        // A tenant's policy chooses a 4xx; anything else it names becomes 403.
+        Code::Refused { status, .. } => match *status {
+            400 => (400, InvalidRequestError),
+            401 => (401, AuthenticationError),
+            404 => (404, NotFoundError),
+            409 => (409, ConflictError),
+            422 => (422, UnprocessableEntityError),
+            429 => (429, RateLimitError),
+            s @ 402..=499 if s != 403 => (s, InvalidRequestError),
+            _ => (403, PermissionError),
+        },
+    }
 }
 
 #[derive(Serialize)]
@@ -42,121 +109,15 @@ struct Inner<'a> {
     #[serde(rename = "type")]
     kind: ErrorType,
     param: Option<&'a str>,
-    code: Option<&'a str>,
+    code: &'a str,
 }
 
-impl ApiError {
-    fn new(status: u16, kind: ErrorType, message: impl Into<String>) -> ApiError {
-        ApiError { status, kind, message: message.into(), param: None, code: None, retry_after_s: None }
-    }
-
-    /// 400: the request is malformed or asks for something unsupported.
-    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> ApiError {
-        ApiError { param: param.map(str::to_string), ..ApiError::new(400, ErrorType::InvalidRequestError, message) }
-    }
-
-    /// 401: the caller is not authenticated.
-    pub fn unauthenticated(message: impl Into<String>, code: &str) -> ApiError {
-        ApiError { code: Some(code.to_string()), ..ApiError::new(401, ErrorType::AuthenticationError, message) }
-    }
-
-    /// 403: authenticated, but not allowed.
-    pub fn forbidden(message: impl Into<String>, code: &str) -> ApiError {
-        ApiError { code: Some(code.to_string()), ..ApiError::new(403, ErrorType::PermissionError, message) }
-    }
-
-    /// 404: the named model (or adapter) does not exist for this caller.
-    pub fn not_found(message: impl Into<String>, param: Option<&str>) -> ApiError {
-        ApiError { param: param.map(str::to_string), ..ApiError::new(404, ErrorType::NotFoundError, message) }
-    }
-
-    /// 503: nothing can serve this now; retry after the given seconds.
-    pub fn unavailable(message: impl Into<String>, retry_after_s: u64) -> ApiError {
-        ApiError {
-            retry_after_s: Some(retry_after_s),
-            ..ApiError::new(503, ErrorType::ServiceUnavailableError, message)
-        }
-    }
-
-    /// 409: the request conflicts with the current state.
-    pub fn conflict(message: impl Into<String>, code: &str) -> ApiError {
-        ApiError { code: Some(code.to_string()), ..ApiError::new(409, ErrorType::ConflictError, message) }
-    }
-
-    /// 413: the body is larger than the gateway accepts.
-    pub fn too_large(limit: usize) -> ApiError {
-        ApiError {
-            code: Some("request_too_large".into()),
-            ..ApiError::new(413, ErrorType::InvalidRequestError, format!("the request body exceeds {limit} bytes"))
-        }
-    }
-
-    /// 422: well-formed, but what it names cannot be used (an adapter that does not fit).
-    pub fn unprocessable(message: impl Into<String>, code: &str) -> ApiError {
-        ApiError { code: Some(code.to_string()), ..ApiError::new(422, ErrorType::UnprocessableEntityError, message) }
-    }
-
-    /// 500/502: the gateway's own failure, or a backend answering outside its contract.
-    pub fn server(status: u16, message: impl Into<String>, code: &str) -> ApiError {
-        ApiError { code: Some(code.to_string()), ..ApiError::new(status, ErrorType::ServerError, message) }
-    }
-
-    /// A 4xx chosen by someone else (a routing policy), with the error type OpenAI uses for
-    /// that status. Anything outside 400–499 becomes 403.
-    pub fn client(status: u16, message: impl Into<String>, code: &str) -> ApiError {
-        let (status, kind) = match status {
-            400 => (400, ErrorType::InvalidRequestError),
-            401 => (401, ErrorType::AuthenticationError),
-            404 => (404, ErrorType::NotFoundError),
-            409 => (409, ErrorType::ConflictError),
-            422 => (422, ErrorType::UnprocessableEntityError),
-            429 => (429, ErrorType::RateLimitError),
-            s @ 402..=499 if s != 403 => (s, ErrorType::InvalidRequestError),
-            _ => (403, ErrorType::PermissionError),
-        };
-        ApiError { code: Some(code.to_string()), ..ApiError::new(status, kind, message) }
-    }
-
-    /// With a machine-readable code.
-    pub fn with_code(mut self, code: &str) -> ApiError {
-        self.code = Some(code.to_string());
-        self
-    }
-
-    /// The JSON body.
-    pub fn body(&self) -> String {
-        let inner =
-            Inner { message: &self.message, kind: self.kind, param: self.param.as_deref(), code: self.code.as_deref() };
-        // Serializing plain strings and an enum of unit variants cannot fail.
-        serde_json::to_string(&Body { error: inner }).unwrap_or_else(|_| String::from(r#"{"error":{}}"#))
-    }
-}
-
-impl From<crate::auth::AuthError> for ApiError {
-    fn from(e: crate::auth::AuthError) -> ApiError {
-        match e.status() {
-            403 => ApiError::forbidden(e.to_string(), e.code()),
-            _ => ApiError::unauthenticated(e.to_string(), e.code()),
-        }
-    }
-}
-
-impl From<crate::authz::Denied> for ApiError {
-    fn from(e: crate::authz::Denied) -> ApiError {
-        use crate::authz::Denied;
-        let (message, code) = (e.to_string(), e.code());
-        match e {
-            Denied::ModelNotFound(_) => ApiError::not_found(message, Some("model")).with_code(code),
-            Denied::LoraNotFound { .. } => ApiError::not_found(message, None).with_code(code),
-            Denied::NoSuchPolicyScope(_) => ApiError::invalid(message, Some("tenant")).with_code(code),
-            Denied::UnknownTenant(_)
-            | Denied::BackendNotAllowed { .. }
-            | Denied::NameNotAllowed(_)
-            | Denied::NotOwner { .. }
-            | Denied::SourceNotAllowed(_)
-            | Denied::PolicyNotAllowed(_) => ApiError::forbidden(message, code),
-        }
-    }
+/// The JSON body for `e`.
+pub fn body(e: &Error) -> String {
+    let inner =
+        Inner { message: &e.message, kind: status(&e.code).1, param: e.param.as_deref(), code: e.code.as_str() };
+    // Serializing plain strings and an enum of unit variants cannot fail.
+    serde_json::to_string(&Body { error: inner }).unwrap_or_else(|_| String::from(r#"{"error":{}}"#))
 }
 
 #[cfg(test)]
@@ -164,20 +125,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bodies_have_openai_shape_and_auth_errors_their_status() {
-        let e = ApiError::invalid("temperature must be between 0 and 2", Some("temperature"));
-        let body: serde_json::Value = serde_json::from_str(&e.body()).expect("json");
+    fn bodies_have_openai_shape_and_codes_their_status() {
+        let e = Error::invalid("temperature must be between 0 and 2", Some("temperature"));
+        let body: serde_json::Value = serde_json::from_str(&body(&e)).expect("json");
         assert_eq!(
             body,
             serde_json::json!({"error": {"message": "temperature must be between 0 and 2",
-                "type": "invalid_request_error", "param": "temperature", "code": null}})
+                "type": "invalid_request_error", "param": "temperature", "code": "invalid_request"}})
         );
-        let denied = ApiError::from(crate::auth::AuthError::MissingScope { scope: "lora:load" });
-        assert_eq!(
-            (denied.status, denied.kind, denied.code.as_deref()),
-            (403, ErrorType::PermissionError, Some("insufficient_scope"))
-        );
-        let expired = ApiError::from(crate::auth::AuthError::Expired);
-        assert_eq!((expired.status, expired.kind), (401, ErrorType::AuthenticationError));
+        let denied = Error::from(crate::auth::AuthError::MissingScope { scope: "lora:load" });
+        assert_eq!(status(&denied.code), (403, ErrorType::PermissionError));
+        let expired = Error::from(crate::auth::AuthError::Expired);
+        assert_eq!(status(&expired.code), (401, ErrorType::AuthenticationError));
+    }
+
+    #[test]
+    fn a_policy_chooses_only_client_errors() {
+        let refused = |status| Code::Refused { status, code: "tenant_suspended".into() };
+        assert_eq!(status(&refused(429)), (429, ErrorType::RateLimitError));
+        assert_eq!(status(&refused(451)), (451, ErrorType::InvalidRequestError));
+        assert_eq!(status(&refused(200)), (403, ErrorType::PermissionError));
+        assert_eq!(status(&refused(503)), (403, ErrorType::PermissionError));
+        assert_eq!(refused(429).as_str(), "tenant_suspended");
     }
 }

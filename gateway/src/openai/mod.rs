@@ -1,9 +1,9 @@
 //! The OpenAI-compatible surface: request bodies as SDKs send them, response bodies and errors
 //! in OpenAI's shape.
 
-mod error;
+pub mod error;
 pub mod response;
 mod types;
 
-pub use error::{ApiError, ErrorType};
+pub use error::ErrorType;
 pub use types::{ChatRequest, CompletionRequest, Generation, MAX_STOP, Message, parse_chat, parse_completion};

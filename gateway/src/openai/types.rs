@@ -2,7 +2,7 @@
 //! defines but this server does not implement is refused by name (never silently ignored);
 //! an unknown field is refused too.
 
-use super::ApiError;
+use crate::error::{Code, Error};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -147,34 +147,32 @@ pub struct CompletionRequest {
 
 /// Parses a JSON object, refusing unsupported and unknown fields by name (`fields` are the
 /// API's own, beside [`COMMON_FIELDS`]).
-fn object(body: &[u8], fields: &[&str], unsupported: &[&str]) -> Result<Map<String, Value>, ApiError> {
+fn object(body: &[u8], fields: &[&str], unsupported: &[&str]) -> Result<Map<String, Value>, Error> {
     let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}"), None))?;
+        .map_err(|e| Error::invalid(format!("the request body is not valid JSON: {e}"), None))?;
     let Value::Object(map) = value else {
-        return Err(ApiError::invalid("the request body must be a JSON object", None));
+        return Err(Error::invalid("the request body must be a JSON object", None));
     };
     for key in map.keys() {
         if unsupported.contains(&key.as_str()) {
             // Present but null is how some clients say "not set".
             if !map[key].is_null() {
-                return Err(ApiError::invalid(format!("`{key}` is not supported by this server"), Some(key))
-                    .with_code("unsupported_parameter"));
+                let message = format!("`{key}` is not supported by this server");
+                return Err(Error::new(Code::UnsupportedParameter, message).at(Some(key)));
             }
         } else if !fields.contains(&key.as_str()) && !COMMON_FIELDS.contains(&key.as_str()) {
-            return Err(
-                ApiError::invalid(format!("unknown parameter `{key}`"), Some(key)).with_code("unknown_parameter")
-            );
+            return Err(Error::new(Code::UnknownParameter, format!("unknown parameter `{key}`")).at(Some(key)));
         }
     }
     Ok(map)
 }
 
-fn typed<T: DeserializeOwned>(map: Map<String, Value>) -> Result<T, ApiError> {
-    serde_json::from_value(Value::Object(map)).map_err(|e| ApiError::invalid(format!("invalid request: {e}"), None))
+fn typed<T: DeserializeOwned>(map: Map<String, Value>) -> Result<T, Error> {
+    serde_json::from_value(Value::Object(map)).map_err(|e| Error::invalid(format!("invalid request: {e}"), None))
 }
 
-fn generation(c: RawCommon, max_tokens_field: &str) -> Result<Generation, ApiError> {
-    let bad = |param: &str, msg: String| Err(ApiError::invalid(msg, Some(param)));
+fn generation(c: RawCommon, max_tokens_field: &str) -> Result<Generation, Error> {
+    let bad = |param: &str, msg: String| Err(Error::invalid(msg, Some(param)));
     if c.model.is_empty() {
         return bad("model", "`model` must name the base model or an adapter".into());
     }
@@ -232,21 +230,21 @@ fn generation(c: RawCommon, max_tokens_field: &str) -> Result<Generation, ApiErr
 }
 
 /// Reads and checks a chat completion request.
-pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
+pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, Error> {
     let mut map = object(body, CHAT_FIELDS, CHAT_UNSUPPORTED)?;
     let messages: Vec<RawMessage> = match map.remove("messages") {
         Some(v) => serde_json::from_value(v)
-            .map_err(|e| ApiError::invalid(format!("invalid `messages`: {e}"), Some("messages")))?,
-        None => return Err(ApiError::invalid("`messages` is required", Some("messages"))),
+            .map_err(|e| Error::invalid(format!("invalid `messages`: {e}"), Some("messages")))?,
+        None => return Err(Error::invalid("`messages` is required", Some("messages"))),
     };
     if messages.is_empty() {
-        return Err(ApiError::invalid("`messages` must not be empty", Some("messages")));
+        return Err(Error::invalid("`messages` must not be empty", Some("messages")));
     }
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.into_iter().enumerate() {
         let param = format!("messages[{i}]");
         if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant") {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 format!("role {:?} is not supported (system, developer, user, assistant)", m.role),
                 Some(&param),
             ));
@@ -260,7 +258,7 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
                     match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
                         (Some("text"), Some(t)) => text.push_str(t),
                         (kind, _) => {
-                            return Err(ApiError::invalid(
+                            return Err(Error::invalid(
                                 format!("content part type {:?} is not supported (text only)", kind.unwrap_or("?")),
                                 Some(&param),
                             ));
@@ -279,26 +277,26 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
 }
 
 /// Reads and checks a (legacy) completion request.
-pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
+pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, Error> {
     let mut map = object(body, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)?;
     let prompt: Prompt = match map.remove("prompt") {
         Some(v) => serde_json::from_value(v).map_err(|_| {
-            ApiError::invalid("`prompt` must be a string (token-id prompts are not supported)", Some("prompt"))
+            Error::invalid("`prompt` must be a string (token-id prompts are not supported)", Some("prompt"))
         })?,
-        None => return Err(ApiError::invalid("`prompt` is required", Some("prompt"))),
+        None => return Err(Error::invalid("`prompt` is required", Some("prompt"))),
     };
     let prompt = match prompt {
         Prompt::One(p) => p,
         Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
         Prompt::Many(v) => {
-            return Err(ApiError::invalid(
+            return Err(Error::invalid(
                 format!("one prompt per request is supported, got {}", v.len()),
                 Some("prompt"),
             ));
         }
     };
     if prompt.is_empty() {
-        return Err(ApiError::invalid("`prompt` must not be empty", Some("prompt")));
+        return Err(Error::invalid("`prompt` must not be empty", Some("prompt")));
     }
     let generation = generation(typed(map)?, "max_tokens")?;
     Ok(CompletionRequest { prompt, generation })
@@ -308,7 +306,7 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, ApiError> {
 mod tests {
     use super::*;
 
-    fn refused(r: Result<impl std::fmt::Debug, ApiError>) -> ApiError {
+    fn refused(r: Result<impl std::fmt::Debug, Error>) -> Error {
         r.expect_err("refused")
     }
 
@@ -349,7 +347,11 @@ mod tests {
         ];
         for (extra, param, needle) in cases {
             let e = refused(chat(extra));
-            assert_eq!((e.status, e.param.as_deref()), (400, Some(*param)), "{extra}: {e:?}");
+            assert_eq!(
+                (crate::openai::error::status(&e.code).0, e.param.as_deref()),
+                (400, Some(*param)),
+                "{extra}: {e:?}"
+            );
             assert!(e.message.contains(needle), "{extra}: {}", e.message);
         }
         assert!(refused(parse_chat(b"{not json")).message.contains("not valid JSON"));

@@ -144,6 +144,26 @@ pub enum DeployError {
     Corrupt { path: PathBuf, reason: String },
 }
 
+impl From<DeployError> for crate::error::Error {
+    fn from(e: DeployError) -> crate::error::Error {
+        use crate::error::{Code, Error};
+        let code = match &e {
+            DeployError::Load(LoadError::TooLarge { limit, .. }) => return Error::too_large(*limit),
+            DeployError::Load(_) => Code::InvalidPolicy,
+            DeployError::DryRun(_) => Code::PolicyDryRunFailed,
+            DeployError::UnknownVersion(_) => Code::PolicyNotFound,
+            DeployError::Quota(_) => Code::PolicyQuotaExceeded,
+            DeployError::InUse { .. } => Code::PolicyInUse,
+            DeployError::NothingToRollBack(_) => Code::NothingToRollBack,
+            DeployError::Invalid(_) | DeployError::Store(StoreError::Invalid(_)) => Code::InvalidRequest,
+            DeployError::Contended(_) | DeployError::Store(StoreError::Conflict { .. }) => Code::ChangedConcurrently,
+            DeployError::Store(StoreError::Unavailable { .. }) => Code::StateUnavailable,
+            DeployError::Store(_) | DeployError::Io(_) | DeployError::Corrupt { .. } => Code::StateDamaged,
+        };
+        Error::new(code, e.to_string())
+    }
+}
+
 /// The policy records of one replica revision, decoded.
 #[derive(Debug, Default)]
 struct Records {
