@@ -133,8 +133,8 @@ struct BackendArgs {
 /// How a backend joins a fleet whose gateways discover backends.
 #[derive(clap::Args, Debug, Clone)]
 struct FleetArgs {
-    /// The fleet's state store, etcd://host:2379[,host:2379…][/prefix], where this backend
-    /// registers itself (needs --advertise).
+    /// The fleet's state store, etcd://host:2379[,host:2379…][/prefix] (etcds:// for TLS),
+    /// where this backend registers itself (needs --advertise).
     #[arg(long, env = "SWITCHYARD_STORE", requires = "advertise")]
     store: Option<switchyard_fleet::Location>,
     /// The address gateways reach this backend at, e.g. https://10.0.0.7:50051: registered in
@@ -144,6 +144,42 @@ struct FleetArgs {
     /// Seconds the registration outlives this backend if it dies without withdrawing it.
     #[arg(long, env = "SWITCHYARD_ADVERTISE_TTL_S", default_value_t = switchyard_fleet::registration::DEFAULT_TTL_S)]
     advertise_ttl_s: i64,
+    #[command(flatten)]
+    access: StoreAccessArgs,
+}
+
+/// How a gateway or backend proves itself to an etcd --store and checks its members.
+#[derive(clap::Args, Debug, Clone, Default)]
+struct StoreAccessArgs {
+    /// The CA (PEM) that signed the etcd members' certificates; an etcds:// --store needs it.
+    #[arg(long, env = "SWITCHYARD_STORE_CA_FILE")]
+    store_ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) to present to members that require one (etcd's
+    /// --client-cert-auth); needs --store-key-file.
+    #[arg(long, env = "SWITCHYARD_STORE_CERT_FILE", requires = "store_key_file")]
+    store_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "SWITCHYARD_STORE_KEY_FILE", requires = "store_cert_file")]
+    store_key_file: Option<PathBuf>,
+    /// The etcd user, for a cluster with authentication on; needs --store-password-file.
+    #[arg(long, env = "SWITCHYARD_STORE_USER", requires = "store_password_file")]
+    store_user: Option<String>,
+    /// File whose first line that is not blank or a `#` comment is --store-user's password.
+    #[arg(long, env = "SWITCHYARD_STORE_PASSWORD_FILE", requires = "store_user")]
+    store_password_file: Option<PathBuf>,
+}
+
+impl StoreAccessArgs {
+    fn access(&self) -> Result<switchyard_fleet::EtcdAccess> {
+        let client = self.store_cert_file.as_deref().zip(self.store_key_file.as_deref());
+        switchyard_fleet::EtcdAccess::from_files(
+            self.store_ca_file.as_deref(),
+            client,
+            self.store_user.as_deref(),
+            self.store_password_file.as_deref(),
+        )
+        .map_err(anyhow::Error::msg)
+    }
 }
 
 impl FleetArgs {
@@ -154,7 +190,7 @@ impl FleetArgs {
         let (Some(store), Some(address)) = (&self.store, &self.advertise) else { return Ok(None) };
         let switchyard_fleet::Location::Etcd { endpoints, prefix } = store else {
             anyhow::bail!(
-                "--advertise needs an etcd:// --store (a directory cannot be shared with gateways elsewhere)"
+                "--advertise needs an etcd:// (or etcds://) --store (a directory cannot be shared with gateways elsewhere)"
             );
         };
         anyhow::ensure!(
@@ -162,7 +198,9 @@ impl FleetArgs {
             "--advertise {address:?} must be an http:// or https:// address gateways can reach"
         );
         anyhow::ensure!(self.advertise_ttl_s >= 1, "--advertise-ttl-s must be at least 1");
-        let client = switchyard_fleet::connect(endpoints).await.context("cannot reach the --store etcd cluster")?;
+        let access = self.access.access()?;
+        let client =
+            switchyard_fleet::connect(endpoints, &access).await.context("cannot reach the --store etcd cluster")?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
         let record = BackendRecord { address: address.clone(), registered_at: now };
         Ok(Some(Registration::spawn(client, prefix, record, self.advertise_ttl_s)))
@@ -363,9 +401,11 @@ struct GatewayArgs {
     #[arg(long, env = "SWITCHYARD_STATE_DIR")]
     state_dir: PathBuf,
     /// The state store gateways of one fleet share: etcd://host:2379[,host:2379…][/prefix]
-    /// (default prefix /switchyard/), or a directory. Default: the --state-dir.
+    /// (default prefix /switchyard/; etcds:// for TLS), or a directory. Default: the --state-dir.
     #[arg(long, env = "SWITCHYARD_STORE")]
     store: Option<switchyard_gateway::store::Location>,
+    #[command(flatten)]
+    store_access: StoreAccessArgs,
     /// TOML file with the tenants: their adapters, load prefixes and routing.
     #[arg(long, env = "SWITCHYARD_GATEWAY_CONFIG")]
     config: Option<PathBuf>,
@@ -553,6 +593,7 @@ async fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gatew
         backend_credential_file: s.backend_credential_file,
         state_dir: a.state_dir,
         store: a.store,
+        store_access: a.store_access.access()?,
         tenants_file: a.config,
         manifests: a.manifests,
         auth: switchyard_gateway::auth::AuthConfig {

@@ -172,6 +172,7 @@ pub async fn run(a: UpArgs) -> Result<()> {
         },
         state_dir: data.join("state"),
         store: None,
+        store_access: crate::StoreAccessArgs::default(),
         config: Some(config),
         manifests: None,
         jwt_issuer: None,

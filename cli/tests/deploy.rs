@@ -96,7 +96,8 @@ fn every_file_is_named_by_the_kustomization_and_is_kubernetes_yaml() {
     let gateway = all.iter().find(|d| d["kind"] == "Deployment").unwrap();
     assert!(gateway["spec"]["replicas"].as_u64().unwrap() > 1, "several gateway replicas");
     let args = gateway["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
-    assert!(args.contains("--manifests=/etc/switchyard/adapters") && args.contains("--store=etcd://"), "{args}");
+    assert!(args.contains("--manifests=/etc/switchyard/adapters") && args.contains("--store=etcds://"), "{args}");
+    assert!(args.contains("--store-cert-file="), "the gateways prove themselves to etcd: {args}");
     let backend =
         all.iter().find(|d| d["kind"] == "StatefulSet" && d["metadata"]["name"] == "switchyard-backend").unwrap();
     let limits = &backend["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"];

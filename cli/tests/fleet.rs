@@ -25,16 +25,16 @@ struct Shared {
 async fn file_store() -> Shared {
     let dir = tempfile::tempdir().expect("dir");
     let loc = Location::Dir(dir.path().to_path_buf());
-    let a = store::open(&loc).await.expect("opens");
-    let b = store::open(&loc).await.expect("opens");
+    let a = store::open(&loc, &store::EtcdAccess::default()).await.expect("opens");
+    let b = store::open(&loc, &store::EtcdAccess::default()).await.expect("opens");
     Shared { name: "dir", a, b, _dir: Some(dir), etcd: None }
 }
 
 async fn etcd_store(prefix: &str) -> Option<Shared> {
     let cluster = EtcdCluster::start(3)?;
     let loc: Location = cluster.url(prefix).parse().expect("parses");
-    let a = store::open(&loc).await.expect("connects");
-    let b = store::open(&loc).await.expect("connects");
+    let a = store::open(&loc, &store::EtcdAccess::default()).await.expect("connects");
+    let b = store::open(&loc, &store::EtcdAccess::default()).await.expect("connects");
     Some(Shared { name: "etcd", a, b, _dir: None, etcd: Some(cluster) })
 }
 
@@ -132,7 +132,9 @@ async fn blobs_larger_than_one_etcd_value_round_trip_and_are_replaced_whole() {
 /// The etcd store for direct access to the cluster (to compact it, to damage a blob).
 async fn raw_etcd(cluster: &EtcdCluster, prefix: &str) -> store::EtcdStore {
     let endpoints: Vec<String> = cluster.endpoints().iter().map(|e| format!("http://{e}")).collect();
-    store::EtcdStore::connect(&endpoints, &format!("/{prefix}/")).await.expect("connects")
+    store::EtcdStore::connect(&endpoints, &format!("/{prefix}/"), &store::EtcdAccess::default())
+        .await
+        .expect("connects")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,8 +233,15 @@ fn store_locations_are_parsed_and_bad_ones_named() {
         "etcd://etcd:2379".parse::<Location>(),
         Ok(Location::Etcd { endpoints: vec!["http://etcd:2379".into()], prefix: store::DEFAULT_ETCD_PREFIX.into() })
     );
+    assert_eq!(
+        "etcds://etcd-0:2379,etcd-1:2379/fleet-a".parse::<Location>(),
+        Ok(Location::Etcd {
+            endpoints: vec!["https://etcd-0:2379".into(), "https://etcd-1:2379".into()],
+            prefix: "/fleet-a/".into()
+        })
+    );
     assert_eq!("/var/lib/switchyard".parse::<Location>(), Ok(Location::Dir("/var/lib/switchyard".into())));
-    for bad in ["etcd://", "etcd://host", "etcd://user@host:1", "consul://x:1", ""] {
+    for bad in ["etcd://", "etcd://host", "etcd://user@host:1", "etcds://host", "consul://x:1", ""] {
         assert!(bad.parse::<Location>().is_err(), "{bad:?} was accepted");
     }
 }
@@ -470,6 +479,80 @@ async fn backends_register_themselves_and_a_dead_one_leaves_the_routing_table_wi
         backend_states(&http, &gw, &ops).await == both
     })
     .await;
+}
+
+/// Runs `switchyard gateway` with `args` (and the secret [`gateway`] wrote in `dir`), expecting
+/// it to refuse to start; its stderr.
+fn refused_gateway(dir: &std::path::Path, args: &[&str]) -> String {
+    let state = dir.join("refused-state");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["gateway", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&state)
+        .arg("--jwt-hs256-secret-file")
+        .arg(dir.join("secret"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("switchyard runs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("waits").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the gateway {args:?} started; it should have been refused");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("exits");
+    assert!(!out.status.success(), "the gateway {args:?} exited successfully");
+    String::from_utf8_lossy(&out.stderr).into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_an_etcd_that_requires_mutual_tls_the_fleet_works_and_who_cannot_prove_itself_is_refused() {
+    let pki = TestPki::new();
+    let tls = support::etcd::EtcdTls {
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+        client_ca: pki.ca.clone(),
+    };
+    let Some(cluster) = EtcdCluster::start_tls(3, tls) else { return };
+    let store = cluster.url("secure");
+    assert!(store.starts_with("etcds://"), "{store}");
+    let path = |p: &std::path::Path| p.display().to_string();
+    let (ca, cert, key) = (path(&pki.ca), path(&pki.client_cert), path(&pki.client_key));
+    let access = ["--store-ca-file", ca.as_str(), "--store-cert-file", cert.as_str(), "--store-key-file", key.as_str()];
+
+    // A backend registers itself over TLS; a gateway finds it there and shares adapters through it.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let advertise = format!("http://{listen}");
+    let mut backend_flags = vec!["--listen", &listen, "--store", &store, "--advertise", &advertise];
+    backend_flags.extend(access);
+    let _backend = start_backend(&backend_flags);
+    let dir = tempfile::tempdir().unwrap();
+    let mut gateway_flags = vec!["--store", store.as_str()];
+    gateway_flags.extend(access);
+    let gw = gateway(dir.path(), &[], &fleet_tenants(), &gateway_flags);
+    let http = reqwest::Client::new();
+    wait_ready(&http, &gw).await;
+    let ops = token("ops", "lora:load lora:read");
+    let load = json!({"lora_name": "acme/support", "source": {"uri": fixture_uri("r8-qv")}});
+    let (status, v) = post(&http, &gw, "/v1/loras", &ops, load).await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = post(&http, &gw, "/v1/chat/completions", &token("acme", ""), chat("acme/support", "hi")).await;
+    assert_eq!(status, 200, "{v}");
+
+    // Without a client certificate the members refuse the connection; without the CA the
+    // gateway cannot check them; a CA for a plain etcd:// store is a mistake. Each is named.
+    let no_cert = refused_gateway(dir.path(), &["--store", &store, "--store-ca-file", &ca]);
+    assert!(no_cert.contains("cannot read the state store etcd https://"), "{no_cert}");
+    let no_ca = refused_gateway(dir.path(), &["--store", &store]);
+    assert!(no_ca.contains("an etcds:// store needs the CA"), "{no_ca}");
+    let plain = store.replacen("etcds://", "etcd://", 1);
+    let misplaced = refused_gateway(dir.path(), &["--store", &plain, "--store-ca-file", &ca]);
+    assert!(misplaced.contains("--store-ca-file is for an etcds:// store"), "{misplaced}");
+    let half = refused_gateway(dir.path(), &["--store", &store, "--store-ca-file", &ca, "--store-cert-file", &cert]);
+    assert!(half.contains("--store-key-file"), "{half}");
 }
 
 /// Whether `gw` says (on its metrics listener) that it leads.

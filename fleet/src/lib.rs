@@ -1,5 +1,6 @@
 //! What Switchyard gateways and backends share about a fleet: where its state store is
-//! ([`Location`], the `--store` flag of both), how to reach etcd ([`connect`]), leases kept alive
+//! ([`Location`], the `--store` flag of both), how to reach etcd and prove who is calling
+//! ([`EtcdAccess`], [`connect`]), leases kept alive
 //! ([`keep_lease`]), and backend registrations ([`registration`]): a backend started with
 //! `--advertise` keeps a record of itself under a lease, so gateways find it and lose it within
 //! the lease's TTL when it dies.
@@ -28,7 +29,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum Location {
     /// A local directory.
     Dir(std::path::PathBuf),
-    /// An etcd cluster: its endpoints (`http://host:port`) and the key prefix (ends in `/`).
+    /// An etcd cluster: its endpoints (`http://host:port`, or `https://host:port` for
+    /// `etcds://`) and the key prefix (ends in `/`).
     Etcd { endpoints: Vec<String>, prefix: String },
 }
 
@@ -38,16 +40,16 @@ pub const DEFAULT_ETCD_PREFIX: &str = "/switchyard/";
 impl std::str::FromStr for Location {
     type Err = String;
 
-    /// `etcd://host:2379[,host:2379…][/prefix]`, or a directory path.
+    /// `etcd://host:2379[,host:2379…][/prefix]` (`etcds://` for TLS), or a directory path.
     fn from_str(s: &str) -> Result<Location, String> {
-        let Some(rest) = s.strip_prefix("etcd://") else {
-            if s.contains("://") {
-                return Err(format!("store {s:?}: use etcd://host:port[,host:port…][/prefix] or a directory"));
+        let (scheme, rest) = match (s.strip_prefix("etcd://"), s.strip_prefix("etcds://")) {
+            (Some(rest), _) => ("http", rest),
+            (_, Some(rest)) => ("https", rest),
+            _ if s.contains("://") => {
+                return Err(format!("store {s:?}: use etcd[s]://host:port[,host:port…][/prefix] or a directory"));
             }
-            if s.is_empty() {
-                return Err("store: empty path".into());
-            }
-            return Ok(Location::Dir(s.into()));
+            _ if s.is_empty() => return Err("store: empty path".into()),
+            _ => return Ok(Location::Dir(s.into())),
         };
         let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let endpoints: Vec<String> = hosts.split(',').map(str::trim).map(String::from).collect();
@@ -59,19 +61,103 @@ impl std::str::FromStr for Location {
             return Err(format!("store {s:?}: the prefix has whitespace or control characters"));
         }
         let prefix = if prefix.is_empty() { DEFAULT_ETCD_PREFIX.to_string() } else { format!("/{prefix}/") };
-        Ok(Location::Etcd { endpoints: endpoints.into_iter().map(|h| format!("http://{h}")).collect(), prefix })
+        Ok(Location::Etcd { endpoints: endpoints.into_iter().map(|h| format!("{scheme}://{h}")).collect(), prefix })
     }
 }
 
-/// A client for the etcd cluster at `endpoints` (`http://host:port`): every request with a
-/// deadline ([`REQUEST_TIMEOUT`]) and requiring a leader, so a cluster without quorum answers
-/// promptly instead of hanging. Connects lazily: an unreachable cluster shows in the first request.
-pub async fn connect(endpoints: &[String]) -> Result<etcd_client::Client, etcd_client::Error> {
-    let options = etcd_client::ConnectOptions::new()
+/// How a gateway or backend proves itself to etcd and checks etcd's certificates: the CA that
+/// signed the members' certificates (`etcds://` stores), a client certificate for members
+/// started with `--client-cert-auth`, and a user and password for clusters with RBAC on.
+#[derive(Clone, Default)]
+pub struct EtcdAccess {
+    tls: Option<etcd_client::TlsOptions>,
+    user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAccess")
+            .field("tls", &self.tls.is_some())
+            .field("user", &self.user.as_ref().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl EtcdAccess {
+    /// Reads the files: `ca` (PEM) to trust the members' certificates, `client` (certificate
+    /// and key, PEM) to present, and `password_file` (its first line that is not blank or a
+    /// `#` comment) for `user`.
+    pub fn from_files(
+        ca: Option<&std::path::Path>,
+        client: Option<(&std::path::Path, &std::path::Path)>,
+        user: Option<&str>,
+        password_file: Option<&std::path::Path>,
+    ) -> Result<EtcdAccess, String> {
+        use etcd_client::{Certificate, Identity, TlsOptions};
+        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        if client.is_some() && ca.is_none() {
+            return Err("an etcd client certificate needs the members' CA (--store-ca-file) too".into());
+        }
+        let tls = match ca {
+            None => None,
+            Some(ca) => {
+                let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+                if let Some((cert, key)) = client {
+                    tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+                }
+                Some(tls)
+            }
+        };
+        let user = match (user, password_file) {
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                return Err("an etcd user (--store-user) and its password (--store-password-file) go together".into());
+            }
+            (Some(user), Some(path)) => {
+                let text =
+                    String::from_utf8(read(path)?).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+                let password = text
+                    .lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty() && !l.starts_with('#'))
+                    .ok_or_else(|| format!("{} holds no password", path.display()))?;
+                Some((user.to_string(), password.to_string()))
+            }
+        };
+        Ok(EtcdAccess { tls, user })
+    }
+
+    /// Whether this can reach `endpoints`: TLS endpoints need a CA, and a CA is only for them.
+    pub fn check(&self, endpoints: &[String]) -> Result<(), String> {
+        let tls = endpoints.iter().any(|e| e.starts_with("https://"));
+        match (tls, self.tls.is_some()) {
+            (true, false) => {
+                Err("an etcds:// store needs the CA that signed its members' certificates (--store-ca-file)".into())
+            }
+            (false, true) => Err("--store-ca-file is for an etcds:// store (TLS); this one is etcd://".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A client for the etcd cluster at `endpoints` (`http://host:port` or `https://host:port`),
+/// authenticating with `access`: every request with a deadline ([`REQUEST_TIMEOUT`]) and
+/// requiring a leader, so a cluster without quorum answers promptly instead of hanging.
+/// Connects lazily, except that a user and password are checked at once (etcd hands out a token
+/// for them): an unreachable cluster shows in the first request.
+pub async fn connect(endpoints: &[String], access: &EtcdAccess) -> Result<etcd_client::Client, etcd_client::Error> {
+    access.check(endpoints).map_err(etcd_client::Error::InvalidArgs)?;
+    let mut options = etcd_client::ConnectOptions::new()
         .with_timeout(REQUEST_TIMEOUT)
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
         .with_require_leader(true);
+    if let Some(tls) = &access.tls {
+        options = options.with_tls(tls.clone());
+    }
+    if let Some((user, password)) = &access.user {
+        options = options.with_user(user.clone(), password.clone()).with_auto_token_refresh(true);
+    }
     etcd_client::Client::connect(endpoints, Some(options)).await
 }
 

@@ -9,7 +9,7 @@ use crate::members::Connect;
 use crate::policy::deploy::{DeployError, PolicyStore, StoreLimits};
 use crate::policy::wasm::{PolicyRuntime, WasmLimits};
 use crate::policy::{StaticPolicy, WasmPolicies};
-use crate::store::{self, Location, Replica, StoreError};
+use crate::store::{self, EtcdAccess, Location, Replica, StoreError};
 use crate::tenants::GatewayFile;
 use crate::upstream::{GrpcUpstream, Upstream, UpstreamSecurity, UpstreamTimeouts};
 use crate::{Gateway, GatewayOptions};
@@ -31,6 +31,8 @@ pub struct GatewayConfig {
     pub state_dir: PathBuf,
     /// The shared state store.
     pub store: Option<Location>,
+    /// How to authenticate to an etcd store and check its members.
+    pub store_access: EtcdAccess,
     /// The tenants file.
     pub tenants_file: Option<PathBuf>,
     /// A directory of `LoraAdapter` manifests to follow.
@@ -41,12 +43,13 @@ pub struct GatewayConfig {
     pub store_limits: StoreLimits,
 }
 
-/// Why a gateway cannot be built from its configuration.
+/// Why a gateway cannot be built from its configuration. Variants that wrap another error
+/// return it as their source (shown after the message by `{:#}`), not in their message.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("tenants file: {0}")]
     Tenants(String),
-    #[error("JWT keys: {0}")]
+    #[error("JWT keys")]
     Keys(#[from] KeyError),
     #[error("no backend: pass --backend (or an etcd --store, where backends register themselves)")]
     NoBackend,
@@ -56,11 +59,11 @@ pub enum BuildError {
     Backend(String),
     #[error("cannot open the state store (--store): {0}")]
     Store(StoreError),
-    #[error("cannot read the state store {store}: {source}")]
+    #[error("cannot read the state store {store}")]
     StoreRead { store: String, source: StoreError },
-    #[error("cannot import the adapter state of an earlier version: {0}")]
+    #[error("cannot import the adapter state of an earlier version")]
     ImportAdapters(#[from] StateError),
-    #[error("deployed policies: {0}")]
+    #[error("deployed policies")]
     Policies(#[from] DeployError),
     #[error("policy host: {0}")]
     PolicyHost(String),
@@ -120,7 +123,7 @@ impl GatewayConfig {
                 GrpcUpstream::new(address, UpstreamTimeouts::default(), &security).map_err(BuildError::Backend)?;
             backends.push(Arc::new(upstream));
         }
-        let shared = store::open(&location).await.map_err(BuildError::Store)?;
+        let shared = store::open(&location, &self.store_access).await.map_err(BuildError::Store)?;
         let described = shared.describe();
         let replica =
             Replica::open(shared).await.map_err(|source| BuildError::StoreRead { store: described, source })?;

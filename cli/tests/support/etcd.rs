@@ -9,9 +9,19 @@ use std::time::{Duration, Instant};
 struct Member {
     name: String,
     client: u16,
+    /// A plain-HTTP client listener beside a TLS one, for the tests' status checks.
+    status: u16,
     peer: u16,
     data: PathBuf,
     child: Option<Child>,
+}
+
+/// The files of members that serve clients over TLS and require client certificates.
+pub struct EtcdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA client certificates must be signed by.
+    pub client_ca: PathBuf,
 }
 
 /// A running etcd cluster; every member is killed on drop.
@@ -19,6 +29,7 @@ pub struct EtcdCluster {
     binary: PathBuf,
     members: Vec<Member>,
     initial: String,
+    tls: Option<EtcdTls>,
     _dir: tempfile::TempDir,
 }
 
@@ -34,12 +45,23 @@ impl EtcdCluster {
     /// Starts `n` members and waits until the cluster has a leader. `None` (skipped, saying
     /// so) when `etcd` is not installed, unless CI requires it.
     pub fn start(n: usize) -> Option<EtcdCluster> {
+        EtcdCluster::start_with(n, None)
+    }
+
+    /// Starts `n` members whose clients must speak TLS and present a certificate signed by
+    /// `tls.client_ca` (etcd's `--client-cert-auth`).
+    pub fn start_tls(n: usize, tls: EtcdTls) -> Option<EtcdCluster> {
+        EtcdCluster::start_with(n, Some(tls))
+    }
+
+    fn start_with(n: usize, tls: Option<EtcdTls>) -> Option<EtcdCluster> {
         let binary = tool("SWITCHYARD_ETCD", "etcd")?;
         let dir = tempfile::tempdir().expect("etcd dir");
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
                 client: free_port(),
+                status: free_port(),
                 peer: free_port(),
                 data: dir.path().join(format!("m{i}")),
                 child: None,
@@ -47,7 +69,7 @@ impl EtcdCluster {
             .collect();
         let initial =
             members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer)).collect::<Vec<_>>().join(",");
-        let mut cluster = EtcdCluster { binary, members, initial, _dir: dir };
+        let mut cluster = EtcdCluster { binary, members, initial, tls, _dir: dir };
         for i in 0..n {
             cluster.spawn(i);
         }
@@ -57,13 +79,25 @@ impl EtcdCluster {
 
     fn spawn(&mut self, i: usize) {
         let m = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client);
         let peer = format!("http://127.0.0.1:{}", m.peer);
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        match &self.tls {
+            None => {
+                let client = format!("http://127.0.0.1:{}", m.client);
+                command.args(["--listen-client-urls", &client, "--advertise-client-urls", &client]);
+            }
+            Some(tls) => {
+                let client = format!("https://127.0.0.1:{}", m.client);
+                let listen = format!("{client},http://127.0.0.1:{}", m.status);
+                command.args(["--listen-client-urls", &listen, "--advertise-client-urls", &client]);
+                command.arg("--cert-file").arg(&tls.cert).arg("--key-file").arg(&tls.key);
+                command.arg("--client-cert-auth").arg("--trusted-ca-file").arg(&tls.client_ca);
+            }
+        }
+        let child = command
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data)
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &self.initial, "--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", "switchyard-test"])
@@ -98,13 +132,16 @@ impl EtcdCluster {
 
     /// The `--store` value for this cluster with `prefix`.
     pub fn url(&self, prefix: &str) -> String {
-        format!("etcd://{}/{prefix}", self.endpoints().join(","))
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{}/{prefix}", self.endpoints().join(","))
     }
 
     /// Member status through etcd's JSON gateway: `(member id, leader id)`, when it answers.
     fn status(&self, i: usize) -> Option<(String, String)> {
         use std::io::{Read, Write};
-        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.members[i].client)).ok()?;
+        let m = &self.members[i];
+        let port = if self.tls.is_some() { m.status } else { m.client };
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
         conn.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
         conn.write_all(b"POST /v3/maintenance/status HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}").ok()?;
         let mut answer = Vec::new();

@@ -23,7 +23,7 @@ use etcd_client::{
 };
 use futures::StreamExt;
 use std::time::Duration;
-use switchyard_fleet::LeaseGuard;
+use switchyard_fleet::{EtcdAccess, LeaseGuard};
 
 /// Bytes per blob chunk: under etcd's default request limit (1.5 MiB) with room for the key.
 pub const BLOB_CHUNK: usize = 1 << 20;
@@ -47,10 +47,23 @@ impl std::fmt::Debug for EtcdStore {
 
 fn unavailable(e: etcd_client::Error) -> StoreError {
     match &e {
+        etcd_client::Error::InvalidArgs(m) => StoreError::Invalid(m.clone()),
         etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::InvalidArgument => {
             StoreError::Invalid(format!("etcd refused the request: {}", s.message()))
         }
         etcd_client::Error::GRpcStatus(s) => StoreError::Unavailable { reason: format!("etcd: {}", s.message()) },
+        etcd_client::Error::TransportError(t) => {
+            // A transport error says what went wrong only in its sources (a refused handshake,
+            // a certificate that does not verify): name them.
+            let mut reason = format!("etcd: {t}");
+            let mut cause = std::error::Error::source(t);
+            while let Some(c) = cause {
+                reason.push_str(": ");
+                reason.push_str(&c.to_string());
+                cause = c.source();
+            }
+            StoreError::Unavailable { reason }
+        }
         _ => StoreError::Unavailable { reason: format!("etcd: {e}") },
     }
 }
@@ -61,10 +74,11 @@ fn text(bytes: &[u8], key: &str) -> Result<String, StoreError> {
 }
 
 impl EtcdStore {
-    /// Connects to the cluster at `endpoints` (`http://host:port`), keeping keys under `prefix`.
-    /// Fails only on malformed endpoints: an unreachable cluster shows in the first request.
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<EtcdStore, StoreError> {
-        let client = switchyard_fleet::connect(endpoints).await.map_err(unavailable)?;
+    /// Connects to the cluster at `endpoints` (`http://host:port` or `https://host:port`) with
+    /// `access`, keeping keys under `prefix`. Fails on malformed endpoints, missing TLS settings
+    /// and a refused user: an unreachable cluster shows in the first request.
+    pub async fn connect(endpoints: &[String], prefix: &str, access: &EtcdAccess) -> Result<EtcdStore, StoreError> {
+        let client = switchyard_fleet::connect(endpoints, access).await.map_err(unavailable)?;
         Ok(EtcdStore { client, endpoints: endpoints.to_vec(), prefix: prefix.to_string() })
     }
 

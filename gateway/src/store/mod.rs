@@ -246,12 +246,12 @@ pub(crate) fn check_blob_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
-pub use switchyard_fleet::{DEFAULT_ETCD_PREFIX, Location};
+pub use switchyard_fleet::{DEFAULT_ETCD_PREFIX, EtcdAccess, Location};
 
-/// Opens the store at `location`.
-pub async fn open(location: &Location) -> Result<Arc<dyn StateStore>, StoreError> {
+/// Opens the store at `location` (an etcd store with `access`).
+pub async fn open(location: &Location, access: &EtcdAccess) -> Result<Arc<dyn StateStore>, StoreError> {
     Ok(match location {
         Location::Dir(dir) => Arc::new(FileStore::open(dir)?),
-        Location::Etcd { endpoints, prefix } => Arc::new(EtcdStore::connect(endpoints, prefix).await?),
+        Location::Etcd { endpoints, prefix } => Arc::new(EtcdStore::connect(endpoints, prefix, access).await?),
     })
 }
