@@ -555,6 +555,61 @@ async fn over_an_etcd_that_requires_mutual_tls_the_fleet_works_and_who_cannot_pr
     assert!(half.contains("--store-key-file"), "{half}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_authentication_on_a_user_limited_to_the_prefix_runs_the_fleet_and_others_are_refused() {
+    use switchyard_fleet::etcd_client::{Permission, UserAddOptions};
+    let Some(cluster) = EtcdCluster::start(3) else { return };
+    let endpoints: Vec<String> = cluster.endpoints().iter().map(|e| format!("http://{e}")).collect();
+    let mut admin = switchyard_fleet::connect(&endpoints, &Default::default()).await.expect("connects");
+    admin.role_add("root").await.expect("root role");
+    admin.user_add("root", "root-password", None).await.expect("root user");
+    admin.user_grant_role("root", "root").await.expect("grants root");
+    // The gateways' user may read and write its own prefix only.
+    admin.role_add("switchyard").await.expect("role");
+    admin.role_grant_permission("switchyard", Permission::read_write("/authz/").with_prefix()).await.expect("grant");
+    admin.user_add("switchyard", "fleet-password", Some(UserAddOptions::new())).await.expect("user");
+    admin.user_grant_role("switchyard", "switchyard").await.expect("grants");
+    admin.auth_enable().await.expect("authentication on");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (right, wrong) = (dir.path().join("password"), dir.path().join("wrong"));
+    std::fs::write(&right, "# the fleet's etcd password\nfleet-password\n").unwrap();
+    std::fs::write(&wrong, "not-the-password\n").unwrap();
+    let (right, wrong) = (right.display().to_string(), wrong.display().to_string());
+    let backend = start_backend(&[]);
+    let store = cluster.url("authz");
+    let gw = gateway(
+        dir.path(),
+        &[&backend.addr],
+        &fleet_tenants(),
+        &["--store", &store, "--store-user", "switchyard", "--store-password-file", &right],
+    );
+    let http = reqwest::Client::new();
+    wait_ready(&http, &gw).await;
+    let ops = token("ops", "lora:load lora:read");
+    let load = json!({"lora_name": "acme/support", "source": {"uri": fixture_uri("r8-qv")}});
+    let (status, v) = post(&http, &gw, "/v1/loras", &ops, load).await;
+    assert_eq!(status, 200, "{v}");
+
+    // A wrong password, no user at all, and the right user on a prefix it was not granted.
+    let backend_flag = format!("http://{}", backend.addr);
+    let refused = |extra: &[&str]| {
+        let mut args = vec!["--backend", backend_flag.as_str()];
+        args.extend_from_slice(extra);
+        refused_gateway(dir.path(), &args)
+    };
+    let bad_password = refused(&["--store", &store, "--store-user", "switchyard", "--store-password-file", &wrong]);
+    assert!(bad_password.contains("authentication failed"), "{bad_password}");
+    let anonymous = refused(&["--store", &store]);
+    assert!(anonymous.contains("cannot read the state store"), "{anonymous}");
+    let elsewhere = cluster.url("other");
+    let not_granted = refused(&["--store", &elsewhere, "--store-user", "switchyard", "--store-password-file", &right]);
+    assert!(
+        not_granted.contains("etcd does not allow this") && not_granted.contains("permission denied"),
+        "{not_granted}"
+    );
+}
+
 /// Whether `gw` says (on its metrics listener) that it leads.
 async fn leads(http: &reqwest::Client, gw: &Gateway) -> bool {
     let url = format!("{}/metrics", gw.metrics.as_deref().expect("a metrics listener"));

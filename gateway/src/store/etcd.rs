@@ -51,6 +51,15 @@ fn unavailable(e: etcd_client::Error) -> StoreError {
         etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::InvalidArgument => {
             StoreError::Invalid(format!("etcd refused the request: {}", s.message()))
         }
+        etcd_client::Error::GRpcStatus(s)
+            if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated) =>
+        {
+            let reason = format!(
+                "etcd does not allow this (check --store-user and the user's roles on the prefix): {}",
+                s.message()
+            );
+            StoreError::Unavailable { reason }
+        }
         etcd_client::Error::GRpcStatus(s) => StoreError::Unavailable { reason: format!("etcd: {}", s.message()) },
         etcd_client::Error::TransportError(t) => {
             // A transport error says what went wrong only in its sources (a refused handshake,
