@@ -3,7 +3,7 @@
 //! same component's latency for tenant acme while tenant evil's policy loops until its fuel
 //! runs out on every request, back to back; and the time the default fuel lets a loop run.
 //!
-//! `cargo bench -p switchyard-gateway --bench policy [-- --requests N]`
+//! `cargo bench -p switchyard-gateway --bench policy [-- --requests N --yield-fuel N]`
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark stops at the first failure
 
@@ -64,7 +64,9 @@ async fn bench() {
     let tenants = Arc::new(file.tenants);
     let builtin = StaticPolicy::new(tenants.clone());
     let dir = tempfile::tempdir().unwrap();
-    let runtime = Arc::new(PolicyRuntime::new(WasmLimits::default()).unwrap());
+    let limits = WasmLimits { yield_fuel: arg("--yield-fuel", 0).try_into().unwrap(), ..Default::default() };
+    let limits = if limits.yield_fuel == 0 { WasmLimits::default() } else { limits };
+    let runtime = Arc::new(PolicyRuntime::new(limits).unwrap());
     let replica = LoraStore::open_dir(dir.path()).await.unwrap().replica().clone();
     let store = PolicyStore::open(replica, runtime, Default::default()).await.unwrap();
     let map = store.upload("tenant-map", built("tenant_map"), "ops").await.unwrap();
@@ -118,7 +120,10 @@ async fn bench() {
         // Where a request would wait for its backend: work the decision left runs here.
         tokio::task::yield_now().await;
     }
-    println!("{requests} decisions each, interleaved, one at a time (tenant-map vs the static policy)");
+    println!(
+        "{requests} decisions each, interleaved, one at a time (tenant-map vs the static policy); {} fuel between yields",
+        wasm.store().runtime().limits().yield_fuel
+    );
     println!("{:<52} {:>10} {:>10}", "", "p50 µs", "p99 µs");
     let (s50, s99) = row("built-in static policy", &mut s);
     let (w50, w99) = row("tenant-map component, as requests run it", &mut w);
@@ -170,6 +175,8 @@ async fn bench() {
                 if t.elapsed() >= Duration::from_secs_f64(loop50 * 0.5e-6) {
                     ran.fetch_add(1, Ordering::Relaxed);
                 }
+                // Between requests, as a request task waits for its client and its backend.
+                tokio::task::yield_now().await;
             }
         })
     };
@@ -177,6 +184,7 @@ async fn bench() {
     let mut under = Vec::with_capacity(requests);
     for _ in 0..requests {
         under.push(time(wasm.as_ref(), &acme).await);
+        tokio::task::yield_now().await;
     }
     stop.store(true, Ordering::Relaxed);
     attacker.await.unwrap();

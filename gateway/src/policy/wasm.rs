@@ -16,7 +16,7 @@
 //! so a request waits only for the call itself. Each store has a memory cap enforced by a
 //! [`ResourceLimiter`]. A call runs on the task that asked for the decision, on a fiber stack
 //! from the pool; a policy that runs long yields the thread back to the executor every
-//! [`FUEL_YIELD_INTERVAL`] units of fuel, so other requests keep being served while it runs.
+//! [`WasmLimits::yield_fuel`] units of fuel, so other requests keep being served while it runs.
 //! A trap, a deadline or a limit hit is returned as a [`PolicyFault`] for that request alone.
 //!
 //! Guests may import the `host` interface of `wit/policy.wit`, plus the WASI interfaces the Rust
@@ -58,7 +58,7 @@ pub const DEFAULT_MEMORY_BYTES: usize = 32 << 20;
 pub const DEFAULT_FUEL: u64 = 100_000_000;
 /// Fuel a guest runs between yields to the executor: far more than a decision needs (it never
 /// yields), and a loop gives the thread back every few tens of microseconds.
-pub const FUEL_YIELD_INTERVAL: u64 = 200_000;
+pub const DEFAULT_YIELD_FUEL: u64 = 200_000;
 /// The wall-clock guard: generous, since the fuel bounds the guest's own work and this only
 /// catches what fuel cannot (a host so overloaded that it cannot run the guest at all).
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(1);
@@ -91,6 +91,9 @@ pub struct WasmLimits {
     pub max_component_bytes: usize,
     /// Concurrent policy instances.
     pub pool_instances: u32,
+    /// Fuel a guest runs before it gives its thread back to the executor (and takes it again
+    /// behind the tasks that were waiting).
+    pub yield_fuel: u64,
 }
 
 impl Default for WasmLimits {
@@ -101,6 +104,7 @@ impl Default for WasmLimits {
             deadline: DEFAULT_DEADLINE,
             max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
             pool_instances: DEFAULT_POOL_INSTANCES,
+            yield_fuel: DEFAULT_YIELD_FUEL,
         }
     }
 }
@@ -243,6 +247,9 @@ impl host::Host for HostState {
 impl PolicyRuntime {
     /// Builds the engine with every limit named, and starts the epoch ticker.
     pub fn new(limits: WasmLimits) -> Result<PolicyRuntime, String> {
+        if limits.yield_fuel == 0 {
+            return Err("the fuel between yields must be at least 1".into());
+        }
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(limits.pool_instances)
             // A Rust wasip2 component is a handful of core instances (the program, its WASI
@@ -350,7 +357,7 @@ impl PolicyRuntime {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
         store
-            .fuel_async_yield_interval(Some(FUEL_YIELD_INTERVAL))
+            .fuel_async_yield_interval(Some(self.limits.yield_fuel))
             .map_err(|e| PolicyFault::Trap(format!("cannot set the policy's yield interval: {e}")))?;
         // Instantiating may run the guest's start code: it gets a budget of its own.
         self.arm(&mut store)?;
@@ -469,19 +476,19 @@ impl Deployment {
             None => self.runtime.prepare(&self.policy, self.config.clone(), self.label.clone()).await?,
         };
         let outcome = self.runtime.run(&mut store, &instance, request).await;
-        // A policy that faulted gets no instance made ahead: its next request pays for its own.
+        // A policy that faulted gets no instance made ahead: its next request pays for its own,
+        // and this one's slot is given back here, so a tenant whose policy keeps faulting
+        // never holds pool slots waiting for a background task.
         let again = matches!(outcome, Ok(_) | Err(PolicyFault::Failed(_)));
         match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
+            Ok(handle) if again => {
                 let me = self.clone();
                 handle.spawn(async move {
                     drop(store);
-                    if again {
-                        me.refill().await;
-                    }
+                    me.refill().await;
                 });
             }
-            Err(_) => drop(store),
+            _ => drop(store),
         }
         outcome
     }
