@@ -535,10 +535,7 @@ async fn over_an_etcd_that_requires_mutual_tls_the_fleet_works_and_who_cannot_pr
     let gw = gateway(dir.path(), &[], &fleet_tenants(), &gateway_flags);
     let http = reqwest::Client::new();
     wait_ready(&http, &gw).await;
-    let ops = token("ops", "lora:load lora:read");
-    let load = json!({"lora_name": "acme/support", "source": {"uri": fixture_uri("r8-qv")}});
-    let (status, v) = post(&http, &gw, "/v1/loras", &ops, load).await;
-    assert_eq!(status, 200, "{v}");
+    load_through_gateway(&http, &gw, &token("ops", "lora:load lora:read"), "acme/support", "r8-qv").await;
     let (status, v) = post(&http, &gw, "/v1/chat/completions", &token("acme", ""), chat("acme/support", "hi")).await;
     assert_eq!(status, 200, "{v}");
 
@@ -586,10 +583,7 @@ async fn with_etcd_authentication_on_a_user_limited_to_the_prefix_runs_the_fleet
     );
     let http = reqwest::Client::new();
     wait_ready(&http, &gw).await;
-    let ops = token("ops", "lora:load lora:read");
-    let load = json!({"lora_name": "acme/support", "source": {"uri": fixture_uri("r8-qv")}});
-    let (status, v) = post(&http, &gw, "/v1/loras", &ops, load).await;
-    assert_eq!(status, 200, "{v}");
+    load_through_gateway(&http, &gw, &token("ops", "lora:load lora:read"), "acme/support", "r8-qv").await;
 
     // A wrong password, no user at all, and the right user on a prefix it was not granted.
     let backend_flag = format!("http://{}", backend.addr);

@@ -93,36 +93,16 @@ impl EtcdAccess {
         user: Option<&str>,
         password_file: Option<&std::path::Path>,
     ) -> Result<EtcdAccess, String> {
-        use etcd_client::{Certificate, Identity, TlsOptions};
-        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
         if client.is_some() && ca.is_none() {
             return Err("an etcd client certificate needs the members' CA (--store-ca-file) too".into());
         }
-        let tls = match ca {
-            None => None,
-            Some(ca) => {
-                let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
-                if let Some((cert, key)) = client {
-                    tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-                }
-                Some(tls)
-            }
-        };
+        let tls = ca.map(|ca| client_tls(ca, client)).transpose()?;
         let user = match (user, password_file) {
             (None, None) => None,
             (Some(_), None) | (None, Some(_)) => {
                 return Err("an etcd user (--store-user) and its password (--store-password-file) go together".into());
             }
-            (Some(user), Some(path)) => {
-                let text =
-                    String::from_utf8(read(path)?).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
-                let password = text
-                    .lines()
-                    .map(str::trim)
-                    .find(|l| !l.is_empty() && !l.starts_with('#'))
-                    .ok_or_else(|| format!("{} holds no password", path.display()))?;
-                Some((user.to_string(), password.to_string()))
-            }
+            (Some(user), Some(path)) => Some((user.to_string(), first_line(path, "password")?)),
         };
         Ok(EtcdAccess { tls, user })
     }
@@ -138,6 +118,35 @@ impl EtcdAccess {
             _ => Ok(()),
         }
     }
+}
+
+/// TLS settings for a client: trust the certificates `ca` (PEM) signed, and present `client`
+/// (certificate and key, PEM) when given. Shared by the gateway's backend clients and etcd.
+pub fn client_tls(
+    ca: &std::path::Path,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<etcd_client::TlsOptions, String> {
+    use etcd_client::{Certificate, Identity, TlsOptions};
+    let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(tls)
+}
+
+/// The first line of the file at `path` that is not blank or a `#` comment, trimmed: how
+/// credentials and passwords are kept. `what` names it in the error when there is none.
+pub fn first_line(path: &std::path::Path, what: &str) -> Result<String, String> {
+    let text = String::from_utf8(read(path)?).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .ok_or_else(|| format!("{} holds no {what}", path.display()))
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 /// A client for the etcd cluster at `endpoints` (`http://host:port` or `https://host:port`),

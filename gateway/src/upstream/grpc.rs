@@ -12,7 +12,7 @@ use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::backend_client::BackendClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -56,36 +56,17 @@ impl UpstreamSecurity {
         client: Option<(&Path, &Path)>,
         credential_file: Option<&Path>,
     ) -> Result<UpstreamSecurity, String> {
-        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
         if client.is_some() && ca.is_none() {
             return Err("a backend client certificate needs the backends' CA (--backend-ca-file) too".into());
         }
-        let tls = match ca {
-            None => None,
-            Some(ca) => {
-                let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
-                if let Some((cert, key)) = client {
-                    tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
-                }
-                Some(tls)
-            }
-        };
+        let tls = ca.map(|ca| switchyard_fleet::client_tls(ca, client)).transpose()?;
         let credential = match credential_file {
             None => None,
-            Some(path) => {
-                let text =
-                    String::from_utf8(read(path)?).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
-                let line = text
-                    .lines()
-                    .map(str::trim)
-                    .find(|l| !l.is_empty() && !l.starts_with('#'))
-                    .ok_or_else(|| format!("{} holds no credential", path.display()))?;
-                Some(
-                    format!("Bearer {line}")
-                        .parse()
-                        .map_err(|_| format!("{}: the credential is not printable ASCII", path.display()))?,
-                )
-            }
+            Some(path) => Some(
+                format!("Bearer {}", switchyard_fleet::first_line(path, "credential")?)
+                    .parse()
+                    .map_err(|_| format!("{}: the credential is not printable ASCII", path.display()))?,
+            ),
         };
         Ok(UpstreamSecurity { tls, credential })
     }
