@@ -8,7 +8,9 @@ use std::time::Duration;
 use switchyard_backend::adapters::AdapterWeights;
 use switchyard_backend::bench::{BLOCK_SIZE, blocks_needed, decode_tokens_per_s};
 use switchyard_backend::model::Model;
-use switchyard_backend::service::{self, AdapterOptions, DeviceChoice, SecurityOptions, ServeOptions, TlsFiles};
+use switchyard_backend::service::{
+    self, AdapterOptions, DeviceChoice, DtypeChoice, SecurityOptions, ServeOptions, TlsFiles,
+};
 
 mod declare;
 mod devtls;
@@ -91,9 +93,12 @@ struct BenchArgs {
     /// Hugging Face model directory or synthetic:<preset> (tiny, smollm2-135m, llama-1b, llama-7b).
     #[arg(long, default_value = "synthetic:llama-7b")]
     model: PathBuf,
-    /// auto, cpu, cuda or cuda:N.
+    /// auto, cpu, cuda, cuda:N or emulated-cuda (test builds).
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
+    /// auto (bf16 on CUDA, f32 on the CPU), f32 or bf16.
+    #[arg(long, default_value = "auto")]
+    dtype: DtypeChoice,
     /// Sequences decoded together.
     #[arg(long, default_value_t = 64)]
     batch: usize,
@@ -116,7 +121,8 @@ struct BackendArgs {
     /// synthetic:<preset> for random weights of a known shape.
     #[arg(long, env = "SWITCHYARD_MODEL")]
     model: PathBuf,
-    /// Where the model runs: auto (CUDA when usable, else CPU), cpu, cuda or cuda:N.
+    /// Where the model runs: auto (CUDA when usable, else CPU), cpu, cuda or cuda:N; test builds
+    /// also have emulated-cuda (the CUDA kernels on a CPU emulation of the GPU).
     #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "auto")]
     device: DeviceChoice,
     /// Address for the gRPC server; port 0 picks a free port (printed at start-up).
@@ -239,6 +245,9 @@ impl BackendSecurityArgs {
 /// How a backend's engine and adapter store are sized: shared by `backend` and `up`.
 #[derive(clap::Args, Debug, Clone)]
 struct EngineArgs {
+    /// What the model computes in: auto (bf16 on CUDA, f32 on the CPU), f32 or bf16 (CUDA only).
+    #[arg(long, env = "SWITCHYARD_DTYPE", default_value = "auto")]
+    dtype: DtypeChoice,
     /// Adapter slots: adapters resident at once. Idle adapters are evicted least recently used first.
     #[arg(long, env = "SWITCHYARD_MAX_LORAS", default_value_t = DEFAULT_MAX_LORAS)]
     max_loras: usize,
@@ -295,6 +304,7 @@ impl EngineArgs {
         ServeOptions {
             model,
             device,
+            dtype: self.dtype,
             listen,
             max_loras: self.max_loras,
             max_lora_rank: self.max_lora_rank,
@@ -741,11 +751,12 @@ async fn run_policy_test(a: PolicyTestArgs) -> Result<()> {
 fn run_bench(a: BenchArgs) -> Result<()> {
     anyhow::ensure!(a.batch > 0 && a.steps > 0, "--batch and --steps must be at least 1");
     let device = service::resolve_device(a.device)?;
+    let dtype = service::resolve_dtype(device, a.dtype)?;
     let model = Model::open(&a.model)?;
     let slots = a.adapters.iter().copied().max().unwrap_or(0).max(1);
     let config = model.config.clone();
     let blocks = blocks_needed(a.batch, a.prompt_len, a.steps);
-    let mut exec = service::build_executor(device, &config, model.weights, blocks, BLOCK_SIZE, slots, a.rank)?;
+    let mut exec = service::build_executor(device, dtype, &config, model.weights, blocks, BLOCK_SIZE, slots, a.rank)?;
     for slot in 0..slots {
         exec.load_adapter(slot as u32, &AdapterWeights::synthetic(&config, a.rank, 1000 + slot as u64))?;
     }

@@ -13,7 +13,34 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 #[tokio::test]
 async fn streams_generations_with_and_without_an_adapter_and_reports_health() {
-    let backend = start_backend(&["--max-loras", "2", "--max-lora-rank", "16"]);
+    serves_like_the_reference(&[], "cpu").await;
+}
+
+/// The CUDA executor on the CPU emulation of a CUDA device, in f32 so that greedy tokens must
+/// match PEFT's exactly: the executor's adapter slot tables, hot swaps and unloads are checked
+/// through the real binary without a GPU.
+#[tokio::test]
+async fn emulated_cuda_streams_generations_with_and_without_an_adapter_exactly_as_the_reference() {
+    serves_like_the_reference(&["--device", "emulated-cuda", "--dtype", "f32"], "emulated-cuda").await;
+}
+
+#[tokio::test]
+async fn cuda_streams_generations_with_and_without_an_adapter_exactly_as_the_reference() {
+    if let Err(why) = switchyard_backend::service::probe_cuda(0) {
+        assert!(std::env::var_os("SWITCHYARD_REQUIRE_CUDA").is_none(), "SWITCHYARD_REQUIRE_CUDA is set but {why}");
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "backend_grpc: skipped the CUDA run, no usable CUDA device ({why})");
+        return;
+    }
+    serves_like_the_reference(&["--device", "cuda", "--dtype", "f32"], "cuda:0").await;
+}
+
+/// Health, info, the reference's greedy tokens with and without adapters, idempotent loads, hot
+/// swaps and unloads, on the backend started with `device` flags.
+async fn serves_like_the_reference(device: &[&str], device_prefix: &str) {
+    let mut flags = vec!["--max-loras", "2", "--max-lora-rank", "16"];
+    flags.extend_from_slice(device);
+    let backend = start_backend(&flags);
     let (mut client, mut health) = connect(&backend).await;
 
     for service in ["", "switchyard.backend.v1.Backend"] {
@@ -24,6 +51,7 @@ async fn streams_generations_with_and_without_an_adapter_and_reports_health() {
     let info = client.info(pb::InfoRequest {}).await.expect("info").into_inner();
     assert_eq!((info.model.as_str(), info.architecture.as_str()), ("tiny-llama", "LlamaForCausalLM"));
     assert_eq!((info.max_loras, info.max_lora_rank, info.loaded_loras, info.max_model_len), (2, 16, 0, 128));
+    assert!(info.device.starts_with(device_prefix) && info.dtype == "f32", "{} {}", info.device, info.dtype);
 
     // Base model: the reference's greedy tokens, streamed one message per token.
     let base = case("tiny-llama.base.1");

@@ -56,7 +56,7 @@ __device__ void shrink_rows(const void* x_, int in_dim, int start, int len, cons
             if (lane == 0) partial[j][warp] = w;
         }
         __syncthreads();
-        if (threadIdx.x < tile) {
+        if ((int)threadIdx.x < tile) {
             float sum = 0.f;
             for (int w = 0; w < (int)(blockDim.x / 32); ++w) sum += partial[threadIdx.x][w];
             v[(size_t)t * v_stride + r0 + threadIdx.x] = sum;

@@ -1,5 +1,26 @@
 // Shared by every kernel source: numeric types and helpers. Prepended to each .cu file before
-// NVRTC compiles it, so the kernels need no CUDA toolkit headers.
+// NVRTC compiles it, so the kernels need no CUDA toolkit headers. The CPU emulation
+// (kernels/emulator/cuda.h) includes it too, after defining the hooks below its own way.
+
+#ifndef ENTRY_POINT
+// A kernel the driver finds by its unmangled name.
+#define ENTRY_POINT(NAME, PARAMS) extern "C" __global__ void NAME PARAMS
+#endif
+
+#ifndef F16_TO_F32
+__device__ __forceinline__ float f16_to_f32_ptx(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ unsigned short f32_to_f16_ptx(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#define F16_TO_F32(h) f16_to_f32_ptx(h)
+#define F32_TO_F16(f) f32_to_f16_ptx(f)
+#endif
 
 typedef unsigned short u16;
 typedef unsigned long long u64;
@@ -25,16 +46,8 @@ struct BF16 {
 };
 struct F16 {
     typedef u16 T;
-    static __device__ __forceinline__ float load(u16 h) {
-        float f;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-        return f;
-    }
-    static __device__ __forceinline__ u16 store(float f) {
-        u16 h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-        return h;
-    }
+    static __device__ __forceinline__ float load(u16 h) { return F16_TO_F32(h); }
+    static __device__ __forceinline__ u16 store(float f) { return F32_TO_F16(f); }
 };
 
 // Elements of type T in one 16-byte vector load.
@@ -63,7 +76,7 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Instantiates `extern "C"` entry points NAME_f32, NAME_bf16 and NAME_f16 of a templated kernel
 // body NAME<D>(args...).
-#define INSTANTIATE(NAME, PARAMS, ARGS)                                   \
-    extern "C" __global__ void NAME##_f32 PARAMS { NAME<F32> ARGS; }      \
-    extern "C" __global__ void NAME##_bf16 PARAMS { NAME<BF16> ARGS; }    \
-    extern "C" __global__ void NAME##_f16 PARAMS { NAME<F16> ARGS; }
+#define INSTANTIATE(NAME, PARAMS, ARGS)                  \
+    ENTRY_POINT(NAME##_f32, PARAMS) { NAME<F32> ARGS; }   \
+    ENTRY_POINT(NAME##_bf16, PARAMS) { NAME<BF16> ARGS; } \
+    ENTRY_POINT(NAME##_f16, PARAMS) { NAME<F16> ARGS; }

@@ -6,7 +6,7 @@ use gemm::Parallelism;
 /// pool costs more than it saves.
 const PARALLEL_MIN_FLOPS: usize = 1 << 18;
 
-fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
+pub(crate) fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
     if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN_FLOPS {
         Parallelism::None
     } else {

@@ -1,28 +1,19 @@
 //! The CUDA executor: weights, KV cache and adapter slots in device memory (bf16 for serving,
-//! f32 for exact comparison with the reference); cuBLAS for the base projections; the project's
-//! own NVRTC-compiled kernels for everything else. One stream; a step uploads its small batch
-//! tables once and downloads only the logits.
+//! f32 for exact comparison with the reference); GEMMs for the base projections (cuBLAS on a
+//! GPU); the project's own kernels for everything else. One stream; a step uploads its small
+//! batch tables once and downloads only the logits.
+//!
+//! Generic over the [`Device`]: a real GPU ([`CudaDevice`]) in production, the CPU emulation of
+//! one ([`Emulator`](switchyard_kernels::cuda::Emulator)) in tests, with this logic unchanged.
 
 use super::executor::{Batch, Executor, ExecutorError, FusedLayer};
 use crate::adapters::AdapterWeights;
 use crate::model::{HostTensor, ModelConfig, ModelWeights, Module};
-use cudarc::cublas::sys::cublasOperation_t;
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
-use std::sync::Arc;
-use switchyard_kernels::cuda::{CudaError, CudaKernels, Element, LoraRows, LoraSlotEntry, Segments, open_device};
+use switchyard_kernels::cuda::{
+    CudaDevice, CudaError, CudaKernels, Device, Element, Gemm, LoraRows, LoraSlotEntry, Segments,
+};
 use switchyard_kernels::{KvLayout, lora};
-
-/// Element types the CUDA executor runs in: the kernels' types that cuBLAS multiplies.
-pub trait DeviceFloat: Element
-where
-    CudaBlas: Gemm<Self>,
-{
-}
-
-impl DeviceFloat for bf16 {}
-impl DeviceFloat for f32 {}
 
 impl From<CudaError> for ExecutorError {
     fn from(e: CudaError) -> ExecutorError {
@@ -30,82 +21,63 @@ impl From<CudaError> for ExecutorError {
     }
 }
 
-fn driver(e: cudarc::driver::DriverError) -> ExecutorError {
-    ExecutorError(format!("CUDA driver: {e}"))
-}
-
-fn cublas(e: cudarc::cublas::result::CublasError) -> ExecutorError {
-    ExecutorError(format!("cuBLAS: {e:?}"))
-}
-
 /// An adapter's matrices on the device (A as `[r, in]`, Bᵀ as `[r, out]`), kept alive while
 /// the slot tables point at them.
 #[derive(Debug)]
-struct DeviceAdapter<E> {
-    _buffers: Vec<CudaSlice<E>>,
+struct DeviceAdapter<D: Device, E: Element> {
+    _buffers: Vec<D::Buffer<E>>,
     max_rank: usize,
 }
 
 /// The CUDA implementation of [`Executor`].
 #[derive(Debug)]
-pub struct CudaExecutor<E: DeviceFloat = bf16>
-where
-    CudaBlas: Gemm<E>,
-{
+pub struct CudaExecutor<E: Element = bf16, D: Device = CudaDevice> {
     config: ModelConfig,
-    device: String,
-    stream: Arc<CudaStream>,
-    kernels: CudaKernels,
-    blas: CudaBlas,
-    embed: CudaSlice<E>,
-    lm_head: Option<CudaSlice<E>>,
-    final_norm: CudaSlice<E>,
-    layers: Vec<FusedLayer<CudaSlice<E>>>,
-    k_cache: Vec<CudaSlice<E>>,
-    v_cache: Vec<CudaSlice<E>>,
+    kernels: CudaKernels<D>,
+    embed: D::Buffer<E>,
+    lm_head: Option<D::Buffer<E>>,
+    final_norm: D::Buffer<E>,
+    layers: Vec<FusedLayer<D::Buffer<E>>>,
+    k_cache: Vec<D::Buffer<E>>,
+    v_cache: Vec<D::Buffer<E>>,
     layout: KvLayout,
-    inv_freq: CudaSlice<f32>,
+    inv_freq: D::Buffer<f32>,
     rope_scale: f32,
-    adapters: Vec<Option<DeviceAdapter<E>>>,
+    adapters: Vec<Option<DeviceAdapter<D, E>>>,
     /// `[layer][module]`: the slot table the LoRA kernels read, and its host mirror.
-    tables: Vec<Vec<CudaSlice<LoraSlotEntry>>>,
+    tables: Vec<Vec<D::Buffer<LoraSlotEntry>>>,
     host_tables: Vec<Vec<Vec<LoraSlotEntry>>>,
     max_rank: usize,
 }
 
-/// Converts to bf16 (in parallel: a 7B model is billions of values) and uploads.
-fn upload<E: Element>(stream: &Arc<CudaStream>, data: &[f32]) -> Result<CudaSlice<E>, ExecutorError> {
+/// Converts to the device type (in parallel: a 7B model is billions of values) and uploads.
+fn upload<D: Device, E: Element>(dev: &D, data: &[f32]) -> Result<D::Buffer<E>, CudaError> {
     use rayon::prelude::*;
     let host: Vec<E> = data.par_iter().map(|&v| E::from_f32(v)).collect();
-    stream.clone_htod(&host).map_err(driver)
+    dev.upload(&host)
 }
 
 /// Uploads tensors stacked along their first dimension (fused projections).
-fn upload_concat<E: Element>(stream: &Arc<CudaStream>, parts: &[&HostTensor]) -> Result<CudaSlice<E>, ExecutorError> {
+fn upload_concat<D: Device, E: Element>(dev: &D, parts: &[&HostTensor]) -> Result<D::Buffer<E>, CudaError> {
     use rayon::prelude::*;
     let host: Vec<E> =
         parts.iter().flat_map(|t| t.data.par_iter().map(|&v| E::from_f32(v)).collect::<Vec<_>>()).collect();
-    stream.clone_htod(&host).map_err(driver)
+    dev.upload(&host)
 }
 
 /// Per-step LoRA state: which rows use which slot, in the shape the kernels want.
-struct LoraStep {
+struct LoraStep<D: Device> {
     rows: usize,
-    row_slots: CudaSlice<i32>,
-    segments: Option<Segments>,
-    shrink: CudaSlice<f32>,
+    row_slots: D::Buffer<i32>,
+    segments: Option<Segments<D>>,
+    shrink: D::Buffer<f32>,
     /// Largest rank among the batch's adapters (0: no row uses an adapter).
     max_rank: usize,
 }
 
-impl<E: DeviceFloat> CudaExecutor<E>
-where
-    CudaBlas: Gemm<E>,
-{
-    /// Opens CUDA device `ordinal`, compiles the kernels, uploads the weights (consumed layer by
-    /// layer, so host memory is released as it goes) and allocates the KV cache and adapter
-    /// slot tables.
-    pub fn new(
+impl<E: Element> CudaExecutor<E, CudaDevice> {
+    /// Opens CUDA device `ordinal` (compiling the kernels for it) and builds the executor there.
+    pub fn open(
         ordinal: usize,
         config: &ModelConfig,
         weights: ModelWeights,
@@ -113,31 +85,39 @@ where
         block_size: usize,
         max_loras: usize,
         max_rank: usize,
-    ) -> Result<CudaExecutor<E>, ExecutorError> {
-        let ctx = open_device(ordinal)?;
-        // SAFETY: only tries to dlopen the library; no symbol is called.
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-            return Err(ExecutorError(
-                "cuBLAS (libcublas.so.13) was not found; add the CUDA 13 libraries to LD_LIBRARY_PATH".into(),
-            ));
-        }
-        let name = ctx.name().map_err(driver)?;
-        let kernels = CudaKernels::new(&ctx)?;
-        let stream = kernels.stream().clone();
-        let blas = CudaBlas::new(stream.clone()).map_err(cublas)?;
+    ) -> Result<CudaExecutor<E, CudaDevice>, ExecutorError> {
+        let dev = CudaDevice::open(ordinal)?;
+        CudaExecutor::new(dev, config, weights, kv_blocks, block_size, max_loras, max_rank)
+    }
+}
+
+impl<E: Element, D: Device> CudaExecutor<E, D> {
+    /// Uploads the weights to `dev` (consumed layer by layer, so host memory is released as it
+    /// goes) and allocates the KV cache and adapter slot tables.
+    pub fn new(
+        dev: D,
+        config: &ModelConfig,
+        weights: ModelWeights,
+        kv_blocks: usize,
+        block_size: usize,
+        max_loras: usize,
+        max_rank: usize,
+    ) -> Result<CudaExecutor<E, D>, ExecutorError> {
+        let kernels = CudaKernels::new(dev);
+        let dev = kernels.device();
         let ModelWeights { embed_tokens, layers: host_layers, final_norm, lm_head } = weights;
         let mut layers = Vec::with_capacity(host_layers.len());
         for l in host_layers {
             // Each layer's host copy is released once it is on the device.
-            layers.push(FusedLayer::build(&l, |parts| upload_concat(&stream, parts))?);
+            layers.push(FusedLayer::build(&l, |parts| upload_concat(dev, parts))?);
         }
         let layout = KvLayout { block_size, kv_heads: config.num_kv_heads, head_dim: config.head_dim };
         let pool = kv_blocks * block_size * layout.slot_width();
         let mut k_cache = Vec::with_capacity(config.num_layers);
         let mut v_cache = Vec::with_capacity(config.num_layers);
         for _ in 0..config.num_layers {
-            k_cache.push(stream.alloc_zeros::<E>(pool.max(1)).map_err(driver)?);
-            v_cache.push(stream.alloc_zeros::<E>(pool.max(1)).map_err(driver)?);
+            k_cache.push(dev.alloc_zeros::<E>(pool.max(1))?);
+            v_cache.push(dev.alloc_zeros::<E>(pool.max(1))?);
         }
         let (inv_freq, rope_scale) = config.rope_inv_freq();
         let empty = vec![LoraSlotEntry::default(); max_loras.max(1)];
@@ -145,74 +125,59 @@ where
         for _ in 0..config.num_layers {
             let mut per_module = Vec::with_capacity(7);
             for _ in Module::ALL {
-                per_module.push(stream.clone_htod(&empty).map_err(driver)?);
+                per_module.push(dev.upload(&empty)?);
             }
             tables.push(per_module);
         }
         let exec = CudaExecutor {
             config: config.clone(),
-            device: format!("cuda:{ordinal} ({name})"),
-            embed: upload(&stream, &embed_tokens.data)?,
-            lm_head: lm_head.map(|t| upload(&stream, &t.data)).transpose()?,
-            final_norm: upload(&stream, &final_norm.data)?,
+            embed: upload(dev, &embed_tokens.data)?,
+            lm_head: lm_head.map(|t| upload(dev, &t.data)).transpose()?,
+            final_norm: upload(dev, &final_norm.data)?,
             layers,
             k_cache,
             v_cache,
             layout,
-            inv_freq: stream.clone_htod(&inv_freq).map_err(driver)?,
+            inv_freq: dev.upload(&inv_freq)?,
             rope_scale,
             adapters: (0..max_loras).map(|_| None).collect(),
             host_tables: vec![vec![empty.clone(); 7]; config.num_layers],
             tables,
             max_rank,
             kernels,
-            blas,
-            stream,
         };
-        exec.stream.synchronize().map_err(driver)?;
+        exec.kernels.device().synchronize()?;
         Ok(exec)
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ` through cuBLAS (row-major operands, f32 accumulation).
     fn linear(
         &self,
-        x: &CudaSlice<E>,
+        x: &D::Buffer<E>,
         m: usize,
         k: usize,
-        w: &CudaSlice<E>,
+        w: &D::Buffer<E>,
         n: usize,
-        y: &mut CudaSlice<E>,
+        y: &mut D::Buffer<E>,
     ) -> Result<(), ExecutorError> {
         if m == 0 {
             return Ok(());
         }
-        let int = |v: usize| i32::try_from(v).map_err(|_| ExecutorError(format!("GEMM dimension {v} too large")));
         // Row-major y = x·wᵀ is column-major yᵀ = w·xᵀ: A = w (transposed), B = x.
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: int(n)?,
-            n: int(m)?,
-            k: int(k)?,
-            alpha: E::from_f32(1.0),
-            lda: int(k)?,
-            ldb: int(k)?,
-            beta: E::from_f32(0.0),
-            ldc: int(n)?,
-        };
-        // SAFETY: w holds n·k values, x at least m·k and y at least m·n (the executor sized
-        // every buffer from the same config); cuBLAS reads and writes only those.
-        unsafe { self.blas.gemm(cfg, w, x, y) }.map_err(cublas)
+        let op = Gemm { transa: true, transb: false, m: n, n: m, k, lda: k, ldb: k, ldc: n };
+        // SAFETY: `y` is borrowed mutably, so it is neither `x` nor `w`; the device checks the
+        // three buffers against the shape.
+        Ok(unsafe { self.kernels.device().gemm(op, w, x, y) }?)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn lora(
         &self,
-        step: &mut LoraStep,
+        step: &mut LoraStep<D>,
         layer: usize,
         m: Module,
-        x: &CudaSlice<E>,
-        y: &mut CudaSlice<E>,
+        x: &D::Buffer<E>,
+        y: &mut D::Buffer<E>,
         y_stride: usize,
         y_offset: usize,
     ) -> Result<(), ExecutorError> {
@@ -233,8 +198,8 @@ where
 
     fn bias(
         &self,
-        y: &mut CudaSlice<E>,
-        bias: Option<&CudaSlice<E>>,
+        y: &mut D::Buffer<E>,
+        bias: Option<&D::Buffer<E>>,
         rows: usize,
         width: usize,
     ) -> Result<(), ExecutorError> {
@@ -249,19 +214,16 @@ where
             for m in 0..7 {
                 let entry = entries.get(l).map_or(LoraSlotEntry::default(), |e| e[m]);
                 self.host_tables[l][m][slot] = entry;
-                self.stream.memcpy_htod(&self.host_tables[l][m], &mut self.tables[l][m]).map_err(driver)?;
+                self.kernels.device().write(&self.host_tables[l][m], &mut self.tables[l][m])?;
             }
         }
         Ok(())
     }
 }
 
-impl<E: DeviceFloat> Executor for CudaExecutor<E>
-where
-    CudaBlas: Gemm<E>,
-{
+impl<E: Element, D: Device> Executor for CudaExecutor<E, D> {
     fn device(&self) -> String {
-        self.device.clone()
+        self.kernels.device().name()
     }
 
     fn dtype(&self) -> &'static str {
@@ -291,11 +253,10 @@ where
                         b_t[r * out + o] = lm.b[o * lm.rank + r];
                     }
                 }
-                let a = upload(&self.stream, &lm.a)?;
-                let b_t = upload(&self.stream, &b_t)?;
-                let (pa, ga) = a.device_ptr(&self.stream);
-                let (pb, gb) = b_t.device_ptr(&self.stream);
-                drop((ga, gb));
+                let dev = self.kernels.device();
+                let a = upload::<D, E>(dev, &lm.a)?;
+                let b_t = upload::<D, E>(dev, &b_t)?;
+                let (pa, pb) = (dev.address(&a), dev.address(&b_t));
                 entries[l][mi] = LoraSlotEntry { a: pa, b_t: pb, rank: lm.rank as i32, scale: lm.scale };
                 buffers.push(a);
                 buffers.push(b_t);
@@ -327,8 +288,8 @@ where
         if let Some(bad) = batch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(ExecutorError(format!("token id {bad} outside the vocabulary")));
         }
-        let s = self.stream.clone();
-        let up_i32 = |v: Vec<i32>| s.clone_htod(&if v.is_empty() { vec![0] } else { v }).map_err(driver);
+        let s = self.kernels.device();
+        let up_i32 = |v: Vec<i32>| s.upload(&if v.is_empty() { vec![0] } else { v });
 
         // The step's tables, uploaded once.
         let d_tokens = up_i32(batch.tokens.iter().map(|&t| t as i32).collect())?;
@@ -352,12 +313,12 @@ where
         let mut step = LoraStep {
             rows: n,
             row_slots: up_i32(rows.iter().map(|r| r.map_or(-1, |s| s as i32)).collect())?,
-            segments: if segs.iter().all(|s| s.len == 1) { None } else { Some(Segments::upload(&s, &segs)?) },
-            shrink: s.alloc_zeros::<f32>((n * self.max_rank).max(1)).map_err(driver)?,
+            segments: if segs.iter().all(|s| s.len == 1) { None } else { Some(Segments::upload(s, &segs)?) },
+            shrink: s.alloc_zeros::<f32>((n * self.max_rank).max(1))?,
             max_rank,
         };
 
-        let alloc = |len: usize| s.alloc_zeros::<E>(len.max(1)).map_err(driver);
+        let alloc = |len: usize| s.alloc_zeros::<E>(len.max(1));
         let mut x = alloc(n * h)?;
         let mut normed = alloc(n * h)?;
         let mut qkv = alloc(n * qkv_w)?;
@@ -429,7 +390,7 @@ where
         let mut logits = alloc(m * c.vocab_size)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         self.linear(&last_normed, m, h, head, c.vocab_size, &mut logits)?;
-        let host = s.clone_dtoh(&logits).map_err(driver)?;
+        let host = s.download(&logits)?;
         Ok(host.into_iter().take(m * c.vocab_size).map(Element::to_f32).collect())
     }
 }

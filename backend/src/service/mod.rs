@@ -10,8 +10,9 @@ pub use adapters::{AdapterManager, LoadOutcome};
 pub use error::ServiceError;
 pub use security::{SecurityOptions, TlsFiles};
 pub use server::{
-    AdapterOptions, DeviceChoice, KV_BLOCK_SIZE, ServeError, ServeOptions, Served, build_executor, default_sources,
-    kv_value_bytes, open_store, prepare, prepare_with_sources, probe_cuda, resolve_device, serve,
+    AdapterOptions, DeviceChoice, DtypeChoice, KV_BLOCK_SIZE, ServeError, ServeOptions, Served, build_executor,
+    default_sources, kv_value_bytes, open_store, prepare, prepare_with_sources, probe_cuda, resolve_device,
+    resolve_dtype, serve,
 };
 
 use crate::adapters::Digest;

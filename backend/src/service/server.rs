@@ -7,7 +7,7 @@ use crate::adapters::{
 };
 use crate::engine::cpu::CpuExecutor;
 use crate::engine::cuda::CudaExecutor;
-use crate::engine::executor::Executor;
+use crate::engine::executor::{Executor, ExecutorError};
 use crate::engine::scheduler::SchedulerConfig;
 use crate::engine::{Engine, EngineConfig};
 use crate::model::{Model, ModelError};
@@ -27,6 +27,10 @@ pub enum DeviceChoice {
     Auto,
     Cpu,
     Cuda(usize),
+    /// The CUDA executor on the CPU emulation of a CUDA device: the real kernels and executor
+    /// logic, slowly, without a GPU. For tests; only builds with the kernels crate's
+    /// `emulation` feature (test builds) have it.
+    EmulatedCuda,
 }
 
 impl std::str::FromStr for DeviceChoice {
@@ -36,12 +40,46 @@ impl std::str::FromStr for DeviceChoice {
             "auto" => Ok(DeviceChoice::Auto),
             "cpu" => Ok(DeviceChoice::Cpu),
             "cuda" => Ok(DeviceChoice::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(DeviceChoice::Cuda)
-                .ok_or_else(|| format!("unknown device {other:?}; expected auto, cpu, cuda or cuda:N")),
+            "emulated-cuda" => Ok(DeviceChoice::EmulatedCuda),
+            other => {
+                other.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(DeviceChoice::Cuda).ok_or_else(|| {
+                    format!("unknown device {other:?}; expected auto, cpu, cuda, cuda:N or emulated-cuda")
+                })
+            }
         }
+    }
+}
+
+/// The element type the executor computes and keeps its KV cache in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DtypeChoice {
+    /// bf16 on CUDA devices, f32 on the CPU.
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for DtypeChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<DtypeChoice, String> {
+        match s {
+            "auto" => Ok(DtypeChoice::Auto),
+            "f32" | "float32" => Ok(DtypeChoice::F32),
+            "bf16" | "bfloat16" => Ok(DtypeChoice::Bf16),
+            other => Err(format!("unknown dtype {other:?}; expected auto, f32 or bf16")),
+        }
+    }
+}
+
+/// The dtype a resolved device runs in: `auto` made concrete, and what it cannot run refused.
+pub fn resolve_dtype(device: DeviceChoice, dtype: DtypeChoice) -> Result<DtypeChoice, ServeError> {
+    match (device, dtype) {
+        (DeviceChoice::Cpu | DeviceChoice::Auto, DtypeChoice::Bf16) => {
+            Err(ServeError::Device("--dtype bf16: the CPU executor computes in f32".into()))
+        }
+        (DeviceChoice::Cpu | DeviceChoice::Auto, _) => Ok(DtypeChoice::F32),
+        (_, DtypeChoice::Auto) => Ok(DtypeChoice::Bf16),
+        (_, concrete) => Ok(concrete),
     }
 }
 
@@ -53,9 +91,8 @@ pub fn probe_cuda(ordinal: usize) -> Result<(), String> {
     if !cuda::nvrtc_available() {
         return Err(cuda::CudaError::NoNvrtc.to_string());
     }
-    // SAFETY: only tries to dlopen the library; no symbol is called.
-    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-        return Err("cuBLAS (libcublas.so.13) was not found".into());
+    if !cuda::cublas_available() {
+        return Err(cuda::CudaError::NoBlas.to_string());
     }
     Ok(())
 }
@@ -67,6 +104,15 @@ pub fn resolve_device(choice: DeviceChoice) -> Result<DeviceChoice, ServeError> 
         DeviceChoice::Cuda(n) => {
             probe_cuda(n).map_err(|e| ServeError::Device(format!("--device cuda:{n}: {e}")))?;
             Ok(DeviceChoice::Cuda(n))
+        }
+        DeviceChoice::EmulatedCuda => {
+            if !switchyard_kernels::cuda::Emulator::available() {
+                return Err(ServeError::Device(format!(
+                    "--device emulated-cuda: {}",
+                    switchyard_kernels::cuda::CudaError::NoEmulation
+                )));
+            }
+            Ok(DeviceChoice::EmulatedCuda)
         }
         DeviceChoice::Auto => match probe_cuda(0) {
             Ok(()) => {
@@ -81,17 +127,19 @@ pub fn resolve_device(choice: DeviceChoice) -> Result<DeviceChoice, ServeError> 
     }
 }
 
-/// Bytes of one KV cache value on a device.
-pub fn kv_value_bytes(device: DeviceChoice) -> usize {
-    match device {
-        DeviceChoice::Cuda(_) => 2, // bf16
-        _ => 4,                     // f32
+/// Bytes of one KV cache value in a resolved dtype.
+pub fn kv_value_bytes(dtype: DtypeChoice) -> usize {
+    match dtype {
+        DtypeChoice::Bf16 => 2,
+        _ => 4,
     }
 }
 
-/// Builds the executor for a resolved device.
+/// Builds the executor for a resolved device and dtype.
+#[allow(clippy::too_many_arguments)]
 pub fn build_executor(
     device: DeviceChoice,
+    dtype: DtypeChoice,
     config: &crate::model::ModelConfig,
     weights: crate::model::ModelWeights,
     kv_blocks: usize,
@@ -99,12 +147,26 @@ pub fn build_executor(
     max_loras: usize,
     max_rank: usize,
 ) -> Result<Box<dyn Executor>, ServeError> {
-    Ok(match device {
-        DeviceChoice::Cuda(n) => Box::new(
-            CudaExecutor::<half::bf16>::new(n, config, weights, kv_blocks, block_size, max_loras, max_rank)
-                .map_err(|e| ServeError::Device(format!("cuda:{n}: {e}")))?,
-        ),
-        _ => Box::new(CpuExecutor::new(config, weights, kv_blocks, block_size, max_loras, max_rank)),
+    use half::bf16;
+    use switchyard_kernels::cuda::Emulator;
+    let (b, s, l, r) = (kv_blocks, block_size, max_loras, max_rank);
+    let on_cuda = |n: usize| move |e: ExecutorError| ServeError::Device(format!("cuda:{n}: {e}"));
+    let emulated = |e: ExecutorError| ServeError::Device(format!("emulated-cuda: {e}"));
+    let emulator = || Emulator::new().map_err(|e| ServeError::Device(format!("emulated-cuda: {e}")));
+    Ok(match (device, dtype) {
+        (DeviceChoice::Cuda(n), DtypeChoice::F32) => {
+            Box::new(CudaExecutor::<f32>::open(n, config, weights, b, s, l, r).map_err(on_cuda(n))?)
+        }
+        (DeviceChoice::Cuda(n), _) => {
+            Box::new(CudaExecutor::<bf16>::open(n, config, weights, b, s, l, r).map_err(on_cuda(n))?)
+        }
+        (DeviceChoice::EmulatedCuda, DtypeChoice::F32) => {
+            Box::new(CudaExecutor::<f32, _>::new(emulator()?, config, weights, b, s, l, r).map_err(emulated)?)
+        }
+        (DeviceChoice::EmulatedCuda, _) => {
+            Box::new(CudaExecutor::<bf16, _>::new(emulator()?, config, weights, b, s, l, r).map_err(emulated)?)
+        }
+        _ => Box::new(CpuExecutor::new(config, weights, b, s, l, r)),
     })
 }
 
@@ -114,6 +176,7 @@ pub struct ServeOptions {
     /// A Hugging Face model directory, or `synthetic:<preset>`.
     pub model: PathBuf,
     pub device: DeviceChoice,
+    pub dtype: DtypeChoice,
     pub listen: SocketAddr,
     pub max_loras: usize,
     pub max_lora_rank: usize,
@@ -283,16 +346,17 @@ pub async fn prepare_with_sources(opts: ServeOptions, sources: SourceRegistry) -
     let tls = opts.security.tls.as_ref().map(security::server_tls).transpose()?;
     let store = open_store(&opts.adapters, sources)?;
     let device = resolve_device(opts.device)?;
+    let dtype = resolve_dtype(device, opts.dtype)?;
     let dir = opts.model.clone();
     let model = tokio::task::spawn_blocking(move || Model::open(&dir))
         .await
         .map_err(|e| ServeError::Config(format!("model loader failed: {e}")))??;
-    let cfg = engine_config(&opts, &model, kv_value_bytes(device))?;
+    let cfg = engine_config(&opts, &model, kv_value_bytes(dtype))?;
     let Model { name, config, weights, tokenizer } = model;
     let (blocks, loras, rank) = (cfg.scheduler.num_blocks, cfg.max_loras, cfg.max_lora_rank);
     let executor = tokio::task::spawn_blocking({
         let config = config.clone();
-        move || build_executor(device, &config, weights, blocks, KV_BLOCK_SIZE, loras, rank)
+        move || build_executor(device, dtype, &config, weights, blocks, KV_BLOCK_SIZE, loras, rank)
     })
     .await
     .map_err(|e| ServeError::Config(format!("executor start-up failed: {e}")))??;

@@ -1,13 +1,10 @@
 //! Typed launch wrappers: argument checks, grid shapes, and the device-side tables the LoRA
-//! kernels read (segments, adapter slot entries).
+//! kernels read (segments, adapter slot entries). Generic over the [`Device`] they launch on.
 
-#[cfg(test)]
-use super::SOURCES;
-use super::{CudaError, Dtype, Element, compile_all, device_arch};
+use super::device::{Device, DeviceBuffer, KernelArg, Launch};
+use super::{CudaError, Element};
 use crate::lora::Segment;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
-use std::collections::HashMap;
-use std::sync::Arc;
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 
 /// Threads per block of the shrink kernels (must match `SHRINK_THREADS` in lora.cu).
 const SHRINK_THREADS: u32 = 256;
@@ -19,19 +16,6 @@ const EXPAND_THREADS: u32 = 128;
 const ATTN_THREADS: u32 = 32 * 4;
 /// Largest head dimension the attention kernel holds in registers (`MAX_HEAD_DIM`).
 const MAX_HEAD_DIM: usize = 256;
-
-/// Entry points defined by each source, without the dtype suffix.
-const ENTRY_POINTS: &[(&str, &[&str])] = &[
-    ("lora", &["sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand"]),
-    ("ops", &["add_bias", "embedding", "rms_norm", "rope", "silu_mul", "add_inplace"]),
-    ("attention", &["write_kv", "paged_attention"]),
-];
-
-/// The first entry point of a source (used by the compile test to check instantiation).
-#[cfg(test)]
-pub(super) fn first_kernel_of(source: &str) -> &'static str {
-    ENTRY_POINTS.iter().find(|(s, _)| *s == source).map_or("", |(_, e)| e[0])
-}
 
 /// One adapter's matrices for one (layer, projection), as the LoRA kernels read them.
 /// `rank == 0` means the adapter does not target the projection.
@@ -49,6 +33,8 @@ pub struct LoraSlotEntry {
 // SAFETY: a plain `#[repr(C)]` struct of integers and a float, laid out exactly as `LoraSlot`
 // in lora.cu (u64, u64, int, float; 24 bytes, 8-byte aligned).
 unsafe impl DeviceRepr for LoraSlotEntry {}
+// SAFETY: all-zero bytes are a valid entry (null addresses, rank 0: no adapter).
+unsafe impl ValidAsZeroBits for LoraSlotEntry {}
 
 /// Rows one SGMV block handles at most. Longer segments (many rows on one adapter, as in a
 /// prefill or a popular adapter) are split so their rows spread over many blocks; the pieces
@@ -75,36 +61,36 @@ pub fn split_segments(segs: &[Segment], piece: u32) -> Vec<Segment> {
 /// Segments of a batch in device memory, split into pieces of at most
 /// [`SEGMENT_PIECE_ROWS`] rows.
 #[derive(Debug)]
-pub struct Segments {
-    start: CudaSlice<i32>,
-    len: CudaSlice<i32>,
-    slot: CudaSlice<i32>,
+pub struct Segments<D: Device> {
+    start: D::Buffer<i32>,
+    len: D::Buffer<i32>,
+    slot: D::Buffer<i32>,
     count: usize,
     /// One past the last row any segment covers.
     end: usize,
 }
 
-impl Segments {
+impl<D: Device> Segments<D> {
     /// Uploads segments built by [`crate::lora::segments`].
-    pub fn upload(stream: &Arc<CudaStream>, segs: &[Segment]) -> Result<Segments, CudaError> {
-        Self::upload_pieces(stream, segs, SEGMENT_PIECE_ROWS)
+    pub fn upload(dev: &D, segs: &[Segment]) -> Result<Segments<D>, CudaError> {
+        Self::upload_pieces(dev, segs, SEGMENT_PIECE_ROWS)
     }
 
     /// Uploads segments split into pieces of at most `piece` rows.
-    pub fn upload_pieces(stream: &Arc<CudaStream>, segs: &[Segment], piece: u32) -> Result<Segments, CudaError> {
+    pub fn upload_pieces(dev: &D, segs: &[Segment], piece: u32) -> Result<Segments<D>, CudaError> {
         let segs = &split_segments(segs, piece);
-        let col = |f: fn(&Segment) -> u32| segs.iter().map(|s| f(s) as i32).collect::<Vec<i32>>();
         // Empty device allocations are not allowed: keep one unused element.
-        let pad = |mut v: Vec<i32>| {
+        let col = |f: fn(&Segment) -> u32| {
+            let mut v: Vec<i32> = segs.iter().map(|s| f(s) as i32).collect();
             if v.is_empty() {
                 v.push(0);
             }
-            v
+            dev.upload(&v)
         };
         Ok(Segments {
-            start: stream.clone_htod(&pad(col(|s| s.start)))?,
-            len: stream.clone_htod(&pad(col(|s| s.len)))?,
-            slot: stream.clone_htod(&pad(col(|s| s.slot)))?,
+            start: col(|s| s.start)?,
+            len: col(|s| s.len)?,
+            slot: col(|s| s.slot)?,
             count: segs.len(),
             end: segs.iter().map(|s| (s.start + s.len) as usize).max().unwrap_or(0),
         })
@@ -120,15 +106,23 @@ impl Segments {
 }
 
 /// Which rows of a batch use which adapter slot, in the form a LoRA kernel family reads.
-#[derive(Debug, Clone, Copy)]
-pub enum LoraRows<'a> {
+#[derive(Debug)]
+pub enum LoraRows<'a, D: Device> {
     /// SGMV: segments of consecutive rows sharing a slot (prefill-shaped batches).
-    Segments(&'a Segments),
+    Segments(&'a Segments<D>),
     /// BGMV: one slot per row, negative for none (decode-shaped batches).
-    PerRow { slots: &'a CudaSlice<i32>, rows: usize },
+    PerRow { slots: &'a D::Buffer<i32>, rows: usize },
 }
 
-impl LoraRows<'_> {
+impl<D: Device> Clone for LoraRows<'_, D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<D: Device> Copy for LoraRows<'_, D> {}
+
+impl<D: Device> LoraRows<'_, D> {
     /// Blocks along the grid's first dimension: one per segment or per row.
     fn blocks(&self) -> usize {
         match self {
@@ -145,24 +139,27 @@ impl LoraRows<'_> {
         }
     }
 
-    fn kernel(&self, op: &str) -> String {
-        match self {
-            LoraRows::Segments(_) => format!("sgmv_{op}"),
-            LoraRows::PerRow { .. } => format!("bgmv_{op}"),
+    fn kernel(&self, op: &str) -> &'static str {
+        match (self, op) {
+            (LoraRows::Segments(_), "shrink") => "sgmv_shrink",
+            (LoraRows::Segments(_), _) => "sgmv_expand",
+            (LoraRows::PerRow { .. }, "shrink") => "bgmv_shrink",
+            (LoraRows::PerRow { .. }, _) => "bgmv_expand",
         }
     }
 
-    /// Pushes the row-selection arguments (segment arrays, or the per-row slots).
-    fn push<'b>(&'b self, b: &mut cudarc::driver::LaunchArgs<'b>) {
+    /// The row-selection arguments (segment arrays, or the per-row slots).
+    fn args(&self, dev: &D) -> Vec<KernelArg> {
         match self {
-            LoraRows::Segments(s) => {
-                b.arg(&s.start).arg(&s.len).arg(&s.slot);
-            }
-            LoraRows::PerRow { slots, .. } => {
-                b.arg(*slots);
-            }
+            LoraRows::Segments(s) => vec![ptr(dev, &s.start), ptr(dev, &s.len), ptr(dev, &s.slot)],
+            LoraRows::PerRow { slots, .. } => vec![ptr(dev, *slots)],
         }
     }
+}
+
+/// A buffer as a pointer argument.
+fn ptr<D: Device, T: super::DeviceValue>(dev: &D, buf: &D::Buffer<T>) -> KernelArg {
+    KernelArg::Ptr(dev.address(buf))
 }
 
 fn u32_of(v: usize, what: &str) -> Result<u32, CudaError> {
@@ -182,52 +179,49 @@ fn vec_width<E: Element>() -> usize {
     16 / std::mem::size_of::<E>()
 }
 
-/// Every kernel, compiled for one device and loaded into its context, with the stream they run
-/// on.
+/// Every kernel, launched on one device with its arguments checked.
 #[derive(Debug)]
-pub struct CudaKernels {
-    stream: Arc<CudaStream>,
-    functions: HashMap<String, CudaFunction>,
+pub struct CudaKernels<D: Device> {
+    dev: D,
 }
 
-impl CudaKernels {
-    /// Compiles every source for the context's device and loads it.
-    pub fn new(ctx: &Arc<CudaContext>) -> Result<CudaKernels, CudaError> {
-        let arch = device_arch(ctx)?;
-        let mut functions = HashMap::new();
-        for (name, ptx) in compile_all(arch)? {
-            let module = ctx.load_module(ptx)?;
-            let entries = ENTRY_POINTS.iter().find(|(s, _)| *s == name).map_or(&[][..], |(_, e)| e);
-            for entry in entries {
-                for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
-                    let full = format!("{entry}_{}", dtype.suffix());
-                    functions.insert(full.clone(), module.load_function(&full)?);
-                }
-            }
-        }
-        Ok(CudaKernels { stream: ctx.default_stream(), functions })
+impl<D: Device> CudaKernels<D> {
+    pub fn new(dev: D) -> CudaKernels<D> {
+        CudaKernels { dev }
     }
 
-    /// The stream every launch goes to.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+    /// The device every launch goes to.
+    pub fn device(&self) -> &D {
+        &self.dev
     }
 
-    fn func<E: Element>(&self, name: &str) -> Result<&CudaFunction, CudaError> {
-        let full = format!("{name}_{}", E::DTYPE.suffix());
-        self.functions.get(&full).ok_or_else(|| CudaError::Arguments(format!("no kernel {full}")))
+    fn ptr<T: super::DeviceValue>(&self, buf: &D::Buffer<T>) -> KernelArg {
+        ptr(&self.dev, buf)
     }
 
-    fn cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
-        LaunchConfig { grid_dim: (grid.0.max(1), grid.1.max(1), 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+    /// Launches `name` for element type `E` on a 2-D grid of 1-D blocks.
+    ///
+    /// # Safety
+    /// As [`Device::launch`]: the arguments match the kernel and its buffers are large enough.
+    unsafe fn launch<E: Element>(
+        &self,
+        name: &str,
+        grid: (u32, u32),
+        block: u32,
+        args: &[KernelArg],
+    ) -> Result<(), CudaError> {
+        let entry = format!("{name}_{}", E::DTYPE.suffix());
+        let launch = Launch { entry: &entry, grid: (grid.0.max(1), grid.1.max(1), 1), block: (block, 1, 1), args };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.dev.launch(&launch) }
     }
 
     /// `out[t] = table[ids[t]]` for `rows` ids.
     pub fn embedding<E: Element>(
         &self,
-        ids: &CudaSlice<i32>,
-        table: &CudaSlice<E>,
-        out: &mut CudaSlice<E>,
+        ids: &D::Buffer<i32>,
+        table: &D::Buffer<E>,
+        out: &mut D::Buffer<E>,
         rows: usize,
         hidden: usize,
     ) -> Result<(), CudaError> {
@@ -235,21 +229,18 @@ impl CudaKernels {
         if rows == 0 {
             return Ok(());
         }
-        let hidden_i = i32_of(hidden, "hidden")?;
-        let mut b = self.stream.launch_builder(self.func::<E>("embedding")?);
-        b.arg(ids).arg(table).arg(out).arg(&hidden_i);
+        let args = [self.ptr(ids), self.ptr(table), self.ptr(out), KernelArg::I32(i32_of(hidden, "hidden")?)];
         // SAFETY: the kernel reads rows·hidden values of `table` at ids the caller validated
         // against the vocabulary, and writes rows·hidden values of `out` (checked above).
-        unsafe { b.launch(Self::cfg((u32_of(rows, "rows")?, 1), 256)) }?;
-        Ok(())
+        unsafe { self.launch::<E>("embedding", (u32_of(rows, "rows")?, 1), 256, &args) }
     }
 
     /// RMSNorm of `rows` rows.
     pub fn rms_norm<E: Element>(
         &self,
-        x: &CudaSlice<E>,
-        weight: &CudaSlice<E>,
-        out: &mut CudaSlice<E>,
+        x: &D::Buffer<E>,
+        weight: &D::Buffer<E>,
+        out: &mut D::Buffer<E>,
         rows: usize,
         hidden: usize,
         eps: f32,
@@ -260,25 +251,23 @@ impl CudaKernels {
         if rows == 0 {
             return Ok(());
         }
-        let hidden_i = i32_of(hidden, "hidden")?;
-        let mut b = self.stream.launch_builder(self.func::<E>("rms_norm")?);
-        b.arg(x).arg(weight).arg(out).arg(&hidden_i).arg(&eps);
+        let hidden = KernelArg::I32(i32_of(hidden, "hidden")?);
+        let args = [self.ptr(x), self.ptr(weight), self.ptr(out), hidden, KernelArg::F32(eps)];
         // SAFETY: one block per row, each touching `hidden` values of its row (sizes checked).
-        unsafe { b.launch(Self::cfg((u32_of(rows, "rows")?, 1), 256)) }?;
-        Ok(())
+        unsafe { self.launch::<E>("rms_norm", (u32_of(rows, "rows")?, 1), 256, &args) }
     }
 
     /// Rotary embedding in place on `n_heads` heads from column `col_offset` of each row.
     #[allow(clippy::too_many_arguments)]
     pub fn rope<E: Element>(
         &self,
-        x: &mut CudaSlice<E>,
+        x: &mut D::Buffer<E>,
         row_stride: usize,
         col_offset: usize,
         n_heads: usize,
         head_dim: usize,
-        positions: &CudaSlice<i32>,
-        inv_freq: &CudaSlice<f32>,
+        positions: &D::Buffer<i32>,
+        inv_freq: &D::Buffer<f32>,
         scaling: f32,
         rows: usize,
     ) -> Result<(), CudaError> {
@@ -291,20 +280,25 @@ impl CudaKernels {
         if rows == 0 {
             return Ok(());
         }
-        let args = [i32_of(row_stride, "stride")?, i32_of(col_offset, "offset")?, i32_of(n_heads, "heads")?];
-        let hd = i32_of(head_dim, "head_dim")?;
-        let mut b = self.stream.launch_builder(self.func::<E>("rope")?);
-        b.arg(x).arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&hd).arg(positions).arg(inv_freq).arg(&scaling);
+        let args = [
+            self.ptr(x),
+            KernelArg::I32(i32_of(row_stride, "stride")?),
+            KernelArg::I32(i32_of(col_offset, "offset")?),
+            KernelArg::I32(i32_of(n_heads, "heads")?),
+            KernelArg::I32(i32_of(head_dim, "head_dim")?),
+            self.ptr(positions),
+            self.ptr(inv_freq),
+            KernelArg::F32(scaling),
+        ];
         // SAFETY: each block rotates the heads of one row inside the bounds checked above.
-        unsafe { b.launch(Self::cfg((u32_of(rows, "rows")?, 1), 128)) }?;
-        Ok(())
+        unsafe { self.launch::<E>("rope", (u32_of(rows, "rows")?, 1), 128, &args) }
     }
 
     /// SwiGLU over `rows` rows of a fused `[gate | up]` buffer.
     pub fn silu_mul<E: Element>(
         &self,
-        gate_up: &CudaSlice<E>,
-        out: &mut CudaSlice<E>,
+        gate_up: &D::Buffer<E>,
+        out: &mut D::Buffer<E>,
         rows: usize,
         inter: usize,
     ) -> Result<(), CudaError> {
@@ -312,19 +306,16 @@ impl CudaKernels {
         if rows == 0 {
             return Ok(());
         }
-        let inter_i = i32_of(inter, "inter")?;
-        let mut b = self.stream.launch_builder(self.func::<E>("silu_mul")?);
-        b.arg(gate_up).arg(out).arg(&inter_i);
+        let args = [self.ptr(gate_up), self.ptr(out), KernelArg::I32(i32_of(inter, "inter")?)];
         // SAFETY: one block per row within the checked sizes.
-        unsafe { b.launch(Self::cfg((u32_of(rows, "rows")?, 1), 256)) }?;
-        Ok(())
+        unsafe { self.launch::<E>("silu_mul", (u32_of(rows, "rows")?, 1), 256, &args) }
     }
 
     /// `y[t] += bias` for `rows` rows of `width` values.
     pub fn add_bias<E: Element>(
         &self,
-        y: &mut CudaSlice<E>,
-        bias: &CudaSlice<E>,
+        y: &mut D::Buffer<E>,
+        bias: &D::Buffer<E>,
         rows: usize,
         width: usize,
     ) -> Result<(), CudaError> {
@@ -332,40 +323,35 @@ impl CudaKernels {
         if rows == 0 {
             return Ok(());
         }
-        let width_i = i32_of(width, "width")?;
-        let mut b = self.stream.launch_builder(self.func::<E>("add_bias")?);
-        b.arg(y).arg(bias).arg(&width_i);
+        let args = [self.ptr(y), self.ptr(bias), KernelArg::I32(i32_of(width, "width")?)];
         // SAFETY: one block per row within the checked sizes.
-        unsafe { b.launch(Self::cfg((u32_of(rows, "rows")?, 1), 256)) }?;
-        Ok(())
+        unsafe { self.launch::<E>("add_bias", (u32_of(rows, "rows")?, 1), 256, &args) }
     }
 
     /// `x += y` over the first `n` elements.
-    pub fn add_inplace<E: Element>(&self, x: &mut CudaSlice<E>, y: &CudaSlice<E>, n: usize) -> Result<(), CudaError> {
+    pub fn add_inplace<E: Element>(&self, x: &mut D::Buffer<E>, y: &D::Buffer<E>, n: usize) -> Result<(), CudaError> {
         check(x.len() >= n && y.len() >= n, || "add_inplace: buffers too small".into())?;
         if n == 0 {
             return Ok(());
         }
-        let n_i = n as i64;
         let blocks = u32_of(n.div_ceil(256).min(65_535), "blocks")?;
-        let mut b = self.stream.launch_builder(self.func::<E>("add_inplace")?);
-        b.arg(x).arg(y).arg(&n_i);
+        let n = i64::try_from(n).map_err(|_| CudaError::Arguments(format!("add_inplace: {n} elements")))?;
+        let args = [self.ptr(x), self.ptr(y), KernelArg::I64(n)];
         // SAFETY: grid-stride loop over exactly n elements of both buffers.
-        unsafe { b.launch(Self::cfg((blocks, 1), 256)) }?;
-        Ok(())
+        unsafe { self.launch::<E>("add_inplace", (blocks, 1), 256, &args) }
     }
 
     /// Stores K (columns `k_offset..`) and V (`v_offset..`) of each row in its cache slot.
     #[allow(clippy::too_many_arguments)]
     pub fn write_kv<E: Element>(
         &self,
-        src: &CudaSlice<E>,
+        src: &D::Buffer<E>,
         src_stride: usize,
         k_offset: usize,
         v_offset: usize,
-        slots: &CudaSlice<i32>,
-        k_cache: &mut CudaSlice<E>,
-        v_cache: &mut CudaSlice<E>,
+        slots: &D::Buffer<i32>,
+        k_cache: &mut D::Buffer<E>,
+        v_cache: &mut D::Buffer<E>,
         width: usize,
         rows: usize,
     ) -> Result<(), CudaError> {
@@ -376,26 +362,32 @@ impl CudaKernels {
         if rows == 0 {
             return Ok(());
         }
-        let a = [i32_of(src_stride, "stride")?, i32_of(k_offset, "k")?, i32_of(v_offset, "v")?, i32_of(width, "w")?];
-        let mut b = self.stream.launch_builder(self.func::<E>("write_kv")?);
-        b.arg(src).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(slots).arg(k_cache).arg(v_cache).arg(&a[3]);
+        let args = [
+            self.ptr(src),
+            KernelArg::I32(i32_of(src_stride, "stride")?),
+            KernelArg::I32(i32_of(k_offset, "k")?),
+            KernelArg::I32(i32_of(v_offset, "v")?),
+            self.ptr(slots),
+            self.ptr(k_cache),
+            self.ptr(v_cache),
+            KernelArg::I32(i32_of(width, "w")?),
+        ];
         // SAFETY: slot indices come from the scheduler's block tables, inside the cache.
-        unsafe { b.launch(Self::cfg((u32_of(rows, "rows")?, 1), 128)) }?;
-        Ok(())
+        unsafe { self.launch::<E>("write_kv", (u32_of(rows, "rows")?, 1), 128, &args) }
     }
 
     /// Causal attention over the paged cache for `rows` query rows.
     #[allow(clippy::too_many_arguments)]
     pub fn paged_attention<E: Element>(
         &self,
-        q: &CudaSlice<E>,
+        q: &D::Buffer<E>,
         q_stride: usize,
-        k_cache: &CudaSlice<E>,
-        v_cache: &CudaSlice<E>,
-        out: &mut CudaSlice<E>,
-        row_pos: &CudaSlice<i32>,
-        row_table: &CudaSlice<i32>,
-        block_tables: &CudaSlice<i32>,
+        k_cache: &D::Buffer<E>,
+        v_cache: &D::Buffer<E>,
+        out: &mut D::Buffer<E>,
+        row_pos: &D::Buffer<i32>,
+        row_table: &D::Buffer<i32>,
+        block_tables: &D::Buffer<i32>,
         layout: crate::KvLayout,
         n_heads: usize,
         scale: f32,
@@ -413,21 +405,26 @@ impl CudaKernels {
         if rows == 0 {
             return Ok(());
         }
-        let ints = [
-            i32_of(q_stride, "q_stride")?,
-            i32_of(layout.block_size, "block_size")?,
-            i32_of(layout.kv_heads, "kv_heads")?,
-            i32_of(hd, "head_dim")?,
-            i32_of(n_heads, "heads")?,
-            window.map_or(Ok(0), |w| i32_of(w, "window"))?,
+        let args = [
+            self.ptr(q),
+            KernelArg::I32(i32_of(q_stride, "q_stride")?),
+            self.ptr(k_cache),
+            self.ptr(v_cache),
+            self.ptr(out),
+            self.ptr(row_pos),
+            self.ptr(row_table),
+            self.ptr(block_tables),
+            KernelArg::I32(i32_of(layout.block_size, "block_size")?),
+            KernelArg::I32(i32_of(layout.kv_heads, "kv_heads")?),
+            KernelArg::I32(i32_of(hd, "head_dim")?),
+            KernelArg::I32(i32_of(n_heads, "heads")?),
+            KernelArg::F32(scale),
+            KernelArg::I32(window.map_or(Ok(0), |w| i32_of(w, "window"))?),
         ];
-        let mut b = self.stream.launch_builder(self.func::<E>("paged_attention")?);
-        b.arg(q).arg(&ints[0]).arg(k_cache).arg(v_cache).arg(out).arg(row_pos).arg(row_table).arg(block_tables);
-        b.arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&scale).arg(&ints[5]);
+        let grid = (u32_of(rows, "rows")?, u32_of(n_heads, "heads")?);
         // SAFETY: every position a row reads is < its position + 1 and mapped through its block
         // table, whose blocks the scheduler allocated inside the cache.
-        unsafe { b.launch(Self::cfg((u32_of(rows, "rows")?, u32_of(n_heads, "heads")?), ATTN_THREADS)) }?;
-        Ok(())
+        unsafe { self.launch::<E>("paged_attention", grid, ATTN_THREADS, &args) }
     }
 
     fn check_lora<E: Element>(
@@ -447,12 +444,12 @@ impl CudaKernels {
     #[allow(clippy::too_many_arguments)]
     pub fn lora_shrink<E: Element>(
         &self,
-        x: &CudaSlice<E>,
+        x: &D::Buffer<E>,
         in_dim: usize,
-        rows: LoraRows<'_>,
-        table: &CudaSlice<LoraSlotEntry>,
+        rows: LoraRows<'_, D>,
+        table: &D::Buffer<LoraSlotEntry>,
         max_rank: usize,
-        v: &mut CudaSlice<f32>,
+        v: &mut D::Buffer<f32>,
         v_stride: usize,
     ) -> Result<(), CudaError> {
         Self::check_lora::<E>(in_dim, in_dim, v_stride, max_rank)?;
@@ -461,28 +458,24 @@ impl CudaKernels {
         if rows.blocks() == 0 || max_rank == 0 {
             return Ok(());
         }
-        let (in_i, vs) = (i32_of(in_dim, "in")?, i32_of(v_stride, "v_stride")?);
-        let func = self.func::<E>(&rows.kernel("shrink"))?;
-        let mut b = self.stream.launch_builder(func);
-        b.arg(x).arg(&in_i);
-        rows.push(&mut b);
-        b.arg(table).arg(v).arg(&vs);
+        let mut args = vec![self.ptr(x), KernelArg::I32(i32_of(in_dim, "in")?)];
+        args.extend(rows.args(&self.dev));
+        args.extend([self.ptr(table), self.ptr(v), KernelArg::I32(i32_of(v_stride, "v_stride")?)]);
         let grid = (u32_of(rows.blocks(), "rows")?, u32_of(max_rank.div_ceil(RANK_TILE), "rank tiles")?);
         // SAFETY: the rows index x and v within the sizes checked above; slot entries point at
         // live adapter matrices of the ranks they state (the executor keeps them alive).
-        unsafe { b.launch(Self::cfg(grid, SHRINK_THREADS)) }?;
-        Ok(())
+        unsafe { self.launch::<E>(rows.kernel("shrink"), grid, SHRINK_THREADS, &args) }
     }
 
     /// Expand: `y[t, off..off+out] += scale · v[t, :rank] · Bᵀ` for every row with an adapter.
     #[allow(clippy::too_many_arguments)]
     pub fn lora_expand<E: Element>(
         &self,
-        v: &CudaSlice<f32>,
+        v: &D::Buffer<f32>,
         v_stride: usize,
-        rows: LoraRows<'_>,
-        table: &CudaSlice<LoraSlotEntry>,
-        y: &mut CudaSlice<E>,
+        rows: LoraRows<'_, D>,
+        table: &D::Buffer<LoraSlotEntry>,
+        y: &mut D::Buffer<E>,
         y_stride: usize,
         y_offset: usize,
         out_dim: usize,
@@ -495,17 +488,19 @@ impl CudaKernels {
         if rows.blocks() == 0 {
             return Ok(());
         }
-        let ints = [i32_of(v_stride, "v")?, i32_of(y_stride, "y")?, i32_of(y_offset, "off")?, i32_of(out_dim, "out")?];
-        let func = self.func::<E>(&rows.kernel("expand"))?;
-        let mut b = self.stream.launch_builder(func);
-        b.arg(v).arg(&ints[0]);
-        rows.push(&mut b);
-        b.arg(table).arg(y).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]);
+        let mut args = vec![self.ptr(v), KernelArg::I32(i32_of(v_stride, "v")?)];
+        args.extend(rows.args(&self.dev));
+        args.extend([
+            self.ptr(table),
+            self.ptr(y),
+            KernelArg::I32(i32_of(y_stride, "y")?),
+            KernelArg::I32(i32_of(y_offset, "off")?),
+            KernelArg::I32(i32_of(out_dim, "out")?),
+        ]);
         let per_block = EXPAND_THREADS as usize * vec_width::<E>();
         let grid = (u32_of(rows.blocks(), "rows")?, u32_of(out_dim.div_ceil(per_block), "out tiles")?);
         // SAFETY: as for shrink; each thread writes only its own outputs of the rows it owns.
-        unsafe { b.launch(Self::cfg(grid, EXPAND_THREADS)) }?;
-        Ok(())
+        unsafe { self.launch::<E>(rows.kernel("expand"), grid, EXPAND_THREADS, &args) }
     }
 }
 
@@ -535,20 +530,10 @@ mod tests {
     }
 
     #[test]
-    fn every_entry_point_is_listed_for_a_source_that_exists() {
-        for (source, entries) in ENTRY_POINTS {
-            let (_, text) = SOURCES.iter().find(|(s, _)| s == source).expect("source exists");
-            for e in *entries {
-                assert!(text.contains(&format!("INSTANTIATE({e},")), "{source}.cu does not instantiate {e}");
-            }
-        }
-    }
-
-    #[test]
     fn lora_launches_refuse_dimensions_the_vector_loads_cannot_cover() {
-        assert!(CudaKernels::check_lora::<half::bf16>(4096, 4096, 64, 64).is_ok());
-        assert!(CudaKernels::check_lora::<half::bf16>(4100, 4096, 64, 64).is_err());
-        assert!(CudaKernels::check_lora::<f32>(4100, 4096, 64, 64).is_ok());
-        assert!(CudaKernels::check_lora::<f32>(4096, 4096, 32, 64).is_err());
+        assert!(CudaKernels::<super::super::CudaDevice>::check_lora::<half::bf16>(4096, 4096, 64, 64).is_ok());
+        assert!(CudaKernels::<super::super::CudaDevice>::check_lora::<half::bf16>(4100, 4096, 64, 64).is_err());
+        assert!(CudaKernels::<super::super::CudaDevice>::check_lora::<f32>(4100, 4096, 64, 64).is_ok());
+        assert!(CudaKernels::<super::super::CudaDevice>::check_lora::<f32>(4096, 4096, 32, 64).is_err());
     }
 }

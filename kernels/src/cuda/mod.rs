@@ -4,12 +4,24 @@
 //! error value, never a panic.
 //!
 //! Every kernel has a CPU counterpart of the same name in this crate that specifies it.
+//!
+//! The kernels run on a [`Device`]: a real GPU ([`CudaDevice`]) or the CPU emulation of one
+//! ([`Emulator`], with the `emulation` feature), which compiles these same sources with the host
+//! C++ compiler so that tests check the kernels and the CUDA executor without a GPU.
 
+pub mod check;
+mod device;
+mod driver;
+pub mod emulator;
 mod launch;
 
+pub use device::{Device, DeviceBuffer, DeviceValue, Gemm, KernelArg, Launch};
+pub use driver::CudaDevice;
+pub use emulator::Emulator;
 pub use launch::{CudaKernels, LoraRows, LoraSlotEntry, SEGMENT_PIECE_ROWS, Segments, split_segments};
 
-use cudarc::driver::{CudaContext, DriverError};
+use cudarc::cublas::{CudaBlas, GemmConfig};
+use cudarc::driver::{CudaContext, CudaSlice, DriverError};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 use std::sync::Arc;
 
@@ -23,6 +35,29 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("attention", include_str!("../../cuda/attention.cu")),
 ];
 
+/// Entry points defined by each source, without the dtype suffix.
+const ENTRY_POINTS: &[(&str, &[&str])] = &[
+    ("lora", &["sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand"]),
+    ("ops", &["add_bias", "embedding", "rms_norm", "rope", "silu_mul", "add_inplace"]),
+    ("attention", &["write_kv", "paged_attention"]),
+];
+
+/// The entry points (without dtype suffix) a source defines.
+fn entry_points(source: &str) -> &'static [&'static str] {
+    ENTRY_POINTS.iter().find(|(s, _)| *s == source).map_or(&[], |(_, e)| e)
+}
+
+/// Every entry point's full name (with its dtype suffix).
+pub fn entry_point_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for (_, entries) in ENTRY_POINTS {
+        for entry in *entries {
+            names.extend(Dtype::ALL.iter().map(|d| format!("{entry}_{}", d.suffix())));
+        }
+    }
+    names
+}
+
 /// Element types the kernels are instantiated for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dtype {
@@ -32,6 +67,8 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    pub const ALL: [Dtype; 3] = [Dtype::F32, Dtype::Bf16, Dtype::F16];
+
     /// Suffix of the kernel entry points for this type.
     pub fn suffix(self) -> &'static str {
         match self {
@@ -42,44 +79,52 @@ impl Dtype {
     }
 }
 
-/// Element types that can live in device buffers the kernels read and write.
-pub trait Element:
-    cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Send + Sync + std::fmt::Debug + 'static
-{
+/// The element types the kernels compute on (activations, weights, the KV cache).
+pub trait Element: DeviceValue {
     const DTYPE: Dtype;
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
+
+    /// cuBLAS's GEMM for this type (f32 accumulation).
+    ///
+    /// # Safety
+    /// As [`cudarc::cublas::Gemm::gemm`]: the buffers must hold what `cfg` describes.
+    unsafe fn cublas_gemm(
+        blas: &CudaBlas,
+        cfg: GemmConfig<Self>,
+        a: &CudaSlice<Self>,
+        b: &CudaSlice<Self>,
+        c: &mut CudaSlice<Self>,
+    ) -> Result<(), cudarc::cublas::result::CublasError>;
 }
 
-impl Element for f32 {
-    const DTYPE: Dtype = Dtype::F32;
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
+macro_rules! element {
+    ($t:ty, $dtype:expr, $from:expr, $to:expr) => {
+        impl Element for $t {
+            const DTYPE: Dtype = $dtype;
+            fn from_f32(v: f32) -> Self {
+                $from(v)
+            }
+            fn to_f32(self) -> f32 {
+                $to(self)
+            }
+            unsafe fn cublas_gemm(
+                blas: &CudaBlas,
+                cfg: GemmConfig<Self>,
+                a: &CudaSlice<Self>,
+                b: &CudaSlice<Self>,
+                c: &mut CudaSlice<Self>,
+            ) -> Result<(), cudarc::cublas::result::CublasError> {
+                // SAFETY: forwarded from the caller.
+                unsafe { cudarc::cublas::Gemm::gemm(blas, cfg, a, b, c) }
+            }
+        }
+    };
 }
 
-impl Element for half::bf16 {
-    const DTYPE: Dtype = Dtype::Bf16;
-    fn from_f32(v: f32) -> Self {
-        half::bf16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        half::bf16::to_f32(self)
-    }
-}
-
-impl Element for half::f16 {
-    const DTYPE: Dtype = Dtype::F16;
-    fn from_f32(v: f32) -> Self {
-        half::f16::from_f32(v)
-    }
-    fn to_f32(self) -> f32 {
-        half::f16::to_f32(self)
-    }
-}
+element!(f32, Dtype::F32, |v| v, |v| v);
+element!(half::bf16, Dtype::Bf16, half::bf16::from_f32, half::bf16::to_f32);
+element!(half::f16, Dtype::F16, half::f16::from_f32, half::f16::to_f32);
 
 /// Why the CUDA path is unavailable or failed.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +133,14 @@ pub enum CudaError {
     NoDriver,
     #[error("NVRTC (libnvrtc.so.13) was not found; install the CUDA 13 runtime compiler or add it to LD_LIBRARY_PATH")]
     NoNvrtc,
+    #[error("cuBLAS (libcublas.so.13) was not found; add the CUDA 13 libraries to LD_LIBRARY_PATH")]
+    NoBlas,
+    #[error("cuBLAS: {0}")]
+    Blas(String),
+    #[error("this build has no CUDA emulation (it is built for tests, with the kernels crate's `emulation` feature)")]
+    NoEmulation,
+    #[error("emulated kernel {entry}: {message}")]
+    Emulation { entry: String, message: String },
     #[error("no CUDA device {0}")]
     NoDevice(usize),
     #[error("compiling kernel source {name}.cu failed:\n{log}")]
@@ -102,6 +155,12 @@ pub enum CudaError {
 pub fn nvrtc_available() -> bool {
     // SAFETY: only tries to dlopen the library; no symbol is called.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Whether cuBLAS can be loaded.
+pub fn cublas_available() -> bool {
+    // SAFETY: only tries to dlopen the library; no symbol is called.
+    unsafe { cudarc::cublas::sys::is_culib_present() }
 }
 
 /// Whether the CUDA driver library can be loaded.
@@ -200,9 +259,19 @@ mod tests {
             for (name, ptx) in compile_all(arch).unwrap_or_else(|e| panic!("{e}")) {
                 let text = ptx.to_src();
                 for dtype in ["f32", "bf16", "f16"] {
-                    let entry = format!(".entry {}", launch::first_kernel_of(name));
+                    let entry = format!(".entry {}", entry_points(name)[0]);
                     assert!(text.contains(&format!("{entry}_{dtype}")), "{name}.cu lacks {entry}_{dtype}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn every_entry_point_is_listed_for_a_source_that_exists() {
+        for (source, entries) in ENTRY_POINTS {
+            let (_, text) = SOURCES.iter().find(|(s, _)| s == source).expect("source exists");
+            for e in *entries {
+                assert!(text.contains(&format!("INSTANTIATE({e},")), "{source}.cu does not instantiate {e}");
             }
         }
     }
