@@ -5,9 +5,10 @@
 // of a block are fibers scheduled by the Rust side (kernels/src/cuda/emulator), which switches
 // between them only at synchronization points: __syncthreads() is a real barrier over the block
 // and each warp shuffle is an exchange among the lanes its mask names. Between two such points
-// the threads run one at a time, in an order the scheduler varies (ascending, descending,
-// shuffled), so a kernel that reads another thread's shared-memory write without a barrier
-// between them sees a different value in some order.
+// the threads run one at a time, in an order the scheduler varies: thread by thread (ascending,
+// descending, shuffled) or warp by warp, each warp running ahead to the next barrier. So a kernel
+// that reads another thread's shared-memory write without a barrier between them, or overwrites
+// what a slower warp has yet to read, sees a different value in some order.
 //
 // What this checks: arithmetic, indexing, shared-memory use across barriers, and shuffles. What
 // it does not: timing, the GPU memory model (all memory is coherent host memory), or code that

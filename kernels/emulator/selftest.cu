@@ -23,3 +23,23 @@ ENTRY_POINT(selftest_warp_sum, (const float* in, float* out)) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     out[i] = warp_sum(in[i]);
 }
+
+// Sums each of `rows` rows of a block's input the way the LoRA shrink reduces: each warp sums
+// by shuffles, lane 0 writes its warp's partial to shared memory, thread 0 adds the partials.
+// Without the barrier that ends each row, a warp that runs ahead writes its next row's partial
+// before thread 0 has read this row's.
+ENTRY_POINT(selftest_row_sums, (const float* in, float* out, int rows, int synced)) {
+    __shared__ float partial[32];
+    const int t = threadIdx.x, warp = t / 32, lane = t % 32, n = blockDim.x;
+    for (int r = 0; r < rows; ++r) {
+        const float s = warp_sum(in[(blockIdx.x * rows + r) * n + t]);
+        if (lane == 0) partial[warp] = s;
+        __syncthreads();
+        if (t == 0) {
+            float total = 0.f;
+            for (int w = 0; w < n / 32; ++w) total += partial[w];
+            out[blockIdx.x * rows + r] = total;
+        }
+        if (synced) __syncthreads();
+    }
+}

@@ -75,6 +75,36 @@ fn a_missing_barrier_changes_the_result_and_the_barrier_restores_it() {
 }
 
 #[test]
+fn a_missing_barrier_at_the_end_of_a_loop_is_caught_by_warps_running_ahead() {
+    // Shuffles keep warps abreast when threads take turns; only a warp that runs ahead to the
+    // next barrier overwrites a partial sum before the thread that adds them has read it.
+    let dev = emulator();
+    let (blocks, threads, rows) = (10u32, 256u32, 4usize);
+    let n = blocks as usize * rows * threads as usize;
+    // Small integers, so every sum is exact in f32 and each row's differs.
+    let input: Vec<f32> = (0..n).map(|i| ((i * 7) % 13) as f32 + (i / threads as usize) as f32).collect();
+    let want: Vec<f32> = input.chunks(threads as usize).map(|row| row.iter().sum()).collect();
+    let d_in = dev.upload(&input).unwrap();
+    for synced in [1, 0] {
+        let d_out = dev.alloc_zeros::<f32>(want.len()).unwrap();
+        let args = [
+            KernelArg::Ptr(dev.address(&d_in)),
+            KernelArg::Ptr(dev.address(&d_out)),
+            KernelArg::I32(rows as i32),
+            KernelArg::I32(synced),
+        ];
+        run(&dev, "selftest_row_sums", blocks, threads, &args).unwrap();
+        let got = dev.download(&d_out).unwrap();
+        let wrong = got.chunks(rows).zip(want.chunks(rows)).filter(|(g, w)| g != w).count();
+        if synced == 1 {
+            assert_eq!(got, want, "with the barrier every row sums right");
+        } else {
+            assert!(wrong > 0, "no block without the end-of-row barrier summed a row wrong");
+        }
+    }
+}
+
+#[test]
 fn a_barrier_in_divergent_code_is_reported_as_a_deadlock() {
     let dev = emulator();
     let out = dev.alloc_zeros::<f32>(32).unwrap();

@@ -191,10 +191,9 @@ async fn harness_in(dir: tempfile::TempDir, policies: bool) -> Harness {
     let loras = LoraStore::open_dir(&dir.path().join("state")).await.unwrap();
     let store = match policies {
         true => {
-            let runtime = Arc::new(
-                PolicyRuntime::new(WasmLimits { deadline: std::time::Duration::from_millis(50), ..Default::default() })
-                    .unwrap(),
-            );
+            // The production limits: a looping policy must be stopped by its fuel (and say so),
+            // not by the wall-clock guard, however loaded the machine running the tests is.
+            let runtime = Arc::new(PolicyRuntime::new(WasmLimits::default()).unwrap());
             Some(PolicyStore::open(loras.replica().clone(), runtime, Default::default()).await.unwrap())
         }
         false => None,
@@ -821,11 +820,11 @@ async fn a_hostile_policy_fails_its_tenants_requests_and_no_one_elses() {
     for _ in 1..crate::policy::breaker::FAULTS_TO_OPEN {
         json_call(&h, "POST", "/v1/chat/completions", Some(&beta), chat("x")).await;
     }
-    let started = std::time::Instant::now();
+    // The breaker answers before any instance runs (a timing bound here would only measure
+    // how loaded the machine is): the message says the policy was suspended, not what it did.
     let (s, v) = json_call(&h, "POST", "/v1/chat/completions", Some(&beta), chat("x")).await;
     assert_error((s, v.clone()), 500, "server_error", Some("policy_failed"));
     assert!(v["error"]["message"].as_str().unwrap().contains("suspended"), "{v}");
-    assert!(started.elapsed() < std::time::Duration::from_millis(25), "a suspended policy is not run");
     let (s, _) = json_call(&h, "POST", "/v1/chat/completions", Some(&acme), chat("x")).await;
     assert_eq!(s, StatusCode::OK);
 }

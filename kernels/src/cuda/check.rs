@@ -5,7 +5,9 @@
 
 #![allow(clippy::too_many_arguments)]
 
-use super::{CudaError, CudaKernels, Device, DeviceValue, Dtype, Element, LoraRows, LoraSlotEntry, Segments};
+use super::{
+    CudaError, CudaKernels, Device, DeviceValue, Dtype, Element, LoraRows, LoraSlotEntry, SEGMENT_PIECE_ROWS, Segments,
+};
 use crate::{KvLayout, LoraMat, attention, lora, ops};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
@@ -309,15 +311,19 @@ impl<'a, D: Device> Checker<'a, D> {
             let d_x = self.up(&x)?;
             let shape = format!("rows={rows} in={in_dim} out={out_dim} ranks=8..128 +none");
 
-            // SGMV
-            let segs = Segments::upload(self.k.device(), &lora::segments(&row_slots))?;
-            let mut v = self.k.device().alloc_zeros::<f32>(rows * max_rank)?;
-            let mut y = self.up(&y0)?;
-            let sel = LoraRows::Segments(&segs);
-            self.k.lora_shrink(&d_x, in_dim, sel, &table, max_rank, &mut v, max_rank)?;
-            self.k.lora_expand(&v, max_rank, sel, &table, &mut y, y_stride, y_off, out_dim)?;
-            let got = self.down(&y)?;
-            self.record::<E>("sgmv shrink+expand", shape.clone(), &got, &want);
+            // SGMV, with segments split as the executor splits them, and also in longer pieces
+            // (whole segments), where one block loops over several rows.
+            for piece in [SEGMENT_PIECE_ROWS, 4, u32::MAX] {
+                let segs = Segments::upload_pieces(self.k.device(), &lora::segments(&row_slots), piece)?;
+                let mut v = self.k.device().alloc_zeros::<f32>(rows * max_rank)?;
+                let mut y = self.up(&y0)?;
+                let sel = LoraRows::Segments(&segs);
+                self.k.lora_shrink(&d_x, in_dim, sel, &table, max_rank, &mut v, max_rank)?;
+                self.k.lora_expand(&v, max_rank, sel, &table, &mut y, y_stride, y_off, out_dim)?;
+                let got = self.down(&y)?;
+                let rows_per_block = if piece == u32::MAX { "all".to_string() } else { piece.to_string() };
+                self.record::<E>("sgmv shrink+expand", format!("{shape} rows/block={rows_per_block}"), &got, &want);
+            }
 
             // BGMV
             let slots_i: Vec<i32> = row_slots.iter().map(|s| s.map_or(-1, |s| s as i32)).collect();
@@ -337,10 +343,10 @@ impl<'a, D: Device> Checker<'a, D> {
 /// The checks as a table, one line per row, `PASS` or `FAIL` last.
 pub fn table(rows: &[CheckRow]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{:<28} {:<48} {:>10} {:>8} {:>6}", "kernel", "shape", "rel err", "tol", "ok");
+    let _ = writeln!(out, "{:<28} {:<60} {:>10} {:>8} {:>6}", "kernel", "shape", "rel err", "tol", "ok");
     for r in rows {
         let verdict = if r.passed() { "PASS" } else { "FAIL" };
-        let _ = writeln!(out, "{:<28} {:<48} {:>10.2e} {:>8.0e} {verdict:>6}", r.kernel, r.shape, r.error, r.tolerance);
+        let _ = writeln!(out, "{:<28} {:<60} {:>10.2e} {:>8.0e} {verdict:>6}", r.kernel, r.shape, r.error, r.tolerance);
     }
     out
 }

@@ -8,9 +8,14 @@
 //! barrier inside divergent code, or a shuffle whose mask names a lane that never comes.
 //!
 //! Between two synchronization points the runnable fibers are resumed in an order that depends
-//! on the block: ascending thread index, descending, or a fresh shuffle each round. A kernel that
-//! reads shared memory another thread writes, without a barrier between them, reads a stale
-//! value in at least one of those orders.
+//! on the block. In the thread-at-a-time orders (ascending thread index, descending, or a fresh
+//! shuffle each round) every runnable thread takes one step before any warp's shuffle completes,
+//! so the warps of a block stay abreast. In the warp-at-a-time orders one warp runs, its shuffles
+//! completing as it reaches them, until it waits at the barrier or returns, before the next warp
+//! starts: warps race each other as far as a barrier lets them. A read of shared memory another
+//! thread writes without a barrier between them sees a stale value in one of the first kind (a
+//! missing barrier before a read); a write that overwrites what a slower warp has yet to read
+//! (a missing barrier after a read, typically at the end of a loop) is seen in one of the second.
 
 use super::super::CudaError;
 use super::super::device::Launch;
@@ -217,28 +222,42 @@ enum Order {
     Descending,
     /// A new permutation each round, from this seed.
     Shuffled(u64),
+    /// Warp at a time, each warp running to the barrier before the next starts: the last warp
+    /// first, so the warps that usually read what others wrote (the first) come last.
+    WarpsDescending,
+    /// Warp at a time, in a new permutation of the warps each round, from this seed.
+    WarpsShuffled(u64),
 }
 
 impl Order {
-    /// Cycles the three orders over the blocks of a launch, starting at a different one each
-    /// launch, so every kernel meets every order.
+    /// Cycles the orders over the blocks of a launch, starting at a different one each launch,
+    /// so every kernel meets every order.
     fn pick(launch: u64, block: u64) -> Order {
-        match (launch + block) % 3 {
+        let seed = launch.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ block.wrapping_add(1);
+        match (launch + block) % 5 {
             0 => Order::Ascending,
             1 => Order::Descending,
-            _ => Order::Shuffled(launch.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ block.wrapping_add(1)),
+            2 => Order::Shuffled(seed),
+            3 => Order::WarpsDescending,
+            _ => Order::WarpsShuffled(seed),
         }
     }
 
+    /// Whether warps run one at a time (the unit `fill` orders is then the warp).
+    fn by_warp(&self) -> bool {
+        matches!(self, Order::WarpsDescending | Order::WarpsShuffled(_))
+    }
+
+    /// Writes this round's order of the units (threads, or warps) into `order`.
     fn fill(&mut self, order: &mut [usize]) {
         let n = order.len();
         for (i, slot) in order.iter_mut().enumerate() {
             *slot = match self {
-                Order::Descending => n - 1 - i,
+                Order::Descending | Order::WarpsDescending => n - 1 - i,
                 _ => i,
             };
         }
-        if let Order::Shuffled(state) = self {
+        if let Order::Shuffled(state) | Order::WarpsShuffled(state) = self {
             // Fisher–Yates with splitmix64: cheap, and reproducible from the seed.
             for i in (1..n).rev() {
                 *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -315,30 +334,56 @@ unsafe fn run_block(index: i32, params: &[*mut c_void], block: ThreadCtx, mut or
     }
 
     let mut state = vec![State::Ready; n];
-    let mut sequence = vec![0usize; n];
+    let warps = n.div_ceil(WARP);
+    // Resumes thread `i` if it can run, until its next synchronization point.
+    let mut resume = |i: usize, state: &mut [State]| {
+        if state[i] != State::Ready {
+            return;
+        }
+        // SAFETY: `i < n`; the lane array is not moved while fibers run.
+        let lane = unsafe { lanes_ptr.add(i) };
+        CURRENT.with(|c| c.set(lane));
+        // SAFETY: the lane's context lives as long as the block.
+        unsafe { switchyard_emu_enter(&(*lane).ctx) };
+        state[i] = match fibers[i].resume(()) {
+            CoroutineResult::Yield(Stop::Barrier) => State::AtBarrier,
+            CoroutineResult::Yield(Stop::Shuffle) => State::AtShuffle,
+            CoroutineResult::Return(()) => State::Done,
+        };
+        CURRENT.with(|c| c.set(std::ptr::null_mut()));
+        // SAFETY: no fiber runs now; the C++ side must not see a stale thread.
+        unsafe { switchyard_emu_enter(std::ptr::null()) };
+    };
+    // The lanes, for the scheduler to read and answer shuffles.
+    // SAFETY: called only between resumes, when no fiber runs, and each slice is dropped before
+    // the next resume; nothing else touches the lanes while it lives.
+    let lanes_now = || unsafe { std::slice::from_raw_parts_mut(lanes_ptr, n) };
+    let mut sequence = vec![0usize; if order.by_warp() { warps } else { n }];
     let outcome = loop {
         order.fill(&mut sequence);
-        for &i in &sequence {
-            if state[i] != State::Ready {
-                continue;
+        let shuffled = if order.by_warp() {
+            let mut settled = Ok(false);
+            'warps: for &w in &sequence {
+                // This warp runs until none of its threads can go on, its shuffles completing
+                // as soon as its lanes arrive; after the last warp, every shuffle is settled.
+                loop {
+                    (w * WARP..((w + 1) * WARP).min(n)).for_each(|i| resume(i, &mut state));
+                    match complete_shuffles(lanes_now(), &mut state, w..w + 1) {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => {
+                            settled = Err(e);
+                            break 'warps;
+                        }
+                    }
+                }
             }
-            // SAFETY: `i < n`; the lane array is not moved while fibers run.
-            let lane = unsafe { lanes_ptr.add(i) };
-            CURRENT.with(|c| c.set(lane));
-            // SAFETY: the lane's context lives as long as the block.
-            unsafe { switchyard_emu_enter(&(*lane).ctx) };
-            state[i] = match fibers[i].resume(()) {
-                CoroutineResult::Yield(Stop::Barrier) => State::AtBarrier,
-                CoroutineResult::Yield(Stop::Shuffle) => State::AtShuffle,
-                CoroutineResult::Return(()) => State::Done,
-            };
-            CURRENT.with(|c| c.set(std::ptr::null_mut()));
-            // SAFETY: no fiber runs now; the C++ side must not see a stale thread.
-            unsafe { switchyard_emu_enter(std::ptr::null()) };
-        }
-        // SAFETY: no fiber runs, so nothing else touches the lanes while this borrow lives.
-        let all = unsafe { std::slice::from_raw_parts_mut(lanes_ptr, n) };
-        match complete_shuffles(all, &mut state) {
+            settled
+        } else {
+            sequence.iter().for_each(|&i| resume(i, &mut state));
+            complete_shuffles(lanes_now(), &mut state, 0..warps)
+        };
+        match shuffled {
             Ok(true) => continue,
             Ok(false) => {}
             Err(e) => break Err(e),
@@ -358,11 +403,12 @@ unsafe fn run_block(index: i32, params: &[*mut c_void], block: ThreadCtx, mut or
     outcome
 }
 
-/// Completes every warp's shuffle whose participating lanes have all arrived. Returns whether
-/// any did; an error when a shuffle can never complete.
-fn complete_shuffles(lanes: &mut [Lane], state: &mut [State]) -> Result<bool, String> {
+/// Completes the shuffle of every warp in `warps` whose participating lanes have all arrived.
+/// Returns whether any did; an error when a shuffle can never complete.
+fn complete_shuffles(lanes: &mut [Lane], state: &mut [State], warps: std::ops::Range<usize>) -> Result<bool, String> {
     let mut any = false;
-    for (w, first) in (0..lanes.len()).step_by(WARP).enumerate() {
+    for w in warps {
+        let first = w * WARP;
         let end = (first + WARP).min(lanes.len());
         let Some(lead) = (first..end).find(|&i| state[i] == State::AtShuffle) else { continue };
         let mask = lanes[lead].mask;

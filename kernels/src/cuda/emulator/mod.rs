@@ -5,8 +5,9 @@
 //!
 //! It checks the kernels' arithmetic and indexing and the CUDA executor's bookkeeping. It does
 //! not check timing, the GPU memory model, or warp-synchronous code without a shuffle or
-//! barrier. Each block's threads run in an order that changes from block to block (ascending,
-//! descending, shuffled) between barriers, so a missing `__syncthreads()` changes results.
+//! barrier. Each block's threads run in an order that changes from block to block between
+//! barriers (thread by thread, ascending, descending or shuffled; or warp by warp, each warp
+//! running ahead to the barrier), so a missing `__syncthreads()` changes results.
 //!
 //! Built with the crate's `emulation` feature (tests enable it); without it
 //! [`Emulator::new`] says so and nothing of the emulation is in the binary.
