@@ -4,10 +4,15 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// Temperatures below this are greedy. Dividing logits by a smaller one overflows f32 (a
+/// temperature of `1e-39` turns every logit into an infinity, and the softmax into NaN), and
+/// long before that the distribution is one-hot to within f32 anyway. vLLM uses the same bound.
+pub const MIN_TEMPERATURE: f32 = 1e-5;
+
 /// Sampling settings of one request, already validated.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy.
+    /// Below [`MIN_TEMPERATURE`] (0 included) means greedy.
     pub temperature: f32,
     /// In (0, 1]; 1 disables nucleus filtering.
     pub top_p: f32,
@@ -35,7 +40,7 @@ impl SamplingParams {
     }
 
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0 || self.top_k == 1
+        self.temperature < MIN_TEMPERATURE || self.top_k == 1
     }
 }
 
@@ -152,6 +157,24 @@ mod tests {
         assert_eq!(draw(1), draw(1));
         assert_ne!(draw(1), draw(2));
         assert!(draw(1).iter().collect::<std::collections::HashSet<_>>().len() > 5);
+    }
+
+    #[test]
+    fn tiny_temperatures_are_greedy() {
+        // The largest logit is not the first, so a sampler that overflowed and fell through to
+        // its last candidate, or to token 0, would be caught.
+        let logits: Vec<f32> = (0..64).map(|i| ((i * 37) % 64) as f32 * 0.25 - 4.0).collect();
+        let best = argmax(&logits);
+        assert_ne!(best, 0);
+        for temperature in [1e-39, f32::MIN_POSITIVE, 1e-20, 1e-6] {
+            let mut s = Sampler::new(params(temperature, 1.0, 0));
+            for _ in 0..50 {
+                assert_eq!(s.sample(&logits), best, "temperature {temperature:e}");
+            }
+        }
+        // Just above the bound it is still sampling, and still (nearly) one-hot here.
+        let mut s = Sampler::new(params(MIN_TEMPERATURE, 1.0, 0));
+        assert_eq!(s.sample(&logits), best);
     }
 
     #[test]
