@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use switchyard_backend::adapters::{
-    AdapterError, AdapterSource, AdapterStore, AdapterUri, Fetched, SourceRegistry, StoreOptions, load_peft,
+    AdapterError, AdapterSource, AdapterStore, AdapterUri, Fetched, Room, SourceRegistry, StoreOptions, load_peft,
     load_peft_dir,
 };
 use switchyard_backend::model::ModelConfig;
@@ -33,17 +33,15 @@ impl AdapterSource for Vault {
         Ok(())
     }
 
-    async fn fetch(&self, uri: &AdapterUri, dest: &Path, max_bytes: u64) -> Result<Fetched, AdapterError> {
+    async fn fetch(&self, uri: &AdapterUri, dest: &Path, room: &Room) -> Result<Fetched, AdapterError> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let files = self.adapters.get(&uri.location).ok_or_else(|| AdapterError::SourceNotFound {
             uri: uri.uri.clone(),
             reason: "no such adapter in the vault".into(),
         })?;
-        let bytes: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
-        if bytes > max_bytes {
-            return Err(AdapterError::TooLarge { uri: uri.uri.clone(), bytes, max: max_bytes });
-        }
+        // Reserve the bytes in the cache before writing them; what does not fit is refused.
+        room.reserve(files.iter().map(|(_, b)| b.len() as u64).sum())?;
         for (name, data) in files {
             std::fs::write(dest.join(name), data)
                 .map_err(|source| AdapterError::Io { path: dest.join(name), source })?;

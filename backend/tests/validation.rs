@@ -9,7 +9,7 @@ use common::*;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::path::Path;
 use switchyard_backend::adapters::{
-    AdapterError, AdapterStore, FileSource, SourceRegistry, SourceScope, StoreOptions, load_peft_dir,
+    AdapterError, AdapterStore, FileSource, Room, SourceRegistry, SourceScope, StoreOptions, load_peft_dir,
 };
 use switchyard_backend::model::{Model, ModelConfig, ModelError};
 
@@ -181,7 +181,7 @@ fn roots() -> Roots {
 
 async fn fetch_file(r: &Roots, path: &Path) -> Result<std::path::PathBuf, AdapterError> {
     let (uri, source) = r.sources.resolve(&format!("file://{}", path.display()))?;
-    source.fetch(&uri, Path::new(""), u64::MAX).await.map(|f| f.dir)
+    source.fetch(&uri, Path::new(""), &Room::unbounded(&uri.uri, u64::MAX)).await.map(|f| f.dir)
 }
 
 #[tokio::test]
@@ -208,7 +208,10 @@ async fn file_adapters_are_read_only_from_inside_the_allowed_roots() {
     let mut off = SourceRegistry::new();
     off.register("file", std::sync::Arc::new(FileSource::new(vec![]).expect("no roots")));
     let (uri, source) = off.resolve(&format!("file://{}", r.root.join("good").display())).expect("syntax ok");
-    denied(source.fetch(&uri, Path::new(""), u64::MAX).await.map(|f| f.dir), "no --adapter-roots");
+    denied(
+        source.fetch(&uri, Path::new(""), &Room::unbounded(&uri.uri, u64::MAX)).await.map(|f| f.dir),
+        "no --adapter-roots",
+    );
 }
 
 #[tokio::test]

@@ -344,6 +344,96 @@ async fn a_cache_full_of_adapters_in_use_refuses_a_new_one_until_one_is_unloaded
 }
 
 #[tokio::test]
+async fn concurrent_downloads_share_the_cache_budget_instead_of_each_taking_all_of_it() {
+    let Some(s3) = S3Server::start() else { return };
+    let a = s3.put_fixture("loras", "a", "r8-qv");
+    let b = s3.put_fixture("loras", "b", "r4-patterns");
+    let size = |name: &str| adapter_files(&fixture_adapter(name)).iter().map(|(_, b)| b.len()).sum::<usize>();
+    // Room for either adapter, not both.
+    let budget = (size("r8-qv").max(size("r4-patterns")) * 3 / 2).to_string();
+    // Slow enough that both downloads are under way at once.
+    let weights = "adapter_model.safetensors";
+    let proxy = Proxy::start_slow_counting(&s3.endpoint, weights, std::time::Duration::from_millis(20)).await;
+    let backend = start_backend_with(&tiny_llama(), &["--lora-cache-bytes", &budget], &s3.env(&proxy.endpoint));
+    let (client, _) = connect(&backend).await;
+    let load = |name: &str, uri: &str| {
+        let (mut c, req) = (client.clone(), load_uri(name, uri));
+        async move { c.load_adapter(req).await }
+    };
+    let (ra, rb) = tokio::join!(load("a", &a), load("b", &b));
+    let (loaded, refused): (Vec<_>, Vec<_>) = [("a", ra), ("b", rb)].into_iter().partition(|(_, r)| r.is_ok());
+    assert_eq!(loaded.len(), 1, "exactly one fits: {loaded:?} {refused:?}");
+    let (loser, Err(status)) = &refused[0] else { unreachable!() };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("the adapter cache is full"), "{}", status.message());
+    // The refused load stopped before downloading its weights: at no point was more than the
+    // budget written.
+    assert_eq!(proxy.counted.load(std::sync::atomic::Ordering::SeqCst), 1, "one download of weights");
+    assert_eq!(cache_entries(backend.cache.path()).len(), 1);
+    // Its reservation was given back with it: once the winner is unloaded, the loser fits.
+    let mut client = client;
+    let winner = loaded[0].0;
+    client.unload_adapter(pb::UnloadAdapterRequest { name: winner.into(), fence: 0 }).await.expect("unloads");
+    let uri = if *loser == "a" { &a } else { &b };
+    client.load_adapter(load_uri(loser, uri)).await.expect("fits now");
+    assert_eq!(cache_entries(backend.cache.path()).len(), 1);
+}
+
+#[tokio::test]
+async fn an_object_replaced_at_its_source_loads_with_its_new_pin_and_a_wrong_pin_loses_nothing() {
+    let Some(s3) = S3Server::start() else { return };
+    let uri = s3.put_fixture("loras", "team/support", "r8-qv");
+    let backend = start_backend_with(&tiny_llama(), &["--max-loras", "4"], &s3.env(&s3.endpoint));
+    let (mut client, _) = connect(&backend).await;
+    let weights = |name: &str| std::fs::read(fixture_adapter(name).join("adapter_model.safetensors")).unwrap();
+    let pinned = |name: &str, sha: &str| {
+        let mut req = load_uri(name, &uri);
+        req.source.as_mut().unwrap().sha256 = sha.to_string();
+        req
+    };
+    let (v1, v2) = (sha256_hex(&weights("r8-qv")), sha256_hex(&weights("r4-patterns")));
+    assert!(client.load_adapter(pinned("v1", &v1)).await.expect("v1 loads").into_inner().fetched);
+
+    // The object is replaced in place; a load pinned to the new weights fetches them again.
+    s3.put_fixture("loras", "team/support", "r4-patterns");
+    let again = client.load_adapter(pinned("v2", &v2)).await.expect("the new pin loads").into_inner();
+    assert!(again.fetched, "the cached copy had the old weights");
+    assert_generates(&mut client, "v2", "tiny-llama.r4-patterns.1").await;
+    assert_generates(&mut client, "v1", "tiny-llama.r8-qv.2").await;
+
+    // A pin the source does not have is refused by name, and the cached copy stays.
+    let wrong = "0".repeat(64);
+    refused(&mut client, pinned("wrong", &wrong), Code::InvalidArgument, &format!("the request pins {wrong}")).await;
+    let hit = client.load_adapter(pinned("v2-again", &v2)).await.expect("still cached").into_inner();
+    assert!(!hit.fetched);
+    assert_eq!(cache_entries(backend.cache.path()).len(), 1);
+}
+
+#[tokio::test]
+async fn an_adapter_evicted_from_its_slot_keeps_its_cached_files_and_reloads_without_its_source() {
+    let Some(mut s3) = S3Server::start() else { return };
+    let a = s3.put_fixture("loras", "a", "r8-qv");
+    let b = s3.put_fixture("loras", "b", "r4-patterns");
+    let c = s3.put_fixture("loras", "c", "r2-k-down");
+    let size = |name: &str| adapter_files(&fixture_adapter(name)).iter().map(|(_, b)| b.len()).sum::<usize>();
+    // Room for a and b, not for c as well.
+    let budget = (size("r8-qv") + size("r4-patterns") + size("r2-k-down") / 2).to_string();
+    let flags = ["--max-loras", "1", "--lora-cache-bytes", &budget];
+    let backend = start_backend_with(&tiny_llama(), &flags, &s3.env(&s3.endpoint));
+    let (mut client, _) = connect(&backend).await;
+    client.load_adapter(load_uri("a", &a)).await.expect("a loads");
+    client.load_adapter(load_uri("b", &b)).await.expect("b loads");
+    let state = |listed: &[pb::AdapterInfo], name: &str| listed.iter().find(|i| i.name == name).map(|i| i.state());
+    assert_eq!(state(&list(&mut client).await, "a"), Some(pb::AdapterState::Evicted), "one slot: a left it for b");
+    // a is still loaded, so its cache entry is not room for c.
+    refused(&mut client, load_uri("c", &c), Code::ResourceExhausted, "pinned by loaded adapters").await;
+    // With the source gone, a request for a loads it again from the cache.
+    s3.server.kill();
+    assert_generates(&mut client, "a", "tiny-llama.r8-qv.2").await;
+    assert_eq!(resident(&list(&mut client).await), vec!["a"]);
+}
+
+#[tokio::test]
 async fn cached_adapters_survive_a_restart_and_load_without_their_source() {
     let Some(mut s3) = S3Server::start() else { return };
     let uri = s3.put_fixture("loras", "team/r8-qv", "r8-qv");

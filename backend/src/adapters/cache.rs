@@ -8,9 +8,14 @@
 //! - **Single flight**: one fetch per key at a time; concurrent loads of one URI wait for it
 //!   and then share the entry.
 //! - **Bounded**: a byte budget, kept by evicting the least recently used unpinned entries.
-//!   An entry is pinned while an adapter loaded from it is in use ([`CachePin`]).
+//!   An entry is pinned while an adapter loaded from it is loaded ([`CachePin`]), resident or
+//!   evicted from its slot. Fetches in progress count too: each reserves the bytes it is about
+//!   to write ([`Room`]) before writing them, idle entries are evicted to make that room, and a
+//!   fetch that cannot have it stops, so concurrent fetches never fill more than the budget.
 //! - **Integrity**: each entry records its files' sizes and the SHA-256 of its weights; a
 //!   damaged entry is dropped and fetched again, and a requested digest is checked before use.
+//!   An entry whose weights differ from a requested digest (the object was replaced at its
+//!   source) is fetched again, and replaced only if the new files pass their checks.
 //! - **Restarts**: entries (and their recency, from the metadata file's mtime) are read back
 //!   at start.
 
@@ -57,6 +62,8 @@ pub struct CacheStats {
     pub hits: u64,
     /// Entries removed to make room.
     pub evictions: u64,
+    /// Bytes fetches in progress have reserved.
+    pub reserved_bytes: u64,
 }
 
 struct Entry {
@@ -74,6 +81,8 @@ struct State {
     fetches: u64,
     hits: u64,
     evictions: u64,
+    /// Bytes reserved by fetches in progress ([`Room`]), not yet entries.
+    reserved: u64,
 }
 
 impl State {
@@ -103,6 +112,134 @@ impl Inner {
         // The state is plain counters and maps, each update complete before the lock is
         // released: a panic elsewhere cannot leave it inconsistent.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Evicts unpinned entries, least recently used first, until at most `limit` bytes are
+    /// used; `keep` is never evicted. Their directories are renamed away at once and added to
+    /// `doomed`, for deleting outside the lock. Returns whether the limit was reached.
+    fn evict_until(&self, state: &mut State, limit: u64, keep: Option<&str>, doomed: &mut Vec<PathBuf>) -> bool {
+        while state.used() > limit {
+            let victim = state
+                .entries
+                .iter()
+                .filter(|(k, e)| e.pins == 0 && Some(k.as_str()) != keep)
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(k, _)| k.clone());
+            let Some(victim) = victim else {
+                return false;
+            };
+            if let Some(e) = state.entries.remove(&victim) {
+                tracing::info!(uri = %e.meta.uri, bytes = e.meta.bytes(), "evicting adapter cache entry");
+            }
+            doomed.push(retire_dir(&self.root, &self.root.join(&victim)));
+            state.evictions += 1;
+        }
+        true
+    }
+
+    /// Reserves `more` bytes for the fetch of `key`, which then holds `total`: refused when the
+    /// entries loaded adapters pin and the other fetches' reservations leave too little;
+    /// otherwise idle entries are evicted until the reservations fit beside what is cached.
+    fn reserve(&self, key: &str, uri: &str, more: u64, total: u64) -> Result<(), AdapterError> {
+        let mut doomed = Vec::new();
+        {
+            let mut state = self.state();
+            let (pinned, others) = (state.pinned_except(key), state.reserved.saturating_sub(total - more));
+            if pinned.saturating_add(others).saturating_add(total) > self.budget {
+                return Err(AdapterError::CacheFull {
+                    uri: uri.to_string(),
+                    needed: total,
+                    budget: self.budget,
+                    pinned,
+                    reserved: others,
+                });
+            }
+            state.reserved += more;
+            let limit = self.budget - state.reserved;
+            // An entry under this key (being replaced) may keep the disk above the budget until
+            // the new one takes its place; every other idle entry can go.
+            self.evict_until(&mut state, limit, Some(key), &mut doomed);
+        }
+        if !doomed.is_empty() {
+            // Nothing needs to wait for the deletion.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(move || delete_dirs(doomed))),
+                Err(_) => delete_dirs(doomed),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The disk space one fetch may fill: at most the backend's `--max-adapter-bytes`, and for a
+/// cached source no more than the cache's budget leaves once the entries loaded adapters pin
+/// and the other fetches' reservations are counted. A source reserves what its listing
+/// announces before downloading, and the running total of what it has written as it writes;
+/// a reservation that does not fit fails, naming the limit.
+pub struct Room {
+    uri: String,
+    max: u64,
+    /// The cache the bytes are counted in, and the entry's key; `None` for in-place sources.
+    cache: Option<(Arc<Inner>, String)>,
+    /// Bytes reserved so far.
+    held: Mutex<u64>,
+}
+
+impl std::fmt::Debug for Room {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Room").field("uri", &self.uri).field("max", &self.max).field("held", &self.held()).finish()
+    }
+}
+
+impl Room {
+    /// Room bounded only by `max` bytes, for a source that reads adapters in place.
+    pub fn unbounded(uri: &str, max: u64) -> Room {
+        Room { uri: uri.to_string(), max, cache: None, held: Mutex::new(0) }
+    }
+
+    /// The most bytes one adapter may have (`--max-adapter-bytes`).
+    pub fn max_bytes(&self) -> u64 {
+        self.max
+    }
+
+    fn held(&self) -> u64 {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes sure this fetch may have written `total` bytes in all: a no-op when it already
+    /// holds that much. Fails with [`AdapterError::TooLarge`] past `--max-adapter-bytes`, and
+    /// with [`AdapterError::CacheFull`] when the cache cannot make the room.
+    pub fn reserve(&self, total: u64) -> Result<(), AdapterError> {
+        if total > self.max {
+            return Err(AdapterError::TooLarge { uri: self.uri.clone(), bytes: total, max: self.max });
+        }
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if total <= *held {
+            return Ok(());
+        }
+        if let Some((inner, key)) = &self.cache {
+            inner.reserve(key, &self.uri, total - *held, total)?;
+        }
+        *held = total;
+        Ok(())
+    }
+
+    /// Hands the reservation over (to the entry the fetched files become): returns what was
+    /// held, which the caller takes off the cache's books.
+    fn release(&self) -> u64 {
+        std::mem::take(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        let held = self.release();
+        if let Some((inner, _)) = &self.cache
+            && held > 0
+        {
+            let mut state = inner.state();
+            state.reserved = state.reserved.saturating_sub(held);
+        }
     }
 }
 
@@ -257,7 +394,7 @@ impl AdapterCache {
         {
             let mut state = cache.inner.state();
             let mut doomed = Vec::new();
-            cache.evict_until(&mut state, budget, None, &mut doomed);
+            cache.inner.evict_until(&mut state, budget, None, &mut doomed);
             delete_dirs(doomed);
             tracing::info!(dir = %root.display(), entries = state.entries.len(), bytes = state.used(), budget, "adapter cache opened");
         }
@@ -278,30 +415,8 @@ impl AdapterCache {
             fetches: s.fetches,
             hits: s.hits,
             evictions: s.evictions,
+            reserved_bytes: s.reserved,
         }
-    }
-
-    /// Evicts unpinned entries, least recently used first, until at most `limit` bytes are
-    /// used; `keep` is never evicted. Their directories are renamed away at once and added to
-    /// `doomed`, for deleting outside the lock. Returns whether the limit was reached.
-    fn evict_until(&self, state: &mut State, limit: u64, keep: Option<&str>, doomed: &mut Vec<PathBuf>) -> bool {
-        while state.used() > limit {
-            let victim = state
-                .entries
-                .iter()
-                .filter(|(k, e)| e.pins == 0 && Some(k.as_str()) != keep)
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(k, _)| k.clone());
-            let Some(victim) = victim else {
-                return false;
-            };
-            if let Some(e) = state.entries.remove(&victim) {
-                tracing::info!(uri = %e.meta.uri, bytes = e.meta.bytes(), "evicting adapter cache entry");
-            }
-            doomed.push(retire_dir(&self.inner.root, &self.inner.root.join(&victim)));
-            state.evictions += 1;
-        }
-        true
     }
 
     fn flight(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -317,14 +432,22 @@ impl AdapterCache {
         }
     }
 
-    /// Pins and returns an existing, intact entry. A damaged one is dropped (and fetched again).
-    async fn hit(&self, key: &str) -> Option<CacheEntry> {
+    /// Pins and returns an existing, intact entry whose weights have the `wanted` SHA-256 (when
+    /// given). A damaged one is dropped (and fetched again); one with other weights is left
+    /// until a fetch replaces it.
+    async fn hit(&self, key: &str, wanted: Option<&str>) -> Option<CacheEntry> {
         let dir = self.inner.root.join(key);
         // The lock is released before anything is awaited.
         let found = {
             let mut state = self.inner.state();
             let now = state.tick();
             let entry = state.entries.get_mut(key)?;
+            if let Some(wanted) = wanted
+                && entry.meta.sha256 != wanted
+            {
+                tracing::info!(uri = %entry.meta.uri, cached = %entry.meta.sha256, wanted, "the cached adapter has other weights than the pin asks for; fetching it again");
+                return None;
+            }
             if file_sizes(&dir).ok().as_ref() == Some(&entry.meta.files) {
                 entry.last_used = now;
                 entry.pins += 1;
@@ -351,20 +474,23 @@ impl AdapterCache {
         Some(CacheEntry { dir, meta, pin: CachePin { inner: self.inner.clone(), key: key.to_string(), generation } })
     }
 
-    /// Returns the entry for `uri`, fetching it on a miss. On a miss, `fetch` gets an empty
-    /// temp directory and the bytes it may write (the budget minus what other loaded adapters
-    /// pin), and returns the resolved revision; `check` then inspects the fetched files (and
-    /// may refuse them) before they become an entry. Concurrent calls for one URI fetch once.
-    /// Returns the pinned entry and, when this call fetched it, what `check` returned.
+    /// Returns the entry for `uri` whose weights have the `wanted` SHA-256 (any, when `None`),
+    /// fetching it on a miss. On a miss, `fetch` gets an empty temp directory and the [`Room`]
+    /// it may fill (at most `max_bytes`, within the cache's budget), and returns the resolved
+    /// revision; `check` then inspects the fetched files (and may refuse them) before they
+    /// become an entry. Concurrent calls for one URI fetch once. Returns the pinned entry and,
+    /// when this call fetched it, what `check` returned.
     pub async fn get_or_fetch<T, F, Fut, C>(
         &self,
         uri: &AdapterUri,
+        wanted: Option<&str>,
+        max_bytes: u64,
         fetch: F,
         check: C,
     ) -> Result<(CacheEntry, Option<T>), AdapterError>
     where
         T: Send + 'static,
-        F: FnOnce(PathBuf, u64) -> Fut,
+        F: FnOnce(PathBuf, Arc<Room>) -> Fut,
         Fut: Future<Output = Result<Option<String>, AdapterError>>,
         C: FnOnce(&Path, &EntryMeta) -> Result<T, AdapterError> + Send + 'static,
     {
@@ -372,9 +498,9 @@ impl AdapterCache {
         let flight = self.flight(&key);
         let result = {
             let _turn = flight.lock().await;
-            match self.hit(&key).await {
+            match self.hit(&key, wanted).await {
                 Some(entry) => Ok((entry, None)),
-                None => self.fetch_entry(uri, &key, fetch, check).await.map(|(e, t)| (e, Some(t))),
+                None => self.fetch_entry(uri, &key, max_bytes, fetch, check).await.map(|(e, t)| (e, Some(t))),
             }
         };
         self.end_flight(&key, flight);
@@ -385,12 +511,13 @@ impl AdapterCache {
         &self,
         uri: &AdapterUri,
         key: &str,
+        max_bytes: u64,
         fetch: F,
         check: C,
     ) -> Result<(CacheEntry, T), AdapterError>
     where
         T: Send + 'static,
-        F: FnOnce(PathBuf, u64) -> Fut,
+        F: FnOnce(PathBuf, Arc<Room>) -> Fut,
         Fut: Future<Output = Result<Option<String>, AdapterError>>,
         C: FnOnce(&Path, &EntryMeta) -> Result<T, AdapterError> + Send + 'static,
     {
@@ -398,12 +525,15 @@ impl AdapterCache {
         // Dropped (and deleted) on every early return: a failed fetch leaves nothing.
         let tmp =
             tempfile::Builder::new().prefix(&format!("{TMP_PREFIX}{key}-")).tempdir_in(root).map_err(io_err(root))?;
-        let room = {
-            let mut state = self.inner.state();
-            state.fetches += 1;
-            self.inner.budget.saturating_sub(state.pinned_except(key))
-        };
-        let revision = fetch(tmp.path().to_path_buf(), room).await?;
+        self.inner.state().fetches += 1;
+        // Its reservation is given back when it drops, whatever happens to the fetch.
+        let room = Arc::new(Room {
+            uri: uri.uri.clone(),
+            max: max_bytes,
+            cache: Some((self.inner.clone(), key.to_string())),
+            held: Mutex::new(0),
+        });
+        let revision = fetch(tmp.path().to_path_buf(), room.clone()).await?;
 
         let dir = tmp.path().to_path_buf();
         let uri_text = uri.uri.clone();
@@ -424,7 +554,7 @@ impl AdapterCache {
 
         let bytes = meta.bytes();
         let mut doomed = Vec::new();
-        let result = self.insert_entry(uri, key, tmp, meta, &mut doomed);
+        let result = self.insert_entry(uri, key, tmp, meta, &room, &mut doomed);
         if !doomed.is_empty() {
             // Deleting evicted entries can take a while and nothing needs to wait for it; a
             // refused fetch, though, has left nothing behind once it returns.
@@ -438,31 +568,40 @@ impl AdapterCache {
         Ok((entry, checked))
     }
 
-    /// Makes room for a fetched and checked entry, then renames it into place, pinned.
+    /// Makes room for a fetched and checked entry (its bytes were reserved in `room`; the
+    /// reservation becomes the entry), then renames it into place, pinned, replacing an entry
+    /// of the same key with other weights.
     fn insert_entry(
         &self,
         uri: &AdapterUri,
         key: &str,
         tmp: tempfile::TempDir,
         meta: EntryMeta,
+        room: &Room,
         doomed: &mut Vec<PathBuf>,
     ) -> Result<CacheEntry, AdapterError> {
         let root = &self.inner.root;
         let bytes = meta.bytes();
         let budget = self.inner.budget;
+        let held = room.release();
         let mut state = self.inner.state();
-        let pinned = state.pinned_except(key);
-        // Evict nothing unless evicting makes enough room.
-        if pinned.saturating_add(bytes) > budget
-            || !self.evict_until(&mut state, budget.saturating_sub(bytes), Some(key), doomed)
-        {
+        state.reserved = state.reserved.saturating_sub(held);
+        // The entry being replaced, if any, makes no room for its successor until it is gone.
+        let replaced = state.entries.remove(key);
+        let (pinned, reserved) = (state.pinned_except(key), state.reserved);
+        // Evict nothing unless evicting makes enough room. (Pins taken on other entries since
+        // the fetch reserved its bytes can leave too little.)
+        if pinned.saturating_add(reserved).saturating_add(bytes) > budget {
+            if let Some(old) = replaced {
+                state.entries.insert(key.to_string(), old);
+            }
             doomed.push(tmp.keep());
-            return Err(AdapterError::CacheFull { uri: uri.uri.clone(), needed: bytes, budget, pinned });
+            return Err(AdapterError::CacheFull { uri: uri.uri.clone(), needed: bytes, budget, pinned, reserved });
         }
+        self.inner.evict_until(&mut state, budget - reserved - bytes, None, doomed);
         let final_dir = root.join(key);
-        // Not expected (misses are single-flight), but a stray directory must not block us.
+        // The replaced entry's files (or a stray directory, which must not block us).
         if final_dir.exists() {
-            state.entries.remove(key);
             doomed.push(retire_dir(root, &final_dir));
         }
         let tmp_path = tmp.keep();
@@ -490,7 +629,10 @@ mod tests {
         cache
             .get_or_fetch(
                 &uri(u),
-                |dir, _room| async move {
+                None,
+                u64::MAX,
+                |dir, room| async move {
+                    room.reserve(bytes as u64 + 2)?;
                     std::fs::write(dir.join("adapter_config.json"), b"{}").expect("write");
                     std::fs::write(dir.join(WEIGHTS_FILE), vec![7u8; bytes]).expect("write");
                     Ok(None)
@@ -524,6 +666,82 @@ mod tests {
         assert_eq!(names.len(), 2, "{names:?}");
         drop(a);
         put(&cache, "s3://b/d", 100).await.expect("a was unpinned and evicted");
+    }
+
+    /// A room for `u` in `cache`, as a fetch gets one, outside any fetch.
+    fn room(cache: &AdapterCache, u: &str) -> Room {
+        Room {
+            uri: u.to_string(),
+            max: u64::MAX,
+            cache: Some((cache.inner.clone(), key(&uri(u)))),
+            held: Mutex::new(0),
+        }
+    }
+
+    #[tokio::test]
+    async fn fetches_in_progress_share_the_budget_and_make_room_by_evicting_idle_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = AdapterCache::open(dir.path(), 250).expect("opens");
+        drop(put(&cache, "s3://b/idle", 100).await.expect("idle"));
+        let (a, b) = (room(&cache, "s3://b/a"), room(&cache, "s3://b/b"));
+        // 180 reserved: the idle entry (102 bytes) must go to keep the disk within 250.
+        a.reserve(180).expect("a fits");
+        assert_eq!((cache.stats().entries, cache.stats().reserved_bytes), (0, 180));
+        // b cannot have 150 of the 70 left, whatever is evicted.
+        let err = b.reserve(150).expect_err("both do not fit");
+        assert!(
+            matches!(err, AdapterError::CacheFull { needed: 150, budget: 250, pinned: 0, reserved: 180, .. }),
+            "{err}"
+        );
+        b.reserve(70).expect("what is left fits");
+        // Reserving a running total already held costs nothing; growing it past the room fails.
+        b.reserve(50).expect("already held");
+        assert!(b.reserve(71).is_err());
+        // A fetch that ends gives its room back.
+        drop(a);
+        assert_eq!(cache.stats().reserved_bytes, 70);
+        b.reserve(250).expect("all of it, now");
+        let mut small = room(&cache, "s3://b/c");
+        small.max = 10;
+        assert!(matches!(small.reserve(11), Err(AdapterError::TooLarge { bytes: 11, max: 10, .. })));
+    }
+
+    #[tokio::test]
+    async fn an_entry_with_other_weights_than_asked_for_is_replaced_only_by_a_fetch_that_passes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = AdapterCache::open(dir.path(), 1 << 20).expect("opens");
+        let get = async |weights: &'static [u8], wanted: Option<String>, accept: bool| {
+            cache
+                .get_or_fetch(
+                    &uri("s3://b/a"),
+                    wanted.as_deref(),
+                    u64::MAX,
+                    |d, room| async move {
+                        room.reserve(weights.len() as u64)?;
+                        std::fs::write(d.join(WEIGHTS_FILE), weights).expect("write");
+                        Ok(None)
+                    },
+                    move |p, _| if accept { Ok(()) } else { Err(AdapterError::invalid(p, "refused")) },
+                )
+                .await
+                .map(|(entry, fetched)| (entry.meta.sha256, fetched.is_some()))
+        };
+        let (v1, fetched) = get(b"v1", None, true).await.expect("v1");
+        assert!(fetched);
+        let v2 = Sha256::digest(b"v2").iter().map(|b| format!("{b:02x}")).collect::<String>();
+        // The same pin is a hit; another one fetches again, and a refused fetch keeps v1.
+        assert_eq!(get(b"v2", Some(v1.clone()), true).await.expect("hit"), (v1.clone(), false));
+        assert!(get(b"v2", Some(v2.clone()), false).await.is_err());
+        assert_eq!(get(b"xx", None, true).await.expect("v1 kept"), (v1.clone(), false));
+        assert_eq!(get(b"v2", Some(v2.clone()), true).await.expect("v2 replaces v1"), (v2.clone(), true));
+        assert_eq!(get(b"xx", None, true).await.expect("v2 cached"), (v2, false));
+        assert_eq!(cache.stats().entries, 1);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with(".tmp-evicted-"))
+            .collect();
+        assert_eq!(names, vec![key(&uri("s3://b/a"))]);
     }
 
     #[tokio::test]
@@ -563,6 +781,8 @@ mod tests {
         let err = cache
             .get_or_fetch::<(), _, _, _>(
                 &uri("s3://b/a"),
+                None,
+                u64::MAX,
                 |d, _| async move {
                     std::fs::write(d.join(WEIGHTS_FILE), b"x").expect("write");
                     Ok(None)

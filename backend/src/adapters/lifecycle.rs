@@ -3,7 +3,9 @@
 //! Plain data; the service owns one behind a lock.
 //!
 //! Resident adapters live in the engine's slot table; this table holds where each came from
-//! (to reload it after an eviction) and the cache pin that keeps its files on disk.
+//! (to reload it after an eviction) and the cache pin that keeps its files on disk while it is
+//! loaded, resident or evicted from its slot: the next request for an evicted adapter loads it
+//! again from the cache, never from its source.
 
 use super::store::Digest;
 use super::{CachePin, SourceScope};
@@ -61,8 +63,10 @@ pub struct Lifecycle {
     /// record here while the old adapter is still resident.
     records: BTreeMap<String, Record>,
     failed_order: VecDeque<String>,
-    /// Resident names: where they came from, and the pin on their cache entry.
-    loaded: HashMap<String, (Origin, Option<CachePin>)>,
+    /// Resident names: where they came from.
+    loaded: HashMap<String, Origin>,
+    /// The pins on the cache entries of loaded names (resident or evicted).
+    pins: HashMap<String, CachePin>,
 }
 
 impl Lifecycle {
@@ -87,7 +91,11 @@ impl Lifecycle {
     /// The load finished: `name` is resident from `origin` (replacing whatever it was).
     pub fn resident(&mut self, name: &str, origin: Origin, pin: Option<CachePin>) {
         self.forget_record(name);
-        self.loaded.insert(name.to_string(), (origin, pin));
+        self.loaded.insert(name.to_string(), origin);
+        match pin {
+            Some(pin) => self.pins.insert(name.to_string(), pin),
+            None => self.pins.remove(name),
+        };
     }
 
     /// The load failed; an adapter already resident under the name (a hot swap) stays.
@@ -98,6 +106,9 @@ impl Lifecycle {
         while self.failed_order.len() > MAX_FAILED {
             if let Some(old) = self.failed_order.pop_front() {
                 self.records.remove(&old);
+                if !self.loaded.contains_key(&old) {
+                    self.pins.remove(&old);
+                }
             }
         }
     }
@@ -106,25 +117,32 @@ impl Lifecycle {
     /// overwrote it): forget where it came from.
     pub fn lost(&mut self, name: &str) {
         self.loaded.remove(name);
+        self.pins.remove(name);
     }
 
-    /// The engine evicted `name` from its slot: remember where to load it from again and let
-    /// its cache entry go.
+    /// The engine evicted `name` from its slot: remember where to load it from again, and keep
+    /// its cache entry pinned so that the reload finds it.
     pub fn evicted(&mut self, name: &str) {
-        if let Some((origin, _pin)) = self.loaded.remove(name) {
+        if let Some(origin) = self.loaded.remove(name) {
             self.set(name, Phase::Evicted, origin, None);
         }
     }
 
-    /// `name` was unloaded (or forgotten): nothing of it remains.
+    /// `name` was unloaded (or forgotten): nothing of it remains, its cache pin included.
     pub fn unloaded(&mut self, name: &str) -> bool {
         let had_record = self.forget_record(name);
-        self.loaded.remove(name).is_some() || had_record
+        let had_pin = self.pins.remove(name).is_some();
+        self.loaded.remove(name).is_some() || had_record || had_pin
+    }
+
+    /// Whether `name`'s cache entry is pinned (it is loaded, resident or evicted).
+    pub fn pinned(&self, name: &str) -> bool {
+        self.pins.contains_key(name)
     }
 
     /// Where a resident name came from.
     pub fn origin(&self, name: &str) -> Option<&Origin> {
-        self.loaded.get(name).map(|(o, _)| o)
+        self.loaded.get(name)
     }
 
     /// The record of a name that is not resident (or is being reloaded).
@@ -186,6 +204,34 @@ mod tests {
         assert!(t.unloaded("a"));
         assert!(t.record("a").is_none());
         assert!(!t.unloaded("a"));
+    }
+
+    #[tokio::test]
+    async fn an_evicted_adapter_keeps_its_cache_entry_pinned_until_it_is_unloaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = crate::adapters::AdapterCache::open(dir.path(), 1 << 20).expect("opens");
+        let uri = crate::adapters::AdapterUri::parse("s3://b/a").expect("uri");
+        let (entry, _) = cache
+            .get_or_fetch(
+                &uri,
+                None,
+                u64::MAX,
+                |d, room| async move {
+                    room.reserve(3)?;
+                    std::fs::write(d.join(crate::adapters::WEIGHTS_FILE), b"abc").expect("write");
+                    Ok(None)
+                },
+                |_, _| Ok(()),
+            )
+            .await
+            .expect("cached");
+        let mut t = Lifecycle::new();
+        t.resident("a", origin("s3://b/a"), Some(entry.pin));
+        t.evicted("a");
+        assert!(t.pinned("a"));
+        assert_eq!(cache.stats().pinned_bytes, 3, "the reload will find the entry");
+        assert!(t.unloaded("a"));
+        assert_eq!(cache.stats().pinned_bytes, 0);
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod slots;
 pub mod source;
 mod store;
 
-pub use cache::{AdapterCache, CachePin, CacheStats};
+pub use cache::{AdapterCache, CachePin, CacheStats, Room};
 pub use files::{AdapterFiles, SourceScope};
 pub use lifecycle::{Lifecycle, Origin, Phase, Record};
 pub use peft::{AdapterWeights, LoraModule, load_peft, load_peft_dir};
@@ -60,9 +60,9 @@ pub enum AdapterError {
     #[error("adapter {uri}: sha256 of {WEIGHTS_FILE} is {actual}, but the request pins {expected}")]
     DigestMismatch { uri: String, expected: String, actual: String },
     #[error(
-        "the adapter cache is full: {uri} needs {needed} bytes, the budget is {budget} bytes and {pinned} bytes are pinned by loaded adapters; unload adapters or raise --lora-cache-bytes"
+        "the adapter cache is full: {uri} needs {needed} bytes, the budget is {budget} bytes, {pinned} bytes are pinned by loaded adapters and {reserved} bytes are reserved by other downloads in progress; unload adapters, retry later or raise --lora-cache-bytes"
     )]
-    CacheFull { uri: String, needed: u64, budget: u64, pinned: u64 },
+    CacheFull { uri: String, needed: u64, budget: u64, pinned: u64, reserved: u64 },
 }
 
 impl AdapterError {

@@ -2,7 +2,7 @@
 //! optional digest pin.
 
 use super::AdapterError;
-use super::cache::{AdapterCache, CachePin, CacheStats, EntryMeta};
+use super::cache::{AdapterCache, CachePin, CacheStats, EntryMeta, Room};
 use super::files::{AdapterFiles, SourceScope};
 use super::source::{AdapterUri, SourceRegistry};
 use std::path::{Path, PathBuf};
@@ -133,23 +133,9 @@ impl AdapterStore {
             scope.check(&uri, &[])?;
         }
         let max = self.max_adapter_bytes;
-        let too_large = |e: AdapterError, room: u64, uri: &AdapterUri| match e {
-            // Over the room the cache has left but not over the adapter limit: the cache is full.
-            AdapterError::TooLarge { bytes, .. } if bytes <= max => {
-                let budget = self.cache.stats().budget;
-                AdapterError::CacheFull {
-                    uri: uri.uri.clone(),
-                    needed: bytes,
-                    budget,
-                    pinned: budget.saturating_sub(room),
-                }
-            }
-            AdapterError::TooLarge { bytes, .. } => AdapterError::TooLarge { uri: uri.uri.clone(), bytes, max },
-            other => other,
-        };
 
         if source.in_place() {
-            let fetched = source.fetch(&uri, Path::new(""), max).await.map_err(|e| too_large(e, max, &uri))?;
+            let fetched = source.fetch(&uri, Path::new(""), &Room::unbounded(&uri.uri, max)).await?;
             let (digest, scope) = (digest.cloned(), scope.cloned());
             let uri_parsed = uri.clone();
             let (value, sha256, resolved) = tokio::task::spawn_blocking(move || -> Result<_, AdapterError> {
@@ -183,13 +169,14 @@ impl AdapterStore {
                 validate(&files).map_err(|e| relabel(e, dir, &uri_text))
             }
         };
-        let fetch = |dir: PathBuf, room: u64| {
+        let fetch = |dir: PathBuf, room: std::sync::Arc<Room>| {
             let (source, uri) = (source.clone(), uri.clone());
-            async move {
-                source.fetch(&uri, &dir, room.min(max)).await.map(|f| f.revision).map_err(|e| too_large(e, room, &uri))
-            }
+            async move { source.fetch(&uri, &dir, &room).await.map(|f| f.revision) }
         };
-        let (entry, checked) = self.cache.get_or_fetch(&uri, fetch, check).await?;
+        // A cached copy with other weights than a pin asks for (the object was replaced at its
+        // source) is fetched again; the copy stays until the new files pass their checks.
+        let wanted = digest.map(Digest::hex);
+        let (entry, checked) = self.cache.get_or_fetch(&uri, wanted, max, fetch, check).await?;
         let fetched = checked.is_some();
         let value = match checked {
             Some(value) => value,

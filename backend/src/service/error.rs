@@ -90,7 +90,7 @@ mod tests {
             ),
             (AdapterError::Unavailable { uri: "s3://b/x".into(), reason: "refused".into() }.into(), Code::Unavailable),
             (
-                AdapterError::CacheFull { uri: "s3://b/x".into(), needed: 2, budget: 1, pinned: 1 }.into(),
+                AdapterError::CacheFull { uri: "s3://b/x".into(), needed: 2, budget: 1, pinned: 1, reserved: 0 }.into(),
                 Code::ResourceExhausted,
             ),
             (

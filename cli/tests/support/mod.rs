@@ -403,6 +403,11 @@ impl Proxy {
         Proxy::start_with(upstream, "", None, Some(delay)).await
     }
 
+    /// Slow, and counting the GETs whose request line contains `count`.
+    pub async fn start_slow_counting(upstream: &str, count: &'static str, delay: Duration) -> Proxy {
+        Proxy::start_with(upstream, count, None, Some(delay)).await
+    }
+
     async fn start_with(upstream: &str, count: &'static str, die_after: Option<u64>, delay: Option<Duration>) -> Proxy {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let upstream = upstream.trim_start_matches("http://").to_string();

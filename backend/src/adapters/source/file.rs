@@ -1,7 +1,7 @@
 //! `file:///abs/dir`: adapters read in place, only from inside the configured roots.
 
 use super::{AdapterSource, AdapterUri, Fetched};
-use crate::adapters::{AdapterError, AdapterFiles, CONFIG_FILE, WEIGHTS_FILE};
+use crate::adapters::{AdapterError, AdapterFiles, CONFIG_FILE, Room, WEIGHTS_FILE};
 use std::path::{Component, Path, PathBuf};
 
 /// Reads adapters from local directories under a set of allowed roots. Paths are resolved
@@ -135,7 +135,8 @@ impl AdapterSource for FileSource {
         true
     }
 
-    async fn fetch(&self, uri: &AdapterUri, _dest: &Path, max_bytes: u64) -> Result<Fetched, AdapterError> {
+    async fn fetch(&self, uri: &AdapterUri, _dest: &Path, room: &Room) -> Result<Fetched, AdapterError> {
+        let max_bytes = room.max_bytes();
         let this = self.clone();
         let uri = uri.clone();
         tokio::task::spawn_blocking(move || {

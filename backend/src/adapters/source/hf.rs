@@ -14,7 +14,7 @@
 //!   evicted. Pin a commit or a tag to say exactly which weights to serve.
 
 use super::{AdapterSource, AdapterUri, Fetched, plan_download, within};
-use crate::adapters::{AdapterError, CONFIG_FILE, WEIGHTS_FILE};
+use crate::adapters::{AdapterError, CONFIG_FILE, Room, WEIGHTS_FILE};
 use futures::StreamExt;
 use hf_hub::{HFClient, HFError};
 use std::collections::BTreeMap;
@@ -124,7 +124,7 @@ impl HfSource {
         Some(found)
     }
 
-    async fn fetch_all(&self, uri: &AdapterUri, dest: &Path, max_bytes: u64) -> Result<String, AdapterError> {
+    async fn fetch_all(&self, uri: &AdapterUri, dest: &Path, room: &Room) -> Result<String, AdapterError> {
         let (org, name, revision) = split_location(uri)?;
         if is_commit(revision)
             && let Some(files) = self.cached_commit_files(org, name, revision).await
@@ -135,9 +135,7 @@ impl HfSource {
                 let io = |source| AdapterError::Io { path: target.clone(), source };
                 let blob = tokio::fs::canonicalize(&path).await.map_err(io)?;
                 used += tokio::fs::metadata(&blob).await.map_err(io)?.len();
-                if used > max_bytes {
-                    return Err(AdapterError::TooLarge { uri: uri.uri.clone(), bytes: used, max: max_bytes });
-                }
+                room.reserve(used)?;
                 // A hard link shares the HF cache's blob; across file systems, copy.
                 if tokio::fs::hard_link(&blob, &target).await.is_err() {
                     tokio::fs::copy(&blob, &target).await.map_err(io)?;
@@ -183,7 +181,7 @@ impl HfSource {
         })?;
         let listing: BTreeMap<String, Option<u64>> =
             info.siblings.unwrap_or_default().into_iter().map(|s| (s.rfilename, s.size)).collect();
-        let files = plan_download(uri, &listing, max_bytes)?;
+        let files = plan_download(uri, &listing, room)?;
         let mut used = 0u64;
         for file in files {
             let what = format!("downloading {file}");
@@ -194,12 +192,9 @@ impl HfSource {
                 .send()
                 .await
                 .map_err(|e| self.classify(uri, &what, e))?;
-            // Refuse what is announced as too large before reading it, and stop reading once
-            // the limit is passed either way.
-            if let Some(length) = length
-                && used + length > max_bytes
-            {
-                return Err(AdapterError::TooLarge { uri: uri.uri.clone(), bytes: used + length, max: max_bytes });
+            // Reserve what is announced before reading it, and what arrives as it arrives.
+            if let Some(length) = length {
+                room.reserve(used + length)?;
             }
             let target = dest.join(&file);
             let io = |source| AdapterError::Io { path: target.clone(), source };
@@ -207,9 +202,7 @@ impl HfSource {
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| self.classify(uri, &what, e))?;
                 used += chunk.len() as u64;
-                if used > max_bytes {
-                    return Err(AdapterError::TooLarge { uri: uri.uri.clone(), bytes: used, max: max_bytes });
-                }
+                room.reserve(used)?;
                 out.write_all(&chunk).await.map_err(io)?;
             }
             out.sync_all().await.map_err(io)?;
@@ -224,8 +217,8 @@ impl AdapterSource for HfSource {
         split_location(uri).map(|_| ())
     }
 
-    async fn fetch(&self, uri: &AdapterUri, dest: &Path, max_bytes: u64) -> Result<Fetched, AdapterError> {
-        let commit = within(uri, self.options.download_timeout, self.fetch_all(uri, dest, max_bytes)).await?;
+    async fn fetch(&self, uri: &AdapterUri, dest: &Path, room: &Room) -> Result<Fetched, AdapterError> {
+        let commit = within(uri, self.options.download_timeout, self.fetch_all(uri, dest, room)).await?;
         Ok(Fetched { dir: dest.to_path_buf(), revision: Some(commit), files: None })
     }
 }

@@ -17,7 +17,7 @@ pub use file::FileSource;
 pub use hf::{HfSource, HfSourceOptions};
 pub use s3::{S3Source, S3SourceOptions};
 
-use super::{AdapterError, CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE};
+use super::{AdapterError, CONFIG_FILE, PICKLE_FILE, Room, WEIGHTS_FILE};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -93,10 +93,12 @@ pub trait AdapterSource: Send + Sync + fmt::Debug {
     }
 
     /// Makes the adapter's files available. A remote source writes them into `dest` (an empty
-    /// directory it owns until it returns; on error the caller deletes it) and must stop with
-    /// [`AdapterError::TooLarge`] once more than `max_bytes` would be written. An in-place
-    /// source ignores `dest` and returns its own directory.
-    async fn fetch(&self, uri: &AdapterUri, dest: &Path, max_bytes: u64) -> Result<Fetched, AdapterError>;
+    /// directory it owns until it returns; on error the caller deletes it), reserving in
+    /// `room` the total it will have written before writing it ([`Room::reserve`]: what a
+    /// listing announces up front, then the running total as it writes) and stopping with the
+    /// error a reservation returns. An in-place source ignores `dest`, returns its own
+    /// directory, and refuses adapters above [`Room::max_bytes`].
+    async fn fetch(&self, uri: &AdapterUri, dest: &Path, room: &Room) -> Result<Fetched, AdapterError>;
 }
 
 /// The sources a backend knows, by scheme.
@@ -148,11 +150,12 @@ pub(crate) async fn within<T>(
 
 /// Decides which of a remote listing's files to download: the config and the safetensors
 /// weights. `listing` maps file names (relative to the adapter's location) to sizes, where
-/// known. Refuses a missing config, pickle-only weights, and a total above `max_bytes`.
+/// known. Refuses a missing config and pickle-only weights, and reserves the announced total
+/// in `room` (which refuses what does not fit) before anything is downloaded.
 pub(crate) fn plan_download(
     uri: &AdapterUri,
     listing: &BTreeMap<String, Option<u64>>,
-    max_bytes: u64,
+    room: &Room,
 ) -> Result<Vec<String>, AdapterError> {
     let has = |f: &str| listing.contains_key(f);
     if listing.is_empty() {
@@ -175,9 +178,7 @@ pub(crate) fn plan_download(
     }
     let files = vec![CONFIG_FILE.to_string(), WEIGHTS_FILE.to_string()];
     let total: u64 = files.iter().filter_map(|f| listing.get(f).copied().flatten()).sum();
-    if total > max_bytes {
-        return Err(AdapterError::TooLarge { uri: uri.uri.clone(), bytes: total, max: max_bytes });
-    }
+    room.reserve(total)?;
     Ok(files)
 }
 
@@ -210,14 +211,18 @@ mod tests {
         let uri = AdapterUri::parse("s3://b/a").expect("valid");
         let listing = |files: &[(&str, u64)]| files.iter().map(|(f, s)| (f.to_string(), Some(*s))).collect();
         let ok = listing(&[(CONFIG_FILE, 10), (WEIGHTS_FILE, 100), ("README.md", 5000)]);
-        assert_eq!(plan_download(&uri, &ok, 110).expect("fits"), vec![CONFIG_FILE, WEIGHTS_FILE]);
-        assert!(matches!(plan_download(&uri, &ok, 109), Err(AdapterError::TooLarge { bytes: 110, max: 109, .. })));
+        let room = |max| Room::unbounded(&uri.uri, max);
+        assert_eq!(plan_download(&uri, &ok, &room(110)).expect("fits"), vec![CONFIG_FILE, WEIGHTS_FILE]);
+        assert!(matches!(
+            plan_download(&uri, &ok, &room(109)),
+            Err(AdapterError::TooLarge { bytes: 110, max: 109, .. })
+        ));
         let pickle = listing(&[(CONFIG_FILE, 10), (PICKLE_FILE, 100)]);
-        let err = plan_download(&uri, &pickle, 1000).expect_err("pickle");
+        let err = plan_download(&uri, &pickle, &room(1000)).expect_err("pickle");
         assert!(err.to_string().contains("only pickle weights"), "{err}");
         let no_config = listing(&[(WEIGHTS_FILE, 100)]);
-        let err = plan_download(&uri, &no_config, 1000).expect_err("no config");
+        let err = plan_download(&uri, &no_config, &room(1000)).expect_err("no config");
         assert!(err.to_string().contains("no adapter_config.json (found: adapter_model.safetensors)"), "{err}");
-        assert!(matches!(plan_download(&uri, &BTreeMap::new(), 1000), Err(AdapterError::SourceNotFound { .. })));
+        assert!(matches!(plan_download(&uri, &BTreeMap::new(), &room(1000)), Err(AdapterError::SourceNotFound { .. })));
     }
 }

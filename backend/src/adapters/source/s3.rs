@@ -4,7 +4,7 @@
 //! backoff, and objects streamed to disk under an overall download timeout.
 
 use super::{AdapterSource, AdapterUri, Fetched, plan_download, within};
-use crate::adapters::AdapterError;
+use crate::adapters::{AdapterError, Room};
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -183,14 +183,16 @@ impl S3Source {
         Ok(files)
     }
 
-    /// Streams one object to `path`, stopping past `limit` bytes. Returns the bytes written.
+    /// Streams one object to `path`, after `before` bytes of other files, reserving the
+    /// running total in `room` as it writes. Returns the bytes written.
     async fn download(
         &self,
         uri: &AdapterUri,
         bucket: &str,
         key: &str,
         path: &Path,
-        limit: u64,
+        before: u64,
+        room: &Room,
     ) -> Result<u64, Attempt> {
         let client = self.client().await;
         let what = format!("reading {key}");
@@ -212,24 +214,22 @@ impl S3Source {
             })
         })? {
             written += chunk.len() as u64;
-            if written > limit {
-                return Err(Attempt::Fail(AdapterError::TooLarge { uri: uri.uri.clone(), bytes: written, max: limit }));
-            }
+            room.reserve(before + written).map_err(Attempt::Fail)?;
             file.write_all(&chunk).await.map_err(io)?;
         }
         file.sync_all().await.map_err(io)?;
         Ok(written)
     }
 
-    async fn fetch_all(&self, uri: &AdapterUri, dest: &Path, max_bytes: u64) -> Result<(), AdapterError> {
+    async fn fetch_all(&self, uri: &AdapterUri, dest: &Path, room: &Room) -> Result<(), AdapterError> {
         let (bucket, prefix) = split_location(uri)?;
         let dir = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
         let listing = self.list(uri, bucket, &dir).await?;
-        let files = plan_download(uri, &listing, max_bytes)?;
+        let files = plan_download(uri, &listing, room)?;
         let mut used = 0;
         for name in files {
             let key = format!("{dir}{name}");
-            used += self.download_with_retries(uri, bucket, &key, &dest.join(&name), max_bytes - used).await?;
+            used += self.download_with_retries(uri, bucket, &key, &dest.join(&name), used, room).await?;
         }
         Ok(())
     }
@@ -242,12 +242,13 @@ impl S3Source {
         bucket: &str,
         key: &str,
         path: &Path,
-        limit: u64,
+        before: u64,
+        room: &Room,
     ) -> Result<u64, AdapterError> {
         let mut backoff = self.options.initial_backoff;
         let mut attempt = 1;
         loop {
-            match self.download(uri, bucket, key, path, limit).await {
+            match self.download(uri, bucket, key, path, before, room).await {
                 Ok(bytes) => return Ok(bytes),
                 Err(Attempt::Retry(e)) if attempt < self.options.max_attempts => {
                     tracing::warn!(%uri, key, attempt, error = %e, "S3 download broke off; retrying");
@@ -267,8 +268,8 @@ impl AdapterSource for S3Source {
         split_location(uri).map(|_| ())
     }
 
-    async fn fetch(&self, uri: &AdapterUri, dest: &Path, max_bytes: u64) -> Result<Fetched, AdapterError> {
-        within(uri, self.options.download_timeout, self.fetch_all(uri, dest, max_bytes)).await?;
+    async fn fetch(&self, uri: &AdapterUri, dest: &Path, room: &Room) -> Result<Fetched, AdapterError> {
+        within(uri, self.options.download_timeout, self.fetch_all(uri, dest, room)).await?;
         Ok(Fetched { dir: dest.to_path_buf(), revision: None, files: None })
     }
 }
