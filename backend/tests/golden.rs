@@ -136,7 +136,7 @@ fn the_engine_generates_the_reference_tokens_for_concurrent_mixed_adapter_reques
                             assert_eq!((prompt_tokens, completion_tokens), (case.prompt_ids.len(), steps));
                             break;
                         }
-                        Event::Failed(e) => panic!("{}: {e}", case.key),
+                        Event::Failed { reason, .. } => panic!("{}: {reason}", case.key),
                     }
                 }
                 assert_eq!(ids, case.greedy_ids, "{}", case.key);

@@ -255,11 +255,6 @@ fn fleet_tenants() -> String {
     )
 }
 
-async fn get(http: &reqwest::Client, gw: &Gateway, path: &str, token: &str) -> (u16, Value) {
-    let r = http.get(format!("{}{path}", gw.url)).bearer_auth(token).send().await.expect("answers");
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
-
 fn fixture_uri(name: &str) -> String {
     format!("file://{}", fixture_adapter(name).display())
 }

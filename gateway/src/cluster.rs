@@ -48,7 +48,10 @@ impl BackendView {
     /// Records a probe's answer.
     pub fn observe(&mut self, serving: bool, info: BackendInfo, adapters: Vec<AdapterStatus>) {
         self.healthy = serving;
-        self.last_error = (!serving).then(|| "backend reports NOT_SERVING".to_string());
+        self.last_error = (!serving).then(|| match info.not_serving_reason.as_str() {
+            "" => "backend reports NOT_SERVING".to_string(),
+            why => format!("backend reports NOT_SERVING: {why}"),
+        });
         self.info = Some(info);
         self.adapters.clear();
         for a in adapters {
@@ -65,6 +68,11 @@ impl BackendView {
         self.healthy = false;
         self.last_error = Some(error);
         self.adapters.clear();
+    }
+
+    /// Why this backend is not healthy (meaningful when it is not).
+    pub fn reason(&self) -> String {
+        self.last_error.clone().unwrap_or_else(|| "not probed yet".to_string())
     }
 
     /// Requests waiting or running there.

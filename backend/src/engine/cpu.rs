@@ -136,7 +136,7 @@ impl Executor for CpuExecutor {
 
     fn load_adapter(&mut self, slot: u32, adapter: &AdapterWeights) -> Result<(), ExecutorError> {
         if adapter.max_rank > self.max_rank {
-            return Err(ExecutorError(format!(
+            return Err(ExecutorError::Invalid(format!(
                 "adapter rank {} exceeds slot rank {}",
                 adapter.max_rank, self.max_rank
             )));
@@ -144,7 +144,7 @@ impl Executor for CpuExecutor {
         let entry = self
             .adapters
             .get_mut(slot as usize)
-            .ok_or_else(|| ExecutorError(format!("adapter slot {slot} does not exist")))?;
+            .ok_or_else(|| ExecutorError::Invalid(format!("adapter slot {slot} does not exist")))?;
         *entry = Some(adapter.clone());
         Ok(())
     }
@@ -161,7 +161,7 @@ impl Executor for CpuExecutor {
         let (h, q_dim, kv_dim, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let qkv_w = q_dim + 2 * kv_dim;
         if let Some(bad) = batch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ExecutorError(format!("token id {bad} outside the vocabulary")));
+            return Err(ExecutorError::Invalid(format!("token id {bad} outside the vocabulary")));
         }
         let rows = batch.row_adapters();
         let segs = lora::segments(&rows);

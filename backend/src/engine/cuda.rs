@@ -17,7 +17,13 @@ use switchyard_kernels::{KvLayout, lora};
 
 impl From<CudaError> for ExecutorError {
     fn from(e: CudaError) -> ExecutorError {
-        ExecutorError(e.to_string())
+        if e.is_out_of_memory() {
+            ExecutorError::OutOfMemory(e.to_string())
+        } else if e.is_device_fault() {
+            ExecutorError::DeviceFault(e.to_string())
+        } else {
+            ExecutorError::Invalid(e.to_string())
+        }
     }
 }
 
@@ -233,10 +239,10 @@ impl<E: Element, D: Device> Executor for CudaExecutor<E, D> {
     fn load_adapter(&mut self, slot: u32, adapter: &AdapterWeights) -> Result<(), ExecutorError> {
         let slot = slot as usize;
         if slot >= self.adapters.len() {
-            return Err(ExecutorError(format!("adapter slot {slot} does not exist")));
+            return Err(ExecutorError::Invalid(format!("adapter slot {slot} does not exist")));
         }
         if adapter.max_rank > self.max_rank {
-            return Err(ExecutorError(format!(
+            return Err(ExecutorError::Invalid(format!(
                 "adapter rank {} exceeds slot rank {}",
                 adapter.max_rank, self.max_rank
             )));
@@ -286,7 +292,7 @@ impl<E: Element, D: Device> Executor for CudaExecutor<E, D> {
         let (h, q_dim, kv_dim, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let qkv_w = q_dim + 2 * kv_dim;
         if let Some(bad) = batch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ExecutorError(format!("token id {bad} outside the vocabulary")));
+            return Err(ExecutorError::Invalid(format!("token id {bad} outside the vocabulary")));
         }
         let s = self.kernels.device();
         let up_i32 = |v: Vec<i32>| s.upload(&if v.is_empty() { vec![0] } else { v });

@@ -48,10 +48,22 @@ impl Batch {
     }
 }
 
-/// Failure inside an executor (device errors, out of device memory).
+/// Why an executor could not do what it was asked.
 #[derive(Debug, thiserror::Error)]
-#[error("executor: {0}")]
-pub struct ExecutorError(pub String);
+pub enum ExecutorError {
+    /// The device has no memory left for this (an adapter, a step's buffers). The device is
+    /// fine; the operation may succeed when memory is freed.
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
+    /// The device failed and cannot be trusted with more work (on a GPU, a sticky fault such as
+    /// an illegal address fails every later call): the engine stops serving.
+    #[error("device fault: {0}")]
+    DeviceFault(String),
+    /// The work does not fit this executor (an adapter slot or rank it does not have, a token
+    /// outside the vocabulary): a bug upstream, since callers check these first.
+    #[error("executor: {0}")]
+    Invalid(String),
+}
 
 /// Runs forward passes and holds the model weights, KV cache and adapter slots on its device.
 pub trait Executor: Send {

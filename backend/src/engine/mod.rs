@@ -7,6 +7,8 @@
 pub mod cpu;
 pub mod cuda;
 pub mod executor;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod sampling;
 pub mod scheduler;
 pub mod text;
@@ -61,6 +63,9 @@ pub enum EngineError {
     InvalidRequest(String),
     #[error("the engine has stopped")]
     Stopped,
+    /// The engine cannot serve any more (its thread died, or the device faulted); says why.
+    #[error("this backend cannot serve: {0}")]
+    Failed(String),
     #[error(transparent)]
     Executor(#[from] ExecutorError),
     /// The executor failed to place an adapter's weights; the idle adapter that was being
@@ -107,8 +112,9 @@ pub enum Event {
     Token { id: u32, text: String },
     /// The last event: the final token, remaining text, and totals.
     Finished { id: Option<u32>, text: String, reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
-    /// The request failed after it was accepted (an executor error).
-    Failed(String),
+    /// The request failed after it was accepted: its step failed, or (`engine_stopped`) the
+    /// engine stopped serving altogether.
+    Failed { reason: String, engine_stopped: bool },
 }
 
 /// What an install did.
@@ -129,6 +135,15 @@ pub struct Installed {
 pub struct AdapterStatus {
     pub slot: u32,
     pub resident: Resident,
+}
+
+/// Whether the engine can serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Serving,
+    /// The engine generates nothing more: its thread is gone or its device has faulted. The
+    /// text says which, for `Info`, health checks and the gateway's answers.
+    Failed(String),
 }
 
 /// The engine's state as last published: cheap to read from any thread.
@@ -172,6 +187,7 @@ enum Command {
 pub struct Engine {
     commands: mpsc::UnboundedSender<Command>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
+    health: watch::Receiver<Health>,
     config: EngineConfig,
     vocab_size: usize,
 }
@@ -186,6 +202,7 @@ impl Engine {
     ) -> Engine {
         let (commands, rx) = mpsc::unbounded_channel();
         let (snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::default()));
+        let (health_tx, health) = watch::channel(Health::Serving);
         let mut worker = Worker {
             executor,
             scheduler: Scheduler::new(config.scheduler),
@@ -197,16 +214,39 @@ impl Engine {
             tokenizer,
             config,
             next_id: 0,
+            health: health_tx.clone(),
+            fault: None,
         };
         let spawned = std::thread::Builder::new().name("switchyard-engine".into()).spawn(move || {
             worker.publish();
-            worker.run();
+            // A panic (a bug) must not leave the backend looking healthy with nothing behind it:
+            // the requests in flight are failed and the engine says why it stopped.
+            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run())) {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                worker.stop(format!("the engine thread panicked: {what}"));
+            }
         });
         if let Err(e) = spawned {
-            // Without its thread the engine answers every call with `Stopped`.
-            tracing::error!(error = %e, "could not start the engine thread");
+            // Without its thread the engine answers every call with why it cannot serve.
+            let reason = format!("could not start the engine thread: {e}");
+            tracing::error!(%reason, "engine not started");
+            health_tx.send_replace(Health::Failed(reason));
         }
-        Engine { commands, snapshot, config, vocab_size: model.vocab_size }
+        Engine { commands, snapshot, health, config, vocab_size: model.vocab_size }
+    }
+
+    /// Whether the engine can serve, and why not.
+    pub fn health(&self) -> Health {
+        self.health.borrow().clone()
+    }
+
+    /// Follows the engine's health (for health checks that must change with it).
+    pub fn watch_health(&self) -> watch::Receiver<Health> {
+        self.health.clone()
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -259,7 +299,7 @@ impl Engine {
         let (events, rx) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
         self.send(Command::Submit { req: Box::new(req), stops: Box::new(stops), events, reply })?;
-        answer.await.map_err(|_| EngineError::Stopped)??;
+        answer.await.map_err(|_| self.stopped())??;
         Ok(rx)
     }
 
@@ -276,7 +316,7 @@ impl Engine {
     ) -> Result<Installed, EngineError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Install { name, uri, weights: Box::new(weights), reply })?;
-        answer.await.map_err(|_| EngineError::Stopped)?
+        answer.await.map_err(|_| self.stopped())?
     }
 
     /// Unloads an adapter: new requests stop finding it at once, the ones using it finish,
@@ -285,15 +325,15 @@ impl Engine {
     pub async fn unload_adapter(&self, name: String, wait: Duration) -> Result<(), EngineError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Unload { name: name.clone(), reply })?;
-        let (slot, freed) = answer.await.map_err(|_| EngineError::Stopped)??;
+        let (slot, freed) = answer.await.map_err(|_| self.stopped())??;
         match tokio::time::timeout(wait, freed).await {
             Ok(Ok(())) => return Ok(()),
-            Ok(Err(_)) => return Err(EngineError::Stopped),
+            Ok(Err(_)) => return Err(self.stopped()),
             Err(_) => {}
         }
         let (reply, answer) = oneshot::channel();
         self.send(Command::Undrain { name: name.clone(), slot, reply })?;
-        match answer.await.map_err(|_| EngineError::Stopped)? {
+        match answer.await.map_err(|_| self.stopped())? {
             Some(active) => Err(EngineError::UnloadTimedOut { name, active, waited: wait }),
             // Freed (or replaced) just as the wait ran out: the unload happened.
             None => Ok(()),
@@ -301,7 +341,15 @@ impl Engine {
     }
 
     fn send(&self, cmd: Command) -> Result<(), EngineError> {
-        self.commands.send(cmd).map_err(|_| EngineError::Stopped)
+        self.commands.send(cmd).map_err(|_| self.stopped())
+    }
+
+    /// The error for a call the engine will not answer: why it failed, when it did.
+    fn stopped(&self) -> EngineError {
+        match self.health() {
+            Health::Failed(reason) => EngineError::Failed(reason),
+            Health::Serving => EngineError::Stopped,
+        }
     }
 }
 
@@ -349,9 +397,29 @@ struct Worker {
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
     next_id: u64,
+    health: watch::Sender<Health>,
+    /// Why the engine stopped serving (a device fault), once it has.
+    fault: Option<String>,
 }
 
 impl Worker {
+    /// Stops serving for good: every request in flight or waiting fails with `reason`, new ones
+    /// are refused with it, and the engine's health says it.
+    fn stop(&mut self, reason: String) {
+        tracing::error!(%reason, requests = self.active.len(), "the engine stops serving");
+        // Health first: whoever sees a request fail finds the engine's state already changed.
+        self.fault = Some(reason.clone());
+        self.health.send_replace(Health::Failed(reason.clone()));
+        let ids: Vec<u64> = self.active.keys().copied().collect();
+        for id in ids {
+            self.scheduler.remove(id);
+            if let Some(a) = self.active.remove(&id) {
+                let _ = a.events.send(Event::Failed { reason: reason.clone(), engine_stopped: true });
+            }
+        }
+        self.publish();
+    }
+
     fn run(&mut self) {
         loop {
             if self.scheduler.is_idle() {
@@ -375,12 +443,18 @@ impl Worker {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Submit { req, stops, events, reply } => {
-                let result = self.submit(*req, *stops, events);
+                let result = match &self.fault {
+                    Some(reason) => Err(EngineError::Failed(reason.clone())),
+                    None => self.submit(*req, *stops, events),
+                };
                 self.publish();
                 let _ = reply.send(result);
             }
             Command::Install { name, uri, weights, reply } => {
-                let result = self.install(name, uri, &weights);
+                let result = match &self.fault {
+                    Some(reason) => Err(EngineError::Failed(reason.clone())),
+                    None => self.install(name, uri, &weights),
+                };
                 self.publish();
                 let _ = reply.send(result);
             }
@@ -475,6 +549,9 @@ impl Worker {
         // the old adapter keeps serving if the new one fails to load.
         let (slot, evicted) = self.slots.choose(current)?;
         if let Err(source) = self.executor.load_adapter(slot, weights) {
+            if let ExecutorError::DeviceFault(_) = &source {
+                self.stop(format!("the device failed placing adapter {name:?}: {source}"));
+            }
             // The slot's previous (idle) adapter may be partly overwritten: drop it as well, so
             // the table never names weights the executor no longer holds.
             if let Some(old) = &evicted {
@@ -528,11 +605,15 @@ impl Worker {
         }
         let logits = match self.executor.forward(&step.batch) {
             Ok(l) => l,
+            Err(ExecutorError::DeviceFault(why)) => {
+                self.stop(format!("the device failed during a forward pass: {why}"));
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "forward pass failed; failing the requests in the batch");
                 for &(id, _) in &step.chunks {
                     if let Some(a) = self.retire(id) {
-                        let _ = a.events.send(Event::Failed(e.to_string()));
+                        let _ = a.events.send(Event::Failed { reason: e.to_string(), engine_stopped: false });
                     }
                 }
                 return;

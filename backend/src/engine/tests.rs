@@ -16,7 +16,13 @@ struct Scripted {
     /// Slots whose weights were dropped.
     unloaded: Arc<std::sync::Mutex<Vec<u32>>>,
     delay: Duration,
+    /// What the next forward pass does: [`RUN`], [`PANIC`] or [`FAULT`].
+    fault: Arc<AtomicUsize>,
 }
+
+const RUN: usize = 0;
+const PANIC: usize = 1;
+const FAULT: usize = 2;
 
 impl Executor for Scripted {
     fn device(&self) -> String {
@@ -33,6 +39,11 @@ impl Executor for Scripted {
     }
     fn forward(&mut self, batch: &executor::Batch) -> Result<Vec<f32>, ExecutorError> {
         std::thread::sleep(self.delay);
+        match self.fault.load(Ordering::SeqCst) {
+            PANIC => panic!("scripted panic"),
+            FAULT => return Err(ExecutorError::DeviceFault("scripted illegal address".into())),
+            _ => {}
+        }
         *self.last_slots.lock().expect("lock") = batch.row_adapters();
         self.forwards.fetch_add(1, Ordering::SeqCst);
         let mut logits = vec![0f32; batch.logit_rows() * self.vocab];
@@ -51,6 +62,7 @@ struct Fixture {
     last_slots: Arc<std::sync::Mutex<Vec<Option<u32>>>>,
     unloaded: Arc<std::sync::Mutex<Vec<u32>>>,
     tokenizer: Arc<Tokenizer>,
+    fault: Arc<AtomicUsize>,
 }
 
 fn fixture(max_running: usize, max_waiting: usize, max_loras: usize) -> Fixture {
@@ -65,8 +77,9 @@ fn fixture(max_running: usize, max_waiting: usize, max_loras: usize) -> Fixture 
         last_slots: Arc::default(),
         unloaded: Arc::default(),
         delay: Duration::from_millis(2),
+        fault: Arc::default(),
     };
-    let (last_slots, unloaded) = (exec.last_slots.clone(), exec.unloaded.clone());
+    let (last_slots, unloaded, fault) = (exec.last_slots.clone(), exec.unloaded.clone(), exec.fault.clone());
     let cfg = EngineConfig {
         scheduler: SchedulerConfig { block_size: 16, num_blocks: 1024, max_batch_tokens: 256, max_running },
         max_model_len: 4096,
@@ -76,7 +89,7 @@ fn fixture(max_running: usize, max_waiting: usize, max_loras: usize) -> Fixture 
     };
     let tokenizer = Arc::new(model.tokenizer);
     let engine = Engine::start(&model.config, tokenizer.clone(), Box::new(exec), cfg);
-    Fixture { engine, next, forwards, last_slots, unloaded, tokenizer }
+    Fixture { engine, next, forwards, last_slots, unloaded, tokenizer, fault }
 }
 
 fn request(max_tokens: usize) -> GenerateRequest {
@@ -100,7 +113,7 @@ async fn finish(events: &mut mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, Strin
                 text.push_str(&t);
                 return (ids, text, reason);
             }
-            Event::Failed(e) => panic!("failed: {e}"),
+            Event::Failed { reason, .. } => panic!("failed: {reason}"),
         }
     }
     panic!("stream ended without Finished");
@@ -253,4 +266,55 @@ async fn prompts_that_do_not_fit_the_context_are_refused_up_front() {
     let mut req = request(1);
     req.prompt = vec![];
     assert!(f.engine.generate(req).await.is_err());
+}
+
+/// Reads a stream to its end; returns the failure it ended with, if any.
+async fn failure(events: &mut mpsc::UnboundedReceiver<Event>) -> Option<String> {
+    while let Some(ev) = events.recv().await {
+        if let Event::Failed { reason, engine_stopped } = ev {
+            assert!(engine_stopped, "{reason}");
+            return Some(reason);
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn a_dead_engine_thread_fails_its_requests_and_says_why_it_cannot_serve() {
+    let f = fixture(4, 4, 1);
+    f.engine.install_adapter("a".into(), "file:///a".into(), adapter()).await.expect("installs");
+    let mut running = f.engine.generate(request(2000)).await.expect("accepted");
+    running.recv().await.expect("running");
+    assert_eq!(f.engine.health(), Health::Serving);
+    f.fault.store(PANIC, Ordering::SeqCst);
+    let why = failure(&mut running).await.expect("the running request fails");
+    assert!(why.contains("the engine thread panicked: scripted panic"), "{why}");
+    assert_eq!(f.engine.health(), Health::Failed(why.clone()));
+    // Nothing more is taken, and every refusal says why.
+    for err in [
+        f.engine.generate(request(2)).await.expect_err("refused"),
+        f.engine.install_adapter("b".into(), "file:///b".into(), adapter()).await.expect_err("refused"),
+        f.engine.unload_adapter("a".into(), Duration::from_secs(1)).await.expect_err("refused"),
+    ] {
+        assert!(matches!(&err, EngineError::Failed(r) if *r == why), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_device_fault_stops_the_engine_for_good_and_fails_every_request() {
+    let f = fixture(1, 4, 1);
+    let mut running = f.engine.generate(request(2000)).await.expect("accepted");
+    running.recv().await.expect("running");
+    let mut waiting = f.engine.generate(request(5)).await.expect("queued behind it");
+    f.fault.store(FAULT, Ordering::SeqCst);
+    let why = failure(&mut running).await.expect("the running request fails");
+    assert!(why.contains("the device failed during a forward pass: scripted illegal address"), "{why}");
+    assert_eq!(failure(&mut waiting).await.as_deref(), Some(why.as_str()), "the waiting one too");
+    assert_eq!(f.engine.health(), Health::Failed(why.clone()));
+    // The fault is sticky: the device is not trusted again, even if it would now work.
+    f.fault.store(RUN, Ordering::SeqCst);
+    let err = f.engine.generate(request(2)).await.expect_err("refused");
+    assert!(matches!(&err, EngineError::Failed(r) if *r == why), "{err}");
+    let snap = f.engine.snapshot();
+    assert_eq!((snap.running, snap.waiting, snap.kv_tokens_free), (0, 0, snap.kv_tokens_total));
 }

@@ -2,6 +2,7 @@
 
 use crate::adapters::AdapterError;
 use crate::engine::EngineError;
+use crate::engine::executor::ExecutorError;
 use tonic::{Code, Status};
 
 /// Every way a backend RPC can fail.
@@ -52,8 +53,12 @@ impl ServiceError {
                 EngineError::AdapterInUse { .. } | EngineError::UnloadTimedOut { .. } => Code::FailedPrecondition,
                 EngineError::SlotsFull { .. } | EngineError::QueueFull { .. } => Code::ResourceExhausted,
                 EngineError::InvalidRequest(_) => Code::InvalidArgument,
-                EngineError::Stopped => Code::Unavailable,
-                EngineError::Executor(_) | EngineError::AdapterLoadFailed { .. } => Code::Internal,
+                EngineError::Stopped | EngineError::Failed(_) => Code::Unavailable,
+                EngineError::Executor(e) | EngineError::AdapterLoadFailed { source: e, .. } => match e {
+                    ExecutorError::OutOfMemory(_) => Code::ResourceExhausted,
+                    ExecutorError::DeviceFault(_) => Code::Unavailable,
+                    ExecutorError::Invalid(_) => Code::Internal,
+                },
             },
         }
     }
@@ -79,6 +84,14 @@ mod tests {
             (EngineError::QueueFull { max: 2 }.into(), Code::ResourceExhausted),
             (EngineError::InvalidRequest("long".into()).into(), Code::InvalidArgument),
             (EngineError::Stopped.into(), Code::Unavailable),
+            (EngineError::Failed("the device failed".into()).into(), Code::Unavailable),
+            (EngineError::Executor(ExecutorError::OutOfMemory("KV".into())).into(), Code::ResourceExhausted),
+            (
+                EngineError::AdapterLoadFailed { source: ExecutorError::OutOfMemory("A".into()), dropped: None }.into(),
+                Code::ResourceExhausted,
+            ),
+            (EngineError::Executor(ExecutorError::DeviceFault("illegal address".into())).into(), Code::Unavailable),
+            (EngineError::Executor(ExecutorError::Invalid("slot 9".into())).into(), Code::Internal),
             (AdapterError::NotFound { path: "/x".into() }.into(), Code::NotFound),
             (
                 AdapterError::SourceNotFound { uri: "s3://b/x".into(), reason: "no bucket".into() }.into(),

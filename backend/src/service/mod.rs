@@ -17,7 +17,7 @@ pub use server::{
 
 use crate::adapters::Digest;
 use crate::engine::sampling::SamplingParams;
-use crate::engine::{Engine, Event, FinishReason, GenerateRequest};
+use crate::engine::{Engine, Event, FinishReason, GenerateRequest, Health};
 use crate::model::{ChatMessage, ModelConfig, Module, Tokenizer};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -72,6 +72,11 @@ impl BackendService {
         model: ServedModel,
     ) -> BackendService {
         BackendService { engine, adapters, tokenizer, model: Arc::new(model), fence: Arc::default() }
+    }
+
+    /// The engine this service runs on.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
     }
 
     /// Turns the request's input (text, chat or ids) into prompt token ids.
@@ -153,7 +158,10 @@ impl pb::backend_server::Backend for BackendService {
                     completion_tokens: completion_tokens as u32,
                 }),
             }),
-            Event::Failed(e) => Err(Status::internal(e)),
+            Event::Failed { reason, engine_stopped: true } => {
+                Err(ServiceError::from(crate::engine::EngineError::Failed(reason)).into())
+            }
+            Event::Failed { reason, engine_stopped: false } => Err(Status::internal(reason)),
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -220,6 +228,10 @@ impl pb::backend_server::Backend for BackendService {
             kv_cache_free_tokens: snap.kv_tokens_free as u64,
             lora_target_modules: Module::ALL.iter().map(|m| m.name().to_string()).collect(),
             vocab_size: m.config.vocab_size as u32,
+            not_serving_reason: match self.engine.health() {
+                Health::Serving => String::new(),
+                Health::Failed(reason) => reason,
+            },
         }))
     }
 }

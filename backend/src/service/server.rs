@@ -9,13 +9,14 @@ use crate::engine::cpu::CpuExecutor;
 use crate::engine::cuda::CudaExecutor;
 use crate::engine::executor::{Executor, ExecutorError};
 use crate::engine::scheduler::SchedulerConfig;
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{Engine, EngineConfig, Health};
 use crate::model::{Model, ModelError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard_proto::v1::backend_server::BackendServer;
+use tonic::server::NamedService;
 
 /// Tokens per KV cache block.
 pub const KV_BLOCK_SIZE: usize = 16;
@@ -153,7 +154,7 @@ pub fn build_executor(
     let on_cuda = |n: usize| move |e: ExecutorError| ServeError::Device(format!("cuda:{n}: {e}"));
     let emulated = |e: ExecutorError| ServeError::Device(format!("emulated-cuda: {e}"));
     let emulator = || Emulator::new().map_err(|e| ServeError::Device(format!("emulated-cuda: {e}")));
-    Ok(match (device, dtype) {
+    let executor: Box<dyn Executor> = match (device, dtype) {
         (DeviceChoice::Cuda(n), DtypeChoice::F32) => {
             Box::new(CudaExecutor::<f32>::open(n, config, weights, b, s, l, r).map_err(on_cuda(n))?)
         }
@@ -167,7 +168,20 @@ pub fn build_executor(
             Box::new(CudaExecutor::<bf16, _>::new(emulator()?, config, weights, b, s, l, r).map_err(emulated)?)
         }
         _ => Box::new(CpuExecutor::new(config, weights, b, s, l, r)),
-    })
+    };
+    Ok(with_faults(executor))
+}
+
+/// In test builds, the executor wrapped to fail as `SWITCHYARD_FAULTS_FILE` says.
+fn with_faults(executor: Box<dyn Executor>) -> Box<dyn Executor> {
+    #[cfg(feature = "fault-injection")]
+    {
+        crate::engine::faults::Faulty::wrap_from_env(executor)
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        executor
+    }
 }
 
 /// Everything `switchyard backend` is configured with.
@@ -406,8 +420,22 @@ impl Served {
     /// Serves the backend and `grpc.health.v1` until `shutdown` resolves.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<BackendServer<BackendService>>().await;
-        health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        // grpc.health.v1 follows the engine: SERVING while it can generate, NOT_SERVING for good
+        // once its thread has died or its device has faulted (`Info` says why).
+        let mut engine_health = self.service.engine().watch_health();
+        tokio::spawn(async move {
+            loop {
+                let status = match &*engine_health.borrow_and_update() {
+                    Health::Serving => tonic_health::ServingStatus::Serving,
+                    Health::Failed(_) => tonic_health::ServingStatus::NotServing,
+                };
+                health.set_service_status("", status).await;
+                health.set_service_status(<BackendServer<BackendService> as NamedService>::NAME, status).await;
+                if engine_health.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         // Server reflection, so grpcurl and other generic clients need no .proto files; both
         // versions, as older clients only speak v1alpha.
         let reflection = || {

@@ -755,6 +755,12 @@ pub async fn post(http: &reqwest::Client, gw: &Gateway, path: &str, token: &str,
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// GETs with a bearer token; the status and the JSON answer.
+pub async fn get(http: &reqwest::Client, gw: &Gateway, path: &str, token: &str) -> (u16, Value) {
+    let r = http.get(format!("{}{path}", gw.url)).bearer_auth(token).send().await.expect("answers");
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
 /// DELETEs with a bearer token; the status and the JSON answer.
 pub async fn delete(http: &reqwest::Client, gw: &Gateway, path: &str, token: &str) -> (u16, Value) {
     let r = http.delete(format!("{}{path}", gw.url)).bearer_auth(token).send().await.expect("answers");

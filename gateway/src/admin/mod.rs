@@ -330,9 +330,35 @@ pub struct Source {
 pub struct BackendState {
     pub backend: String,
     pub healthy: bool,
+    /// Why the backend is not healthy (a failed probe, or what it reports), when it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unhealthy_reason: Option<String>,
     pub state: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub error: String,
+}
+
+/// A backend as the list API shows it: its address, whether requests go there, and why not.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListedBackend {
+    pub backend: String,
+    pub healthy: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unhealthy_reason: Option<String>,
+}
+
+/// The fleet's backends, for callers who may read the adapter listing (which names them too).
+pub fn backends(gw: &Gateway, who: &Principal) -> Result<Vec<ListedBackend>, Error> {
+    who.require(Scope::LoraRead)?;
+    Ok(gw
+        .views()
+        .iter()
+        .map(|v| ListedBackend {
+            backend: v.address.clone(),
+            healthy: v.healthy,
+            unhealthy_reason: (!v.healthy).then(|| v.reason()),
+        })
+        .collect())
 }
 
 /// An adapter operation as the list API shows it: pending, or finished and not yet read by
@@ -399,7 +425,8 @@ pub fn list(gw: &Gateway, who: &Principal) -> Result<Vec<ListedLora>, Error> {
                     let info = v.adapters.get(&l.name);
                     let state = info.map_or("absent", |a| a.state.as_str()).to_string();
                     let error = info.and_then(|a| a.error.clone()).unwrap_or_default();
-                    BackendState { backend: v.address.clone(), healthy: v.healthy, state, error }
+                    let unhealthy_reason = (!v.healthy).then(|| v.reason());
+                    BackendState { backend: v.address.clone(), healthy: v.healthy, unhealthy_reason, state, error }
                 })
                 .collect();
             ListedLora {

@@ -100,6 +100,7 @@ pub(super) async fn list(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> 
     let who = principal(&gw, &headers)?;
     let adapters = admin::list(&gw, &who)?;
     let operations = admin::operations(&gw, &who)?;
+    let backends = admin::backends(&gw, &who)?;
     let loras: BTreeMap<&str, u32> = adapters.iter().map(|a| (a.lora_name.as_str(), a.lora_id)).collect();
     Ok(Json(json!({
         "status": "success",
@@ -107,6 +108,7 @@ pub(super) async fn list(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> 
         "count": adapters.len(),
         "adapters": adapters,
         "operations": operations,
+        "backends": backends,
     })))
 }
 

@@ -150,10 +150,14 @@ async fn request_id(mut request: Request, next: Next) -> Response {
 
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     if gw.ready() {
-        "ready".into_response()
-    } else {
-        Error::new(Code::NoBackend, "no backend is healthy").into_response()
+        return "ready".into_response();
     }
+    let why: Vec<String> = gw.views().iter().map(|v| format!("{}: {}", v.address, v.reason())).collect();
+    let message = match why.is_empty() {
+        true => "no backend is healthy: none is known".to_string(),
+        false => format!("no backend is healthy ({})", why.join("; ")),
+    };
+    Error::new(Code::NoBackend, message).into_response()
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {

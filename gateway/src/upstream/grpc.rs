@@ -201,6 +201,7 @@ fn backend_info(i: pb::InfoResponse) -> BackendInfo {
         loaded_loras: i.loaded_loras,
         queued_requests: i.queued_requests,
         running_requests: i.running_requests,
+        not_serving_reason: i.not_serving_reason,
     }
 }
 

@@ -155,6 +155,8 @@ pub struct BackendInfo {
     pub loaded_loras: u32,
     pub queued_requests: u32,
     pub running_requests: u32,
+    /// Why the backend cannot serve (its engine died, its device faulted); empty while it can.
+    pub not_serving_reason: String,
 }
 
 /// What went wrong talking to a backend, by the backend contract's status codes.

@@ -46,7 +46,7 @@ impl CudaDevice {
             }
         }
         let stream = ctx.default_stream();
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas(format!("{e:?}")))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(CudaError::Blas)?;
         let name = format!("cuda:{ordinal} ({})", ctx.name()?);
         Ok(CudaDevice { name, _ctx: ctx, stream, blas, functions })
     }
@@ -134,7 +134,7 @@ impl Device for CudaDevice {
         };
         // SAFETY: the operands were checked against the shape above, and `c` is borrowed
         // mutably, so it is neither `a` nor `b`.
-        unsafe { E::cublas_gemm(&self.blas, cfg, a, b, c) }.map_err(|e| CudaError::Blas(format!("{e:?}")))
+        unsafe { E::cublas_gemm(&self.blas, cfg, a, b, c) }.map_err(CudaError::Blas)
     }
 
     fn synchronize(&self) -> Result<(), CudaError> {

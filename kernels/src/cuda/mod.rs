@@ -135,8 +135,8 @@ pub enum CudaError {
     NoNvrtc,
     #[error("cuBLAS (libcublas.so.13) was not found; add the CUDA 13 libraries to LD_LIBRARY_PATH")]
     NoBlas,
-    #[error("cuBLAS: {0}")]
-    Blas(String),
+    #[error("cuBLAS: {0:?}")]
+    Blas(cudarc::cublas::result::CublasError),
     #[error("this build has no CUDA emulation (it is built for tests, with the kernels crate's `emulation` feature)")]
     NoEmulation,
     #[error("emulated kernel {entry}: {message}")]
@@ -149,6 +149,27 @@ pub enum CudaError {
     Driver(#[from] DriverError),
     #[error("invalid kernel arguments: {0}")]
     Arguments(String),
+}
+
+impl CudaError {
+    /// Whether the device ran out of memory (an allocation failed; the device is fine).
+    pub fn is_out_of_memory(&self) -> bool {
+        use cudarc::cublas::sys::cublasStatus_t;
+        use cudarc::driver::sys::CUresult;
+        match self {
+            CudaError::Driver(e) => e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY,
+            CudaError::Blas(e) => e.0 == cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED,
+            _ => false,
+        }
+    }
+
+    /// Whether the device itself failed while running work: an error from the driver, cuBLAS
+    /// or an emulated kernel that is not a lack of memory. Such errors are sticky on a GPU (a
+    /// faulted context fails every later call), so nothing more should run on the device.
+    pub fn is_device_fault(&self) -> bool {
+        matches!(self, CudaError::Driver(_) | CudaError::Blas(_) | CudaError::Emulation { .. })
+            && !self.is_out_of_memory()
+    }
 }
 
 /// Whether NVRTC can be loaded.
