@@ -128,6 +128,11 @@ struct BackendArgs {
     /// Address for the gRPC server; port 0 picks a free port (printed at start-up).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = DEFAULT_BACKEND_LISTEN)]
     listen: SocketAddr,
+    /// Where to serve Prometheus metrics (GET /metrics) for operators, e.g. 127.0.0.1:9465. The
+    /// series name tenants and adapters, so they are never served on --listen. Default: not
+    /// served.
+    #[arg(long, env = "SWITCHYARD_BACKEND_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
@@ -313,6 +318,7 @@ impl EngineArgs {
             max_batch_tokens: self.max_batch_tokens,
             max_running: self.max_running,
             max_waiting: self.max_waiting,
+            metrics_listen: None,
             adapters: AdapterOptions {
                 roots: self.adapter_roots,
                 cache_dir: self.lora_cache_dir,
@@ -575,9 +581,14 @@ async fn run() -> Result<()> {
 }
 
 async fn run_backend(a: BackendArgs) -> Result<()> {
-    let served = service::prepare(a.engine.serve_options(a.model, a.device, a.listen, a.security.options())).await?;
-    // One line on stdout, for scripts and tests that start the backend on port 0.
+    let mut options = a.engine.serve_options(a.model, a.device, a.listen, a.security.options());
+    options.metrics_listen = a.metrics_listen;
+    let served = service::prepare(options).await?;
+    // A line on stdout (two with metrics), for scripts and tests that start the backend on port 0.
     println!("switchyard backend listening on {}", served.local_addr);
+    if let Some(addr) = served.metrics_addr {
+        println!("switchyard backend metrics on {addr}");
+    }
     let registration = a.fleet.register().await?;
     // On shutdown the registration goes first, so gateways stop routing here while the
     // requests already running finish.

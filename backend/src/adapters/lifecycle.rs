@@ -37,12 +37,14 @@ pub struct Origin {
     pub scope: Option<SourceScope>,
     /// Where an in-place adapter's files resolved to when it was loaded.
     pub resolved: Vec<std::path::PathBuf>,
+    /// Its largest rank, once validated (kept for listings while it is evicted).
+    pub rank: Option<usize>,
 }
 
 impl Origin {
     /// The origin of a load of `uri` that has not fetched anything yet.
     pub fn new(uri: &str, digest: Option<Digest>, scope: Option<SourceScope>) -> Origin {
-        Origin { uri: uri.to_string(), digest, sha256: None, revision: None, scope, resolved: Vec::new() }
+        Origin { uri: uri.to_string(), digest, sha256: None, revision: None, scope, resolved: Vec::new(), rank: None }
     }
 }
 

@@ -6,6 +6,8 @@ use super::cache::{AdapterCache, CachePin, CacheStats, EntryMeta, Room};
 use super::files::{AdapterFiles, SourceScope};
 use super::source::{AdapterUri, SourceRegistry};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// A requested SHA-256 of an adapter's weights file (`adapter_model.safetensors`), as 64 hex
 /// digits, optionally prefixed `sha256:`.
@@ -66,6 +68,10 @@ pub struct Loaded<T> {
     pub fetched: bool,
     /// Where an in-place adapter's files resolved to (empty for cached ones).
     pub resolved: Vec<PathBuf>,
+    /// How long the load took getting the files (from the source, the cache or in place) and
+    /// validating them.
+    pub fetch_time: Duration,
+    pub validate_time: Duration,
 }
 
 /// Sources, the disk cache and the limits, in one place.
@@ -127,6 +133,22 @@ impl AdapterStore {
         T: Send + 'static,
         V: Fn(&AdapterFiles) -> Result<T, AdapterError> + Send + Sync + 'static,
     {
+        let started = Instant::now();
+        // Validation is timed apart from getting the files (it runs inside the cache's fetch).
+        let validating = Arc::new(Mutex::new(Duration::ZERO));
+        let validate = {
+            let validating = validating.clone();
+            move |files: &AdapterFiles| {
+                let began = Instant::now();
+                let result = validate(files);
+                *validating.lock().unwrap_or_else(|p| p.into_inner()) += began.elapsed();
+                result
+            }
+        };
+        let timings = move || {
+            let validate_time = *validating.lock().unwrap_or_else(|p| p.into_inner());
+            (started.elapsed().saturating_sub(validate_time), validate_time)
+        };
         let (uri, source) = self.sources.resolve(uri)?;
         // The URI first, before any I/O: a load outside its scope learns nothing about the source.
         if let Some(scope) = scope {
@@ -155,10 +177,20 @@ impl AdapterStore {
                 uri: uri.uri.clone(),
                 reason: format!("loader task failed: {e}"),
             })??;
-            return Ok(Loaded { value, sha256, revision: None, pin: None, fetched: false, resolved });
+            let (fetch_time, validate_time) = timings();
+            return Ok(Loaded {
+                value,
+                sha256,
+                revision: None,
+                pin: None,
+                fetched: false,
+                resolved,
+                fetch_time,
+                validate_time,
+            });
         }
 
-        let validate = std::sync::Arc::new(validate);
+        let validate = Arc::new(validate);
         let check = {
             let (validate, digest, uri_text) = (validate.clone(), digest.cloned(), uri.uri.clone());
             move |dir: &Path, meta: &EntryMeta| -> Result<T, AdapterError> {
@@ -169,7 +201,7 @@ impl AdapterStore {
                 validate(&files).map_err(|e| relabel(e, dir, &uri_text))
             }
         };
-        let fetch = |dir: PathBuf, room: std::sync::Arc<Room>| {
+        let fetch = |dir: PathBuf, room: Arc<Room>| {
             let (source, uri) = (source.clone(), uri.clone());
             async move { source.fetch(&uri, &dir, &room).await.map(|f| f.revision) }
         };
@@ -204,6 +236,7 @@ impl AdapterStore {
                 })??
             }
         };
+        let (fetch_time, validate_time) = timings();
         Ok(Loaded {
             value,
             sha256: Some(entry.meta.sha256.clone()),
@@ -211,6 +244,8 @@ impl AdapterStore {
             pin: Some(entry.pin),
             fetched,
             resolved: Vec::new(),
+            fetch_time,
+            validate_time,
         })
     }
 }

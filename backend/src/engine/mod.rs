@@ -16,6 +16,7 @@ pub mod text;
 use crate::adapters::{AdapterWeights, Released, Resident, SlotError, SlotTable};
 use crate::model::{ModelConfig, Tokenizer};
 use executor::{Executor, ExecutorError};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use sampling::{Sampler, SamplingParams};
 use scheduler::{Scheduler, SchedulerConfig, Sequence};
 use std::collections::HashMap;
@@ -152,6 +153,9 @@ pub struct Snapshot {
     pub adapters: Vec<AdapterStatus>,
     pub waiting: usize,
     pub running: usize,
+    /// Adapter slots of the running and of the waiting requests (one entry per request).
+    pub running_slots: Vec<u32>,
+    pub waiting_slots: Vec<u32>,
     pub kv_tokens_total: usize,
     pub kv_tokens_free: usize,
 }
@@ -188,6 +192,7 @@ pub struct Engine {
     commands: mpsc::UnboundedSender<Command>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     health: watch::Receiver<Health>,
+    step_seconds: Histogram,
     config: EngineConfig,
     vocab_size: usize,
 }
@@ -203,6 +208,8 @@ impl Engine {
         let (commands, rx) = mpsc::unbounded_channel();
         let (snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::default()));
         let (health_tx, health) = watch::channel(Health::Serving);
+        // 100 µs to about 6.5 s.
+        let step_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 17));
         let mut worker = Worker {
             executor,
             scheduler: Scheduler::new(config.scheduler),
@@ -216,6 +223,7 @@ impl Engine {
             next_id: 0,
             health: health_tx.clone(),
             fault: None,
+            step_seconds: step_seconds.clone(),
         };
         let spawned = std::thread::Builder::new().name("switchyard-engine".into()).spawn(move || {
             worker.publish();
@@ -236,7 +244,12 @@ impl Engine {
             tracing::error!(%reason, "engine not started");
             health_tx.send_replace(Health::Failed(reason));
         }
-        Engine { commands, snapshot, health, config, vocab_size: model.vocab_size }
+        Engine { commands, snapshot, health, step_seconds, config, vocab_size: model.vocab_size }
+    }
+
+    /// How long each step (one forward pass and its sampling) took.
+    pub fn step_seconds(&self) -> &Histogram {
+        &self.step_seconds
     }
 
     /// Whether the engine can serve, and why not.
@@ -400,6 +413,7 @@ struct Worker {
     health: watch::Sender<Health>,
     /// Why the engine stopped serving (a device fault), once it has.
     fault: Option<String>,
+    step_seconds: Histogram,
 }
 
 impl Worker {
@@ -603,6 +617,12 @@ impl Worker {
         if step.batch.tokens.is_empty() {
             return;
         }
+        let started = std::time::Instant::now();
+        self.step_inner(step);
+        self.step_seconds.observe(started.elapsed().as_secs_f64());
+    }
+
+    fn step_inner(&mut self, step: scheduler::Step) {
         let logits = match self.executor.forward(&step.batch) {
             Ok(l) => l,
             Err(ExecutorError::DeviceFault(why)) => {
@@ -670,10 +690,13 @@ impl Worker {
 
     fn publish(&self) {
         let cfg = self.scheduler.config();
+        let (running_slots, waiting_slots) = self.scheduler.adapter_slots();
         let snapshot = Snapshot {
             adapters: self.slots.iter().map(|(slot, r)| AdapterStatus { slot, resident: r.clone() }).collect(),
             waiting: self.scheduler.waiting_len(),
             running: self.scheduler.running_len(),
+            running_slots,
+            waiting_slots,
             kv_tokens_total: cfg.num_blocks * cfg.block_size,
             kv_tokens_free: self.scheduler.free_blocks() * cfg.block_size,
         };

@@ -79,6 +79,12 @@ impl Scheduler {
         self.waiting.len()
     }
 
+    /// The adapter slots the running sequences use, and those the waiting ones will.
+    pub fn adapter_slots(&self) -> (Vec<u32>, Vec<u32>) {
+        let slots = |seqs: &mut dyn Iterator<Item = &Sequence>| seqs.filter_map(|s| s.adapter).collect();
+        (slots(&mut self.running.iter()), slots(&mut self.waiting.iter()))
+    }
+
     pub fn running_len(&self) -> usize {
         self.running.len()
     }

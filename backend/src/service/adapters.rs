@@ -3,6 +3,7 @@
 //! different names proceed concurrently.
 
 use super::ServiceError;
+use super::metrics::Metrics;
 use crate::adapters::{
     self, AdapterStore, AdapterUri, AdapterWeights, Digest, Lifecycle, Origin, Phase, SourceScope, load_peft,
 };
@@ -32,6 +33,7 @@ pub struct AdapterManager {
     unload_timeout: Duration,
     table: Mutex<Lifecycle>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Whether an adapter's `base_model_name_or_path` names the served model. Names are compared
@@ -51,6 +53,7 @@ impl AdapterManager {
         model: ModelConfig,
         model_name: String,
         unload_timeout: Duration,
+        metrics: Arc<Metrics>,
     ) -> AdapterManager {
         AdapterManager {
             store,
@@ -60,7 +63,13 @@ impl AdapterManager {
             unload_timeout,
             table: Mutex::new(Lifecycle::new()),
             locks: Mutex::default(),
+            metrics,
         }
+    }
+
+    /// Whether `name`'s disk cache entry is pinned (it is loaded from a cached source).
+    pub fn pinned(&self, name: &str) -> bool {
+        self.table().pinned(name)
     }
 
     pub fn store(&self) -> &AdapterStore {
@@ -136,6 +145,7 @@ impl AdapterManager {
                 .into());
             }
             let origin = origin.unwrap_or_else(|| Origin::new(&uri.uri, digest, scope));
+            self.metrics.load("already_loaded");
             let installed = Installed { status, already_loaded: true, evicted: None, replaced: None };
             return Ok(LoadOutcome { installed, warnings: Vec::new(), fetched: false, origin });
         }
@@ -149,10 +159,13 @@ impl AdapterManager {
                 table.resident(name, origin, pin);
                 if let Some(evicted) = &outcome.installed.evicted {
                     table.evicted(evicted);
+                    self.metrics.slot_eviction();
                 }
+                self.metrics.load(if outcome.installed.already_loaded { "already_loaded" } else { "loaded" });
                 Ok(outcome)
             }
             Err(e) => {
+                self.metrics.load("failed");
                 tracing::warn!(adapter = %name, uri = %uri, error = %e, "adapter load failed");
                 if self.resident(name).is_none() {
                     table.lost(name);
@@ -178,11 +191,14 @@ impl AdapterManager {
             .store
             .load(&uri.uri, digest, origin.scope.as_ref(), move |files| load_peft(files, &config, max_rank))
             .await?;
+        self.metrics.load_phase("fetch", loaded.fetch_time);
+        self.metrics.load_phase("validate", loaded.validate_time);
         origin.sha256 = loaded.sha256.clone();
         origin.revision = loaded.revision.clone();
         origin.resolved = loaded.resolved.clone();
         self.table().validated(name, loaded.sha256.clone(), loaded.revision.clone());
         let weights: AdapterWeights = loaded.value;
+        origin.rank = Some(weights.max_rank);
         let mut warnings = Vec::new();
         if let Some(base) = &weights.base_model
             && !same_base_model(base, &self.model_name)
@@ -193,7 +209,9 @@ impl AdapterManager {
             ));
             tracing::warn!(adapter = %name, adapter_base = %base, served = %self.model_name, "adapter was trained on a differently named base model");
         }
+        let placing = std::time::Instant::now();
         let installed = self.engine.install_adapter(name.to_string(), uri.uri.clone(), weights).await?;
+        self.metrics.load_phase("place", placing.elapsed());
         tracing::info!(adapter = %name, uri = %uri, fetched = loaded.fetched, hot_swap = installed.replaced.is_some(), "adapter resident");
         let outcome = LoadOutcome { installed, warnings, fetched: loaded.fetched, origin: origin.clone() };
         Ok((outcome, loaded.pin))
@@ -263,6 +281,7 @@ impl AdapterManager {
             error: r.error.clone().unwrap_or_default(),
             sha256: r.origin.sha256.clone().unwrap_or_default(),
             revision: r.origin.revision.clone().unwrap_or_default(),
+            rank: r.origin.rank.unwrap_or(0) as u32,
             ..Default::default()
         }));
         out

@@ -3,6 +3,7 @@
 
 mod adapters;
 mod error;
+pub mod metrics;
 pub mod security;
 mod server;
 
@@ -43,6 +44,7 @@ pub struct BackendService {
     tokenizer: Arc<Tokenizer>,
     model: Arc<ServedModel>,
     fence: Arc<Fence>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 /// The highest fencing token seen on an adapter call: calls from gateways with a lower one are
@@ -70,8 +72,14 @@ impl BackendService {
         adapters: Arc<AdapterManager>,
         tokenizer: Arc<Tokenizer>,
         model: ServedModel,
+        metrics: Arc<metrics::Metrics>,
     ) -> BackendService {
-        BackendService { engine, adapters, tokenizer, model: Arc::new(model), fence: Arc::default() }
+        BackendService { engine, adapters, tokenizer, model: Arc::new(model), fence: Arc::default(), metrics }
+    }
+
+    /// The metrics exporter of this service's engine, adapters and requests.
+    pub fn exporter(&self) -> metrics::Exporter {
+        self.metrics.exporter(self.engine.clone(), self.adapters.clone())
     }
 
     /// The engine this service runs on.
@@ -117,12 +125,13 @@ fn finish_reason(r: FinishReason) -> pb::FinishReason {
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl pb::backend_server::Backend for BackendService {
-    type GenerateStream = GenerateStream;
-
-    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
-        let req = request.into_inner();
+impl BackendService {
+    /// Checks and tokenizes a generation request and hands it to the engine: its events, or
+    /// why it was refused.
+    async fn start_generation(
+        &self,
+        req: pb::GenerateRequest,
+    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>, ServiceError> {
         let prompt = self.prompt_ids(req.input).await?;
         let s = req.sampling.unwrap_or_default();
         let sampling = SamplingParams {
@@ -144,24 +153,52 @@ impl pb::backend_server::Backend for BackendService {
             stop: req.stop,
             ignore_eos: req.ignore_eos,
         };
-        let events = self.engine.generate(engine_req).await.map_err(ServiceError::from)?;
-        // Dropping the response stream (the client went away) drops the receiver, which the
-        // engine notices at its next step and cancels the request.
-        let stream = UnboundedReceiverStream::new(events).map(|event| match event {
-            Event::Token { id, text } => Ok(pb::GenerateResponse { text, token_ids: vec![id], ..Default::default() }),
-            Event::Finished { id, text, reason, prompt_tokens, completion_tokens } => Ok(pb::GenerateResponse {
-                text,
-                token_ids: id.into_iter().collect(),
-                finish_reason: finish_reason(reason) as i32,
-                usage: Some(pb::Usage {
-                    prompt_tokens: prompt_tokens as u32,
-                    completion_tokens: completion_tokens as u32,
-                }),
-            }),
-            Event::Failed { reason, engine_stopped: true } => {
-                Err(ServiceError::from(crate::engine::EngineError::Failed(reason)).into())
+        Ok(self.engine.generate(engine_req).await?)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::backend_server::Backend for BackendService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let req = request.into_inner();
+        let mut tally = self.metrics.request(&req.tenant);
+        let started = self.start_generation(req).await;
+        let events = match started {
+            Ok(events) => events,
+            Err(e) => {
+                tally.refused();
+                return Err(e.into());
             }
-            Event::Failed { reason, engine_stopped: false } => Err(Status::internal(reason)),
+        };
+        // Dropping the response stream (the client went away) drops the receiver, which the
+        // engine notices at its next step and cancels the request; and the tally, which counts
+        // it cancelled unless it ended otherwise.
+        let stream = UnboundedReceiverStream::new(events).map(move |event| match event {
+            Event::Token { id, text } => {
+                tally.token();
+                Ok(pb::GenerateResponse { text, token_ids: vec![id], ..Default::default() })
+            }
+            Event::Finished { id, text, reason, prompt_tokens, completion_tokens } => {
+                tally.finished(prompt_tokens);
+                Ok(pb::GenerateResponse {
+                    text,
+                    token_ids: id.into_iter().collect(),
+                    finish_reason: finish_reason(reason) as i32,
+                    usage: Some(pb::Usage {
+                        prompt_tokens: prompt_tokens as u32,
+                        completion_tokens: completion_tokens as u32,
+                    }),
+                })
+            }
+            Event::Failed { reason, engine_stopped } => {
+                tally.failed();
+                Err(match engine_stopped {
+                    true => ServiceError::from(crate::engine::EngineError::Failed(reason)).into(),
+                    false => Status::internal(reason),
+                })
+            }
         });
         Ok(Response::new(Box::pin(stream)))
     }

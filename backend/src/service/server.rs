@@ -201,6 +201,8 @@ pub struct ServeOptions {
     pub max_batch_tokens: usize,
     pub max_running: usize,
     pub max_waiting: usize,
+    /// Where to serve Prometheus metrics (`GET /metrics`); never the gRPC port.
+    pub metrics_listen: Option<SocketAddr>,
     pub adapters: AdapterOptions,
     /// The credential callers must present, and TLS.
     pub security: SecurityOptions,
@@ -288,7 +290,10 @@ pub enum ServeError {
 #[derive(Debug)]
 pub struct Served {
     pub local_addr: SocketAddr,
+    /// Where `/metrics` is served (`--metrics-listen`), if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
     listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
     service: BackendService,
     credentials: Option<Credentials>,
     tls: Option<tonic::transport::ServerTlsConfig>,
@@ -388,12 +393,14 @@ pub async fn prepare_with_sources(opts: ServeOptions, sources: SourceRegistry) -
     );
     let tokenizer = Arc::new(tokenizer);
     let engine = Arc::new(Engine::start(&config, tokenizer.clone(), executor, cfg));
+    let metrics = Arc::new(super::metrics::Metrics::new());
     let adapters = Arc::new(AdapterManager::new(
         store,
         engine.clone(),
         config.clone(),
         served.name.clone(),
         opts.adapters.unload_timeout,
+        metrics.clone(),
     ));
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -412,8 +419,19 @@ pub async fn prepare_with_sources(opts: ServeOptions, sources: SourceRegistry) -
             "no TLS (--tls-cert, --tls-key): prompts, completions and the credential cross the network in the clear"
         );
     }
-    let service = BackendService::new(engine, adapters, tokenizer, served);
-    Ok(Served { local_addr, listener, service, credentials, tls })
+    let metrics_listener = match opts.metrics_listen {
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?)
+        }
+        None => None,
+    };
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()
+        .map_err(|source| ServeError::Bind { addr: opts.listen, source })?;
+    let service = BackendService::new(engine, adapters, tokenizer, served, metrics);
+    Ok(Served { local_addr, metrics_addr, listener, metrics_listener, service, credentials, tls })
 }
 
 impl Served {
@@ -443,6 +461,29 @@ impl Served {
                 .register_encoded_file_descriptor_set(switchyard_proto::v1::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
+        if let Some(listener) = self.metrics_listener {
+            let exporter = Arc::new(self.service.exporter());
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let exporter = exporter.clone();
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            exporter.render(),
+                        )
+                    }
+                }),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "the metrics listener stopped");
+                }
+            });
+        }
         let reflection_error = |e: tonic_reflection::server::Error| ServeError::Config(format!("gRPC reflection: {e}"));
         let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;

@@ -53,6 +53,8 @@ pub fn case(key: &str) -> Case {
 pub struct Backend {
     child: Child,
     pub addr: String,
+    /// `http://host:port` of `/metrics`, when started with `--metrics-listen`.
+    pub metrics: Option<String>,
     /// The adapter disk cache (`--lora-cache-dir`), unless the test chose its own.
     pub cache: tempfile::TempDir,
 }
@@ -87,12 +89,18 @@ pub fn start_backend_with(model: &Path, extra: &[&str], env: &[(&str, String)]) 
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("switchyard binary starts");
-    let stdout = child.stdout.take().expect("piped stdout");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("reads the listening line");
+    stdout.read_line(&mut line).expect("reads the listening line");
     let addr = line.trim().rsplit(' ').next().expect("address").to_string();
     assert!(line.starts_with("switchyard backend listening on "), "unexpected first line: {line:?}");
-    Backend { child, addr, cache }
+    let metrics = extra.contains(&"--metrics-listen").then(|| {
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("reads the metrics line");
+        let addr = line.trim().strip_prefix("switchyard backend metrics on ");
+        format!("http://{}", addr.unwrap_or_else(|| panic!("unexpected line: {line:?}")))
+    });
+    Backend { child, addr, metrics, cache }
 }
 
 pub async fn connect(b: &Backend) -> (BackendClient<Channel>, HealthClient<Channel>) {

@@ -205,7 +205,7 @@ async fn begin(
     };
     let route = caller.route(&generation.model, route, &loras)?;
     record.model = route.adapter.clone().unwrap_or(base);
-    let request = generate_call(&id.0, prompt, &generation);
+    let request = generate_call(&id.0, prompt, &generation, &who.tenant);
     let started = dispatch::start(gw, &route, request).await?;
     tracing::debug!(backend = %started.backend, adapter = ?route.adapter, "generation started");
     let head = Head {
@@ -230,8 +230,9 @@ fn policy_headers(gw: &Gateway, headers: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-fn generate_call(id: &str, prompt: Prompt, g: &Generation) -> GenerateCall {
+fn generate_call(id: &str, prompt: Prompt, g: &Generation, tenant: &str) -> GenerateCall {
     GenerateCall {
+        tenant: tenant.to_string(),
         request_id: id.to_string(),
         adapter: None,
         prompt,

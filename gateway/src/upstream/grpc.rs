@@ -163,6 +163,7 @@ fn generate_request(c: GenerateCall) -> pb::GenerateRequest {
         max_tokens: c.max_tokens,
         stop: c.stop,
         ignore_eos: c.ignore_eos,
+        tenant: c.tenant,
     }
 }
 

@@ -26,6 +26,8 @@ pub struct GenerateCall {
     pub max_tokens: u32,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// The verified tenant the request is for (the backend accounts per tenant).
+    pub tenant: String,
 }
 
 /// What the model continues.
