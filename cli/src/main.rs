@@ -481,6 +481,11 @@ struct GatewayTuning {
     /// Milliseconds between health probes of each backend.
     #[arg(long, env = "SWITCHYARD_PROBE_INTERVAL_MS", default_value_t = DEFAULT_PROBE_INTERVAL_MS)]
     probe_interval_ms: u64,
+    /// Milliseconds a request may wait for its first token before it is answered 504
+    /// (`first_token_timeout`) and cancelled on the backend.
+    #[arg(long, env = "SWITCHYARD_FIRST_TOKEN_TIMEOUT_MS",
+          default_value_t = switchyard_gateway::DEFAULT_FIRST_TOKEN_TIMEOUT.as_millis() as u64)]
+    first_token_timeout_ms: u64,
     #[command(flatten)]
     policy: PolicyHostArgs,
 }
@@ -629,6 +634,7 @@ async fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gatew
         options: switchyard_gateway::GatewayOptions {
             max_body_bytes: usize::try_from(a.tuning.max_body_bytes).context("--max-body-bytes")?,
             probe_interval: Duration::from_millis(a.tuning.probe_interval_ms),
+            first_token_timeout: Duration::from_millis(a.tuning.first_token_timeout_ms),
             policy_headers: a.tuning.policy.policy_headers.clone(),
             instance: switchyard_gateway::default_instance(),
         },

@@ -239,3 +239,49 @@ async fn the_backends_metrics_move_as_requests_and_loads_happen() {
     let lora_info = after.keys().find(|k| k.starts_with("vllm:lora_requests_info{")).expect("vLLM's LoRA series");
     assert!(lora_info.contains("max_lora=\"1\""), "{lora_info}");
 }
+
+#[tokio::test]
+async fn a_first_token_that_never_comes_is_answered_504_and_the_request_is_cancelled_on_the_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = dir.path().join("faults");
+    let model = fixtures().join("models/tiny-llama");
+    let env = [("SWITCHYARD_FAULTS_FILE", faults.display().to_string())];
+    let backend = start_backend_with(&model, &["--metrics-listen", "127.0.0.1:0"], &env);
+    let gw = gateway(dir.path(), &[&backend.addr], "[tenants.acme]\n", &["--first-token-timeout-ms", "500"]);
+    // Without the gateway's deadline the request would wait as long as the stall: fail instead.
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    wait_ready(&http, &gw).await;
+    let acme = token("acme", "");
+    let before = scrape(&http, &backend).await;
+
+    // The engine wedges in its next forward pass.
+    std::fs::write(&faults, "stall").unwrap();
+    let started = Instant::now();
+    let (status, body) = post(&http, &gw, "/v1/chat/completions", &acme, chat("tiny-llama", "hello")).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["code"], "first_token_timeout", "{body}");
+    assert_eq!(body["error"]["type"], "server_error", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("500 ms"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
+
+    // Unwedged, the backend finds its caller gone and drops the request: it is counted
+    // cancelled, never finished.
+    std::fs::write(&faults, "").unwrap();
+    let cancelled = "switchyard_backend_requests_total{tenant=\"acme\",outcome=\"cancelled\"}";
+    let finished = "switchyard_backend_requests_total{tenant=\"acme\",outcome=\"finished\"}";
+    let started = Instant::now();
+    let after = loop {
+        let now = scrape(&http, &backend).await;
+        if grew(&before, &now, cancelled) >= 1.0 && at(&now, "switchyard_backend_requests_running") == 0.0 {
+            break now;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the backend never dropped the request: {now:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(grew(&before, &after, cancelled), 1.0);
+    assert_eq!(grew(&before, &after, finished), 0.0);
+    assert!(grew(&before, &after, "switchyard_backend_tokens_total{tenant=\"acme\",kind=\"generated\"}") <= 1.0);
+    // And the backend serves the next request as usual.
+    let (status, body) = post(&http, &gw, "/v1/chat/completions", &acme, chat("tiny-llama", "hello")).await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -79,6 +79,9 @@ impl GatewayConfig {
         if self.options.probe_interval.is_zero() {
             return Err(BuildError::Option("--probe-interval-ms must be at least 1".into()));
         }
+        if self.options.first_token_timeout.is_zero() {
+            return Err(BuildError::Option("--first-token-timeout-ms must be at least 1".into()));
+        }
         self.options.policy_headers =
             self.options.policy_headers.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
         if self.options.policy_headers.iter().any(|h| h == "authorization") {

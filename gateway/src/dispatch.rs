@@ -83,8 +83,24 @@ async fn attempt(gw: &Arc<Gateway>, address: &str, request: &GenerateCall) -> Re
     Ok(Started { backend: backend.address().to_string(), first, rest: TokenStreamHolder(stream), in_flight })
 }
 
-/// Starts `request` on the best backend for `route`.
-pub async fn start(gw: &Arc<Gateway>, route: &Route, mut request: GenerateCall) -> Result<Started, Error> {
+/// Starts `request` on the best backend for `route`, giving up (and cancelling it there) when
+/// no first token has come within the gateway's `first_token_timeout`.
+pub async fn start(gw: &Arc<Gateway>, route: &Route, request: GenerateCall) -> Result<Started, Error> {
+    let limit = gw.options.first_token_timeout;
+    // Dropping the attempt in flight drops its stream, which cancels the generation on the
+    // backend.
+    tokio::time::timeout(limit, start_within(gw, route, request)).await.unwrap_or_else(|_| {
+        Err(Error::new(
+            Code::FirstTokenTimeout,
+            format!(
+                "no first token within {} ms; the request was cancelled on the backend (the gateway's --first-token-timeout-ms)",
+                limit.as_millis()
+            ),
+        ))
+    })
+}
+
+async fn start_within(gw: &Arc<Gateway>, route: &Route, mut request: GenerateCall) -> Result<Started, Error> {
     request.adapter.clone_from(&route.adapter);
     let views = gw.views();
     let candidates: Vec<&str> = cluster::rank(&views, route.adapter.as_deref(), route.backend.as_deref())

@@ -149,6 +149,8 @@ codes! {
     BackendError = "backend_error",
     /// A backend ended a generation without finishing it.
     IncompleteGeneration = "incomplete_generation",
+    /// No backend produced the first token within the gateway's deadline.
+    FirstTokenTimeout = "first_token_timeout",
 
     // Routing policies.
     /// The policy host is not enabled on this gateway.

@@ -52,6 +52,9 @@ use std::time::Duration;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 /// Default time between health probes of each backend.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// Generous: a long prompt behind a full queue on a busy backend still gets its first token,
+/// while a wedged engine does not hold a client (and a connection) forever.
+pub const DEFAULT_FIRST_TOKEN_TIMEOUT: Duration = Duration::from_secs(300);
 /// `Retry-After` seconds sent with a 503.
 pub const RETRY_AFTER_S: u64 = 2;
 
@@ -60,6 +63,9 @@ pub const RETRY_AFTER_S: u64 = 2;
 pub struct GatewayOptions {
     pub max_body_bytes: usize,
     pub probe_interval: Duration,
+    /// How long a request may wait for its first token (across the backends it is tried on)
+    /// before it is answered 504 and cancelled there.
+    pub first_token_timeout: Duration,
     /// Request headers passed to routing policies (lower-case; `authorization` is never passed).
     pub policy_headers: Vec<String>,
     /// Names this gateway among its fleet (in leadership and operation records).
@@ -92,6 +98,7 @@ impl Default for GatewayOptions {
         GatewayOptions {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             probe_interval: DEFAULT_PROBE_INTERVAL,
+            first_token_timeout: DEFAULT_FIRST_TOKEN_TIMEOUT,
             policy_headers: Vec::new(),
             instance: default_instance(),
         }

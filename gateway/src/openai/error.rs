@@ -75,7 +75,7 @@ pub fn status(code: &Code) -> (u16, ErrorType) {
 
         Code::OperationLost | Code::PolicyFailed | Code::StateDamaged => (500, ServerError),
         Code::BackendError | Code::IncompleteGeneration => (502, ServerError),
-        Code::OperationTimeout => (504, ServerError),
+        Code::OperationTimeout | Code::FirstTokenTimeout => (504, ServerError),
 
         Code::NoBackend
         | Code::BackendBusy
