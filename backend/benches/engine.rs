@@ -38,7 +38,7 @@ fn main() {
     let blocks = blocks_needed(ADAPTERS, PROMPT_LEN, steps);
     let mut exec = CpuExecutor::new(&config, ModelWeights::synthetic(&config, 1), blocks, BLOCK_SIZE, ADAPTERS, RANK);
     for slot in 0..ADAPTERS {
-        exec.load_adapter(slot as u32, &AdapterWeights::synthetic(&config, RANK, 100 + slot as u64)).expect("slot");
+        exec.load_adapter(slot as u32, AdapterWeights::synthetic(&config, RANK, 100 + slot as u64)).expect("slot");
     }
     let cases: Vec<(&str, Vec<Option<u32>>)> = vec![
         ("1 stream, no adapter", vec![None]),

@@ -775,7 +775,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     let blocks = blocks_needed(a.batch, a.prompt_len, a.steps);
     let mut exec = service::build_executor(device, dtype, &config, model.weights, blocks, BLOCK_SIZE, slots, a.rank)?;
     for slot in 0..slots {
-        exec.load_adapter(slot as u32, &AdapterWeights::synthetic(&config, a.rank, 1000 + slot as u64))?;
+        exec.load_adapter(slot as u32, AdapterWeights::synthetic(&config, a.rank, 1000 + slot as u64))?;
     }
     println!(
         "{} on {} ({}), batch {}, prompt {}, {} decode steps, rank-{} adapters on all projections",

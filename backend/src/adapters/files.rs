@@ -13,6 +13,52 @@ use super::{AdapterError, AdapterUri, CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+/// A file's bytes: read into memory, or mapped. Only files in the backend's own directories
+/// are mapped (cache entries, and fetches in their temp directories): they are written once,
+/// before anything maps them, and after that only renamed or deleted, never truncated or
+/// rewritten, so a mapping stays valid and unchanged. Files read in place are always read.
+pub enum FileBytes {
+    Read(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Read(v) => v,
+            FileBytes::Mapped(m) => m,
+        }
+    }
+}
+
+impl From<Vec<u8>> for FileBytes {
+    fn from(v: Vec<u8>) -> FileBytes {
+        FileBytes::Read(v)
+    }
+}
+
+impl Clone for FileBytes {
+    fn clone(&self) -> FileBytes {
+        FileBytes::Read(self.to_vec())
+    }
+}
+
+impl PartialEq for FileBytes {
+    fn eq(&self, other: &FileBytes) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for FileBytes {}
+
+impl std::fmt::Debug for FileBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = if matches!(self, FileBytes::Mapped(_)) { "mapped" } else { "read" };
+        write!(f, "{} bytes, {how}", self.len())
+    }
+}
+
 /// An adapter's PEFT files, read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdapterFiles {
@@ -21,7 +67,7 @@ pub struct AdapterFiles {
     /// `adapter_config.json`, if present.
     pub config: Option<Vec<u8>>,
     /// `adapter_model.safetensors`, if present.
-    pub weights: Option<Vec<u8>>,
+    pub weights: Option<FileBytes>,
     /// Only pickle weights (`adapter_model.bin`) are present: refused, but named in the message.
     pub pickle_only: bool,
     /// The resolved path of every file read (what a [`SourceScope`] is checked against).
@@ -51,6 +97,37 @@ impl AdapterFiles {
         AdapterFiles::from_open(dir, config, weights, max_bytes)
     }
 
+    /// Reads a cache entry (or a fetch in its temp directory): as [`AdapterFiles::read_dir`],
+    /// with the weights mapped rather than copied (see [`FileBytes`]).
+    pub(crate) fn map_owned_dir(dir: &Path, max_bytes: u64) -> Result<AdapterFiles, AdapterError> {
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let file = match std::fs::File::open(&weights_path) {
+            Ok(f) => f,
+            // Without weights there is nothing to map; reading says what is wrong.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return AdapterFiles::read_dir(dir, max_bytes),
+            Err(source) => return Err(AdapterError::Io { path: weights_path, source }),
+        };
+        let io = |source| AdapterError::Io { path: weights_path.clone(), source };
+        let size = file.metadata().map_err(io)?.len();
+        let too_large = |bytes| AdapterError::TooLarge { uri: dir.display().to_string(), bytes, max: max_bytes };
+        // The config is small: it is read, within what the weights leave of the budget.
+        let config_budget = max_bytes.checked_sub(size).ok_or_else(|| too_large(size))?;
+        let config_path = dir.join(CONFIG_FILE);
+        let config = match std::fs::File::open(&config_path) {
+            Ok(f) => Some((f, config_path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(AdapterError::Io { path: config_path, source }),
+        };
+        let mut files = AdapterFiles::from_open(dir, config, None, config_budget)?;
+        // SAFETY: `dir` is the backend's own (see `FileBytes`): nothing truncates or rewrites
+        // the file while it is mapped, and the mapping is read-only.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        files.weights = Some(FileBytes::Mapped(map));
+        files.pickle_only = false;
+        files.resolved.push(weights_path);
+        Ok(files)
+    }
+
     /// Reads opened files (each with the path it resolved to), at most `max_bytes` together.
     pub(crate) fn from_open(
         dir: &Path,
@@ -75,7 +152,10 @@ impl AdapterFiles {
         let mut budget = max_bytes;
         let mut read = |opened: Option<(std::fs::File, PathBuf)>| -> Result<Option<Vec<u8>>, AdapterError> {
             let Some((file, path)) = opened else { return Ok(None) };
-            let mut bytes = Vec::new();
+            // Room for the whole file at once: growing a buffer of tens of megabytes by doubling
+            // copies it over and over.
+            let expected = file.metadata().map_or(0, |m| m.len()).min(budget);
+            let mut bytes = Vec::with_capacity(usize::try_from(expected).unwrap_or(0).saturating_add(1));
             // One byte past the budget tells a file that grew since its size was read.
             file.take(budget.saturating_add(1))
                 .read_to_end(&mut bytes)
@@ -88,7 +168,7 @@ impl AdapterFiles {
             Ok(Some(bytes))
         };
         let config = read(config)?;
-        let weights = read(weights)?;
+        let weights = read(weights)?.map(FileBytes::Read);
         let pickle_only = weights.is_none() && dir.join(PICKLE_FILE).exists();
         Ok(AdapterFiles { dir: dir.to_path_buf(), config, weights, pickle_only, resolved })
     }
@@ -96,7 +176,7 @@ impl AdapterFiles {
     /// SHA-256 of the weights, as 64 lowercase hex digits.
     pub fn weights_sha256(&self) -> Option<String> {
         use sha2::Digest;
-        self.weights.as_ref().map(|w| sha2::Sha256::digest(w).iter().map(|b| format!("{b:02x}")).collect())
+        self.weights.as_ref().map(|w| sha2::Sha256::digest(&**w).iter().map(|b| format!("{b:02x}")).collect())
     }
 }
 

@@ -11,7 +11,7 @@ pub mod source;
 mod store;
 
 pub use cache::{AdapterCache, CachePin, CacheStats, Room};
-pub use files::{AdapterFiles, SourceScope};
+pub use files::{AdapterFiles, FileBytes, SourceScope};
 pub use lifecycle::{Lifecycle, Origin, Phase, Record};
 pub use peft::{AdapterWeights, LoraModule, load_peft, load_peft_dir};
 pub use slots::{Released, Resident, SlotError, SlotTable};

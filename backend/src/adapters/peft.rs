@@ -102,6 +102,42 @@ fn pattern_value(path: &Path, pattern: &Map<String, Value>, module_key: &str) ->
     Ok(None)
 }
 
+/// A tensor's little-endian values as f32, refusing dtypes other than F32, BF16 and F16 and any
+/// value that is not finite; one pass over the bytes.
+fn finite_f32(dtype: safetensors::Dtype, bytes: &[u8]) -> Result<Vec<f32>, String> {
+    use safetensors::Dtype;
+    let values = match dtype {
+        Dtype::F32 => widen::<4>(bytes, f32::from_le_bytes),
+        // bf16 is the top half of an f32.
+        Dtype::BF16 => widen::<2>(bytes, |b| f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16)),
+        Dtype::F16 => widen::<2>(bytes, |b| half::f16::from_le_bytes(b).to_f32()),
+        other => return Err(format!("has dtype {other:?}; supported: F32, BF16, F16")),
+    };
+    match values {
+        Ok(v) => Ok(v),
+        Err(bad) => Err(format!("contains {bad}")),
+    }
+}
+
+/// Each `W`-byte word of `bytes` as f32; the first value that is not finite as the error.
+/// Converted a block at a time and checked while the block is in cache.
+fn widen<const W: usize>(bytes: &[u8], f: impl Fn([u8; W]) -> f32) -> Result<Vec<f32>, f32> {
+    const BLOCK: usize = 4096;
+    let mut out = Vec::with_capacity(bytes.len() / W);
+    for block in bytes.chunks(BLOCK * W) {
+        let start = out.len();
+        out.extend(block.chunks_exact(W).map(|w| {
+            let mut b = [0u8; W];
+            b.copy_from_slice(w);
+            f(b)
+        }));
+        if !out[start..].iter().fold(true, |all, v| all & v.is_finite()) {
+            return Err(out[start..].iter().copied().find(|v| !v.is_finite()).unwrap_or(f32::NAN));
+        }
+    }
+    Ok(out)
+}
+
 /// Splits `base_model.model.model.layers.{l}.{block}.{module}.lora_{A|B}.weight`.
 fn parse_key(key: &str) -> Option<(usize, &str, &str, char)> {
     let rest = key.strip_prefix("base_model.model.model.layers.")?;
@@ -166,9 +202,9 @@ pub fn load_peft(files: &AdapterFiles, model: &ModelConfig, max_rank: usize) -> 
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| AdapterError::invalid(&weights_path, format!("invalid safetensors: {e}")))?;
 
-    // (layer, module) -> [A, B], each (shape, values)
-    type Pair = [Option<(Vec<usize>, Vec<f32>)>; 2];
-    let mut found: BTreeMap<(usize, Module), Pair> = BTreeMap::new();
+    // Names, layers and modules first (cheap), then every tensor's values converted and
+    // checked in parallel: most of a load's time is this conversion.
+    let mut tensors = Vec::new();
     for (key, view) in st.tensors() {
         let Some((layer, block, module_name, which)) = parse_key(&key) else {
             return Err(AdapterError::invalid(
@@ -191,17 +227,24 @@ pub fn load_peft(files: &AdapterFiles, model: &ModelConfig, max_rank: usize) -> 
                 format!("tensor {key} is for layer {layer}, but the model has {} layers", model.num_layers),
             ));
         }
-        let data = crate::model::weights_to_f32(view.dtype(), view.data()).ok_or_else(|| {
-            AdapterError::invalid(
-                &weights_path,
-                format!("tensor {key} has dtype {:?}; supported: F32, BF16, F16", view.dtype()),
-            )
-        })?;
-        if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
-            return Err(AdapterError::invalid(&weights_path, format!("tensor {key} contains {bad}")));
-        }
+        tensors.push((key, layer, module, which, view));
+    }
+    let converted: Vec<Result<Vec<f32>, AdapterError>> = {
+        use rayon::prelude::*;
+        tensors
+            .par_iter()
+            .map(|(key, _, _, _, view)| {
+                finite_f32(view.dtype(), view.data())
+                    .map_err(|why| AdapterError::invalid(&weights_path, format!("tensor {key} {why}")))
+            })
+            .collect()
+    };
+    // (layer, module) -> [A, B], each (shape, values)
+    type Pair = [Option<(Vec<usize>, Vec<f32>)>; 2];
+    let mut found: BTreeMap<(usize, Module), Pair> = BTreeMap::new();
+    for ((_, layer, module, which, view), data) in tensors.into_iter().zip(converted) {
         let slot = &mut found.entry((layer, module)).or_default()[usize::from(which == 'B')];
-        *slot = Some((view.shape().to_vec(), data));
+        *slot = Some((view.shape().to_vec(), data?));
     }
     if found.is_empty() {
         return Err(AdapterError::invalid(&weights_path, "contains no LoRA tensors"));

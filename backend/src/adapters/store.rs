@@ -197,7 +197,7 @@ impl AdapterStore {
                 if let Some(d) = &digest {
                     d.verify(&uri_text, &meta.sha256)?;
                 }
-                let files = AdapterFiles::read_dir(dir, max)?;
+                let files = AdapterFiles::map_owned_dir(dir, max)?;
                 validate(&files).map_err(|e| relabel(e, dir, &uri_text))
             }
         };
@@ -223,7 +223,7 @@ impl AdapterStore {
                 let uri_text = uri.uri.clone();
                 let digest = digest.cloned();
                 tokio::task::spawn_blocking(move || {
-                    let files = AdapterFiles::read_dir(&dir, max)?;
+                    let files = AdapterFiles::map_owned_dir(&dir, max)?;
                     if let Some(d) = digest {
                         d.verify_files(&uri_text, &files)?;
                     }

@@ -2,9 +2,10 @@
 //! reference implementations for everything else. Always built; the reference for other
 //! executors and the path CI runs.
 
-use super::executor::{Batch, Executor, ExecutorError, FusedLayer};
+use super::executor::{AdapterPreparer, Batch, Executor, ExecutorError, FusedLayer, PreparedAdapter, Retired};
 use crate::adapters::AdapterWeights;
 use crate::model::{HostTensor, ModelConfig, ModelWeights, Module};
+use std::sync::Arc;
 use switchyard_kernels::{AttentionSeq, KvLayout, LoraMat, attention, lora, matmul, ops};
 
 type Layer = FusedLayer<Vec<f32>>;
@@ -125,6 +126,26 @@ fn add_bias(y: &mut [f32], width: usize, bias: Option<&Vec<f32>>) {
     }
 }
 
+/// The CPU executor computes on the validated f32 weights as they are: preparing an adapter
+/// only checks its rank and takes it over (no copy).
+#[derive(Debug, Clone, Copy)]
+pub struct CpuPreparer {
+    /// The slots' rank (`--max-lora-rank`).
+    pub max_rank: usize,
+}
+
+impl AdapterPreparer for CpuPreparer {
+    fn prepare(&self, adapter: AdapterWeights) -> Result<PreparedAdapter, ExecutorError> {
+        if adapter.max_rank > self.max_rank {
+            return Err(ExecutorError::Invalid(format!(
+                "adapter rank {} exceeds slot rank {}",
+                adapter.max_rank, self.max_rank
+            )));
+        }
+        Ok(PreparedAdapter::of_weights(adapter))
+    }
+}
+
 impl Executor for CpuExecutor {
     fn device(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -134,25 +155,20 @@ impl Executor for CpuExecutor {
         "f32"
     }
 
-    fn load_adapter(&mut self, slot: u32, adapter: &AdapterWeights) -> Result<(), ExecutorError> {
-        if adapter.max_rank > self.max_rank {
-            return Err(ExecutorError::Invalid(format!(
-                "adapter rank {} exceeds slot rank {}",
-                adapter.max_rank, self.max_rank
-            )));
-        }
+    fn preparer(&self) -> Arc<dyn AdapterPreparer> {
+        Arc::new(CpuPreparer { max_rank: self.max_rank })
+    }
+
+    fn install_adapter(&mut self, slot: u32, adapter: PreparedAdapter) -> Result<Option<Retired>, ExecutorError> {
         let entry = self
             .adapters
             .get_mut(slot as usize)
             .ok_or_else(|| ExecutorError::Invalid(format!("adapter slot {slot} does not exist")))?;
-        *entry = Some(adapter.clone());
-        Ok(())
+        Ok(entry.replace(*adapter.into_form::<AdapterWeights>()?).map(Retired::new))
     }
 
-    fn unload_adapter(&mut self, slot: u32) {
-        if let Some(entry) = self.adapters.get_mut(slot as usize) {
-            *entry = None;
-        }
+    fn unload_adapter(&mut self, slot: u32) -> Option<Retired> {
+        self.adapters.get_mut(slot as usize)?.take().map(Retired::new)
     }
 
     fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>, ExecutorError> {

@@ -6,10 +6,12 @@
 //! Generic over the [`Device`]: a real GPU ([`CudaDevice`]) in production, the CPU emulation of
 //! one ([`Emulator`](switchyard_kernels::cuda::Emulator)) in tests, with this logic unchanged.
 
-use super::executor::{Batch, Executor, ExecutorError, FusedLayer};
+use super::executor::{AdapterPreparer, Batch, Executor, ExecutorError, FusedLayer, PreparedAdapter, Retired};
 use crate::adapters::AdapterWeights;
 use crate::model::{HostTensor, ModelConfig, ModelWeights, Module};
 use half::bf16;
+use std::marker::PhantomData;
+use std::sync::Arc;
 use switchyard_kernels::cuda::{
     CudaDevice, CudaError, CudaKernels, Device, Element, Gemm, LoraRows, LoraSlotEntry, Segments,
 };
@@ -28,11 +30,58 @@ impl From<CudaError> for ExecutorError {
 }
 
 /// An adapter's matrices on the device (A as `[r, in]`, Bᵀ as `[r, out]`), kept alive while
-/// the slot tables point at them.
+/// the slot tables point at them, and the table entries that point at them.
 #[derive(Debug)]
 struct DeviceAdapter<D: Device, E: Element> {
     _buffers: Vec<D::Buffer<E>>,
+    /// Per layer, per module.
+    entries: Vec<[LoraSlotEntry; 7]>,
     max_rank: usize,
+}
+
+/// Prepares adapters for a [`CudaExecutor`] on any thread: converts to the executor's element
+/// type, transposes B, and uploads, on the executor's device (its one stream orders the
+/// uploads before any kernel that reads them).
+#[derive(Debug)]
+struct CudaPreparer<E: Element, D: Device> {
+    dev: Arc<D>,
+    max_rank: usize,
+    num_layers: usize,
+    _element: PhantomData<fn() -> E>,
+}
+
+impl<E: Element, D: Device> AdapterPreparer for CudaPreparer<E, D> {
+    fn prepare(&self, adapter: AdapterWeights) -> Result<PreparedAdapter, ExecutorError> {
+        if adapter.max_rank > self.max_rank {
+            return Err(ExecutorError::Invalid(format!(
+                "adapter rank {} exceeds slot rank {}",
+                adapter.max_rank, self.max_rank
+            )));
+        }
+        let dev = self.dev.as_ref();
+        let mut buffers = Vec::new();
+        let mut entries = vec![[LoraSlotEntry::default(); 7]; self.num_layers];
+        for (l, modules) in adapter.layers.iter().enumerate().take(self.num_layers) {
+            for (mi, lm) in modules.iter().enumerate() {
+                let Some(lm) = lm else { continue };
+                let out = lm.b.len() / lm.rank;
+                let mut b_t = vec![0f32; lm.b.len()];
+                for o in 0..out {
+                    for r in 0..lm.rank {
+                        b_t[r * out + o] = lm.b[o * lm.rank + r];
+                    }
+                }
+                let a = upload::<D, E>(dev, &lm.a)?;
+                let b_t = upload::<D, E>(dev, &b_t)?;
+                let (pa, pb) = (dev.address(&a), dev.address(&b_t));
+                entries[l][mi] = LoraSlotEntry { a: pa, b_t: pb, rank: lm.rank as i32, scale: lm.scale };
+                buffers.push(a);
+                buffers.push(b_t);
+            }
+        }
+        let max_rank = adapter.max_rank;
+        Ok(PreparedAdapter::new(&adapter, DeviceAdapter::<D, E> { _buffers: buffers, entries, max_rank }))
+    }
 }
 
 /// The CUDA implementation of [`Executor`].
@@ -236,54 +285,36 @@ impl<E: Element, D: Device> Executor for CudaExecutor<E, D> {
         E::DTYPE.suffix()
     }
 
-    fn load_adapter(&mut self, slot: u32, adapter: &AdapterWeights) -> Result<(), ExecutorError> {
+    fn preparer(&self) -> Arc<dyn AdapterPreparer> {
+        Arc::new(CudaPreparer::<E, D> {
+            dev: self.kernels.shared_device(),
+            max_rank: self.max_rank,
+            num_layers: self.config.num_layers,
+            _element: PhantomData,
+        })
+    }
+
+    fn install_adapter(&mut self, slot: u32, adapter: PreparedAdapter) -> Result<Option<Retired>, ExecutorError> {
         let slot = slot as usize;
         if slot >= self.adapters.len() {
             return Err(ExecutorError::Invalid(format!("adapter slot {slot} does not exist")));
         }
-        if adapter.max_rank > self.max_rank {
-            return Err(ExecutorError::Invalid(format!(
-                "adapter rank {} exceeds slot rank {}",
-                adapter.max_rank, self.max_rank
-            )));
-        }
-        let mut buffers = Vec::new();
-        let mut entries = vec![[LoraSlotEntry::default(); 7]; self.config.num_layers];
-        for (l, modules) in adapter.layers.iter().enumerate() {
-            for (mi, lm) in modules.iter().enumerate() {
-                let Some(lm) = lm else { continue };
-                let out = lm.b.len() / lm.rank;
-                let mut b_t = vec![0f32; lm.b.len()];
-                for o in 0..out {
-                    for r in 0..lm.rank {
-                        b_t[r * out + o] = lm.b[o * lm.rank + r];
-                    }
-                }
-                let dev = self.kernels.device();
-                let a = upload::<D, E>(dev, &lm.a)?;
-                let b_t = upload::<D, E>(dev, &b_t)?;
-                let (pa, pb) = (dev.address(&a), dev.address(&b_t));
-                entries[l][mi] = LoraSlotEntry { a: pa, b_t: pb, rank: lm.rank as i32, scale: lm.scale };
-                buffers.push(a);
-                buffers.push(b_t);
-            }
-        }
-        // Tables first, then the old adapter's buffers are released: both are ordered on the
-        // one stream after every kernel that may still read the old weights.
-        self.write_tables(slot, &entries)?;
-        self.adapters[slot] = Some(DeviceAdapter { _buffers: buffers, max_rank: adapter.max_rank });
-        Ok(())
+        let adapter = adapter.into_form::<DeviceAdapter<D, E>>()?;
+        // Tables first, then the old adapter's buffers are released (on another thread): both
+        // are ordered on the one stream after every kernel that may still read the old weights.
+        self.write_tables(slot, &adapter.entries)?;
+        Ok(self.adapters[slot].replace(*adapter).map(Retired::new))
     }
 
-    fn unload_adapter(&mut self, slot: u32) {
+    fn unload_adapter(&mut self, slot: u32) -> Option<Retired> {
         let slot = slot as usize;
         if slot >= self.adapters.len() {
-            return;
+            return None;
         }
         if let Err(e) = self.write_tables(slot, &[]) {
             tracing::error!(error = %e, slot, "could not clear the adapter slot tables");
         }
-        self.adapters[slot] = None;
+        self.adapters[slot].take().map(Retired::new)
     }
 
     fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>, ExecutorError> {

@@ -1,9 +1,16 @@
 //! The seam between the engine and the hardware. The scheduler decides *what* runs each step;
 //! an [`Executor`] runs it: a forward pass over a flattened batch in which every sequence may
 //! use a different adapter slot.
+//!
+//! Placing an adapter is split in two so that no step waits for it: its [`AdapterPreparer`]
+//! turns validated weights into the executor's own form (converted, laid out, on its device) on
+//! any thread, while the engine keeps stepping; the engine then swaps the [`PreparedAdapter`]
+//! into a slot between two steps, which costs a table update.
 
 use crate::adapters::AdapterWeights;
 use crate::model::{HostTensor, LayerWeights, Module};
+use std::any::Any;
+use std::sync::Arc;
 
 /// One sequence's part of a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +72,85 @@ pub enum ExecutorError {
     Invalid(String),
 }
 
+/// An adapter in one executor's own form, ready to be swapped into a slot.
+pub struct PreparedAdapter {
+    /// Largest rank over its modules.
+    pub max_rank: usize,
+    /// Projections it targets in at least one layer.
+    pub targets: Vec<String>,
+    /// Bytes of its weights as validated (f32).
+    pub size_bytes: u64,
+    form: Box<dyn Any + Send>,
+}
+
+impl std::fmt::Debug for PreparedAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedAdapter")
+            .field("max_rank", &self.max_rank)
+            .field("size_bytes", &self.size_bytes)
+            .finish()
+    }
+}
+
+impl PreparedAdapter {
+    /// `form` is what the executor made of `weights`.
+    pub fn new<T: Any + Send>(weights: &AdapterWeights, form: T) -> PreparedAdapter {
+        PreparedAdapter {
+            max_rank: weights.max_rank,
+            targets: weights.targets.iter().map(|m| m.name().to_string()).collect(),
+            size_bytes: weights.size_bytes(),
+            form: Box::new(form),
+        }
+    }
+
+    /// An adapter whose form is its validated weights themselves (moved, not copied).
+    pub fn of_weights(weights: AdapterWeights) -> PreparedAdapter {
+        let mut prepared = PreparedAdapter::new(&weights, ());
+        prepared.form = Box::new(weights);
+        prepared
+    }
+
+    /// The executor's form back, if this was prepared by an executor of that kind.
+    pub fn into_form<T: Any>(self) -> Result<Box<T>, ExecutorError> {
+        self.form.downcast().map_err(|_| ExecutorError::Invalid("an adapter prepared for another executor".into()))
+    }
+}
+
+/// An adapter's resources taken out of its slot. Freeing them can take a while (tens of
+/// megabytes of host memory, or device memory), so the engine drops them off its thread.
+pub struct Retired {
+    _form: Box<dyn Any + Send>,
+}
+
+impl std::fmt::Debug for Retired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Retired")
+    }
+}
+
+impl Retired {
+    pub fn new<T: Any + Send>(form: T) -> Retired {
+        Retired { _form: Box::new(form) }
+    }
+
+    /// Drops it on a short-lived thread of its own (here, if no thread can be started).
+    pub fn drop_elsewhere(self) {
+        let mut held = Some(self);
+        let spawned = std::thread::Builder::new().name("switchyard-adapter-drop".into()).spawn({
+            let retired = held.take();
+            move || drop(retired)
+        });
+        // A failed spawn hands the closure (and the adapter) back only by dropping it here.
+        drop(spawned);
+    }
+}
+
+/// Turns validated adapters into an executor's form; callable from any thread while the
+/// executor runs.
+pub trait AdapterPreparer: Send + Sync + std::fmt::Debug {
+    fn prepare(&self, adapter: AdapterWeights) -> Result<PreparedAdapter, ExecutorError>;
+}
+
 /// Runs forward passes and holds the model weights, KV cache and adapter slots on its device.
 pub trait Executor: Send {
     /// Human-readable device, e.g. `cpu (2 threads)`.
@@ -73,11 +159,20 @@ pub trait Executor: Send {
     /// Compute dtype, e.g. `f32`.
     fn dtype(&self) -> &'static str;
 
-    /// Copies a validated adapter into `slot`, replacing what was there.
-    fn load_adapter(&mut self, slot: u32, adapter: &AdapterWeights) -> Result<(), ExecutorError>;
+    /// What prepares adapters for this executor, off the engine thread.
+    fn preparer(&self) -> Arc<dyn AdapterPreparer>;
 
-    /// Frees `slot`.
-    fn unload_adapter(&mut self, slot: u32);
+    /// Swaps a prepared adapter into `slot`, cheaply, between steps; returns what the slot held.
+    fn install_adapter(&mut self, slot: u32, adapter: PreparedAdapter) -> Result<Option<Retired>, ExecutorError>;
+
+    /// Prepares and installs an adapter on the calling thread (tests and benchmarks).
+    fn load_adapter(&mut self, slot: u32, adapter: AdapterWeights) -> Result<(), ExecutorError> {
+        let prepared = self.preparer().prepare(adapter)?;
+        self.install_adapter(slot, prepared).map(drop)
+    }
+
+    /// Empties `slot`; returns what it held.
+    fn unload_adapter(&mut self, slot: u32) -> Option<Retired>;
 
     /// Runs the batch; returns `[batch.logit_rows(), vocab]` logits.
     fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>, ExecutorError>;

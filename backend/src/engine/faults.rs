@@ -8,9 +8,9 @@
 //! - `device-fault`: the pass fails as a sticky device error does (a GPU fault);
 //! - `stall`: the pass waits until the file says something else (a wedged device).
 
-use super::executor::{Batch, Executor, ExecutorError};
-use crate::adapters::AdapterWeights;
+use super::executor::{AdapterPreparer, Batch, Executor, ExecutorError, PreparedAdapter, Retired};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The environment variable naming the faults file.
@@ -54,12 +54,16 @@ impl Executor for Faulty {
         self.inner.dtype()
     }
 
-    fn load_adapter(&mut self, slot: u32, adapter: &AdapterWeights) -> Result<(), ExecutorError> {
-        self.inner.load_adapter(slot, adapter)
+    fn preparer(&self) -> Arc<dyn AdapterPreparer> {
+        self.inner.preparer()
     }
 
-    fn unload_adapter(&mut self, slot: u32) {
-        self.inner.unload_adapter(slot);
+    fn install_adapter(&mut self, slot: u32, adapter: PreparedAdapter) -> Result<Option<Retired>, ExecutorError> {
+        self.inner.install_adapter(slot, adapter)
+    }
+
+    fn unload_adapter(&mut self, slot: u32) -> Option<Retired> {
+        self.inner.unload_adapter(slot)
     }
 
     fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>, ExecutorError> {

@@ -15,7 +15,7 @@ pub mod text;
 
 use crate::adapters::{AdapterWeights, Released, Resident, SlotError, SlotTable};
 use crate::model::{ModelConfig, Tokenizer};
-use executor::{Executor, ExecutorError};
+use executor::{AdapterPreparer, Executor, ExecutorError, PreparedAdapter};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use sampling::{Sampler, SamplingParams};
 use scheduler::{Scheduler, SchedulerConfig, Sequence};
@@ -170,9 +170,11 @@ enum Command {
     Install {
         name: String,
         uri: String,
-        weights: Box<AdapterWeights>,
+        adapter: Box<PreparedAdapter>,
         reply: oneshot::Sender<Result<Installed, EngineError>>,
     },
+    /// The device failed while preparing an adapter off the engine thread.
+    Fault(String),
     Unload {
         name: String,
         /// The slot being drained and a receiver that fires when it is free.
@@ -193,6 +195,7 @@ pub struct Engine {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     health: watch::Receiver<Health>,
     step_seconds: Histogram,
+    preparer: Arc<dyn AdapterPreparer>,
     config: EngineConfig,
     vocab_size: usize,
 }
@@ -207,6 +210,7 @@ impl Engine {
     ) -> Engine {
         let (commands, rx) = mpsc::unbounded_channel();
         let (snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::default()));
+        let preparer = executor.preparer();
         let (health_tx, health) = watch::channel(Health::Serving);
         // 100 µs to about 6.5 s.
         let step_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 17));
@@ -244,7 +248,7 @@ impl Engine {
             tracing::error!(%reason, "engine not started");
             health_tx.send_replace(Health::Failed(reason));
         }
-        Engine { commands, snapshot, health, step_seconds, config, vocab_size: model.vocab_size }
+        Engine { commands, snapshot, health, step_seconds, preparer, config, vocab_size: model.vocab_size }
     }
 
     /// How long each step (one forward pass and its sampling) took.
@@ -321,14 +325,34 @@ impl Engine {
     /// as it is; from another `uri` it is hot-swapped: the new weights go to another slot when
     /// one can be had (so a failure leaves the old adapter serving), new requests use them,
     /// and the old slot drains.
+    ///
+    /// The weights are prepared for the executor (converted, laid out, uploaded) on a blocking
+    /// thread while the engine keeps stepping; the engine only swaps them in between two steps.
     pub async fn install_adapter(
         &self,
         name: String,
         uri: String,
         weights: AdapterWeights,
     ) -> Result<Installed, EngineError> {
+        let preparer = self.preparer.clone();
+        let prepared = tokio::task::spawn_blocking(move || preparer.prepare(weights)).await.map_err(|e| {
+            EngineError::AdapterLoadFailed {
+                source: ExecutorError::Invalid(format!("preparing the adapter failed: {e}")),
+                dropped: None,
+            }
+        })?;
+        let adapter = match prepared {
+            Ok(adapter) => adapter,
+            Err(source) => {
+                if let ExecutorError::DeviceFault(why) = &source {
+                    let reason = format!("the device failed preparing adapter {name:?}: {why}");
+                    self.send(Command::Fault(reason))?;
+                }
+                return Err(EngineError::AdapterLoadFailed { source, dropped: None });
+            }
+        };
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Install { name, uri, weights: Box::new(weights), reply })?;
+        self.send(Command::Install { name, uri, adapter: Box::new(adapter), reply })?;
         answer.await.map_err(|_| self.stopped())?
     }
 
@@ -464,13 +488,18 @@ impl Worker {
                 self.publish();
                 let _ = reply.send(result);
             }
-            Command::Install { name, uri, weights, reply } => {
+            Command::Install { name, uri, adapter, reply } => {
                 let result = match &self.fault {
                     Some(reason) => Err(EngineError::Failed(reason.clone())),
-                    None => self.install(name, uri, &weights),
+                    None => self.install(name, uri, *adapter),
                 };
                 self.publish();
                 let _ = reply.send(result);
+            }
+            Command::Fault(reason) => {
+                if self.fault.is_none() {
+                    self.stop(reason);
+                }
             }
             Command::Unload { name, reply } => {
                 let (done, freed) = oneshot::channel();
@@ -502,7 +531,9 @@ impl Worker {
 
     /// A draining slot is empty: drop its weights and tell whoever waits for it.
     fn free_slot(&mut self, released: Released) {
-        self.executor.unload_adapter(released.slot);
+        if let Some(retired) = self.executor.unload_adapter(released.slot) {
+            retired.drop_elsewhere();
+        }
         tracing::info!(adapter = %released.name, slot = released.slot, "adapter unloaded");
         let waiters = self.drains.remove(&released.slot).unwrap_or_default();
         if !waiters.is_empty() {
@@ -548,7 +579,7 @@ impl Worker {
         Ok(())
     }
 
-    fn install(&mut self, name: String, uri: String, weights: &AdapterWeights) -> Result<Installed, EngineError> {
+    fn install(&mut self, name: String, uri: String, adapter: PreparedAdapter) -> Result<Installed, EngineError> {
         let current = self.slots.find(&name);
         let mut replaced = None;
         if let Some(slot) = current {
@@ -562,7 +593,12 @@ impl Worker {
         // A hot swap keeps the old adapter's slot out of the choice while another exists, so
         // the old adapter keeps serving if the new one fails to load.
         let (slot, evicted) = self.slots.choose(current)?;
-        if let Err(source) = self.executor.load_adapter(slot, weights) {
+        let (max_rank, targets, size_bytes) = (adapter.max_rank, adapter.targets.clone(), adapter.size_bytes);
+        let installed = self.executor.install_adapter(slot, adapter);
+        if let Ok(Some(retired)) = installed {
+            // The evicted adapter's weights: freed off this thread.
+            retired.drop_elsewhere();
+        } else if let Err(source) = installed {
             if let ExecutorError::DeviceFault(_) = &source {
                 self.stop(format!("the device failed placing adapter {name:?}: {source}"));
             }
@@ -572,7 +608,9 @@ impl Worker {
                 let _ = self.slots.remove(old);
                 tracing::warn!(adapter = %old, slot, "adapter dropped: a failed load overwrote its slot");
             }
-            self.executor.unload_adapter(slot);
+            if let Some(retired) = self.executor.unload_adapter(slot) {
+                retired.drop_elsewhere();
+            }
             return Err(EngineError::AdapterLoadFailed { source, dropped: evicted });
         }
         if let Some(old_slot) = current.filter(|&s| s != slot) {
@@ -586,9 +624,8 @@ impl Worker {
         if let Some(old) = &evicted {
             tracing::info!(adapter = %old, slot, "evicted least recently used idle adapter");
         }
-        let targets = weights.targets.iter().map(|m| m.name().to_string()).collect();
-        self.slots.insert(slot, name.clone(), uri, weights.max_rank, targets, weights.size_bytes());
-        tracing::info!(adapter = %name, slot, rank = weights.max_rank, hot_swap = replaced.is_some(), "adapter loaded");
+        self.slots.insert(slot, name.clone(), uri, max_rank, targets, size_bytes);
+        tracing::info!(adapter = %name, slot, rank = max_rank, hot_swap = replaced.is_some(), "adapter loaded");
         let resident = self.slots.get(slot).cloned().ok_or(EngineError::Stopped)?;
         Ok(Installed { status: AdapterStatus { slot, resident }, already_loaded: false, evicted, replaced })
     }

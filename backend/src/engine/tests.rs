@@ -31,11 +31,19 @@ impl Executor for Scripted {
     fn dtype(&self) -> &'static str {
         "f32"
     }
-    fn load_adapter(&mut self, _: u32, _: &AdapterWeights) -> Result<(), ExecutorError> {
-        Ok(())
+    fn preparer(&self) -> Arc<dyn executor::AdapterPreparer> {
+        Arc::new(cpu::CpuPreparer { max_rank: 64 })
     }
-    fn unload_adapter(&mut self, slot: u32) {
+    fn install_adapter(
+        &mut self,
+        _: u32,
+        _: executor::PreparedAdapter,
+    ) -> Result<Option<executor::Retired>, ExecutorError> {
+        Ok(None)
+    }
+    fn unload_adapter(&mut self, slot: u32) -> Option<executor::Retired> {
         self.unloaded.lock().expect("lock").push(slot);
+        None
     }
     fn forward(&mut self, batch: &executor::Batch) -> Result<Vec<f32>, ExecutorError> {
         std::thread::sleep(self.delay);

@@ -10,7 +10,6 @@ mod weights;
 
 pub use config::{ModelConfig, Module, RopeScaling, SUPPORTED_ARCHITECTURES};
 pub use tokenizer::{ChatMessage, Tokenizer};
-pub(crate) use weights::to_f32 as weights_to_f32;
 pub use weights::{HostTensor, LayerWeights, ModelWeights};
 
 use std::path::{Path, PathBuf};

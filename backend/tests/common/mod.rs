@@ -114,7 +114,7 @@ fn harness(model_name: &str, adapters: &[&str], max_batch_tokens: usize, make: &
     let mut slots = HashMap::from([(None, None)]);
     for (slot, name) in adapters.iter().enumerate() {
         let w = load_adapter(&reload, name);
-        executor.load_adapter(slot as u32, &w).expect("slot exists");
+        executor.load_adapter(slot as u32, w).expect("slot exists");
         slots.insert(Some(name.to_string()), Some(slot as u32));
     }
     Harness { executor, scheduler: Scheduler::new(sched_cfg), slots }

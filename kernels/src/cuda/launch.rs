@@ -5,6 +5,7 @@ use super::device::{Device, DeviceBuffer, KernelArg, Launch};
 use super::{CudaError, Element};
 use crate::lora::Segment;
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use std::sync::Arc;
 
 /// Threads per block of the shrink kernels (must match `SHRINK_THREADS` in lora.cu).
 const SHRINK_THREADS: u32 = 256;
@@ -182,12 +183,12 @@ fn vec_width<E: Element>() -> usize {
 /// Every kernel, launched on one device with its arguments checked.
 #[derive(Debug)]
 pub struct CudaKernels<D: Device> {
-    dev: D,
+    dev: Arc<D>,
 }
 
 impl<D: Device> CudaKernels<D> {
     pub fn new(dev: D) -> CudaKernels<D> {
-        CudaKernels { dev }
+        CudaKernels { dev: Arc::new(dev) }
     }
 
     /// The device every launch goes to.
@@ -195,8 +196,13 @@ impl<D: Device> CudaKernels<D> {
         &self.dev
     }
 
+    /// The device, for work on other threads (uploads that overlap the launches).
+    pub fn shared_device(&self) -> Arc<D> {
+        self.dev.clone()
+    }
+
     fn ptr<T: super::DeviceValue>(&self, buf: &D::Buffer<T>) -> KernelArg {
-        ptr(&self.dev, buf)
+        ptr(self.dev.as_ref(), buf)
     }
 
     /// Launches `name` for element type `E` on a 2-D grid of 1-D blocks.
