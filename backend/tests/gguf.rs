@@ -214,6 +214,12 @@ fn a_hand_made_gguf_model_loads_and_bad_ones_are_refused_by_name() {
     let err = Model::open(&path("q5.gguf")).expect_err("refused").to_string();
     assert!(err.contains("Q5_0") && err.contains("token_embd.weight"), "{err}");
 
+    // Dimensions whose byte count wraps around to nothing (found by fuzzing: it used to pass
+    // the extent check and then ask for an impossible allocation).
+    tiny_llama(|w| w.tensor("token_embd.weight", &[1 << 31, 1 << 31], 0, Vec::new())).write(&path("wrap.gguf"));
+    let err = Model::open(&path("wrap.gguf")).expect_err("refused").to_string();
+    assert!(err.contains("token_embd.weight: dimensions overflow"), "{err}");
+
     // An architecture the engine does not run, and a missing hyperparameter.
     Writer::new().str("general.architecture", "falcon").write(&path("arch.gguf"));
     let err = Model::open(&path("arch.gguf")).expect_err("refused").to_string();

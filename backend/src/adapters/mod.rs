@@ -1,10 +1,12 @@
 //! LoRA adapters: where they come from ([`source`]), the disk cache that keeps remote ones
 //! ([`cache`]), reading and validating a PEFT adapter against the base model ([`peft`]), the
-//! store that ties those together ([`store`]), and the table of resident slots ([`slots`]).
+//! store that ties those together ([`store`]), the table of resident slots ([`slots`], the
+//! engine's), and the manager that owns every adapter's life ([`manager`]).
 
 pub mod cache;
 mod files;
 mod lifecycle;
+mod manager;
 mod peft;
 mod slots;
 pub mod source;
@@ -13,6 +15,7 @@ mod store;
 pub use cache::{AdapterCache, CachePin, CacheStats, Room};
 pub use files::{AdapterFiles, FileBytes, SourceScope};
 pub use lifecycle::{Lifecycle, Origin, Phase, Record};
+pub use manager::{AdapterInfo, AdapterManager, AdapterState, LoadOutcome, ManagerError};
 pub use peft::{AdapterWeights, LoraModule, load_peft, load_peft_dir};
 pub use slots::{Released, Resident, SlotError, SlotTable};
 pub use source::{

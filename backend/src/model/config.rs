@@ -133,6 +133,14 @@ fn default_eps() -> f64 {
     1e-6
 }
 
+/// Largest model dimensions accepted (see [`ModelConfig::from_json`]).
+pub const MAX_VOCAB: usize = 4 << 20;
+pub const MAX_WIDTH: usize = 1 << 16;
+pub const MAX_LAYERS: usize = 1024;
+pub const MAX_POSITIONS: usize = 1 << 24;
+pub const MAX_HEADS: usize = 1024;
+pub const MAX_HEAD_DIM: usize = 1024;
+
 impl ModelConfig {
     /// Reads and validates `config.json` in `dir`.
     pub fn from_dir(dir: &Path) -> Result<ModelConfig, ModelError> {
@@ -174,18 +182,25 @@ impl ModelConfig {
             ));
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        if !head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {head_dim} must be even and positive"));
         }
-        for (name, v) in [
-            ("vocab_size", raw.vocab_size),
-            ("hidden_size", raw.hidden_size),
-            ("intermediate_size", raw.intermediate_size),
-            ("num_hidden_layers", raw.num_hidden_layers),
-            ("max_position_embeddings", raw.max_position_embeddings),
+        // Upper bounds well past any released model: a config (or a GGUF header) past them is
+        // corrupt, and its sizes must not reach an allocation or overflow the products below.
+        for (name, v, max) in [
+            ("vocab_size", raw.vocab_size, MAX_VOCAB),
+            ("hidden_size", raw.hidden_size, MAX_WIDTH),
+            ("intermediate_size", raw.intermediate_size, MAX_WIDTH * 8),
+            ("num_hidden_layers", raw.num_hidden_layers, MAX_LAYERS),
+            ("max_position_embeddings", raw.max_position_embeddings, MAX_POSITIONS),
+            ("num_attention_heads", raw.num_attention_heads, MAX_HEADS),
+            ("head_dim", head_dim, MAX_HEAD_DIM),
         ] {
             if v == 0 {
                 return Err(format!("{name} must be positive"));
+            }
+            if v > max {
+                return Err(format!("{name} {v} is larger than this engine runs (at most {max})"));
             }
         }
         let (rope_theta, rope_scaling) = parse_rope(&raw)?;
@@ -363,6 +378,17 @@ mod tests {
         let e = ModelConfig::from_json(&LLAMA.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3"))
             .unwrap_err();
         assert!(e.contains("num_key_value_heads"), "{e}");
+    }
+
+    #[test]
+    fn sizes_past_any_model_are_refused_before_anything_is_allocated() {
+        // Found by fuzzing GGUF headers: a layer count of billions reached an allocation.
+        let e = ModelConfig::from_json(&LLAMA.replace("\"num_hidden_layers\":2", "\"num_hidden_layers\":4000000000"))
+            .unwrap_err();
+        assert!(e.contains("num_hidden_layers 4000000000 is larger than this engine runs (at most 1024)"), "{e}");
+        let e = ModelConfig::from_json(&LLAMA.replace("\"vocab_size\":10", "\"vocab_size\":18446744073709551615"))
+            .unwrap_err();
+        assert!(e.contains("vocab_size"), "{e}");
     }
 
     #[test]

@@ -325,7 +325,11 @@ impl GgufFile {
                 type_name(t.type_id)
             )));
         }
-        let bytes = elements / block_elems * block_bytes;
+        // Checked too: a header's dimensions can make the byte count wrap around to something
+        // small that fits the file.
+        let bytes = (elements / block_elems)
+            .checked_mul(block_bytes)
+            .ok_or_else(|| self.bad(format!("tensor {}: dimensions overflow", t.name)))?;
         let start = (self.data_start as u64).checked_add(t.offset);
         let end = start.and_then(|s| s.checked_add(bytes)).filter(|&e| e <= self.map.len() as u64);
         match (start, end) {

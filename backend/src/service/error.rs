@@ -1,6 +1,6 @@
 //! The one mapping from backend errors to gRPC status codes.
 
-use crate::adapters::AdapterError;
+use crate::adapters::{AdapterError, ManagerError};
 use crate::engine::EngineError;
 use crate::engine::executor::ExecutorError;
 use tonic::{Code, Status};
@@ -60,6 +60,16 @@ impl ServiceError {
                     ExecutorError::Invalid(_) => Code::Internal,
                 },
             },
+        }
+    }
+}
+
+impl From<ManagerError> for ServiceError {
+    fn from(e: ManagerError) -> ServiceError {
+        match e {
+            ManagerError::Adapter(e) => ServiceError::Adapter(e),
+            ManagerError::Engine(e) => ServiceError::Engine(e),
+            ManagerError::Task(why) => ServiceError::Internal(format!("adapter task failed: {why}")),
         }
     }
 }

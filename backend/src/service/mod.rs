@@ -1,13 +1,10 @@
 //! The `switchyard.backend.v1.Backend` gRPC service over an [`Engine`], and the server that
 //! hosts it with the standard `grpc.health.v1` service.
 
-mod adapters;
 mod error;
-pub mod metrics;
 pub mod security;
 mod server;
 
-pub use adapters::{AdapterManager, LoadOutcome};
 pub use error::ServiceError;
 pub use security::{SecurityOptions, TlsFiles};
 pub use server::{
@@ -16,9 +13,10 @@ pub use server::{
     resolve_dtype, serve,
 };
 
-use crate::adapters::Digest;
+use crate::adapters::{AdapterInfo, AdapterManager, AdapterState, Digest, LoadOutcome};
 use crate::engine::sampling::SamplingParams;
 use crate::engine::{Engine, Event, FinishReason, GenerateRequest, Health};
+use crate::metrics;
 use crate::model::{ChatMessage, ModelConfig, Module, Tokenizer};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -123,6 +121,31 @@ fn finish_reason(r: FinishReason) -> pb::FinishReason {
     }
 }
 
+/// An adapter as the gRPC API reports it.
+fn adapter_info(a: AdapterInfo) -> pb::AdapterInfo {
+    let state = match a.state {
+        AdapterState::Fetching => pb::AdapterState::Fetching,
+        AdapterState::Validated => pb::AdapterState::Validated,
+        AdapterState::Resident => pb::AdapterState::Resident,
+        AdapterState::Draining => pb::AdapterState::Draining,
+        AdapterState::Evicted => pb::AdapterState::Evicted,
+        AdapterState::Failed => pb::AdapterState::Failed,
+    };
+    pb::AdapterInfo {
+        name: a.name,
+        uri: a.uri,
+        state: state as i32,
+        rank: a.rank as u32,
+        target_modules: a.targets,
+        active_requests: a.active_requests,
+        slot: a.slot.unwrap_or(0),
+        size_bytes: a.size_bytes,
+        error: a.error.unwrap_or_default(),
+        sha256: a.sha256.unwrap_or_default(),
+        revision: a.revision.unwrap_or_default(),
+    }
+}
+
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 impl BackendService {
@@ -218,10 +241,10 @@ impl pb::backend_server::Backend for BackendService {
             text => Some(Digest::parse(text).map_err(ServiceError::BadRequest)?),
         };
         let scope = req.scope.map(|s| crate::adapters::SourceScope::new(s.prefixes));
-        let outcome = self.adapters.load(&req.name, &source.uri, digest, scope).await?;
-        let LoadOutcome { installed, warnings, fetched, origin } = outcome;
+        let outcome = self.adapters.load(&req.name, &source.uri, digest, scope).await.map_err(ServiceError::from)?;
+        let LoadOutcome { installed, warnings, fetched, adapter } = outcome;
         Ok(Response::new(pb::LoadAdapterResponse {
-            adapter: Some(adapters::adapter_info(&installed.status, Some(&origin))),
+            adapter: Some(adapter_info(adapter)),
             already_loaded: installed.already_loaded,
             hot_swap: installed.replaced.is_some(),
             warnings,
@@ -235,7 +258,7 @@ impl pb::backend_server::Backend for BackendService {
     ) -> Result<Response<pb::UnloadAdapterResponse>, Status> {
         let req = request.into_inner();
         self.fence.admit(req.fence)?;
-        self.adapters.unload(&req.name).await?;
+        self.adapters.unload(&req.name).await.map_err(ServiceError::from)?;
         Ok(Response::new(pb::UnloadAdapterResponse {}))
     }
 
@@ -243,7 +266,9 @@ impl pb::backend_server::Backend for BackendService {
         &self,
         _: Request<pb::ListAdaptersRequest>,
     ) -> Result<Response<pb::ListAdaptersResponse>, Status> {
-        Ok(Response::new(pb::ListAdaptersResponse { adapters: self.adapters.list() }))
+        Ok(Response::new(pb::ListAdaptersResponse {
+            adapters: self.adapters.list().into_iter().map(adapter_info).collect(),
+        }))
     }
 
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {

@@ -1,9 +1,10 @@
 //! Starting a backend: load the model, build the executor and engine, serve gRPC.
 
 use super::security::{self, Credentials, RequireCredential, SecurityError, SecurityOptions};
-use super::{AdapterManager, BackendService, ServedModel};
+use super::{BackendService, ServedModel};
 use crate::adapters::{
-    AdapterStore, FileSource, HfSource, HfSourceOptions, S3Source, S3SourceOptions, SourceRegistry, StoreOptions,
+    AdapterManager, AdapterStore, FileSource, HfSource, HfSourceOptions, S3Source, S3SourceOptions, SourceRegistry,
+    StoreOptions,
 };
 use crate::engine::cpu::CpuExecutor;
 use crate::engine::cuda::CudaExecutor;
@@ -393,7 +394,7 @@ pub async fn prepare_with_sources(opts: ServeOptions, sources: SourceRegistry) -
     );
     let tokenizer = Arc::new(tokenizer);
     let engine = Arc::new(Engine::start(&config, tokenizer.clone(), executor, cfg));
-    let metrics = Arc::new(super::metrics::Metrics::new());
+    let metrics = Arc::new(crate::metrics::Metrics::new());
     let adapters = Arc::new(AdapterManager::new(
         store,
         engine.clone(),

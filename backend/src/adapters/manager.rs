@@ -1,18 +1,91 @@
-//! The adapter lifecycle behind the gRPC calls: fetch → validate → resident, hot swaps,
-//! draining unloads, reloads after eviction. Loads and unloads of one name run one at a time;
+//! One owner for every adapter's life on a backend: fetch → validate → resident (prepared off
+//! the engine thread, swapped into a slot), hot swaps, draining unloads, evictions from a slot
+//! and reloads from the cache, failures. Loads and unloads of one name run one at a time;
 //! different names proceed concurrently.
+//!
+//! Each adapter is in one [`AdapterState`]; [`AdapterManager::list`] is the one view of them
+//! that `ListAdapters` and the metrics both read. The slots themselves are the engine's (its
+//! thread admits requests against them); the rest (where each name came from, its cache pin,
+//! loads in progress, evictions, failures) is the manager's [`Lifecycle`] table.
 
-use super::ServiceError;
-use super::metrics::Metrics;
-use crate::adapters::{
-    self, AdapterStore, AdapterUri, AdapterWeights, Digest, Lifecycle, Origin, Phase, SourceScope, load_peft,
+use super::{
+    self as adapters, AdapterError, AdapterStore, AdapterUri, AdapterWeights, Digest, Lifecycle, Origin, Phase,
+    SourceScope, load_peft,
 };
 use crate::engine::{AdapterStatus, Engine, EngineError, Installed};
+use crate::metrics::Metrics;
 use crate::model::ModelConfig;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use switchyard_proto::v1 as pb;
+
+/// Why an adapter operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A bug: the task running the operation failed (panicked).
+    #[error("adapter task failed: {0}")]
+    Task(String),
+}
+
+/// Where an adapter is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AdapterState {
+    /// Its files are being fetched (or read in place).
+    Fetching,
+    /// Its files passed validation; it is being placed.
+    Validated,
+    /// In a slot, serving requests.
+    Resident,
+    /// In a slot, finishing its requests before it is unloaded or replaced.
+    Draining,
+    /// Gave its slot to another; its next request loads it again from its (pinned) files.
+    Evicted,
+    /// Its last load failed (the error says why).
+    Failed,
+}
+
+impl AdapterState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdapterState::Fetching => "fetching",
+            AdapterState::Validated => "validated",
+            AdapterState::Resident => "resident",
+            AdapterState::Draining => "draining",
+            AdapterState::Evicted => "evicted",
+            AdapterState::Failed => "failed",
+        }
+    }
+}
+
+/// An adapter as a backend reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub uri: String,
+    pub state: AdapterState,
+    /// Largest rank over its modules, once known.
+    pub rank: usize,
+    /// Projections it targets (while in a slot).
+    pub targets: Vec<String>,
+    /// Requests using it (while in a slot).
+    pub active_requests: u32,
+    /// Its slot, while in one.
+    pub slot: Option<u32>,
+    /// Bytes of its weights in the slot.
+    pub size_bytes: u64,
+    /// Why its last load failed.
+    pub error: Option<String>,
+    /// SHA-256 of its weights, when known.
+    pub sha256: Option<String>,
+    /// What its source resolved the location to (an `hf://` commit).
+    pub revision: Option<String>,
+    /// Whether its disk cache entry is pinned (kept while it is loaded).
+    pub pinned: bool,
+}
 
 /// What a successful load did.
 #[derive(Debug)]
@@ -20,7 +93,16 @@ pub struct LoadOutcome {
     pub installed: Installed,
     pub warnings: Vec<String>,
     pub fetched: bool,
-    pub origin: Origin,
+    /// The adapter as it is now.
+    pub adapter: AdapterInfo,
+}
+
+/// What placing validated weights did (before the table records it).
+struct Placed {
+    installed: Installed,
+    warnings: Vec<String>,
+    fetched: bool,
+    pin: Option<adapters::CachePin>,
 }
 
 /// Owns the adapter store and the lifecycle table; talks to the engine for slots.
@@ -105,7 +187,7 @@ impl AdapterManager {
         uri: &str,
         digest: Option<Digest>,
         scope: Option<SourceScope>,
-    ) -> Result<LoadOutcome, ServiceError> {
+    ) -> Result<LoadOutcome, ManagerError> {
         adapters::validate_name(name)?;
         let uri: AdapterUri = self.store.check_uri(uri)?;
         let (this, name) = (self.clone(), name.to_string());
@@ -122,7 +204,7 @@ impl AdapterManager {
         uri: AdapterUri,
         digest: Option<Digest>,
         scope: Option<SourceScope>,
-    ) -> Result<LoadOutcome, ServiceError> {
+    ) -> Result<LoadOutcome, ManagerError> {
         // Already resident from this source: only a digest pin and the scope can still disagree.
         // A pin on an adapter loaded without one (its digest unknown) goes the full way, which
         // checks it; the scope is checked on the URI and on where its files resolved to.
@@ -146,8 +228,9 @@ impl AdapterManager {
             }
             let origin = origin.unwrap_or_else(|| Origin::new(&uri.uri, digest, scope));
             self.metrics.load("already_loaded");
+            let adapter = adapter_info(&status, Some(&origin), self.table().pinned(name));
             let installed = Installed { status, already_loaded: true, evicted: None, replaced: None };
-            return Ok(LoadOutcome { installed, warnings: Vec::new(), fetched: false, origin });
+            return Ok(LoadOutcome { installed, warnings: Vec::new(), fetched: false, adapter });
         }
 
         let mut origin = Origin::new(&uri.uri, digest.clone(), scope);
@@ -155,14 +238,15 @@ impl AdapterManager {
         let result = self.fetch_and_install(name, &uri, digest.as_ref(), &mut origin).await;
         let mut table = self.table();
         match result {
-            Ok((outcome, pin)) => {
+            Ok(Placed { installed, warnings, fetched, pin }) => {
+                let adapter = adapter_info(&installed.status, Some(&origin), pin.is_some());
                 table.resident(name, origin, pin);
-                if let Some(evicted) = &outcome.installed.evicted {
+                if let Some(evicted) = &installed.evicted {
                     table.evicted(evicted);
                     self.metrics.slot_eviction();
                 }
-                self.metrics.load(if outcome.installed.already_loaded { "already_loaded" } else { "loaded" });
-                Ok(outcome)
+                self.metrics.load(if installed.already_loaded { "already_loaded" } else { "loaded" });
+                Ok(LoadOutcome { installed, warnings, fetched, adapter })
             }
             Err(e) => {
                 self.metrics.load("failed");
@@ -170,7 +254,7 @@ impl AdapterManager {
                 if self.resident(name).is_none() {
                     table.lost(name);
                 }
-                if let ServiceError::Engine(EngineError::AdapterLoadFailed { dropped: Some(other), .. }) = &e {
+                if let ManagerError::Engine(EngineError::AdapterLoadFailed { dropped: Some(other), .. }) = &e {
                     table.evicted(other);
                 }
                 table.failed(name, origin, e.to_string());
@@ -185,7 +269,7 @@ impl AdapterManager {
         uri: &AdapterUri,
         digest: Option<&Digest>,
         origin: &mut Origin,
-    ) -> Result<(LoadOutcome, Option<adapters::CachePin>), ServiceError> {
+    ) -> Result<Placed, ManagerError> {
         let (config, max_rank) = (self.model.clone(), self.engine.config().max_lora_rank);
         let loaded = self
             .store
@@ -213,12 +297,11 @@ impl AdapterManager {
         let installed = self.engine.install_adapter(name.to_string(), uri.uri.clone(), weights).await?;
         self.metrics.load_phase("place", placing.elapsed());
         tracing::info!(adapter = %name, uri = %uri, fetched = loaded.fetched, hot_swap = installed.replaced.is_some(), "adapter resident");
-        let outcome = LoadOutcome { installed, warnings, fetched: loaded.fetched, origin: origin.clone() };
-        Ok((outcome, loaded.pin))
+        Ok(Placed { installed, warnings, fetched: loaded.fetched, pin: loaded.pin })
     }
 
     /// Unloads `name` (see the `UnloadAdapter` contract in the proto).
-    pub async fn unload(self: &Arc<Self>, name: &str) -> Result<(), ServiceError> {
+    pub async fn unload(self: &Arc<Self>, name: &str) -> Result<(), ManagerError> {
         let (this, name) = (self.clone(), name.to_string());
         detached(async move {
             let _turn = this.turn(&name).await;
@@ -237,7 +320,7 @@ impl AdapterManager {
 
     /// Makes sure an adapter a request names is resident: an adapter evicted from its slot is
     /// loaded again from where it came from (normally the disk cache).
-    pub async fn ensure_resident(self: &Arc<Self>, name: &str) -> Result<(), ServiceError> {
+    pub async fn ensure_resident(self: &Arc<Self>, name: &str) -> Result<(), ManagerError> {
         let evicted = |m: &AdapterManager, name: &str| match m.table().record(name) {
             Some(r) if r.phase == Phase::Evicted => Some(r.origin.clone()),
             _ => None,
@@ -260,29 +343,38 @@ impl AdapterManager {
         .await
     }
 
-    /// Every adapter this backend knows, as `ListAdapters` reports them.
-    pub fn list(&self) -> Vec<pb::AdapterInfo> {
+    /// Every adapter this backend knows, in its state: what `ListAdapters` and the metrics
+    /// report.
+    pub fn list(&self) -> Vec<AdapterInfo> {
         let snapshot = self.engine.snapshot();
         let table = self.table();
-        let mut out: Vec<pb::AdapterInfo> = snapshot
+        let mut out: Vec<AdapterInfo> = snapshot
             .adapters
             .iter()
-            .map(|a| adapter_info(a, if a.resident.draining { None } else { table.origin(&a.resident.name) }))
+            .map(|a| {
+                let name = &a.resident.name;
+                let origin = if a.resident.draining { None } else { table.origin(name) };
+                adapter_info(a, origin, !a.resident.draining && table.pinned(name))
+            })
             .collect();
-        out.extend(table.records().map(|r| pb::AdapterInfo {
+        out.extend(table.records().map(|r| AdapterInfo {
             name: r.name.clone(),
             uri: r.origin.uri.clone(),
             state: match r.phase {
-                Phase::Fetching => pb::AdapterState::Fetching,
-                Phase::Validated => pb::AdapterState::Validated,
-                Phase::Evicted => pb::AdapterState::Evicted,
-                Phase::Failed => pb::AdapterState::Failed,
-            } as i32,
-            error: r.error.clone().unwrap_or_default(),
-            sha256: r.origin.sha256.clone().unwrap_or_default(),
-            revision: r.origin.revision.clone().unwrap_or_default(),
-            rank: r.origin.rank.unwrap_or(0) as u32,
-            ..Default::default()
+                Phase::Fetching => AdapterState::Fetching,
+                Phase::Validated => AdapterState::Validated,
+                Phase::Evicted => AdapterState::Evicted,
+                Phase::Failed => AdapterState::Failed,
+            },
+            rank: r.origin.rank.unwrap_or(0),
+            targets: Vec::new(),
+            active_requests: 0,
+            slot: None,
+            size_bytes: 0,
+            error: r.error.clone(),
+            sha256: r.origin.sha256.clone(),
+            revision: r.origin.revision.clone(),
+            pinned: r.phase != Phase::Failed && table.pinned(&r.name),
         }));
         out
     }
@@ -291,27 +383,27 @@ impl AdapterManager {
 /// Runs a lifecycle operation as its own task: it finishes — and records what it did — even if
 /// the RPC that started it is cancelled, so a client going away never leaves a half state.
 async fn detached<T: Send + 'static>(
-    work: impl Future<Output = Result<T, ServiceError>> + Send + 'static,
-) -> Result<T, ServiceError> {
-    tokio::spawn(work).await.map_err(|e| ServiceError::Internal(format!("adapter task failed: {e}")))?
+    work: impl Future<Output = Result<T, ManagerError>> + Send + 'static,
+) -> Result<T, ManagerError> {
+    tokio::spawn(work).await.map_err(|e| ManagerError::Task(e.to_string()))?
 }
 
-/// A resident (or draining) adapter as the gRPC API reports it.
-pub fn adapter_info(a: &AdapterStatus, origin: Option<&Origin>) -> pb::AdapterInfo {
+/// A resident (or draining) adapter, with where it came from and whether its files are pinned.
+fn adapter_info(a: &AdapterStatus, origin: Option<&Origin>, pinned: bool) -> AdapterInfo {
     let r = &a.resident;
-    let state = if r.draining { pb::AdapterState::Draining } else { pb::AdapterState::Resident };
-    pb::AdapterInfo {
+    AdapterInfo {
         name: r.name.clone(),
         uri: r.uri.clone(),
-        state: state as i32,
-        rank: r.max_rank as u32,
-        target_modules: r.targets.clone(),
+        state: if r.draining { AdapterState::Draining } else { AdapterState::Resident },
+        rank: r.max_rank,
+        targets: r.targets.clone(),
         active_requests: r.active,
-        slot: a.slot,
+        slot: Some(a.slot),
         size_bytes: r.size_bytes,
-        error: String::new(),
-        sha256: origin.and_then(|o| o.sha256.clone()).unwrap_or_default(),
-        revision: origin.and_then(|o| o.revision.clone()).unwrap_or_default(),
+        error: None,
+        sha256: origin.and_then(|o| o.sha256.clone()),
+        revision: origin.and_then(|o| o.revision.clone()),
+        pinned,
     }
 }
 

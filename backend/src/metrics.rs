@@ -12,7 +12,7 @@
 //! Tenant label values come from the gateway (the `tenant` of a request); at most
 //! [`MAX_TENANTS`] distinct ones are kept, the rest (and requests without one) count as `-`.
 
-use super::adapters::AdapterManager;
+use crate::adapters::{AdapterManager, AdapterState};
 use crate::engine::Engine;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -24,7 +24,6 @@ use prometheus_client::registry::Registry;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use switchyard_proto::v1 as pb;
 
 /// Distinct tenant label values kept; later tenants count as [`OTHER`].
 pub const MAX_TENANTS: usize = 256;
@@ -379,23 +378,19 @@ impl State {
         // Every adapter this backend knows, as ListAdapters reports it.
         let mut adapters = BTreeMap::new();
         for a in self.adapters.list() {
-            let state = match a.state() {
-                pb::AdapterState::Resident => "resident",
-                pb::AdapterState::Draining => "draining",
-                pb::AdapterState::Evicted => "evicted",
-                pb::AdapterState::Fetching => "fetching",
-                pb::AdapterState::Validated => "validated",
-                pb::AdapterState::Failed => "failed",
-                pb::AdapterState::Unspecified => continue,
+            let residency = match a.state {
+                AdapterState::Resident | AdapterState::Draining => "device",
+                AdapterState::Evicted => "disk",
+                AdapterState::Fetching | AdapterState::Validated | AdapterState::Failed => "none",
             };
-            let residency = match state {
-                "resident" | "draining" => "device",
-                "evicted" => "disk",
-                _ => "none",
+            let labels = AdapterLabels {
+                adapter: a.name.clone(),
+                state: a.state.as_str(),
+                residency,
+                rank: a.rank.to_string(),
+                pinned: if a.pinned { "true" } else { "false" },
             };
-            let pinned = if self.adapters.pinned(&a.name) { "true" } else { "false" };
-            let labels = AdapterLabels { adapter: a.name.clone(), state, residency, rank: a.rank.to_string(), pinned };
-            adapters.insert((a.name, state), labels);
+            adapters.insert((a.name, a.state), labels);
         }
         let gauge = ConstGauge::new(1i64);
         let mut family = encoder.encode_descriptor(
