@@ -44,9 +44,10 @@ fn main() {
     let blocks = BATCH * (16 + steps).div_ceil(BLOCK) + 1;
     let exec = CpuExecutor::new(&config, weights, blocks, BLOCK, 2, RANK);
     let cfg = EngineConfig {
-        scheduler: SchedulerConfig { block_size: BLOCK, num_blocks: blocks, max_batch_tokens: 512, max_running: BATCH },
+        scheduler: SchedulerConfig::new(BLOCK, blocks, 512, BATCH),
         max_model_len: 16 + steps,
         max_waiting: 16,
+        max_waiting_per_tenant: 16,
         max_loras: 2,
         max_lora_rank: RANK,
     };

@@ -24,12 +24,8 @@ pub fn decode_tokens_per_s(
     prompt_len: usize,
     steps: usize,
 ) -> Result<f64, ExecutorError> {
-    let cfg = SchedulerConfig {
-        block_size: BLOCK_SIZE,
-        num_blocks: blocks_needed(adapters.len(), prompt_len, steps),
-        max_batch_tokens: adapters.len() * prompt_len.max(1),
-        max_running: adapters.len(),
-    };
+    let blocks = blocks_needed(adapters.len(), prompt_len, steps);
+    let cfg = SchedulerConfig::new(BLOCK_SIZE, blocks, adapters.len() * prompt_len.max(1), adapters.len());
     let mut sched = Scheduler::new(cfg);
     for (i, &a) in adapters.iter().enumerate() {
         let prompt = (0..prompt_len as u64).map(|t| ((t * 97 + i as u64 * 13) % vocab as u64) as u32).collect();

@@ -21,7 +21,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,19 @@ struct TokenLabels {
     tenant: String,
     /// `prompt` or `generated`.
     kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    tenant: String,
+    /// Why: `queue_full`, `tenant_queue_full`, `slots_full`, `unknown_adapter`,
+    /// `invalid_request`, `out_of_memory`, `not_serving`, `adapter_unavailable` or `internal`.
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -69,8 +82,11 @@ fn seconds_buckets() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    refusals: Family<RefusalLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
     first_token: Histogram,
+    queue_wait: HistogramFamily<TenantLabels>,
+    fairness: Mutex<FairnessWindow>,
     loads: Family<LoadLabels, Counter>,
     load_seconds: HistogramFamily<PhaseLabels>,
     slot_evictions: Counter,
@@ -84,8 +100,20 @@ impl Metrics {
         let mut registry = Registry::with_prefix("switchyard_backend");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register("requests", "Generation requests by tenant and outcome", requests.clone());
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "request_refusals",
+            "Generation requests refused before they started, by tenant and reason",
+            refusals.clone(),
+        );
         let tokens = Family::<TokenLabels, Counter>::default();
         registry.register("tokens", "Prompt tokens read and tokens generated, by tenant", tokens.clone());
+        let queue_wait: HistogramFamily<TenantLabels> = Family::new_with_constructor(seconds_buckets);
+        registry.register(
+            "queue_wait_seconds",
+            "Time requests waited for admission to the running batch, by tenant",
+            queue_wait.clone(),
+        );
         let first_token = seconds_buckets();
         registry.register(
             "time_to_first_token_seconds",
@@ -109,8 +137,11 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            refusals,
             tokens,
             first_token,
+            queue_wait,
+            fairness: Mutex::new(FairnessWindow::new(Instant::now())),
             loads,
             load_seconds,
             slot_evictions,
@@ -131,15 +162,23 @@ impl Metrics {
         }
     }
 
-    /// Starts accounting for one generation request of `tenant`.
-    pub fn request(self: &Arc<Self>, tenant: &str) -> RequestTally {
+    /// Starts accounting for one generation request of `tenant`, whose weight is `weight`.
+    pub fn request(self: &Arc<Self>, tenant: &str, weight: f64) -> RequestTally {
         RequestTally {
             metrics: self.clone(),
             tenant: self.tenant(tenant),
+            weight,
             started: Instant::now(),
             first_token: false,
             outcome: None,
         }
+    }
+
+    /// Jain's fairness index of the last complete window, if one had tokens.
+    pub fn fairness_index(&self) -> Option<f64> {
+        let mut window = self.fairness.lock().unwrap_or_else(|p| p.into_inner());
+        window.roll(Instant::now());
+        window.last
     }
 
     /// Counts a load by its result.
@@ -166,6 +205,7 @@ impl Metrics {
             "Time the engine took for one step (a forward pass over the batch, and sampling)",
             engine.step_seconds().clone(),
         );
+        live.register_collector(Box::new(Fairness(self.clone())));
         let mut compat = Registry::default();
         compat.register_collector(Box::new(State { engine: engine.clone(), adapters: adapters.clone(), vllm: true }));
         live.register_collector(Box::new(State { engine, adapters, vllm: false }));
@@ -185,6 +225,7 @@ impl Default for Metrics {
 pub struct RequestTally {
     metrics: Arc<Metrics>,
     tenant: String,
+    weight: f64,
     started: Instant,
     first_token: bool,
     outcome: Option<&'static str>,
@@ -202,6 +243,13 @@ impl RequestTally {
             self.metrics.first_token.observe(self.started.elapsed().as_secs_f64());
         }
         self.tokens("generated", 1);
+        let mut window = self.metrics.fairness.lock().unwrap_or_else(|p| p.into_inner());
+        window.serve(Instant::now(), &self.tenant, 1.0 / self.weight);
+    }
+
+    /// Where the engine records how long this request waited for admission.
+    pub fn queue_wait(&self) -> Histogram {
+        self.metrics.queue_wait.get_or_create(&TenantLabels { tenant: self.tenant.clone() }).clone()
     }
 
     /// The request finished (the final token included) after reading `prompt_tokens`.
@@ -216,9 +264,10 @@ impl RequestTally {
         self.outcome = Some("failed");
     }
 
-    /// The request was refused before it started.
-    pub fn refused(&mut self) {
+    /// The request was refused before it started, for `reason`.
+    pub fn refused(&mut self, reason: &'static str) {
         self.outcome = Some("refused");
+        self.metrics.refusals.get_or_create(&RefusalLabels { tenant: self.tenant.clone(), reason }).inc();
     }
 }
 
@@ -226,6 +275,72 @@ impl Drop for RequestTally {
     fn drop(&mut self) {
         let outcome = self.outcome.unwrap_or("cancelled");
         self.metrics.requests.get_or_create(&RequestLabels { tenant: self.tenant.clone(), outcome }).inc();
+    }
+}
+
+/// The window of [`Metrics::fairness_index`].
+pub const FAIRNESS_WINDOW: Duration = Duration::from_secs(60);
+
+/// Tokens generated per tenant, each divided by the tenant's weight, in consecutive windows.
+#[derive(Debug)]
+struct FairnessWindow {
+    started: Instant,
+    served: HashMap<String, f64>,
+    /// Jain's index of the last complete window that served anyone.
+    last: Option<f64>,
+}
+
+impl FairnessWindow {
+    fn new(now: Instant) -> FairnessWindow {
+        FairnessWindow { started: now, served: HashMap::new(), last: None }
+    }
+
+    /// Closes the current window if it is over (and, after a quiet spell, the empty ones).
+    fn roll(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.started);
+        if elapsed < FAIRNESS_WINDOW {
+            return;
+        }
+        if !self.served.is_empty() {
+            self.last = Some(jain(self.served.values().copied()));
+            self.served.clear();
+        }
+        let windows = (elapsed.as_secs_f64() / FAIRNESS_WINDOW.as_secs_f64()).floor();
+        self.started += FAIRNESS_WINDOW.mul_f64(windows);
+    }
+
+    fn serve(&mut self, now: Instant, tenant: &str, amount: f64) {
+        self.roll(now);
+        match self.served.get_mut(tenant) {
+            Some(v) => *v += amount,
+            None => {
+                self.served.insert(tenant.to_string(), amount);
+            }
+        }
+    }
+}
+
+/// Jain's fairness index, (Σx)² / (n·Σx²): 1 when every x is equal, 1/n when one has all.
+fn jain(x: impl Iterator<Item = f64>) -> f64 {
+    let (n, sum, squares) = x.fold((0.0, 0.0, 0.0), |(n, s, q), v| (n + 1.0, s + v, q + v * v));
+    if squares == 0.0 { 1.0 } else { sum * sum / (n * squares) }
+}
+
+/// The fairness gauge, read at each scrape.
+#[derive(Debug)]
+struct Fairness(Arc<Metrics>);
+
+impl Collector for Fairness {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        match self.0.fairness_index() {
+            Some(index) => one(
+                &mut encoder,
+                "tenant_fairness_index",
+                "Jain's fairness index of the tokens generated per tenant, each divided by the tenant's weight, over the tenants served in the last complete 60 s window (1: shares exactly as weighted; 1/n: one tenant got everything). It judges the scheduler only while every tenant counted had requests waiting.",
+                &ConstGauge::new(index),
+            ),
+            None => Ok(()),
+        }
     }
 }
 
@@ -447,5 +562,35 @@ impl State {
 impl Collector for State {
     fn encode(&self, encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         if self.vllm { self.encode_vllm(encoder) } else { self.encode_ours(encoder) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fairness_index_is_jains_over_the_last_complete_window() {
+        let t0 = Instant::now();
+        let mut w = FairnessWindow::new(t0);
+        // Equal service at equal weights: 1.
+        w.serve(t0, "a", 10.0);
+        w.serve(t0, "b", 10.0);
+        assert_eq!(w.last, None, "the window is not over");
+        // Served 3:1 at weights 3:1 (each token counts 1/weight): 1 too.
+        w.serve(t0 + FAIRNESS_WINDOW, "a", 30.0 / 3.0);
+        assert_eq!(w.last, Some(1.0));
+        w.serve(t0 + FAIRNESS_WINDOW, "b", 10.0);
+        w.roll(t0 + FAIRNESS_WINDOW * 2);
+        assert!((w.last.unwrap() - 1.0).abs() < 1e-12);
+        // One tenant got everything of two: 1/2.
+        w.serve(t0 + FAIRNESS_WINDOW * 2, "a", 5.0);
+        w.serve(t0 + FAIRNESS_WINDOW * 2, "b", 0.0);
+        // A quiet spell of several windows keeps the last index and starts a fresh window.
+        w.roll(t0 + FAIRNESS_WINDOW * 7 + Duration::from_secs(1));
+        assert_eq!(w.last, Some(0.5));
+        assert!(w.served.is_empty());
+        assert_eq!(w.started, t0 + FAIRNESS_WINDOW * 7);
+        assert!((jain([3.0, 1.0].into_iter()) - 0.8).abs() < 1e-12);
     }
 }

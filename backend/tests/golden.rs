@@ -98,9 +98,10 @@ fn the_engine_generates_the_reference_tokens_for_concurrent_mixed_adapter_reques
         let model = load_model("tiny-llama");
         let reload = load_model("tiny-llama");
         let cfg = EngineConfig {
-            scheduler: SchedulerConfig { block_size: 16, num_blocks: 64, max_batch_tokens: 64, max_running: 16 },
+            scheduler: SchedulerConfig::new(16, 64, 64, 16),
             max_model_len: 128,
             max_waiting: 64,
+            max_waiting_per_tenant: 64,
             max_loras: 5,
             max_lora_rank: MAX_RANK,
         };

@@ -98,7 +98,7 @@ fn smollm2_gguf_matches_transformers_on_tokens_logits_and_greedy_text() {
     message_text_never_becomes_control_tokens(&model.tokenizer);
 
     let Model { config, weights, .. } = model;
-    let sched_cfg = SchedulerConfig { block_size: 16, num_blocks: 256, max_batch_tokens: 4096, max_running: 64 };
+    let sched_cfg = SchedulerConfig::new(16, 256, 4096, 64);
     let mut exec = CpuExecutor::new(&config, weights, 256, 16, 1, 8);
     let adapter_dir = common::fixtures().join("adapters/smollm2/uppercase");
     exec.load_adapter(0, load_peft_dir(&adapter_dir, &config, 8).expect("uppercase adapter loads")).expect("slot 0");

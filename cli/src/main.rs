@@ -274,6 +274,14 @@ struct EngineArgs {
     /// Most requests waiting for admission; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "SWITCHYARD_MAX_WAITING", default_value_t = DEFAULT_MAX_WAITING)]
     max_waiting: usize,
+    /// Most requests of one tenant generating at once (default: --max-running). Tenants are
+    /// admitted fairly either way; a cap keeps room free for a tenant that arrives later.
+    #[arg(long, env = "SWITCHYARD_MAX_RUNNING_PER_TENANT")]
+    max_running_per_tenant: Option<usize>,
+    /// Most requests of one tenant waiting for admission (default: half of --max-waiting);
+    /// more are refused with RESOURCE_EXHAUSTED, so one tenant cannot fill the queue.
+    #[arg(long, env = "SWITCHYARD_MAX_WAITING_PER_TENANT")]
+    max_waiting_per_tenant: Option<usize>,
     /// Directories file:// adapters may be loaded from (comma-separated). Without any, file://
     /// loads are refused.
     #[arg(long, env = "SWITCHYARD_ADAPTER_ROOTS", value_delimiter = ',')]
@@ -318,6 +326,8 @@ impl EngineArgs {
             max_batch_tokens: self.max_batch_tokens,
             max_running: self.max_running,
             max_waiting: self.max_waiting,
+            max_running_per_tenant: self.max_running_per_tenant,
+            max_waiting_per_tenant: self.max_waiting_per_tenant,
             metrics_listen: None,
             adapters: AdapterOptions {
                 roots: self.adapter_roots,

@@ -209,6 +209,11 @@ async fn the_backends_metrics_move_as_requests_and_loads_happen() {
         |outcome: &str| format!("switchyard_backend_requests_total{{tenant=\"acme\",outcome=\"{outcome}\"}}");
     assert_eq!(grew(&before, &after, &acme_requests("finished")), 3.0);
     assert_eq!(grew(&before, &after, &acme_requests("refused")), 1.0);
+    let refusal = "switchyard_backend_request_refusals_total{tenant=\"acme\",reason=\"unknown_adapter\"}";
+    assert_eq!(grew(&before, &after, refusal), 1.0, "{after:#?}");
+    // Every request that started waited for admission once, however long.
+    let waits = "switchyard_backend_queue_wait_seconds_count{tenant=\"acme\"}";
+    assert_eq!(grew(&before, &after, waits), 4.0, "{after:#?}");
     assert_eq!(grew(&before, &after, cancelled), 1.0);
     let tokens = |kind: &str| format!("switchyard_backend_tokens_total{{tenant=\"acme\",kind=\"{kind}\"}}");
     assert!(grew(&before, &after, &tokens("generated")) >= 4.0, "{after:?}");

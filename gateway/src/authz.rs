@@ -123,7 +123,7 @@ impl Caller<'_> {
             (Some(pin), Some(chosen)) if *pin == chosen => Some(chosen),
             (Some(pin), Some(chosen)) => return Err(Denied::BackendNotAllowed { chosen, pinned: pin.clone() }),
         };
-        Ok(Route { adapter: route.adapter, backend })
+        Ok(Route { adapter: route.adapter, backend, priority: self.tenant.priority(route.priority) })
     }
 
     /// Checks a load of `uri` under `name`, where `existing` is what the name holds now.
@@ -256,6 +256,7 @@ mod tests {
         let route = |adapter: Option<&str>, backend: Option<&str>| Route {
             adapter: adapter.map(Into::into),
             backend: backend.map(Into::into),
+            priority: 0,
         };
         // Its own, a pattern grant and a shared adapter; never someone else's private one.
         for name in ["acme/a", "french", "shared-v1"] {

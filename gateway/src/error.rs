@@ -111,6 +111,14 @@ codes! {
     PolicyNotAllowed = "policy_not_allowed",
     /// Only an admin tenant loads adapters for another tenant.
     OwnerNotAllowed = "owner_not_allowed",
+    /// The tenant may not set `ignore_eos` (its quota says so).
+    IgnoreEosNotAllowed = "ignore_eos_not_allowed",
+
+    // Quotas.
+    /// The tenant used its requests or tokens of this minute (`Retry-After` says when to retry).
+    RateLimitExceeded = "rate_limit_exceeded",
+    /// The tenant has as many requests in flight as its quota allows.
+    ConcurrencyLimitExceeded = "concurrency_limit_exceeded",
 
     // Adapters.
     /// An adapter of this name is loaded from another source (hot swap not asked for).

@@ -31,6 +31,7 @@ pub mod members;
 pub mod metrics;
 pub mod openai;
 pub mod policy;
+pub mod quota;
 pub mod reconcile;
 pub mod store;
 pub mod tenants;
@@ -117,6 +118,8 @@ pub struct Gateway {
     pub(crate) policy: Arc<dyn PolicyEngine>,
     pub(crate) verifier: Arc<Verifier>,
     pub(crate) metrics: Metrics,
+    /// Every tenant's quota budgets, counted in the state store's counters.
+    pub(crate) quotas: Arc<quota::Quotas>,
     pub(crate) options: GatewayOptions,
     /// Per adapter name: admin operations and re-applies of one name run one at a time.
     turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -139,9 +142,11 @@ impl Gateway {
         verifier: Arc<Verifier>,
         options: GatewayOptions,
     ) -> Gateway {
+        let quotas = Arc::new(quota::Quotas::new(loras.replica().store().clone()));
         Gateway {
             members: Members::new(backends),
             connect: None,
+            quotas,
             loras,
             tenants,
             policy,

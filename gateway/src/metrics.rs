@@ -36,6 +36,15 @@ struct TokenLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuotaLabels {
+    tenant: String,
+    /// `requests`, `tokens`, `concurrent_requests`, `max_tokens` or `ignore_eos`.
+    limit: &'static str,
+    /// `true` when shadow mode let the request through.
+    shadow: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     backend: String,
 }
@@ -61,6 +70,7 @@ pub struct Metrics {
     duration: HistogramFamily<LatencyLabels>,
     first_token: HistogramFamily<LatencyLabels>,
     tokens: Family<TokenLabels, Counter>,
+    quota_refusals: Family<QuotaLabels, Counter>,
     backend_healthy: Family<BackendLabels, Gauge>,
     corrections: Family<CorrectionLabels, Counter>,
     leader: Gauge,
@@ -95,6 +105,12 @@ impl Metrics {
         );
         let tokens = Family::<TokenLabels, Counter>::default();
         registry.register("tokens", "Prompt and completion tokens, by tenant and model", tokens.clone());
+        let quota_refusals = Family::<QuotaLabels, Counter>::default();
+        registry.register(
+            "quota_refusals",
+            "Requests a tenant's quota refused (or, in shadow mode, would have), by the limit reached",
+            quota_refusals.clone(),
+        );
         let backend_healthy = Family::<BackendLabels, Gauge>::default();
         registry.register(
             "backend_healthy",
@@ -109,7 +125,23 @@ impl Metrics {
         );
         let leader = Gauge::default();
         registry.register("leader", "1 while this gateway drives the backends' adapters", leader.clone());
-        Metrics { registry, requests, duration, first_token, tokens, backend_healthy, corrections, leader }
+        Metrics {
+            registry,
+            requests,
+            duration,
+            first_token,
+            tokens,
+            quota_refusals,
+            backend_healthy,
+            corrections,
+            leader,
+        }
+    }
+
+    /// Counts a request `tenant`'s quota refused at `limit` (or would have, in shadow mode).
+    pub fn quota_refusal(&self, tenant: &str, limit: &'static str, shadow: bool) {
+        let labels = QuotaLabels { tenant: tenant.to_string(), limit, shadow: if shadow { "true" } else { "false" } };
+        self.quota_refusals.get_or_create(&labels).inc();
     }
 
     /// Counts a reconciler's `call` (`load` or `unload`) to `backend`.

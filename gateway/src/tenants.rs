@@ -10,6 +10,11 @@
 //! base_model = true                      # may it call the base model (default true)
 //! backend = "https://10.0.0.7:50051"     # optional: send all its requests to this backend
 //! admin = false                          # an operator: manages every adapter and policy
+//! weight = 1.0                           # its share of each backend against other tenants
+//! priority = 0                           # its requests' scheduling priority (higher first)
+//! max_priority = 0                       # the most its policy may ask for (default: priority)
+//! [tenants.acme.quota]                   # optional: see crate::quota
+//! requests_per_minute = 600
 //! [tenants.acme.models]                  # optional aliases: the `model` clients send -> adapter
 //! support = "acme/support-v2"
 //! ```
@@ -18,6 +23,7 @@
 //! `adapters` patterns name, the adapters it owns and the adapters their owners marked shared;
 //! it unloads or replaces only the adapters it owns, unless it is an admin.
 
+use crate::quota::QuotaConfig;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -49,6 +55,37 @@ pub struct Tenant {
     /// manage only what they own.
     #[serde(default)]
     pub admin: bool,
+    /// Its share of each backend relative to other tenants: tenants waiting for the same
+    /// backend are served tokens in proportion to their weights.
+    #[serde(default)]
+    pub weight: Weight,
+    /// The scheduling priority of its requests on the backends (higher is admitted first and
+    /// preempts lower when a backend is full); its policy may choose another, up to
+    /// `max_priority`.
+    #[serde(default)]
+    pub priority: u8,
+    /// The highest priority its policy may give a request (default: `priority`).
+    #[serde(default)]
+    pub max_priority: Option<u8>,
+    /// Its quota (see [`crate::quota`]); none by default.
+    #[serde(default)]
+    pub quota: QuotaConfig,
+}
+
+/// A tenant's weight: from [`Weight::MIN`] to [`Weight::MAX`]; 1 unless set.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(transparent)]
+pub struct Weight(pub f64);
+
+impl Weight {
+    pub const MIN: f64 = 0.01;
+    pub const MAX: f64 = 100.0;
+}
+
+impl Default for Weight {
+    fn default() -> Weight {
+        Weight(1.0)
+    }
 }
 
 fn yes() -> bool {
@@ -87,6 +124,22 @@ impl GatewayFile {
                     return Err(format!("tenants.{name}.load_prefixes: {p:?} must start with file://, s3:// or hf://"));
                 }
             }
+            if !(Weight::MIN..=Weight::MAX).contains(&t.weight.0) {
+                return Err(format!(
+                    "tenants.{name}.weight: {} is out of range ({} to {})",
+                    t.weight.0,
+                    Weight::MIN,
+                    Weight::MAX
+                ));
+            }
+            if t.max_priority.is_some_and(|max| max < t.priority) {
+                return Err(format!(
+                    "tenants.{name}.max_priority: {} is below its priority, {}",
+                    t.max_priority.unwrap_or_default(),
+                    t.priority
+                ));
+            }
+            t.quota.check().map_err(|e| format!("tenants.{name}.quota.{e}"))?;
             for (alias, adapter) in &t.models {
                 if !t.uses(adapter) && !t.manages(adapter) {
                     return Err(format!(
@@ -143,6 +196,15 @@ impl Tenant {
         matches_any(&self.manage, name)
     }
 
+    /// The priority of a request whose policy asked for `asked` (0: the tenant's default),
+    /// capped at the tenant's most.
+    pub fn priority(&self, asked: u8) -> u8 {
+        match asked {
+            0 => self.priority,
+            asked => asked.min(self.max_priority.unwrap_or(self.priority)),
+        }
+    }
+
     /// Whether the tenant's tokens may load from `uri`. A prefix that does not end in `/` only
     /// matches at a path boundary (`s3://acme` does not admit `s3://acme-evil/x`).
     pub fn may_load_from(&self, uri: &str) -> bool {
@@ -195,6 +257,29 @@ mod tests {
         assert!(bad.check().is_err());
         let bad: GatewayFile = toml::from_str("[tenants.acme]\nmanage = [\"a*b\"]\n").unwrap();
         assert!(bad.check().unwrap_err().contains("manage"));
+    }
+
+    #[test]
+    fn weights_and_priorities_are_checked_and_a_policy_gets_no_more_than_the_most() {
+        let file: GatewayFile =
+            toml::from_str("[tenants.a]\n[tenants.b]\nweight = 3\npriority = 2\nmax_priority = 5\n").unwrap();
+        assert!(file.check().is_ok());
+        let (a, b) = (&file.tenants["a"], &file.tenants["b"]);
+        assert_eq!((a.weight, b.weight), (Weight(1.0), Weight(3.0)));
+        // a: priority 0 and no grant above it; b: 2 unless its policy asks, at most 5.
+        assert_eq!([a.priority(0), a.priority(7)], [0, 0]);
+        assert_eq!([b.priority(0), b.priority(1), b.priority(4), b.priority(9)], [2, 1, 4, 5]);
+        for (text, needle) in [
+            ("weight = 0", "weight: 0 is out of range"),
+            ("weight = 1000", "out of range"),
+            ("weight = nan", "out of range"),
+            ("priority = 3\nmax_priority = 1", "max_priority: 1 is below its priority, 3"),
+        ] {
+            let file: GatewayFile = toml::from_str(&format!("[tenants.a]\n{text}\n")).unwrap();
+            let err = file.check().unwrap_err();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        assert!(toml::from_str::<GatewayFile>("[tenants.a]\npriority = 256\n").is_err());
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct EngineConfig {
     pub max_model_len: usize,
     /// Requests that may wait for admission before new ones are refused.
     pub max_waiting: usize,
+    /// Requests of one tenant that may wait: one tenant cannot fill the queue for everyone.
+    pub max_waiting_per_tenant: usize,
     pub max_loras: usize,
     pub max_lora_rank: usize,
 }
@@ -60,6 +62,8 @@ pub enum EngineError {
     SlotsFull { max: usize },
     #[error("the request queue is full ({max} requests waiting); retry later")]
     QueueFull { max: usize },
+    #[error("tenant {tenant:?} has {max} requests waiting on this backend, its most; retry later")]
+    TenantQueueFull { tenant: String, max: usize },
     #[error("{0}")]
     InvalidRequest(String),
     #[error("the engine has stopped")]
@@ -96,6 +100,13 @@ pub struct GenerateRequest {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Whom it is served for, and that tenant's weight (see [`scheduler`]); `""` for none.
+    pub tenant: String,
+    pub tenant_weight: f64,
+    /// Higher is admitted first, and preempts lower when the backend is full; 0 is normal.
+    pub priority: u8,
+    /// Where to record how long the request waited for admission (once, when first admitted).
+    pub queue_wait: Option<Histogram>,
 }
 
 /// Why generation ended.
@@ -401,6 +412,9 @@ struct Active {
     max_tokens: usize,
     ignore_eos: bool,
     adapter_slot: Option<u32>,
+    queued_at: std::time::Instant,
+    /// Taken when the request is first admitted.
+    queue_wait: Option<Histogram>,
 }
 
 impl Active {
@@ -554,6 +568,9 @@ impl Worker {
         if self.scheduler.waiting_len() >= self.config.max_waiting {
             return Err(EngineError::QueueFull { max: self.config.max_waiting });
         }
+        if self.scheduler.waiting_of(&req.tenant) >= self.config.max_waiting_per_tenant {
+            return Err(EngineError::TenantQueueFull { tenant: req.tenant, max: self.config.max_waiting_per_tenant });
+        }
         let adapter_slot = match &req.adapter {
             Some(name) => Some(self.slots.acquire(name)?),
             None => None,
@@ -573,9 +590,12 @@ impl Worker {
                 max_tokens: req.max_tokens,
                 ignore_eos: req.ignore_eos,
                 adapter_slot,
+                queued_at: std::time::Instant::now(),
+                queue_wait: req.queue_wait,
             },
         );
-        self.scheduler.add(Sequence::new(id, req.prompt, adapter_slot));
+        let seq = Sequence::new(id, req.prompt, adapter_slot);
+        self.scheduler.add(seq.served_for(req.tenant.into(), req.tenant_weight, req.priority));
         Ok(())
     }
 
@@ -651,6 +671,13 @@ impl Worker {
 
     fn step(&mut self) {
         let step = self.scheduler.schedule();
+        for id in &step.admitted {
+            if let Some(a) = self.active.get_mut(id)
+                && let Some(histogram) = a.queue_wait.take()
+            {
+                histogram.observe(a.queued_at.elapsed().as_secs_f64());
+            }
+        }
         if step.batch.tokens.is_empty() {
             return;
         }

@@ -1,15 +1,42 @@
 //! Continuous batching as plain data: which sequences run this step, which tokens of each, and
-//! where their keys and values go in the paged KV cache.
+//! where their keys and values go in the paged KV cache; who goes first when the backend is
+//! shared.
 //!
 //! Every step the scheduler fills a token budget in this order: one token for every decoding
-//! sequence, the next chunk of every sequence still in prefill, then new sequences from the
-//! waiting queue (first come, first served). Sequences join and leave between any two steps.
-//! When the KV cache runs out of blocks, the most recently admitted sequence is preempted: its
-//! blocks are freed and it goes back to the head of the queue, to be recomputed from its tokens
-//! (prompt plus what it generated) later.
+//! sequence, the next chunk of every sequence still in prefill (higher priority first), then
+//! new sequences from the waiting queue. Sequences join and leave between any two steps.
+//!
+//! **Who is admitted next.** The highest priority waiting first. Within a priority, the tenant
+//! with the smallest *virtual token counter* (VTC, Sheng et al., OSDI 2024): the tokens the
+//! backend has served it, prompt tokens counting [`PROMPT_TOKEN_COST`] and generated tokens
+//! [`OUTPUT_TOKEN_COST`], divided by its weight. Within a tenant, first come, first served. A
+//! tenant that starts waiting after a pause has its counter lifted to the smallest counter of
+//! those already waiting (or to the counter of the last tenant to stop waiting), so an idle
+//! spell banks no credit: the service of two backlogged tenants differs by a bounded number of
+//! tokens, and with weights 3:1 one is served three tokens for each of the other's. A tenant
+//! may be capped in running sequences ([`SchedulerConfig::max_running_per_tenant`]); the
+//! engine caps its waiting ones.
+//!
+//! **Preemption.** When the KV cache runs out of blocks, the running sequence of the lowest
+//! priority, newest first, is preempted: its blocks are freed and it goes back to the waiting
+//! queue, to be recomputed from its tokens (prompt plus what it generated) later; recomputing is
+//! not charged to its tenant. A waiting sequence of a higher priority than some running ones
+//! that finds the batch or the cache full preempts them (lowest priority, newest first) when
+//! that makes room for it, so it starts at the next step instead of after them.
 
 use super::executor::{Batch, SeqChunk};
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+/// What a prompt token adds to its tenant's counter (before the tenant's weight divides it).
+pub const PROMPT_TOKEN_COST: f64 = 1.0;
+/// What a generated token adds: a decoded token costs a step each, a prompt token is one row of
+/// a batched prefill (VTC's own weights).
+pub const OUTPUT_TOKEN_COST: f64 = 2.0;
+/// The range of tenant weights.
+pub const MIN_WEIGHT: f64 = 0.01;
+pub const MAX_WEIGHT: f64 = 100.0;
 
 /// Limits of the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,11 +49,21 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     /// Most sequences decoding at once.
     pub max_running: usize,
+    /// Most sequences of one tenant decoding at once (`max_running` for no cap of its own).
+    pub max_running_per_tenant: usize,
+}
+
+impl SchedulerConfig {
+    /// Limits with no per-tenant cap.
+    pub fn new(block_size: usize, num_blocks: usize, max_batch_tokens: usize, max_running: usize) -> SchedulerConfig {
+        SchedulerConfig { block_size, num_blocks, max_batch_tokens, max_running, max_running_per_tenant: max_running }
+    }
 }
 
 /// A sequence as the scheduler sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sequence {
+    /// Ids grow with arrival: a smaller id arrived first.
     pub id: u64,
     /// Prompt followed by the generated tokens.
     pub tokens: Vec<u32>,
@@ -34,11 +71,45 @@ pub struct Sequence {
     pub computed: usize,
     pub blocks: Vec<u32>,
     pub adapter: Option<u32>,
+    /// Whom it is served for (`""`: no tenant named).
+    pub tenant: Arc<str>,
+    /// Higher is served first; 0 is normal.
+    pub priority: u8,
+    /// Its tenant's share of the backend relative to other tenants (clamped to
+    /// [`MIN_WEIGHT`]..=[`MAX_WEIGHT`]; zero, or not a positive number, counts as 1).
+    pub weight: f64,
+    prompt_len: usize,
+    /// Its prompt was charged to its tenant (when first admitted; recomputing it after a
+    /// preemption is not charged again).
+    charged_prompt: bool,
 }
 
 impl Sequence {
+    /// A sequence of no tenant, at normal priority.
     pub fn new(id: u64, tokens: Vec<u32>, adapter: Option<u32>) -> Sequence {
-        Sequence { id, tokens, computed: 0, blocks: Vec::new(), adapter }
+        let prompt_len = tokens.len();
+        Sequence {
+            id,
+            tokens,
+            computed: 0,
+            blocks: Vec::new(),
+            adapter,
+            tenant: Arc::from(""),
+            priority: 0,
+            weight: 1.0,
+            prompt_len,
+            charged_prompt: false,
+        }
+    }
+
+    /// The same sequence, served for `tenant` (of `weight`) at `priority`.
+    pub fn served_for(self, tenant: Arc<str>, weight: f64, priority: u8) -> Sequence {
+        Sequence { tenant, weight, priority, ..self }
+    }
+
+    /// Running order: higher priority first, then arrival; the last is the first to preempt.
+    fn rank(&self) -> (Reverse<u8>, u64) {
+        (Reverse(self.priority), self.id)
     }
 }
 
@@ -53,6 +124,28 @@ pub struct Step {
     pub logits_for: Vec<u64>,
     /// Sequences pushed back to the queue this step.
     pub preempted: Vec<u64>,
+    /// Sequences admitted from the queue this step (preempted ones included when readmitted).
+    pub admitted: Vec<u64>,
+}
+
+/// One tenant's share of the backend.
+#[derive(Debug, Clone, PartialEq)]
+struct Share {
+    /// Weighted tokens served, divided by the weight.
+    counter: f64,
+    weight: f64,
+    waiting: usize,
+    running: usize,
+}
+
+/// What the scheduler reports of a tenant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantLoad {
+    pub tenant: Arc<str>,
+    pub waiting: usize,
+    pub running: usize,
+    /// Its virtual token counter.
+    pub counter: f64,
 }
 
 /// The continuous-batching scheduler.
@@ -60,15 +153,30 @@ pub struct Step {
 pub struct Scheduler {
     cfg: SchedulerConfig,
     free: Vec<u32>,
-    waiting: VecDeque<Sequence>,
+    /// Waiting sequences by priority (highest first), then tenant, each tenant's in arrival order.
+    waiting: BTreeMap<Reverse<u8>, BTreeMap<Arc<str>, VecDeque<Sequence>>>,
+    waiting_len: usize,
+    /// Running sequences in [`Sequence::rank`] order.
     running: Vec<Sequence>,
+    shares: HashMap<Arc<str>, Share>,
+    /// The counter of the last tenant that stopped waiting: where a tenant arriving at an empty
+    /// queue starts.
+    last_left: f64,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Scheduler {
         // Pop from the end: hand out low block numbers first.
         let free = (0..cfg.num_blocks as u32).rev().collect();
-        Scheduler { cfg, free, waiting: VecDeque::new(), running: Vec::new() }
+        Scheduler {
+            cfg,
+            free,
+            waiting: BTreeMap::new(),
+            waiting_len: 0,
+            running: Vec::new(),
+            shares: HashMap::new(),
+            last_left: 0.0,
+        }
     }
 
     pub fn config(&self) -> SchedulerConfig {
@@ -76,13 +184,22 @@ impl Scheduler {
     }
 
     pub fn waiting_len(&self) -> usize {
-        self.waiting.len()
+        self.waiting_len
+    }
+
+    /// How many sequences of `tenant` wait.
+    pub fn waiting_of(&self, tenant: &str) -> usize {
+        self.shares.get(tenant).map_or(0, |s| s.waiting)
+    }
+
+    fn waiting_seqs(&self) -> impl Iterator<Item = &Sequence> {
+        self.waiting.values().flat_map(|level| level.values().flatten())
     }
 
     /// The adapter slots the running sequences use, and those the waiting ones will.
     pub fn adapter_slots(&self) -> (Vec<u32>, Vec<u32>) {
         let slots = |seqs: &mut dyn Iterator<Item = &Sequence>| seqs.filter_map(|s| s.adapter).collect();
-        (slots(&mut self.running.iter()), slots(&mut self.waiting.iter()))
+        (slots(&mut self.running.iter()), slots(&mut self.waiting_seqs()))
     }
 
     pub fn running_len(&self) -> usize {
@@ -94,34 +211,143 @@ impl Scheduler {
     }
 
     pub fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.running.is_empty()
+        self.waiting_len == 0 && self.running.is_empty()
     }
 
-    /// Queues a new sequence.
+    /// Every tenant with sequences waiting or running, by name.
+    pub fn tenants(&self) -> Vec<TenantLoad> {
+        let mut loads: Vec<TenantLoad> = self
+            .shares
+            .iter()
+            .filter(|(_, s)| s.waiting + s.running > 0)
+            .map(|(t, s)| TenantLoad { tenant: t.clone(), waiting: s.waiting, running: s.running, counter: s.counter })
+            .collect();
+        loads.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        loads
+    }
+
+    /// Queues a new sequence. Its weight becomes its tenant's.
     pub fn add(&mut self, seq: Sequence) {
-        self.waiting.push_back(seq);
+        let weight = match seq.weight {
+            w if w.is_finite() && w > 0.0 => w.clamp(MIN_WEIGHT, MAX_WEIGHT),
+            _ => 1.0,
+        };
+        let floor = self.floor();
+        let share =
+            self.shares.entry(seq.tenant.clone()).or_insert(Share { counter: floor, weight, waiting: 0, running: 0 });
+        share.weight = weight;
+        if share.waiting == 0 {
+            // Back from a pause: no credit banked while it was not waiting.
+            share.counter = share.counter.max(floor);
+        }
+        share.waiting += 1;
+        self.enqueue(seq);
+    }
+
+    /// Where a tenant that starts waiting is lifted to: the smallest counter of those waiting,
+    /// or the last one to stop waiting.
+    fn floor(&self) -> f64 {
+        self.shares
+            .values()
+            .filter(|s| s.waiting > 0)
+            .map(|s| s.counter)
+            .min_by(f64::total_cmp)
+            .unwrap_or(self.last_left)
+    }
+
+    fn enqueue(&mut self, seq: Sequence) {
+        let queue = self.waiting.entry(Reverse(seq.priority)).or_default().entry(seq.tenant.clone()).or_default();
+        let at = queue.partition_point(|s| s.id < seq.id);
+        queue.insert(at, seq);
+        self.waiting_len += 1;
+    }
+
+    /// Takes the sequence at the head of a tenant's queue at `priority`.
+    fn dequeue(&mut self, priority: u8, tenant: &str) -> Option<Sequence> {
+        let level = self.waiting.get_mut(&Reverse(priority))?;
+        let queue = level.get_mut(tenant)?;
+        let seq = queue.pop_front()?;
+        if queue.is_empty() {
+            level.remove(tenant);
+            if level.is_empty() {
+                self.waiting.remove(&Reverse(priority));
+            }
+        }
+        self.waiting_len -= 1;
+        self.left_queue(&seq.tenant);
+        Some(seq)
+    }
+
+    /// A sequence of `tenant` left the waiting queue.
+    fn left_queue(&mut self, tenant: &str) {
+        if let Some(share) = self.shares.get_mut(tenant) {
+            share.waiting -= 1;
+            if share.waiting == 0 {
+                self.last_left = share.counter;
+            }
+        }
+    }
+
+    /// Forgets a tenant with nothing waiting or running whose counter is no more than where it
+    /// would be lifted to anyway, and every tenant once nothing waits or runs (counters only
+    /// matter between tenants that compete): the table holds the tenants of one busy spell.
+    fn forget_if_idle(&mut self, tenant: &str) {
+        if self.is_idle() {
+            self.shares.clear();
+            self.last_left = 0.0;
+            return;
+        }
+        let floor = self.floor();
+        if self.shares.get(tenant).is_some_and(|s| s.waiting + s.running == 0 && s.counter <= floor) {
+            self.shares.remove(tenant);
+        }
+    }
+
+    fn charge(&mut self, tenant: &str, cost: f64) {
+        if let Some(share) = self.shares.get_mut(tenant) {
+            share.counter += cost / share.weight;
+        }
     }
 
     pub fn get(&self, id: u64) -> Option<&Sequence> {
-        self.running.iter().chain(self.waiting.iter()).find(|s| s.id == id)
+        self.running.iter().chain(self.waiting_seqs()).find(|s| s.id == id)
     }
 
-    /// Appends a generated token to a running sequence.
+    /// Appends a generated token to a running sequence, and charges its tenant for it.
     pub fn push_token(&mut self, id: u64, token: u32) {
         if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
             s.tokens.push(token);
+            let tenant = s.tenant.clone();
+            self.charge(&tenant, OUTPUT_TOKEN_COST);
         }
     }
 
     /// Removes a sequence (finished or cancelled) wherever it is and frees its blocks.
     pub fn remove(&mut self, id: u64) -> Option<Sequence> {
         let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            self.running.remove(i)
+            let seq = self.running.remove(i);
+            if let Some(share) = self.shares.get_mut(&seq.tenant) {
+                share.running -= 1;
+            }
+            seq
         } else {
-            let i = self.waiting.iter().position(|s| s.id == id)?;
-            self.waiting.remove(i)?
+            let (priority, tenant) =
+                self.waiting_seqs().find(|s| s.id == id).map(|s| (s.priority, s.tenant.clone()))?;
+            let level = self.waiting.get_mut(&Reverse(priority))?;
+            let queue = level.get_mut(&tenant)?;
+            let seq = queue.remove(queue.iter().position(|s| s.id == id)?)?;
+            if queue.is_empty() {
+                level.remove(&tenant);
+                if level.is_empty() {
+                    self.waiting.remove(&Reverse(priority));
+                }
+            }
+            self.waiting_len -= 1;
+            self.left_queue(&tenant);
+            seq
         };
         self.free.extend(seq.blocks.iter().rev());
+        self.forget_if_idle(&seq.tenant);
         Some(seq)
     }
 
@@ -143,24 +369,88 @@ impl Scheduler {
         true
     }
 
+    /// Sends the last running sequence (lowest priority, newest) back to the queue.
     fn preempt_last(&mut self, step: &mut Step) -> Option<u64> {
         let mut seq = self.running.pop()?;
         self.free.extend(seq.blocks.drain(..).rev());
         seq.computed = 0;
         let id = seq.id;
-        self.waiting.push_front(seq);
+        if let Some(share) = self.shares.get_mut(&seq.tenant) {
+            share.running -= 1;
+        }
+        self.requeue(seq);
         step.preempted.push(id);
         Some(id)
+    }
+
+    /// Puts a sequence that was taken from the queue back in its place, as it is: it keeps
+    /// its arrival order, and its tenant's counter is not lifted (it never stopped being served).
+    fn requeue(&mut self, seq: Sequence) {
+        if let Some(share) = self.shares.get_mut(&seq.tenant) {
+            share.waiting += 1;
+        }
+        self.enqueue(seq);
+    }
+
+    /// Whose waiting sequence is admitted next: `(priority, tenant)`.
+    fn pick(&self) -> Option<(u8, Arc<str>)> {
+        let share = |t: &str| self.shares.get(t).map_or((0.0, 0), |s| (s.counter, s.running));
+        self.waiting.iter().find_map(|(Reverse(priority), level)| {
+            level
+                .iter()
+                .filter_map(|(t, queue)| queue.front().map(|head| (t, share(t), head.id)))
+                .filter(|(_, (_, running), _)| *running < self.cfg.max_running_per_tenant)
+                // The smallest counter; on a tie (a tenant lifted to another's counter), the
+                // one running fewer sequences, then the earlier arrival.
+                .min_by(|(_, (a, a_running), a_head), (_, (b, b_running), b_head)| {
+                    a.total_cmp(b).then(a_running.cmp(b_running)).then(a_head.cmp(b_head))
+                })
+                .map(|(t, _, _)| (*priority, t.clone()))
+        })
+    }
+
+    /// Makes a running slot and `needed` free blocks for a sequence of `priority`, preempting
+    /// running sequences of lower priority (lowest, newest first) if that is enough. Whatever
+    /// a preempted sequence had planned this step goes back to the budget.
+    fn make_room(
+        &mut self,
+        priority: u8,
+        needed: usize,
+        plan: &mut Vec<(u64, usize)>,
+        budget: &mut usize,
+        step: &mut Step,
+    ) -> bool {
+        loop {
+            let slot_free = self.running.len() < self.cfg.max_running;
+            if slot_free && self.free.len() >= needed {
+                return true;
+            }
+            let (lower, lower_blocks) = self
+                .running
+                .iter()
+                .rev()
+                .take_while(|s| s.priority < priority)
+                .fold((0, 0), |(n, blocks), s| (n + 1, blocks + s.blocks.len()));
+            if lower == 0 || self.free.len() + lower_blocks < needed {
+                return false;
+            }
+            let Some(victim) = self.preempt_last(step) else {
+                return false;
+            };
+            if let Some(i) = plan.iter().position(|&(id, _)| id == victim) {
+                *budget += plan.remove(i).1;
+            }
+        }
     }
 
     /// Plans the next step. Returns an empty step when there is nothing to run.
     pub fn schedule(&mut self) -> Step {
         let mut step = Step::default();
         let mut budget = self.cfg.max_batch_tokens;
-        // (index into running, tokens this step)
+        // (sequence id, tokens this step)
         let mut plan: Vec<(u64, usize)> = Vec::new();
 
-        // Running sequences, oldest first: decodes and prefill chunks.
+        // Running sequences, highest priority and oldest first: decodes and prefill chunks.
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let remaining = self.running[i].tokens.len() - self.running[i].computed;
@@ -168,7 +458,7 @@ impl Scheduler {
             let needed = self.blocks_for(self.running[i].computed + want);
             let mut ok = Self::reserve(&mut self.free, &mut self.running[i], needed);
             while !ok {
-                // Out of blocks: preempt the newest sequence (possibly this one).
+                // Out of blocks: preempt the lowest-priority newest sequence (possibly this one).
                 let Some(victim) = self.preempt_last(&mut step) else {
                     break;
                 };
@@ -186,23 +476,44 @@ impl Scheduler {
             i += 1;
         }
 
-        // New sequences, first come first served, while there is room.
-        // A step that had to preempt admits nothing new: the cache is already over-committed.
-        while budget > 0 && self.running.len() < self.cfg.max_running && step.preempted.is_empty() {
-            let Some(front) = self.waiting.front_mut() else {
+        // New sequences while there is room. A step that had to preempt to keep its running
+        // sequences going admits nothing new: the cache is already over-committed.
+        let over_committed = !step.preempted.is_empty();
+        while budget > 0 && !over_committed {
+            let Some((priority, tenant)) = self.pick() else {
                 break;
             };
-            let want = (front.tokens.len() - front.computed).min(budget);
-            let needed = (front.computed + want).div_ceil(self.cfg.block_size);
-            if !Self::reserve(&mut self.free, front, needed) {
+            let Some(head) = self.waiting.get(&Reverse(priority)).and_then(|l| l.get(&tenant)?.front()) else {
+                break;
+            };
+            if step.preempted.contains(&head.id) {
+                // Preempted this step to make room: it waits at least a step.
                 break;
             }
-            let Some(seq) = self.waiting.pop_front() else {
+            let want = (head.tokens.len() - head.computed).min(budget);
+            let needed = self.blocks_for(head.computed + want);
+            if !self.make_room(priority, needed, &mut plan, &mut budget, &mut step) {
+                break;
+            }
+            let Some(mut seq) = self.dequeue(priority, &tenant) else {
                 break;
             };
+            if !Self::reserve(&mut self.free, &mut seq, needed) {
+                // make_room said there was room: not reached, but never lose a sequence.
+                self.requeue(seq);
+                break;
+            }
+            if !std::mem::replace(&mut seq.charged_prompt, true) {
+                self.charge(&tenant, seq.prompt_len as f64 * PROMPT_TOKEN_COST);
+            }
+            if let Some(share) = self.shares.get_mut(&tenant) {
+                share.running += 1;
+            }
             plan.push((seq.id, want));
             budget -= want;
-            self.running.push(seq);
+            step.admitted.push(seq.id);
+            let at = self.running.partition_point(|s| s.rank() < seq.rank());
+            self.running.insert(at, seq);
         }
 
         // Rows grouped by adapter so each adapter's rows form one segment.
@@ -250,7 +561,7 @@ mod tests {
     use super::*;
 
     fn cfg(num_blocks: usize, max_batch_tokens: usize) -> SchedulerConfig {
-        SchedulerConfig { block_size: 4, num_blocks, max_batch_tokens, max_running: 8 }
+        SchedulerConfig::new(4, num_blocks, max_batch_tokens, 8)
     }
 
     /// Runs a step and pretends every sequence with logits sampled token 7.
@@ -335,5 +646,162 @@ mod tests {
         s.remove(1);
         assert_eq!(s.free_blocks(), 8);
         assert!(s.is_idle());
+    }
+
+    fn seq(id: u64, tenant: &str, weight: f64, priority: u8, prompt: usize) -> Sequence {
+        Sequence::new(id, vec![1; prompt], None).served_for(Arc::from(tenant), weight, priority)
+    }
+
+    fn counter(s: &Scheduler, tenant: &str) -> f64 {
+        s.shares.get(tenant).map_or(f64::NAN, |share| share.counter)
+    }
+
+    /// Runs `steps` steps; a sequence finishes once it has generated `generated` tokens. Returns the
+    /// tokens generated for each tenant.
+    fn serve(s: &mut Scheduler, steps: usize, generated: usize) -> HashMap<Arc<str>, usize> {
+        let mut served = HashMap::new();
+        for _ in 0..steps {
+            let step = run(s);
+            for id in step.logits_for {
+                let Some(q) = s.get(id) else { continue };
+                *served.entry(q.tenant.clone()).or_default() += 1;
+                if q.tokens.len() >= q.prompt_len + generated {
+                    s.remove(id);
+                }
+            }
+        }
+        served
+    }
+
+    #[test]
+    fn a_tenant_arriving_behind_a_flood_is_admitted_before_the_flood() {
+        let mut s = Scheduler::new(SchedulerConfig::new(4, 64, 64, 2));
+        for id in 1..=10 {
+            s.add(seq(id, "a", 1.0, 0, 4));
+        }
+        assert_eq!(run(&mut s).admitted, vec![1, 2]);
+        s.add(seq(11, "b", 1.0, 0, 4));
+        // a's first sequence finishes: its slot goes to b, not to a's third.
+        s.remove(1);
+        assert_eq!(run(&mut s).admitted, vec![11]);
+        s.remove(2);
+        assert_eq!(run(&mut s).admitted, vec![3]);
+    }
+
+    #[test]
+    fn backlogged_tenants_are_served_in_proportion_to_their_weights() {
+        for (weight_a, weight_b) in [(1.0, 1.0), (3.0, 1.0)] {
+            let mut s = Scheduler::new(SchedulerConfig::new(4, 256, 64, 4));
+            // a's requests all arrive first: first come, first served would serve only a.
+            for id in 0..200 {
+                s.add(seq(id, "a", weight_a, 0, 8));
+            }
+            for id in 200..400 {
+                s.add(seq(id, "b", weight_b, 0, 8));
+            }
+            let served = serve(&mut s, 300, 8);
+            let (a, b) = (served[&Arc::<str>::from("a")] as f64, served[&Arc::<str>::from("b")] as f64);
+            assert!(s.waiting_of("a") > 0 && s.waiting_of("b") > 0, "both stayed backlogged");
+            let want = weight_a / weight_b;
+            assert!((a / b - want).abs() <= 0.1 * want, "served a {a}, b {b}: want {want}:1");
+        }
+    }
+
+    #[test]
+    fn a_tenant_back_from_idling_banks_no_credit() {
+        let mut s = Scheduler::new(SchedulerConfig::new(4, 256, 64, 2));
+        for id in 0..100 {
+            s.add(seq(id, "a", 1.0, 0, 4));
+        }
+        serve(&mut s, 60, 4);
+        // b was idle all that time; from now on it shares the backend with a, no more.
+        for id in 100..200 {
+            s.add(seq(id, "b", 1.0, 0, 4));
+        }
+        assert!(counter(&s, "b") >= counter(&s, "a") - 4.0 * OUTPUT_TOKEN_COST);
+        let served = serve(&mut s, 60, 4);
+        let (a, b) = (served[&Arc::<str>::from("a")] as f64, served[&Arc::<str>::from("b")] as f64);
+        assert!((a / b - 1.0).abs() < 0.15, "served a {a}, b {b}");
+    }
+
+    #[test]
+    fn a_tenant_capped_in_running_sequences_leaves_the_rest_to_others() {
+        let mut s = Scheduler::new(SchedulerConfig { max_running_per_tenant: 2, ..SchedulerConfig::new(4, 64, 64, 4) });
+        for id in 1..=5 {
+            s.add(seq(id, "a", 1.0, 0, 4));
+        }
+        assert_eq!(run(&mut s).admitted, vec![1, 2]);
+        assert_eq!(run(&mut s).admitted, Vec::<u64>::new(), "slots are free, but a has its two");
+        s.add(seq(6, "b", 1.0, 0, 4));
+        assert_eq!(run(&mut s).admitted, vec![6]);
+        assert_eq!(s.tenants().iter().map(|t| (t.waiting, t.running)).collect::<Vec<_>>(), vec![(3, 2), (0, 1)]);
+    }
+
+    #[test]
+    fn a_higher_priority_sequence_at_a_full_backend_preempts_the_newest_lower_one() {
+        let mut s = Scheduler::new(SchedulerConfig::new(4, 64, 64, 2));
+        s.add(seq(1, "a", 1.0, 0, 4));
+        s.add(seq(2, "a", 1.0, 0, 4));
+        s.add(seq(3, "a", 1.0, 0, 4));
+        assert_eq!(run(&mut s).admitted, vec![1, 2]);
+        s.add(seq(4, "b", 1.0, 5, 4));
+        let step = run(&mut s);
+        assert_eq!((step.preempted, step.admitted), (vec![2], vec![4]));
+        assert_eq!(step.chunks.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 4]);
+        // The preempted sequence keeps its place: before 3, which arrived after it.
+        s.remove(4);
+        let step = run(&mut s);
+        assert_eq!(step.admitted, vec![2]);
+        assert_eq!(step.chunks, vec![(1, 1), (2, 5)], "its prompt and generated token are recomputed");
+    }
+
+    #[test]
+    fn higher_priorities_are_admitted_first_and_equal_ones_never_preempt() {
+        let mut s = Scheduler::new(SchedulerConfig::new(4, 64, 64, 1));
+        s.add(seq(1, "a", 1.0, 1, 4));
+        run(&mut s);
+        s.add(seq(2, "a", 1.0, 1, 4));
+        s.add(seq(3, "b", 1.0, 0, 4));
+        s.add(seq(4, "b", 1.0, 2, 4));
+        s.add(seq(5, "c", 1.0, 1, 4));
+        // 4 outranks the running 1; 2 and 5 only equal it, 3 is below.
+        let step = run(&mut s);
+        assert_eq!((step.preempted, step.admitted), (vec![1], vec![4]));
+        let mut order = Vec::new();
+        while !s.is_idle() {
+            s.remove(s.running[0].id);
+            order.extend(run(&mut s).admitted);
+        }
+        // Priority 1 next: the preempted 1 (a and c tie on counters, neither runs anything,
+        // and 1 arrived first), then c (a's counter is now ahead), then a's 2; priority 0 last.
+        assert_eq!(order, vec![1, 5, 2, 3]);
+    }
+
+    #[test]
+    fn out_of_blocks_the_lowest_priority_is_preempted_even_if_older_and_charged_once() {
+        // Two blocks of 4 tokens: two 4-token prompts fill the cache.
+        let mut s = Scheduler::new(SchedulerConfig::new(4, 2, 64, 8));
+        s.add(seq(1, "a", 1.0, 0, 4));
+        s.add(seq(2, "b", 1.0, 3, 4));
+        assert_eq!(run(&mut s).admitted, vec![2, 1]);
+        let charged = counter(&s, "a");
+        assert_eq!(charged, 4.0 * PROMPT_TOKEN_COST + OUTPUT_TOKEN_COST);
+        let step = run(&mut s);
+        assert_eq!((step.preempted, step.chunks), (vec![1], vec![(2, 1)]));
+        s.remove(2);
+        let step = run(&mut s);
+        assert_eq!(step.chunks, vec![(1, 5)]);
+        assert_eq!(counter(&s, "a"), charged + OUTPUT_TOKEN_COST, "the recomputed prompt is not charged again");
+    }
+
+    #[test]
+    fn tenants_with_nothing_left_are_forgotten() {
+        let mut s = Scheduler::new(SchedulerConfig::new(4, 64, 64, 4));
+        for (id, tenant) in ["a", "b", "c"].into_iter().enumerate() {
+            s.add(seq(id as u64, tenant, 1.0, 0, 4));
+        }
+        serve(&mut s, 10, 2);
+        assert!(s.is_idle() && s.tenants().is_empty());
+        assert!(s.shares.is_empty(), "{:?}", s.shares);
     }
 }

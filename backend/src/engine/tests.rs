@@ -74,6 +74,10 @@ struct Fixture {
 }
 
 fn fixture(max_running: usize, max_waiting: usize, max_loras: usize) -> Fixture {
+    fixture_with(max_running, max_waiting, max_waiting, max_loras)
+}
+
+fn fixture_with(max_running: usize, max_waiting: usize, max_waiting_per_tenant: usize, max_loras: usize) -> Fixture {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/tiny-llama");
     let model = Model::load(&dir).expect("fixture model");
     let next = Arc::new(AtomicUsize::new(65));
@@ -89,9 +93,10 @@ fn fixture(max_running: usize, max_waiting: usize, max_loras: usize) -> Fixture 
     };
     let (last_slots, unloaded, fault) = (exec.last_slots.clone(), exec.unloaded.clone(), exec.fault.clone());
     let cfg = EngineConfig {
-        scheduler: SchedulerConfig { block_size: 16, num_blocks: 1024, max_batch_tokens: 256, max_running },
+        scheduler: SchedulerConfig::new(16, 1024, 256, max_running),
         max_model_len: 4096,
         max_waiting,
+        max_waiting_per_tenant,
         max_loras,
         max_lora_rank: 8,
     };
@@ -166,6 +171,47 @@ async fn a_full_queue_refuses_new_requests_until_it_drains() {
     let (_, _, reason) = finish(&mut waiting).await;
     assert_eq!(reason, FinishReason::Length);
     f.engine.generate(request(5)).await.expect("room again");
+}
+
+fn for_tenant(tenant: &str, priority: u8, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest { tenant: tenant.into(), priority, ..request(max_tokens) }
+}
+
+#[tokio::test]
+async fn one_tenant_cannot_fill_the_queue_for_everyone() {
+    let f = fixture_with(1, 4, 2, 1);
+    let mut running = f.engine.generate(request(2000)).await.expect("runs");
+    running.recv().await.expect("it holds the only running place");
+    let _a1 = f.engine.generate(for_tenant("a", 0, 5)).await.expect("waits");
+    let _a2 = f.engine.generate(for_tenant("a", 0, 5)).await.expect("waits");
+    let err = f.engine.generate(for_tenant("a", 0, 5)).await.expect_err("a has its two waiting");
+    assert!(matches!(&err, EngineError::TenantQueueFull { tenant, max: 2 } if tenant == "a"), "{err}");
+    assert!(err.to_string().contains("tenant \"a\" has 2 requests waiting"), "{err}");
+    let _b = f.engine.generate(for_tenant("b", 0, 5)).await.expect("the queue still has room for b");
+}
+
+#[tokio::test]
+async fn a_high_priority_request_at_a_full_engine_runs_before_the_queued_ones() {
+    let f = fixture(1, 4, 1);
+    let mut running = f.engine.generate(for_tenant("a", 0, 2000)).await.expect("runs");
+    running.recv().await.expect("it holds the only running place");
+    let mut queued = f.engine.generate(for_tenant("a", 0, 5)).await.expect("waits");
+    let mut urgent = f.engine.generate(for_tenant("b", 3, 5)).await.expect("accepted");
+    let (_, _, reason) = finish(&mut urgent).await;
+    assert_eq!(reason, FinishReason::Length);
+    // It preempted the running request and went ahead of the queued one, which got nothing.
+    assert!(queued.try_recv().is_err(), "the queued request waits behind both");
+    // The preempted request resumes before the one queued after it.
+    let resumed = tokio::time::timeout(Duration::from_secs(10), async {
+        // (Until the urgent request is retired, the snapshot still shows it running.)
+        while (f.engine.snapshot().running, f.engine.snapshot().waiting) != (1, 1) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    resumed.await.expect("one request runs again, one waits");
+    assert!(queued.try_recv().is_err(), "the queued request still waits");
+    drop(running);
+    finish(&mut queued).await;
 }
 
 fn with_adapter(max_tokens: usize, name: &str) -> GenerateRequest {

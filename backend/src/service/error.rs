@@ -51,7 +51,9 @@ impl ServiceError {
             ServiceError::Engine(e) => match e {
                 EngineError::UnknownAdapter(_) => Code::NotFound,
                 EngineError::AdapterInUse { .. } | EngineError::UnloadTimedOut { .. } => Code::FailedPrecondition,
-                EngineError::SlotsFull { .. } | EngineError::QueueFull { .. } => Code::ResourceExhausted,
+                EngineError::SlotsFull { .. } | EngineError::QueueFull { .. } | EngineError::TenantQueueFull { .. } => {
+                    Code::ResourceExhausted
+                }
                 EngineError::InvalidRequest(_) => Code::InvalidArgument,
                 EngineError::Stopped | EngineError::Failed(_) => Code::Unavailable,
                 EngineError::Executor(e) | EngineError::AdapterLoadFailed { source: e, .. } => match e {
@@ -60,6 +62,28 @@ impl ServiceError {
                     ExecutorError::Invalid(_) => Code::Internal,
                 },
             },
+        }
+    }
+}
+
+impl ServiceError {
+    /// Why a generation request was refused, for the metrics' `reason` label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ServiceError::BadRequest(_) | ServiceError::Engine(EngineError::InvalidRequest(_)) => "invalid_request",
+            ServiceError::Engine(EngineError::QueueFull { .. }) => "queue_full",
+            ServiceError::Engine(EngineError::TenantQueueFull { .. }) => "tenant_queue_full",
+            ServiceError::Engine(EngineError::SlotsFull { .. }) => "slots_full",
+            ServiceError::Engine(EngineError::UnknownAdapter(_)) => "unknown_adapter",
+            ServiceError::Engine(EngineError::Stopped | EngineError::Failed(_)) => "not_serving",
+            ServiceError::Engine(
+                EngineError::Executor(ExecutorError::OutOfMemory(_))
+                | EngineError::AdapterLoadFailed { source: ExecutorError::OutOfMemory(_), .. },
+            ) => "out_of_memory",
+            ServiceError::Adapter(_) | ServiceError::Engine(EngineError::AdapterLoadFailed { .. }) => {
+                "adapter_unavailable"
+            }
+            _ => "internal",
         }
     }
 }
@@ -92,6 +116,7 @@ mod tests {
             (EngineError::AdapterInUse { name: "x".into(), active: 1 }.into(), Code::FailedPrecondition),
             (EngineError::SlotsFull { max: 2 }.into(), Code::ResourceExhausted),
             (EngineError::QueueFull { max: 2 }.into(), Code::ResourceExhausted),
+            (EngineError::TenantQueueFull { tenant: "a".into(), max: 1 }.into(), Code::ResourceExhausted),
             (EngineError::InvalidRequest("long".into()).into(), Code::InvalidArgument),
             (EngineError::Stopped.into(), Code::Unavailable),
             (EngineError::Failed("the device failed".into()).into(), Code::Unavailable),

@@ -15,6 +15,7 @@ pub use server::{
 
 use crate::adapters::{AdapterInfo, AdapterManager, AdapterState, Digest, LoadOutcome};
 use crate::engine::sampling::SamplingParams;
+use crate::engine::scheduler::{MAX_WEIGHT, MIN_WEIGHT};
 use crate::engine::{Engine, Event, FinishReason, GenerateRequest, Health};
 use crate::metrics;
 use crate::model::{ChatMessage, ModelConfig, Module, Tokenizer};
@@ -154,7 +155,19 @@ impl BackendService {
     async fn start_generation(
         &self,
         req: pb::GenerateRequest,
+        queue_wait: prometheus_client::metrics::histogram::Histogram,
     ) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>, ServiceError> {
+        let priority = u8::try_from(req.priority)
+            .map_err(|_| ServiceError::BadRequest(format!("priority {} is past the most, 255", req.priority)))?;
+        let tenant_weight = match req.tenant_weight {
+            0.0 => 1.0,
+            w if (MIN_WEIGHT..=MAX_WEIGHT).contains(&w) => w,
+            w => {
+                return Err(ServiceError::BadRequest(format!(
+                    "tenant_weight {w} is out of range: 0 (for 1) or {MIN_WEIGHT} to {MAX_WEIGHT}"
+                )));
+            }
+        };
         let prompt = self.prompt_ids(req.input).await?;
         let s = req.sampling.unwrap_or_default();
         let sampling = SamplingParams {
@@ -175,6 +188,10 @@ impl BackendService {
             max_tokens: req.max_tokens as usize,
             stop: req.stop,
             ignore_eos: req.ignore_eos,
+            tenant: req.tenant,
+            tenant_weight,
+            priority,
+            queue_wait: Some(queue_wait),
         };
         Ok(self.engine.generate(engine_req).await?)
     }
@@ -186,12 +203,16 @@ impl pb::backend_server::Backend for BackendService {
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let req = request.into_inner();
-        let mut tally = self.metrics.request(&req.tenant);
-        let started = self.start_generation(req).await;
+        let weight = match req.tenant_weight {
+            w if w > 0.0 && w.is_finite() => w,
+            _ => 1.0,
+        };
+        let mut tally = self.metrics.request(&req.tenant, weight);
+        let started = self.start_generation(req, tally.queue_wait()).await;
         let events = match started {
             Ok(events) => events,
             Err(e) => {
-                tally.refused();
+                tally.refused(e.reason());
                 return Err(e.into());
             }
         };

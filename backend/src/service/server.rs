@@ -202,6 +202,11 @@ pub struct ServeOptions {
     pub max_batch_tokens: usize,
     pub max_running: usize,
     pub max_waiting: usize,
+    /// Most requests of one tenant running at once (default: `max_running`, no cap of its own).
+    pub max_running_per_tenant: Option<usize>,
+    /// Most requests of one tenant waiting (default: half of `max_waiting`), so that one
+    /// tenant cannot fill the queue for everyone.
+    pub max_waiting_per_tenant: Option<usize>,
     /// Where to serve Prometheus metrics (`GET /metrics`); never the gRPC port.
     pub metrics_listen: Option<SocketAddr>,
     pub adapters: AdapterOptions,
@@ -309,6 +314,8 @@ fn engine_config(opts: &ServeOptions, model: &Model, value_bytes: usize) -> Resu
         ("--max-batch-tokens", opts.max_batch_tokens),
         ("--max-running", opts.max_running),
         ("--max-waiting", opts.max_waiting),
+        ("--max-running-per-tenant", opts.max_running_per_tenant.unwrap_or(1)),
+        ("--max-waiting-per-tenant", opts.max_waiting_per_tenant.unwrap_or(1)),
         ("--kv-cache-mib", opts.kv_cache_mib),
     ] {
         if v == 0 {
@@ -344,9 +351,14 @@ fn engine_config(opts: &ServeOptions, model: &Model, value_bytes: usize) -> Resu
             num_blocks,
             max_batch_tokens: opts.max_batch_tokens.max(1),
             max_running: opts.max_running,
+            max_running_per_tenant: opts.max_running_per_tenant.unwrap_or(opts.max_running).min(opts.max_running),
         },
         max_model_len,
         max_waiting: opts.max_waiting,
+        max_waiting_per_tenant: opts
+            .max_waiting_per_tenant
+            .unwrap_or(opts.max_waiting.div_ceil(2))
+            .min(opts.max_waiting),
         max_loras: opts.max_loras,
         max_lora_rank: opts.max_lora_rank,
     })

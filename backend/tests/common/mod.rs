@@ -109,7 +109,7 @@ struct Harness {
 fn harness(model_name: &str, adapters: &[&str], max_batch_tokens: usize, make: &MakeExecutor) -> Harness {
     let Model { config, weights, .. } = load_model(model_name);
     let reload = load_model(model_name);
-    let sched_cfg = SchedulerConfig { block_size: 4, num_blocks: 512, max_batch_tokens, max_running: 64 };
+    let sched_cfg = SchedulerConfig::new(4, 512, max_batch_tokens, 64);
     let mut executor = make(&config, weights, sched_cfg.num_blocks, sched_cfg.block_size, adapters.len().max(1));
     let mut slots = HashMap::from([(None, None)]);
     for (slot, name) in adapters.iter().enumerate() {

@@ -2,12 +2,14 @@
 
 use super::{RequestId, principal, read_body};
 use crate::Gateway;
+use crate::authz::Caller;
 use crate::dispatch::{self, Started};
 use crate::error::{Code, Error};
 use crate::metrics::OTHER;
 use crate::openai::response::{Api, Chunk, Head, Usage};
 use crate::openai::{self, Generation};
 use crate::policy::{Decision, Endpoint, PolicyInput};
+use crate::quota::{self, Ticket};
 use crate::upstream::{self, ChatMessage, Finish, GenerateCall, Piece, Prompt};
 use axum::Json;
 use axum::body::Body;
@@ -59,12 +61,36 @@ struct Record {
     started: Instant,
     first_token: bool,
     done: bool,
+    /// The request's admission by its tenant's quota: charged and released when it ends.
+    ticket: Option<Ticket>,
+    /// The rate-limit headers the answer carries.
+    quota_headers: Option<quota::Headers>,
+    /// Generated tokens received (a backend message is one token), and the prompt's size in
+    /// characters: what an abandoned request is charged.
+    tokens_seen: u32,
+    prompt_chars: usize,
 }
 
 impl Record {
+    /// Charges the tenant's quota for what the generation used.
+    fn used(&mut self, usage: &upstream::Usage) {
+        if let Some(ticket) = self.ticket.as_mut() {
+            ticket.charge(usage.prompt_tokens, usage.completion_tokens);
+        }
+    }
+
     fn finish(&mut self, status: u16, usage: Option<&upstream::Usage>) {
         if std::mem::replace(&mut self.done, true) {
             return;
+        }
+        if let Some(u) = usage {
+            self.used(u);
+        }
+        if let Some(mut ticket) = self.ticket.take() {
+            // Not charged yet: the request ended without usage (an error, or the client went
+            // away). It is charged what it generated, and its prompt at 4 characters a token.
+            let prompt = u32::try_from(self.prompt_chars.div_ceil(4)).unwrap_or(u32::MAX);
+            ticket.charge(prompt, self.tokens_seen);
         }
         self.gw.metrics.request(endpoint(self.api), status, &self.tenant, &self.model, self.started.elapsed());
         if let Some(u) = usage {
@@ -102,8 +128,14 @@ async fn serve(gw: Arc<Gateway>, id: RequestId, headers: HeaderMap, body: Body, 
         started: Instant::now(),
         first_token: false,
         done: false,
+        ticket: None,
+        quota_headers: None,
+        tokens_seen: 0,
+        prompt_chars: 0,
     };
-    match begin(&gw, &id, &headers, body, api, &mut record).await {
+    let begun = begin(&gw, &id, &headers, body, api, &mut record).await;
+    let quota_headers = record.quota_headers.take();
+    let mut response = match begun {
         Err(e) => {
             record.finish(openai::error::status(&e.code).0, None);
             e.into_response()
@@ -121,7 +153,7 @@ async fn serve(gw: Arc<Gateway>, id: RequestId, headers: HeaderMap, body: Body, 
                     }
                     Err(e) => {
                         record.finish(openai::error::status(&e.code).0, None);
-                        return e.into_response();
+                        e.into_response()
                     }
                 }
             };
@@ -130,7 +162,13 @@ async fn serve(gw: Arc<Gateway>, id: RequestId, headers: HeaderMap, body: Body, 
             }
             response
         }
+    };
+    for (name, value) in quota_headers.iter().flat_map(quota::Headers::pairs) {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
+        }
     }
+    response
 }
 
 /// The response header naming the adapter (or base model) that served the request.
@@ -149,7 +187,7 @@ async fn begin(
     let caller = gw.caller(&who)?;
     record.tenant = caller.name.to_string();
     let bytes = read_body(gw, headers, body).await?;
-    let (prompt, generation, prompt_chars) = match api {
+    let (prompt, mut generation, prompt_chars) = match api {
         Api::Chat => {
             let chat = openai::parse_chat(&bytes)?;
             let chars = chat.messages.iter().map(|m| m.content.len()).sum();
@@ -163,6 +201,8 @@ async fn begin(
             (Prompt::Text(c.prompt), c.generation, chars)
         }
     };
+    record.prompt_chars = prompt_chars;
+    admit(gw, &caller, &mut generation, record).await?;
     let Some(base) = gw.base_model() else {
         return Err(Error::new(Code::NoBackend, "no backend has answered yet"));
     };
@@ -205,7 +245,9 @@ async fn begin(
     };
     let route = caller.route(&generation.model, route, &loras)?;
     record.model = route.adapter.clone().unwrap_or(base);
-    let request = generate_call(&id.0, prompt, &generation, &who.tenant);
+    let mut request = generate_call(&id.0, prompt, &generation, &who.tenant);
+    request.tenant_weight = caller.tenant.weight.0;
+    request.priority = route.priority;
     let started = dispatch::start(gw, &route, request).await?;
     tracing::debug!(backend = %started.backend, adapter = ?route.adapter, "generation started");
     let head = Head {
@@ -216,6 +258,59 @@ async fn begin(
     };
     let job = Job { head, stream: generation.stream, include_usage: generation.include_usage };
     Ok((job, started))
+}
+
+/// Applies the tenant's quota to a request: its caps on `max_tokens` (also the default) and
+/// `ignore_eos`, then its rates and concurrency. In shadow mode a refusal is only counted and
+/// logged.
+async fn admit(
+    gw: &Gateway,
+    caller: &Caller<'_>,
+    generation: &mut Generation,
+    record: &mut Record,
+) -> Result<(), Error> {
+    let quota = &caller.tenant.quota;
+    let refuse = |limit: &'static str, e: Error| {
+        gw.metrics.quota_refusal(caller.name, limit, quota.shadow);
+        if quota.shadow {
+            tracing::info!(tenant = caller.name, limit, error = %e.message, "quota would refuse this request (shadow mode)");
+            Ok(())
+        } else {
+            Err(e)
+        }
+    };
+    if generation.ignore_eos && !quota.ignore_eos {
+        let message = format!("tenant {:?} may not set ignore_eos", caller.name);
+        refuse("ignore_eos", Error::new(Code::IgnoreEosNotAllowed, message).at(Some("ignore_eos")))?;
+    }
+    if let Some(cap) = quota.max_tokens {
+        match generation.max_tokens {
+            None => generation.max_tokens = Some(cap),
+            Some(asked) if asked > cap => {
+                let message = format!("max_tokens is {asked}, more than tenant {:?} may ask for ({cap})", caller.name);
+                refuse("max_tokens", Error::invalid(message, Some("max_tokens")))?;
+            }
+            Some(_) => {}
+        }
+    }
+    if !quota.limits_rates() {
+        return Ok(());
+    }
+    match gw.quotas.admit(caller.name, quota).await {
+        Ok(ticket) => {
+            if let Some(limit) = ticket.shadowed {
+                gw.metrics.quota_refusal(caller.name, limit.as_str(), true);
+            }
+            record.quota_headers = Some(ticket.headers.clone());
+            record.ticket = Some(ticket);
+            Ok(())
+        }
+        Err(refusal) => {
+            gw.metrics.quota_refusal(caller.name, refusal.limit.as_str(), false);
+            record.quota_headers = Some(refusal.headers);
+            Err(refusal.error)
+        }
+    }
 }
 
 /// The request headers the gateway is configured to show policies.
@@ -233,6 +328,8 @@ fn policy_headers(gw: &Gateway, headers: &HeaderMap) -> Vec<(String, String)> {
 fn generate_call(id: &str, prompt: Prompt, g: &Generation, tenant: &str) -> GenerateCall {
     GenerateCall {
         tenant: tenant.to_string(),
+        tenant_weight: 1.0,
+        priority: 0,
         request_id: id.to_string(),
         adapter: None,
         prompt,
@@ -280,6 +377,7 @@ async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<Str
         if !message.text.is_empty() {
             record.saw_text();
         }
+        record.tokens_seen += 1;
         text.push_str(&message.text);
         if finish_reason(&message).is_some() {
             break message;
@@ -289,6 +387,7 @@ async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<Str
     let usage = last.usage.as_ref();
     if let Some(u) = usage {
         record.gw.metrics.tokens(&record.tenant, &record.model, u.prompt_tokens, u.completion_tokens);
+        record.used(u);
     }
     Ok(job.head.complete(&text, finish_reason(&last), openai_usage(usage)))
 }
@@ -354,6 +453,7 @@ impl StreamState {
                             return Some(Event::default().event("error").data(openai::error::body(&e)));
                         }
                     };
+                    self.record.tokens_seen += 1;
                     let finish = finish_reason(&message);
                     if finish.is_some() {
                         self.record.finish(200, message.usage.as_ref());

@@ -53,6 +53,7 @@ pub fn status(code: &Code) -> (u16, ErrorType) {
         | Code::SourceNotAllowed
         | Code::PolicyNotAllowed
         | Code::OwnerNotAllowed
+        | Code::IgnoreEosNotAllowed
         | Code::AdapterSourceDenied
         | Code::PolicyQuotaExceeded => (403, PermissionError),
 
@@ -72,6 +73,8 @@ pub fn status(code: &Code) -> (u16, ErrorType) {
         Code::InvalidAdapter | Code::AdapterSourceNotFound | Code::InvalidPolicy | Code::PolicyDryRunFailed => {
             (422, UnprocessableEntityError)
         }
+
+        Code::RateLimitExceeded | Code::ConcurrencyLimitExceeded => (429, RateLimitError),
 
         Code::OperationLost | Code::PolicyFailed | Code::StateDamaged => (500, ServerError),
         Code::BackendError | Code::IncompleteGeneration => (502, ServerError),

@@ -53,6 +53,9 @@ pub struct Route {
     pub adapter: Option<String>,
     /// A backend address the request must go to; `None` lets the router choose.
     pub backend: Option<String>,
+    /// Scheduling priority on the backend (higher first); 0 leaves the tenant's default. The
+    /// tenant's `max_priority` caps it.
+    pub priority: u8,
 }
 
 /// A policy's answer.
@@ -151,7 +154,9 @@ impl PolicyEngine for WasmPolicies {
         );
         self.breaker(&key, |b| b.record(costly, std::time::Instant::now()));
         match outcome {
-            Ok(wasm::WitDecision::Route(r)) => Ok(Decision::Route(Route { adapter: r.adapter, backend: r.backend })),
+            Ok(wasm::WitDecision::Route(r)) => {
+                Ok(Decision::Route(Route { adapter: r.adapter, backend: r.backend, priority: r.priority }))
+            }
             Ok(wasm::WitDecision::Reject(r)) => {
                 Ok(Decision::Reject { status: r.status, code: r.code, message: r.message })
             }
@@ -167,11 +172,11 @@ impl PolicyEngine for WasmPolicies {
 impl PolicyEngine for StaticPolicy {
     async fn decide(&self, input: &PolicyInput<'_>) -> Result<Decision, PolicyError> {
         if input.model == input.base_model {
-            return Ok(Decision::Route(Route { adapter: None, backend: None }));
+            return Ok(Decision::Route(Route { adapter: None, backend: None, priority: 0 }));
         }
         let alias = self.tenants.get(input.tenant).and_then(|t| t.models.get(input.model));
         let adapter = alias.map_or(input.model, String::as_str);
-        Ok(Decision::Route(Route { adapter: Some(adapter.to_string()), backend: None }))
+        Ok(Decision::Route(Route { adapter: Some(adapter.to_string()), backend: None, priority: 0 }))
     }
 }
 
@@ -207,7 +212,9 @@ mod tests {
         .unwrap();
         let p = StaticPolicy::new(Arc::new(file.tenants));
         let s = BTreeSet::new();
-        let route = |adapter: Option<&str>| Decision::Route(Route { adapter: adapter.map(Into::into), backend: None });
+        let route = |adapter: Option<&str>| {
+            Decision::Route(Route { adapter: adapter.map(Into::into), backend: None, priority: 0 })
+        };
         assert_eq!(p.decide(&input("a", "a/x", &s)).await.unwrap(), route(Some("a/x")));
         assert_eq!(p.decide(&input("a", "support", &s)).await.unwrap(), route(Some("a/support")));
         assert_eq!(p.decide(&input("a", "base", &s)).await.unwrap(), route(None));

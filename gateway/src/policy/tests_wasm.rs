@@ -273,7 +273,7 @@ async fn deployments_activate_atomically_roll_back_and_survive_a_restart() {
         .await
         .unwrap();
     let engine = WasmPolicies::new(store.clone(), Arc::new(StaticPolicy::new(Arc::new(Default::default()))));
-    let route = |adapter: &str| Decision::Route(Route { adapter: Some(adapter.into()), backend: None });
+    let route = |adapter: &str| Decision::Route(Route { adapter: Some(adapter.into()), backend: None, priority: 0 });
     let acme = req("acme", "x");
     assert_eq!(engine.decide(&input(&acme)).await.unwrap(), route("acme/v2"));
     assert_eq!(engine.decide(&input(&req("beta", "x"))).await.unwrap(), route("shared/general"), "the default");
@@ -307,7 +307,7 @@ async fn the_policies_of_an_earlier_version_are_imported_with_their_activations(
     assert_eq!(store.import_legacy(&legacy).await.unwrap(), 1);
     assert_eq!(store.import_legacy(&legacy).await.unwrap(), 0, "imported twice");
     let engine = WasmPolicies::new(store.clone(), Arc::new(StaticPolicy::new(Arc::new(Default::default()))));
-    let route = Decision::Route(Route { adapter: Some("acme/v1".into()), backend: None });
+    let route = Decision::Route(Route { adapter: Some("acme/v1".into()), backend: None, priority: 0 });
     assert_eq!(engine.decide(&input(&req("acme", "x"))).await.unwrap(), route);
     // The tenant's usage came with it: its quota counts the imported version.
     assert!(store.check_quota("ops", 0).is_ok());

@@ -12,10 +12,14 @@
 //! `create_revision` 0 for absent), then the puts and deletes. When a compare fails the
 //! transaction reads the keys instead, to name the one that changed.
 //!
+//! Counters are `<prefix>counters/<key>`, decimal text, each under a lease of its own that
+//! ends it; an addition is a read and a transaction that applies only if the counter is still
+//! at the revision read (retried on a race).
+//!
 //! Every request has a deadline ([`switchyard_fleet::REQUEST_TIMEOUT`]) and requires a leader, so a cluster that
 //! has lost quorum answers [`StoreError::Unavailable`] promptly instead of hanging.
 
-use super::{Batch, Change, Entry, Expect, Revision, Set, Snapshot, StateStore, StoreError, Watch, Write};
+use super::{Batch, Change, Counted, Entry, Expect, Revision, Set, Snapshot, StateStore, StoreError, Watch, Write};
 use async_trait::async_trait;
 use etcd_client::{
     Client, Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
@@ -124,7 +128,14 @@ impl EtcdStore {
     fn blob_key(&self, name: &str) -> String {
         format!("{}blobs/{name}", self.prefix)
     }
+
+    fn counter_key(&self, key: &str) -> String {
+        format!("{}counters/{key}", self.prefix)
+    }
 }
+
+/// Tries an addition to a counter makes before it gives up to others racing for it.
+const COUNTER_TRIES: usize = 32;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct BlobManifest {
@@ -313,6 +324,52 @@ impl StateStore for EtcdStore {
                 }
             }
         }
+    }
+
+    async fn add_to_counter(
+        &self,
+        key: &str,
+        want: u64,
+        cap: Option<u64>,
+        ttl: Duration,
+    ) -> Result<Counted, StoreError> {
+        super::check_counter_key(key)?;
+        let key = self.counter_key(key);
+        let mut client = self.client.clone();
+        for _ in 0..COUNTER_TRIES {
+            let r = client.get(key.clone(), None).await.map_err(unavailable)?;
+            let (current, revision) = match r.kvs().first() {
+                Some(kv) => {
+                    let text = text(kv.value(), &key)?;
+                    let n = text
+                        .parse::<u64>()
+                        .map_err(|_| StoreError::Corrupt(format!("counter {key} holds {text:?}")))?;
+                    (n, kv.mod_revision())
+                }
+                None => (0, 0),
+            };
+            let counted = Counted::add(current, want, cap);
+            if counted.added == 0 {
+                return Ok(counted);
+            }
+            // A new counter gets a lease that ends it; an existing one keeps its own.
+            let options = if revision == 0 {
+                let seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+                let lease = client.lease_grant(seconds, None).await.map_err(unavailable)?;
+                PutOptions::new().with_lease(lease.id())
+            } else {
+                PutOptions::new().with_ignore_lease()
+            };
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, revision)])
+                .and_then([TxnOp::put(key.clone(), counted.total.to_string(), Some(options))]);
+            if client.txn(txn).await.map_err(unavailable)?.succeeded() {
+                return Ok(counted);
+            }
+        }
+        Err(StoreError::Unavailable {
+            reason: format!("counter {key} is contended: {COUNTER_TRIES} tries lost the race"),
+        })
     }
 
     async fn delete_blob(&self, name: &str) -> Result<(), StoreError> {

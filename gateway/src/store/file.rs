@@ -9,14 +9,16 @@
 //!   handle) and reports the difference from what it last saw. It keeps no history: a watch
 //!   asked to start from a revision older than the file's is told [`StoreError::Compacted`],
 //!   and its owner reads a new snapshot.
+//! - Counters ([`StateStore::add_to_counter`]) live in this process's memory: the directory is
+//!   one gateway's, and counters only need to outlive their window.
 
-use super::{Batch, Change, Entry, Revision, Snapshot, StateStore, StoreError, Watch, Write};
+use super::{Batch, Change, Counted, Entry, Revision, Snapshot, StateStore, StoreError, Watch, Write};
 use crate::files;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often a watch reads the file for changes made by other processes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -52,7 +54,13 @@ pub struct FileStore {
     dir: PathBuf,
     /// Tells this process's watches that a commit landed (other processes are seen by polling).
     committed: std::sync::Arc<tokio::sync::watch::Sender<Revision>>,
+    /// Counters: value and when it disappears.
+    counters: std::sync::Arc<std::sync::Mutex<HashMap<String, (u64, Instant)>>>,
 }
+
+/// Counters one local store keeps (expired ones are dropped first); past it, adding to a new
+/// counter fails.
+pub const LOCAL_COUNTERS_MAX: usize = 100_000;
 
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
     move |e| StoreError::Unavailable { reason: files::failed(action, path)(e).to_string() }
@@ -63,7 +71,7 @@ impl FileStore {
     /// an error, never an empty state.
     pub fn open(dir: &Path) -> Result<FileStore, StoreError> {
         std::fs::create_dir_all(dir.join(BLOB_DIR)).map_err(io("create", dir))?;
-        let store = FileStore { dir: dir.to_path_buf(), committed: Default::default() };
+        let store = FileStore { dir: dir.to_path_buf(), committed: Default::default(), counters: Default::default() };
         store.read()?;
         Ok(store)
     }
@@ -288,6 +296,31 @@ impl StateStore for FileStore {
             }
             tokio::time::sleep(LEADER_RETRY).await;
         }
+    }
+
+    async fn add_to_counter(
+        &self,
+        key: &str,
+        want: u64,
+        cap: Option<u64>,
+        ttl: Duration,
+    ) -> Result<Counted, StoreError> {
+        super::check_counter_key(key)?;
+        let now = Instant::now();
+        let mut counters = self.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !counters.contains_key(key) && counters.len() >= LOCAL_COUNTERS_MAX {
+            counters.retain(|_, (_, expires)| *expires > now);
+            if counters.len() >= LOCAL_COUNTERS_MAX {
+                return Err(StoreError::Invalid(format!("more than {LOCAL_COUNTERS_MAX} counters are live")));
+            }
+        }
+        let entry = counters.entry(key.to_string()).or_insert((0, now + ttl));
+        if entry.1 <= now {
+            *entry = (0, now + ttl);
+        }
+        let counted = Counted::add(entry.0, want, cap);
+        entry.0 = counted.total;
+        Ok(counted)
     }
 
     async fn delete_blob(&self, name: &str) -> Result<(), StoreError> {

@@ -26,6 +26,7 @@ mod replica;
 
 pub use etcd::EtcdStore;
 pub use file::FileStore;
+pub use file::LOCAL_COUNTERS_MAX;
 pub use replica::Replica;
 
 use async_trait::async_trait;
@@ -198,6 +199,48 @@ pub trait StateStore: Send + Sync + std::fmt::Debug {
     /// Campaigns to be the one gateway that drives the backends, as `holder`: returns once this
     /// holder leads, with a fencing token greater than every earlier leader's.
     async fn lead(&self, holder: &str) -> Result<Lead, StoreError>;
+    /// Adds up to `want` to counter `key` (1–200 of `A-Z a-z 0-9 . _ - /`), never taking it
+    /// past `cap` (`None`: no cap), atomically across everyone sharing the store; a counter
+    /// disappears `ttl` after it was created. Returns what was added and the counter after it.
+    /// Counters are not part of the desired state (no snapshot or watch shows them): quotas
+    /// count in them.
+    async fn add_to_counter(
+        &self,
+        key: &str,
+        want: u64,
+        cap: Option<u64>,
+        ttl: std::time::Duration,
+    ) -> Result<Counted, StoreError>;
+}
+
+/// What [`StateStore::add_to_counter`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    /// What was added: `want`, or less at the cap.
+    pub added: u64,
+    /// The counter after the addition.
+    pub total: u64,
+}
+
+impl Counted {
+    /// The addition to a counter at `current`: up to `want`, never past `cap`.
+    pub fn add(current: u64, want: u64, cap: Option<u64>) -> Counted {
+        let added = match cap {
+            Some(cap) => want.min(cap.saturating_sub(current)),
+            None => want,
+        };
+        Counted { added, total: current.saturating_add(added) }
+    }
+}
+
+/// Checks a counter key: 1–200 of `A-Z a-z 0-9 . _ - /`.
+pub(crate) fn check_counter_key(key: &str) -> Result<(), StoreError> {
+    let ok = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/');
+    if !key.is_empty() && key.len() <= 200 && key.bytes().all(ok) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!("{key:?} is not a counter key (1-200 of A-Z a-z 0-9 . _ - /)")))
+    }
 }
 
 /// Leadership held: the fencing token backends check, and whether it has been lost. Dropping it

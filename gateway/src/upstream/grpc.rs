@@ -164,6 +164,8 @@ fn generate_request(c: GenerateCall) -> pb::GenerateRequest {
         stop: c.stop,
         ignore_eos: c.ignore_eos,
         tenant: c.tenant,
+        priority: u32::from(c.priority),
+        tenant_weight: c.tenant_weight,
     }
 }
 

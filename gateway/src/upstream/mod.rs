@@ -26,8 +26,11 @@ pub struct GenerateCall {
     pub max_tokens: u32,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
-    /// The verified tenant the request is for (the backend accounts per tenant).
+    /// The verified tenant the request is for (the backend shares itself fairly between
+    /// tenants and accounts per tenant), its weight, and the request's priority.
     pub tenant: String,
+    pub tenant_weight: f64,
+    pub priority: u8,
 }
 
 /// What the model continues.
