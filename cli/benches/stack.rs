@@ -15,8 +15,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use futures::StreamExt;
-use serde_json::json;
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -41,48 +39,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// One streamed chat completion: (time to the first content chunk, completion tokens).
-async fn stream_once(http: &reqwest::Client, url: &str, token: &str, prompt: &str, max_tokens: u32) -> (Duration, u64) {
-    let body = json!({
-        "model": "assistant",
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": true,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-    });
-    let sent = Instant::now();
-    let r = http
-        .post(format!("{url}/v1/chat/completions"))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .expect("the gateway answers");
-    assert!(r.status().is_success(), "{}: {}", r.status(), r.text().await.unwrap_or_default());
-    let (mut first, mut tokens, mut pending) = (None, None, String::new());
-    let mut body = r.bytes_stream();
-    while let Some(bytes) = body.next().await {
-        pending.push_str(std::str::from_utf8(&bytes.expect("stream")).expect("utf-8"));
-        while let Some(end) = pending.find("\n\n") {
-            let event: String = pending.drain(..end + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else { continue };
-            if data == "[DONE]" {
-                continue;
-            }
-            let chunk: serde_json::Value = serde_json::from_str(data).expect("a JSON chunk");
-            if first.is_none() && chunk["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()) {
-                first = Some(sent.elapsed());
-            }
-            if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
-                tokens = Some(n);
-            }
-        }
-    }
-    (first.expect("a content chunk"), tokens.expect("a usage chunk"))
-}
-
 #[tokio::main]
 async fn main() {
     let levels: Vec<usize> = arg("--levels")
@@ -102,7 +58,7 @@ async fn main() {
     let http = reqwest::Client::new();
     // Warm-up: both adapters, both code paths, once.
     for t in &tokens {
-        stream_once(&http, &up.url, t, PROMPTS[0], 8).await;
+        stream_once(&http, &up.url, t, "assistant", PROMPTS[0], 8).await;
     }
 
     println!(
@@ -122,7 +78,10 @@ async fn main() {
             tasks.push(tokio::spawn(async move {
                 let mut out = Vec::new();
                 for i in 0..per_client {
-                    out.push(stream_once(&http, &url, &token, PROMPTS[(c + i) % PROMPTS.len()], max_tokens).await);
+                    out.push(
+                        stream_once(&http, &url, &token, "assistant", PROMPTS[(c + i) % PROMPTS.len()], max_tokens)
+                            .await,
+                    );
                 }
                 out
             }));

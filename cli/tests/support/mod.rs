@@ -799,3 +799,54 @@ pub async fn two_gateways(backends: &[&str], tenants: &str, flags: &[&str]) -> G
     wait_ready(&http, &b).await;
     GatewayPair { a, b, http, dirs }
 }
+
+/// One streamed chat completion of `max_tokens` tokens (`ignore_eos`), temperature 0: the time
+/// from sending it to its first content chunk, and its completion tokens.
+pub async fn stream_once(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    model: &str,
+    prompt: &str,
+    max_tokens: u32,
+) -> (Duration, u64) {
+    use futures::StreamExt;
+    let body = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": true,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let sent = Instant::now();
+    let r = http
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("the gateway answers");
+    assert!(r.status().is_success(), "{}: {}", r.status(), r.text().await.unwrap_or_default());
+    let (mut first, mut tokens, mut pending) = (None, None, String::new());
+    let mut body = r.bytes_stream();
+    while let Some(bytes) = body.next().await {
+        pending.push_str(std::str::from_utf8(&bytes.expect("stream")).expect("utf-8"));
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            let Some(data) = event.trim().strip_prefix("data: ") else { continue };
+            if data == "[DONE]" {
+                continue;
+            }
+            let chunk: serde_json::Value = serde_json::from_str(data).expect("a JSON chunk");
+            if first.is_none() && chunk["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()) {
+                first = Some(sent.elapsed());
+            }
+            if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
+                tokens = Some(n);
+            }
+        }
+    }
+    (first.expect("a content chunk"), tokens.expect("a usage chunk"))
+}
