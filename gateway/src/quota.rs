@@ -443,10 +443,14 @@ impl Quotas {
     fn charge(self: &Arc<Self>, tenant: &str, config: &QuotaConfig, tokens: u64) {
         let Some(cap) = config.tokens_per_minute else { return };
         let now = (self.clock)();
+        // What passes the budget taken is taken at once here (so an admission racing with
+        // the write below does not take it again), and written to the shared counter after.
         let debt = self.with_state(tenant, now, |s| {
             let before = s.tokens.spent.max(s.tokens.taken);
             s.tokens.spent += tokens;
-            s.tokens.spent.saturating_sub(before)
+            let debt = s.tokens.spent.saturating_sub(before);
+            s.tokens.taken += debt;
+            debt
         });
         if debt == 0 {
             return;
@@ -461,7 +465,6 @@ impl Quotas {
         let record = async move {
             match this.store.add_to_counter(&key, debt, None, WINDOW * 2).await {
                 Ok(counted) => this.with_state(&tenant, now, |s| {
-                    s.tokens.taken += counted.added;
                     s.tokens.counter = s.tokens.counter.max(counted.total);
                     s.tokens.exhausted |= counted.total >= cap;
                 }),

@@ -66,9 +66,10 @@ struct Record {
     /// The rate-limit headers the answer carries.
     quota_headers: Option<quota::Headers>,
     /// Generated tokens received (a backend message is one token), and the prompt's size in
-    /// characters: what an abandoned request is charged.
+    /// characters: what an abandoned request is charged, once it reached a backend.
     tokens_seen: u32,
     prompt_chars: usize,
+    dispatched: bool,
 }
 
 impl Record {
@@ -86,9 +87,12 @@ impl Record {
         if let Some(u) = usage {
             self.used(u);
         }
-        if let Some(mut ticket) = self.ticket.take() {
+        if let Some(mut ticket) = self.ticket.take()
+            && self.dispatched
+        {
             // Not charged yet: the request ended without usage (an error, or the client went
             // away). It is charged what it generated, and its prompt at 4 characters a token.
+            // (A request refused before it reached a backend is charged no tokens.)
             let prompt = u32::try_from(self.prompt_chars.div_ceil(4)).unwrap_or(u32::MAX);
             ticket.charge(prompt, self.tokens_seen);
         }
@@ -132,6 +136,7 @@ async fn serve(gw: Arc<Gateway>, id: RequestId, headers: HeaderMap, body: Body, 
         quota_headers: None,
         tokens_seen: 0,
         prompt_chars: 0,
+        dispatched: false,
     };
     let begun = begin(&gw, &id, &headers, body, api, &mut record).await;
     let quota_headers = record.quota_headers.take();
@@ -249,6 +254,7 @@ async fn begin(
     request.tenant_weight = caller.tenant.weight.0;
     request.priority = route.priority;
     let started = dispatch::start(gw, &route, request).await?;
+    record.dispatched = true;
     tracing::debug!(backend = %started.backend, adapter = ?route.adapter, "generation started");
     let head = Head {
         api,
