@@ -18,11 +18,6 @@ use std::time::{Duration, Instant};
 use support::etcd::EtcdCluster;
 use support::*;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 fn report(what: &str, mut samples: Vec<Duration>) {
     samples.sort();
     let at = |p: f64| samples[(((samples.len() - 1) as f64) * p).round() as usize].as_secs_f64() * 1e3;

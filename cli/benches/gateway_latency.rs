@@ -24,20 +24,6 @@ const CREDENTIAL: &str = "benchmark-backend-credential-0123456789";
 
 const SECRET: &[u8] = b"benchmark-secret-benchmark-secret-benchmark";
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 #[tokio::main]
 async fn main() {
     let requests = arg("--requests", 300);

@@ -29,20 +29,6 @@ const PROMPTS: [&str; 4] = [
     "Explain why the sky is blue.",
 ];
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 /// B's requests for `seconds`, one every `every`: their times to first token, sorted.
 async fn tenant_b(http: &reqwest::Client, url: &str, model: &str, every: Duration, seconds: u64) -> Vec<Duration> {
     let token = token("b", "");
@@ -105,9 +91,9 @@ async fn tenant_a(http: &reqwest::Client, url: &str, model: &str, every: Duratio
 
 #[tokio::main]
 async fn main() {
-    let rate = arg("--rate", 2);
-    let seconds = arg("--seconds", 20);
-    let (a_rpm, a_concurrency) = (arg("--a-rpm", 60 * rate), arg("--a-concurrency", 4));
+    let rate = arg("--rate", 2) as u64;
+    let seconds = arg("--seconds", 20) as u64;
+    let (a_rpm, a_concurrency) = (arg("--a-rpm", 60 * rate as usize), arg("--a-concurrency", 4));
     let Some(model) = smollm2() else { return };
     let backend = start_backend_with(&model, &["--max-running", "8"], &[]);
     let dir = tempfile::tempdir().expect("state dir");
