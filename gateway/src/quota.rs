@@ -237,6 +237,13 @@ struct TenantState {
     in_flight: u32,
 }
 
+impl TenantState {
+    /// The budget of `limit` (requests or tokens).
+    fn budget(&mut self, limit: Limit) -> &mut Budget {
+        if limit == Limit::Requests { &mut self.requests } else { &mut self.tokens }
+    }
+}
+
 /// The quotas of every tenant, on one gateway.
 pub struct Quotas {
     store: Arc<dyn StateStore>,
@@ -332,7 +339,7 @@ impl Quotas {
         let key = Quotas::counter_key(tenant, limit, window);
         let counted = self.store.add_to_counter(&key, want.max(slice(cap)), Some(cap), WINDOW * 2).await?;
         self.with_state(tenant, now, |s| {
-            let b = if limit == Limit::Requests { &mut s.requests } else { &mut s.tokens };
+            let b = s.budget(limit);
             b.taken += counted.added;
             b.counter = b.counter.max(counted.total);
             b.exhausted = counted.added < want;
@@ -390,7 +397,7 @@ impl Quotas {
         for (limit, cap) in [(Limit::Requests, config.requests_per_minute), (Limit::Tokens, config.tokens_per_minute)] {
             let Some(cap) = cap else { continue };
             let short = self.with_state(tenant, now, |s| {
-                let b = if limit == Limit::Requests { &s.requests } else { &s.tokens };
+                let b = s.budget(limit);
                 (b.spent >= b.taken && !b.exhausted).then(|| b.spent + 1 - b.taken)
             });
             if let Some(want) = short
@@ -399,7 +406,7 @@ impl Quotas {
                 // Fail open: a quota is not worth an outage.
                 tracing::warn!(tenant, error = %e, "quota counters unavailable; admitting without them");
                 self.with_state(tenant, now, |s| {
-                    let b = if limit == Limit::Requests { &mut s.requests } else { &mut s.tokens };
+                    let b = s.budget(limit);
                     b.taken = b.taken.max(b.spent + 1);
                 });
             }
