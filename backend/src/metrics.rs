@@ -58,6 +58,12 @@ struct TenantLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PrefixLabels {
+    /// The adapter's name; empty for the base model.
+    adapter: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LoadLabels {
     /// `loaded`, `already_loaded` or `failed`.
     result: &'static str,
@@ -85,6 +91,8 @@ pub struct Metrics {
     refusals: Family<RefusalLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
     first_token: Histogram,
+    prefix_prompt: Family<PrefixLabels, Counter>,
+    prefix_hits: Family<PrefixLabels, Counter>,
     queue_wait: HistogramFamily<TenantLabels>,
     fairness: Mutex<FairnessWindow>,
     loads: Family<LoadLabels, Counter>,
@@ -120,6 +128,18 @@ impl Metrics {
             "Time from a request's arrival to its first generated token",
             first_token.clone(),
         );
+        let prefix_prompt = Family::<PrefixLabels, Counter>::default();
+        registry.register(
+            "prefix_cache_prompt_tokens",
+            "Prompt tokens of finished requests, by adapter (the hit rate's denominator)",
+            prefix_prompt.clone(),
+        );
+        let prefix_hits = Family::<PrefixLabels, Counter>::default();
+        registry.register(
+            "prefix_cache_hit_tokens",
+            "Prompt tokens of finished requests found in the prefix cache, not computed, by adapter",
+            prefix_hits.clone(),
+        );
         let loads = Family::<LoadLabels, Counter>::default();
         registry.register("adapter_loads", "Adapter loads by result", loads.clone());
         let load_seconds: HistogramFamily<PhaseLabels> = Family::new_with_constructor(seconds_buckets);
@@ -140,6 +160,8 @@ impl Metrics {
             refusals,
             tokens,
             first_token,
+            prefix_prompt,
+            prefix_hits,
             queue_wait,
             fairness: Mutex::new(FairnessWindow::new(Instant::now())),
             loads,
@@ -252,10 +274,14 @@ impl RequestTally {
         self.metrics.queue_wait.get_or_create(&TenantLabels { tenant: self.tenant.clone() }).clone()
     }
 
-    /// The request finished (the final token included) after reading `prompt_tokens`.
-    pub fn finished(&mut self, prompt_tokens: usize) {
+    /// The request finished (the final token included) after reading `prompt_tokens`, of
+    /// which `cached_tokens` were found in the prefix cache, with `adapter` (empty: none).
+    pub fn finished(&mut self, prompt_tokens: usize, cached_tokens: usize, adapter: &str) {
         self.token();
         self.tokens("prompt", prompt_tokens);
+        let labels = PrefixLabels { adapter: adapter.to_string() };
+        self.metrics.prefix_prompt.get_or_create(&labels).inc_by(prompt_tokens as u64);
+        self.metrics.prefix_hits.get_or_create(&labels).inc_by(cached_tokens as u64);
         self.outcome = Some("finished");
     }
 

@@ -49,6 +49,43 @@ fn a_batch_mixing_five_adapters_of_different_ranks_and_base_rows_matches_the_ref
     eprintln!("mixed batch of {} requests: max relative logit error {err:.2e}", llama.len());
 }
 
+/// Every fixture, each model's cases in one mixed-adapter batch run twice on one KV cache: the
+/// second run takes its prompts' leading blocks from the prefix cache and must give the same
+/// logits and greedy tokens as the reference, in a cache big enough for all and in one so small
+/// that sequences are preempted and resume from their cached blocks. Without caching, nothing
+/// is reused and the reference holds too.
+#[test]
+fn cached_prompts_give_the_reference_outputs_in_mixed_batches_and_under_preemption() {
+    let g = golden();
+    for model in ["tiny-llama", "tiny-qwen2", "tiny-mistral"] {
+        let cases: Vec<&Case> = g.cases.iter().filter(|c| c.model == model).collect();
+        // Blocks of 4 tokens a case needs; the small cache holds about two cases at a time.
+        let need = cases.iter().map(|c| (c.prompt_ids.len() + g.steps).div_ceil(4)).max().unwrap_or(1);
+        let full_blocks: usize = cases.iter().map(|c| (c.prompt_ids.len() - 1) / 4).sum();
+        let [first, second] = common::check_twice(model, &cases, 512, true, &cpu, F32_TOLERANCE, true);
+        assert_eq!(first.cached_tokens, 0, "{model}: no two cases share a prompt and an adapter");
+        assert_eq!(
+            second.cached_tokens,
+            4 * full_blocks,
+            "{model}: every full block short of the last token is reused"
+        );
+        // The small cache: preempted sequences resume from their blocks still in the cache.
+        let on = common::check_twice(model, &cases, 2 * need, true, &cpu, F32_TOLERANCE, true);
+        let off = common::check_twice(model, &cases, 2 * need, false, &cpu, F32_TOLERANCE, true);
+        assert!(on.iter().chain(&off).all(|r| r.preempted > 0), "{model}: the small cache preempts");
+        assert_eq!(off.map(|r| r.cached_tokens), [0, 0], "{model}: nothing is reused without caching");
+        let computed = |r: &[common::Report; 2]| r[0].computed + r[1].computed;
+        assert!(computed(&on) < computed(&off), "{model}: caching computes less under preemption");
+        eprintln!(
+            "{model}: {} prompt tokens reused in the second run; in {} blocks, {} tokens computed with caching, {} without",
+            second.cached_tokens,
+            2 * need,
+            computed(&on),
+            computed(&off)
+        );
+    }
+}
+
 fn check_whole_model(model: &str) {
     let g = golden();
     let cases: Vec<&Case> = g.cases.iter().filter(|c| c.model == model).collect();

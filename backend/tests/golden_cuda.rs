@@ -62,7 +62,7 @@ fn cuda_present() -> bool {
 }
 
 /// Every model's cases in one mixed-adapter batch (half joining mid-generation, chunked
-/// prefill), then every case alone. Returns the largest error seen.
+/// prefill), then twice from the prefix cache under preemption, then every case alone. Returns the largest error seen.
 fn check_all(make: &MakeExecutor, tolerance: f64, exact_greedy: bool, label: &str) -> f64 {
     let started = std::time::Instant::now();
     let g = golden();
@@ -71,6 +71,12 @@ fn check_all(make: &MakeExecutor, tolerance: f64, exact_greedy: bool, label: &st
         let cases: Vec<&Case> = g.cases.iter().filter(|c| c.model == model).collect();
         let (first, late) = cases.split_at(cases.len() / 2);
         worst = worst.max(check_batch(model, first, late, 3, 48, make, tolerance, exact_greedy));
+        // The first half twice on one small cache: the second run's prompts come from the
+        // prefix cache, and preempted sequences resume from their cached blocks.
+        let need = first.iter().map(|c| (c.prompt_ids.len() + g.steps).div_ceil(4)).max().unwrap_or(1);
+        let twice = check_twice(model, first, 2 * need, true, make, tolerance, exact_greedy);
+        assert!(twice[1].cached_tokens > 0 && twice[0].preempted > 0, "{model} on {label}: {twice:?}");
+        worst = worst.max(twice[0].worst).max(twice[1].worst);
     }
     for case in &g.cases {
         worst = worst.max(check_batch(&case.model, &[case], &[], 0, 4096, make, tolerance, exact_greedy));

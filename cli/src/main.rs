@@ -282,6 +282,9 @@ struct EngineArgs {
     /// more are refused with RESOURCE_EXHAUSTED, so one tenant cannot fill the queue.
     #[arg(long, env = "SWITCHYARD_MAX_WAITING_PER_TENANT")]
     max_waiting_per_tenant: Option<usize>,
+    /// Compute every prompt in full: no reuse of cached prompt blocks between requests.
+    #[arg(long, env = "SWITCHYARD_NO_PREFIX_CACHE")]
+    no_prefix_cache: bool,
     /// Directories file:// adapters may be loaded from (comma-separated). Without any, file://
     /// loads are refused.
     #[arg(long, env = "SWITCHYARD_ADAPTER_ROOTS", value_delimiter = ',')]
@@ -328,6 +331,7 @@ impl EngineArgs {
             max_waiting: self.max_waiting,
             max_running_per_tenant: self.max_running_per_tenant,
             max_waiting_per_tenant: self.max_waiting_per_tenant,
+            prefix_cache: !self.no_prefix_cache,
             metrics_listen: None,
             adapters: AdapterOptions {
                 roots: self.adapter_roots,

@@ -59,7 +59,10 @@ async fn serves_like_the_reference(device: &[&str], device_prefix: &str) {
     assert_eq!(ids, base.greedy_ids);
     assert_eq!(messages, 8, "one message per generated token");
     assert_eq!(last.finish_reason(), pb::FinishReason::Length);
-    assert_eq!(last.usage, Some(pb::Usage { prompt_tokens: base.prompt_ids.len() as u32, completion_tokens: 8 }));
+    assert_eq!(
+        last.usage,
+        Some(pb::Usage { prompt_tokens: base.prompt_ids.len() as u32, completion_tokens: 8, cached_tokens: 0 })
+    );
     assert!(!text.is_empty());
 
     // The same prompt as text is tokenized by the server to the same ids.

@@ -70,6 +70,11 @@ pub struct Tenant {
     /// Its quota (see [`crate::quota`]); none by default.
     #[serde(default)]
     pub quota: QuotaConfig,
+    /// Whether its requests may reuse cached prompt blocks of other tenants that share, and
+    /// theirs its own. Off by default: each tenant's prefix cache is its own (a shared cache
+    /// lets one tenant learn, from its time to first token, what others' prompts begin with).
+    #[serde(default)]
+    pub share_prefix_cache: bool,
 }
 
 /// A tenant's weight: from [`Weight::MIN`] to [`Weight::MAX`]; 1 unless set.

@@ -36,6 +36,29 @@ pub struct AdapterWeights {
 }
 
 impl AdapterWeights {
+    /// A digest of what the adapter computes with: every module's matrices, rank and scale.
+    /// The same weights get the same digest on every backend and at every load; any change of
+    /// a weight or a scale gives another. The prefix cache names adapted blocks by it.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("switchyard adapter weights v1");
+        let mut bytes = Vec::with_capacity(64 * 1024);
+        for (layer, modules) in self.layers.iter().enumerate() {
+            for (index, m) in modules.iter().enumerate() {
+                let Some(m) = m else { continue };
+                for n in [layer, index, m.rank, m.a.len(), m.b.len()] {
+                    h.update(&(n as u64).to_le_bytes());
+                }
+                h.update(&m.scale.to_le_bytes());
+                for chunk in m.a.chunks(16 * 1024).chain(m.b.chunks(16 * 1024)) {
+                    bytes.clear();
+                    bytes.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+                    h.update(&bytes);
+                }
+            }
+        }
+        *h.finalize().as_bytes()
+    }
+
     /// Bytes of f32 weights.
     pub fn size_bytes(&self) -> u64 {
         let values: usize = self.layers.iter().flatten().flatten().map(|m| m.a.len() + m.b.len()).sum();

@@ -4,6 +4,7 @@
 //! Async callers talk to it through [`Engine`]: a submitted request gets a stream of
 //! [`Event`]s; dropping that stream cancels the request at the next step boundary.
 
+pub mod blocks;
 pub mod cpu;
 pub mod cuda;
 pub mod executor;
@@ -15,6 +16,7 @@ pub mod text;
 
 use crate::adapters::{AdapterWeights, Released, Resident, SlotError, SlotTable};
 use crate::model::{ModelConfig, Tokenizer};
+use blocks::BlockHash;
 use executor::{AdapterPreparer, Executor, ExecutorError, PreparedAdapter};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use sampling::{Sampler, SamplingParams};
@@ -105,6 +107,10 @@ pub struct GenerateRequest {
     pub tenant_weight: f64,
     /// Higher is admitted first, and preempts lower when the backend is full; 0 is normal.
     pub priority: u8,
+    /// Requests reuse each other's cached prompt blocks only under the same salt (and the same
+    /// adapter weights): the gateway gives every tenant its own unless the operator lets it
+    /// share.
+    pub cache_salt: String,
     /// Where to record how long the request waited for admission (once, when first admitted).
     pub queue_wait: Option<Histogram>,
 }
@@ -122,8 +128,16 @@ pub enum FinishReason {
 pub enum Event {
     /// A generated token and the text it completed (possibly empty).
     Token { id: u32, text: String },
-    /// The last event: the final token, remaining text, and totals.
-    Finished { id: Option<u32>, text: String, reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    /// The last event: the final token, remaining text, and totals (`cached_tokens`: prompt
+    /// tokens found in the prefix cache).
+    Finished {
+        id: Option<u32>,
+        text: String,
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        cached_tokens: usize,
+    },
     /// The request failed after it was accepted: its step failed, or (`engine_stopped`) the
     /// engine stopped serving altogether.
     Failed { reason: String, engine_stopped: bool },
@@ -182,6 +196,8 @@ enum Command {
         name: String,
         uri: String,
         adapter: Box<PreparedAdapter>,
+        /// [`AdapterWeights::digest`] of its weights.
+        digest: [u8; 32],
         reply: oneshot::Sender<Result<Installed, EngineError>>,
     },
     /// The device failed while preparing an adapter off the engine thread.
@@ -229,6 +245,7 @@ impl Engine {
             executor,
             scheduler: Scheduler::new(config.scheduler),
             slots: SlotTable::new(config.max_loras),
+            digests: HashMap::new(),
             drains: HashMap::new(),
             active: HashMap::new(),
             rx,
@@ -346,14 +363,16 @@ impl Engine {
         weights: AdapterWeights,
     ) -> Result<Installed, EngineError> {
         let preparer = self.preparer.clone();
-        let prepared = tokio::task::spawn_blocking(move || preparer.prepare(weights)).await.map_err(|e| {
-            EngineError::AdapterLoadFailed {
-                source: ExecutorError::Invalid(format!("preparing the adapter failed: {e}")),
-                dropped: None,
-            }
+        let prepared = tokio::task::spawn_blocking(move || {
+            let digest = weights.digest();
+            preparer.prepare(weights).map(|adapter| (adapter, digest))
+        });
+        let prepared = prepared.await.map_err(|e| EngineError::AdapterLoadFailed {
+            source: ExecutorError::Invalid(format!("preparing the adapter failed: {e}")),
+            dropped: None,
         })?;
-        let adapter = match prepared {
-            Ok(adapter) => adapter,
+        let (adapter, digest) = match prepared {
+            Ok(prepared) => prepared,
             Err(source) => {
                 if let ExecutorError::DeviceFault(why) = &source {
                     let reason = format!("the device failed preparing adapter {name:?}: {why}");
@@ -363,7 +382,7 @@ impl Engine {
             }
         };
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Install { name, uri, adapter: Box::new(adapter), reply })?;
+        self.send(Command::Install { name, uri, adapter: Box::new(adapter), digest, reply })?;
         answer.await.map_err(|_| self.stopped())?
     }
 
@@ -440,6 +459,8 @@ struct Worker {
     executor: Box<dyn Executor>,
     scheduler: Scheduler,
     slots: SlotTable,
+    /// The weight digest of the adapter in each slot: the root of its blocks' names.
+    digests: HashMap<u32, [u8; 32]>,
     /// Unloads waiting for a draining slot to be freed.
     drains: HashMap<u32, Vec<oneshot::Sender<()>>>,
     active: HashMap<u64, Active>,
@@ -502,10 +523,10 @@ impl Worker {
                 self.publish();
                 let _ = reply.send(result);
             }
-            Command::Install { name, uri, adapter, reply } => {
+            Command::Install { name, uri, adapter, digest, reply } => {
                 let result = match &self.fault {
                     Some(reason) => Err(EngineError::Failed(reason.clone())),
-                    None => self.install(name, uri, *adapter),
+                    None => self.install(name, uri, *adapter, digest),
                 };
                 self.publish();
                 let _ = reply.send(result);
@@ -545,6 +566,7 @@ impl Worker {
 
     /// A draining slot is empty: drop its weights and tell whoever waits for it.
     fn free_slot(&mut self, released: Released) {
+        self.digests.remove(&released.slot);
         if let Some(retired) = self.executor.unload_adapter(released.slot) {
             retired.drop_elsewhere();
         }
@@ -594,12 +616,20 @@ impl Worker {
                 queue_wait: req.queue_wait,
             },
         );
-        let seq = Sequence::new(id, req.prompt, adapter_slot);
+        let digest = adapter_slot.and_then(|slot| self.digests.get(&slot));
+        let root = BlockHash::root(digest, &req.cache_salt);
+        let seq = Sequence::new(id, req.prompt, adapter_slot).cached_under(root);
         self.scheduler.add(seq.served_for(req.tenant.into(), req.tenant_weight, req.priority));
         Ok(())
     }
 
-    fn install(&mut self, name: String, uri: String, adapter: PreparedAdapter) -> Result<Installed, EngineError> {
+    fn install(
+        &mut self,
+        name: String,
+        uri: String,
+        adapter: PreparedAdapter,
+        digest: [u8; 32],
+    ) -> Result<Installed, EngineError> {
         let current = self.slots.find(&name);
         let mut replaced = None;
         if let Some(slot) = current {
@@ -628,6 +658,7 @@ impl Worker {
                 let _ = self.slots.remove(old);
                 tracing::warn!(adapter = %old, slot, "adapter dropped: a failed load overwrote its slot");
             }
+            self.digests.remove(&slot);
             if let Some(retired) = self.executor.unload_adapter(slot) {
                 retired.drop_elsewhere();
             }
@@ -645,6 +676,7 @@ impl Worker {
             tracing::info!(adapter = %old, slot, "evicted least recently used idle adapter");
         }
         self.slots.insert(slot, name.clone(), uri, max_rank, targets, size_bytes);
+        self.digests.insert(slot, digest);
         tracing::info!(adapter = %name, slot, rank = max_rank, hot_swap = replaced.is_some(), "adapter loaded");
         let resident = self.slots.get(slot).cloned().ok_or(EngineError::Stopped)?;
         Ok(Installed { status: AdapterStatus { slot, resident }, already_loaded: false, evicted, replaced })
@@ -720,12 +752,14 @@ impl Worker {
             return;
         };
         a.generated += 1;
+        let cached_tokens = self.scheduler.get(id).map_or(0, |s| s.cached_tokens);
         let finish = |a: &mut Active, reason, text: String| Event::Finished {
             id: Some(token),
             text,
             reason,
             prompt_tokens: a.prompt_len,
             completion_tokens: a.generated,
+            cached_tokens,
         };
         let event = if !a.ignore_eos && self.tokenizer.eos_ids().contains(&token) {
             let (text, stopped) = a.drain(&self.tokenizer, String::new());

@@ -17,6 +17,12 @@
 //! may be capped in running sequences ([`SchedulerConfig::max_running_per_tenant`]); the
 //! engine caps its waiting ones.
 //!
+//! **Prefix caching.** A sequence admitted from the queue (the first time or after a
+//! preemption) takes the longest run of its leading full blocks already in the cache under its
+//! root (its adapter's weights and its cache salt; see [`super::blocks`]), short of its last
+//! token, and computes only the rest; only the rest is charged to its tenant. Blocks a step
+//! fills are named for later sequences. Cached blocks no sequence holds count as free.
+//!
 //! **Preemption.** When the KV cache runs out of blocks, the running sequence of the lowest
 //! priority, newest first, is preempted: its blocks are freed and it goes back to the waiting
 //! queue, to be recomputed from its tokens (prompt plus what it generated) later; recomputing is
@@ -24,6 +30,7 @@
 //! that finds the batch or the cache full preempts them (lowest priority, newest first) when
 //! that makes room for it, so it starts at the next step instead of after them.
 
+use super::blocks::{BlockHash, BlockPool};
 use super::executor::{Batch, SeqChunk};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -51,12 +58,21 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Most sequences of one tenant decoding at once (`max_running` for no cap of its own).
     pub max_running_per_tenant: usize,
+    /// Keep finished blocks and reuse them for sequences that start with the same tokens.
+    pub prefix_caching: bool,
 }
 
 impl SchedulerConfig {
     /// Limits with no per-tenant cap.
     pub fn new(block_size: usize, num_blocks: usize, max_batch_tokens: usize, max_running: usize) -> SchedulerConfig {
-        SchedulerConfig { block_size, num_blocks, max_batch_tokens, max_running, max_running_per_tenant: max_running }
+        SchedulerConfig {
+            block_size,
+            num_blocks,
+            max_batch_tokens,
+            max_running,
+            max_running_per_tenant: max_running,
+            prefix_caching: true,
+        }
     }
 }
 
@@ -82,10 +98,17 @@ pub struct Sequence {
     /// Its prompt was charged to its tenant (when first admitted; recomputing it after a
     /// preemption is not charged again).
     charged_prompt: bool,
+    /// Where its block names start: its adapter's weights and its cache salt.
+    root: BlockHash,
+    /// The name of every full block of its tokens.
+    chain: Vec<BlockHash>,
+    /// Prompt tokens found in the prefix cache when it was first admitted.
+    pub cached_tokens: usize,
 }
 
 impl Sequence {
-    /// A sequence of no tenant, at normal priority.
+    /// A sequence of no tenant, at normal priority, its blocks named apart from other adapter
+    /// slots' (see [`Sequence::cached_under`]).
     pub fn new(id: u64, tokens: Vec<u32>, adapter: Option<u32>) -> Sequence {
         let prompt_len = tokens.len();
         Sequence {
@@ -99,7 +122,15 @@ impl Sequence {
             weight: 1.0,
             prompt_len,
             charged_prompt: false,
+            root: BlockHash::of_slot(adapter),
+            chain: Vec::new(),
+            cached_tokens: 0,
         }
+    }
+
+    /// The same sequence, its blocks named from `root` (see [`BlockHash::root`]).
+    pub fn cached_under(self, root: BlockHash) -> Sequence {
+        Sequence { root, ..self }
     }
 
     /// The same sequence, served for `tenant` (of `weight`) at `priority`.
@@ -152,7 +183,7 @@ pub struct TenantLoad {
 #[derive(Debug)]
 pub struct Scheduler {
     cfg: SchedulerConfig,
-    free: Vec<u32>,
+    pool: BlockPool,
     /// Waiting sequences by priority (highest first), then tenant, each tenant's in arrival order.
     waiting: BTreeMap<Reverse<u8>, BTreeMap<Arc<str>, VecDeque<Sequence>>>,
     waiting_len: usize,
@@ -166,11 +197,9 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Scheduler {
-        // Pop from the end: hand out low block numbers first.
-        let free = (0..cfg.num_blocks as u32).rev().collect();
         Scheduler {
             cfg,
-            free,
+            pool: BlockPool::new(cfg.num_blocks, cfg.prefix_caching),
             waiting: BTreeMap::new(),
             waiting_len: 0,
             running: Vec::new(),
@@ -206,8 +235,14 @@ impl Scheduler {
         self.running.len()
     }
 
+    /// Blocks a sequence could be given: free, or cached with no sequence holding them.
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.pool.available()
+    }
+
+    /// Blocks kept for reuse that no sequence holds.
+    pub fn cached_blocks(&self) -> usize {
+        self.pool.cached_unheld()
     }
 
     pub fn is_idle(&self) -> bool {
@@ -227,7 +262,13 @@ impl Scheduler {
     }
 
     /// Queues a new sequence. Its weight becomes its tenant's.
-    pub fn add(&mut self, seq: Sequence) {
+    pub fn add(&mut self, mut seq: Sequence) {
+        seq.chain.clear();
+        let mut parent = seq.root;
+        for block in seq.tokens.chunks_exact(self.cfg.block_size) {
+            parent = parent.child(block);
+            seq.chain.push(parent);
+        }
         let weight = match seq.weight {
             w if w.is_finite() && w > 0.0 => w.clamp(MIN_WEIGHT, MAX_WEIGHT),
             _ => 1.0,
@@ -315,8 +356,13 @@ impl Scheduler {
 
     /// Appends a generated token to a running sequence, and charges its tenant for it.
     pub fn push_token(&mut self, id: u64, token: u32) {
+        let block = self.cfg.block_size;
         if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
             s.tokens.push(token);
+            if s.tokens.len() % block == 0 {
+                let parent = s.chain.last().copied().unwrap_or(s.root);
+                s.chain.push(parent.child(&s.tokens[s.tokens.len() - block..]));
+            }
             let tenant = s.tenant.clone();
             self.charge(&tenant, OUTPUT_TOKEN_COST);
         }
@@ -346,7 +392,7 @@ impl Scheduler {
             self.left_queue(&tenant);
             seq
         };
-        self.free.extend(seq.blocks.iter().rev());
+        self.pool.release(&seq.blocks);
         self.forget_if_idle(&seq.tenant);
         Some(seq)
     }
@@ -355,14 +401,14 @@ impl Scheduler {
         tokens.div_ceil(self.cfg.block_size)
     }
 
-    /// Grows `seq`'s block table to hold `tokens` tokens, if enough blocks are free.
-    fn reserve(free: &mut Vec<u32>, seq: &mut Sequence, needed_blocks: usize) -> bool {
+    /// Grows `seq`'s block table to `needed_blocks` blocks, if that many can be had.
+    fn reserve(pool: &mut BlockPool, seq: &mut Sequence, needed_blocks: usize) -> bool {
         let extra = needed_blocks.saturating_sub(seq.blocks.len());
-        if extra > free.len() {
+        if extra > pool.available() {
             return false;
         }
         for _ in 0..extra {
-            if let Some(b) = free.pop() {
+            if let Some(b) = pool.allocate() {
                 seq.blocks.push(b);
             }
         }
@@ -372,7 +418,8 @@ impl Scheduler {
     /// Sends the last running sequence (lowest priority, newest) back to the queue.
     fn preempt_last(&mut self, step: &mut Step) -> Option<u64> {
         let mut seq = self.running.pop()?;
-        self.free.extend(seq.blocks.drain(..).rev());
+        self.pool.release(&seq.blocks);
+        seq.blocks.clear();
         seq.computed = 0;
         let id = seq.id;
         if let Some(share) = self.shares.get_mut(&seq.tenant) {
@@ -422,7 +469,7 @@ impl Scheduler {
     ) -> bool {
         loop {
             let slot_free = self.running.len() < self.cfg.max_running;
-            if slot_free && self.free.len() >= needed {
+            if slot_free && self.pool.available() >= needed {
                 return true;
             }
             let (lower, lower_blocks) = self
@@ -431,7 +478,7 @@ impl Scheduler {
                 .rev()
                 .take_while(|s| s.priority < priority)
                 .fold((0, 0), |(n, blocks), s| (n + 1, blocks + s.blocks.len()));
-            if lower == 0 || self.free.len() + lower_blocks < needed {
+            if lower == 0 || self.pool.available() + lower_blocks < needed {
                 return false;
             }
             let Some(victim) = self.preempt_last(step) else {
@@ -456,7 +503,7 @@ impl Scheduler {
             let remaining = self.running[i].tokens.len() - self.running[i].computed;
             let want = remaining.min(budget);
             let needed = self.blocks_for(self.running[i].computed + want);
-            let mut ok = Self::reserve(&mut self.free, &mut self.running[i], needed);
+            let mut ok = Self::reserve(&mut self.pool, &mut self.running[i], needed);
             while !ok {
                 // Out of blocks: preempt the lowest-priority newest sequence (possibly this one).
                 let Some(victim) = self.preempt_last(&mut step) else {
@@ -466,7 +513,7 @@ impl Scheduler {
                 if i >= self.running.len() {
                     break;
                 }
-                ok = Self::reserve(&mut self.free, &mut self.running[i], needed);
+                ok = Self::reserve(&mut self.pool, &mut self.running[i], needed);
             }
             if !ok || i >= self.running.len() {
                 break;
@@ -490,21 +537,35 @@ impl Scheduler {
                 // Preempted this step to make room: it waits at least a step.
                 break;
             }
-            let want = (head.tokens.len() - head.computed).min(budget);
-            let needed = self.blocks_for(head.computed + want);
+            // Its leading blocks already in the cache, short of the last token, which must be
+            // computed for its logits. Taking cached blocks no one holds uses up blocks too.
+            let reusable = &head.chain[..head.chain.len().min((head.tokens.len() - 1) / self.cfg.block_size)];
+            let (hit, unheld) = self.pool.peek(reusable);
+            let start = hit * self.cfg.block_size;
+            let want = (head.tokens.len() - start).min(budget);
+            let needed = self.blocks_for(start + want) - hit + unheld;
             if !self.make_room(priority, needed, &mut plan, &mut budget, &mut step) {
                 break;
             }
             let Some(mut seq) = self.dequeue(priority, &tenant) else {
                 break;
             };
-            if !Self::reserve(&mut self.free, &mut seq, needed) {
+            seq.blocks = self.pool.take_cached(&seq.chain[..hit]);
+            seq.computed = seq.blocks.len() * self.cfg.block_size;
+            let want = (seq.tokens.len() - seq.computed).min(budget);
+            let needed = self.blocks_for(seq.computed + want);
+            if !Self::reserve(&mut self.pool, &mut seq, needed) {
                 // make_room said there was room: not reached, but never lose a sequence.
+                self.pool.release(&seq.blocks);
+                seq.blocks.clear();
+                seq.computed = 0;
                 self.requeue(seq);
                 break;
             }
             if !std::mem::replace(&mut seq.charged_prompt, true) {
-                self.charge(&tenant, seq.prompt_len as f64 * PROMPT_TOKEN_COST);
+                // Cached prompt tokens cost the backend nothing: they are not charged.
+                seq.cached_tokens = seq.computed;
+                self.charge(&tenant, (seq.prompt_len - seq.computed) as f64 * PROMPT_TOKEN_COST);
             }
             if let Some(share) = self.shares.get_mut(&tenant) {
                 share.running += 1;
@@ -548,8 +609,15 @@ impl Scheduler {
 
     /// Records that a step ran: each sequence's computed prefix grows by its chunk.
     pub fn complete(&mut self, step: &Step) {
+        let block = self.cfg.block_size;
         for &(id, len) in &step.chunks {
             if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
+                // Blocks this step filled are named, for later sequences to reuse.
+                for i in s.computed / block..(s.computed + len) / block {
+                    if let (Some(&b), Some(&name)) = (s.blocks.get(i), s.chain.get(i)) {
+                        self.pool.name(b, name);
+                    }
+                }
                 s.computed += len;
             }
         }
@@ -618,23 +686,96 @@ mod tests {
 
     #[test]
     fn running_out_of_blocks_preempts_the_newest_sequence_and_resumes_it_later() {
-        // Two blocks of 4 tokens: two 4-token prompts fill the cache.
-        let mut s = Scheduler::new(cfg(2, 64));
-        s.add(Sequence::new(1, vec![1; 4], None));
-        s.add(Sequence::new(2, vec![1; 4], None));
+        for caching in [true, false] {
+            // Three blocks of 4 tokens: a 4-token and an 8-token prompt fill the cache.
+            let mut s = Scheduler::new(SchedulerConfig { prefix_caching: caching, ..cfg(3, 64) });
+            s.add(Sequence::new(1, vec![1; 4], None));
+            s.add(Sequence::new(2, vec![2; 8], None));
+            let step = run(&mut s);
+            assert_eq!(step.logits_for, vec![1, 2]);
+            assert_eq!(s.free_blocks(), 0);
+            // Sequence 1 needs a block for its 5th token: sequence 2 is preempted, and one of
+            // its blocks given to sequence 1.
+            let step = run(&mut s);
+            assert_eq!(step.preempted, vec![2]);
+            assert_eq!(step.chunks, vec![(1, 1)]);
+            assert_eq!(s.get(2).map(|q| (q.computed, q.tokens.len(), q.blocks.len())), Some((0, 9, 0)));
+            // When sequence 1 finishes, sequence 2 resumes with its generated token. The block
+            // given away was its last; its first is still cached, so 4 tokens are not computed
+            // again. Without the cache, all nine are.
+            s.remove(1);
+            let step = run(&mut s);
+            assert_eq!(step.chunks, vec![(2, if caching { 5 } else { 9 })], "caching {caching}");
+            assert_eq!(step.logits_for, vec![2]);
+        }
+    }
+
+    /// Runs a sequence of `prompt` to its first generated token and removes it.
+    fn finish(s: &mut Scheduler, id: u64, root: BlockHash, prompt: Vec<u32>) {
+        s.add(Sequence::new(id, prompt, None).cached_under(root));
+        while !run(s).logits_for.contains(&id) {}
+        s.remove(id);
+    }
+
+    #[test]
+    fn a_prompt_that_starts_like_an_earlier_one_computes_only_the_rest() {
+        let root = BlockHash::root(None, "");
+        let mut s = Scheduler::new(cfg(16, 64));
+        finish(&mut s, 1, root, (1..=10).collect());
+        assert_eq!(s.cached_blocks(), 2, "its two full blocks stay cached; the partial third is freed");
+
+        // Two full blocks (8 tokens) in common: computed from the 9th.
+        let prompt: Vec<u32> = (1..=8).chain([50, 51, 52]).collect();
+        s.add(Sequence::new(2, prompt.clone(), None).served_for(Arc::from("a"), 1.0, 0).cached_under(root));
         let step = run(&mut s);
-        assert_eq!(step.logits_for, vec![1, 2]);
-        assert_eq!(s.free_blocks(), 0);
-        // Sequence 1 needs a block for its 5th token: sequence 2 is preempted.
-        let step = run(&mut s);
-        assert_eq!(step.preempted, vec![2]);
-        assert_eq!(step.chunks, vec![(1, 1)]);
-        assert_eq!(s.get(2).map(|q| (q.computed, q.tokens.len(), q.blocks.len())), Some((0, 5, 0)));
-        // When sequence 1 finishes, sequence 2 is recomputed, generated token included.
+        assert_eq!(step.chunks, vec![(2, 3)]);
+        assert_eq!(step.batch.positions, vec![8, 9, 10]);
+        assert_eq!(s.get(2).map(|q| q.cached_tokens), Some(8));
+        assert_eq!(counter(&s, "a"), 3.0 + OUTPUT_TOKEN_COST, "only computed prompt tokens are charged");
+        s.remove(2);
+
+        // A prompt that is all cached still computes its last block, for the last token's logits.
+        finish(&mut s, 3, root, (1..=8).collect());
+        s.add(Sequence::new(4, (1..=8).collect(), None).cached_under(root));
+        assert_eq!(run(&mut s).chunks, vec![(4, 4)]);
+    }
+
+    #[test]
+    fn another_adapter_or_salt_shares_no_block() {
+        let digest = |b| BlockHash::root(Some(&[b; 32]), "");
+        for other in [digest(2), BlockHash::root(Some(&[1; 32]), "tenant-b"), BlockHash::root(None, "")] {
+            let mut s = Scheduler::new(cfg(16, 64));
+            finish(&mut s, 1, digest(1), (1..=9).collect());
+            s.add(Sequence::new(2, (1..=9).collect(), None).cached_under(other));
+            assert_eq!(run(&mut s).chunks, vec![(2, 9)], "computed in full");
+            s.add(Sequence::new(3, (1..=9).collect(), None).cached_under(digest(1)));
+            assert_eq!(run(&mut s).chunks, vec![(2, 1), (3, 1)], "the first root's blocks are still there");
+        }
+    }
+
+    #[test]
+    fn running_sequences_share_their_common_blocks_and_cached_ones_give_way_when_needed() {
+        let root = BlockHash::root(None, "");
+        // Four blocks of 4 tokens.
+        let mut s = Scheduler::new(cfg(4, 64));
+        s.add(Sequence::new(1, (1..=5).collect(), None).cached_under(root));
+        run(&mut s);
+        s.add(Sequence::new(2, (1..=6).collect(), None).cached_under(root));
+        assert_eq!(run(&mut s).chunks, vec![(1, 1), (2, 2)]);
+        let blocks = |id| s.get(id).map(|q| q.blocks.clone()).unwrap_or_default();
+        assert_eq!(blocks(1)[0], blocks(2)[0], "the first block is held by both");
+        assert_eq!(s.free_blocks(), 1, "three blocks for two sequences of two blocks");
         s.remove(1);
-        let step = run(&mut s);
-        assert_eq!(step.chunks, vec![(2, 5)]);
-        assert_eq!(step.logits_for, vec![2]);
+        s.remove(2);
+        assert_eq!((s.free_blocks(), s.cached_blocks()), (4, 1), "the shared block stays cached");
+
+        // A sequence that needs every block takes the cached one too.
+        s.add(Sequence::new(3, vec![9; 16], None).cached_under(root));
+        assert_eq!(run(&mut s).chunks, vec![(3, 16)]);
+        assert_eq!((s.free_blocks(), s.cached_blocks()), (0, 0));
+        s.remove(3);
+        s.add(Sequence::new(4, (1..=6).collect(), None).cached_under(root));
+        assert_eq!(run(&mut s).chunks, vec![(4, 6)], "the old prefix was given out, and is computed again");
     }
 
     #[test]
@@ -752,7 +893,7 @@ mod tests {
         s.remove(4);
         let step = run(&mut s);
         assert_eq!(step.admitted, vec![2]);
-        assert_eq!(step.chunks, vec![(1, 1), (2, 5)], "its prompt and generated token are recomputed");
+        assert_eq!(step.chunks, vec![(1, 1), (2, 1)], "its cached prompt is reused; its generated token is recomputed");
     }
 
     #[test]

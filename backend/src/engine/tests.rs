@@ -372,3 +372,57 @@ async fn a_device_fault_stops_the_engine_for_good_and_fails_every_request() {
     let snap = f.engine.snapshot();
     assert_eq!((snap.running, snap.waiting, snap.kv_tokens_free), (0, 0, snap.kv_tokens_total));
 }
+
+/// An adapter whose weights differ with `seed`.
+fn weights(seed: f32) -> AdapterWeights {
+    use crate::adapters::LoraModule;
+    let module = LoraModule { a: vec![seed; 4], b: vec![seed; 4], rank: 1, scale: 1.0 };
+    let layers = vec![[Some(module), None, None, None, None, None, None]];
+    AdapterWeights { layers, ..adapter() }
+}
+
+/// Generates one token for `prompt` and returns how many prompt tokens came from the cache.
+async fn cached_tokens(engine: &Engine, adapter: Option<&str>, salt: &str, prompt: &[u32]) -> usize {
+    let req = GenerateRequest {
+        prompt: prompt.to_vec(),
+        adapter: adapter.map(String::from),
+        cache_salt: salt.into(),
+        max_tokens: 1,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut events = engine.generate(req).await.expect("accepted");
+    while let Some(ev) = events.recv().await {
+        if let Event::Finished { cached_tokens, .. } = ev {
+            return cached_tokens;
+        }
+    }
+    panic!("stream ended without Finished");
+}
+
+#[tokio::test]
+async fn cached_prompt_blocks_are_kept_apart_by_adapter_weights_and_salt() {
+    let f = fixture(4, 4, 4);
+    let e = &f.engine;
+    // Blocks of 16 tokens: a 40-token prompt has two full blocks before its last token.
+    let prompt: Vec<u32> = (100..140).collect();
+    e.install_adapter("a".into(), "file:///a1".into(), weights(1.0)).await.expect("installs");
+    e.install_adapter("b".into(), "file:///b".into(), weights(2.0)).await.expect("installs");
+    assert_eq!(cached_tokens(e, Some("a"), "", &prompt).await, 0);
+    assert_eq!(cached_tokens(e, Some("a"), "", &prompt).await, 32, "the same adapter reuses both blocks");
+    let mut longer = prompt.clone();
+    longer.extend(140..160);
+    assert_eq!(cached_tokens(e, Some("a"), "", &longer).await, 32, "a longer prompt reuses the common prefix");
+    assert_eq!(cached_tokens(e, Some("b"), "", &prompt).await, 0, "another adapter shares nothing");
+    assert_eq!(cached_tokens(e, None, "", &prompt).await, 0, "nor does the base model");
+    assert_eq!(cached_tokens(e, Some("a"), "tenant-2", &prompt).await, 0, "nor another salt");
+
+    // A hot swap of `a` to other weights: its old blocks are not reused.
+    e.install_adapter("a".into(), "file:///a2".into(), weights(3.0)).await.expect("swaps");
+    assert_eq!(cached_tokens(e, Some("a"), "", &prompt).await, 0, "new weights, new blocks");
+    assert_eq!(cached_tokens(e, Some("a"), "", &prompt).await, 32);
+    // Blocks are named by the weights, not the name or the source: the first weights again,
+    // from elsewhere, find their blocks still cached.
+    e.install_adapter("a".into(), "s3://bucket/a1".into(), weights(1.0)).await.expect("swaps back");
+    assert_eq!(cached_tokens(e, Some("a"), "", &prompt).await, 32);
+}

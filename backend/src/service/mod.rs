@@ -147,6 +147,9 @@ fn adapter_info(a: AdapterInfo) -> pb::AdapterInfo {
     }
 }
 
+/// Longest `cache_salt` a generation request may carry.
+pub const MAX_CACHE_SALT_BYTES: usize = 256;
+
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
 impl BackendService {
@@ -168,6 +171,12 @@ impl BackendService {
                 )));
             }
         };
+        if req.cache_salt.len() > MAX_CACHE_SALT_BYTES {
+            return Err(ServiceError::BadRequest(format!(
+                "cache_salt is {} bytes; the most is {MAX_CACHE_SALT_BYTES}",
+                req.cache_salt.len()
+            )));
+        }
         let prompt = self.prompt_ids(req.input).await?;
         let s = req.sampling.unwrap_or_default();
         let sampling = SamplingParams {
@@ -191,6 +200,7 @@ impl BackendService {
             tenant: req.tenant,
             tenant_weight,
             priority,
+            cache_salt: req.cache_salt,
             queue_wait: Some(queue_wait),
         };
         Ok(self.engine.generate(engine_req).await?)
@@ -208,6 +218,7 @@ impl pb::backend_server::Backend for BackendService {
             _ => 1.0,
         };
         let mut tally = self.metrics.request(&req.tenant, weight);
+        let adapter = req.adapter.clone();
         let started = self.start_generation(req, tally.queue_wait()).await;
         let events = match started {
             Ok(events) => events,
@@ -224,8 +235,8 @@ impl pb::backend_server::Backend for BackendService {
                 tally.token();
                 Ok(pb::GenerateResponse { text, token_ids: vec![id], ..Default::default() })
             }
-            Event::Finished { id, text, reason, prompt_tokens, completion_tokens } => {
-                tally.finished(prompt_tokens);
+            Event::Finished { id, text, reason, prompt_tokens, completion_tokens, cached_tokens } => {
+                tally.finished(prompt_tokens, cached_tokens, &adapter);
                 Ok(pb::GenerateResponse {
                     text,
                     token_ids: id.into_iter().collect(),
@@ -233,6 +244,7 @@ impl pb::backend_server::Backend for BackendService {
                     usage: Some(pb::Usage {
                         prompt_tokens: prompt_tokens as u32,
                         completion_tokens: completion_tokens as u32,
+                        cached_tokens: cached_tokens as u32,
                     }),
                 })
             }

@@ -207,6 +207,9 @@ pub struct ServeOptions {
     /// Most requests of one tenant waiting (default: half of `max_waiting`), so that one
     /// tenant cannot fill the queue for everyone.
     pub max_waiting_per_tenant: Option<usize>,
+    /// Reuse cached prompt blocks between requests with the same prefix, adapter weights and
+    /// cache salt.
+    pub prefix_cache: bool,
     /// Where to serve Prometheus metrics (`GET /metrics`); never the gRPC port.
     pub metrics_listen: Option<SocketAddr>,
     pub adapters: AdapterOptions,
@@ -352,6 +355,7 @@ fn engine_config(opts: &ServeOptions, model: &Model, value_bytes: usize) -> Resu
             max_batch_tokens: opts.max_batch_tokens.max(1),
             max_running: opts.max_running,
             max_running_per_tenant: opts.max_running_per_tenant.unwrap_or(opts.max_running).min(opts.max_running),
+            prefix_caching: opts.prefix_cache,
         },
         max_model_len,
         max_waiting: opts.max_waiting,

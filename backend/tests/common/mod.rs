@@ -9,6 +9,7 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use switchyard_backend::adapters::{AdapterWeights, load_peft_dir};
+use switchyard_backend::engine::blocks::BlockHash;
 use switchyard_backend::engine::executor::Executor;
 use switchyard_backend::engine::sampling::argmax;
 use switchyard_backend::engine::scheduler::{Scheduler, SchedulerConfig, Sequence};
@@ -102,29 +103,106 @@ pub type MakeExecutor = dyn Fn(&ModelConfig, ModelWeights, usize, usize, usize) 
 struct Harness {
     executor: Box<dyn Executor>,
     scheduler: Scheduler,
-    slots: HashMap<Option<String>, Option<u32>>,
+    /// Each adapter's slot and the root of its blocks' names (its weights' digest).
+    slots: HashMap<Option<String>, (Option<u32>, BlockHash)>,
+    next_id: u64,
 }
 
 /// An executor with every adapter of `model` in a slot, and a scheduler over its cache.
-fn harness(model_name: &str, adapters: &[&str], max_batch_tokens: usize, make: &MakeExecutor) -> Harness {
+fn harness(model_name: &str, adapters: &[&str], sched_cfg: SchedulerConfig, make: &MakeExecutor) -> Harness {
     let Model { config, weights, .. } = load_model(model_name);
     let reload = load_model(model_name);
-    let sched_cfg = SchedulerConfig::new(4, 512, max_batch_tokens, 64);
     let mut executor = make(&config, weights, sched_cfg.num_blocks, sched_cfg.block_size, adapters.len().max(1));
-    let mut slots = HashMap::from([(None, None)]);
+    let mut slots = HashMap::from([(None, (None, BlockHash::root(None, "")))]);
     for (slot, name) in adapters.iter().enumerate() {
         let w = load_adapter(&reload, name);
+        let root = BlockHash::root(Some(&w.digest()), "");
         executor.load_adapter(slot as u32, w).expect("slot exists");
-        slots.insert(Some(name.to_string()), Some(slot as u32));
+        slots.insert(Some(name.to_string()), (Some(slot as u32), root));
     }
-    Harness { executor, scheduler: Scheduler::new(sched_cfg), slots }
+    Harness { executor, scheduler: Scheduler::new(sched_cfg), slots, next_id: 0 }
 }
 
-/// Runs `cases` through the scheduler and executor with teacher forcing (the reference's greedy
-/// token is appended each step) and checks every step's logits against the reference. Cases
-/// listed in `late` join the batch only after `join_after` steps. Every step's logits must be
-/// within `tolerance` (see [`row_rel_err`]); with `exact_greedy`, their argmax must also be the
-/// reference's token. Returns the largest error seen.
+/// What a run of cases saw.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Report {
+    /// The largest relative logit error (see [`row_rel_err`]).
+    pub worst: f64,
+    /// Prompt tokens found in the prefix cache, over all cases.
+    pub cached_tokens: usize,
+    /// Sequences preempted for lack of KV blocks.
+    pub preempted: usize,
+    /// Tokens computed (prompts, recomputed ones after a preemption, and generated ones).
+    pub computed: usize,
+}
+
+/// Runs groups of cases through the scheduler and executor with teacher forcing (the
+/// reference's greedy token is appended each step) and checks every step's logits against the
+/// reference: within `tolerance` (see [`row_rel_err`]), and with `exact_greedy` their argmax
+/// must be the reference's token. Group `(n, cases)` joins the batch after `n` steps.
+fn run_groups(h: &mut Harness, groups: &[(usize, Vec<&Case>)], tolerance: f64, exact_greedy: bool) -> Report {
+    let g = golden();
+    let mut report = Report::default();
+    let mut cases: HashMap<u64, &Case> = HashMap::new();
+    let mut produced: HashMap<u64, usize> = HashMap::new();
+    let mut step_no = 0;
+    let last_join = groups.iter().map(|(n, _)| *n).max().unwrap_or(0);
+    while !h.scheduler.is_idle() || step_no <= last_join {
+        for (_, group) in groups.iter().filter(|(n, _)| *n == step_no) {
+            for &c in group {
+                let (slot, root) = h.slots[&c.adapter];
+                let id = h.next_id;
+                h.next_id += 1;
+                h.scheduler.add(Sequence::new(id, c.prompt_ids.clone(), slot).cached_under(root));
+                cases.insert(id, c);
+            }
+        }
+        step_no += 1;
+        let step = h.scheduler.schedule();
+        report.preempted += step.preempted.len();
+        report.computed += step.batch.tokens.len();
+        if step.batch.tokens.is_empty() {
+            continue;
+        }
+        let logits = h.executor.forward(&step.batch).expect("forward");
+        h.scheduler.complete(&step);
+        let vocab = logits.len() / step.logits_for.len().max(1);
+        for (row, &id) in step.logits_for.iter().enumerate() {
+            let case = cases[&id];
+            let k = produced.entry(id).or_default();
+            let want = &g.logits[&case.key][*k * vocab..(*k + 1) * vocab];
+            let got = &logits[row * vocab..(row + 1) * vocab];
+            let err = row_rel_err(got, want);
+            assert!(err < tolerance, "{} step {k}: relative error {err:.2e}", case.key);
+            if exact_greedy {
+                assert_eq!(argmax(got), case.greedy_ids[*k], "{} step {k}: greedy token differs", case.key);
+            }
+            report.worst = report.worst.max(err);
+            let next = case.greedy_ids[*k];
+            *k += 1;
+            if *k == g.steps {
+                report.cached_tokens += h.scheduler.get(id).map_or(0, |s| s.cached_tokens);
+                h.scheduler.remove(id);
+            } else {
+                h.scheduler.push_token(id, next);
+            }
+        }
+    }
+    assert_eq!(produced.len(), cases.len(), "every case ran");
+    assert!(produced.values().all(|&n| n == g.steps));
+    report
+}
+
+/// The adapters `cases` use.
+fn adapters_of<'a>(cases: impl Iterator<Item = &'a &'a Case>) -> Vec<&'a str> {
+    let mut adapters: Vec<&str> = cases.filter_map(|c| c.adapter.as_deref()).collect();
+    adapters.sort();
+    adapters.dedup();
+    adapters
+}
+
+/// Runs `cases` together (see [`run_groups`]); those in `late` join after `join_after` steps.
+/// Returns the largest error seen.
 #[allow(clippy::too_many_arguments)]
 pub fn check_batch(
     model_name: &str,
@@ -136,57 +214,28 @@ pub fn check_batch(
     tolerance: f64,
     exact_greedy: bool,
 ) -> f64 {
-    let g = golden();
-    let mut adapters: Vec<&str> = cases.iter().chain(late).filter_map(|c| c.adapter.as_deref()).collect();
-    adapters.sort();
-    adapters.dedup();
-    let mut h = harness(model_name, &adapters, max_batch_tokens, make);
-    let all: Vec<&Case> = cases.iter().chain(late).copied().collect();
-    let mut produced: HashMap<u64, usize> = HashMap::new();
-    let add = |h: &mut Harness, id: usize, c: &Case| {
-        let slot = h.slots[&c.adapter];
-        h.scheduler.add(Sequence::new(id as u64, c.prompt_ids.clone(), slot));
-    };
-    for (i, c) in cases.iter().enumerate() {
-        add(&mut h, i, c);
-    }
-    let mut worst = 0f64;
-    let mut step_no = 0;
-    while !h.scheduler.is_idle() || step_no <= join_after {
-        if step_no == join_after {
-            for (j, c) in late.iter().enumerate() {
-                add(&mut h, cases.len() + j, c);
-            }
-        }
-        step_no += 1;
-        let step = h.scheduler.schedule();
-        if step.batch.tokens.is_empty() {
-            continue;
-        }
-        let logits = h.executor.forward(&step.batch).expect("forward");
-        h.scheduler.complete(&step);
-        let vocab = logits.len() / step.logits_for.len().max(1);
-        for (row, &id) in step.logits_for.iter().enumerate() {
-            let case = all[id as usize];
-            let k = produced.entry(id).or_default();
-            let want = &g.logits[&case.key][*k * vocab..(*k + 1) * vocab];
-            let got = &logits[row * vocab..(row + 1) * vocab];
-            let err = row_rel_err(got, want);
-            assert!(err < tolerance, "{} step {k}: relative error {err:.2e}", case.key);
-            if exact_greedy {
-                assert_eq!(argmax(got), case.greedy_ids[*k], "{} step {k}: greedy token differs", case.key);
-            }
-            worst = worst.max(err);
-            let next = case.greedy_ids[*k];
-            *k += 1;
-            if *k == g.steps {
-                h.scheduler.remove(id);
-            } else {
-                h.scheduler.push_token(id, next);
-            }
-        }
-    }
-    assert_eq!(produced.len(), all.len(), "every case ran");
-    assert!(produced.values().all(|&n| n == g.steps));
-    worst
+    let cfg = SchedulerConfig::new(4, 512, max_batch_tokens, 64);
+    let mut h = harness(model_name, &adapters_of(cases.iter().chain(late)), cfg, make);
+    let groups = [(0, cases.to_vec()), (join_after, late.to_vec())];
+    run_groups(&mut h, &groups, tolerance, exact_greedy).worst
+}
+
+/// Runs `cases` together twice on one KV cache of `blocks` blocks of 4 tokens, with prefix
+/// caching on or off: the second time, in reverse order, with caching, their prompts come from
+/// what the first time left in the cache (the most recent first, in a small cache). Every step of both is checked against the reference (see
+/// [`run_groups`]). Returns what each run saw.
+pub fn check_twice(
+    model_name: &str,
+    cases: &[&Case],
+    blocks: usize,
+    caching: bool,
+    make: &MakeExecutor,
+    tolerance: f64,
+    exact_greedy: bool,
+) -> [Report; 2] {
+    let cfg = SchedulerConfig { prefix_caching: caching, ..SchedulerConfig::new(4, blocks, 48, 64) };
+    let mut h = harness(model_name, &adapters_of(cases.iter()), cfg, make);
+    let first = run_groups(&mut h, &[(0, cases.to_vec())], tolerance, exact_greedy);
+    let reversed = cases.iter().rev().copied().collect();
+    [first, run_groups(&mut h, &[(0, reversed)], tolerance, exact_greedy)]
 }

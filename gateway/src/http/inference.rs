@@ -253,6 +253,9 @@ async fn begin(
     let mut request = generate_call(&id.0, prompt, &generation, &who.tenant);
     request.tenant_weight = caller.tenant.weight.0;
     request.priority = route.priority;
+    if !caller.tenant.share_prefix_cache {
+        request.cache_salt = who.tenant.clone();
+    }
     let started = dispatch::start(gw, &route, request).await?;
     record.dispatched = true;
     tracing::debug!(backend = %started.backend, adapter = ?route.adapter, "generation started");
@@ -336,6 +339,7 @@ fn generate_call(id: &str, prompt: Prompt, g: &Generation, tenant: &str) -> Gene
         tenant: tenant.to_string(),
         tenant_weight: 1.0,
         priority: 0,
+        cache_salt: String::new(),
         request_id: id.to_string(),
         adapter: None,
         prompt,
@@ -358,7 +362,7 @@ fn finish_reason(m: &Piece) -> Option<&'static str> {
 
 fn openai_usage(u: Option<&upstream::Usage>) -> Usage {
     let u = u.copied().unwrap_or_default();
-    Usage::new(u.prompt_tokens, u.completion_tokens)
+    Usage::new(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
 }
 
 fn ended_early(backend: &str) -> Error {

@@ -101,7 +101,7 @@ impl Upstream for FakeBackend {
             ["Hello", " there", ""].iter().map(|t| Ok(Piece { text: t.to_string(), ..Default::default() })).collect();
         if let Some(Ok(last)) = items.last_mut() {
             last.finish = Some(Finish::Length);
-            last.usage = Some(Usage { prompt_tokens: 5, completion_tokens: 2 });
+            last.usage = Some(Usage { prompt_tokens: 5, completion_tokens: 2, cached_tokens: 0 });
         }
         if let Some(n) = die_after {
             items.truncate(n);

@@ -28,17 +28,30 @@ impl Api {
     }
 }
 
-/// `usage`: tokens in, tokens out, and their sum.
+/// `usage`: tokens in, tokens out, their sum, and the prompt tokens served from the prefix
+/// cache.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u32,
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Usage {
-        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens.saturating_add(completion_tokens) }
+    pub fn new(prompt_tokens: u32, completion_tokens: u32, cached_tokens: u32) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
+        }
     }
 }
 
@@ -188,15 +201,16 @@ mod tests {
 
     #[test]
     fn bodies_have_openai_shapes() {
-        let chat = parse(&head(Api::Chat).complete("Hi", Some("stop"), Usage::new(3, 1)));
+        let chat = parse(&head(Api::Chat).complete("Hi", Some("stop"), Usage::new(3, 1, 0)));
         assert_eq!(
             chat,
             json!({"id": "chatcmpl-7", "object": "chat.completion", "created": 5, "model": "acme/support",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi", "refusal": null},
                     "logprobs": null, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4,
+                    "prompt_tokens_details": {"cached_tokens": 0}}})
         );
-        let text = parse(&head(Api::Completion).complete("Hi", Some("length"), Usage::new(3, 1)));
+        let text = parse(&head(Api::Completion).complete("Hi", Some("length"), Usage::new(3, 1, 0)));
         assert_eq!(text["choices"], json!([{"index": 0, "text": "Hi", "logprobs": null, "finish_reason": "length"}]));
         assert_eq!((text["object"].as_str(), text["id"].as_str()), (Some("text_completion"), Some("cmpl-7")));
     }
@@ -209,8 +223,9 @@ mod tests {
         assert_eq!(choice(Chunk::Text("lo"))["delta"], json!({"content": "lo"}));
         let finish = choice(Chunk::Finish("stop"));
         assert_eq!((finish["delta"].clone(), finish["finish_reason"].clone()), (json!({}), json!("stop")));
-        let usage = parse(&h.chunk(Chunk::Usage(Usage::new(2, 2))));
+        let usage = parse(&h.chunk(Chunk::Usage(Usage::new(2, 2, 1))));
         assert_eq!((usage["choices"].clone(), usage["usage"]["total_tokens"].clone()), (json!([]), json!(4)));
+        assert_eq!(usage["usage"]["prompt_tokens_details"], json!({"cached_tokens": 1}));
         assert_eq!(parse(&h.chunk(Chunk::Text("x")))["usage"], Value::Null);
         let text = parse(&head(Api::Completion).chunk(Chunk::Text("lo")));
         assert_eq!(text["choices"][0], json!({"index": 0, "text": "lo", "logprobs": null, "finish_reason": null}));

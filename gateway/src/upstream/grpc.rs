@@ -166,6 +166,7 @@ fn generate_request(c: GenerateCall) -> pb::GenerateRequest {
         tenant: c.tenant,
         priority: u32::from(c.priority),
         tenant_weight: c.tenant_weight,
+        cache_salt: c.cache_salt,
     }
 }
 
@@ -176,7 +177,11 @@ fn piece(m: pb::GenerateResponse) -> Piece {
         pb::FinishReason::Length => Some(Finish::Length),
         pb::FinishReason::Stop => Some(Finish::Stop),
     };
-    let usage = m.usage.map(|u| Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens });
+    let usage = m.usage.map(|u| Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        cached_tokens: u.cached_tokens,
+    });
     Piece { text: m.text, finish, usage }
 }
 

@@ -31,6 +31,8 @@ pub struct GenerateCall {
     pub tenant: String,
     pub tenant_weight: f64,
     pub priority: u8,
+    /// Requests reuse each other's cached prompt blocks only under the same salt.
+    pub cache_salt: String,
 }
 
 /// What the model continues.
@@ -73,6 +75,8 @@ pub enum Finish {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens the backend found in its prefix cache.
+    pub cached_tokens: u32,
 }
 
 /// An adapter load to run on a backend.

@@ -1,0 +1,104 @@
+//! The prefix cache through a real backend and gateway: repeated prompts report the tokens they
+//! reused in OpenAI's `usage.prompt_tokens_details.cached_tokens` (streamed usage too), tenants
+//! reuse only their own prompts unless the operator lets them share, and a backend started with
+//! `--no-prefix-cache` reuses nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly
+
+mod support;
+
+use serde_json::{Value, json};
+use support::*;
+
+/// Tokens per KV block of the backend.
+const BLOCK: u64 = 16;
+
+/// A chat whose prompt differs from the first block on with `topic`.
+fn long_chat(model: &str, topic: usize, stream: bool) -> Value {
+    json!({"model": model, "temperature": 0, "max_tokens": 3, "stream": stream,
+           "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null },
+           "messages": [{"role": "system", "content": format!("{topic}. You answer questions about trains, briefly.")},
+                        {"role": "user", "content": "Which trains run on the line between the two old towns by the river?"}]})
+}
+
+/// `(prompt_tokens, cached_tokens)` of one chat request, streamed or not.
+async fn usage(http: &reqwest::Client, gw: &Gateway, tenant: &str, body: Value) -> (u64, u64) {
+    let r = http.post(format!("{}/v1/chat/completions", gw.url)).bearer_auth(token(tenant, "")).json(&body);
+    let r = r.send().await.expect("answers");
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.expect("body");
+    let usage = if body["stream"] == json!(true) {
+        let chunks: Vec<Value> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect();
+        chunks.iter().rev().find(|c| !c["usage"].is_null()).expect("a usage chunk")["usage"].clone()
+    } else {
+        serde_json::from_str::<Value>(&text).expect("json")["usage"].clone()
+    };
+    let cached = usage["prompt_tokens_details"]["cached_tokens"].as_u64().expect("cached_tokens");
+    (usage["prompt_tokens"].as_u64().expect("prompt_tokens"), cached)
+}
+
+#[tokio::test]
+async fn repeated_prompts_report_their_cached_tokens_and_tenants_share_only_when_allowed() {
+    let backend = start_backend(&["--metrics-listen", "127.0.0.1:0"]);
+    let dir = tempfile::tempdir().expect("state dir");
+    let tenants =
+        "[tenants.a]\n[tenants.b]\n[tenants.c]\nshare_prefix_cache = true\n[tenants.d]\nshare_prefix_cache = true\n";
+    let gw = gateway(dir.path(), &[&backend.addr], tenants, &[]);
+    let http = reqwest::Client::new();
+    wait_ready(&http, &gw).await;
+    let (_, models) = get(&http, &gw, "/v1/models", &token("a", "")).await;
+    let base = models["data"][0]["id"].as_str().expect("the base model").to_string();
+
+    // The first time computes everything; the same prompt again reuses every full block short of
+    // the last token, streamed or not.
+    let (prompt_tokens, cached) = usage(&http, &gw, "a", long_chat(&base, 1, false)).await;
+    assert!(prompt_tokens > 2 * BLOCK, "a prompt of several blocks ({prompt_tokens} tokens)");
+    assert_eq!(cached, 0);
+    let reusable = (prompt_tokens - 1) / BLOCK * BLOCK;
+    assert_eq!(usage(&http, &gw, "a", long_chat(&base, 1, false)).await, (prompt_tokens, reusable));
+    assert_eq!(usage(&http, &gw, "a", long_chat(&base, 1, true)).await, (prompt_tokens, reusable));
+
+    // Another tenant's identical prompt finds nothing of a's: each has its own cache.
+    assert_eq!(usage(&http, &gw, "b", long_chat(&base, 1, false)).await.1, 0);
+    assert_eq!(usage(&http, &gw, "b", long_chat(&base, 1, false)).await.1, reusable);
+
+    // Tenants the operator lets share reuse each other's prompts (and only each other's).
+    assert_eq!(usage(&http, &gw, "c", long_chat(&base, 2, false)).await.1, 0);
+    assert_eq!(usage(&http, &gw, "d", long_chat(&base, 2, false)).await.1, reusable);
+    assert_eq!(usage(&http, &gw, "a", long_chat(&base, 2, false)).await.1, 0);
+
+    // The backend's metrics count prompt tokens and the cached ones, by adapter.
+    let metrics = http.get(format!("{}/metrics", backend.metrics.as_ref().expect("metrics"))).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
+    let value = |name: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {text}"));
+        line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a count")
+    };
+    let hits = value("switchyard_backend_prefix_cache_hit_tokens_total{adapter=\"\"}");
+    assert_eq!(hits, 4 * reusable, "a twice, then b and d once");
+    assert_eq!(value("switchyard_backend_prefix_cache_prompt_tokens_total{adapter=\"\"}"), 8 * prompt_tokens);
+}
+
+#[tokio::test]
+async fn a_backend_without_the_prefix_cache_computes_every_prompt() {
+    let backend = start_backend(&["--no-prefix-cache"]);
+    let (mut client, _) = connect(&backend).await;
+    let prompt: Vec<u32> = (0..50).map(|i| 10 + i % 40).collect();
+    for _ in 0..2 {
+        let (_, _, _, last) = collect(&mut client, greedy(&prompt, "", 2)).await.expect("generates");
+        assert_eq!(last.usage.map(|u| (u.prompt_tokens, u.cached_tokens)), Some((50, 0)));
+    }
+    // The same requests on a backend with the cache: the second reuses three blocks.
+    let backend = start_backend(&[]);
+    let (mut client, _) = connect(&backend).await;
+    let mut cached = Vec::new();
+    for _ in 0..2 {
+        let (_, _, _, last) = collect(&mut client, greedy(&prompt, "", 2)).await.expect("generates");
+        cached.extend(last.usage.map(|u| u.cached_tokens));
+    }
+    assert_eq!(cached, vec![0, 48]);
+}
