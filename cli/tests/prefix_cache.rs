@@ -1,7 +1,8 @@
 //! The prefix cache through a real backend and gateway: repeated prompts report the tokens they
 //! reused in OpenAI's `usage.prompt_tokens_details.cached_tokens` (streamed usage too), tenants
-//! reuse only their own prompts unless the operator lets them share, and a backend started with
-//! `--no-prefix-cache` reuses nothing.
+//! reuse only their own prompts unless the operator lets them share, a backend started with
+//! `--no-prefix-cache` reuses nothing, and a watcher of a backend's cache sees its blocks named
+//! as the protocol documents.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly
 
@@ -9,6 +10,8 @@ mod support;
 
 use serde_json::{Value, json};
 use support::*;
+use switchyard_backend::engine::blocks::BlockHash;
+use switchyard_proto::v1 as pb;
 
 /// Tokens per KV block of the backend.
 const BLOCK: u64 = 16;
@@ -101,4 +104,55 @@ async fn a_backend_without_the_prefix_cache_computes_every_prompt() {
         cached.extend(last.usage.map(|u| u.cached_tokens));
     }
     assert_eq!(cached, vec![0, 48]);
+}
+
+/// The ids of the full blocks of `tokens` under `root`.
+fn block_ids(root: BlockHash, tokens: &[u32]) -> Vec<u64> {
+    let mut parent = root;
+    tokens
+        .chunks_exact(BLOCK as usize)
+        .map(|block| {
+            parent = parent.child(block);
+            parent.id()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_watcher_sees_the_blocks_a_backend_caches_named_as_the_protocol_says() {
+    let backend = start_backend(&[]);
+    let (mut client, _) = connect(&backend).await;
+    client.load_adapter(load_req("a", "r8-qv")).await.expect("the adapter loads");
+    let mut watch = client.watch_prefix_cache(pb::WatchPrefixCacheRequest {}).await.expect("watches").into_inner();
+    let first = watch.message().await.expect("a message").expect("the snapshot");
+    assert!(first.snapshot && first.stored.is_empty(), "nothing cached yet: {first:?}");
+    assert_eq!(first.block_size as u64, BLOCK);
+
+    // A 40-token prompt (one token generated) leaves its two full blocks cached.
+    let prompt: Vec<u32> = (10..50).collect();
+    collect(&mut client, greedy(&prompt, "", 1)).await.expect("generates");
+    let base = block_ids(BlockHash::root(None, ""), &prompt[..32]);
+    let update = watch.message().await.expect("a message").expect("an update");
+    assert_eq!((update.snapshot, update.stored.clone(), update.removed.len()), (false, base.clone(), 0));
+
+    // Under the adapter, the root is its weights' digest as ListAdapters reports it.
+    let listed = client.list_adapters(pb::ListAdaptersRequest {}).await.expect("lists").into_inner();
+    let hex = &listed.adapters[0].weights_digest;
+    assert_eq!(hex.len(), 64, "a digest for the resident adapter: {hex:?}");
+    let digest: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex")).collect();
+    let digest: [u8; 32] = digest.try_into().expect("32 bytes");
+    collect(&mut client, greedy(&prompt, "a", 1)).await.expect("generates");
+    let adapted = block_ids(BlockHash::root(Some(&digest), ""), &prompt[..32]);
+    let update = watch.message().await.expect("a message").expect("an update");
+    assert_eq!(update.stored, adapted);
+
+    // A watcher that comes later starts from a snapshot of all four.
+    let mut late = client.watch_prefix_cache(pb::WatchPrefixCacheRequest {}).await.expect("watches").into_inner();
+    let snapshot = late.message().await.expect("a message").expect("the snapshot");
+    let mut all = [base, adapted].concat();
+    let mut got = snapshot.stored.clone();
+    all.sort_unstable();
+    got.sort_unstable();
+    assert!(snapshot.snapshot);
+    assert_eq!(got, all);
 }

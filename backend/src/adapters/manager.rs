@@ -85,6 +85,9 @@ pub struct AdapterInfo {
     pub revision: Option<String>,
     /// Whether its disk cache entry is pinned (kept while it is loaded).
     pub pinned: bool,
+    /// A digest of its weights as computed with (hex), while in a slot: the root of its KV
+    /// blocks' names in the prefix cache.
+    pub weights_digest: Option<String>,
 }
 
 /// What a successful load did.
@@ -375,6 +378,7 @@ impl AdapterManager {
             sha256: r.origin.sha256.clone(),
             revision: r.origin.revision.clone(),
             pinned: r.phase != Phase::Failed && table.pinned(&r.name),
+            weights_digest: None,
         }));
         out
     }
@@ -404,6 +408,7 @@ fn adapter_info(a: &AdapterStatus, origin: Option<&Origin>, pinned: bool) -> Ada
         sha256: origin.and_then(|o| o.sha256.clone()),
         revision: origin.and_then(|o| o.revision.clone()),
         pinned,
+        weights_digest: Some(r.weights_digest.iter().map(|b| format!("{b:02x}")).collect()),
     }
 }
 

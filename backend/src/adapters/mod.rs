@@ -17,7 +17,7 @@ pub use files::{AdapterFiles, FileBytes, SourceScope};
 pub use lifecycle::{Lifecycle, Origin, Phase, Record};
 pub use manager::{AdapterInfo, AdapterManager, AdapterState, LoadOutcome, ManagerError};
 pub use peft::{AdapterWeights, LoraModule, load_peft, load_peft_dir};
-pub use slots::{Released, Resident, SlotError, SlotTable};
+pub use slots::{Released, Resident, SlotError, SlotTable, SlotWeights};
 pub use source::{
     AdapterSource, AdapterUri, Fetched, FileSource, HfSource, HfSourceOptions, S3Source, S3SourceOptions,
     SourceRegistry,

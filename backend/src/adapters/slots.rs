@@ -9,12 +9,24 @@ pub struct Resident {
     pub max_rank: usize,
     pub targets: Vec<String>,
     pub size_bytes: u64,
+    /// A digest of its weights (`AdapterWeights::digest`): the root of its KV blocks' names.
+    pub weights_digest: [u8; 32],
     /// Requests admitted with this adapter and not yet finished.
     pub active: u32,
     /// Being unloaded or replaced: takes no new requests, freed when `active` reaches 0.
     pub draining: bool,
     /// Logical time of the last acquire or release; the smallest idle one is evicted first.
     last_used: u64,
+}
+
+/// What the table records of the weights placed in a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotWeights {
+    pub max_rank: usize,
+    pub targets: Vec<String>,
+    pub size_bytes: u64,
+    /// `AdapterWeights::digest`.
+    pub digest: [u8; 32],
 }
 
 /// Why a slot operation was refused.
@@ -149,18 +161,21 @@ impl SlotTable {
     }
 
     /// Puts an adapter in `slot`, replacing whatever was there.
-    pub fn insert(
-        &mut self,
-        slot: u32,
-        name: String,
-        uri: String,
-        max_rank: usize,
-        targets: Vec<String>,
-        size_bytes: u64,
-    ) {
+    pub fn insert(&mut self, slot: u32, name: String, uri: String, w: SlotWeights) {
         let last_used = self.tick();
-        self.slots[slot as usize] =
-            Some(Resident { name, uri, max_rank, targets, size_bytes, active: 0, draining: false, last_used });
+        let SlotWeights { max_rank, targets, size_bytes, digest: weights_digest } = w;
+        let resident = Resident {
+            name,
+            uri,
+            max_rank,
+            targets,
+            size_bytes,
+            weights_digest,
+            active: 0,
+            draining: false,
+            last_used,
+        };
+        self.slots[slot as usize] = Some(resident);
     }
 
     /// Removes an idle adapter and returns its slot.
@@ -180,9 +195,13 @@ impl SlotTable {
 mod tests {
     use super::*;
 
+    fn weights() -> SlotWeights {
+        SlotWeights { max_rank: 8, targets: Vec::new(), size_bytes: 0, digest: [0; 32] }
+    }
+
     fn put(t: &mut SlotTable, name: &str) -> u32 {
         let (slot, _) = t.choose(None).expect("room");
-        t.insert(slot, name.into(), format!("file:///{name}"), 8, vec![], 0);
+        t.insert(slot, name.into(), format!("file:///{name}"), weights());
         slot
     }
 
@@ -228,7 +247,7 @@ mod tests {
         // The name can be taken by a replacement while the old slot drains.
         let (b, _) = t.choose(None).expect("room");
         assert_ne!(a, b);
-        t.insert(b, "a".into(), "file:///a2".into(), 8, vec![], 0);
+        t.insert(b, "a".into(), "file:///a2".into(), weights());
         assert!(!t.undrain(a, "a"), "a replacement holds the name");
         assert_eq!(t.release(a), None);
         assert_eq!(t.release(a), Some(Released { slot: a, name: "a".into() }));

@@ -50,6 +50,23 @@ impl BlockHash {
         }
         BlockHash(*h.finalize().as_bytes())
     }
+
+    /// The short form routers are told (its first 8 bytes, little-endian): a collision there
+    /// only misleads a routing hint, never what a request computes with.
+    pub fn id(&self) -> u64 {
+        let mut first = [0; 8];
+        first.copy_from_slice(&self.0[..8]);
+        u64::from_le_bytes(first)
+    }
+}
+
+/// A change to the set of cached blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheChange {
+    /// A block was named: later sequences can reuse it.
+    Stored(BlockHash),
+    /// A named block was given out for other tokens.
+    Removed(BlockHash),
 }
 
 /// Every block of the KV cache: free, held by sequences, or cached for reuse.
@@ -68,6 +85,8 @@ pub struct BlockPool {
     released_at: Vec<u64>,
     clock: u64,
     caching: bool,
+    /// Changes since [`BlockPool::take_changes`] last took them.
+    changes: Vec<CacheChange>,
 }
 
 impl BlockPool {
@@ -82,6 +101,7 @@ impl BlockPool {
             released_at: vec![0; blocks],
             clock: 0,
             caching,
+            changes: Vec::new(),
         }
     }
 
@@ -131,6 +151,7 @@ impl BlockPool {
                 let (_, b) = self.unheld.pop_first()?;
                 if let Some(name) = self.names[b as usize].take() {
                     self.cached.remove(&name);
+                    self.changes.push(CacheChange::Removed(name));
                 }
                 b
             }
@@ -148,7 +169,18 @@ impl BlockPool {
         if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(name) {
             e.insert(block);
             self.names[block as usize] = Some(name);
+            self.changes.push(CacheChange::Stored(name));
         }
+    }
+
+    /// The names of every cached block, held or not.
+    pub fn names(&self) -> impl Iterator<Item = &BlockHash> {
+        self.cached.keys()
+    }
+
+    /// The changes to the cached set since the last call, in order.
+    pub fn take_changes(&mut self) -> Vec<CacheChange> {
+        std::mem::take(&mut self.changes)
     }
 
     /// A sequence lets go of its blocks (in position order). Named blocks nobody holds stay
@@ -220,6 +252,15 @@ mod tests {
         assert_eq!(pool.allocate(), Some(held[0]));
         assert_eq!(pool.peek(&names), (0, 0));
         assert_eq!(pool.allocate(), None);
+        let changes = pool.take_changes();
+        let want: Vec<CacheChange> = names
+            .iter()
+            .map(|&n| CacheChange::Stored(n))
+            .chain([CacheChange::Removed(names[1]), CacheChange::Removed(names[0])])
+            .collect();
+        assert_eq!(changes, want, "named, then given out tail first");
+        assert_eq!(pool.names().count(), 0);
+        assert!(pool.take_changes().is_empty());
     }
 
     #[test]

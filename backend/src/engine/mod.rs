@@ -14,7 +14,7 @@ pub mod sampling;
 pub mod scheduler;
 pub mod text;
 
-use crate::adapters::{AdapterWeights, Released, Resident, SlotError, SlotTable};
+use crate::adapters::{AdapterWeights, Released, Resident, SlotError, SlotTable, SlotWeights};
 use crate::model::{ModelConfig, Tokenizer};
 use blocks::BlockHash;
 use executor::{AdapterPreparer, Executor, ExecutorError, PreparedAdapter};
@@ -25,7 +25,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use text::{Detokenizer, Matched, StopMatcher};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+/// Updates of the cached blocks a watcher may fall behind by before it must start again from a
+/// snapshot.
+const PREFIX_UPDATES_KEPT: usize = 1024;
 
 /// Most stop strings one request may set.
 pub const MAX_STOP_STRINGS: usize = 16;
@@ -185,7 +189,26 @@ pub struct Snapshot {
     pub kv_tokens_free: usize,
 }
 
+/// Changes to the set of cached KV blocks, as routers see them (block ids, see
+/// [`BlockHash::id`]). Apply `removed`, then `stored`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefixUpdate {
+    /// Grows by one with every update.
+    pub seq: u64,
+    pub removed: Vec<u64>,
+    pub stored: Vec<u64>,
+}
+
+/// Every cached block at one moment: updates up to `seq` are in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefixSnapshot {
+    pub seq: u64,
+    pub blocks: Vec<u64>,
+}
+
 enum Command {
+    /// Every cached block now.
+    PrefixSnapshot(oneshot::Sender<PrefixSnapshot>),
     Submit {
         req: Box<GenerateRequest>,
         stops: Box<StopMatcher>,
@@ -225,6 +248,7 @@ pub struct Engine {
     preparer: Arc<dyn AdapterPreparer>,
     config: EngineConfig,
     vocab_size: usize,
+    prefixes: broadcast::Sender<Arc<PrefixUpdate>>,
 }
 
 impl Engine {
@@ -241,11 +265,13 @@ impl Engine {
         let (health_tx, health) = watch::channel(Health::Serving);
         // 100 µs to about 6.5 s.
         let step_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 17));
+        let (prefixes, _) = broadcast::channel(PREFIX_UPDATES_KEPT);
         let mut worker = Worker {
+            prefixes: prefixes.clone(),
+            prefix_seq: 0,
             executor,
             scheduler: Scheduler::new(config.scheduler),
             slots: SlotTable::new(config.max_loras),
-            digests: HashMap::new(),
             drains: HashMap::new(),
             active: HashMap::new(),
             rx,
@@ -276,7 +302,7 @@ impl Engine {
             tracing::error!(%reason, "engine not started");
             health_tx.send_replace(Health::Failed(reason));
         }
-        Engine { commands, snapshot, health, step_seconds, preparer, config, vocab_size: model.vocab_size }
+        Engine { commands, snapshot, health, step_seconds, preparer, config, vocab_size: model.vocab_size, prefixes }
     }
 
     /// How long each step (one forward pass and its sampling) took.
@@ -301,6 +327,20 @@ impl Engine {
     /// The latest published state.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
+    }
+
+    /// Every cached KV block now, and the updates that follow it. Updates with a `seq` no
+    /// greater than the snapshot's are already in it. A receiver that lags has lost updates
+    /// and must start again from a new snapshot.
+    pub async fn watch_prefixes(
+        &self,
+    ) -> Result<(PrefixSnapshot, broadcast::Receiver<Arc<PrefixUpdate>>), EngineError> {
+        // Subscribed first: nothing published after the snapshot is missed.
+        let updates = self.prefixes.subscribe();
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::PrefixSnapshot(reply))?;
+        let snapshot = answer.await.map_err(|_| self.stopped())?;
+        Ok((snapshot, updates))
     }
 
     /// Validates and queues a request; the receiver yields its events. Errors that concern the
@@ -459,8 +499,6 @@ struct Worker {
     executor: Box<dyn Executor>,
     scheduler: Scheduler,
     slots: SlotTable,
-    /// The weight digest of the adapter in each slot: the root of its blocks' names.
-    digests: HashMap<u32, [u8; 32]>,
     /// Unloads waiting for a draining slot to be freed.
     drains: HashMap<u32, Vec<oneshot::Sender<()>>>,
     active: HashMap<u64, Active>,
@@ -473,6 +511,8 @@ struct Worker {
     /// Why the engine stopped serving (a device fault), once it has.
     fault: Option<String>,
     step_seconds: Histogram,
+    prefixes: broadcast::Sender<Arc<PrefixUpdate>>,
+    prefix_seq: u64,
 }
 
 impl Worker {
@@ -508,6 +548,7 @@ impl Worker {
             self.reap_cancelled();
             self.step();
             self.publish();
+            self.publish_prefixes();
         }
     }
 
@@ -515,6 +556,10 @@ impl Worker {
     /// caller that reads the snapshot after its reply sees its own change.
     fn handle(&mut self, cmd: Command) {
         match cmd {
+            Command::PrefixSnapshot(reply) => {
+                let blocks = self.scheduler.cached_names().map(BlockHash::id).collect();
+                let _ = reply.send(PrefixSnapshot { seq: self.prefix_seq, blocks });
+            }
             Command::Submit { req, stops, events, reply } => {
                 let result = match &self.fault {
                     Some(reason) => Err(EngineError::Failed(reason.clone())),
@@ -566,7 +611,6 @@ impl Worker {
 
     /// A draining slot is empty: drop its weights and tell whoever waits for it.
     fn free_slot(&mut self, released: Released) {
-        self.digests.remove(&released.slot);
         if let Some(retired) = self.executor.unload_adapter(released.slot) {
             retired.drop_elsewhere();
         }
@@ -616,8 +660,8 @@ impl Worker {
                 queue_wait: req.queue_wait,
             },
         );
-        let digest = adapter_slot.and_then(|slot| self.digests.get(&slot));
-        let root = BlockHash::root(digest, &req.cache_salt);
+        let digest = adapter_slot.and_then(|slot| self.slots.get(slot)).map(|r| r.weights_digest);
+        let root = BlockHash::root(digest.as_ref(), &req.cache_salt);
         let seq = Sequence::new(id, req.prompt, adapter_slot).cached_under(root);
         self.scheduler.add(seq.served_for(req.tenant.into(), req.tenant_weight, req.priority));
         Ok(())
@@ -644,6 +688,7 @@ impl Worker {
         // the old adapter keeps serving if the new one fails to load.
         let (slot, evicted) = self.slots.choose(current)?;
         let (max_rank, targets, size_bytes) = (adapter.max_rank, adapter.targets.clone(), adapter.size_bytes);
+        let weights = SlotWeights { max_rank, targets, size_bytes, digest };
         let installed = self.executor.install_adapter(slot, adapter);
         if let Ok(Some(retired)) = installed {
             // The evicted adapter's weights: freed off this thread.
@@ -658,7 +703,6 @@ impl Worker {
                 let _ = self.slots.remove(old);
                 tracing::warn!(adapter = %old, slot, "adapter dropped: a failed load overwrote its slot");
             }
-            self.digests.remove(&slot);
             if let Some(retired) = self.executor.unload_adapter(slot) {
                 retired.drop_elsewhere();
             }
@@ -675,8 +719,7 @@ impl Worker {
         if let Some(old) = &evicted {
             tracing::info!(adapter = %old, slot, "evicted least recently used idle adapter");
         }
-        self.slots.insert(slot, name.clone(), uri, max_rank, targets, size_bytes);
-        self.digests.insert(slot, digest);
+        self.slots.insert(slot, name.clone(), uri, weights);
         tracing::info!(adapter = %name, slot, rank = max_rank, hot_swap = replaced.is_some(), "adapter loaded");
         let resident = self.slots.get(slot).cloned().ok_or(EngineError::Stopped)?;
         Ok(Installed { status: AdapterStatus { slot, resident }, already_loaded: false, evicted, replaced })
@@ -784,6 +827,24 @@ impl Worker {
             self.publish();
             drop(finished);
         }
+    }
+
+    /// Tells prefix watchers what the last step cached and gave out.
+    fn publish_prefixes(&mut self) {
+        let changes = self.scheduler.take_cache_changes();
+        if changes.is_empty() {
+            return;
+        }
+        self.prefix_seq += 1;
+        let mut update = PrefixUpdate { seq: self.prefix_seq, ..PrefixUpdate::default() };
+        for change in changes {
+            match change {
+                blocks::CacheChange::Stored(name) => update.stored.push(name.id()),
+                blocks::CacheChange::Removed(name) => update.removed.push(name.id()),
+            }
+        }
+        // A step gives blocks out before it names the ones it filled: removals come first.
+        let _ = self.prefixes.send(Arc::new(update));
     }
 
     fn publish(&self) {

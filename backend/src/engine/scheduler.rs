@@ -30,7 +30,7 @@
 //! that finds the batch or the cache full preempts them (lowest priority, newest first) when
 //! that makes room for it, so it starts at the next step instead of after them.
 
-use super::blocks::{BlockHash, BlockPool};
+use super::blocks::{BlockHash, BlockPool, CacheChange};
 use super::executor::{Batch, SeqChunk};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -243,6 +243,16 @@ impl Scheduler {
     /// Blocks kept for reuse that no sequence holds.
     pub fn cached_blocks(&self) -> usize {
         self.pool.cached_unheld()
+    }
+
+    /// The names of every cached block (held or not).
+    pub fn cached_names(&self) -> impl Iterator<Item = &BlockHash> {
+        self.pool.names()
+    }
+
+    /// Changes to the cached blocks since the last call.
+    pub fn take_cache_changes(&mut self) -> Vec<CacheChange> {
+        self.pool.take_changes()
     }
 
     pub fn is_idle(&self) -> bool {

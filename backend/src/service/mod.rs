@@ -144,6 +144,7 @@ fn adapter_info(a: AdapterInfo) -> pb::AdapterInfo {
         error: a.error.unwrap_or_default(),
         sha256: a.sha256.unwrap_or_default(),
         revision: a.revision.unwrap_or_default(),
+        weights_digest: a.weights_digest.unwrap_or_default(),
     }
 }
 
@@ -207,9 +208,68 @@ impl BackendService {
     }
 }
 
+type PrefixStream = Pin<Box<dyn Stream<Item = Result<pb::PrefixCacheUpdate, Status>> + Send>>;
+
+/// Where a prefix-cache watch stands.
+enum Watch {
+    /// About to send a snapshot (first, or after falling behind).
+    Snapshot,
+    Following {
+        seq: u64,
+        updates: tokio::sync::broadcast::Receiver<Arc<crate::engine::PrefixUpdate>>,
+    },
+}
+
+/// The next message of a prefix-cache watch, or `None` when the engine has stopped.
+async fn next_prefix_update(
+    engine: &Engine,
+    block_size: u32,
+    watch: &mut Watch,
+) -> Option<Result<pb::PrefixCacheUpdate, Status>> {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match watch {
+            Watch::Snapshot => {
+                let (snapshot, updates) = match engine.watch_prefixes().await {
+                    Ok(started) => started,
+                    Err(e) => return Some(Err(ServiceError::from(e).into())),
+                };
+                *watch = Watch::Following { seq: snapshot.seq, updates };
+                let stored = snapshot.blocks;
+                return Some(Ok(pb::PrefixCacheUpdate { snapshot: true, block_size, removed: Vec::new(), stored }));
+            }
+            Watch::Following { seq, updates } => match updates.recv().await {
+                Ok(update) if update.seq <= *seq => continue,
+                Ok(update) => {
+                    *seq = update.seq;
+                    let (removed, stored) = (update.removed.clone(), update.stored.clone());
+                    return Some(Ok(pb::PrefixCacheUpdate { snapshot: false, block_size, removed, stored }));
+                }
+                // Fell behind: updates were lost, so start again from what the cache holds now.
+                Err(RecvError::Lagged(_)) => *watch = Watch::Snapshot,
+                Err(RecvError::Closed) => return None,
+            },
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::backend_server::Backend for BackendService {
     type GenerateStream = GenerateStream;
+    type WatchPrefixCacheStream = PrefixStream;
+
+    async fn watch_prefix_cache(
+        &self,
+        _: Request<pb::WatchPrefixCacheRequest>,
+    ) -> Result<Response<PrefixStream>, Status> {
+        let engine = self.engine.clone();
+        let block_size = engine.config().scheduler.block_size as u32;
+        let stream = futures::stream::unfold((engine, Watch::Snapshot), move |(engine, mut watch)| async move {
+            let next = next_prefix_update(&engine, block_size, &mut watch).await?;
+            Some((next, (engine, watch)))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
 
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let req = request.into_inner();
