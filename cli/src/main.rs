@@ -500,6 +500,9 @@ struct GatewayTuning {
     #[arg(long, env = "SWITCHYARD_FIRST_TOKEN_TIMEOUT_MS",
           default_value_t = switchyard_gateway::DEFAULT_FIRST_TOKEN_TIMEOUT.as_millis() as u64)]
     first_token_timeout_ms: u64,
+    /// Route by load alone: do not prefer the backend that caches most of a request's prompt.
+    #[arg(long, env = "SWITCHYARD_NO_PREFIX_ROUTING")]
+    no_prefix_routing: bool,
     #[command(flatten)]
     policy: PolicyHostArgs,
 }
@@ -651,6 +654,7 @@ async fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gatew
             first_token_timeout: Duration::from_millis(a.tuning.first_token_timeout_ms),
             policy_headers: a.tuning.policy.policy_headers.clone(),
             instance: switchyard_gateway::default_instance(),
+            prefix_routing: !a.tuning.no_prefix_routing,
         },
         policy_limits: a.tuning.policy.limits()?,
         store_limits: a.tuning.policy.store_limits()?,

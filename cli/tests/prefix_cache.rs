@@ -1,8 +1,8 @@
 //! The prefix cache through a real backend and gateway: repeated prompts report the tokens they
 //! reused in OpenAI's `usage.prompt_tokens_details.cached_tokens` (streamed usage too), tenants
 //! reuse only their own prompts unless the operator lets them share, a backend started with
-//! `--no-prefix-cache` reuses nothing, and a watcher of a backend's cache sees its blocks named
-//! as the protocol documents.
+//! `--no-prefix-cache` reuses nothing, a watcher of a backend's cache sees its blocks named as
+//! the protocol documents, and a gateway sends a prompt to the backend that caches it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly
 
@@ -155,4 +155,59 @@ async fn a_watcher_sees_the_blocks_a_backend_caches_named_as_the_protocol_says()
     got.sort_unstable();
     assert!(snapshot.snapshot);
     assert_eq!(got, all);
+}
+
+/// `(prompt_tokens, cached_tokens)` of one base-model chat of `tenant` with `content`, sent once
+/// the gateway has probed every backend idle again (its probes run every 200 ms) and followed
+/// their prefix caches.
+async fn cached_chat(http: &reqwest::Client, gw: &Gateway, tenant: &str, model: &str, content: &str) -> (u64, u64) {
+    tokio::time::sleep(std::time::Duration::from_millis(450)).await;
+    let body =
+        json!({"model": model, "temperature": 0, "max_tokens": 2, "messages": [{"role": "user", "content": content}]});
+    usage(http, gw, tenant, body).await
+}
+
+/// Two backends, idle, so load alone always picks the same one first. A prompt computed on the
+/// other (by a tenant pinned there) is found there by a gateway that routes by cached prefix,
+/// and missed by one that routes by load.
+#[tokio::test]
+async fn a_gateway_sends_a_prompt_to_the_backend_that_caches_it() {
+    let backends = [start_backend(&[]), start_backend(&[])];
+    let addrs: Vec<String> = backends.iter().map(|b| format!("http://{}", b.addr)).collect();
+    let tenants = format!(
+        "[tenants.user]\nshare_prefix_cache = true\n\
+         [tenants.warm-0]\nshare_prefix_cache = true\nbackend = \"{}\"\n\
+         [tenants.warm-1]\nshare_prefix_cache = true\nbackend = \"{}\"\n",
+        addrs[0], addrs[1]
+    );
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let (dir_on, dir_off) = (tempfile::tempdir().expect("state dir"), tempfile::tempdir().expect("state dir"));
+    let by_prefix = gateway(dir_on.path(), &refs, &tenants, &[]);
+    let by_load = gateway(dir_off.path(), &refs, &tenants, &["--no-prefix-routing"]);
+    let http = reqwest::Client::new();
+    wait_ready(&http, &by_prefix).await;
+    wait_ready(&http, &by_load).await;
+    let (_, models) = get(&http, &by_prefix, "/v1/models", &token("user", "")).await;
+    let base = models["data"][0]["id"].as_str().expect("the base model").to_string();
+    let prompt =
+        |n: usize| format!("Document {n}. The eastern line runs from the harbour to the old mill in nine stops.");
+
+    // Each backend computes prompts of its own for the whole fleet (the tenants share a cache).
+    for (n, warm) in [(1, "warm-0"), (2, "warm-1"), (3, "warm-0"), (4, "warm-1")] {
+        assert_eq!(cached_chat(&http, &by_prefix, warm, &base, &prompt(n)).await.1, 0);
+    }
+    // Routed by cached prefix, both are found, whichever backend load would pick first.
+    let (tokens, cached) = cached_chat(&http, &by_prefix, "user", &base, &prompt(1)).await;
+    let full = (tokens - 1) / BLOCK * BLOCK;
+    assert!(full >= BLOCK, "a prompt of at least a block ({tokens} tokens)");
+    assert_eq!(cached, full, "prompt 1 is found on backend 0");
+    assert_eq!(cached_chat(&http, &by_prefix, "user", &base, &prompt(2)).await.1, full, "prompt 2 on backend 1");
+    // Routed by load, the idle backends tie and the same one is always first: one of the two
+    // others is found, the other computed again.
+    let mut found = Vec::new();
+    for n in [3, 4] {
+        found.push(cached_chat(&http, &by_load, "user", &base, &prompt(n)).await.1);
+    }
+    found.sort_unstable();
+    assert_eq!(found, vec![0, full], "load routing finds only what is on its first backend");
 }

@@ -83,6 +83,47 @@ async fn attempt(gw: &Arc<Gateway>, address: &str, request: &GenerateCall) -> Re
     Ok(Started { backend: backend.address().to_string(), first, rest: TokenStreamHolder(stream), in_flight })
 }
 
+/// Reorders `ranked` (indices into `views`, best first by readiness and load) by the cost of
+/// serving `request` on each, given the part of its prompt each caches ([`crate::prefix`]);
+/// backends less ready for the request's adapter stay behind the readiest. The prompt goes on
+/// as the token ids the first candidate computed. Any failure leaves the order as it was.
+async fn by_cached_prefix(
+    gw: &Arc<Gateway>,
+    views: &[cluster::BackendView],
+    ranked: &mut [usize],
+    request: &mut GenerateCall,
+) {
+    let adapter = request.adapter.as_deref();
+    let digest = match adapter {
+        None => None,
+        Some(name) => match ranked.iter().find_map(|&i| views[i].adapters.get(name).and_then(|a| a.weights_digest)) {
+            Some(digest) => Some(digest),
+            // No backend has said what its weights are: nothing can be cached under them.
+            None => return,
+        },
+    };
+    let Some(upstream) = gw.members.upstream(&views[ranked[0]].address) else { return };
+    let tokens = match upstream.tokenize(&request.prompt).await {
+        Ok(tokens) => tokens,
+        Err(e) => {
+            tracing::debug!(backend = %upstream.address(), error = %e, "could not tokenize for prefix routing; routing by load");
+            return;
+        }
+    };
+    let root = switchyard_proto::prefix::BlockHash::root(digest.as_ref(), &request.cache_salt);
+    let addresses: Vec<&str> = ranked.iter().map(|&i| views[i].address.as_str()).collect();
+    let cached = gw.prefixes.cached_tokens(&addresses, root, &tokens);
+    let best_fit = views[ranked[0]].fit(adapter);
+    let ready = ranked.iter().take_while(|&&i| views[i].fit(adapter) == best_fit).count();
+    let mut costed: Vec<(usize, usize, u32)> =
+        ranked[..ready].iter().zip(&cached).map(|(&i, &c)| (i, c, views[i].queue_depth())).collect();
+    crate::prefix::order_by_cost(&mut costed, tokens.len());
+    for (slot, (i, ..)) in ranked.iter_mut().zip(costed) {
+        *slot = i;
+    }
+    request.prompt = crate::upstream::Prompt::Tokens(tokens);
+}
+
 /// Starts `request` on the best backend for `route`, giving up (and cancelling it there) when
 /// no first token has come within the gateway's `first_token_timeout`.
 pub async fn start(gw: &Arc<Gateway>, route: &Route, request: GenerateCall) -> Result<Started, Error> {
@@ -103,10 +144,11 @@ pub async fn start(gw: &Arc<Gateway>, route: &Route, request: GenerateCall) -> R
 async fn start_within(gw: &Arc<Gateway>, route: &Route, mut request: GenerateCall) -> Result<Started, Error> {
     request.adapter.clone_from(&route.adapter);
     let views = gw.views();
-    let candidates: Vec<&str> = cluster::rank(&views, route.adapter.as_deref(), route.backend.as_deref())
-        .into_iter()
-        .map(|i| views[i].address.as_str())
-        .collect();
+    let mut ranked = cluster::rank(&views, route.adapter.as_deref(), route.backend.as_deref());
+    if gw.options.prefix_routing && ranked.len() > 1 {
+        by_cached_prefix(gw, &views, &mut ranked, &mut request).await;
+    }
+    let candidates: Vec<&str> = ranked.into_iter().map(|i| views[i].address.as_str()).collect();
     if candidates.is_empty() {
         let message = match &route.backend {
             Some(b) => format!("backend {b} chosen by the routing policy is not healthy"),

@@ -31,6 +31,7 @@ pub mod members;
 pub mod metrics;
 pub mod openai;
 pub mod policy;
+pub mod prefix;
 pub mod quota;
 pub mod reconcile;
 pub mod store;
@@ -71,6 +72,8 @@ pub struct GatewayOptions {
     pub policy_headers: Vec<String>,
     /// Names this gateway among its fleet (in leadership and operation records).
     pub instance: String,
+    /// Route requests toward the backend that caches most of their prompt ([`prefix`]).
+    pub prefix_routing: bool,
 }
 
 /// A name for this gateway process: the host's name (`$HOSTNAME`, as Kubernetes sets it to the
@@ -102,6 +105,7 @@ impl Default for GatewayOptions {
             first_token_timeout: DEFAULT_FIRST_TOKEN_TIMEOUT,
             policy_headers: Vec::new(),
             instance: default_instance(),
+            prefix_routing: true,
         }
     }
 }
@@ -121,6 +125,8 @@ pub struct Gateway {
     /// Every tenant's quota budgets, counted in the state store's counters.
     pub(crate) quotas: Arc<quota::Quotas>,
     pub(crate) options: GatewayOptions,
+    /// What each backend caches, as its prefix cache watch says.
+    pub(crate) prefixes: prefix::PrefixIndex,
     /// Per adapter name: admin operations and re-applies of one name run one at a time.
     turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The base model's name, from the first backend that answered a probe.
@@ -153,6 +159,7 @@ impl Gateway {
             verifier,
             metrics: Metrics::new(),
             turns: Mutex::new(HashMap::new()),
+            prefixes: prefix::PrefixIndex::default(),
             base_model: RwLock::new(None),
             policies: None,
             leadership: Arc::new(leader::Leadership::new(options.instance.clone())),

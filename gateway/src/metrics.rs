@@ -171,8 +171,10 @@ impl Metrics {
             .observe(after.as_secs_f64());
     }
 
-    pub fn tokens(&self, tenant: &str, model: &str, prompt: u32, completion: u32) {
-        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+    /// Tokens of a finished generation: `cached` of its `prompt` tokens came from the backend's
+    /// prefix cache.
+    pub fn tokens(&self, tenant: &str, model: &str, prompt: u32, completion: u32, cached: u32) {
+        for (kind, n) in [("prompt", prompt), ("completion", completion), ("prompt_cached", cached)] {
             let labels = TokenLabels { kind, tenant: tenant.to_string(), model: model.to_string() };
             self.tokens.get_or_create(&labels).inc_by(u64::from(n));
         }
@@ -199,12 +201,13 @@ mod tests {
     fn the_exposition_carries_every_family_with_its_labels() {
         let m = Metrics::new();
         m.request("chat_completions", 200, "acme", "acme/support", Duration::from_millis(12));
-        m.tokens("acme", "acme/support", 7, 3);
+        m.tokens("acme", "acme/support", 7, 3, 2);
         m.backend_health("http://127.0.0.1:50051", true);
         let text = m.render();
         for needle in [
             "switchyard_gateway_requests_total{endpoint=\"chat_completions\",status=\"200\",tenant=\"acme\",model=\"acme/support\"} 1",
             "switchyard_gateway_tokens_total{kind=\"completion\",tenant=\"acme\",model=\"acme/support\"} 3",
+            "switchyard_gateway_tokens_total{kind=\"prompt_cached\",tenant=\"acme\",model=\"acme/support\"} 2",
             "switchyard_gateway_backend_healthy{backend=\"http://127.0.0.1:50051\"} 1",
             "switchyard_gateway_request_duration_seconds_bucket",
         ] {

@@ -35,12 +35,19 @@ fn start_probe(gw: &Arc<Gateway>, id: &str) {
     let (me, member) = (gw.clone(), id.to_string());
     let task = tokio::spawn(async move {
         let id = member;
-        let mut tick = tokio::time::interval(me.options.probe_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failures = Failures::default();
-        loop {
-            tick.tick().await;
-            round(&me, &id, &mut failures).await;
+        let probes = async {
+            let mut tick = tokio::time::interval(me.options.probe_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failures = Failures::default();
+            loop {
+                tick.tick().await;
+                round(&me, &id, &mut failures).await;
+            }
+        };
+        // The backend's prefix cache is followed by the same task, so it stops with it.
+        match me.options.prefix_routing {
+            true => futures::future::join(probes, crate::prefix::follow(me.clone(), id.clone())).await.0,
+            false => probes.await,
         }
     });
     gw.members.set_probe(id, task.abort_handle());
@@ -80,6 +87,7 @@ async fn discover(gw: Arc<Gateway>) {
         }
         for id in gw.members.registered() {
             if !registered.contains(&id) && gw.members.remove_registered(&id) {
+                gw.prefixes.forget(&id);
                 tracing::warn!(backend = %id, "a backend's registration is gone: it left the routing table");
                 gw.metrics.backend_health(&id, false);
             }

@@ -3,6 +3,8 @@
 
 #![allow(missing_docs, missing_debug_implementations, clippy::all)]
 
+pub mod prefix;
+
 /// Version 1 of the backend service.
 pub mod v1 {
     tonic::include_proto!("switchyard.backend.v1");

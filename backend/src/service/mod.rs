@@ -258,6 +258,16 @@ impl pb::backend_server::Backend for BackendService {
     type GenerateStream = GenerateStream;
     type WatchPrefixCacheStream = PrefixStream;
 
+    async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        use pb::generate_request::Input;
+        let input = request.into_inner().input.map(|input| match input {
+            pb::tokenize_request::Input::Prompt(text) => Input::Prompt(text),
+            pb::tokenize_request::Input::Chat(chat) => Input::Chat(chat),
+        });
+        let token_ids = self.prompt_ids(input).await?;
+        Ok(Response::new(pb::TokenizeResponse { token_ids }))
+    }
+
     async fn watch_prefix_cache(
         &self,
         _: Request<pb::WatchPrefixCacheRequest>,

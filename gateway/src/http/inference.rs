@@ -98,7 +98,7 @@ impl Record {
         }
         self.gw.metrics.request(endpoint(self.api), status, &self.tenant, &self.model, self.started.elapsed());
         if let Some(u) = usage {
-            self.gw.metrics.tokens(&self.tenant, &self.model, u.prompt_tokens, u.completion_tokens);
+            self.gw.metrics.tokens(&self.tenant, &self.model, u.prompt_tokens, u.completion_tokens, u.cached_tokens);
         }
     }
 
@@ -396,7 +396,7 @@ async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<Str
     drop(in_flight);
     let usage = last.usage.as_ref();
     if let Some(u) = usage {
-        record.gw.metrics.tokens(&record.tenant, &record.model, u.prompt_tokens, u.completion_tokens);
+        record.gw.metrics.tokens(&record.tenant, &record.model, u.prompt_tokens, u.completion_tokens, u.cached_tokens);
         record.used(u);
     }
     Ok(job.head.complete(&text, finish_reason(&last), openai_usage(usage)))

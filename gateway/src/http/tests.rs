@@ -126,6 +126,14 @@ impl Upstream for FakeBackend {
         })
     }
 
+    async fn tokenize(&self, _: &crate::upstream::Prompt) -> Result<Vec<u32>, UpstreamError> {
+        Err(err(UpstreamCode::Other, "the fake backend has no tokenizer"))
+    }
+
+    async fn watch_prefix_cache(&self) -> Result<crate::upstream::PrefixStream, UpstreamError> {
+        Err(err(UpstreamCode::Other, "the fake backend has no prefix cache"))
+    }
+
     async fn unload_adapter(&self, name: &str, _fence: u64) -> Result<(), UpstreamError> {
         match self.adapters.lock().unwrap().remove(name) {
             Some(_) => Ok(()),

@@ -1,8 +1,8 @@
 //! [`Upstream`] over the backend's gRPC service and `grpc.health.v1`.
 
 use super::{
-    AdapterState, AdapterStatus, BackendInfo, Finish, GenerateCall, LoadCall, Loaded, Piece, Probe, Prompt,
-    TokenStream, Upstream, UpstreamCode, UpstreamError, Usage,
+    AdapterState, AdapterStatus, BackendInfo, Finish, GenerateCall, LoadCall, Loaded, Piece, PrefixStream,
+    PrefixUpdate, Probe, Prompt, TokenStream, Upstream, UpstreamCode, UpstreamError, Usage,
 };
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -147,13 +147,21 @@ fn timed_out(what: &str, after: Duration) -> UpstreamError {
     UpstreamError::new(UpstreamCode::Timeout, format!("{what} took longer than {}s", after.as_secs()))
 }
 
+fn chat_prompt(messages: &[super::ChatMessage]) -> pb::ChatPrompt {
+    pb::ChatPrompt {
+        messages: messages
+            .iter()
+            .map(|m| pb::ChatMessage { role: m.role.clone(), content: m.content.clone() })
+            .collect(),
+        add_generation_prompt: true,
+    }
+}
+
 fn generate_request(c: GenerateCall) -> pb::GenerateRequest {
     let input = match c.prompt {
         Prompt::Text(text) => pb::generate_request::Input::Prompt(text),
-        Prompt::Chat(messages) => pb::generate_request::Input::Chat(pb::ChatPrompt {
-            messages: messages.into_iter().map(|m| pb::ChatMessage { role: m.role, content: m.content }).collect(),
-            add_generation_prompt: true,
-        }),
+        Prompt::Chat(messages) => pb::generate_request::Input::Chat(chat_prompt(&messages)),
+        Prompt::Tokens(ids) => pb::generate_request::Input::TokenIds(pb::TokenIds { ids }),
     };
     pb::GenerateRequest {
         request_id: c.request_id,
@@ -199,7 +207,15 @@ fn adapter_status(a: pb::AdapterInfo) -> AdapterStatus {
         pb::AdapterState::Draining => AdapterState::Draining,
         pb::AdapterState::Unspecified => AdapterState::Unknown,
     };
-    AdapterStatus { name: a.name, uri: a.uri, state, sha256: non_empty(a.sha256), error: non_empty(a.error) }
+    let weights_digest = switchyard_proto::prefix::parse_digest(&a.weights_digest);
+    AdapterStatus {
+        name: a.name,
+        uri: a.uri,
+        state,
+        sha256: non_empty(a.sha256),
+        error: non_empty(a.error),
+        weights_digest,
+    }
 }
 
 fn backend_info(i: pb::InfoResponse) -> BackendInfo {
@@ -273,5 +289,33 @@ impl Upstream for GrpcUpstream {
         let mut request = tonic::Request::new(pb::UnloadAdapterRequest { name: name.to_string(), fence });
         request.set_timeout(self.timeouts.admin);
         backend.unload_adapter(request).await.map(|_| ()).map_err(from_status)
+    }
+
+    async fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, UpstreamError> {
+        use pb::tokenize_request::Input;
+        let input = match prompt {
+            Prompt::Text(text) => Input::Prompt(text.clone()),
+            Prompt::Chat(messages) => Input::Chat(chat_prompt(messages)),
+            Prompt::Tokens(ids) => return Ok(ids.clone()),
+        };
+        let mut backend = self.backend.clone();
+        let mut request = tonic::Request::new(pb::TokenizeRequest { input: Some(input) });
+        request.set_timeout(self.timeouts.probe);
+        backend.tokenize(request).await.map(|r| r.into_inner().token_ids).map_err(from_status)
+    }
+
+    async fn watch_prefix_cache(&self) -> Result<PrefixStream, UpstreamError> {
+        let mut backend = self.backend.clone();
+        let stream = backend.watch_prefix_cache(pb::WatchPrefixCacheRequest {}).await.map_err(from_status)?;
+        let updates = stream.into_inner().map(|m| {
+            m.map(|u| PrefixUpdate {
+                snapshot: u.snapshot,
+                block_size: u.block_size,
+                removed: u.removed,
+                stored: u.stored,
+            })
+            .map_err(from_status)
+        });
+        Ok(updates.boxed())
     }
 }

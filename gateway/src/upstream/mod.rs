@@ -42,6 +42,8 @@ pub enum Prompt {
     Text(String),
     /// Messages, rendered by the model's chat template with the assistant's turn opened.
     Chat(Vec<ChatMessage>),
+    /// Token ids, as a backend's `tokenize` gave them.
+    Tokens(Vec<u32>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,14 +148,31 @@ pub struct AdapterStatus {
     pub sha256: Option<String>,
     /// Why it failed, for [`AdapterState::Failed`].
     pub error: Option<String>,
+    /// While in a slot: the digest of its weights, the root of its cached blocks' names.
+    pub weights_digest: Option<[u8; 32]>,
 }
 
 impl AdapterStatus {
     /// An adapter in `state`, loaded from `uri`, with no digest or error.
     pub fn new(name: &str, uri: &str, state: AdapterState) -> AdapterStatus {
-        AdapterStatus { name: name.into(), uri: uri.into(), state, sha256: None, error: None }
+        AdapterStatus { name: name.into(), uri: uri.into(), state, sha256: None, error: None, weights_digest: None }
     }
 }
+
+/// A change to what a backend holds in its prefix cache (block ids, see
+/// [`switchyard_proto::prefix::BlockHash::id`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefixUpdate {
+    /// It lists every cached block: forget what came before.
+    pub snapshot: bool,
+    pub block_size: u32,
+    /// Apply `removed`, then `stored`.
+    pub removed: Vec<u64>,
+    pub stored: Vec<u64>,
+}
+
+/// A backend's prefix cache updates, as it sends them.
+pub type PrefixStream = BoxStream<'static, Result<PrefixUpdate, UpstreamError>>;
 
 /// What a backend says about itself: its model, its adapter slots and its load.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -227,4 +246,8 @@ pub trait Upstream: Send + Sync + std::fmt::Debug {
     async fn load_adapter(&self, call: LoadCall) -> Result<Loaded, UpstreamError>;
     /// Unloads `name`, with the caller's fencing token (0: unfenced).
     async fn unload_adapter(&self, name: &str, fence: u64) -> Result<(), UpstreamError>;
+    /// The token ids the backend would compute `prompt` as.
+    async fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, UpstreamError>;
+    /// Follows the backend's prefix cache: a snapshot, then changes.
+    async fn watch_prefix_cache(&self) -> Result<PrefixStream, UpstreamError>;
 }
