@@ -503,6 +503,12 @@ struct GatewayTuning {
     /// Route by load alone: do not prefer the backend that caches most of a request's prompt.
     #[arg(long, env = "SWITCHYARD_NO_PREFIX_ROUTING")]
     no_prefix_routing: bool,
+    /// Routing by cached prefix: what one request already waiting or running on a backend
+    /// costs, in prompt tokens to compute (a backend caching this many more tokens of the
+    /// prompt is worth one more request in its queue).
+    #[arg(long, env = "SWITCHYARD_PREFIX_QUEUE_COST_TOKENS",
+          default_value_t = switchyard_gateway::prefix::DEFAULT_QUEUE_COST_TOKENS)]
+    prefix_queue_cost_tokens: usize,
     #[command(flatten)]
     policy: PolicyHostArgs,
 }
@@ -655,6 +661,7 @@ async fn build_gateway(a: GatewayArgs) -> Result<std::sync::Arc<switchyard_gatew
             policy_headers: a.tuning.policy.policy_headers.clone(),
             instance: switchyard_gateway::default_instance(),
             prefix_routing: !a.tuning.no_prefix_routing,
+            prefix_queue_cost: a.tuning.prefix_queue_cost_tokens,
         },
         policy_limits: a.tuning.policy.limits()?,
         store_limits: a.tuning.policy.store_limits()?,

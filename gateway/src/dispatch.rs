@@ -117,7 +117,7 @@ async fn by_cached_prefix(
     let ready = ranked.iter().take_while(|&&i| views[i].fit(adapter) == best_fit).count();
     let mut costed: Vec<(usize, usize, u32)> =
         ranked[..ready].iter().zip(&cached).map(|(&i, &c)| (i, c, views[i].queue_depth())).collect();
-    crate::prefix::order_by_cost(&mut costed, tokens.len());
+    crate::prefix::order_by_cost(&mut costed, tokens.len(), gw.options.prefix_queue_cost);
     for (slot, (i, ..)) in ranked.iter_mut().zip(costed) {
         *slot = i;
     }

@@ -74,6 +74,9 @@ pub struct GatewayOptions {
     pub instance: String,
     /// Route requests toward the backend that caches most of their prompt ([`prefix`]).
     pub prefix_routing: bool,
+    /// What a request waiting or running on a backend costs, in prompt tokens, when routing by
+    /// cached prefix.
+    pub prefix_queue_cost: usize,
 }
 
 /// A name for this gateway process: the host's name (`$HOSTNAME`, as Kubernetes sets it to the
@@ -106,6 +109,7 @@ impl Default for GatewayOptions {
             policy_headers: Vec::new(),
             instance: default_instance(),
             prefix_routing: true,
+            prefix_queue_cost: prefix::DEFAULT_QUEUE_COST_TOKENS,
         }
     }
 }

@@ -6,8 +6,9 @@
 //! its full blocks as the backends do ([`switchyard_proto::prefix`]: the adapter's weight digest
 //! and the tenant's cache salt at the root), and counts, per backend, the leading blocks it
 //! holds. The backends are then ordered by what serving the request would cost there: the
-//! prompt tokens still to compute, plus [`QUEUE_COST_TOKENS`] for every request already waiting
-//! or running there. The prompt goes on as token ids, so it is tokenized once.
+//! prompt tokens still to compute, plus a price in tokens (`--prefix-queue-cost-tokens`,
+//! default [`DEFAULT_QUEUE_COST_TOKENS`]) for every request already waiting or running there.
+//! The prompt goes on as token ids, so it is tokenized once.
 //!
 //! The copy is a hint, never the truth: a backend that evicts blocks after its update was sent,
 //! or a stream that breaks (the copy is dropped until the next snapshot), only makes a request
@@ -22,10 +23,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use switchyard_proto::prefix::{BlockHash, block_ids};
 
-/// What a request already waiting or running on a backend costs a new one there, in prompt
-/// tokens to compute: a backend holding this many more of the prompt is worth one more
+/// What a request already waiting or running on a backend costs a new one there, by default, in
+/// prompt tokens to compute: a backend holding this many more of the prompt is worth one more
 /// request in its queue.
-pub const QUEUE_COST_TOKENS: usize = 256;
+pub const DEFAULT_QUEUE_COST_TOKENS: usize = 32;
 
 /// How long after a broken or refused watch the gateway asks again.
 const RETRY_WATCH: Duration = Duration::from_secs(2);
@@ -105,11 +106,11 @@ pub async fn follow(gw: Arc<Gateway>, id: String) {
     }
 }
 
-/// Orders `candidates` (addresses, best first by load) by the cost of serving a prompt of
-/// `tokens` there, given `cached` tokens of it on each and each one's `queue` depth. Ties keep
-/// the given order.
-pub fn order_by_cost(candidates: &mut [(usize, usize, u32)], tokens: usize) {
-    candidates.sort_by_key(|&(_, cached, queue)| tokens.saturating_sub(cached) + queue as usize * QUEUE_COST_TOKENS);
+/// Orders `candidates` (`(index, cached tokens, queue depth)`, best first by load) by the cost
+/// of serving a prompt of `tokens` there: the tokens not cached, plus `queue_cost` per request
+/// in the queue. Ties keep the given order.
+pub fn order_by_cost(candidates: &mut [(usize, usize, u32)], tokens: usize, queue_cost: usize) {
+    candidates.sort_by_key(|&(_, cached, queue)| tokens.saturating_sub(cached) + queue as usize * queue_cost);
 }
 
 #[cfg(test)]
@@ -148,13 +149,13 @@ mod tests {
     fn a_cached_prompt_outweighs_a_short_queue_but_not_a_long_one() {
         // (index, cached tokens, queue depth), in load order.
         let mut c = vec![(0, 0, 0), (1, 600, 1)];
-        order_by_cost(&mut c, 800);
-        assert_eq!(c[0].0, 1, "600 cached tokens are worth one queued request");
+        order_by_cost(&mut c, 800, 256);
+        assert_eq!(c[0].0, 1, "600 cached tokens are worth one queued request at 256 each");
         let mut c = vec![(0, 0, 0), (1, 600, 3)];
-        order_by_cost(&mut c, 800);
+        order_by_cost(&mut c, 800, 256);
         assert_eq!(c[0].0, 0, "but not three");
         let mut c = vec![(0, 0, 1), (1, 0, 1)];
-        order_by_cost(&mut c, 800);
+        order_by_cost(&mut c, 800, 256);
         assert_eq!(c.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1], "ties keep the load order");
     }
 }
