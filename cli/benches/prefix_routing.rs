@@ -3,9 +3,11 @@
 //! holding a conversation of `--turns` turns (default 6) with one shared system prompt, each
 //! turn sent (with its whole history) when the previous answer (up to `--max-tokens`, default
 //! 32) has come back. Run once with the gateway routing by cached prefix and once with
-//! `--no-prefix-routing`, each on fresh backends; prints, for each, the prompt tokens, those
-//! the backends found in their prefix caches (`usage.prompt_tokens_details.cached_tokens`),
-//! the hit rate and the time the workload took, then the ratio of the hit rates.
+//! `--no-prefix-routing`, each on fresh backends, and once on a single backend, where every turn
+//! finds its history: the hit rate no router of two backends can beat. Prints, for each, the
+//! prompt tokens, those the backends found in their prefix caches
+//! (`usage.prompt_tokens_details.cached_tokens`), the hit rate and the time the workload took,
+//! then the ratios of the hit rates to routing by load.
 //!
 //! `cargo bench -p switchyard --bench prefix_routing [-- --users 8 --turns 6 --max-tokens 32
 //! --queue-cost 32]` (`--queue-cost`: the gateway's `--prefix-queue-cost-tokens`)
@@ -63,11 +65,13 @@ async fn main() {
     println!("{:<22} {:>14} {:>14} {:>10} {:>10}", "routing", "prompt tokens", "cached tokens", "hit rate", "seconds");
     let mut rates = Vec::new();
     let by_prefix = ["--prefix-queue-cost-tokens", queue_cost.as_str()];
-    for (name, flags) in [("by cached prefix", &by_prefix[..]), ("by load alone", &["--no-prefix-routing"][..])] {
-        let backends = [
-            start_backend_with(&model, &["--max-running", "8"], &[]),
-            start_backend_with(&model, &["--max-running", "8"], &[]),
-        ];
+    let runs = [
+        ("by cached prefix", 2, &by_prefix[..]),
+        ("by load alone", 2, &["--no-prefix-routing"][..]),
+        ("one backend (ceiling)", 1, &[][..]),
+    ];
+    for (name, count, flags) in runs {
+        let backends: Vec<_> = (0..count).map(|_| start_backend_with(&model, &["--max-running", "8"], &[])).collect();
         let addrs: Vec<&str> = backends.iter().map(|b| b.addr.as_str()).collect();
         let dir = tempfile::tempdir().expect("state dir");
         let gw = gateway(dir.path(), &addrs, "[tenants.chat]\n", flags);
@@ -93,5 +97,6 @@ async fn main() {
             started.elapsed().as_secs_f64()
         );
     }
-    println!("hit rate, by cached prefix / by load alone: {:.2}x", rates[0] / rates[1].max(f64::MIN_POSITIVE));
+    let load = rates[1].max(f64::MIN_POSITIVE);
+    println!("hit rate / by load alone: by cached prefix {:.2}x, one backend {:.2}x", rates[0] / load, rates[2] / load);
 }
