@@ -10,7 +10,7 @@ mod support;
 
 use serde_json::{Value, json};
 use support::*;
-use switchyard_backend::engine::blocks::BlockHash;
+use switchyard_proto::prefix::BlockHash;
 use switchyard_proto::v1 as pb;
 
 /// Tokens per KV block of the backend.
@@ -106,16 +106,9 @@ async fn a_backend_without_the_prefix_cache_computes_every_prompt() {
     assert_eq!(cached, vec![0, 48]);
 }
 
-/// The ids of the full blocks of `tokens` under `root`.
+/// The ids of the full blocks of `tokens` under `root`, as the contract names them.
 fn block_ids(root: BlockHash, tokens: &[u32]) -> Vec<u64> {
-    let mut parent = root;
-    tokens
-        .chunks_exact(BLOCK as usize)
-        .map(|block| {
-            parent = parent.child(block);
-            parent.id()
-        })
-        .collect()
+    switchyard_proto::prefix::block_ids(root, tokens, BLOCK as usize)
 }
 
 #[tokio::test]

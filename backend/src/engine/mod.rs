@@ -471,6 +471,10 @@ struct Active {
     max_tokens: usize,
     ignore_eos: bool,
     adapter_slot: Option<u32>,
+    /// It has been admitted to the running batch (preempted or not since).
+    admitted: bool,
+    /// Prompt tokens found in the prefix cache when it was first admitted.
+    cached_tokens: usize,
     queued_at: std::time::Instant,
     /// Taken when the request is first admitted.
     queue_wait: Option<Histogram>,
@@ -656,6 +660,8 @@ impl Worker {
                 max_tokens: req.max_tokens,
                 ignore_eos: req.ignore_eos,
                 adapter_slot,
+                admitted: false,
+                cached_tokens: 0,
                 queued_at: std::time::Instant::now(),
                 queue_wait: req.queue_wait,
             },
@@ -747,10 +753,14 @@ impl Worker {
     fn step(&mut self) {
         let step = self.scheduler.schedule();
         for id in &step.admitted {
+            // First admission: how long it waited, and what of its prompt was cached.
             if let Some(a) = self.active.get_mut(id)
-                && let Some(histogram) = a.queue_wait.take()
+                && !std::mem::replace(&mut a.admitted, true)
             {
-                histogram.observe(a.queued_at.elapsed().as_secs_f64());
+                if let Some(histogram) = a.queue_wait.take() {
+                    histogram.observe(a.queued_at.elapsed().as_secs_f64());
+                }
+                a.cached_tokens = self.scheduler.get(*id).map_or(0, |s| s.cached_tokens);
             }
         }
         if step.batch.tokens.is_empty() {
@@ -795,14 +805,13 @@ impl Worker {
             return;
         };
         a.generated += 1;
-        let cached_tokens = self.scheduler.get(id).map_or(0, |s| s.cached_tokens);
         let finish = |a: &mut Active, reason, text: String| Event::Finished {
             id: Some(token),
             text,
             reason,
             prompt_tokens: a.prompt_len,
             completion_tokens: a.generated,
-            cached_tokens,
+            cached_tokens: a.cached_tokens,
         };
         let event = if !a.ignore_eos && self.tokenizer.eos_ids().contains(&token) {
             let (text, stopped) = a.drain(&self.tokenizer, String::new());
