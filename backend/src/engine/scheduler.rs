@@ -273,11 +273,14 @@ impl Scheduler {
 
     /// Queues a new sequence. Its weight becomes its tenant's.
     pub fn add(&mut self, mut seq: Sequence) {
+        // Without caching, blocks are never named: no chain to keep.
         seq.chain.clear();
-        let mut parent = seq.root;
-        for block in seq.tokens.chunks_exact(self.cfg.block_size) {
-            parent = parent.child(block);
-            seq.chain.push(parent);
+        if self.cfg.prefix_caching {
+            let mut parent = seq.root;
+            for block in seq.tokens.chunks_exact(self.cfg.block_size) {
+                parent = parent.child(block);
+                seq.chain.push(parent);
+            }
         }
         let weight = match seq.weight {
             w if w.is_finite() && w > 0.0 => w.clamp(MIN_WEIGHT, MAX_WEIGHT),
@@ -366,10 +369,10 @@ impl Scheduler {
 
     /// Appends a generated token to a running sequence, and charges its tenant for it.
     pub fn push_token(&mut self, id: u64, token: u32) {
-        let block = self.cfg.block_size;
+        let (block, caching) = (self.cfg.block_size, self.cfg.prefix_caching);
         if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
             s.tokens.push(token);
-            if s.tokens.len() % block == 0 {
+            if caching && s.tokens.len() % block == 0 {
                 let parent = s.chain.last().copied().unwrap_or(s.root);
                 s.chain.push(parent.child(&s.tokens[s.tokens.len() - block..]));
             }
