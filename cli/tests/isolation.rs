@@ -21,21 +21,6 @@ async fn load(http: &reqwest::Client, gw: &Gateway, who: &str, name: &str, dir: 
     post(http, gw, "/v1/loras", &token(who, "lora:load lora:read lora:unload"), body).await
 }
 
-/// Uploads a built policy component as `who` and activates it for `tenant` (`None`: the default).
-async fn deploy(http: &reqwest::Client, gw: &Gateway, who: &str, wasm: &str, tenant: Option<&str>, config: Value) {
-    let t = token(who, "policy:deploy");
-    let bytes = std::fs::read(built_policies().join(wasm)).unwrap();
-    let r = http.post(format!("{}/v1/policies?name=p", gw.url)).bearer_auth(&t).body(bytes).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 201);
-    let id = r.json::<Value>().await.unwrap()["policy"]["id"].as_str().unwrap().to_string();
-    let mut body = json!({"config": config});
-    if let Some(t) = tenant {
-        body["tenant"] = t.into();
-    }
-    let (s, v) = post(http, gw, &format!("/v1/policies/{id}/activate"), &t, body).await;
-    assert_eq!(s, 200, "{v}");
-}
-
 fn base_model() -> &'static str {
     "tiny-llama"
 }
@@ -54,8 +39,8 @@ async fn policies_cannot_route_around_the_tenant_rules() {
     let http = reqwest::Client::new();
     wait_ready(&http, &gw).await;
     // The default policy sends everyone to the base model; globex's own policy does too.
-    deploy(&http, &gw, "ops", "hostile.wasm", None, json!({"mode": "base"})).await;
-    deploy(&http, &gw, "ops", "hostile.wasm", Some("globex"), json!({"mode": "base"})).await;
+    deploy_policy(&http, &gw, "ops", "hostile.wasm", None, json!({"mode": "base"})).await;
+    deploy_policy(&http, &gw, "ops", "hostile.wasm", Some("globex"), json!({"mode": "base"})).await;
 
     // A validly signed token for a tenant the tenants file does not name.
     let (s, v) =
@@ -69,7 +54,7 @@ async fn policies_cannot_route_around_the_tenant_rules() {
     assert_eq!((s, &v["error"]["code"]), (503, &json!("no_backend")), "{v}");
     // A policy naming another backend for a pinned tenant is refused.
     let elsewhere = json!({"mode": "elsewhere", "backend": format!("http://{}", backend.addr)});
-    deploy(&http, &gw, "ops", "hostile.wasm", Some("acme"), elsewhere).await;
+    deploy_policy(&http, &gw, "ops", "hostile.wasm", Some("acme"), elsewhere).await;
     let (s, v) = post(&http, &gw, "/v1/chat/completions", &token("acme", ""), chat(base_model(), "hi")).await;
     assert_eq!((s, &v["error"]["code"]), (403, &json!("backend_not_allowed")), "{v}");
     // /v1/models says the same: no base model for globex, nothing for mallory.
@@ -306,7 +291,7 @@ async fn metrics_are_for_operators_and_policies_see_only_what_their_tenant_may_u
     assert!(text.contains("tenant=\"globex\"") && text.contains("model=\"globex/secret-project\""), "{text}");
 
     // A policy echoing everything it is shown sees acme's adapter and the shared one only.
-    deploy(&http, &gw, "acme", "hostile.wasm", None, json!({"mode": "echo"})).await;
+    deploy_policy(&http, &gw, "acme", "hostile.wasm", None, json!({"mode": "echo"})).await;
     let (s, v) = post(&http, &gw, "/v1/chat/completions", &token("acme", ""), chat("x", "hi")).await;
     assert_eq!((s, &v["error"]["code"]), (403, &json!("echo")), "{v}");
     let seen = v["error"]["message"].as_str().unwrap();
@@ -445,8 +430,8 @@ async fn a_loaded_machine_does_not_fail_a_benign_policy() {
     // acme's policy does honest work: two million rounds of arithmetic, about half its fuel and
     // some 6 ms of one core on an idle machine; many times that on this loaded one.
     let work = json!({"mode": "work", "iterations": 2_000_000});
-    deploy(&http, &gw, "ops", "hostile.wasm", Some("acme"), work).await;
-    deploy(&http, &gw, "ops", "hostile.wasm", Some("evil"), json!({"mode": "loop", "only_live": true})).await;
+    deploy_policy(&http, &gw, "ops", "hostile.wasm", Some("acme"), work).await;
+    deploy_policy(&http, &gw, "ops", "hostile.wasm", Some("evil"), json!({"mode": "loop", "only_live": true})).await;
     // The machine is loaded: busy threads on every core several times over, and tenant evil's
     // policy looping until its fuel is gone, back to back.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

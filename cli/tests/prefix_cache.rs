@@ -204,3 +204,56 @@ async fn a_gateway_sends_a_prompt_to_the_backend_that_caches_it() {
     found.sort_unstable();
     assert_eq!(found, vec![0, full], "load routing finds only what is on its first backend");
 }
+
+/// A tenant's routing policy sees, per backend, how much of the request's prompt is cached
+/// there, counted under its tenant's salt: prompts computed by the tenants it shares a cache
+/// with show, a prompt of a tenant it does not share with does not, and an adapter it may not
+/// use is refused.
+#[tokio::test]
+async fn a_policy_sees_what_each_backend_caches_of_its_prompt_within_its_tenants_share() {
+    let backends = [start_backend(&[]), start_backend(&[])];
+    let addrs: Vec<String> = backends.iter().map(|b| format!("http://{}", b.addr)).collect();
+    let tenants = format!(
+        "[tenants.user]\nshare_prefix_cache = true\n\
+         [tenants.warm-0]\nshare_prefix_cache = true\nbackend = \"{0}\"\n\
+         [tenants.warm-1]\nshare_prefix_cache = true\nbackend = \"{1}\"\n\
+         [tenants.loner]\nbackend = \"{0}\"\n",
+        addrs[0], addrs[1]
+    );
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let dir = tempfile::tempdir().expect("state dir");
+    let gw = gateway(dir.path(), &refs, &tenants, &[]);
+    let http = reqwest::Client::new();
+    wait_ready(&http, &gw).await;
+    let (_, models) = get(&http, &gw, "/v1/models", &token("user", "")).await;
+    let base = models["data"][0]["id"].as_str().expect("the base model").to_string();
+    let prompt =
+        |n: usize| format!("Ledger {n}. The northern line runs from the quarry to the lighthouse in seven stops.");
+    let mut tokens = 0;
+    for (n, warm) in [(1, "warm-0"), (2, "warm-1"), (3, "loner")] {
+        tokens = cached_chat(&http, &gw, warm, &base, &prompt(n)).await.0;
+    }
+    let full = (tokens - 1) / BLOCK * BLOCK;
+    assert!(full >= BLOCK, "a prompt of at least a block ({tokens} tokens)");
+    tokio::time::sleep(std::time::Duration::from_millis(450)).await;
+
+    // What user's policy learns, from its refusal.
+    let seen = async |n: usize| -> Value {
+        let body = json!({"model": base, "max_tokens": 2, "messages": [{"role": "user", "content": prompt(n)}]});
+        let (s, v) = post(&http, &gw, "/v1/chat/completions", &token("user", ""), body).await;
+        assert_eq!((s, &v["error"]["code"]), (409, &json!("prefix")), "{v}");
+        serde_json::from_str(v["error"]["message"].as_str().expect("a report")).expect("json")
+    };
+    deploy_policy(&http, &gw, "user", "hostile.wasm", None, json!({"mode": "prefix"})).await;
+    let cached =
+        |a: u64, b: u64| json!({"prompt_tokens": tokens, "cached": {addrs[0].clone(): a, addrs[1].clone(): b}});
+    assert_eq!(seen(1).await, cached(full, 0), "prompt 1 is on backend 0");
+    assert_eq!(seen(2).await, cached(0, full), "prompt 2 is on backend 1");
+    assert_eq!(seen(3).await, cached(0, 0), "loner's prompt is under loner's salt");
+    assert_eq!(seen(4).await, cached(0, 0), "a prompt nobody sent");
+
+    // An adapter the tenant may not use (here: that does not exist) is an error the policy sees.
+    deploy_policy(&http, &gw, "user", "hostile.wasm", None, json!({"mode": "prefix", "adapter": "loner/a"})).await;
+    let report = seen(1).await;
+    assert!(report["error"].as_str().is_some_and(|e| e.contains("\"loner/a\"")), "{report}");
+}

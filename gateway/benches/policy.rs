@@ -91,6 +91,7 @@ async fn bench() {
         headers: Vec::new(),
         backends: Vec::new(),
         adapters: vec![("acme/support".into(), "acme".into())],
+        prefix: None,
     };
     let acme = input("acme");
     assert_eq!(builtin.decide(&acme).await.unwrap(), wasm.decide(&acme).await.unwrap(), "same mapping");
@@ -103,7 +104,7 @@ async fn bench() {
     let config: Arc<str> = Arc::from(r#"{"tenants": {"acme": "acme/support"}}"#);
     let inline = async || {
         let t = Instant::now();
-        runtime.decide(&compiled, &acme_request, config.clone(), Arc::from("inline")).await.unwrap();
+        runtime.decide(&compiled, &acme_request, None, config.clone(), Arc::from("inline")).await.unwrap();
         t.elapsed()
     };
     for _ in 0..100 {
@@ -137,7 +138,7 @@ async fn bench() {
     let mut stopped = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
-        let outcome = looping.deployment.decide(&evil_request).await;
+        let outcome = looping.deployment.decide(&evil_request, None).await;
         assert!(outcome.is_err(), "the loop must be stopped");
         stopped.push(t.elapsed());
     }
@@ -166,6 +167,7 @@ async fn bench() {
                     headers: Vec::new(),
                     backends: Vec::new(),
                     adapters: Vec::new(),
+                    prefix: None,
                 };
                 let t = Instant::now();
                 assert!(wasm.decide(&evil).await.is_err(), "the attack must fail");

@@ -94,14 +94,12 @@ async fn by_cached_prefix(
     request: &mut GenerateCall,
 ) {
     let adapter = request.adapter.as_deref();
-    let digest = match adapter {
-        None => None,
-        Some(name) => match ranked.iter().find_map(|&i| views[i].adapters.get(name).and_then(|a| a.weights_digest)) {
-            Some(digest) => Some(digest),
-            // No backend has said what its weights are: nothing can be cached under them.
-            None => return,
-        },
-    };
+    if let Some(name) = adapter
+        && !ranked.iter().any(|&i| views[i].adapters.get(name).is_some_and(|a| a.weights_digest.is_some()))
+    {
+        // No backend has said what its weights are: nothing can be cached under them.
+        return;
+    }
     let Some(upstream) = gw.members.upstream(&views[ranked[0]].address) else { return };
     let tokens = match upstream.tokenize(&request.prompt).await {
         Ok(tokens) => tokens,
@@ -110,9 +108,8 @@ async fn by_cached_prefix(
             return;
         }
     };
-    let root = switchyard_proto::prefix::BlockHash::root(digest.as_ref(), &request.cache_salt);
-    let addresses: Vec<&str> = ranked.iter().map(|&i| views[i].address.as_str()).collect();
-    let cached = gw.prefixes.cached_tokens(&addresses, root, &tokens);
+    let candidates: Vec<&cluster::BackendView> = ranked.iter().map(|&i| &views[i]).collect();
+    let cached = gw.prefixes.cached_for(&candidates, adapter, &request.cache_salt, &tokens);
     let best_fit = views[ranked[0]].fit(adapter);
     let ready = ranked.iter().take_while(|&&i| views[i].fit(adapter) == best_fit).count();
     let mut costed: Vec<(usize, usize, u32)> =

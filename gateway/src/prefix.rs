@@ -10,13 +10,19 @@
 //! default [`DEFAULT_QUEUE_COST_TOKENS`]) for every request already waiting or running there.
 //! The prompt goes on as token ids, so it is tokenized once.
 //!
+//! A tenant's routing policy can see the same figures (`host.cached-prefix` of the policy
+//! contract, answered by [`RequestPrefix`]): the prompt is then tokenized when the policy first
+//! asks, and the tokens go on with the request.
+//!
 //! The copy is a hint, never the truth: a backend that evicts blocks after its update was sent,
 //! or a stream that breaks (the copy is dropped until the next snapshot), only makes a request
 //! compute more of its prompt than it might have. When nothing is known the order is the load
 //! order.
 
 use crate::Gateway;
-use crate::upstream::PrefixUpdate;
+use crate::cluster::BackendView;
+use crate::policy::{PrefixOverlap, PrefixProbe};
+use crate::upstream::{PrefixUpdate, Prompt};
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -30,6 +36,10 @@ pub const DEFAULT_QUEUE_COST_TOKENS: usize = 32;
 
 /// How long after a broken or refused watch the gateway asks again.
 const RETRY_WATCH: Duration = Duration::from_secs(2);
+
+/// How long a policy's first `cached-prefix` call waits for a backend to tokenize the prompt:
+/// well inside the policy's own deadline.
+const TOKENIZE_WAIT: Duration = Duration::from_millis(250);
 
 /// The blocks each backend last said it caches.
 #[derive(Debug, Default)]
@@ -78,6 +88,113 @@ impl PrefixIndex {
                 ids.iter().take_while(|id| h.blocks.contains(id)).count() * h.block_size as usize
             })
             .collect()
+    }
+}
+
+impl PrefixIndex {
+    /// How many leading tokens of `tokens` each of `views` caches for `adapter` (`None`: the
+    /// base model) under cache salt `salt`. Each backend is counted under the adapter's weights
+    /// as it reports them, so one that swapped them holds nothing of the old ones; one that has
+    /// not reported them holds nothing of the adapter.
+    pub fn cached_for(&self, views: &[&BackendView], adapter: Option<&str>, salt: &str, tokens: &[u32]) -> Vec<usize> {
+        let mut by_root: Vec<(BlockHash, Vec<usize>)> = Vec::new();
+        for (i, view) in views.iter().enumerate() {
+            let digest = match adapter {
+                None => None,
+                Some(name) => match view.adapters.get(name).and_then(|a| a.weights_digest) {
+                    Some(digest) => Some(digest),
+                    None => continue,
+                },
+            };
+            let root = BlockHash::root(digest.as_ref(), salt);
+            match by_root.iter_mut().find(|(r, _)| *r == root) {
+                Some((_, members)) => members.push(i),
+                None => by_root.push((root, vec![i])),
+            }
+        }
+        let mut cached = vec![0; views.len()];
+        for (root, members) in by_root {
+            let addresses: Vec<&str> = members.iter().map(|&i| views[i].address.as_str()).collect();
+            for (&i, c) in members.iter().zip(self.cached_tokens(&addresses, root, tokens)) {
+                cached[i] = c;
+            }
+        }
+        cached
+    }
+}
+
+/// One request's answer to its policy's `cached-prefix` calls: the prompt is tokenized by the
+/// least busy healthy backend the first time the policy asks, and counted against this
+/// gateway's copy of each backend's cache under the tenant's salt. Only the backends and
+/// adapters the policy was shown are counted, so a policy learns nothing its tenant may not see.
+#[derive(Debug)]
+pub struct RequestPrefix {
+    gw: Arc<Gateway>,
+    prompt: Prompt,
+    salt: String,
+    /// The healthy backends, listing only the adapters the tenant may use.
+    views: Vec<BackendView>,
+    tokens: tokio::sync::OnceCell<Result<Vec<u32>, String>>,
+}
+
+impl RequestPrefix {
+    /// A probe for `prompt`, salted with `salt`, over `views` (the policy's view of the fleet).
+    pub fn new(gw: Arc<Gateway>, prompt: Prompt, salt: String, views: &[BackendView]) -> RequestPrefix {
+        let views = views.iter().filter(|v| v.healthy).cloned().collect();
+        RequestPrefix { gw, prompt, salt, views, tokens: tokio::sync::OnceCell::new() }
+    }
+
+    /// The prompt to send on: its token ids when a policy had it tokenized, else as it came.
+    pub fn into_prompt(this: Arc<RequestPrefix>) -> Prompt {
+        match Arc::try_unwrap(this) {
+            Ok(probe) => match probe.tokens.into_inner() {
+                Some(Ok(tokens)) => Prompt::Tokens(tokens),
+                _ => probe.prompt,
+            },
+            // A policy host still holds it (it never should, past the call): copy.
+            Err(shared) => match shared.tokens.get() {
+                Some(Ok(tokens)) => Prompt::Tokens(tokens.clone()),
+                _ => shared.prompt.clone(),
+            },
+        }
+    }
+
+    async fn tokenize(&self) -> Result<Vec<u32>, String> {
+        if !self.gw.options.prefix_routing {
+            return Err("this gateway does not follow the backends' prefix caches (--no-prefix-routing)".into());
+        }
+        let Some(view) = self.views.iter().min_by_key(|v| v.queue_depth()) else {
+            return Err("no healthy backend to tokenize the prompt".into());
+        };
+        let address = &view.address;
+        let Some(upstream) = self.gw.members.upstream(address) else {
+            return Err(format!("backend {address} left the fleet"));
+        };
+        match tokio::time::timeout(TOKENIZE_WAIT, upstream.tokenize(&self.prompt)).await {
+            Ok(Ok(tokens)) => Ok(tokens),
+            Ok(Err(e)) => Err(format!("backend {address} could not tokenize the prompt: {e}")),
+            Err(_) => {
+                Err(format!("backend {address} did not tokenize the prompt within {} ms", TOKENIZE_WAIT.as_millis()))
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl PrefixProbe for RequestPrefix {
+    async fn overlap(&self, adapter: Option<&str>) -> Result<PrefixOverlap, String> {
+        if let Some(name) = adapter
+            && !self.views.iter().any(|v| v.adapters.contains_key(name))
+        {
+            return Err(format!("adapter {name:?} is on no healthy backend, or not one this tenant may use"));
+        }
+        let tokens = self.tokens.get_or_init(|| self.tokenize()).await.as_ref().map_err(Clone::clone)?;
+        let views: Vec<&BackendView> = self.views.iter().collect();
+        let cached = self.gw.prefixes.cached_for(&views, adapter, &self.salt, tokens);
+        Ok(PrefixOverlap {
+            prompt_tokens: tokens.len(),
+            backends: views.iter().zip(cached).map(|(v, c)| (v.address.clone(), c)).collect(),
+        })
     }
 }
 

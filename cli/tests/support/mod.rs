@@ -869,3 +869,26 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
+
+/// Uploads a built policy component as `who` and activates it for `tenant` (`None`: the
+/// default for an operator, its own tenant for a tenant).
+pub async fn deploy_policy(
+    http: &reqwest::Client,
+    gw: &Gateway,
+    who: &str,
+    wasm: &str,
+    tenant: Option<&str>,
+    config: Value,
+) {
+    let t = token(who, "policy:deploy");
+    let bytes = std::fs::read(built_policies().join(wasm)).unwrap();
+    let r = http.post(format!("{}/v1/policies?name=p", gw.url)).bearer_auth(&t).body(bytes).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let id = r.json::<Value>().await.unwrap()["policy"]["id"].as_str().unwrap().to_string();
+    let mut body = json!({"config": config});
+    if let Some(t) = tenant {
+        body["tenant"] = t.into();
+    }
+    let (s, v) = post(http, gw, &format!("/v1/policies/{id}/activate"), &t, body).await;
+    assert_eq!(s, 200, "{v}");
+}

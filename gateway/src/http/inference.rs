@@ -9,6 +9,7 @@ use crate::metrics::OTHER;
 use crate::openai::response::{Api, Chunk, Head, Usage};
 use crate::openai::{self, Generation};
 use crate::policy::{Decision, Endpoint, PolicyInput};
+use crate::prefix::RequestPrefix;
 use crate::quota::{self, Ticket};
 use crate::upstream::{self, ChatMessage, Finish, GenerateCall, Piece, Prompt};
 use axum::Json;
@@ -219,6 +220,9 @@ async fn begin(
     for b in &mut backends {
         b.adapters.retain(|name, _| loras.get(name).is_some_and(|l| caller.may_use(l)));
     }
+    // Tenants keep their cached prompts apart unless the operator lets them share.
+    let salt = if caller.tenant.share_prefix_cache { String::new() } else { who.tenant.clone() };
+    let prefix = Arc::new(RequestPrefix::new(gw.clone(), prompt, salt.clone(), &backends));
     let decision = gw
         .policy
         .decide(&PolicyInput {
@@ -238,6 +242,7 @@ async fn begin(
             headers: policy_headers(gw, headers),
             backends,
             adapters: usable,
+            prefix: Some(prefix.clone()),
         })
         .await
         .map_err(|e| {
@@ -250,12 +255,10 @@ async fn begin(
     };
     let route = caller.route(&generation.model, route, &loras)?;
     record.model = route.adapter.clone().unwrap_or(base);
-    let mut request = generate_call(&id.0, prompt, &generation, &who.tenant);
+    let mut request = generate_call(&id.0, RequestPrefix::into_prompt(prefix), &generation, &who.tenant);
     request.tenant_weight = caller.tenant.weight.0;
     request.priority = route.priority;
-    if !caller.tenant.share_prefix_cache {
-        request.cache_salt = who.tenant.clone();
-    }
+    request.cache_salt = salt;
     let started = dispatch::start(gw, &route, request).await?;
     record.dispatched = true;
     tracing::debug!(backend = %started.backend, adapter = ?route.adapter, "generation started");

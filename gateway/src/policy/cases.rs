@@ -125,9 +125,10 @@ pub async fn run(
             headers: r.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
             backends: Vec::new(),
             adapters: r.adapters.iter().map(|a| (a.clone(), r.tenant.clone())).collect(),
+            prefix: None,
         };
         let outcome =
-            runtime.decide(policy, &super::wasm::request(&input), config.clone(), Arc::from("policy-test")).await;
+            runtime.decide(policy, &super::wasm::request(&input), None, config.clone(), Arc::from("policy-test")).await;
         let (passed, got) = match (&outcome, &case.expect) {
             (Ok(WitDecision::Route(route)), Expected::Route { adapter, backend }) => {
                 (route.adapter == *adapter && route.backend == *backend, describe(&outcome))

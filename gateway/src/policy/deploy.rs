@@ -273,6 +273,7 @@ pub fn sample_request() -> WitRequest {
         prompt_chars: 32,
         backends: Vec::new(),
         adapters: Vec::new(),
+        prefix: None,
     })
 }
 
@@ -666,7 +667,7 @@ impl PolicyStore {
 
 /// Runs `policy` once on the sample request.
 async fn dry_run(runtime: &PolicyRuntime, policy: &CompiledPolicy, config: &str) -> Result<WitDecision, PolicyFault> {
-    runtime.decide(policy, &sample_request(), Arc::from(config), Arc::from("dry-run")).await
+    runtime.decide(policy, &sample_request(), None, Arc::from(config), Arc::from("dry-run")).await
 }
 
 /// The registry file earlier versions kept in the policies directory.

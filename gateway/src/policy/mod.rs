@@ -44,6 +44,25 @@ pub struct PolicyInput<'a> {
     pub backends: Vec<BackendView>,
     /// The desired adapters: (name, owner tenant).
     pub adapters: Vec<(String, String)>,
+    /// What the backends cache of this request's prompt, worked out if a policy asks; `None`
+    /// where there are no backends to ask (dry runs, test cases).
+    pub prefix: Option<Arc<dyn PrefixProbe>>,
+}
+
+/// The part of a request's prompt each backend holds in its prefix cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixOverlap {
+    /// The prompt's length in tokens.
+    pub prompt_tokens: usize,
+    /// Per healthy backend (address), the leading prompt tokens it caches.
+    pub backends: Vec<(String, usize)>,
+}
+
+/// Finds out, on demand, what the backends cache of one request's prompt for an adapter
+/// (`None`: the base model). An `Err` names what stood in the way.
+#[async_trait]
+pub trait PrefixProbe: Send + Sync + std::fmt::Debug {
+    async fn overlap(&self, adapter: Option<&str>) -> Result<PrefixOverlap, String>;
 }
 
 /// Where a request goes.
@@ -143,7 +162,7 @@ impl PolicyEngine for WasmPolicies {
             });
         }
         let request = wasm::request(input);
-        let outcome = active.deployment.decide(&request).await;
+        let outcome = active.deployment.decide(&request, input.prefix.clone()).await;
         let costly = matches!(
             outcome,
             Err(wasm::PolicyFault::Fuel(_)
@@ -195,6 +214,7 @@ mod tests {
             headers: Vec::new(),
             backends: Vec::new(),
             adapters: Vec::new(),
+            prefix: None,
             endpoint: Endpoint::ChatCompletions,
             model,
             base_model: "base",

@@ -62,6 +62,7 @@ fn input(r: &Req) -> PolicyInput<'_> {
         headers: r.headers.clone(),
         backends: Vec::new(),
         adapters: r.adapters.clone(),
+        prefix: None,
     }
 }
 
@@ -76,7 +77,7 @@ fn compiled(rt: &PolicyRuntime, name: &str) -> CompiledPolicy {
 }
 
 async fn decide(rt: &PolicyRuntime, name: &str, config: &str, r: &Req) -> Result<WitDecision, PolicyFault> {
-    rt.decide(&compiled(rt, name), &request(&input(r)), Arc::from(config), Arc::from(name)).await
+    rt.decide(&compiled(rt, name), &request(&input(r)), None, Arc::from(config), Arc::from(name)).await
 }
 
 fn routed(d: Result<WitDecision, PolicyFault>) -> Option<String> {
@@ -137,6 +138,72 @@ async fn the_example_policies_decide_as_documented() {
     assert_eq!(rejected(decide(&rt, "claims-route", cfg, &req("acme", "x")).await), (403, "no_route".into()));
 }
 
+#[tokio::test]
+async fn a_policy_built_against_contract_0_1_0_still_deploys_and_decides() {
+    // tenant-map as built against `switchyard:policy@0.1.0` (before `cached-prefix`): it
+    // imports a subset of the 0.1.1 host and links by semver.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/policies/tenant_map-0.1.0.wasm");
+    let bytes = std::fs::read(path).unwrap();
+    assert!(bytes.windows(24).any(|w| w == b"switchyard:policy/host@0"), "the fixture names its contract");
+    let rt = runtime();
+    let old = rt.compile(&bytes).unwrap();
+    let cfg: Arc<str> = Arc::from(r#"{"tenants": {"acme": "acme/support"}, "default": "shared/general"}"#);
+    let decided = rt.decide(&old, &request(&input(&req("acme", "x"))), None, cfg.clone(), Arc::from("old")).await;
+    assert_eq!(routed(decided).as_deref(), Some("acme/support"));
+    let decided = rt.decide(&old, &request(&input(&req("beta", "x"))), None, cfg, Arc::from("old")).await;
+    assert_eq!(routed(decided).as_deref(), Some("shared/general"));
+}
+
+/// A probe that reports one fixed overlap for adapter `a/x` (and none for others), counting
+/// the calls that reach it.
+#[derive(Debug, Default)]
+struct FixedProbe {
+    calls: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl super::PrefixProbe for FixedProbe {
+    async fn overlap(&self, adapter: Option<&str>) -> Result<super::PrefixOverlap, String> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match adapter {
+            Some("a/x") => Ok(super::PrefixOverlap {
+                prompt_tokens: 700,
+                backends: vec![("http://b1:1".into(), 640), ("http://b2:1".into(), 0)],
+            }),
+            other => Err(format!("adapter {other:?} is not one this tenant may use")),
+        }
+    }
+}
+
+/// What the `prefix` mode of the hostile component learned, from its refusal.
+async fn learned(probe: Option<Arc<FixedProbe>>, adapter: &str, calls: u32) -> serde_json::Value {
+    let rt = runtime();
+    let config = format!(r#"{{"mode": "prefix", "adapter": "{adapter}", "calls": {calls}}}"#);
+    let probe = probe.map(|p| p as Arc<dyn super::PrefixProbe>);
+    let (policy, wit) = (compiled(&rt, "hostile"), request(&input(&req("acme", "x"))));
+    match rt.decide(&policy, &wit, probe, config.into(), "p".into()).await {
+        Ok(WitDecision::Reject(r)) if r.code == "prefix" => serde_json::from_str(&r.message).unwrap(),
+        other => panic!("expected the policy's report, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_policy_sees_what_its_probe_reports_for_the_adapter_it_names_a_few_times_per_decision() {
+    let probe = Arc::new(FixedProbe::default());
+    let seen = learned(Some(probe.clone()), "a/x", 1).await;
+    assert_eq!(seen, serde_json::json!({"prompt_tokens": 700, "cached": {"http://b1:1": 640, "http://b2:1": 0}}));
+    let seen = learned(Some(probe.clone()), "b/y", 1).await;
+    assert!(seen["error"].as_str().unwrap().contains("not one this tenant may use"), "{seen}");
+    // The host stops a policy that keeps asking (each call may hash the whole prompt) before
+    // the probe sees a fifth call.
+    let seen = learned(Some(probe.clone()), "a/x", 10).await;
+    assert!(seen["error"].as_str().unwrap().contains("at most 4 times"), "{seen}");
+    assert_eq!(probe.calls.load(std::sync::atomic::Ordering::Relaxed), 2 + 4);
+    // With no backends to ask (a dry run, a test case), the call fails and says why.
+    let seen = learned(None, "a/x", 1).await;
+    assert!(seen["error"].as_str().unwrap().contains("no backends to ask"), "{seen}");
+}
+
 async fn hostile(rt: &PolicyRuntime, mode: &str) -> Result<WitDecision, PolicyFault> {
     decide(rt, "hostile", &format!(r#"{{"mode": "{mode}"}}"#), &req("evil", "x")).await
 }
@@ -153,7 +220,7 @@ async fn no_request_sees_anything_of_the_requests_before_it() {
         let mut r = req("acme", "x");
         r.subject = Some(subject.into());
         from_ahead += usize::from(deployment.ready() > 0);
-        match deployment.decide(&request(&input(&r))).await {
+        match deployment.decide(&request(&input(&r)), None).await {
             Ok(WitDecision::Reject(r)) => assert_eq!(r.message, "earlier: []", "{subject} saw an earlier request"),
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -172,7 +239,10 @@ async fn no_request_sees_anything_of_the_requests_before_it() {
         .collect();
     for d in &deployments {
         for _ in 0..3 {
-            assert_eq!(routed(d.decide(&request(&input(&req("acme", "x")))).await).as_deref(), Some("acme/support"));
+            assert_eq!(
+                routed(d.decide(&request(&input(&req("acme", "x"))), None).await).as_deref(),
+                Some("acme/support")
+            );
             tokio::task::yield_now().await;
         }
     }
@@ -199,7 +269,7 @@ async fn the_fuel_bounds_the_guests_own_work_and_the_wall_clock_is_a_guard() {
     let policy = tight.compile(&bytes).unwrap();
     let loop_cfg: Arc<str> = Arc::from(r#"{"mode": "loop"}"#);
     assert_eq!(
-        tight.decide(&policy, &request(&input(&req("evil", "x"))), loop_cfg, Arc::from("t")).await,
+        tight.decide(&policy, &request(&input(&req("evil", "x"))), None, loop_cfg, Arc::from("t")).await,
         Err(PolicyFault::Deadline(20))
     );
 }

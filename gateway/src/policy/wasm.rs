@@ -19,12 +19,13 @@
 //! [`WasmLimits::yield_fuel`] units of fuel, so other requests keep being served while it runs.
 //! A trap, a deadline or a limit hit is returned as a [`PolicyFault`] for that request alone.
 //!
-//! Guests may import the `host` interface of `wit/policy.wit`, plus the WASI interfaces the Rust
-//! standard library links in. Those are given a WASI context that grants nothing: no
+//! Guests may import the `host` interface of `wit/policy.wit` (as of contract 0.1.1; a guest
+//! built against 0.1.0 imports a subset of it, and links by semver), plus the WASI interfaces
+//! the Rust standard library links in. Those are given a WASI context that grants nothing: no
 //! environment, no arguments, no preopened directories, no sockets, stdin closed, stdout and
 //! stderr discarded.
 
-use super::{Endpoint, PolicyInput};
+use super::{Endpoint, PolicyInput, PrefixProbe};
 use crate::cluster::BackendView;
 use crate::upstream::AdapterState;
 use bindings::switchyard::policy::{host, types};
@@ -40,6 +41,8 @@ mod bindings {
         path: "../wit",
         world: "policy",
         exports: { default: async },
+        // The one host function that waits on the network (a backend tokenizes the prompt).
+        imports: { "switchyard:policy/host.cached-prefix": async },
         additional_derives: [PartialEq],
     });
 }
@@ -76,6 +79,9 @@ const MAX_LOG_LINE: usize = 512;
 const MAX_LOG_LINES: u32 = 16;
 /// Longest strings a decision may carry.
 const MAX_DECISION_STRING: usize = 1024;
+/// Calls of `cached-prefix` one decision may make: each may hash the whole prompt, host work
+/// the guest's fuel does not count.
+const MAX_PREFIX_CALLS: u32 = 4;
 
 /// The host's limits.
 #[derive(Debug, Clone)]
@@ -186,6 +192,9 @@ struct HostState {
     memory_cap: usize,
     memory_hit: bool,
     log_lines: u32,
+    /// The request's prefix probe, for the one call it is made for.
+    prefix: Option<Arc<dyn PrefixProbe>>,
+    prefix_calls: u32,
 }
 
 impl WasiView for HostState {
@@ -241,6 +250,29 @@ impl host::Host for HostState {
 
     fn config(&mut self) -> String {
         self.config.to_string()
+    }
+
+    async fn cached_prefix(&mut self, adapter: Option<String>) -> Result<host::PrefixOverlap, String> {
+        self.prefix_calls += 1;
+        if self.prefix_calls > MAX_PREFIX_CALLS {
+            return Err(format!("cached-prefix may be called at most {MAX_PREFIX_CALLS} times in one decision"));
+        }
+        if let Some(name) = adapter.as_deref().filter(|a| a.len() > MAX_DECISION_STRING) {
+            return Err(format!("the adapter name is {} bytes (at most {MAX_DECISION_STRING})", name.len()));
+        }
+        let Some(probe) = self.prefix.clone() else {
+            return Err("no backends to ask here (a dry run or a policy test case)".into());
+        };
+        let overlap = probe.overlap(adapter.as_deref()).await?;
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(host::PrefixOverlap {
+            prompt_tokens: count(overlap.prompt_tokens),
+            backends: overlap
+                .backends
+                .into_iter()
+                .map(|(address, cached)| host::BackendPrefix { address, cached_tokens: count(cached) })
+                .collect(),
+        })
     }
 }
 
@@ -331,11 +363,12 @@ impl PolicyRuntime {
         &self,
         policy: &CompiledPolicy,
         request: &WitRequest,
+        prefix: Option<Arc<dyn PrefixProbe>>,
         config: Arc<str>,
         label: Arc<str>,
     ) -> Result<WitDecision, PolicyFault> {
         let (mut store, instance) = self.prepare(policy, config, label).await?;
-        self.run(&mut store, &instance, request).await
+        self.run(&mut store, &instance, request, prefix).await
     }
 
     /// A fresh store and an instance of `policy` in it, not yet called.
@@ -353,6 +386,8 @@ impl PolicyRuntime {
             memory_cap: self.limits.memory_bytes,
             memory_hit: false,
             log_lines: 0,
+            prefix: None,
+            prefix_calls: 0,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
@@ -376,15 +411,20 @@ impl PolicyRuntime {
         Ok(())
     }
 
-    /// Calls `decide` on a prepared instance, with a full budget.
+    /// Calls `decide` on a prepared instance, with a full budget and the request's prefix
+    /// probe (taken back from the store afterwards, so nothing of the request outlives the call).
     async fn run(
         &self,
         store: &mut Store<HostState>,
         instance: &bindings::Policy,
         request: &WitRequest,
+        prefix: Option<Arc<dyn PrefixProbe>>,
     ) -> Result<WitDecision, PolicyFault> {
         self.arm(store)?;
-        match instance.call_decide(&mut *store, request).await {
+        store.data_mut().prefix = prefix;
+        let outcome = instance.call_decide(&mut *store, request).await;
+        store.data_mut().prefix = None;
+        match outcome {
             Ok(Ok(decision)) => check_decision(decision),
             Ok(Err(message)) => Err(PolicyFault::Failed(cut(&message))),
             Err(e) => Err(self.classify(&e, store.data().memory_hit)),
@@ -469,13 +509,17 @@ impl Deployment {
     }
 
     /// Decides one request, in an instance made ahead when one is ready.
-    pub async fn decide(self: &Arc<Self>, request: &WitRequest) -> Result<WitDecision, PolicyFault> {
+    pub async fn decide(
+        self: &Arc<Self>,
+        request: &WitRequest,
+        prefix: Option<Arc<dyn PrefixProbe>>,
+    ) -> Result<WitDecision, PolicyFault> {
         let ready = self.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
         let (mut store, instance) = match ready {
             Some(p) => (p.store, p.instance),
             None => self.runtime.prepare(&self.policy, self.config.clone(), self.label.clone()).await?,
         };
-        let outcome = self.runtime.run(&mut store, &instance, request).await;
+        let outcome = self.runtime.run(&mut store, &instance, request, prefix).await;
         // A policy that faulted gets no instance made ahead: its next request pays for its own,
         // and this one's slot is given back here, so a tenant whose policy keeps faulting
         // never holds pool slots waiting for a background task.

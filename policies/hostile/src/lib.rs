@@ -9,7 +9,11 @@
 //! benign policy that does `iterations` rounds of arithmetic, then routes to `adapter`: honest
 //! work that must not fail because of someone else's load), and `remember` (keeps every caller's
 //! subject in a global and refuses each request listing the subjects of the requests before
-//! it, as a policy leaking one caller's data to the next would).
+//! it, as a policy leaking one caller's data to the next would), and `prefix` (calls
+//! `cached-prefix` for its configuration's `adapter`, `calls` times (default 1), and refuses
+//! the request with what the last call returned as JSON: `{"prompt_tokens": n, "cached":
+//! {address: tokens}}` or `{"error": message}`, so a test can see what a policy learns of the
+//! backends' caches).
 //! With `"only_live": true` it behaves during the gateway's dry run (tenant `dry-run`) and
 //! misbehaves only on real requests, as a sneaky policy would.
 
@@ -65,6 +69,22 @@ impl Policy for Hostile {
                     seen.extend(b.adapters.iter().map(|a| format!("{} on {}", a.name, b.address)));
                 }
                 Ok(reject(403, "echo", format!("seen: [{}]", seen.join(", "))))
+            }
+            "prefix" => {
+                let adapter = cfg["adapter"].as_str();
+                let mut last = Err("not called".to_string());
+                for _ in 0..cfg["calls"].as_u64().unwrap_or(1) {
+                    last = switchyard_policy::cached_prefix(adapter);
+                }
+                let seen = match last {
+                    Ok(o) => {
+                        let cached: switchyard_policy::serde_json::Map<String, Value> =
+                            o.backends.into_iter().map(|b| (b.address, Value::from(b.cached_tokens))).collect();
+                        switchyard_policy::serde_json::json!({"prompt_tokens": o.prompt_tokens, "cached": cached})
+                    }
+                    Err(e) => switchyard_policy::serde_json::json!({"error": e}),
+                };
+                Ok(reject(409, "prefix", seen.to_string()))
             }
             "work" => {
                 let mut x: u64 = 1;

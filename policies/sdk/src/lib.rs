@@ -24,7 +24,7 @@ pub mod bindings {
     });
 }
 
-pub use bindings::switchyard::policy::host::{self, Level};
+pub use bindings::switchyard::policy::host::{self, BackendPrefix, Level, PrefixOverlap};
 pub use bindings::switchyard::policy::types::{
     AdapterState, Backend, BackendAdapter, Claim, Decision, Endpoint, Header, KnownAdapter, Reject, Request, Route,
 };
@@ -65,6 +65,13 @@ pub fn claim(req: &Request, name: &str) -> Option<serde_json::Value> {
 /// A header the gateway passed (names are lower-case).
 pub fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
     req.headers.iter().find(|h| h.name == name).map(|h| h.value.as_str())
+}
+
+/// What each healthy backend holds of this request's prompt in its prefix cache for `adapter`
+/// (`None`: the base model). The first call has a backend tokenize the prompt; see
+/// `host.cached-prefix` in the contract for what it counts and when it fails.
+pub fn cached_prefix(adapter: Option<&str>) -> Result<PrefixOverlap, String> {
+    host::cached_prefix(adapter)
 }
 
 /// Writes a line to the gateway's log.
