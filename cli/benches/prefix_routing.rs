@@ -4,13 +4,16 @@
 //! turn sent (with its whole history) when the previous answer (up to `--max-tokens`, default
 //! 32) has come back. Run once with the gateway routing by cached prefix and once with
 //! `--no-prefix-routing`, each on fresh backends, and once on a single backend, where every turn
-//! finds its history: the hit rate no router of two backends can beat. Prints, for each, the
+//! finds its history: the hit rate no router of two backends can beat. `--kv-cache-mib M` gives
+//! each backend M MiB of KV cache (the single backend 2M, the fleet's total) instead of the
+//! backend's default, which holds every conversation: with less, a backend cannot keep every
+//! user's history, and where each user's turns go decides what is still cached. Prints, for each, the
 //! prompt tokens, those the backends found in their prefix caches
 //! (`usage.prompt_tokens_details.cached_tokens`), the hit rate and the time the workload took,
 //! then the ratios of the hit rates to routing by load.
 //!
 //! `cargo bench -p switchyard --bench prefix_routing [-- --users 8 --turns 6 --max-tokens 32
-//! --queue-cost 32]` (`--queue-cost`: the gateway's `--prefix-queue-cost-tokens`)
+//! --queue-cost 32 --kv-cache-mib M]` (`--queue-cost`: the gateway's `--prefix-queue-cost-tokens`)
 
 // A benchmark, like a test, stops at the first thing that goes wrong.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -57,10 +60,15 @@ async fn conversation(
 async fn main() {
     let (users, turns, max_tokens) = (arg("--users", 8), arg("--turns", 6), arg("--max-tokens", 32));
     let queue_cost = arg("--queue-cost", switchyard_gateway::prefix::DEFAULT_QUEUE_COST_TOKENS).to_string();
+    let kv_mib = arg("--kv-cache-mib", 0);
     let Some(model) = smollm2() else { return };
+    let memory = match kv_mib {
+        0 => "the default KV cache".to_string(),
+        m => format!("a {m} MiB KV cache each (one backend alone: {} MiB)", 2 * m),
+    };
     println!(
-        "SmolLM2-135M-Instruct on the CPU, two backends (--max-running 8) behind one gateway; {users} users x {turns} turns, \
-         one system prompt, answers of up to {max_tokens} tokens"
+        "SmolLM2-135M-Instruct on the CPU, two backends (--max-running 8, {memory}) behind one gateway; \
+         {users} users x {turns} turns, one system prompt, answers of up to {max_tokens} tokens"
     );
     println!("{:<22} {:>14} {:>14} {:>10} {:>10}", "routing", "prompt tokens", "cached tokens", "hit rate", "seconds");
     let mut rates = Vec::new();
@@ -71,7 +79,12 @@ async fn main() {
         ("one backend (ceiling)", 1, &[][..]),
     ];
     for (name, count, flags) in runs {
-        let backends: Vec<_> = (0..count).map(|_| start_backend_with(&model, &["--max-running", "8"], &[])).collect();
+        let kv = (kv_mib * 2 / count).to_string();
+        let mut backend_flags = vec!["--max-running", "8"];
+        if kv_mib > 0 {
+            backend_flags.extend(["--kv-cache-mib", kv.as_str()]);
+        }
+        let backends: Vec<_> = (0..count).map(|_| start_backend_with(&model, &backend_flags, &[])).collect();
         let addrs: Vec<&str> = backends.iter().map(|b| b.addr.as_str()).collect();
         let dir = tempfile::tempdir().expect("state dir");
         let gw = gateway(dir.path(), &addrs, "[tenants.chat]\n", flags);

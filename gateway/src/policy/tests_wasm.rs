@@ -32,6 +32,7 @@ struct Req {
     claims: serde_json::Map<String, serde_json::Value>,
     headers: Vec<(String, String)>,
     adapters: Vec<(String, String)>,
+    backends: Vec<crate::cluster::BackendView>,
 }
 
 fn req(tenant: &str, model: &str) -> Req {
@@ -42,6 +43,7 @@ fn req(tenant: &str, model: &str) -> Req {
         claims: Default::default(),
         headers: Vec::new(),
         adapters: Vec::new(),
+        backends: Vec::new(),
     }
 }
 
@@ -60,7 +62,7 @@ fn input(r: &Req) -> PolicyInput<'_> {
         max_tokens: None,
         prompt_chars: 5,
         headers: r.headers.clone(),
-        backends: Vec::new(),
+        backends: r.backends.clone(),
         adapters: r.adapters.clone(),
         prefix: None,
     }
@@ -202,6 +204,36 @@ async fn a_policy_sees_what_its_probe_reports_for_the_adapter_it_names_a_few_tim
     // With no backends to ask (a dry run, a test case), the call fails and says why.
     let seen = learned(None, "a/x", 1).await;
     assert!(seen["error"].as_str().unwrap().contains("no backends to ask"), "{seen}");
+}
+
+#[tokio::test]
+async fn prefix_affinity_pins_the_backend_caching_most_of_the_prompt_unless_it_is_much_busier() {
+    let rt = runtime();
+    let probe: Arc<dyn super::PrefixProbe> = Arc::new(FixedProbe::default());
+    // b1 caches 640 of the prompt's 700 tokens for a/x, b2 nothing.
+    let with_queues = |b1: u32, b2: u32, model: &str| {
+        let mut r = req("acme", model);
+        for (address, in_flight) in [("http://b1:1", b1), ("http://b2:1", b2)] {
+            let view =
+                crate::cluster::BackendView { address: address.into(), healthy: true, in_flight, ..Default::default() };
+            r.backends.push(view);
+        }
+        r
+    };
+    let route = async |r: Req, config: &str| match rt
+        .decide(&compiled(&rt, "prefix-affinity"), &request(&input(&r)), Some(probe.clone()), config.into(), "p".into())
+        .await
+    {
+        Ok(WitDecision::Route(route)) => (route.adapter, route.backend),
+        other => panic!("expected a route, got {other:?}"),
+    };
+    let (a, b1) = (Some("a/x".to_string()), Some("http://b1:1".to_string()));
+    assert_eq!(route(with_queues(2, 0, "a/x"), "{}").await, (a.clone(), b1.clone()), "two more queued is allowed");
+    assert_eq!(route(with_queues(3, 0, "a/x"), "{}").await, (a.clone(), None), "three more is not");
+    assert_eq!(route(with_queues(3, 0, "a/x"), r#"{"max_queue_gap": 3}"#).await, (a.clone(), b1));
+    assert_eq!(route(with_queues(0, 0, "a/x"), r#"{"min_cached_tokens": 641}"#).await, (a, None));
+    // The probe knows nothing of the base model (an error): the gateway chooses.
+    assert_eq!(route(with_queues(0, 0, "base"), "{}").await, (None, None));
 }
 
 async fn hostile(rt: &PolicyRuntime, mode: &str) -> Result<WitDecision, PolicyFault> {
