@@ -197,6 +197,70 @@ def run(base_url: str, keys: Keys, adapter_dir: Path) -> None:
             expect(streamed == r.choices[0].text, f"{streamed!r} != {r.choices[0].text!r}")
             state[f"completion:{model}"] = r.choices[0].text
 
+    @check("sampling knobs reach the model: a +100 logit bias makes one token certain, greedy or not")
+    def _():
+        # Token 277 is "yard" in the test model's vocabulary.
+        for temperature in (0, 1.2):
+            r = acme.completions.create(model=state["base"], prompt="Once upon a time", max_tokens=4,
+                                        temperature=temperature, logit_bias={"277": 100})
+            expect(r.choices[0].text == "yard" * 4, r)
+        r = acme.chat.completions.create(
+            model="acme/support", max_tokens=3, temperature=0.8, top_p=0.9, seed=5, logit_bias={"277": 100},
+            presence_penalty=0.5, frequency_penalty=0.5, messages=[{"role": "user", "content": "Tell me a story"}],
+            extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2})
+        expect(r.choices[0].message.content == "yard" * 3, r)
+
+    @check("a logit bias for a token outside the vocabulary is a 400 naming logit_bias")
+    def _():
+        try:
+            acme.completions.create(model=state["base"], prompt="Once", max_tokens=2, logit_bias={"100000": 1})
+        except openai.BadRequestError as e:
+            expect("logit_bias" in e.body["message"] and "vocabulary" in e.body["message"], e.body)
+        else:
+            raise AssertionError("an out-of-vocabulary logit_bias was accepted")
+
+    @check("logprobs come back in the SDK's types: chat and completions, streamed and not")
+    def _():
+        ask = dict(model="acme/support", max_tokens=6, temperature=0,
+                   messages=[{"role": "user", "content": "Tell me a story"}])
+        r = acme.chat.completions.create(logprobs=True, top_logprobs=3, **ask)
+        content = r.choices[0].logprobs.content
+        expect(b"".join(bytes(t.bytes) for t in content).decode() == r.choices[0].message.content, content)
+        for t in content:
+            expect(t.logprob <= 0 and len(t.top_logprobs) == 3, t)
+            # Greedy: the chosen token is the most likely one.
+            expect(t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob, t)
+            expect(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob, t)
+        streamed = [t for chunk in acme.chat.completions.create(logprobs=True, top_logprobs=3, stream=True, **ask)
+                    if chunk.choices and chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.content]
+        expect([(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content], streamed)
+        plain = acme.chat.completions.create(**ask)
+        expect(plain.choices[0].logprobs is None, plain)
+
+        c = acme.completions.create(model=state["base"], prompt="Once upon a time", max_tokens=6, temperature=0,
+                                    logprobs=2)
+        lp = c.choices[0].logprobs
+        # A token holding part of a UTF-8 character shows as U+FFFD; the others spell the text.
+        joined = "".join(lp.tokens)
+        expect(("\ufffd" in joined or joined == c.choices[0].text) and len(lp.token_logprobs) == len(lp.tokens), lp)
+        expect(all(len(top) <= 2 and max(top.values()) == p for top, p in zip(lp.top_logprobs, lp.token_logprobs)), lp)
+        expect(lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))], lp)
+        streamed = [c for c in acme.completions.create(model=state["base"], prompt="Once upon a time", max_tokens=6,
+                                                       temperature=0, logprobs=2, stream=True) if c.choices]
+        tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+        offsets = [o for c in streamed if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+        expect(tokens == lp.tokens and offsets == lp.text_offset, (tokens, offsets))
+
+    @check("top_logprobs past 20 is a 400 naming it")
+    def _():
+        try:
+            acme.chat.completions.create(model=state["base"], max_tokens=2, logprobs=True, top_logprobs=21,
+                                         messages=[{"role": "user", "content": "hi"}])
+        except openai.BadRequestError as e:
+            expect(e.body["param"] == "top_logprobs", e.body)
+        else:
+            raise AssertionError("top_logprobs=21 was accepted")
+
     @check("the adapter changes the output (the request really ran with it)")
     def _():
         expect(state["completion:acme/support"] != state["completion:base"]

@@ -19,7 +19,7 @@ use crate::model::{ModelConfig, Tokenizer};
 use blocks::BlockHash;
 use executor::{AdapterPreparer, Executor, ExecutorError, PreparedAdapter};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use sampling::{Sampler, SamplingParams};
+use sampling::{Sampler, SamplingParams, TokenLogprobs};
 use scheduler::{Scheduler, SchedulerConfig, Sequence};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -102,6 +102,10 @@ pub struct GenerateRequest {
     /// Resident adapter to use; `None` is the base model.
     pub adapter: Option<String>,
     pub sampling: SamplingParams,
+    /// `Some(n)`: every generated token comes with its log-probability and those of the `n`
+    /// most likely tokens at its position (at most [`sampling::MAX_TOP_LOGPROBS`]); all but an
+    /// end-of-sequence token that ends the generation, which has no text.
+    pub logprobs: Option<usize>,
     /// 0 means "until the context is full".
     pub max_tokens: usize,
     pub stop: Vec<String>,
@@ -130,13 +134,16 @@ pub enum FinishReason {
 /// What a request's stream carries.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A generated token and the text it completed (possibly empty).
-    Token { id: u32, text: String },
+    /// A generated token and the text it completed (possibly empty), with its log-probabilities
+    /// when the request asked for them.
+    Token { id: u32, text: String, logprobs: Option<TokenLogprobs> },
     /// The last event: the final token, remaining text, and totals (`cached_tokens`: prompt
     /// tokens found in the prefix cache).
     Finished {
         id: Option<u32>,
         text: String,
+        /// The final token's, when the request asked for them.
+        logprobs: Option<TokenLogprobs>,
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
@@ -355,8 +362,11 @@ impl Engine {
         if let Some(bad) = req.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
             return invalid(format!("prompt token id {bad} is outside the vocabulary (size {})", self.vocab_size));
         }
-        if let Err(e) = req.sampling.validate() {
+        if let Err(e) = req.sampling.validate(self.vocab_size) {
             return invalid(e);
+        }
+        if let Some(n) = req.logprobs.filter(|&n| n > sampling::MAX_TOP_LOGPROBS) {
+            return invalid(format!("top_logprobs is {n}; the most is {}", sampling::MAX_TOP_LOGPROBS));
         }
         if req.stop.len() > MAX_STOP_STRINGS {
             return invalid(format!("at most {MAX_STOP_STRINGS} stop strings are allowed, got {}", req.stop.len()));
@@ -464,6 +474,8 @@ impl Engine {
 struct Active {
     events: mpsc::UnboundedSender<Event>,
     sampler: Sampler,
+    /// Alternatives to report with each token's log-probability (`None`: no log-probabilities).
+    logprobs: Option<usize>,
     detok: Detokenizer,
     stops: StopMatcher,
     prompt_len: usize,
@@ -652,7 +664,8 @@ impl Worker {
             id,
             Active {
                 events,
-                sampler: Sampler::new(req.sampling),
+                sampler: Sampler::new(req.sampling, &req.prompt),
+                logprobs: req.logprobs,
                 detok: Detokenizer::new(tail),
                 stops,
                 prompt_len: req.prompt.len(),
@@ -794,37 +807,41 @@ impl Worker {
             let Some(active) = self.active.get_mut(&id) else {
                 continue;
             };
-            let token = active.sampler.sample(&logits[row * vocab..(row + 1) * vocab]);
-            self.on_token(id, token);
+            let row = &logits[row * vocab..(row + 1) * vocab];
+            let token = active.sampler.sample(row);
+            let logprobs = active.logprobs.map(|top| sampling::logprobs(row, token, top));
+            self.on_token(id, token, logprobs);
         }
     }
 
-    fn on_token(&mut self, id: u64, token: u32) {
+    fn on_token(&mut self, id: u64, token: u32, logprobs: Option<TokenLogprobs>) {
         self.scheduler.push_token(id, token);
         let Some(a) = self.active.get_mut(&id) else {
             return;
         };
         a.generated += 1;
-        let finish = |a: &mut Active, reason, text: String| Event::Finished {
+        let finish = |a: &mut Active, reason, text: String, logprobs| Event::Finished {
             id: Some(token),
             text,
+            logprobs,
             reason,
             prompt_tokens: a.prompt_len,
             completion_tokens: a.generated,
             cached_tokens: a.cached_tokens,
         };
         let event = if !a.ignore_eos && self.tokenizer.eos_ids().contains(&token) {
+            // The end-of-sequence token has no text, and no log-probabilities are reported for it.
             let (text, stopped) = a.drain(&self.tokenizer, String::new());
-            finish(a, if stopped { FinishReason::Stop } else { FinishReason::Eos }, text)
+            finish(a, if stopped { FinishReason::Stop } else { FinishReason::Eos }, text, None)
         } else {
             let piece = a.detok.push(&self.tokenizer, token);
             match a.stops.push(&piece) {
-                Matched::Stop(text) => finish(a, FinishReason::Stop, text),
+                Matched::Stop(text) => finish(a, FinishReason::Stop, text, logprobs),
                 Matched::Continue(text) if a.generated >= a.max_tokens => {
                     let (text, stopped) = a.drain(&self.tokenizer, text);
-                    finish(a, if stopped { FinishReason::Stop } else { FinishReason::Length }, text)
+                    finish(a, if stopped { FinishReason::Stop } else { FinishReason::Length }, text, logprobs)
                 }
-                Matched::Continue(text) => Event::Token { id: token, text },
+                Matched::Continue(text) => Event::Token { id: token, text, logprobs },
             }
         };
         let done = matches!(event, Event::Finished { .. });

@@ -117,7 +117,7 @@ async fn finish(events: &mut mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, Strin
     let (mut ids, mut text) = (Vec::new(), String::new());
     while let Some(ev) = events.recv().await {
         match ev {
-            Event::Token { id, text: t } => {
+            Event::Token { id, text: t, .. } => {
                 ids.push(id);
                 text.push_str(&t);
             }

@@ -34,6 +34,8 @@ pub struct Tokenizer {
     bos_token: Option<String>,
     eos_token: Option<String>,
     eos_ids: Vec<u32>,
+    /// Each token's bytes as it decodes alone (see [`Tokenizer::token_bytes`]).
+    bytes: Vec<Box<[u8]>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -138,7 +140,8 @@ impl Tokenizer {
             })
             .and_then(Result::ok);
         let special_ids = special.iter().map(|(id, _)| *id).collect();
-        Tokenizer { inner, plain, specials, special_ids, chat, bos_token, eos_token, eos_ids }
+        let bytes = token_bytes(&inner);
+        Tokenizer { inner, plain, specials, special_ids, chat, bos_token, eos_token, eos_ids, bytes }
     }
 
     /// A stand-in tokenizer for synthetic models: every id is a word `t<ID>` (unknown words map
@@ -262,6 +265,12 @@ impl Tokenizer {
     /// Text of `ids`, without special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
         self.inner.decode(ids, true).map_err(|e| e.to_string())
+    }
+
+    /// The bytes token `id` stands for on its own (empty outside the vocabulary): a byte-level
+    /// token may hold part of a UTF-8 character, and a special token is its text.
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.bytes.get(id as usize).map_or(&[], |b| b)
     }
 
     /// Token ids that end generation.
@@ -414,6 +423,54 @@ fn merges_from_scores(tokens: &[&str], scores: &[f64]) -> Vec<(String, String)> 
 
 /// GPT-2's byte-to-character table: printable bytes map to themselves, the rest to characters
 /// from U+0100 on, so every byte sequence has a printable spelling.
+/// Every token's bytes, read from its vocabulary entry the way the decoder spells it:
+/// byte-level vocabularies write each byte as a printable character, SentencePiece ones a
+/// space as `▁` and (with byte fallback) a lone byte as `<0xNN>`; added tokens are their text.
+fn token_bytes(inner: &tokenizers::Tokenizer) -> Vec<Box<[u8]>> {
+    fn kinds(v: &Value, out: &mut std::collections::HashSet<String>) {
+        if let Some(kind) = v.get("type").and_then(Value::as_str) {
+            out.insert(kind.to_string());
+        }
+        for d in v.get("decoders").and_then(Value::as_array).into_iter().flatten() {
+            kinds(d, out);
+        }
+    }
+    let mut decoders = std::collections::HashSet::new();
+    if let Some(v) = inner.get_decoder().and_then(|d| serde_json::to_value(d).ok()) {
+        kinds(&v, &mut decoders);
+    }
+    let (byte_level, byte_fallback) = (decoders.contains("ByteLevel"), decoders.contains("ByteFallback"));
+    let from_char: std::collections::HashMap<char, u8> =
+        bytes_to_unicode().into_iter().enumerate().map(|(b, c)| (c, b as u8)).collect();
+    let added = inner.get_added_tokens_decoder();
+    let lone_byte = |t: &str| {
+        let hex = t.strip_prefix("<0x")?.strip_suffix('>')?;
+        if hex.len() == 2 { u8::from_str_radix(hex, 16).ok() } else { None }
+    };
+    (0..inner.get_vocab_size(true) as u32)
+        .map(|id| {
+            let Some(token) = inner.id_to_token(id) else { return Box::default() };
+            if added.contains_key(&id) {
+                return token.into_bytes().into_boxed_slice();
+            }
+            if byte_level {
+                let mut out = Vec::with_capacity(token.len());
+                for c in token.chars() {
+                    match from_char.get(&c) {
+                        Some(&b) => out.push(b),
+                        None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                    }
+                }
+                return out.into_boxed_slice();
+            }
+            match lone_byte(&token).filter(|_| byte_fallback) {
+                Some(b) => Box::new([b]),
+                None => token.replace('\u{2581}', " ").into_bytes().into_boxed_slice(),
+            }
+        })
+        .collect()
+}
+
 fn bytes_to_unicode() -> Vec<char> {
     let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
     let mut next = 0x100u32;
@@ -442,4 +499,39 @@ fn template_env(template: String) -> Result<minijinja::Environment<'static>, min
     });
     env.add_template_owned("chat", template)?;
     Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bytes_are_what_each_token_decodes_to_alone() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/tiny-llama");
+        let config = ModelConfig::from_dir(&dir).expect("the tiny model's config");
+        let t = Tokenizer::load(&dir, &config).expect("the tiny model's tokenizer");
+        // Byte-level: `Ġ` spells a space; every token's bytes decode to its text.
+        let the = t.encode(" the").expect("encodes");
+        assert_eq!(the.len(), 1);
+        assert_eq!(t.token_bytes(the[0]), b" the");
+        for id in [the[0], 277, 300, 350] {
+            assert_eq!(t.token_bytes(id), t.decode(&[id]).expect("decodes").as_bytes(), "token {id}");
+        }
+        // A character of two bytes is two tokens here, each holding one of its bytes.
+        let e_acute = t.encode("é").expect("encodes");
+        let bytes: Vec<u8> = e_acute.iter().flat_map(|&id| t.token_bytes(id).to_vec()).collect();
+        assert_eq!(bytes, "é".as_bytes());
+        assert!(e_acute.iter().any(|&id| t.token_bytes(id).len() == 1 && t.token_bytes(id)[0] >= 0x80));
+        // Special tokens are their text; ids past the vocabulary have none.
+        let end = t.encode("<|im_end|>").expect("encodes");
+        assert_eq!(t.token_bytes(end[0]), b"<|im_end|>");
+        assert_eq!(t.token_bytes(1 << 30), b"");
+
+        // SentencePiece with byte fallback: `▁` is a space, `<0xC3>` one byte.
+        let tokens = ["<unk>", "<0xC3>", "<0xA9>", "\u{2581}the", "a"];
+        let inner = sentencepiece_bpe(&tokens, Vec::new()).expect("builds");
+        let t = Tokenizer::assemble(inner, None, None, None, Vec::new());
+        let all: Vec<&[u8]> = (0..5).map(|id| t.token_bytes(id)).collect();
+        assert_eq!(all, vec![&b"<unk>"[..], &[0xC3], &[0xA9], b" the", b"a"]);
+    }
 }

@@ -14,7 +14,7 @@ pub use server::{
 };
 
 use crate::adapters::{AdapterInfo, AdapterManager, AdapterState, Digest, LoadOutcome};
-use crate::engine::sampling::SamplingParams;
+use crate::engine::sampling::{SamplingParams, TokenLogprobs};
 use crate::engine::scheduler::{MAX_WEIGHT, MIN_WEIGHT};
 use crate::engine::{Engine, Event, FinishReason, GenerateRequest, Health};
 use crate::metrics;
@@ -180,10 +180,17 @@ impl BackendService {
         }
         let prompt = self.prompt_ids(req.input).await?;
         let s = req.sampling.unwrap_or_default();
+        let mut logit_bias: Vec<(u32, f32)> = s.logit_bias.into_iter().collect();
+        logit_bias.sort_unstable_by_key(|&(id, _)| id);
         let sampling = SamplingParams {
             temperature: s.temperature,
             top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
             top_k: s.top_k as usize,
+            min_p: s.min_p,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+            repetition_penalty: if s.repetition_penalty == 0.0 { 1.0 } else { s.repetition_penalty },
+            logit_bias,
             seed: s.seed,
         };
         tracing::debug!(request_id = %req.request_id, adapter = %req.adapter, prompt_tokens = prompt.len(), "generate");
@@ -202,6 +209,7 @@ impl BackendService {
             tenant_weight,
             priority,
             cache_salt: req.cache_salt,
+            logprobs: req.top_logprobs.map(|n| n as usize),
             queue_wait: Some(queue_wait),
         };
         Ok(self.engine.generate(engine_req).await?)
@@ -300,16 +308,37 @@ impl pb::backend_server::Backend for BackendService {
         // Dropping the response stream (the client went away) drops the receiver, which the
         // engine notices at its next step and cancels the request; and the tally, which counts
         // it cancelled unless it ended otherwise.
-        let stream = UnboundedReceiverStream::new(events).map(move |event| match event {
-            Event::Token { id, text } => {
-                tally.token();
-                Ok(pb::GenerateResponse { text, token_ids: vec![id], ..Default::default() })
+        let tokenizer = self.tokenizer.clone();
+        let logprobs = move |id: Option<u32>, l: Option<TokenLogprobs>| -> Vec<pb::TokenLogprobs> {
+            let entry = |token_id: u32, logprob: f32| pb::TokenLogprob {
+                token_id,
+                logprob,
+                bytes: tokenizer.token_bytes(token_id).to_vec(),
+            };
+            match (id, l) {
+                (Some(id), Some(l)) => vec![pb::TokenLogprobs {
+                    token: Some(entry(id, l.logprob)),
+                    top: l.top.into_iter().map(|(t, lp)| entry(t, lp)).collect(),
+                }],
+                _ => Vec::new(),
             }
-            Event::Finished { id, text, reason, prompt_tokens, completion_tokens, cached_tokens } => {
+        };
+        let stream = UnboundedReceiverStream::new(events).map(move |event| match event {
+            Event::Token { id, text, logprobs: l } => {
+                tally.token();
+                Ok(pb::GenerateResponse {
+                    text,
+                    token_ids: vec![id],
+                    logprobs: logprobs(Some(id), l),
+                    ..Default::default()
+                })
+            }
+            Event::Finished { id, text, logprobs: l, reason, prompt_tokens, completion_tokens, cached_tokens } => {
                 tally.finished(prompt_tokens, cached_tokens, &adapter);
                 Ok(pb::GenerateResponse {
                     text,
                     token_ids: id.into_iter().collect(),
+                    logprobs: logprobs(id, l),
                     finish_reason: finish_reason(reason) as i32,
                     usage: Some(pb::Usage {
                         prompt_tokens: prompt_tokens as u32,

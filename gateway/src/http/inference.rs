@@ -6,7 +6,7 @@ use crate::authz::Caller;
 use crate::dispatch::{self, Started};
 use crate::error::{Code, Error};
 use crate::metrics::OTHER;
-use crate::openai::response::{Api, Chunk, Head, Usage};
+use crate::openai::response::{Api, Chunk, Head, Logprobs, Usage};
 use crate::openai::{self, Generation};
 use crate::policy::{Decision, Endpoint, PolicyInput};
 use crate::prefix::RequestPrefix;
@@ -122,6 +122,8 @@ struct Job {
     head: Head,
     stream: bool,
     include_usage: bool,
+    /// The client asked for log-probabilities.
+    logprobs: bool,
 }
 
 async fn serve(gw: Arc<Gateway>, id: RequestId, headers: HeaderMap, body: Body, api: Api) -> Response {
@@ -268,7 +270,12 @@ async fn begin(
         created: crate::unix_seconds(),
         model: generation.model,
     };
-    let job = Job { head, stream: generation.stream, include_usage: generation.include_usage };
+    let job = Job {
+        head,
+        stream: generation.stream,
+        include_usage: generation.include_usage,
+        logprobs: generation.logprobs.is_some(),
+    };
     Ok((job, started))
 }
 
@@ -346,9 +353,8 @@ fn generate_call(id: &str, prompt: Prompt, g: &Generation, tenant: &str) -> Gene
         request_id: id.to_string(),
         adapter: None,
         prompt,
-        temperature: g.temperature,
-        top_p: g.top_p,
-        seed: g.seed,
+        sampling: g.sampling.clone(),
+        top_logprobs: g.logprobs,
         max_tokens: g.max_tokens.unwrap_or(0),
         stop: g.stop.clone(),
         ignore_eos: g.ignore_eos,
@@ -378,6 +384,7 @@ async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<Str
     let mut rest = rest.0;
     let mut pending = first;
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     let last = loop {
         let message = match pending.take() {
             Some(m) => m,
@@ -392,6 +399,7 @@ async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<Str
         }
         record.tokens_seen += 1;
         text.push_str(&message.text);
+        logprobs.extend(message.logprobs.iter().cloned());
         if finish_reason(&message).is_some() {
             break message;
         }
@@ -402,7 +410,8 @@ async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<Str
         record.gw.metrics.tokens(&record.tenant, &record.model, u.prompt_tokens, u.completion_tokens, u.cached_tokens);
         record.used(u);
     }
-    Ok(job.head.complete(&text, finish_reason(&last), openai_usage(usage)))
+    let logprobs = job.logprobs.then_some(Logprobs { tokens: &logprobs, offset: 0 });
+    Ok(job.head.complete(&text, logprobs, finish_reason(&last), openai_usage(usage)))
 }
 
 /// Where a stream is.
@@ -427,6 +436,10 @@ struct StreamState {
     record: Record,
     /// From the final message.
     usage: Option<upstream::Usage>,
+    /// Log-probabilities of tokens whose text has not been sent yet (it may be held back while
+    /// it could still be a stop string), and where the next token's text starts.
+    held: Vec<upstream::TokenLogprobs>,
+    offset: usize,
     _in_flight: dispatch::InFlight,
 }
 
@@ -437,6 +450,21 @@ impl StreamState {
 
     fn chunk(&self, chunk: Chunk<'_>) -> Event {
         Event::default().data(self.job.head.chunk(chunk))
+    }
+
+    /// The held log-probabilities for the next chunk: when the client asked for them, and
+    /// there are some (or `always`).
+    fn logprobs(&self, always: bool) -> Option<Logprobs<'_>> {
+        (self.job.logprobs && (always || !self.held.is_empty()))
+            .then_some(Logprobs { tokens: &self.held, offset: self.offset })
+    }
+
+    /// After a chunk went out with the held log-probabilities (their text ending at `end`).
+    fn sent(&mut self, end: Option<usize>) {
+        if let Some(end) = end {
+            self.offset = end;
+        }
+        self.held.clear();
     }
 
     /// The next event, or `None` when the stream is over.
@@ -472,6 +500,7 @@ impl StreamState {
                         self.record.finish(200, message.usage.as_ref());
                         self.usage = message.usage;
                     }
+                    self.held.extend(message.logprobs);
                     let text = (!message.text.is_empty()).then_some(message.text.as_str());
                     if text.is_some() {
                         self.record.saw_text();
@@ -481,24 +510,28 @@ impl StreamState {
                             self.phase = Phase::Body;
                             continue;
                         }
-                        (Some(t), None) => {
-                            self.phase = Phase::Body;
-                            return Some(self.chunk(Chunk::Text(t)));
-                        }
                         // OpenAI sends the finish reason in a chunk of its own.
-                        (Some(t), Some(reason)) => {
-                            self.phase = Phase::Finish(reason);
-                            return Some(self.chunk(Chunk::Text(t)));
+                        (Some(t), finish) => {
+                            self.phase = finish.map_or(Phase::Body, Phase::Finish);
+                            let l = self.logprobs(true);
+                            let event = self.chunk(Chunk::Text(t, l));
+                            let end = l.map(openai::response::text_end);
+                            self.sent(end);
+                            return Some(event);
                         }
                         (None, Some(reason)) => {
                             self.phase = self.after_finish();
-                            return Some(self.chunk(Chunk::Finish(reason)));
+                            let l = self.logprobs(false);
+                            let event = self.chunk(Chunk::Finish(reason, l));
+                            let end = l.map(openai::response::text_end);
+                            self.sent(end);
+                            return Some(event);
                         }
                     }
                 }
                 Phase::Finish(reason) => {
                     self.phase = self.after_finish();
-                    return Some(self.chunk(Chunk::Finish(reason)));
+                    return Some(self.chunk(Chunk::Finish(reason, None)));
                 }
                 Phase::Usage => {
                     self.phase = Phase::Done;
@@ -519,8 +552,18 @@ impl StreamState {
 fn stream(job: Job, started: Started, record: Record) -> Response {
     let Started { backend, first, rest, in_flight } = started;
     let phase = if job.head.api == Api::Chat { Phase::Role } else { Phase::Body };
-    let state =
-        StreamState { job, backend, pending: first, rest: rest.0, phase, record, usage: None, _in_flight: in_flight };
+    let state = StreamState {
+        job,
+        backend,
+        pending: first,
+        rest: rest.0,
+        phase,
+        record,
+        usage: None,
+        held: Vec::new(),
+        offset: 0,
+        _in_flight: in_flight,
+    };
     let events = futures::stream::unfold(state, |mut s| async move {
         let event = s.next_event().await?;
         Some((Ok::<Event, Infallible>(event), s))

@@ -1,7 +1,9 @@
 //! Response bodies in OpenAI's shape, serialized straight from borrowed fields: a chat
 //! completion, a text completion, and their streamed chunks.
 
+use crate::upstream::TokenLogprobs;
 use serde::Serialize;
+use serde::ser::SerializeMap;
 
 /// Which API a body answers: the object names and id prefix differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,11 +78,103 @@ struct Body<'a> {
     usage: Option<Usage>,
 }
 
+/// The log-probabilities a body or chunk carries: of `tokens`, the first of which starts
+/// `offset` characters into the completion (completions' `text_offset`).
+#[derive(Debug, Clone, Copy)]
+pub struct Logprobs<'a> {
+    pub tokens: &'a [TokenLogprobs],
+    pub offset: usize,
+}
+
+/// A token as OpenAI names it: its text (a part of a UTF-8 character shows as U+FFFD; `bytes`
+/// has it exactly).
+fn token_text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(bytes)
+}
+
+/// Chat's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}`.
+struct ChatLogprobs<'a>(&'a [TokenLogprobs]);
+
+#[derive(Serialize)]
+struct ChatToken<'a> {
+    token: std::borrow::Cow<'a, str>,
+    logprob: f32,
+    bytes: &'a [u8],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_logprobs: Option<Vec<ChatToken<'a>>>,
+}
+
+impl<'a> Serialize for ChatLogprobs<'a> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let entry = |t: &'a crate::upstream::TokenLogprob, top: Option<Vec<ChatToken<'a>>>| ChatToken {
+            token: token_text(&t.bytes),
+            logprob: t.logprob,
+            bytes: &t.bytes,
+            top_logprobs: top,
+        };
+        let content: Vec<ChatToken<'a>> =
+            self.0.iter().map(|l| entry(&l.token, Some(l.top.iter().map(|t| entry(t, None)).collect()))).collect();
+        let mut map = s.serialize_map(Some(2))?;
+        map.serialize_entry("content", &content)?;
+        map.serialize_entry("refusal", &None::<()>)?;
+        map.end()
+    }
+}
+
+/// Completions' `logprobs`: `{tokens, token_logprobs, top_logprobs: [{token: logprob}],
+/// text_offset}`.
+struct TextLogprobs<'a>(Logprobs<'a>);
+
+/// One position's alternatives as a JSON object, most likely first (two tokens with the same
+/// text keep the likelier).
+struct TopMap<'a>(&'a [crate::upstream::TokenLogprob]);
+
+impl Serialize for TopMap<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seen = std::collections::HashSet::new();
+        let mut map = s.serialize_map(None)?;
+        for t in self.0 {
+            let text = token_text(&t.bytes);
+            if seen.insert(text.clone()) {
+                map.serialize_entry(&text, &t.logprob)?;
+            }
+        }
+        map.end()
+    }
+}
+
+impl Serialize for TextLogprobs<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let tokens: Vec<_> = self.0.tokens.iter().map(|l| token_text(&l.token.bytes)).collect();
+        let mut offset = self.0.offset;
+        let offsets: Vec<usize> = tokens
+            .iter()
+            .map(|t| {
+                let at = offset;
+                offset += t.chars().count();
+                at
+            })
+            .collect();
+        let mut map = s.serialize_map(Some(4))?;
+        map.serialize_entry("tokens", &tokens)?;
+        map.serialize_entry("token_logprobs", &self.0.tokens.iter().map(|l| l.token.logprob).collect::<Vec<_>>())?;
+        map.serialize_entry("top_logprobs", &self.0.tokens.iter().map(|l| TopMap(&l.top)).collect::<Vec<_>>())?;
+        map.serialize_entry("text_offset", &offsets)?;
+        map.end()
+    }
+}
+
+/// Where each of a completion's tokens starts, continuing from `offset` (a stream's chunks
+/// count on from the last).
+pub fn text_end(l: Logprobs<'_>) -> usize {
+    l.offset + l.tokens.iter().map(|t| token_text(&t.token.bytes).chars().count()).sum::<usize>()
+}
+
 #[derive(Serialize)]
 struct ChatChoice<'a> {
     index: u32,
     message: Message<'a>,
-    logprobs: Option<()>,
+    logprobs: Option<ChatLogprobs<'a>>,
     finish_reason: Option<&'static str>,
 }
 
@@ -95,7 +189,7 @@ struct Message<'a> {
 struct TextChoice<'a> {
     index: u32,
     text: &'a str,
-    logprobs: Option<()>,
+    logprobs: Option<TextLogprobs<'a>>,
     finish_reason: Option<&'static str>,
 }
 
@@ -103,7 +197,7 @@ struct TextChoice<'a> {
 struct ChunkChoice<'a> {
     index: u32,
     delta: Delta<'a>,
-    logprobs: Option<()>,
+    logprobs: Option<ChatLogprobs<'a>>,
     finish_reason: Option<&'static str>,
 }
 
@@ -120,28 +214,39 @@ struct Delta<'a> {
 pub enum Chunk<'a> {
     /// A chat stream's first chunk: the assistant's role.
     Role,
-    /// New text.
-    Text(&'a str),
-    /// Why the generation ended, with no text.
-    Finish(&'static str),
+    /// New text, with its tokens' log-probabilities when asked for.
+    Text(&'a str, Option<Logprobs<'a>>),
+    /// Why the generation ended, with no text (and the last tokens' log-probabilities, when
+    /// asked for and they came without text).
+    Finish(&'static str, Option<Logprobs<'a>>),
     /// `stream_options.include_usage`: the usage, with no choices.
     Usage(Usage),
 }
 
 fn json(body: &impl Serialize) -> String {
-    // The bodies hold strings, numbers and unit values only; serializing them cannot fail.
+    // The bodies hold strings, numbers, bytes and maps with string keys only; serializing them
+    // cannot fail.
     serde_json::to_string(body).unwrap_or_else(|_| String::from("{}"))
 }
 
 impl Head {
     /// The whole answer of a request that was not streamed.
-    pub fn complete(&self, text: &str, finish_reason: Option<&'static str>, usage: Usage) -> String {
+    pub fn complete(
+        &self,
+        text: &str,
+        logprobs: Option<Logprobs<'_>>,
+        finish_reason: Option<&'static str>,
+        usage: Usage,
+    ) -> String {
         let choices = match self.api {
             Api::Chat => {
                 let message = Message { role: "assistant", content: text, refusal: None };
-                Choices::Message([ChatChoice { index: 0, message, logprobs: None, finish_reason }])
+                let logprobs = logprobs.map(|l| ChatLogprobs(l.tokens));
+                Choices::Message([ChatChoice { index: 0, message, logprobs, finish_reason }])
             }
-            Api::Completion => Choices::Text([TextChoice { index: 0, text, logprobs: None, finish_reason }]),
+            Api::Completion => {
+                Choices::Text([TextChoice { index: 0, text, logprobs: logprobs.map(TextLogprobs), finish_reason }])
+            }
         };
         json(&self.body(false, choices, Some(usage)))
     }
@@ -152,11 +257,11 @@ impl Head {
 
     /// One streamed chunk.
     pub fn chunk(&self, chunk: Chunk<'_>) -> String {
-        let (text, finish_reason) = match chunk {
+        let (text, logprobs, finish_reason) = match chunk {
             Chunk::Usage(usage) => return json(&self.body(true, Choices::None([]), Some(usage))),
-            Chunk::Role => (None, None),
-            Chunk::Text(t) => (Some(t), None),
-            Chunk::Finish(reason) => (None, Some(reason)),
+            Chunk::Role => (None, None, None),
+            Chunk::Text(t, l) => (Some(t), l, None),
+            Chunk::Finish(reason, l) => (None, l, Some(reason)),
         };
         let choices = match self.api {
             Api::Chat => {
@@ -165,13 +270,16 @@ impl Head {
                 Choices::Delta([ChunkChoice {
                     index: 0,
                     delta: Delta { role, content },
-                    logprobs: None,
+                    logprobs: logprobs.map(|l| ChatLogprobs(l.tokens)),
                     finish_reason,
                 }])
             }
-            Api::Completion => {
-                Choices::Text([TextChoice { index: 0, text: text.unwrap_or(""), logprobs: None, finish_reason }])
-            }
+            Api::Completion => Choices::Text([TextChoice {
+                index: 0,
+                text: text.unwrap_or(""),
+                logprobs: logprobs.map(TextLogprobs),
+                finish_reason,
+            }]),
         };
         json(&self.body(true, choices, None))
     }
@@ -201,7 +309,7 @@ mod tests {
 
     #[test]
     fn bodies_have_openai_shapes() {
-        let chat = parse(&head(Api::Chat).complete("Hi", Some("stop"), Usage::new(3, 1, 0)));
+        let chat = parse(&head(Api::Chat).complete("Hi", None, Some("stop"), Usage::new(3, 1, 0)));
         assert_eq!(
             chat,
             json!({"id": "chatcmpl-7", "object": "chat.completion", "created": 5, "model": "acme/support",
@@ -210,7 +318,7 @@ mod tests {
                 "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4,
                     "prompt_tokens_details": {"cached_tokens": 0}}})
         );
-        let text = parse(&head(Api::Completion).complete("Hi", Some("length"), Usage::new(3, 1, 0)));
+        let text = parse(&head(Api::Completion).complete("Hi", None, Some("length"), Usage::new(3, 1, 0)));
         assert_eq!(text["choices"], json!([{"index": 0, "text": "Hi", "logprobs": null, "finish_reason": "length"}]));
         assert_eq!((text["object"].as_str(), text["id"].as_str()), (Some("text_completion"), Some("cmpl-7")));
     }
@@ -220,14 +328,54 @@ mod tests {
         let h = head(Api::Chat);
         let choice = |c| parse(&h.chunk(c))["choices"][0].clone();
         assert_eq!(choice(Chunk::Role)["delta"], json!({"role": "assistant", "content": ""}));
-        assert_eq!(choice(Chunk::Text("lo"))["delta"], json!({"content": "lo"}));
-        let finish = choice(Chunk::Finish("stop"));
+        assert_eq!(choice(Chunk::Text("lo", None))["delta"], json!({"content": "lo"}));
+        let finish = choice(Chunk::Finish("stop", None));
         assert_eq!((finish["delta"].clone(), finish["finish_reason"].clone()), (json!({}), json!("stop")));
         let usage = parse(&h.chunk(Chunk::Usage(Usage::new(2, 2, 1))));
         assert_eq!((usage["choices"].clone(), usage["usage"]["total_tokens"].clone()), (json!([]), json!(4)));
         assert_eq!(usage["usage"]["prompt_tokens_details"], json!({"cached_tokens": 1}));
-        assert_eq!(parse(&h.chunk(Chunk::Text("x")))["usage"], Value::Null);
-        let text = parse(&head(Api::Completion).chunk(Chunk::Text("lo")));
+        assert_eq!(parse(&h.chunk(Chunk::Text("x", None)))["usage"], Value::Null);
+        let text = parse(&head(Api::Completion).chunk(Chunk::Text("lo", None)));
         assert_eq!(text["choices"][0], json!({"index": 0, "text": "lo", "logprobs": null, "finish_reason": null}));
+    }
+
+    fn tokens() -> Vec<TokenLogprobs> {
+        use crate::upstream::TokenLogprob;
+        let t = |logprob: f32, bytes: &[u8]| TokenLogprob { logprob, bytes: bytes.to_vec() };
+        vec![
+            TokenLogprobs { token: t(-0.5, b"Hi"), top: vec![t(-0.5, b"Hi"), t(-1.5, b"Yo")] },
+            // Half of "é": a token text cannot show it, its bytes do.
+            TokenLogprobs { token: t(-0.25, &[0xC3]), top: vec![t(-0.25, &[0xC3]), t(-2.0, &[0xC2])] },
+        ]
+    }
+
+    #[test]
+    fn logprobs_have_openai_shapes() {
+        let tokens = tokens();
+        let l = Some(Logprobs { tokens: &tokens, offset: 0 });
+        let chat = parse(&head(Api::Chat).complete("Hi\u{fffd}", l, Some("stop"), Usage::new(3, 2, 0)));
+        assert_eq!(
+            chat["choices"][0]["logprobs"],
+            json!({"content": [
+                {"token": "Hi", "logprob": -0.5, "bytes": [72, 105],
+                    "top_logprobs": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
+                                     {"token": "Yo", "logprob": -1.5, "bytes": [89, 111]}]},
+                {"token": "\u{fffd}", "logprob": -0.25, "bytes": [195],
+                    "top_logprobs": [{"token": "\u{fffd}", "logprob": -0.25, "bytes": [195]},
+                                     {"token": "\u{fffd}", "logprob": -2.0, "bytes": [194]}]}],
+                "refusal": null})
+        );
+        // Completions count text offsets on from where the stream got to; two alternatives
+        // with the same text keep the likelier.
+        let l = Some(Logprobs { tokens: &tokens, offset: 7 });
+        let text = parse(&head(Api::Completion).chunk(Chunk::Text("Hi", l)));
+        assert_eq!(
+            text["choices"][0]["logprobs"],
+            json!({"tokens": ["Hi", "\u{fffd}"], "token_logprobs": [-0.5, -0.25],
+                "top_logprobs": [{"Hi": -0.5, "Yo": -1.5}, {"\u{fffd}": -0.25}], "text_offset": [7, 9]})
+        );
+        assert_eq!(text_end(Logprobs { tokens: &tokens, offset: 7 }), 10);
+        let chunk = parse(&head(Api::Chat).chunk(Chunk::Finish("stop", l)));
+        assert_eq!(chunk["choices"][0]["logprobs"]["content"].as_array().map(Vec::len), Some(2));
     }
 }

@@ -3,6 +3,7 @@
 //! an unknown field is refused too.
 
 use crate::error::{Code, Error};
+use crate::upstream::Sampling;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -12,6 +13,11 @@ pub const MAX_STOP: usize = 4;
 /// Longest stop sequence, in bytes (the backend's limit: while a stop sequence could still be
 /// completing, this much generated text less one byte is held back).
 pub const MAX_STOP_BYTES: usize = 1024;
+/// Most `logit_bias` entries (the backend's limit).
+pub const MAX_LOGIT_BIAS: usize = 1024;
+/// Most alternatives per token in `top_logprobs` (chat) and `logprobs` (completions): OpenAI's
+/// chat limit (vLLM's for both).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// Fields of the chat API that exist in OpenAI's API but are not implemented here.
 const CHAT_UNSUPPORTED: &[&str] = &[
@@ -21,8 +27,6 @@ const CHAT_UNSUPPORTED: &[&str] = &[
     "function_call",
     "parallel_tool_calls",
     "response_format",
-    "logit_bias",
-    "top_logprobs",
     "audio",
     "modalities",
     "prediction",
@@ -47,11 +51,16 @@ const COMMON_FIELDS: &[&str] = &[
     "presence_penalty",
     "frequency_penalty",
     "logprobs",
-    // vLLM's extension: keep generating past end-of-sequence (benchmarks use it for fixed lengths).
+    "logit_bias",
+    // vLLM's extensions: keep generating past end-of-sequence (benchmarks use it for fixed
+    // lengths), and its sampling knobs.
     "ignore_eos",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
 ];
-const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens"];
-const COMPLETION_UNSUPPORTED: &[&str] = &["echo", "best_of", "suffix", "logit_bias"];
+const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens", "top_logprobs"];
+const COMPLETION_UNSUPPORTED: &[&str] = &["echo", "best_of", "suffix"];
 const COMPLETION_FIELDS: &[&str] = &["prompt"];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,8 +112,13 @@ struct RawCommon {
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
     logprobs: Option<Value>,
+    top_logprobs: Option<u32>,
+    logit_bias: Option<Map<String, Value>>,
     #[serde(default)]
     ignore_eos: bool,
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
 }
 
 /// One chat message, text only.
@@ -119,16 +133,16 @@ pub struct Message {
 pub struct Generation {
     /// The `model` field: the base model or an adapter name.
     pub model: String,
-    pub temperature: f32,
-    pub top_p: f32,
+    pub sampling: Sampling,
     /// `None`: until the context is full.
     pub max_tokens: Option<u32>,
     pub stop: Vec<String>,
-    pub seed: Option<u64>,
     pub stream: bool,
     pub include_usage: bool,
     /// Generate until `max_tokens` (or the context) even past end-of-sequence.
     pub ignore_eos: bool,
+    /// `Some(n)`: each token's log-probability with the `n` most likely alternatives.
+    pub logprobs: Option<u32>,
 }
 
 /// A validated `POST /v1/chat/completions` body.
@@ -171,7 +185,52 @@ fn typed<T: DeserializeOwned>(map: Map<String, Value>) -> Result<T, Error> {
     serde_json::from_value(Value::Object(map)).map_err(|e| Error::invalid(format!("invalid request: {e}"), None))
 }
 
-fn generation(c: RawCommon, max_tokens_field: &str) -> Result<Generation, Error> {
+/// Which API a body came in on: `logprobs` differs between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// `logprobs` and `top_logprobs` as the API reads them: chat takes `logprobs: true` and the
+/// number of alternatives in `top_logprobs`; completions take the number in `logprobs`.
+fn logprobs(kind: Kind, logprobs: Option<Value>, top: Option<u32>) -> Result<Option<u32>, Error> {
+    let bad = |param: &str, msg: String| Error::invalid(msg, Some(param));
+    let within = |param: &str, n: u32| match n <= MAX_TOP_LOGPROBS {
+        true => Ok(Some(n)),
+        false => Err(bad(param, format!("{param} must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"))),
+    };
+    match kind {
+        Kind::Chat => {
+            let asked = match logprobs {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => b,
+                Some(other) => return Err(bad("logprobs", format!("logprobs must be true or false, got {other}"))),
+            };
+            match (asked, top) {
+                (true, top) => within("top_logprobs", top.unwrap_or(0)),
+                (false, Some(_)) => Err(bad("top_logprobs", "top_logprobs needs logprobs: true".into())),
+                (false, None) => Ok(None),
+            }
+        }
+        Kind::Completion => match logprobs {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                Some(n) => within("logprobs", n),
+                None => Err(bad(
+                    "logprobs",
+                    format!("logprobs must be a number of alternatives, 0 to {MAX_TOP_LOGPROBS}, got {v}"),
+                )),
+            },
+        },
+    }
+}
+
+fn generation(c: RawCommon, kind: Kind) -> Result<Generation, Error> {
+    let max_tokens_field = match kind {
+        Kind::Chat => "max_completion_tokens",
+        Kind::Completion => "max_tokens",
+    };
     let bad = |param: &str, msg: String| Err(Error::invalid(msg, Some(param)));
     if c.model.is_empty() {
         return bad("model", "`model` must name the base model or an adapter".into());
@@ -189,15 +248,36 @@ fn generation(c: RawCommon, max_tokens_field: &str) -> Result<Generation, Error>
     {
         return bad("n", format!("only n=1 is supported, got {n}"));
     }
-    for (name, v) in [("presence_penalty", c.presence_penalty), ("frequency_penalty", c.frequency_penalty)] {
-        if v.is_some_and(|v| v != 0.0) {
-            return bad(name, format!("`{name}` is not supported by this server (only 0)"));
+    let (presence_penalty, frequency_penalty) = (c.presence_penalty.unwrap_or(0.0), c.frequency_penalty.unwrap_or(0.0));
+    for (name, v) in [("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)] {
+        if !(-2.0..=2.0).contains(&v) {
+            return bad(name, format!("{name} must be between -2 and 2, got {v}"));
         }
     }
-    let asks_logprobs = |v: &Value| !(v.is_null() || v.as_bool() == Some(false) || v.as_u64() == Some(0));
-    if c.logprobs.as_ref().is_some_and(asks_logprobs) {
-        return bad("logprobs", "`logprobs` is not supported by this server".into());
+    // vLLM's: -1 (and 0) disable.
+    let top_k = match c.top_k.unwrap_or(0) {
+        -1 | 0 => 0,
+        k => match u32::try_from(k) {
+            Ok(k) => k,
+            Err(_) => return bad("top_k", format!("top_k must be at least 1 (or -1 or 0 for all tokens), got {k}")),
+        },
+    };
+    let min_p = c.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return bad("min_p", format!("min_p must be between 0 and 1, got {min_p}"));
     }
+    let repetition_penalty = c.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
+        return bad(
+            "repetition_penalty",
+            format!("repetition_penalty must be greater than 0, got {repetition_penalty}"),
+        );
+    }
+    let logit_bias = match c.logit_bias {
+        None => Vec::new(),
+        Some(map) => logit_bias(map)?,
+    };
+    let logprobs = logprobs(kind, c.logprobs, c.top_logprobs)?;
     let max_tokens = c.max_completion_tokens.or(c.max_tokens);
     if max_tokens == Some(0) {
         return bad(max_tokens_field, format!("`{max_tokens_field}` must be at least 1"));
@@ -218,15 +298,48 @@ fn generation(c: RawCommon, max_tokens_field: &str) -> Result<Generation, Error>
     }
     Ok(Generation {
         model: c.model,
-        temperature,
-        top_p,
+        sampling: Sampling {
+            temperature,
+            top_p,
+            top_k,
+            min_p,
+            presence_penalty,
+            frequency_penalty,
+            repetition_penalty,
+            logit_bias,
+            seed: c.seed,
+        },
         max_tokens,
         stop,
-        seed: c.seed,
         stream: c.stream,
         include_usage: c.stream_options.unwrap_or_default().include_usage,
         ignore_eos: c.ignore_eos,
+        logprobs,
     })
+}
+
+/// OpenAI's `logit_bias`: token ids (as the object's keys) to a bias from -100 to 100. Whether
+/// an id is in the vocabulary is the backend's to say.
+fn logit_bias(map: Map<String, Value>) -> Result<Vec<(u32, f32)>, Error> {
+    let bad = |msg: String| Err(Error::invalid(msg, Some("logit_bias")));
+    if map.len() > MAX_LOGIT_BIAS {
+        return bad(format!("logit_bias has {} entries; the most is {MAX_LOGIT_BIAS}", map.len()));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (key, value) in map {
+        let Ok(id) = key.parse::<u32>() else {
+            return bad(format!("logit_bias keys are token ids, got {key:?}"));
+        };
+        match value.as_f64() {
+            Some(b) if (-100.0..=100.0).contains(&b) => out.push((id, b as f32)),
+            _ => return bad(format!("logit_bias for token {id} must be a number between -100 and 100, got {value}")),
+        }
+    }
+    out.sort_unstable_by_key(|&(id, _)| id);
+    if let Some(w) = out.windows(2).find(|w| w[0].0 == w[1].0) {
+        return bad(format!("logit_bias names token {} twice", w[0].0));
+    }
+    Ok(out)
 }
 
 /// Reads and checks a chat completion request.
@@ -272,7 +385,7 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, Error> {
         let role = if m.role == "developer" { "system".to_string() } else { m.role };
         out.push(Message { role, content });
     }
-    let generation = generation(typed(map)?, "max_completion_tokens")?;
+    let generation = generation(typed(map)?, Kind::Chat)?;
     Ok(ChatRequest { messages: out, generation })
 }
 
@@ -298,7 +411,7 @@ pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, Error> {
     if prompt.is_empty() {
         return Err(Error::invalid("`prompt` must not be empty", Some("prompt")));
     }
-    let generation = generation(typed(map)?, "max_tokens")?;
+    let generation = generation(typed(map)?, Kind::Completion)?;
     Ok(CompletionRequest { prompt, generation })
 }
 
@@ -321,10 +434,10 @@ mod tests {
         assert_eq!(r.messages[1].content, "Hi there");
         let g = &r.generation;
         assert_eq!(
-            (g.model.as_str(), g.max_tokens, g.seed, g.stream, g.include_usage),
+            (g.model.as_str(), g.max_tokens, g.sampling.seed, g.stream, g.include_usage),
             ("support-v1", Some(16), Some(7), true, true)
         );
-        assert_eq!((g.temperature, g.top_p, g.stop.clone()), (0.2, 1.0, vec!["\n".to_string()]));
+        assert_eq!((g.sampling.temperature, g.sampling.top_p, g.stop.clone()), (0.2, 1.0, vec!["\n".to_string()]));
     }
 
     #[test]
@@ -341,8 +454,18 @@ mod tests {
             (r#","max_completion_tokens":0"#, "max_completion_tokens", "at least 1"),
             (r#","stop":["a","b","c","d","e"]"#, "stop", "up to 4"),
             (&format!(r#","stop":["{}"]"#, "x".repeat(1025)), "stop", "the limit is 1024"),
-            (r#","frequency_penalty":0.5"#, "frequency_penalty", "not supported"),
-            (r#","logprobs":true"#, "logprobs", "not supported"),
+            (r#","frequency_penalty":2.5"#, "frequency_penalty", "between -2 and 2"),
+            (r#","presence_penalty":-3"#, "presence_penalty", "between -2 and 2"),
+            (r#","top_k":-2"#, "top_k", "at least 1"),
+            (r#","min_p":1.5"#, "min_p", "between 0 and 1"),
+            (r#","repetition_penalty":0"#, "repetition_penalty", "greater than 0"),
+            (r#","logit_bias":{"abc":1}"#, "logit_bias", "token ids"),
+            (r#","logit_bias":{"5":101}"#, "logit_bias", "between -100 and 100"),
+            (r#","logit_bias":{"5":"up"}"#, "logit_bias", "between -100 and 100"),
+            (r#","logit_bias":{"5":1,"05":2}"#, "logit_bias", "twice"),
+            (r#","logprobs":3"#, "logprobs", "true or false"),
+            (r#","top_logprobs":2"#, "top_logprobs", "needs logprobs: true"),
+            (r#","logprobs":true,"top_logprobs":21"#, "top_logprobs", "between 0 and 20"),
             (r#","stream_options":{"include_usage":true}"#, "stream_options", "only allowed with stream"),
         ];
         for (extra, param, needle) in cases {
@@ -367,6 +490,55 @@ mod tests {
         assert!(refused(parse_chat(image)).message.contains("image_url"));
         let tool = br#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#;
         assert_eq!(refused(parse_chat(tool)).param.as_deref(), Some("messages[0]"));
+    }
+
+    #[test]
+    fn sampling_knobs_of_openai_and_vllm_are_read() {
+        let body = br#"{"model":"m","prompt":"x","temperature":0.7,"top_p":0.9,"top_k":40,"min_p":0.05,
+            "presence_penalty":0.5,"frequency_penalty":-0.25,"repetition_penalty":1.1,"logit_bias":{"50256":-100,"7":2.5},"seed":3}"#;
+        let s = parse_completion(body).expect("valid").generation.sampling;
+        let want = Sampling {
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 40,
+            min_p: 0.05,
+            presence_penalty: 0.5,
+            frequency_penalty: -0.25,
+            repetition_penalty: 1.1,
+            logit_bias: vec![(7, 2.5), (50256, -100.0)],
+            seed: Some(3),
+        };
+        assert_eq!(s, want);
+        // Left out, each is off; vLLM's -1 is "every token" for top_k.
+        let s = parse_completion(br#"{"model":"m","prompt":"x","top_k":-1}"#).expect("valid").generation.sampling;
+        assert_eq!(s, Sampling::default());
+        let many: Map<String, Value> = (0..=MAX_LOGIT_BIAS).map(|i| (i.to_string(), Value::from(1))).collect();
+        let body = serde_json::json!({"model": "m", "prompt": "x", "logit_bias": many}).to_string();
+        assert!(refused(parse_completion(body.as_bytes())).message.contains("the most is 1024"));
+    }
+
+    #[test]
+    fn logprobs_are_asked_for_as_each_api_asks() {
+        let chat = |extra: &str| {
+            parse_chat(format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#).as_bytes())
+                .map(|r| r.generation.logprobs)
+        };
+        assert_eq!(chat("").ok(), Some(None));
+        assert_eq!(chat(r#","logprobs":false"#).ok(), Some(None));
+        assert_eq!(chat(r#","logprobs":true"#).ok(), Some(Some(0)));
+        assert_eq!(chat(r#","logprobs":true,"top_logprobs":5"#).ok(), Some(Some(5)));
+        let completion = |extra: &str| {
+            parse_completion(format!(r#"{{"model":"m","prompt":"x"{extra}}}"#).as_bytes())
+                .map(|r| r.generation.logprobs)
+        };
+        assert_eq!(completion(r#","logprobs":null"#).ok(), Some(None));
+        assert_eq!(completion(r#","logprobs":0"#).ok(), Some(Some(0)));
+        assert_eq!(completion(r#","logprobs":5"#).ok(), Some(Some(5)));
+        for bad in [r#","logprobs":true"#, r#","logprobs":21"#, r#","logprobs":-1"#] {
+            assert_eq!(refused(completion(bad)).param.as_deref(), Some("logprobs"), "{bad}");
+        }
+        let e = refused(completion(r#","top_logprobs":2"#));
+        assert_eq!((e.param.as_deref(), e.message.contains("unknown")), (Some("top_logprobs"), true));
     }
 
     #[test]

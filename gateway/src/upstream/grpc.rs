@@ -2,7 +2,8 @@
 
 use super::{
     AdapterState, AdapterStatus, BackendInfo, Finish, GenerateCall, LoadCall, Loaded, Piece, PrefixStream,
-    PrefixUpdate, Probe, Prompt, TokenStream, Upstream, UpstreamCode, UpstreamError, Usage,
+    PrefixUpdate, Probe, Prompt, TokenLogprob, TokenLogprobs, TokenStream, Upstream, UpstreamCode, UpstreamError,
+    Usage,
 };
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -167,7 +168,17 @@ fn generate_request(c: GenerateCall) -> pb::GenerateRequest {
         request_id: c.request_id,
         adapter: c.adapter.unwrap_or_default(),
         input: Some(input),
-        sampling: Some(pb::SamplingParams { temperature: c.temperature, top_p: c.top_p, top_k: 0, seed: c.seed }),
+        sampling: Some(pb::SamplingParams {
+            temperature: c.sampling.temperature,
+            top_p: c.sampling.top_p,
+            top_k: c.sampling.top_k,
+            seed: c.sampling.seed,
+            min_p: c.sampling.min_p,
+            presence_penalty: c.sampling.presence_penalty,
+            frequency_penalty: c.sampling.frequency_penalty,
+            repetition_penalty: c.sampling.repetition_penalty,
+            logit_bias: c.sampling.logit_bias.into_iter().collect(),
+        }),
         max_tokens: c.max_tokens,
         stop: c.stop,
         ignore_eos: c.ignore_eos,
@@ -175,6 +186,7 @@ fn generate_request(c: GenerateCall) -> pb::GenerateRequest {
         priority: u32::from(c.priority),
         tenant_weight: c.tenant_weight,
         cache_salt: c.cache_salt,
+        top_logprobs: c.top_logprobs,
     }
 }
 
@@ -190,7 +202,16 @@ fn piece(m: pb::GenerateResponse) -> Piece {
         completion_tokens: u.completion_tokens,
         cached_tokens: u.cached_tokens,
     });
-    Piece { text: m.text, finish, usage }
+    let entry = |t: pb::TokenLogprob| TokenLogprob { logprob: t.logprob, bytes: t.bytes };
+    let logprobs = m
+        .logprobs
+        .into_iter()
+        .map(|l| TokenLogprobs {
+            token: l.token.map_or(TokenLogprob { logprob: f32::NAN, bytes: Vec::new() }, entry),
+            top: l.top.into_iter().map(entry).collect(),
+        })
+        .collect();
+    Piece { text: m.text, logprobs, finish, usage }
 }
 
 fn non_empty(s: String) -> Option<String> {

@@ -20,9 +20,9 @@ pub struct GenerateCall {
     /// The adapter to apply (`None`: the base model).
     pub adapter: Option<String>,
     pub prompt: Prompt,
-    pub temperature: f32,
-    pub top_p: f32,
-    pub seed: Option<u64>,
+    pub sampling: Sampling,
+    /// `Some(n)`: each token's log-probability, with the `n` most likely alternatives.
+    pub top_logprobs: Option<u32>,
     pub max_tokens: u32,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
@@ -33,6 +33,43 @@ pub struct GenerateCall {
     pub priority: u8,
     /// Requests reuse each other's cached prompt blocks only under the same salt.
     pub cache_salt: String,
+}
+
+/// How each next token is chosen, validated (the backend contract's `SamplingParams`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// In (0, 1].
+    pub top_p: f32,
+    /// 0 disables.
+    pub top_k: u32,
+    /// In [0, 1]; 0 disables.
+    pub min_p: f32,
+    /// Each in [-2, 2].
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Above 0; 1 disables.
+    pub repetition_penalty: f32,
+    /// Token id and bias in [-100, 100], ids unique.
+    pub logit_bias: Vec<(u32, f32)>,
+    pub seed: Option<u64>,
+}
+
+impl Default for Sampling {
+    fn default() -> Sampling {
+        Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            seed: None,
+        }
+    }
 }
 
 /// What the model continues.
@@ -52,13 +89,30 @@ pub struct ChatMessage {
     pub content: String,
 }
 
-/// One streamed piece of a generation: new text, and on the last piece why it ended and what
-/// it used.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// One streamed piece of a generation: new text, the log-probabilities of its tokens (when
+/// asked for), and on the last piece why it ended and what it used.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Piece {
     pub text: String,
+    pub logprobs: Vec<TokenLogprobs>,
     pub finish: Option<Finish>,
     pub usage: Option<Usage>,
+}
+
+/// A generated token's log-probability, and the most likely tokens' at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: TokenLogprob,
+    /// Most likely first.
+    pub top: Vec<TokenLogprob>,
+}
+
+/// One token and its log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    /// What the token decodes to on its own (part of a UTF-8 character, possibly).
+    pub bytes: Vec<u8>,
 }
 
 /// Why a generation ended.
