@@ -210,6 +210,23 @@ def run(base_url: str, keys: Keys, adapter_dir: Path) -> None:
             extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2})
         expect(r.choices[0].message.content == "yard" * 3, r)
 
+    @check("a completion's prompt may be token ids: the same answer as the text they encode")
+    def _():
+        # The test model's tokens of "The quick brown fox" (fixtures/golden/cases.json).
+        ids = [54, 269, 372, 268, 355, 367]
+        as_text = acme.completions.create(model=state["base"], prompt="The quick brown fox", max_tokens=8, temperature=0)
+        as_ids = acme.completions.create(model=state["base"], prompt=ids, max_tokens=8, temperature=0)
+        expect(as_ids.choices[0].text == as_text.choices[0].text, (as_ids, as_text))
+        expect(as_ids.usage.prompt_tokens == as_text.usage.prompt_tokens == len(ids), (as_ids.usage, as_text.usage))
+        for bad, needle in (([], "a string or a list of token ids"), ([1, 100000], "outside the vocabulary"),
+                            ([[1], [2]], "one prompt per request")):
+            try:
+                acme.completions.create(model=state["base"], prompt=bad, max_tokens=2)
+            except openai.BadRequestError as e:
+                expect(needle in e.body["message"], (bad, e.body))
+            else:
+                raise AssertionError(f"prompt {bad} was accepted")
+
     @check("a logit bias for a token outside the vocabulary is a 400 naming logit_bias")
     def _():
         try:

@@ -7,7 +7,7 @@ use crate::dispatch::{self, Started};
 use crate::error::{Code, Error};
 use crate::metrics::OTHER;
 use crate::openai::response::{Api, Chunk, Head, Logprobs, Usage};
-use crate::openai::{self, Generation};
+use crate::openai::{self, CompletionPrompt, Generation};
 use crate::policy::{Decision, Endpoint, PolicyInput};
 use crate::prefix::RequestPrefix;
 use crate::quota::{self, Ticket};
@@ -94,7 +94,7 @@ impl Record {
             // Not charged yet: the request ended without usage (an error, or the client went
             // away). It is charged what it generated, and its prompt at 4 characters a token.
             // (A request refused before it reached a backend is charged no tokens.)
-            let prompt = u32::try_from(self.prompt_chars.div_ceil(4)).unwrap_or(u32::MAX);
+            let prompt = u32::try_from(self.prompt_chars.div_ceil(CHARS_PER_TOKEN)).unwrap_or(u32::MAX);
             ticket.charge(prompt, self.tokens_seen);
         }
         self.gw.metrics.request(endpoint(self.api), status, &self.tenant, &self.model, self.started.elapsed());
@@ -179,6 +179,9 @@ async fn serve(gw: Arc<Gateway>, id: RequestId, headers: HeaderMap, body: Body, 
     response
 }
 
+/// Prompt characters per token, where a count of tokens is estimated from a prompt's size.
+const CHARS_PER_TOKEN: usize = 4;
+
 /// The response header naming the adapter (or base model) that served the request.
 pub const SERVED_MODEL: &str = "x-switchyard-model";
 
@@ -205,8 +208,18 @@ async fn begin(
         }
         Api::Completion => {
             let c = openai::parse_completion(&bytes)?;
-            let chars = c.prompt.len();
-            (Prompt::Text(c.prompt), c.generation, chars)
+            let (prompt, chars) = match c.prompt {
+                CompletionPrompt::Text(text) => {
+                    let chars = text.len();
+                    (Prompt::Text(text), chars)
+                }
+                // Counted at the same 4 characters a token the estimates use.
+                CompletionPrompt::Tokens(ids) => {
+                    let chars = ids.len().saturating_mul(CHARS_PER_TOKEN);
+                    (Prompt::Tokens(ids), chars)
+                }
+            };
+            (prompt, c.generation, chars)
         }
     };
     record.prompt_chars = prompt_chars;

@@ -6,4 +6,6 @@ pub mod response;
 mod types;
 
 pub use error::ErrorType;
-pub use types::{ChatRequest, CompletionRequest, Generation, MAX_STOP, Message, parse_chat, parse_completion};
+pub use types::{
+    ChatRequest, CompletionPrompt, CompletionRequest, Generation, MAX_STOP, Message, parse_chat, parse_completion,
+};

@@ -90,13 +90,6 @@ struct RawMessage {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum Prompt {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Clone, Deserialize)]
 struct RawCommon {
     model: String,
     temperature: Option<f32>,
@@ -152,10 +145,17 @@ pub struct ChatRequest {
     pub generation: Generation,
 }
 
+/// A completion's prompt: text, or token ids of the model's vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CompletionPrompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
 /// A validated `POST /v1/completions` body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompletionRequest {
-    pub prompt: String,
+    pub prompt: CompletionPrompt,
     pub generation: Generation,
 }
 
@@ -389,28 +389,51 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, Error> {
     Ok(ChatRequest { messages: out, generation })
 }
 
+/// `prompt` as OpenAI takes it: a string, a list of token ids, or a list of either; one prompt
+/// per request.
+fn completion_prompt(v: Value) -> Result<CompletionPrompt, Error> {
+    let bad = |msg: &str| Err(Error::invalid(msg, Some("prompt")));
+    const NOT_IDS: &str = "`prompt` token ids must be integers from 0 to 4294967295";
+    const SHAPE: &str = "`prompt` must be a string or a list of token ids";
+    let tokens = |items: &[Value]| -> Option<Vec<u32>> {
+        items.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok())).collect()
+    };
+    let prompt = match v {
+        Value::String(text) => CompletionPrompt::Text(text),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => match tokens(&items) {
+            Some(ids) => CompletionPrompt::Tokens(ids),
+            None => return bad(NOT_IDS),
+        },
+        Value::Array(mut items) if items.len() == 1 => match items.remove(0) {
+            Value::String(text) => CompletionPrompt::Text(text),
+            Value::Array(inner) if inner.iter().all(Value::is_number) => match tokens(&inner) {
+                Some(ids) => CompletionPrompt::Tokens(ids),
+                None => return bad(NOT_IDS),
+            },
+            _ => return bad(SHAPE),
+        },
+        Value::Array(items) if items.len() > 1 && items.iter().all(|i| i.is_string() || i.is_array()) => {
+            return bad(&format!("one prompt per request is supported, got {}", items.len()));
+        }
+        _ => return bad(SHAPE),
+    };
+    let empty = match &prompt {
+        CompletionPrompt::Text(text) => text.is_empty(),
+        CompletionPrompt::Tokens(ids) => ids.is_empty(),
+    };
+    if empty {
+        return bad("`prompt` must not be empty");
+    }
+    Ok(prompt)
+}
+
 /// Reads and checks a (legacy) completion request.
 pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, Error> {
     let mut map = object(body, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)?;
-    let prompt: Prompt = match map.remove("prompt") {
-        Some(v) => serde_json::from_value(v).map_err(|_| {
-            Error::invalid("`prompt` must be a string (token-id prompts are not supported)", Some("prompt"))
-        })?,
+    let prompt = match map.remove("prompt") {
+        Some(v) => completion_prompt(v)?,
         None => return Err(Error::invalid("`prompt` is required", Some("prompt"))),
     };
-    let prompt = match prompt {
-        Prompt::One(p) => p,
-        Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-        Prompt::Many(v) => {
-            return Err(Error::invalid(
-                format!("one prompt per request is supported, got {}", v.len()),
-                Some("prompt"),
-            ));
-        }
-    };
-    if prompt.is_empty() {
-        return Err(Error::invalid("`prompt` must not be empty", Some("prompt")));
-    }
     let generation = generation(typed(map)?, Kind::Completion)?;
     Ok(CompletionRequest { prompt, generation })
 }
@@ -542,11 +565,29 @@ mod tests {
     }
 
     #[test]
-    fn completion_requests_take_one_text_prompt() {
+    fn completion_requests_take_one_prompt_of_text_or_token_ids() {
         let r = parse_completion(br#"{"model":"base","prompt":["Once upon"],"max_tokens":8}"#).expect("valid");
-        assert_eq!((r.prompt.as_str(), r.generation.max_tokens), ("Once upon", Some(8)));
-        assert!(refused(parse_completion(br#"{"model":"m","prompt":["a","b"]}"#)).message.contains("one prompt"));
-        assert!(refused(parse_completion(br#"{"model":"m","prompt":[1,2,3]}"#)).message.contains("token-id"));
+        assert_eq!((r.prompt, r.generation.max_tokens), (CompletionPrompt::Text("Once upon".into()), Some(8)));
+        let prompt =
+            |p: &str| parse_completion(format!(r#"{{"model":"m","prompt":{p}}}"#).as_bytes()).map(|r| r.prompt);
+        assert_eq!(prompt("[1,2,3]").ok(), Some(CompletionPrompt::Tokens(vec![1, 2, 3])));
+        assert_eq!(prompt("[[7,0]]").ok(), Some(CompletionPrompt::Tokens(vec![7, 0])));
+        for (p, needle) in [
+            (r#"["a","b"]"#, "one prompt per request"),
+            ("[[1],[2]]", "one prompt per request"),
+            ("[1,-2]", "token ids must be integers"),
+            ("[1.5]", "token ids must be integers"),
+            ("[4294967296]", "token ids must be integers"),
+            (r#"[1,"a"]"#, "a string or a list of token ids"),
+            ("[]", "a string or a list of token ids"),
+            ("[[]]", "must not be empty"),
+            ("\"\"", "must not be empty"),
+            ("{}", "a string or a list of token ids"),
+        ] {
+            let e = refused(prompt(p));
+            assert_eq!(e.param.as_deref(), Some("prompt"), "{p}");
+            assert!(e.message.contains(needle), "{p}: {}", e.message);
+        }
         assert_eq!(
             refused(parse_completion(br#"{"model":"m","prompt":"x","echo":true}"#)).param.as_deref(),
             Some("echo")

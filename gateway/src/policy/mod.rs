@@ -36,7 +36,8 @@ pub struct PolicyInput<'a> {
     pub base_model: &'a str,
     pub stream: bool,
     pub max_tokens: Option<u32>,
-    /// Prompt size in characters (a cheap estimate; tokens are counted by the backend).
+    /// Prompt size in characters (a cheap estimate; tokens are counted by the backend). A
+    /// prompt given as token ids counts 4 a token.
     pub prompt_chars: usize,
     /// Request headers the gateway passes to policies (lower-case names).
     pub headers: Vec<(String, String)>,
