@@ -134,14 +134,24 @@ pub struct RequestPrefix {
     salt: String,
     /// The healthy backends, listing only the adapters the tenant may use.
     views: Vec<BackendView>,
+    /// The backend the tenant is pinned to, if it is: its prompts go nowhere else, not even to
+    /// be tokenized.
+    pin: Option<String>,
     tokens: tokio::sync::OnceCell<Result<Vec<u32>, String>>,
 }
 
 impl RequestPrefix {
-    /// A probe for `prompt`, salted with `salt`, over `views` (the policy's view of the fleet).
-    pub fn new(gw: Arc<Gateway>, prompt: Prompt, salt: String, views: &[BackendView]) -> RequestPrefix {
+    /// A probe for `prompt`, salted with `salt`, over `views` (the policy's view of the fleet),
+    /// for a tenant pinned to `pin` or not.
+    pub fn new(
+        gw: Arc<Gateway>,
+        prompt: Prompt,
+        salt: String,
+        views: &[BackendView],
+        pin: Option<String>,
+    ) -> RequestPrefix {
         let views = views.iter().filter(|v| v.healthy).cloned().collect();
-        RequestPrefix { gw, prompt, salt, views, tokens: tokio::sync::OnceCell::new() }
+        RequestPrefix { gw, prompt, salt, views, pin, tokens: tokio::sync::OnceCell::new() }
     }
 
     /// The prompt to send on: its token ids when a policy had it tokenized, else as it came.
@@ -163,8 +173,9 @@ impl RequestPrefix {
         if !self.gw.options.prefix_routing {
             return Err("this gateway does not follow the backends' prefix caches (--no-prefix-routing)".into());
         }
-        let Some(view) = self.views.iter().min_by_key(|v| v.queue_depth()) else {
-            return Err("no healthy backend to tokenize the prompt".into());
+        let allowed = |v: &&BackendView| self.pin.as_ref().is_none_or(|pin| *pin == v.address);
+        let Some(view) = self.views.iter().filter(allowed).min_by_key(|v| v.queue_depth()) else {
+            return Err("no healthy backend this tenant may use to tokenize the prompt".into());
         };
         let address = &view.address;
         let Some(upstream) = self.gw.members.upstream(address) else {

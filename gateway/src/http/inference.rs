@@ -237,7 +237,8 @@ async fn begin(
     }
     // Tenants keep their cached prompts apart unless the operator lets them share.
     let salt = if caller.tenant.share_prefix_cache { String::new() } else { who.tenant.clone() };
-    let prefix = Arc::new(RequestPrefix::new(gw.clone(), prompt, salt.clone(), &backends));
+    let pin = caller.tenant.backend.clone();
+    let prefix = Arc::new(RequestPrefix::new(gw.clone(), prompt, salt.clone(), &backends, pin));
     let decision = gw
         .policy
         .decide(&PolicyInput {
@@ -399,7 +400,7 @@ async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<Str
     let mut text = String::new();
     let mut logprobs = Vec::new();
     let last = loop {
-        let message = match pending.take() {
+        let mut message = match pending.take() {
             Some(m) => m,
             None => match rest.next().await {
                 Some(Ok(m)) => m,
@@ -412,7 +413,7 @@ async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<Str
         }
         record.tokens_seen += 1;
         text.push_str(&message.text);
-        logprobs.extend(message.logprobs.iter().cloned());
+        logprobs.append(&mut message.logprobs);
         if finish_reason(&message).is_some() {
             break message;
         }
