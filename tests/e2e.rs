@@ -120,6 +120,26 @@ fn up_routes_two_tenants_to_different_adapters_and_follows_policy_loads_and_unlo
     interrupt(up);
 }
 
+/// Structured outputs and tool calls through the official SDK, on SmolLM2 with and without a demo
+/// adapter (`tests/python/structured_client.py`).
+#[test]
+fn up_answers_pydantic_models_json_mode_and_choices_through_the_sdk() {
+    let (Some(python), Some(_)) = (test_python(), smollm2()) else {
+        return;
+    };
+    let data = tempfile::tempdir().expect("data dir");
+    let up = start_up(data.path(), &[]);
+    let out = Command::new(&python)
+        .arg(fixtures().join("../tests/python/structured_client.py"))
+        .args(["run", &up.url])
+        .arg(demo_adapters())
+        .envs(up.tokens.iter().cloned())
+        .output()
+        .expect("python runs");
+    assert_ok(&out, "the structured-output scenarios");
+    interrupt(up);
+}
+
 #[test]
 fn up_refuses_a_busy_port_an_unwritable_data_dir_and_a_missing_model_in_one_line() {
     let data = tempfile::tempdir().expect("data dir");

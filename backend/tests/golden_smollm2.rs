@@ -13,7 +13,6 @@
 mod common;
 
 use serde::Deserialize;
-use std::path::PathBuf;
 use switchyard_backend::adapters::load_peft_dir;
 use switchyard_backend::engine::cpu::CpuExecutor;
 use switchyard_backend::engine::executor::Executor;
@@ -50,22 +49,8 @@ struct Golden {
     cases: Vec<Case>,
 }
 
-fn gguf_path() -> Option<PathBuf> {
-    std::env::var_os("SWITCHYARD_SMOLLM2_GGUF").map(PathBuf::from).or_else(switchyard_backend::paths::default_model)
-}
-
 fn model() -> Option<Model> {
-    let path = gguf_path().filter(|p| p.exists());
-    let Some(path) = path else {
-        assert!(
-            std::env::var_os("SWITCHYARD_REQUIRE_SMOLLM2").is_none(),
-            "SWITCHYARD_REQUIRE_SMOLLM2 is set but the GGUF is missing"
-        );
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "golden_smollm2: skipped, run scripts/fetch-smollm2 first");
-        return None;
-    };
-    Some(Model::open(&path).expect("SmolLM2 GGUF loads"))
+    common::smollm2("golden_smollm2")
 }
 
 fn golden() -> Golden {

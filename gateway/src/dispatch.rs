@@ -55,10 +55,21 @@ impl std::fmt::Debug for TokenStreamHolder {
     }
 }
 
-/// The failure a backend's refusal of a generation is for the client.
-pub fn generation_error(backend: &str, e: &UpstreamError) -> Error {
+/// The failure a backend's refusal of a generation is for the client. `request` (when the
+/// refusal is of starting it) lets a refused field be named as the client called it.
+pub fn generation_error(backend: &str, e: &UpstreamError, request: Option<&GenerateCall>) -> Error {
     match e.code {
-        UpstreamCode::InvalidArgument => Error::invalid(e.message.clone(), None),
+        UpstreamCode::InvalidArgument => {
+            let param = match (e.field.as_deref(), request.and_then(|r| r.constraint.as_ref())) {
+                (Some("constraint"), Some(c)) => Some(c.from),
+                _ => None,
+            };
+            let message = match param {
+                Some(param) => format!("{param}: {}", e.message),
+                None => e.message.clone(),
+            };
+            Error::invalid(message, param)
+        }
         UpstreamCode::NotFound => Error::new(Code::ModelNotFound, e.message.clone()).at(Some("model")),
         UpstreamCode::FailedPrecondition | UpstreamCode::ResourceExhausted => {
             Error::new(Code::BackendBusy, format!("backend {backend} is busy: {}", e.message))
@@ -194,7 +205,7 @@ async fn start_within(gw: &Arc<Gateway>, route: &Route, mut request: GenerateCal
                     gw.with_view(address, |v| v.fail(e.message.clone()));
                     gw.metrics.backend_health(address, false);
                 } else if e.code != UpstreamCode::ResourceExhausted {
-                    return Err(generation_error(address, &e));
+                    return Err(generation_error(address, &e, Some(&request)));
                 }
                 last = Some((address, e));
             }
@@ -202,5 +213,5 @@ async fn start_within(gw: &Arc<Gateway>, route: &Route, mut request: GenerateCal
     }
     let (address, e) = last
         .unwrap_or_else(|| ("", UpstreamError::new(UpstreamCode::Unavailable, "no backend could take the request")));
-    Err(generation_error(address, &e))
+    Err(generation_error(address, &e, Some(&request)))
 }

@@ -5,6 +5,10 @@
 
 pub mod prefix;
 
+/// Status metadata on an INVALID_ARGUMENT naming the `GenerateRequest` field at fault, where the
+/// caller built that field from one of its own client's (the gateway then names that one).
+pub const FIELD_METADATA: &str = "switchyard-field";
+
 /// Version 1 of the backend service.
 pub mod v1 {
     tonic::include_proto!("switchyard.backend.v1");

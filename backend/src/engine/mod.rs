@@ -10,6 +10,7 @@ pub mod cuda;
 pub mod executor;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+pub mod grammar;
 pub mod sampling;
 pub mod scheduler;
 pub mod text;
@@ -18,6 +19,7 @@ use crate::adapters::{AdapterWeights, Released, Resident, SlotError, SlotTable, 
 use crate::model::{ModelConfig, Tokenizer};
 use blocks::BlockHash;
 use executor::{AdapterPreparer, Executor, ExecutorError, PreparedAdapter};
+use grammar::{Constraint, GrammarError, GrammarSpec, Grammars, Mask};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use sampling::{Sampler, SamplingParams, TokenLogprobs};
 use scheduler::{Scheduler, SchedulerConfig, Sequence};
@@ -72,6 +74,9 @@ pub enum EngineError {
     TenantQueueFull { tenant: String, max: usize },
     #[error("{0}")]
     InvalidRequest(String),
+    /// The request's grammar was refused.
+    #[error(transparent)]
+    Grammar(#[from] GrammarError),
     #[error("the engine has stopped")]
     Stopped,
     /// The engine cannot serve any more (its thread died, or the device faulted); says why.
@@ -106,6 +111,10 @@ pub struct GenerateRequest {
     /// most likely tokens at its position (at most [`sampling::MAX_TOP_LOGPROBS`]); all but an
     /// end-of-sequence token that ends the generation, which has no text.
     pub logprobs: Option<usize>,
+    /// When set, the generated text matches this grammar: tokens that could not continue a
+    /// match are never sampled, and generation ends (with [`FinishReason::Stop`]) once the
+    /// grammar is complete.
+    pub grammar: Option<GrammarSpec>,
     /// 0 means "until the context is full".
     pub max_tokens: usize,
     pub stop: Vec<String>,
@@ -219,6 +228,7 @@ enum Command {
     Submit {
         req: Box<GenerateRequest>,
         stops: Box<StopMatcher>,
+        constraint: Option<Box<Constraint>>,
         events: mpsc::UnboundedSender<Event>,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
@@ -256,6 +266,7 @@ pub struct Engine {
     config: EngineConfig,
     vocab_size: usize,
     prefixes: broadcast::Sender<Arc<PrefixUpdate>>,
+    grammars: Arc<Grammars>,
 }
 
 impl Engine {
@@ -273,6 +284,8 @@ impl Engine {
         // 100 µs to about 6.5 s.
         let step_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 17));
         let (prefixes, _) = broadcast::channel(PREFIX_UPDATES_KEPT);
+        let grammars = Grammars::new(tokenizer.clone(), model.vocab_size);
+        grammars.prepare_in_background();
         let mut worker = Worker {
             prefixes: prefixes.clone(),
             prefix_seq: 0,
@@ -309,7 +322,17 @@ impl Engine {
             tracing::error!(%reason, "engine not started");
             health_tx.send_replace(Health::Failed(reason));
         }
-        Engine { commands, snapshot, health, step_seconds, preparer, config, vocab_size: model.vocab_size, prefixes }
+        Engine {
+            commands,
+            snapshot,
+            health,
+            step_seconds,
+            preparer,
+            config,
+            vocab_size: model.vocab_size,
+            prefixes,
+            grammars,
+        }
     }
 
     /// How long each step (one forward pass and its sampling) took.
@@ -391,9 +414,14 @@ impl Engine {
                 req.max_tokens
             ));
         }
+        // Compiled off the engine thread too; the last check, as the most costly.
+        let constraint = match req.grammar.take() {
+            Some(spec) => Some(Box::new(self.grammars.compile(spec).await?)),
+            None => None,
+        };
         let (events, rx) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Submit { req: Box::new(req), stops: Box::new(stops), events, reply })?;
+        self.send(Command::Submit { req: Box::new(req), stops: Box::new(stops), constraint, events, reply })?;
         answer.await.map_err(|_| self.stopped())??;
         Ok(rx)
     }
@@ -470,12 +498,17 @@ impl Engine {
     }
 }
 
+/// The grammar masks of a step's constrained rows, by request (or why one could not be had).
+type Masks = HashMap<u64, Result<Mask, String>>;
+
 /// A request being generated.
 struct Active {
     events: mpsc::UnboundedSender<Event>,
     sampler: Sampler,
     /// Alternatives to report with each token's log-probability (`None`: no log-probabilities).
     logprobs: Option<usize>,
+    /// The grammar its text must match, if any.
+    constraint: Option<Box<Constraint>>,
     detok: Detokenizer,
     stops: StopMatcher,
     prompt_len: usize,
@@ -576,10 +609,10 @@ impl Worker {
                 let blocks = self.scheduler.cached_names().map(BlockHash::id).collect();
                 let _ = reply.send(PrefixSnapshot { seq: self.prefix_seq, blocks });
             }
-            Command::Submit { req, stops, events, reply } => {
+            Command::Submit { req, stops, constraint, events, reply } => {
                 let result = match &self.fault {
                     Some(reason) => Err(EngineError::Failed(reason.clone())),
-                    None => self.submit(*req, *stops, events),
+                    None => self.submit(*req, *stops, constraint, events),
                 };
                 self.publish();
                 let _ = reply.send(result);
@@ -645,6 +678,7 @@ impl Worker {
         &mut self,
         req: GenerateRequest,
         stops: StopMatcher,
+        constraint: Option<Box<Constraint>>,
         events: mpsc::UnboundedSender<Event>,
     ) -> Result<(), EngineError> {
         if self.scheduler.waiting_len() >= self.config.max_waiting {
@@ -666,6 +700,7 @@ impl Worker {
                 events,
                 sampler: Sampler::new(req.sampling, &req.prompt),
                 logprobs: req.logprobs,
+                constraint,
                 detok: Detokenizer::new(tail),
                 stops,
                 prompt_len: req.prompt.len(),
@@ -785,7 +820,8 @@ impl Worker {
     }
 
     fn step_inner(&mut self, step: scheduler::Step) {
-        let logits = match self.executor.forward(&step.batch) {
+        let (logits, mut masks) = self.forward_and_mask(&step);
+        let mut logits = match logits {
             Ok(l) => l,
             Err(ExecutorError::DeviceFault(why)) => {
                 self.stop(format!("the device failed during a forward pass: {why}"));
@@ -807,14 +843,79 @@ impl Worker {
             let Some(active) = self.active.get_mut(&id) else {
                 continue;
             };
-            let row = &logits[row * vocab..(row + 1) * vocab];
-            let token = active.sampler.sample(row);
-            let logprobs = active.logprobs.map(|top| sampling::logprobs(row, token, top));
-            self.on_token(id, token, logprobs);
+            let row = &mut logits[row * vocab..(row + 1) * vocab];
+            let (token, logprobs) = match masks.remove(&id) {
+                None => {
+                    let token = active.sampler.sample(row);
+                    (token, active.logprobs.map(|top| sampling::logprobs(row, token, top)))
+                }
+                Some(Ok(mask)) => {
+                    // Log-probabilities are the model's own, as without a grammar: taken from
+                    // the row before the mask.
+                    let raw = active.logprobs.map(|_| row.to_vec());
+                    mask.apply(row);
+                    let token = active.sampler.sample(row);
+                    (token, active.logprobs.zip(raw).map(|(top, raw)| sampling::logprobs(&raw, token, top)))
+                }
+                Some(Err(why)) => {
+                    self.fail(id, format!("the request's grammar failed: {why}"));
+                    continue;
+                }
+            };
+            let ends_grammar = match active.constraint.as_mut() {
+                None => false,
+                // An end-of-sequence token the mask allowed ends a complete text.
+                Some(_) if self.tokenizer.eos_ids().contains(&token) => true,
+                Some(c) => match c.accept(token) {
+                    Ok(()) => c.is_complete(),
+                    Err(why) => {
+                        self.fail(id, format!("the request's grammar failed: {why}"));
+                        continue;
+                    }
+                },
+            };
+            self.on_token(id, token, logprobs, ends_grammar);
         }
     }
 
-    fn on_token(&mut self, id: u64, token: u32, logprobs: Option<TokenLogprobs>) {
+    /// Runs the step's forward pass while, on another thread, the grammar masks of the rows it
+    /// samples are computed (they depend only on tokens already chosen).
+    fn forward_and_mask(&mut self, step: &scheduler::Step) -> (Result<Vec<f32>, ExecutorError>, Masks) {
+        let mut constrained: Vec<(u64, &mut Constraint)> = Vec::new();
+        for (id, active) in self.active.iter_mut() {
+            if let Some(c) = active.constraint.as_deref_mut()
+                && step.logits_for.contains(id)
+            {
+                constrained.push((*id, c));
+            }
+        }
+        if constrained.is_empty() {
+            return (self.executor.forward(&step.batch), HashMap::new());
+        }
+        let executor = &mut self.executor;
+        std::thread::scope(|scope| {
+            let masking =
+                scope.spawn(move || constrained.into_iter().map(|(id, c)| (id, c.mask())).collect::<HashMap<_, _>>());
+            let logits = executor.forward(&step.batch);
+            let masks = masking.join().unwrap_or_else(|_| {
+                // A panic in the matcher (a bug) fails the rows it was masking, not the engine.
+                step.logits_for.iter().map(|&id| (id, Err("the grammar matcher panicked".to_string()))).collect()
+            });
+            (logits, masks)
+        })
+    }
+
+    /// Ends a request with an error of its own.
+    fn fail(&mut self, id: u64, reason: String) {
+        tracing::warn!(request = id, %reason, "request failed");
+        if let Some(a) = self.retire(id) {
+            let _ = a.events.send(Event::Failed { reason, engine_stopped: false });
+        }
+        self.publish();
+    }
+
+    /// `ends_grammar`: the token completes the request's grammar, which allows nothing more.
+    fn on_token(&mut self, id: u64, token: u32, logprobs: Option<TokenLogprobs>, ends_grammar: bool) {
         self.scheduler.push_token(id, token);
         let Some(a) = self.active.get_mut(&id) else {
             return;
@@ -829,7 +930,8 @@ impl Worker {
             completion_tokens: a.generated,
             cached_tokens: a.cached_tokens,
         };
-        let event = if !a.ignore_eos && self.tokenizer.eos_ids().contains(&token) {
+        let eos = self.tokenizer.eos_ids().contains(&token);
+        let event = if eos && (!a.ignore_eos || ends_grammar) {
             // The end-of-sequence token has no text, and no log-probabilities are reported for it.
             let (text, stopped) = a.drain(&self.tokenizer, String::new());
             finish(a, if stopped { FinishReason::Stop } else { FinishReason::Eos }, text, None)
@@ -837,6 +939,10 @@ impl Worker {
             let piece = a.detok.push(&self.tokenizer, token);
             match a.stops.push(&piece) {
                 Matched::Stop(text) => finish(a, FinishReason::Stop, text, logprobs),
+                Matched::Continue(text) if ends_grammar => {
+                    let (text, _) = a.drain(&self.tokenizer, text);
+                    finish(a, FinishReason::Stop, text, logprobs)
+                }
                 Matched::Continue(text) if a.generated >= a.max_tokens => {
                     let (text, stopped) = a.drain(&self.tokenizer, text);
                     finish(a, if stopped { FinishReason::Stop } else { FinishReason::Length }, text, logprobs)

@@ -426,3 +426,24 @@ async fn cached_prompt_blocks_are_kept_apart_by_adapter_weights_and_salt() {
     e.install_adapter("a".into(), "s3://bucket/a1".into(), weights(1.0)).await.expect("swaps back");
     assert_eq!(cached_tokens(e, Some("a"), "", &prompt).await, 32);
 }
+
+#[tokio::test]
+async fn a_grammar_constrains_its_own_request_in_a_batch_and_ends_it_when_complete() {
+    let f = fixture(4, 8, 1);
+    // The scripted model always prefers token 65; the grammar allows only three digits, and
+    // ends the request once they are written, even though it ignores end-of-sequence tokens.
+    let digits = GenerateRequest { grammar: Some(GrammarSpec::Regex("[0-9]{3}".into())), ..request(50) };
+    let mut constrained = f.engine.generate(digits).await.expect("accepted");
+    let mut free = f.engine.generate(request(6)).await.expect("accepted");
+    let (_, text, reason) = finish(&mut constrained).await;
+    assert_eq!(reason, FinishReason::Stop);
+    assert!(text.len() == 3 && text.bytes().all(|b| b.is_ascii_digit()), "{text:?}");
+    let (ids, _, reason) = finish(&mut free).await;
+    assert_eq!((ids, reason), (vec![65; 6], FinishReason::Length), "the batch's other row is unconstrained");
+    // A grammar that cannot be compiled is refused before anything runs.
+    let bad = GenerateRequest { grammar: Some(GrammarSpec::JsonSchema(r#"{"type": 7}"#.into())), ..request(5) };
+    let err = f.engine.generate(bad).await.expect_err("refused");
+    assert!(matches!(err, EngineError::Grammar(grammar::GrammarError::Invalid(_))), "{err}");
+    let snap = wait_idle(&f.engine).await;
+    assert_eq!(snap.kv_tokens_free, snap.kv_tokens_total);
+}

@@ -262,6 +262,16 @@ impl Tokenizer {
         self.inner.encode(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
     }
 
+    /// Token ids of `text` as data: special tokens written in it are split like any text.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, String> {
+        self.plain.encode(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
+    }
+
+    /// Whether `id` is a special token (a control token, not text).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special_ids.contains(&id)
+    }
+
     /// Text of `ids`, without special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
         self.inner.decode(ids, true).map_err(|e| e.to_string())

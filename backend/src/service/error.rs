@@ -3,6 +3,8 @@
 use crate::adapters::{AdapterError, ManagerError};
 use crate::engine::EngineError;
 use crate::engine::executor::ExecutorError;
+use crate::engine::grammar::GrammarError;
+use switchyard_proto::FIELD_METADATA;
 use tonic::{Code, Status};
 
 /// Every way a backend RPC can fail.
@@ -55,6 +57,8 @@ impl ServiceError {
                     Code::ResourceExhausted
                 }
                 EngineError::InvalidRequest(_) => Code::InvalidArgument,
+                EngineError::Grammar(GrammarError::Unavailable(_)) => Code::FailedPrecondition,
+                EngineError::Grammar(_) => Code::InvalidArgument,
                 EngineError::Stopped | EngineError::Failed(_) => Code::Unavailable,
                 EngineError::Executor(e) | EngineError::AdapterLoadFailed { source: e, .. } => match e {
                     ExecutorError::OutOfMemory(_) => Code::ResourceExhausted,
@@ -70,7 +74,8 @@ impl ServiceError {
     /// Why a generation request was refused, for the metrics' `reason` label.
     pub fn reason(&self) -> &'static str {
         match self {
-            ServiceError::BadRequest(_) | ServiceError::Engine(EngineError::InvalidRequest(_)) => "invalid_request",
+            ServiceError::BadRequest(_)
+            | ServiceError::Engine(EngineError::InvalidRequest(_) | EngineError::Grammar(_)) => "invalid_request",
             ServiceError::Engine(EngineError::QueueFull { .. }) => "queue_full",
             ServiceError::Engine(EngineError::TenantQueueFull { .. }) => "tenant_queue_full",
             ServiceError::Engine(EngineError::SlotsFull { .. }) => "slots_full",
@@ -98,9 +103,26 @@ impl From<ManagerError> for ServiceError {
     }
 }
 
+impl ServiceError {
+    /// The `GenerateRequest` field at fault, for errors about one.
+    fn field(&self) -> Option<&'static str> {
+        match self {
+            ServiceError::Engine(EngineError::Grammar(e)) if !matches!(e, GrammarError::Unavailable(_)) => {
+                Some("constraint")
+            }
+            _ => None,
+        }
+    }
+}
+
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
-        Status::new(e.code(), e.to_string())
+        let field = e.field();
+        let mut status = Status::new(e.code(), e.to_string());
+        if let Some(field) = field {
+            status.metadata_mut().insert(FIELD_METADATA, tonic::metadata::MetadataValue::from_static(field));
+        }
+        status
     }
 }
 
@@ -118,6 +140,9 @@ mod tests {
             (EngineError::QueueFull { max: 2 }.into(), Code::ResourceExhausted),
             (EngineError::TenantQueueFull { tenant: "a".into(), max: 1 }.into(), Code::ResourceExhausted),
             (EngineError::InvalidRequest("long".into()).into(), Code::InvalidArgument),
+            (EngineError::Grammar(GrammarError::TooLarge { size: 1 << 20 }).into(), Code::InvalidArgument),
+            (EngineError::Grammar(GrammarError::Invalid("bad".into())).into(), Code::InvalidArgument),
+            (EngineError::Grammar(GrammarError::Unavailable("no EOS".into())).into(), Code::FailedPrecondition),
             (EngineError::Stopped.into(), Code::Unavailable),
             (EngineError::Failed("the device failed".into()).into(), Code::Unavailable),
             (EngineError::Executor(ExecutorError::OutOfMemory("KV".into())).into(), Code::ResourceExhausted),
@@ -157,5 +182,10 @@ mod tests {
             assert_eq!(status.code(), code, "{msg}");
             assert_eq!(status.message(), msg);
         }
+        // A refused grammar names the field the gateway built it from.
+        let status = Status::from(ServiceError::from(EngineError::Grammar(GrammarError::TimedOut)));
+        assert_eq!(status.metadata().get(FIELD_METADATA).and_then(|v| v.to_str().ok()), Some("constraint"));
+        let status = Status::from(ServiceError::from(EngineError::InvalidRequest("long".into())));
+        assert!(status.metadata().get(FIELD_METADATA).is_none());
     }
 }

@@ -14,6 +14,7 @@ pub use server::{
 };
 
 use crate::adapters::{AdapterInfo, AdapterManager, AdapterState, Digest, LoadOutcome};
+use crate::engine::grammar::GrammarSpec;
 use crate::engine::sampling::{SamplingParams, TokenLogprobs};
 use crate::engine::scheduler::{MAX_WEIGHT, MIN_WEIGHT};
 use crate::engine::{Engine, Event, FinishReason, GenerateRequest, Health};
@@ -210,6 +211,12 @@ impl BackendService {
             priority,
             cache_salt: req.cache_salt,
             logprobs: req.top_logprobs.map(|n| n as usize),
+            grammar: req.constraint.and_then(|c| c.kind).map(|kind| match kind {
+                pb::constraint::Kind::JsonSchema(schema) => GrammarSpec::JsonSchema(schema),
+                pb::constraint::Kind::JsonObject(_) => GrammarSpec::JsonObject,
+                pb::constraint::Kind::Regex(rx) => GrammarSpec::Regex(rx),
+                pb::constraint::Kind::Lark(lark) => GrammarSpec::Lark(lark),
+            }),
             queue_wait: Some(queue_wait),
         };
         Ok(self.engine.generate(engine_req).await?)

@@ -72,6 +72,27 @@ pub fn golden() -> Golden {
     g
 }
 
+/// SmolLM2-135M-Instruct (Q4_1 GGUF, fetched by `scripts/fetch-smollm2`), looked up at
+/// `SWITCHYARD_SMOLLM2_GGUF`, else in the user cache where the fetch script puts it. Without it
+/// `test` is skipped with a message; `SWITCHYARD_REQUIRE_SMOLLM2=1` (set by CI, which fetches
+/// the model) turns the skip into a failure.
+pub fn smollm2(test: &str) -> Option<Model> {
+    let path = std::env::var_os("SWITCHYARD_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .or_else(switchyard_backend::paths::default_model)
+        .filter(|p| p.exists());
+    let Some(path) = path else {
+        assert!(
+            std::env::var_os("SWITCHYARD_REQUIRE_SMOLLM2").is_none(),
+            "SWITCHYARD_REQUIRE_SMOLLM2 is set but the GGUF is missing"
+        );
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "{test}: skipped, run scripts/fetch-smollm2 first");
+        return None;
+    };
+    Some(Model::open(&path).expect("SmolLM2 GGUF loads"))
+}
+
 pub fn load_model(name: &str) -> Model {
     Model::load(&model_dir(name)).expect("fixture model loads")
 }

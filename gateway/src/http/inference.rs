@@ -369,6 +369,7 @@ fn generate_call(id: &str, prompt: Prompt, g: &Generation, tenant: &str) -> Gene
         prompt,
         sampling: g.sampling.clone(),
         top_logprobs: g.logprobs,
+        constraint: g.constraint.clone(),
         max_tokens: g.max_tokens.unwrap_or(0),
         stop: g.stop.clone(),
         ignore_eos: g.ignore_eos,
@@ -404,7 +405,7 @@ async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<Str
             Some(m) => m,
             None => match rest.next().await {
                 Some(Ok(m)) => m,
-                Some(Err(e)) => return Err(dispatch::generation_error(&backend, &e)),
+                Some(Err(e)) => return Err(dispatch::generation_error(&backend, &e, None)),
                 None => return Err(ended_early(&backend)),
             },
         };
@@ -493,7 +494,7 @@ impl StreamState {
                     let message = match self.pending.take() {
                         Some(m) => Ok(m),
                         None => match self.rest.next().await {
-                            Some(r) => r.map_err(|e| dispatch::generation_error(&self.backend, &e)),
+                            Some(r) => r.map_err(|e| dispatch::generation_error(&self.backend, &e, None)),
                             None => Err(ended_early(&self.backend)),
                         },
                     };

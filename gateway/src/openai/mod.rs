@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod response;
+mod structured;
 mod types;
 
 pub use error::ErrorType;

@@ -3,7 +3,7 @@
 //! an unknown field is refused too.
 
 use crate::error::{Code, Error};
-use crate::upstream::Sampling;
+use crate::upstream::{Constraint, Sampling};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -26,7 +26,6 @@ const CHAT_UNSUPPORTED: &[&str] = &[
     "functions",
     "function_call",
     "parallel_tool_calls",
-    "response_format",
     "audio",
     "modalities",
     "prediction",
@@ -58,6 +57,9 @@ const COMMON_FIELDS: &[&str] = &[
     "top_k",
     "min_p",
     "repetition_penalty",
+    // Structured outputs: OpenAI's, and vLLM's extension (on completions too).
+    "response_format",
+    "structured_outputs",
 ];
 const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens", "top_logprobs"];
 const COMPLETION_UNSUPPORTED: &[&str] = &["echo", "best_of", "suffix"];
@@ -112,6 +114,8 @@ struct RawCommon {
     top_k: Option<i64>,
     min_p: Option<f32>,
     repetition_penalty: Option<f32>,
+    response_format: Option<Value>,
+    structured_outputs: Option<Value>,
 }
 
 /// One chat message, text only.
@@ -136,6 +140,8 @@ pub struct Generation {
     pub ignore_eos: bool,
     /// `Some(n)`: each token's log-probability with the `n` most likely alternatives.
     pub logprobs: Option<u32>,
+    /// What the generated text must match (structured outputs), if anything.
+    pub constraint: Option<Constraint>,
 }
 
 /// A validated `POST /v1/chat/completions` body.
@@ -293,6 +299,14 @@ fn generation(c: RawCommon, kind: Kind) -> Result<Generation, Error> {
     if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
         return bad("stop", format!("a `stop` sequence is {} bytes; the limit is {MAX_STOP_BYTES}", long.len()));
     }
+    let constraint = match (c.response_format, c.structured_outputs) {
+        (Some(_), Some(_)) => {
+            return bad("structured_outputs", "give either response_format or structured_outputs, not both".into());
+        }
+        (Some(format), None) => super::structured::response_format(format)?,
+        (None, Some(outputs)) => super::structured::structured_outputs(outputs)?,
+        (None, None) => None,
+    };
     if c.stream_options.is_some() && !c.stream {
         return bad("stream_options", "`stream_options` is only allowed with stream: true".into());
     }
@@ -315,6 +329,7 @@ fn generation(c: RawCommon, kind: Kind) -> Result<Generation, Error> {
         include_usage: c.stream_options.unwrap_or_default().include_usage,
         ignore_eos: c.ignore_eos,
         logprobs,
+        constraint,
     })
 }
 

@@ -1,7 +1,7 @@
 //! [`Upstream`] over the backend's gRPC service and `grpc.health.v1`.
 
 use super::{
-    AdapterState, AdapterStatus, BackendInfo, Finish, GenerateCall, LoadCall, Loaded, Piece, PrefixStream,
+    AdapterState, AdapterStatus, BackendInfo, Finish, GenerateCall, Grammar, LoadCall, Loaded, Piece, PrefixStream,
     PrefixUpdate, Probe, Prompt, TokenLogprob, TokenLogprobs, TokenStream, Upstream, UpstreamCode, UpstreamError,
     Usage,
 };
@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use std::path::Path;
 use std::time::Duration;
+use switchyard_proto::FIELD_METADATA;
 use switchyard_proto::v1 as pb;
 use switchyard_proto::v1::backend_client::BackendClient;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -141,7 +142,8 @@ fn from_status(status: tonic::Status) -> UpstreamError {
         _ => UpstreamCode::Other,
     };
     let message = if status.message().is_empty() { format!("{:?}", status.code()) } else { status.message().into() };
-    UpstreamError::new(code, message)
+    let field = status.metadata().get(FIELD_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
+    UpstreamError { field, ..UpstreamError::new(code, message) }
 }
 
 fn timed_out(what: &str, after: Duration) -> UpstreamError {
@@ -187,6 +189,14 @@ fn generate_request(c: GenerateCall) -> pb::GenerateRequest {
         tenant_weight: c.tenant_weight,
         cache_salt: c.cache_salt,
         top_logprobs: c.top_logprobs,
+        constraint: c.constraint.map(|c| pb::Constraint {
+            kind: Some(match c.grammar {
+                Grammar::JsonSchema(schema) => pb::constraint::Kind::JsonSchema(schema),
+                Grammar::JsonObject => pb::constraint::Kind::JsonObject(true),
+                Grammar::Regex(rx) => pb::constraint::Kind::Regex(rx),
+                Grammar::Lark(lark) => pb::constraint::Kind::Lark(lark),
+            }),
+        }),
     }
 }
 

@@ -23,6 +23,8 @@ pub struct GenerateCall {
     pub sampling: Sampling,
     /// `Some(n)`: each token's log-probability, with the `n` most likely alternatives.
     pub top_logprobs: Option<u32>,
+    /// What the generated text must match, if anything.
+    pub constraint: Option<Constraint>,
     pub max_tokens: u32,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
@@ -33,6 +35,27 @@ pub struct GenerateCall {
     pub priority: u8,
     /// Requests reuse each other's cached prompt blocks only under the same salt.
     pub cache_salt: String,
+}
+
+/// A grammar the generated text must match (the backend contract's `Constraint`), and the
+/// client's field it came from, which a refusal of it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Constraint {
+    pub grammar: Grammar,
+    pub from: &'static str,
+}
+
+/// What the generated text must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grammar {
+    /// A JSON schema, as JSON text.
+    JsonSchema(String),
+    /// Any JSON object.
+    JsonObject,
+    /// A regular expression the whole text matches.
+    Regex(String),
+    /// A grammar in llguidance's Lark dialect.
+    Lark(String),
 }
 
 /// How each next token is chosen, validated (the backend contract's `SamplingParams`).
@@ -265,11 +288,14 @@ pub enum UpstreamCode {
 pub struct UpstreamError {
     pub code: UpstreamCode,
     pub message: String,
+    /// The request field an invalid argument concerns, where the backend names one (the
+    /// contract's `switchyard-field` metadata).
+    pub field: Option<String>,
 }
 
 impl UpstreamError {
     pub fn new(code: UpstreamCode, message: impl Into<String>) -> UpstreamError {
-        UpstreamError { code, message: message.into() }
+        UpstreamError { code, message: message.into(), field: None }
     }
 
     /// Whether the backend itself is in trouble (as opposed to the request being refused): the
