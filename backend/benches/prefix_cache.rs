@@ -30,7 +30,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn message(role: &str, content: &str) -> ChatMessage {
-    ChatMessage { role: role.into(), content: content.into() }
+    ChatMessage { role: role.into(), content: content.into(), ..Default::default() }
 }
 
 /// A system prompt of about `tokens` tokens: numbered house rules.

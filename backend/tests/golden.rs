@@ -114,6 +114,7 @@ fn tokenizer_and_chat_template_match_the_reference() {
             .map(|m| ChatMessage {
                 role: m["role"].as_str().unwrap_or_default().into(),
                 content: m["content"].as_str().unwrap_or_default().into(),
+                ..Default::default()
             })
             .collect();
         let text =

@@ -107,7 +107,7 @@ fn a_batch_mixing_adapters_schemas_and_free_rows_gives_each_request_its_tokens_a
         let prompts: Vec<Vec<u32>> = cases
             .iter()
             .map(|c| {
-                let message = ChatMessage { role: "user".into(), content: c.prompt.into() };
+                let message = ChatMessage { role: "user".into(), content: c.prompt.into(), ..Default::default() };
                 tokenizer.encode_chat(&[message], true).expect("encodes")
             })
             .collect();

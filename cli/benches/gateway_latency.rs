@@ -97,8 +97,9 @@ async fn main() {
     let direct_request = pb::GenerateRequest {
         adapter: "bench/a".into(),
         input: Some(pb::generate_request::Input::Chat(pb::ChatPrompt {
-            messages: vec![pb::ChatMessage { role: "user".into(), content: content.into() }],
+            messages: vec![pb::ChatMessage { role: "user".into(), content: content.into(), ..Default::default() }],
             add_generation_prompt: true,
+            ..Default::default()
         })),
         sampling: Some(pb::SamplingParams { temperature: 0.0, top_p: 1.0, ..Default::default() }),
         max_tokens,

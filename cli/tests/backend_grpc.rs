@@ -253,8 +253,9 @@ fn chat(question: &str, adapter: &str) -> pb::GenerateRequest {
     pb::GenerateRequest {
         adapter: adapter.into(),
         input: Some(pb::generate_request::Input::Chat(pb::ChatPrompt {
-            messages: vec![pb::ChatMessage { role: "user".into(), content: question.into() }],
+            messages: vec![pb::ChatMessage { role: "user".into(), content: question.into(), ..Default::default() }],
             add_generation_prompt: true,
+            ..Default::default()
         })),
         max_tokens: 32,
         ..Default::default()

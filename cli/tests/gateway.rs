@@ -150,8 +150,13 @@ async fn a_restarted_backend_is_marked_unhealthy_then_gets_its_adapters_back() {
     let direct = pb::GenerateRequest {
         adapter: "acme/support".into(),
         input: Some(pb::generate_request::Input::Chat(pb::ChatPrompt {
-            messages: vec![pb::ChatMessage { role: "user".into(), content: "Tell me about the sea".into() }],
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: "Tell me about the sea".into(),
+                ..Default::default()
+            }],
             add_generation_prompt: true,
+            ..Default::default()
         })),
         sampling: Some(pb::SamplingParams { temperature: 0.0, top_p: 1.0, ..Default::default() }),
         max_tokens: 8,

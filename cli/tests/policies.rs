@@ -107,8 +107,9 @@ async fn direct(backend: &Backend, adapter: &str) -> String {
     let request = pb::GenerateRequest {
         adapter: adapter.into(),
         input: Some(pb::generate_request::Input::Chat(pb::ChatPrompt {
-            messages: vec![pb::ChatMessage { role: "user".into(), content: PROMPT.into() }],
+            messages: vec![pb::ChatMessage { role: "user".into(), content: PROMPT.into(), ..Default::default() }],
             add_generation_prompt: true,
+            ..Default::default()
         })),
         sampling: Some(pb::SamplingParams { temperature: 0.0, top_p: 1.0, ..Default::default() }),
         max_tokens: 8,

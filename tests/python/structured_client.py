@@ -162,7 +162,88 @@ def run(base: str, adapters: str) -> None:
                 fail(f"response_format {json.dumps(format)[:80]} is refused naming it", e.body)
         else:
             fail(f"response_format {json.dumps(format)[:80]} is refused", "it was accepted")
+    tool_round_trips(acme, base_model)
     print("structured: all checks passed")
+
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "The weather now in a city",
+        "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                       "properties": {"city": {"type": "string", "maxLength": 30},
+                                      "unit": {"enum": ["celsius", "fahrenheit"]}}}}},
+    {"type": "function", "function": {
+        "name": "get_time", "description": "The local time in a city",
+        "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                       "properties": {"city": {"type": "string", "maxLength": 30}}}}},
+]
+
+
+def call_once(c: openai.OpenAI, stream: bool, **ask) -> tuple:
+    """One answer, streamed or not: (content, tool calls as (id, name, arguments), finish)."""
+    if not stream:
+        r = c.chat.completions.create(**ask)
+        m = r.choices[0].message
+        calls = [(t.id, t.function.name, t.function.arguments) for t in m.tool_calls or []]
+        return m.content, calls, r.choices[0].finish_reason
+    content, calls, finish = "", {}, None
+    for chunk in c.chat.completions.create(stream=True, **ask):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for t in delta.tool_calls or []:
+            id_, name, args = calls.get(t.index, ("", "", ""))
+            calls[t.index] = (id_ + (t.id or ""), name + (t.function.name or ""), args + (t.function.arguments or ""))
+        finish = chunk.choices[0].finish_reason or finish
+    return content or None, [calls[i] for i in sorted(calls)], finish
+
+
+def tool_round_trips(c: openai.OpenAI, base_model: str) -> None:
+    question = [{"role": "user", "content": "What is the weather in Oslo right now?"}]
+    for model in (base_model, "acme/json"):
+        for stream in (False, True):
+            check = f"a tool round trip on {model}, {'streamed' if stream else 'not streamed'}"
+            # 1. A call is required: it comes back in OpenAI's shape, its arguments valid.
+            content, calls, finish = call_once(c, stream, model=model, messages=question, tools=TOOLS,
+                                               tool_choice="required", parallel_tool_calls=False,
+                                               max_tokens=120, temperature=0)
+            if finish != "tool_calls" or len(calls) != 1 or content:
+                fail(f"{check}: the required call", (content, calls, finish))
+            call_id, name, arguments = calls[0]
+            args = json.loads(arguments)
+            if not call_id.startswith("call_") or name not in ("get_weather", "get_time") or "city" not in args:
+                fail(f"{check}: the call's shape", calls)
+            if name == "get_weather" and args["unit"] not in ("celsius", "fahrenheit"):
+                fail(f"{check}: the call follows the function's schema", args)
+            # 2. The tool's result goes back; the model answers in words.
+            history = question + [
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
+                {"role": "tool", "tool_call_id": call_id, "content": "-3 degrees celsius and snowing"},
+            ]
+            content, calls, finish = call_once(c, stream, model=model, messages=history, tools=TOOLS,
+                                               max_tokens=40, temperature=0)
+            if calls or not content or finish not in ("stop", "length"):
+                fail(f"{check}: the final answer", (content, calls, finish))
+        # A named function is the one called.
+        named = {"type": "function", "function": {"name": "get_time"}}
+        content, calls, finish = call_once(c, False, model=model, messages=question, tools=TOOLS, tool_choice=named,
+                                           max_tokens=120, temperature=0)
+        if finish != "tool_calls" or [n for _, n, _ in calls] != ["get_time"]:
+            fail(f"tool_choice names get_time on {model}", (content, calls, finish))
+
+    # A tool without a name, or a choice of a function not offered, is a 400 naming the parameter.
+    for tools, choice, param in (([{"type": "function", "function": {"description": "nameless"}}], None, "tools"),
+                                 (TOOLS, {"type": "function", "function": {"name": "launch"}}, "tool_choice")):
+        try:
+            c.chat.completions.create(model=base_model, max_tokens=8, messages=question, tools=tools,
+                                      **({"tool_choice": choice} if choice else {}))
+        except openai.BadRequestError as e:
+            if e.body.get("param") != param:
+                fail(f"a bad {param} is refused naming it", e.body)
+        else:
+            fail(f"a bad {param} is refused", "it was accepted")
 
 
 if __name__ == "__main__":

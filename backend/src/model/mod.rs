@@ -1,6 +1,7 @@
 //! The base model: its configuration, weights and tokenizer, loaded from a Hugging Face model
 //! directory and validated before anything runs.
 
+pub mod chat;
 mod config;
 pub mod gguf;
 mod gguf_model;
@@ -8,8 +9,9 @@ pub mod synthetic;
 mod tokenizer;
 mod weights;
 
+pub use chat::{ChatMessage, ToolCall};
 pub use config::{ModelConfig, Module, RopeScaling, SUPPORTED_ARCHITECTURES};
-pub use tokenizer::{ChatMessage, Tokenizer};
+pub use tokenizer::Tokenizer;
 pub use weights::{HostTensor, LayerWeights, ModelWeights};
 
 use std::path::{Path, PathBuf};

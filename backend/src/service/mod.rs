@@ -19,7 +19,7 @@ use crate::engine::sampling::{SamplingParams, TokenLogprobs};
 use crate::engine::scheduler::{MAX_WEIGHT, MIN_WEIGHT};
 use crate::engine::{Engine, Event, FinishReason, GenerateRequest, Health};
 use crate::metrics;
-use crate::model::{ChatMessage, ModelConfig, Module, Tokenizer};
+use crate::model::{ChatMessage, ModelConfig, Module, Tokenizer, ToolCall};
 use std::pin::Pin;
 use std::sync::Arc;
 use switchyard_proto::v1 as pb;
@@ -99,19 +99,48 @@ impl BackendService {
                 Input::TokenIds(ids) => Ok(ids.ids),
                 Input::Prompt(text) => tokenizer.encode(&text).map_err(bad),
                 Input::Chat(chat) => {
-                    let messages: Vec<ChatMessage> =
-                        chat.messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
+                    let messages: Vec<ChatMessage> = chat.messages.into_iter().map(chat_message).collect();
                     if messages.is_empty() {
                         return Err(ServiceError::BadRequest("chat has no messages".into()));
                     }
-                    // Roles and contents are data: their special-token text never becomes a token.
-                    tokenizer.encode_chat(&messages, chat.add_generation_prompt).map_err(ServiceError::BadRequest)
+                    let tools = tool_definitions(&chat.tools)?;
+                    // Everything in the conversation is data: special-token text in it never
+                    // becomes a token.
+                    tokenizer
+                        .encode_chat_with_tools(&messages, &tools, chat.add_generation_prompt)
+                        .map_err(ServiceError::BadRequest)
                 }
             }
         };
         tokio::task::spawn_blocking(encode)
             .await
             .map_err(|e| ServiceError::BadRequest(format!("tokenizer task failed: {e}")))?
+    }
+}
+
+fn chat_message(m: pb::ChatMessage) -> ChatMessage {
+    ChatMessage {
+        role: m.role,
+        content: m.content,
+        tool_calls: m
+            .tool_calls
+            .into_iter()
+            .map(|c| ToolCall { id: c.id, name: c.name, arguments: c.arguments })
+            .collect(),
+        tool_call_id: (!m.tool_call_id.is_empty()).then_some(m.tool_call_id),
+    }
+}
+
+/// `ChatPrompt.tools`: empty, or a JSON array of objects.
+fn tool_definitions(text: &str) -> Result<Vec<serde_json::Value>, ServiceError> {
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    let bad = |why: String| ServiceError::BadRequest(format!("chat.tools must be a JSON array of objects: {why}"));
+    let tools: Vec<serde_json::Value> = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    match tools.iter().position(|t| !t.is_object()) {
+        Some(i) => Err(bad(format!("item {i} is not an object"))),
+        None => Ok(tools),
     }
 }
 

@@ -7,11 +7,12 @@ use crate::dispatch::{self, Started};
 use crate::error::{Code, Error};
 use crate::metrics::OTHER;
 use crate::openai::response::{Api, Chunk, Head, Logprobs, Usage};
+use crate::openai::tools::{Call, CallReader, Read, Tools};
 use crate::openai::{self, CompletionPrompt, Generation};
 use crate::policy::{Decision, Endpoint, PolicyInput};
 use crate::prefix::RequestPrefix;
 use crate::quota::{self, Ticket};
-use crate::upstream::{self, ChatMessage, Finish, GenerateCall, Piece, Prompt};
+use crate::upstream::{self, ChatMessage, Finish, GenerateCall, Piece, Prompt, ToolCall};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Extension, State};
@@ -124,6 +125,8 @@ struct Job {
     include_usage: bool,
     /// The client asked for log-probabilities.
     logprobs: bool,
+    /// Tool calls are read out of the answer.
+    reads_calls: bool,
 }
 
 async fn serve(gw: Arc<Gateway>, id: RequestId, headers: HeaderMap, body: Body, api: Api) -> Response {
@@ -198,13 +201,28 @@ async fn begin(
     let caller = gw.caller(&who)?;
     record.tenant = caller.name.to_string();
     let bytes = read_body(gw, headers, body).await?;
+    let mut reads_calls = false;
     let (prompt, mut generation, prompt_chars) = match api {
         Api::Chat => {
             let chat = openai::parse_chat(&bytes)?;
             let chars = chat.messages.iter().map(|m| m.content.len()).sum();
-            let messages =
-                chat.messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
-            (Prompt::Chat(messages), chat.generation, chars)
+            let messages = chat
+                .messages
+                .into_iter()
+                .map(|m| ChatMessage {
+                    role: m.role,
+                    content: m.content,
+                    tool_calls: m
+                        .tool_calls
+                        .into_iter()
+                        .map(|(id, name, arguments)| ToolCall { id, name, arguments })
+                        .collect(),
+                    tool_call_id: m.tool_call_id,
+                })
+                .collect();
+            let tools = chat.tools.as_ref().map(Tools::for_template).unwrap_or_default();
+            reads_calls = chat.tools.as_ref().is_some_and(Tools::reads_calls);
+            (Prompt::Chat { messages, tools }, chat.generation, chars)
         }
         Api::Completion => {
             let c = openai::parse_completion(&bytes)?;
@@ -289,6 +307,7 @@ async fn begin(
         stream: generation.stream,
         include_usage: generation.include_usage,
         logprobs: generation.logprobs.is_some(),
+        reads_calls,
     };
     Ok((job, started))
 }
@@ -426,7 +445,36 @@ async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<Str
         record.used(u);
     }
     let logprobs = job.logprobs.then_some(Logprobs { tokens: &logprobs, offset: 0 });
-    Ok(job.head.complete(&text, logprobs, finish_reason(&last), openai_usage(usage)))
+    let (text, calls) = match job.reads_calls {
+        true => read_calls(&text),
+        false => (text, Vec::new()),
+    };
+    let finish = with_calls(finish_reason(&last), calls.len());
+    Ok(job.head.complete(&text, &calls, logprobs, finish, openai_usage(usage)))
+}
+
+/// An answer's text less its tool calls, and the calls.
+fn read_calls(answer: &str) -> (String, Vec<Call>) {
+    let mut reader = CallReader::default();
+    let mut reads = reader.push(answer);
+    reads.extend(reader.finish());
+    let (mut text, mut calls) = (String::new(), Vec::new());
+    for read in reads {
+        match read {
+            Read::Text(t) => text.push_str(&t),
+            Read::Call(c) => calls.push(c),
+        }
+    }
+    (text, calls)
+}
+
+/// OpenAI's finish reason for an answer that made `calls` tool calls: `tool_calls` when it
+/// ended by itself.
+fn with_calls(finish: Option<&'static str>, calls: usize) -> Option<&'static str> {
+    match finish {
+        Some("stop") if calls > 0 => Some("tool_calls"),
+        other => other,
+    }
 }
 
 /// Where a stream is.
@@ -455,6 +503,13 @@ struct StreamState {
     /// it could still be a stop string), and where the next token's text starts.
     held: Vec<upstream::TokenLogprobs>,
     offset: usize,
+    /// Reads tool calls out of the text, when the request offered tools to call.
+    calls: Option<CallReader>,
+    /// What the call reader gave back, still to send; then the finish reason, if it came.
+    outbox: std::collections::VecDeque<Read>,
+    finishing: Option<&'static str>,
+    /// Tool calls sent so far.
+    sent_calls: usize,
     _in_flight: dispatch::InFlight,
 }
 
@@ -490,6 +545,29 @@ impl StreamState {
                     self.phase = Phase::Body;
                     return Some(self.chunk(Chunk::Role));
                 }
+                Phase::Body if !self.outbox.is_empty() || self.finishing.is_some() => {
+                    self.phase = Phase::Body;
+                    let event = match self.outbox.pop_front() {
+                        Some(Read::Text(t)) => {
+                            let l = self.logprobs(true);
+                            self.chunk(Chunk::Text(&t, l))
+                        }
+                        Some(Read::Call(call)) => {
+                            let l = self.logprobs(false);
+                            let event = self.chunk(Chunk::ToolCall(self.sent_calls, &call, l));
+                            self.sent_calls += 1;
+                            event
+                        }
+                        None => {
+                            let reason = self.finishing.take().unwrap_or("stop");
+                            self.phase = self.after_finish();
+                            let l = self.logprobs(false);
+                            self.chunk(Chunk::Finish(reason, l))
+                        }
+                    };
+                    self.sent(None);
+                    return Some(event);
+                }
                 Phase::Body => {
                     let message = match self.pending.take() {
                         Some(m) => Ok(m),
@@ -519,6 +597,15 @@ impl StreamState {
                     let text = (!message.text.is_empty()).then_some(message.text.as_str());
                     if text.is_some() {
                         self.record.saw_text();
+                    }
+                    if let Some(reader) = self.calls.as_mut() {
+                        self.outbox.extend(reader.push(&message.text));
+                        if finish.is_some() {
+                            self.outbox.extend(reader.finish());
+                            self.finishing = with_calls(finish, reader.calls());
+                        }
+                        self.phase = Phase::Body;
+                        continue;
                     }
                     match (text, finish) {
                         (None, None) => {
@@ -567,6 +654,7 @@ impl StreamState {
 fn stream(job: Job, started: Started, record: Record) -> Response {
     let Started { backend, first, rest, in_flight } = started;
     let phase = if job.head.api == Api::Chat { Phase::Role } else { Phase::Body };
+    let reads_calls = job.reads_calls;
     let state = StreamState {
         job,
         backend,
@@ -577,6 +665,10 @@ fn stream(job: Job, started: Started, record: Record) -> Response {
         usage: None,
         held: Vec::new(),
         offset: 0,
+        calls: reads_calls.then(CallReader::default),
+        outbox: Default::default(),
+        finishing: None,
+        sent_calls: 0,
         _in_flight: in_flight,
     };
     let events = futures::stream::unfold(state, |mut s| async move {

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod response;
 mod structured;
+pub mod tools;
 mod types;
 
 pub use error::ErrorType;

@@ -1,6 +1,7 @@
 //! Response bodies in OpenAI's shape, serialized straight from borrowed fields: a chat
 //! completion, a text completion, and their streamed chunks.
 
+use super::tools::Call;
 use crate::upstream::TokenLogprobs;
 use serde::Serialize;
 use serde::ser::SerializeMap;
@@ -181,8 +182,39 @@ struct ChatChoice<'a> {
 #[derive(Serialize)]
 struct Message<'a> {
     role: &'static str,
-    content: &'a str,
+    /// Null when the answer is only tool calls.
+    content: Option<&'a str>,
     refusal: Option<()>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    tool_calls: Vec<ToolCallOut<'a>>,
+}
+
+/// A tool call in a message, or (with its `index`) in a chunk's delta.
+#[derive(Serialize)]
+struct ToolCallOut<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: FunctionOut<'a>,
+}
+
+#[derive(Serialize)]
+struct FunctionOut<'a> {
+    name: &'a str,
+    arguments: &'a str,
+}
+
+impl<'a> ToolCallOut<'a> {
+    fn new(index: Option<usize>, call: &'a Call) -> ToolCallOut<'a> {
+        ToolCallOut {
+            index,
+            id: &call.id,
+            kind: "function",
+            function: FunctionOut { name: &call.name, arguments: &call.arguments },
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -207,6 +239,8 @@ struct Delta<'a> {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    tool_calls: Vec<ToolCallOut<'a>>,
 }
 
 /// What a chunk carries.
@@ -219,6 +253,9 @@ pub enum Chunk<'a> {
     /// Why the generation ended, with no text (and the last tokens' log-probabilities, when
     /// asked for and they came without text).
     Finish(&'static str, Option<Logprobs<'a>>),
+    /// A whole tool call (the `index`-th of the answer), with the log-probabilities of the
+    /// tokens that wrote it when asked for.
+    ToolCall(usize, &'a Call, Option<Logprobs<'a>>),
     /// `stream_options.include_usage`: the usage, with no choices.
     Usage(Usage),
 }
@@ -231,16 +268,20 @@ fn json(body: &impl Serialize) -> String {
 
 impl Head {
     /// The whole answer of a request that was not streamed.
+    /// `calls`: the tool calls read out of the answer (`text` is what is left).
     pub fn complete(
         &self,
         text: &str,
+        calls: &[Call],
         logprobs: Option<Logprobs<'_>>,
         finish_reason: Option<&'static str>,
         usage: Usage,
     ) -> String {
         let choices = match self.api {
             Api::Chat => {
-                let message = Message { role: "assistant", content: text, refusal: None };
+                let content = (calls.is_empty() || !text.is_empty()).then_some(text);
+                let tool_calls = calls.iter().map(|c| ToolCallOut::new(None, c)).collect();
+                let message = Message { role: "assistant", content, refusal: None, tool_calls };
                 let logprobs = logprobs.map(|l| ChatLogprobs(l.tokens));
                 Choices::Message([ChatChoice { index: 0, message, logprobs, finish_reason }])
             }
@@ -262,14 +303,19 @@ impl Head {
             Chunk::Role => (None, None, None),
             Chunk::Text(t, l) => (Some(t), l, None),
             Chunk::Finish(reason, l) => (None, l, Some(reason)),
+            Chunk::ToolCall(_, _, l) => (None, l, None),
         };
         let choices = match self.api {
             Api::Chat => {
                 let role = matches!(chunk, Chunk::Role).then_some("assistant");
                 let content = if role.is_some() { Some("") } else { text };
+                let tool_calls = match chunk {
+                    Chunk::ToolCall(index, call, _) => vec![ToolCallOut::new(Some(index), call)],
+                    _ => Vec::new(),
+                };
                 Choices::Delta([ChunkChoice {
                     index: 0,
-                    delta: Delta { role, content },
+                    delta: Delta { role, content, tool_calls },
                     logprobs: logprobs.map(|l| ChatLogprobs(l.tokens)),
                     finish_reason,
                 }])
@@ -309,7 +355,7 @@ mod tests {
 
     #[test]
     fn bodies_have_openai_shapes() {
-        let chat = parse(&head(Api::Chat).complete("Hi", None, Some("stop"), Usage::new(3, 1, 0)));
+        let chat = parse(&head(Api::Chat).complete("Hi", &[], None, Some("stop"), Usage::new(3, 1, 0)));
         assert_eq!(
             chat,
             json!({"id": "chatcmpl-7", "object": "chat.completion", "created": 5, "model": "acme/support",
@@ -318,9 +364,33 @@ mod tests {
                 "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4,
                     "prompt_tokens_details": {"cached_tokens": 0}}})
         );
-        let text = parse(&head(Api::Completion).complete("Hi", None, Some("length"), Usage::new(3, 1, 0)));
+        let text = parse(&head(Api::Completion).complete("Hi", &[], None, Some("length"), Usage::new(3, 1, 0)));
         assert_eq!(text["choices"], json!([{"index": 0, "text": "Hi", "logprobs": null, "finish_reason": "length"}]));
         assert_eq!((text["object"].as_str(), text["id"].as_str()), (Some("text_completion"), Some("cmpl-7")));
+    }
+
+    #[test]
+    fn tool_calls_have_openai_shapes() {
+        let call = Call { id: "call_1".into(), name: "get_weather".into(), arguments: r#"{"city":"Oslo"}"#.into() };
+        let function = json!({"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"});
+        let body = parse(&head(Api::Chat).complete(
+            "",
+            std::slice::from_ref(&call),
+            None,
+            Some("tool_calls"),
+            Usage::new(3, 9, 0),
+        ));
+        assert_eq!(
+            body["choices"][0]["message"],
+            json!({"role": "assistant", "content": null, "refusal": null,
+                "tool_calls": [{"id": "call_1", "type": "function", "function": function}]})
+        );
+        assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
+        let chunk = parse(&head(Api::Chat).chunk(Chunk::ToolCall(1, &call, None)));
+        assert_eq!(
+            chunk["choices"][0]["delta"],
+            json!({"tool_calls": [{"index": 1, "id": "call_1", "type": "function", "function": function}]})
+        );
     }
 
     #[test]
@@ -353,7 +423,7 @@ mod tests {
     fn logprobs_have_openai_shapes() {
         let tokens = tokens();
         let l = Some(Logprobs { tokens: &tokens, offset: 0 });
-        let chat = parse(&head(Api::Chat).complete("Hi\u{fffd}", l, Some("stop"), Usage::new(3, 2, 0)));
+        let chat = parse(&head(Api::Chat).complete("Hi\u{fffd}", &[], l, Some("stop"), Usage::new(3, 2, 0)));
         assert_eq!(
             chat["choices"][0]["logprobs"],
             json!({"content": [

@@ -2,6 +2,7 @@
 //! defines but this server does not implement is refused by name (never silently ignored);
 //! an unknown field is refused too.
 
+use super::tools::{self, Tools};
 use crate::error::{Code, Error};
 use crate::upstream::{Constraint, Sampling};
 use serde::Deserialize;
@@ -21,11 +22,9 @@ pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// Fields of the chat API that exist in OpenAI's API but are not implemented here.
 const CHAT_UNSUPPORTED: &[&str] = &[
-    "tools",
-    "tool_choice",
+    // Deprecated in favour of tools.
     "functions",
     "function_call",
-    "parallel_tool_calls",
     "audio",
     "modalities",
     "prediction",
@@ -61,7 +60,8 @@ const COMMON_FIELDS: &[&str] = &[
     "response_format",
     "structured_outputs",
 ];
-const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens", "top_logprobs"];
+const CHAT_FIELDS: &[&str] =
+    &["messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"];
 const COMPLETION_UNSUPPORTED: &[&str] = &["echo", "best_of", "suffix"];
 const COMPLETION_FIELDS: &[&str] = &["prompt"];
 
@@ -86,9 +86,35 @@ enum Content {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawMessage {
     role: String,
     content: Option<Content>,
+    #[serde(default)]
+    tool_calls: Vec<RawToolCall>,
+    tool_call_id: Option<String>,
+    /// The author's name; accepted, not shown to the model (OpenAI's models only use it).
+    #[serde(default, rename = "name")]
+    _name: Option<String>,
+    /// What an assistant refused; accepted with a previous answer, not shown to the model.
+    #[serde(default, rename = "refusal")]
+    _refusal: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToolCall {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    function: RawFunctionCall,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunctionCall {
+    name: String,
+    arguments: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,10 +145,14 @@ struct RawCommon {
 }
 
 /// One chat message, text only.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// The calls an assistant message made: id, function name, arguments as JSON text.
+    pub tool_calls: Vec<(String, String, String)>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
 }
 
 /// Sampling and streaming settings common to both APIs, validated.
@@ -149,6 +179,8 @@ pub struct Generation {
 pub struct ChatRequest {
     pub messages: Vec<Message>,
     pub generation: Generation,
+    /// The tools offered, and how they may be called.
+    pub tools: Option<Tools>,
 }
 
 /// A completion's prompt: text, or token ids of the model's vocabulary.
@@ -371,11 +403,32 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, Error> {
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.into_iter().enumerate() {
         let param = format!("messages[{i}]");
-        if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant") {
+        if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
             return Err(Error::invalid(
-                format!("role {:?} is not supported (system, developer, user, assistant)", m.role),
+                format!("role {:?} is not supported (system, developer, user, assistant, tool)", m.role),
                 Some(&param),
             ));
+        }
+        if !m.tool_calls.is_empty() && m.role != "assistant" {
+            return Err(Error::invalid("only assistant messages carry tool_calls", Some(&param)));
+        }
+        let tool_call_id = match (m.role.as_str(), m.tool_call_id) {
+            ("tool", Some(id)) if !id.is_empty() => Some(id),
+            ("tool", _) => {
+                return Err(Error::invalid("a tool message needs the tool_call_id it answers", Some(&param)));
+            }
+            (_, Some(_)) => return Err(Error::invalid("only tool messages carry a tool_call_id", Some(&param))),
+            (_, None) => None,
+        };
+        let mut tool_calls = Vec::with_capacity(m.tool_calls.len());
+        for call in m.tool_calls {
+            if call.kind != "function" || call.id.is_empty() || !super::structured::valid_name(&call.function.name) {
+                return Err(Error::invalid(
+                    "each tool call needs an id, type \"function\" and a function name of letters, digits, _ or -",
+                    Some(&param),
+                ));
+            }
+            tool_calls.push((call.id, call.function.name, call.function.arguments));
         }
         let content = match m.content {
             None => String::new(),
@@ -398,10 +451,20 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, Error> {
         };
         // "developer" is OpenAI's newer name for "system".
         let role = if m.role == "developer" { "system".to_string() } else { m.role };
-        out.push(Message { role, content });
+        out.push(Message { role, content, tool_calls, tool_call_id });
     }
-    let generation = generation(typed(map)?, Kind::Chat)?;
-    Ok(ChatRequest { messages: out, generation })
+    let tools = tools::parse(map.remove("tools"), map.remove("tool_choice"), map.remove("parallel_tool_calls"))?;
+    let mut generation = generation(typed(map)?, Kind::Chat)?;
+    if let Some(forced) = tools.as_ref().and_then(Tools::constraint) {
+        if generation.constraint.is_some() {
+            return Err(Error::invalid(
+                "tool_choice requires a tool call, which response_format would not allow; give one or the other",
+                Some("tool_choice"),
+            ));
+        }
+        generation.constraint = Some(forced);
+    }
+    Ok(ChatRequest { messages: out, generation, tools })
 }
 
 /// `prompt` as OpenAI takes it: a string, a list of token ids, or a list of either; one prompt
@@ -468,7 +531,7 @@ mod tests {
             "temperature":0.2,"max_completion_tokens":16,"stop":"\n","seed":7,"n":1,
             "stream":true,"stream_options":{"include_usage":true},"user":"u1","presence_penalty":0}"#;
         let r = parse_chat(body).expect("valid");
-        assert_eq!(r.messages[0], Message { role: "system".into(), content: "Be brief.".into() });
+        assert_eq!(r.messages[0], Message { role: "system".into(), content: "Be brief.".into(), ..Default::default() });
         assert_eq!(r.messages[1].content, "Hi there");
         let g = &r.generation;
         assert_eq!(
@@ -484,7 +547,8 @@ mod tests {
             parse_chat(format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#).as_bytes())
         };
         let cases: &[(&str, &str, &str)] = &[
-            (r#","tools":[{"type":"function"}]"#, "tools", "not supported"),
+            (r#","functions":[{"name":"f"}]"#, "functions", "not supported"),
+            (r#","tools":[{"type":"function","function":{"description":"no name"}}]"#, "tools", "has no name"),
             (r#","frobnicate":1"#, "frobnicate", "unknown parameter"),
             (r#","temperature":3"#, "temperature", "between 0 and 2"),
             (r#","top_p":0"#, "top_p", "(0, 1]"),
@@ -528,6 +592,35 @@ mod tests {
         assert!(refused(parse_chat(image)).message.contains("image_url"));
         let tool = br#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#;
         assert_eq!(refused(parse_chat(tool)).param.as_deref(), Some("messages[0]"));
+        let user_calls = br#"{"model":"m","messages":[{"role":"user","content":"x","tool_calls":[
+            {"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]}]}"#;
+        assert!(refused(parse_chat(user_calls)).message.contains("only assistant messages"));
+        let both =
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"},
+            "tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"required"}"#;
+        assert_eq!(refused(parse_chat(both)).param.as_deref(), Some("tool_choice"));
+    }
+
+    #[test]
+    fn a_tool_round_trip_reads_as_the_sdk_sends_it() {
+        let body = br#"{"model":"m","tools":[{"type":"function","function":{"name":"get_weather",
+            "parameters":{"type":"object","properties":{"city":{"type":"string"}}}}}],"tool_choice":"auto",
+            "messages":[{"role":"user","content":"Weather in Oslo?"},
+            {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function",
+                "function":{"name":"get_weather","arguments":"{\"city\": \"Oslo\"}"}}]},
+            {"role":"tool","tool_call_id":"call_1","content":"-3 C"}]}"#;
+        let chat = parse_chat(body).expect("valid");
+        let tools = chat.tools.expect("tools");
+        assert_eq!((tools.functions.len(), tools.choice), (1, tools::ToolChoice::Auto));
+        assert_eq!(chat.generation.constraint, None, "auto does not constrain");
+        assert_eq!(
+            chat.messages[1].tool_calls,
+            vec![("call_1".into(), "get_weather".into(), r#"{"city": "Oslo"}"#.into())]
+        );
+        assert_eq!(
+            (chat.messages[2].role.as_str(), chat.messages[2].tool_call_id.as_deref()),
+            ("tool", Some("call_1"))
+        );
     }
 
     #[test]

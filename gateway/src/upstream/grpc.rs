@@ -150,20 +150,30 @@ fn timed_out(what: &str, after: Duration) -> UpstreamError {
     UpstreamError::new(UpstreamCode::Timeout, format!("{what} took longer than {}s", after.as_secs()))
 }
 
-fn chat_prompt(messages: &[super::ChatMessage]) -> pb::ChatPrompt {
+fn chat_prompt(messages: &[super::ChatMessage], tools: &str) -> pb::ChatPrompt {
     pb::ChatPrompt {
         messages: messages
             .iter()
-            .map(|m| pb::ChatMessage { role: m.role.clone(), content: m.content.clone() })
+            .map(|m| pb::ChatMessage {
+                role: m.role.clone(),
+                content: m.content.clone(),
+                tool_calls: m
+                    .tool_calls
+                    .iter()
+                    .map(|c| pb::ToolCall { id: c.id.clone(), name: c.name.clone(), arguments: c.arguments.clone() })
+                    .collect(),
+                tool_call_id: m.tool_call_id.clone().unwrap_or_default(),
+            })
             .collect(),
         add_generation_prompt: true,
+        tools: tools.to_string(),
     }
 }
 
 fn generate_request(c: GenerateCall) -> pb::GenerateRequest {
     let input = match c.prompt {
         Prompt::Text(text) => pb::generate_request::Input::Prompt(text),
-        Prompt::Chat(messages) => pb::generate_request::Input::Chat(chat_prompt(&messages)),
+        Prompt::Chat { messages, tools } => pb::generate_request::Input::Chat(chat_prompt(&messages, &tools)),
         Prompt::Tokens(ids) => pb::generate_request::Input::TokenIds(pb::TokenIds { ids }),
     };
     pb::GenerateRequest {
@@ -326,7 +336,7 @@ impl Upstream for GrpcUpstream {
         use pb::tokenize_request::Input;
         let input = match prompt {
             Prompt::Text(text) => Input::Prompt(text.clone()),
-            Prompt::Chat(messages) => Input::Chat(chat_prompt(messages)),
+            Prompt::Chat { messages, tools } => Input::Chat(chat_prompt(messages, tools)),
             Prompt::Tokens(ids) => return Ok(ids.clone()),
         };
         let mut backend = self.backend.clone();

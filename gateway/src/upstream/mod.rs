@@ -100,16 +100,31 @@ impl Default for Sampling {
 pub enum Prompt {
     /// Raw text, tokenized as it is.
     Text(String),
-    /// Messages, rendered by the model's chat template with the assistant's turn opened.
-    Chat(Vec<ChatMessage>),
+    /// Messages, rendered by the model's chat template with the assistant's turn opened, and
+    /// the tools the conversation offers (OpenAI tool definitions as a JSON array; empty for
+    /// none).
+    Chat { messages: Vec<ChatMessage>, tools: String },
     /// Token ids, as a backend's `tokenize` gave them.
     Tokens(Vec<u32>),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// The calls an assistant message made.
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
+}
+
+/// A function call an assistant made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
 }
 
 /// One streamed piece of a generation: new text, the log-probabilities of its tokens (when
