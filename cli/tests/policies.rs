@@ -58,7 +58,7 @@ fn policy_test(wasm: &PathBuf, config: &PathBuf, cases: &PathBuf) -> (bool, Stri
 #[test]
 fn policy_test_checks_each_example_against_its_recorded_cases() {
     let dir = built();
-    for name in ["tenant-map", "canary", "claims-route", "prefix-affinity"] {
+    for name in ["tenant-map", "canary", "claims-route", "prefix-affinity", "task-route"] {
         let wasm = dir.join(format!("{}.wasm", name.replace('-', "_")));
         let (ok, out) = policy_test(&wasm, &example(name).join("config.json"), &example(name).join("cases.json"));
         assert!(ok, "{name}:\n{out}");

@@ -18,8 +18,8 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = tokenizer.decode(&[0, 1, 2, u32::MAX]);
     let chat = [
-        ChatMessage { role: "system".into(), content: "Be brief.".into() },
-        ChatMessage { role: "user".into(), content: "Hi <|im_end|> {{ x }}".into() },
+        ChatMessage { role: "system".into(), content: "Be brief.".into(), ..Default::default() },
+        ChatMessage { role: "user".into(), content: "Hi <|im_end|> {{ x }}".into(), ..Default::default() },
     ];
     let _ = tokenizer.encode_chat(&chat, true);
 });

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use switchyard_gateway::loras::LoraStore;
 use switchyard_gateway::policy::deploy::PolicyStore;
 use switchyard_gateway::policy::wasm::{PolicyRuntime, WasmLimits};
-use switchyard_gateway::policy::{Endpoint, PolicyEngine, PolicyInput, StaticPolicy, WasmPolicies};
+use switchyard_gateway::policy::{Endpoint, HostView, PolicyEngine, PolicyInput, StaticPolicy, WasmPolicies};
 use switchyard_gateway::tenants::GatewayFile;
 
 fn arg(name: &str, default: usize) -> usize {
@@ -92,6 +92,7 @@ async fn bench() {
         backends: Vec::new(),
         adapters: vec![("acme/support".into(), "acme".into())],
         prefix: None,
+        features: Default::default(),
     };
     let acme = input("acme");
     assert_eq!(builtin.decide(&acme).await.unwrap(), wasm.decide(&acme).await.unwrap(), "same mapping");
@@ -104,7 +105,10 @@ async fn bench() {
     let config: Arc<str> = Arc::from(r#"{"tenants": {"acme": "acme/support"}}"#);
     let inline = async || {
         let t = Instant::now();
-        runtime.decide(&compiled, &acme_request, None, config.clone(), Arc::from("inline")).await.unwrap();
+        runtime
+            .decide(&compiled, &acme_request, HostView::default(), config.clone(), Arc::from("inline"))
+            .await
+            .unwrap();
         t.elapsed()
     };
     for _ in 0..100 {
@@ -138,7 +142,7 @@ async fn bench() {
     let mut stopped = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
-        let outcome = looping.deployment.decide(&evil_request, None).await;
+        let outcome = looping.deployment.decide(&evil_request, HostView::default()).await;
         assert!(outcome.is_err(), "the loop must be stopped");
         stopped.push(t.elapsed());
     }
@@ -168,6 +172,7 @@ async fn bench() {
                     backends: Vec::new(),
                     adapters: Vec::new(),
                     prefix: None,
+                    features: Default::default(),
                 };
                 let t = Instant::now();
                 assert!(wasm.decide(&evil).await.is_err(), "the attack must fail");

@@ -9,10 +9,10 @@ use crate::metrics::OTHER;
 use crate::openai::response::{Api, Chunk, Head, Logprobs, Usage};
 use crate::openai::tools::{Call, CallReader, Read, Tools};
 use crate::openai::{self, CompletionPrompt, Generation};
-use crate::policy::{Decision, Endpoint, PolicyInput};
+use crate::policy::{ConstraintKind, Decision, Endpoint, Features, PolicyInput};
 use crate::prefix::RequestPrefix;
 use crate::quota::{self, Ticket};
-use crate::upstream::{self, ChatMessage, Finish, GenerateCall, Piece, Prompt, ToolCall};
+use crate::upstream::{self, ChatMessage, Finish, GenerateCall, Grammar, Piece, Prompt, ToolCall};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Extension, State};
@@ -201,7 +201,7 @@ async fn begin(
     let caller = gw.caller(&who)?;
     record.tenant = caller.name.to_string();
     let bytes = read_body(gw, headers, body).await?;
-    let mut reads_calls = false;
+    let (mut reads_calls, mut offered_tools) = (false, 0u32);
     let (prompt, mut generation, prompt_chars) = match api {
         Api::Chat => {
             let chat = openai::parse_chat(&bytes)?;
@@ -222,6 +222,9 @@ async fn begin(
                 .collect();
             let tools = chat.tools.as_ref().map(Tools::for_template).unwrap_or_default();
             reads_calls = chat.tools.as_ref().is_some_and(Tools::reads_calls);
+            if reads_calls {
+                offered_tools = chat.tools.as_ref().map_or(0, |t| u32::try_from(t.functions.len()).unwrap_or(u32::MAX));
+            }
             (Prompt::Chat { messages, tools }, chat.generation, chars)
         }
         Api::Completion => {
@@ -277,6 +280,17 @@ async fn begin(
             backends,
             adapters: usable,
             prefix: Some(prefix.clone()),
+            features: Features {
+                constraint: generation.constraint.as_ref().map(|c| match (&c.grammar, c.from) {
+                    (_, "tools") => ConstraintKind::ToolCall,
+                    (Grammar::JsonSchema(_), _) => ConstraintKind::JsonSchema,
+                    (Grammar::JsonObject, _) => ConstraintKind::JsonObject,
+                    (Grammar::Regex(_), _) => ConstraintKind::Regex,
+                    (Grammar::Lark(_), _) => ConstraintKind::Grammar,
+                }),
+                tools: offered_tools,
+                logprobs: generation.logprobs.is_some(),
+            },
         })
         .await
         .map_err(|e| {

@@ -14,7 +14,7 @@
 //! ```
 
 use super::wasm::{CompiledPolicy, PolicyRuntime, WitDecision};
-use super::{Endpoint, PolicyInput};
+use super::{ConstraintKind, Endpoint, Features, PolicyInput};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -56,6 +56,44 @@ pub struct CaseRequest {
     pub adapters: Vec<String>,
     #[serde(default)]
     pub prompt_chars: usize,
+    /// What the request asks of the model beyond free text (`host.features`).
+    #[serde(default)]
+    pub features: Option<CaseFeatures>,
+}
+
+/// `host.features` of a case: `{"constraint": "json-schema", "tools": 2, "logprobs": true}`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaseFeatures {
+    #[serde(default)]
+    pub constraint: Option<CaseConstraint>,
+    #[serde(default)]
+    pub tools: u32,
+    #[serde(default)]
+    pub logprobs: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaseConstraint {
+    JsonSchema,
+    JsonObject,
+    Regex,
+    Grammar,
+    ToolCall,
+}
+
+impl From<CaseFeatures> for Features {
+    fn from(f: CaseFeatures) -> Features {
+        let constraint = f.constraint.map(|c| match c {
+            CaseConstraint::JsonSchema => ConstraintKind::JsonSchema,
+            CaseConstraint::JsonObject => ConstraintKind::JsonObject,
+            CaseConstraint::Regex => ConstraintKind::Regex,
+            CaseConstraint::Grammar => ConstraintKind::Grammar,
+            CaseConstraint::ToolCall => ConstraintKind::ToolCall,
+        });
+        Features { constraint, tools: f.tools, logprobs: f.logprobs }
+    }
 }
 
 fn base() -> String {
@@ -126,9 +164,11 @@ pub async fn run(
             backends: Vec::new(),
             adapters: r.adapters.iter().map(|a| (a.clone(), r.tenant.clone())).collect(),
             prefix: None,
+            features: r.features.map(Features::from).unwrap_or_default(),
         };
+        let request = super::wasm::request(&input);
         let outcome =
-            runtime.decide(policy, &super::wasm::request(&input), None, config.clone(), Arc::from("policy-test")).await;
+            runtime.decide(policy, &request, input.host_view(), config.clone(), Arc::from("policy-test")).await;
         let (passed, got) = match (&outcome, &case.expect) {
             (Ok(WitDecision::Route(route)), Expected::Route { adapter, backend }) => {
                 (route.adapter == *adapter && route.backend == *backend, describe(&outcome))

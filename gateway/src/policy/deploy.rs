@@ -25,6 +25,7 @@
 //! world and run a dry decision without a fault), and an activation is validated with its
 //! configuration before it replaces the previous one.
 
+use super::HostView;
 use super::wasm::{CompiledPolicy, Deployment, LoadError, PolicyFault, PolicyRuntime, WitDecision, WitRequest};
 use crate::files::{FileError, failed};
 use crate::store::{Expect, Replica, Revision, Snapshot, StoreError, Write};
@@ -274,6 +275,7 @@ pub fn sample_request() -> WitRequest {
         backends: Vec::new(),
         adapters: Vec::new(),
         prefix: None,
+        features: super::Features::default(),
     })
 }
 
@@ -667,7 +669,7 @@ impl PolicyStore {
 
 /// Runs `policy` once on the sample request.
 async fn dry_run(runtime: &PolicyRuntime, policy: &CompiledPolicy, config: &str) -> Result<WitDecision, PolicyFault> {
-    runtime.decide(policy, &sample_request(), None, Arc::from(config), Arc::from("dry-run")).await
+    runtime.decide(policy, &sample_request(), HostView::default(), Arc::from(config), Arc::from("dry-run")).await
 }
 
 /// The registry file earlier versions kept in the policies directory.

@@ -48,6 +48,41 @@ pub struct PolicyInput<'a> {
     /// What the backends cache of this request's prompt, worked out if a policy asks; `None`
     /// where there are no backends to ask (dry runs, test cases).
     pub prefix: Option<Arc<dyn PrefixProbe>>,
+    /// What the request asks of the model beyond free text.
+    pub features: Features,
+}
+
+/// What a request asks of the model beyond free text: structured output, tools,
+/// log-probabilities (a policy's `host.features`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    pub constraint: Option<ConstraintKind>,
+    /// Functions offered for the model to call (0 when `tool_choice` is `none`).
+    pub tools: u32,
+    pub logprobs: bool,
+}
+
+/// How a request's answer is constrained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConstraintKind {
+    JsonSchema,
+    JsonObject,
+    Regex,
+    Grammar,
+    ToolCall,
+}
+
+/// What a decision may ask the host about its request beyond the request record.
+#[derive(Debug, Clone, Default)]
+pub struct HostView {
+    pub prefix: Option<Arc<dyn PrefixProbe>>,
+    pub features: Features,
+}
+
+impl PolicyInput<'_> {
+    pub fn host_view(&self) -> HostView {
+        HostView { prefix: self.prefix.clone(), features: self.features }
+    }
 }
 
 /// The part of a request's prompt each backend holds in its prefix cache.
@@ -163,7 +198,7 @@ impl PolicyEngine for WasmPolicies {
             });
         }
         let request = wasm::request(input);
-        let outcome = active.deployment.decide(&request, input.prefix.clone()).await;
+        let outcome = active.deployment.decide(&request, input.host_view()).await;
         let costly = matches!(
             outcome,
             Err(wasm::PolicyFault::Fuel(_)
@@ -216,6 +251,7 @@ mod tests {
             backends: Vec::new(),
             adapters: Vec::new(),
             prefix: None,
+            features: Features::default(),
             endpoint: Endpoint::ChatCompletions,
             model,
             base_model: "base",

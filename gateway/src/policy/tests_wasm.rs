@@ -7,7 +7,7 @@ use super::deploy::{DEFAULT_SCOPE, PolicyStore};
 use super::wasm::{
     CompiledPolicy, Deployment, LoadError, PolicyFault, PolicyRuntime, WasmLimits, WitDecision, request,
 };
-use super::{Decision, Endpoint, PolicyEngine, PolicyInput, Route, StaticPolicy, WasmPolicies};
+use super::{Decision, Endpoint, HostView, PolicyEngine, PolicyInput, Route, StaticPolicy, WasmPolicies};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,6 +65,7 @@ fn input(r: &Req) -> PolicyInput<'_> {
         backends: r.backends.clone(),
         adapters: r.adapters.clone(),
         prefix: None,
+        features: Default::default(),
     }
 }
 
@@ -79,7 +80,7 @@ fn compiled(rt: &PolicyRuntime, name: &str) -> CompiledPolicy {
 }
 
 async fn decide(rt: &PolicyRuntime, name: &str, config: &str, r: &Req) -> Result<WitDecision, PolicyFault> {
-    rt.decide(&compiled(rt, name), &request(&input(r)), None, Arc::from(config), Arc::from(name)).await
+    rt.decide(&compiled(rt, name), &request(&input(r)), HostView::default(), Arc::from(config), Arc::from(name)).await
 }
 
 fn routed(d: Result<WitDecision, PolicyFault>) -> Option<String> {
@@ -150,9 +151,11 @@ async fn a_policy_built_against_contract_0_1_0_still_deploys_and_decides() {
     let rt = runtime();
     let old = rt.compile(&bytes).unwrap();
     let cfg: Arc<str> = Arc::from(r#"{"tenants": {"acme": "acme/support"}, "default": "shared/general"}"#);
-    let decided = rt.decide(&old, &request(&input(&req("acme", "x"))), None, cfg.clone(), Arc::from("old")).await;
+    let decided =
+        rt.decide(&old, &request(&input(&req("acme", "x"))), HostView::default(), cfg.clone(), Arc::from("old")).await;
     assert_eq!(routed(decided).as_deref(), Some("acme/support"));
-    let decided = rt.decide(&old, &request(&input(&req("beta", "x"))), None, cfg, Arc::from("old")).await;
+    let decided =
+        rt.decide(&old, &request(&input(&req("beta", "x"))), HostView::default(), cfg, Arc::from("old")).await;
     assert_eq!(routed(decided).as_deref(), Some("shared/general"));
 }
 
@@ -183,7 +186,7 @@ async fn learned(probe: Option<Arc<FixedProbe>>, adapter: &str, calls: u32) -> s
     let config = format!(r#"{{"mode": "prefix", "adapter": "{adapter}", "calls": {calls}}}"#);
     let probe = probe.map(|p| p as Arc<dyn super::PrefixProbe>);
     let (policy, wit) = (compiled(&rt, "hostile"), request(&input(&req("acme", "x"))));
-    match rt.decide(&policy, &wit, probe, config.into(), "p".into()).await {
+    match rt.decide(&policy, &wit, HostView { prefix: probe, ..Default::default() }, config.into(), "p".into()).await {
         Ok(WitDecision::Reject(r)) if r.code == "prefix" => serde_json::from_str(&r.message).unwrap(),
         other => panic!("expected the policy's report, got {other:?}"),
     }
@@ -207,6 +210,25 @@ async fn a_policy_sees_what_its_probe_reports_for_the_adapter_it_names_a_few_tim
 }
 
 #[tokio::test]
+async fn a_policy_sees_what_each_request_asks_of_the_model_and_routes_on_it() {
+    use super::{ConstraintKind, Features};
+    let rt = runtime();
+    let config = r#"{"json": "acme/extract", "tools": "acme/agent"}"#;
+    let route = async |features: Features| {
+        let view = HostView { features, ..Default::default() };
+        let (policy, wit) = (compiled(&rt, "task-route"), request(&input(&req("acme", "acme/chat"))));
+        routed(rt.decide(&policy, &wit, view, config.into(), "t".into()).await)
+    };
+    let json = Features { constraint: Some(ConstraintKind::JsonSchema), ..Default::default() };
+    assert_eq!(route(json).await.as_deref(), Some("acme/extract"));
+    let tools = Features { tools: 3, logprobs: true, ..Default::default() };
+    assert_eq!(route(tools).await.as_deref(), Some("acme/agent"));
+    let regex = Features { constraint: Some(ConstraintKind::Regex), ..Default::default() };
+    assert_eq!(route(regex).await.as_deref(), Some("acme/chat"));
+    assert_eq!(route(Features::default()).await.as_deref(), Some("acme/chat"), "free text: the model named");
+}
+
+#[tokio::test]
 async fn prefix_affinity_pins_the_backend_caching_most_of_the_prompt_unless_it_is_much_busier() {
     let rt = runtime();
     let probe: Arc<dyn super::PrefixProbe> = Arc::new(FixedProbe::default());
@@ -221,7 +243,13 @@ async fn prefix_affinity_pins_the_backend_caching_most_of_the_prompt_unless_it_i
         r
     };
     let route = async |r: Req, config: &str| match rt
-        .decide(&compiled(&rt, "prefix-affinity"), &request(&input(&r)), Some(probe.clone()), config.into(), "p".into())
+        .decide(
+            &compiled(&rt, "prefix-affinity"),
+            &request(&input(&r)),
+            HostView { prefix: Some(probe.clone()), ..Default::default() },
+            config.into(),
+            "p".into(),
+        )
         .await
     {
         Ok(WitDecision::Route(route)) => (route.adapter, route.backend),
@@ -252,7 +280,7 @@ async fn no_request_sees_anything_of_the_requests_before_it() {
         let mut r = req("acme", "x");
         r.subject = Some(subject.into());
         from_ahead += usize::from(deployment.ready() > 0);
-        match deployment.decide(&request(&input(&r)), None).await {
+        match deployment.decide(&request(&input(&r)), HostView::default()).await {
             Ok(WitDecision::Reject(r)) => assert_eq!(r.message, "earlier: []", "{subject} saw an earlier request"),
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -272,7 +300,7 @@ async fn no_request_sees_anything_of_the_requests_before_it() {
     for d in &deployments {
         for _ in 0..3 {
             assert_eq!(
-                routed(d.decide(&request(&input(&req("acme", "x"))), None).await).as_deref(),
+                routed(d.decide(&request(&input(&req("acme", "x"))), HostView::default()).await).as_deref(),
                 Some("acme/support")
             );
             tokio::task::yield_now().await;
@@ -301,7 +329,7 @@ async fn the_fuel_bounds_the_guests_own_work_and_the_wall_clock_is_a_guard() {
     let policy = tight.compile(&bytes).unwrap();
     let loop_cfg: Arc<str> = Arc::from(r#"{"mode": "loop"}"#);
     assert_eq!(
-        tight.decide(&policy, &request(&input(&req("evil", "x"))), None, loop_cfg, Arc::from("t")).await,
+        tight.decide(&policy, &request(&input(&req("evil", "x"))), HostView::default(), loop_cfg, Arc::from("t")).await,
         Err(PolicyFault::Deadline(20))
     );
 }

@@ -19,13 +19,13 @@
 //! [`WasmLimits::yield_fuel`] units of fuel, so other requests keep being served while it runs.
 //! A trap, a deadline or a limit hit is returned as a [`PolicyFault`] for that request alone.
 //!
-//! Guests may import the `host` interface of `wit/policy.wit` (as of contract 0.1.1; a guest
-//! built against 0.1.0 imports a subset of it, and links by semver), plus the WASI interfaces
+//! Guests may import the `host` interface of `wit/policy.wit` (as of contract 0.1.2; a guest
+//! built against an earlier 0.1 contract imports a subset of it, and links by semver), plus the WASI interfaces
 //! the Rust standard library links in. Those are given a WASI context that grants nothing: no
 //! environment, no arguments, no preopened directories, no sockets, stdin closed, stdout and
 //! stderr discarded.
 
-use super::{Endpoint, PolicyInput, PrefixProbe};
+use super::{ConstraintKind, Endpoint, Features, HostView, PolicyInput, PrefixProbe};
 use crate::cluster::BackendView;
 use crate::upstream::AdapterState;
 use bindings::switchyard::policy::{host, types};
@@ -195,6 +195,8 @@ struct HostState {
     /// The request's prefix probe, for the one call it is made for.
     prefix: Option<Arc<dyn PrefixProbe>>,
     prefix_calls: u32,
+    /// What the request asks of the model, for the one call it is made for.
+    features: Features,
 }
 
 impl WasiView for HostState {
@@ -250,6 +252,21 @@ impl host::Host for HostState {
 
     fn config(&mut self) -> String {
         self.config.to_string()
+    }
+
+    fn features(&mut self) -> host::RequestFeatures {
+        let f = self.features;
+        host::RequestFeatures {
+            constraint: f.constraint.map(|c| match c {
+                ConstraintKind::JsonSchema => host::ConstraintKind::JsonSchema,
+                ConstraintKind::JsonObject => host::ConstraintKind::JsonObject,
+                ConstraintKind::Regex => host::ConstraintKind::Regex,
+                ConstraintKind::Grammar => host::ConstraintKind::Grammar,
+                ConstraintKind::ToolCall => host::ConstraintKind::ToolCall,
+            }),
+            tools: f.tools,
+            logprobs: f.logprobs,
+        }
     }
 
     async fn cached_prefix(&mut self, adapter: Option<String>) -> Result<host::PrefixOverlap, String> {
@@ -363,12 +380,12 @@ impl PolicyRuntime {
         &self,
         policy: &CompiledPolicy,
         request: &WitRequest,
-        prefix: Option<Arc<dyn PrefixProbe>>,
+        view: HostView,
         config: Arc<str>,
         label: Arc<str>,
     ) -> Result<WitDecision, PolicyFault> {
         let (mut store, instance) = self.prepare(policy, config, label).await?;
-        self.run(&mut store, &instance, request, prefix).await
+        self.run(&mut store, &instance, request, view).await
     }
 
     /// A fresh store and an instance of `policy` in it, not yet called.
@@ -388,6 +405,7 @@ impl PolicyRuntime {
             log_lines: 0,
             prefix: None,
             prefix_calls: 0,
+            features: Features::default(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s);
@@ -411,19 +429,22 @@ impl PolicyRuntime {
         Ok(())
     }
 
-    /// Calls `decide` on a prepared instance, with a full budget and the request's prefix
-    /// probe (taken back from the store afterwards, so nothing of the request outlives the call).
+    /// Calls `decide` on a prepared instance, with a full budget and what the host tells of
+    /// the request (taken back from the store afterwards, so nothing of the request outlives
+    /// the call).
     async fn run(
         &self,
         store: &mut Store<HostState>,
         instance: &bindings::Policy,
         request: &WitRequest,
-        prefix: Option<Arc<dyn PrefixProbe>>,
+        view: HostView,
     ) -> Result<WitDecision, PolicyFault> {
         self.arm(store)?;
-        store.data_mut().prefix = prefix;
+        store.data_mut().prefix = view.prefix;
+        store.data_mut().features = view.features;
         let outcome = instance.call_decide(&mut *store, request).await;
         store.data_mut().prefix = None;
+        store.data_mut().features = Features::default();
         match outcome {
             Ok(Ok(decision)) => check_decision(decision),
             Ok(Err(message)) => Err(PolicyFault::Failed(cut(&message))),
@@ -509,17 +530,13 @@ impl Deployment {
     }
 
     /// Decides one request, in an instance made ahead when one is ready.
-    pub async fn decide(
-        self: &Arc<Self>,
-        request: &WitRequest,
-        prefix: Option<Arc<dyn PrefixProbe>>,
-    ) -> Result<WitDecision, PolicyFault> {
+    pub async fn decide(self: &Arc<Self>, request: &WitRequest, view: HostView) -> Result<WitDecision, PolicyFault> {
         let ready = self.ready.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
         let (mut store, instance) = match ready {
             Some(p) => (p.store, p.instance),
             None => self.runtime.prepare(&self.policy, self.config.clone(), self.label.clone()).await?,
         };
-        let outcome = self.runtime.run(&mut store, &instance, request, prefix).await;
+        let outcome = self.runtime.run(&mut store, &instance, request, view).await;
         // A policy that faulted gets no instance made ahead: its next request pays for its own,
         // and this one's slot is given back here, so a tenant whose policy keeps faulting
         // never holds pool slots waiting for a background task.

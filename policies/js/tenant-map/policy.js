@@ -4,7 +4,7 @@
 // Config: {"tenants": {"acme": "acme/support"}, "default": "shared/general", "deny": ["mallory"]}
 // A denied tenant is refused (403). The base model, or a loaded adapter named explicitly, is
 // routed as asked; any other model goes to the tenant's adapter, else the default, else 404.
-import { config } from "switchyard:policy/host@0.1.1";
+import { config } from "switchyard:policy/host@0.1.2";
 
 function route(adapter) {
   return { tag: "route", val: { adapter, backend: undefined, priority: 0 } };

@@ -24,7 +24,9 @@ pub mod bindings {
     });
 }
 
-pub use bindings::switchyard::policy::host::{self, BackendPrefix, Level, PrefixOverlap};
+pub use bindings::switchyard::policy::host::{
+    self, BackendPrefix, ConstraintKind, Level, PrefixOverlap, RequestFeatures,
+};
 pub use bindings::switchyard::policy::types::{
     AdapterState, Backend, BackendAdapter, Claim, Decision, Endpoint, Header, KnownAdapter, Reject, Request, Route,
 };
@@ -72,6 +74,13 @@ pub fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
 /// `host.cached-prefix` in the contract for what it counts and when it fails.
 pub fn cached_prefix(adapter: Option<&str>) -> Result<PrefixOverlap, String> {
     host::cached_prefix(adapter)
+}
+
+/// What this request asks of the model beyond free text: how its answer is constrained (a
+/// JSON schema, JSON mode, a tool call…), the tools it offers, whether it wants
+/// log-probabilities.
+pub fn features() -> RequestFeatures {
+    host::features()
 }
 
 /// Writes a line to the gateway's log.
