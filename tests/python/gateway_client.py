@@ -268,6 +268,35 @@ def run(base_url: str, keys: Keys, adapter_dir: Path) -> None:
         offsets = [o for c in streamed if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
         expect(tokens == lp.tokens and offsets == lp.text_offset, (tokens, offsets))
 
+    @check("n choices: indexed, each reproducible from its seed, streamed as not, the prompt counted once")
+    def _():
+        ask = dict(model="acme/support", max_tokens=6, temperature=1.0, seed=7, extra_body={"ignore_eos": True},
+                   messages=[{"role": "user", "content": "Tell me a story"}])
+        r = acme.chat.completions.create(n=3, **ask)
+        texts = [c.message.content for c in r.choices]
+        expect([c.index for c in r.choices] == [0, 1, 2] and len(set(texts)) > 1, r.choices)
+        expect([c.message.content for c in acme.chat.completions.create(n=3, **ask).choices] == texts,
+               "the same seed gives the same choices")
+        for i in range(3):
+            one = acme.chat.completions.create(**{**ask, "seed": 7 + i})
+            expect(one.choices[0].message.content == texts[i], (i, one.choices[0].message.content, texts[i]))
+        expect(r.usage.completion_tokens == 3 * 6 and r.usage.prompt_tokens == one.usage.prompt_tokens, r.usage)
+        streamed = {}
+        for chunk in acme.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **ask):
+            for c in chunk.choices:
+                streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+            if chunk.usage:
+                expect(chunk.usage.completion_tokens == 18, chunk.usage)
+        expect([streamed[i] for i in range(3)] == texts, (streamed, texts))
+        c = acme.completions.create(model=state["base"], prompt="Once upon a time", max_tokens=4, temperature=0, n=2)
+        expect(len(c.choices) == 2 and c.choices[0].text == c.choices[1].text, c.choices)
+        try:
+            acme.completions.create(model=state["base"], prompt="Once", max_tokens=2, n=17)
+        except openai.BadRequestError as e:
+            expect(e.body["param"] == "n", e.body)
+        else:
+            raise AssertionError("n=17 was accepted")
+
     @check("top_logprobs past 20 is a 400 naming it")
     def _():
         try:

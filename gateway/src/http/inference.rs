@@ -6,9 +6,10 @@ use crate::authz::Caller;
 use crate::dispatch::{self, Started};
 use crate::error::{Code, Error};
 use crate::metrics::OTHER;
-use crate::openai::response::{Api, Chunk, Head, Logprobs, Usage};
+use crate::openai::response::{Answer, Api, Head, Logprobs, Usage};
 use crate::openai::tools::{Call, CallReader, Read, Tools};
 use crate::openai::{self, CompletionPrompt, Generation};
+use crate::policy::Route;
 use crate::policy::{ConstraintKind, Decision, Endpoint, Features, PolicyInput};
 use crate::prefix::RequestPrefix;
 use crate::quota::{self, Ticket};
@@ -18,12 +19,10 @@ use axum::body::Body;
 use axum::extract::{Extension, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderValue};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// The endpoint's name in metrics.
@@ -55,7 +54,7 @@ pub(super) async fn completions(
 /// Records one request's metrics exactly once: when it is answered, or (for a stream the client
 /// abandoned) when it is dropped, as status 499.
 #[derive(Debug)]
-struct Record {
+pub(super) struct Record {
     gw: Arc<Gateway>,
     api: Api,
     tenant: String,
@@ -69,7 +68,7 @@ struct Record {
     quota_headers: Option<quota::Headers>,
     /// Generated tokens received (a backend message is one token), and the prompt's size in
     /// characters: what an abandoned request is charged, once it reached a backend.
-    tokens_seen: u32,
+    pub(super) tokens_seen: u32,
     prompt_chars: usize,
     dispatched: bool,
 }
@@ -82,7 +81,7 @@ impl Record {
         }
     }
 
-    fn finish(&mut self, status: u16, usage: Option<&upstream::Usage>) {
+    pub(super) fn finish(&mut self, status: u16, usage: Option<&upstream::Usage>) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
@@ -104,7 +103,7 @@ impl Record {
         }
     }
 
-    fn saw_text(&mut self) {
+    pub(super) fn saw_text(&mut self) {
         if !std::mem::replace(&mut self.first_token, true) {
             self.gw.metrics.first_token(endpoint(self.api), &self.model, self.started.elapsed());
         }
@@ -119,14 +118,14 @@ impl Drop for Record {
 
 /// What the answer needs to know about the request.
 #[derive(Debug)]
-struct Job {
-    head: Head,
+pub(super) struct Job {
+    pub(super) head: Head,
     stream: bool,
-    include_usage: bool,
+    pub(super) include_usage: bool,
     /// The client asked for log-probabilities.
-    logprobs: bool,
+    pub(super) logprobs: bool,
     /// Tool calls are read out of the answer.
-    reads_calls: bool,
+    pub(super) reads_calls: bool,
 }
 
 async fn serve(gw: Arc<Gateway>, id: RequestId, headers: HeaderMap, body: Body, api: Api) -> Response {
@@ -155,11 +154,14 @@ async fn serve(gw: Arc<Gateway>, id: RequestId, headers: HeaderMap, body: Body, 
             // What actually serves the request: the adapter the policy chose, or the base model.
             let served = HeaderValue::from_str(&record.model).ok();
             let mut response = if job.stream {
-                stream(job, started, record)
+                super::stream::stream(job, started, record)
             } else {
-                match collect(&job, started, &mut record).await {
-                    Ok(body) => {
-                        record.finish(200, None);
+                let shared = Mutex::new(record);
+                let collected = collect(&job, started, &shared).await;
+                let mut record = shared.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match collected {
+                    Ok((body, usage)) => {
+                        record.finish(200, usage.as_ref());
                         ([(CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
                     }
                     Err(e) => {
@@ -196,7 +198,7 @@ async fn begin(
     body: Body,
     api: Api,
     record: &mut Record,
-) -> Result<(Job, Started), Error> {
+) -> Result<(Job, Vec<Started>), Error> {
     let who = principal(gw, headers)?;
     let caller = gw.caller(&who)?;
     record.tenant = caller.name.to_string();
@@ -307,9 +309,25 @@ async fn begin(
     request.tenant_weight = caller.tenant.weight.0;
     request.priority = route.priority;
     request.cache_salt = salt;
-    let started = dispatch::start(gw, &route, request).await?;
+    let first = dispatch::start(gw, &route, request.clone()).await?;
     record.dispatched = true;
-    tracing::debug!(backend = %started.backend, adapter = ?route.adapter, "generation started");
+    tracing::debug!(backend = %first.backend, adapter = ?route.adapter, "generation started");
+    let mut started = vec![first];
+    if generation.n > 1 {
+        // The other choices go where the first went, now that its prompt is computed: they find
+        // it in that backend's prefix cache, so the prompt is computed once (less its last,
+        // partial block). Each samples with a seed of its own: the request's plus its index.
+        let pinned = Route { backend: Some(started[0].backend.clone()), ..route.clone() };
+        let others = (1..generation.n).map(|i| {
+            let mut choice = request.clone();
+            choice.request_id = format!("{}-{i}", id.0);
+            choice.sampling.seed = choice.sampling.seed.map(|s| s.wrapping_add(u64::from(i)));
+            dispatch::start(gw, &pinned, choice)
+        });
+        for other in futures::future::join_all(others).await {
+            started.push(other?);
+        }
+    }
     let head = Head {
         api,
         id: format!("{}{}", api.id_prefix(), id.0),
@@ -410,29 +428,36 @@ fn generate_call(id: &str, prompt: Prompt, g: &Generation, tenant: &str) -> Gene
 }
 
 /// OpenAI's `finish_reason`, on the piece that ends the generation.
-fn finish_reason(m: &Piece) -> Option<&'static str> {
+pub(super) fn finish_reason(m: &Piece) -> Option<&'static str> {
     m.finish.map(|f| match f {
         Finish::Length => "length",
         Finish::Eos | Finish::Stop => "stop",
     })
 }
 
-fn openai_usage(u: Option<&upstream::Usage>) -> Usage {
+pub(super) fn openai_usage(u: Option<&upstream::Usage>) -> Usage {
     let u = u.copied().unwrap_or_default();
     Usage::new(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
 }
 
-fn ended_early(backend: &str) -> Error {
+pub(super) fn ended_early(backend: &str) -> Error {
     Error::new(Code::IncompleteGeneration, format!("backend {backend} ended the generation without finishing it"))
 }
 
-/// Non-streaming: the whole generation in one body.
-async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<String, Error> {
+/// One choice's whole generation.
+struct Collected {
+    text: String,
+    logprobs: Vec<upstream::TokenLogprobs>,
+    finish: Option<&'static str>,
+    usage: Option<upstream::Usage>,
+}
+
+/// Reads one generation to its end.
+async fn collect_one(started: Started, record: &Mutex<Record>) -> Result<Collected, Error> {
     let Started { backend, first, rest, in_flight } = started;
     let mut rest = rest.0;
     let mut pending = first;
-    let mut text = String::new();
-    let mut logprobs = Vec::new();
+    let (mut text, mut logprobs) = (String::new(), Vec::new());
     let last = loop {
         let mut message = match pending.take() {
             Some(m) => m,
@@ -442,10 +467,13 @@ async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<Str
                 None => return Err(ended_early(&backend)),
             },
         };
-        if !message.text.is_empty() {
-            record.saw_text();
+        {
+            let mut record = record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !message.text.is_empty() {
+                record.saw_text();
+            }
+            record.tokens_seen += 1;
         }
-        record.tokens_seen += 1;
         text.push_str(&message.text);
         logprobs.append(&mut message.logprobs);
         if finish_reason(&message).is_some() {
@@ -453,18 +481,36 @@ async fn collect(job: &Job, started: Started, record: &mut Record) -> Result<Str
         }
     };
     drop(in_flight);
-    let usage = last.usage.as_ref();
-    if let Some(u) = usage {
-        record.gw.metrics.tokens(&record.tenant, &record.model, u.prompt_tokens, u.completion_tokens, u.cached_tokens);
-        record.used(u);
-    }
-    let logprobs = job.logprobs.then_some(Logprobs { tokens: &logprobs, offset: 0 });
-    let (text, calls) = match job.reads_calls {
-        true => read_calls(&text),
-        false => (text, Vec::new()),
-    };
-    let finish = with_calls(finish_reason(&last), calls.len());
-    Ok(job.head.complete(&text, &calls, logprobs, finish, openai_usage(usage)))
+    Ok(Collected { text, logprobs, finish: finish_reason(&last), usage: last.usage })
+}
+
+/// Non-streaming: every choice's whole generation in one body, and their usage.
+async fn collect(
+    job: &Job,
+    started: Vec<Started>,
+    record: &Mutex<Record>,
+) -> Result<(String, Option<upstream::Usage>), Error> {
+    let collected = futures::future::join_all(started.into_iter().map(|s| collect_one(s, record))).await;
+    let collected: Vec<Collected> = collected.into_iter().collect::<Result<_, _>>()?;
+    let read: Vec<(String, Vec<Call>)> = collected
+        .iter()
+        .map(|c| match job.reads_calls {
+            true => read_calls(&c.text),
+            false => (c.text.clone(), Vec::new()),
+        })
+        .collect();
+    let answers: Vec<Answer<'_>> = collected
+        .iter()
+        .zip(&read)
+        .map(|(c, (text, calls))| Answer {
+            text,
+            calls,
+            logprobs: job.logprobs.then_some(Logprobs { tokens: &c.logprobs, offset: 0 }),
+            finish_reason: with_calls(c.finish, calls.len()),
+        })
+        .collect();
+    let usage = super::stream::total_usage(&collected.iter().map(|c| c.usage).collect::<Vec<_>>());
+    Ok((job.head.complete(&answers, openai_usage(usage.as_ref())), usage))
 }
 
 /// An answer's text less its tool calls, and the calls.
@@ -484,212 +530,11 @@ fn read_calls(answer: &str) -> (String, Vec<Call>) {
 
 /// OpenAI's finish reason for an answer that made `calls` tool calls: `tool_calls` when it
 /// ended by itself.
-fn with_calls(finish: Option<&'static str>, calls: usize) -> Option<&'static str> {
+pub(super) fn with_calls(finish: Option<&'static str>, calls: usize) -> Option<&'static str> {
     match finish {
         Some("stop") if calls > 0 => Some("tool_calls"),
         other => other,
     }
-}
-
-/// Where a stream is.
-enum Phase {
-    /// Chat streams open with the assistant role.
-    Role,
-    Body,
-    /// The final text was sent; the finish reason goes next.
-    Finish(&'static str),
-    /// `stream_options.include_usage`: a last chunk with the usage and no choices.
-    Usage,
-    Done,
-    End,
-}
-
-struct StreamState {
-    job: Job,
-    backend: String,
-    pending: Option<Piece>,
-    rest: crate::upstream::TokenStream,
-    phase: Phase,
-    record: Record,
-    /// From the final message.
-    usage: Option<upstream::Usage>,
-    /// Log-probabilities of tokens whose text has not been sent yet (it may be held back while
-    /// it could still be a stop string), and where the next token's text starts.
-    held: Vec<upstream::TokenLogprobs>,
-    offset: usize,
-    /// Reads tool calls out of the text, when the request offered tools to call.
-    calls: Option<CallReader>,
-    /// What the call reader gave back, still to send; then the finish reason, if it came.
-    outbox: std::collections::VecDeque<Read>,
-    finishing: Option<&'static str>,
-    /// Tool calls sent so far.
-    sent_calls: usize,
-    _in_flight: dispatch::InFlight,
-}
-
-impl StreamState {
-    fn after_finish(&self) -> Phase {
-        if self.job.include_usage { Phase::Usage } else { Phase::Done }
-    }
-
-    fn chunk(&self, chunk: Chunk<'_>) -> Event {
-        Event::default().data(self.job.head.chunk(chunk))
-    }
-
-    /// The held log-probabilities for the next chunk: when the client asked for them, and
-    /// there are some (or `always`).
-    fn logprobs(&self, always: bool) -> Option<Logprobs<'_>> {
-        (self.job.logprobs && (always || !self.held.is_empty()))
-            .then_some(Logprobs { tokens: &self.held, offset: self.offset })
-    }
-
-    /// After a chunk went out with the held log-probabilities (their text ending at `end`).
-    fn sent(&mut self, end: Option<usize>) {
-        if let Some(end) = end {
-            self.offset = end;
-        }
-        self.held.clear();
-    }
-
-    /// The next event, or `None` when the stream is over.
-    async fn next_event(&mut self) -> Option<Event> {
-        loop {
-            match std::mem::replace(&mut self.phase, Phase::End) {
-                Phase::Role => {
-                    self.phase = Phase::Body;
-                    return Some(self.chunk(Chunk::Role));
-                }
-                Phase::Body if !self.outbox.is_empty() || self.finishing.is_some() => {
-                    self.phase = Phase::Body;
-                    let event = match self.outbox.pop_front() {
-                        Some(Read::Text(t)) => {
-                            let l = self.logprobs(true);
-                            self.chunk(Chunk::Text(&t, l))
-                        }
-                        Some(Read::Call(call)) => {
-                            let l = self.logprobs(false);
-                            let event = self.chunk(Chunk::ToolCall(self.sent_calls, &call, l));
-                            self.sent_calls += 1;
-                            event
-                        }
-                        None => {
-                            let reason = self.finishing.take().unwrap_or("stop");
-                            self.phase = self.after_finish();
-                            let l = self.logprobs(false);
-                            self.chunk(Chunk::Finish(reason, l))
-                        }
-                    };
-                    self.sent(None);
-                    return Some(event);
-                }
-                Phase::Body => {
-                    let message = match self.pending.take() {
-                        Some(m) => Ok(m),
-                        None => match self.rest.next().await {
-                            Some(r) => r.map_err(|e| dispatch::generation_error(&self.backend, &e, None)),
-                            None => Err(ended_early(&self.backend)),
-                        },
-                    };
-                    let message = match message {
-                        Ok(m) => m,
-                        Err(e) => {
-                            // Headers are gone: the error travels as an SSE event, and the
-                            // stream ends without [DONE].
-                            tracing::warn!(backend = %self.backend, error = %e.message, "generation broke off mid-stream");
-                            self.record.finish(openai::error::status(&e.code).0, None);
-                            self.phase = Phase::End;
-                            return Some(Event::default().event("error").data(openai::error::body(&e)));
-                        }
-                    };
-                    self.record.tokens_seen += 1;
-                    let finish = finish_reason(&message);
-                    if finish.is_some() {
-                        self.record.finish(200, message.usage.as_ref());
-                        self.usage = message.usage;
-                    }
-                    self.held.extend(message.logprobs);
-                    let text = (!message.text.is_empty()).then_some(message.text.as_str());
-                    if text.is_some() {
-                        self.record.saw_text();
-                    }
-                    if let Some(reader) = self.calls.as_mut() {
-                        self.outbox.extend(reader.push(&message.text));
-                        if finish.is_some() {
-                            self.outbox.extend(reader.finish());
-                            self.finishing = with_calls(finish, reader.calls());
-                        }
-                        self.phase = Phase::Body;
-                        continue;
-                    }
-                    match (text, finish) {
-                        (None, None) => {
-                            self.phase = Phase::Body;
-                            continue;
-                        }
-                        // OpenAI sends the finish reason in a chunk of its own.
-                        (Some(t), finish) => {
-                            self.phase = finish.map_or(Phase::Body, Phase::Finish);
-                            let l = self.logprobs(true);
-                            let event = self.chunk(Chunk::Text(t, l));
-                            let end = l.map(openai::response::text_end);
-                            self.sent(end);
-                            return Some(event);
-                        }
-                        (None, Some(reason)) => {
-                            self.phase = self.after_finish();
-                            let l = self.logprobs(false);
-                            let event = self.chunk(Chunk::Finish(reason, l));
-                            let end = l.map(openai::response::text_end);
-                            self.sent(end);
-                            return Some(event);
-                        }
-                    }
-                }
-                Phase::Finish(reason) => {
-                    self.phase = self.after_finish();
-                    return Some(self.chunk(Chunk::Finish(reason, None)));
-                }
-                Phase::Usage => {
-                    self.phase = Phase::Done;
-                    return Some(self.chunk(Chunk::Usage(openai_usage(self.usage.as_ref()))));
-                }
-                Phase::Done => {
-                    self.phase = Phase::End;
-                    return Some(Event::default().data("[DONE]"));
-                }
-                Phase::End => return None,
-            }
-        }
-    }
-}
-
-/// Streaming: OpenAI's SSE chunks, then `[DONE]`. When the client goes away, axum drops this
-/// stream, which drops the backend call and cancels the generation there.
-fn stream(job: Job, started: Started, record: Record) -> Response {
-    let Started { backend, first, rest, in_flight } = started;
-    let phase = if job.head.api == Api::Chat { Phase::Role } else { Phase::Body };
-    let reads_calls = job.reads_calls;
-    let state = StreamState {
-        job,
-        backend,
-        pending: first,
-        rest: rest.0,
-        phase,
-        record,
-        usage: None,
-        held: Vec::new(),
-        offset: 0,
-        calls: reads_calls.then(CallReader::default),
-        outbox: Default::default(),
-        finishing: None,
-        sent_calls: 0,
-        _in_flight: in_flight,
-    };
-    let events = futures::stream::unfold(state, |mut s| async move {
-        let event = s.next_event().await?;
-        Some((Ok::<Event, Infallible>(event), s))
-    });
-    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
 /// `GET /v1/models`: the base model (when the tenant may use it), the adapters the caller may

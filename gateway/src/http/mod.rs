@@ -8,6 +8,7 @@ mod inference;
 mod loras;
 mod policies;
 mod serve;
+mod stream;
 #[cfg(test)]
 mod tests;
 

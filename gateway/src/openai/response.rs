@@ -266,28 +266,46 @@ fn json(body: &impl Serialize) -> String {
     serde_json::to_string(body).unwrap_or_else(|_| String::from("{}"))
 }
 
+/// One choice of an answer that was not streamed.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer<'a> {
+    /// The text, less the tool calls read out of it.
+    pub text: &'a str,
+    pub calls: &'a [Call],
+    pub logprobs: Option<Logprobs<'a>>,
+    pub finish_reason: Option<&'static str>,
+}
+
 impl Head {
-    /// The whole answer of a request that was not streamed.
-    /// `calls`: the tool calls read out of the answer (`text` is what is left).
-    pub fn complete(
-        &self,
-        text: &str,
-        calls: &[Call],
-        logprobs: Option<Logprobs<'_>>,
-        finish_reason: Option<&'static str>,
-        usage: Usage,
-    ) -> String {
+    /// The whole answer of a request that was not streamed: its choices, in order.
+    pub fn complete(&self, answers: &[Answer<'_>], usage: Usage) -> String {
+        let index = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
         let choices = match self.api {
-            Api::Chat => {
-                let content = (calls.is_empty() || !text.is_empty()).then_some(text);
-                let tool_calls = calls.iter().map(|c| ToolCallOut::new(None, c)).collect();
-                let message = Message { role: "assistant", content, refusal: None, tool_calls };
-                let logprobs = logprobs.map(|l| ChatLogprobs(l.tokens));
-                Choices::Message([ChatChoice { index: 0, message, logprobs, finish_reason }])
-            }
-            Api::Completion => {
-                Choices::Text([TextChoice { index: 0, text, logprobs: logprobs.map(TextLogprobs), finish_reason }])
-            }
+            Api::Chat => Choices::Messages(
+                answers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| {
+                        let content = (a.calls.is_empty() || !a.text.is_empty()).then_some(a.text);
+                        let tool_calls = a.calls.iter().map(|c| ToolCallOut::new(None, c)).collect();
+                        let message = Message { role: "assistant", content, refusal: None, tool_calls };
+                        let logprobs = a.logprobs.map(|l| ChatLogprobs(l.tokens));
+                        ChatChoice { index: index(i), message, logprobs, finish_reason: a.finish_reason }
+                    })
+                    .collect(),
+            ),
+            Api::Completion => Choices::Texts(
+                answers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| TextChoice {
+                        index: index(i),
+                        text: a.text,
+                        logprobs: a.logprobs.map(TextLogprobs),
+                        finish_reason: a.finish_reason,
+                    })
+                    .collect(),
+            ),
         };
         json(&self.body(false, choices, Some(usage)))
     }
@@ -296,8 +314,8 @@ impl Head {
         Body { id: &self.id, object: self.api.object(chunk), created: self.created, model: &self.model, choices, usage }
     }
 
-    /// One streamed chunk.
-    pub fn chunk(&self, chunk: Chunk<'_>) -> String {
+    /// One streamed chunk, of choice `index`.
+    pub fn chunk(&self, index: u32, chunk: Chunk<'_>) -> String {
         let (text, logprobs, finish_reason) = match chunk {
             Chunk::Usage(usage) => return json(&self.body(true, Choices::None([]), Some(usage))),
             Chunk::Role => (None, None, None),
@@ -314,14 +332,14 @@ impl Head {
                     _ => Vec::new(),
                 };
                 Choices::Delta([ChunkChoice {
-                    index: 0,
+                    index,
                     delta: Delta { role, content, tool_calls },
                     logprobs: logprobs.map(|l| ChatLogprobs(l.tokens)),
                     finish_reason,
                 }])
             }
             Api::Completion => Choices::Text([TextChoice {
-                index: 0,
+                index,
                 text: text.unwrap_or(""),
                 logprobs: logprobs.map(TextLogprobs),
                 finish_reason,
@@ -335,7 +353,8 @@ impl Head {
 #[serde(untagged)]
 enum Choices<'a> {
     None([(); 0]),
-    Message([ChatChoice<'a>; 1]),
+    Messages(Vec<ChatChoice<'a>>),
+    Texts(Vec<TextChoice<'a>>),
     Delta([ChunkChoice<'a>; 1]),
     Text([TextChoice<'a>; 1]),
 }
@@ -353,9 +372,29 @@ mod tests {
         serde_json::from_str(s).expect("json")
     }
 
+    fn answer<'a>(text: &'a str, logprobs: Option<Logprobs<'a>>, finish_reason: Option<&'static str>) -> Answer<'a> {
+        Answer { text, calls: &[], logprobs, finish_reason }
+    }
+
+    #[test]
+    fn several_choices_are_indexed_in_bodies_and_chunks() {
+        let h = head(Api::Chat);
+        let body = parse(
+            &h.complete(&[answer("a", None, Some("stop")), answer("b", None, Some("length"))], Usage::new(3, 2, 0)),
+        );
+        let choices = body["choices"].as_array().expect("choices");
+        assert_eq!(choices.len(), 2);
+        assert_eq!((choices[1]["index"].clone(), choices[1]["message"]["content"].clone()), (json!(1), json!("b")));
+        assert_eq!(parse(&h.chunk(2, Chunk::Text("x", None)))["choices"][0]["index"], 2);
+        let text = parse(
+            &head(Api::Completion).complete(&[answer("a", None, None), answer("b", None, None)], Usage::new(1, 2, 0)),
+        );
+        assert_eq!(text["choices"][1]["text"], "b");
+    }
+
     #[test]
     fn bodies_have_openai_shapes() {
-        let chat = parse(&head(Api::Chat).complete("Hi", &[], None, Some("stop"), Usage::new(3, 1, 0)));
+        let chat = parse(&head(Api::Chat).complete(&[answer("Hi", None, Some("stop"))], Usage::new(3, 1, 0)));
         assert_eq!(
             chat,
             json!({"id": "chatcmpl-7", "object": "chat.completion", "created": 5, "model": "acme/support",
@@ -364,7 +403,7 @@ mod tests {
                 "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4,
                     "prompt_tokens_details": {"cached_tokens": 0}}})
         );
-        let text = parse(&head(Api::Completion).complete("Hi", &[], None, Some("length"), Usage::new(3, 1, 0)));
+        let text = parse(&head(Api::Completion).complete(&[answer("Hi", None, Some("length"))], Usage::new(3, 1, 0)));
         assert_eq!(text["choices"], json!([{"index": 0, "text": "Hi", "logprobs": null, "finish_reason": "length"}]));
         assert_eq!((text["object"].as_str(), text["id"].as_str()), (Some("text_completion"), Some("cmpl-7")));
     }
@@ -373,20 +412,15 @@ mod tests {
     fn tool_calls_have_openai_shapes() {
         let call = Call { id: "call_1".into(), name: "get_weather".into(), arguments: r#"{"city":"Oslo"}"#.into() };
         let function = json!({"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"});
-        let body = parse(&head(Api::Chat).complete(
-            "",
-            std::slice::from_ref(&call),
-            None,
-            Some("tool_calls"),
-            Usage::new(3, 9, 0),
-        ));
+        let answer = Answer { calls: std::slice::from_ref(&call), ..answer("", None, Some("tool_calls")) };
+        let body = parse(&head(Api::Chat).complete(&[answer], Usage::new(3, 9, 0)));
         assert_eq!(
             body["choices"][0]["message"],
             json!({"role": "assistant", "content": null, "refusal": null,
                 "tool_calls": [{"id": "call_1", "type": "function", "function": function}]})
         );
         assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
-        let chunk = parse(&head(Api::Chat).chunk(Chunk::ToolCall(1, &call, None)));
+        let chunk = parse(&head(Api::Chat).chunk(0, Chunk::ToolCall(1, &call, None)));
         assert_eq!(
             chunk["choices"][0]["delta"],
             json!({"tool_calls": [{"index": 1, "id": "call_1", "type": "function", "function": function}]})
@@ -396,16 +430,16 @@ mod tests {
     #[test]
     fn chunks_have_openai_shapes() {
         let h = head(Api::Chat);
-        let choice = |c| parse(&h.chunk(c))["choices"][0].clone();
+        let choice = |c| parse(&h.chunk(0, c))["choices"][0].clone();
         assert_eq!(choice(Chunk::Role)["delta"], json!({"role": "assistant", "content": ""}));
         assert_eq!(choice(Chunk::Text("lo", None))["delta"], json!({"content": "lo"}));
         let finish = choice(Chunk::Finish("stop", None));
         assert_eq!((finish["delta"].clone(), finish["finish_reason"].clone()), (json!({}), json!("stop")));
-        let usage = parse(&h.chunk(Chunk::Usage(Usage::new(2, 2, 1))));
+        let usage = parse(&h.chunk(0, Chunk::Usage(Usage::new(2, 2, 1))));
         assert_eq!((usage["choices"].clone(), usage["usage"]["total_tokens"].clone()), (json!([]), json!(4)));
         assert_eq!(usage["usage"]["prompt_tokens_details"], json!({"cached_tokens": 1}));
-        assert_eq!(parse(&h.chunk(Chunk::Text("x", None)))["usage"], Value::Null);
-        let text = parse(&head(Api::Completion).chunk(Chunk::Text("lo", None)));
+        assert_eq!(parse(&h.chunk(0, Chunk::Text("x", None)))["usage"], Value::Null);
+        let text = parse(&head(Api::Completion).chunk(0, Chunk::Text("lo", None)));
         assert_eq!(text["choices"][0], json!({"index": 0, "text": "lo", "logprobs": null, "finish_reason": null}));
     }
 
@@ -423,7 +457,7 @@ mod tests {
     fn logprobs_have_openai_shapes() {
         let tokens = tokens();
         let l = Some(Logprobs { tokens: &tokens, offset: 0 });
-        let chat = parse(&head(Api::Chat).complete("Hi\u{fffd}", &[], l, Some("stop"), Usage::new(3, 2, 0)));
+        let chat = parse(&head(Api::Chat).complete(&[answer("Hi\u{fffd}", l, Some("stop"))], Usage::new(3, 2, 0)));
         assert_eq!(
             chat["choices"][0]["logprobs"],
             json!({"content": [
@@ -438,14 +472,14 @@ mod tests {
         // Completions count text offsets on from where the stream got to; two alternatives
         // with the same text keep the likelier.
         let l = Some(Logprobs { tokens: &tokens, offset: 7 });
-        let text = parse(&head(Api::Completion).chunk(Chunk::Text("Hi", l)));
+        let text = parse(&head(Api::Completion).chunk(0, Chunk::Text("Hi", l)));
         assert_eq!(
             text["choices"][0]["logprobs"],
             json!({"tokens": ["Hi", "\u{fffd}"], "token_logprobs": [-0.5, -0.25],
                 "top_logprobs": [{"Hi": -0.5, "Yo": -1.5}, {"\u{fffd}": -0.25}], "text_offset": [7, 9]})
         );
         assert_eq!(text_end(Logprobs { tokens: &tokens, offset: 7 }), 10);
-        let chunk = parse(&head(Api::Chat).chunk(Chunk::Finish("stop", l)));
+        let chunk = parse(&head(Api::Chat).chunk(0, Chunk::Finish("stop", l)));
         assert_eq!(chunk["choices"][0]["logprobs"]["content"].as_array().map(Vec::len), Some(2));
     }
 }

@@ -16,6 +16,8 @@ pub const MAX_STOP: usize = 4;
 pub const MAX_STOP_BYTES: usize = 1024;
 /// Most `logit_bias` entries (the backend's limit).
 pub const MAX_LOGIT_BIAS: usize = 1024;
+/// Most choices one request may ask for (`n`): each is a generation of its own on the backend.
+pub const MAX_N: u32 = 16;
 /// Most alternatives per token in `top_logprobs` (chat) and `logprobs` (completions): OpenAI's
 /// chat limit (vLLM's for both).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
@@ -172,6 +174,8 @@ pub struct Generation {
     pub logprobs: Option<u32>,
     /// What the generated text must match (structured outputs), if anything.
     pub constraint: Option<Constraint>,
+    /// Choices to generate, each with a seed of its own (the request's plus its index).
+    pub n: u32,
 }
 
 /// A validated `POST /v1/chat/completions` body.
@@ -281,10 +285,9 @@ fn generation(c: RawCommon, kind: Kind) -> Result<Generation, Error> {
     if !(top_p > 0.0 && top_p <= 1.0) {
         return bad("top_p", format!("top_p must be in (0, 1], got {top_p}"));
     }
-    if let Some(n) = c.n
-        && n != 1
-    {
-        return bad("n", format!("only n=1 is supported, got {n}"));
+    let n = c.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return bad("n", format!("n must be between 1 and {MAX_N}, got {n}"));
     }
     let (presence_penalty, frequency_penalty) = (c.presence_penalty.unwrap_or(0.0), c.frequency_penalty.unwrap_or(0.0));
     for (name, v) in [("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)] {
@@ -362,6 +365,7 @@ fn generation(c: RawCommon, kind: Kind) -> Result<Generation, Error> {
         ignore_eos: c.ignore_eos,
         logprobs,
         constraint,
+        n,
     })
 }
 
@@ -552,7 +556,8 @@ mod tests {
             (r#","frobnicate":1"#, "frobnicate", "unknown parameter"),
             (r#","temperature":3"#, "temperature", "between 0 and 2"),
             (r#","top_p":0"#, "top_p", "(0, 1]"),
-            (r#","n":2"#, "n", "only n=1"),
+            (r#","n":0"#, "n", "between 1 and 16"),
+            (r#","n":17"#, "n", "between 1 and 16"),
             (r#","max_completion_tokens":0"#, "max_completion_tokens", "at least 1"),
             (r#","stop":["a","b","c","d","e"]"#, "stop", "up to 4"),
             (&format!(r#","stop":["{}"]"#, "x".repeat(1025)), "stop", "the limit is 1024"),
