@@ -87,6 +87,7 @@ async fn generate(engine: &Engine, prompt: Vec<u32>, max_tokens: usize, salt: &s
                 return Outcome { first_token, text, prompt_tokens, cached_tokens };
             }
             Event::Failed { reason, .. } => panic!("generation failed: {reason}"),
+            Event::Prompt { .. } => panic!("prompt log-probabilities were not asked for"),
         }
     }
     panic!("the stream ended without finishing");

@@ -89,6 +89,7 @@ async fn decode_rate(engine: &Arc<Engine>, prompt: &[u32], batch: usize, tokens:
                             return (n as f64, first.elapsed());
                         }
                         Event::Failed { reason, .. } => panic!("{reason}"),
+                        Event::Prompt { .. } => panic!("prompt log-probabilities were not asked for"),
                     }
                 }
             })

@@ -77,6 +77,7 @@ async fn run(engine: &Engine, prompt: Vec<u32>, case: &Case) -> (Vec<u32>, Strin
                 return (ids, text, reason);
             }
             Event::Failed { reason, .. } => panic!("{}: {reason}", case.prompt),
+            Event::Prompt { .. } => panic!("prompt log-probabilities were not asked for"),
         }
     }
     panic!("{}: the stream ended without an answer", case.prompt)

@@ -251,8 +251,9 @@ impl Executor for CpuExecutor {
             ops::add_inplace(&mut x, &proj);
         }
 
-        // Logits only for the rows that need them: the last row of each finishing chunk.
-        let wanted: Vec<usize> = batch.seqs.iter().filter(|s| s.wants_logits).map(|s| s.start + s.len - 1).collect();
+        // Logits only for the rows that need them: the last row of each finishing chunk (and
+        // every row of a prompt whose log-probabilities are asked for).
+        let wanted: Vec<usize> = batch.seqs.iter().flat_map(|s| s.wanted_rows()).collect();
         let mut last = Vec::with_capacity(wanted.len() * h);
         for &r in &wanted {
             last.extend_from_slice(&x[r * h..(r + 1) * h]);

@@ -411,10 +411,10 @@ impl<E: Element, D: Device> Executor for CudaExecutor<E, D> {
             k.add_inplace(&mut x, &proj, n * h)?;
         }
 
-        // Logits for the last row of each chunk that wants them: gather those rows (the
-        // embedding kernel over `x` as the table), norm, project.
-        let wanted: Vec<i32> =
-            batch.seqs.iter().filter(|q| q.wants_logits).map(|q| (q.start + q.len - 1) as i32).collect();
+        // Logits for the rows that want them (the last row of each finishing chunk, every row
+        // of a prompt whose log-probabilities are asked for): gather those rows (the embedding
+        // kernel over `x` as the table), norm, project.
+        let wanted: Vec<i32> = batch.seqs.iter().flat_map(|q| q.wanted_rows()).map(|r| r as i32).collect();
         let m = wanted.len();
         if m == 0 {
             return Ok(Vec::new());

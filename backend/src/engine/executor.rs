@@ -24,8 +24,18 @@ pub struct SeqChunk {
     pub blocks: Vec<u32>,
     /// Adapter slot for all of this sequence's rows.
     pub adapter: Option<u32>,
-    /// Whether the logits of the chunk's last row are wanted (the chunk ends the known tokens).
-    pub wants_logits: bool,
+    /// How many of the chunk's last rows' logits are wanted: 1 when the chunk ends the known
+    /// tokens (the next token is sampled from them), all of them for a prompt whose every
+    /// token's log-probability is asked for, 0 otherwise.
+    pub logit_rows: usize,
+}
+
+impl SeqChunk {
+    /// The batch rows whose logits are wanted.
+    pub fn wanted_rows(&self) -> std::ops::Range<usize> {
+        let end = self.start + self.len;
+        end - self.logit_rows.min(self.len)..end
+    }
 }
 
 /// A step's work: the new tokens of every scheduled sequence, flattened.
@@ -40,9 +50,9 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Rows of logits the forward pass returns: one per sequence that wants them, in order.
+    /// Rows of logits the forward pass returns: each sequence's wanted rows, in order.
     pub fn logit_rows(&self) -> usize {
-        self.seqs.iter().filter(|s| s.wants_logits).count()
+        self.seqs.iter().map(|s| s.wanted_rows().len()).sum()
     }
 
     /// Per-row adapter slot.

@@ -111,6 +111,11 @@ pub struct GenerateRequest {
     /// most likely tokens at its position (at most [`sampling::MAX_TOP_LOGPROBS`]); all but an
     /// end-of-sequence token that ends the generation, which has no text.
     pub logprobs: Option<usize>,
+    /// `Some(n)`: the request's first event is [`Event::Prompt`], every prompt token's
+    /// log-probability given the ones before it, with the `n` most likely tokens at its
+    /// position (at most [`sampling::MAX_TOP_LOGPROBS`]). Such a prompt is computed in full,
+    /// never taken from the prefix cache.
+    pub prompt_logprobs: Option<usize>,
     /// When set, the generated text matches this grammar: tokens that could not continue a
     /// match are never sampled, and generation ends (with [`FinishReason::Stop`]) once the
     /// grammar is complete.
@@ -143,6 +148,10 @@ pub enum FinishReason {
 /// What a request's stream carries.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// Asked for with [`GenerateRequest::prompt_logprobs`], before any token: every prompt
+    /// token and its log-probability given the tokens before it (`None` for the first, which
+    /// follows nothing).
+    Prompt { tokens: Vec<(u32, Option<TokenLogprobs>)> },
     /// A generated token and the text it completed (possibly empty), with its log-probabilities
     /// when the request asked for them.
     Token { id: u32, text: String, logprobs: Option<TokenLogprobs> },
@@ -391,6 +400,9 @@ impl Engine {
         if let Some(n) = req.logprobs.filter(|&n| n > sampling::MAX_TOP_LOGPROBS) {
             return invalid(format!("top_logprobs is {n}; the most is {}", sampling::MAX_TOP_LOGPROBS));
         }
+        if let Some(n) = req.prompt_logprobs.filter(|&n| n > sampling::MAX_TOP_LOGPROBS) {
+            return invalid(format!("prompt_logprobs is {n}; the most is {}", sampling::MAX_TOP_LOGPROBS));
+        }
         if req.stop.len() > MAX_STOP_STRINGS {
             return invalid(format!("at most {MAX_STOP_STRINGS} stop strings are allowed, got {}", req.stop.len()));
         }
@@ -498,6 +510,14 @@ impl Engine {
     }
 }
 
+/// A prompt's log-probabilities as they are worked out.
+struct PromptLogprobs {
+    prompt: Vec<u32>,
+    top: usize,
+    /// Entry `i` is prompt token `i`'s (the first has none).
+    done: Vec<(u32, Option<TokenLogprobs>)>,
+}
+
 /// The grammar masks of a step's constrained rows, by request (or why one could not be had).
 type Masks = HashMap<u64, Result<Mask, String>>;
 
@@ -509,6 +529,10 @@ struct Active {
     logprobs: Option<usize>,
     /// The grammar its text must match, if any.
     constraint: Option<Box<Constraint>>,
+    /// Prompt log-probabilities asked for: the prompt, the alternatives per position, and the
+    /// ones worked out so far (the prompt may be computed in several chunks, and again after a
+    /// preemption).
+    prompt_logprobs: Option<PromptLogprobs>,
     detok: Detokenizer,
     stops: StopMatcher,
     prompt_len: usize,
@@ -523,6 +547,22 @@ struct Active {
     queued_at: std::time::Instant,
     /// Taken when the request is first admitted.
     queue_wait: Option<Histogram>,
+}
+
+impl PromptLogprobs {
+    /// Takes the log-probabilities of the prompt tokens that `logits` (rows for positions
+    /// `first..`) predict and that are not worked out yet: the row at position `p` gives
+    /// token `p + 1`'s.
+    fn take(&mut self, first: usize, logits: &[f32], vocab: usize) {
+        for (r, row) in logits.chunks_exact(vocab).enumerate() {
+            let next = first + r + 1;
+            if next == self.done.len()
+                && let Some(&token) = self.prompt.get(next)
+            {
+                self.done.push((token, Some(sampling::logprobs(row, token, self.top))));
+            }
+        }
+    }
 }
 
 impl Active {
@@ -700,6 +740,11 @@ impl Worker {
                 events,
                 sampler: Sampler::new(req.sampling, &req.prompt),
                 logprobs: req.logprobs,
+                prompt_logprobs: req.prompt_logprobs.map(|top| PromptLogprobs {
+                    prompt: req.prompt.clone(),
+                    top,
+                    done: req.prompt.first().map(|&t| vec![(t, None)]).unwrap_or_default(),
+                }),
                 constraint,
                 detok: Detokenizer::new(tail),
                 stops,
@@ -716,7 +761,10 @@ impl Worker {
         );
         let digest = adapter_slot.and_then(|slot| self.slots.get(slot)).map(|r| r.weights_digest);
         let root = BlockHash::root(digest.as_ref(), &req.cache_salt);
-        let seq = Sequence::new(id, req.prompt, adapter_slot).cached_under(root);
+        let mut seq = Sequence::new(id, req.prompt, adapter_slot).cached_under(root);
+        if req.prompt_logprobs.is_some() {
+            seq = seq.with_prompt_logits();
+        }
         self.scheduler.add(seq.served_for(req.tenant.into(), req.tenant_weight, req.priority));
         Ok(())
     }
@@ -838,11 +886,30 @@ impl Worker {
             }
         };
         self.scheduler.complete(&step);
-        let vocab = logits.len() / step.logits_for.len().max(1);
-        for (row, &id) in step.logits_for.iter().enumerate() {
+        let rows: usize = step.logit_rows.iter().map(|r| r.2).sum();
+        let vocab = logits.len() / rows.max(1);
+        // Each sampling sequence's row: the last of its rows.
+        let mut sample_row = HashMap::with_capacity(step.logits_for.len());
+        let mut at = 0;
+        for &(id, first, count) in &step.logit_rows {
+            if let Some(p) = self.active.get_mut(&id).and_then(|a| a.prompt_logprobs.as_mut()) {
+                p.take(first, &logits[at * vocab..(at + count) * vocab], vocab);
+                if p.done.len() == p.prompt.len() && !p.prompt.is_empty() {
+                    let tokens = std::mem::take(&mut p.done);
+                    p.prompt.clear();
+                    if let Some(a) = self.active.get(&id) {
+                        let _ = a.events.send(Event::Prompt { tokens });
+                    }
+                }
+            }
+            sample_row.insert(id, at + count - 1);
+            at += count;
+        }
+        for &id in &step.logits_for {
             let Some(active) = self.active.get_mut(&id) else {
                 continue;
             };
+            let Some(&row) = sample_row.get(&id) else { continue };
             let row = &mut logits[row * vocab..(row + 1) * vocab];
             let (token, logprobs) = match masks.remove(&id) {
                 None => {

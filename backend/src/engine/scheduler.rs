@@ -104,6 +104,9 @@ pub struct Sequence {
     chain: Vec<BlockHash>,
     /// Prompt tokens found in the prefix cache when it was first admitted.
     pub cached_tokens: usize,
+    /// The logits of every prompt position are wanted (prompt log-probabilities): the prompt is
+    /// computed in full, never taken from the prefix cache.
+    pub prompt_logits: bool,
 }
 
 impl Sequence {
@@ -125,7 +128,13 @@ impl Sequence {
             root: BlockHash::of_slot(adapter),
             chain: Vec::new(),
             cached_tokens: 0,
+            prompt_logits: false,
         }
+    }
+
+    /// The same sequence, returning the logits of every prompt position as it is computed.
+    pub fn with_prompt_logits(self) -> Sequence {
+        Sequence { prompt_logits: true, ..self }
     }
 
     /// The same sequence, its blocks named from `root` (see [`BlockHash::root`]).
@@ -151,8 +160,12 @@ pub struct Step {
     pub batch: Batch,
     /// `(sequence id, tokens computed this step)` in batch order.
     pub chunks: Vec<(u64, usize)>,
-    /// Ids of the sequences whose logits the forward pass returns, in order.
+    /// Ids of the sequences that sample a token from this step's logits, in order.
     pub logits_for: Vec<u64>,
+    /// Every sequence's rows of logits, in the order the forward pass returns them:
+    /// `(sequence id, position of the first row, rows)`; a sequence that samples has its
+    /// sampling row last.
+    pub logit_rows: Vec<(u64, usize, usize)>,
     /// Sequences pushed back to the queue this step.
     pub preempted: Vec<u64>,
     /// Sequences admitted from the queue this step (preempted ones included when readmitted).
@@ -552,7 +565,11 @@ impl Scheduler {
             }
             // Its leading blocks already in the cache, short of the last token, which must be
             // computed for its logits. Taking cached blocks no one holds uses up blocks too.
-            let reusable = &head.chain[..head.chain.len().min((head.tokens.len() - 1) / self.cfg.block_size)];
+            let reusable = match head.prompt_logits {
+                // Every prompt position's logits are wanted: nothing may be skipped.
+                true => &[][..],
+                false => &head.chain[..head.chain.len().min((head.tokens.len() - 1) / self.cfg.block_size)],
+            };
             let (hit, unheld) = self.pool.peek(reusable);
             let start = hit * self.cfg.block_size;
             let want = (head.tokens.len() - start).min(budget);
@@ -603,17 +620,24 @@ impl Scheduler {
                 let block = seq.blocks[pos / self.cfg.block_size] as usize;
                 step.batch.kv_slots.push(block * self.cfg.block_size + pos % self.cfg.block_size);
             }
-            let wants_logits = end == seq.tokens.len();
+            let samples = end == seq.tokens.len();
+            let logit_rows = match seq.prompt_logits && seq.computed < seq.prompt_len {
+                true => len,
+                false => usize::from(samples),
+            };
             step.batch.seqs.push(SeqChunk {
                 start,
                 len,
                 context_len: end,
                 blocks: seq.blocks.clone(),
                 adapter: seq.adapter,
-                wants_logits,
+                logit_rows,
             });
             step.chunks.push((id, len));
-            if wants_logits {
+            if logit_rows > 0 {
+                step.logit_rows.push((id, end - logit_rows, logit_rows));
+            }
+            if samples {
                 step.logits_for.push(id);
             }
         }

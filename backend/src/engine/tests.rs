@@ -127,6 +127,7 @@ async fn finish(events: &mut mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, Strin
                 return (ids, text, reason);
             }
             Event::Failed { reason, .. } => panic!("failed: {reason}"),
+            Event::Prompt { .. } => panic!("prompt log-probabilities were not asked for"),
         }
     }
     panic!("stream ended without Finished");

@@ -240,6 +240,7 @@ impl BackendService {
             priority,
             cache_salt: req.cache_salt,
             logprobs: req.top_logprobs.map(|n| n as usize),
+            prompt_logprobs: req.prompt_logprobs.map(|n| n as usize),
             grammar: req.constraint.and_then(|c| c.kind).map(|kind| match kind {
                 pb::constraint::Kind::JsonSchema(schema) => GrammarSpec::JsonSchema(schema),
                 pb::constraint::Kind::JsonObject(_) => GrammarSpec::JsonObject,
@@ -360,6 +361,16 @@ impl pb::backend_server::Backend for BackendService {
             }
         };
         let stream = UnboundedReceiverStream::new(events).map(move |event| match event {
+            Event::Prompt { tokens } => Ok(pb::GenerateResponse {
+                prompt_logprobs: tokens
+                    .into_iter()
+                    .flat_map(|(id, l)| match l {
+                        Some(l) => logprobs(Some(id), Some(l)),
+                        None => logprobs(Some(id), Some(TokenLogprobs { logprob: f32::NAN, top: Vec::new() })),
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
             Event::Token { id, text, logprobs: l } => {
                 tally.token();
                 Ok(pb::GenerateResponse {
@@ -381,6 +392,7 @@ impl pb::backend_server::Backend for BackendService {
                         completion_tokens: completion_tokens as u32,
                         cached_tokens: cached_tokens as u32,
                     }),
+                    ..Default::default()
                 })
             }
             Event::Failed { reason, engine_stopped } => {

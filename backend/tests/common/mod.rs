@@ -57,17 +57,22 @@ pub struct Golden {
     pub chat: HashMap<String, ChatCase>,
     #[serde(skip)]
     pub logits: HashMap<String, Vec<f32>>,
+    /// Per case, the reference's logits at every prompt position (`[prompt tokens, vocab]`).
+    #[serde(skip)]
+    pub prompt_logits: HashMap<String, Vec<f32>>,
 }
 
 pub fn golden() -> Golden {
     let dir = fixtures().join("golden");
     let text = std::fs::read_to_string(dir.join("cases.json")).expect("fixtures/golden/cases.json");
     let mut g: Golden = serde_json::from_str(&text).expect("cases.json parses");
-    let bytes = std::fs::read(dir.join("logits.safetensors")).expect("logits.safetensors");
-    let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
-    for (name, view) in st.tensors() {
-        let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        g.logits.insert(name, data);
+    for (file, into) in [("logits.safetensors", &mut g.logits), ("prompt_logits.safetensors", &mut g.prompt_logits)] {
+        let bytes = std::fs::read(dir.join(file)).expect("the golden logits");
+        let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
+        for (name, view) in st.tensors() {
+            let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            into.insert(name, data);
+        }
     }
     g
 }
