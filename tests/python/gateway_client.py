@@ -218,8 +218,8 @@ def run(base_url: str, keys: Keys, adapter_dir: Path) -> None:
         as_ids = acme.completions.create(model=state["base"], prompt=ids, max_tokens=8, temperature=0)
         expect(as_ids.choices[0].text == as_text.choices[0].text, (as_ids, as_text))
         expect(as_ids.usage.prompt_tokens == as_text.usage.prompt_tokens == len(ids), (as_ids.usage, as_text.usage))
-        for bad, needle in (([], "a string or a list of token ids"), ([1, 100000], "outside the vocabulary"),
-                            ([[1], [2]], "one prompt per request")):
+        for bad, needle in (([], "a list of prompts"), ([1, 100000], "outside the vocabulary"),
+                            ([[1], [2, 100000]], "outside the vocabulary")):
             try:
                 acme.completions.create(model=state["base"], prompt=bad, max_tokens=2)
             except openai.BadRequestError as e:
@@ -296,6 +296,41 @@ def run(base_url: str, keys: Keys, adapter_dir: Path) -> None:
             expect(e.body["param"] == "n", e.body)
         else:
             raise AssertionError("n=17 was accepted")
+
+    @check("echo with prompt logprobs, as evaluation harnesses score a continuation; several prompts")
+    def _():
+        # The test model's tokens of "The quick brown fox" (fixtures/golden/cases.json).
+        ids = [54, 269, 372, 268, 355, 367]
+        ask = dict(model=state["base"], max_tokens=1, temperature=0, echo=True, logprobs=2)
+        r = acme.completions.create(prompt="The quick brown fox", **ask)
+        lp = r.choices[0].logprobs
+        expect(r.choices[0].text.startswith("The quick brown fox"), r.choices[0])
+        expect(len(lp.tokens) == len(ids) + 1 and "".join(lp.tokens) == r.choices[0].text, lp)
+        expect(lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, lp)
+        expect(all(p is not None and p <= 0 for p in lp.token_logprobs[1:]), lp)
+        # A prompt token's log-probability is the model's for that token after the ones before:
+        # what a request for the prefix reports for that token when a bias forces it.
+        forced = acme.completions.create(model=state["base"], prompt=ids[:3], max_tokens=1, temperature=0,
+                                         logprobs=0, logit_bias={str(ids[3]): 100})
+        expect(abs(forced.choices[0].logprobs.token_logprobs[0] - lp.token_logprobs[3]) < 1e-3,
+               (forced.choices[0].logprobs, lp.token_logprobs))
+        # Streamed, the same tokens and log-probabilities.
+        chunks = [c for c in acme.completions.create(prompt="The quick brown fox", stream=True, **ask) if c.choices]
+        tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+        expect(tokens == lp.tokens and "".join(c.choices[0].text for c in chunks) == r.choices[0].text, chunks)
+        # Token ids echo as their text, with or without log-probabilities.
+        plain = acme.completions.create(model=state["base"], prompt=ids, max_tokens=2, temperature=0, echo=True)
+        expect(plain.choices[0].text.startswith("The quick brown fox") and plain.choices[0].logprobs is None, plain)
+        # Several prompts, n choices each: indexed prompt by prompt, each prompt counted once.
+        many = acme.completions.create(model=state["base"], prompt=["Once upon a time", ids], max_tokens=3,
+                                       temperature=0, n=2)
+        expect([c.index for c in many.choices] == [0, 1, 2, 3], many.choices)
+        one = acme.completions.create(model=state["base"], prompt="Once upon a time", max_tokens=3, temperature=0)
+        two = acme.completions.create(model=state["base"], prompt=ids, max_tokens=3, temperature=0)
+        texts = [c.text for c in many.choices]
+        expect(texts == [one.choices[0].text] * 2 + [two.choices[0].text] * 2, (texts, one, two))
+        expect(many.usage.prompt_tokens == one.usage.prompt_tokens + two.usage.prompt_tokens
+               and many.usage.completion_tokens == 12, many.usage)
 
     @check("top_logprobs past 20 is a 400 naming it")
     def _():

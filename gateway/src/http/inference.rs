@@ -126,6 +126,25 @@ pub(super) struct Job {
     pub(super) logprobs: bool,
     /// Tool calls are read out of the answer.
     pub(super) reads_calls: bool,
+    /// Choices per prompt.
+    pub(super) n: u32,
+    /// Per prompt, the text its choices start with (`None`: the text of its tokens, from their
+    /// log-probabilities); no echo when absent.
+    pub(super) echo: Option<Vec<Option<String>>>,
+}
+
+impl Job {
+    /// Whether choice `index` starts with its prompt, and the prompt's text when known.
+    pub(super) fn echo(&self, index: usize) -> Option<Option<&str>> {
+        let prompt = index / self.n.max(1) as usize;
+        self.echo.as_ref().map(|e| e.get(prompt).and_then(|t| t.as_deref()))
+    }
+}
+
+/// The text of prompt tokens, from their log-probabilities' bytes.
+pub(super) fn tokens_text(tokens: &[upstream::TokenLogprobs]) -> String {
+    let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.token.bytes.iter().copied()).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 async fn serve(gw: Arc<Gateway>, id: RequestId, headers: HeaderMap, body: Body, api: Api) -> Response {
@@ -204,6 +223,8 @@ async fn begin(
     record.tenant = caller.name.to_string();
     let bytes = read_body(gw, headers, body).await?;
     let (mut reads_calls, mut offered_tools) = (false, 0u32);
+    // Completions' further prompts, and what each prompt's choices echo (none: no echo).
+    let (mut more_prompts, mut echo): (Vec<Prompt>, Option<Vec<Option<String>>>) = (Vec::new(), None);
     let (prompt, mut generation, prompt_chars) = match api {
         Api::Chat => {
             let chat = openai::parse_chat(&bytes)?;
@@ -231,18 +252,33 @@ async fn begin(
         }
         Api::Completion => {
             let c = openai::parse_completion(&bytes)?;
-            let (prompt, chars) = match c.prompt {
-                CompletionPrompt::Text(text) => {
-                    let chars = text.len();
-                    (Prompt::Text(text), chars)
-                }
-                // Counted at the same 4 characters a token the estimates use.
-                CompletionPrompt::Tokens(ids) => {
-                    let chars = ids.len().saturating_mul(CHARS_PER_TOKEN);
-                    (Prompt::Tokens(ids), chars)
-                }
-            };
-            (prompt, c.generation, chars)
+            // Token ids are counted at the same 4 characters a token the estimates use.
+            let chars = c
+                .prompts
+                .iter()
+                .map(|p| match p {
+                    CompletionPrompt::Text(text) => text.len(),
+                    CompletionPrompt::Tokens(ids) => ids.len().saturating_mul(CHARS_PER_TOKEN),
+                })
+                .fold(0usize, usize::saturating_add);
+            // A prompt of token ids is echoed as the text of its tokens, which the backend
+            // gives with their log-probabilities.
+            echo = c.echo.then(|| {
+                c.prompts
+                    .iter()
+                    .map(|p| match p {
+                        CompletionPrompt::Text(text) => Some(text.clone()),
+                        CompletionPrompt::Tokens(_) => None,
+                    })
+                    .collect()
+            });
+            let mut prompts = c.prompts.into_iter().map(|p| match p {
+                CompletionPrompt::Text(text) => Prompt::Text(text),
+                CompletionPrompt::Tokens(ids) => Prompt::Tokens(ids),
+            });
+            let first = prompts.next().ok_or_else(|| Error::invalid("`prompt` is required", Some("prompt")))?;
+            more_prompts = prompts.collect();
+            (first, c.generation, chars)
         }
     };
     record.prompt_chars = prompt_chars;
@@ -309,24 +345,24 @@ async fn begin(
     request.tenant_weight = caller.tenant.weight.0;
     request.priority = route.priority;
     request.cache_salt = salt;
-    let first = dispatch::start(gw, &route, request.clone()).await?;
+    // Echoing a prompt of token ids needs their text; echoing with log-probabilities, theirs.
+    let prompt_logprobs = |p: &Prompt, echoed: bool| {
+        (echoed && (generation.logprobs.is_some() || matches!(p, Prompt::Tokens(_))))
+            .then(|| generation.logprobs.unwrap_or(0))
+    };
+    let echoes = echo.is_some();
+    request.prompt_logprobs = prompt_logprobs(&request.prompt, echoes);
+    let mut started = start_choices(gw, &route, request.clone(), generation.n, &id.0, 0).await?;
     record.dispatched = true;
-    tracing::debug!(backend = %first.backend, adapter = ?route.adapter, "generation started");
-    let mut started = vec![first];
-    if generation.n > 1 {
-        // The other choices go where the first went, now that its prompt is computed: they find
-        // it in that backend's prefix cache, so the prompt is computed once (less its last,
-        // partial block). Each samples with a seed of its own: the request's plus its index.
-        let pinned = Route { backend: Some(started[0].backend.clone()), ..route.clone() };
-        let others = (1..generation.n).map(|i| {
-            let mut choice = request.clone();
-            choice.request_id = format!("{}-{i}", id.0);
-            choice.sampling.seed = choice.sampling.seed.map(|s| s.wrapping_add(u64::from(i)));
-            dispatch::start(gw, &pinned, choice)
-        });
-        for other in futures::future::join_all(others).await {
-            started.push(other?);
-        }
+    tracing::debug!(backend = %started[0].backend, adapter = ?route.adapter, "generation started");
+    // Further prompts (completions) go as the first did, each with its own choices.
+    let groups = more_prompts.into_iter().enumerate().map(|(k, prompt)| {
+        let first_index = (k as u32 + 1) * generation.n;
+        let call = GenerateCall { prompt_logprobs: prompt_logprobs(&prompt, echoes), prompt, ..request.clone() };
+        start_choices(gw, &route, call, generation.n, &id.0, first_index)
+    });
+    for group in futures::future::join_all(groups).await {
+        started.extend(group?);
     }
     let head = Head {
         api,
@@ -340,8 +376,41 @@ async fn begin(
         include_usage: generation.include_usage,
         logprobs: generation.logprobs.is_some(),
         reads_calls,
+        n: generation.n,
+        echo,
     };
     Ok((job, started))
+}
+
+/// Starts the `n` choices of one prompt, numbered from `first_index`: the first, then the others
+/// where the first went, now that its prompt is computed. They find it in that backend's prefix
+/// cache, so the prompt is computed once (less its last, partial block). Each samples with a
+/// seed of its own: the request's plus its index.
+async fn start_choices(
+    gw: &Arc<Gateway>,
+    route: &Route,
+    call: GenerateCall,
+    n: u32,
+    id: &str,
+    first_index: u32,
+) -> Result<Vec<Started>, Error> {
+    let numbered = |i: u32| {
+        let index = first_index + i;
+        let mut choice = call.clone();
+        if index > 0 {
+            choice.request_id = format!("{id}-{index}");
+            choice.sampling.seed = choice.sampling.seed.map(|s| s.wrapping_add(u64::from(index)));
+        }
+        choice
+    };
+    let first = dispatch::start(gw, route, numbered(0)).await?;
+    let pinned = Route { backend: Some(first.backend.clone()), ..route.clone() };
+    let mut started = vec![first];
+    let others = (1..n).map(|i| dispatch::start(gw, &pinned, numbered(i)));
+    for other in futures::future::join_all(others).await {
+        started.push(other?);
+    }
+    Ok(started)
 }
 
 /// Applies the tenant's quota to a request: its caps on `max_tokens` (also the default) and
@@ -420,6 +489,7 @@ fn generate_call(id: &str, prompt: Prompt, g: &Generation, tenant: &str) -> Gene
         prompt,
         sampling: g.sampling.clone(),
         top_logprobs: g.logprobs,
+        prompt_logprobs: None,
         constraint: g.constraint.clone(),
         max_tokens: g.max_tokens.unwrap_or(0),
         stop: g.stop.clone(),
@@ -448,6 +518,7 @@ pub(super) fn ended_early(backend: &str) -> Error {
 struct Collected {
     text: String,
     logprobs: Vec<upstream::TokenLogprobs>,
+    prompt_logprobs: Vec<upstream::TokenLogprobs>,
     finish: Option<&'static str>,
     usage: Option<upstream::Usage>,
 }
@@ -457,7 +528,7 @@ async fn collect_one(started: Started, record: &Mutex<Record>) -> Result<Collect
     let Started { backend, first, rest, in_flight } = started;
     let mut rest = rest.0;
     let mut pending = first;
-    let (mut text, mut logprobs) = (String::new(), Vec::new());
+    let (mut text, mut logprobs, mut prompt_logprobs) = (String::new(), Vec::new(), Vec::new());
     let last = loop {
         let mut message = match pending.take() {
             Some(m) => m,
@@ -467,13 +538,14 @@ async fn collect_one(started: Started, record: &Mutex<Record>) -> Result<Collect
                 None => return Err(ended_early(&backend)),
             },
         };
-        {
+        if message.prompt_logprobs.is_empty() {
             let mut record = record.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if !message.text.is_empty() {
                 record.saw_text();
             }
             record.tokens_seen += 1;
         }
+        prompt_logprobs.append(&mut message.prompt_logprobs);
         text.push_str(&message.text);
         logprobs.append(&mut message.logprobs);
         if finish_reason(&message).is_some() {
@@ -481,7 +553,7 @@ async fn collect_one(started: Started, record: &Mutex<Record>) -> Result<Collect
         }
     };
     drop(in_flight);
-    Ok(Collected { text, logprobs, finish: finish_reason(&last), usage: last.usage })
+    Ok(Collected { text, logprobs, prompt_logprobs, finish: finish_reason(&last), usage: last.usage })
 }
 
 /// Non-streaming: every choice's whole generation in one body, and their usage.
@@ -491,7 +563,17 @@ async fn collect(
     record: &Mutex<Record>,
 ) -> Result<(String, Option<upstream::Usage>), Error> {
     let collected = futures::future::join_all(started.into_iter().map(|s| collect_one(s, record))).await;
-    let collected: Vec<Collected> = collected.into_iter().collect::<Result<_, _>>()?;
+    let mut collected: Vec<Collected> = collected.into_iter().collect::<Result<_, _>>()?;
+    // Echo: the prompt's text first, and its tokens' log-probabilities.
+    for (index, c) in collected.iter_mut().enumerate() {
+        if let Some(known) = job.echo(index) {
+            let prompt = known.map_or_else(|| tokens_text(&c.prompt_logprobs), str::to_string);
+            c.text.insert_str(0, &prompt);
+            let mut all = std::mem::take(&mut c.prompt_logprobs);
+            all.append(&mut c.logprobs);
+            c.logprobs = all;
+        }
+    }
     let read: Vec<(String, Vec<Call>)> = collected
         .iter()
         .map(|c| match job.reads_calls {
@@ -509,7 +591,7 @@ async fn collect(
             finish_reason: with_calls(c.finish, calls.len()),
         })
         .collect();
-    let usage = super::stream::total_usage(&collected.iter().map(|c| c.usage).collect::<Vec<_>>());
+    let usage = super::stream::total_usage(&collected.iter().map(|c| c.usage).collect::<Vec<_>>(), job.n);
     Ok((job.head.complete(&answers, openai_usage(usage.as_ref())), usage))
 }
 

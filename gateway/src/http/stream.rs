@@ -2,7 +2,7 @@
 //! them, then the usage of all of them (when asked for) and `[DONE]`. When the client goes
 //! away, axum drops the stream, which drops the backend calls and cancels the generations there.
 
-use super::inference::{Job, Record, ended_early, finish_reason, openai_usage, with_calls};
+use super::inference::{Job, Record, ended_early, finish_reason, openai_usage, tokens_text, with_calls};
 use crate::dispatch::{self, Started};
 use crate::openai::response::{Chunk, Logprobs};
 use crate::openai::tools::{CallReader, Read};
@@ -134,6 +134,19 @@ impl Choice {
                             return Some(Out::Failed(openai::error::status(&e.code).0, event));
                         }
                     };
+                    if !message.prompt_logprobs.is_empty() {
+                        // The prompt's log-probabilities come alone, first: with echo, they
+                        // go out with the prompt's text.
+                        self.phase = Phase::Body;
+                        let Some(known) = self.job.echo(self.index as usize) else { continue };
+                        let prompt = known.map_or_else(|| tokens_text(&message.prompt_logprobs), str::to_string);
+                        self.held = message.prompt_logprobs;
+                        let l = self.logprobs(false);
+                        let event = self.chunk(Chunk::Text(&prompt, l));
+                        let end = l.map(openai::response::text_end);
+                        self.sent(end);
+                        return Some(Out::Event(event));
+                    }
                     let text = (!message.text.is_empty()).then_some(message.text.as_str());
                     self.record(|r| {
                         r.tokens_seen += 1;
@@ -223,7 +236,7 @@ impl Merged {
                             }
                             self.left = self.left.saturating_sub(1);
                             if self.left == 0 {
-                                let total = total_usage(&self.usage);
+                                let total = total_usage(&self.usage, self.job.n);
                                 self.record
                                     .lock()
                                     .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -243,7 +256,7 @@ impl Merged {
                 }
                 After::Usage => {
                     self.after = After::Done;
-                    let usage = openai_usage(total_usage(&self.usage).as_ref());
+                    let usage = openai_usage(total_usage(&self.usage, self.job.n).as_ref());
                     return Some(Event::default().data(self.job.head.chunk(0, Chunk::Usage(usage))));
                 }
                 After::Done => {
@@ -256,11 +269,20 @@ impl Merged {
     }
 }
 
-/// The usage of several choices of one prompt: the prompt once, every choice's completion.
-pub(super) fn total_usage(choices: &[Option<upstream::Usage>]) -> Option<upstream::Usage> {
-    let first = choices.first().copied().flatten()?;
-    let completion = choices.iter().flatten().map(|u| u.completion_tokens).fold(0u32, u32::saturating_add);
-    Some(upstream::Usage { completion_tokens: completion, ..first })
+/// The usage of `choices`, `n` a prompt: each prompt once (as its first choice computed
+/// it), every choice's completion.
+pub(super) fn total_usage(choices: &[Option<upstream::Usage>], n: u32) -> Option<upstream::Usage> {
+    choices.first().copied().flatten()?;
+    let mut total = upstream::Usage::default();
+    for (i, u) in choices.iter().enumerate() {
+        let Some(u) = u else { continue };
+        if i % n.max(1) as usize == 0 {
+            total.prompt_tokens = total.prompt_tokens.saturating_add(u.prompt_tokens);
+            total.cached_tokens = total.cached_tokens.saturating_add(u.cached_tokens);
+        }
+        total.completion_tokens = total.completion_tokens.saturating_add(u.completion_tokens);
+    }
+    Some(total)
 }
 
 /// The streamed answer of `started` (one generation per choice, in choice order).

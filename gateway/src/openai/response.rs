@@ -159,7 +159,11 @@ impl Serialize for TextLogprobs<'_> {
         let mut map = s.serialize_map(Some(4))?;
         map.serialize_entry("tokens", &tokens)?;
         map.serialize_entry("token_logprobs", &self.0.tokens.iter().map(|l| l.token.logprob).collect::<Vec<_>>())?;
-        map.serialize_entry("top_logprobs", &self.0.tokens.iter().map(|l| TopMap(&l.top)).collect::<Vec<_>>())?;
+        // An echoed prompt's first token follows nothing: no log-probability (NaN, written as
+        // null) and no alternatives.
+        let top: Vec<Option<TopMap<'_>>> =
+            self.0.tokens.iter().map(|l| (!l.token.logprob.is_nan()).then_some(TopMap(&l.top))).collect();
+        map.serialize_entry("top_logprobs", &top)?;
         map.serialize_entry("text_offset", &offsets)?;
         map.end()
     }

@@ -64,8 +64,10 @@ const COMMON_FIELDS: &[&str] = &[
 ];
 const CHAT_FIELDS: &[&str] =
     &["messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"];
-const COMPLETION_UNSUPPORTED: &[&str] = &["echo", "best_of", "suffix"];
-const COMPLETION_FIELDS: &[&str] = &["prompt"];
+const COMPLETION_UNSUPPORTED: &[&str] = &["best_of", "suffix"];
+const COMPLETION_FIELDS: &[&str] = &["prompt", "echo"];
+/// Most choices one request may ask for: prompts times `n`.
+pub const MAX_CHOICES: u32 = 64;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -197,7 +199,11 @@ pub enum CompletionPrompt {
 /// A validated `POST /v1/completions` body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CompletionRequest {
-    pub prompt: CompletionPrompt,
+    /// One or more prompts; each gets `n` choices.
+    pub prompts: Vec<CompletionPrompt>,
+    /// Each choice's text starts with its prompt (and, with `logprobs`, the prompt tokens'
+    /// log-probabilities come first).
+    pub echo: bool,
     pub generation: Generation,
 }
 
@@ -471,53 +477,72 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, Error> {
     Ok(ChatRequest { messages: out, generation, tools })
 }
 
-/// `prompt` as OpenAI takes it: a string, a list of token ids, or a list of either; one prompt
-/// per request.
-fn completion_prompt(v: Value) -> Result<CompletionPrompt, Error> {
-    let bad = |msg: &str| Err(Error::invalid(msg, Some("prompt")));
+/// `prompt` as OpenAI takes it: a string, a list of token ids, or a list of prompts each of
+/// either kind.
+fn completion_prompts(v: Value) -> Result<Vec<CompletionPrompt>, Error> {
+    let bad = |msg: &str| Error::invalid(msg, Some("prompt"));
     const NOT_IDS: &str = "`prompt` token ids must be integers from 0 to 4294967295";
-    const SHAPE: &str = "`prompt` must be a string or a list of token ids";
+    const SHAPE: &str = "`prompt` must be a string, a list of token ids, or a list of prompts";
     let tokens = |items: &[Value]| -> Option<Vec<u32>> {
         items.iter().map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok())).collect()
     };
-    let prompt = match v {
-        Value::String(text) => CompletionPrompt::Text(text),
-        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => match tokens(&items) {
-            Some(ids) => CompletionPrompt::Tokens(ids),
-            None => return bad(NOT_IDS),
-        },
-        Value::Array(mut items) if items.len() == 1 => match items.remove(0) {
-            Value::String(text) => CompletionPrompt::Text(text),
-            Value::Array(inner) if inner.iter().all(Value::is_number) => match tokens(&inner) {
-                Some(ids) => CompletionPrompt::Tokens(ids),
-                None => return bad(NOT_IDS),
+    let one = |v: Value| -> Result<CompletionPrompt, Error> {
+        match v {
+            Value::String(text) => Ok(CompletionPrompt::Text(text)),
+            Value::Array(ids) if ids.iter().all(Value::is_number) => match tokens(&ids) {
+                Some(ids) => Ok(CompletionPrompt::Tokens(ids)),
+                None => Err(bad(NOT_IDS)),
             },
-            _ => return bad(SHAPE),
-        },
-        Value::Array(items) if items.len() > 1 && items.iter().all(|i| i.is_string() || i.is_array()) => {
-            return bad(&format!("one prompt per request is supported, got {}", items.len()));
+            _ => Err(bad(SHAPE)),
         }
-        _ => return bad(SHAPE),
     };
-    let empty = match &prompt {
+    let prompts = match v {
+        Value::String(text) => vec![CompletionPrompt::Text(text)],
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => match tokens(&items) {
+            Some(ids) => vec![CompletionPrompt::Tokens(ids)],
+            None => return Err(bad(NOT_IDS)),
+        },
+        Value::Array(items) if !items.is_empty() => items.into_iter().map(one).collect::<Result<_, _>>()?,
+        _ => return Err(bad(SHAPE)),
+    };
+    if prompts.len() > MAX_CHOICES as usize {
+        return Err(bad(&format!("`prompt` holds {} prompts; the most is {MAX_CHOICES}", prompts.len())));
+    }
+    let empty = |p: &CompletionPrompt| match p {
         CompletionPrompt::Text(text) => text.is_empty(),
         CompletionPrompt::Tokens(ids) => ids.is_empty(),
     };
-    if empty {
-        return bad("`prompt` must not be empty");
+    if prompts.iter().any(empty) {
+        return Err(bad("`prompt` must not be empty"));
     }
-    Ok(prompt)
+    Ok(prompts)
 }
 
 /// Reads and checks a (legacy) completion request.
 pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, Error> {
     let mut map = object(body, COMPLETION_FIELDS, COMPLETION_UNSUPPORTED)?;
-    let prompt = match map.remove("prompt") {
-        Some(v) => completion_prompt(v)?,
+    let prompts = match map.remove("prompt") {
+        Some(v) => completion_prompts(v)?,
         None => return Err(Error::invalid("`prompt` is required", Some("prompt"))),
     };
+    let echo = match map.remove("echo") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(other) => return Err(Error::invalid(format!("echo must be true or false, got {other}"), Some("echo"))),
+    };
     let generation = generation(typed(map)?, Kind::Completion)?;
-    Ok(CompletionRequest { prompt, generation })
+    let choices = prompts.len() as u32 * generation.n;
+    if choices > MAX_CHOICES {
+        return Err(Error::invalid(
+            format!(
+                "{} prompts times n = {} is {choices} choices; the most is {MAX_CHOICES}",
+                prompts.len(),
+                generation.n
+            ),
+            Some("n"),
+        ));
+    }
+    Ok(CompletionRequest { prompts, echo, generation })
 }
 
 #[cfg(test)]
@@ -678,32 +703,36 @@ mod tests {
     }
 
     #[test]
-    fn completion_requests_take_one_prompt_of_text_or_token_ids() {
+    fn completion_requests_take_prompts_of_text_or_token_ids_and_echo() {
         let r = parse_completion(br#"{"model":"base","prompt":["Once upon"],"max_tokens":8}"#).expect("valid");
-        assert_eq!((r.prompt, r.generation.max_tokens), (CompletionPrompt::Text("Once upon".into()), Some(8)));
-        let prompt =
-            |p: &str| parse_completion(format!(r#"{{"model":"m","prompt":{p}}}"#).as_bytes()).map(|r| r.prompt);
-        assert_eq!(prompt("[1,2,3]").ok(), Some(CompletionPrompt::Tokens(vec![1, 2, 3])));
-        assert_eq!(prompt("[[7,0]]").ok(), Some(CompletionPrompt::Tokens(vec![7, 0])));
+        assert_eq!((r.prompts, r.generation.max_tokens), (vec![CompletionPrompt::Text("Once upon".into())], Some(8)));
+        let prompts =
+            |p: &str| parse_completion(format!(r#"{{"model":"m","prompt":{p}}}"#).as_bytes()).map(|r| r.prompts);
+        assert_eq!(prompts("[1,2,3]").ok(), Some(vec![CompletionPrompt::Tokens(vec![1, 2, 3])]));
+        assert_eq!(prompts("[[7,0]]").ok(), Some(vec![CompletionPrompt::Tokens(vec![7, 0])]));
+        let mixed = vec![CompletionPrompt::Text("a".into()), CompletionPrompt::Tokens(vec![1])];
+        assert_eq!(prompts(r#"["a",[1]]"#).ok(), Some(mixed));
         for (p, needle) in [
-            (r#"["a","b"]"#, "one prompt per request"),
-            ("[[1],[2]]", "one prompt per request"),
             ("[1,-2]", "token ids must be integers"),
             ("[1.5]", "token ids must be integers"),
             ("[4294967296]", "token ids must be integers"),
-            (r#"[1,"a"]"#, "a string or a list of token ids"),
-            ("[]", "a string or a list of token ids"),
+            (r#"[1,"a"]"#, "a list of prompts"),
+            ("[]", "a list of prompts"),
             ("[[]]", "must not be empty"),
+            (r#"["a",""]"#, "must not be empty"),
             ("\"\"", "must not be empty"),
-            ("{}", "a string or a list of token ids"),
+            ("{}", "a list of prompts"),
         ] {
-            let e = refused(prompt(p));
+            let e = refused(prompts(p));
             assert_eq!(e.param.as_deref(), Some("prompt"), "{p}");
             assert!(e.message.contains(needle), "{p}: {}", e.message);
         }
-        assert_eq!(
-            refused(parse_completion(br#"{"model":"m","prompt":"x","echo":true}"#)).param.as_deref(),
-            Some("echo")
-        );
+        let many = format!(r#"{{"model":"m","prompt":["a","b","c","d","e"],"n":{}}}"#, MAX_N);
+        assert_eq!(refused(parse_completion(many.as_bytes())).param.as_deref(), Some("n"), "5 x 16 > 64 choices");
+        let echo = parse_completion(br#"{"model":"m","prompt":"x","echo":true,"logprobs":0}"#).expect("valid");
+        assert!(echo.echo && echo.generation.logprobs == Some(0));
+        assert_eq!(refused(parse_completion(br#"{"model":"m","prompt":"x","echo":1}"#)).param.as_deref(), Some("echo"));
+        let chat_echo = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"echo":true}"#;
+        assert_eq!(refused(parse_chat(chat_echo)).param.as_deref(), Some("echo"), "chat has no echo");
     }
 }

@@ -199,6 +199,7 @@ fn generate_request(c: GenerateCall) -> pb::GenerateRequest {
         tenant_weight: c.tenant_weight,
         cache_salt: c.cache_salt,
         top_logprobs: c.top_logprobs,
+        prompt_logprobs: c.prompt_logprobs,
         constraint: c.constraint.map(|c| pb::Constraint {
             kind: Some(match c.grammar {
                 Grammar::JsonSchema(schema) => pb::constraint::Kind::JsonSchema(schema),
@@ -223,15 +224,16 @@ fn piece(m: pb::GenerateResponse) -> Piece {
         cached_tokens: u.cached_tokens,
     });
     let entry = |t: pb::TokenLogprob| TokenLogprob { logprob: t.logprob, bytes: t.bytes };
-    let logprobs = m
-        .logprobs
-        .into_iter()
-        .map(|l| TokenLogprobs {
-            token: l.token.map_or(TokenLogprob { logprob: f32::NAN, bytes: Vec::new() }, entry),
-            top: l.top.into_iter().map(entry).collect(),
-        })
-        .collect();
-    Piece { text: m.text, logprobs, finish, usage }
+    let read = |all: Vec<pb::TokenLogprobs>| -> Vec<TokenLogprobs> {
+        all.into_iter()
+            .map(|l| TokenLogprobs {
+                token: l.token.map_or(TokenLogprob { logprob: f32::NAN, bytes: Vec::new() }, entry),
+                top: l.top.into_iter().map(entry).collect(),
+            })
+            .collect()
+    };
+    let (logprobs, prompt_logprobs) = (read(m.logprobs), read(m.prompt_logprobs));
+    Piece { text: m.text, logprobs, prompt_logprobs, finish, usage }
 }
 
 fn non_empty(s: String) -> Option<String> {

@@ -23,6 +23,8 @@ pub struct GenerateCall {
     pub sampling: Sampling,
     /// `Some(n)`: each token's log-probability, with the `n` most likely alternatives.
     pub top_logprobs: Option<u32>,
+    /// `Some(n)`: every prompt token's log-probability, with `n` alternatives, first.
+    pub prompt_logprobs: Option<u32>,
     /// What the generated text must match, if anything.
     pub constraint: Option<Constraint>,
     pub max_tokens: u32,
@@ -133,6 +135,9 @@ pub struct ToolCall {
 pub struct Piece {
     pub text: String,
     pub logprobs: Vec<TokenLogprobs>,
+    /// On the first piece, when asked for: every prompt token's log-probability (the first
+    /// token's is NaN: it follows nothing).
+    pub prompt_logprobs: Vec<TokenLogprobs>,
     pub finish: Option<Finish>,
     pub usage: Option<Usage>,
 }
