@@ -9,6 +9,7 @@ use common::*;
 use std::sync::Arc;
 use switchyard_backend::engine::cpu::CpuExecutor;
 use switchyard_backend::engine::executor::Executor;
+use switchyard_backend::engine::sampling::SamplingParams;
 use switchyard_backend::engine::scheduler::SchedulerConfig;
 use switchyard_backend::engine::{Engine, EngineConfig, Event, FinishReason, GenerateRequest};
 use switchyard_backend::model::{ChatMessage, ModelConfig, ModelWeights};
@@ -320,4 +321,65 @@ fn prompt_log_probabilities_match_the_reference_in_chunks_mixed_batches_and_desp
             }
         });
     }
+}
+
+#[test]
+fn seeded_samples_are_reproducible_alone_and_in_mixed_batches() {
+    let g = golden();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let model = load_model("tiny-llama");
+        let reload = load_model("tiny-llama");
+        let cfg = EngineConfig {
+            scheduler: SchedulerConfig::new(16, 64, 64, 16),
+            max_model_len: 128,
+            max_waiting: 64,
+            max_waiting_per_tenant: 64,
+            max_loras: 2,
+            max_lora_rank: MAX_RANK,
+        };
+        let executor = CpuExecutor::new(&model.config, model.weights, 64, 16, 2, MAX_RANK);
+        let engine = Arc::new(Engine::start(&model.config, Arc::new(model.tokenizer), Box::new(executor), cfg));
+        let weights = load_adapter(&reload, "r8-qv");
+        engine.install_adapter("r8-qv".into(), "file:///r8-qv".into(), weights).await.expect("installs");
+        let case = g.cases.iter().find(|c| c.model == "tiny-llama").expect("a case").clone();
+        // The n samples of one prompt (seeds 40, 41, …) on the base model and an adapter.
+        let sample = |seed: u64, adapter: Option<&str>| {
+            let engine = engine.clone();
+            let req = GenerateRequest {
+                prompt: case.prompt_ids.clone(),
+                adapter: adapter.map(str::to_string),
+                max_tokens: 12,
+                ignore_eos: true,
+                sampling: SamplingParams { temperature: 1.0, top_p: 0.95, seed: Some(seed), ..Default::default() },
+                ..Default::default()
+            };
+            async move {
+                let mut events = engine.generate(req).await.expect("accepted");
+                let mut ids = Vec::new();
+                while let Some(ev) = events.recv().await {
+                    match ev {
+                        Event::Token { id, .. } => ids.push(id),
+                        Event::Finished { id, .. } => {
+                            ids.extend(id);
+                            break;
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                ids
+            }
+        };
+        let runs: Vec<(u64, Option<&str>)> = (40..44).flat_map(|seed| [(seed, None), (seed, Some("r8-qv"))]).collect();
+        let mut alone = Vec::new();
+        for &(seed, adapter) in &runs {
+            alone.push(sample(seed, adapter).await);
+        }
+        let together = futures::future::join_all(runs.iter().map(|&(seed, adapter)| sample(seed, adapter))).await;
+        assert_eq!(alone, together, "each seed's sample is the same alone and in a mixed batch");
+        let again = futures::future::join_all(runs.iter().map(|&(seed, adapter)| sample(seed, adapter))).await;
+        assert_eq!(together, again, "and the same again");
+        let distinct: std::collections::HashSet<&Vec<u32>> = alone.iter().collect();
+        assert!(distinct.len() >= runs.len() - 1, "different seeds explore: {alone:?}");
+    });
 }
