@@ -16,6 +16,7 @@ pub mod cuda;
 pub mod lora;
 pub mod matmul;
 pub mod ops;
+pub mod quant;
 
 pub use attention::{AttentionSeq, KvLayout};
 pub use lora::{LoraMat, Segment};
