@@ -346,19 +346,19 @@ async fn begin(
     request.priority = route.priority;
     request.cache_salt = salt;
     // Echoing a prompt of token ids needs their text; echoing with log-probabilities, theirs.
-    let prompt_logprobs = |p: &Prompt, echoed: bool| {
-        (echoed && (generation.logprobs.is_some() || matches!(p, Prompt::Tokens(_))))
-            .then(|| generation.logprobs.unwrap_or(0))
+    let prompt_logprobs = |k: usize| {
+        let echo = echo.as_ref()?;
+        let text_unknown = echo.get(k).is_some_and(Option::is_none);
+        (generation.logprobs.is_some() || text_unknown).then(|| generation.logprobs.unwrap_or(0))
     };
-    let echoes = echo.is_some();
-    request.prompt_logprobs = prompt_logprobs(&request.prompt, echoes);
+    request.prompt_logprobs = prompt_logprobs(0);
     let mut started = start_choices(gw, &route, request.clone(), generation.n, &id.0, 0).await?;
     record.dispatched = true;
     tracing::debug!(backend = %started[0].backend, adapter = ?route.adapter, "generation started");
     // Further prompts (completions) go as the first did, each with its own choices.
     let groups = more_prompts.into_iter().enumerate().map(|(k, prompt)| {
         let first_index = (k as u32 + 1) * generation.n;
-        let call = GenerateCall { prompt_logprobs: prompt_logprobs(&prompt, echoes), prompt, ..request.clone() };
+        let call = GenerateCall { prompt_logprobs: prompt_logprobs(k + 1), prompt, ..request.clone() };
         start_choices(gw, &route, call, generation.n, &id.0, first_index)
     });
     for group in futures::future::join_all(groups).await {

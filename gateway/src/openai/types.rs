@@ -95,7 +95,7 @@ struct RawMessage {
     role: String,
     content: Option<Content>,
     #[serde(default)]
-    tool_calls: Vec<RawToolCall>,
+    tool_calls: Option<Vec<RawToolCall>>,
     tool_call_id: Option<String>,
     /// The author's name; accepted, not shown to the model (OpenAI's models only use it).
     #[serde(default, rename = "name")]
@@ -399,11 +399,31 @@ fn logit_bias(map: Map<String, Value>) -> Result<Vec<(u32, f32)>, Error> {
     Ok(out)
 }
 
+/// Fields of a message this server reads.
+const MESSAGE_FIELDS: &[&str] = &["role", "content", "tool_calls", "tool_call_id", "name", "refusal"];
+
+/// `messages` less the fields it does not read that are null: an answer sent back as it came
+/// (`"audio": null`, `"function_call": null`, `"annotations": null`) is accepted; such a field
+/// with a value is refused by name.
+fn without_null_extras(mut messages: Value) -> Result<Value, Error> {
+    if let Value::Array(items) = &mut messages {
+        for (i, m) in items.iter_mut().enumerate() {
+            let Value::Object(fields) = m else { continue };
+            fields.retain(|k, v| MESSAGE_FIELDS.contains(&k.as_str()) || !v.is_null());
+            if let Some(k) = fields.keys().find(|k| !MESSAGE_FIELDS.contains(&k.as_str())) {
+                let message = format!("messages[{i}] has a field this server does not read: `{k}`");
+                return Err(Error::invalid(message, Some(&format!("messages[{i}]"))));
+            }
+        }
+    }
+    Ok(messages)
+}
+
 /// Reads and checks a chat completion request.
 pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, Error> {
     let mut map = object(body, CHAT_FIELDS, CHAT_UNSUPPORTED)?;
     let messages: Vec<RawMessage> = match map.remove("messages") {
-        Some(v) => serde_json::from_value(v)
+        Some(v) => serde_json::from_value(without_null_extras(v)?)
             .map_err(|e| Error::invalid(format!("invalid `messages`: {e}"), Some("messages")))?,
         None => return Err(Error::invalid("`messages` is required", Some("messages"))),
     };
@@ -419,7 +439,8 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, Error> {
                 Some(&param),
             ));
         }
-        if !m.tool_calls.is_empty() && m.role != "assistant" {
+        let calls = m.tool_calls.unwrap_or_default();
+        if !calls.is_empty() && m.role != "assistant" {
             return Err(Error::invalid("only assistant messages carry tool_calls", Some(&param)));
         }
         let tool_call_id = match (m.role.as_str(), m.tool_call_id) {
@@ -430,8 +451,8 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, Error> {
             (_, Some(_)) => return Err(Error::invalid("only tool messages carry a tool_call_id", Some(&param))),
             (_, None) => None,
         };
-        let mut tool_calls = Vec::with_capacity(m.tool_calls.len());
-        for call in m.tool_calls {
+        let mut tool_calls = Vec::with_capacity(calls.len());
+        for call in calls {
             if call.kind != "function" || call.id.is_empty() || !super::structured::valid_name(&call.function.name) {
                 return Err(Error::invalid(
                     "each tool call needs an id, type \"function\" and a function name of letters, digits, _ or -",
@@ -651,6 +672,13 @@ mod tests {
             (chat.messages[2].role.as_str(), chat.messages[2].tool_call_id.as_deref()),
             ("tool", Some("call_1"))
         );
+        // An answer sent back as the SDK returned it, nulls and all.
+        let echoed = br#"{"model":"m","messages":[{"role":"assistant","content":"hi","refusal":null,
+            "audio":null,"function_call":null,"annotations":null,"tool_calls":null}]}"#;
+        assert!(parse_chat(echoed).is_ok());
+        let audio = br#"{"model":"m","messages":[{"role":"user","content":"hi","audio":{"id":"x"}}]}"#;
+        let e = refused(parse_chat(audio));
+        assert!(e.message.contains("`audio`") && e.param.as_deref() == Some("messages[0]"), "{e:?}");
     }
 
     #[test]
