@@ -68,7 +68,7 @@ pub struct QuantMatrix {
 impl QuantMatrix {
     /// Takes `data` (the blocks of every row, row after row) after checking its size.
     pub fn new(format: Format, rows: usize, cols: usize, data: Vec<u8>) -> Result<QuantMatrix, QuantError> {
-        if cols % BLOCK != 0 {
+        if !cols.is_multiple_of(BLOCK) {
             return Err(QuantError::Ragged { cols });
         }
         let want = rows * (cols / BLOCK) * format.block_bytes();
