@@ -48,3 +48,42 @@ pub fn decode_tokens_per_s(
     }
     Ok((adapters.len() * steps) as f64 / start.elapsed().as_secs_f64())
 }
+
+/// What a user waits for before the first token of a long prompt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prefill {
+    /// Prompt tokens computed per second.
+    pub tokens_per_s: f64,
+    /// From the request's arrival at the scheduler to its first token, in milliseconds.
+    pub ttft_ms: f64,
+}
+
+/// Times the prefill of one `prompt_len`-token prompt through the real scheduler (chunks of at
+/// most `max_batch_tokens`, as the backend runs them) up to its first sampled token.
+pub fn prefill(
+    exec: &mut dyn Executor,
+    vocab: usize,
+    adapter: Option<u32>,
+    prompt_len: usize,
+    max_batch_tokens: usize,
+) -> Result<Prefill, ExecutorError> {
+    let blocks = blocks_needed(1, prompt_len, 1);
+    let mut sched = Scheduler::new(SchedulerConfig::new(BLOCK_SIZE, blocks, max_batch_tokens.max(1), 1));
+    let prompt = (0..prompt_len as u64).map(|t| ((t * 31 + 7) % vocab as u64) as u32).collect();
+    let start = Instant::now();
+    sched.add(Sequence::new(0, prompt, adapter));
+    loop {
+        let step = sched.schedule();
+        let logits = exec.forward(&step.batch)?;
+        sched.complete(&step);
+        if let Some(&id) = step.logits_for.first() {
+            let width = logits.len() / step.logits_for.len();
+            sched.push_token(id, argmax(&logits[..width]));
+            let elapsed = start.elapsed().as_secs_f64();
+            return Ok(Prefill { tokens_per_s: prompt_len as f64 / elapsed, ttft_ms: elapsed * 1e3 });
+        }
+        if step.batch.tokens.is_empty() {
+            return Err(ExecutorError::Invalid("the scheduler ran nothing for the prompt".into()));
+        }
+    }
+}

@@ -7,6 +7,7 @@
 mod common;
 
 use safetensors::SafeTensors;
+use switchyard_backend::model::TensorData;
 use switchyard_backend::model::gguf::{GgufFile, Value};
 
 fn fixture() -> std::path::PathBuf {
@@ -42,11 +43,20 @@ fn every_supported_quantization_dequantizes_like_the_reference() {
     for (name, view) in expected.tensors() {
         let want: Vec<f32> =
             view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        let got = g.tensor(&name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(got.shape, view.shape(), "{name}");
-        for (i, (a, b)) in got.data.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{name}[{i}]: {a} vs {b}");
+        // Dequantized, and as the CPU kernels keep it (Q8_0, Q4_0 and Q4_1 matrices repacked
+        // in their blocks): the same values either way.
+        for got in [g.tensor(&name), g.weight(&name)] {
+            let got = got.unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(got.shape, view.shape(), "{name}");
+            let values = got.to_f32();
+            assert_eq!(values.len(), want.len(), "{name}");
+            for (i, (a, b)) in values.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{name}[{i}]: {a} vs {b}");
+            }
         }
+        let kept = g.weight(&name).expect("read above");
+        let quantized = matches!(kept.data, TensorData::Quant(_));
+        assert_eq!(quantized, ["q8_0", "q4_0", "q4_1"].iter().any(|q| name.ends_with(q)), "{name}: kept quantized?");
         seen += 1;
     }
     assert_eq!(seen, 8, "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K");

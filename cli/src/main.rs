@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 use switchyard_backend::adapters::AdapterWeights;
-use switchyard_backend::bench::{BLOCK_SIZE, blocks_needed, decode_tokens_per_s};
+use switchyard_backend::bench::{self, BLOCK_SIZE, blocks_needed, decode_tokens_per_s};
 use switchyard_backend::model::Model;
 use switchyard_backend::service::{
     self, AdapterOptions, DeviceChoice, DtypeChoice, SecurityOptions, ServeOptions, TlsFiles,
@@ -84,7 +84,8 @@ enum Command {
         #[command(subcommand)]
         what: declare::GetCommand,
     },
-    /// Measure decode throughput with 0, 1 and N distinct adapters in one batch.
+    /// Measure prefill, time to first token, and decode throughput at several batch sizes with
+    /// 0, 1 and N distinct adapters in one batch.
     Bench(BenchArgs),
 }
 
@@ -99,9 +100,9 @@ struct BenchArgs {
     /// auto (bf16 on CUDA, f32 on the CPU), f32 or bf16.
     #[arg(long, default_value = "auto")]
     dtype: DtypeChoice,
-    /// Sequences decoded together.
-    #[arg(long, default_value_t = 64)]
-    batch: usize,
+    /// Sequences decoded together, one case per size.
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    batch: Vec<usize>,
     /// Distinct adapters in the batch, one case each (0 = base model only).
     #[arg(long, value_delimiter = ',', default_value = "0,1,64")]
     adapters: Vec<usize>,
@@ -113,6 +114,18 @@ struct BenchArgs {
     /// Timed decode steps per case.
     #[arg(long, default_value_t = 32)]
     steps: usize,
+    /// Also time the prefill of one prompt of this many tokens, up to its first token (0: no).
+    #[arg(long, default_value_t = 0)]
+    prefill: usize,
+    /// Rounds per case; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Threads for the CPU executor (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the results as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -791,35 +804,86 @@ async fn run_policy_test(a: PolicyTestArgs) -> Result<()> {
 }
 
 fn run_bench(a: BenchArgs) -> Result<()> {
-    anyhow::ensure!(a.batch > 0 && a.steps > 0, "--batch and --steps must be at least 1");
+    anyhow::ensure!(
+        a.batch.iter().all(|&b| b > 0) && a.steps > 0 && a.rounds > 0,
+        "--batch, --steps and --rounds must be at least 1"
+    );
+    if let Some(threads) = a.threads {
+        anyhow::ensure!(threads > 0, "--threads must be at least 1");
+        switchyard_backend::engine::cpu::set_threads(threads).map_err(anyhow::Error::msg)?;
+    }
     let device = service::resolve_device(a.device)?;
     let dtype = service::resolve_dtype(device, a.dtype)?;
     let model = Model::open(&a.model)?;
     let slots = a.adapters.iter().copied().max().unwrap_or(0).max(1);
     let config = model.config.clone();
-    let blocks = blocks_needed(a.batch, a.prompt_len, a.steps);
+    let max_batch = a.batch.iter().copied().max().unwrap_or(1);
+    let blocks = blocks_needed(max_batch, a.prompt_len, a.steps).max(blocks_needed(1, a.prefill, 1));
     let mut exec = service::build_executor(device, dtype, &config, model.weights, blocks, BLOCK_SIZE, slots, a.rank)?;
     for slot in 0..slots {
         exec.load_adapter(slot as u32, AdapterWeights::synthetic(&config, a.rank, 1000 + slot as u64))?;
     }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut prefill = None;
+    if a.prefill > 0 {
+        let mut runs = Vec::with_capacity(a.rounds);
+        for _ in 0..a.rounds {
+            runs.push(bench::prefill(exec.as_mut(), config.vocab_size, None, a.prefill, DEFAULT_MAX_BATCH_TOKENS)?);
+        }
+        let tps = median(runs.iter().map(|p| p.tokens_per_s).collect());
+        prefill = Some((tps, median(runs.iter().map(|p| p.ttft_ms).collect())));
+    }
+    // Every case once per round, so that drift on a noisy machine spreads over all of them.
+    let cases: Vec<(usize, usize)> = a.batch.iter().flat_map(|&b| a.adapters.iter().map(move |&n| (b, n))).collect();
+    let mut runs = vec![Vec::with_capacity(a.rounds); cases.len()];
+    for _ in 0..a.rounds {
+        for (&(batch, n), runs) in cases.iter().zip(&mut runs) {
+            // Row i uses adapter i mod n: n distinct adapters spread over the batch.
+            let rows: Vec<Option<u32>> = (0..batch).map(|i| (n > 0).then(|| (i % n) as u32)).collect();
+            runs.push(decode_tokens_per_s(exec.as_mut(), config.vocab_size, &rows, a.prompt_len, a.steps)?);
+        }
+    }
+    let decode: Vec<(usize, usize, f64)> = cases.iter().zip(runs).map(|(&(b, n), r)| (b, n, median(r))).collect();
+    if a.json {
+        let out = serde_json::json!({
+            "model": model.name,
+            "device": exec.device(),
+            "dtype": exec.dtype(),
+            "rank": a.rank,
+            "prompt_len": a.prompt_len,
+            "steps": a.steps,
+            "rounds": a.rounds,
+            "prefill_tokens": a.prefill,
+            "prefill_tokens_per_s": prefill.map(|p| p.0),
+            "ttft_ms": prefill.map(|p| p.1),
+            "decode": decode
+                .iter()
+                .map(|&(batch, adapters, tps)| serde_json::json!({"batch": batch, "adapters": adapters, "tokens_per_s": tps}))
+                .collect::<Vec<_>>(),
+        });
+        println!("{out}");
+        return Ok(());
+    }
     println!(
-        "{} on {} ({}), batch {}, prompt {}, {} decode steps, rank-{} adapters on all projections",
+        "{} on {} ({}), prompt {}, {} decode steps, rank-{} adapters on all projections, median of {} rounds",
         model.name,
         exec.device(),
         exec.dtype(),
-        a.batch,
         a.prompt_len,
         a.steps,
-        a.rank
+        a.rank,
+        a.rounds
     );
-    println!("{:<22} {:>12} {:>14}", "distinct adapters", "tokens/s", "vs no adapter");
-    let mut base = None;
-    for &n in &a.adapters {
-        // Row i uses adapter i mod n: n distinct adapters spread over the batch.
-        let rows: Vec<Option<u32>> = (0..a.batch).map(|i| (n > 0).then(|| (i % n) as u32)).collect();
-        let tps = decode_tokens_per_s(exec.as_mut(), config.vocab_size, &rows, a.prompt_len, a.steps)?;
-        let base_tps = *base.get_or_insert(tps);
-        println!("{n:<22} {tps:>12.1} {:>14.2}", tps / base_tps);
+    if let Some((tps, ttft)) = prefill {
+        println!("prefill of {} tokens: {tps:.1} tokens/s, first token after {ttft:.1} ms", a.prefill);
+    }
+    println!("{:<8} {:<18} {:>12} {:>14}", "batch", "distinct adapters", "tokens/s", "vs no adapter");
+    for &(batch, n, tps) in &decode {
+        let base = decode.iter().find(|&&(b, _, _)| b == batch).map_or(tps, |d| d.2);
+        println!("{batch:<8} {n:<18} {tps:>12.1} {:>14.2}", tps / base);
     }
     Ok(())
 }

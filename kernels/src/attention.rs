@@ -5,6 +5,7 @@
 //! token at position `p` lives in slot `table[p / block_size] · block_size + p % block_size`.
 //! Paging lets sequences grow without copying and lets the scheduler bound KV memory exactly.
 
+use crate::ops::{axpy, dot};
 use rayon::prelude::*;
 
 /// Shape of one layer's KV pools.
@@ -92,26 +93,30 @@ pub fn paged_attention(
     let hd = layout.head_dim;
     let group = n_heads / layout.kv_heads;
     let w = layout.slot_width();
-    // One task per (row, head): every output chunk of `head_dim` values is independent.
-    let mut work: Vec<(usize, usize, &AttentionSeq<'_>)> = Vec::new();
+    // One work item per (row, KV head): the `group` query heads that read that head's keys and
+    // values, a contiguous block of the output row. A decode step's single row still spreads
+    // over the threads.
+    let mut work: Vec<(usize, usize, usize, &AttentionSeq<'_>)> = Vec::new();
     for seq in seqs {
         for i in 0..seq.q_len {
-            work.push((seq.q_start + i, seq.context_len - seq.q_len + i, seq));
+            for kvh in 0..layout.kv_heads {
+                work.push((seq.q_start + i, seq.context_len - seq.q_len + i, kvh, seq));
+            }
         }
     }
-    out.par_chunks_mut(n_heads * hd).zip(work.par_iter()).for_each_init(
+    out.par_chunks_mut(group * hd).zip(work.par_iter()).with_min_len(4).for_each_init(
         Vec::new,
-        |scores: &mut Vec<f32>, (out_row, &(row, pos, seq))| {
+        |scores: &mut Vec<f32>, (out_heads, &(row, pos, kvh, seq))| {
             let first = sliding_window.map_or(0, |win| (pos + 1).saturating_sub(win));
-            for (h, o) in out_row.chunks_exact_mut(hd).enumerate() {
+            let kv_col = kvh * hd;
+            for (g, o) in out_heads.chunks_exact_mut(hd).enumerate() {
+                let h = kvh * group + g;
                 let qh = &q[row * q_stride + h * hd..row * q_stride + (h + 1) * hd];
-                let kv_col = (h / group) * hd;
                 scores.clear();
                 let mut max = f32::NEG_INFINITY;
                 for p in first..=pos {
                     let slot = slot_of(seq.blocks, layout.block_size, p);
-                    let k = &k_cache[slot * w + kv_col..slot * w + kv_col + hd];
-                    let s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    let s = dot(qh, &k_cache[slot * w + kv_col..slot * w + kv_col + hd]) * scale;
                     max = max.max(s);
                     scores.push(s);
                 }
@@ -124,10 +129,7 @@ pub fn paged_attention(
                 for (p, s) in (first..=pos).zip(scores.iter()) {
                     let slot = slot_of(seq.blocks, layout.block_size, p);
                     let v = &v_cache[slot * w + kv_col..slot * w + kv_col + hd];
-                    let weight = s / denom;
-                    for (o, v) in o.iter_mut().zip(v) {
-                        *o += weight * v;
-                    }
+                    axpy(s / denom, v, o);
                 }
             }
         },

@@ -13,6 +13,8 @@
 //! functions here are the specification of the device kernels and the CPU execution path.
 
 use crate::matmul::linear_strided;
+use crate::ops::{axpy, axpy_bf16, dot, dot_bf16};
+use half::bf16;
 use rayon::prelude::*;
 
 /// A run of consecutive batch rows `[start, start + len)` that all use adapter `slot`.
@@ -30,8 +32,22 @@ pub struct LoraMat<'a> {
     pub a: &'a [f32],
     /// `[out, rank]`, row-major.
     pub b: &'a [f32],
+    /// `B` transposed, `[rank, out]`, where the executor keeps it (the CPU does): [`bgmv`]
+    /// then expands a row with `rank` contiguous multiply-adds instead of `out` short dot
+    /// products.
+    pub bt: Option<&'a [f32]>,
+    /// `A` and `Bᵀ` rounded to bf16, where the executor keeps them so (the CPU's `q8` dtype):
+    /// [`bgmv`] then reads half the bytes, computing in f32.
+    pub half: Option<LoraHalf<'a>>,
     pub rank: usize,
     pub scale: f32,
+}
+
+/// An adapter module's matrices in bf16, for decode: `a` is `[rank, in]`, `bt` is `[rank, out]`.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraHalf<'a> {
+    pub a: &'a [bf16],
+    pub bt: &'a [bf16],
 }
 
 /// Groups per-row adapter slots into segments, merging neighbours that share a slot. Rows with
@@ -124,17 +140,29 @@ pub fn bgmv<'a>(
         |v: &mut Vec<f32>, ((y, x), slot)| {
             let Some(m) = slot.and_then(&mat) else { return };
             v.clear();
-            v.extend(m.a.chunks_exact(in_dim).take(m.rank).map(|a| dot(a, x)));
             let y = &mut y[y_offset..y_offset + out_dim];
-            for (y, b) in y.iter_mut().zip(m.b.chunks_exact(m.rank)) {
-                *y += m.scale * dot(b, v);
+            if let Some(h) = m.half {
+                v.extend(h.a.chunks_exact(in_dim).take(m.rank).map(|a| dot_bf16(a, x)));
+                for (&v, bt) in v.iter().zip(h.bt.chunks_exact(out_dim)) {
+                    axpy_bf16(m.scale * v, bt, y);
+                }
+                return;
+            }
+            v.extend(m.a.chunks_exact(in_dim).take(m.rank).map(|a| dot(a, x)));
+            match m.bt {
+                Some(bt) => {
+                    for (&v, bt) in v.iter().zip(bt.chunks_exact(out_dim)) {
+                        axpy(m.scale * v, bt, y);
+                    }
+                }
+                None => {
+                    for (y, b) in y.iter_mut().zip(m.b.chunks_exact(m.rank)) {
+                        *y += m.scale * dot(b, v);
+                    }
+                }
             }
         },
     );
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(a, b)| a * b).sum()
 }
 
 #[cfg(test)]
@@ -204,7 +232,7 @@ mod tests {
         let want = reference(&x, in_dim, &rows, &ads, out_dim);
         let mat = |s: u32| {
             let a = &ads[s as usize];
-            Some(LoraMat { a: &a.a, b: &a.b, rank: a.rank, scale: a.scale })
+            Some(LoraMat { a: &a.a, b: &a.b, bt: None, half: None, rank: a.rank, scale: a.scale })
         };
         // Write into the middle column block of a wider output holding a base result of 1.0.
         let (stride, off) = (out_dim + 7, 3);
@@ -230,13 +258,68 @@ mod tests {
         let mut y = vec![1f32; rows.len() * stride];
         bgmv(&x, in_dim, &rows, mat, out_dim, &mut y, stride, off);
         check(&y);
+
+        // With B transposed, as the CPU executor keeps it.
+        let transposed: Vec<Vec<f32>> = ads
+            .iter()
+            .map(|a| (0..a.rank).flat_map(|r| (0..out_dim).map(move |o| a.b[o * a.rank + r])).collect())
+            .collect();
+        let mat_t = |s: u32| {
+            let a = &ads[s as usize];
+            Some(LoraMat {
+                a: &a.a,
+                b: &a.b,
+                bt: Some(&transposed[s as usize]),
+                half: None,
+                rank: a.rank,
+                scale: a.scale,
+            })
+        };
+        let mut y = vec![1f32; rows.len() * stride];
+        bgmv(&x, in_dim, &rows, mat_t, out_dim, &mut y, stride, off);
+        check(&y);
+
+        // In bf16 (as the CPU's q8 dtype keeps them): the definition on the rounded matrices.
+        let round = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+        let halves: Vec<(Vec<bf16>, Vec<bf16>)> =
+            ads.iter().zip(&transposed).map(|(a, t)| (round(&a.a), round(t))).collect();
+        let rounded: Vec<Adapter> = ads
+            .iter()
+            .map(|a| Adapter {
+                a: round(&a.a).iter().map(|v| v.to_f32()).collect(),
+                b: round(&a.b).iter().map(|v| v.to_f32()).collect(),
+                rank: a.rank,
+                scale: a.scale,
+            })
+            .collect();
+        let want = reference(&x, in_dim, &rows, &rounded, out_dim);
+        let mat_h = |s: u32| {
+            let a = &ads[s as usize];
+            let (ha, hbt) = &halves[s as usize];
+            Some(LoraMat {
+                a: &a.a,
+                b: &a.b,
+                bt: None,
+                half: Some(LoraHalf { a: ha, bt: hbt }),
+                rank: a.rank,
+                scale: a.scale,
+            })
+        };
+        let mut y = vec![1f32; rows.len() * stride];
+        bgmv(&x, in_dim, &rows, mat_h, out_dim, &mut y, stride, off);
+        for t in 0..rows.len() {
+            for o in 0..out_dim {
+                let (got, expect) = (y[t * stride + off + o] as f64, 1.0 + want[t * out_dim + o]);
+                assert!((got - expect).abs() <= 1e-4 * (1.0 + expect.abs()), "bf16 row {t} col {o}: {got} vs {expect}");
+            }
+        }
     }
 
     #[test]
     fn a_slot_without_this_projection_leaves_rows_unchanged() {
         let rows = [Some(0), Some(1)];
         let (a, b) = (vec![1f32; 2 * 4], vec![1f32; 3 * 2]);
-        let mat = |s: u32| (s == 1).then_some(LoraMat { a: &a, b: &b, rank: 2, scale: 1.0 });
+        let mat = |s: u32| (s == 1).then_some(LoraMat { a: &a, b: &b, bt: None, half: None, rank: 2, scale: 1.0 });
         let x = vec![1f32; 2 * 4];
         let mut y = vec![0f32; 2 * 3];
         let segs = segments(&rows);

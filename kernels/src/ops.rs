@@ -1,5 +1,6 @@
 //! Element-wise and row-wise operations of a Llama-family decoder layer.
 
+use half::bf16;
 use rayon::prelude::*;
 
 /// Rows per rayon task for row-wise operations; below this the work stays on one thread.
@@ -88,6 +89,64 @@ pub fn rope(
             }
         }
     });
+}
+
+/// `a · b` over their common length, `a` in bf16 (each value widened exactly to f32).
+pub fn dot_bf16(a: &[bf16], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx512() {
+        // SAFETY: AVX-512F/BW/VL are present; both slices hold at least n values.
+        return unsafe { crate::quant::x86::dot_bf16_avx512(a, b, n) };
+    }
+    a[..n].iter().zip(&b[..n]).map(|(a, b)| a.to_f32() * b).sum()
+}
+
+/// `y += alpha · x` (over `y`'s length; `x`, in bf16, is at least as long).
+pub fn axpy_bf16(alpha: f32, x: &[bf16], y: &mut [f32]) {
+    assert!(x.len() >= y.len(), "axpy_bf16: x shorter than y");
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx512() {
+        // SAFETY: AVX-512F/BW/VL are present; x holds at least y.len() values (asserted).
+        return unsafe { crate::quant::x86::axpy_bf16_avx512(alpha, x, y) };
+    }
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += alpha * x.to_f32();
+    }
+}
+
+/// `y += alpha · x` (over `y`'s length; `x` is at least as long).
+pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    assert!(x.len() >= y.len(), "axpy: x shorter than y");
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx512() {
+        // SAFETY: AVX-512F is present; x holds at least y.len() values (asserted).
+        return unsafe { crate::quant::x86::axpy_f32_avx512(alpha, x, y) };
+    }
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += alpha * x;
+    }
+}
+
+/// `a · b` over their common length, in 16 independent partial sums (lanes the compiler can keep
+/// in vector registers; one running sum would serialize every add).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let n = a.len().min(b.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx512() {
+        // SAFETY: AVX-512F is present; both slices hold at least n values.
+        return unsafe { crate::quant::x86::dot_f32_avx512(a, b, n) };
+    }
+    let (a, b) = (a[..n].chunks_exact(LANES), b[..n].chunks_exact(LANES));
+    let tail: f32 = a.remainder().iter().zip(b.remainder()).map(|(x, y)| x * y).sum();
+    let mut acc = [0f32; LANES];
+    for (x, y) in a.zip(b) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

@@ -1,20 +1,181 @@
-//! The CPU executor: f32 weights in host memory, multi-threaded GEMMs, the kernels crate's
+//! The CPU executor: weights in host memory as they were stored (GGUF's quantized blocks, whose
+//! products run on 8-bit integers, or f32), multi-threaded products, the kernels crate's
 //! reference implementations for everything else. Always built; the reference for other
 //! executors and the path CI runs.
 
 use super::executor::{AdapterPreparer, Batch, Executor, ExecutorError, FusedLayer, PreparedAdapter, Retired};
 use crate::adapters::AdapterWeights;
-use crate::model::{HostTensor, ModelConfig, ModelWeights, Module};
+use crate::model::{HostTensor, ModelConfig, ModelWeights, Module, TensorData};
+use half::bf16;
 use std::sync::Arc;
+use switchyard_kernels::lora::LoraHalf;
+use switchyard_kernels::quant::{self, Q8Rows, QuantMatrix};
 use switchyard_kernels::{AttentionSeq, KvLayout, LoraMat, attention, lora, matmul, ops};
 
-type Layer = FusedLayer<Vec<f32>>;
+/// Sizes the thread pool the CPU executor computes on (default: one thread per core). Call it
+/// before anything else uses the pool.
+pub fn set_threads(threads: usize) -> Result<(), String> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| format!("cannot set the CPU executor's threads to {threads}: {e}"))
+}
+
+/// A weight matrix `[out, in]` as the CPU computes on it.
+#[derive(Debug)]
+enum Linear {
+    F32(Vec<f32>),
+    /// Quantized blocks: activations are quantized to 8 bits per block and multiplied as
+    /// integers (`switchyard_kernels::quant`).
+    Quant(QuantMatrix),
+}
+
+impl Linear {
+    /// Tensors stacked along their first dimension: quantized when `keep` and every part is,
+    /// in one format (whole rows stack, so the blocks stay intact); f32 otherwise.
+    fn stacked(parts: &[&HostTensor], keep: bool) -> Linear {
+        let quantized: Option<Vec<&QuantMatrix>> = parts
+            .iter()
+            .map(|t| match &t.data {
+                TensorData::Quant(q) => Some(q),
+                TensorData::F32(_) => None,
+            })
+            .collect();
+        if let Some(Ok(q)) = quantized.filter(|_| keep).map(|q| QuantMatrix::stack(&q)) {
+            return Linear::Quant(q);
+        }
+        Linear::F32(parts.iter().flat_map(|t| t.to_f32().into_owned()).collect())
+    }
+
+    fn of(t: HostTensor, keep: bool) -> Linear {
+        match t.data {
+            TensorData::Quant(q) if keep => Linear::Quant(q),
+            _ => Linear::F32(t.into_f32()),
+        }
+    }
+
+    /// A vector's values (norm weights and biases are f32 whatever the file stores).
+    fn into_vector(self) -> Vec<f32> {
+        match self {
+            Linear::F32(v) => v,
+            Linear::Quant(q) => q.dequantize(),
+        }
+    }
+
+    /// `y[m, out] = x[m, k] · selfᵀ`, `y`'s rows `y_stride` apart. `q8` is scratch space for
+    /// the quantized activations.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(&self, x: &[f32], m: usize, k: usize, out: usize, y: &mut [f32], y_stride: usize, q8: &mut Q8Rows) {
+        match self {
+            Linear::F32(w) => matmul::linear(x, m, k, w, out, y, y_stride, false),
+            Linear::Quant(w) => {
+                q8.quantize(x, m, k);
+                quant::matmul(w, q8, y, y_stride);
+            }
+        }
+    }
+
+    /// Row `id` (an embedding lookup) into `out`.
+    fn row(&self, id: usize, out: &mut [f32]) {
+        let width = out.len();
+        match self {
+            Linear::F32(w) => out.copy_from_slice(&w[id * width..(id + 1) * width]),
+            Linear::Quant(q) => q.dequantize_row(id, out),
+        }
+    }
+
+    fn size_bytes(&self) -> usize {
+        match self {
+            Linear::F32(w) => w.len() * 4,
+            Linear::Quant(q) => q.size_bytes(),
+        }
+    }
+}
+
+/// A decoder layer as the CPU holds it.
+#[derive(Debug)]
+struct Layer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    qkv: Linear,
+    qkv_bias: Option<Vec<f32>>,
+    o: Linear,
+    o_bias: Option<Vec<f32>>,
+    gate_up: Linear,
+    gate_up_bias: Option<Vec<f32>>,
+    down: Linear,
+    down_bias: Option<Vec<f32>>,
+}
+
+impl Layer {
+    fn new(f: FusedLayer<Linear>) -> Layer {
+        let vector = |l: Option<Linear>| l.map(Linear::into_vector);
+        Layer {
+            input_norm: f.input_norm.into_vector(),
+            post_norm: f.post_norm.into_vector(),
+            qkv: f.qkv,
+            qkv_bias: vector(f.qkv_bias),
+            o: f.o,
+            o_bias: vector(f.o_bias),
+            gate_up: f.gate_up,
+            gate_up_bias: vector(f.gate_up_bias),
+            down: f.down,
+            down_bias: vector(f.down_bias),
+        }
+    }
+
+    fn size_bytes(&self) -> usize {
+        [&self.qkv, &self.o, &self.gate_up, &self.down].iter().map(|l| l.size_bytes()).sum()
+    }
+}
 
 /// KV pools of one layer.
 #[derive(Debug)]
 struct LayerCache {
     k: Vec<f32>,
     v: Vec<f32>,
+}
+
+/// An adapter as the CPU executor holds it: its validated weights (for prefill-shaped batches)
+/// and, per layer and module, the form decode-shaped batches read (see `lora::bgmv`).
+#[derive(Debug)]
+struct CpuAdapter {
+    weights: AdapterWeights,
+    decode: Vec<[Option<DecodeForm>; 7]>,
+}
+
+#[derive(Debug)]
+enum DecodeForm {
+    /// `B` transposed, `[rank, out]`: a row expands with `rank` contiguous multiply-adds.
+    F32 { bt: Vec<f32> },
+    /// `A` and `Bᵀ` in bf16 (the `q8` dtype): half the bytes for every row of every step.
+    Bf16 { a: Vec<bf16>, bt: Vec<bf16> },
+}
+
+impl CpuAdapter {
+    fn new(weights: AdapterWeights, q8: bool) -> CpuAdapter {
+        let decode = weights
+            .layers
+            .iter()
+            .map(|modules| {
+                modules.each_ref().map(|m| {
+                    m.as_ref().map(|m| {
+                        let out = m.b.len() / m.rank.max(1);
+                        let bt = (0..m.rank).flat_map(|r| (0..out).map(move |o| m.b[o * m.rank + r]));
+                        if q8 {
+                            DecodeForm::Bf16 {
+                                a: m.a.iter().map(|&v| bf16::from_f32(v)).collect(),
+                                bt: bt.map(bf16::from_f32).collect(),
+                            }
+                        } else {
+                            DecodeForm::F32 { bt: bt.collect() }
+                        }
+                    })
+                })
+            })
+            .collect();
+        CpuAdapter { weights, decode }
+    }
 }
 
 /// Which rows of a batch use which adapter, and scratch space for the rank-sized intermediate.
@@ -28,21 +189,23 @@ struct LoraRows {
 #[derive(Debug)]
 pub struct CpuExecutor {
     config: ModelConfig,
-    embed: Vec<f32>,
+    embed: Linear,
     /// `None` when tied to `embed`.
-    lm_head: Option<Vec<f32>>,
+    lm_head: Option<Linear>,
     final_norm: Vec<f32>,
     layers: Vec<Layer>,
     cache: Vec<LayerCache>,
     layout: KvLayout,
     inv_freq: Vec<f32>,
     rope_scale: f32,
-    adapters: Vec<Option<AdapterWeights>>,
+    adapters: Vec<Option<CpuAdapter>>,
     max_rank: usize,
+    /// Quantized matrices kept, with 8-bit activations ([`CpuExecutor::new_q8`]).
+    q8: bool,
 }
 
 impl CpuExecutor {
-    /// Takes ownership of the weights (fusing projections) and allocates a KV cache of
+    /// Takes ownership of the weights (fusing projections, as f32) and allocates a KV cache of
     /// `kv_blocks` blocks of `block_size` tokens, and `max_loras` adapter slots of rank up to
     /// `max_rank`.
     pub fn new(
@@ -53,15 +216,42 @@ impl CpuExecutor {
         max_loras: usize,
         max_rank: usize,
     ) -> CpuExecutor {
+        CpuExecutor::build(config, weights, kv_blocks, block_size, max_loras, max_rank, false)
+    }
+
+    /// As [`CpuExecutor::new`], keeping quantized matrices (GGUF's Q8_0, Q4_0, Q4_1) in their
+    /// blocks and multiplying them by activations quantized to 8 bits per block, as llama.cpp
+    /// does: a quarter to an eighth of f32's memory and bandwidth. The activations' rounding
+    /// moves logits by up to a few percent of their size on a 30-layer model, so greedy choices
+    /// between near-tied tokens can differ from an f32 reference.
+    pub fn new_q8(
+        config: &ModelConfig,
+        weights: ModelWeights,
+        kv_blocks: usize,
+        block_size: usize,
+        max_loras: usize,
+        max_rank: usize,
+    ) -> CpuExecutor {
+        CpuExecutor::build(config, weights, kv_blocks, block_size, max_loras, max_rank, true)
+    }
+
+    fn build(
+        config: &ModelConfig,
+        weights: ModelWeights,
+        kv_blocks: usize,
+        block_size: usize,
+        max_loras: usize,
+        max_rank: usize,
+        q8: bool,
+    ) -> CpuExecutor {
         let ModelWeights { embed_tokens, layers, final_norm, lm_head } = weights;
+        // Layer by layer, each source layer freed once fused.
         let layers = layers
-            .iter()
+            .into_iter()
             .map(|l| {
-                let stacked = |parts: &[&HostTensor]| {
-                    Ok::<_, std::convert::Infallible>(parts.iter().flat_map(|t| t.data.iter().copied()).collect())
-                };
-                match FusedLayer::build(l, stacked) {
-                    Ok(layer) => layer,
+                let stacked = |parts: &[&HostTensor]| Ok::<_, std::convert::Infallible>(Linear::stacked(parts, q8));
+                match FusedLayer::build(&l, stacked) {
+                    Ok(layer) => Layer::new(layer),
                     Err(never) => match never {},
                 }
             })
@@ -72,16 +262,17 @@ impl CpuExecutor {
         let (inv_freq, rope_scale) = config.rope_inv_freq();
         CpuExecutor {
             config: config.clone(),
-            embed: embed_tokens.data,
-            lm_head: lm_head.map(|t| t.data),
-            final_norm: final_norm.data,
+            embed: Linear::of(embed_tokens, q8),
+            lm_head: lm_head.map(|t| Linear::of(t, q8)),
+            final_norm: final_norm.into_f32(),
             layers,
             cache,
             layout,
             inv_freq,
             rope_scale,
-            adapters: vec![None; max_loras],
+            adapters: (0..max_loras).map(|_| None).collect(),
             max_rank,
+            q8,
         }
     }
 
@@ -104,8 +295,14 @@ impl CpuExecutor {
         }
         let (in_dim, out_dim) = self.config.module_shape(m);
         let mat = |slot: u32| {
-            let lm = self.adapters.get(slot as usize)?.as_ref()?.layers[layer][m.index()].as_ref()?;
-            Some(LoraMat { a: &lm.a, b: &lm.b, rank: lm.rank, scale: lm.scale })
+            let adapter = self.adapters.get(slot as usize)?.as_ref()?;
+            let lm = adapter.weights.layers[layer][m.index()].as_ref()?;
+            let (bt, half) = match &adapter.decode[layer][m.index()] {
+                Some(DecodeForm::F32 { bt }) => (Some(bt.as_slice()), None),
+                Some(DecodeForm::Bf16 { a, bt }) => (None, Some(LoraHalf { a, bt })),
+                None => (None, None),
+            };
+            Some(LoraMat { a: &lm.a, b: &lm.b, bt, half, rank: lm.rank, scale: lm.scale })
         };
         if lr.segs.iter().all(|s| s.len == 1) {
             lora::bgmv(x, in_dim, &lr.rows, mat, out_dim, y, y_stride, y_offset);
@@ -113,6 +310,14 @@ impl CpuExecutor {
             lora::sgmv_shrink(x, in_dim, &lr.segs, mat, &mut lr.shrink, self.max_rank);
             lora::sgmv_expand(&lr.shrink, self.max_rank, &lr.segs, mat, out_dim, y, y_stride, y_offset);
         }
+    }
+}
+
+impl CpuExecutor {
+    /// Bytes of the model's weights as held.
+    pub fn weight_bytes(&self) -> usize {
+        let head = self.lm_head.as_ref().map_or(0, Linear::size_bytes);
+        self.embed.size_bytes() + head + self.layers.iter().map(Layer::size_bytes).sum::<usize>()
     }
 }
 
@@ -126,12 +331,14 @@ fn add_bias(y: &mut [f32], width: usize, bias: Option<&Vec<f32>>) {
     }
 }
 
-/// The CPU executor computes on the validated f32 weights as they are: preparing an adapter
-/// only checks its rank and takes it over (no copy).
+/// The CPU executor computes on the validated f32 weights as they are (taken over, no copy),
+/// plus each module's decode form; preparing checks the rank and makes that form.
 #[derive(Debug, Clone, Copy)]
 pub struct CpuPreparer {
     /// The slots' rank (`--max-lora-rank`).
     pub max_rank: usize,
+    /// The executor computes in the `q8` dtype (decode reads adapters in bf16).
+    pub q8: bool,
 }
 
 impl AdapterPreparer for CpuPreparer {
@@ -142,7 +349,7 @@ impl AdapterPreparer for CpuPreparer {
                 adapter.max_rank, self.max_rank
             )));
         }
-        Ok(PreparedAdapter::of_weights(adapter))
+        Ok(PreparedAdapter::from_weights(adapter, |w| CpuAdapter::new(w, self.q8)))
     }
 }
 
@@ -152,11 +359,11 @@ impl Executor for CpuExecutor {
     }
 
     fn dtype(&self) -> &'static str {
-        "f32"
+        if self.q8 { "q8" } else { "f32" }
     }
 
     fn preparer(&self) -> Arc<dyn AdapterPreparer> {
-        Arc::new(CpuPreparer { max_rank: self.max_rank })
+        Arc::new(CpuPreparer { max_rank: self.max_rank, q8: self.q8 })
     }
 
     fn install_adapter(&mut self, slot: u32, adapter: PreparedAdapter) -> Result<Option<Retired>, ExecutorError> {
@@ -164,7 +371,7 @@ impl Executor for CpuExecutor {
             .adapters
             .get_mut(slot as usize)
             .ok_or_else(|| ExecutorError::Invalid(format!("adapter slot {slot} does not exist")))?;
-        Ok(entry.replace(*adapter.into_form::<AdapterWeights>()?).map(Retired::new))
+        Ok(entry.replace(*adapter.into_form::<CpuAdapter>()?).map(Retired::new))
     }
 
     fn unload_adapter(&mut self, slot: u32) -> Option<Retired> {
@@ -172,6 +379,14 @@ impl Executor for CpuExecutor {
     }
 
     fn forward(&mut self, batch: &Batch) -> Result<Vec<f32>, ExecutorError> {
+        // On one of the pool's threads: the many short parallel sections of a step then split
+        // work with the other threads directly, instead of each waking this thread at its end.
+        rayon::scope(|_| self.forward_on_pool(batch))
+    }
+}
+
+impl CpuExecutor {
+    fn forward_on_pool(&mut self, batch: &Batch) -> Result<Vec<f32>, ExecutorError> {
         let c = &self.config;
         let n = batch.tokens.len();
         let (h, q_dim, kv_dim, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
@@ -185,7 +400,10 @@ impl Executor for CpuExecutor {
         let mut lr = LoraRows { rows, segs, shrink };
 
         let mut x = vec![0f32; n * h];
-        ops::embedding(&self.embed, h, &batch.tokens, &mut x);
+        for (row, &id) in x.chunks_exact_mut(h).zip(&batch.tokens) {
+            self.embed.row(id as usize, row);
+        }
+        let mut q8 = Q8Rows::default();
         let mut normed = vec![0f32; n * h];
         let mut qkv = vec![0f32; n * qkv_w];
         let mut attn = vec![0f32; n * q_dim];
@@ -203,7 +421,7 @@ impl Executor for CpuExecutor {
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
             ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed);
-            matmul::linear(&normed, n, h, &layer.qkv, qkv_w, &mut qkv, qkv_w, false);
+            layer.qkv.forward(&normed, n, h, qkv_w, &mut qkv, qkv_w, &mut q8);
             add_bias(&mut qkv, qkv_w, layer.qkv_bias.as_ref());
             for (m, off) in [(Module::Q, 0), (Module::K, q_dim), (Module::V, q_dim + kv_dim)] {
                 self.apply_lora(&mut lr, li, m, &normed, &mut qkv, qkv_w, off);
@@ -233,19 +451,19 @@ impl Executor for CpuExecutor {
                 c.sliding_window,
                 &mut attn,
             );
-            matmul::linear(&attn, n, q_dim, &layer.o, h, &mut proj, h, false);
+            layer.o.forward(&attn, n, q_dim, h, &mut proj, h, &mut q8);
             add_bias(&mut proj, h, layer.o_bias.as_ref());
             self.apply_lora(&mut lr, li, Module::O, &attn, &mut proj, h, 0);
             ops::add_inplace(&mut x, &proj);
 
             // MLP block.
             ops::rms_norm(&x, &layer.post_norm, c.rms_norm_eps, &mut normed);
-            matmul::linear(&normed, n, h, &layer.gate_up, 2 * inter, &mut gate_up, 2 * inter, false);
+            layer.gate_up.forward(&normed, n, h, 2 * inter, &mut gate_up, 2 * inter, &mut q8);
             add_bias(&mut gate_up, 2 * inter, layer.gate_up_bias.as_ref());
             self.apply_lora(&mut lr, li, Module::Gate, &normed, &mut gate_up, 2 * inter, 0);
             self.apply_lora(&mut lr, li, Module::Up, &normed, &mut gate_up, 2 * inter, inter);
             ops::silu_mul(&gate_up, inter, &mut act);
-            matmul::linear(&act, n, inter, &layer.down, h, &mut proj, h, false);
+            layer.down.forward(&act, n, inter, h, &mut proj, h, &mut q8);
             add_bias(&mut proj, h, layer.down_bias.as_ref());
             self.apply_lora(&mut lr, li, Module::Down, &act, &mut proj, h, 0);
             ops::add_inplace(&mut x, &proj);
@@ -260,9 +478,9 @@ impl Executor for CpuExecutor {
         }
         let mut last_normed = vec![0f32; last.len()];
         ops::rms_norm(&last, &self.final_norm, c.rms_norm_eps, &mut last_normed);
-        let head = self.lm_head.as_deref().unwrap_or(&self.embed);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; wanted.len() * c.vocab_size];
-        matmul::linear(&last_normed, wanted.len(), h, head, c.vocab_size, &mut logits, c.vocab_size, false);
+        head.forward(&last_normed, wanted.len(), h, c.vocab_size, &mut logits, c.vocab_size, &mut q8);
         Ok(logits)
     }
 }

@@ -116,7 +116,7 @@ fn upload<D: Device, E: Element>(dev: &D, data: &[f32]) -> Result<D::Buffer<E>, 
 fn upload_concat<D: Device, E: Element>(dev: &D, parts: &[&HostTensor]) -> Result<D::Buffer<E>, CudaError> {
     use rayon::prelude::*;
     let host: Vec<E> =
-        parts.iter().flat_map(|t| t.data.par_iter().map(|&v| E::from_f32(v)).collect::<Vec<_>>()).collect();
+        parts.iter().flat_map(|t| t.to_f32().par_iter().map(|&v| E::from_f32(v)).collect::<Vec<_>>()).collect();
     dev.upload(&host)
 }
 
@@ -186,9 +186,9 @@ impl<E: Element, D: Device> CudaExecutor<E, D> {
         }
         let exec = CudaExecutor {
             config: config.clone(),
-            embed: upload(dev, &embed_tokens.data)?,
-            lm_head: lm_head.map(|t| upload(dev, &t.data)).transpose()?,
-            final_norm: upload(dev, &final_norm.data)?,
+            embed: upload(dev, &embed_tokens.to_f32())?,
+            lm_head: lm_head.map(|t| upload(dev, &t.to_f32())).transpose()?,
+            final_norm: upload(dev, &final_norm.to_f32())?,
             layers,
             k_cache,
             v_cache,

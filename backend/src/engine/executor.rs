@@ -113,6 +113,16 @@ impl PreparedAdapter {
         }
     }
 
+    /// An adapter whose form `make` builds from its validated weights (moved into it).
+    pub fn from_weights<T: Any + Send>(
+        weights: AdapterWeights,
+        make: impl FnOnce(AdapterWeights) -> T,
+    ) -> PreparedAdapter {
+        let mut prepared = PreparedAdapter::new(&weights, ());
+        prepared.form = Box::new(make(weights));
+        prepared
+    }
+
     /// An adapter whose form is its validated weights themselves (moved, not copied).
     pub fn of_weights(weights: AdapterWeights) -> PreparedAdapter {
         let mut prepared = PreparedAdapter::new(&weights, ());

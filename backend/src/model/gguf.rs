@@ -6,6 +6,7 @@ use super::{HostTensor, ModelError};
 use half::{bf16, f16};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use switchyard_kernels::quant::{Format, QuantMatrix};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -336,6 +337,28 @@ impl GgufFile {
             (Some(s), Some(e)) => Ok(s as usize..e as usize),
             _ => Err(self.bad(format!("tensor {}: data runs past the end of the file (truncated?)", t.name))),
         }
+    }
+
+    /// A weight matrix as the CPU kernels compute on it: Q8_0, Q4_0 and Q4_1 matrices stay in
+    /// their blocks (repacked, every bit kept); anything else is dequantized to f32.
+    pub fn weight(&self, name: &str) -> Result<HostTensor, ModelError> {
+        let t = self
+            .tensor_info(name)
+            .ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), name: name.into() })?;
+        let format = match GgmlType::from_id(t.type_id) {
+            Some(GgmlType::Q8_0) => Format::Q8_0,
+            Some(GgmlType::Q4_0) => Format::Q4_0,
+            Some(GgmlType::Q4_1) => Format::Q4_1,
+            _ => return self.tensor(name),
+        };
+        let shape = t.shape();
+        if shape.len() != 2 {
+            return self.tensor(name);
+        }
+        let range = self.extent(t)?;
+        let matrix = QuantMatrix::from_ggml(format, shape[0], shape[1], &self.map[range])
+            .map_err(|e| self.bad(format!("tensor {name}: {e}")))?;
+        Ok(HostTensor::quantized(matrix))
     }
 
     /// A tensor dequantized to f32, shaped in PyTorch order.

@@ -3,7 +3,7 @@
 //! `tokenizer.*` metadata.
 
 use super::gguf::{GgufFile, Value};
-use super::{HostTensor, LayerWeights, Model, ModelConfig, ModelError, ModelWeights, Module, Tokenizer};
+use super::{HostTensor, LayerWeights, Model, ModelConfig, ModelError, ModelWeights, Module, TensorData, Tokenizer};
 use std::path::Path;
 
 /// GGUF architectures and the Hugging Face architecture they load as.
@@ -56,21 +56,27 @@ fn config(g: &GgufFile) -> Result<ModelConfig, ModelError> {
 }
 
 /// llama.cpp stores Llama's q and k rows interleaved per head (`[head][dim/2][2]`) for its
-/// RoPE; the engine (like Hugging Face) wants `[head][2][dim/2]`. Undoes that permutation.
+/// RoPE; the engine (like Hugging Face) wants `[head][2][dim/2]`. Undoes that permutation
+/// (whole rows move, so quantized rows move with their blocks intact).
 fn unpermute(t: HostTensor, heads: usize) -> HostTensor {
     let (rows, cols) = (t.shape[0], t.shape[1]);
     let half = rows / heads / 2;
-    let mut out = vec![0f32; t.data.len()];
+    // order[to] = from
+    let mut order = vec![0usize; rows];
     for h in 0..heads {
         for i in 0..half {
             for s in 0..2 {
-                let from = (h * 2 * half + 2 * i + s) * cols;
-                let to = (h * 2 * half + s * half + i) * cols;
-                out[to..to + cols].copy_from_slice(&t.data[from..from + cols]);
+                order[h * 2 * half + s * half + i] = h * 2 * half + 2 * i + s;
             }
         }
     }
-    HostTensor::new(t.shape, out)
+    match t.data {
+        TensorData::Quant(q) => HostTensor::quantized(q.select_rows(&order)),
+        TensorData::F32(data) => {
+            let out = order.iter().flat_map(|&from| data[from * cols..(from + 1) * cols].iter().copied()).collect();
+            HostTensor::new(t.shape, out)
+        }
+    }
 }
 
 /// GGUF tensor names of a layer's projections.
@@ -88,8 +94,9 @@ fn gguf_name(m: Module) -> &'static str {
 
 fn weights(g: &GgufFile, c: &ModelConfig) -> Result<ModelWeights, ModelError> {
     let arch = g.get("general.architecture").and_then(Value::as_str).unwrap_or("");
+    // Matrices stay quantized where the CPU kernels compute on their format; vectors are f32.
     let take = |name: &str, shape: Vec<usize>| -> Result<HostTensor, ModelError> {
-        let t = g.tensor(name)?;
+        let t = if shape.len() == 2 { g.weight(name)? } else { g.tensor(name)? };
         if t.shape != shape {
             return Err(ModelError::TensorShape {
                 path: g.path.clone(),
@@ -156,9 +163,9 @@ mod tests {
     fn unpermute_moves_interleaved_rope_pairs_to_halves() {
         // One head of dimension 4, one column: GGUF order [a0, b0, a1, b1] → HF [a0, a1, b0, b1].
         let t = HostTensor::new(vec![4, 1], vec![0.0, 10.0, 1.0, 11.0]);
-        assert_eq!(unpermute(t, 1).data, vec![0.0, 1.0, 10.0, 11.0]);
+        assert_eq!(unpermute(t, 1).into_f32(), vec![0.0, 1.0, 10.0, 11.0]);
         // Two heads are permuted independently.
         let t = HostTensor::new(vec![8, 1], vec![0.0, 10.0, 1.0, 11.0, 2.0, 12.0, 3.0, 13.0]);
-        assert_eq!(unpermute(t, 2).data, vec![0.0, 1.0, 10.0, 11.0, 2.0, 3.0, 12.0, 13.0]);
+        assert_eq!(unpermute(t, 2).into_f32(), vec![0.0, 1.0, 10.0, 11.0, 2.0, 3.0, 12.0, 13.0]);
     }
 }

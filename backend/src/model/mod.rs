@@ -12,7 +12,7 @@ mod weights;
 pub use chat::{ChatMessage, ToolCall};
 pub use config::{ModelConfig, Module, RopeScaling, SUPPORTED_ARCHITECTURES};
 pub use tokenizer::Tokenizer;
-pub use weights::{HostTensor, LayerWeights, ModelWeights};
+pub use weights::{HostTensor, LayerWeights, ModelWeights, TensorData};
 
 use std::path::{Path, PathBuf};
 

@@ -3,20 +3,59 @@
 use super::{ModelConfig, ModelError, Module};
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use switchyard_kernels::quant::QuantMatrix;
 
-/// A dense f32 tensor in host memory.
+/// A tensor in host memory: f32, or a matrix kept in the quantized form it was stored in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
     pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    pub data: TensorData,
+}
+
+/// The values of a [`HostTensor`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorData {
+    F32(Vec<f32>),
+    /// A `[rows, cols]` matrix in a GGUF block format (see `switchyard_kernels::quant`).
+    Quant(QuantMatrix),
 }
 
 impl HostTensor {
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> HostTensor {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        HostTensor { shape, data }
+        HostTensor { shape, data: TensorData::F32(data) }
+    }
+
+    /// A quantized matrix, shaped `[rows, cols]`.
+    pub fn quantized(matrix: QuantMatrix) -> HostTensor {
+        HostTensor { shape: vec![matrix.rows(), matrix.cols()], data: TensorData::Quant(matrix) }
+    }
+
+    /// The values as f32 (dequantized if need be).
+    pub fn to_f32(&self) -> Cow<'_, [f32]> {
+        match &self.data {
+            TensorData::F32(v) => Cow::Borrowed(v),
+            TensorData::Quant(q) => Cow::Owned(q.dequantize()),
+        }
+    }
+
+    /// The values as f32, consuming the tensor.
+    pub fn into_f32(self) -> Vec<f32> {
+        match self.data {
+            TensorData::F32(v) => v,
+            TensorData::Quant(q) => q.dequantize(),
+        }
+    }
+
+    /// Bytes the values occupy in memory.
+    pub fn size_bytes(&self) -> usize {
+        match &self.data {
+            TensorData::F32(v) => v.len() * 4,
+            TensorData::Quant(q) => q.size_bytes(),
+        }
     }
 }
 

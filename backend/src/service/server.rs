@@ -59,6 +59,9 @@ pub enum DtypeChoice {
     Auto,
     F32,
     Bf16,
+    /// CPU only: GGUF's Q8_0, Q4_0 and Q4_1 matrices stay in their blocks and multiply
+    /// activations quantized to 8 bits per block (llama.cpp's arithmetic); the rest is f32.
+    Q8,
 }
 
 impl std::str::FromStr for DtypeChoice {
@@ -68,7 +71,8 @@ impl std::str::FromStr for DtypeChoice {
             "auto" => Ok(DtypeChoice::Auto),
             "f32" | "float32" => Ok(DtypeChoice::F32),
             "bf16" | "bfloat16" => Ok(DtypeChoice::Bf16),
-            other => Err(format!("unknown dtype {other:?}; expected auto, f32 or bf16")),
+            "q8" => Ok(DtypeChoice::Q8),
+            other => Err(format!("unknown dtype {other:?}; expected auto, f32, bf16 or q8")),
         }
     }
 }
@@ -79,7 +83,11 @@ pub fn resolve_dtype(device: DeviceChoice, dtype: DtypeChoice) -> Result<DtypeCh
         (DeviceChoice::Cpu | DeviceChoice::Auto, DtypeChoice::Bf16) => {
             Err(ServeError::Device("--dtype bf16: the CPU executor computes in f32".into()))
         }
+        (DeviceChoice::Cpu | DeviceChoice::Auto, DtypeChoice::Q8) => Ok(DtypeChoice::Q8),
         (DeviceChoice::Cpu | DeviceChoice::Auto, _) => Ok(DtypeChoice::F32),
+        (_, DtypeChoice::Q8) => {
+            Err(ServeError::Device("--dtype q8: 8-bit activations are the CPU executor's (use f32 or bf16)".into()))
+        }
         (_, DtypeChoice::Auto) => Ok(DtypeChoice::Bf16),
         (_, concrete) => Ok(concrete),
     }
@@ -168,6 +176,7 @@ pub fn build_executor(
         (DeviceChoice::EmulatedCuda, _) => {
             Box::new(CudaExecutor::<bf16, _>::new(emulator()?, config, weights, b, s, l, r).map_err(emulated)?)
         }
+        (_, DtypeChoice::Q8) => Box::new(CpuExecutor::new_q8(config, weights, b, s, l, r)),
         _ => Box::new(CpuExecutor::new(config, weights, b, s, l, r)),
     };
     Ok(with_faults(executor))

@@ -66,6 +66,15 @@ impl Drop for Backend {
     }
 }
 
+impl Backend {
+    /// The process's resident memory in bytes (`VmRSS`), where the OS reports it (Linux).
+    pub fn resident_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().strip_suffix("kB")?.trim();
+        kib.parse::<u64>().ok().map(|k| k * 1024)
+    }
+}
+
 pub fn start_backend(extra: &[&str]) -> Backend {
     start_backend_with(&fixtures().join("models/tiny-llama"), extra, &[])
 }

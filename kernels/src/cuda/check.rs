@@ -304,7 +304,7 @@ impl<'a, D: Device> Checker<'a, D> {
             let mut want = y0_h.clone();
             let mat = |s: u32| {
                 let (a, b, r, scale) = &host[s as usize];
-                Some(LoraMat { a, b, rank: *r, scale: *scale })
+                Some(LoraMat { a, b, bt: None, half: None, rank: *r, scale: *scale })
             };
             lora::bgmv(&x_h, in_dim, &row_slots, mat, out_dim, &mut want, y_stride, y_off);
             let max_rank = 128;
