@@ -16,6 +16,33 @@ fn kind(format: Format) -> u8 {
     }
 }
 
+/// Calls `$tile::<R, K>` for the number of activation rows `R` (1 to [`TILE`]) and the format
+/// `K`: the const parameters each path's kernel is monomorphized on.
+macro_rules! dispatch {
+    ($tile:ident, $format:expr, $pairs:expr, $w:expr, $xs:expr, $emit:expr) => {{
+        macro_rules! go {
+            ($r:literal) => {
+                match kind($format) {
+                    Q8_0 => $tile::<$r, Q8_0>($pairs, $w, $xs, $emit),
+                    Q4_0 => $tile::<$r, Q4_0>($pairs, $w, $xs, $emit),
+                    _ => $tile::<$r, Q4_1>($pairs, $w, $xs, $emit),
+                }
+            };
+        }
+        match $xs.len() {
+            0 => {}
+            1 => go!(1),
+            2 => go!(2),
+            3 => go!(3),
+            4 => go!(4),
+            5 => go!(5),
+            6 => go!(6),
+            7 => go!(7),
+            _ => go!(8),
+        }
+    }};
+}
+
 /// Checks what every path's loads rely on: `w` is whole rows of `pairs` pairs of `format`, and
 /// each activation row has `2·pairs` blocks.
 fn check(format: Format, pairs: usize, w: &[u8], xs: &[Q8Row<'_>]) {
@@ -56,28 +83,9 @@ impl Avx512 {
         emit: &mut impl FnMut(usize, &[f32]),
     ) {
         check(format, pairs, w, xs);
-        macro_rules! go {
-            ($r:literal) => {
-                // SAFETY: `self` exists only where the features were detected; `check` proved
-                // the extents every load in `tile512` relies on.
-                match kind(format) {
-                    Q8_0 => unsafe { tile512::<$r, Q8_0>(pairs, w, xs, emit) },
-                    Q4_0 => unsafe { tile512::<$r, Q4_0>(pairs, w, xs, emit) },
-                    _ => unsafe { tile512::<$r, Q4_1>(pairs, w, xs, emit) },
-                }
-            };
-        }
-        match xs.len() {
-            0 => {}
-            1 => go!(1),
-            2 => go!(2),
-            3 => go!(3),
-            4 => go!(4),
-            5 => go!(5),
-            6 => go!(6),
-            7 => go!(7),
-            _ => go!(8),
-        }
+        // SAFETY: `self` exists only where the features were detected; `check` proved the
+        // extents every load in `tile512` relies on.
+        unsafe { dispatch!(tile512, format, pairs, w, xs, emit) }
     }
 }
 
@@ -195,28 +203,9 @@ impl Avx2 {
         emit: &mut impl FnMut(usize, &[f32]),
     ) {
         check(format, pairs, w, xs);
-        macro_rules! go {
-            ($r:literal) => {
-                // SAFETY: `self` exists only where the features were detected; `check` proved
-                // the extents every load in `tile256` relies on.
-                match kind(format) {
-                    Q8_0 => unsafe { tile256::<$r, Q8_0>(pairs, w, xs, emit) },
-                    Q4_0 => unsafe { tile256::<$r, Q4_0>(pairs, w, xs, emit) },
-                    _ => unsafe { tile256::<$r, Q4_1>(pairs, w, xs, emit) },
-                }
-            };
-        }
-        match xs.len() {
-            0 => {}
-            1 => go!(1),
-            2 => go!(2),
-            3 => go!(3),
-            4 => go!(4),
-            5 => go!(5),
-            6 => go!(6),
-            7 => go!(7),
-            _ => go!(8),
-        }
+        // SAFETY: `self` exists only where the features were detected; `check` proved the
+        // extents every load in `tile256` relies on.
+        unsafe { dispatch!(tile256, format, pairs, w, xs, emit) }
     }
 }
 
