@@ -89,7 +89,7 @@ impl Avx512 {
     }
 }
 
-/// `out[r] = row · xs[r]` for `R` activation rows.
+/// For every weight row `j` of `w`: `emit(j, [row_j · xs[r] for r < R])`.
 ///
 /// Per pair of blocks, the weights become one vector of 64 unsigned bytes (the first block's 32
 /// in the low half), `vpdpbusd` sums four products a lane, so lanes 0–7 hold the first block's
@@ -98,8 +98,8 @@ impl Avx512 {
 /// multiply-add per group.
 ///
 /// # Safety
-/// The CPU has the features [`Avx512::detect`] checks; `row` is `pairs` whole pairs, `xs` holds
-/// at least `R` rows of at least `2·pairs` blocks, and `out` has room for `R` values.
+/// The CPU has the features [`Avx512::detect`] checks; `w` is whole rows of `pairs` pairs, and
+/// `xs` holds `R` rows of at least `2·pairs` blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,avx2")]
 unsafe fn tile512<const R: usize, const K: u8>(
     pairs: usize,
