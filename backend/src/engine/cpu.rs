@@ -83,13 +83,6 @@ impl Linear {
             Linear::Quant(q) => q.dequantize_row(id, out),
         }
     }
-
-    fn size_bytes(&self) -> usize {
-        match self {
-            Linear::F32(w) => w.len() * 4,
-            Linear::Quant(q) => q.size_bytes(),
-        }
-    }
 }
 
 /// A decoder layer as the CPU holds it.
@@ -122,10 +115,6 @@ impl Layer {
             down: f.down,
             down_bias: vector(f.down_bias),
         }
-    }
-
-    fn size_bytes(&self) -> usize {
-        [&self.qkv, &self.o, &self.gate_up, &self.down].iter().map(|l| l.size_bytes()).sum()
     }
 }
 
@@ -310,14 +299,6 @@ impl CpuExecutor {
             lora::sgmv_shrink(x, in_dim, &lr.segs, mat, &mut lr.shrink, self.max_rank);
             lora::sgmv_expand(&lr.shrink, self.max_rank, &lr.segs, mat, out_dim, y, y_stride, y_offset);
         }
-    }
-}
-
-impl CpuExecutor {
-    /// Bytes of the model's weights as held.
-    pub fn weight_bytes(&self) -> usize {
-        let head = self.lm_head.as_ref().map_or(0, Linear::size_bytes);
-        self.embed.size_bytes() + head + self.layers.iter().map(Layer::size_bytes).sum::<usize>()
     }
 }
 

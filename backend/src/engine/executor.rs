@@ -123,13 +123,6 @@ impl PreparedAdapter {
         prepared
     }
 
-    /// An adapter whose form is its validated weights themselves (moved, not copied).
-    pub fn of_weights(weights: AdapterWeights) -> PreparedAdapter {
-        let mut prepared = PreparedAdapter::new(&weights, ());
-        prepared.form = Box::new(weights);
-        prepared
-    }
-
     /// The executor's form back, if this was prepared by an executor of that kind.
     pub fn into_form<T: Any>(self) -> Result<Box<T>, ExecutorError> {
         self.form.downcast().map_err(|_| ExecutorError::Invalid("an adapter prepared for another executor".into()))

@@ -49,14 +49,6 @@ impl HostTensor {
             TensorData::Quant(q) => q.dequantize(),
         }
     }
-
-    /// Bytes the values occupy in memory.
-    pub fn size_bytes(&self) -> usize {
-        match &self.data {
-            TensorData::F32(v) => v.len() * 4,
-            TensorData::Quant(q) => q.size_bytes(),
-        }
-    }
 }
 
 /// Weights of one decoder layer, in PyTorch layout (`[out, in]` for projections).

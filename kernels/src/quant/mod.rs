@@ -192,11 +192,12 @@ impl QuantMatrix {
         let (format, pairs) = (self.format, self.pairs());
         let row = self.row(r);
         let (quants, scales) = row.split_at(pairs * format.pair_quant_bytes());
-        for (i, o) in out[..self.cols].iter_mut().enumerate() {
-            let b = i / BLOCK;
-            let (u, d) = (quant(format, quants, i), f16_at(scales, 2 * b));
+        for (b, block) in out[..self.cols].chunks_exact_mut(BLOCK).enumerate() {
+            let d = f16_at(scales, 2 * b);
             let m = if format == Format::Q4_1 { f16_at(scales, 2 * (2 * pairs + b)) } else { 0.0 };
-            *o = d * (f32::from(u) - format.offset()) + m;
+            for (i, o) in block.iter_mut().enumerate() {
+                *o = d * (f32::from(quant(format, quants, b * BLOCK + i)) - format.offset()) + m;
+            }
         }
     }
 
