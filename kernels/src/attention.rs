@@ -109,27 +109,43 @@ pub fn paged_attention(
         |scores: &mut Vec<f32>, (out_heads, &(row, pos, kvh, seq))| {
             let first = sliding_window.map_or(0, |win| (pos + 1).saturating_sub(win));
             let kv_col = kvh * hd;
-            for (g, o) in out_heads.chunks_exact_mut(hd).enumerate() {
-                let h = kvh * group + g;
-                let qh = &q[row * q_stride + h * hd..row * q_stride + (h + 1) * hd];
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for p in first..=pos {
-                    let slot = slot_of(seq.blocks, layout.block_size, p);
-                    let s = dot(qh, &k_cache[slot * w + kv_col..slot * w + kv_col + hd]) * scale;
-                    max = max.max(s);
-                    scores.push(s);
+            let q_heads = &q[row * q_stride + kvh * group * hd..row * q_stride + (kvh + 1) * group * hd];
+            // The visible positions' slots, a block at a time (runs of consecutive slots): each
+            // key and value row is read once for the whole group of query heads.
+            let runs = || {
+                (first / layout.block_size..=pos / layout.block_size).map(move |b| {
+                    let start = (b * layout.block_size).max(first);
+                    let end = ((b + 1) * layout.block_size).min(pos + 1);
+                    let slot = seq.blocks[b] as usize * layout.block_size + start - b * layout.block_size;
+                    slot..slot + (end - start)
+                })
+            };
+            // scores[g · n + i]: query head g against visible position i.
+            let n = pos + 1 - first;
+            scores.clear();
+            scores.resize(group * n, 0.0);
+            for (i, slot) in runs().flatten().enumerate() {
+                let k = &k_cache[slot * w + kv_col..slot * w + kv_col + hd];
+                for (g, qh) in q_heads.chunks_exact(hd).enumerate() {
+                    scores[g * n + i] = dot(qh, k) * scale;
                 }
+            }
+            for head in scores.chunks_exact_mut(n) {
+                let max = head.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                 let mut denom = 0f32;
-                for s in scores.iter_mut() {
+                for s in head.iter_mut() {
                     *s = (*s - max).exp();
                     denom += *s;
                 }
-                o.fill(0.0);
-                for (p, s) in (first..=pos).zip(scores.iter()) {
-                    let slot = slot_of(seq.blocks, layout.block_size, p);
-                    let v = &v_cache[slot * w + kv_col..slot * w + kv_col + hd];
-                    axpy(s / denom, v, o);
+                for s in head.iter_mut() {
+                    *s /= denom;
+                }
+            }
+            out_heads.fill(0.0);
+            for (i, slot) in runs().flatten().enumerate() {
+                let v = &v_cache[slot * w + kv_col..slot * w + kv_col + hd];
+                for (g, o) in out_heads.chunks_exact_mut(hd).enumerate() {
+                    axpy(scores[g * n + i], v, o);
                 }
             }
         },
