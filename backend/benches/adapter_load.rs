@@ -122,7 +122,7 @@ fn main() {
         AdapterStore::new(sources, &opts).unwrap()
     };
     let uri = "s3://bench/llama7b-r16";
-    let preparer = CpuPreparer { max_rank: RANK, q8: false };
+    let preparer = CpuPreparer { max_rank: RANK, bf16_decode: false };
     let load = |store: &AdapterStore| {
         let config = config.clone();
         let start = Instant::now();

@@ -97,7 +97,7 @@ struct BenchArgs {
     /// auto, cpu, cuda, cuda:N or emulated-cuda (test builds).
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
-    /// auto (bf16 on CUDA, f32 on the CPU), f32 or bf16.
+    /// auto (bf16 on CUDA, q16 on the CPU), f32, bf16 (CUDA), q8 or q16 (CPU).
     #[arg(long, default_value = "auto")]
     dtype: DtypeChoice,
     /// Sequences decoded together, one case per size.
@@ -263,7 +263,9 @@ impl BackendSecurityArgs {
 /// How a backend's engine and adapter store are sized: shared by `backend` and `up`.
 #[derive(clap::Args, Debug, Clone)]
 struct EngineArgs {
-    /// What the model computes in: auto (bf16 on CUDA, f32 on the CPU), f32 or bf16 (CUDA only).
+    /// What the model computes in: auto (bf16 on CUDA, q16 on the CPU), f32, bf16 (CUDA only),
+    /// q8 or q16 (CPU only: a GGUF's quantized matrices kept as stored, times activations
+    /// quantized to 8 or 16 bits).
     #[arg(long, env = "SWITCHYARD_DTYPE", default_value = "auto")]
     dtype: DtypeChoice,
     /// Adapter slots: adapters resident at once. Idle adapters are evicted least recently used first.

@@ -9,7 +9,7 @@ use crate::model::{HostTensor, ModelConfig, ModelWeights, Module, TensorData};
 use half::bf16;
 use std::sync::Arc;
 use switchyard_kernels::lora::LoraHalf;
-use switchyard_kernels::quant::{self, Q8Rows, QuantMatrix};
+use switchyard_kernels::quant::{self, Precision, Q8Rows, QuantMatrix};
 use switchyard_kernels::{AttentionSeq, KvLayout, LoraMat, attention, lora, matmul, ops};
 
 /// Sizes the thread pool the CPU executor computes on (default: one thread per core). Call it
@@ -25,8 +25,8 @@ pub fn set_threads(threads: usize) -> Result<(), String> {
 #[derive(Debug)]
 enum Linear {
     F32(Vec<f32>),
-    /// Quantized blocks: activations are quantized to 8 bits per block and multiplied as
-    /// integers (`switchyard_kernels::quant`).
+    /// Quantized blocks: activations are quantized per block (to the executor's [`Precision`])
+    /// and multiplied as integers (`switchyard_kernels::quant`).
     Quant(QuantMatrix),
 }
 
@@ -62,15 +62,15 @@ impl Linear {
         }
     }
 
-    /// `y[m, out] = x[m, k] · selfᵀ`, `y`'s rows `y_stride` apart. `q8` is scratch space for
+    /// `y[m, out] = x[m, k] · selfᵀ`, `y`'s rows `y_stride` apart. `acts` is scratch space for
     /// the quantized activations.
     #[allow(clippy::too_many_arguments)]
-    fn forward(&self, x: &[f32], m: usize, k: usize, out: usize, y: &mut [f32], y_stride: usize, q8: &mut Q8Rows) {
+    fn forward(&self, x: &[f32], m: usize, k: usize, out: usize, y: &mut [f32], y_stride: usize, acts: &mut Acts) {
         match self {
             Linear::F32(w) => matmul::linear(x, m, k, w, out, y, y_stride, false),
             Linear::Quant(w) => {
-                q8.quantize(x, m, k);
-                quant::matmul(w, q8, y, y_stride);
+                acts.rows.quantize(x, m, k, acts.precision);
+                quant::matmul(w, &acts.rows, y, y_stride);
             }
         }
     }
@@ -83,6 +83,13 @@ impl Linear {
             Linear::Quant(q) => q.dequantize_row(id, out),
         }
     }
+}
+
+/// Scratch space for quantized activations, and their precision.
+#[derive(Debug, Default)]
+struct Acts {
+    rows: Q8Rows,
+    precision: Precision,
 }
 
 /// A decoder layer as the CPU holds it.
@@ -137,12 +144,12 @@ struct CpuAdapter {
 enum DecodeForm {
     /// `B` transposed, `[rank, out]`: a row expands with `rank` contiguous multiply-adds.
     F32 { bt: Vec<f32> },
-    /// `A` and `Bᵀ` in bf16 (the `q8` dtype): half the bytes for every row of every step.
+    /// `A` and `Bᵀ` in bf16 (the quantized dtypes): half the bytes for every row of every step.
     Bf16 { a: Vec<bf16>, bt: Vec<bf16> },
 }
 
 impl CpuAdapter {
-    fn new(weights: AdapterWeights, q8: bool) -> CpuAdapter {
+    fn new(weights: AdapterWeights, bf16: bool) -> CpuAdapter {
         let decode = weights
             .layers
             .iter()
@@ -151,7 +158,7 @@ impl CpuAdapter {
                     m.as_ref().map(|m| {
                         let out = m.b.len() / m.rank.max(1);
                         let bt = (0..m.rank).flat_map(|r| (0..out).map(move |o| m.b[o * m.rank + r]));
-                        if q8 {
+                        if bf16 {
                             DecodeForm::Bf16 {
                                 a: m.a.iter().map(|&v| bf16::from_f32(v)).collect(),
                                 bt: bt.map(bf16::from_f32).collect(),
@@ -189,8 +196,9 @@ pub struct CpuExecutor {
     rope_scale: f32,
     adapters: Vec<Option<CpuAdapter>>,
     max_rank: usize,
-    /// Quantized matrices kept, with 8-bit activations ([`CpuExecutor::new_q8`]).
-    q8: bool,
+    /// Quantized matrices kept, with activations of this precision
+    /// ([`CpuExecutor::new_quantized`]).
+    quant: Option<Precision>,
 }
 
 impl CpuExecutor {
@@ -205,7 +213,7 @@ impl CpuExecutor {
         max_loras: usize,
         max_rank: usize,
     ) -> CpuExecutor {
-        CpuExecutor::build(config, weights, kv_blocks, block_size, max_loras, max_rank, false)
+        CpuExecutor::build(config, weights, kv_blocks, block_size, max_loras, max_rank, None)
     }
 
     /// As [`CpuExecutor::new`], keeping quantized matrices (GGUF's Q8_0, Q4_0, Q4_1) in their
@@ -213,15 +221,16 @@ impl CpuExecutor {
     /// does: a quarter to an eighth of f32's memory and bandwidth. The activations' rounding
     /// moves logits by up to a few percent of their size on a 30-layer model, so greedy choices
     /// between near-tied tokens can differ from an f32 reference.
-    pub fn new_q8(
+    pub fn new_quantized(
         config: &ModelConfig,
         weights: ModelWeights,
         kv_blocks: usize,
         block_size: usize,
         max_loras: usize,
         max_rank: usize,
+        precision: Precision,
     ) -> CpuExecutor {
-        CpuExecutor::build(config, weights, kv_blocks, block_size, max_loras, max_rank, true)
+        CpuExecutor::build(config, weights, kv_blocks, block_size, max_loras, max_rank, Some(precision))
     }
 
     fn build(
@@ -231,14 +240,15 @@ impl CpuExecutor {
         block_size: usize,
         max_loras: usize,
         max_rank: usize,
-        q8: bool,
+        quant: Option<Precision>,
     ) -> CpuExecutor {
+        let keep = quant.is_some();
         let ModelWeights { embed_tokens, layers, final_norm, lm_head } = weights;
         // Layer by layer, each source layer freed once fused.
-        let layers = layers
+        let layers: Vec<Layer> = layers
             .into_iter()
             .map(|l| {
-                let stacked = |parts: &[&HostTensor]| Ok::<_, std::convert::Infallible>(Linear::stacked(parts, q8));
+                let stacked = |parts: &[&HostTensor]| Ok::<_, std::convert::Infallible>(Linear::stacked(parts, keep));
                 match FusedLayer::build(&l, stacked) {
                     Ok(layer) => Layer::new(layer),
                     Err(never) => match never {},
@@ -249,10 +259,17 @@ impl CpuExecutor {
         let pool = kv_blocks * block_size * layout.slot_width();
         let cache = (0..config.num_layers).map(|_| LayerCache { k: vec![0.0; pool], v: vec![0.0; pool] }).collect();
         let (inv_freq, rope_scale) = config.rope_inv_freq();
+        let embed = Linear::of(embed_tokens, keep);
+        let lm_head = lm_head.map(|t| Linear::of(t, keep));
+        // A model with nothing quantized (safetensors) computes in f32 whatever was asked.
+        let quantized = |l: &Linear| matches!(l, Linear::Quant(_));
+        let any = quantized(&embed)
+            || lm_head.as_ref().is_some_and(quantized)
+            || layers.iter().any(|l: &Layer| [&l.qkv, &l.o, &l.gate_up, &l.down].into_iter().any(quantized));
         CpuExecutor {
             config: config.clone(),
-            embed: Linear::of(embed_tokens, q8),
-            lm_head: lm_head.map(|t| Linear::of(t, q8)),
+            embed,
+            lm_head,
             final_norm: final_norm.into_f32(),
             layers,
             cache,
@@ -261,7 +278,7 @@ impl CpuExecutor {
             rope_scale,
             adapters: (0..max_loras).map(|_| None).collect(),
             max_rank,
-            q8,
+            quant: quant.filter(|_| any),
         }
     }
 
@@ -318,8 +335,9 @@ fn add_bias(y: &mut [f32], width: usize, bias: Option<&Vec<f32>>) {
 pub struct CpuPreparer {
     /// The slots' rank (`--max-lora-rank`).
     pub max_rank: usize,
-    /// The executor computes in the `q8` dtype (decode reads adapters in bf16).
-    pub q8: bool,
+    /// The executor computes on quantized matrices (`q8`, `q16`): decode reads adapters in
+    /// bf16 too.
+    pub bf16_decode: bool,
 }
 
 impl AdapterPreparer for CpuPreparer {
@@ -330,7 +348,7 @@ impl AdapterPreparer for CpuPreparer {
                 adapter.max_rank, self.max_rank
             )));
         }
-        Ok(PreparedAdapter::from_weights(adapter, |w| CpuAdapter::new(w, self.q8)))
+        Ok(PreparedAdapter::from_weights(adapter, |w| CpuAdapter::new(w, self.bf16_decode)))
     }
 }
 
@@ -340,11 +358,15 @@ impl Executor for CpuExecutor {
     }
 
     fn dtype(&self) -> &'static str {
-        if self.q8 { "q8" } else { "f32" }
+        match self.quant {
+            None => "f32",
+            Some(Precision::Int8) => "q8",
+            Some(Precision::Int16) => "q16",
+        }
     }
 
     fn preparer(&self) -> Arc<dyn AdapterPreparer> {
-        Arc::new(CpuPreparer { max_rank: self.max_rank, q8: self.q8 })
+        Arc::new(CpuPreparer { max_rank: self.max_rank, bf16_decode: self.quant.is_some() })
     }
 
     fn install_adapter(&mut self, slot: u32, adapter: PreparedAdapter) -> Result<Option<Retired>, ExecutorError> {
@@ -384,7 +406,7 @@ impl CpuExecutor {
         for (row, &id) in x.chunks_exact_mut(h).zip(&batch.tokens) {
             self.embed.row(id as usize, row);
         }
-        let mut q8 = Q8Rows::default();
+        let mut acts = Acts { precision: self.quant.unwrap_or_default(), ..Acts::default() };
         let mut normed = vec![0f32; n * h];
         let mut qkv = vec![0f32; n * qkv_w];
         let mut attn = vec![0f32; n * q_dim];
@@ -402,7 +424,7 @@ impl CpuExecutor {
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
             ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed);
-            layer.qkv.forward(&normed, n, h, qkv_w, &mut qkv, qkv_w, &mut q8);
+            layer.qkv.forward(&normed, n, h, qkv_w, &mut qkv, qkv_w, &mut acts);
             add_bias(&mut qkv, qkv_w, layer.qkv_bias.as_ref());
             for (m, off) in [(Module::Q, 0), (Module::K, q_dim), (Module::V, q_dim + kv_dim)] {
                 self.apply_lora(&mut lr, li, m, &normed, &mut qkv, qkv_w, off);
@@ -432,19 +454,19 @@ impl CpuExecutor {
                 c.sliding_window,
                 &mut attn,
             );
-            layer.o.forward(&attn, n, q_dim, h, &mut proj, h, &mut q8);
+            layer.o.forward(&attn, n, q_dim, h, &mut proj, h, &mut acts);
             add_bias(&mut proj, h, layer.o_bias.as_ref());
             self.apply_lora(&mut lr, li, Module::O, &attn, &mut proj, h, 0);
             ops::add_inplace(&mut x, &proj);
 
             // MLP block.
             ops::rms_norm(&x, &layer.post_norm, c.rms_norm_eps, &mut normed);
-            layer.gate_up.forward(&normed, n, h, 2 * inter, &mut gate_up, 2 * inter, &mut q8);
+            layer.gate_up.forward(&normed, n, h, 2 * inter, &mut gate_up, 2 * inter, &mut acts);
             add_bias(&mut gate_up, 2 * inter, layer.gate_up_bias.as_ref());
             self.apply_lora(&mut lr, li, Module::Gate, &normed, &mut gate_up, 2 * inter, 0);
             self.apply_lora(&mut lr, li, Module::Up, &normed, &mut gate_up, 2 * inter, inter);
             ops::silu_mul(&gate_up, inter, &mut act);
-            layer.down.forward(&act, n, inter, h, &mut proj, h, &mut q8);
+            layer.down.forward(&act, n, inter, h, &mut proj, h, &mut acts);
             add_bias(&mut proj, h, layer.down_bias.as_ref());
             self.apply_lora(&mut lr, li, Module::Down, &act, &mut proj, h, 0);
             ops::add_inplace(&mut x, &proj);
@@ -461,7 +483,7 @@ impl CpuExecutor {
         ops::rms_norm(&last, &self.final_norm, c.rms_norm_eps, &mut last_normed);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; wanted.len() * c.vocab_size];
-        head.forward(&last_normed, wanted.len(), h, c.vocab_size, &mut logits, c.vocab_size, &mut q8);
+        head.forward(&last_normed, wanted.len(), h, c.vocab_size, &mut logits, c.vocab_size, &mut acts);
         Ok(logits)
     }
 }

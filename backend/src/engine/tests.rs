@@ -32,7 +32,7 @@ impl Executor for Scripted {
         "f32"
     }
     fn preparer(&self) -> Arc<dyn executor::AdapterPreparer> {
-        Arc::new(cpu::CpuPreparer { max_rank: 64, q8: false })
+        Arc::new(cpu::CpuPreparer { max_rank: 64, bf16_decode: false })
     }
     fn install_adapter(
         &mut self,

@@ -11,30 +11,36 @@
 //!
 //! # Layout in memory
 //! [`QuantMatrix::from_ggml`] repacks a matrix once, at load, into a layout made for 64-byte
-//! vectors, with the same bits per weight: every quant, scale and offset is kept exactly. Each
-//! row is split into pairs of blocks (64 weights; a row with an odd number of blocks gets a zero
-//! block) and stored as
+//! vectors, with the same bits per weight: every quant, scale and offset is kept exactly. Rows
+//! are taken [`PANEL`] (16) at a time, one per 32-bit lane of a vector (the last panel is padded
+//! with zero rows). A panel is stored block after block; each of its blocks (the same 32 columns
+//! of its 16 rows) holds
 //!
-//! - the quants of every pair, unsigned: `Q8_0` as `q + 128` (64 bytes a pair), `Q4_0`/`Q4_1` as
-//!   32 bytes whose low nibbles are the pair's first block in order and whose high nibbles are its
-//!   second;
-//! - the scales `d` of every block (f16);
-//! - for `Q4_1`, the offsets `m` of every block (f16).
+//! - the quants, unsigned (`Q8_0` as `q + 128`), in 64-byte vectors whose lane `j` holds four
+//!   consecutive weights of row `j`: for `Q8_0`, vector `k` (of 8) holds weights `4k..4k + 4`;
+//!   for `Q4_0`/`Q4_1`, vector `k` (of 4) holds weights `4k..4k + 4` in its low nibbles and
+//!   `16 + 4k..16 + 4k + 4` in its high ones;
+//! - the 16 rows' scales `d` (f16);
+//! - for `Q4_1`, the 16 rows' offsets `m` (f16).
 //!
-//! So weight `i` of block `b` is `d_b·(u_i − o) + m_b`, with the format's offset `o` (128, 8, 0)
-//! and `m_b = 0` outside `Q4_1`.
+//! So weight `i` of a row's block is `d·(u_i − o) + m`, with the format's offset `o` (128, 8, 0)
+//! and `m = 0` outside `Q4_1`; and one vector of quants times four activations broadcast to
+//! every lane gives four multiply-adds for each of 16 output rows, which land side by side.
 //!
 //! # Dot products
-//! Activations are first quantized to 8 bits per block ([`Q8Rows`], as ggml's `Q8_1`: a scale
-//! `e_b` and `s_b = e_b·Σq`). A row's dot product is then
+//! Activations are first quantized per block ([`Q8Rows`], as ggml's `Q8_1`: a scale `e_b`,
+//! integers `q_i` with `x_i ≈ e_b·q_i`, and `s_b = e_b·Σq`). A row's dot product is then
 //! `Σ_b d_b·e_b·Σ_i u_i·q_i + Σ_b (m_b − o·d_b)·s_b`: integer multiply-adds inside a block,
 //! one float multiply-add per block. The only error beyond f32 rounding is the activations'
-//! rounding to 1/254 of their block's largest magnitude.
+//! rounding: to 1/254 of their block's largest magnitude with 8-bit `q` ([`Precision::Int8`],
+//! llama.cpp's arithmetic), or to 1/65024 of it with `q = 256·h + l` in two 8-bit limbs
+//! ([`Precision::Int16`]), whose integer sum is `256·Σu·h + Σu·l`: the same 8-bit products
+//! twice, on weights unpacked once.
 //!
-//! [`dot_scalar`] is the specification. The SIMD paths (AVX-512 VNNI, AVX2 on x86-64; NEON on
-//! aarch64) are chosen at run time; they compute the same integer sums exactly and may differ
-//! from the specification only in the order float terms are added. The tests hold every path
-//! this CPU has to that.
+//! [`dot_scalar`] is the specification. The SIMD paths (AVX-512 VNNI and AVX2 on x86-64) are
+//! chosen at run time; they compute the same integer sums exactly and may differ from the
+//! specification only in the order float terms are added. The tests hold every path this CPU
+//! has to that. Other CPUs run the specification.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
@@ -44,8 +50,8 @@ use rayon::prelude::*;
 
 /// Weights per block (every format here).
 pub const BLOCK: usize = 32;
-/// Weights per pair of blocks: the unit the layout and the SIMD paths work in.
-const PAIR: usize = 2 * BLOCK;
+/// Weight rows interleaved in one panel: one per 32-bit lane of a 64-byte vector.
+pub const PANEL: usize = 16;
 
 /// A block format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,17 +71,17 @@ impl Format {
         }
     }
 
-    /// Bytes of one pair's quants in the repacked layout.
-    const fn pair_quant_bytes(self) -> usize {
+    /// Bytes of a panel's quants for one block (16 rows of 32 weights).
+    const fn quant_bytes(self) -> usize {
         match self {
-            Format::Q8_0 => 64,
-            Format::Q4_0 | Format::Q4_1 => 32,
+            Format::Q8_0 => 512,
+            Format::Q4_0 | Format::Q4_1 => 256,
         }
     }
 
-    /// Bytes of one pair in the repacked layout: quants, two scales, and two offsets for Q4_1.
-    const fn pair_bytes(self) -> usize {
-        self.pair_quant_bytes() + if matches!(self, Format::Q4_1) { 8 } else { 4 }
+    /// Bytes of a panel's block: the quants, 16 scales, and 16 offsets for Q4_1.
+    const fn block_bytes(self) -> usize {
+        self.quant_bytes() + if matches!(self, Format::Q4_1) { 64 } else { 32 }
     }
 
     /// What the unsigned quants carry over the signed value they stand for.
@@ -108,8 +114,47 @@ pub struct QuantMatrix {
     data: Vec<u8>,
 }
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+/// One block of one row, unpacked: the unsigned quants, and the bits of the f16 scale and
+/// offset (zero outside `Q4_1`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Block {
+    u: [u8; BLOCK],
+    d: u16,
+    m: u16,
+}
+
+impl Block {
+    /// A block from its GGUF bytes (`src` is one block).
+    fn from_ggml(format: Format, src: &[u8]) -> Block {
+        let bits = |i: usize| u16::from_le_bytes([src[i], src[i + 1]]);
+        let mut block = Block { d: bits(0), ..Block::default() };
+        match format {
+            Format::Q8_0 => {
+                for (u, &q) in block.u.iter_mut().zip(&src[2..34]) {
+                    *u = q ^ 0x80; // i8 q as u8 q + 128
+                }
+            }
+            Format::Q4_0 | Format::Q4_1 => {
+                let qs = if format == Format::Q4_0 { &src[2..18] } else { &src[4..20] };
+                if format == Format::Q4_1 {
+                    block.m = bits(2);
+                }
+                for (i, &q) in qs.iter().enumerate() {
+                    block.u[i] = q & 15;
+                    block.u[i + 16] = q >> 4;
+                }
+            }
+        }
+        block
+    }
+
+    fn d(&self) -> f32 {
+        f16::from_bits(self.d).to_f32()
+    }
+
+    fn m(&self) -> f32 {
+        f16::from_bits(self.m).to_f32()
+    }
 }
 
 impl QuantMatrix {
@@ -118,19 +163,36 @@ impl QuantMatrix {
         if !cols.is_multiple_of(BLOCK) {
             return Err(QuantError::Ragged { cols });
         }
-        let blocks = cols / BLOCK;
-        let want = rows * blocks * format.ggml_block_bytes();
+        let bytes = format.ggml_block_bytes();
+        let want = rows * cols / BLOCK * bytes;
         if data.len() != want {
             return Err(QuantError::Size { format, rows, cols, got: data.len(), want });
         }
+        let blocks = cols / BLOCK;
+        Ok(QuantMatrix::from_blocks(format, rows, cols, |r, b| {
+            let at = (r * blocks + b) * bytes;
+            Block::from_ggml(format, &data[at..at + bytes])
+        }))
+    }
+
+    /// A matrix whose block `b` of row `r` is `block(r, b)`, built a panel per task.
+    fn from_blocks(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        block: impl Fn(usize, usize) -> Block + Sync,
+    ) -> QuantMatrix {
         let mut out = QuantMatrix { format, rows, cols, data: Vec::new() };
-        let row_bytes = out.row_bytes();
-        out.data = vec![0u8; rows * row_bytes];
-        let ggml_row = blocks * format.ggml_block_bytes();
-        out.data.par_chunks_mut(row_bytes).zip(data.par_chunks(ggml_row)).for_each(|(dst, src)| {
-            repack_row(format, src, dst);
+        let panel_bytes = out.panel_bytes();
+        out.data = vec![0u8; out.panels() * panel_bytes];
+        out.data.par_chunks_mut(panel_bytes.max(1)).enumerate().for_each(|(p, panel)| {
+            for lane in 0..PANEL.min(rows - p * PANEL) {
+                for (b, dst) in panel.chunks_exact_mut(format.block_bytes()).enumerate() {
+                    put(format, dst, lane, &block(p * PANEL + lane, b));
+                }
+            }
         });
-        Ok(out)
+        out
     }
 
     /// Stacks matrices of one format and width along their rows (fused projections).
@@ -142,8 +204,13 @@ impl QuantMatrix {
                 first.format, first.cols, other.format, other.cols
             )));
         }
-        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
-        Ok(QuantMatrix { format: first.format, rows: parts.iter().map(|p| p.rows).sum(), cols: first.cols, data })
+        // Row r of the stack: (part, row within it).
+        let origin: Vec<(usize, usize)> =
+            parts.iter().enumerate().flat_map(|(i, p)| (0..p.rows).map(move |r| (i, r))).collect();
+        Ok(QuantMatrix::from_blocks(first.format, origin.len(), first.cols, |r, b| {
+            let (i, row) = origin[r];
+            parts[i].block(row, b)
+        }))
     }
 
     /// The matrix with its rows in the order `order` gives (`order[i]` is the row placed at `i`).
@@ -151,9 +218,8 @@ impl QuantMatrix {
     /// # Panics
     /// When `order` names a row that does not exist.
     pub fn select_rows(&self, order: &[usize]) -> QuantMatrix {
-        let n = self.row_bytes();
-        let data = order.iter().flat_map(|&r| self.data[r * n..(r + 1) * n].iter().copied()).collect();
-        QuantMatrix { format: self.format, rows: order.len(), cols: self.cols, data }
+        assert!(order.iter().all(|&r| r < self.rows), "select_rows: no such row");
+        QuantMatrix::from_blocks(self.format, order.len(), self.cols, |r, b| self.block(order[r], b))
     }
 
     pub fn format(&self) -> Format {
@@ -173,30 +239,59 @@ impl QuantMatrix {
         self.data.len()
     }
 
-    fn pairs(&self) -> usize {
-        self.cols.div_ceil(PAIR)
+    fn blocks(&self) -> usize {
+        self.cols / BLOCK
     }
 
-    fn row_bytes(&self) -> usize {
-        self.pairs() * self.format.pair_bytes()
+    fn panels(&self) -> usize {
+        self.rows.div_ceil(PANEL)
     }
 
-    /// Row `r` in the repacked layout.
-    fn row(&self, r: usize) -> &[u8] {
-        let n = self.row_bytes();
-        &self.data[r * n..(r + 1) * n]
+    fn panel_bytes(&self) -> usize {
+        self.blocks() * self.format.block_bytes()
+    }
+
+    /// Panel `p`'s bytes.
+    fn panel(&self, p: usize) -> &[u8] {
+        let n = self.panel_bytes();
+        &self.data[p * n..(p + 1) * n]
+    }
+
+    /// Block `b` of row `r`, unpacked.
+    fn block(&self, r: usize, b: usize) -> Block {
+        let format = self.format;
+        let at = b * format.block_bytes();
+        let src = &self.panel(r / PANEL)[at..at + format.block_bytes()];
+        let lane = r % PANEL;
+        let mut block = Block::default();
+        for k in 0..format.quant_bytes() / 64 {
+            let four = &src[64 * k + 4 * lane..64 * k + 4 * lane + 4];
+            for (t, &byte) in four.iter().enumerate() {
+                if format == Format::Q8_0 {
+                    block.u[4 * k + t] = byte;
+                } else {
+                    block.u[4 * k + t] = byte & 15;
+                    block.u[16 + 4 * k + t] = byte >> 4;
+                }
+            }
+        }
+        let bits = |i: usize| u16::from_le_bytes([src[i], src[i + 1]]);
+        let scales = format.quant_bytes();
+        block.d = bits(scales + 2 * lane);
+        if format == Format::Q4_1 {
+            block.m = bits(scales + 2 * PANEL + 2 * lane);
+        }
+        block
     }
 
     /// Row `r` as f32 (`out` holds `cols` values).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let (format, pairs) = (self.format, self.pairs());
-        let row = self.row(r);
-        let (quants, scales) = row.split_at(pairs * format.pair_quant_bytes());
-        for (b, block) in out[..self.cols].chunks_exact_mut(BLOCK).enumerate() {
-            let d = f16_at(scales, 2 * b);
-            let m = if format == Format::Q4_1 { f16_at(scales, 2 * (2 * pairs + b)) } else { 0.0 };
-            for (i, o) in block.iter_mut().enumerate() {
-                *o = d * (f32::from(quant(format, quants, b * BLOCK + i)) - format.offset()) + m;
+        let o = self.format.offset();
+        for (b, values) in out[..self.cols].chunks_exact_mut(BLOCK).enumerate() {
+            let block = self.block(r, b);
+            let (d, m) = (block.d(), block.m());
+            for (v, &u) in values.iter_mut().zip(&block.u) {
+                *v = d * (f32::from(u) - o) + m;
             }
         }
     }
@@ -209,57 +304,57 @@ impl QuantMatrix {
     }
 }
 
-/// Unsigned quant of weight `i` of a repacked row's quants.
-fn quant(format: Format, quants: &[u8], i: usize) -> u8 {
-    let (pair, j) = (i / PAIR, i % PAIR);
-    match format {
-        Format::Q8_0 => quants[pair * PAIR + j],
-        Format::Q4_0 | Format::Q4_1 => {
-            let byte = quants[pair * 32 + j % BLOCK];
-            if j < BLOCK { byte & 15 } else { byte >> 4 }
+/// Writes `block` as lane `lane` of a panel's block (`dst`, one block's bytes).
+fn put(format: Format, dst: &mut [u8], lane: usize, block: &Block) {
+    for k in 0..format.quant_bytes() / 64 {
+        let four = &mut dst[64 * k + 4 * lane..64 * k + 4 * lane + 4];
+        for (t, byte) in four.iter_mut().enumerate() {
+            *byte = if format == Format::Q8_0 {
+                block.u[4 * k + t]
+            } else {
+                block.u[4 * k + t] | (block.u[16 + 4 * k + t] << 4)
+            };
         }
+    }
+    let scales = format.quant_bytes();
+    dst[scales + 2 * lane..scales + 2 * lane + 2].copy_from_slice(&block.d.to_le_bytes());
+    if format == Format::Q4_1 {
+        let at = scales + 2 * PANEL + 2 * lane;
+        dst[at..at + 2].copy_from_slice(&block.m.to_le_bytes());
     }
 }
 
-/// One row from GGUF blocks (`src`) into the repacked layout (`dst`, zeroed).
-fn repack_row(format: Format, src: &[u8], dst: &mut [u8]) {
-    let pairs = dst.len() / format.pair_bytes();
-    let (quants, scales) = dst.split_at_mut(pairs * format.pair_quant_bytes());
-    for (b, blk) in src.chunks_exact(format.ggml_block_bytes()).enumerate() {
-        let (pair, second) = (b / 2, b % 2 == 1);
-        scales[2 * b..2 * b + 2].copy_from_slice(&blk[0..2]);
-        match format {
-            Format::Q8_0 => {
-                let at = pair * PAIR + if second { BLOCK } else { 0 };
-                for (o, &q) in quants[at..at + BLOCK].iter_mut().zip(&blk[2..34]) {
-                    *o = q ^ 0x80; // i8 q as u8 q + 128
-                }
-            }
-            Format::Q4_0 | Format::Q4_1 => {
-                let qs = if format == Format::Q4_0 { &blk[2..18] } else { &blk[4..20] };
-                if format == Format::Q4_1 {
-                    let m = 2 * (2 * pairs + b);
-                    scales[m..m + 2].copy_from_slice(&blk[2..4]);
-                }
-                let shift = if second { 4 } else { 0 };
-                let bytes = &mut quants[pair * 32..pair * 32 + 32];
-                for (j, &q) in qs.iter().enumerate() {
-                    bytes[j] |= (q & 15) << shift;
-                    bytes[j + 16] |= (q >> 4) << shift;
-                }
-            }
+/// How finely [`Q8Rows`] holds activations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// One 8-bit value each, as ggml's `Q8_1`: rounded to 1/254 of their block's largest
+    /// magnitude.
+    #[default]
+    Int8,
+    /// Two 8-bit limbs each, `256·q + r`: rounded to 1/65024 of it, for twice the integer
+    /// multiply-adds (each weight block is unpacked once for both limbs).
+    Int16,
+}
+
+impl Precision {
+    fn limbs(self) -> usize {
+        match self {
+            Precision::Int8 => 1,
+            Precision::Int16 => 2,
         }
     }
 }
 
 /// Rows of activations quantized for dot products, as ggml's `Q8_1`: per block of [`BLOCK`], a
-/// scale `e` (the block's largest magnitude over 127), the 8-bit values, and `e` times their sum.
-/// Rows are padded with zero blocks to whole pairs.
+/// scale `e`, the integer values `q` (one or two 8-bit limbs, [`Precision`]) with `x ≈ e·q`,
+/// and `e·Σq`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Q8Rows {
     rows: usize,
-    /// Blocks per row, padded to whole pairs.
+    /// Blocks per row.
     blocks: usize,
+    precision: Precision,
+    /// Per row, the high limbs of every block, then (`Int16`) the low limbs.
     q: Vec<i8>,
     d: Vec<f32>,
     sum: Vec<f32>,
@@ -268,27 +363,32 @@ pub struct Q8Rows {
 /// One row of [`Q8Rows`].
 #[derive(Debug, Clone, Copy)]
 pub struct Q8Row<'a> {
+    /// The values (`Int8`) or their high limbs (`Int16`).
     q: &'a [i8],
+    /// The low limbs (`Int16`); empty for `Int8`.
+    lo: &'a [i8],
     d: &'a [f32],
     sum: &'a [f32],
 }
 
 impl Q8Rows {
-    /// Quantizes `rows` rows of `cols` values (a whole number of blocks) from `x`, reusing this
-    /// value's buffers.
+    /// Quantizes `rows` rows of `cols` values (a whole number of blocks) from `x` to
+    /// `precision`, reusing this value's buffers.
     ///
     /// # Panics
     /// When `cols` is not a whole number of blocks or `x` is too short (caller bugs).
-    pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
+    pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize, precision: Precision) {
         assert!(cols.is_multiple_of(BLOCK) && x.len() >= rows * cols, "quantize: bad shape");
-        let blocks = cols.div_ceil(PAIR) * 2;
+        let blocks = cols / BLOCK;
+        let row_q = precision.limbs() * cols;
         self.rows = rows;
         self.blocks = blocks;
-        self.q.resize(rows * blocks * BLOCK, 0);
+        self.precision = precision;
+        self.q.resize(rows * row_q, 0);
         self.d.resize(rows * blocks, 0.0);
         self.sum.resize(rows * blocks, 0.0);
         let rows_of = |q: &mut [i8], d: &mut [f32], sum: &mut [f32], x: &[f32]| {
-            let parts = q.chunks_exact_mut(blocks * BLOCK).zip(d.chunks_exact_mut(blocks));
+            let parts = q.chunks_exact_mut(row_q).zip(d.chunks_exact_mut(blocks));
             for ((q, d), (sum, x)) in parts.zip(sum.chunks_exact_mut(blocks).zip(x.chunks_exact(cols))) {
                 quantize_row(x, q, d, sum);
             }
@@ -299,7 +399,7 @@ impl Q8Rows {
             rows_of(&mut self.q, &mut self.d, &mut self.sum, &x[..rows * cols]);
         } else {
             self.q
-                .par_chunks_mut(blocks * BLOCK * per_task)
+                .par_chunks_mut(row_q * per_task)
                 .zip(self.d.par_chunks_mut(blocks * per_task))
                 .zip(self.sum.par_chunks_mut(blocks * per_task))
                 .zip(x[..rows * cols].par_chunks(cols * per_task))
@@ -311,53 +411,72 @@ impl Q8Rows {
         self.rows
     }
 
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     /// Row `r`.
     pub fn row(&self, r: usize) -> Q8Row<'_> {
-        let n = self.blocks;
-        Q8Row {
-            q: &self.q[r * n * BLOCK..(r + 1) * n * BLOCK],
-            d: &self.d[r * n..(r + 1) * n],
-            sum: &self.sum[r * n..(r + 1) * n],
-        }
+        let (n, cols) = (self.blocks, self.blocks * BLOCK);
+        let q = &self.q[r * self.precision.limbs() * cols..(r + 1) * self.precision.limbs() * cols];
+        let (q, lo) = q.split_at(cols);
+        Q8Row { q, lo, d: &self.d[r * n..(r + 1) * n], sum: &self.sum[r * n..(r + 1) * n] }
     }
 }
 
-/// One row: `q`, `d` and `sum` have room for whole pairs; blocks past `x` are zero.
+/// `v` rounded to the nearest integer (ties to even), for |v| < 2²²: adding 1.5·2²³ leaves the
+/// integer in the low mantissa bits. A few instructions, where `round` is a call into libm.
+fn round(v: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32
+}
+
+/// One row: `q` has room for one or two limbs of `x`'s values (the precision), `d` and `sum`
+/// for its blocks.
 fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32]) {
-    q.fill(0);
-    d.fill(0.0);
-    sum.fill(0.0);
+    let (q, lo) = q.split_at_mut(x.len());
     for (b, block) in x.chunks_exact(BLOCK).enumerate() {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scale = amax / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let values = b * BLOCK..(b + 1) * BLOCK;
         let mut total = 0i32;
-        for (o, &v) in q[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(block) {
-            // |v · inv| <= 127: the cast cannot saturate. Rounded to nearest (ties to even)
-            // by adding 1.5·2²³, which leaves the integer in the low mantissa bits: a few
-            // instructions, where `round` is a call into libm.
-            const MAGIC: f32 = 12_582_912.0;
-            let v = ((v * inv + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32) as i8;
-            total += i32::from(v);
-            *o = v;
+        if lo.is_empty() {
+            for (o, &v) in q[values].iter_mut().zip(block) {
+                // |v · inv| <= 127: the cast cannot saturate.
+                *o = round(v * inv) as i8;
+                total += i32::from(*o);
+            }
+            d[b] = scale;
+        } else {
+            for ((o, l), &v) in q[values.clone()].iter_mut().zip(&mut lo[values]).zip(block) {
+                // The high limb as above; the remainder, within half a step, in 256ths of a step
+                // (a remainder of exactly half a step would round to 128: it is clamped to 127).
+                let high = round(v * inv);
+                let low = round((v * inv - high as f32) * 256.0).clamp(-127, 127);
+                (*o, *l) = (high as i8, low as i8);
+                total += 256 * high + low;
+            }
+            d[b] = scale / 256.0;
         }
-        d[b] = scale;
-        sum[b] = scale * total as f32;
+        sum[b] = d[b] * total as f32;
     }
 }
 
 /// The dot product of row `r` of `w` with quantized activations: the specification.
 pub fn dot_scalar(w: &QuantMatrix, r: usize, x: Q8Row<'_>) -> f32 {
-    let (format, pairs) = (w.format, w.pairs());
-    let row = w.row(r);
-    let (quants, scales) = row.split_at(pairs * format.pair_quant_bytes());
+    let o = w.format.offset();
     let mut acc = 0f32;
-    for b in 0..2 * pairs {
-        let s: i32 =
-            (b * BLOCK..(b + 1) * BLOCK).map(|i| i32::from(quant(format, quants, i)) * i32::from(x.q[i])).sum();
-        let d = f16_at(scales, 2 * b);
-        let m = if format == Format::Q4_1 { f16_at(scales, 2 * (2 * pairs + b)) } else { 0.0 };
-        acc += d * x.d[b] * s as f32 + (m - format.offset() * d) * x.sum[b];
+    for b in 0..w.blocks() {
+        let block = w.block(r, b);
+        let values = b * BLOCK..(b + 1) * BLOCK;
+        let dot = |q: &[i8]| -> i32 { block.u.iter().zip(q).map(|(&u, &q)| i32::from(u) * i32::from(q)).sum() };
+        let mut s = dot(&x.q[values.clone()]);
+        if !x.lo.is_empty() {
+            s = 256 * s + dot(&x.lo[values]);
+        }
+        let d = block.d();
+        acc += d * x.d[b] * s as f32 + (block.m() - o * d) * x.sum[b];
     }
     acc
 }
@@ -377,6 +496,9 @@ pub enum Path {
     #[cfg(target_arch = "x86_64")]
     Avx512(x86::Avx512),
 }
+
+/// A panel's products with a tile of activation rows: `[activation row][lane]`.
+pub(crate) type PanelOut = [[f32; PANEL]; TILE];
 
 impl Path {
     /// Detected once per process.
@@ -407,38 +529,28 @@ impl Path {
         paths
     }
 
-    /// For each weight row `j` in `rows`: `emit(j, [w_j · x for x in xs])`, with up to [`TILE`]
-    /// activation rows at once (each weight block is unpacked once for all of them).
-    fn dot_rows(
-        self,
-        w: &QuantMatrix,
-        rows: std::ops::Range<usize>,
-        xs: &[Q8Row<'_>],
-        mut emit: impl FnMut(usize, &[f32]),
-    ) {
+    /// `out[i][j] = w_{16p + j} · xs[i]` for the rows of panel `p` (a padding row's product
+    /// is 0) and up to [`TILE`] activation rows.
+    fn panel(self, w: &QuantMatrix, p: usize, xs: &[Q8Row<'_>], out: &mut PanelOut) {
         debug_assert!(xs.len() <= TILE);
-        let n = w.row_bytes();
-        let block = &w.data[rows.start * n..rows.end * n];
-        let mut emit = |j: usize, v: &[f32]| emit(rows.start + j, v);
         match self {
             Path::Scalar => {
-                let mut out = [0f32; TILE];
-                for j in 0..rows.len() {
-                    for (o, x) in out.iter_mut().zip(xs) {
-                        *o = dot_scalar(w, rows.start + j, *x);
+                for (o, x) in out.iter_mut().zip(xs) {
+                    for (j, v) in o.iter_mut().enumerate() {
+                        let r = p * PANEL + j;
+                        *v = if r < w.rows { dot_scalar(w, r, *x) } else { 0.0 };
                     }
-                    emit(j, &out[..xs.len()]);
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            Path::Avx2(p) => p.dot_rows(w.format, w.pairs(), block, xs, &mut emit),
+            Path::Avx2(path) => path.panel(w.format, w.blocks(), w.panel(p), xs, out),
             #[cfg(target_arch = "x86_64")]
-            Path::Avx512(p) => p.dot_rows(w.format, w.pairs(), block, xs, &mut emit),
+            Path::Avx512(path) => path.panel(w.format, w.blocks(), w.panel(p), xs, out),
         }
     }
 }
 
-/// Activation rows one weight row is unpacked for.
+/// Activation rows a panel is unpacked for at once.
 pub const TILE: usize = 8;
 
 /// The output pointer shared by [`matmul`]'s tasks, which write disjoint columns.
@@ -456,9 +568,9 @@ impl Out {
 }
 
 /// `y[i, j] = x[i] · w[j]` for every activation row `i` and weight row `j` (a linear layer,
-/// `y = x·Wᵀ`), with `y`'s rows `y_stride` apart, on `path`. The weight rows are spread over
-/// rayon's threads in chunks; within a chunk, each weight row is unpacked once per [`TILE`]
-/// activation rows, and a chunk's rows stay in cache while every tile passes over them.
+/// `y = x·Wᵀ`), with `y`'s rows `y_stride` apart, on `path`. The panels are spread over
+/// rayon's threads in chunks; within a chunk, each panel's block is unpacked once per [`TILE`]
+/// activation rows, and a chunk's panels stay in cache while every tile passes over them.
 ///
 /// # Panics
 /// When the shapes do not match (caller bugs).
@@ -467,29 +579,32 @@ pub fn matmul_on(path: Path, w: &QuantMatrix, x: &Q8Rows, y: &mut [f32], y_strid
     if m == 0 || n == 0 {
         return;
     }
-    assert!(x.blocks == 2 * w.pairs(), "matmul: activations of {} blocks, weights of {}", x.blocks, 2 * w.pairs());
+    assert!(x.blocks == w.blocks(), "matmul: activations of {} blocks, weights of {}", x.blocks, w.blocks());
     assert!(y_stride >= n && y.len() >= (m - 1) * y_stride + n, "matmul: y too short");
-    // Chunks of weight rows: enough of them to keep every thread busy, and small enough (with
-    // the tiles of activations) to stay in the core's cache.
-    let threads = rayon::current_num_threads();
-    let work = m * n * w.cols;
-    let chunk = if work < 1 << 17 { n } else { (n / (4 * threads)).clamp(8, 64) };
+    // Chunks of panels: enough of them to keep every thread busy, and small enough (with the
+    // tiles of activations) to stay in the core's cache.
+    let (threads, panels) = (rayon::current_num_threads(), w.panels());
+    let chunk = if m * n * w.cols < 1 << 17 { panels } else { (panels / (4 * threads)).clamp(1, 4) };
     let out = Out(y.as_mut_ptr());
     let run = |c: usize| {
-        let rows = c * chunk..((c + 1) * chunk).min(n);
+        let mut values: PanelOut = [[0f32; PANEL]; TILE];
         for i0 in (0..m).step_by(TILE) {
             let t = (m - i0).min(TILE);
             let xs: [Q8Row<'_>; TILE] = std::array::from_fn(|k| x.row(i0 + k.min(t - 1)));
-            path.dot_rows(w, rows.clone(), &xs[..t], |j, values| {
-                for (k, &v) in values.iter().enumerate() {
-                    // SAFETY: (i0 + k, j) with i0 + k < m and j < n is inside `y` (asserted
-                    // above), and only the task owning weight row j writes column j.
-                    unsafe { *out.at((i0 + k) * y_stride + j) = v };
+            for p in c * chunk..((c + 1) * chunk).min(panels) {
+                path.panel(w, p, &xs[..t], &mut values);
+                let cols = PANEL.min(n - p * PANEL);
+                for (k, v) in values[..t].iter().enumerate() {
+                    // SAFETY: row i0 + k < m and columns p·16 .. p·16 + cols <= n are inside
+                    // `y` (asserted above), and only the task owning panel p writes them.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(v.as_ptr(), out.at((i0 + k) * y_stride + p * PANEL), cols);
+                    }
                 }
-            });
+            }
         }
     };
-    let chunks = n.div_ceil(chunk);
+    let chunks = panels.div_ceil(chunk);
     if chunks == 1 {
         run(0);
     } else {
@@ -527,6 +642,10 @@ mod tests {
         QuantMatrix::from_ggml(format, rows, cols, &random_ggml(format, rows, cols, rng)).expect("sized right")
     }
 
+    fn f16_at(b: &[u8], i: usize) -> f32 {
+        f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+    }
+
     /// GGUF's own dequantization of one block, written from the format's definition.
     fn ggml_block(format: Format, blk: &[u8]) -> [f32; BLOCK] {
         let d = f16_at(blk, 0);
@@ -556,11 +675,12 @@ mod tests {
     fn repacking_keeps_every_weight_exactly() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1] {
-            // 96 columns: three blocks, so the second pair is padded.
-            let (rows, cols) = (3, 96);
+            // 19 rows: the second panel is padded.
+            let (rows, cols) = (19, 96);
             let ggml = random_ggml(format, rows, cols, &mut rng);
             let w = QuantMatrix::from_ggml(format, rows, cols, &ggml).expect("sized right");
-            assert_eq!(w.size_bytes(), rows * 2 * format.pair_bytes());
+            // The same bits per weight as the file, plus the padding rows.
+            assert_eq!(w.size_bytes(), 32 * 3 * format.ggml_block_bytes());
             let want: Vec<f32> =
                 ggml.chunks_exact(format.ggml_block_bytes()).flat_map(|b| ggml_block(format, b)).collect();
             assert_eq!(w.dequantize(), want, "{format:?}");
@@ -570,30 +690,35 @@ mod tests {
     #[test]
     fn the_quantized_dot_is_the_f32_dot_of_the_dequantized_row_to_within_activation_rounding() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
-        for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1] {
-            let (rows, cols) = (16, 288);
-            let w = random(format, rows, cols, &mut rng);
-            let x = activations(cols, &mut rng);
-            let mut q = Q8Rows::default();
-            q.quantize(&x, 1, cols);
-            let mut row = vec![0f32; cols];
-            for r in 0..rows {
-                w.dequantize_row(r, &mut row);
-                let exact: f64 = row.iter().zip(&x).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
-                // Each activation moves by at most half a step (its block's amax / 254).
-                let bound: f64 = row
-                    .chunks(BLOCK)
-                    .zip(x.chunks(BLOCK))
-                    .map(|(wb, xb)| {
-                        let step = f64::from(xb.iter().fold(0f32, |m, v| m.max(v.abs()))) / 254.0;
-                        wb.iter().map(|&v| f64::from(v.abs()) * step).sum::<f64>()
-                    })
-                    .sum();
-                let got = f64::from(dot_scalar(&w, r, q.row(0)));
-                assert!(
-                    (got - exact).abs() <= bound * 1.01 + 1e-4,
-                    "{format:?} row {r}: {got} vs {exact} (bound {bound})"
-                );
+        // Each activation moves by at most half a step: its block's amax / 254, or / 65024 with
+        // two limbs.
+        for (precision, steps) in [(Precision::Int8, 254.0), (Precision::Int16, 65024.0)] {
+            for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1] {
+                let (rows, cols) = (16, 288);
+                let w = random(format, rows, cols, &mut rng);
+                let x = activations(cols, &mut rng);
+                let mut q = Q8Rows::default();
+                q.quantize(&x, 1, cols, precision);
+                let mut row = vec![0f32; cols];
+                for r in 0..rows {
+                    w.dequantize_row(r, &mut row);
+                    let exact: f64 = row.iter().zip(&x).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                    let bound: f64 = row
+                        .chunks(BLOCK)
+                        .zip(x.chunks(BLOCK))
+                        .map(|(wb, xb)| {
+                            let step = f64::from(xb.iter().fold(0f32, |m, v| m.max(v.abs()))) / steps;
+                            wb.iter().map(|&v| f64::from(v.abs()) * step).sum::<f64>()
+                        })
+                        .sum();
+                    let got = f64::from(dot_scalar(&w, r, q.row(0)));
+                    // Beyond the activations' rounding, f32's in the per-block float terms.
+                    let float = 1e-6 * row.iter().zip(&x).map(|(&a, &b)| f64::from((a * b).abs())).sum::<f64>();
+                    assert!(
+                        (got - exact).abs() <= bound * 1.01 + float,
+                        "{precision:?} {format:?} row {r}: {got} vs {exact} (bound {bound})"
+                    );
+                }
             }
         }
     }
@@ -603,13 +728,14 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let paths = Path::available();
         eprintln!("paths: {paths:?}");
-        for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1] {
-            // Odd block counts, partial groups of scales, and widths past one group.
-            for cols in [32, 64, 96, 576, 1056, 1536] {
-                let (rows, m) = (8, 7);
+        let shapes = [(8, 7), (16, 1), (40, 11)].into_iter().cycle();
+        let formats = [Format::Q8_0, Format::Q4_0, Format::Q4_1];
+        for (format, precision) in formats.into_iter().flat_map(|f| [(f, Precision::Int8), (f, Precision::Int16)]) {
+            // Odd block counts; partial, whole and several panels; partial, whole and several tiles.
+            for (cols, (rows, m)) in [32, 64, 96, 576, 1056, 1536].into_iter().zip(shapes.clone()) {
                 let w = random(format, rows, cols, &mut rng);
                 let mut x = Q8Rows::default();
-                x.quantize(&activations(m * cols, &mut rng), m, cols);
+                x.quantize(&activations(m * cols, &mut rng), m, cols, precision);
                 let mut want = vec![0f32; m * rows];
                 matmul_on(Path::Scalar, &w, &x, &mut want, rows);
                 for &path in &paths {
@@ -618,7 +744,42 @@ mod tests {
                     for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                         // The same integer sums; only the order of the per-block float adds differs.
                         let scale = (0..m).flat_map(|r| x.row(r).d.to_vec()).fold(1f32, f32::max) * cols as f32;
-                        assert!((g - e).abs() <= 1e-5 * scale, "{path:?} {format:?} cols {cols} [{i}]: {g} vs {e}");
+                        assert!(
+                            (g - e).abs() <= 1e-5 * scale,
+                            "{path:?} {format:?} {precision:?} cols {cols} [{i}]: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_largest_quants_times_the_largest_activations_do_not_saturate_any_path() {
+        // Every quant at its extreme (Q8_0's −128, the 4-bit formats' 15) and every activation
+        // at ±127: the sums the SIMD paths build in 16-bit lanes are at their largest.
+        let (rows, cols) = (16, 64);
+        for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1] {
+            let block: Vec<u8> = match format {
+                Format::Q8_0 => [&f16::from_f32(0.01).to_le_bytes()[..], &[0x80; 32]].concat(),
+                Format::Q4_0 => [&f16::from_f32(0.01).to_le_bytes()[..], &[0xFF; 16]].concat(),
+                Format::Q4_1 => [&f16::from_f32(0.01).to_le_bytes()[..], &[0; 2], &[0xFF; 16]].concat(),
+            };
+            let w = QuantMatrix::from_ggml(format, rows, cols, &block.repeat(rows * cols / BLOCK)).expect("sized");
+            for (sign, precision) in [(1.0f32, Precision::Int8), (-1.0, Precision::Int8), (-1.0, Precision::Int16)] {
+                let mut x = Q8Rows::default();
+                x.quantize(&vec![sign * 3.0; 2 * cols], 2, cols, precision);
+                let mut row = vec![0f32; cols];
+                w.dequantize_row(0, &mut row);
+                let exact: f32 = row.iter().map(|v| v * sign * 3.0).sum();
+                for path in Path::available() {
+                    let mut y = vec![0f32; 2 * rows];
+                    matmul_on(path, &w, &x, &mut y, rows);
+                    for v in y {
+                        assert!(
+                            (v - exact).abs() <= 1e-3 * exact.abs(),
+                            "{path:?} {format:?} {precision:?} {sign}: {v} vs {exact}"
+                        );
                     }
                 }
             }
@@ -628,10 +789,11 @@ mod tests {
     #[test]
     fn matmul_fills_every_element_of_its_column_block_threaded_or_not() {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        for (m, rows, cols) in [(1, 5, 128), (3, 300, 128), (9, 700, 576)] {
+        let cases = [(1, 5, 128, Precision::Int8), (3, 300, 128, Precision::Int16), (9, 700, 576, Precision::Int8)];
+        for (m, rows, cols, precision) in cases {
             let w = random(Format::Q4_1, rows, cols, &mut rng);
             let mut x = Q8Rows::default();
-            x.quantize(&activations(m * cols, &mut rng), m, cols);
+            x.quantize(&activations(m * cols, &mut rng), m, cols, precision);
             let stride = rows + 3;
             let mut y = vec![-7.0f32; m * stride];
             matmul(&w, &x, &mut y, stride);
@@ -649,14 +811,15 @@ mod tests {
     #[test]
     fn stacking_and_selecting_rows_move_whole_rows() {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
+        // The second part's rows straddle the stack's first and second panels.
         let a = random(Format::Q4_0, 2, 64, &mut rng);
-        let b = random(Format::Q4_0, 3, 64, &mut rng);
+        let b = random(Format::Q4_0, 19, 64, &mut rng);
         let s = QuantMatrix::stack(&[&a, &b]).expect("same format");
-        assert_eq!(s.rows(), 5);
+        assert_eq!(s.rows(), 21);
         let (da, db, ds) = (a.dequantize(), b.dequantize(), s.dequantize());
         assert_eq!(ds, [da, db].concat());
-        let picked = s.select_rows(&[4, 0]);
-        assert_eq!(picked.dequantize(), [&ds[4 * 64..5 * 64], &ds[0..64]].concat());
+        let picked = s.select_rows(&[20, 0]);
+        assert_eq!(picked.dequantize(), [&ds[20 * 64..21 * 64], &ds[0..64]].concat());
         let c = random(Format::Q8_0, 1, 64, &mut rng);
         assert!(matches!(QuantMatrix::stack(&[&a, &c]), Err(QuantError::Mismatch(_))));
     }

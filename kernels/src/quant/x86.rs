@@ -1,12 +1,15 @@
-//! The x86-64 paths of [`super`], chosen at run time: AVX-512 with VNNI (64 weights an
-//! instruction, unsigned quants times signed activations) and AVX2 with FMA.
+//! The x86-64 paths of [`super`], chosen at run time: AVX-512 with VNNI (`vpdpbusd`: 64
+//! multiply-adds of unsigned quants by signed activations an instruction) and AVX2 with FMA.
+//! Both compute a panel's 16 rows at once from the interleaved layout: a vector of quants times
+//! four activations broadcast to every lane.
 
-use super::{BLOCK, Format, PAIR, Q8Row, TILE};
+use super::{BLOCK, Format, PANEL, PanelOut, Q8Row, TILE};
 use std::arch::x86_64::*;
 
 const Q8_0: u8 = 0;
 const Q4_0: u8 = 1;
 const Q4_1: u8 = 2;
+const FORMATS: [Format; 3] = [Format::Q8_0, Format::Q4_0, Format::Q4_1];
 
 fn kind(format: Format) -> u8 {
     match format {
@@ -16,16 +19,20 @@ fn kind(format: Format) -> u8 {
     }
 }
 
-/// Calls `$tile::<R, K>` for the number of activation rows `R` (1 to [`TILE`]) and the format
-/// `K`: the const parameters each path's kernel is monomorphized on.
+/// Calls `$kernel::<R, K, F>` for the number of activation rows `R` (1 to [`TILE`]), the
+/// format `K` and whether the activations have two limbs `F`: the const parameters each path's
+/// kernel is monomorphized on.
 macro_rules! dispatch {
-    ($tile:ident, $format:expr, $pairs:expr, $w:expr, $xs:expr, $emit:expr) => {{
+    ($kernel:ident, $format:expr, $blocks:expr, $panel:expr, $xs:expr, $out:expr) => {{
         macro_rules! go {
             ($r:literal) => {
-                match kind($format) {
-                    Q8_0 => $tile::<$r, Q8_0>($pairs, $w, $xs, $emit),
-                    Q4_0 => $tile::<$r, Q4_0>($pairs, $w, $xs, $emit),
-                    _ => $tile::<$r, Q4_1>($pairs, $w, $xs, $emit),
+                match (kind($format), $xs.first().is_some_and(|x| !x.lo.is_empty())) {
+                    (Q8_0, false) => $kernel::<$r, Q8_0, false>($blocks, $panel, $xs, $out),
+                    (Q4_0, false) => $kernel::<$r, Q4_0, false>($blocks, $panel, $xs, $out),
+                    (_, false) => $kernel::<$r, Q4_1, false>($blocks, $panel, $xs, $out),
+                    (Q8_0, true) => $kernel::<$r, Q8_0, true>($blocks, $panel, $xs, $out),
+                    (Q4_0, true) => $kernel::<$r, Q4_0, true>($blocks, $panel, $xs, $out),
+                    (_, true) => $kernel::<$r, Q4_1, true>($blocks, $panel, $xs, $out),
                 }
             };
         }
@@ -43,17 +50,50 @@ macro_rules! dispatch {
     }};
 }
 
-/// Checks what every path's loads rely on: `w` is whole rows of `pairs` pairs of `format`, and
-/// each activation row has `2·pairs` blocks.
-fn check(format: Format, pairs: usize, w: &[u8], xs: &[Q8Row<'_>]) {
-    assert!(w.len().is_multiple_of(pairs * format.pair_bytes()), "dot: the weights are not rows of {pairs} pairs");
+/// Checks what every path's loads rely on: `panel` is `blocks` blocks of `format`, and each
+/// activation row has `blocks` blocks, with low limbs for all of them or none.
+fn check(format: Format, blocks: usize, panel: &[u8], xs: &[Q8Row<'_>]) {
+    assert!(panel.len() == blocks * format.block_bytes(), "dot: the panel is not {blocks} blocks");
     assert!(xs.len() <= TILE, "dot: tile too large");
+    let limbs = xs.first().is_some_and(|x| !x.lo.is_empty());
     for x in xs {
         assert!(
-            x.q.len() >= pairs * PAIR && x.d.len() >= 2 * pairs && x.sum.len() >= 2 * pairs,
+            x.q.len() >= blocks * BLOCK && x.d.len() >= blocks && x.sum.len() >= blocks,
             "dot: activations shorter than the weight row"
         );
+        assert!(
+            if limbs { x.lo.len() >= blocks * BLOCK } else { x.lo.is_empty() },
+            "dot: activations of mixed precision"
+        );
     }
+}
+
+/// Asks for the block [`PREFETCH`] blocks past the one at `at` (blocks of `block_bytes`) to be
+/// brought into cache. Decode streams every weight from memory once a step; the hardware
+/// prefetcher alone leaves the kernels waiting on it (measured on matrices streamed from memory,
+/// 1 and 8 activation rows, on a 2-core AVX-512 machine: 8 blocks ahead gave 10–40% more
+/// multiply-adds a second than none, within one run). Past the end of the weights it asks for
+/// nothing harmful: a prefetch never faults.
+#[inline(always)]
+fn prefetch(at: *const u8, block_bytes: usize) {
+    let ahead = at.wrapping_add(PREFETCH * block_bytes);
+    for line in 0..block_bytes / 64 {
+        // SAFETY: a prefetch is a hint: it reads nothing into the program and never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast()) };
+    }
+}
+
+/// Blocks ahead of the one computed that [`prefetch`] asks for.
+const PREFETCH: usize = 8;
+
+/// Four activations of `q` from `at` as one 32-bit value, to broadcast to every lane.
+///
+/// # Safety
+/// `q` holds `at + 4` values.
+#[inline(always)]
+unsafe fn four(q: &[i8], at: usize) -> i32 {
+    // SAFETY: as the function's.
+    unsafe { q.as_ptr().add(at).cast::<i32>().read_unaligned() }
 }
 
 /// Proof that this CPU has AVX-512 (F, BW, VL), VNNI, F16C and FMA: only [`Avx512::detect`]
@@ -72,114 +112,98 @@ impl Avx512 {
         .then_some(Avx512(()))
     }
 
-    /// For each row `j` of `w` (whole rows of `pairs` pairs of `format`): `emit(j, [w_j · x
-    /// for x in xs])`.
-    pub(super) fn dot_rows(
-        self,
-        format: Format,
-        pairs: usize,
-        w: &[u8],
-        xs: &[Q8Row<'_>],
-        emit: &mut impl FnMut(usize, &[f32]),
-    ) {
-        check(format, pairs, w, xs);
+    /// `out[i][j]` = row `j` of `panel` (`blocks` blocks of `format`) times `xs[i]`.
+    pub(super) fn panel(self, format: Format, blocks: usize, panel: &[u8], xs: &[Q8Row<'_>], out: &mut PanelOut) {
+        check(format, blocks, panel, xs);
         // SAFETY: `self` exists only where the features were detected; `check` proved the
-        // extents every load in `tile512` relies on.
-        unsafe { dispatch!(tile512, format, pairs, w, xs, emit) }
+        // extents every load in `panel512` relies on.
+        unsafe { dispatch!(panel512, format, blocks, panel, xs, out) }
     }
 }
 
-/// For every weight row `j` of `w`: `emit(j, [row_j · xs[r] for r < R])`.
+/// [`Avx512::panel`] for `R` activation rows of format `K`.
 ///
-/// Per pair of blocks, the weights become one vector of 64 unsigned bytes (the first block's 32
-/// in the low half), `vpdpbusd` sums four products a lane, so lanes 0–7 hold the first block's
-/// partial sums and 8–15 the second's; they are scaled by `d_b·e_b` (a lane permutation of
-/// the scales of the pair's group of eight pairs) and accumulated. The offsets' terms are one
-/// multiply-add per group.
+/// Per block, the quants become eight vectors (a 4-bit vector's low and high nibbles, or
+/// `Q8_0`'s eight), vector `k` holding weights `4k..4k + 4` of every row; `vpdpbusd` multiplies
+/// one by activations `4k..4k + 4` broadcast and sums each lane's four products, so after
+/// eight of them lane `j` holds row `j`'s integer sum for the block. It is converted and scaled
+/// by `d_j·e` in one multiply-add, and the offsets' term is one more.
 ///
 /// # Safety
-/// The CPU has the features [`Avx512::detect`] checks; `w` is whole rows of `pairs` pairs, and
-/// `xs` holds `R` rows of at least `2·pairs` blocks.
+/// The CPU has the features [`Avx512::detect`] checks; `panel` is `blocks` blocks of `K`, and
+/// `xs` holds `R` rows of at least `blocks` blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,avx2")]
-unsafe fn tile512<const R: usize, const K: u8>(
-    pairs: usize,
-    w: &[u8],
+unsafe fn panel512<const R: usize, const K: u8, const F: bool>(
+    blocks: usize,
+    panel: &[u8],
     xs: &[Q8Row<'_>],
-    emit: &mut impl FnMut(usize, &[f32]),
+    out: &mut PanelOut,
 ) {
-    let format = [Format::Q8_0, Format::Q4_0, Format::Q4_1][K as usize];
-    // Callers pass exactly R rows (`dot_rows` matches on the count).
+    let format = FORMATS[K as usize];
+    // Callers pass exactly R rows (`panel` matches on the count).
     let Ok(xs) = <&[Q8Row<'_>; R]>::try_from(xs) else { return };
-    for (j, row) in w.chunks_exact(pairs * format.pair_bytes()).enumerate() {
-        // SAFETY: as this function's.
-        let out: [f32; R] = unsafe { row512::<R, K>(pairs, row, xs) };
-        emit(j, &out);
-    }
-}
-
-/// One weight row of [`tile512`].
-///
-/// # Safety
-/// As [`tile512`], for one row of `pairs` pairs.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,avx2")]
-unsafe fn row512<const R: usize, const K: u8>(pairs: usize, row: &[u8], xs: &[Q8Row<'_>; R]) -> [f32; R] {
-    let format = [Format::Q8_0, Format::Q4_0, Format::Q4_1][K as usize];
-    let quant_bytes = format.pair_quant_bytes();
-    let quants = row.as_ptr();
-    // SAFETY (every pointer below): the scales start after `pairs` pairs of quants and hold
-    // `2·pairs` f16 values, the Q4_1 offsets as many after them; masked loads touch only the
-    // lanes their mask selects, which stay below `2·pairs` blocks; activation rows hold
-    // `pairs · 64` quants and `2·pairs` scales and sums.
-    let scales = unsafe { quants.add(pairs * quant_bytes) };
-    let mins = unsafe { scales.add(4 * pairs) };
-    let low4 = _mm256_set1_epi8(0x0F);
-    let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    // The offsets' terms go into the same accumulators: only the lanes' total is wanted.
+    let (quant_bytes, block_bytes) = (format.quant_bytes(), format.block_bytes());
+    let low4 = _mm512_set1_epi8(0x0F);
+    let offset = _mm512_set1_ps(-format.offset());
     let mut acc = [_mm512_setzero_ps(); R];
-    let mut g = 0;
-    while g < pairs {
-        let n = (pairs - g).min(8);
-        let k = ((1u32 << (2 * n)) - 1) as __mmask16;
-        let d = _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(k, scales.add(4 * g).cast()) });
-        let mut sc = [_mm512_setzero_ps(); R];
-        for r in 0..R {
-            sc[r] = _mm512_mul_ps(d, unsafe { _mm512_maskz_loadu_ps(k, xs[r].d.as_ptr().add(2 * g)) });
-        }
-        for p in 0..n {
-            let at = unsafe { quants.add((g + p) * quant_bytes) };
-            let w = if K == Q8_0 {
-                unsafe { _mm512_loadu_si512(at.cast()) }
-            } else {
-                let v = unsafe { _mm256_loadu_si256(at.cast()) };
-                let lo = _mm256_and_si256(v, low4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-                _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
-            };
-            let lanes = _mm512_add_epi32(halves, _mm512_set1_epi32(2 * p as i32));
-            for r in 0..R {
-                let a = unsafe { _mm512_loadu_si512(xs[r].q.as_ptr().add((g + p) * PAIR).cast()) };
-                let s = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a));
-                acc[r] = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(lanes, sc[r]), acc[r]);
+    for b in 0..blocks {
+        // SAFETY (every load below): block b's bytes lie inside `panel`, its quants first
+        // (`quant_bytes`), then 16 f16 scales and, for Q4_1, 16 f16 offsets; each activation
+        // row holds block b's 32 quants, scale and sum.
+        let at = unsafe { panel.as_ptr().add(b * block_bytes) };
+        prefetch(at, block_bytes);
+        let mut w = [_mm512_setzero_si512(); 8];
+        if K == Q8_0 {
+            for (k, w) in w.iter_mut().enumerate() {
+                *w = unsafe { _mm512_loadu_si512(at.add(64 * k).cast()) };
+            }
+        } else {
+            for k in 0..4 {
+                let v = unsafe { _mm512_loadu_si512(at.add(64 * k).cast()) };
+                w[k] = _mm512_and_si512(v, low4);
+                w[4 + k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
             }
         }
+        let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(at.add(quant_bytes).cast()) });
         let c = if K == Q4_1 {
-            _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(k, mins.add(4 * g).cast()) })
+            _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(at.add(quant_bytes + 2 * PANEL).cast()) })
         } else {
-            _mm512_mul_ps(d, _mm512_set1_ps(-format.offset()))
+            _mm512_mul_ps(d, offset)
         };
         for r in 0..R {
-            let s = unsafe { _mm512_maskz_loadu_ps(k, xs[r].sum.as_ptr().add(2 * g)) };
-            acc[r] = _mm512_fmadd_ps(c, s, acc[r]);
+            let (q, e, sum) = (xs[r].q, unsafe { *xs[r].d.get_unchecked(b) }, unsafe { *xs[r].sum.get_unchecked(b) });
+            // SAFETY: `check` proved block b's values (and low limbs, for F) are inside the row.
+            let mut s = unsafe { sum512(&w, q, b * BLOCK) };
+            if F {
+                s = _mm512_add_epi32(_mm512_slli_epi32(s, 8), unsafe { sum512(&w, xs[r].lo, b * BLOCK) });
+            }
+            let s = _mm512_cvtepi32_ps(s);
+            acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(e)), acc[r]);
+            acc[r] = _mm512_fmadd_ps(c, _mm512_set1_ps(sum), acc[r]);
         }
-        g += 8;
     }
-    // A loop, not `array::from_fn`: a closure would not inherit this function's features.
-    let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(acc[r]);
+        // SAFETY: 16 floats into a row of 16.
+        unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
     }
-    out
+}
+
+/// Lane `j`: the integer sum of row `j`'s block (`w`, eight vectors of unsigned quants, vector
+/// `k` holding weights `4k..4k + 4`) times the 32 activations of `q` from `at`.
+///
+/// # Safety
+/// The CPU has AVX-512 VNNI; `q` holds `at + 32` values.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn sum512(w: &[__m512i; 8], q: &[i8], at: usize) -> __m512i {
+    // Two chains of four, so the sums do not wait on each other's latency.
+    let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+    for k in 0..4 {
+        // SAFETY: as the function's.
+        s0 = _mm512_dpbusd_epi32(s0, w[k], _mm512_set1_epi32(unsafe { four(q, at + 4 * k) }));
+        s1 = _mm512_dpbusd_epi32(s1, w[4 + k], _mm512_set1_epi32(unsafe { four(q, at + 16 + 4 * k) }));
+    }
+    _mm512_add_epi32(s0, s1)
 }
 
 /// Proof that this CPU has AVX2, FMA and F16C: only [`Avx2::detect`] makes one.
@@ -192,133 +216,115 @@ impl Avx2 {
             .then_some(Avx2(()))
     }
 
-    /// For each row `j` of `w` (whole rows of `pairs` pairs of `format`): `emit(j, [w_j · x
-    /// for x in xs])`.
-    pub(super) fn dot_rows(
-        self,
-        format: Format,
-        pairs: usize,
-        w: &[u8],
-        xs: &[Q8Row<'_>],
-        emit: &mut impl FnMut(usize, &[f32]),
-    ) {
-        check(format, pairs, w, xs);
+    /// As [`Avx512::panel`].
+    pub(super) fn panel(self, format: Format, blocks: usize, panel: &[u8], xs: &[Q8Row<'_>], out: &mut PanelOut) {
+        check(format, blocks, panel, xs);
         // SAFETY: `self` exists only where the features were detected; `check` proved the
-        // extents every load in `tile256` relies on.
-        unsafe { dispatch!(tile256, format, pairs, w, xs, emit) }
+        // extents every load in `panel256` relies on.
+        unsafe { dispatch!(panel256, format, blocks, panel, xs, out) }
     }
 }
 
-/// Eight values from `src` starting at `at`, zero past its end.
-fn eight<T: Copy + Default>(src: &[T], at: usize) -> [T; 8] {
-    let mut out = [T::default(); 8];
-    let n = src.len().saturating_sub(at).min(8);
-    out[..n].copy_from_slice(&src[at..at + n]);
-    out
-}
-
-/// Eight f16 values' bits from little-endian bytes, starting at value `at`, zero past the end.
-fn halves16(bytes: &[u8], at: usize) -> [u16; 8] {
-    let mut out = [0u16; 8];
-    for (i, o) in out.iter_mut().enumerate() {
-        if let Some(b) = bytes.get(2 * (at + i)..2 * (at + i) + 2) {
-            *o = u16::from_le_bytes([b[0], b[1]]);
-        }
-    }
-    out
-}
-
-/// As [`tile512`], a block (32 weights) at a time: `maddubs` multiplies unsigned by signed
-/// bytes into 16-bit pairs (a Q8_0 weight's sign moves to the activation first, since its
-/// magnitude can reach 128), `madd` widens them into eight 32-bit sums.
+/// As [`panel512`], in two halves of eight rows (the low and high 32 bytes of each 64-byte
+/// vector). Without `vpdpbusd`, `maddubs` multiplies unsigned by signed bytes into 16-bit sums
+/// of two products and `madd` widens them. For the 4-bit formats a block's eight `maddubs`
+/// are added in 16 bits first: each lane is at most 8 · 2 · 15 · 127 = 30480. `Q8_0`'s quants
+/// are turned back into signed bytes, and each weight's sign moved onto its activation (its
+/// magnitude reaches 128, so 2 · 128 · 127 fits one `maddubs` lane but not two).
 ///
 /// # Safety
-/// As [`tile512`], with the features [`Avx2::detect`] checks.
+/// As [`panel512`], with the features [`Avx2::detect`] checks.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile256<const R: usize, const K: u8>(
-    pairs: usize,
-    w: &[u8],
+unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
+    blocks: usize,
+    panel: &[u8],
     xs: &[Q8Row<'_>],
-    emit: &mut impl FnMut(usize, &[f32]),
+    out: &mut PanelOut,
 ) {
-    let format = [Format::Q8_0, Format::Q4_0, Format::Q4_1][K as usize];
-    // Callers pass exactly R rows (`dot_rows` matches on the count).
+    let format = FORMATS[K as usize];
+    // Callers pass exactly R rows (`panel` matches on the count).
     let Ok(xs) = <&[Q8Row<'_>; R]>::try_from(xs) else { return };
-    for (j, row) in w.chunks_exact(pairs * format.pair_bytes()).enumerate() {
-        // SAFETY: as this function's.
-        let out: [f32; R] = unsafe { row256::<R, K>(pairs, row, xs) };
-        emit(j, &out);
-    }
-}
-
-/// One weight row of [`tile256`].
-///
-/// # Safety
-/// As [`tile256`], for one row of `pairs` pairs.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row256<const R: usize, const K: u8>(pairs: usize, row: &[u8], xs: &[Q8Row<'_>; R]) -> [f32; R] {
-    let format = [Format::Q8_0, Format::Q4_0, Format::Q4_1][K as usize];
-    let quant_bytes = format.pair_quant_bytes();
-    let blocks = 2 * pairs;
-    let (quants, rest) = row.split_at(pairs * quant_bytes);
-    let (scales, mins) = rest.split_at(2 * blocks);
+    let (quant_bytes, block_bytes) = (format.quant_bytes(), format.block_bytes());
     let low4 = _mm256_set1_epi8(0x0F);
     let flip = _mm256_set1_epi8(-128);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut corr = [_mm256_setzero_ps(); R];
-    for g in (0..blocks).step_by(8) {
-        // SAFETY: loads from local arrays of eight values.
-        let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(halves16(scales, g).as_ptr().cast()) });
-        let mut sc = [[0f32; 8]; R];
-        for r in 0..R {
-            let e = unsafe { _mm256_loadu_ps(eight(&xs[r].d[..blocks], g).as_ptr()) };
-            unsafe { _mm256_storeu_ps(sc[r].as_mut_ptr(), _mm256_mul_ps(d, e)) };
-        }
-        for b in g..(g + 8).min(blocks) {
-            let (pair, second) = (b / 2, b % 2 == 1);
-            // SAFETY: 32 bytes inside the pair's quants (64 for Q8_0, the block's half; 32 for
-            // the 4-bit formats, nibbles selected below).
-            let w = if K == Q8_0 {
-                let at = pair * PAIR + if second { BLOCK } else { 0 };
-                _mm256_xor_si256(unsafe { _mm256_loadu_si256(quants[at..at + 32].as_ptr().cast()) }, flip)
+    let offset = _mm256_set1_ps(-format.offset());
+    for half in 0..2 {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            // SAFETY (every load below): as in `panel512`, for this half's 32 bytes of each
+            // vector and its eight rows' scales and offsets.
+            let at = unsafe { panel.as_ptr().add(b * block_bytes) };
+            // The second half finds the panel in cache.
+            if half == 0 {
+                prefetch(at, block_bytes);
+            }
+            let mut w = [_mm256_setzero_si256(); 8];
+            if K == Q8_0 {
+                for (k, w) in w.iter_mut().enumerate() {
+                    *w = _mm256_xor_si256(unsafe { _mm256_loadu_si256(at.add(64 * k + 32 * half).cast()) }, flip);
+                }
             } else {
-                let v = unsafe { _mm256_loadu_si256(quants[pair * 32..pair * 32 + 32].as_ptr().cast()) };
-                if second { _mm256_and_si256(_mm256_srli_epi16(v, 4), low4) } else { _mm256_and_si256(v, low4) }
+                for k in 0..4 {
+                    let v = unsafe { _mm256_loadu_si256(at.add(64 * k + 32 * half).cast()) };
+                    w[k] = _mm256_and_si256(v, low4);
+                    w[4 + k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                }
+            }
+            let scales = unsafe { at.add(quant_bytes + 16 * half) };
+            let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(scales.cast()) });
+            let c = if K == Q4_1 {
+                _mm256_cvtph_ps(unsafe { _mm_loadu_si128(scales.add(2 * PANEL).cast()) })
+            } else {
+                _mm256_mul_ps(d, offset)
             };
             for r in 0..R {
-                // SAFETY: 32 activation bytes of block b, inside the row.
-                let a = unsafe { _mm256_loadu_si256(xs[r].q[b * BLOCK..(b + 1) * BLOCK].as_ptr().cast()) };
-                let products = if K == Q8_0 {
-                    _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w))
-                } else {
-                    _mm256_maddubs_epi16(w, a)
-                };
-                let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(products, ones));
-                acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(sc[r][b - g]), acc[r]);
+                let (q, e, sum) =
+                    (xs[r].q, unsafe { *xs[r].d.get_unchecked(b) }, unsafe { *xs[r].sum.get_unchecked(b) });
+                // SAFETY: `check` proved block b's values (and low limbs, for F) are inside the row.
+                let mut s = unsafe { sum256::<K>(&w, q, b * BLOCK) };
+                if F {
+                    s = _mm256_add_epi32(_mm256_slli_epi32(s, 8), unsafe { sum256::<K>(&w, xs[r].lo, b * BLOCK) });
+                }
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(e)), acc[r]);
+                // Q8_0's products were signed already: its offset is accounted for.
+                if K != Q8_0 {
+                    acc[r] = _mm256_fmadd_ps(c, _mm256_set1_ps(sum), acc[r]);
+                }
             }
         }
-        // Q8_0's products were signed already: its offset is accounted for.
-        let c = match K {
-            Q4_1 => _mm256_cvtph_ps(unsafe { _mm_loadu_si128(halves16(mins, g).as_ptr().cast()) }),
-            Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-format.offset())),
-            _ => _mm256_setzero_ps(),
-        };
         for r in 0..R {
-            let s = unsafe { _mm256_loadu_ps(eight(&xs[r].sum[..blocks], g).as_ptr()) };
-            corr[r] = _mm256_fmadd_ps(c, s, corr[r]);
+            // SAFETY: 8 floats into lanes 8·half.. of a row of 16.
+            unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * half), acc[r]) };
         }
     }
-    // A loop, not `array::from_fn`: a closure would not inherit this function's features.
-    let mut out = [0f32; R];
-    for r in 0..R {
-        let v = _mm256_add_ps(acc[r], corr[r]);
-        let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let quarter = _mm_hadd_ps(half, half);
-        out[r] = _mm_cvtss_f32(_mm_hadd_ps(quarter, quarter));
+}
+
+/// As [`sum512`] for eight rows (`w` as [`panel256`] unpacks it: signed for `Q8_0`).
+///
+/// # Safety
+/// The CPU has AVX2; `q` holds `at + 32` values.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn sum256<const K: u8>(w: &[__m256i; 8], q: &[i8], at: usize) -> __m256i {
+    let ones = _mm256_set1_epi16(1);
+    if K == Q8_0 {
+        let mut s = _mm256_setzero_si256();
+        for (k, &w) in w.iter().enumerate() {
+            // SAFETY: as the function's.
+            let a = _mm256_set1_epi32(unsafe { four(q, at + 4 * k) });
+            let p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w));
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+        }
+        s
+    } else {
+        let mut p = _mm256_setzero_si256();
+        for (k, &w) in w.iter().enumerate() {
+            // SAFETY: as the function's.
+            let a = _mm256_set1_epi32(unsafe { four(q, at + 4 * k) });
+            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w, a));
+        }
+        _mm256_madd_epi16(p, ones)
     }
-    out
 }
 
 /// `a · b` over `n` values, 16 lanes at a time.
