@@ -76,7 +76,7 @@ pub fn write_kv(
 /// `q` rows are `q_stride` apart with the `n_heads · head_dim` query values at column 0;
 /// `out` is `[rows, n_heads · head_dim]`. Query head `h` reads KV head
 /// `h / (n_heads / kv_heads)`. With `sliding_window = Some(w)`, a query at position `p` sees
-/// positions `p + 1 - w ..= p` only. Softmax runs in f32 with the running maximum subtracted.
+/// positions `p + 1 - w ..= p` only. Softmax runs in f32 with each row's maximum subtracted.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     layout: KvLayout,
@@ -122,6 +122,11 @@ pub fn paged_attention(
             };
             // scores[g · n + i]: query head g against visible position i.
             let n = pos + 1 - first;
+            if n == 0 {
+                // A window of no positions (`sliding_window = Some(0)`) sees nothing.
+                out_heads.fill(0.0);
+                return;
+            }
             scores.clear();
             scores.resize(group * n, 0.0);
             for (i, slot) in runs().flatten().enumerate() {

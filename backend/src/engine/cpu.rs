@@ -149,7 +149,7 @@ enum DecodeForm {
 }
 
 impl CpuAdapter {
-    fn new(weights: AdapterWeights, bf16: bool) -> CpuAdapter {
+    fn new(weights: AdapterWeights, half: bool) -> CpuAdapter {
         let decode = weights
             .layers
             .iter()
@@ -158,7 +158,7 @@ impl CpuAdapter {
                     m.as_ref().map(|m| {
                         let out = m.b.len() / m.rank.max(1);
                         let bt = (0..m.rank).flat_map(|r| (0..out).map(move |o| m.b[o * m.rank + r]));
-                        if bf16 {
+                        if half {
                             DecodeForm::Bf16 {
                                 a: m.a.iter().map(|&v| bf16::from_f32(v)).collect(),
                                 bt: bt.map(bf16::from_f32).collect(),
@@ -217,10 +217,11 @@ impl CpuExecutor {
     }
 
     /// As [`CpuExecutor::new`], keeping quantized matrices (GGUF's Q8_0, Q4_0, Q4_1) in their
-    /// blocks and multiplying them by activations quantized to 8 bits per block, as llama.cpp
-    /// does: a quarter to an eighth of f32's memory and bandwidth. The activations' rounding
-    /// moves logits by up to a few percent of their size on a 30-layer model, so greedy choices
-    /// between near-tied tokens can differ from an f32 reference.
+    /// blocks, a quarter to an eighth of f32's memory and bandwidth, and multiplying them by
+    /// activations quantized per block to `precision`. With 16 bits (`q16`) SmolLM2's logits
+    /// stay within about 2e-4 of f32's; with 8 bits (`q8`, llama.cpp's arithmetic) the
+    /// rounding moves them by up to a few percent of their size on a 30-layer model, so greedy
+    /// choices between near-tied tokens can differ from an f32 reference.
     pub fn new_quantized(
         config: &ModelConfig,
         weights: ModelWeights,

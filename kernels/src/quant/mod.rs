@@ -32,10 +32,10 @@
 //! integers `q_i` with `x_i ≈ e_b·q_i`, and `s_b = e_b·Σq`). A row's dot product is then
 //! `Σ_b d_b·e_b·Σ_i u_i·q_i + Σ_b (m_b − o·d_b)·s_b`: integer multiply-adds inside a block,
 //! one float multiply-add per block. The only error beyond f32 rounding is the activations'
-//! rounding: to 1/254 of their block's largest magnitude with 8-bit `q` ([`Precision::Int8`],
-//! llama.cpp's arithmetic), or to 1/65024 of it with `q = 256·h + l` in two 8-bit limbs
-//! ([`Precision::Int16`]), whose integer sum is `256·Σu·h + Σu·l`: the same 8-bit products
-//! twice, on weights unpacked once.
+//! rounding: to within 1/254 of their block's largest magnitude with 8-bit `q`
+//! ([`Precision::Int8`], llama.cpp's arithmetic), or to within 1/64516 of it with
+//! `q = 254·h + l` in two 8-bit limbs ([`Precision::Int16`]), whose integer sum is
+//! `254·Σu·h + Σu·l`: the same 8-bit products twice, on weights unpacked once.
 //!
 //! [`dot_scalar`] is the specification. The SIMD paths (AVX-512 VNNI and AVX2 on x86-64) are
 //! chosen at run time; they compute the same integer sums exactly and may differ from the
@@ -285,7 +285,12 @@ impl QuantMatrix {
     }
 
     /// Row `r` as f32 (`out` holds `cols` values).
+    ///
+    /// # Panics
+    /// When there is no row `r` (a caller bug: token ids are checked against the vocabulary
+    /// before they reach an embedding).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows, "dequantize_row: row {r} of {}", self.rows);
         let o = self.format.offset();
         for (b, values) in out[..self.cols].chunks_exact_mut(BLOCK).enumerate() {
             let block = self.block(r, b);
@@ -327,14 +332,19 @@ fn put(format: Format, dst: &mut [u8], lane: usize, block: &Block) {
 /// How finely [`Q8Rows`] holds activations.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Precision {
-    /// One 8-bit value each, as ggml's `Q8_1`: rounded to 1/254 of their block's largest
-    /// magnitude.
+    /// One 8-bit value each, as ggml's `Q8_1`: `x ≈ e·q` with `e` the block's largest
+    /// magnitude over 127, so rounded to within 1/254 of that magnitude.
     #[default]
     Int8,
-    /// Two 8-bit limbs each, `256·q + r`: rounded to 1/65024 of it, for twice the integer
-    /// multiply-adds (each weight block is unpacked once for both limbs).
+    /// Two 8-bit limbs each, `x ≈ (e/254)·(254·h + l)`: `h` as `Int8`'s `q`, and `l` the
+    /// remainder (within half a step) in 254ths of a step, so within ±127 and the value rounded
+    /// to within 1/64516 of the block's largest magnitude. Twice the integer multiply-adds, on
+    /// weights unpacked once for both limbs.
     Int16,
 }
+
+/// The weight of the high limb in [`Precision::Int16`]'s `254·h + l`.
+const LIMB: i32 = 254;
 
 impl Precision {
     fn limbs(self) -> usize {
@@ -438,26 +448,26 @@ fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32]) {
     for (b, block) in x.chunks_exact(BLOCK).enumerate() {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scale = amax / 127.0;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        // A block too small for a normal scale (or all zeros) quantizes to zeros.
+        let inv = if scale.is_normal() { 1.0 / scale } else { 0.0 };
         let values = b * BLOCK..(b + 1) * BLOCK;
         let mut total = 0i32;
+        // |v · inv| <= 127 and the remainder is within half a step, so |254 · remainder| <= 127:
+        // the clamps change nothing but a NaN activation's garbage, which they keep in range.
         if lo.is_empty() {
             for (o, &v) in q[values].iter_mut().zip(block) {
-                // |v · inv| <= 127: the cast cannot saturate.
-                *o = round(v * inv) as i8;
+                *o = round(v * inv).clamp(-127, 127) as i8;
                 total += i32::from(*o);
             }
             d[b] = scale;
         } else {
             for ((o, l), &v) in q[values.clone()].iter_mut().zip(&mut lo[values]).zip(block) {
-                // The high limb as above; the remainder, within half a step, in 256ths of a step
-                // (a remainder of exactly half a step would round to 128: it is clamped to 127).
-                let high = round(v * inv);
-                let low = round((v * inv - high as f32) * 256.0).clamp(-127, 127);
+                let high = round(v * inv).clamp(-127, 127);
+                let low = round((v * inv - high as f32) * LIMB as f32).clamp(-127, 127);
                 (*o, *l) = (high as i8, low as i8);
-                total += 256 * high + low;
+                total += LIMB * high + low;
             }
-            d[b] = scale / 256.0;
+            d[b] = scale / LIMB as f32;
         }
         sum[b] = d[b] * total as f32;
     }
@@ -473,7 +483,7 @@ pub fn dot_scalar(w: &QuantMatrix, r: usize, x: Q8Row<'_>) -> f32 {
         let dot = |q: &[i8]| -> i32 { block.u.iter().zip(q).map(|(&u, &q)| i32::from(u) * i32::from(q)).sum() };
         let mut s = dot(&x.q[values.clone()]);
         if !x.lo.is_empty() {
-            s = 256 * s + dot(&x.lo[values]);
+            s = LIMB * s + dot(&x.lo[values]);
         }
         let d = block.d();
         acc += d * x.d[b] * s as f32 + (block.m() - o * d) * x.sum[b];
@@ -580,7 +590,8 @@ pub fn matmul_on(path: Path, w: &QuantMatrix, x: &Q8Rows, y: &mut [f32], y_strid
         return;
     }
     assert!(x.blocks == w.blocks(), "matmul: activations of {} blocks, weights of {}", x.blocks, w.blocks());
-    assert!(y_stride >= n && y.len() >= (m - 1) * y_stride + n, "matmul: y too short");
+    let need = (m - 1).checked_mul(y_stride).and_then(|v| v.checked_add(n));
+    assert!(y_stride >= n && need.is_some_and(|need| y.len() >= need), "matmul: y too short");
     // Chunks of panels: enough of them to keep every thread busy, and small enough (with the
     // tiles of activations) to stay in the core's cache.
     let (threads, panels) = (rayon::current_num_threads(), w.panels());
@@ -690,9 +701,9 @@ mod tests {
     #[test]
     fn the_quantized_dot_is_the_f32_dot_of_the_dequantized_row_to_within_activation_rounding() {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
-        // Each activation moves by at most half a step: its block's amax / 254, or / 65024 with
+        // Each activation moves by at most half a step: its block's amax / 254, or / 64516 with
         // two limbs.
-        for (precision, steps) in [(Precision::Int8, 254.0), (Precision::Int16, 65024.0)] {
+        for (precision, steps) in [(Precision::Int8, 254.0), (Precision::Int16, 64516.0)] {
             for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1] {
                 let (rows, cols) = (16, 288);
                 let w = random(format, rows, cols, &mut rng);

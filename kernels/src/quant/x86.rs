@@ -77,7 +77,8 @@ fn check(format: Format, blocks: usize, panel: &[u8], xs: &[Q8Row<'_>]) {
 #[inline(always)]
 fn prefetch(at: *const u8, block_bytes: usize) {
     let ahead = at.wrapping_add(PREFETCH * block_bytes);
-    for line in 0..block_bytes / 64 {
+    // A block is not aligned to cache lines: it can touch one more line than its size fills.
+    for line in 0..=block_bytes / 64 {
         // SAFETY: a prefetch is a hint: it reads nothing into the program and never faults.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast()) };
     }
@@ -175,7 +176,9 @@ unsafe fn panel512<const R: usize, const K: u8, const F: bool>(
             // SAFETY: `check` proved block b's values (and low limbs, for F) are inside the row.
             let mut s = unsafe { sum512(&w, q, b * BLOCK) };
             if F {
-                s = _mm512_add_epi32(_mm512_slli_epi32(s, 8), unsafe { sum512(&w, xs[r].lo, b * BLOCK) });
+                // 254·s as 256·s − 2·s.
+                let high = _mm512_sub_epi32(_mm512_slli_epi32(s, 8), _mm512_add_epi32(s, s));
+                s = _mm512_add_epi32(high, unsafe { sum512(&w, xs[r].lo, b * BLOCK) });
             }
             let s = _mm512_cvtepi32_ps(s);
             acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(e)), acc[r]);
@@ -283,7 +286,9 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
                 // SAFETY: `check` proved block b's values (and low limbs, for F) are inside the row.
                 let mut s = unsafe { sum256::<K>(&w, q, b * BLOCK) };
                 if F {
-                    s = _mm256_add_epi32(_mm256_slli_epi32(s, 8), unsafe { sum256::<K>(&w, xs[r].lo, b * BLOCK) });
+                    // 254·s as 256·s − 2·s.
+                    let high = _mm256_sub_epi32(_mm256_slli_epi32(s, 8), _mm256_add_epi32(s, s));
+                    s = _mm256_add_epi32(high, unsafe { sum256::<K>(&w, xs[r].lo, b * BLOCK) });
                 }
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(e)), acc[r]);
                 // Q8_0's products were signed already: its offset is accounted for.
