@@ -6,7 +6,6 @@
 //! Paging lets sequences grow without copying and lets the scheduler bound KV memory exactly.
 
 use crate::ops::{axpy, dot};
-use rayon::prelude::*;
 
 /// Shape of one layer's KV pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,11 +91,11 @@ pub fn paged_attention(
 ) {
     let hd = layout.head_dim;
     let group = n_heads / layout.kv_heads;
-    let w = layout.slot_width();
     // One work item per (row, KV head): the `group` query heads that read that head's keys and
     // values, a contiguous block of the output row. A decode step's single row still spreads
     // over the threads.
-    let mut work: Vec<(usize, usize, usize, &AttentionSeq<'_>)> = Vec::new();
+    let mut work: Vec<(usize, usize, usize, &AttentionSeq<'_>)> =
+        Vec::with_capacity(seqs.iter().map(|s| s.q_len).sum::<usize>() * layout.kv_heads);
     for seq in seqs {
         for i in 0..seq.q_len {
             for kvh in 0..layout.kv_heads {
@@ -104,57 +103,182 @@ pub fn paged_attention(
             }
         }
     }
-    out.par_chunks_mut(group * hd).zip(work.par_iter()).with_min_len(4).for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, (out_heads, &(row, pos, kvh, seq))| {
-            let first = sliding_window.map_or(0, |win| (pos + 1).saturating_sub(win));
-            let kv_col = kvh * hd;
+    assert!(out.len() >= work.len() * group * hd, "paged_attention: out too short");
+    let out = &mut out[..work.len() * group * hd];
+    // Item i owns output values i·group·hd .. (i + 1)·group·hd: the row's heads in order,
+    // grouped by KV head. Four items a task amortise the scratch space.
+    crate::team::for_each_piece(out, group * hd, 4, &|item, out_heads| {
+        let (row, pos, kvh, seq) = work[item];
+        let first = sliding_window.map_or(0, |win| (pos + 1).saturating_sub(win));
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.slots.clear();
+            // The visible positions' slots, a block at a time (runs of consecutive slots).
+            for b in first / layout.block_size..=pos / layout.block_size {
+                let start = (b * layout.block_size).max(first);
+                let end = ((b + 1) * layout.block_size).min(pos + 1);
+                let slot = seq.blocks[b] as usize * layout.block_size + start - b * layout.block_size;
+                scratch.slots.extend(slot..slot + end.saturating_sub(start));
+            }
             let q_heads = &q[row * q_stride + kvh * group * hd..row * q_stride + (kvh + 1) * group * hd];
-            // The visible positions' slots, a block at a time (runs of consecutive slots): each
-            // key and value row is read once for the whole group of query heads.
-            let runs = || {
-                (first / layout.block_size..=pos / layout.block_size).map(move |b| {
-                    let start = (b * layout.block_size).max(first);
-                    let end = ((b + 1) * layout.block_size).min(pos + 1);
-                    let slot = seq.blocks[b] as usize * layout.block_size + start - b * layout.block_size;
-                    slot..slot + (end - start)
-                })
-            };
-            // scores[g · n + i]: query head g against visible position i.
-            let n = pos + 1 - first;
-            if n == 0 {
-                // A window of no positions (`sliding_window = Some(0)`) sees nothing.
-                out_heads.fill(0.0);
-                return;
-            }
-            scores.clear();
-            scores.resize(group * n, 0.0);
-            for (i, slot) in runs().flatten().enumerate() {
-                let k = &k_cache[slot * w + kv_col..slot * w + kv_col + hd];
-                for (g, qh) in q_heads.chunks_exact(hd).enumerate() {
-                    scores[g * n + i] = dot(qh, k) * scale;
-                }
-            }
-            for head in scores.chunks_exact_mut(n) {
-                let max = head.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                let mut denom = 0f32;
-                for s in head.iter_mut() {
-                    *s = (*s - max).exp();
-                    denom += *s;
-                }
-                for s in head.iter_mut() {
-                    *s /= denom;
-                }
-            }
-            out_heads.fill(0.0);
-            for (i, slot) in runs().flatten().enumerate() {
-                let v = &v_cache[slot * w + kv_col..slot * w + kv_col + hd];
-                for (g, o) in out_heads.chunks_exact_mut(hd).enumerate() {
-                    axpy(scores[g * n + i], v, o);
-                }
-            }
-        },
+            let kv = Kv { k: k_cache, v: v_cache, width: layout.slot_width(), col: kvh * hd, head_dim: hd };
+            attend(q_heads, kv, scale, scratch, out_heads);
+        });
+    });
+}
+
+thread_local! {
+    /// Each thread's [`Scratch`], kept between items and calls.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+/// One KV head's pools, as an item reads them.
+#[derive(Clone, Copy)]
+struct Kv<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    /// Values a slot holds (all KV heads).
+    width: usize,
+    /// The head's first column within a slot.
+    col: usize,
+    head_dim: usize,
+}
+
+impl Kv<'_> {
+    fn key(&self, slot: usize) -> &[f32] {
+        &self.k[slot * self.width + self.col..slot * self.width + self.col + self.head_dim]
+    }
+
+    fn value(&self, slot: usize) -> &[f32] {
+        &self.v[slot * self.width + self.col..slot * self.width + self.col + self.head_dim]
+    }
+}
+
+/// An item's scratch space: the visible slots, and `scores[g · n + i]` (query head `g` against
+/// visible position `i`).
+#[derive(Default)]
+struct Scratch {
+    slots: Vec<usize>,
+    scores: Vec<f32>,
+}
+
+/// The query heads of one KV head's group (`q_heads`, `group · head_dim` values) attending to
+/// the positions at `scratch.slots`: each key and value row is read once for the whole group.
+fn attend(q_heads: &[f32], kv: Kv<'_>, scale: f32, scratch: &mut Scratch, out_heads: &mut [f32]) {
+    let hd = kv.head_dim;
+    let (group, n) = (q_heads.len() / hd, scratch.slots.len());
+    if n == 0 {
+        // A window of no positions (`sliding_window = Some(0)`) sees nothing.
+        out_heads.fill(0.0);
+        return;
+    }
+    // Every slot is inside the pools before any unchecked read of the fast path.
+    assert!(
+        scratch.slots.iter().all(|&s| (s + 1) * kv.width <= kv.k.len().min(kv.v.len())) && kv.col + hd <= kv.width,
+        "attention: a slot outside the KV pools"
     );
+    scratch.scores.clear();
+    scratch.scores.resize(group * n, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx512() && matches!(hd, 64 | 128) {
+        // SAFETY: AVX-512F is present; the slots were checked above, and q_heads and
+        // out_heads hold `group` heads of `hd`.
+        unsafe { x86::scores(q_heads, kv, scale, &scratch.slots, &mut scratch.scores) };
+        softmax_rows(&mut scratch.scores, n);
+        // SAFETY: as above.
+        unsafe { x86::weigh(&scratch.scores, kv, &scratch.slots, out_heads) };
+        return;
+    }
+    for (i, &slot) in scratch.slots.iter().enumerate() {
+        let k = kv.key(slot);
+        for (g, qh) in q_heads.chunks_exact(hd).enumerate() {
+            scratch.scores[g * n + i] = dot(qh, k) * scale;
+        }
+    }
+    softmax_rows(&mut scratch.scores, n);
+    out_heads.fill(0.0);
+    for (i, &slot) in scratch.slots.iter().enumerate() {
+        let v = kv.value(slot);
+        for (g, o) in out_heads.chunks_exact_mut(hd).enumerate() {
+            axpy(scratch.scores[g * n + i], v, o);
+        }
+    }
+}
+
+/// Softmax of each `n`-long row of `scores`, in f32 with the row's maximum subtracted.
+fn softmax_rows(scores: &mut [f32], n: usize) {
+    for head in scores.chunks_exact_mut(n) {
+        let max = head.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut denom = 0f32;
+        for s in head.iter_mut() {
+            *s = (*s - max).exp();
+            denom += *s;
+        }
+        for s in head.iter_mut() {
+            *s /= denom;
+        }
+    }
+}
+
+/// The AVX-512 loops of [`attend`] for heads of 64 or 128 values: a key's dot product with a
+/// query head in four or eight multiply-adds and one reduction, and the weighted sum of values
+/// in registers across all positions.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Kv;
+    use std::arch::x86_64::*;
+
+    /// `scores[g · n + i] = scale · (q_g · k_i)` for every query head `g` and visible slot `i`.
+    ///
+    /// # Safety
+    /// AVX-512F is present; `kv.head_dim` is 64 or 128, every slot's head lies inside `kv.k`,
+    /// `q` holds the group's heads and `scores` `group · slots.len()` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scores(q: &[f32], kv: Kv<'_>, scale: f32, slots: &[usize], scores: &mut [f32]) {
+        let (hd, n) = (kv.head_dim, slots.len());
+        let chunks = hd / 16;
+        for (g, qh) in q.chunks_exact(hd).enumerate() {
+            let mut qv = [_mm512_setzero_ps(); 8];
+            for (c, v) in qv.iter_mut().take(chunks).enumerate() {
+                // SAFETY: qh holds hd = 16 · chunks values.
+                *v = unsafe { _mm512_loadu_ps(qh.as_ptr().add(16 * c)) };
+            }
+            for (i, &slot) in slots.iter().enumerate() {
+                // SAFETY: as the function's: the slot's head lies inside the K pool.
+                let k = unsafe { kv.k.as_ptr().add(slot * kv.width + kv.col) };
+                let mut acc = _mm512_setzero_ps();
+                for (c, qv) in qv.iter().take(chunks).enumerate() {
+                    acc = _mm512_fmadd_ps(*qv, unsafe { _mm512_loadu_ps(k.add(16 * c)) }, acc);
+                }
+                scores[g * n + i] = _mm512_reduce_add_ps(acc) * scale;
+            }
+        }
+    }
+
+    /// `out_g = Σ_i p[g · n + i] · v_i` for every query head `g`, each head's sums held in
+    /// registers across the slots.
+    ///
+    /// # Safety
+    /// As [`scores`], with `out` holding the group's heads.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weigh(p: &[f32], kv: Kv<'_>, slots: &[usize], out: &mut [f32]) {
+        let (hd, n) = (kv.head_dim, slots.len());
+        let chunks = hd / 16;
+        for (g, o) in out.chunks_exact_mut(hd).enumerate() {
+            let mut acc = [_mm512_setzero_ps(); 8];
+            for (i, &slot) in slots.iter().enumerate() {
+                let w = _mm512_set1_ps(p[g * n + i]);
+                // SAFETY: as the function's: the slot's head lies inside the V pool.
+                let v = unsafe { kv.v.as_ptr().add(slot * kv.width + kv.col) };
+                for (c, a) in acc.iter_mut().take(chunks).enumerate() {
+                    *a = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(v.add(16 * c)) }, *a);
+                }
+            }
+            for (c, a) in acc.iter().take(chunks).enumerate() {
+                // SAFETY: o holds hd = 16 · chunks values.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), *a) };
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -218,6 +342,47 @@ mod tests {
         let seq = AttentionSeq { q_start: 0, q_len: 3, context_len: n, blocks: &blocks };
         paged_attention(layout, tail, heads * 8, heads, &[seq], &kc, &vc, scale, None, &mut out_tail);
         assert_eq!(&out_tail[..], &out[(n - 3) * heads * 8..]);
+    }
+
+    #[test]
+    fn heads_of_64_and_128_values_match_dense_attention_for_a_decode_batch() {
+        // The head sizes the SIMD path takes, grouped-query heads, several sequences of one
+        // new token each (a decode step) over scattered blocks.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        for hd in [64, 128] {
+            let (heads, kvh, block_size) = (6, 2, 16);
+            let layout = KvLayout { block_size, kv_heads: kvh, head_dim: hd };
+            let w = layout.slot_width();
+            let lens = [1usize, 17, 40];
+            let tables: [Vec<u32>; 3] = [vec![4], vec![0, 6], vec![5, 1, 3]];
+            let (mut kc, mut vc) = (vec![0f32; 7 * block_size * w], vec![0f32; 7 * block_size * w]);
+            let mut want = Vec::new();
+            let mut q_rows = Vec::new();
+            for (&n, table) in lens.iter().zip(&tables) {
+                let q: Vec<f32> = (0..n * heads * hd).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let kv: Vec<f32> = (0..n * 2 * w).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let k: Vec<f32> = kv.chunks(2 * w).flat_map(|r| r[..w].to_vec()).collect();
+                let v: Vec<f32> = kv.chunks(2 * w).flat_map(|r| r[w..].to_vec()).collect();
+                let slots: Vec<usize> = (0..n).map(|p| slot_of(table, block_size, p)).collect();
+                write_kv(layout, &kv, 2 * w, 0, w, &slots, &mut kc, &mut vc);
+                let scale = 1.0 / (hd as f64).sqrt();
+                let all = dense(&q, &k, &v, n, heads, kvh, hd, scale);
+                want.extend_from_slice(&all[(n - 1) * heads * hd..]);
+                q_rows.extend_from_slice(&q[(n - 1) * heads * hd..]);
+            }
+            let seqs: Vec<AttentionSeq<'_>> = lens
+                .iter()
+                .zip(&tables)
+                .enumerate()
+                .map(|(i, (&n, t))| AttentionSeq { q_start: i, q_len: 1, context_len: n, blocks: t })
+                .collect();
+            let mut out = vec![f32::NAN; 3 * heads * hd];
+            let scale = 1.0 / (hd as f32).sqrt();
+            paged_attention(layout, &q_rows, heads * hd, heads, &seqs, &kc, &vc, scale, None, &mut out);
+            for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                assert!((*a as f64 - b).abs() < 1e-5, "head dim {hd}, [{i}]: {a} vs {b}");
+            }
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod lora;
 pub mod matmul;
 pub mod ops;
 pub mod quant;
+pub mod team;
 
 pub use attention::{AttentionSeq, KvLayout};
 pub use lora::{LoraMat, Segment};

@@ -13,9 +13,8 @@
 //! functions here are the specification of the device kernels and the CPU execution path.
 
 use crate::matmul::linear_strided;
-use crate::ops::{axpy, axpy_bf16, dot, dot_bf16};
+use crate::ops::{axpy, axpys_bf16, dot, dots_bf16};
 use half::bf16;
-use rayon::prelude::*;
 
 /// A run of consecutive batch rows `[start, start + len)` that all use adapter `slot`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,34 +134,106 @@ pub fn bgmv<'a>(
     y_stride: usize,
     y_offset: usize,
 ) {
-    y.par_chunks_mut(y_stride).zip(x.par_chunks(in_dim)).zip(row_slots.par_iter()).for_each_init(
-        Vec::new,
-        |v: &mut Vec<f32>, ((y, x), slot)| {
-            let Some(m) = slot.and_then(&mat) else { return };
-            v.clear();
-            let y = &mut y[y_offset..y_offset + out_dim];
-            if let Some(h) = m.half {
-                v.extend(h.a.chunks_exact(in_dim).take(m.rank).map(|a| dot_bf16(a, x)));
-                for (&v, bt) in v.iter().zip(h.bt.chunks_exact(out_dim)) {
-                    axpy_bf16(m.scale * v, bt, y);
-                }
-                return;
-            }
-            v.extend(m.a.chunks_exact(in_dim).take(m.rank).map(|a| dot(a, x)));
-            match m.bt {
-                Some(bt) => {
-                    for (&v, bt) in v.iter().zip(bt.chunks_exact(out_dim)) {
-                        axpy(m.scale * v, bt, y);
-                    }
-                }
-                None => {
-                    for (y, b) in y.iter_mut().zip(m.b.chunks_exact(m.rank)) {
-                        *y += m.scale * dot(b, v);
-                    }
-                }
-            }
-        },
+    bgmv_targets(x, in_dim, row_slots, &[Target { out_dim, y_offset }], |slot, _| mat(slot), y, y_stride);
+}
+
+/// A projection that [`bgmv_targets`] adds into: its width and its column block in `y`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub out_dim: usize,
+    pub y_offset: usize,
+}
+
+/// [`bgmv`] for several projections of the same input at once (a layer's q, k and v, or gate
+/// and up), each into its own column block of `y`: `mat(slot, j)` is the adapter's matrix for
+/// `targets[j]`. One parallel section of (row, projection) tasks.
+///
+/// # Panics
+/// When the column blocks overlap or leave `y`'s rows, or `x` or `y` is too short (caller bugs).
+pub fn bgmv_targets<'a>(
+    x: &[f32],
+    in_dim: usize,
+    row_slots: &[Option<u32>],
+    targets: &[Target],
+    mat: impl Fn(u32, usize) -> Option<LoraMat<'a>> + Sync,
+    y: &mut [f32],
+    y_stride: usize,
+) {
+    let rows = row_slots.len();
+    let mut blocks: Vec<(usize, usize)> = targets.iter().map(|t| (t.y_offset, t.y_offset + t.out_dim)).collect();
+    blocks.sort_unstable();
+    let end = blocks.last().map_or(0, |b| b.1);
+    if rows == 0 || end == 0 {
+        return;
+    }
+    assert!(
+        blocks.windows(2).all(|w| w[0].1 <= w[1].0) && end <= y_stride,
+        "bgmv: column blocks overlap or leave a row of {y_stride}"
     );
+    assert!(
+        y.len() >= (rows - 1) * y_stride + end && x.len() >= rows * in_dim,
+        "bgmv: x or y too short for {rows} rows"
+    );
+    let out = Rows(y.as_mut_ptr());
+    crate::team::for_each(rows * targets.len(), &|task| {
+        let (t, target) = (task / targets.len(), targets[task % targets.len()]);
+        let Some(m) = row_slots[t].and_then(|slot| mat(slot, task % targets.len())) else { return };
+        // SAFETY: row t's block of this target lies inside `y` (asserted above), is disjoint
+        // from every other (row, target)'s (the blocks do not overlap), and only this task
+        // writes it while `y` is borrowed mutably for the whole section.
+        let y = unsafe { std::slice::from_raw_parts_mut(out.at(t * y_stride + target.y_offset), target.out_dim) };
+        SHRUNK.with_borrow_mut(|v| {
+            v.clear();
+            v.resize(m.rank, 0.0);
+            row(m, &x[t * in_dim..(t + 1) * in_dim], v, y);
+        });
+    });
+}
+
+/// `y`'s start, shared by [`bgmv_targets`]'s tasks, which write disjoint blocks.
+#[derive(Clone, Copy)]
+struct Rows(*mut f32);
+// SAFETY: see `bgmv_targets`: every element is written by one task only.
+unsafe impl Send for Rows {}
+unsafe impl Sync for Rows {}
+
+impl Rows {
+    /// Through a method, so closures capture the whole `Rows` (which is `Sync`), not its field.
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+thread_local! {
+    /// Each thread's rank-sized intermediate for [`bgmv_targets`].
+    static SHRUNK: std::cell::RefCell<Vec<f32>> = std::cell::RefCell::default();
+}
+
+/// One row of [`bgmv`]: `y += s · (x · Aᵀ) · Bᵀ`, through `v` (`rank` values).
+fn row(m: LoraMat<'_>, x: &[f32], v: &mut [f32], y: &mut [f32]) {
+    if let Some(h) = m.half {
+        dots_bf16(&h.a[..m.rank * x.len()], x, v);
+        for v in v.iter_mut() {
+            *v *= m.scale;
+        }
+        axpys_bf16(v, &h.bt[..m.rank * y.len()], y);
+        return;
+    }
+    for (v, a) in v.iter_mut().zip(m.a.chunks_exact(x.len())) {
+        *v = dot(a, x);
+    }
+    match m.bt {
+        Some(bt) => {
+            for (&v, bt) in v.iter().zip(bt.chunks_exact(y.len())) {
+                axpy(m.scale * v, bt, y);
+            }
+        }
+        None => {
+            for (y, b) in y.iter_mut().zip(m.b.chunks_exact(m.rank)) {
+                *y += m.scale * dot(b, v);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -311,6 +382,59 @@ mod tests {
             for o in 0..out_dim {
                 let (got, expect) = (y[t * stride + off + o] as f64, 1.0 + want[t * out_dim + o]);
                 assert!((got - expect).abs() <= 1e-4 * (1.0 + expect.abs()), "bf16 row {t} col {o}: {got} vs {expect}");
+            }
+        }
+    }
+
+    #[test]
+    fn several_projections_in_one_call_match_one_call_each() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        let in_dim = 64;
+        let targets = [Target { out_dim: 40, y_offset: 0 }, Target { out_dim: 24, y_offset: 40 }];
+        let stride = 70;
+        // Per slot and target: A, Bᵀ in bf16, rank; slot 1 has no matrix for the second target.
+        let rank = [5usize, 8];
+        let mats: Vec<Vec<(Vec<bf16>, Vec<bf16>)>> = (0..2)
+            .map(|s| {
+                targets
+                    .iter()
+                    .map(|t| {
+                        let round = |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
+                        (round(random(&mut rng, rank[s] * in_dim)), round(random(&mut rng, rank[s] * t.out_dim)))
+                    })
+                    .collect()
+            })
+            .collect();
+        let mat = |slot: u32, j: usize| {
+            let (a, bt) = &mats[slot as usize][j];
+            (slot == 0 || j == 0).then_some(LoraMat {
+                a: &[],
+                b: &[],
+                bt: None,
+                half: Some(LoraHalf { a, bt }),
+                rank: rank[slot as usize],
+                scale: 0.75,
+            })
+        };
+        let rows = [Some(1), None, Some(0), Some(0), Some(1)];
+        let x = random(&mut rng, rows.len() * in_dim);
+        let base = random(&mut rng, rows.len() * stride);
+        let mut together = base.clone();
+        bgmv_targets(&x, in_dim, &rows, &targets, mat, &mut together, stride);
+        let mut apart = base.clone();
+        for (j, t) in targets.iter().enumerate() {
+            bgmv(&x, in_dim, &rows, |slot| mat(slot, j), t.out_dim, &mut apart, stride, t.y_offset);
+        }
+        assert_eq!(together, apart);
+        // Columns past the blocks, rows without an adapter, and slot 1's second block are kept.
+        for (t, slot) in rows.iter().enumerate() {
+            let row = |y: &[f32]| y[t * stride..(t + 1) * stride].to_vec();
+            let (got, was) = (row(&together), row(&base));
+            assert_eq!(got[64..], was[64..]);
+            match slot {
+                None => assert_eq!(got, was),
+                Some(1) => assert_eq!(got[40..], was[40..]),
+                _ => assert_ne!(got[40..64], was[40..64]),
             }
         }
     }

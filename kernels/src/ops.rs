@@ -76,7 +76,7 @@ pub fn rope(
 ) {
     let half = head_dim / 2;
     debug_assert_eq!(inv_freq.len(), half);
-    x.par_chunks_mut(row_stride).zip(positions.par_iter()).for_each(|(row, &pos)| {
+    x.par_chunks_mut(row_stride).zip(positions.par_iter()).with_min_len(ROWS_PER_TASK).for_each(|(row, &pos)| {
         let heads = &mut row[col_offset..col_offset + n_heads * head_dim];
         for (i, &f) in inv_freq.iter().enumerate() {
             let angle = pos as f32 * f;
@@ -100,6 +100,34 @@ pub fn dot_bf16(a: &[bf16], b: &[f32]) -> f32 {
         return unsafe { crate::quant::x86::dot_bf16_avx512(a, b, n) };
     }
     a[..n].iter().zip(&b[..n]).map(|(a, b)| a.to_f32() * b).sum()
+}
+
+/// `v[r] = a_r · x` for the `v.len()` consecutive rows of `a` (bf16), each `x.len()` long: a
+/// LoRA shrink, the rows read side by side.
+pub fn dots_bf16(a: &[bf16], x: &[f32], v: &mut [f32]) {
+    assert!(a.len() >= v.len() * x.len(), "dots_bf16: {} rows of {} do not fit", v.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx512() {
+        // SAFETY: AVX-512F/BW/VL are present; `a` holds the rows (asserted).
+        return unsafe { crate::quant::x86::dots_bf16_avx512(a, x, v) };
+    }
+    for (v, a) in v.iter_mut().zip(a.chunks_exact(x.len().max(1))) {
+        *v = dot_bf16(a, x);
+    }
+}
+
+/// `y += Σ_r v[r] · b_r` over the `v.len()` consecutive rows of `b` (bf16), each `y.len()`
+/// long: a LoRA expand, in one pass over `y`.
+pub fn axpys_bf16(v: &[f32], b: &[bf16], y: &mut [f32]) {
+    assert!(b.len() >= v.len() * y.len(), "axpys_bf16: {} rows of {} do not fit", v.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx512() {
+        // SAFETY: AVX-512F/BW/VL are present; `b` holds the rows (asserted).
+        return unsafe { crate::quant::x86::axpys_bf16_avx512(v, b, y) };
+    }
+    for (&v, b) in v.iter().zip(b.chunks_exact(y.len().max(1))) {
+        axpy_bf16(v, b, y);
+    }
 }
 
 /// `y += alpha · x` (over `y`'s length; `x`, in bf16, is at least as long).

@@ -283,25 +283,24 @@ impl CpuExecutor {
         }
     }
 
-    /// `y[:, off..off+out] += LoRA_m(x)` for every row whose adapter targets module `m` in
+    /// `y[:, off..off+out] += LoRA_m(x)` for every `(m, off)` of `modules` (projections of the
+    /// same input, each into its own column block) and every row whose adapter targets `m` in
     /// `layer`. Prefill-shaped batches (segments longer than one row) use SGMV; decode-shaped
-    /// ones (every segment one row) use BGMV.
-    #[allow(clippy::too_many_arguments)]
+    /// ones (every segment one row) use BGMV, all modules in one parallel section.
     fn apply_lora(
         &self,
         lr: &mut LoraRows,
         layer: usize,
-        m: Module,
+        modules: &[(Module, usize)],
         x: &[f32],
         y: &mut [f32],
         y_stride: usize,
-        y_offset: usize,
     ) {
         if lr.segs.is_empty() {
             return;
         }
-        let (in_dim, out_dim) = self.config.module_shape(m);
-        let mat = |slot: u32| {
+        let in_dim = self.config.module_shape(modules[0].0).0;
+        let mat = |slot: u32, m: Module| {
             let adapter = self.adapters.get(slot as usize)?.as_ref()?;
             let lm = adapter.weights.layers[layer][m.index()].as_ref()?;
             let (bt, half) = match &adapter.decode[layer][m.index()] {
@@ -312,8 +311,16 @@ impl CpuExecutor {
             Some(LoraMat { a: &lm.a, b: &lm.b, bt, half, rank: lm.rank, scale: lm.scale })
         };
         if lr.segs.iter().all(|s| s.len == 1) {
-            lora::bgmv(x, in_dim, &lr.rows, mat, out_dim, y, y_stride, y_offset);
-        } else {
+            let targets: Vec<lora::Target> = modules
+                .iter()
+                .map(|&(m, y_offset)| lora::Target { out_dim: self.config.module_shape(m).1, y_offset })
+                .collect();
+            lora::bgmv_targets(x, in_dim, &lr.rows, &targets, |slot, j| mat(slot, modules[j].0), y, y_stride);
+            return;
+        }
+        for &(m, y_offset) in modules {
+            let out_dim = self.config.module_shape(m).1;
+            let mat = |slot: u32| mat(slot, m);
             lora::sgmv_shrink(x, in_dim, &lr.segs, mat, &mut lr.shrink, self.max_rank);
             lora::sgmv_expand(&lr.shrink, self.max_rank, &lr.segs, mat, out_dim, y, y_stride, y_offset);
         }
@@ -427,9 +434,8 @@ impl CpuExecutor {
             ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed);
             layer.qkv.forward(&normed, n, h, qkv_w, &mut qkv, qkv_w, &mut acts);
             add_bias(&mut qkv, qkv_w, layer.qkv_bias.as_ref());
-            for (m, off) in [(Module::Q, 0), (Module::K, q_dim), (Module::V, q_dim + kv_dim)] {
-                self.apply_lora(&mut lr, li, m, &normed, &mut qkv, qkv_w, off);
-            }
+            let qkv_modules = [(Module::Q, 0), (Module::K, q_dim), (Module::V, q_dim + kv_dim)];
+            self.apply_lora(&mut lr, li, &qkv_modules, &normed, &mut qkv, qkv_w);
             ops::rope(&mut qkv, qkv_w, 0, c.num_heads, c.head_dim, &batch.positions, rope_freq, rope_scale);
             ops::rope(&mut qkv, qkv_w, q_dim, c.num_kv_heads, c.head_dim, &batch.positions, rope_freq, rope_scale);
             let cache = &mut self.cache[li];
@@ -457,19 +463,18 @@ impl CpuExecutor {
             );
             layer.o.forward(&attn, n, q_dim, h, &mut proj, h, &mut acts);
             add_bias(&mut proj, h, layer.o_bias.as_ref());
-            self.apply_lora(&mut lr, li, Module::O, &attn, &mut proj, h, 0);
+            self.apply_lora(&mut lr, li, &[(Module::O, 0)], &attn, &mut proj, h);
             ops::add_inplace(&mut x, &proj);
 
             // MLP block.
             ops::rms_norm(&x, &layer.post_norm, c.rms_norm_eps, &mut normed);
             layer.gate_up.forward(&normed, n, h, 2 * inter, &mut gate_up, 2 * inter, &mut acts);
             add_bias(&mut gate_up, 2 * inter, layer.gate_up_bias.as_ref());
-            self.apply_lora(&mut lr, li, Module::Gate, &normed, &mut gate_up, 2 * inter, 0);
-            self.apply_lora(&mut lr, li, Module::Up, &normed, &mut gate_up, 2 * inter, inter);
+            self.apply_lora(&mut lr, li, &[(Module::Gate, 0), (Module::Up, inter)], &normed, &mut gate_up, 2 * inter);
             ops::silu_mul(&gate_up, inter, &mut act);
             layer.down.forward(&act, n, inter, h, &mut proj, h, &mut acts);
             add_bias(&mut proj, h, layer.down_bias.as_ref());
-            self.apply_lora(&mut lr, li, Module::Down, &act, &mut proj, h, 0);
+            self.apply_lora(&mut lr, li, &[(Module::Down, 0)], &act, &mut proj, h);
             ops::add_inplace(&mut x, &proj);
         }
 

@@ -388,6 +388,12 @@ impl Q8Rows {
     /// # Panics
     /// When `cols` is not a whole number of blocks or `x` is too short (caller bugs).
     pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize, precision: Precision) {
+        self.quantize_on(Path::detect(), x, rows, cols, precision);
+    }
+
+    /// [`Q8Rows::quantize`] on `path` (AVX-512 has its own rounding loop; the others run the
+    /// scalar one, which is the specification: every path gives the same bits for finite input).
+    pub fn quantize_on(&mut self, path: Path, x: &[f32], rows: usize, cols: usize, precision: Precision) {
         assert!(cols.is_multiple_of(BLOCK) && x.len() >= rows * cols, "quantize: bad shape");
         let blocks = cols / BLOCK;
         let row_q = precision.limbs() * cols;
@@ -400,7 +406,7 @@ impl Q8Rows {
         let rows_of = |q: &mut [i8], d: &mut [f32], sum: &mut [f32], x: &[f32]| {
             let parts = q.chunks_exact_mut(row_q).zip(d.chunks_exact_mut(blocks));
             for ((q, d), (sum, x)) in parts.zip(sum.chunks_exact_mut(blocks).zip(x.chunks_exact(cols))) {
-                quantize_row(x, q, d, sum);
+                path.quantize_row(x, q, d, sum);
             }
         };
         // A decode step's few rows are not worth a trip through the thread pool.
@@ -442,7 +448,7 @@ fn round(v: f32) -> i32 {
 }
 
 /// One row: `q` has room for one or two limbs of `x`'s values (the precision), `d` and `sum`
-/// for its blocks.
+/// for its blocks. The specification of every path's rounding.
 fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32]) {
     let (q, lo) = q.split_at_mut(x.len());
     for (b, block) in x.chunks_exact(BLOCK).enumerate() {
@@ -539,6 +545,15 @@ impl Path {
         paths
     }
 
+    /// One row of [`Q8Rows::quantize_on`].
+    fn quantize_row(self, x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32]) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512(path) => path.quantize_row(x, q, d, sum),
+            _ => quantize_row(x, q, d, sum),
+        }
+    }
+
     /// `out[i][j] = w_{16p + j} · xs[i]` for the rows of panel `p` (a padding row's product
     /// is 0) and up to [`TILE`] activation rows.
     fn panel(self, w: &QuantMatrix, p: usize, xs: &[Q8Row<'_>], out: &mut PanelOut) {
@@ -579,7 +594,7 @@ impl Out {
 
 /// `y[i, j] = x[i] · w[j]` for every activation row `i` and weight row `j` (a linear layer,
 /// `y = x·Wᵀ`), with `y`'s rows `y_stride` apart, on `path`. The panels are spread over
-/// rayon's threads in chunks; within a chunk, each panel's block is unpacked once per [`TILE`]
+/// the team's threads in chunks; within a chunk, each panel's block is unpacked once per [`TILE`]
 /// activation rows, and a chunk's panels stay in cache while every tile passes over them.
 ///
 /// # Panics
@@ -594,7 +609,7 @@ pub fn matmul_on(path: Path, w: &QuantMatrix, x: &Q8Rows, y: &mut [f32], y_strid
     assert!(y_stride >= n && need.is_some_and(|need| y.len() >= need), "matmul: y too short");
     // Chunks of panels: enough of them to keep every thread busy, and small enough (with the
     // tiles of activations) to stay in the core's cache.
-    let (threads, panels) = (rayon::current_num_threads(), w.panels());
+    let (threads, panels) = (crate::team::threads(), w.panels());
     let chunk = if m * n * w.cols < 1 << 17 { panels } else { (panels / (4 * threads)).clamp(1, 4) };
     let out = Out(y.as_mut_ptr());
     let run = |c: usize| {
@@ -619,7 +634,7 @@ pub fn matmul_on(path: Path, w: &QuantMatrix, x: &Q8Rows, y: &mut [f32], y_strid
     if chunks == 1 {
         run(0);
     } else {
-        (0..chunks).into_par_iter().for_each(run);
+        crate::team::for_each(chunks, &run);
     }
 }
 
@@ -761,6 +776,33 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn every_path_quantizes_activations_to_the_same_bits() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let cols = 576;
+        let mut x = activations(3 * cols, &mut rng);
+        // A block of zeros, one too small for a normal scale, ties at every half step, and
+        // a block of one large value among small ones.
+        x[..32].fill(0.0);
+        x[32..64].fill(1e-39);
+        for (i, v) in x[64..96].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 0.5 / 127.0 * 16.0;
+        }
+        x[96..128].fill(1e-4);
+        x[100] = -300.0;
+        for precision in [Precision::Int8, Precision::Int16] {
+            let mut want = Q8Rows::default();
+            want.quantize_on(Path::Scalar, &x, 3, cols, precision);
+            for path in Path::available() {
+                let mut got = Q8Rows::default();
+                got.quantize_on(path, &x, 3, cols, precision);
+                assert_eq!(got.q, want.q, "{path:?} {precision:?} quants");
+                assert_eq!(got.d, want.d, "{path:?} {precision:?} scales");
+                assert_eq!(got.sum, want.sum, "{path:?} {precision:?} sums");
             }
         }
     }

@@ -122,6 +122,66 @@ impl Avx512 {
     }
 }
 
+impl Avx512 {
+    /// [`super::quantize_row`] sixteen values at a time, with the same operations in the same
+    /// order on each value, so the same bits for finite input.
+    pub(super) fn quantize_row(self, x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32]) {
+        let blocks = x.len() / BLOCK;
+        let limbs = q.len() / x.len().max(1);
+        assert!(
+            x.len().is_multiple_of(BLOCK) && (limbs == 1 || limbs == 2) && q.len() == limbs * x.len(),
+            "quantize: room for {} values, {} given",
+            q.len(),
+            x.len()
+        );
+        assert!(d.len() >= blocks && sum.len() >= blocks, "quantize: room for {} blocks", d.len().min(sum.len()));
+        // SAFETY: `self` proves the features; the asserts prove every block's extent.
+        unsafe { quantize512(x, q, d, sum, limbs == 2) }
+    }
+}
+
+/// [`Avx512::quantize_row`].
+///
+/// # Safety
+/// The CPU has AVX-512F; `x` is whole blocks, `q` holds `limbs · x.len()` values (high limbs,
+/// then low), `d` and `sum` a value per block.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize512(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], two: bool) {
+    let n = x.len();
+    let (lo_min, hi_max) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+    let clamp = |v: __m512i| _mm512_min_epi32(_mm512_max_epi32(v, lo_min), hi_max);
+    let limb = _mm512_set1_ps(super::LIMB as f32);
+    for b in 0..n / BLOCK {
+        // SAFETY (every access below): block b's 32 values, quants and low limbs are inside
+        // `x` and `q` (the caller's promise).
+        let v =
+            unsafe { [_mm512_loadu_ps(x.as_ptr().add(b * BLOCK)), _mm512_loadu_ps(x.as_ptr().add(b * BLOCK + 16))] };
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1]))).max(0.0);
+        let scale = amax / 127.0;
+        let inv = _mm512_set1_ps(if scale.is_normal() { 1.0 / scale } else { 0.0 });
+        let mut total = _mm512_setzero_si512();
+        for (h, v) in v.into_iter().enumerate() {
+            let at = b * BLOCK + 16 * h;
+            let scaled = _mm512_mul_ps(v, inv);
+            let high = clamp(_mm512_cvtps_epi32(scaled));
+            unsafe { _mm_storeu_si128(q.as_mut_ptr().add(at).cast(), _mm512_cvtepi32_epi8(high)) };
+            if two {
+                let rest = _mm512_mul_ps(_mm512_sub_ps(scaled, _mm512_cvtepi32_ps(high)), limb);
+                let low = clamp(_mm512_cvtps_epi32(rest));
+                unsafe { _mm_storeu_si128(q.as_mut_ptr().add(n + at).cast(), _mm512_cvtepi32_epi8(low)) };
+                total = _mm512_add_epi32(
+                    total,
+                    _mm512_add_epi32(_mm512_mullo_epi32(high, _mm512_set1_epi32(super::LIMB)), low),
+                );
+            } else {
+                total = _mm512_add_epi32(total, high);
+            }
+        }
+        d[b] = if two { scale / super::LIMB as f32 } else { scale };
+        sum[b] = d[b] * _mm512_reduce_add_epi32(total) as f32;
+    }
+}
+
 /// [`Avx512::panel`] for `R` activation rows of format `K`.
 ///
 /// Per block, the quants become eight vectors (a 4-bit vector's low and high nibbles, or
@@ -435,6 +495,63 @@ pub(crate) unsafe fn axpy_bf16_avx512(alpha: f32, x: &[half::bf16], y: &mut [f32
         unsafe {
             let v = _mm512_fmadd_ps(a, bf16_lanes(x, i, n), _mm512_maskz_loadu_ps(k, y.as_ptr().add(i)));
             _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), k, v);
+        }
+        i += 16;
+    }
+}
+
+/// `v[r] = a_r · x` for the `v.len()` consecutive rows `a_r` of `a`, each `x.len()` long (bf16):
+/// four rows a pass over `x`, each with its own accumulator.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL; `a` holds `v.len() · x.len()` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn dots_bf16_avx512(a: &[half::bf16], x: &[f32], v: &mut [f32]) {
+    let n = x.len();
+    for (c, v) in v.chunks_mut(4).enumerate() {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i < n {
+            let k = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+            // SAFETY: the mask keeps every lane below n, inside `x` and each row of `a`.
+            let xv = unsafe { _mm512_maskz_loadu_ps(k, x.as_ptr().add(i)) };
+            for (r, acc) in acc.iter_mut().enumerate().take(v.len()) {
+                let row = &a[(4 * c + r) * n..(4 * c + r + 1) * n];
+                *acc = _mm512_fmadd_ps(unsafe { bf16_lanes(row, i, n) }, xv, *acc);
+            }
+            i += 16;
+        }
+        for (v, acc) in v.iter_mut().zip(acc) {
+            *v = _mm512_reduce_add_ps(acc);
+        }
+    }
+}
+
+/// `y += Σ_r v[r] · b_r` over the `v.len()` consecutive rows `b_r` of `b`, each `y.len()` long
+/// (bf16): one pass over `y`.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL; `b` holds `v.len() · y.len()` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn axpys_bf16_avx512(v: &[f32], b: &[half::bf16], y: &mut [f32]) {
+    let n = y.len();
+    let mut i = 0;
+    while i < n {
+        let k = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+        // SAFETY: the mask keeps every lane below n, inside `y` and each row of `b`.
+        unsafe {
+            // Two chains of multiply-adds (even and odd rows), held in registers.
+            let (mut even, mut odd) = (_mm512_maskz_loadu_ps(k, y.as_ptr().add(i)), _mm512_setzero_ps());
+            let mut r = 0;
+            while r + 2 <= v.len() {
+                even = _mm512_fmadd_ps(_mm512_set1_ps(v[r]), bf16_lanes(&b[r * n..(r + 1) * n], i, n), even);
+                odd = _mm512_fmadd_ps(_mm512_set1_ps(v[r + 1]), bf16_lanes(&b[(r + 1) * n..(r + 2) * n], i, n), odd);
+                r += 2;
+            }
+            if r < v.len() {
+                even = _mm512_fmadd_ps(_mm512_set1_ps(v[r]), bf16_lanes(&b[r * n..(r + 1) * n], i, n), even);
+            }
+            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), k, _mm512_add_ps(even, odd));
         }
         i += 16;
     }
