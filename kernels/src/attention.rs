@@ -76,6 +76,9 @@ pub fn write_kv(
 /// `out` is `[rows, n_heads · head_dim]`. Query head `h` reads KV head
 /// `h / (n_heads / kv_heads)`. With `sliding_window = Some(w)`, a query at position `p` sees
 /// positions `p + 1 - w ..= p` only. Softmax runs in f32 with each row's maximum subtracted.
+///
+/// # Panics
+/// When `out` is shorter than the rows' heads, or a block table misses a position (caller bugs).
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     layout: KvLayout,

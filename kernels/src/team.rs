@@ -10,8 +10,9 @@
 //! start once and, after a section, spin on a counter for [`SPIN`] before they park. A section
 //! is published by bumping that counter; the caller and every awake worker then claim tasks
 //! from one shared atomic until none are left. The caller does not wait for workers that are
-//! parked or preempted: a section ends when every *claimed* task is done, so a late worker
-//! costs nothing but the tasks it would have taken.
+//! parked or have not yet joined: a section ends when every *claimed* task is done, so a late
+//! worker costs nothing but the tasks it would have taken (a worker preempted inside a task it
+//! claimed is waited for).
 //!
 //! One caller at a time uses the team; a second, concurrent caller (two executors in one
 //! process, tests running in parallel) and any section started from inside a task run their
@@ -90,7 +91,7 @@ impl<T> Base<T> {
 }
 
 /// Threads in the team, the caller included: rayon's thread count (`--threads`) when the team
-/// first runs.
+/// first runs. (A worker the OS refused to start still counts; its share falls to the others.)
 pub fn threads() -> usize {
     Team::global().workers + 1
 }
@@ -218,6 +219,15 @@ impl Team {
             // sees this worker as active and waits for it (both sides are sequentially
             // consistent, so one of them sees the other's write).
             self.active.fetch_add(1, SeqCst);
+            // Leaves `active` however this iteration ends: a caller must never wait on a worker
+            // that is gone.
+            struct Leave<'t>(&'t AtomicUsize);
+            impl Drop for Leave<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, SeqCst);
+                }
+            }
+            let _leave = Leave(&self.active);
             let ptr = self.section.load(SeqCst);
             // SAFETY: non-null means published and not yet unpublished when read, with this
             // worker counted in `active`: its caller waits for `active` to drop before the
@@ -229,7 +239,6 @@ impl Team {
                 section.next.store(section.tasks, SeqCst);
                 section.panic.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(payload);
             }
-            self.active.fetch_sub(1, SeqCst);
         }
     }
 

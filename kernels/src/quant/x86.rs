@@ -156,6 +156,8 @@ unsafe fn quantize512(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], t
         // `x` and `q` (the caller's promise).
         let v =
             unsafe { [_mm512_loadu_ps(x.as_ptr().add(b * BLOCK)), _mm512_loadu_ps(x.as_ptr().add(b * BLOCK + 16))] };
+        // (With a NaN in the block the maximum may differ from the scalar one; the quants stay
+        // clamped in range either way.)
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1]))).max(0.0);
         let scale = amax / 127.0;
         let inv = _mm512_set1_ps(if scale.is_normal() { 1.0 / scale } else { 0.0 });
