@@ -181,6 +181,10 @@ fn attend(q_heads: &[f32], kv: Kv<'_>, scale: f32, scratch: &mut Scratch, out_he
     );
     scratch.scores.clear();
     scratch.scores.resize(group * n, 0.0);
+    // The values arrive while the scores are computed.
+    for &slot in &scratch.slots {
+        crate::ops::prefetch(kv.value(slot));
+    }
     #[cfg(target_arch = "x86_64")]
     if crate::quant::has_avx512() && matches!(hd, 64 | 128) {
         // SAFETY: AVX-512F is present; the slots were checked above, and q_heads and

@@ -212,6 +212,10 @@ thread_local! {
 /// One row of [`bgmv`]: `y += s · (x · Aᵀ) · Bᵀ`, through `v` (`rank` values).
 fn row(m: LoraMat<'_>, x: &[f32], v: &mut [f32], y: &mut [f32]) {
     if let Some(h) = m.half {
+        // Both matrices at once: a row's adapter is a few kilobytes in many short streams
+        // that the hardware prefetcher would meet one at a time.
+        crate::ops::prefetch(&h.a[..m.rank * x.len()]);
+        crate::ops::prefetch(&h.bt[..m.rank * y.len()]);
         dots_bf16(&h.a[..m.rank * x.len()], x, v);
         for v in v.iter_mut() {
             *v *= m.scale;

@@ -3,7 +3,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
-/// Rows per rayon task for row-wise operations; below this the work stays on one thread.
+/// Rows per task for row-wise operations on prefill-sized batches.
 const ROWS_PER_TASK: usize = 16;
 
 /// Copies embedding rows: `out[t] = table[ids[t]]`.
@@ -21,15 +21,22 @@ pub fn embedding(table: &[f32], hidden: usize, ids: &[u32], out: &mut [f32]) {
 /// (the mean accumulates in f64 for a reference-grade result).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let hidden = weight.len();
-    out.par_chunks_mut(hidden * ROWS_PER_TASK).zip(x.par_chunks(hidden * ROWS_PER_TASK)).for_each(|(out, x)| {
-        for (o, x) in out.chunks_exact_mut(hidden).zip(x.chunks_exact(hidden)) {
-            let mean_sq = x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / hidden as f64;
-            let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
-            for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
-                *o = (x * inv) * w;
-            }
+    let rows = out.len() / hidden.max(1);
+    crate::team::for_each_piece(out, hidden.max(1), rows_per_task(rows), &|r, o| {
+        let x = &x[r * hidden..(r + 1) * hidden];
+        let mean_sq = x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / hidden as f64;
+        let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
+        for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
+            *o = (x * inv) * w;
         }
     });
+}
+
+/// Rows a task of a row-wise operation takes: all of them for one row, a share per thread for
+/// a decode batch (the team is awake between a step's sections, so even a few rows split),
+/// [`ROWS_PER_TASK`] for prefill.
+fn rows_per_task(rows: usize) -> usize {
+    rows.div_ceil(crate::team::threads()).clamp(1, ROWS_PER_TASK)
 }
 
 /// `x += y`, the residual connection.
@@ -44,16 +51,13 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) {
 /// SwiGLU: for each row of a fused `[gate | up]` matrix (`2·inter` wide), writes
 /// `silu(gate) · up` into `out` (`inter` wide).
 pub fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
-    out.par_chunks_mut(inter * ROWS_PER_TASK).zip(gate_up.par_chunks(2 * inter * ROWS_PER_TASK)).for_each(
-        |(out, gu)| {
-            for (o, gu) in out.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
-                let (gate, up) = gu.split_at(inter);
-                for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
-            }
-        },
-    );
+    let rows = out.len() / inter.max(1);
+    crate::team::for_each_piece(out, inter.max(1), rows_per_task(rows), &|r, o| {
+        let (gate, up) = gate_up[2 * inter * r..2 * inter * (r + 1)].split_at(inter);
+        for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    });
 }
 
 /// Rotary position embedding in the "rotate half" layout Hugging Face Llama uses: for each head,
@@ -89,6 +93,21 @@ pub fn rope(
             }
         }
     });
+}
+
+/// Asks for every cache line of `values` to be brought in (a hint: it never faults and changes
+/// nothing the program reads).
+pub fn prefetch<T>(values: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (start, bytes) = (values.as_ptr() as usize, std::mem::size_of_val(values));
+        for line in (start & !63..start + bytes).step_by(64) {
+            // SAFETY: a prefetch reads nothing into the program and never faults.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
 }
 
 /// `a · b` over their common length, `a` in bf16 (each value widened exactly to f32).

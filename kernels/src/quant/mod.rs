@@ -47,6 +47,7 @@ pub(crate) mod x86;
 
 use half::f16;
 use rayon::prelude::*;
+use std::sync::{Mutex, PoisonError};
 
 /// Weights per block (every format here).
 pub const BLOCK: usize = 32;
@@ -409,18 +410,26 @@ impl Q8Rows {
                 path.quantize_row(x, q, d, sum);
             }
         };
-        // A decode step's few rows are not worth a trip through the thread pool.
-        let per_task = (1 << 14) / cols.max(1) + 1;
-        if rows <= per_task {
-            rows_of(&mut self.q, &mut self.d, &mut self.sum, &x[..rows * cols]);
-        } else {
-            self.q
-                .par_chunks_mut(row_q * per_task)
-                .zip(self.d.par_chunks_mut(blocks * per_task))
-                .zip(self.sum.par_chunks_mut(blocks * per_task))
-                .zip(x[..rows * cols].par_chunks(cols * per_task))
-                .for_each(|(((q, d), sum), x)| rows_of(q, d, sum, x));
+        if rows == 0 || cols == 0 {
+            return;
         }
+        // A share of the rows per thread (the team is awake between a step's sections, so even
+        // a decode step's few rows split), at most about 16K values a task.
+        let per_task = rows.div_ceil(crate::team::threads()).clamp(1, (1 << 14) / cols.max(1) + 1);
+        let tasks: Vec<Mutex<_>> = self
+            .q
+            .chunks_mut(row_q * per_task)
+            .zip(self.d.chunks_mut(blocks * per_task))
+            .zip(self.sum.chunks_mut(blocks * per_task))
+            .zip(x[..rows * cols].chunks(cols * per_task))
+            .map(Mutex::new)
+            .collect();
+        crate::team::for_each(tasks.len(), &|t| {
+            // Each task locks its own rows: never contended.
+            let mut task = tasks[t].lock().unwrap_or_else(PoisonError::into_inner);
+            let (((q, d), sum), x) = &mut *task;
+            rows_of(q, d, sum, x);
+        });
     }
 
     pub fn rows(&self) -> usize {

@@ -510,23 +510,47 @@ pub(crate) unsafe fn axpy_bf16_avx512(alpha: f32, x: &[half::bf16], y: &mut [f32
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn dots_bf16_avx512(a: &[half::bf16], x: &[f32], v: &mut [f32]) {
     let n = x.len();
+    let full = n - n % 16;
     for (c, v) in v.chunks_mut(4).enumerate() {
+        // A short last group repeats its first row; the extra sums are dropped.
+        let rows: [&[half::bf16]; 4] = std::array::from_fn(|r| {
+            let r = 4 * c + if r < v.len() { r } else { 0 };
+            &a[r * n..(r + 1) * n]
+        });
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut i = 0;
-        while i < n {
-            let k = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
-            // SAFETY: the mask keeps every lane below n, inside `x` and each row of `a`.
-            let xv = unsafe { _mm512_maskz_loadu_ps(k, x.as_ptr().add(i)) };
-            for (r, acc) in acc.iter_mut().enumerate().take(v.len()) {
-                let row = &a[(4 * c + r) * n..(4 * c + r + 1) * n];
-                *acc = _mm512_fmadd_ps(unsafe { bf16_lanes(row, i, n) }, xv, *acc);
+        while i < full {
+            // SAFETY: i + 16 <= n, inside `x` and each row.
+            let xv = unsafe { _mm512_loadu_ps(x.as_ptr().add(i)) };
+            for (acc, row) in acc.iter_mut().zip(rows) {
+                *acc = _mm512_fmadd_ps(unsafe { bf16_full(row, i) }, xv, *acc);
             }
             i += 16;
+        }
+        if i < n {
+            let k = ((1u32 << (n - i)) - 1) as __mmask16;
+            // SAFETY: the masks keep every lane below n.
+            let xv = unsafe { _mm512_maskz_loadu_ps(k, x.as_ptr().add(i)) };
+            for (acc, row) in acc.iter_mut().zip(rows) {
+                *acc = _mm512_fmadd_ps(unsafe { bf16_lanes(row, i, n) }, xv, *acc);
+            }
         }
         for (v, acc) in v.iter_mut().zip(acc) {
             *v = _mm512_reduce_add_ps(acc);
         }
     }
+}
+
+/// bf16 values `at..at + 16` of `x` as f32.
+///
+/// # Safety
+/// The CPU has AVX-512F; `x` holds at least `at + 16` values.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn bf16_full(x: &[half::bf16], at: usize) -> __m512 {
+    // SAFETY: as the function's; bf16 is a u16 in memory.
+    let bits = unsafe { _mm256_loadu_si256(x.as_ptr().add(at).cast()) };
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))
 }
 
 /// `y += Σ_r v[r] · b_r` over the `v.len()` consecutive rows `b_r` of `b`, each `y.len()` long
