@@ -174,7 +174,7 @@ pub fn bgmv_targets<'a>(
         y.len() >= (rows - 1) * y_stride + end && x.len() >= rows * in_dim,
         "bgmv: x or y too short for {rows} rows"
     );
-    let out = Rows(y.as_mut_ptr());
+    let out = crate::team::Shared::new(y);
     crate::team::for_each(rows * targets.len(), &|task| {
         let (t, target) = (task / targets.len(), targets[task % targets.len()]);
         let Some(m) = row_slots[t].and_then(|slot| mat(slot, task % targets.len())) else { return };
@@ -188,20 +188,6 @@ pub fn bgmv_targets<'a>(
             row(m, &x[t * in_dim..(t + 1) * in_dim], v, y);
         });
     });
-}
-
-/// `y`'s start, shared by [`bgmv_targets`]'s tasks, which write disjoint blocks.
-#[derive(Clone, Copy)]
-struct Rows(*mut f32);
-// SAFETY: see `bgmv_targets`: every element is written by one task only.
-unsafe impl Send for Rows {}
-unsafe impl Sync for Rows {}
-
-impl Rows {
-    /// Through a method, so closures capture the whole `Rows` (which is `Sync`), not its field.
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
 }
 
 thread_local! {

@@ -57,7 +57,7 @@ pub fn for_each(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
 pub fn for_each_piece<T: Send>(data: &mut [T], len: usize, per_task: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
     assert!(len > 0 && per_task > 0, "for_each_piece: empty pieces or tasks");
     let (pieces, total) = (data.len().div_ceil(len), data.len());
-    let base = Base(data.as_mut_ptr());
+    let base = Shared::new(data);
     for_each(pieces.div_ceil(per_task), &|t| {
         for i in t * per_task..((t + 1) * per_task).min(pieces) {
             let start = i * len;
@@ -70,22 +70,29 @@ pub fn for_each_piece<T: Send>(data: &mut [T], len: usize, per_task: usize, f: &
     });
 }
 
-/// `data`'s start, shared by the tasks of [`for_each_piece`], which write disjoint pieces.
-struct Base<T>(*mut T);
-impl<T> Clone for Base<T> {
+/// The start of a mutably borrowed slice, shared by a section's tasks that write disjoint
+/// elements of it ([`for_each_piece`], the quantized product's column blocks, LoRA's
+/// (row, projection) blocks). Whoever makes one keeps the slice borrowed for the section and
+/// proves the disjointness where the tasks write.
+pub(crate) struct Shared<T>(*mut T);
+impl<T> Clone for Shared<T> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<T> Copy for Base<T> {}
-// SAFETY: see `for_each_piece`: every element is reached through one piece only, and `T: Send`
-// lets a piece move to the thread that runs its task.
-unsafe impl<T: Send> Send for Base<T> {}
-unsafe impl<T: Send> Sync for Base<T> {}
+impl<T> Copy for Shared<T> {}
+// SAFETY: every element is reached by one task only (the maker's proof), and `T: Send` lets
+// it be written from the thread that runs that task.
+unsafe impl<T: Send> Send for Shared<T> {}
+unsafe impl<T: Send> Sync for Shared<T> {}
 
-impl<T> Base<T> {
-    /// Through a method, so closures capture the whole `Base` (which is `Sync`), not its field.
-    fn at(self, i: usize) -> *mut T {
+impl<T> Shared<T> {
+    pub(crate) fn new(data: &mut [T]) -> Shared<T> {
+        Shared(data.as_mut_ptr())
+    }
+
+    /// Through a method, so closures capture the whole `Shared` (which is `Sync`), not its field.
+    pub(crate) fn at(self, i: usize) -> *mut T {
         self.0.wrapping_add(i)
     }
 }

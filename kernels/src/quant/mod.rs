@@ -587,20 +587,6 @@ impl Path {
 /// Activation rows a panel is unpacked for at once.
 pub const TILE: usize = 8;
 
-/// The output pointer shared by [`matmul`]'s tasks, which write disjoint columns.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: see `matmul`: tasks write disjoint elements, and the borrow outlives them.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// Through a method, so closures capture the whole `Out` (which is `Send`), not its field.
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// `y[i, j] = x[i] · w[j]` for every activation row `i` and weight row `j` (a linear layer,
 /// `y = x·Wᵀ`), with `y`'s rows `y_stride` apart, on `path`. The panels are spread over
 /// the team's threads in chunks; within a chunk, each panel's block is unpacked once per [`TILE`]
@@ -620,7 +606,7 @@ pub fn matmul_on(path: Path, w: &QuantMatrix, x: &Q8Rows, y: &mut [f32], y_strid
     // tiles of activations) to stay in the core's cache.
     let (threads, panels) = (crate::team::threads(), w.panels());
     let chunk = if m * n * w.cols < 1 << 17 { panels } else { (panels / (4 * threads)).clamp(1, 4) };
-    let out = Out(y.as_mut_ptr());
+    let out = crate::team::Shared::new(y);
     let run = |c: usize| {
         let mut values: PanelOut = [[0f32; PANEL]; TILE];
         for i0 in (0..m).step_by(TILE) {
