@@ -198,15 +198,16 @@ thread_local! {
 /// One row of [`bgmv`]: `y += s · (x · Aᵀ) · Bᵀ`, through `v` (`rank` values).
 fn row(m: LoraMat<'_>, x: &[f32], v: &mut [f32], y: &mut [f32]) {
     if let Some(h) = m.half {
+        let (a, bt) = (&h.a[..m.rank * x.len()], &h.bt[..m.rank * y.len()]);
         // Both matrices at once: a row's adapter is a few kilobytes in many short streams
         // that the hardware prefetcher would meet one at a time.
-        crate::ops::prefetch(&h.a[..m.rank * x.len()]);
-        crate::ops::prefetch(&h.bt[..m.rank * y.len()]);
-        dots_bf16(&h.a[..m.rank * x.len()], x, v);
+        crate::ops::prefetch(a);
+        crate::ops::prefetch(bt);
+        dots_bf16(a, x, v);
         for v in v.iter_mut() {
             *v *= m.scale;
         }
-        axpys_bf16(v, &h.bt[..m.rank * y.len()], y);
+        axpys_bf16(v, bt, y);
         return;
     }
     for (v, a) in v.iter_mut().zip(m.a.chunks_exact(x.len())) {

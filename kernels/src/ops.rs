@@ -110,17 +110,6 @@ pub fn prefetch<T>(values: &[T]) {
     let _ = values;
 }
 
-/// `a · b` over their common length, `a` in bf16 (each value widened exactly to f32).
-pub fn dot_bf16(a: &[bf16], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    #[cfg(target_arch = "x86_64")]
-    if crate::quant::has_avx512() {
-        // SAFETY: AVX-512F/BW/VL are present; both slices hold at least n values.
-        return unsafe { crate::quant::x86::dot_bf16_avx512(a, b, n) };
-    }
-    a[..n].iter().zip(&b[..n]).map(|(a, b)| a.to_f32() * b).sum()
-}
-
 /// `v[r] = a_r · x` for the `v.len()` consecutive rows of `a` (bf16), each `x.len()` long: a
 /// LoRA shrink, the rows read side by side.
 pub fn dots_bf16(a: &[bf16], x: &[f32], v: &mut [f32]) {
@@ -130,8 +119,9 @@ pub fn dots_bf16(a: &[bf16], x: &[f32], v: &mut [f32]) {
         // SAFETY: AVX-512F/BW/VL are present; `a` holds the rows (asserted).
         return unsafe { crate::quant::x86::dots_bf16_avx512(a, x, v) };
     }
+    // The specification: each value widened exactly to f32.
     for (v, a) in v.iter_mut().zip(a.chunks_exact(x.len().max(1))) {
-        *v = dot_bf16(a, x);
+        *v = a.iter().zip(x).map(|(a, x)| a.to_f32() * x).sum();
     }
 }
 
@@ -144,21 +134,11 @@ pub fn axpys_bf16(v: &[f32], b: &[bf16], y: &mut [f32]) {
         // SAFETY: AVX-512F/BW/VL are present; `b` holds the rows (asserted).
         return unsafe { crate::quant::x86::axpys_bf16_avx512(v, b, y) };
     }
+    // The specification: each value widened exactly to f32.
     for (&v, b) in v.iter().zip(b.chunks_exact(y.len().max(1))) {
-        axpy_bf16(v, b, y);
-    }
-}
-
-/// `y += alpha · x` (over `y`'s length; `x`, in bf16, is at least as long).
-pub fn axpy_bf16(alpha: f32, x: &[bf16], y: &mut [f32]) {
-    assert!(x.len() >= y.len(), "axpy_bf16: x shorter than y");
-    #[cfg(target_arch = "x86_64")]
-    if crate::quant::has_avx512() {
-        // SAFETY: AVX-512F/BW/VL are present; x holds at least y.len() values (asserted).
-        return unsafe { crate::quant::x86::axpy_bf16_avx512(alpha, x, y) };
-    }
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * x.to_f32();
+        for (y, b) in y.iter_mut().zip(b) {
+            *y += v * b.to_f32();
+        }
     }
 }
 

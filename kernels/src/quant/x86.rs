@@ -464,44 +464,6 @@ unsafe fn bf16_lanes(x: &[half::bf16], at: usize, n: usize) -> __m512 {
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))
 }
 
-/// `a · b` over `n` values, `a` in bf16, 16 lanes at a time.
-///
-/// # Safety
-/// The CPU has AVX-512F/BW/VL; `a` and `b` hold at least `n` values.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(crate) unsafe fn dot_bf16_avx512(a: &[half::bf16], b: &[f32], n: usize) -> f32 {
-    let mut acc = _mm512_setzero_ps();
-    let mut i = 0;
-    while i < n {
-        let k = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
-        // SAFETY: as the function's; the masks keep every lane below n.
-        unsafe {
-            acc = _mm512_fmadd_ps(bf16_lanes(a, i, n), _mm512_maskz_loadu_ps(k, b.as_ptr().add(i)), acc);
-        }
-        i += 16;
-    }
-    _mm512_reduce_add_ps(acc)
-}
-
-/// `y += alpha · x` over `y.len()` values, `x` in bf16.
-///
-/// # Safety
-/// The CPU has AVX-512F/BW/VL; `x` holds at least `y.len()` values.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(crate) unsafe fn axpy_bf16_avx512(alpha: f32, x: &[half::bf16], y: &mut [f32]) {
-    let (n, a) = (y.len(), _mm512_set1_ps(alpha));
-    let mut i = 0;
-    while i < n {
-        let k = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
-        // SAFETY: as the function's; the masks keep every lane below n.
-        unsafe {
-            let v = _mm512_fmadd_ps(a, bf16_lanes(x, i, n), _mm512_maskz_loadu_ps(k, y.as_ptr().add(i)));
-            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), k, v);
-        }
-        i += 16;
-    }
-}
-
 /// `v[r] = a_r · x` for the `v.len()` consecutive rows `a_r` of `a`, each `x.len()` long (bf16):
 /// four rows a pass over `x`, each with its own accumulator.
 ///
@@ -510,7 +472,6 @@ pub(crate) unsafe fn axpy_bf16_avx512(alpha: f32, x: &[half::bf16], y: &mut [f32
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn dots_bf16_avx512(a: &[half::bf16], x: &[f32], v: &mut [f32]) {
     let n = x.len();
-    let full = n - n % 16;
     for (c, v) in v.chunks_mut(4).enumerate() {
         // A short last group repeats its first row; the extra sums are dropped.
         let rows: [&[half::bf16]; 4] = std::array::from_fn(|r| {
@@ -519,38 +480,19 @@ pub(crate) unsafe fn dots_bf16_avx512(a: &[half::bf16], x: &[f32], v: &mut [f32]
         });
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut i = 0;
-        while i < full {
-            // SAFETY: i + 16 <= n, inside `x` and each row.
-            let xv = unsafe { _mm512_loadu_ps(x.as_ptr().add(i)) };
-            for (acc, row) in acc.iter_mut().zip(rows) {
-                *acc = _mm512_fmadd_ps(unsafe { bf16_full(row, i) }, xv, *acc);
-            }
-            i += 16;
-        }
-        if i < n {
-            let k = ((1u32 << (n - i)) - 1) as __mmask16;
-            // SAFETY: the masks keep every lane below n.
+        while i < n {
+            let k = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+            // SAFETY: the masks keep every lane below n, inside `x` and each row.
             let xv = unsafe { _mm512_maskz_loadu_ps(k, x.as_ptr().add(i)) };
             for (acc, row) in acc.iter_mut().zip(rows) {
                 *acc = _mm512_fmadd_ps(unsafe { bf16_lanes(row, i, n) }, xv, *acc);
             }
+            i += 16;
         }
         for (v, acc) in v.iter_mut().zip(acc) {
             *v = _mm512_reduce_add_ps(acc);
         }
     }
-}
-
-/// bf16 values `at..at + 16` of `x` as f32.
-///
-/// # Safety
-/// The CPU has AVX-512F; `x` holds at least `at + 16` values.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn bf16_full(x: &[half::bf16], at: usize) -> __m512 {
-    // SAFETY: as the function's; bf16 is a u16 in memory.
-    let bits = unsafe { _mm256_loadu_si256(x.as_ptr().add(at).cast()) };
-    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))
 }
 
 /// `y += Σ_r v[r] · b_r` over the `v.len()` consecutive rows `b_r` of `b`, each `y.len()` long
