@@ -43,8 +43,8 @@ fn every_supported_quantization_dequantizes_like_the_reference() {
     for (name, view) in expected.tensors() {
         let want: Vec<f32> =
             view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        // Dequantized, and as the CPU kernels keep it (Q8_0, Q4_0 and Q4_1 matrices repacked
-        // in their blocks): the same values either way.
+        // Dequantized, and as the CPU kernels keep it (the block formats repacked): the same
+        // values either way.
         for got in [g.tensor(&name), g.weight(&name)] {
             let got = got.unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(got.shape, view.shape(), "{name}");
@@ -56,7 +56,11 @@ fn every_supported_quantization_dequantizes_like_the_reference() {
         }
         let kept = g.weight(&name).expect("read above");
         let quantized = matches!(kept.data, TensorData::Quant(_));
-        assert_eq!(quantized, ["q8_0", "q4_0", "q4_1"].iter().any(|q| name.ends_with(q)), "{name}: kept quantized?");
+        assert_eq!(
+            quantized,
+            ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"].iter().any(|q| name.ends_with(q)),
+            "{name}: kept quantized?"
+        );
         seen += 1;
     }
     assert_eq!(seen, 8, "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K");
@@ -256,4 +260,118 @@ fn a_sentencepiece_vocabulary_tokenizes_like_transformers() {
         assert_eq!(tok.encode(&c.text).expect("encodes"), c.ids, "{:?}", c.text);
         assert_eq!(tok.decode(&c.ids).expect("decodes"), c.decoded, "{:?}", c.text);
     }
+}
+
+/// Random GGUF blocks of a K format (`Q4_K` = 12, `Q6_K` = 14) for `n` weights, with small
+/// scales (random bits could be NaN or huge) and random quants and sub-block scales.
+fn k_blocks(type_id: u32, n: usize, rng: &mut rand_chacha::ChaCha8Rng) -> Vec<u8> {
+    use rand::Rng;
+    let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
+    let mut out = Vec::new();
+    for _ in 0..n / 256 {
+        if type_id == 12 {
+            out.extend(f16(rng.random_range(0.0001..0.0003)));
+            out.extend(f16(rng.random_range(0.0001..0.0003)));
+            out.extend((0..140).map(|_| rng.random::<u8>()));
+        } else {
+            out.extend((0..208).map(|_| rng.random::<u8>()));
+            out.extend(f16(rng.random_range(0.00005..0.0001)));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_model_in_the_k_formats_runs_quantized_as_its_f32_values_do() {
+    use rand::SeedableRng;
+    use switchyard_backend::engine::cpu::CpuExecutor;
+    use switchyard_backend::engine::executor::Executor;
+    use switchyard_backend::engine::sampling::argmax;
+    use switchyard_backend::engine::scheduler::{Scheduler, SchedulerConfig, Sequence};
+    use switchyard_backend::model::Model;
+    use switchyard_kernels::quant::Precision;
+
+    // Two layers of a Llama with rows of 256 and 512 (a K super-block's multiple), heads of 64,
+    // and the mix a Q4_K_M file has: most matrices Q4_K, the v and down projections and the
+    // output Q6_K (so q, k and v do not fuse into one matrix).
+    let (h, ffn, vocab) = (256u64, 512u64, 8u64);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+    let mut w = Writer::new()
+        .str("general.architecture", "llama")
+        .u32("llama.block_count", 2)
+        .u32("llama.embedding_length", h as u32)
+        .u32("llama.feed_forward_length", ffn as u32)
+        .u32("llama.attention.head_count", 4)
+        .u32("llama.attention.head_count_kv", 2)
+        .u32("llama.context_length", 64)
+        .str("tokenizer.ggml.model", "gpt2")
+        .strs("tokenizer.ggml.tokens", &["a", "b", "c", "d", "e", "f", "g", "h"])
+        .strs("tokenizer.ggml.merges", &[]);
+    let mut k = |w: Writer, name: &str, dims: [u64; 2], type_id: u32| {
+        let bytes = k_blocks(type_id, (dims[0] * dims[1]) as usize, &mut rng);
+        w.tensor(name, &dims, type_id, bytes)
+    };
+    w = k(w, "token_embd.weight", [h, vocab], 12);
+    w = k(w, "output.weight", [h, vocab], 14);
+    let ones = |n: u64| (0..n).flat_map(|_| 1f32.to_le_bytes()).collect::<Vec<u8>>();
+    w = w.tensor("output_norm.weight", &[h], 0, ones(h));
+    for l in 0..2 {
+        w = w.tensor(&format!("blk.{l}.attn_norm.weight"), &[h], 0, ones(h));
+        w = w.tensor(&format!("blk.{l}.ffn_norm.weight"), &[h], 0, ones(h));
+        for (name, dims, type_id) in [
+            ("attn_q", [h, h], 12),
+            ("attn_k", [h, h / 2], 12),
+            ("attn_v", [h, h / 2], 14),
+            ("attn_output", [h, h], 12),
+            ("ffn_gate", [h, ffn], 12),
+            ("ffn_up", [h, ffn], 12),
+            ("ffn_down", [ffn, h], 14),
+        ] {
+            w = k(w, &format!("blk.{l}.{name}.weight"), dims, type_id);
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("k.gguf");
+    w.write(&path);
+
+    let open = || Model::open(&path).expect("a K-format model loads");
+    let m = open();
+    assert!(
+        m.weights.layers.iter().all(|l| l.proj.iter().all(|p| matches!(p.data, TensorData::Quant(_)))),
+        "every projection stays in its blocks"
+    );
+    let config = m.config.clone();
+    let f32_exec: Box<dyn Executor> = Box::new(CpuExecutor::new(&config, m.weights, 16, 16, 1, 8));
+    let q16_exec: Box<dyn Executor> =
+        Box::new(CpuExecutor::new_quantized(&config, open().weights, 16, 16, 1, 8, Precision::Int16));
+    assert_eq!((f32_exec.dtype(), q16_exec.dtype()), ("f32", "q16"));
+
+    // A prompt, then greedy steps: every step's logits, each executor.
+    let run = |mut exec: Box<dyn Executor>| -> (Vec<Vec<f32>>, Vec<u32>) {
+        let mut sched = Scheduler::new(SchedulerConfig::new(16, 16, 256, 4));
+        sched.add(Sequence::new(1, vec![1, 2, 3, 4, 5, 6, 7], None));
+        let (mut logits, mut tokens) = (Vec::new(), Vec::new());
+        for _ in 0..8 {
+            let step = sched.schedule();
+            let out = exec.forward(&step.batch).expect("forward");
+            sched.complete(&step);
+            let next = argmax(&out);
+            logits.push(out);
+            tokens.push(next);
+            sched.push_token(1, next);
+        }
+        (logits, tokens)
+    };
+    let (want, want_tokens) = run(f32_exec);
+    let (got, got_tokens) = run(q16_exec);
+    // 16-bit activations round each value to within 1/64516 of its block's largest: the logits
+    // move by about that fraction (the SmolLM2 golden's bound, 1e-3 of max(1, |logit|), is met
+    // with room over thirty layers).
+    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "step {step} logit {i}: {a} vs {b}");
+        }
+    }
+    assert_eq!(got_tokens, want_tokens, "greedy tokens");
+    assert!(want.iter().flatten().any(|v| v.abs() > 0.1), "logits of some size: {:?}", want[0]);
 }

@@ -28,23 +28,34 @@ enum Linear {
     /// Quantized blocks: activations are quantized per block (to the executor's [`Precision`])
     /// and multiplied as integers (`switchyard_kernels::quant`).
     Quant(QuantMatrix),
+    /// Matrices stacked along their rows that do not merge into one (files mix formats within a
+    /// layer: `Q4_K_M` stores some `v` and `down` projections in a finer format than the rest),
+    /// each with its rows: each writes its own block of output columns.
+    Parts(Vec<(Linear, usize)>),
 }
 
 impl Linear {
-    /// Tensors stacked along their first dimension: quantized when `keep` and every part is,
-    /// in one format (whole rows stack, so the blocks stay intact); f32 otherwise.
+    /// Tensors stacked along their first dimension: one quantized matrix when `keep` and every
+    /// part is quantized in one format (whole rows stack, so the blocks stay intact); the parts
+    /// side by side when `keep` and some are quantized; f32 otherwise.
     fn stacked(parts: &[&HostTensor], keep: bool) -> Linear {
-        let quantized: Option<Vec<&QuantMatrix>> = parts
+        let quantized: Vec<&QuantMatrix> = parts
             .iter()
-            .map(|t| match &t.data {
+            .filter_map(|t| match &t.data {
                 TensorData::Quant(q) => Some(q),
                 TensorData::F32(_) => None,
             })
             .collect();
-        if let Some(Ok(q)) = quantized.filter(|_| keep).map(|q| QuantMatrix::stack(&q)) {
+        if !keep || quantized.is_empty() {
+            return Linear::F32(parts.iter().flat_map(|t| t.to_f32().into_owned()).collect());
+        }
+        if quantized.len() == parts.len()
+            && let Ok(q) = QuantMatrix::stack(&quantized)
+        {
             return Linear::Quant(q);
         }
-        Linear::F32(parts.iter().flat_map(|t| t.to_f32().into_owned()).collect())
+        let rows = |t: &HostTensor| t.shape.first().copied().unwrap_or(0);
+        Linear::Parts(parts.iter().map(|&t| (Linear::of(t.clone(), keep), rows(t))).collect())
     }
 
     fn of(t: HostTensor, keep: bool) -> Linear {
@@ -59,6 +70,15 @@ impl Linear {
         match self {
             Linear::F32(v) => v,
             Linear::Quant(q) => q.dequantize(),
+            Linear::Parts(parts) => parts.into_iter().flat_map(|(p, _)| p.into_vector()).collect(),
+        }
+    }
+
+    fn is_quantized(&self) -> bool {
+        match self {
+            Linear::F32(_) => false,
+            Linear::Quant(_) => true,
+            Linear::Parts(parts) => parts.iter().any(|(p, _)| p.is_quantized()),
         }
     }
 
@@ -72,6 +92,13 @@ impl Linear {
                 acts.rows.quantize(x, m, k, acts.precision);
                 quant::matmul(w, &acts.rows, y, y_stride);
             }
+            Linear::Parts(parts) => {
+                let mut col = 0;
+                for (part, rows) in parts {
+                    part.forward(x, m, k, *rows, &mut y[col..], y_stride, acts);
+                    col += rows;
+                }
+            }
         }
     }
 
@@ -81,6 +108,15 @@ impl Linear {
         match self {
             Linear::F32(w) => out.copy_from_slice(&w[id * width..(id + 1) * width]),
             Linear::Quant(q) => q.dequantize_row(id, out),
+            Linear::Parts(parts) => {
+                let mut id = id;
+                for (part, rows) in parts {
+                    if id < *rows {
+                        return part.row(id, out);
+                    }
+                    id -= rows;
+                }
+            }
         }
     }
 }
@@ -263,7 +299,7 @@ impl CpuExecutor {
         let embed = Linear::of(embed_tokens, keep);
         let lm_head = lm_head.map(|t| Linear::of(t, keep));
         // A model with nothing quantized (safetensors) computes in f32 whatever was asked.
-        let quantized = |l: &Linear| matches!(l, Linear::Quant(_));
+        let quantized = |l: &Linear| l.is_quantized();
         let any = quantized(&embed)
             || lm_head.as_ref().is_some_and(quantized)
             || layers.iter().any(|l: &Layer| [&l.qkv, &l.o, &l.gate_up, &l.down].into_iter().any(quantized));
@@ -491,5 +527,59 @@ impl CpuExecutor {
         let mut logits = vec![0f32; wanted.len() * c.vocab_size];
         head.forward(&last_normed, wanted.len(), h, c.vocab_size, &mut logits, c.vocab_size, &mut acts);
         Ok(logits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::f16;
+    use rand::{Rng, SeedableRng};
+    use switchyard_kernels::quant::Format;
+
+    /// A random `[rows, cols]` matrix in GGUF `format` (`Q8_0` or `Q4_0`: a scale, then quants).
+    fn random(format: Format, rows: usize, cols: usize, rng: &mut rand_chacha::ChaCha8Rng) -> HostTensor {
+        let quants = if format == Format::Q8_0 { 32 } else { 16 };
+        let mut data = Vec::new();
+        for _ in 0..rows * cols / 32 {
+            data.extend_from_slice(&f16::from_f32(rng.random_range(0.001..0.05)).to_le_bytes());
+            data.extend((0..quants).map(|_| rng.random::<u8>()));
+        }
+        HostTensor::quantized(QuantMatrix::from_ggml(format, rows, cols, &data).expect("sized right"))
+    }
+
+    #[test]
+    fn a_stack_of_mixed_formats_keeps_each_part_and_multiplies_like_its_f32_values() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let (m, k) = (3, 64);
+        // As a Q4_K_M file's q, k and v: two parts in one format, the third in another, and an
+        // f32 part besides.
+        let parts = [
+            random(Format::Q4_0, 20, k, &mut rng),
+            random(Format::Q4_0, 4, k, &mut rng),
+            random(Format::Q8_0, 7, k, &mut rng),
+            HostTensor::new(vec![5, k], (0..5 * k).map(|_| rng.random_range(-0.1..0.1)).collect()),
+        ];
+        let refs: Vec<&HostTensor> = parts.iter().collect();
+        let out: usize = parts.iter().map(|t| t.shape[0]).sum();
+        let stacked = Linear::stacked(&refs, true);
+        let Linear::Parts(kept) = &stacked else { panic!("expected parts, got {stacked:?}") };
+        assert_eq!(kept.iter().map(|(_, rows)| *rows).collect::<Vec<_>>(), [20, 4, 7, 5]);
+        assert!(kept[..3].iter().all(|(p, _)| matches!(p, Linear::Quant(_))), "quantized parts stay quantized");
+        let dense = Linear::stacked(&refs, false);
+        assert!(matches!(dense, Linear::F32(_)));
+
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut acts = Acts { rows: Q8Rows::default(), precision: Precision::Int16 };
+        // Output rows wider than the stack: the columns past it stay untouched.
+        let stride = out + 2;
+        let (mut got, mut want) = (vec![7.0f32; m * stride], vec![7.0f32; m * stride]);
+        stacked.forward(&x, m, k, out, &mut got, stride, &mut acts);
+        dense.forward(&x, m, k, out, &mut want, stride, &mut acts);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            // 16-bit activations: within 1/64516 of each block's largest, times the weights.
+            assert!((g - w).abs() <= 1e-3 * (1.0 + w.abs()), "[{i}]: {g} vs {w}");
+        }
+        assert!((0..m).all(|r| got[r * stride + out..(r + 1) * stride] == [7.0, 7.0]));
     }
 }

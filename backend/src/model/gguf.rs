@@ -339,8 +339,9 @@ impl GgufFile {
         }
     }
 
-    /// A weight matrix as the CPU kernels compute on it: Q8_0, Q4_0 and Q4_1 matrices stay in
-    /// their blocks (repacked, every bit kept); anything else is dequantized to f32.
+    /// A weight matrix as the CPU kernels compute on it: Q8_0, Q4_0, Q4_1, Q4_K and Q6_K
+    /// matrices stay in their blocks (repacked, every value kept); anything else (F16, BF16) is
+    /// dequantized to f32.
     pub fn weight(&self, name: &str) -> Result<HostTensor, ModelError> {
         let t = self
             .tensor_info(name)
@@ -349,6 +350,8 @@ impl GgufFile {
             Some(GgmlType::Q8_0) => Format::Q8_0,
             Some(GgmlType::Q4_0) => Format::Q4_0,
             Some(GgmlType::Q4_1) => Format::Q4_1,
+            Some(GgmlType::Q4K) => Format::Q4_K,
+            Some(GgmlType::Q6K) => Format::Q6_K,
             _ => return self.tensor(name),
         };
         let shape = t.shape();

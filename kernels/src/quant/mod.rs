@@ -7,7 +7,17 @@
 //! - `Q8_0`: `f16 d`, `i8 q[32]`; weight `i` is `d·q[i]`;
 //! - `Q4_0`: `f16 d`, `u8 q[16]`; weight `i < 16` is `d·((q[i] & 15) − 8)`, weight `16 + i` is
 //!   `d·((q[i] >> 4) − 8)`;
-//! - `Q4_1`: `f16 d`, `f16 m`, `u8 q[16]`; as `Q4_0` with `d·nibble + m`.
+//! - `Q4_1`: `f16 d`, `f16 m`, `u8 q[16]`; as `Q4_0` with `d·nibble + m`;
+//! - `Q4_K`: super-blocks of 256 weights, `f16 d`, `f16 dmin`, eight 6-bit pairs `(s_j, n_j)`
+//!   packed in 12 bytes, `u8 q[128]`; weight `i` of sub-block `j` (32 weights) is
+//!   `d·s_j·nibble − dmin·n_j`, the nibbles of sub-blocks `2c` and `2c + 1` being the low and
+//!   high halves of bytes `32c..32c + 32`. Each sub-block is a `Q4_1` block whose scale `d·s_j`
+//!   and offset `−dmin·n_j` need 17 significant bits: they are kept as f32, which holds them
+//!   exactly;
+//! - `Q6_K`: super-blocks of 256 weights, `u8 ql[128]` (low four bits), `u8 qh[64]` (high two
+//!   bits), `i8 s[16]`, `f16 d`; weight `t` is `d·s[t / 16]·(q_t − 32)` with the 6-bit `q_t`
+//!   spread over `ql` and `qh` as ggml's `dequantize_row_q6_K` reads them. Each 32 weights are
+//!   a block of 8-bit quants with one scale `d·s` (exact in f32) for each half of 16.
 //!
 //! # Layout in memory
 //! [`QuantMatrix::from_ggml`] repacks a matrix once, at load, into a layout made for 64-byte
@@ -20,18 +30,21 @@
 //!   consecutive weights of row `j`: for `Q8_0`, vector `k` (of 8) holds weights `4k..4k + 4`;
 //!   for `Q4_0`/`Q4_1`, vector `k` (of 4) holds weights `4k..4k + 4` in its low nibbles and
 //!   `16 + 4k..16 + 4k + 4` in its high ones;
-//! - the 16 rows' scales `d` (f16);
-//! - for `Q4_1`, the 16 rows' offsets `m` (f16).
+//! - the 16 rows' scales `d` (f16; f32 for `Q4_K` and `Q6_K`);
+//! - for `Q4_1` and `Q4_K`, the 16 rows' offsets `m` (f16; f32 for `Q4_K`); for `Q6_K`, the 16
+//!   rows' scales of the block's second half.
 //!
-//! So weight `i` of a row's block is `d·(u_i − o) + m`, with the format's offset `o` (128, 8, 0)
-//! and `m = 0` outside `Q4_1`; and one vector of quants times four activations broadcast to
+//! So weight `i` of a row's block is `d·(u_i − o) + m`, with the format's offset `o` (128, 8, 0,
+//! or 32 for `Q6_K`, whose quants are stored as `Q8_0`'s) and `m = 0` for `Q8_0`, `Q4_0` and
+//! `Q6_K`, whose second half has its own `d`; and one vector of quants times four activations broadcast to
 //! every lane gives four multiply-adds for each of 16 output rows, which land side by side.
 //!
 //! # Dot products
 //! Activations are first quantized per block ([`Q8Rows`], as ggml's `Q8_1`: a scale `e_b`,
 //! integers `q_i` with `x_i ≈ e_b·q_i`, and `s_b = e_b·Σq`). A row's dot product is then
 //! `Σ_b d_b·e_b·Σ_i u_i·q_i + Σ_b (m_b − o·d_b)·s_b`: integer multiply-adds inside a block,
-//! one float multiply-add per block. The only error beyond f32 rounding is the activations'
+//! one float multiply-add per block (for `Q6_K`, one per half block, with the integer totals of
+//! each half's activations that [`Q8Rows`] keeps for it). The only error beyond f32 rounding is the activations'
 //! rounding: to within 1/254 of their block's largest magnitude with 8-bit `q`
 //! ([`Precision::Int8`], llama.cpp's arithmetic), or to within 1/64516 of it with
 //! `q = 254·h + l` in two 8-bit limbs ([`Precision::Int16`]), whose integer sum is
@@ -60,29 +73,68 @@ pub enum Format {
     Q8_0,
     Q4_0,
     Q4_1,
+    #[allow(non_camel_case_types)] // GGUF's names, as the others
+    Q4_K,
+    #[allow(non_camel_case_types)]
+    Q6_K,
 }
 
 impl Format {
+    /// Every format.
+    pub const ALL: [Format; 5] = [Format::Q8_0, Format::Q4_0, Format::Q4_1, Format::Q4_K, Format::Q6_K];
+
+    /// Weights of one block in GGUF (a row is a whole number of them).
+    pub const fn ggml_block_weights(self) -> usize {
+        match self {
+            Format::Q4_K | Format::Q6_K => 256,
+            _ => BLOCK,
+        }
+    }
+
     /// Bytes of one block in GGUF.
     pub const fn ggml_block_bytes(self) -> usize {
         match self {
             Format::Q8_0 => 34,
             Format::Q4_0 => 18,
             Format::Q4_1 => 20,
+            Format::Q4_K => 144,
+            Format::Q6_K => 210,
         }
     }
 
     /// Bytes of a panel's quants for one block (16 rows of 32 weights).
     const fn quant_bytes(self) -> usize {
         match self {
-            Format::Q8_0 => 512,
-            Format::Q4_0 | Format::Q4_1 => 256,
+            Format::Q8_0 | Format::Q6_K => 512,
+            Format::Q4_0 | Format::Q4_1 | Format::Q4_K => 256,
         }
     }
 
-    /// Bytes of a panel's block: the quants, 16 scales, and 16 offsets for Q4_1.
+    /// Whether quants are stored a byte each (`Q8_0`, and `Q6_K`'s 6 bits), not as nibbles.
+    const fn byte_quants(self) -> bool {
+        matches!(self, Format::Q8_0 | Format::Q6_K)
+    }
+
+    /// Whether blocks carry an offset `m`.
+    const fn has_offsets(self) -> bool {
+        matches!(self, Format::Q4_1 | Format::Q4_K)
+    }
+
+    /// Whether each half of a block has its own scale (`Q6_K`'s 16-weight sub-blocks).
+    const fn has_half_scales(self) -> bool {
+        matches!(self, Format::Q6_K)
+    }
+
+    /// Bytes of one scale or offset: f16, or f32 for the K formats' products of two.
+    const fn scale_bytes(self) -> usize {
+        if matches!(self, Format::Q4_K | Format::Q6_K) { 4 } else { 2 }
+    }
+
+    /// Bytes of a panel's block: the quants, 16 scales, and 16 offsets or second-half scales
+    /// where there are any.
     const fn block_bytes(self) -> usize {
-        self.quant_bytes() + if matches!(self, Format::Q4_1) { 64 } else { 32 }
+        let per_row = if self.has_offsets() || self.has_half_scales() { 2 } else { 1 };
+        self.quant_bytes() + PANEL * self.scale_bytes() * per_row
     }
 
     /// What the unsigned quants carry over the signed value they stand for.
@@ -90,7 +142,8 @@ impl Format {
         match self {
             Format::Q8_0 => 128.0,
             Format::Q4_0 => 8.0,
-            Format::Q4_1 => 0.0,
+            Format::Q4_1 | Format::Q4_K => 0.0,
+            Format::Q6_K => 32.0,
         }
     }
 }
@@ -98,8 +151,8 @@ impl Format {
 /// Why a quantized matrix could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QuantError {
-    #[error("a row of {cols} weights is not a whole number of {BLOCK}-weight blocks")]
-    Ragged { cols: usize },
+    #[error("a row of {cols} weights is not a whole number of {block}-weight blocks")]
+    Ragged { cols: usize, block: usize },
     #[error("{format:?} data for [{rows}, {cols}] is {got} bytes; it should be {want}")]
     Size { format: Format, rows: usize, cols: usize, got: usize, want: usize },
     #[error("cannot stack matrices of different formats or widths ({0})")]
@@ -115,20 +168,32 @@ pub struct QuantMatrix {
     data: Vec<u8>,
 }
 
-/// One block of one row, unpacked: the unsigned quants, and the bits of the f16 scale and
-/// offset (zero outside `Q4_1`).
+/// One block of one row, unpacked: the unsigned quants, the scale, the offset (zero for
+/// `Q8_0`, `Q4_0` and `Q6_K`), and the scale of the block's second half (`d` but for `Q6_K`).
 #[derive(Debug, Clone, Copy, Default)]
 struct Block {
     u: [u8; BLOCK],
-    d: u16,
-    m: u16,
+    d: f32,
+    m: f32,
+    d_hi: f32,
 }
 
 impl Block {
-    /// A block from its GGUF bytes (`src` is one block).
-    fn from_ggml(format: Format, src: &[u8]) -> Block {
-        let bits = |i: usize| u16::from_le_bytes([src[i], src[i + 1]]);
-        let mut block = Block { d: bits(0), ..Block::default() };
+    /// The scale of weight `i`.
+    fn d(&self, i: usize) -> f32 {
+        if i < BLOCK / 2 { self.d } else { self.d_hi }
+    }
+}
+
+/// The f16 at `src[i..i + 2]`, as f32.
+fn f16_at(src: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([src[i], src[i + 1]]).to_f32()
+}
+
+impl Block {
+    /// Block `j` of the GGUF block `src` (`j` is 0 except in `Q4_K`'s super-blocks).
+    fn from_ggml(format: Format, src: &[u8], j: usize) -> Block {
+        let mut block = Block { d: f16_at(src, 0), ..Block::default() };
         match format {
             Format::Q8_0 => {
                 for (u, &q) in block.u.iter_mut().zip(&src[2..34]) {
@@ -138,41 +203,70 @@ impl Block {
             Format::Q4_0 | Format::Q4_1 => {
                 let qs = if format == Format::Q4_0 { &src[2..18] } else { &src[4..20] };
                 if format == Format::Q4_1 {
-                    block.m = bits(2);
+                    block.m = f16_at(src, 2);
                 }
                 for (i, &q) in qs.iter().enumerate() {
                     block.u[i] = q & 15;
                     block.u[i + 16] = q >> 4;
                 }
             }
+            Format::Q4_K => {
+                // Sub-block j's 6-bit scale and offset: j < 4 in the low six bits of bytes j and
+                // j + 4; j >= 4 in the nibbles of byte j + 4, with two high bits each from the
+                // top of bytes j − 4 and j.
+                let packed = &src[4..16];
+                let (s, n) = if j < 4 {
+                    (packed[j] & 63, packed[j + 4] & 63)
+                } else {
+                    ((packed[j + 4] & 15) | ((packed[j - 4] >> 6) << 4), (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4))
+                };
+                // Products of an f16 and a 6-bit integer: exact in f32.
+                block.d *= f32::from(s);
+                block.m = -(f16_at(src, 2) * f32::from(n));
+                let qs = &src[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
+                for (u, &q) in block.u.iter_mut().zip(qs) {
+                    *u = if j.is_multiple_of(2) { q & 15 } else { q >> 4 };
+                }
+            }
+            Format::Q6_K => {
+                // Weights 32j + i: in super-block half h = j / 4, group g = j % 4 of 32, the
+                // low four bits are a nibble of ql[64h + 32·(g & 1) + i] (the high nibble for
+                // g >= 2), the high two are bits 2g, 2g + 1 of qh[32h + i].
+                let (h, g) = (j / 4, j % 4);
+                for (i, u) in block.u.iter_mut().enumerate() {
+                    let low = src[64 * h + 32 * (g & 1) + i];
+                    let low = if g < 2 { low & 15 } else { low >> 4 };
+                    *u = low | (((src[128 + 32 * h + i] >> (2 * g)) & 3) << 4);
+                }
+                // Products of an f16 and an 8-bit integer: exact in f32.
+                let d = f16_at(src, 208);
+                block.d = d * f32::from(src[192 + 2 * j] as i8);
+                block.d_hi = d * f32::from(src[192 + 2 * j + 1] as i8);
+                return block;
+            }
         }
+        block.d_hi = block.d;
         block
-    }
-
-    fn d(&self) -> f32 {
-        f16::from_bits(self.d).to_f32()
-    }
-
-    fn m(&self) -> f32 {
-        f16::from_bits(self.m).to_f32()
     }
 }
 
 impl QuantMatrix {
     /// Repacks `data`, the GGUF blocks of every row, row after row, after checking its size.
     pub fn from_ggml(format: Format, rows: usize, cols: usize, data: &[u8]) -> Result<QuantMatrix, QuantError> {
-        if !cols.is_multiple_of(BLOCK) {
-            return Err(QuantError::Ragged { cols });
+        let (weights, bytes) = (format.ggml_block_weights(), format.ggml_block_bytes());
+        if !cols.is_multiple_of(weights) {
+            return Err(QuantError::Ragged { cols, block: weights });
         }
-        let bytes = format.ggml_block_bytes();
-        let want = rows * cols / BLOCK * bytes;
+        let want = rows * cols / weights * bytes;
         if data.len() != want {
             return Err(QuantError::Size { format, rows, cols, got: data.len(), want });
         }
-        let blocks = cols / BLOCK;
+        // Blocks of 32 weights in one GGUF block.
+        let per = weights / BLOCK;
+        let blocks = cols / weights;
         Ok(QuantMatrix::from_blocks(format, rows, cols, |r, b| {
-            let at = (r * blocks + b) * bytes;
-            Block::from_ggml(format, &data[at..at + bytes])
+            let at = (r * blocks + b / per) * bytes;
+            Block::from_ggml(format, &data[at..at + bytes], b % per)
         }))
     }
 
@@ -268,7 +362,7 @@ impl QuantMatrix {
         for k in 0..format.quant_bytes() / 64 {
             let four = &src[64 * k + 4 * lane..64 * k + 4 * lane + 4];
             for (t, &byte) in four.iter().enumerate() {
-                if format == Format::Q8_0 {
+                if format.byte_quants() {
                     block.u[4 * k + t] = byte;
                 } else {
                     block.u[4 * k + t] = byte & 15;
@@ -276,11 +370,16 @@ impl QuantMatrix {
                 }
             }
         }
-        let bits = |i: usize| u16::from_le_bytes([src[i], src[i + 1]]);
-        let scales = format.quant_bytes();
-        block.d = bits(scales + 2 * lane);
-        if format == Format::Q4_1 {
-            block.m = bits(scales + 2 * PANEL + 2 * lane);
+        let (scales, width) = (format.quant_bytes(), format.scale_bytes());
+        let value = |i: usize| {
+            if width == 4 { f32::from_le_bytes([src[i], src[i + 1], src[i + 2], src[i + 3]]) } else { f16_at(src, i) }
+        };
+        block.d = value(scales + width * lane);
+        block.d_hi = block.d;
+        if format.has_offsets() {
+            block.m = value(scales + width * (PANEL + lane));
+        } else if format.has_half_scales() {
+            block.d_hi = value(scales + width * (PANEL + lane));
         }
         block
     }
@@ -295,9 +394,8 @@ impl QuantMatrix {
         let o = self.format.offset();
         for (b, values) in out[..self.cols].chunks_exact_mut(BLOCK).enumerate() {
             let block = self.block(r, b);
-            let (d, m) = (block.d(), block.m());
-            for (v, &u) in values.iter_mut().zip(&block.u) {
-                *v = d * (f32::from(u) - o) + m;
+            for (i, (v, &u)) in values.iter_mut().zip(&block.u).enumerate() {
+                *v = block.d(i) * (f32::from(u) - o) + block.m;
             }
         }
     }
@@ -315,18 +413,27 @@ fn put(format: Format, dst: &mut [u8], lane: usize, block: &Block) {
     for k in 0..format.quant_bytes() / 64 {
         let four = &mut dst[64 * k + 4 * lane..64 * k + 4 * lane + 4];
         for (t, byte) in four.iter_mut().enumerate() {
-            *byte = if format == Format::Q8_0 {
+            *byte = if format.byte_quants() {
                 block.u[4 * k + t]
             } else {
                 block.u[4 * k + t] | (block.u[16 + 4 * k + t] << 4)
             };
         }
     }
-    let scales = format.quant_bytes();
-    dst[scales + 2 * lane..scales + 2 * lane + 2].copy_from_slice(&block.d.to_le_bytes());
-    if format == Format::Q4_1 {
-        let at = scales + 2 * PANEL + 2 * lane;
-        dst[at..at + 2].copy_from_slice(&block.m.to_le_bytes());
+    let (scales, width) = (format.quant_bytes(), format.scale_bytes());
+    // The values came from f16 where the format stores f16: converting back is exact.
+    let mut store = |at: usize, v: f32| {
+        if width == 4 {
+            dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        } else {
+            dst[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+        }
+    };
+    store(scales + width * lane, block.d);
+    if format.has_offsets() {
+        store(scales + width * (PANEL + lane), block.m);
+    } else if format.has_half_scales() {
+        store(scales + width * (PANEL + lane), block.d_hi);
     }
 }
 
@@ -358,7 +465,7 @@ impl Precision {
 
 /// Rows of activations quantized for dot products, as ggml's `Q8_1`: per block of [`BLOCK`], a
 /// scale `e`, the integer values `q` (one or two 8-bit limbs, [`Precision`]) with `x ≈ e·q`,
-/// and `e·Σq`.
+/// `e·Σq`, and the integer `Σq` of each half block (for `Q6_K`'s half-block scales).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Q8Rows {
     rows: usize,
@@ -369,6 +476,8 @@ pub struct Q8Rows {
     q: Vec<i8>,
     d: Vec<f32>,
     sum: Vec<f32>,
+    /// Per block, `Σq` of its first and second halves (with two limbs, `Σ(254·h + l)`).
+    halves: Vec<i32>,
 }
 
 /// One row of [`Q8Rows`].
@@ -380,6 +489,7 @@ pub struct Q8Row<'a> {
     lo: &'a [i8],
     d: &'a [f32],
     sum: &'a [f32],
+    halves: &'a [i32],
 }
 
 impl Q8Rows {
@@ -404,10 +514,12 @@ impl Q8Rows {
         self.q.resize(rows * row_q, 0);
         self.d.resize(rows * blocks, 0.0);
         self.sum.resize(rows * blocks, 0.0);
-        let rows_of = |q: &mut [i8], d: &mut [f32], sum: &mut [f32], x: &[f32]| {
-            let parts = q.chunks_exact_mut(row_q).zip(d.chunks_exact_mut(blocks));
-            for ((q, d), (sum, x)) in parts.zip(sum.chunks_exact_mut(blocks).zip(x.chunks_exact(cols))) {
-                path.quantize_row(x, q, d, sum);
+        self.halves.resize(2 * rows * blocks, 0);
+        let rows_of = |q: &mut [i8], d: &mut [f32], sum: &mut [f32], halves: &mut [i32], x: &[f32]| {
+            let parts = q.chunks_exact_mut(row_q).zip(d.chunks_exact_mut(blocks)).zip(sum.chunks_exact_mut(blocks));
+            for (((q, d), sum), (halves, x)) in parts.zip(halves.chunks_exact_mut(2 * blocks).zip(x.chunks_exact(cols)))
+            {
+                path.quantize_row(x, q, d, sum, halves);
             }
         };
         if rows == 0 || cols == 0 {
@@ -421,14 +533,15 @@ impl Q8Rows {
             .chunks_mut(row_q * per_task)
             .zip(self.d.chunks_mut(blocks * per_task))
             .zip(self.sum.chunks_mut(blocks * per_task))
+            .zip(self.halves.chunks_mut(2 * blocks * per_task))
             .zip(x[..rows * cols].chunks(cols * per_task))
             .map(Mutex::new)
             .collect();
         crate::team::for_each(tasks.len(), &|t| {
             // Each task locks its own rows: never contended.
             let mut task = tasks[t].lock().unwrap_or_else(PoisonError::into_inner);
-            let (((q, d), sum), x) = &mut *task;
-            rows_of(q, d, sum, x);
+            let ((((q, d), sum), halves), x) = &mut *task;
+            rows_of(q, d, sum, halves, x);
         });
     }
 
@@ -445,7 +558,9 @@ impl Q8Rows {
         let (n, cols) = (self.blocks, self.blocks * BLOCK);
         let q = &self.q[r * self.precision.limbs() * cols..(r + 1) * self.precision.limbs() * cols];
         let (q, lo) = q.split_at(cols);
-        Q8Row { q, lo, d: &self.d[r * n..(r + 1) * n], sum: &self.sum[r * n..(r + 1) * n] }
+        let (d, sum, halves) =
+            (&self.d[r * n..(r + 1) * n], &self.sum[r * n..(r + 1) * n], &self.halves[2 * r * n..2 * (r + 1) * n]);
+        Q8Row { q, lo, d, sum, halves }
     }
 }
 
@@ -457,8 +572,8 @@ fn round(v: f32) -> i32 {
 }
 
 /// One row: `q` has room for one or two limbs of `x`'s values (the precision), `d` and `sum`
-/// for its blocks. The specification of every path's rounding.
-fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32]) {
+/// for its blocks, `halves` for two values a block. The specification of every path's rounding.
+fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], halves: &mut [i32]) {
     let (q, lo) = q.split_at_mut(x.len());
     for (b, block) in x.chunks_exact(BLOCK).enumerate() {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -466,25 +581,27 @@ fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32]) {
         // A block too small for a normal scale (or all zeros) quantizes to zeros.
         let inv = if scale.is_normal() { 1.0 / scale } else { 0.0 };
         let values = b * BLOCK..(b + 1) * BLOCK;
-        let mut total = 0i32;
+        // The integer totals of the block's two halves.
+        let mut totals = [0i32; 2];
         // |v · inv| <= 127 and the remainder is within half a step, so |254 · remainder| <= 127:
         // the clamps change nothing but a NaN activation's garbage, which they keep in range.
         if lo.is_empty() {
-            for (o, &v) in q[values].iter_mut().zip(block) {
+            for (i, (o, &v)) in q[values].iter_mut().zip(block).enumerate() {
                 *o = round(v * inv).clamp(-127, 127) as i8;
-                total += i32::from(*o);
+                totals[i / 16] += i32::from(*o);
             }
             d[b] = scale;
         } else {
-            for ((o, l), &v) in q[values.clone()].iter_mut().zip(&mut lo[values]).zip(block) {
+            for (i, ((o, l), &v)) in q[values.clone()].iter_mut().zip(&mut lo[values]).zip(block).enumerate() {
                 let high = round(v * inv).clamp(-127, 127);
                 let low = round((v * inv - high as f32) * LIMB as f32).clamp(-127, 127);
                 (*o, *l) = (high as i8, low as i8);
-                total += LIMB * high + low;
+                totals[i / 16] += LIMB * high + low;
             }
             d[b] = scale / LIMB as f32;
         }
-        sum[b] = d[b] * total as f32;
+        sum[b] = d[b] * (totals[0] + totals[1]) as f32;
+        halves[2 * b..2 * b + 2].copy_from_slice(&totals);
     }
 }
 
@@ -494,14 +611,24 @@ pub fn dot_scalar(w: &QuantMatrix, r: usize, x: Q8Row<'_>) -> f32 {
     let mut acc = 0f32;
     for b in 0..w.blocks() {
         let block = w.block(r, b);
-        let values = b * BLOCK..(b + 1) * BLOCK;
-        let dot = |q: &[i8]| -> i32 { block.u.iter().zip(q).map(|(&u, &q)| i32::from(u) * i32::from(q)).sum() };
-        let mut s = dot(&x.q[values.clone()]);
-        if !x.lo.is_empty() {
-            s = LIMB * s + dot(&x.lo[values]);
+        // The integer sum of u·q over weights `range` of the block (and 254·u·h + u·l with two
+        // limbs).
+        let sum = |range: std::ops::Range<usize>| -> i32 {
+            let dot = |q: &[i8]| -> i32 {
+                let q = &q[b * BLOCK + range.start..b * BLOCK + range.end];
+                block.u[range.clone()].iter().zip(q).map(|(&u, &q)| i32::from(u) * i32::from(q)).sum()
+            };
+            if x.lo.is_empty() { dot(x.q) } else { LIMB * dot(x.q) + dot(x.lo) }
+        };
+        if w.format.has_half_scales() {
+            // Each half's integer sum of (u − o)·q, scaled by its own d.
+            for (h, d) in [block.d, block.d_hi].into_iter().enumerate() {
+                let s = sum(16 * h..16 * (h + 1)) - o as i32 * x.halves[2 * b + h];
+                acc += d * x.d[b] * s as f32;
+            }
+        } else {
+            acc += block.d * x.d[b] * sum(0..BLOCK) as f32 + (block.m - o * block.d) * x.sum[b];
         }
-        let d = block.d();
-        acc += d * x.d[b] * s as f32 + (block.m() - o * d) * x.sum[b];
     }
     acc
 }
@@ -555,11 +682,11 @@ impl Path {
     }
 
     /// One row of [`Q8Rows::quantize_on`].
-    fn quantize_row(self, x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32]) {
+    fn quantize_row(self, x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], halves: &mut [i32]) {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Path::Avx512(path) => path.quantize_row(x, q, d, sum),
-            _ => quantize_row(x, q, d, sum),
+            Path::Avx512(path) => path.quantize_row(x, q, d, sum, halves),
+            _ => quantize_row(x, q, d, sum, halves),
         }
     }
 
@@ -646,14 +773,23 @@ mod tests {
 
     /// GGUF blocks of a random matrix in `format`: random scales (and offsets) and quants.
     fn random_ggml(format: Format, rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
-        let blocks = rows * cols / BLOCK;
+        let blocks = rows * cols / format.ggml_block_weights();
         let mut data = Vec::with_capacity(blocks * format.ggml_block_bytes());
         for _ in 0..blocks {
-            data.extend_from_slice(&f16::from_f32(rng.random_range(0.001..0.05)).to_le_bytes());
-            if format == Format::Q4_1 {
-                data.extend_from_slice(&f16::from_f32(rng.random_range(-0.2..0.2)).to_le_bytes());
+            if format == Format::Q6_K {
+                // Quants and 8-bit scales, then d.
+                data.extend((0..208).map(|_| rng.random::<u8>()));
+                data.extend_from_slice(&f16::from_f32(rng.random_range(0.0001..0.001)).to_le_bytes());
+                continue;
             }
-            let n = if format == Format::Q8_0 { 32 } else { 16 };
+            let scale = if format == Format::Q4_K { 0.001..0.002 } else { 0.001..0.05 };
+            data.extend_from_slice(&f16::from_f32(rng.random_range(scale)).to_le_bytes());
+            match format {
+                Format::Q4_1 => data.extend_from_slice(&f16::from_f32(rng.random_range(-0.2..0.2)).to_le_bytes()),
+                Format::Q4_K => data.extend_from_slice(&f16::from_f32(rng.random_range(0.0..0.005)).to_le_bytes()),
+                _ => {}
+            }
+            let n = format.ggml_block_bytes() - data.len() % format.ggml_block_bytes();
             data.extend((0..n).map(|_| rng.random::<u8>()));
         }
         data
@@ -663,14 +799,11 @@ mod tests {
         QuantMatrix::from_ggml(format, rows, cols, &random_ggml(format, rows, cols, rng)).expect("sized right")
     }
 
-    fn f16_at(b: &[u8], i: usize) -> f32 {
-        f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-    }
-
-    /// GGUF's own dequantization of one block, written from the format's definition.
-    fn ggml_block(format: Format, blk: &[u8]) -> [f32; BLOCK] {
+    /// GGUF's own dequantization of one block, written from the format's definition (ggml's
+    /// `dequantize_row_*`).
+    fn ggml_block(format: Format, blk: &[u8]) -> Vec<f32> {
         let d = f16_at(blk, 0);
-        let mut out = [0f32; BLOCK];
+        let mut out = vec![0f32; format.ggml_block_weights()];
         match format {
             Format::Q8_0 => {
                 for i in 0..BLOCK {
@@ -684,8 +817,54 @@ mod tests {
                     out[i + 16] = d * (f32::from(blk[qs + i] >> 4) - o) + m;
                 }
             }
+            Format::Q4_K => {
+                // ggml's `get_scale_min_k4`, then 64 weights (two sub-blocks) per 32 bytes.
+                let q = &blk[4..16];
+                let scale_min = |j: usize| -> (u8, u8) {
+                    if j < 4 {
+                        (q[j] & 63, q[j + 4] & 63)
+                    } else {
+                        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+                    }
+                };
+                let dmin = f16_at(blk, 2);
+                for c in 0..4 {
+                    let ((s1, m1), (s2, m2)) = (scale_min(2 * c), scale_min(2 * c + 1));
+                    let (d1, c1) = (d * f32::from(s1), dmin * f32::from(m1));
+                    let (d2, c2) = (d * f32::from(s2), dmin * f32::from(m2));
+                    for l in 0..32 {
+                        let byte = blk[16 + 32 * c + l];
+                        out[64 * c + l] = d1 * f32::from(byte & 0xF) - c1;
+                        out[64 * c + 32 + l] = d2 * f32::from(byte >> 4) - c2;
+                    }
+                }
+            }
+            Format::Q6_K => {
+                let d = f16_at(blk, 208);
+                let sc = |i: usize| d * f32::from(blk[192 + i] as i8);
+                for n in 0..2 {
+                    let (ql, qh) = (&blk[64 * n..], &blk[128 + 32 * n..]);
+                    for l in 0..32 {
+                        let q = |low: u8, shift: u8| f32::from((low | (((qh[l] >> shift) & 3) << 4)) as i8 - 32);
+                        let is = 8 * n + l / 16;
+                        out[128 * n + l] = sc(is) * q(ql[l] & 0xF, 0);
+                        out[128 * n + l + 32] = sc(is + 2) * q(ql[l + 32] & 0xF, 2);
+                        out[128 * n + l + 64] = sc(is + 4) * q(ql[l] >> 4, 4);
+                        out[128 * n + l + 96] = sc(is + 6) * q(ql[l + 32] >> 4, 6);
+                    }
+                }
+            }
         }
         out
+    }
+
+    /// Row widths to test `format` with: a whole number of its GGUF blocks, in rising order.
+    fn widths(format: Format) -> [usize; 6] {
+        if format.ggml_block_weights() == 256 {
+            [256, 512, 768, 1280, 1536, 2304]
+        } else {
+            [32, 64, 96, 576, 1056, 1536]
+        }
     }
 
     fn activations(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
@@ -695,13 +874,21 @@ mod tests {
     #[test]
     fn repacking_keeps_every_weight_exactly() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
-        for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1] {
+        for format in Format::ALL {
             // 19 rows: the second panel is padded.
-            let (rows, cols) = (19, 96);
+            let (rows, cols) = (19, widths(format)[2]);
             let ggml = random_ggml(format, rows, cols, &mut rng);
             let w = QuantMatrix::from_ggml(format, rows, cols, &ggml).expect("sized right");
-            // The same bits per weight as the file, plus the padding rows.
-            assert_eq!(w.size_bytes(), 32 * 3 * format.ggml_block_bytes());
+            // The same bits per weight as the file, plus the padding rows; the K formats' f32
+            // scales take Q4_K from 4.5 bits to 6, and Q6_K's quants a byte each from 6.5625 to 10.
+            let bits = w.size_bytes() as f64 * 8.0 / (32 * cols) as f64;
+            let file = (8 * format.ggml_block_bytes()) as f64 / format.ggml_block_weights() as f64;
+            let kept = match format {
+                Format::Q4_K => 6.0,
+                Format::Q6_K => 10.0,
+                _ => file,
+            };
+            assert_eq!(bits, kept, "{format:?}");
             let want: Vec<f32> =
                 ggml.chunks_exact(format.ggml_block_bytes()).flat_map(|b| ggml_block(format, b)).collect();
             assert_eq!(w.dequantize(), want, "{format:?}");
@@ -714,8 +901,8 @@ mod tests {
         // Each activation moves by at most half a step: its block's amax / 254, or / 64516 with
         // two limbs.
         for (precision, steps) in [(Precision::Int8, 254.0), (Precision::Int16, 64516.0)] {
-            for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1] {
-                let (rows, cols) = (16, 288);
+            for format in Format::ALL {
+                let (rows, cols) = (16, if format.ggml_block_weights() == 256 { 512 } else { 288 });
                 let w = random(format, rows, cols, &mut rng);
                 let x = activations(cols, &mut rng);
                 let mut q = Q8Rows::default();
@@ -750,10 +937,9 @@ mod tests {
         let paths = Path::available();
         eprintln!("paths: {paths:?}");
         let shapes = [(8, 7), (16, 1), (40, 11)].into_iter().cycle();
-        let formats = [Format::Q8_0, Format::Q4_0, Format::Q4_1];
-        for (format, precision) in formats.into_iter().flat_map(|f| [(f, Precision::Int8), (f, Precision::Int16)]) {
+        for (format, precision) in Format::ALL.into_iter().flat_map(|f| [(f, Precision::Int8), (f, Precision::Int16)]) {
             // Odd block counts; partial, whole and several panels; partial, whole and several tiles.
-            for (cols, (rows, m)) in [32, 64, 96, 576, 1056, 1536].into_iter().zip(shapes.clone()) {
+            for (cols, (rows, m)) in widths(format).into_iter().zip(shapes.clone()) {
                 let w = random(format, rows, cols, &mut rng);
                 let mut x = Q8Rows::default();
                 x.quantize(&activations(m * cols, &mut rng), m, cols, precision);
@@ -798,6 +984,7 @@ mod tests {
                 assert_eq!(got.q, want.q, "{path:?} {precision:?} quants");
                 assert_eq!(got.d, want.d, "{path:?} {precision:?} scales");
                 assert_eq!(got.sum, want.sum, "{path:?} {precision:?} sums");
+                assert_eq!(got.halves, want.halves, "{path:?} {precision:?} half-block totals");
             }
         }
     }
@@ -806,14 +993,20 @@ mod tests {
     fn the_largest_quants_times_the_largest_activations_do_not_saturate_any_path() {
         // Every quant at its extreme (Q8_0's −128, the 4-bit formats' 15) and every activation
         // at ±127: the sums the SIMD paths build in 16-bit lanes are at their largest.
-        let (rows, cols) = (16, 64);
-        for format in [Format::Q8_0, Format::Q4_0, Format::Q4_1] {
+        let (rows, cols) = (16, 256);
+        for format in Format::ALL {
+            let d = f16::from_f32(0.01).to_le_bytes();
             let block: Vec<u8> = match format {
-                Format::Q8_0 => [&f16::from_f32(0.01).to_le_bytes()[..], &[0x80; 32]].concat(),
-                Format::Q4_0 => [&f16::from_f32(0.01).to_le_bytes()[..], &[0xFF; 16]].concat(),
-                Format::Q4_1 => [&f16::from_f32(0.01).to_le_bytes()[..], &[0; 2], &[0xFF; 16]].concat(),
+                Format::Q8_0 => [&d[..], &[0x80; 32]].concat(),
+                Format::Q4_0 => [&d[..], &[0xFF; 16]].concat(),
+                Format::Q4_1 => [&d[..], &[0; 2], &[0xFF; 16]].concat(),
+                // Every sub-block's 6-bit scale at its largest, 63.
+                Format::Q4_K => [&d[..], &[0; 2], &[0xFF; 12], &[0xFF; 128]].concat(),
+                // Every quant at 63 and every scale at −128.
+                Format::Q6_K => [&[0xFF; 192][..], &[0x80; 16], &d[..]].concat(),
             };
-            let w = QuantMatrix::from_ggml(format, rows, cols, &block.repeat(rows * cols / BLOCK)).expect("sized");
+            let blocks = rows * cols / format.ggml_block_weights();
+            let w = QuantMatrix::from_ggml(format, rows, cols, &block.repeat(blocks)).expect("sized");
             for (sign, precision) in [(1.0f32, Precision::Int8), (-1.0, Precision::Int8), (-1.0, Precision::Int16)] {
                 let mut x = Q8Rows::default();
                 x.quantize(&vec![sign * 3.0; 2 * cols], 2, cols, precision);
@@ -874,7 +1067,11 @@ mod tests {
 
     #[test]
     fn matrices_of_the_wrong_size_are_refused() {
-        assert_eq!(QuantMatrix::from_ggml(Format::Q4_1, 2, 40, &[]), Err(QuantError::Ragged { cols: 40 }));
+        assert_eq!(QuantMatrix::from_ggml(Format::Q4_1, 2, 40, &[]), Err(QuantError::Ragged { cols: 40, block: 32 }));
+        assert_eq!(
+            QuantMatrix::from_ggml(Format::Q4_K, 2, 576, &[]),
+            Err(QuantError::Ragged { cols: 576, block: 256 })
+        );
         let e = QuantMatrix::from_ggml(Format::Q8_0, 2, 64, &[0; 100]).expect_err("refused");
         assert_eq!(e, QuantError::Size { format: Format::Q8_0, rows: 2, cols: 64, got: 100, want: 136 });
     }

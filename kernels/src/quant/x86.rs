@@ -9,13 +9,16 @@ use std::arch::x86_64::*;
 const Q8_0: u8 = 0;
 const Q4_0: u8 = 1;
 const Q4_1: u8 = 2;
-const FORMATS: [Format; 3] = [Format::Q8_0, Format::Q4_0, Format::Q4_1];
+const Q4_K: u8 = 3;
+const Q6_K: u8 = 4;
 
 fn kind(format: Format) -> u8 {
     match format {
         Format::Q8_0 => Q8_0,
         Format::Q4_0 => Q4_0,
         Format::Q4_1 => Q4_1,
+        Format::Q4_K => Q4_K,
+        Format::Q6_K => Q6_K,
     }
 }
 
@@ -29,10 +32,14 @@ macro_rules! dispatch {
                 match (kind($format), $xs.first().is_some_and(|x| !x.lo.is_empty())) {
                     (Q8_0, false) => $kernel::<$r, Q8_0, false>($blocks, $panel, $xs, $out),
                     (Q4_0, false) => $kernel::<$r, Q4_0, false>($blocks, $panel, $xs, $out),
-                    (_, false) => $kernel::<$r, Q4_1, false>($blocks, $panel, $xs, $out),
+                    (Q4_1, false) => $kernel::<$r, Q4_1, false>($blocks, $panel, $xs, $out),
+                    (Q4_K, false) => $kernel::<$r, Q4_K, false>($blocks, $panel, $xs, $out),
+                    (_, false) => $kernel::<$r, Q6_K, false>($blocks, $panel, $xs, $out),
                     (Q8_0, true) => $kernel::<$r, Q8_0, true>($blocks, $panel, $xs, $out),
                     (Q4_0, true) => $kernel::<$r, Q4_0, true>($blocks, $panel, $xs, $out),
-                    (_, true) => $kernel::<$r, Q4_1, true>($blocks, $panel, $xs, $out),
+                    (Q4_1, true) => $kernel::<$r, Q4_1, true>($blocks, $panel, $xs, $out),
+                    (Q4_K, true) => $kernel::<$r, Q4_K, true>($blocks, $panel, $xs, $out),
+                    (_, true) => $kernel::<$r, Q6_K, true>($blocks, $panel, $xs, $out),
                 }
             };
         }
@@ -58,7 +65,7 @@ fn check(format: Format, blocks: usize, panel: &[u8], xs: &[Q8Row<'_>]) {
     let limbs = xs.first().is_some_and(|x| !x.lo.is_empty());
     for x in xs {
         assert!(
-            x.q.len() >= blocks * BLOCK && x.d.len() >= blocks && x.sum.len() >= blocks,
+            x.q.len() >= blocks * BLOCK && x.d.len() >= blocks && x.sum.len() >= blocks && x.halves.len() >= 2 * blocks,
             "dot: activations shorter than the weight row"
         );
         assert!(
@@ -125,7 +132,7 @@ impl Avx512 {
 impl Avx512 {
     /// [`super::quantize_row`] sixteen values at a time, with the same operations in the same
     /// order on each value, so the same bits for finite input.
-    pub(super) fn quantize_row(self, x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32]) {
+    pub(super) fn quantize_row(self, x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], halves: &mut [i32]) {
         let blocks = x.len() / BLOCK;
         let limbs = q.len() / x.len().max(1);
         assert!(
@@ -134,9 +141,13 @@ impl Avx512 {
             q.len(),
             x.len()
         );
-        assert!(d.len() >= blocks && sum.len() >= blocks, "quantize: room for {} blocks", d.len().min(sum.len()));
+        assert!(
+            d.len() >= blocks && sum.len() >= blocks && halves.len() >= 2 * blocks,
+            "quantize: room for {} blocks",
+            d.len().min(sum.len()).min(halves.len() / 2)
+        );
         // SAFETY: `self` proves the features; the asserts prove every block's extent.
-        unsafe { quantize512(x, q, d, sum, limbs == 2) }
+        unsafe { quantize512(x, q, d, sum, halves, limbs == 2) }
     }
 }
 
@@ -144,9 +155,9 @@ impl Avx512 {
 ///
 /// # Safety
 /// The CPU has AVX-512F; `x` is whole blocks, `q` holds `limbs · x.len()` values (high limbs,
-/// then low), `d` and `sum` a value per block.
+/// then low), `d` and `sum` a value per block, `halves` two.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize512(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], two: bool) {
+unsafe fn quantize512(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], halves: &mut [i32], two: bool) {
     let n = x.len();
     let (lo_min, hi_max) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
     let clamp = |v: __m512i| _mm512_min_epi32(_mm512_max_epi32(v, lo_min), hi_max);
@@ -161,7 +172,7 @@ unsafe fn quantize512(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], t
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1]))).max(0.0);
         let scale = amax / 127.0;
         let inv = _mm512_set1_ps(if scale.is_normal() { 1.0 / scale } else { 0.0 });
-        let mut total = _mm512_setzero_si512();
+        let mut totals = [0i32; 2];
         for (h, v) in v.into_iter().enumerate() {
             let at = b * BLOCK + 16 * h;
             let scaled = _mm512_mul_ps(v, inv);
@@ -171,16 +182,17 @@ unsafe fn quantize512(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], t
                 let rest = _mm512_mul_ps(_mm512_sub_ps(scaled, _mm512_cvtepi32_ps(high)), limb);
                 let low = clamp(_mm512_cvtps_epi32(rest));
                 unsafe { _mm_storeu_si128(q.as_mut_ptr().add(n + at).cast(), _mm512_cvtepi32_epi8(low)) };
-                total = _mm512_add_epi32(
-                    total,
-                    _mm512_add_epi32(_mm512_mullo_epi32(high, _mm512_set1_epi32(super::LIMB)), low),
-                );
+                totals[h] = _mm512_reduce_add_epi32(_mm512_add_epi32(
+                    _mm512_mullo_epi32(high, _mm512_set1_epi32(super::LIMB)),
+                    low,
+                ));
             } else {
-                total = _mm512_add_epi32(total, high);
+                totals[h] = _mm512_reduce_add_epi32(high);
             }
         }
         d[b] = if two { scale / super::LIMB as f32 } else { scale };
-        sum[b] = d[b] * _mm512_reduce_add_epi32(total) as f32;
+        sum[b] = d[b] * (totals[0] + totals[1]) as f32;
+        halves[2 * b..2 * b + 2].copy_from_slice(&totals);
     }
 }
 
@@ -202,7 +214,7 @@ unsafe fn panel512<const R: usize, const K: u8, const F: bool>(
     xs: &[Q8Row<'_>],
     out: &mut PanelOut,
 ) {
-    let format = FORMATS[K as usize];
+    let format = Format::ALL[K as usize];
     // Callers pass exactly R rows (`panel` matches on the count).
     let Ok(xs) = <&[Q8Row<'_>; R]>::try_from(xs) else { return };
     let (quant_bytes, block_bytes) = (format.quant_bytes(), format.block_bytes());
@@ -211,12 +223,12 @@ unsafe fn panel512<const R: usize, const K: u8, const F: bool>(
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..blocks {
         // SAFETY (every load below): block b's bytes lie inside `panel`, its quants first
-        // (`quant_bytes`), then 16 f16 scales and, for Q4_1, 16 f16 offsets; each activation
-        // row holds block b's 32 quants, scale and sum.
+        // (`quant_bytes`), then 16 scales and, for Q4_1 and Q4_K, 16 offsets (f16, or f32 for
+        // Q4_K); each activation row holds block b's 32 quants, scale and sum.
         let at = unsafe { panel.as_ptr().add(b * block_bytes) };
         prefetch(at, block_bytes);
         let mut w = [_mm512_setzero_si512(); 8];
-        if K == Q8_0 {
+        if K == Q8_0 || K == Q6_K {
             for (k, w) in w.iter_mut().enumerate() {
                 *w = unsafe { _mm512_loadu_si512(at.add(64 * k).cast()) };
             }
@@ -227,24 +239,46 @@ unsafe fn panel512<const R: usize, const K: u8, const F: bool>(
                 w[4 + k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
             }
         }
-        let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(at.add(quant_bytes).cast()) });
-        let c = if K == Q4_1 {
-            _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(at.add(quant_bytes + 2 * PANEL).cast()) })
+        // For Q6_K, `c` is the second half's scales.
+        let (d, c) = if K == Q4_K || K == Q6_K {
+            let scales = unsafe { at.add(quant_bytes).cast::<f32>() };
+            unsafe { (_mm512_loadu_ps(scales), _mm512_loadu_ps(scales.add(PANEL))) }
         } else {
-            _mm512_mul_ps(d, offset)
+            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(at.add(quant_bytes).cast()) });
+            let c = if K == Q4_1 {
+                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(at.add(quant_bytes + 2 * PANEL).cast()) })
+            } else {
+                _mm512_mul_ps(d, offset)
+            };
+            (d, c)
         };
         for r in 0..R {
             let (q, e, sum) = (xs[r].q, unsafe { *xs[r].d.get_unchecked(b) }, unsafe { *xs[r].sum.get_unchecked(b) });
             // SAFETY: `check` proved block b's values (and low limbs, for F) are inside the row.
-            let mut s = unsafe { sum512(&w, q, b * BLOCK) };
-            if F {
-                // 254·s as 256·s − 2·s.
-                let high = _mm512_sub_epi32(_mm512_slli_epi32(s, 8), _mm512_add_epi32(s, s));
-                s = _mm512_add_epi32(high, unsafe { sum512(&w, xs[r].lo, b * BLOCK) });
+            let s = unsafe { sum512(&w, q, b * BLOCK) };
+            let lo = if F { unsafe { sum512(&w, xs[r].lo, b * BLOCK) } } else { [_mm512_setzero_si512(); 2] };
+            // 254·s + l, as 256·s − 2·s + l.
+            let limbs = |s: __m512i, l: __m512i| {
+                if F {
+                    _mm512_add_epi32(_mm512_sub_epi32(_mm512_slli_epi32(s, 8), _mm512_add_epi32(s, s)), l)
+                } else {
+                    s
+                }
+            };
+            let e = _mm512_set1_ps(e);
+            if K == Q6_K {
+                // Each half's Σ(u − 32)·q, scaled by its own d.
+                // SAFETY: `check` proved the row holds two totals a block.
+                let totals = unsafe { xs[r].halves.get_unchecked(2 * b..2 * b + 2) };
+                for (h, scale) in [d, c].into_iter().enumerate() {
+                    let s = _mm512_sub_epi32(limbs(s[h], lo[h]), _mm512_set1_epi32(32 * totals[h]));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(scale, e), acc[r]);
+                }
+            } else {
+                let s = limbs(_mm512_add_epi32(s[0], s[1]), _mm512_add_epi32(lo[0], lo[1]));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, e), acc[r]);
+                acc[r] = _mm512_fmadd_ps(c, _mm512_set1_ps(sum), acc[r]);
             }
-            let s = _mm512_cvtepi32_ps(s);
-            acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(e)), acc[r]);
-            acc[r] = _mm512_fmadd_ps(c, _mm512_set1_ps(sum), acc[r]);
         }
     }
     for r in 0..R {
@@ -253,22 +287,23 @@ unsafe fn panel512<const R: usize, const K: u8, const F: bool>(
     }
 }
 
-/// Lane `j`: the integer sum of row `j`'s block (`w`, eight vectors of unsigned quants, vector
-/// `k` holding weights `4k..4k + 4`) times the 32 activations of `q` from `at`.
+/// Lane `j`: the integer sums of row `j`'s block (`w`, eight vectors of unsigned quants, vector
+/// `k` holding weights `4k..4k + 4`) times the 32 activations of `q` from `at`, for the first
+/// and the second half of the block.
 ///
 /// # Safety
 /// The CPU has AVX-512 VNNI; `q` holds `at + 32` values.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn sum512(w: &[__m512i; 8], q: &[i8], at: usize) -> __m512i {
-    // Two chains of four, so the sums do not wait on each other's latency.
+unsafe fn sum512(w: &[__m512i; 8], q: &[i8], at: usize) -> [__m512i; 2] {
+    // Two chains of four (the halves), so the sums do not wait on each other's latency.
     let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
     for k in 0..4 {
         // SAFETY: as the function's.
         s0 = _mm512_dpbusd_epi32(s0, w[k], _mm512_set1_epi32(unsafe { four(q, at + 4 * k) }));
         s1 = _mm512_dpbusd_epi32(s1, w[4 + k], _mm512_set1_epi32(unsafe { four(q, at + 16 + 4 * k) }));
     }
-    _mm512_add_epi32(s0, s1)
+    [s0, s1]
 }
 
 /// Proof that this CPU has AVX2, FMA and F16C: only [`Avx2::detect`] makes one.
@@ -306,7 +341,7 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
     xs: &[Q8Row<'_>],
     out: &mut PanelOut,
 ) {
-    let format = FORMATS[K as usize];
+    let format = Format::ALL[K as usize];
     // Callers pass exactly R rows (`panel` matches on the count).
     let Ok(xs) = <&[Q8Row<'_>; R]>::try_from(xs) else { return };
     let (quant_bytes, block_bytes) = (format.quant_bytes(), format.block_bytes());
@@ -324,9 +359,11 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
                 prefetch(at, block_bytes);
             }
             let mut w = [_mm256_setzero_si256(); 8];
-            if K == Q8_0 {
+            if K == Q8_0 || K == Q6_K {
                 for (k, w) in w.iter_mut().enumerate() {
-                    *w = _mm256_xor_si256(unsafe { _mm256_loadu_si256(at.add(64 * k + 32 * half).cast()) }, flip);
+                    let v = unsafe { _mm256_loadu_si256(at.add(64 * k + 32 * half).cast()) };
+                    // Q6_K's quants (at most 63) multiply as unsigned bytes as they are.
+                    *w = if K == Q8_0 { _mm256_xor_si256(v, flip) } else { v };
                 }
             } else {
                 for k in 0..4 {
@@ -335,16 +372,42 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
                     w[4 + k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
                 }
             }
-            let scales = unsafe { at.add(quant_bytes + 16 * half) };
-            let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(scales.cast()) });
-            let c = if K == Q4_1 {
-                _mm256_cvtph_ps(unsafe { _mm_loadu_si128(scales.add(2 * PANEL).cast()) })
+            // For Q6_K, `c` is the second half's scales.
+            let (d, c) = if K == Q4_K || K == Q6_K {
+                let scales = unsafe { at.add(quant_bytes).cast::<f32>().add(8 * half) };
+                unsafe { (_mm256_loadu_ps(scales), _mm256_loadu_ps(scales.add(PANEL))) }
             } else {
-                _mm256_mul_ps(d, offset)
+                let scales = unsafe { at.add(quant_bytes + 16 * half) };
+                let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(scales.cast()) });
+                let c = if K == Q4_1 {
+                    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(scales.add(2 * PANEL).cast()) })
+                } else {
+                    _mm256_mul_ps(d, offset)
+                };
+                (d, c)
             };
             for r in 0..R {
                 let (q, e, sum) =
                     (xs[r].q, unsafe { *xs[r].d.get_unchecked(b) }, unsafe { *xs[r].sum.get_unchecked(b) });
+                if K == Q6_K {
+                    // As in `panel512`: each half's Σ(u − 32)·q, scaled by its own d.
+                    // SAFETY: `check` proved block b's values (low limbs, for F) and its two
+                    // totals are inside the row.
+                    let mut s = unsafe { halves256(&w, q, b * BLOCK) };
+                    if F {
+                        let lo = unsafe { halves256(&w, xs[r].lo, b * BLOCK) };
+                        for (s, lo) in s.iter_mut().zip(lo) {
+                            *s = _mm256_add_epi32(_mm256_mullo_epi32(*s, _mm256_set1_epi32(super::LIMB)), lo);
+                        }
+                    }
+                    let totals = unsafe { xs[r].halves.get_unchecked(2 * b..2 * b + 2) };
+                    for (h, scale) in [d, c].into_iter().enumerate() {
+                        let s = _mm256_sub_epi32(s[h], _mm256_set1_epi32(32 * totals[h]));
+                        acc[r] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, _mm256_set1_ps(e)), acc[r]);
+                    }
+                    continue;
+                }
                 // SAFETY: `check` proved block b's values (and low limbs, for F) are inside the row.
                 let mut s = unsafe { sum256::<K>(&w, q, b * BLOCK) };
                 if F {
@@ -366,7 +429,26 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
     }
 }
 
-/// As [`sum512`] for eight rows (`w` as [`panel256`] unpacks it: signed for `Q8_0`).
+/// As [`sum512`] for eight rows of `Q6_K` quants (at most 63, so `maddubs` of two products
+/// stays within 16 bits), each half's sum apart.
+///
+/// # Safety
+/// The CPU has AVX2; `q` holds `at + 32` values.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn halves256(w: &[__m256i; 8], q: &[i8], at: usize) -> [__m256i; 2] {
+    let ones = _mm256_set1_epi16(1);
+    let mut s = [_mm256_setzero_si256(); 2];
+    for (k, &w) in w.iter().enumerate() {
+        // SAFETY: as the function's.
+        let a = _mm256_set1_epi32(unsafe { four(q, at + 4 * k) });
+        s[k / 4] = _mm256_add_epi32(s[k / 4], _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones));
+    }
+    s
+}
+
+/// As [`sum512`] for eight rows and the whole block (`w` as [`panel256`] unpacks it: signed
+/// for `Q8_0`).
 ///
 /// # Safety
 /// The CPU has AVX2; `q` holds `at + 32` values.
