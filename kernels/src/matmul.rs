@@ -67,6 +67,79 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32],
     }
 }
 
+/// Activation rows from which [`linear_bf16`] widens tiles of weights to f32 and multiplies them
+/// as a GEMM; fewer rows read the bf16 weights directly.
+const BF16_GEMM_ROWS: usize = 16;
+/// Weight rows a task widens at once in [`linear_bf16`]'s GEMM path: with `k` up to 8192 the
+/// tile (2 MiB) stays within a core's cache while every activation row passes over it.
+const BF16_TILE: usize = 64;
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ` for bf16 weights kept as they were stored (half the bytes of
+/// f32), `y`'s rows `y_stride` apart. Every weight widens exactly to f32, so the result is
+/// [`linear`]'s on the widened matrix up to the order of the f32 additions.
+///
+/// Decode-shaped products (a few rows) read the weights in place, a few of their rows per pass
+/// over an activation row ([`crate::ops::dots_bf16`]); from [`BF16_GEMM_ROWS`] rows, tiles of
+/// weight rows are widened once and multiplied by every activation row as a GEMM. Either way
+/// the team's threads take blocks of output columns.
+///
+/// # Panics
+/// When a slice is shorter than the shapes require (a caller bug, never input-dependent).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bf16(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize, y: &mut [f32], y_stride: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(x.len() >= m * k, "linear_bf16: x has {} values, needs {}", x.len(), m * k);
+    assert!(w.len() >= n * k, "linear_bf16: w has {} values, needs {}", w.len(), n * k);
+    assert!(y_stride >= n && y.len() >= (m - 1) * y_stride + n, "linear_bf16: y too short");
+    let out = crate::team::Shared::new(y);
+    if m < BF16_GEMM_ROWS {
+        // Blocks of weight rows: enough for every thread, each a few dozen KiB that stay in
+        // cache across the activation rows.
+        let rows = (n / (4 * crate::team::threads())).clamp(16, 256);
+        crate::team::for_each(n.div_ceil(rows), &|t| {
+            let (j0, j1) = (t * rows, ((t + 1) * rows).min(n));
+            for i in 0..m {
+                // SAFETY: row i's columns j0..j1 lie inside `y` (asserted above), and only the
+                // task owning columns j0..j1 touches them.
+                let y = unsafe { std::slice::from_raw_parts_mut(out.at(i * y_stride + j0), j1 - j0) };
+                crate::ops::dots_bf16(&w[j0 * k..j1 * k], &x[i * k..(i + 1) * k], y);
+            }
+        });
+        return;
+    }
+    crate::team::for_each(n.div_ceil(BF16_TILE), &|t| {
+        let (j0, j1) = (t * BF16_TILE, ((t + 1) * BF16_TILE).min(n));
+        let tile: Vec<f32> = w[j0 * k..j1 * k].iter().map(|v| v.to_f32()).collect();
+        // SAFETY: as in `linear`, for the m rows of columns j0..j1 of `y` (inside it, asserted
+        // above), which only this task writes; lhs and rhs are the slices' own values.
+        unsafe {
+            gemm::gemm(
+                m,
+                j1 - j0,
+                k,
+                out.at(j0),
+                1,
+                y_stride as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                tile.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    });
+}
+
 /// `y[m, n] (+)= alpha · x[m, k] · w[n, k]ᵀ` with explicit row strides for `x` and `w`.
 /// Used by the LoRA path, whose operands are row blocks of larger buffers.
 #[allow(clippy::too_many_arguments)]
@@ -144,6 +217,30 @@ mod tests {
             linear(&x, m, k, &w, n, &mut y, n, true);
             for (a, b) in y.iter().zip(&want) {
                 assert!((*a as f64 - 2.0 * b).abs() <= 2e-4 * (1.0 + b.abs()));
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_weights_multiply_as_their_f32_values_in_both_shapes_of_product() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        // Decode-shaped (below BF16_GEMM_ROWS) and GEMM-shaped products; widths that are not
+        // whole vectors, tiles or column blocks.
+        for &(m, k, n) in &[(1, 64, 96), (3, 33, 517), (8, 576, 1536), (16, 100, 70), (40, 256, 300)] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let w: Vec<half::bf16> = (0..n * k).map(|_| half::bf16::from_f32(rng.random_range(-1.0..1.0))).collect();
+            let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let want = naive(&x, m, k, &wide, n);
+            // Output rows wider than the product: the columns past it stay untouched.
+            let stride = n + 3;
+            let mut y = vec![-7.0f32; m * stride];
+            linear_bf16(&x, m, k, &w, n, &mut y, stride);
+            for i in 0..m {
+                for j in 0..n {
+                    let (a, b) = (y[i * stride + j], want[i * n + j]);
+                    assert!((f64::from(a) - b).abs() <= 1e-4 * (1.0 + b.abs()), "{m}x{k}x{n} [{i}, {j}]: {a} vs {b}");
+                }
+                assert!(y[i * stride + n..(i + 1) * stride].iter().all(|&v| v == -7.0), "{m}x{k}x{n}: row {i} spilled");
             }
         }
     }

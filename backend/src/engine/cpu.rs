@@ -25,6 +25,8 @@ pub fn set_threads(threads: usize) -> Result<(), String> {
 #[derive(Debug)]
 enum Linear {
     F32(Vec<f32>),
+    /// bf16 as stored, times f32 activations (`matmul::linear_bf16`).
+    Bf16(Vec<bf16>),
     /// Quantized blocks: activations are quantized per block (to the executor's [`Precision`])
     /// and multiplied as integers (`switchyard_kernels::quant`).
     Quant(QuantMatrix),
@@ -35,24 +37,35 @@ enum Linear {
 }
 
 impl Linear {
-    /// Tensors stacked along their first dimension: one quantized matrix when `keep` and every
-    /// part is quantized in one format (whole rows stack, so the blocks stay intact); the parts
-    /// side by side when `keep` and some are quantized; f32 otherwise.
+    /// Tensors stacked along their first dimension. When `keep`: one quantized matrix if every
+    /// part is quantized in one format (whole rows stack, so the blocks stay intact), one bf16
+    /// matrix if every part is bf16, else the parts side by side, each as it is stored. f32
+    /// when not `keep` or nothing is stored otherwise.
     fn stacked(parts: &[&HostTensor], keep: bool) -> Linear {
+        if !keep || parts.iter().all(|t| matches!(t.data, TensorData::F32(_))) {
+            return Linear::F32(parts.iter().flat_map(|t| t.to_f32().into_owned()).collect());
+        }
         let quantized: Vec<&QuantMatrix> = parts
             .iter()
             .filter_map(|t| match &t.data {
                 TensorData::Quant(q) => Some(q),
-                TensorData::F32(_) => None,
+                _ => None,
             })
             .collect();
-        if !keep || quantized.is_empty() {
-            return Linear::F32(parts.iter().flat_map(|t| t.to_f32().into_owned()).collect());
-        }
         if quantized.len() == parts.len()
             && let Ok(q) = QuantMatrix::stack(&quantized)
         {
             return Linear::Quant(q);
+        }
+        let bf16: Vec<&[bf16]> = parts
+            .iter()
+            .filter_map(|t| match &t.data {
+                TensorData::Bf16(v) => Some(v.as_slice()),
+                _ => None,
+            })
+            .collect();
+        if bf16.len() == parts.len() {
+            return Linear::Bf16(bf16.concat());
         }
         let rows = |t: &HostTensor| t.shape.first().copied().unwrap_or(0);
         Linear::Parts(parts.iter().map(|&t| (Linear::of(t.clone(), keep), rows(t))).collect())
@@ -61,6 +74,7 @@ impl Linear {
     fn of(t: HostTensor, keep: bool) -> Linear {
         match t.data {
             TensorData::Quant(q) if keep => Linear::Quant(q),
+            TensorData::Bf16(v) if keep => Linear::Bf16(v),
             _ => Linear::F32(t.into_f32()),
         }
     }
@@ -69,16 +83,17 @@ impl Linear {
     fn into_vector(self) -> Vec<f32> {
         match self {
             Linear::F32(v) => v,
+            Linear::Bf16(v) => v.iter().map(|v| v.to_f32()).collect(),
             Linear::Quant(q) => q.dequantize(),
             Linear::Parts(parts) => parts.into_iter().flat_map(|(p, _)| p.into_vector()).collect(),
         }
     }
 
-    fn is_quantized(&self) -> bool {
+    /// Whether any of the matrix is in `form`'s variant (`Parts` looked into).
+    fn holds(&self, form: fn(&Linear) -> bool) -> bool {
         match self {
-            Linear::F32(_) => false,
-            Linear::Quant(_) => true,
-            Linear::Parts(parts) => parts.iter().any(|(p, _)| p.is_quantized()),
+            Linear::Parts(parts) => parts.iter().any(|(p, _)| p.holds(form)),
+            other => form(other),
         }
     }
 
@@ -88,6 +103,7 @@ impl Linear {
     fn forward(&self, x: &[f32], m: usize, k: usize, out: usize, y: &mut [f32], y_stride: usize, acts: &mut Acts) {
         match self {
             Linear::F32(w) => matmul::linear(x, m, k, w, out, y, y_stride, false),
+            Linear::Bf16(w) => matmul::linear_bf16(x, m, k, w, out, y, y_stride),
             Linear::Quant(w) => {
                 acts.rows.quantize(x, m, k, acts.precision);
                 quant::matmul(w, &acts.rows, y, y_stride);
@@ -107,6 +123,11 @@ impl Linear {
         let width = out.len();
         match self {
             Linear::F32(w) => out.copy_from_slice(&w[id * width..(id + 1) * width]),
+            Linear::Bf16(w) => {
+                for (o, v) in out.iter_mut().zip(&w[id * width..(id + 1) * width]) {
+                    *o = v.to_f32();
+                }
+            }
             Linear::Quant(q) => q.dequantize_row(id, out),
             Linear::Parts(parts) => {
                 let mut id = id;
@@ -235,6 +256,8 @@ pub struct CpuExecutor {
     /// Quantized matrices kept, with activations of this precision
     /// ([`CpuExecutor::new_quantized`]).
     quant: Option<Precision>,
+    /// bf16 matrices kept (and no quantized ones).
+    bf16: bool,
 }
 
 impl CpuExecutor {
@@ -298,11 +321,16 @@ impl CpuExecutor {
         let (inv_freq, rope_scale) = config.rope_inv_freq();
         let embed = Linear::of(embed_tokens, keep);
         let lm_head = lm_head.map(|t| Linear::of(t, keep));
-        // A model with nothing quantized (safetensors) computes in f32 whatever was asked.
-        let quantized = |l: &Linear| l.is_quantized();
-        let any = quantized(&embed)
-            || lm_head.as_ref().is_some_and(quantized)
-            || layers.iter().any(|l: &Layer| [&l.qkv, &l.o, &l.gate_up, &l.down].into_iter().any(quantized));
+        // A model with nothing quantized (safetensors) computes on its bf16 matrices or in f32,
+        // whatever precision was asked.
+        let holds = |form: fn(&Linear) -> bool| {
+            let kept = |l: &Linear| l.holds(form);
+            kept(&embed)
+                || lm_head.as_ref().is_some_and(kept)
+                || layers.iter().any(|l: &Layer| [&l.qkv, &l.o, &l.gate_up, &l.down].into_iter().any(kept))
+        };
+        let any = holds(|l| matches!(l, Linear::Quant(_)));
+        let bf16 = !any && holds(|l| matches!(l, Linear::Bf16(_)));
         CpuExecutor {
             config: config.clone(),
             embed,
@@ -316,6 +344,7 @@ impl CpuExecutor {
             adapters: (0..max_loras).map(|_| None).collect(),
             max_rank,
             quant: quant.filter(|_| any),
+            bf16,
         }
     }
 
@@ -403,6 +432,7 @@ impl Executor for CpuExecutor {
 
     fn dtype(&self) -> &'static str {
         match self.quant {
+            None if self.bf16 => "bf16",
             None => "f32",
             Some(Precision::Int8) => "q8",
             Some(Precision::Int16) => "q16",
@@ -546,6 +576,78 @@ mod tests {
             data.extend((0..quants).map(|_| rng.random::<u8>()));
         }
         HostTensor::quantized(QuantMatrix::from_ggml(format, rows, cols, &data).expect("sized right"))
+    }
+
+    #[test]
+    fn a_bf16_checkpoint_is_kept_in_bf16_and_runs_as_its_values_widened_to_f32() {
+        use crate::engine::sampling::argmax;
+        use crate::engine::scheduler::{Scheduler, SchedulerConfig, Sequence};
+        use safetensors::tensor::{Dtype, TensorView};
+
+        // The tiny preset written as a bf16 checkpoint (projections, embeddings, norms).
+        let model = crate::model::synthetic::synthetic_model("tiny", 5).expect("preset");
+        let config = model.config.clone();
+        let w = &model.weights;
+        let mut tensors: Vec<(String, &HostTensor)> =
+            vec![("model.embed_tokens.weight".into(), &w.embed_tokens), ("model.norm.weight".into(), &w.final_norm)];
+        if let Some(head) = &w.lm_head {
+            tensors.push(("lm_head.weight".into(), head));
+        }
+        for (l, layer) in w.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            tensors.push((format!("{p}.input_layernorm.weight"), &layer.input_norm));
+            tensors.push((format!("{p}.post_attention_layernorm.weight"), &layer.post_attention_norm));
+            for (m, t) in Module::ALL.iter().zip(&layer.proj) {
+                tensors.push((format!("{p}.{}.{}.weight", m.block(), m.name()), t));
+            }
+        }
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(name, t)| {
+                let data = t.to_f32().iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+                (name.clone(), t.shape.clone(), data)
+            })
+            .collect();
+        let views = bytes.iter().map(|(name, shape, data)| {
+            (name.clone(), TensorView::new(Dtype::BF16, shape.clone(), data).expect("sized right"))
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).expect("written");
+
+        let load = || ModelWeights::load(dir.path(), &config).expect("a bf16 checkpoint loads");
+        let weights = load();
+        assert!(matches!(weights.layers[0].proj[0].data, TensorData::Bf16(_)), "projections stay bf16");
+        assert!(matches!(weights.embed_tokens.data, TensorData::Bf16(_)), "embeddings stay bf16");
+        assert!(matches!(weights.final_norm.data, TensorData::F32(_)), "vectors are f32");
+        let kept: Box<dyn Executor> =
+            Box::new(CpuExecutor::new_quantized(&config, weights, 16, 16, 1, 8, Precision::Int16));
+        let widened: Box<dyn Executor> = Box::new(CpuExecutor::new(&config, load(), 16, 16, 1, 8));
+        assert_eq!((kept.dtype(), widened.dtype()), ("bf16", "f32"));
+
+        // A prompt long enough for the GEMM path, then greedy decode steps (the few-row path).
+        let run = |mut exec: Box<dyn Executor>| -> (Vec<Vec<f32>>, Vec<u32>) {
+            let mut sched = Scheduler::new(SchedulerConfig::new(16, 16, 256, 4));
+            sched.add(Sequence::new(1, (1..40).collect(), None));
+            let (mut logits, mut tokens) = (Vec::new(), Vec::new());
+            for _ in 0..6 {
+                let step = sched.schedule();
+                let out = exec.forward(&step.batch).expect("forward");
+                sched.complete(&step);
+                let next = argmax(&out);
+                logits.push(out);
+                tokens.push(next);
+                sched.push_token(1, next);
+            }
+            (logits, tokens)
+        };
+        let ((got, got_tokens), (want, want_tokens)) = (run(kept), run(widened));
+        for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+            for (i, (a, b)) in g.iter().zip(w).enumerate() {
+                // The same f32 products; only the order of their additions differs.
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "step {step} logit {i}: {a} vs {b}");
+            }
+        }
+        assert_eq!(got_tokens, want_tokens);
     }
 
     #[test]

@@ -340,13 +340,18 @@ impl GgufFile {
     }
 
     /// A weight matrix as the CPU kernels compute on it: Q8_0, Q4_0, Q4_1, Q4_K and Q6_K
-    /// matrices stay in their blocks (repacked, every value kept); anything else (F16, BF16) is
-    /// dequantized to f32.
+    /// matrices stay in their blocks (repacked, every value kept), BF16 ones in bf16; anything
+    /// else is converted to f32.
     pub fn weight(&self, name: &str) -> Result<HostTensor, ModelError> {
         let t = self
             .tensor_info(name)
             .ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), name: name.into() })?;
+        let shape = t.shape();
         let format = match GgmlType::from_id(t.type_id) {
+            Some(GgmlType::Bf16) if shape.len() == 2 => {
+                let data = self.map[self.extent(t)?].chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]));
+                return Ok(HostTensor::bf16(shape, data.collect()));
+            }
             Some(GgmlType::Q8_0) => Format::Q8_0,
             Some(GgmlType::Q4_0) => Format::Q4_0,
             Some(GgmlType::Q4_1) => Format::Q4_1,
@@ -354,7 +359,6 @@ impl GgufFile {
             Some(GgmlType::Q6K) => Format::Q6_K,
             _ => return self.tensor(name),
         };
-        let shape = t.shape();
         if shape.len() != 2 {
             return self.tensor(name);
         }

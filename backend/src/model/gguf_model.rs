@@ -72,6 +72,10 @@ fn unpermute(t: HostTensor, heads: usize) -> HostTensor {
     }
     match t.data {
         TensorData::Quant(q) => HostTensor::quantized(q.select_rows(&order)),
+        TensorData::Bf16(data) => {
+            let out = order.iter().flat_map(|&from| data[from * cols..(from + 1) * cols].iter().copied()).collect();
+            HostTensor::bf16(t.shape, out)
+        }
         TensorData::F32(data) => {
             let out = order.iter().flat_map(|&from| data[from * cols..(from + 1) * cols].iter().copied()).collect();
             HostTensor::new(t.shape, out)

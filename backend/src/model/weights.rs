@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use switchyard_kernels::quant::QuantMatrix;
 
-/// A tensor in host memory: f32, or a matrix kept in the quantized form it was stored in.
+/// A tensor in host memory: f32, or a matrix kept in the form it was stored in (bf16, or a GGUF
+/// block format).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
     pub shape: Vec<usize>,
@@ -19,6 +20,8 @@ pub struct HostTensor {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TensorData {
     F32(Vec<f32>),
+    /// A matrix stored in bf16, kept so (every value widens exactly to f32).
+    Bf16(Vec<bf16>),
     /// A `[rows, cols]` matrix in a GGUF block format (see `switchyard_kernels::quant`).
     Quant(QuantMatrix),
 }
@@ -34,10 +37,17 @@ impl HostTensor {
         HostTensor { shape: vec![matrix.rows(), matrix.cols()], data: TensorData::Quant(matrix) }
     }
 
-    /// The values as f32 (dequantized if need be).
+    /// A bf16 tensor of `shape`.
+    pub fn bf16(shape: Vec<usize>, data: Vec<bf16>) -> HostTensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        HostTensor { shape, data: TensorData::Bf16(data) }
+    }
+
+    /// The values as f32 (widened or dequantized if need be).
     pub fn to_f32(&self) -> Cow<'_, [f32]> {
         match &self.data {
             TensorData::F32(v) => Cow::Borrowed(v),
+            TensorData::Bf16(v) => Cow::Owned(v.iter().map(|v| v.to_f32()).collect()),
             TensorData::Quant(q) => Cow::Owned(q.dequantize()),
         }
     }
@@ -46,7 +56,7 @@ impl HostTensor {
     pub fn into_f32(self) -> Vec<f32> {
         match self.data {
             TensorData::F32(v) => v,
-            TensorData::Quant(q) => q.dequantize(),
+            data => HostTensor { shape: self.shape, data }.to_f32().into_owned(),
         }
     }
 }
@@ -137,7 +147,8 @@ impl Shards {
 
 impl ModelWeights {
     /// Loads and validates every tensor the configured architecture needs. Tensors may be F32,
-    /// BF16 or F16 on disk; they are held as f32.
+    /// BF16 or F16 on disk; BF16 matrices are held as bf16 (half the memory of f32, and the CPU
+    /// kernels read them as they are), everything else as f32.
     pub fn load(dir: &Path, config: &ModelConfig) -> Result<ModelWeights, ModelError> {
         let shards = Shards::open(dir)?;
         let mut parsed = Vec::with_capacity(shards.files.len());
@@ -181,6 +192,10 @@ impl ModelWeights {
                     found: shape,
                     expected: want.clone(),
                 });
+            }
+            if view.dtype() == Dtype::BF16 && shape.len() == 2 {
+                let data = view.data().chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect();
+                return Ok(Some(HostTensor::bf16(shape, data)));
             }
             let data = to_f32(view.dtype(), view.data()).ok_or_else(|| ModelError::TensorDtype {
                 path: (*path).clone(),
