@@ -189,8 +189,10 @@ fn attend(q_heads: &[f32], kv: Kv<'_>, scale: f32, scratch: &mut Scratch, out_he
     if crate::quant::has_avx512() && matches!(hd, 64 | 128) {
         // SAFETY: AVX-512F is present; the slots were checked above, and q_heads and
         // out_heads hold `group` heads of `hd`.
-        unsafe { x86::scores(q_heads, kv, scale, &scratch.slots, &mut scratch.scores) };
-        softmax_rows(&mut scratch.scores, n);
+        unsafe {
+            x86::scores(q_heads, kv, scale, &scratch.slots, &mut scratch.scores);
+            x86::softmax_rows(&mut scratch.scores, n);
+        }
         // SAFETY: as above.
         unsafe { x86::weigh(&scratch.scores, kv, &scratch.slots, out_heads) };
         return;
@@ -226,37 +228,127 @@ fn softmax_rows(scores: &mut [f32], n: usize) {
     }
 }
 
-/// The AVX-512 loops of [`attend`] for heads of 64 or 128 values: a key's dot product with a
-/// query head in four or eight multiply-adds and one reduction, and the weighted sum of values
-/// in registers across all positions.
+/// The AVX-512 loops of [`attend`] for heads of 64 or 128 values (`C` = 4 or 8 vectors a head):
+/// a key's dot product with a query head is `C` multiply-adds, and 16 keys' products are reduced
+/// together; each value row is loaded once for as many of the group's heads as fit in registers,
+/// whose weighted sums stay there across all positions; the softmax runs 16 scores at a time with
+/// a vector exponential.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Kv;
     use std::arch::x86_64::*;
+
+    /// Vector registers a pass of [`weigh`] gives its heads' sums (of 32), beside one value row.
+    const REGISTERS: usize = 16;
 
     /// `scores[g · n + i] = scale · (q_g · k_i)` for every query head `g` and visible slot `i`.
     ///
     /// # Safety
     /// AVX-512F is present; `kv.head_dim` is 64 or 128, every slot's head lies inside `kv.k`,
     /// `q` holds the group's heads and `scores` `group · slots.len()` values.
-    #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn scores(q: &[f32], kv: Kv<'_>, scale: f32, slots: &[usize], scores: &mut [f32]) {
-        let (hd, n) = (kv.head_dim, slots.len());
-        let chunks = hd / 16;
-        for (g, qh) in q.chunks_exact(hd).enumerate() {
-            let mut qv = [_mm512_setzero_ps(); 8];
-            for (c, v) in qv.iter_mut().take(chunks).enumerate() {
-                // SAFETY: qh holds hd = 16 · chunks values.
-                *v = unsafe { _mm512_loadu_ps(qh.as_ptr().add(16 * c)) };
+        // SAFETY: as the function's.
+        unsafe {
+            if kv.head_dim == 64 {
+                scores_of::<4>(q, kv, scale, slots, scores)
+            } else {
+                scores_of::<8>(q, kv, scale, slots, scores)
             }
-            for (i, &slot) in slots.iter().enumerate() {
-                // SAFETY: as the function's: the slot's head lies inside the K pool.
-                let k = unsafe { kv.k.as_ptr().add(slot * kv.width + kv.col) };
-                let mut acc = _mm512_setzero_ps();
-                for (c, qv) in qv.iter().take(chunks).enumerate() {
-                    acc = _mm512_fmadd_ps(*qv, unsafe { _mm512_loadu_ps(k.add(16 * c)) }, acc);
+        }
+    }
+
+    /// [`scores`] for heads of `16 · C` values: 16 visible slots at a time, each head's 16 dot
+    /// products reduced together (a transposing tree of 45 shuffles and adds instead of 16
+    /// reductions of their own), the block's keys staying in L1 across the group's heads.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores_of<const C: usize>(q: &[f32], kv: Kv<'_>, scale: f32, slots: &[usize], scores: &mut [f32]) {
+        let (hd, n) = (16 * C, slots.len());
+        let group = q.len() / hd;
+        let scale = _mm512_set1_ps(scale);
+        for i0 in (0..n).step_by(16) {
+            let m = (n - i0).min(16);
+            for g in 0..group {
+                let mut qv = [_mm512_setzero_ps(); C];
+                for (c, v) in qv.iter_mut().enumerate() {
+                    // SAFETY: head g of `q` holds hd = 16 · C values.
+                    *v = unsafe { _mm512_loadu_ps(q.as_ptr().add(g * hd + 16 * c)) };
                 }
-                scores[g * n + i] = _mm512_reduce_add_ps(acc) * scale;
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for (a, &slot) in acc.iter_mut().zip(&slots[i0..i0 + m]) {
+                    // SAFETY: as the function's: the slot's head lies inside the K pool.
+                    let k = unsafe { kv.k.as_ptr().add(slot * kv.width + kv.col) };
+                    *a = _mm512_mul_ps(qv[0], unsafe { _mm512_loadu_ps(k) });
+                    for (c, qv) in qv.iter().enumerate().skip(1) {
+                        *a = _mm512_fmadd_ps(*qv, unsafe { _mm512_loadu_ps(k.add(16 * c)) }, *a);
+                    }
+                }
+                let k = if m == 16 { 0xFFFF } else { ((1u32 << m) - 1) as __mmask16 };
+                // SAFETY: the mask keeps the store to scores g·n + i0 .. g·n + i0 + m, inside.
+                unsafe {
+                    _mm512_mask_storeu_ps(scores.as_mut_ptr().add(g * n + i0), k, _mm512_mul_ps(sums16(&acc), scale))
+                };
+            }
+        }
+    }
+
+    /// Lane `j`: the sum of `v[j]`'s 16 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn sums16(v: &[__m512; 16]) -> __m512 {
+        // Halve the partial sums per vector while doubling the vectors per register: 128-bit
+        // quarters (8 partials of two vectors in one), then quarters' halves (4 partials of four),
+        // then within quarters (2 of eight, then 1 of sixteen).
+        let mut a = [_mm512_setzero_ps(); 8];
+        for (p, a) in a.iter_mut().enumerate() {
+            let (x, y) = (v[2 * p], v[2 * p + 1]);
+            *a =
+                _mm512_add_ps(_mm512_shuffle_f32x4::<0b01_00_01_00>(x, y), _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y));
+        }
+        let mut b = [_mm512_setzero_ps(); 4];
+        for (p, b) in b.iter_mut().enumerate() {
+            let (x, y) = (a[2 * p], a[2 * p + 1]);
+            *b =
+                _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y));
+        }
+        // Quarter j of b[p] holds the 4 partials of vector 4p + j.
+        let c0 = _mm512_add_ps(_mm512_unpacklo_ps(b[0], b[1]), _mm512_unpackhi_ps(b[0], b[1]));
+        let c1 = _mm512_add_ps(_mm512_unpacklo_ps(b[2], b[3]), _mm512_unpackhi_ps(b[2], b[3]));
+        let d = _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(c0, c1), _mm512_shuffle_ps::<0b11_10_11_10>(c0, c1));
+        // Element e of quarter j now holds vector 4e + j: transpose the 4 × 4.
+        _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), d)
+    }
+
+    /// Softmax of each `n`-long row of `scores`, in f32 with the row's maximum subtracted.
+    ///
+    /// # Safety
+    /// AVX-512F is present.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax_rows(scores: &mut [f32], n: usize) {
+        let mask = |i: usize| if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+        for head in scores.chunks_exact_mut(n) {
+            let p = head.as_mut_ptr();
+            // SAFETY (every access below): the masks keep every lane below n, inside the row.
+            let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+            for i in (0..n).step_by(16) {
+                max = _mm512_max_ps(max, unsafe { _mm512_mask_loadu_ps(max, mask(i), p.add(i)) });
+            }
+            let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+            let mut sum = _mm512_setzero_ps();
+            for i in (0..n).step_by(16) {
+                let e =
+                    unsafe { crate::quant::x86::exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask(i), p.add(i)), max)) };
+                sum = _mm512_mask_add_ps(sum, mask(i), sum, e);
+                unsafe { _mm512_mask_storeu_ps(p.add(i), mask(i), e) };
+            }
+            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+            for i in (0..n).step_by(16) {
+                unsafe {
+                    _mm512_mask_storeu_ps(
+                        p.add(i),
+                        mask(i),
+                        _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(i), p.add(i)), inv),
+                    )
+                };
             }
         }
     }
@@ -266,23 +358,38 @@ mod x86 {
     ///
     /// # Safety
     /// As [`scores`], with `out` holding the group's heads.
-    #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn weigh(p: &[f32], kv: Kv<'_>, slots: &[usize], out: &mut [f32]) {
-        let (hd, n) = (kv.head_dim, slots.len());
-        let chunks = hd / 16;
-        for (g, o) in out.chunks_exact_mut(hd).enumerate() {
-            let mut acc = [_mm512_setzero_ps(); 8];
+        // SAFETY: as the function's.
+        unsafe { if kv.head_dim == 64 { weigh_of::<4>(p, kv, slots, out) } else { weigh_of::<8>(p, kv, slots, out) } }
+    }
+
+    /// [`weigh`] for heads of `16 · C` values.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weigh_of<const C: usize>(p: &[f32], kv: Kv<'_>, slots: &[usize], out: &mut [f32]) {
+        let (hd, n) = (16 * C, slots.len());
+        let group = out.len() / hd;
+        let per = (REGISTERS / C).max(1);
+        for g0 in (0..group).step_by(per) {
+            let heads = per.min(group - g0);
+            let mut acc = [[_mm512_setzero_ps(); C]; REGISTERS / 4];
             for (i, &slot) in slots.iter().enumerate() {
-                let w = _mm512_set1_ps(p[g * n + i]);
-                // SAFETY: as the function's: the slot's head lies inside the V pool.
-                let v = unsafe { kv.v.as_ptr().add(slot * kv.width + kv.col) };
-                for (c, a) in acc.iter_mut().take(chunks).enumerate() {
-                    *a = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(v.add(16 * c)) }, *a);
+                let mut v = [_mm512_setzero_ps(); C];
+                for (c, v) in v.iter_mut().enumerate() {
+                    // SAFETY: as the function's: the slot's head lies inside the V pool.
+                    *v = unsafe { _mm512_loadu_ps(kv.v.as_ptr().add(slot * kv.width + kv.col + 16 * c)) };
+                }
+                for (h, acc) in acc.iter_mut().take(heads).enumerate() {
+                    let w = _mm512_set1_ps(p[(g0 + h) * n + i]);
+                    for (a, v) in acc.iter_mut().zip(v) {
+                        *a = _mm512_fmadd_ps(w, v, *a);
+                    }
                 }
             }
-            for (c, a) in acc.iter().take(chunks).enumerate() {
-                // SAFETY: o holds hd = 16 · chunks values.
-                unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), *a) };
+            for (h, acc) in acc.iter().take(heads).enumerate() {
+                for (c, a) in acc.iter().enumerate() {
+                    // SAFETY: head g0 + h of `out` holds hd = 16 · C values.
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((g0 + h) * hd + 16 * c), *a) };
+                }
             }
         }
     }
@@ -356,8 +463,10 @@ mod tests {
         // The head sizes the SIMD path takes, grouped-query heads, several sequences of one
         // new token each (a decode step) over scattered blocks.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
-        for hd in [64, 128] {
-            let (heads, kvh, block_size) = (6, 2, 16);
+        // Groups of 3 and 5 heads: one pass and a partial one, or two (4 heads of 64 or 2 of 128
+        // a pass).
+        for (hd, heads) in [(64, 6), (64, 10), (128, 6)] {
+            let (kvh, block_size) = (2, 16);
             let layout = KvLayout { block_size, kv_heads: kvh, head_dim: hd };
             let w = layout.slot_width();
             let lens = [1usize, 17, 40];
@@ -387,7 +496,7 @@ mod tests {
             let scale = 1.0 / (hd as f32).sqrt();
             paged_attention(layout, &q_rows, heads * hd, heads, &seqs, &kc, &vc, scale, None, &mut out);
             for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                assert!((*a as f64 - b).abs() < 1e-5, "head dim {hd}, [{i}]: {a} vs {b}");
+                assert!((*a as f64 - b).abs() < 1e-5, "head dim {hd}, {heads} heads, [{i}]: {a} vs {b}");
             }
         }
     }

@@ -54,6 +54,11 @@ pub fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
     let rows = out.len() / inter.max(1);
     crate::team::for_each_piece(out, inter.max(1), rows_per_task(rows), &|r, o| {
         let (gate, up) = gate_up[2 * inter * r..2 * inter * (r + 1)].split_at(inter);
+        #[cfg(target_arch = "x86_64")]
+        if crate::quant::has_avx512() {
+            // SAFETY: AVX-512F is present; gate and up hold `inter` values, as o does.
+            return unsafe { crate::quant::x86::silu_mul512(gate, up, o) };
+        }
         for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
             *o = g / (1.0 + (-g).exp()) * u;
         }
@@ -195,12 +200,51 @@ mod tests {
 
     #[test]
     fn silu_mul_gates_the_up_projection() {
-        let gate_up = [0.0f32, 2.0, 5.0, 7.0];
-        let mut out = [0f32; 2];
-        silu_mul(&gate_up, 2, &mut out);
-        assert_eq!(out[0], 0.0);
-        let silu2 = 2.0 / (1.0 + (-2.0f32).exp());
-        assert!((out[1] - silu2 * 7.0).abs() < 1e-6);
+        // Rows of 37 (a vector and a part), gates from far below to far above zero.
+        let inter = 37;
+        let gate_up: Vec<f32> = (0..3 * 2 * inter).map(|i| (i as f32 - 111.0) * 0.9).collect();
+        let mut out = vec![0f32; 3 * inter];
+        silu_mul(&gate_up, inter, &mut out);
+        for (i, &o) in out.iter().enumerate() {
+            let (r, c) = (i / inter, i % inter);
+            let (g, u) = (f64::from(gate_up[2 * inter * r + c]), f64::from(gate_up[2 * inter * r + inter + c]));
+            let want = g / (1.0 + (-g).exp()) * u;
+            // Where e^−g leaves f32's range the f32 answer is 0; elsewhere within a few ulp.
+            assert!((f64::from(o) - want).abs() <= 1e-6 * want.abs() + 1e-30, "[{i}]: {o} vs {want}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vector_exponential_is_within_a_few_ulp_of_the_exact_one() {
+        use std::arch::x86_64::*;
+        if !crate::quant::has_avx512() {
+            eprintln!("no AVX-512 here: nothing to test");
+            return;
+        }
+        let mut worst = 0f64;
+        for step in 0..200_000 {
+            // −110 to 92: both ends leave f32's range.
+            let x = -110.0 + step as f32 * 0.00101;
+            let mut got = [0f32; 16];
+            // SAFETY: AVX-512F is present (checked above).
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), crate::quant::x86::exp512(_mm512_set1_ps(x))) };
+            let want = f64::from(x).exp();
+            if want > f64::from(f32::MAX) {
+                assert_eq!(got[0], f32::INFINITY, "e^{x}");
+            } else if want < f64::from(f32::MIN_POSITIVE) {
+                // Subnormal results may lose their low bits; they are below any softmax weight.
+                assert!(f64::from(got[0]) <= 2.0 * f64::from(f32::MIN_POSITIVE), "e^{x}: {}", got[0]);
+            } else {
+                let err = (f64::from(got[0]) - want).abs() / want;
+                worst = worst.max(err);
+                assert!(err <= 4.0 * f64::from(f32::EPSILON), "e^{x}: {} vs {want} ({err:e})", got[0]);
+            }
+        }
+        eprintln!("worst relative error {worst:.2e}");
+        // SAFETY: as above.
+        let nan = unsafe { _mm512_cvtss_f32(crate::quant::x86::exp512(_mm512_set1_ps(f32::NAN))) };
+        assert!(nan.is_nan());
     }
 
     #[test]

@@ -606,3 +606,52 @@ pub(crate) unsafe fn axpys_bf16_avx512(v: &[f32], b: &[half::bf16], y: &mut [f32
         i += 16;
     }
 }
+
+/// `e^x` in every lane: `x = n·ln 2 + r` with an integer `n` and `|r| <= ln 2 / 2` (ln 2 in two
+/// parts, so `r` carries no rounding from the product), `e^r` by its Taylor series to degree 7
+/// (truncation below 6e-9), and `2^n` applied by `vscalefps`, which goes to 0 and to infinity
+/// where `e^x` leaves f32's range. Within a few ulp of the exact value (tested); NaN stays NaN.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn exp512(x: __m512) -> __m512 {
+    const LN2_HI: f32 = 0.693_145_751_953_125; // 16 significant bits: n · LN2_HI is exact
+    const LN2_LO: f32 = 1.428_606_820_309_417_2e-6; // ln 2 − LN2_HI
+    // Beyond ±104 the result is 0 or infinity anyway; the clamp keeps n and r finite (a NaN
+    // passes: `vminps`/`vmaxps` return their second operand when either is NaN).
+    let x = _mm512_max_ps(_mm512_set1_ps(-104.0), _mm512_min_ps(_mm512_set1_ps(104.0), x));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        x,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x));
+    let mut p = _mm512_set1_ps(1.0 / 5040.0);
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    _mm512_scalef_ps(p, n)
+}
+
+/// `out[i] = silu(gate[i]) · up[i]` over `out.len()` values, 16 lanes at a time.
+///
+/// # Safety
+/// The CPU has AVX-512F; `gate` and `up` hold at least `out.len()` values.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn silu_mul512(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let (n, one) = (out.len(), _mm512_set1_ps(1.0));
+    let mut i = 0;
+    while i < n {
+        let k = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+        // SAFETY: the mask keeps every lane below n, inside the three slices.
+        unsafe {
+            let g = _mm512_maskz_loadu_ps(k, gate.as_ptr().add(i));
+            let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            let silu = _mm512_div_ps(g, _mm512_add_ps(one, e));
+            let v = _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(k, up.as_ptr().add(i)));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), k, v);
+        }
+        i += 16;
+    }
+}
