@@ -4,8 +4,40 @@
 //! holds `kv_heads · head_dim` values. A sequence owns a list of blocks (its block table); the
 //! token at position `p` lives in slot `table[p / block_size] · block_size + p % block_size`.
 //! Paging lets sequences grow without copying and lets the scheduler bound KV memory exactly.
+//! The pools hold f32, or f16 ([`KvValue`]): half the memory, and half the bytes a decode step
+//! reads, for 11 significant bits a value (llama.cpp's default).
 
 use crate::ops::{axpy, dot};
+
+/// A value type of the KV pools: f32, or f16.
+pub trait KvValue: Copy + Default + Send + Sync + 'static {
+    /// Whether the type is f16 (the SIMD loops widen it as they load).
+    const HALF: bool;
+    fn narrow(v: f32) -> Self;
+    fn widen(self) -> f32;
+}
+
+impl KvValue for f32 {
+    const HALF: bool = false;
+    fn narrow(v: f32) -> f32 {
+        v
+    }
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl KvValue for half::f16 {
+    const HALF: bool = true;
+    fn narrow(v: f32) -> half::f16 {
+        // Beyond f16's range a value saturates rather than becoming infinite (which would turn
+        // the softmax into NaN).
+        half::f16::from_f32(v.clamp(-65504.0, 65504.0))
+    }
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
 
 /// Shape of one layer's KV pools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,27 +77,30 @@ pub fn slot_of(blocks: &[u32], block_size: usize, pos: usize) -> usize {
     blocks[pos / block_size] as usize * block_size + pos % block_size
 }
 
-/// Writes new keys and values into their cache slots.
+/// Writes new keys and values into their cache slots (rounded to the pools' type).
 ///
 /// `k_src`/`v_src` rows are `src_stride` apart and the K (resp. V) heads start at column
 /// `k_offset` (resp. `v_offset`), so the fused `qkv` output can be stored without a copy.
 /// `slots[t]` is the cache slot of row `t`.
 #[allow(clippy::too_many_arguments)]
-pub fn write_kv(
+pub fn write_kv<T: KvValue>(
     layout: KvLayout,
     src: &[f32],
     src_stride: usize,
     k_offset: usize,
     v_offset: usize,
     slots: &[usize],
-    k_cache: &mut [f32],
-    v_cache: &mut [f32],
+    k_cache: &mut [T],
+    v_cache: &mut [T],
 ) {
     let w = layout.slot_width();
     for (t, &slot) in slots.iter().enumerate() {
         let row = &src[t * src_stride..];
-        k_cache[slot * w..(slot + 1) * w].copy_from_slice(&row[k_offset..k_offset + w]);
-        v_cache[slot * w..(slot + 1) * w].copy_from_slice(&row[v_offset..v_offset + w]);
+        for (cache, offset) in [(&mut *k_cache, k_offset), (&mut *v_cache, v_offset)] {
+            for (d, &s) in cache[slot * w..(slot + 1) * w].iter_mut().zip(&row[offset..offset + w]) {
+                *d = T::narrow(s);
+            }
+        }
     }
 }
 
@@ -80,14 +115,14 @@ pub fn write_kv(
 /// # Panics
 /// When `out` is shorter than the rows' heads, or a block table misses a position (caller bugs).
 #[allow(clippy::too_many_arguments)]
-pub fn paged_attention(
+pub fn paged_attention<T: KvValue>(
     layout: KvLayout,
     q: &[f32],
     q_stride: usize,
     n_heads: usize,
     seqs: &[AttentionSeq<'_>],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[T],
+    v_cache: &[T],
     scale: f32,
     sliding_window: Option<usize>,
     out: &mut [f32],
@@ -136,9 +171,9 @@ thread_local! {
 
 /// One KV head's pools, as an item reads them.
 #[derive(Clone, Copy)]
-struct Kv<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
+struct Kv<'a, T> {
+    k: &'a [T],
+    v: &'a [T],
     /// Values a slot holds (all KV heads).
     width: usize,
     /// The head's first column within a slot.
@@ -146,27 +181,34 @@ struct Kv<'a> {
     head_dim: usize,
 }
 
-impl Kv<'_> {
-    fn key(&self, slot: usize) -> &[f32] {
+impl<T: KvValue> Kv<'_, T> {
+    fn key(&self, slot: usize) -> &[T] {
         &self.k[slot * self.width + self.col..slot * self.width + self.col + self.head_dim]
     }
 
-    fn value(&self, slot: usize) -> &[f32] {
+    fn value(&self, slot: usize) -> &[T] {
         &self.v[slot * self.width + self.col..slot * self.width + self.col + self.head_dim]
     }
 }
 
-/// An item's scratch space: the visible slots, and `scores[g · n + i]` (query head `g` against
-/// visible position `i`).
+/// An item's scratch space: the visible slots, `scores[g · n + i]` (query head `g` against
+/// visible position `i`), and one key or value row widened to f32.
 #[derive(Default)]
 struct Scratch {
     slots: Vec<usize>,
     scores: Vec<f32>,
+    row: Vec<f32>,
+}
+
+/// `out = values` widened to f32.
+fn widen<T: KvValue>(values: &[T], out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(values.iter().map(|v| v.widen()));
 }
 
 /// The query heads of one KV head's group (`q_heads`, `group · head_dim` values) attending to
 /// the positions at `scratch.slots`: each key and value row is read once for the whole group.
-fn attend(q_heads: &[f32], kv: Kv<'_>, scale: f32, scratch: &mut Scratch, out_heads: &mut [f32]) {
+fn attend<T: KvValue>(q_heads: &[f32], kv: Kv<'_, T>, scale: f32, scratch: &mut Scratch, out_heads: &mut [f32]) {
     let hd = kv.head_dim;
     let (group, n) = (q_heads.len() / hd, scratch.slots.len());
     if n == 0 {
@@ -198,17 +240,17 @@ fn attend(q_heads: &[f32], kv: Kv<'_>, scale: f32, scratch: &mut Scratch, out_he
         return;
     }
     for (i, &slot) in scratch.slots.iter().enumerate() {
-        let k = kv.key(slot);
+        widen(kv.key(slot), &mut scratch.row);
         for (g, qh) in q_heads.chunks_exact(hd).enumerate() {
-            scratch.scores[g * n + i] = dot(qh, k) * scale;
+            scratch.scores[g * n + i] = dot(qh, &scratch.row) * scale;
         }
     }
     softmax_rows(&mut scratch.scores, n);
     out_heads.fill(0.0);
     for (i, &slot) in scratch.slots.iter().enumerate() {
-        let v = kv.value(slot);
+        widen(kv.value(slot), &mut scratch.row);
         for (g, o) in out_heads.chunks_exact_mut(hd).enumerate() {
-            axpy(scratch.scores[g * n + i], v, o);
+            axpy(scratch.scores[g * n + i], &scratch.row, o);
         }
     }
 }
@@ -235,8 +277,19 @@ fn softmax_rows(scores: &mut [f32], n: usize) {
 /// a vector exponential.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Kv;
+    use super::{Kv, KvValue};
     use std::arch::x86_64::*;
+
+    /// 16 values of a pool from `p`, as f32.
+    ///
+    /// # Safety
+    /// AVX-512F is present; `p` points at 16 values inside a pool.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16<T: KvValue>(p: *const T) -> __m512 {
+        // SAFETY: as the function's (an f16 pool's 16 values are 32 bytes).
+        unsafe { if T::HALF { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) } else { _mm512_loadu_ps(p.cast()) } }
+    }
 
     /// Vector registers a pass of [`weigh`] gives its heads' sums (of 32), beside one value row.
     const REGISTERS: usize = 16;
@@ -246,13 +299,13 @@ mod x86 {
     /// # Safety
     /// AVX-512F is present; `kv.head_dim` is 64 or 128, every slot's head lies inside `kv.k`,
     /// `q` holds the group's heads and `scores` `group · slots.len()` values.
-    pub(super) unsafe fn scores(q: &[f32], kv: Kv<'_>, scale: f32, slots: &[usize], scores: &mut [f32]) {
+    pub(super) unsafe fn scores<T: KvValue>(q: &[f32], kv: Kv<'_, T>, scale: f32, slots: &[usize], scores: &mut [f32]) {
         // SAFETY: as the function's.
         unsafe {
             if kv.head_dim == 64 {
-                scores_of::<4>(q, kv, scale, slots, scores)
+                scores_of::<4, T>(q, kv, scale, slots, scores)
             } else {
-                scores_of::<8>(q, kv, scale, slots, scores)
+                scores_of::<8, T>(q, kv, scale, slots, scores)
             }
         }
     }
@@ -261,7 +314,13 @@ mod x86 {
     /// products reduced together (a transposing tree of 45 shuffles and adds instead of 16
     /// reductions of their own), the block's keys staying in L1 across the group's heads.
     #[target_feature(enable = "avx512f")]
-    unsafe fn scores_of<const C: usize>(q: &[f32], kv: Kv<'_>, scale: f32, slots: &[usize], scores: &mut [f32]) {
+    unsafe fn scores_of<const C: usize, T: KvValue>(
+        q: &[f32],
+        kv: Kv<'_, T>,
+        scale: f32,
+        slots: &[usize],
+        scores: &mut [f32],
+    ) {
         let (hd, n) = (16 * C, slots.len());
         let group = q.len() / hd;
         let scale = _mm512_set1_ps(scale);
@@ -277,9 +336,9 @@ mod x86 {
                 for (a, &slot) in acc.iter_mut().zip(&slots[i0..i0 + m]) {
                     // SAFETY: as the function's: the slot's head lies inside the K pool.
                     let k = unsafe { kv.k.as_ptr().add(slot * kv.width + kv.col) };
-                    *a = _mm512_mul_ps(qv[0], unsafe { _mm512_loadu_ps(k) });
+                    *a = _mm512_mul_ps(qv[0], unsafe { load16(k) });
                     for (c, qv) in qv.iter().enumerate().skip(1) {
-                        *a = _mm512_fmadd_ps(*qv, unsafe { _mm512_loadu_ps(k.add(16 * c)) }, *a);
+                        *a = _mm512_fmadd_ps(*qv, unsafe { load16(k.add(16 * c)) }, *a);
                     }
                 }
                 let k = if m == 16 { 0xFFFF } else { ((1u32 << m) - 1) as __mmask16 };
@@ -358,14 +417,16 @@ mod x86 {
     ///
     /// # Safety
     /// As [`scores`], with `out` holding the group's heads.
-    pub(super) unsafe fn weigh(p: &[f32], kv: Kv<'_>, slots: &[usize], out: &mut [f32]) {
+    pub(super) unsafe fn weigh<T: KvValue>(p: &[f32], kv: Kv<'_, T>, slots: &[usize], out: &mut [f32]) {
         // SAFETY: as the function's.
-        unsafe { if kv.head_dim == 64 { weigh_of::<4>(p, kv, slots, out) } else { weigh_of::<8>(p, kv, slots, out) } }
+        unsafe {
+            if kv.head_dim == 64 { weigh_of::<4, T>(p, kv, slots, out) } else { weigh_of::<8, T>(p, kv, slots, out) }
+        }
     }
 
     /// [`weigh`] for heads of `16 · C` values.
     #[target_feature(enable = "avx512f")]
-    unsafe fn weigh_of<const C: usize>(p: &[f32], kv: Kv<'_>, slots: &[usize], out: &mut [f32]) {
+    unsafe fn weigh_of<const C: usize, T: KvValue>(p: &[f32], kv: Kv<'_, T>, slots: &[usize], out: &mut [f32]) {
         let (hd, n) = (16 * C, slots.len());
         let group = out.len() / hd;
         let per = (REGISTERS / C).max(1);
@@ -376,7 +437,7 @@ mod x86 {
                 let mut v = [_mm512_setzero_ps(); C];
                 for (c, v) in v.iter_mut().enumerate() {
                     // SAFETY: as the function's: the slot's head lies inside the V pool.
-                    *v = unsafe { _mm512_loadu_ps(kv.v.as_ptr().add(slot * kv.width + kv.col + 16 * c)) };
+                    *v = unsafe { load16(kv.v.as_ptr().add(slot * kv.width + kv.col + 16 * c)) };
                 }
                 for (h, acc) in acc.iter_mut().take(heads).enumerate() {
                     let w = _mm512_set1_ps(p[(g0 + h) * n + i]);
@@ -428,6 +489,17 @@ mod tests {
 
     #[test]
     fn paged_attention_matches_dense_causal_attention_with_scattered_blocks() {
+        // Over f32 pools and f16 ones (against the values the f16 pools hold).
+        scattered_blocks::<f32>();
+        scattered_blocks::<half::f16>();
+    }
+
+    /// The values a pool of `T` holds for `x`.
+    fn held<T: KvValue>(x: &[f32]) -> Vec<f32> {
+        x.iter().map(|&v| T::narrow(v).widen()).collect()
+    }
+
+    fn scattered_blocks<T: KvValue>() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let layout = KvLayout { block_size: 4, kv_heads: 2, head_dim: 8 };
         let (heads, n) = (4, 11);
@@ -435,11 +507,11 @@ mod tests {
         let q: Vec<f32> = (0..n * heads * 8).map(|_| rng.random_range(-1.0..1.0)).collect();
         let kv: Vec<f32> = (0..n * 2 * w).map(|_| rng.random_range(-1.0..1.0)).collect();
         // Row t of `kv` is [k_t | v_t], as a fused projection would lay it out.
-        let k: Vec<f32> = kv.chunks(2 * w).flat_map(|r| r[..w].to_vec()).collect();
-        let v: Vec<f32> = kv.chunks(2 * w).flat_map(|r| r[w..].to_vec()).collect();
+        let k: Vec<f32> = kv.chunks(2 * w).flat_map(|r| held::<T>(&r[..w])).collect();
+        let v: Vec<f32> = kv.chunks(2 * w).flat_map(|r| held::<T>(&r[w..])).collect();
         let blocks = [5u32, 1, 3];
         let slots: Vec<usize> = (0..n).map(|p| slot_of(&blocks, 4, p)).collect();
-        let (mut kc, mut vc) = (vec![0f32; 6 * 4 * w], vec![0f32; 6 * 4 * w]);
+        let (mut kc, mut vc) = (vec![T::default(); 6 * 4 * w], vec![T::default(); 6 * 4 * w]);
         write_kv(layout, &kv, 2 * w, 0, w, &slots, &mut kc, &mut vc);
 
         // The whole sequence as one prefill, and its last three tokens as a later chunk.
@@ -460,6 +532,11 @@ mod tests {
 
     #[test]
     fn heads_of_64_and_128_values_match_dense_attention_for_a_decode_batch() {
+        decode_batch::<f32>();
+        decode_batch::<half::f16>();
+    }
+
+    fn decode_batch<T: KvValue>() {
         // The head sizes the SIMD path takes, grouped-query heads, several sequences of one
         // new token each (a decode step) over scattered blocks.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
@@ -471,14 +548,14 @@ mod tests {
             let w = layout.slot_width();
             let lens = [1usize, 17, 40];
             let tables: [Vec<u32>; 3] = [vec![4], vec![0, 6], vec![5, 1, 3]];
-            let (mut kc, mut vc) = (vec![0f32; 7 * block_size * w], vec![0f32; 7 * block_size * w]);
+            let (mut kc, mut vc) = (vec![T::default(); 7 * block_size * w], vec![T::default(); 7 * block_size * w]);
             let mut want = Vec::new();
             let mut q_rows = Vec::new();
             for (&n, table) in lens.iter().zip(&tables) {
                 let q: Vec<f32> = (0..n * heads * hd).map(|_| rng.random_range(-1.0..1.0)).collect();
                 let kv: Vec<f32> = (0..n * 2 * w).map(|_| rng.random_range(-1.0..1.0)).collect();
-                let k: Vec<f32> = kv.chunks(2 * w).flat_map(|r| r[..w].to_vec()).collect();
-                let v: Vec<f32> = kv.chunks(2 * w).flat_map(|r| r[w..].to_vec()).collect();
+                let k: Vec<f32> = kv.chunks(2 * w).flat_map(|r| held::<T>(&r[..w])).collect();
+                let v: Vec<f32> = kv.chunks(2 * w).flat_map(|r| held::<T>(&r[w..])).collect();
                 let slots: Vec<usize> = (0..n).map(|p| slot_of(table, block_size, p)).collect();
                 write_kv(layout, &kv, 2 * w, 0, w, &slots, &mut kc, &mut vc);
                 let scale = 1.0 / (hd as f64).sqrt();
@@ -496,7 +573,8 @@ mod tests {
             let scale = 1.0 / (hd as f32).sqrt();
             paged_attention(layout, &q_rows, heads * hd, heads, &seqs, &kc, &vc, scale, None, &mut out);
             for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                assert!((*a as f64 - b).abs() < 1e-5, "head dim {hd}, {heads} heads, [{i}]: {a} vs {b}");
+                let pools = std::any::type_name::<T>();
+                assert!((*a as f64 - b).abs() < 1e-5, "{pools} pools, head dim {hd}, {heads} heads, [{i}]: {a} vs {b}");
             }
         }
     }

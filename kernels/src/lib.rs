@@ -19,5 +19,5 @@ pub mod ops;
 pub mod quant;
 pub mod team;
 
-pub use attention::{AttentionSeq, KvLayout};
+pub use attention::{AttentionSeq, KvLayout, KvValue};
 pub use lora::{LoraMat, Segment};

@@ -6,11 +6,11 @@
 use super::executor::{AdapterPreparer, Batch, Executor, ExecutorError, FusedLayer, PreparedAdapter, Retired};
 use crate::adapters::AdapterWeights;
 use crate::model::{HostTensor, ModelConfig, ModelWeights, Module, TensorData};
-use half::bf16;
+use half::{bf16, f16};
 use std::sync::Arc;
 use switchyard_kernels::lora::LoraHalf;
 use switchyard_kernels::quant::{self, Precision, Q8Rows, QuantMatrix};
-use switchyard_kernels::{AttentionSeq, KvLayout, LoraMat, attention, lora, matmul, ops};
+use switchyard_kernels::{AttentionSeq, KvLayout, KvValue, LoraMat, attention, lora, matmul, ops};
 
 /// Sizes the thread pool the CPU executor computes on (default: one thread per core). Call it
 /// before anything else uses the pool.
@@ -182,11 +182,41 @@ impl Layer {
     }
 }
 
-/// KV pools of one layer.
+/// KV pools of one layer: f32 for the f32 executor (the reference), f16 for the quantized one
+/// (llama.cpp's default: half the memory, and half the bytes attention reads).
 #[derive(Debug)]
-struct LayerCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
+enum LayerCache {
+    F32 { k: Vec<f32>, v: Vec<f32> },
+    F16 { k: Vec<f16>, v: Vec<f16> },
+}
+
+impl LayerCache {
+    fn new(values: usize, half: bool) -> LayerCache {
+        if half {
+            LayerCache::F16 { k: vec![f16::ZERO; values], v: vec![f16::ZERO; values] }
+        } else {
+            LayerCache::F32 { k: vec![0.0; values], v: vec![0.0; values] }
+        }
+    }
+}
+
+/// Writes a step's keys and values (the `k` and `v` columns of the fused `qkv` rows) into a
+/// layer's pools and attends over them.
+#[allow(clippy::too_many_arguments)]
+fn attend_cached<T: KvValue>(
+    layout: KvLayout,
+    qkv: &[f32],
+    qkv_w: usize,
+    (q_dim, kv_dim, heads): (usize, usize, usize),
+    batch: &Batch,
+    seqs: &[AttentionSeq<'_>],
+    (k, v): (&mut [T], &mut [T]),
+    scale: f32,
+    window: Option<usize>,
+    out: &mut [f32],
+) {
+    attention::write_kv(layout, qkv, qkv_w, q_dim, q_dim + kv_dim, &batch.kv_slots, k, v);
+    attention::paged_attention(layout, qkv, qkv_w, heads, seqs, k, v, scale, window, out);
 }
 
 /// An adapter as the CPU executor holds it: its validated weights (for prefill-shaped batches)
@@ -275,12 +305,13 @@ impl CpuExecutor {
         CpuExecutor::build(config, weights, kv_blocks, block_size, max_loras, max_rank, None)
     }
 
-    /// As [`CpuExecutor::new`], keeping quantized matrices (GGUF's Q8_0, Q4_0, Q4_1) in their
-    /// blocks, a quarter to an eighth of f32's memory and bandwidth, and multiplying them by
-    /// activations quantized per block to `precision`. With 16 bits (`q16`) SmolLM2's logits
-    /// stay within about 2e-4 of f32's; with 8 bits (`q8`, llama.cpp's arithmetic) the
-    /// rounding moves them by up to a few percent of their size on a 30-layer model, so greedy
-    /// choices between near-tied tokens can differ from an f32 reference.
+    /// As [`CpuExecutor::new`], keeping matrices in the form they were stored in: GGUF's block
+    /// formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) a quarter to an eighth of f32's memory and
+    /// bandwidth, multiplied by activations quantized per block to `precision`, and bf16 ones
+    /// as they are; the KV cache holds f16. With 16 bits (`q16`) SmolLM2's logits stay within
+    /// about 3e-4 of f32's; with 8 bits (`q8`, llama.cpp's arithmetic) the rounding moves them by
+    /// up to a few percent of their size on a 30-layer model, so greedy choices between
+    /// near-tied tokens can differ from an f32 reference.
     pub fn new_quantized(
         config: &ModelConfig,
         weights: ModelWeights,
@@ -317,7 +348,7 @@ impl CpuExecutor {
             .collect();
         let layout = KvLayout { block_size, kv_heads: config.num_kv_heads, head_dim: config.head_dim };
         let pool = kv_blocks * block_size * layout.slot_width();
-        let cache = (0..config.num_layers).map(|_| LayerCache { k: vec![0.0; pool], v: vec![0.0; pool] }).collect();
+        let cache = (0..config.num_layers).map(|_| LayerCache::new(pool, keep)).collect();
         let (inv_freq, rope_scale) = config.rope_inv_freq();
         let embed = Linear::of(embed_tokens, keep);
         let lm_head = lm_head.map(|t| Linear::of(t, keep));
@@ -504,29 +535,16 @@ impl CpuExecutor {
             self.apply_lora(&mut lr, li, &qkv_modules, &normed, &mut qkv, qkv_w);
             ops::rope(&mut qkv, qkv_w, 0, c.num_heads, c.head_dim, &batch.positions, rope_freq, rope_scale);
             ops::rope(&mut qkv, qkv_w, q_dim, c.num_kv_heads, c.head_dim, &batch.positions, rope_freq, rope_scale);
-            let cache = &mut self.cache[li];
-            attention::write_kv(
-                self.layout,
-                &qkv,
-                qkv_w,
-                q_dim,
-                q_dim + kv_dim,
-                &batch.kv_slots,
-                &mut cache.k,
-                &mut cache.v,
-            );
-            attention::paged_attention(
-                self.layout,
-                &qkv,
-                qkv_w,
-                c.num_heads,
-                &attn_seqs,
-                &cache.k,
-                &cache.v,
-                scale,
-                c.sliding_window,
-                &mut attn,
-            );
+            let dims = (q_dim, kv_dim, c.num_heads);
+            let (layout, window) = (self.layout, c.sliding_window);
+            match &mut self.cache[li] {
+                LayerCache::F32 { k, v } => {
+                    attend_cached(layout, &qkv, qkv_w, dims, batch, &attn_seqs, (k, v), scale, window, &mut attn)
+                }
+                LayerCache::F16 { k, v } => {
+                    attend_cached(layout, &qkv, qkv_w, dims, batch, &attn_seqs, (k, v), scale, window, &mut attn)
+                }
+            }
             layer.o.forward(&attn, n, q_dim, h, &mut proj, h, &mut acts);
             add_bias(&mut proj, h, layer.o_bias.as_ref());
             self.apply_lora(&mut lr, li, &[(Module::O, 0)], &attn, &mut proj, h);
@@ -619,9 +637,13 @@ mod tests {
         assert!(matches!(weights.layers[0].proj[0].data, TensorData::Bf16(_)), "projections stay bf16");
         assert!(matches!(weights.embed_tokens.data, TensorData::Bf16(_)), "embeddings stay bf16");
         assert!(matches!(weights.final_norm.data, TensorData::F32(_)), "vectors are f32");
-        let kept: Box<dyn Executor> =
-            Box::new(CpuExecutor::new_quantized(&config, weights, 16, 16, 1, 8, Precision::Int16));
-        let widened: Box<dyn Executor> = Box::new(CpuExecutor::new(&config, load(), 16, 16, 1, 8));
+        // The same checkpoint widened to f32 at load, in the same executor (so the same f16 KV
+        // cache).
+        let wide = load().into_f32();
+        let executor = |w| -> Box<dyn Executor> {
+            Box::new(CpuExecutor::new_quantized(&config, w, 16, 16, 1, 8, Precision::Int16))
+        };
+        let (kept, widened) = (executor(weights), executor(wide));
         assert_eq!((kept.dtype(), widened.dtype()), ("bf16", "f32"));
 
         // A prompt long enough for the GEMM path, then greedy decode steps (the few-row path).

@@ -259,6 +259,27 @@ impl ModelWeights {
         ModelWeights { embed_tokens, layers, final_norm: ones(h), lm_head }
     }
 
+    /// Every tensor widened or dequantized to f32: the values a model's stored forms stand for.
+    pub fn into_f32(self) -> ModelWeights {
+        let widen = |t: HostTensor| HostTensor::new(t.shape.clone(), t.into_f32());
+        let layers = self
+            .layers
+            .into_iter()
+            .map(|l| LayerWeights {
+                input_norm: widen(l.input_norm),
+                post_attention_norm: widen(l.post_attention_norm),
+                proj: l.proj.map(widen),
+                bias: l.bias.map(|b| b.map(widen)),
+            })
+            .collect();
+        ModelWeights {
+            embed_tokens: widen(self.embed_tokens),
+            layers,
+            final_norm: widen(self.final_norm),
+            lm_head: self.lm_head.map(widen),
+        }
+    }
+
     /// The output projection (`[vocab, hidden]`), which may be the embedding table.
     pub fn lm_head(&self) -> &HostTensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)

@@ -142,10 +142,11 @@ pub fn resolve_device(choice: DeviceChoice) -> Result<DeviceChoice, ServeError> 
     }
 }
 
-/// Bytes of one KV cache value in a resolved dtype.
+/// Bytes of one KV cache value in a resolved dtype: bf16 on CUDA, f16 for the CPU's quantized
+/// executor, f32 otherwise.
 pub fn kv_value_bytes(dtype: DtypeChoice) -> usize {
     match dtype {
-        DtypeChoice::Bf16 => 2,
+        DtypeChoice::Bf16 | DtypeChoice::Q8 | DtypeChoice::Q16 => 2,
         _ => 4,
     }
 }
