@@ -617,8 +617,9 @@ pub(crate) unsafe fn axpys_bf16_avx512(v: &[f32], b: &[half::bf16], y: &mut [f32
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn exp512(x: __m512) -> __m512 {
-    const LN2_HI: f32 = 0.693_145_751_953_125; // 16 significant bits: n · LN2_HI is exact
-    const LN2_LO: f32 = 1.428_606_820_309_417_2e-6; // ln 2 − LN2_HI
+    // ln 2 to 16 significant bits (0.693145751953125), so n · LN2_HI is exact, and the rest.
+    const LN2_HI: f32 = f32::from_bits(0x3F31_7200);
+    const LN2_LO: f32 = (std::f64::consts::LN_2 - LN2_HI as f64) as f32;
     // Beyond ±104 the result is 0 or infinity anyway; the clamp keeps n and r finite (a NaN
     // passes: `vminps`/`vmaxps` return their second operand when either is NaN).
     let x = _mm512_max_ps(_mm512_set1_ps(-104.0), _mm512_min_ps(_mm512_set1_ps(104.0), x));
