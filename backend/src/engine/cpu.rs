@@ -6,6 +6,7 @@
 use super::executor::{AdapterPreparer, Batch, Executor, ExecutorError, FusedLayer, PreparedAdapter, Retired};
 use crate::adapters::AdapterWeights;
 use crate::model::{HostTensor, ModelConfig, ModelWeights, Module, TensorData};
+use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
 use std::sync::Arc;
 use switchyard_kernels::lora::LoraHalf;
@@ -193,7 +194,10 @@ enum LayerCache {
 impl LayerCache {
     fn new(values: usize, half: bool) -> LayerCache {
         if half {
-            LayerCache::F16 { k: vec![f16::ZERO; values], v: vec![f16::ZERO; values] }
+            // From zeroed u16s, as `vec![0.0; n]` for f32: the allocator hands out zero pages the
+            // system commits when a block is first written, so resident memory grows with use.
+            let zeros = || -> Vec<f16> { vec![0u16; values].reinterpret_into() };
+            LayerCache::F16 { k: zeros(), v: zeros() }
         } else {
             LayerCache::F32 { k: vec![0.0; values], v: vec![0.0; values] }
         }
