@@ -817,6 +817,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     let device = service::resolve_device(a.device)?;
     let dtype = service::resolve_dtype(device, a.dtype)?;
     let model = Model::open(&a.model)?;
+    let dtype = service::dtype_for_weights(dtype, &model.weights);
     let slots = a.adapters.iter().copied().max().unwrap_or(0).max(1);
     let config = model.config.clone();
     let max_batch = a.batch.iter().copied().max().unwrap_or(1);

@@ -312,7 +312,8 @@ impl CpuExecutor {
     /// As [`CpuExecutor::new`], keeping matrices in the form they were stored in: GGUF's block
     /// formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) a quarter to an eighth of f32's memory and
     /// bandwidth, multiplied by activations quantized per block to `precision`, and bf16 ones
-    /// as they are; the KV cache holds f16. With 16 bits (`q16`) SmolLM2's logits stay within
+    /// as they are; the KV cache holds f16 whatever the weights (the service runs a model of f32
+    /// matrices on [`CpuExecutor::new`] instead: `service::dtype_for_weights`). With 16 bits (`q16`) SmolLM2's logits stay within
     /// about 3e-4 of f32's; with 8 bits (`q8`, llama.cpp's arithmetic) the rounding moves them by
     /// up to a few percent of their size on a 30-layer model, so greedy choices between
     /// near-tied tokens can differ from an f32 reference.
@@ -352,7 +353,6 @@ impl CpuExecutor {
             .collect();
         let layout = KvLayout { block_size, kv_heads: config.num_kv_heads, head_dim: config.head_dim };
         let pool = kv_blocks * block_size * layout.slot_width();
-        let cache = (0..config.num_layers).map(|_| LayerCache::new(pool, keep)).collect();
         let (inv_freq, rope_scale) = config.rope_inv_freq();
         let embed = Linear::of(embed_tokens, keep);
         let lm_head = lm_head.map(|t| Linear::of(t, keep));
@@ -366,6 +366,7 @@ impl CpuExecutor {
         };
         let any = holds(|l| matches!(l, Linear::Quant(_)));
         let bf16 = !any && holds(|l| matches!(l, Linear::Bf16(_)));
+        let cache = (0..config.num_layers).map(|_| LayerCache::new(pool, keep)).collect();
         CpuExecutor {
             config: config.clone(),
             embed,

@@ -259,6 +259,20 @@ impl ModelWeights {
         ModelWeights { embed_tokens, layers, final_norm: ones(h), lm_head }
     }
 
+    /// Whether every tensor is held in f32 (nothing kept quantized or in bf16).
+    pub fn all_f32(&self) -> bool {
+        let f32 = |t: &HostTensor| matches!(t.data, TensorData::F32(_));
+        f32(&self.embed_tokens)
+            && f32(&self.final_norm)
+            && self.lm_head.as_ref().is_none_or(f32)
+            && self.layers.iter().all(|l| {
+                f32(&l.input_norm)
+                    && f32(&l.post_attention_norm)
+                    && l.proj.iter().all(f32)
+                    && l.bias.iter().flatten().all(f32)
+            })
+    }
+
     /// Every tensor widened or dequantized to f32: the values a model's stored forms stand for.
     pub fn into_f32(self) -> ModelWeights {
         let widen = |t: HostTensor| HostTensor::new(t.shape.clone(), t.into_f32());

@@ -9,8 +9,8 @@ pub use error::ServiceError;
 pub use security::{SecurityOptions, TlsFiles};
 pub use server::{
     AdapterOptions, DeviceChoice, DtypeChoice, KV_BLOCK_SIZE, ServeError, ServeOptions, Served, build_executor,
-    default_sources, kv_value_bytes, open_store, prepare, prepare_with_sources, probe_cuda, resolve_device,
-    resolve_dtype, serve,
+    default_sources, dtype_for_weights, kv_value_bytes, open_store, prepare, prepare_with_sources, probe_cuda,
+    resolve_device, resolve_dtype, serve,
 };
 
 use crate::adapters::{AdapterInfo, AdapterManager, AdapterState, Digest, LoadOutcome};

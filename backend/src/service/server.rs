@@ -60,11 +60,12 @@ pub enum DtypeChoice {
     Auto,
     F32,
     Bf16,
-    /// CPU only: GGUF's Q8_0, Q4_0 and Q4_1 matrices stay in their blocks and multiply
-    /// activations quantized to 8 bits per block (llama.cpp's arithmetic); the rest is f32.
+    /// CPU only: GGUF's block-quantized matrices stay in their blocks and multiply activations
+    /// quantized to 8 bits per block (llama.cpp's arithmetic), bf16 matrices stay bf16, the KV
+    /// cache holds f16; the rest is f32 (all of it, KV included, for a model of f32 matrices).
     Q8,
     /// CPU only: as `Q8`, with activations quantized to 16 bits per block (two 8-bit limbs):
-    /// logits within about 2e-4 of f32's, for twice the integer multiply-adds.
+    /// logits within about 5e-4 of f32's, for twice the integer multiply-adds.
     Q16,
 }
 
@@ -95,6 +96,16 @@ pub fn resolve_dtype(device: DeviceChoice, dtype: DtypeChoice) -> Result<DtypeCh
         )),
         (_, DtypeChoice::Auto) => Ok(DtypeChoice::Bf16),
         (_, concrete) => Ok(concrete),
+    }
+}
+
+/// The dtype a loaded model runs in: `q8` and `q16` keep the matrices a file stores in a reduced
+/// form (block-quantized, bf16), so a model of f32 matrices (an f32 checkpoint, a synthetic
+/// model) runs in `f32`, its KV cache included.
+pub fn dtype_for_weights(dtype: DtypeChoice, weights: &crate::model::ModelWeights) -> DtypeChoice {
+    match dtype {
+        DtypeChoice::Q8 | DtypeChoice::Q16 if weights.all_f32() => DtypeChoice::F32,
+        dtype => dtype,
     }
 }
 
@@ -403,6 +414,7 @@ pub async fn prepare_with_sources(opts: ServeOptions, sources: SourceRegistry) -
     let model = tokio::task::spawn_blocking(move || Model::open(&dir))
         .await
         .map_err(|e| ServeError::Config(format!("model loader failed: {e}")))??;
+    let dtype = dtype_for_weights(dtype, &model.weights);
     let cfg = engine_config(&opts, &model, kv_value_bytes(dtype))?;
     let Model { name, config, weights, tokenizer } = model;
     let (blocks, loras, rank) = (cfg.scheduler.num_blocks, cfg.max_loras, cfg.max_lora_rank);
