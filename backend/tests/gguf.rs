@@ -287,8 +287,6 @@ fn a_model_in_the_k_formats_runs_quantized_as_its_f32_values_do() {
     use rand::SeedableRng;
     use switchyard_backend::engine::cpu::CpuExecutor;
     use switchyard_backend::engine::executor::Executor;
-    use switchyard_backend::engine::sampling::argmax;
-    use switchyard_backend::engine::scheduler::{Scheduler, SchedulerConfig, Sequence};
     use switchyard_backend::model::Model;
     use switchyard_kernels::quant::Precision;
 
@@ -348,32 +346,12 @@ fn a_model_in_the_k_formats_runs_quantized_as_its_f32_values_do() {
     let (f32_exec, q16_exec) = (executor(m.weights.into_f32()), executor(open().weights));
     assert_eq!((f32_exec.dtype(), q16_exec.dtype()), ("f32", "q16"));
 
-    // A prompt, then greedy steps: every step's logits, each executor.
-    let run = |mut exec: Box<dyn Executor>| -> (Vec<Vec<f32>>, Vec<u32>) {
-        let mut sched = Scheduler::new(SchedulerConfig::new(16, 16, 256, 4));
-        sched.add(Sequence::new(1, vec![1, 2, 3, 4, 5, 6, 7], None));
-        let (mut logits, mut tokens) = (Vec::new(), Vec::new());
-        for _ in 0..8 {
-            let step = sched.schedule();
-            let out = exec.forward(&step.batch).expect("forward");
-            sched.complete(&step);
-            let next = argmax(&out);
-            logits.push(out);
-            tokens.push(next);
-            sched.push_token(1, next);
-        }
-        (logits, tokens)
-    };
-    let (want, want_tokens) = run(f32_exec);
-    let (got, got_tokens) = run(q16_exec);
-    // 16-bit activations round each value to within 1/64516 of its block's largest: the logits
-    // move by about that fraction (the SmolLM2 golden's bound, 1e-3 of max(1, |logit|), is met
-    // with room over thirty layers).
-    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
-        for (i, (a, b)) in g.iter().zip(w).enumerate() {
-            assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "step {step} logit {i}: {a} vs {b}");
-        }
-    }
-    assert_eq!(got_tokens, want_tokens, "greedy tokens");
-    assert!(want.iter().flatten().any(|v| v.abs() > 0.1), "logits of some size: {:?}", want[0]);
+    // A prompt, then greedy steps. 16-bit activations round each value to within 1/64516 of
+    // its block's largest: the logits move by about that fraction (the SmolLM2 golden's bound,
+    // 1e-3 of max(1, |logit|), is met with room over thirty layers).
+    let (mut f32_exec, mut q16_exec) = (f32_exec, q16_exec);
+    let want = common::greedy_run(f32_exec.as_mut(), vec![1, 2, 3, 4, 5, 6, 7], 8);
+    let got = common::greedy_run(q16_exec.as_mut(), vec![1, 2, 3, 4, 5, 6, 7], 8);
+    common::assert_same_run(&got, &want, 1e-3);
+    assert!(want.0.iter().flatten().any(|v| v.abs() > 0.1), "logits of some size: {:?}", want.0[0]);
 }

@@ -43,27 +43,7 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32],
     // dst (i, j) at i*y_stride + j < (m-1)*y_stride + n; lhs (i, p) at i*k + p < m*k;
     // rhs (p, j) = w[j, p] at j*k + p < n*k. `y` is borrowed mutably, so nothing aliases it.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            y.as_mut_ptr(),
-            1,
-            y_stride as isize,
-            accumulate,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(m, n, k),
-        );
+        gemm_nt(m, n, k, (y.as_mut_ptr(), y_stride, accumulate), (x.as_ptr(), k), w.as_ptr(), 1.0, parallelism(m, n, k))
     }
 }
 
@@ -115,27 +95,16 @@ pub fn linear_bf16(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize, y:
         // SAFETY: as in `linear`, for the m rows of columns j0..j1 of `y` (inside it, asserted
         // above), which only this task writes; lhs and rhs are the slices' own values.
         unsafe {
-            gemm::gemm(
+            gemm_nt(
                 m,
                 j1 - j0,
                 k,
-                out.at(j0),
-                1,
-                y_stride as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
+                (out.at(j0), y_stride, false),
+                (x.as_ptr(), k),
                 tile.as_ptr(),
-                k as isize,
-                1,
                 1.0,
-                1.0,
-                false,
-                false,
-                false,
                 Parallelism::None,
-            );
+            )
         }
     });
 }
@@ -162,26 +131,59 @@ pub fn linear_strided(
     assert!(y_stride >= n && y.len() >= (m - 1) * y_stride + n, "linear_strided: y too short");
     // SAFETY: as in `linear`, with lhs (i, p) at i*x_stride + p <= (m-1)*x_stride + k - 1.
     unsafe {
+        gemm_nt(
+            m,
+            n,
+            k,
+            (y.as_mut_ptr(), y_stride, true),
+            (x.as_ptr(), x_stride),
+            w.as_ptr(),
+            alpha,
+            parallelism(m, n, k),
+        )
+    }
+}
+
+/// `dst[i, j] (+)= scale · Σ_p lhs[i, p] · rhs[j, p]` for `i < m`, `j < n`, `p < k`, through
+/// `gemm`: `dst` rows `dst.1` apart (added to when `dst.2`, else overwritten), `lhs` rows
+/// `lhs.1` apart, `rhs` an `[n, k]` row-major matrix (a PyTorch-layout weight).
+///
+/// # Safety
+/// Every `(i, j)` of `dst` at `i·dst.1 + j`, `(i, p)` of `lhs` at `i·lhs.1 + p` and `(j, p)` of
+/// `rhs` at `j·k + p` lies inside its allocation, and nothing else touches `dst`'s during the call.
+#[allow(clippy::too_many_arguments)] // gemm's own call takes nineteen
+unsafe fn gemm_nt(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, usize, bool),
+    lhs: (*const f32, usize),
+    rhs: *const f32,
+    scale: f32,
+    parallelism: Parallelism,
+) {
+    // SAFETY: as the function's.
+    unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            y.as_mut_ptr(),
+            dst.0,
             1,
-            y_stride as isize,
-            true,
-            x.as_ptr(),
+            dst.1 as isize,
+            dst.2,
+            lhs.0,
             1,
-            x_stride as isize,
-            w.as_ptr(),
+            lhs.1 as isize,
+            rhs,
             k as isize,
             1,
             1.0,
-            alpha,
+            scale,
             false,
             false,
             false,
-            parallelism(m, n, k),
+            parallelism,
         );
     }
 }

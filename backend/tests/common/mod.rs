@@ -265,3 +265,32 @@ pub fn check_twice(
     let reversed = cases.iter().rev().copied().collect();
     [first, run_groups(&mut h, &[(0, reversed)], tolerance, exact_greedy)]
 }
+
+/// `prompt` alone through `exec`, then greedy decode: every step's logits and the token chosen
+/// after it, for `steps` steps in all.
+pub fn greedy_run(exec: &mut dyn Executor, prompt: Vec<u32>, steps: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let mut sched = Scheduler::new(SchedulerConfig::new(16, 16, 256, 4));
+    sched.add(Sequence::new(1, prompt, None));
+    let (mut logits, mut tokens) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let step = sched.schedule();
+        let out = exec.forward(&step.batch).expect("forward");
+        sched.complete(&step);
+        let next = argmax(&out);
+        logits.push(out);
+        tokens.push(next);
+        sched.push_token(1, next);
+    }
+    (logits, tokens)
+}
+
+/// Asserts two [`greedy_run`]s agree: every logit within `tolerance` of max(1, |want|), and the
+/// same tokens.
+pub fn assert_same_run(got: &(Vec<Vec<f32>>, Vec<u32>), want: &(Vec<Vec<f32>>, Vec<u32>), tolerance: f32) {
+    for (step, (g, w)) in got.0.iter().zip(&want.0).enumerate() {
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            assert!((a - b).abs() <= tolerance * b.abs().max(1.0), "step {step} logit {i}: {a} vs {b}");
+        }
+    }
+    assert_eq!(got.1, want.1, "greedy tokens");
+}
