@@ -15,6 +15,8 @@ pub trait KvValue: Copy + Default + Send + Sync + 'static {
     const HALF: bool;
     fn narrow(v: f32) -> Self;
     fn widen(self) -> f32;
+    /// The values themselves where they are f32 already.
+    fn as_f32(values: &[Self]) -> Option<&[f32]>;
 }
 
 impl KvValue for f32 {
@@ -24,6 +26,9 @@ impl KvValue for f32 {
     }
     fn widen(self) -> f32 {
         self
+    }
+    fn as_f32(values: &[f32]) -> Option<&[f32]> {
+        Some(values)
     }
 }
 
@@ -36,6 +41,9 @@ impl KvValue for half::f16 {
     }
     fn widen(self) -> f32 {
         self.to_f32()
+    }
+    fn as_f32(_: &[half::f16]) -> Option<&[f32]> {
+        None
     }
 }
 
@@ -192,7 +200,7 @@ impl<T: KvValue> Kv<'_, T> {
 }
 
 /// An item's scratch space: the visible slots, `scores[g · n + i]` (query head `g` against
-/// visible position `i`), and one key or value row widened to f32.
+/// visible position `i`), and room for one key or value row widened to f32.
 #[derive(Default)]
 struct Scratch {
     slots: Vec<usize>,
@@ -200,10 +208,14 @@ struct Scratch {
     row: Vec<f32>,
 }
 
-/// `out = values` widened to f32.
-fn widen<T: KvValue>(values: &[T], out: &mut Vec<f32>) {
-    out.clear();
-    out.extend(values.iter().map(|v| v.widen()));
+/// `values` as f32: themselves from an f32 pool, else widened into `buf`.
+fn widened<'a, T: KvValue>(values: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] {
+    if let Some(v) = T::as_f32(values) {
+        return v;
+    }
+    buf.clear();
+    buf.extend(values.iter().map(|v| v.widen()));
+    buf
 }
 
 /// The query heads of one KV head's group (`q_heads`, `group · head_dim` values) attending to
@@ -240,17 +252,17 @@ fn attend<T: KvValue>(q_heads: &[f32], kv: Kv<'_, T>, scale: f32, scratch: &mut 
         return;
     }
     for (i, &slot) in scratch.slots.iter().enumerate() {
-        widen(kv.key(slot), &mut scratch.row);
+        let k = widened(kv.key(slot), &mut scratch.row);
         for (g, qh) in q_heads.chunks_exact(hd).enumerate() {
-            scratch.scores[g * n + i] = dot(qh, &scratch.row) * scale;
+            scratch.scores[g * n + i] = dot(qh, k) * scale;
         }
     }
     softmax_rows(&mut scratch.scores, n);
     out_heads.fill(0.0);
     for (i, &slot) in scratch.slots.iter().enumerate() {
-        widen(kv.value(slot), &mut scratch.row);
+        let v = widened(kv.value(slot), &mut scratch.row);
         for (g, o) in out_heads.chunks_exact_mut(hd).enumerate() {
-            axpy(scratch.scores[g * n + i], &scratch.row, o);
+            axpy(scratch.scores[g * n + i], v, o);
         }
     }
 }

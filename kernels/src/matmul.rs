@@ -91,22 +91,30 @@ pub fn linear_bf16(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize, y:
     }
     crate::team::for_each(n.div_ceil(BF16_TILE), &|t| {
         let (j0, j1) = (t * BF16_TILE, ((t + 1) * BF16_TILE).min(n));
-        let tile: Vec<f32> = w[j0 * k..j1 * k].iter().map(|v| v.to_f32()).collect();
-        // SAFETY: as in `linear`, for the m rows of columns j0..j1 of `y` (inside it, asserted
-        // above), which only this task writes; lhs and rhs are the slices' own values.
-        unsafe {
-            gemm_nt(
-                m,
-                j1 - j0,
-                k,
-                (out.at(j0), y_stride, false),
-                (x.as_ptr(), k),
-                tile.as_ptr(),
-                1.0,
-                Parallelism::None,
-            )
-        }
+        TILE.with_borrow_mut(|tile| {
+            tile.clear();
+            tile.extend(w[j0 * k..j1 * k].iter().map(|v| v.to_f32()));
+            // SAFETY: as in `linear`, for the m rows of columns j0..j1 of `y` (inside it,
+            // asserted above), which only this task writes; lhs and rhs are the slices' own.
+            unsafe {
+                gemm_nt(
+                    m,
+                    j1 - j0,
+                    k,
+                    (out.at(j0), y_stride, false),
+                    (x.as_ptr(), k),
+                    tile.as_ptr(),
+                    1.0,
+                    Parallelism::None,
+                )
+            }
+        });
     });
+}
+
+thread_local! {
+    /// Each thread's widened tile of [`linear_bf16`], kept between tasks and calls.
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `y[m, n] (+)= alpha · x[m, k] · w[n, k]ᵀ` with explicit row strides for `x` and `w`.
@@ -150,7 +158,8 @@ pub fn linear_strided(
 ///
 /// # Safety
 /// Every `(i, j)` of `dst` at `i·dst.1 + j`, `(i, p)` of `lhs` at `i·lhs.1 + p` and `(j, p)` of
-/// `rhs` at `j·k + p` lies inside its allocation, and nothing else touches `dst`'s during the call.
+/// `rhs` at `j·k + p` lies inside its allocation, and nothing else touches `dst`'s values during
+/// the call.
 #[allow(clippy::too_many_arguments)] // gemm's own call takes nineteen
 unsafe fn gemm_nt(
     m: usize,

@@ -102,17 +102,24 @@ impl Linear {
     /// the quantized activations.
     #[allow(clippy::too_many_arguments)]
     fn forward(&self, x: &[f32], m: usize, k: usize, out: usize, y: &mut [f32], y_stride: usize, acts: &mut Acts) {
+        // Once for every quantized part.
+        if self.holds(|l| matches!(l, Linear::Quant(_))) {
+            acts.rows.quantize(x, m, k, acts.precision);
+        }
+        self.multiply(x, m, k, out, y, y_stride, &acts.rows);
+    }
+
+    /// [`Linear::forward`] with `x` already quantized into `q` (where any part is quantized).
+    #[allow(clippy::too_many_arguments)]
+    fn multiply(&self, x: &[f32], m: usize, k: usize, out: usize, y: &mut [f32], y_stride: usize, q: &Q8Rows) {
         match self {
             Linear::F32(w) => matmul::linear(x, m, k, w, out, y, y_stride, false),
             Linear::Bf16(w) => matmul::linear_bf16(x, m, k, w, out, y, y_stride),
-            Linear::Quant(w) => {
-                acts.rows.quantize(x, m, k, acts.precision);
-                quant::matmul(w, &acts.rows, y, y_stride);
-            }
+            Linear::Quant(w) => quant::matmul(w, q, y, y_stride),
             Linear::Parts(parts) => {
                 let mut col = 0;
                 for (part, rows) in parts {
-                    part.forward(x, m, k, *rows, &mut y[col..], y_stride, acts);
+                    part.multiply(x, m, k, *rows, &mut y[col..], y_stride, q);
                     col += rows;
                 }
             }
@@ -313,8 +320,8 @@ impl CpuExecutor {
     /// formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) a quarter to an eighth of f32's memory and
     /// bandwidth, multiplied by activations quantized per block to `precision`, and bf16 ones
     /// as they are; the KV cache holds f16 whatever the weights (the service runs a model of f32
-    /// matrices on [`CpuExecutor::new`] instead: `service::dtype_for_weights`). With 16 bits (`q16`) SmolLM2's logits stay within
-    /// about 3e-4 of f32's; with 8 bits (`q8`, llama.cpp's arithmetic) the rounding moves them by
+    /// matrices on [`CpuExecutor::new`] instead: `service::dtype_for_weights`). With 16 bits
+    /// (`q16`) SmolLM2's logits stay within about 5e-4 of f32's; with 8 bits (`q8`, llama.cpp's arithmetic) the rounding moves them by
     /// up to a few percent of their size on a 30-layer model, so greedy choices between
     /// near-tied tokens can differ from an f32 reference.
     pub fn new_quantized(

@@ -36,16 +36,17 @@
 //!
 //! So weight `i` of a row's block is `d·(u_i − o) + m`, with the format's offset `o` (128, 8, 0,
 //! or 32 for `Q6_K`, whose quants are stored as `Q8_0`'s) and `m = 0` for `Q8_0`, `Q4_0` and
-//! `Q6_K`, whose second half has its own `d`; and one vector of quants times four activations broadcast to
-//! every lane gives four multiply-adds for each of 16 output rows, which land side by side.
+//! `Q6_K` (whose second half has its own `d`); and one vector of quants times four activations
+//! broadcast to every lane gives four multiply-adds for each of 16 output rows, which land side
+//! by side.
 //!
 //! # Dot products
 //! Activations are first quantized per block ([`Q8Rows`], as ggml's `Q8_1`: a scale `e_b`,
 //! integers `q_i` with `x_i ≈ e_b·q_i`, and `s_b = e_b·Σq`). A row's dot product is then
 //! `Σ_b d_b·e_b·Σ_i u_i·q_i + Σ_b (m_b − o·d_b)·s_b`: integer multiply-adds inside a block,
 //! one float multiply-add per block (for `Q6_K`, one per half block, with the integer totals of
-//! each half's activations that [`Q8Rows`] keeps for it). The only error beyond f32 rounding is the activations'
-//! rounding: to within 1/254 of their block's largest magnitude with 8-bit `q`
+//! each half's activations that [`Q8Rows`] keeps for it). The only error beyond f32 rounding is
+//! the activations' rounding: to within 1/254 of their block's largest magnitude with 8-bit `q`
 //! ([`Precision::Int8`], llama.cpp's arithmetic), or to within 1/64516 of it with
 //! `q = 254·h + l` in two 8-bit limbs ([`Precision::Int16`]), whose integer sum is
 //! `254·Σu·h + Σu·l`: the same 8-bit products twice, on weights unpacked once.
@@ -178,19 +179,17 @@ struct Block {
     d_hi: f32,
 }
 
-impl Block {
-    /// The scale of weight `i`.
-    fn d(&self, i: usize) -> f32 {
-        if i < BLOCK / 2 { self.d } else { self.d_hi }
-    }
-}
-
 /// The f16 at `src[i..i + 2]`, as f32.
 fn f16_at(src: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([src[i], src[i + 1]]).to_f32()
 }
 
 impl Block {
+    /// The scale of weight `i`.
+    fn d(&self, i: usize) -> f32 {
+        if i < BLOCK / 2 { self.d } else { self.d_hi }
+    }
+
     /// Block `j` of the GGUF block `src` (`j` is 0 except in `Q4_K`'s super-blocks).
     fn from_ggml(format: Format, src: &[u8], j: usize) -> Block {
         let mut block = Block { d: f16_at(src, 0), ..Block::default() };
