@@ -51,11 +51,17 @@
 //! `q = 254·h + l` in two 8-bit limbs ([`Precision::Int16`]), whose integer sum is
 //! `254·Σu·h + Σu·l`: the same 8-bit products twice, on weights unpacked once.
 //!
-//! [`dot_scalar`] is the specification. The SIMD paths (AVX-512 VNNI and AVX2 on x86-64) are
-//! chosen at run time; they compute the same integer sums exactly and may differ from the
-//! specification only in the order float terms are added. The tests hold every path this CPU
-//! has to that. Other CPUs run the specification.
+//! [`dot_scalar`] is the specification. The SIMD paths (AVX-512 VNNI and AVX2 on x86-64, NEON
+//! with the dot-product extension on aarch64) are chosen at run time; they compute the same
+//! integer sums exactly (`Q8_0`'s as `Σ(u − 128)·q` where a path multiplies signed bytes only,
+//! the offsets' term then being in it) and may differ from the specification only in the order
+//! float terms are added. The tests hold every path this CPU has to that; `scripts/test` also
+//! runs them for aarch64 under `qemu-aarch64`. Other CPUs run the specification.
 
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod simd;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
@@ -646,6 +652,8 @@ pub enum Path {
     Avx2(x86::Avx2),
     #[cfg(target_arch = "x86_64")]
     Avx512(x86::Avx512),
+    #[cfg(target_arch = "aarch64")]
+    Neon(neon::Neon),
 }
 
 /// A panel's products with a tile of activation rows: `[activation row][lane]`.
@@ -664,6 +672,10 @@ impl Path {
             if let Some(p) = x86::Avx2::detect() {
                 return Path::Avx2(p);
             }
+            #[cfg(target_arch = "aarch64")]
+            if let Some(p) = neon::Neon::detect() {
+                return Path::Neon(p);
+            }
             Path::Scalar
         })
     }
@@ -677,6 +689,8 @@ impl Path {
             paths.extend(x86::Avx2::detect().map(Path::Avx2));
             paths.extend(x86::Avx512::detect().map(Path::Avx512));
         }
+        #[cfg(target_arch = "aarch64")]
+        paths.extend(neon::Neon::detect().map(Path::Neon));
         paths
     }
 
@@ -706,6 +720,8 @@ impl Path {
             Path::Avx2(path) => path.panel(w.format, w.blocks(), w.panel(p), xs, out),
             #[cfg(target_arch = "x86_64")]
             Path::Avx512(path) => path.panel(w.format, w.blocks(), w.panel(p), xs, out),
+            #[cfg(target_arch = "aarch64")]
+            Path::Neon(path) => path.panel(w.format, w.blocks(), w.panel(p), xs, out),
         }
     }
 }

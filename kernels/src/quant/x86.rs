@@ -3,77 +3,9 @@
 //! Both compute a panel's 16 rows at once from the interleaved layout: a vector of quants times
 //! four activations broadcast to every lane.
 
-use super::{BLOCK, Format, PANEL, PanelOut, Q8Row, TILE};
+use super::simd::{Q4_1, Q4_K, Q6_K, Q8_0, check, dispatch};
+use super::{BLOCK, Format, PANEL, PanelOut, Q8Row};
 use std::arch::x86_64::*;
-
-const Q8_0: u8 = 0;
-const Q4_0: u8 = 1;
-const Q4_1: u8 = 2;
-const Q4_K: u8 = 3;
-const Q6_K: u8 = 4;
-
-fn kind(format: Format) -> u8 {
-    match format {
-        Format::Q8_0 => Q8_0,
-        Format::Q4_0 => Q4_0,
-        Format::Q4_1 => Q4_1,
-        Format::Q4_K => Q4_K,
-        Format::Q6_K => Q6_K,
-    }
-}
-
-/// Calls `$kernel::<R, K, F>` for the number of activation rows `R` (1 to [`TILE`]), the
-/// format `K` and whether the activations have two limbs `F`: the const parameters each path's
-/// kernel is monomorphized on.
-macro_rules! dispatch {
-    ($kernel:ident, $format:expr, $blocks:expr, $panel:expr, $xs:expr, $out:expr) => {{
-        macro_rules! go {
-            ($r:literal) => {
-                match (kind($format), $xs.first().is_some_and(|x| !x.lo.is_empty())) {
-                    (Q8_0, false) => $kernel::<$r, Q8_0, false>($blocks, $panel, $xs, $out),
-                    (Q4_0, false) => $kernel::<$r, Q4_0, false>($blocks, $panel, $xs, $out),
-                    (Q4_1, false) => $kernel::<$r, Q4_1, false>($blocks, $panel, $xs, $out),
-                    (Q4_K, false) => $kernel::<$r, Q4_K, false>($blocks, $panel, $xs, $out),
-                    (_, false) => $kernel::<$r, Q6_K, false>($blocks, $panel, $xs, $out),
-                    (Q8_0, true) => $kernel::<$r, Q8_0, true>($blocks, $panel, $xs, $out),
-                    (Q4_0, true) => $kernel::<$r, Q4_0, true>($blocks, $panel, $xs, $out),
-                    (Q4_1, true) => $kernel::<$r, Q4_1, true>($blocks, $panel, $xs, $out),
-                    (Q4_K, true) => $kernel::<$r, Q4_K, true>($blocks, $panel, $xs, $out),
-                    (_, true) => $kernel::<$r, Q6_K, true>($blocks, $panel, $xs, $out),
-                }
-            };
-        }
-        match $xs.len() {
-            0 => {}
-            1 => go!(1),
-            2 => go!(2),
-            3 => go!(3),
-            4 => go!(4),
-            5 => go!(5),
-            6 => go!(6),
-            7 => go!(7),
-            _ => go!(8),
-        }
-    }};
-}
-
-/// Checks what every path's loads rely on: `panel` is `blocks` blocks of `format`, and each
-/// activation row has `blocks` blocks, with low limbs for all of them or none.
-fn check(format: Format, blocks: usize, panel: &[u8], xs: &[Q8Row<'_>]) {
-    assert!(panel.len() == blocks * format.block_bytes(), "dot: the panel is not {blocks} blocks");
-    assert!(xs.len() <= TILE, "dot: tile too large");
-    let limbs = xs.first().is_some_and(|x| !x.lo.is_empty());
-    for x in xs {
-        assert!(
-            x.q.len() >= blocks * BLOCK && x.d.len() >= blocks && x.sum.len() >= blocks && x.halves.len() >= 2 * blocks,
-            "dot: activations shorter than the weight row"
-        );
-        assert!(
-            if limbs { x.lo.len() >= blocks * BLOCK } else { x.lo.is_empty() },
-            "dot: activations of mixed precision"
-        );
-    }
-}
 
 /// Asks for the block [`PREFETCH`] blocks past the one at `at` (blocks of `block_bytes`) to be
 /// brought into cache. Decode streams every weight from memory once a step; the hardware
