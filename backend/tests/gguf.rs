@@ -58,12 +58,12 @@ fn every_supported_quantization_dequantizes_like_the_reference() {
         let quantized = matches!(kept.data, TensorData::Quant(_));
         assert_eq!(
             quantized,
-            ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"].iter().any(|q| name.ends_with(q)),
+            ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"].iter().any(|q| name.ends_with(q)),
             "{name}: kept quantized?"
         );
         seen += 1;
     }
-    assert_eq!(seen, 8, "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K");
+    assert_eq!(seen, 11, "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K");
 }
 
 #[test]
@@ -224,9 +224,9 @@ fn a_hand_made_gguf_model_loads_and_bad_ones_are_refused_by_name() {
     assert!(err.contains("token_embd.weight") && err.contains("[4, 8]"), "{err}");
 
     // A quantization the engine does not read.
-    tiny_llama(|w| w.tensor("token_embd.weight", &[32, 4], 6, vec![0; 4 * 22])).write(&path("q5.gguf"));
-    let err = Model::open(&path("q5.gguf")).expect_err("refused").to_string();
-    assert!(err.contains("Q5_0") && err.contains("token_embd.weight"), "{err}");
+    tiny_llama(|w| w.tensor("token_embd.weight", &[256, 4], 10, vec![0; 4 * 84])).write(&path("q2.gguf"));
+    let err = Model::open(&path("q2.gguf")).expect_err("refused").to_string();
+    assert!(err.contains("Q2_K") && err.contains("token_embd.weight"), "{err}");
 
     // Dimensions whose byte count wraps around to nothing (found by fuzzing: it used to pass
     // the extent check and then ask for an impossible allocation).
@@ -262,21 +262,33 @@ fn a_sentencepiece_vocabulary_tokenizes_like_transformers() {
     }
 }
 
-/// Random GGUF blocks of a K format (`Q4_K` = 12, `Q6_K` = 14) for `n` weights, with small
-/// scales (random bits could be NaN or huge) and random quants and sub-block scales.
-fn k_blocks(type_id: u32, n: usize, rng: &mut rand_chacha::ChaCha8Rng) -> Vec<u8> {
+/// Random GGUF blocks of a block format (`Q5_0` = 6, `Q5_1` = 7, `Q4_K` = 12, `Q5_K` = 13,
+/// `Q6_K` = 14) for `n` weights, with small scales (random bits could be NaN or huge) and random
+/// quants and sub-block scales.
+fn random_blocks(type_id: u32, n: usize, rng: &mut rand_chacha::ChaCha8Rng) -> Vec<u8> {
     use rand::Rng;
     let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
     let mut out = Vec::new();
-    for _ in 0..n / 256 {
+    let per_block = if matches!(type_id, 6 | 7) { 32 } else { 256 };
+    for _ in 0..n / per_block {
         // Weights of a few hundredths, as a trained model's: attention stays soft.
-        if type_id == 12 {
-            out.extend(f16(rng.random_range(0.00001..0.00003)));
-            out.extend(f16(rng.random_range(0.00001..0.00003)));
-            out.extend((0..140).map(|_| rng.random::<u8>()));
-        } else {
-            out.extend((0..208).map(|_| rng.random::<u8>()));
-            out.extend(f16(rng.random_range(0.000005..0.00001)));
+        match type_id {
+            6 | 7 => {
+                out.extend(f16(rng.random_range(0.0005..0.001)));
+                if type_id == 7 {
+                    out.extend(f16(rng.random_range(-0.015..-0.005)));
+                }
+                out.extend((0..20).map(|_| rng.random::<u8>()));
+            }
+            12 | 13 => {
+                out.extend(f16(rng.random_range(0.00001..0.00003)));
+                out.extend(f16(rng.random_range(0.00001..0.00003)));
+                out.extend((0..if type_id == 12 { 140 } else { 172 }).map(|_| rng.random::<u8>()));
+            }
+            _ => {
+                out.extend((0..208).map(|_| rng.random::<u8>()));
+                out.extend(f16(rng.random_range(0.000005..0.00001)));
+            }
         }
     }
     out
@@ -284,15 +296,31 @@ fn k_blocks(type_id: u32, n: usize, rng: &mut rand_chacha::ChaCha8Rng) -> Vec<u8
 
 #[test]
 fn a_model_in_the_k_formats_runs_quantized_as_its_f32_values_do() {
+    // The mix a Q4_K_M file has: most matrices Q4_K, the v and down projections and the output
+    // Q6_K (so q, k and v do not fuse into one matrix).
+    let q4_k_m = [12, 12, 14, 12, 12, 12, 14];
+    runs_quantized_as_its_f32_values_do([12, 14], [q4_k_m, q4_k_m]);
+}
+
+#[test]
+fn a_model_in_the_5_bit_formats_runs_quantized_as_its_f32_values_do() {
+    // A Q5_K_M layer (Q5_K, with Q6_K for v and down), and a layer of the formats llama.cpp's
+    // K-quant files fall back to for rows that are not whole super-blocks (Q5_0 for Q4_K's
+    // matrices, Q5_1 for Q5_K's).
+    runs_quantized_as_its_f32_values_do([13, 6], [[13, 13, 14, 13, 13, 13, 14], [6, 6, 7, 6, 6, 6, 7]]);
+}
+
+/// Two layers of a Llama with rows of 256 and 512 (a K super-block's multiple) and heads of 64,
+/// its embeddings and output in the formats `outer`, each layer's q, k, v, o, gate, up and down
+/// projections in `layers`' (GGUF type ids), run quantized (`q16`) and dequantized to f32 at
+/// load, side by side.
+fn runs_quantized_as_its_f32_values_do(outer: [u32; 2], layers: [[u32; 7]; 2]) {
     use rand::SeedableRng;
     use switchyard_backend::engine::cpu::CpuExecutor;
     use switchyard_backend::engine::executor::Executor;
     use switchyard_backend::model::Model;
     use switchyard_kernels::quant::Precision;
 
-    // Two layers of a Llama with rows of 256 and 512 (a K super-block's multiple), heads of 64,
-    // and the mix a Q4_K_M file has: most matrices Q4_K, the v and down projections and the
-    // output Q6_K (so q, k and v do not fuse into one matrix).
     let (h, ffn, vocab) = (256u64, 512u64, 8u64);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
     let mut w = Writer::new()
@@ -307,25 +335,19 @@ fn a_model_in_the_k_formats_runs_quantized_as_its_f32_values_do() {
         .strs("tokenizer.ggml.tokens", &["a", "b", "c", "d", "e", "f", "g", "h"])
         .strs("tokenizer.ggml.merges", &[]);
     let mut k = |w: Writer, name: &str, dims: [u64; 2], type_id: u32| {
-        let bytes = k_blocks(type_id, (dims[0] * dims[1]) as usize, &mut rng);
+        let bytes = random_blocks(type_id, (dims[0] * dims[1]) as usize, &mut rng);
         w.tensor(name, &dims, type_id, bytes)
     };
-    w = k(w, "token_embd.weight", [h, vocab], 12);
-    w = k(w, "output.weight", [h, vocab], 14);
+    w = k(w, "token_embd.weight", [h, vocab], outer[0]);
+    w = k(w, "output.weight", [h, vocab], outer[1]);
     let ones = |n: u64| (0..n).flat_map(|_| 1f32.to_le_bytes()).collect::<Vec<u8>>();
     w = w.tensor("output_norm.weight", &[h], 0, ones(h));
-    for l in 0..2 {
+    for (l, types) in layers.iter().enumerate() {
         w = w.tensor(&format!("blk.{l}.attn_norm.weight"), &[h], 0, ones(h));
         w = w.tensor(&format!("blk.{l}.ffn_norm.weight"), &[h], 0, ones(h));
-        for (name, dims, type_id) in [
-            ("attn_q", [h, h], 12),
-            ("attn_k", [h, h / 2], 12),
-            ("attn_v", [h, h / 2], 14),
-            ("attn_output", [h, h], 12),
-            ("ffn_gate", [h, ffn], 12),
-            ("ffn_up", [h, ffn], 12),
-            ("ffn_down", [ffn, h], 14),
-        ] {
+        let names = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+        let dims = [[h, h], [h, h / 2], [h, h / 2], [h, h], [h, ffn], [h, ffn], [ffn, h]];
+        for ((name, dims), &type_id) in names.iter().zip(dims).zip(types) {
             w = k(w, &format!("blk.{l}.{name}.weight"), dims, type_id);
         }
     }
@@ -333,7 +355,7 @@ fn a_model_in_the_k_formats_runs_quantized_as_its_f32_values_do() {
     let path = dir.path().join("k.gguf");
     w.write(&path);
 
-    let open = || Model::open(&path).expect("a K-format model loads");
+    let open = || Model::open(&path).expect("the model loads");
     let m = open();
     assert!(
         m.weights.layers.iter().all(|l| l.proj.iter().all(|p| matches!(p.data, TensorData::Quant(_)))),

@@ -21,11 +21,11 @@ ROWS, COLS = 3, 512  # COLS is a multiple of every block size (32 and 256)
 
 def k_blocks(rng, qtype, n_blocks):
     """Random K-quant blocks with sane f16 scale fields (random bits could be NaN or huge)."""
-    size = {Q.Q4_K: 144, Q.Q6_K: 210}[qtype]
+    size = {Q.Q4_K: 144, Q.Q5_K: 176, Q.Q6_K: 210}[qtype]
     raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
     def f16(values):
         return np.frombuffer(np.asarray(values, dtype=np.float16).tobytes(), dtype=np.uint8).reshape(-1, 2)
-    if qtype == Q.Q4_K:
+    if qtype in (Q.Q4_K, Q.Q5_K):
         raw[:, 0:2] = f16(rng.uniform(0.001, 0.05, n_blocks))  # d
         raw[:, 2:4] = f16(rng.uniform(0.001, 0.05, n_blocks))  # dmin
     else:
@@ -52,11 +52,11 @@ def main(out: Path):
     expected["t.f32"] = dense
     writer.add_tensor("t.f16", dense.astype(np.float16))
     expected["t.f16"] = dense.astype(np.float16).astype(np.float32)
-    for qtype in [Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]:
+    for qtype in [Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]:
         raw = gguf.quants.quantize(dense, qtype)
         writer.add_tensor(f"t.{qtype.name.lower()}", raw, raw_dtype=qtype)
         expected[f"t.{qtype.name.lower()}"] = gguf.quants.dequantize(raw, qtype).astype(np.float32)
-    for qtype in [Q.Q4_K, Q.Q6_K]:
+    for qtype in [Q.Q4_K, Q.Q6_K, Q.Q5_K]:
         raw = k_blocks(rng, qtype, ROWS * COLS // 256).reshape(ROWS, -1)
         writer.add_tensor(f"t.{qtype.name.lower()}", raw, raw_dtype=qtype)
         expected[f"t.{qtype.name.lower()}"] = gguf.quants.dequantize(raw, qtype).astype(np.float32)

@@ -317,13 +317,13 @@ impl CpuExecutor {
     }
 
     /// As [`CpuExecutor::new`], keeping matrices in the form they were stored in: GGUF's block
-    /// formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) a quarter to an eighth of f32's memory and
-    /// bandwidth, multiplied by activations quantized per block to `precision`, and bf16 ones
-    /// as they are; the KV cache holds f16 whatever the weights (the service runs a model of f32
-    /// matrices on [`CpuExecutor::new`] instead: `service::dtype_for_weights`). With 16 bits
-    /// (`q16`) SmolLM2's logits stay within about 5e-4 of f32's; with 8 bits (`q8`, llama.cpp's arithmetic) the rounding moves them by
-    /// up to a few percent of their size on a 30-layer model, so greedy choices between
-    /// near-tied tokens can differ from an f32 reference.
+    /// formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) a third to an eighth of f32's
+    /// memory and bandwidth, multiplied by activations quantized per block to `precision`, and bf16
+    /// ones as they are; the KV cache holds f16 whatever the weights (the service runs a model of
+    /// f32 matrices on [`CpuExecutor::new`] instead: `service::dtype_for_weights`). With 16 bits
+    /// (`q16`) SmolLM2's logits stay within about 5e-4 of f32's; with 8 bits (`q8`, llama.cpp's
+    /// arithmetic) the rounding moves them by up to a few percent of their size on a 30-layer
+    /// model, so greedy choices between near-tied tokens can differ from an f32 reference.
     pub fn new_quantized(
         config: &ModelConfig,
         weights: ModelWeights,

@@ -77,8 +77,11 @@ pub enum GgmlType {
     F16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
+    Q5K,
     Q6K,
     Bf16,
 }
@@ -90,8 +93,11 @@ impl GgmlType {
             1 => GgmlType::F16,
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
             12 => GgmlType::Q4K,
+            13 => GgmlType::Q5K,
             14 => GgmlType::Q6K,
             30 => GgmlType::Bf16,
             _ => return None,
@@ -105,8 +111,11 @@ impl GgmlType {
             GgmlType::F16 | GgmlType::Bf16 => (1, 2),
             GgmlType::Q4_0 => (32, 18),
             GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q5_0 => (32, 22),
+            GgmlType::Q5_1 => (32, 24),
             GgmlType::Q8_0 => (32, 34),
             GgmlType::Q4K => (256, 144),
+            GgmlType::Q5K => (256, 176),
             GgmlType::Q6K => (256, 210),
         }
     }
@@ -310,7 +319,7 @@ impl GgufFile {
     fn extent(&self, t: &TensorInfo) -> Result<std::ops::Range<usize>, ModelError> {
         let ty = GgmlType::from_id(t.type_id).ok_or_else(|| {
             self.bad(format!(
-                "tensor {} has quantization {}, which this engine does not read (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)",
+                "tensor {} has quantization {}, which this engine does not read (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)",
                 t.name,
                 type_name(t.type_id)
             ))
@@ -339,9 +348,9 @@ impl GgufFile {
         }
     }
 
-    /// A weight matrix as the CPU kernels compute on it: Q8_0, Q4_0, Q4_1, Q4_K and Q6_K
-    /// matrices stay in their blocks (repacked, every value kept), BF16 ones in bf16; anything
-    /// else is converted to f32.
+    /// A weight matrix as the CPU kernels compute on it: block-quantized matrices stay in their
+    /// blocks (repacked, every value kept), BF16 ones in bf16; anything else is converted to
+    /// f32.
     pub fn weight(&self, name: &str) -> Result<HostTensor, ModelError> {
         let t = self
             .tensor_info(name)
@@ -355,7 +364,10 @@ impl GgufFile {
             Some(GgmlType::Q8_0) => Format::Q8_0,
             Some(GgmlType::Q4_0) => Format::Q4_0,
             Some(GgmlType::Q4_1) => Format::Q4_1,
+            Some(GgmlType::Q5_0) => Format::Q5_0,
+            Some(GgmlType::Q5_1) => Format::Q5_1,
             Some(GgmlType::Q4K) => Format::Q4_K,
+            Some(GgmlType::Q5K) => Format::Q5_K,
             Some(GgmlType::Q6K) => Format::Q6_K,
             _ => return self.tensor(name),
         };
@@ -408,11 +420,29 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
                 out.extend(q.iter().map(|&b| ((b >> 4) as f32 - offset) * d + m));
             }
         }
-        GgmlType::Q4K => {
-            for blk in bytes.chunks_exact(144) {
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let (size, qh, offset) = if ty == GgmlType::Q5_0 { (22, 2, 16.0) } else { (24, 4, 0.0) };
+            for blk in bytes.chunks_exact(size) {
+                let d = f16_at(blk, 0);
+                let m = if ty == GgmlType::Q5_0 { 0.0 } else { f16_at(blk, 2) };
+                // Bit i of the 32-bit qh is element i's fifth bit.
+                let high = u32::from_le_bytes([blk[qh], blk[qh + 1], blk[qh + 2], blk[qh + 3]]);
+                let q = &blk[qh + 4..qh + 20];
+                let value = |i: usize, nibble: u8| {
+                    let five = u32::from(nibble) | (((high >> i) & 1) << 4);
+                    (five as f32 - offset) * d + m
+                };
+                out.extend(q.iter().enumerate().map(|(i, &b)| value(i, b & 0xF)));
+                out.extend(q.iter().enumerate().map(|(i, &b)| value(i + 16, b >> 4)));
+            }
+        }
+        GgmlType::Q4K | GgmlType::Q5K => {
+            let (size, qs) = if ty == GgmlType::Q4K { (144, 16) } else { (176, 48) };
+            for blk in bytes.chunks_exact(size) {
                 let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
                 let scales = &blk[4..16];
-                let qs = &blk[16..144];
+                // Q5_K: bit j of qh[l] is the fifth bit of element l of sub-block j.
+                let qh = &blk[16..48];
                 // Eight 6-bit (scale, min) pairs packed in 12 bytes.
                 let scale_min = |j: usize| -> (f32, f32) {
                     if j < 4 {
@@ -424,11 +454,14 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
                         )
                     }
                 };
-                for (chunk, q) in qs.chunks_exact(32).enumerate() {
-                    let (s1, m1) = scale_min(2 * chunk);
-                    let (s2, m2) = scale_min(2 * chunk + 1);
-                    out.extend(q.iter().map(|&b| d * s1 * (b & 0xF) as f32 - dmin * m1));
-                    out.extend(q.iter().map(|&b| d * s2 * (b >> 4) as f32 - dmin * m2));
+                for (chunk, q) in blk[qs..size].chunks_exact(32).enumerate() {
+                    for (j, nibble) in [(2 * chunk, 0), (2 * chunk + 1, 4)] {
+                        let (s, m) = scale_min(j);
+                        out.extend(q.iter().enumerate().map(|(l, &b)| {
+                            let five = if ty == GgmlType::Q5K { ((qh[l] >> j) & 1) << 4 } else { 0 };
+                            d * s * (((b >> nibble) & 0xF) | five) as f32 - dmin * m
+                        }));
+                    }
                 }
             }
         }

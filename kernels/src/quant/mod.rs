@@ -8,6 +8,9 @@
 //! - `Q4_0`: `f16 d`, `u8 q[16]`; weight `i < 16` is `d·((q[i] & 15) − 8)`, weight `16 + i` is
 //!   `d·((q[i] >> 4) − 8)`;
 //! - `Q4_1`: `f16 d`, `f16 m`, `u8 q[16]`; as `Q4_0` with `d·nibble + m`;
+//! - `Q5_0`: `f16 d`, `u8 qh[4]`, `u8 q[16]`; as `Q4_0` with a fifth bit from bit `i` of the
+//!   32-bit `qh` and an offset of 16: weight `i` is `d·(q5_i − 16)`;
+//! - `Q5_1`: `f16 d`, `f16 m`, `u8 qh[4]`, `u8 q[16]`; as `Q5_0` with `d·q5 + m`;
 //! - `Q4_K`: super-blocks of 256 weights, `f16 d`, `f16 dmin`, eight 6-bit pairs `(s_j, n_j)`
 //!   packed in 12 bytes, `u8 q[128]`; weight `i` of sub-block `j` (32 weights) is
 //!   `d·s_j·nibble − dmin·n_j`, the nibbles of sub-blocks `2c` and `2c + 1` being the low and
@@ -17,7 +20,16 @@
 //! - `Q6_K`: super-blocks of 256 weights, `u8 ql[128]` (low four bits), `u8 qh[64]` (high two
 //!   bits), `i8 s[16]`, `f16 d`; weight `t` is `d·s[t / 16]·(q_t − 32)` with the 6-bit `q_t`
 //!   spread over `ql` and `qh` as ggml's `dequantize_row_q6_K` reads them. Each 32 weights are
-//!   a block of 8-bit quants with one scale `d·s` (exact in f32) for each half of 16.
+//!   a block of 8-bit quants with one scale `d·s` (exact in f32) for each half of 16;
+//! - `Q5_K`: super-blocks of 256 weights, `f16 d`, `f16 dmin`, the 12 bytes of 6-bit pairs as
+//!   `Q4_K`'s, `u8 qh[32]`, `u8 q[128]`; as `Q4_K` with a fifth bit, bit `j` of `qh[i]` for
+//!   weight `i` of sub-block `j`. Each sub-block is a block of byte quants with `Q4_K`'s exact
+//!   f32 scale and offset.
+//!
+//! The 5-bit formats' quants are stored a byte each (a format that also packed the fifth bits
+//! would unpack them in every kernel): 8.5 bits a weight for `Q5_0`, 9 for `Q5_1` and 10 for
+//! `Q5_K`, against 5.5, 6 and 5.5 in the file. llama.cpp's K-quant files fall back to `Q5_0`
+//! and `Q5_1` for rows that are not a whole number of 256-weight super-blocks.
 //!
 //! # Layout in memory
 //! [`QuantMatrix::from_ggml`] repacks a matrix once, at load, into a layout made for 64-byte
@@ -27,16 +39,17 @@
 //! of its 16 rows) holds
 //!
 //! - the quants, unsigned (`Q8_0` as `q + 128`), in 64-byte vectors whose lane `j` holds four
-//!   consecutive weights of row `j`: for `Q8_0`, vector `k` (of 8) holds weights `4k..4k + 4`;
-//!   for `Q4_0`/`Q4_1`, vector `k` (of 4) holds weights `4k..4k + 4` in its low nibbles and
-//!   `16 + 4k..16 + 4k + 4` in its high ones;
-//! - the 16 rows' scales `d` (f16; f32 for `Q4_K` and `Q6_K`);
-//! - for `Q4_1` and `Q4_K`, the 16 rows' offsets `m` (f16; f32 for `Q4_K`); for `Q6_K`, the 16
-//!   rows' scales of the block's second half.
+//!   consecutive weights of row `j`: for the formats stored a byte a quant (`Q8_0`, the `Q5`
+//!   formats, `Q6_K`), vector `k` (of 8) holds weights `4k..4k + 4`; for the 4-bit ones, vector
+//!   `k` (of 4) holds weights `4k..4k + 4` in its low nibbles and `16 + 4k..16 + 4k + 4` in its
+//!   high ones;
+//! - the 16 rows' scales `d` (f16; f32 for the K formats);
+//! - for `Q4_1`, `Q5_1`, `Q4_K` and `Q5_K`, the 16 rows' offsets `m` (f16; f32 for the K
+//!   formats); for `Q6_K`, the 16 rows' scales of the block's second half.
 //!
-//! So weight `i` of a row's block is `d·(u_i − o) + m`, with the format's offset `o` (128, 8, 0,
-//! or 32 for `Q6_K`, whose quants are stored as `Q8_0`'s) and `m = 0` for `Q8_0`, `Q4_0` and
-//! `Q6_K` (whose second half has its own `d`); and one vector of quants times four activations
+//! So weight `i` of a row's block is `d·(u_i − o) + m`, with the format's offset `o` (128 for
+//! `Q8_0`, 8 for `Q4_0`, 16 for `Q5_0`, 32 for `Q6_K`, else 0) and `m = 0` for the formats
+//! without offsets (`Q6_K`'s second half has its own `d`); and one vector of quants times four activations
 //! broadcast to every lane gives four multiply-adds for each of 16 output rows, which land side
 //! by side.
 //!
@@ -84,16 +97,29 @@ pub enum Format {
     Q4_K,
     #[allow(non_camel_case_types)]
     Q6_K,
+    Q5_0,
+    Q5_1,
+    #[allow(non_camel_case_types)]
+    Q5_K,
 }
 
 impl Format {
     /// Every format.
-    pub const ALL: [Format; 5] = [Format::Q8_0, Format::Q4_0, Format::Q4_1, Format::Q4_K, Format::Q6_K];
+    pub const ALL: [Format; 8] = [
+        Format::Q8_0,
+        Format::Q4_0,
+        Format::Q4_1,
+        Format::Q4_K,
+        Format::Q6_K,
+        Format::Q5_0,
+        Format::Q5_1,
+        Format::Q5_K,
+    ];
 
     /// Weights of one block in GGUF (a row is a whole number of them).
     pub const fn ggml_block_weights(self) -> usize {
         match self {
-            Format::Q4_K | Format::Q6_K => 256,
+            Format::Q4_K | Format::Q5_K | Format::Q6_K => 256,
             _ => BLOCK,
         }
     }
@@ -106,25 +132,26 @@ impl Format {
             Format::Q4_1 => 20,
             Format::Q4_K => 144,
             Format::Q6_K => 210,
+            Format::Q5_0 => 22,
+            Format::Q5_1 => 24,
+            Format::Q5_K => 176,
         }
     }
 
     /// Bytes of a panel's quants for one block (16 rows of 32 weights).
     const fn quant_bytes(self) -> usize {
-        match self {
-            Format::Q8_0 | Format::Q6_K => 512,
-            Format::Q4_0 | Format::Q4_1 | Format::Q4_K => 256,
-        }
+        if self.byte_quants() { 512 } else { 256 }
     }
 
-    /// Whether quants are stored a byte each (`Q8_0`, and `Q6_K`'s 6 bits), not as nibbles.
+    /// Whether quants are stored a byte each (`Q8_0`, and the 5 and 6 bits of the `Q5` formats
+    /// and `Q6_K`), not as nibbles.
     const fn byte_quants(self) -> bool {
-        matches!(self, Format::Q8_0 | Format::Q6_K)
+        matches!(self, Format::Q8_0 | Format::Q5_0 | Format::Q5_1 | Format::Q5_K | Format::Q6_K)
     }
 
     /// Whether blocks carry an offset `m`.
     const fn has_offsets(self) -> bool {
-        matches!(self, Format::Q4_1 | Format::Q4_K)
+        matches!(self, Format::Q4_1 | Format::Q5_1 | Format::Q4_K | Format::Q5_K)
     }
 
     /// Whether each half of a block has its own scale (`Q6_K`'s 16-weight sub-blocks).
@@ -134,7 +161,7 @@ impl Format {
 
     /// Bytes of one scale or offset: f16, or f32 for the K formats' products of two.
     const fn scale_bytes(self) -> usize {
-        if matches!(self, Format::Q4_K | Format::Q6_K) { 4 } else { 2 }
+        if matches!(self, Format::Q4_K | Format::Q5_K | Format::Q6_K) { 4 } else { 2 }
     }
 
     /// Bytes of a panel's block: the quants, 16 scales, and 16 offsets or second-half scales
@@ -149,7 +176,8 @@ impl Format {
         match self {
             Format::Q8_0 => 128.0,
             Format::Q4_0 => 8.0,
-            Format::Q4_1 | Format::Q4_K => 0.0,
+            Format::Q5_0 => 16.0,
+            Format::Q4_1 | Format::Q5_1 | Format::Q4_K | Format::Q5_K => 0.0,
             Format::Q6_K => 32.0,
         }
     }
@@ -205,17 +233,26 @@ impl Block {
                     *u = q ^ 0x80; // i8 q as u8 q + 128
                 }
             }
-            Format::Q4_0 | Format::Q4_1 => {
-                let qs = if format == Format::Q4_0 { &src[2..18] } else { &src[4..20] };
-                if format == Format::Q4_1 {
+            Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 => {
+                // After d (and m): the 32 fifth bits of the Q5 formats, then the nibbles.
+                let at = if matches!(format, Format::Q4_1 | Format::Q5_1) { 4 } else { 2 };
+                if at == 4 {
                     block.m = f16_at(src, 2);
                 }
+                let (high, qs) = if matches!(format, Format::Q5_0 | Format::Q5_1) {
+                    (u32::from_le_bytes([src[at], src[at + 1], src[at + 2], src[at + 3]]), &src[at + 4..at + 20])
+                } else {
+                    (0, &src[at..at + 16])
+                };
                 for (i, &q) in qs.iter().enumerate() {
                     block.u[i] = q & 15;
                     block.u[i + 16] = q >> 4;
                 }
+                for (i, u) in block.u.iter_mut().enumerate() {
+                    *u |= (((high >> i) & 1) as u8) << 4;
+                }
             }
-            Format::Q4_K => {
+            Format::Q4_K | Format::Q5_K => {
                 // Sub-block j's 6-bit scale and offset: j < 4 in the low six bits of bytes j and
                 // j + 4; j >= 4 in the nibbles of byte j + 4, with two high bits each from the
                 // top of bytes j − 4 and j.
@@ -228,9 +265,13 @@ impl Block {
                 // Products of an f16 and a 6-bit integer: exact in f32.
                 block.d *= f32::from(s);
                 block.m = -(f16_at(src, 2) * f32::from(n));
-                let qs = &src[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
-                for (u, &q) in block.u.iter_mut().zip(qs) {
+                // Q5_K: weight i's fifth bit is bit j of qh[i], and the nibbles follow qh.
+                let at = if format == Format::Q5_K { 48 } else { 16 } + 32 * (j / 2);
+                for (i, (u, &q)) in block.u.iter_mut().zip(&src[at..at + 32]).enumerate() {
                     *u = if j.is_multiple_of(2) { q & 15 } else { q >> 4 };
+                    if format == Format::Q5_K {
+                        *u |= ((src[16 + i] >> j) & 1) << 4;
+                    }
                 }
             }
             Format::Q6_K => {
@@ -797,12 +838,15 @@ mod tests {
                 data.extend_from_slice(&f16::from_f32(rng.random_range(0.0001..0.001)).to_le_bytes());
                 continue;
             }
-            let scale = if format == Format::Q4_K { 0.001..0.002 } else { 0.001..0.05 };
+            let scale = if matches!(format, Format::Q4_K | Format::Q5_K) { 0.001..0.002 } else { 0.001..0.05 };
             data.extend_from_slice(&f16::from_f32(rng.random_range(scale)).to_le_bytes());
-            match format {
-                Format::Q4_1 => data.extend_from_slice(&f16::from_f32(rng.random_range(-0.2..0.2)).to_le_bytes()),
-                Format::Q4_K => data.extend_from_slice(&f16::from_f32(rng.random_range(0.0..0.005)).to_le_bytes()),
-                _ => {}
+            let offset = match format {
+                Format::Q4_1 | Format::Q5_1 => -0.2..0.2,
+                Format::Q4_K | Format::Q5_K => 0.0..0.005,
+                _ => 0.0..0.0,
+            };
+            if !offset.is_empty() {
+                data.extend_from_slice(&f16::from_f32(rng.random_range(offset)).to_le_bytes());
             }
             let n = format.ggml_block_bytes() - data.len() % format.ggml_block_bytes();
             data.extend((0..n).map(|_| rng.random::<u8>()));
@@ -832,7 +876,19 @@ mod tests {
                     out[i + 16] = d * (f32::from(blk[qs + i] >> 4) - o) + m;
                 }
             }
-            Format::Q4_K => {
+            Format::Q5_0 | Format::Q5_1 => {
+                // ggml's `dequantize_row_q5_0`/`_q5_1`: bit j of qh is weight j's fifth bit,
+                // bit j + 16 weight j + 16's.
+                let (h, m, o) = if format == Format::Q5_0 { (2, 0.0, 16.0) } else { (4, f16_at(blk, 2), 0.0) };
+                let qh = u32::from_le_bytes([blk[h], blk[h + 1], blk[h + 2], blk[h + 3]]);
+                for j in 0..16 {
+                    let x0 = u32::from(blk[h + 4 + j] & 0x0F) | (((qh >> j) << 4) & 0x10);
+                    let x1 = u32::from(blk[h + 4 + j] >> 4) | ((qh >> (j + 12)) & 0x10);
+                    out[j] = d * (x0 as f32 - o) + m;
+                    out[j + 16] = d * (x1 as f32 - o) + m;
+                }
+            }
+            Format::Q4_K | Format::Q5_K => {
                 // ggml's `get_scale_min_k4`, then 64 weights (two sub-blocks) per 32 bytes.
                 let q = &blk[4..16];
                 let scale_min = |j: usize| -> (u8, u8) {
@@ -843,14 +899,22 @@ mod tests {
                     }
                 };
                 let dmin = f16_at(blk, 2);
+                // Q5_K (`dequantize_row_q5_K`): the fifth bits in qh[32] before the nibbles,
+                // bits 2c and 2c + 1 of qh[l] for the two sub-blocks of chunk c.
+                let (ql, five) = if format == Format::Q5_K { (48, true) } else { (16, false) };
                 for c in 0..4 {
                     let ((s1, m1), (s2, m2)) = (scale_min(2 * c), scale_min(2 * c + 1));
                     let (d1, c1) = (d * f32::from(s1), dmin * f32::from(m1));
                     let (d2, c2) = (d * f32::from(s2), dmin * f32::from(m2));
                     for l in 0..32 {
-                        let byte = blk[16 + 32 * c + l];
-                        out[64 * c + l] = d1 * f32::from(byte & 0xF) - c1;
-                        out[64 * c + 32 + l] = d2 * f32::from(byte >> 4) - c2;
+                        let byte = blk[ql + 32 * c + l];
+                        let (h1, h2) = if five {
+                            ((blk[16 + l] >> (2 * c)) & 1, (blk[16 + l] >> (2 * c + 1)) & 1)
+                        } else {
+                            (0, 0)
+                        };
+                        out[64 * c + l] = d1 * f32::from((byte & 0xF) + 16 * h1) - c1;
+                        out[64 * c + 32 + l] = d2 * f32::from((byte >> 4) + 16 * h2) - c2;
                     }
                 }
             }
@@ -894,13 +958,17 @@ mod tests {
             let (rows, cols) = (19, widths(format)[2]);
             let ggml = random_ggml(format, rows, cols, &mut rng);
             let w = QuantMatrix::from_ggml(format, rows, cols, &ggml).expect("sized right");
-            // The same bits per weight as the file, plus the padding rows; the K formats' f32
-            // scales take Q4_K from 4.5 bits to 6, and Q6_K's quants a byte each from 6.5625 to 10.
+            // The same bits per weight as the file, plus the padding rows, but where quants are
+            // kept a byte each (Q6_K, the Q5 formats) and scales in f32 (the K formats): Q4_K
+            // from 4.5 bits to 6, Q6_K from 6.5625 to 10, Q5_0 from 5.5 to 8.5, Q5_1 from 6 to
+            // 9, Q5_K from 5.5 to 10.
             let bits = w.size_bytes() as f64 * 8.0 / (32 * cols) as f64;
             let file = (8 * format.ggml_block_bytes()) as f64 / format.ggml_block_weights() as f64;
             let kept = match format {
                 Format::Q4_K => 6.0,
-                Format::Q6_K => 10.0,
+                Format::Q6_K | Format::Q5_K => 10.0,
+                Format::Q5_0 => 8.5,
+                Format::Q5_1 => 9.0,
                 _ => file,
             };
             assert_eq!(bits, kept, "{format:?}");
@@ -1006,7 +1074,7 @@ mod tests {
 
     #[test]
     fn the_largest_quants_times_the_largest_activations_do_not_saturate_any_path() {
-        // Every quant at its extreme (Q8_0's −128, the 4-bit formats' 15) and every activation
+        // Every quant at its extreme (Q8_0's −128, the 4- and 5-bit formats' 15 and 31) and every activation
         // at ±127: the sums the SIMD paths build in 16-bit lanes are at their largest.
         let (rows, cols) = (16, 256);
         for format in Format::ALL {
@@ -1019,6 +1087,9 @@ mod tests {
                 Format::Q4_K => [&d[..], &[0; 2], &[0xFF; 12], &[0xFF; 128]].concat(),
                 // Every quant at 63 and every scale at −128.
                 Format::Q6_K => [&[0xFF; 192][..], &[0x80; 16], &d[..]].concat(),
+                Format::Q5_0 => [&d[..], &[0xFF; 20]].concat(),
+                Format::Q5_1 => [&d[..], &[0; 2], &[0xFF; 20]].concat(),
+                Format::Q5_K => [&d[..], &[0; 2], &[0xFF; 12], &[0xFF; 160]].concat(),
             };
             let blocks = rows * cols / format.ggml_block_weights();
             let w = QuantMatrix::from_ggml(format, rows, cols, &block.repeat(blocks)).expect("sized");

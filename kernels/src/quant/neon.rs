@@ -7,7 +7,7 @@
 //! The dot-product intrinsics are not stable Rust, so `sdot` is written as inline assembly; the
 //! rest is `core::arch` intrinsics.
 
-use super::simd::{Q4_1, Q4_K, Q6_K, Q8_0, check, dispatch};
+use super::simd::{Q6_K, Q8_0, check, dispatch};
 use super::{BLOCK, Format, PANEL, PanelOut, Q8Row};
 use std::arch::aarch64::*;
 use std::arch::{asm, is_aarch64_feature_detected};
@@ -39,8 +39,8 @@ impl Neon {
 /// weights `4k..4k + 4` of each of the four rows), `sdot` multiplies each by activations
 /// `4k..4k + 4` and sums each lane's four products, and the integer sums are converted and
 /// scaled by `d_j·e` in one multiply-add, the offsets' term being one more. `Q8_0`'s quants are
-/// turned back into signed bytes (its offset term is then none); `Q6_K`'s (at most 63) and the
-/// 4-bit formats' are signed bytes as they are.
+/// turned back into signed bytes (its offset term is then none); the others (at most 63) are
+/// signed bytes as they are.
 ///
 /// # Safety
 /// The CPU has the features [`Neon::detect`] checks; `panel` is `blocks` blocks of `K`, and
@@ -62,12 +62,12 @@ unsafe fn panel_neon<const R: usize, const K: u8, const F: bool>(
         let mut acc = [vdupq_n_f32(0.0); R];
         for b in 0..blocks {
             // SAFETY (every load below): block b's bytes lie inside `panel`, its quants first
-            // (`quant_bytes`, this group's 16 bytes of each 64), then 16 scales and, for Q4_1,
-            // Q4_K and Q6_K, 16 more values (f16, or f32 for the K formats); each activation
-            // row holds block b's 32 quants, scale and sum.
+            // (`quant_bytes`, this group's 16 bytes of each 64), then 16 scales and, with
+            // offsets or (Q6_K) second-half scales, 16 more (f16, or f32 for the K formats);
+            // each activation row holds block b's 32 quants, scale and sum.
             let at = unsafe { panel.as_ptr().add(b * block_bytes) };
             let mut w = [vdupq_n_s8(0); 8];
-            if K == Q8_0 || K == Q6_K {
+            if format.byte_quants() {
                 for (k, w) in w.iter_mut().enumerate() {
                     let v = unsafe { vld1q_u8(at.add(64 * k + 16 * g)) };
                     *w = vreinterpretq_s8_u8(if K == Q8_0 { veorq_u8(v, flip) } else { v });
@@ -79,14 +79,15 @@ unsafe fn panel_neon<const R: usize, const K: u8, const F: bool>(
                     w[4 + k] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
                 }
             }
-            // For Q6_K, `c` is the second half's scales.
-            let (d, c) = if K == Q4_K || K == Q6_K {
+            // The offsets' term `m − o·d`, or for Q6_K the second half's scales.
+            let (d, c) = if format.scale_bytes() == 4 {
                 let scales = unsafe { at.add(quant_bytes + 16 * g) };
                 unsafe { (f32x4(scales), f32x4(scales.add(4 * PANEL))) }
             } else {
                 let scales = unsafe { at.add(quant_bytes + 8 * g) };
                 let d = unsafe { f16x4(scales) };
-                let c = if K == Q4_1 { unsafe { f16x4(scales.add(2 * PANEL)) } } else { vmulq_f32(d, offset) };
+                let c =
+                    if format.has_offsets() { unsafe { f16x4(scales.add(2 * PANEL)) } } else { vmulq_f32(d, offset) };
                 (d, c)
             };
             for r in 0..R {

@@ -9,6 +9,9 @@ pub(super) const Q4_0: u8 = 1;
 pub(super) const Q4_1: u8 = 2;
 pub(super) const Q4_K: u8 = 3;
 pub(super) const Q6_K: u8 = 4;
+pub(super) const Q5_0: u8 = 5;
+pub(super) const Q5_1: u8 = 6;
+pub(super) const Q5_K: u8 = 7;
 
 /// `format` as the const parameter `K`.
 pub(super) fn kind(format: Format) -> u8 {
@@ -18,6 +21,9 @@ pub(super) fn kind(format: Format) -> u8 {
         Format::Q4_1 => Q4_1,
         Format::Q4_K => Q4_K,
         Format::Q6_K => Q6_K,
+        Format::Q5_0 => Q5_0,
+        Format::Q5_1 => Q5_1,
+        Format::Q5_K => Q5_K,
     }
 }
 
@@ -28,17 +34,23 @@ macro_rules! dispatch {
     ($kernel:ident, $format:expr, $blocks:expr, $panel:expr, $xs:expr, $out:expr) => {{
         macro_rules! go {
             ($r:literal) => {{
-                use super::simd::{Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, kind};
+                use super::simd::{Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, kind};
                 match (kind($format), $xs.first().is_some_and(|x| !x.lo.is_empty())) {
                     (Q8_0, false) => $kernel::<$r, Q8_0, false>($blocks, $panel, $xs, $out),
                     (Q4_0, false) => $kernel::<$r, Q4_0, false>($blocks, $panel, $xs, $out),
                     (Q4_1, false) => $kernel::<$r, Q4_1, false>($blocks, $panel, $xs, $out),
                     (Q4_K, false) => $kernel::<$r, Q4_K, false>($blocks, $panel, $xs, $out),
+                    (Q5_0, false) => $kernel::<$r, Q5_0, false>($blocks, $panel, $xs, $out),
+                    (Q5_1, false) => $kernel::<$r, Q5_1, false>($blocks, $panel, $xs, $out),
+                    (Q5_K, false) => $kernel::<$r, Q5_K, false>($blocks, $panel, $xs, $out),
                     (_, false) => $kernel::<$r, Q6_K, false>($blocks, $panel, $xs, $out),
                     (Q8_0, true) => $kernel::<$r, Q8_0, true>($blocks, $panel, $xs, $out),
                     (Q4_0, true) => $kernel::<$r, Q4_0, true>($blocks, $panel, $xs, $out),
                     (Q4_1, true) => $kernel::<$r, Q4_1, true>($blocks, $panel, $xs, $out),
                     (Q4_K, true) => $kernel::<$r, Q4_K, true>($blocks, $panel, $xs, $out),
+                    (Q5_0, true) => $kernel::<$r, Q5_0, true>($blocks, $panel, $xs, $out),
+                    (Q5_1, true) => $kernel::<$r, Q5_1, true>($blocks, $panel, $xs, $out),
+                    (Q5_K, true) => $kernel::<$r, Q5_K, true>($blocks, $panel, $xs, $out),
                     (_, true) => $kernel::<$r, Q6_K, true>($blocks, $panel, $xs, $out),
                 }
             }};

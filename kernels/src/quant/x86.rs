@@ -3,7 +3,7 @@
 //! Both compute a panel's 16 rows at once from the interleaved layout: a vector of quants times
 //! four activations broadcast to every lane.
 
-use super::simd::{Q4_1, Q4_K, Q6_K, Q8_0, check, dispatch};
+use super::simd::{Q6_K, Q8_0, check, dispatch};
 use super::{BLOCK, Format, PANEL, PanelOut, Q8Row};
 use std::arch::x86_64::*;
 
@@ -155,12 +155,13 @@ unsafe fn panel512<const R: usize, const K: u8, const F: bool>(
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..blocks {
         // SAFETY (every load below): block b's bytes lie inside `panel`, its quants first
-        // (`quant_bytes`), then 16 scales and, for Q4_1 and Q4_K, 16 offsets (f16, or f32 for
-        // Q4_K); each activation row holds block b's 32 quants, scale and sum.
+        // (`quant_bytes`), then 16 scales and, with offsets or (Q6_K) second-half scales, 16
+        // more (f16, or f32 for the K formats); each activation row holds block b's 32 quants,
+        // scale and sum.
         let at = unsafe { panel.as_ptr().add(b * block_bytes) };
         prefetch(at, block_bytes);
         let mut w = [_mm512_setzero_si512(); 8];
-        if K == Q8_0 || K == Q6_K {
+        if format.byte_quants() {
             for (k, w) in w.iter_mut().enumerate() {
                 *w = unsafe { _mm512_loadu_si512(at.add(64 * k).cast()) };
             }
@@ -171,13 +172,13 @@ unsafe fn panel512<const R: usize, const K: u8, const F: bool>(
                 w[4 + k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
             }
         }
-        // For Q6_K, `c` is the second half's scales.
-        let (d, c) = if K == Q4_K || K == Q6_K {
+        // The offsets' term `m − o·d`, or for Q6_K the second half's scales.
+        let (d, c) = if format.scale_bytes() == 4 {
             let scales = unsafe { at.add(quant_bytes).cast::<f32>() };
             unsafe { (_mm512_loadu_ps(scales), _mm512_loadu_ps(scales.add(PANEL))) }
         } else {
             let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(at.add(quant_bytes).cast()) });
-            let c = if K == Q4_1 {
+            let c = if format.has_offsets() {
                 _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(at.add(quant_bytes + 2 * PANEL).cast()) })
             } else {
                 _mm512_mul_ps(d, offset)
@@ -291,10 +292,11 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
                 prefetch(at, block_bytes);
             }
             let mut w = [_mm256_setzero_si256(); 8];
-            if K == Q8_0 || K == Q6_K {
+            if format.byte_quants() {
                 for (k, w) in w.iter_mut().enumerate() {
                     let v = unsafe { _mm256_loadu_si256(at.add(64 * k + 32 * half).cast()) };
-                    // Q6_K's quants (at most 63) multiply as unsigned bytes as they are.
+                    // The Q5 formats' and Q6_K's quants (at most 63) multiply as unsigned bytes
+                    // as they are.
                     *w = if K == Q8_0 { _mm256_xor_si256(v, flip) } else { v };
                 }
             } else {
@@ -304,14 +306,14 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
                     w[4 + k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
                 }
             }
-            // For Q6_K, `c` is the second half's scales.
-            let (d, c) = if K == Q4_K || K == Q6_K {
+            // The offsets' term `m − o·d`, or for Q6_K the second half's scales.
+            let (d, c) = if format.scale_bytes() == 4 {
                 let scales = unsafe { at.add(quant_bytes).cast::<f32>().add(8 * half) };
                 unsafe { (_mm256_loadu_ps(scales), _mm256_loadu_ps(scales.add(PANEL))) }
             } else {
                 let scales = unsafe { at.add(quant_bytes + 16 * half) };
                 let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(scales.cast()) });
-                let c = if K == Q4_1 {
+                let c = if format.has_offsets() {
                     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(scales.add(2 * PANEL).cast()) })
                 } else {
                     _mm256_mul_ps(d, offset)
@@ -361,8 +363,8 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
     }
 }
 
-/// As [`sum512`] for eight rows of `Q6_K` quants (at most 63, so `maddubs` of two products
-/// stays within 16 bits), each half's sum apart.
+/// As [`sum512`] for eight rows of quants stored a byte each and under 64 (the `Q5` formats'
+/// and `Q6_K`'s, so `maddubs` of two products stays within 16 bits), each half's sum apart.
 ///
 /// # Safety
 /// The CPU has AVX2; `q` holds `at + 32` values.
@@ -397,6 +399,11 @@ unsafe fn sum256<const K: u8>(w: &[__m256i; 8], q: &[i8], at: usize) -> __m256i 
             s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
         }
         s
+    } else if Format::ALL[K as usize].byte_quants() {
+        // Eight sums of two products of up to 2 · 63 · 127 would not fit 16 bits.
+        // SAFETY: as the function's.
+        let [s0, s1] = unsafe { halves256(w, q, at) };
+        _mm256_add_epi32(s0, s1)
     } else {
         let mut p = _mm256_setzero_si256();
         for (k, &w) in w.iter().enumerate() {
