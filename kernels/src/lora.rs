@@ -13,7 +13,7 @@
 //! functions here are the specification of the device kernels and the CPU execution path.
 
 use crate::matmul::linear_strided;
-use crate::ops::{axpy, axpys_bf16, dot, dots_bf16};
+use crate::ops::{axpy, axpys_bf16, dot, dots_half};
 use half::bf16;
 
 /// A run of consecutive batch rows `[start, start + len)` that all use adapter `slot`.
@@ -203,7 +203,7 @@ fn row(m: LoraMat<'_>, x: &[f32], v: &mut [f32], y: &mut [f32]) {
         // that the hardware prefetcher would meet one at a time.
         crate::ops::prefetch(a);
         crate::ops::prefetch(bt);
-        dots_bf16(a, x, v);
+        dots_half(a, x, v);
         for v in v.iter_mut() {
             *v *= m.scale;
         }

@@ -47,34 +47,42 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32],
     }
 }
 
-/// Activation rows from which [`linear_bf16`] widens tiles of weights to f32 and multiplies them
-/// as a GEMM; fewer rows read the bf16 weights directly.
-const BF16_GEMM_ROWS: usize = 16;
-/// Weight rows a task widens at once in [`linear_bf16`]'s GEMM path: with `k` up to 8192 the
+/// Activation rows from which [`linear_half`] widens tiles of weights to f32 and multiplies them
+/// as a GEMM; fewer rows read the 16-bit weights directly.
+const HALF_GEMM_ROWS: usize = 16;
+/// Weight rows a task widens at once in [`linear_half`]'s GEMM path: with `k` up to 8192 the
 /// tile (2 MiB) stays within a core's cache while every activation row passes over it.
-const BF16_TILE: usize = 64;
+const HALF_TILE: usize = 64;
 
-/// `y[m, n] = x[m, k] · w[n, k]ᵀ` for bf16 weights kept as they were stored (half the bytes of
-/// f32), `y`'s rows `y_stride` apart. Every weight widens exactly to f32, so the result is
-/// [`linear`]'s on the widened matrix up to the order of the f32 additions.
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ` for bf16 or f16 weights kept as they were stored (half the
+/// bytes of f32), `y`'s rows `y_stride` apart. Every weight widens exactly to f32, so the result
+/// is [`linear`]'s on the widened matrix up to the order of the f32 additions.
 ///
 /// Decode-shaped products (a few rows) read the weights in place, a few of their rows per pass
-/// over an activation row ([`crate::ops::dots_bf16`]); from [`BF16_GEMM_ROWS`] rows, tiles of
+/// over an activation row ([`crate::ops::dots_half`]); from [`HALF_GEMM_ROWS`] rows, tiles of
 /// weight rows are widened once and multiplied by every activation row as a GEMM. Either way
 /// the team's threads take blocks of output columns.
 ///
 /// # Panics
 /// When a slice is shorter than the shapes require (a caller bug, never input-dependent).
 #[allow(clippy::too_many_arguments)]
-pub fn linear_bf16(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize, y: &mut [f32], y_stride: usize) {
+pub fn linear_half<T: crate::ops::Half>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[T],
+    n: usize,
+    y: &mut [f32],
+    y_stride: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(x.len() >= m * k, "linear_bf16: x has {} values, needs {}", x.len(), m * k);
-    assert!(w.len() >= n * k, "linear_bf16: w has {} values, needs {}", w.len(), n * k);
-    assert!(y_stride >= n && y.len() >= (m - 1) * y_stride + n, "linear_bf16: y too short");
+    assert!(x.len() >= m * k, "linear_half: x has {} values, needs {}", x.len(), m * k);
+    assert!(w.len() >= n * k, "linear_half: w has {} values, needs {}", w.len(), n * k);
+    assert!(y_stride >= n && y.len() >= (m - 1) * y_stride + n, "linear_half: y too short");
     let out = crate::team::Shared::new(y);
-    if m < BF16_GEMM_ROWS {
+    if m < HALF_GEMM_ROWS {
         // Blocks of weight rows: enough for every thread, each a few dozen KiB that stay in
         // cache across the activation rows.
         let rows = (n / (4 * crate::team::threads())).clamp(16, 256);
@@ -84,16 +92,16 @@ pub fn linear_bf16(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize, y:
                 // SAFETY: row i's columns j0..j1 lie inside `y` (asserted above), and only the
                 // task owning columns j0..j1 touches them.
                 let y = unsafe { std::slice::from_raw_parts_mut(out.at(i * y_stride + j0), j1 - j0) };
-                crate::ops::dots_bf16(&w[j0 * k..j1 * k], &x[i * k..(i + 1) * k], y);
+                crate::ops::dots_half(&w[j0 * k..j1 * k], &x[i * k..(i + 1) * k], y);
             }
         });
         return;
     }
-    crate::team::for_each(n.div_ceil(BF16_TILE), &|t| {
-        let (j0, j1) = (t * BF16_TILE, ((t + 1) * BF16_TILE).min(n));
+    crate::team::for_each(n.div_ceil(HALF_TILE), &|t| {
+        let (j0, j1) = (t * HALF_TILE, ((t + 1) * HALF_TILE).min(n));
         TILE.with_borrow_mut(|tile| {
             tile.clear();
-            tile.extend(w[j0 * k..j1 * k].iter().map(|v| v.to_f32()));
+            tile.extend(w[j0 * k..j1 * k].iter().map(|v| v.widen()));
             // SAFETY: as in `linear`, for the m rows of columns j0..j1 of `y` (inside it,
             // asserted above), which only this task writes; lhs and rhs are the slices' own.
             unsafe {
@@ -113,7 +121,7 @@ pub fn linear_bf16(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize, y:
 }
 
 thread_local! {
-    /// Each thread's widened tile of [`linear_bf16`], kept between tasks and calls.
+    /// Each thread's widened tile of [`linear_half`], kept between tasks and calls.
     static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -234,18 +242,27 @@ mod tests {
 
     #[test]
     fn bf16_weights_multiply_as_their_f32_values_in_both_shapes_of_product() {
+        half_weights_multiply_as_their_f32_values(half::bf16::from_f32);
+    }
+
+    #[test]
+    fn f16_weights_multiply_as_their_f32_values_in_both_shapes_of_product() {
+        half_weights_multiply_as_their_f32_values(half::f16::from_f32);
+    }
+
+    fn half_weights_multiply_as_their_f32_values<T: crate::ops::Half>(round: fn(f32) -> T) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-        // Decode-shaped (below BF16_GEMM_ROWS) and GEMM-shaped products; widths that are not
+        // Decode-shaped (below HALF_GEMM_ROWS) and GEMM-shaped products; widths that are not
         // whole vectors, tiles or column blocks.
         for &(m, k, n) in &[(1, 64, 96), (3, 33, 517), (8, 576, 1536), (16, 100, 70), (40, 256, 300)] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let w: Vec<half::bf16> = (0..n * k).map(|_| half::bf16::from_f32(rng.random_range(-1.0..1.0))).collect();
-            let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let w: Vec<T> = (0..n * k).map(|_| round(rng.random_range(-1.0..1.0))).collect();
+            let wide: Vec<f32> = w.iter().map(|v| v.widen()).collect();
             let want = naive(&x, m, k, &wide, n);
             // Output rows wider than the product: the columns past it stay untouched.
             let stride = n + 3;
             let mut y = vec![-7.0f32; m * stride];
-            linear_bf16(&x, m, k, &w, n, &mut y, stride);
+            linear_half(&x, m, k, &w, n, &mut y, stride);
             for i in 0..m {
                 for j in 0..n {
                     let (a, b) = (y[i * stride + j], want[i * n + j]);

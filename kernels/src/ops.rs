@@ -1,6 +1,6 @@
 //! Element-wise and row-wise operations of a Llama-family decoder layer.
 
-use half::bf16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Rows per task for row-wise operations on prefill-sized batches.
@@ -115,18 +115,44 @@ pub fn prefetch<T>(values: &[T]) {
     let _ = values;
 }
 
-/// `v[r] = a_r · x` for the `v.len()` consecutive rows of `a` (bf16), each `x.len()` long: a
-/// LoRA shrink, the rows read side by side.
-pub fn dots_bf16(a: &[bf16], x: &[f32], v: &mut [f32]) {
-    assert!(a.len() >= v.len() * x.len(), "dots_bf16: {} rows of {} do not fit", v.len(), x.len());
+/// A 16-bit float that matrices are kept in as they were stored (bf16 or f16): every value
+/// widens exactly to f32.
+pub trait Half: Copy + Send + Sync + 'static {
+    /// Whether this is IEEE f16 (widened by a conversion instruction) rather than bf16 (the
+    /// upper half of its f32).
+    const IEEE: bool;
+
+    fn widen(self) -> f32;
+}
+
+impl Half for bf16 {
+    const IEEE: bool = false;
+
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Half for f16 {
+    const IEEE: bool = true;
+
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// `v[r] = a_r · x` for the `v.len()` consecutive rows of `a` (bf16 or f16), each `x.len()`
+/// long: a LoRA shrink or a decode-shaped product, the rows read side by side.
+pub fn dots_half<T: Half>(a: &[T], x: &[f32], v: &mut [f32]) {
+    assert!(a.len() >= v.len() * x.len(), "dots_half: {} rows of {} do not fit", v.len(), x.len());
     #[cfg(target_arch = "x86_64")]
     if crate::quant::has_avx512() {
         // SAFETY: AVX-512F/BW/VL are present; `a` holds the rows (asserted).
-        return unsafe { crate::quant::x86::dots_bf16_avx512(a, x, v) };
+        return unsafe { crate::quant::x86::dots_half_avx512(a, x, v) };
     }
     // The specification: each value widened exactly to f32.
     for (v, a) in v.iter_mut().zip(a.chunks_exact(x.len().max(1))) {
-        *v = a.iter().zip(x).map(|(a, x)| a.to_f32() * x).sum();
+        *v = a.iter().zip(x).map(|(a, x)| a.widen() * x).sum();
     }
 }
 

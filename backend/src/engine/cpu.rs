@@ -10,6 +10,7 @@ use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
 use std::sync::Arc;
 use switchyard_kernels::lora::LoraHalf;
+use switchyard_kernels::ops::Half;
 use switchyard_kernels::quant::{self, Precision, Q8Rows, QuantMatrix};
 use switchyard_kernels::{AttentionSeq, KvLayout, KvValue, LoraMat, attention, lora, matmul, ops};
 
@@ -26,8 +27,10 @@ pub fn set_threads(threads: usize) -> Result<(), String> {
 #[derive(Debug)]
 enum Linear {
     F32(Vec<f32>),
-    /// bf16 as stored, times f32 activations (`matmul::linear_bf16`).
+    /// bf16 as stored, times f32 activations (`matmul::linear_half`).
     Bf16(Vec<bf16>),
+    /// f16 as stored, likewise.
+    F16(Vec<f16>),
     /// Quantized blocks: activations are quantized per block (to the executor's [`Precision`])
     /// and multiplied as integers (`switchyard_kernels::quant`).
     Quant(QuantMatrix),
@@ -40,8 +43,8 @@ enum Linear {
 impl Linear {
     /// Tensors stacked along their first dimension. When `keep`: one quantized matrix if every
     /// part is quantized in one format (whole rows stack, so the blocks stay intact), one bf16
-    /// matrix if every part is bf16, else the parts side by side, each as it is stored. f32
-    /// when not `keep` or nothing is stored otherwise.
+    /// (f16) matrix if every part is bf16 (f16), else the parts side by side, each as it is
+    /// stored. f32 when not `keep` or nothing is stored otherwise.
     fn stacked(parts: &[&HostTensor], keep: bool) -> Linear {
         if !keep || parts.iter().all(|t| matches!(t.data, TensorData::F32(_))) {
             return Linear::F32(parts.iter().flat_map(|t| t.to_f32().into_owned()).collect());
@@ -58,15 +61,15 @@ impl Linear {
         {
             return Linear::Quant(q);
         }
-        let bf16: Vec<&[bf16]> = parts
-            .iter()
-            .filter_map(|t| match &t.data {
-                TensorData::Bf16(v) => Some(v.as_slice()),
-                _ => None,
-            })
-            .collect();
-        if bf16.len() == parts.len() {
-            return Linear::Bf16(bf16.concat());
+        // Every part's values, if every one is held as `pick` finds them.
+        fn all<'a, T: Copy>(parts: &[&'a HostTensor], pick: fn(&'a TensorData) -> Option<&'a [T]>) -> Option<Vec<T>> {
+            parts.iter().map(|t| pick(&t.data)).collect::<Option<Vec<&[T]>>>().map(|v| v.concat())
+        }
+        if let Some(v) = all(parts, |d| if let TensorData::Bf16(v) = d { Some(v) } else { None }) {
+            return Linear::Bf16(v);
+        }
+        if let Some(v) = all(parts, |d| if let TensorData::F16(v) = d { Some(v) } else { None }) {
+            return Linear::F16(v);
         }
         let rows = |t: &HostTensor| t.shape.first().copied().unwrap_or(0);
         Linear::Parts(parts.iter().map(|&t| (Linear::of(t.clone(), keep), rows(t))).collect())
@@ -76,6 +79,7 @@ impl Linear {
         match t.data {
             TensorData::Quant(q) if keep => Linear::Quant(q),
             TensorData::Bf16(v) if keep => Linear::Bf16(v),
+            TensorData::F16(v) if keep => Linear::F16(v),
             _ => Linear::F32(t.into_f32()),
         }
     }
@@ -85,6 +89,7 @@ impl Linear {
         match self {
             Linear::F32(v) => v,
             Linear::Bf16(v) => v.iter().map(|v| v.to_f32()).collect(),
+            Linear::F16(v) => v.iter().map(|v| v.to_f32()).collect(),
             Linear::Quant(q) => q.dequantize(),
             Linear::Parts(parts) => parts.into_iter().flat_map(|(p, _)| p.into_vector()).collect(),
         }
@@ -114,7 +119,8 @@ impl Linear {
     fn multiply(&self, x: &[f32], m: usize, k: usize, out: usize, y: &mut [f32], y_stride: usize, q: &Q8Rows) {
         match self {
             Linear::F32(w) => matmul::linear(x, m, k, w, out, y, y_stride, false),
-            Linear::Bf16(w) => matmul::linear_bf16(x, m, k, w, out, y, y_stride),
+            Linear::Bf16(w) => matmul::linear_half(x, m, k, w, out, y, y_stride),
+            Linear::F16(w) => matmul::linear_half(x, m, k, w, out, y, y_stride),
             Linear::Quant(w) => quant::matmul(w, q, y, y_stride),
             Linear::Parts(parts) => {
                 let mut col = 0;
@@ -131,11 +137,8 @@ impl Linear {
         let width = out.len();
         match self {
             Linear::F32(w) => out.copy_from_slice(&w[id * width..(id + 1) * width]),
-            Linear::Bf16(w) => {
-                for (o, v) in out.iter_mut().zip(&w[id * width..(id + 1) * width]) {
-                    *o = v.to_f32();
-                }
-            }
+            Linear::Bf16(w) => widen_row(&w[id * width..(id + 1) * width], out),
+            Linear::F16(w) => widen_row(&w[id * width..(id + 1) * width], out),
             Linear::Quant(q) => q.dequantize_row(id, out),
             Linear::Parts(parts) => {
                 let mut id = id;
@@ -147,6 +150,13 @@ impl Linear {
                 }
             }
         }
+    }
+}
+
+/// `out[i] = row[i]` widened to f32.
+fn widen_row<T: Half>(row: &[T], out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(row) {
+        *o = v.widen();
     }
 }
 
@@ -297,8 +307,9 @@ pub struct CpuExecutor {
     /// Quantized matrices kept, with activations of this precision
     /// ([`CpuExecutor::new_quantized`]).
     quant: Option<Precision>,
-    /// bf16 matrices kept (and no quantized ones).
-    bf16: bool,
+    /// The 16-bit float the matrices are kept in (`bf16` or `f16`), where they are (and none is
+    /// quantized).
+    half: Option<&'static str>,
 }
 
 impl CpuExecutor {
@@ -363,8 +374,8 @@ impl CpuExecutor {
         let (inv_freq, rope_scale) = config.rope_inv_freq();
         let embed = Linear::of(embed_tokens, keep);
         let lm_head = lm_head.map(|t| Linear::of(t, keep));
-        // A model with nothing quantized (safetensors) computes on its bf16 matrices or in f32,
-        // whatever precision was asked.
+        // A model with nothing quantized (safetensors) computes on its bf16 or f16 matrices or in
+        // f32, whatever precision was asked.
         let holds = |form: fn(&Linear) -> bool| {
             let kept = |l: &Linear| l.holds(form);
             kept(&embed)
@@ -372,7 +383,13 @@ impl CpuExecutor {
                 || layers.iter().any(|l: &Layer| [&l.qkv, &l.o, &l.gate_up, &l.down].into_iter().any(kept))
         };
         let any = holds(|l| matches!(l, Linear::Quant(_)));
-        let bf16 = !any && holds(|l| matches!(l, Linear::Bf16(_)));
+        let half = if any {
+            None
+        } else if holds(|l| matches!(l, Linear::Bf16(_))) {
+            Some("bf16")
+        } else {
+            holds(|l| matches!(l, Linear::F16(_))).then_some("f16")
+        };
         let cache = (0..config.num_layers).map(|_| LayerCache::new(pool, keep)).collect();
         CpuExecutor {
             config: config.clone(),
@@ -387,7 +404,7 @@ impl CpuExecutor {
             adapters: (0..max_loras).map(|_| None).collect(),
             max_rank,
             quant: quant.filter(|_| any),
-            bf16,
+            half,
         }
     }
 
@@ -475,8 +492,7 @@ impl Executor for CpuExecutor {
 
     fn dtype(&self) -> &'static str {
         match self.quant {
-            None if self.bf16 => "bf16",
-            None => "f32",
+            None => self.half.unwrap_or("f32"),
             Some(Precision::Int8) => "q8",
             Some(Precision::Int16) => "q16",
         }

@@ -349,8 +349,8 @@ impl GgufFile {
     }
 
     /// A weight matrix as the CPU kernels compute on it: block-quantized matrices stay in their
-    /// blocks (repacked, every value kept), BF16 ones in bf16; anything else is converted to
-    /// f32.
+    /// blocks (repacked, every value kept), BF16 and F16 ones in their 16 bits; anything else is
+    /// converted to f32.
     pub fn weight(&self, name: &str) -> Result<HostTensor, ModelError> {
         let t = self
             .tensor_info(name)
@@ -360,6 +360,10 @@ impl GgufFile {
             Some(GgmlType::Bf16) if shape.len() == 2 => {
                 let data = self.map[self.extent(t)?].chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]));
                 return Ok(HostTensor::bf16(shape, data.collect()));
+            }
+            Some(GgmlType::F16) if shape.len() == 2 => {
+                let data = self.map[self.extent(t)?].chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]));
+                return Ok(HostTensor::f16(shape, data.collect()));
             }
             Some(GgmlType::Q8_0) => Format::Q8_0,
             Some(GgmlType::Q4_0) => Format::Q4_0,

@@ -70,16 +70,14 @@ fn unpermute(t: HostTensor, heads: usize) -> HostTensor {
             }
         }
     }
+    fn reorder<T: Copy>(data: &[T], order: &[usize], cols: usize) -> Vec<T> {
+        order.iter().flat_map(|&from| data[from * cols..(from + 1) * cols].iter().copied()).collect()
+    }
     match t.data {
         TensorData::Quant(q) => HostTensor::quantized(q.select_rows(&order)),
-        TensorData::Bf16(data) => {
-            let out = order.iter().flat_map(|&from| data[from * cols..(from + 1) * cols].iter().copied()).collect();
-            HostTensor::bf16(t.shape, out)
-        }
-        TensorData::F32(data) => {
-            let out = order.iter().flat_map(|&from| data[from * cols..(from + 1) * cols].iter().copied()).collect();
-            HostTensor::new(t.shape, out)
-        }
+        TensorData::Bf16(data) => HostTensor::bf16(t.shape, reorder(&data, &order, cols)),
+        TensorData::F16(data) => HostTensor::f16(t.shape, reorder(&data, &order, cols)),
+        TensorData::F32(data) => HostTensor::new(t.shape, reorder(&data, &order, cols)),
     }
 }
 

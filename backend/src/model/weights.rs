@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use switchyard_kernels::quant::QuantMatrix;
 
-/// A tensor in host memory: f32, or a matrix kept in the form it was stored in (bf16, or a GGUF
-/// block format).
+/// A tensor in host memory: f32, or a matrix kept in the form it was stored in (bf16, f16, or a
+/// GGUF block format).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
     pub shape: Vec<usize>,
@@ -22,6 +22,8 @@ pub enum TensorData {
     F32(Vec<f32>),
     /// A matrix stored in bf16, kept so (every value widens exactly to f32).
     Bf16(Vec<bf16>),
+    /// A matrix stored in f16, kept so (every value widens exactly to f32).
+    F16(Vec<f16>),
     /// A `[rows, cols]` matrix in a GGUF block format (see `switchyard_kernels::quant`).
     Quant(QuantMatrix),
 }
@@ -43,11 +45,18 @@ impl HostTensor {
         HostTensor { shape, data: TensorData::Bf16(data) }
     }
 
+    /// An f16 tensor of `shape`.
+    pub fn f16(shape: Vec<usize>, data: Vec<f16>) -> HostTensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        HostTensor { shape, data: TensorData::F16(data) }
+    }
+
     /// The values as f32 (widened or dequantized if need be).
     pub fn to_f32(&self) -> Cow<'_, [f32]> {
         match &self.data {
             TensorData::F32(v) => Cow::Borrowed(v),
             TensorData::Bf16(v) => Cow::Owned(v.iter().map(|v| v.to_f32()).collect()),
+            TensorData::F16(v) => Cow::Owned(v.iter().map(|v| v.to_f32()).collect()),
             TensorData::Quant(q) => Cow::Owned(q.dequantize()),
         }
     }
@@ -147,8 +156,8 @@ impl Shards {
 
 impl ModelWeights {
     /// Loads and validates every tensor the configured architecture needs. Tensors may be F32,
-    /// BF16 or F16 on disk; BF16 matrices are held as bf16 (half the memory of f32, and the CPU
-    /// kernels read them as they are), everything else as f32.
+    /// BF16 or F16 on disk; BF16 and F16 matrices are held as they are (half the memory of f32,
+    /// and the CPU kernels read them so), everything else as f32.
     pub fn load(dir: &Path, config: &ModelConfig) -> Result<ModelWeights, ModelError> {
         let shards = Shards::open(dir)?;
         let mut parsed = Vec::with_capacity(shards.files.len());
@@ -193,9 +202,15 @@ impl ModelWeights {
                     expected: want.clone(),
                 });
             }
-            if view.dtype() == Dtype::BF16 && shape.len() == 2 {
-                let data = view.data().chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect();
-                return Ok(Some(HostTensor::bf16(shape, data)));
+            let words = || view.data().chunks_exact(2).map(|b| [b[0], b[1]]);
+            match view.dtype() {
+                Dtype::BF16 if shape.len() == 2 => {
+                    return Ok(Some(HostTensor::bf16(shape, words().map(bf16::from_le_bytes).collect())));
+                }
+                Dtype::F16 if shape.len() == 2 => {
+                    return Ok(Some(HostTensor::f16(shape, words().map(f16::from_le_bytes).collect())));
+                }
+                _ => {}
             }
             let data = to_f32(view.dtype(), view.data()).ok_or_else(|| ModelError::TensorDtype {
                 path: (*path).clone(),
@@ -259,7 +274,7 @@ impl ModelWeights {
         ModelWeights { embed_tokens, layers, final_norm: ones(h), lm_head }
     }
 
-    /// Whether every tensor is held in f32 (nothing kept quantized or in bf16).
+    /// Whether every tensor is held in f32 (nothing kept quantized or in 16 bits).
     pub fn all_f32(&self) -> bool {
         let f32 = |t: &HostTensor| matches!(t.data, TensorData::F32(_));
         f32(&self.embed_tokens)

@@ -471,31 +471,36 @@ pub(crate) unsafe fn axpy_f32_avx512(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// bf16 values `at..at + 16` of `x` as f32 (masked to the values before `n`).
+/// 16-bit floats `at..at + 16` of `x` as f32 (masked to the values before `n`).
 ///
 /// # Safety
 /// The CPU has AVX-512F/BW/VL; `x` holds at least `n` values.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn bf16_lanes(x: &[half::bf16], at: usize, n: usize) -> __m512 {
+unsafe fn half_lanes<T: crate::ops::Half>(x: &[T], at: usize, n: usize) -> __m512 {
     let k = if n - at >= 16 { 0xFFFF } else { ((1u32 << (n - at)) - 1) as __mmask16 };
-    // SAFETY: the mask keeps every lane below n, inside `x`; bf16 is a u16 in memory.
+    // SAFETY: the mask keeps every lane below n, inside `x`; both 16-bit floats are a u16 in
+    // memory.
     let bits = unsafe { _mm256_maskz_loadu_epi16(k, x.as_ptr().add(at).cast()) };
-    // A bf16 is the upper half of the f32 it stands for.
-    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))
+    if T::IEEE {
+        _mm512_cvtph_ps(bits)
+    } else {
+        // A bf16 is the upper half of the f32 it stands for.
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))
+    }
 }
 
-/// `v[r] = a_r · x` for the `v.len()` consecutive rows `a_r` of `a`, each `x.len()` long (bf16):
-/// four rows a pass over `x`, each with its own accumulator.
+/// `v[r] = a_r · x` for the `v.len()` consecutive rows `a_r` of `a`, each `x.len()` long (bf16
+/// or f16): four rows a pass over `x`, each with its own accumulator.
 ///
 /// # Safety
 /// The CPU has AVX-512F/BW/VL; `a` holds `v.len() · x.len()` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(crate) unsafe fn dots_bf16_avx512(a: &[half::bf16], x: &[f32], v: &mut [f32]) {
+pub(crate) unsafe fn dots_half_avx512<T: crate::ops::Half>(a: &[T], x: &[f32], v: &mut [f32]) {
     let n = x.len();
     for (c, v) in v.chunks_mut(4).enumerate() {
         // A short last group repeats its first row; the extra sums are dropped.
-        let rows: [&[half::bf16]; 4] = std::array::from_fn(|r| {
+        let rows: [&[T]; 4] = std::array::from_fn(|r| {
             let r = 4 * c + if r < v.len() { r } else { 0 };
             &a[r * n..(r + 1) * n]
         });
@@ -506,7 +511,7 @@ pub(crate) unsafe fn dots_bf16_avx512(a: &[half::bf16], x: &[f32], v: &mut [f32]
             // SAFETY: the masks keep every lane below n, inside `x` and each row.
             let xv = unsafe { _mm512_maskz_loadu_ps(k, x.as_ptr().add(i)) };
             for (acc, row) in acc.iter_mut().zip(rows) {
-                *acc = _mm512_fmadd_ps(unsafe { bf16_lanes(row, i, n) }, xv, *acc);
+                *acc = _mm512_fmadd_ps(unsafe { half_lanes(row, i, n) }, xv, *acc);
             }
             i += 16;
         }
@@ -533,12 +538,12 @@ pub(crate) unsafe fn axpys_bf16_avx512(v: &[f32], b: &[half::bf16], y: &mut [f32
             let (mut even, mut odd) = (_mm512_maskz_loadu_ps(k, y.as_ptr().add(i)), _mm512_setzero_ps());
             let mut r = 0;
             while r + 2 <= v.len() {
-                even = _mm512_fmadd_ps(_mm512_set1_ps(v[r]), bf16_lanes(&b[r * n..(r + 1) * n], i, n), even);
-                odd = _mm512_fmadd_ps(_mm512_set1_ps(v[r + 1]), bf16_lanes(&b[(r + 1) * n..(r + 2) * n], i, n), odd);
+                even = _mm512_fmadd_ps(_mm512_set1_ps(v[r]), half_lanes(&b[r * n..(r + 1) * n], i, n), even);
+                odd = _mm512_fmadd_ps(_mm512_set1_ps(v[r + 1]), half_lanes(&b[(r + 1) * n..(r + 2) * n], i, n), odd);
                 r += 2;
             }
             if r < v.len() {
-                even = _mm512_fmadd_ps(_mm512_set1_ps(v[r]), bf16_lanes(&b[r * n..(r + 1) * n], i, n), even);
+                even = _mm512_fmadd_ps(_mm512_set1_ps(v[r]), half_lanes(&b[r * n..(r + 1) * n], i, n), even);
             }
             _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), k, _mm512_add_ps(even, odd));
         }

@@ -1,11 +1,11 @@
-//! A bf16 safetensors checkpoint stays bf16 in memory on the CPU and computes what its values
-//! widened to f32 compute.
+//! A bf16 or f16 safetensors checkpoint stays in its 16 bits in memory on the CPU and computes
+//! what its values widened to f32 compute.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails loudly on a broken fixture
 
 mod common;
 
-use half::bf16;
+use half::{bf16, f16};
 use safetensors::tensor::{Dtype, TensorView};
 use switchyard_backend::engine::cpu::CpuExecutor;
 use switchyard_backend::engine::executor::Executor;
@@ -15,7 +15,25 @@ use switchyard_kernels::quant::Precision;
 
 #[test]
 fn a_bf16_checkpoint_is_kept_in_bf16_and_runs_as_its_values_widened_to_f32() {
-    // The tiny preset written as a bf16 checkpoint (projections, embeddings, norms).
+    let kept = |t: &TensorData| matches!(t, TensorData::Bf16(_));
+    runs_as_its_values_widened_to_f32(Dtype::BF16, |v| bf16::from_f32(v).to_le_bytes(), kept, "bf16");
+}
+
+#[test]
+fn an_f16_checkpoint_is_kept_in_f16_and_runs_as_its_values_widened_to_f32() {
+    let kept = |t: &TensorData| matches!(t, TensorData::F16(_));
+    runs_as_its_values_widened_to_f32(Dtype::F16, |v| f16::from_f32(v).to_le_bytes(), kept, "f16");
+}
+
+/// The tiny preset written as a checkpoint of `dtype` (projections, embeddings, norms; `bytes`
+/// rounds a value to it), loaded (`kept` tells the matrices' form) and run beside the same file
+/// widened to f32 at load.
+fn runs_as_its_values_widened_to_f32(
+    dtype: Dtype,
+    bytes: fn(f32) -> [u8; 2],
+    kept: fn(&TensorData) -> bool,
+    name: &str,
+) {
     let model = synthetic_model("tiny", 5).expect("preset");
     let config = model.config.clone();
     let w = &model.weights;
@@ -35,20 +53,20 @@ fn a_bf16_checkpoint_is_kept_in_bf16_and_runs_as_its_values_widened_to_f32() {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, t)| {
-            let data = t.to_f32().iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
+            let data = t.to_f32().iter().flat_map(|v| bytes(*v)).collect();
             (name.clone(), t.shape.clone(), data)
         })
         .collect();
     let views = bytes
         .iter()
-        .map(|(name, shape, data)| (name.clone(), TensorView::new(Dtype::BF16, shape.clone(), data).expect("sized")));
+        .map(|(name, shape, data)| (name.clone(), TensorView::new(dtype, shape.clone(), data).expect("sized")));
     let dir = tempfile::tempdir().expect("tempdir");
     safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).expect("written");
 
-    let load = || ModelWeights::load(dir.path(), &config).expect("a bf16 checkpoint loads");
+    let load = || ModelWeights::load(dir.path(), &config).expect("the checkpoint loads");
     let weights = load();
-    assert!(matches!(weights.layers[0].proj[0].data, TensorData::Bf16(_)), "projections stay bf16");
-    assert!(matches!(weights.embed_tokens.data, TensorData::Bf16(_)), "embeddings stay bf16");
+    assert!(kept(&weights.layers[0].proj[0].data), "projections stay {name}");
+    assert!(kept(&weights.embed_tokens.data), "embeddings stay {name}");
     assert!(matches!(weights.final_norm.data, TensorData::F32(_)), "vectors are f32");
     assert!(!weights.all_f32());
     // The same checkpoint widened to f32 at load, in the same executor (so the same f16 KV
@@ -57,13 +75,13 @@ fn a_bf16_checkpoint_is_kept_in_bf16_and_runs_as_its_values_widened_to_f32() {
     assert!(wide.all_f32());
     let executor =
         |w| -> Box<dyn Executor> { Box::new(CpuExecutor::new_quantized(&config, w, 16, 16, 1, 8, Precision::Int16)) };
-    let (mut kept, mut widened) = (executor(weights), executor(wide));
-    assert_eq!((kept.dtype(), widened.dtype()), ("bf16", "f32"));
+    let (mut stored, mut widened) = (executor(weights), executor(wide));
+    assert_eq!((stored.dtype(), widened.dtype()), (name, "f32"));
 
     // A prompt long enough for the GEMM path, then greedy decode steps (the few-row path). The
     // same f32 products; only the order of their additions differs.
     let prompt: Vec<u32> = (1..40).collect();
-    let got = common::greedy_run(kept.as_mut(), prompt.clone(), 6);
+    let got = common::greedy_run(stored.as_mut(), prompt.clone(), 6);
     let want = common::greedy_run(widened.as_mut(), prompt, 6);
     common::assert_same_run(&got, &want, 1e-4);
 }
