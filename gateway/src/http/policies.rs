@@ -54,8 +54,9 @@ pub(super) async fn upload(
     let store = store(&gw)?.clone();
     let Query(query) = query.map_err(|e| Error::invalid(format!("invalid query: {e}"), None))?;
     let name = query.name.ok_or_else(|| Error::invalid("`name` (a query parameter) is required", Some("name")))?;
-    // A tenant at its version limit is refused before its upload is read.
-    store.check_quota(caller.name, 0)?;
+    // The upload is read (up to the size limit) before the tenant's quota is checked (in
+    // `PolicyStore::upload`, before anything is compiled): refused before, a client still sending
+    // its component would see the connection closed under it instead of the refusal.
     let bytes = read_body_up_to(store.runtime().limits().max_component_bytes, &headers, body).await?;
     let tenant = caller.name.to_string();
     let version = store.upload(&name, bytes.to_vec(), &tenant).await?;
