@@ -200,6 +200,20 @@ fn wait_for_port(port: u16, what: &str) {
     }
 }
 
+/// Whether the server on `port` is an olah mirror: it names a missing repository in its own
+/// header.
+fn is_olah(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let request = b"GET /api/models/none/none/revision/main HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    let mut response = String::new();
+    if stream.write_all(request).is_err() || stream.read_to_string(&mut response).is_err() {
+        return false;
+    }
+    response.to_ascii_lowercase().contains("x-error-code: reponotfound")
+}
+
 /// A child process killed on drop.
 pub struct Server {
     child: Child,
@@ -334,9 +348,14 @@ impl HfMirror {
     pub fn start() -> Option<HfMirror> {
         let bin = tool("SWITCHYARD_OLAH", "olah-cli")?;
         let dir = tempfile::tempdir().expect("mirror dir");
-        let port = free_port();
-        let config = format!(
-            r#"[basic]
+        std::fs::create_dir_all(dir.path().join("mirrors/models")).expect("mkdir");
+        // A port is free when picked, but another test's server can take it before olah binds
+        // it (olah then exits, and the port answers for someone else): wait for olah itself to
+        // answer, and start again on another port when it does not.
+        for attempt in 1.. {
+            let port = free_port();
+            let config = format!(
+                r#"[basic]
 host = "127.0.0.1"
 port = {port}
 repos-path = "{repos}"
@@ -348,21 +367,28 @@ hf-lfs-netloc = "127.0.0.1:9"
 [accessibility]
 offline = true
 "#,
-            repos = dir.path().join("cache").display(),
-            mirrors = dir.path().join("mirrors").display(),
-        );
-        std::fs::create_dir_all(dir.path().join("mirrors/models")).expect("mkdir");
-        std::fs::write(dir.path().join("olah.toml"), config).expect("config");
-        let child = Command::new(bin)
-            .args(["-c", "olah.toml"])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("olah starts");
-        let server = Server { child };
-        wait_for_port(port, "olah");
-        Some(HfMirror { endpoint: format!("http://127.0.0.1:{port}"), dir, server })
+                repos = dir.path().join("cache").display(),
+                mirrors = dir.path().join("mirrors").display(),
+            );
+            std::fs::write(dir.path().join("olah.toml"), config).expect("config");
+            let child = Command::new(&bin)
+                .args(["-c", "olah.toml"])
+                .current_dir(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("olah starts");
+            let mut server = Server { child };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && server.child.try_wait().ok().flatten().is_none() {
+                if is_olah(port) {
+                    return Some(HfMirror { endpoint: format!("http://127.0.0.1:{port}"), dir, server });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(attempt < 3, "olah did not start answering on a port of its own (three tries)");
+        }
+        unreachable!("the loop returns or fails")
     }
 
     /// Commits `files` to the model repo `org/name` (created on first use), tags the commit if
