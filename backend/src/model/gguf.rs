@@ -358,12 +358,10 @@ impl GgufFile {
         let shape = t.shape();
         let format = match GgmlType::from_id(t.type_id) {
             Some(GgmlType::Bf16) if shape.len() == 2 => {
-                let data = self.map[self.extent(t)?].chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]));
-                return Ok(HostTensor::bf16(shape, data.collect()));
+                return Ok(HostTensor::bf16(shape, self.words(t, bf16::from_le_bytes)?));
             }
             Some(GgmlType::F16) if shape.len() == 2 => {
-                let data = self.map[self.extent(t)?].chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]));
-                return Ok(HostTensor::f16(shape, data.collect()));
+                return Ok(HostTensor::f16(shape, self.words(t, f16::from_le_bytes)?));
             }
             Some(GgmlType::Q8_0) => Format::Q8_0,
             Some(GgmlType::Q4_0) => Format::Q4_0,
@@ -382,6 +380,11 @@ impl GgufFile {
         let matrix = QuantMatrix::from_ggml(format, shape[0], shape[1], &self.map[range])
             .map_err(|e| self.bad(format!("tensor {name}: {e}")))?;
         Ok(HostTensor::quantized(matrix))
+    }
+
+    /// A tensor of 16-bit values as they are stored, each read by `from`.
+    fn words<T>(&self, t: &TensorInfo, from: fn([u8; 2]) -> T) -> Result<Vec<T>, ModelError> {
+        Ok(self.map[self.extent(t)?].chunks_exact(2).map(|b| from([b[0], b[1]])).collect())
     }
 
     /// A tensor dequantized to f32, shaped in PyTorch order.
