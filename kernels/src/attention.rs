@@ -17,6 +17,8 @@ pub trait KvValue: Copy + Default + Send + Sync + 'static {
     fn widen(self) -> f32;
     /// The values themselves where they are f32 already.
     fn as_f32(values: &[Self]) -> Option<&[f32]>;
+    /// The values themselves where they are f16.
+    fn as_f16(values: &[Self]) -> Option<&[half::f16]>;
 }
 
 impl KvValue for f32 {
@@ -29,6 +31,9 @@ impl KvValue for f32 {
     }
     fn as_f32(values: &[f32]) -> Option<&[f32]> {
         Some(values)
+    }
+    fn as_f16(_: &[f32]) -> Option<&[half::f16]> {
+        None
     }
 }
 
@@ -44,6 +49,9 @@ impl KvValue for half::f16 {
     }
     fn as_f32(_: &[half::f16]) -> Option<&[f32]> {
         None
+    }
+    fn as_f16(values: &[half::f16]) -> Option<&[half::f16]> {
+        Some(values)
     }
 }
 
@@ -152,8 +160,10 @@ pub fn paged_attention<T: KvValue>(
     assert!(out.len() >= work.len() * group * hd, "paged_attention: out too short");
     let out = &mut out[..work.len() * group * hd];
     // Item i owns output values i·group·hd .. (i + 1)·group·hd: the row's heads in order,
-    // grouped by KV head. Four items a task amortise the scratch space.
-    crate::team::for_each_piece(out, group * hd, 4, &|item, out_heads| {
+    // grouped by KV head. Up to four items a task amortise claiming one; a decode step's few
+    // items go one a task, so that every thread takes a share.
+    let per_task = (work.len() / (4 * crate::team::threads())).clamp(1, 4);
+    crate::team::for_each_piece(out, group * hd, per_task, &|item, out_heads| {
         let (row, pos, kvh, seq) = work[item];
         let first = sliding_window.map_or(0, |win| (pos + 1).saturating_sub(win));
         SCRATCH.with_borrow_mut(|scratch| {
@@ -213,8 +223,11 @@ fn widened<'a, T: KvValue>(values: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] 
     if let Some(v) = T::as_f32(values) {
         return v;
     }
-    buf.clear();
-    buf.extend(values.iter().map(|v| v.widen()));
+    buf.resize(values.len(), 0.0);
+    match T::as_f16(values) {
+        Some(halves) => crate::ops::widen_half(halves, buf),
+        None => buf.iter_mut().zip(values).for_each(|(b, v)| *b = v.widen()),
+    }
     buf
 }
 

@@ -141,6 +141,18 @@ impl Half for f16 {
     }
 }
 
+/// `out = x`, widened to f32 (over the shorter of the two).
+pub fn widen_half<T: Half>(x: &[T], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx2() {
+        // SAFETY: AVX2 and F16C are present.
+        return unsafe { crate::quant::x86::widen_avx2(x, out) };
+    }
+    for (o, x) in out.iter_mut().zip(x) {
+        *o = x.widen();
+    }
+}
+
 /// `v[r] = a_r · x` for the `v.len()` consecutive rows of `a` (bf16 or f16), each `x.len()`
 /// long: a LoRA shrink or a decode-shaped product, the rows read side by side.
 pub fn dots_half<T: Half>(a: &[T], x: &[f32], v: &mut [f32]) {
@@ -149,6 +161,11 @@ pub fn dots_half<T: Half>(a: &[T], x: &[f32], v: &mut [f32]) {
     if crate::quant::has_avx512() {
         // SAFETY: AVX-512F/BW/VL are present; `a` holds the rows (asserted).
         return unsafe { crate::quant::x86::dots_half_avx512(a, x, v) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx2() {
+        // SAFETY: AVX2, FMA and F16C are present; `a` holds the rows (asserted).
+        return unsafe { crate::quant::x86::dots_half_avx2(a, x, v) };
     }
     // The specification: each value widened exactly to f32.
     for (v, a) in v.iter_mut().zip(a.chunks_exact(x.len().max(1))) {
@@ -164,6 +181,11 @@ pub fn axpys_bf16(v: &[f32], b: &[bf16], y: &mut [f32]) {
     if crate::quant::has_avx512() {
         // SAFETY: AVX-512F/BW/VL are present; `b` holds the rows (asserted).
         return unsafe { crate::quant::x86::axpys_bf16_avx512(v, b, y) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx2() {
+        // SAFETY: AVX2, FMA and F16C are present; `b` holds the rows (asserted).
+        return unsafe { crate::quant::x86::axpys_bf16_avx2(v, b, y) };
     }
     // The specification: each value widened exactly to f32.
     for (&v, b) in v.iter().zip(b.chunks_exact(y.len().max(1))) {
@@ -181,6 +203,11 @@ pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
         // SAFETY: AVX-512F is present; x holds at least y.len() values (asserted).
         return unsafe { crate::quant::x86::axpy_f32_avx512(alpha, x, y) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx2() {
+        // SAFETY: AVX2 and FMA are present; x holds at least y.len() values (asserted).
+        return unsafe { crate::quant::x86::axpy_f32_avx2(alpha, x, y) };
+    }
     for (y, x) in y.iter_mut().zip(x) {
         *y += alpha * x;
     }
@@ -196,6 +223,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: AVX-512F is present; both slices hold at least n values.
         return unsafe { crate::quant::x86::dot_f32_avx512(a, b, n) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx2() {
+        // SAFETY: AVX2 and FMA are present; both slices hold at least n values.
+        return unsafe { crate::quant::x86::dot_f32_avx2(a, b, n) };
+    }
     let (a, b) = (a[..n].chunks_exact(LANES), b[..n].chunks_exact(LANES));
     let tail: f32 = a.remainder().iter().zip(b.remainder()).map(|(x, y)| x * y).sum();
     let mut acc = [0f32; LANES];
@@ -210,6 +242,78 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every x86 vector path of the f32 and 16-bit-float helpers this CPU has, against each
+    /// helper's definition computed in f64, on lengths with and without a partial last vector.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_vector_path_of_the_float_helpers_agrees_with_their_definition() {
+        use crate::quant::x86;
+        use rand::{Rng, SeedableRng};
+        let (avx2, avx512) = (crate::quant::has_avx2(), crate::quant::has_avx512());
+        eprintln!("AVX2: {avx2}, AVX-512: {avx512}");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut values = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect() };
+        let close = |what: &str, n: usize, got: f32, want: f64, size: f64| {
+            assert!((got as f64 - want).abs() <= 1e-5 * size.max(1.0), "{what}, n = {n}: {got} vs {want}");
+        };
+        for n in [0, 1, 7, 8, 9, 16, 23, 64, 100] {
+            let (a, b, y0) = (values(n), values(n), values(n));
+            let want_dot: f64 = a.iter().zip(&b).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let want_axpy: Vec<f64> = y0.iter().zip(&a).map(|(&y, &a)| y as f64 + 0.75 * a as f64).collect();
+            // Three rows of 16-bit floats (a short last group of four), and the weights to sum them.
+            let rows = values(3 * n);
+            let (f16s, bf16s): (Vec<f16>, Vec<bf16>) =
+                rows.iter().map(|&v| (f16::from_f32(v), bf16::from_f32(v))).unzip();
+            let v = values(3);
+            if avx2 {
+                // SAFETY (every call): AVX2, FMA and F16C are present; the slices hold what
+                // each helper reads.
+                close("dot, AVX2", n, unsafe { x86::dot_f32_avx2(&a, &b, n) }, want_dot, n as f64);
+                let mut y = y0.clone();
+                unsafe { x86::axpy_f32_avx2(0.75, &a, &mut y) };
+                for (g, w) in y.iter().zip(&want_axpy) {
+                    close("axpy, AVX2", n, *g, *w, 1.0);
+                }
+                let mut wide = vec![f32::NAN; 3 * n];
+                unsafe { x86::widen_avx2(&f16s, &mut wide) };
+                assert!(wide.iter().zip(&f16s).all(|(w, h)| *w == h.to_f32()), "f16 widening, n = {n}");
+                unsafe { x86::widen_avx2(&bf16s, &mut wide) };
+                assert!(wide.iter().zip(&bf16s).all(|(w, h)| *w == h.to_f32()), "bf16 widening, n = {n}");
+            }
+            for (path, on) in [("AVX2", avx2), ("AVX-512", avx512)] {
+                if !on {
+                    continue;
+                }
+                let (mut dots_f16, mut dots_bf16, mut y) = ([f32::NAN; 3], [f32::NAN; 3], y0.clone());
+                // SAFETY: the path's features are present; the rows hold 3·n values.
+                unsafe {
+                    if path == "AVX2" {
+                        x86::dots_half_avx2(&f16s, &a, &mut dots_f16);
+                        x86::dots_half_avx2(&bf16s, &a, &mut dots_bf16);
+                        x86::axpys_bf16_avx2(&v, &bf16s, &mut y);
+                    } else {
+                        x86::dots_half_avx512(&f16s, &a, &mut dots_f16);
+                        x86::dots_half_avx512(&bf16s, &a, &mut dots_bf16);
+                        x86::axpys_bf16_avx512(&v, &bf16s, &mut y);
+                    }
+                }
+                for r in 0..3 {
+                    let row = r * n..(r + 1) * n;
+                    let want = |row: &[f32]| -> f64 { row.iter().zip(&a).map(|(&w, &x)| w as f64 * x as f64).sum() };
+                    let f16_row: Vec<f32> = f16s[row.clone()].iter().map(|h| h.to_f32()).collect();
+                    let bf16_row: Vec<f32> = bf16s[row].iter().map(|h| h.to_f32()).collect();
+                    close(&format!("dots_half f16, {path}"), n, dots_f16[r], want(&f16_row), n as f64);
+                    close(&format!("dots_half bf16, {path}"), n, dots_bf16[r], want(&bf16_row), n as f64);
+                }
+                for (i, g) in y.iter().enumerate() {
+                    let want =
+                        y0[i] as f64 + (0..3).map(|r| v[r] as f64 * bf16s[r * n + i].to_f32() as f64).sum::<f64>();
+                    close(&format!("axpys_bf16, {path}"), n, *g, want, 3.0);
+                }
+            }
+        }
+    }
 
     #[test]
     fn rms_norm_normalises_then_scales() {

@@ -685,6 +685,14 @@ pub(crate) fn has_avx512() -> bool {
     matches!(Path::detect(), Path::Avx512(_))
 }
 
+/// Whether the AVX2 helpers of the f32 and 16-bit-float operations can run here: AVX2, FMA
+/// and F16C (detected once). Where AVX-512 is present too, its helpers are taken first.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2() -> bool {
+    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2.get_or_init(|| x86::Avx2::detect().is_some())
+}
+
 /// The fastest dot-product path this CPU has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {

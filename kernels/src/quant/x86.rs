@@ -265,6 +265,11 @@ impl Avx2 {
 /// are turned back into signed bytes, and each weight's sign moved onto its activation (its
 /// magnitude reaches 128, so 2 · 128 · 127 fits one `maddubs` lane but not two).
 ///
+/// The loops run weight vector by weight vector, each multiplied into every activation row
+/// before the next is unpacked: a row's integer sum is then one short chain of adds among `R`
+/// independent ones, and the sixteen registers hold the rows' sums instead of a block's eight
+/// unpacked vectors (which left too few for the rows, spilled and serialised).
+///
 /// # Safety
 /// As [`panel512`], with the features [`Avx2::detect`] checks.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -291,21 +296,6 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
             if half == 0 {
                 prefetch(at, block_bytes);
             }
-            let mut w = [_mm256_setzero_si256(); 8];
-            if format.byte_quants() {
-                for (k, w) in w.iter_mut().enumerate() {
-                    let v = unsafe { _mm256_loadu_si256(at.add(64 * k + 32 * half).cast()) };
-                    // The Q5 formats' and Q6_K's quants (at most 63) multiply as unsigned bytes
-                    // as they are.
-                    *w = if K == Q8_0 { _mm256_xor_si256(v, flip) } else { v };
-                }
-            } else {
-                for k in 0..4 {
-                    let v = unsafe { _mm256_loadu_si256(at.add(64 * k + 32 * half).cast()) };
-                    w[k] = _mm256_and_si256(v, low4);
-                    w[4 + k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-                }
-            }
             // The offsets' term `m − o·d`, or for Q6_K the second half's scales.
             let (d, c) = if format.scale_bytes() == 4 {
                 let scales = unsafe { at.add(quant_bytes).cast::<f32>().add(8 * half) };
@@ -320,39 +310,67 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
                 };
                 (d, c)
             };
-            for r in 0..R {
-                let (q, e, sum) =
-                    (xs[r].q, unsafe { *xs[r].d.get_unchecked(b) }, unsafe { *xs[r].sum.get_unchecked(b) });
+            // Row r's block: its integer sum `s · e` (both limbs as one, `LIMB·s + lo`, for F)
+            // scaled by `scale` into `acc[r]`; for Q6_K a half's sum, less 32 times the half's
+            // activations (as in `panel512`).
+            let scaled = |acc: &mut __m256, r: usize, s: __m256i, lo: __m256i, h: usize, scale: __m256| {
+                let e = _mm256_set1_ps(unsafe { *xs[r].d.get_unchecked(b) });
+                let mut s =
+                    if F { _mm256_add_epi32(_mm256_mullo_epi32(s, _mm256_set1_epi32(super::LIMB)), lo) } else { s };
                 if K == Q6_K {
-                    // As in `panel512`: each half's Σ(u − 32)·q, scaled by its own d.
-                    // SAFETY: `check` proved block b's values (low limbs, for F) and its two
-                    // totals are inside the row.
-                    let mut s = unsafe { halves256(&w, q, b * BLOCK) };
-                    if F {
-                        let lo = unsafe { halves256(&w, xs[r].lo, b * BLOCK) };
-                        for (s, lo) in s.iter_mut().zip(lo) {
-                            *s = _mm256_add_epi32(_mm256_mullo_epi32(*s, _mm256_set1_epi32(super::LIMB)), lo);
+                    // SAFETY: `check` proved block b's two totals are inside the row.
+                    s = _mm256_sub_epi32(s, _mm256_set1_epi32(32 * unsafe { *xs[r].halves.get_unchecked(2 * b + h) }));
+                }
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, e), *acc);
+            };
+            // The rows a group at a time, eight (four with low limbs, whose sums double the
+            // registers): row r's running integer sums in `s` (and `lo`) stay in registers.
+            let group = if F { 4 } else { 8 };
+            for g in (0..R).step_by(group) {
+                let rows = g..(g + group).min(R);
+                let (mut s, mut lo) = ([_mm256_setzero_si256(); 8], [_mm256_setzero_si256(); 8]);
+                for k in 0..8 {
+                    // Vector k: weights 4k..4k + 4 of each of the half's rows.
+                    let w = if format.byte_quants() {
+                        unsafe { _mm256_loadu_si256(at.add(64 * k + 32 * half).cast()) }
+                    } else {
+                        let v = unsafe { _mm256_loadu_si256(at.add(64 * (k % 4) + 32 * half).cast()) };
+                        _mm256_and_si256(if k < 4 { v } else { _mm256_srli_epi16(v, 4) }, low4)
+                    };
+                    // The Q5 formats' and Q6_K's quants (at most 63) multiply as unsigned bytes
+                    // as they are; Q8_0's are signed again.
+                    let w = if K == Q8_0 { _mm256_xor_si256(w, flip) } else { w };
+                    let magnitude = _mm256_abs_epi8(w);
+                    for (i, r) in rows.clone().enumerate() {
+                        // SAFETY: `check` proved block b's values (and low limbs, for F) are
+                        // inside the row.
+                        let a = _mm256_set1_epi32(unsafe { four(xs[r].q, b * BLOCK + 4 * k) });
+                        s[i] = step::<K>(s[i], w, magnitude, a);
+                        if F {
+                            let a = _mm256_set1_epi32(unsafe { four(xs[r].lo, b * BLOCK + 4 * k) });
+                            lo[i] = step::<K>(lo[i], w, magnitude, a);
                         }
                     }
-                    let totals = unsafe { xs[r].halves.get_unchecked(2 * b..2 * b + 2) };
-                    for (h, scale) in [d, c].into_iter().enumerate() {
-                        let s = _mm256_sub_epi32(s[h], _mm256_set1_epi32(32 * totals[h]));
-                        acc[r] =
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scale, _mm256_set1_ps(e)), acc[r]);
+                    if K == Q6_K && k == 3 {
+                        // The first half's sums are done: scaled by its own d.
+                        for (i, r) in rows.clone().enumerate() {
+                            scaled(&mut acc[r], r, s[i], lo[i], 0, d);
+                            (s[i], lo[i]) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                        }
                     }
-                    continue;
                 }
-                // SAFETY: `check` proved block b's values (and low limbs, for F) are inside the row.
-                let mut s = unsafe { sum256::<K>(&w, q, b * BLOCK) };
-                if F {
-                    // 254·s as 256·s − 2·s.
-                    let high = _mm256_sub_epi32(_mm256_slli_epi32(s, 8), _mm256_add_epi32(s, s));
-                    s = _mm256_add_epi32(high, unsafe { sum256::<K>(&w, xs[r].lo, b * BLOCK) });
-                }
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(e)), acc[r]);
-                // Q8_0's products were signed already: its offset is accounted for.
-                if K != Q8_0 {
-                    acc[r] = _mm256_fmadd_ps(c, _mm256_set1_ps(sum), acc[r]);
+                for (i, r) in rows.enumerate() {
+                    if K == Q6_K {
+                        scaled(&mut acc[r], r, s[i], lo[i], 1, c);
+                        continue;
+                    }
+                    scaled(&mut acc[r], r, finish::<K>(s[i]), finish::<K>(lo[i]), 0, d);
+                    // Q8_0's products were signed already: its offset is accounted for.
+                    if K != Q8_0 {
+                        // SAFETY: `check` proved block b's total is inside the row.
+                        let sum = unsafe { *xs[r].sum.get_unchecked(b) };
+                        acc[r] = _mm256_fmadd_ps(c, _mm256_set1_ps(sum), acc[r]);
+                    }
                 }
             }
         }
@@ -363,56 +381,28 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
     }
 }
 
-/// As [`sum512`] for eight rows of quants stored a byte each and under 64 (the `Q5` formats'
-/// and `Q6_K`'s, so `maddubs` of two products stays within 16 bits), each half's sum apart.
-///
-/// # Safety
-/// The CPU has AVX2; `q` holds `at + 32` values.
+/// Adds the products of one weight vector `w` (`magnitude`: its absolute values, used for
+/// `Q8_0`) with four activations `a` broadcast to every lane into a row's running sum `s`: in
+/// 16 bits for the 4-bit formats (see [`finish`]), else widened to 32 bits at once (eight
+/// `maddubs` of quants up to 63 would not fit 16 bits).
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn halves256(w: &[__m256i; 8], q: &[i8], at: usize) -> [__m256i; 2] {
-    let ones = _mm256_set1_epi16(1);
-    let mut s = [_mm256_setzero_si256(); 2];
-    for (k, &w) in w.iter().enumerate() {
-        // SAFETY: as the function's.
-        let a = _mm256_set1_epi32(unsafe { four(q, at + 4 * k) });
-        s[k / 4] = _mm256_add_epi32(s[k / 4], _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones));
-    }
-    s
-}
-
-/// As [`sum512`] for eight rows and the whole block (`w` as [`panel256`] unpacks it: signed
-/// for `Q8_0`).
-///
-/// # Safety
-/// The CPU has AVX2; `q` holds `at + 32` values.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn sum256<const K: u8>(w: &[__m256i; 8], q: &[i8], at: usize) -> __m256i {
+fn step<const K: u8>(s: __m256i, w: __m256i, magnitude: __m256i, a: __m256i) -> __m256i {
     let ones = _mm256_set1_epi16(1);
     if K == Q8_0 {
-        let mut s = _mm256_setzero_si256();
-        for (k, &w) in w.iter().enumerate() {
-            // SAFETY: as the function's.
-            let a = _mm256_set1_epi32(unsafe { four(q, at + 4 * k) });
-            let p = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w));
-            s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
-        }
-        s
+        _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(a, w)), ones))
     } else if Format::ALL[K as usize].byte_quants() {
-        // Eight sums of two products of up to 2 · 63 · 127 would not fit 16 bits.
-        // SAFETY: as the function's.
-        let [s0, s1] = unsafe { halves256(w, q, at) };
-        _mm256_add_epi32(s0, s1)
+        _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones))
     } else {
-        let mut p = _mm256_setzero_si256();
-        for (k, &w) in w.iter().enumerate() {
-            // SAFETY: as the function's.
-            let a = _mm256_set1_epi32(unsafe { four(q, at + 4 * k) });
-            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w, a));
-        }
-        _mm256_madd_epi16(p, ones)
+        _mm256_add_epi16(s, _mm256_maddubs_epi16(w, a))
     }
+}
+
+/// A row's sum from [`step`] in 32 bits.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn finish<const K: u8>(s: __m256i) -> __m256i {
+    if Format::ALL[K as usize].byte_quants() { s } else { _mm256_madd_epi16(s, _mm256_set1_epi16(1)) }
 }
 
 /// `a · b` over `n` values, 16 lanes at a time.
@@ -548,6 +538,164 @@ pub(crate) unsafe fn axpys_bf16_avx512(v: &[f32], b: &[half::bf16], y: &mut [f32
             _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), k, _mm512_add_ps(even, odd));
         }
         i += 16;
+    }
+}
+
+/// The sum of a vector's eight lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn sum_lanes256(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// As [`dot_f32_avx512`], eight lanes at a time, the values past the last full eight one by one.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `a` and `b` hold at least `n` values.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dot_f32_avx2(a: &[f32], b: &[f32], n: usize) -> f32 {
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    // SAFETY (loads): every load reads 8 values below n.
+    while i + 16 <= n {
+        acc0 = _mm256_fmadd_ps(
+            unsafe { _mm256_loadu_ps(a.as_ptr().add(i)) },
+            unsafe { _mm256_loadu_ps(b.as_ptr().add(i)) },
+            acc0,
+        );
+        acc1 = _mm256_fmadd_ps(
+            unsafe { _mm256_loadu_ps(a.as_ptr().add(i + 8)) },
+            unsafe { _mm256_loadu_ps(b.as_ptr().add(i + 8)) },
+            acc1,
+        );
+        i += 16;
+    }
+    if i + 8 <= n {
+        acc0 = _mm256_fmadd_ps(
+            unsafe { _mm256_loadu_ps(a.as_ptr().add(i)) },
+            unsafe { _mm256_loadu_ps(b.as_ptr().add(i)) },
+            acc0,
+        );
+        i += 8;
+    }
+    sum_lanes256(_mm256_add_ps(acc0, acc1)) + (i..n).map(|i| a[i] * b[i]).sum::<f32>()
+}
+
+/// As [`axpy_f32_avx512`], eight lanes at a time.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `x` holds at least `y.len()` values.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn axpy_f32_avx2(alpha: f32, x: &[f32], y: &mut [f32]) {
+    let (n, a) = (y.len(), _mm256_set1_ps(alpha));
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: values i..i + 8 are below n, inside both slices.
+        unsafe {
+            let v = _mm256_fmadd_ps(a, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(y.as_ptr().add(i)));
+            _mm256_storeu_ps(y.as_mut_ptr().add(i), v);
+        }
+        i += 8;
+    }
+    for i in i..n {
+        y[i] += alpha * x[i];
+    }
+}
+
+/// 16-bit floats `at..at + 8` of `x` as f32.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C; `x` holds at least `at + 8` values.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn half8<T: crate::ops::Half>(x: &[T], at: usize) -> __m256 {
+    // SAFETY: as the function's; both 16-bit floats are a u16 in memory.
+    let bits = unsafe { _mm_loadu_si128(x.as_ptr().add(at).cast()) };
+    if T::IEEE {
+        _mm256_cvtph_ps(bits)
+    } else {
+        // A bf16 is the upper half of the f32 it stands for.
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16))
+    }
+}
+
+/// `out = x` widened to f32 (`out` as long as `x`), eight values at a time.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C.
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn widen_avx2<T: crate::ops::Half>(x: &[T], out: &mut [f32]) {
+    let n = x.len().min(out.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: values i..i + 8 are below n, inside both slices.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i), half8(x, i)) };
+        i += 8;
+    }
+    for i in i..n {
+        out[i] = x[i].widen();
+    }
+}
+
+/// As [`dots_half_avx512`], eight lanes at a time.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `a` holds `v.len() · x.len()` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dots_half_avx2<T: crate::ops::Half>(a: &[T], x: &[f32], v: &mut [f32]) {
+    let n = x.len();
+    let full = n - n % 8;
+    for (c, v) in v.chunks_mut(4).enumerate() {
+        // A short last group repeats its first row; the extra sums are dropped.
+        let rows: [&[T]; 4] = std::array::from_fn(|r| {
+            let r = 4 * c + if r < v.len() { r } else { 0 };
+            &a[r * n..(r + 1) * n]
+        });
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for i in (0..full).step_by(8) {
+            // SAFETY: values i..i + 8 are below n, inside `x` and each row.
+            let xv = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+            for (acc, row) in acc.iter_mut().zip(rows) {
+                *acc = _mm256_fmadd_ps(unsafe { half8(row, i) }, xv, *acc);
+            }
+        }
+        for ((v, acc), row) in v.iter_mut().zip(acc).zip(rows) {
+            *v = sum_lanes256(acc) + (full..n).map(|i| row[i].widen() * x[i]).sum::<f32>();
+        }
+    }
+}
+
+/// As [`axpys_bf16_avx512`], eight lanes at a time.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `b` holds `v.len() · y.len()` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn axpys_bf16_avx2(v: &[f32], b: &[half::bf16], y: &mut [f32]) {
+    let n = y.len();
+    let full = n - n % 8;
+    for i in (0..full).step_by(8) {
+        // SAFETY: values i..i + 8 are below n, inside `y` and each row of `b`.
+        unsafe {
+            // Two chains of multiply-adds (even and odd rows), held in registers.
+            let (mut even, mut odd) = (_mm256_loadu_ps(y.as_ptr().add(i)), _mm256_setzero_ps());
+            let mut r = 0;
+            while r + 2 <= v.len() {
+                even = _mm256_fmadd_ps(_mm256_set1_ps(v[r]), half8(&b[r * n..(r + 1) * n], i), even);
+                odd = _mm256_fmadd_ps(_mm256_set1_ps(v[r + 1]), half8(&b[(r + 1) * n..(r + 2) * n], i), odd);
+                r += 2;
+            }
+            if r < v.len() {
+                even = _mm256_fmadd_ps(_mm256_set1_ps(v[r]), half8(&b[r * n..(r + 1) * n], i), even);
+            }
+            _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_add_ps(even, odd));
+        }
+    }
+    for (r, &v) in v.iter().enumerate() {
+        for i in full..n {
+            y[i] += v * b[r * n + i].to_f32();
+        }
     }
 }
 
