@@ -748,6 +748,8 @@ impl Path {
         match self {
             #[cfg(target_arch = "x86_64")]
             Path::Avx512(path) => path.quantize_row(x, q, d, sum, halves),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2(path) => path.quantize_row(x, q, d, sum, halves),
             _ => quantize_row(x, q, d, sum, halves),
         }
     }

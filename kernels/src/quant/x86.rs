@@ -65,22 +65,32 @@ impl Avx512 {
     /// [`super::quantize_row`] sixteen values at a time, with the same operations in the same
     /// order on each value, so the same bits for finite input.
     pub(super) fn quantize_row(self, x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], halves: &mut [i32]) {
-        let blocks = x.len() / BLOCK;
-        let limbs = q.len() / x.len().max(1);
-        assert!(
-            x.len().is_multiple_of(BLOCK) && (limbs == 1 || limbs == 2) && q.len() == limbs * x.len(),
-            "quantize: room for {} values, {} given",
-            q.len(),
-            x.len()
-        );
-        assert!(
-            d.len() >= blocks && sum.len() >= blocks && halves.len() >= 2 * blocks,
-            "quantize: room for {} blocks",
-            d.len().min(sum.len()).min(halves.len() / 2)
-        );
-        // SAFETY: `self` proves the features; the asserts prove every block's extent.
-        unsafe { quantize512(x, q, d, sum, halves, limbs == 2) }
+        let two = quantize_extents(x, q, d, sum, halves);
+        // SAFETY: `self` proves the features; `quantize_extents` proved every block's extent.
+        unsafe { quantize512(x, q, d, sum, halves, two) }
     }
+}
+
+/// Checks the extents a SIMD `quantize_row` relies on: `x` whole blocks, `q` one or two limbs of
+/// its values, `d` and `sum` a value per block and `halves` two. Whether there are two limbs.
+///
+/// # Panics
+/// When they do not hold (caller bugs).
+fn quantize_extents(x: &[f32], q: &[i8], d: &[f32], sum: &[f32], halves: &[i32]) -> bool {
+    let blocks = x.len() / BLOCK;
+    let limbs = q.len() / x.len().max(1);
+    assert!(
+        x.len().is_multiple_of(BLOCK) && (limbs == 1 || limbs == 2) && q.len() == limbs * x.len(),
+        "quantize: room for {} values, {} given",
+        q.len(),
+        x.len()
+    );
+    assert!(
+        d.len() >= blocks && sum.len() >= blocks && halves.len() >= 2 * blocks,
+        "quantize: room for {} blocks",
+        d.len().min(sum.len()).min(halves.len() / 2)
+    );
+    limbs == 2
 }
 
 /// [`Avx512::quantize_row`].
@@ -255,6 +265,92 @@ impl Avx2 {
         // SAFETY: `self` exists only where the features were detected; `check` proved the
         // extents every load in `panel256` relies on.
         unsafe { dispatch!(panel256, format, blocks, panel, xs, out) }
+    }
+
+    /// As [`Avx512::quantize_row`], eight values at a time: the same bits as
+    /// [`super::quantize_row`] for finite input.
+    pub(super) fn quantize_row(self, x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], halves: &mut [i32]) {
+        let two = quantize_extents(x, q, d, sum, halves);
+        // SAFETY: `self` proves the features; `quantize_extents` proved every block's extent.
+        unsafe { quantize256(x, q, d, sum, halves, two) }
+    }
+}
+
+/// Each lane clamped to −127..=127.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn clamp127(v: __m256i) -> __m256i {
+    _mm256_min_epi32(_mm256_max_epi32(v, _mm256_set1_epi32(-127)), _mm256_set1_epi32(127))
+}
+
+/// Four vectors of 32-bit quants (each in −127..=127) as 32 bytes in order: the packs work
+/// within 128-bit lanes, leaving the groups of four in the order 0, 2, 4, 6, 1, 3, 5, 7.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn bytes256(v: &[__m256i; 4]) -> __m256i {
+    let packed = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
+/// The sum of a vector's eight 32-bit lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn sum_i32x8(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)))
+}
+
+/// [`Avx2::quantize_row`].
+///
+/// # Safety
+/// The CPU has AVX2; `x` is whole blocks, `q` holds `limbs · x.len()` values (high limbs, then
+/// low), `d` and `sum` a value per block, `halves` two.
+#[target_feature(enable = "avx2")]
+unsafe fn quantize256(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], halves: &mut [i32], two: bool) {
+    let n = x.len();
+    let limb = _mm256_set1_ps(super::LIMB as f32);
+    let sign = _mm256_set1_ps(-0.0);
+    for b in 0..n / BLOCK {
+        let mut v = [_mm256_setzero_ps(); 4];
+        let mut m = _mm256_setzero_ps();
+        for (i, v) in v.iter_mut().enumerate() {
+            // SAFETY: block b's 32 values are inside `x` (the caller's promise).
+            *v = unsafe { _mm256_loadu_ps(x.as_ptr().add(b * BLOCK + 8 * i)) };
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *v));
+        }
+        // (With a NaN in the block the maximum may differ from the scalar one; the quants stay
+        // clamped in range either way.)
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))).max(0.0);
+        let scale = amax / 127.0;
+        let inv = _mm256_set1_ps(if scale.is_normal() { 1.0 / scale } else { 0.0 });
+        // Each value's quants, and its two limbs as one integer (`LIMB·high + low`) for the totals.
+        let (mut high, mut low, mut value) =
+            ([_mm256_setzero_si256(); 4], [_mm256_setzero_si256(); 4], [_mm256_setzero_si256(); 4]);
+        for i in 0..4 {
+            // `cvtps` rounds to nearest, ties to even, as `round` does.
+            let scaled = _mm256_mul_ps(v[i], inv);
+            high[i] = clamp127(_mm256_cvtps_epi32(scaled));
+            value[i] = high[i];
+            if two {
+                let rest = _mm256_mul_ps(_mm256_sub_ps(scaled, _mm256_cvtepi32_ps(high[i])), limb);
+                low[i] = clamp127(_mm256_cvtps_epi32(rest));
+                value[i] = _mm256_add_epi32(_mm256_mullo_epi32(high[i], _mm256_set1_epi32(super::LIMB)), low[i]);
+            }
+        }
+        // SAFETY: block b's quants (and low limbs) are inside `q` (the caller's promise).
+        unsafe {
+            _mm256_storeu_si256(q.as_mut_ptr().add(b * BLOCK).cast(), bytes256(&high));
+            if two {
+                _mm256_storeu_si256(q.as_mut_ptr().add(n + b * BLOCK).cast(), bytes256(&low));
+            }
+        }
+        let totals = [sum_i32x8(_mm256_add_epi32(value[0], value[1])), sum_i32x8(_mm256_add_epi32(value[2], value[3]))];
+        d[b] = if two { scale / super::LIMB as f32 } else { scale };
+        sum[b] = d[b] * (totals[0] + totals[1]) as f32;
+        halves[2 * b..2 * b + 2].copy_from_slice(&totals);
     }
 }
 
