@@ -173,13 +173,16 @@ fn smollm2_quantized_with_16_bit_activations_matches_transformers_on_logits_and_
 
 /// With `--dtype q8` the quantized matrices multiply activations rounded to 8 bits per block of
 /// 32 (to 1/254 of the block's largest magnitude, as llama.cpp does). Over 30 layers that moves
-/// logits by a few percent of their size: measured worst 5.1% (relative to max(1, |logit|)) on
-/// these cases. The tolerance leaves room for other CPUs' summation
-/// order. It is far above the f32 path's 1e-4, so this test checks what the arithmetic can
-/// promise: logits within it, and the reference's greedy first token wherever the reference
-/// leads by more than twice it (below that, as in the chat case where two tokens are 0.08
-/// apart, rounding may pick either).
-const Q8_LOGIT_TOLERANCE: f32 = 0.06;
+/// logits by a few percent of their size, and which few depends on the f32 arithmetic around the
+/// products: a last-bit difference there rounds some activation the other way, and the change
+/// grows through the layers. Measured worst (relative to max(1, |logit|)) on these cases: 5.1% on
+/// an AVX-512 Xeon; on an AVX2 AMD EPYC, 4.3% when the test is built alone and 6.9% in a build of
+/// the whole workspace (the same source; there the 16-bit test's error is 3.8e-4). The
+/// tolerance leaves room above that. It is far above the f32 path's 1e-4, so this test checks
+/// what the arithmetic can promise: logits within it, and the reference's greedy first token
+/// wherever the reference leads by more than twice it (below that, as in the chat case where
+/// two tokens are 0.08 apart, rounding may pick either).
+const Q8_LOGIT_TOLERANCE: f32 = 0.08;
 
 #[test]
 fn smollm2_with_8_bit_activations_stays_within_their_rounding_of_transformers() {
@@ -225,8 +228,8 @@ fn smollm2_with_8_bit_activations_stays_within_their_rounding_of_transformers() 
             }
         }
     }
-    // 4 of the 21 positions lead by more than the bound (the rest are closer races).
-    assert!(decided >= 4, "only {decided} positions had a clear choice to check");
+    // 2 of the 21 positions lead by more than twice the bound (the rest are closer races).
+    assert!(decided >= 2, "only {decided} positions had a clear choice to check");
     eprintln!(
         "SmolLM2 q8: largest top-k logit error {worst:.2e} (relative to max(1, |logit|)), {decided} clear choices kept"
     );
