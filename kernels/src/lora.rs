@@ -14,6 +14,7 @@
 
 use crate::matmul::linear_strided;
 use crate::ops::{axpy, axpys_bf16, dot, dots_half};
+use crate::team::Beside;
 use half::bf16;
 
 /// A run of consecutive batch rows `[start, start + len)` that all use adapter `slot`.
@@ -159,35 +160,113 @@ pub fn bgmv_targets<'a>(
     y: &mut [f32],
     y_stride: usize,
 ) {
-    let rows = row_slots.len();
-    let mut blocks: Vec<(usize, usize)> = targets.iter().map(|t| (t.y_offset, t.y_offset + t.out_dim)).collect();
-    blocks.sort_unstable();
-    let end = blocks.last().map_or(0, |b| b.1);
-    if rows == 0 || end == 0 {
-        return;
+    crate::team::run_beside(&Bgmv::new(x, in_dim, row_slots, targets, mat, y, y_stride));
+}
+
+/// [`bgmv_targets`] as items of work, one per (row, projection) that has an adapter matrix, to
+/// run in a section of its own or beside a projection's product (see [`crate::team::Beside`]).
+/// Holds `y` borrowed mutably for as long as it lives.
+pub struct Bgmv<'s, 'a> {
+    x: &'s [f32],
+    in_dim: usize,
+    /// (row, target, matrix), looked up once.
+    items: Vec<(usize, Target, LoraMat<'a>)>,
+    out: crate::team::Shared<f32>,
+    y_stride: usize,
+    _y: std::marker::PhantomData<&'s mut [f32]>,
+}
+
+impl<'s, 'a> Bgmv<'s, 'a> {
+    /// # Panics
+    /// When the column blocks overlap or leave `y`'s rows, `x` or `y` is too short, or a
+    /// matrix is smaller than its rank and the dimensions say (caller bugs).
+    pub fn new(
+        x: &'s [f32],
+        in_dim: usize,
+        row_slots: &[Option<u32>],
+        targets: &[Target],
+        mat: impl Fn(u32, usize) -> Option<LoraMat<'a>>,
+        y: &'s mut [f32],
+        y_stride: usize,
+    ) -> Self {
+        let rows = row_slots.len();
+        let mut blocks: Vec<(usize, usize)> = targets.iter().map(|t| (t.y_offset, t.y_offset + t.out_dim)).collect();
+        blocks.sort_unstable();
+        let end = blocks.last().map_or(0, |b| b.1);
+        assert!(
+            blocks.windows(2).all(|w| w[0].1 <= w[1].0) && end <= y_stride,
+            "bgmv: column blocks overlap or leave a row of {y_stride}"
+        );
+        assert!(
+            rows == 0 || end == 0 || (y.len() >= (rows - 1) * y_stride + end && x.len() >= rows * in_dim),
+            "bgmv: x or y too short for {rows} rows"
+        );
+        let mut items = Vec::new();
+        for (t, slot) in row_slots.iter().enumerate() {
+            let Some(slot) = *slot else { continue };
+            for (j, &target) in targets.iter().enumerate() {
+                if target.out_dim > 0
+                    && let Some(m) = mat(slot, j)
+                {
+                    items.push((t, target, m));
+                }
+            }
+        }
+        for (_, target, m) in &items {
+            let (a, b) = (m.rank * in_dim, m.rank * target.out_dim);
+            let fits = match m.half {
+                Some(h) => h.a.len() >= a && h.bt.len() >= b,
+                None => m.a.len() >= a && m.bt.unwrap_or(m.b).len() >= b,
+            };
+            assert!(fits, "bgmv: a rank-{} matrix smaller than {in_dim} by {}", m.rank, target.out_dim);
+        }
+        let out = crate::team::Shared::new(y);
+        Bgmv { x, in_dim, items, out, y_stride, _y: std::marker::PhantomData }
     }
-    assert!(
-        blocks.windows(2).all(|w| w[0].1 <= w[1].0) && end <= y_stride,
-        "bgmv: column blocks overlap or leave a row of {y_stride}"
-    );
-    assert!(
-        y.len() >= (rows - 1) * y_stride + end && x.len() >= rows * in_dim,
-        "bgmv: x or y too short for {rows} rows"
-    );
-    let out = crate::team::Shared::new(y);
-    crate::team::for_each(rows * targets.len(), &|task| {
-        let (t, target) = (task / targets.len(), targets[task % targets.len()]);
-        let Some(m) = row_slots[t].and_then(|slot| mat(slot, task % targets.len())) else { return };
-        // SAFETY: row t's block of this target lies inside `y` (asserted above), is disjoint
-        // from every other (row, target)'s (the blocks do not overlap), and only this task
-        // writes it while `y` is borrowed mutably for the whole section.
-        let y = unsafe { std::slice::from_raw_parts_mut(out.at(t * y_stride + target.y_offset), target.out_dim) };
+}
+
+impl std::fmt::Debug for Bgmv<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bgmv").field("in_dim", &self.in_dim).field("items", &self.items.len()).finish_non_exhaustive()
+    }
+}
+
+impl Beside for Bgmv<'_, '_> {
+    fn tasks(&self) -> usize {
+        self.items.len()
+    }
+
+    fn prefetch(&self, i: usize) {
+        let Some(&(_, target, m)) = self.items.get(i) else { return };
+        // Both matrices at once: a row's adapter is a few kilobytes in many short streams
+        // that the hardware prefetcher would meet one at a time.
+        let (a, b) = (m.rank * self.in_dim, m.rank * target.out_dim);
+        match m.half {
+            Some(h) => {
+                crate::ops::prefetch(&h.a[..a]);
+                crate::ops::prefetch(&h.bt[..b]);
+            }
+            None => {
+                crate::ops::prefetch(&m.a[..a]);
+                crate::ops::prefetch(&m.bt.unwrap_or(m.b)[..b]);
+            }
+        }
+    }
+
+    fn run(&self, i: usize) {
+        let Some(&(t, target, m)) = self.items.get(i) else { return };
+        // SAFETY: row t's block of this target lies inside `y` (asserted in `new`), is
+        // disjoint from every other (row, target)'s (the blocks do not overlap, and a row
+        // has each target once), and only this item writes it while `y` is borrowed mutably
+        // for the job's life.
+        let y =
+            unsafe { std::slice::from_raw_parts_mut(self.out.at(t * self.y_stride + target.y_offset), target.out_dim) };
         SHRUNK.with_borrow_mut(|v| {
             v.clear();
             v.resize(m.rank, 0.0);
-            row(m, &x[t * in_dim..(t + 1) * in_dim], v, y);
+            row(m, &self.x[t * self.in_dim..(t + 1) * self.in_dim], v, y);
         });
-    });
+    }
 }
 
 thread_local! {
@@ -199,10 +278,6 @@ thread_local! {
 fn row(m: LoraMat<'_>, x: &[f32], v: &mut [f32], y: &mut [f32]) {
     if let Some(h) = m.half {
         let (a, bt) = (&h.a[..m.rank * x.len()], &h.bt[..m.rank * y.len()]);
-        // Both matrices at once: a row's adapter is a few kilobytes in many short streams
-        // that the hardware prefetcher would meet one at a time.
-        crate::ops::prefetch(a);
-        crate::ops::prefetch(bt);
         dots_half(a, x, v);
         for v in v.iter_mut() {
             *v *= m.scale;

@@ -52,6 +52,27 @@ pub fn for_each(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
     team.run(tasks, f);
 }
 
+/// Independent work that shares a parallel section with another loop (the LoRA of a decode
+/// step beside its projection's panels, [`crate::quant::matmul_beside`]): item `i` is asked for
+/// (`prefetch`) before the loop's share of a task and done (`run`) after it, so that the item's
+/// reads from memory are under way while that share computes, and the two need one section.
+pub trait Beside: Sync {
+    /// How many items there are.
+    fn tasks(&self) -> usize;
+    /// Asks for item `i`'s memory (a hint; the default asks for nothing).
+    fn prefetch(&self, _i: usize) {}
+    /// Does item `i`.
+    fn run(&self, i: usize);
+}
+
+/// Runs `beside`'s items in a section of their own.
+pub fn run_beside(beside: &dyn Beside) {
+    for_each(beside.tasks(), &|i| {
+        beside.prefetch(i);
+        beside.run(i);
+    });
+}
+
 /// Runs `f(i, piece)` for every `len`-long piece `i` of `data` (the last may be shorter),
 /// `per_task` pieces to a task: a parallel loop whose iterations each own a piece of the output.
 pub fn for_each_piece<T: Send>(data: &mut [T], len: usize, per_task: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {

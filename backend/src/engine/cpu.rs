@@ -11,7 +11,8 @@ use half::{bf16, f16};
 use std::sync::Arc;
 use switchyard_kernels::lora::LoraHalf;
 use switchyard_kernels::ops::Half;
-use switchyard_kernels::quant::{self, Precision, Q8Rows, QuantMatrix};
+use switchyard_kernels::quant::{self, Path, Precision, Q8Rows, QuantMatrix};
+use switchyard_kernels::team::{self, Beside};
 use switchyard_kernels::{AttentionSeq, KvLayout, KvValue, LoraMat, attention, lora, matmul, ops};
 
 /// Sizes the thread pool the CPU executor computes on (default: one thread per core). Call it
@@ -107,28 +108,62 @@ impl Linear {
     /// the quantized activations.
     #[allow(clippy::too_many_arguments)]
     fn forward(&self, x: &[f32], m: usize, k: usize, out: usize, y: &mut [f32], y_stride: usize, acts: &mut Acts) {
+        self.forward_beside(x, m, k, out, y, y_stride, acts, None);
+    }
+
+    /// [`Linear::forward`] with `beside`'s items in the product's parallel section (see
+    /// `quant::matmul_beside`), or in one of their own where the product is not quantized.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_beside(
+        &self,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        out: usize,
+        y: &mut [f32],
+        y_stride: usize,
+        acts: &mut Acts,
+        beside: Option<&dyn Beside>,
+    ) {
         // Once for every quantized part.
         if self.holds(|l| matches!(l, Linear::Quant(_))) {
             acts.rows.quantize(x, m, k, acts.precision);
         }
-        self.multiply(x, m, k, out, y, y_stride, &acts.rows);
+        self.multiply(x, m, k, out, y, y_stride, &acts.rows, beside);
     }
 
-    /// [`Linear::forward`] with `x` already quantized into `q` (where any part is quantized).
+    /// [`Linear::forward_beside`] with `x` already quantized into `q` (where any part is
+    /// quantized).
     #[allow(clippy::too_many_arguments)]
-    fn multiply(&self, x: &[f32], m: usize, k: usize, out: usize, y: &mut [f32], y_stride: usize, q: &Q8Rows) {
+    fn multiply(
+        &self,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        out: usize,
+        y: &mut [f32],
+        y_stride: usize,
+        q: &Q8Rows,
+        beside: Option<&dyn Beside>,
+    ) {
         match self {
             Linear::F32(w) => matmul::linear(x, m, k, w, out, y, y_stride, false),
             Linear::Bf16(w) => matmul::linear_half(x, m, k, w, out, y, y_stride),
             Linear::F16(w) => matmul::linear_half(x, m, k, w, out, y, y_stride),
-            Linear::Quant(w) => quant::matmul(w, q, y, y_stride),
+            Linear::Quant(w) => return quant::matmul_beside(Path::detect(), w, q, y, y_stride, beside),
             Linear::Parts(parts) => {
-                let mut col = 0;
+                // The items go beside the first part's product.
+                let (mut col, mut beside) = (0, beside);
                 for (part, rows) in parts {
-                    part.multiply(x, m, k, *rows, &mut y[col..], y_stride, q);
+                    part.multiply(x, m, k, *rows, &mut y[col..], y_stride, q, beside.take());
                     col += rows;
                 }
+                return;
             }
+        }
+        // The dense products have no section to share.
+        if let Some(beside) = beside {
+            team::run_beside(beside);
         }
     }
 
@@ -282,11 +317,18 @@ impl CpuAdapter {
     }
 }
 
-/// Which rows of a batch use which adapter, and scratch space for the rank-sized intermediate.
+/// The longest run of a batch's rows sharing an adapter that LoRA does a row at a time (BGMV:
+/// a decode step's rows, whose adapter is read from memory for the first and from cache for
+/// the rest); a batch with a longer run (a prompt's) multiplies each run as a matrix (SGMV).
+const BGMV_RUN: usize = 8;
+
+/// Which rows of a batch use which adapter, and scratch space: the rank-sized intermediate
+/// (SGMV) and the adapters' part of a projection (BGMV beside it).
 struct LoraRows {
     rows: Vec<Option<u32>>,
     segs: Vec<lora::Segment>,
     shrink: Vec<f32>,
+    delta: Vec<f32>,
 }
 
 /// The CPU implementation of [`Executor`].
@@ -408,23 +450,28 @@ impl CpuExecutor {
         }
     }
 
-    /// `y[:, off..off+out] += LoRA_m(x)` for every `(m, off)` of `modules` (projections of the
-    /// same input, each into its own column block) and every row whose adapter targets `m` in
-    /// `layer`. Prefill-shaped batches (segments longer than one row) use SGMV; decode-shaped
-    /// ones (every segment one row) use BGMV, all modules in one parallel section.
-    fn apply_lora(
+    /// `y[n, out] = x[n, k] · linearᵀ` plus, for every `(m, off)` of `modules` (projections
+    /// of the same input, each into its own column block of `y`) and every row whose adapter
+    /// targets `m` in `layer`, that adapter's product. Decode-shaped batches (no run of rows
+    /// sharing an adapter longer than [`BGMV_RUN`]) do the rows' adapters a row at a time
+    /// (BGMV) beside the projection, in its parallel section, into `lr.delta`, added to `y`
+    /// after; prefill-shaped ones add SGMV's products after the projection.
+    #[allow(clippy::too_many_arguments)]
+    fn project(
         &self,
+        linear: &Linear,
         lr: &mut LoraRows,
         layer: usize,
         modules: &[(Module, usize)],
         x: &[f32],
+        (k, out): (usize, usize),
         y: &mut [f32],
-        y_stride: usize,
+        acts: &mut Acts,
     ) {
+        let n = lr.rows.len();
         if lr.segs.is_empty() {
-            return;
+            return linear.forward(x, n, k, out, y, out, acts);
         }
-        let in_dim = self.config.module_shape(modules[0].0).0;
         let mat = |slot: u32, m: Module| {
             let adapter = self.adapters.get(slot as usize)?.as_ref()?;
             let lm = adapter.weights.layers[layer][m.index()].as_ref()?;
@@ -435,19 +482,24 @@ impl CpuExecutor {
             };
             Some(LoraMat { a: &lm.a, b: &lm.b, bt, half, rank: lm.rank, scale: lm.scale })
         };
-        if lr.segs.iter().all(|s| s.len == 1) {
+        if lr.segs.iter().all(|s| s.len as usize <= BGMV_RUN) {
             let targets: Vec<lora::Target> = modules
                 .iter()
                 .map(|&(m, y_offset)| lora::Target { out_dim: self.config.module_shape(m).1, y_offset })
                 .collect();
-            lora::bgmv_targets(x, in_dim, &lr.rows, &targets, |slot, j| mat(slot, modules[j].0), y, y_stride);
-            return;
+            let delta = &mut lr.delta[..n * out];
+            delta.fill(0.0);
+            let job = lora::Bgmv::new(x, k, &lr.rows, &targets, |slot, j| mat(slot, modules[j].0), delta, out);
+            linear.forward_beside(x, n, k, out, y, out, acts, Some(&job));
+            drop(job);
+            return ops::add_inplace(&mut y[..n * out], &lr.delta[..n * out]);
         }
+        linear.forward(x, n, k, out, y, out, acts);
         for &(m, y_offset) in modules {
             let out_dim = self.config.module_shape(m).1;
             let mat = |slot: u32| mat(slot, m);
-            lora::sgmv_shrink(x, in_dim, &lr.segs, mat, &mut lr.shrink, self.max_rank);
-            lora::sgmv_expand(&lr.shrink, self.max_rank, &lr.segs, mat, out_dim, y, y_stride, y_offset);
+            lora::sgmv_shrink(x, k, &lr.segs, mat, &mut lr.shrink, self.max_rank);
+            lora::sgmv_expand(&lr.shrink, self.max_rank, &lr.segs, mat, out_dim, y, out, y_offset);
         }
     }
 }
@@ -532,8 +584,9 @@ impl CpuExecutor {
         }
         let rows = batch.row_adapters();
         let segs = lora::segments(&rows);
-        let shrink = vec![0f32; if segs.is_empty() { 0 } else { n * self.max_rank }];
-        let mut lr = LoraRows { rows, segs, shrink };
+        let adapted = |width: usize| if segs.is_empty() { 0 } else { n * width };
+        let (shrink, delta) = (vec![0f32; adapted(self.max_rank)], vec![0f32; adapted(qkv_w.max(h).max(2 * inter))]);
+        let mut lr = LoraRows { rows, segs, shrink, delta };
 
         let mut x = vec![0f32; n * h];
         for (row, &id) in x.chunks_exact_mut(h).zip(&batch.tokens) {
@@ -557,10 +610,9 @@ impl CpuExecutor {
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
             ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed);
-            layer.qkv.forward(&normed, n, h, qkv_w, &mut qkv, qkv_w, &mut acts);
-            add_bias(&mut qkv, qkv_w, layer.qkv_bias.as_ref());
             let qkv_modules = [(Module::Q, 0), (Module::K, q_dim), (Module::V, q_dim + kv_dim)];
-            self.apply_lora(&mut lr, li, &qkv_modules, &normed, &mut qkv, qkv_w);
+            self.project(&layer.qkv, &mut lr, li, &qkv_modules, &normed, (h, qkv_w), &mut qkv, &mut acts);
+            add_bias(&mut qkv, qkv_w, layer.qkv_bias.as_ref());
             ops::rope(&mut qkv, qkv_w, 0, c.num_heads, c.head_dim, &batch.positions, rope_freq, rope_scale);
             ops::rope(&mut qkv, qkv_w, q_dim, c.num_kv_heads, c.head_dim, &batch.positions, rope_freq, rope_scale);
             let dims = (q_dim, kv_dim, c.num_heads);
@@ -573,20 +625,27 @@ impl CpuExecutor {
                     attend_cached(layout, &qkv, qkv_w, dims, batch, &attn_seqs, (k, v), scale, window, &mut attn)
                 }
             }
-            layer.o.forward(&attn, n, q_dim, h, &mut proj, h, &mut acts);
+            self.project(&layer.o, &mut lr, li, &[(Module::O, 0)], &attn, (q_dim, h), &mut proj, &mut acts);
             add_bias(&mut proj, h, layer.o_bias.as_ref());
-            self.apply_lora(&mut lr, li, &[(Module::O, 0)], &attn, &mut proj, h);
             ops::add_inplace(&mut x, &proj);
 
             // MLP block.
             ops::rms_norm(&x, &layer.post_norm, c.rms_norm_eps, &mut normed);
-            layer.gate_up.forward(&normed, n, h, 2 * inter, &mut gate_up, 2 * inter, &mut acts);
+            let gate_up_modules = [(Module::Gate, 0), (Module::Up, inter)];
+            self.project(
+                &layer.gate_up,
+                &mut lr,
+                li,
+                &gate_up_modules,
+                &normed,
+                (h, 2 * inter),
+                &mut gate_up,
+                &mut acts,
+            );
             add_bias(&mut gate_up, 2 * inter, layer.gate_up_bias.as_ref());
-            self.apply_lora(&mut lr, li, &[(Module::Gate, 0), (Module::Up, inter)], &normed, &mut gate_up, 2 * inter);
             ops::silu_mul(&gate_up, inter, &mut act);
-            layer.down.forward(&act, n, inter, h, &mut proj, h, &mut acts);
+            self.project(&layer.down, &mut lr, li, &[(Module::Down, 0)], &act, (inter, h), &mut proj, &mut acts);
             add_bias(&mut proj, h, layer.down_bias.as_ref());
-            self.apply_lora(&mut lr, li, &[(Module::Down, 0)], &act, &mut proj, h);
             ops::add_inplace(&mut x, &proj);
         }
 

@@ -788,17 +788,43 @@ pub const TILE: usize = 8;
 /// # Panics
 /// When the shapes do not match (caller bugs).
 pub fn matmul_on(path: Path, w: &QuantMatrix, x: &Q8Rows, y: &mut [f32], y_stride: usize) {
+    matmul_beside(path, w, x, y, y_stride, None);
+}
+
+/// [`matmul_on`] with `beside`'s items in the same parallel section: task `k` asks for item
+/// `k`'s memory, multiplies chunk `k` of the panels, then does item `k`, so the item's reads
+/// are under way while the chunk computes (and the two need one section, not two).
+///
+/// # Panics
+/// When the shapes do not match (caller bugs).
+pub fn matmul_beside(
+    path: Path,
+    w: &QuantMatrix,
+    x: &Q8Rows,
+    y: &mut [f32],
+    y_stride: usize,
+    beside: Option<&dyn crate::team::Beside>,
+) {
     let (m, n) = (x.rows, w.rows);
+    let side = beside.map_or(0, |b| b.tasks());
     if m == 0 || n == 0 {
+        if let Some(b) = beside {
+            crate::team::run_beside(b);
+        }
         return;
     }
     assert!(x.blocks == w.blocks(), "matmul: activations of {} blocks, weights of {}", x.blocks, w.blocks());
     let need = (m - 1).checked_mul(y_stride).and_then(|v| v.checked_add(n));
     assert!(y_stride >= n && need.is_some_and(|need| y.len() >= need), "matmul: y too short");
     // Chunks of panels: enough of them to keep every thread busy, and small enough (with the
-    // tiles of activations) to stay in the core's cache.
+    // tiles of activations) to stay in the core's cache; with items beside, at least one
+    // chunk for each item where there are panels enough.
     let (threads, panels) = (crate::team::threads(), w.panels());
-    let chunk = if m * n * w.cols < 1 << 17 { panels } else { (panels / (4 * threads)).clamp(1, 4) };
+    let chunk = match side {
+        0 if m * n * w.cols < 1 << 17 => panels,
+        0 => (panels / (4 * threads)).clamp(1, 4),
+        _ => (panels / (4 * threads)).clamp(1, 4).min((panels / side).max(1)),
+    };
     let out = crate::team::Shared::new(y);
     let run = |c: usize| {
         let mut values: PanelOut = [[0f32; PANEL]; TILE];
@@ -819,10 +845,20 @@ pub fn matmul_on(path: Path, w: &QuantMatrix, x: &Q8Rows, y: &mut [f32], y_strid
         }
     };
     let chunks = panels.div_ceil(chunk);
-    if chunks == 1 {
-        run(0);
-    } else {
-        crate::team::for_each(chunks, &run);
+    match beside {
+        None if chunks == 1 => run(0),
+        None => crate::team::for_each(chunks, &run),
+        Some(b) => crate::team::for_each(chunks.max(side), &|k| {
+            if k < side {
+                b.prefetch(k);
+            }
+            if k < chunks {
+                run(k);
+            }
+            if k < side {
+                b.run(k);
+            }
+        }),
     }
 }
 
@@ -1019,6 +1055,66 @@ mod tests {
                         (got - exact).abs() <= bound * 1.01 + float,
                         "{precision:?} {format:?} row {r}: {got} vs {exact} (bound {bound})"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn adapters_beside_a_product_leave_it_as_alone_and_each_row_gets_its_own() {
+        use crate::lora::{Bgmv, LoraHalf, LoraMat, Target, bgmv_targets};
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        let cols = 64;
+        // Rank, A and Bᵀ (bf16) per slot and target; slot 2 has no matrix for the second target.
+        let ranks = [4usize, 8, 3];
+        // Fewer panels than items, more, and many (chunks of several panels).
+        for n in [16, 200, 1040] {
+            let targets = [Target { out_dim: n / 4, y_offset: 0 }, Target { out_dim: n - n / 4, y_offset: n / 4 }];
+            let half = |len: usize, rng: &mut ChaCha8Rng| -> Vec<half::bf16> {
+                (0..len).map(|_| half::bf16::from_f32(rng.random_range(-1.0..1.0))).collect()
+            };
+            let mats: Vec<Vec<(Vec<half::bf16>, Vec<half::bf16>)>> = ranks
+                .iter()
+                .map(|&r| targets.iter().map(|t| (half(r * cols, &mut rng), half(r * t.out_dim, &mut rng))).collect())
+                .collect();
+            let mat = |slot: u32, j: usize| {
+                let (a, bt) = &mats[slot as usize][j];
+                (slot != 2 || j == 0).then_some(LoraMat {
+                    a: &[],
+                    b: &[],
+                    bt: None,
+                    half: Some(LoraHalf { a, bt }),
+                    rank: ranks[slot as usize],
+                    scale: 0.5,
+                })
+            };
+            let w = random(Format::Q4_1, n, cols, &mut rng);
+            let slots = [Some(1), None, Some(0), Some(2), Some(1), Some(0), None, Some(2), Some(0)];
+            let m = slots.len();
+            let xs = activations(m * cols, &mut rng);
+            let mut x = Q8Rows::default();
+            x.quantize(&xs, m, cols, Precision::Int16);
+            for path in Path::available() {
+                let mut alone = vec![f32::NAN; m * n];
+                matmul_on(path, &w, &x, &mut alone, n);
+                let mut after = vec![0f32; m * n];
+                bgmv_targets(&xs, cols, &slots, &targets, mat, &mut after, n);
+                let (mut y, mut delta) = (vec![f32::NAN; m * n], vec![0f32; m * n]);
+                let job = Bgmv::new(&xs, cols, &slots, &targets, mat, &mut delta, n);
+                matmul_beside(path, &w, &x, &mut y, n, Some(&job));
+                drop(job);
+                assert_eq!(y, alone, "{path:?} n {n}: the product");
+                assert_eq!(delta, after, "{path:?} n {n}: the adapters");
+                // Rows without an adapter, and slot 2's second block, got nothing.
+                for (t, slot) in slots.iter().enumerate() {
+                    let row = &delta[t * n..(t + 1) * n];
+                    let untouched = match slot {
+                        None => 0..n,
+                        Some(2) => n / 4..n,
+                        Some(_) => 0..0,
+                    };
+                    assert!(row[untouched].iter().all(|&v| v == 0.0), "{path:?} n {n} row {t}");
+                    assert!(slot.is_none() || row[..n / 4].iter().any(|&v| v != 0.0), "{path:?} n {n} row {t}");
                 }
             }
         }
