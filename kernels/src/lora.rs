@@ -270,7 +270,7 @@ impl Beside for Bgmv<'_, '_> {
 }
 
 thread_local! {
-    /// Each thread's rank-sized intermediate for [`bgmv_targets`].
+    /// Each thread's rank-sized intermediate for [`Bgmv`]'s items.
     static SHRUNK: std::cell::RefCell<Vec<f32>> = std::cell::RefCell::default();
 }
 
