@@ -1,9 +1,11 @@
 //! LoRA at decode beside the quantized products it adds to: `cargo bench -p switchyard-kernels
 //! --bench lora [-- --threads N]`. SmolLM2's layers (30 of them, their four products in Q4_1)
 //! multiply 8 activation rows, each row with its own rank-8 bf16 adapter on all seven
-//! projections, read from memory as a decode step reads them. The adapters run in a section of
-//! their own after each product, and beside it in the product's section. Prints each product's
-//! time a pass over the layers and what the adapters add; compare within one run.
+//! projections, read from memory as a decode step reads them: each row's adapter lies in memory
+//! of its own, a layer's matrices one after another (as one loaded adapter's do), so that a
+//! product reads a short stretch of each row's adapter. The adapters run in a section of their
+//! own after each product, and beside it in the product's section. Prints each product's time
+//! a pass over the layers and what the adapters add; compare within one run.
 
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
@@ -24,17 +26,15 @@ fn random(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> QuantMatrix {
     QuantMatrix::from_ggml(Format::Q4_1, rows, cols, &data).unwrap_or_else(|e| panic!("bench matrix: {e}"))
 }
 
-/// An adapter's matrices for one projection: A (`[rank, in]`) and Bᵀ (`[rank, out]`).
-type Pair = (Vec<bf16>, Vec<bf16>);
-
-/// One product of every layer, and each layer's adapters for it: `[layer][row][target]`.
+/// One product of every layer.
 struct Product {
     name: &'static str,
     k: usize,
     n: usize,
     targets: Vec<Target>,
     ws: Vec<QuantMatrix>,
-    adapters: Vec<Vec<Vec<Pair>>>,
+    /// Where its targets' matrices start in an adapter's layer.
+    at: usize,
 }
 
 fn main() {
@@ -47,6 +47,7 @@ fn main() {
     let (layers, rows, rank) = (30, 8, 8);
     let shapes: [(&str, usize, &[usize]); 4] =
         [("q,k,v", 576, &[576, 192, 192]), ("o", 576, &[576]), ("gate,up", 576, &[1536, 1536]), ("down", 1536, &[576])];
+    let mut at = 0;
     let products: Vec<Product> = shapes
         .iter()
         .map(|&(name, k, outs)| {
@@ -59,16 +60,15 @@ fn main() {
                 .collect();
             let n = outs.iter().sum();
             let ws = (0..layers).map(|_| random(n, k, &mut rng)).collect();
-            let mut half = |len: usize| (0..len).map(|_| bf16::from_f32(rng.random_range(-0.1..0.1))).collect();
-            let adapters = (0..layers)
-                .map(|_| {
-                    (0..rows)
-                        .map(|_| targets.iter().map(|t| (half(rank * k), half(rank * t.out_dim))).collect())
-                        .collect()
-                })
-                .collect();
-            Product { name, k, n, targets, ws, adapters }
+            let start = at;
+            at += rank * (k * targets.len() + n);
+            Product { name, k, n, targets, ws, at: start }
         })
+        .collect();
+    // Each row's adapter a layer at a time: A (`[rank, in]`) and Bᵀ (`[rank, out]`) of every
+    // target of every product, one after another.
+    let adapters: Vec<Vec<Vec<bf16>>> = (0..rows)
+        .map(|_| (0..layers).map(|_| (0..at).map(|_| bf16::from_f32(rng.random_range(-0.1..0.1))).collect()).collect())
         .collect();
     let slots: Vec<Option<u32>> = (0..rows as u32).map(Some).collect();
     let path = Path::detect();
@@ -86,9 +86,11 @@ fn main() {
             q.quantize(&x, rows, p.k, precision);
             let (mut y, mut delta) = (vec![0f32; rows * p.n], vec![0f32; rows * p.n]);
             let mut pass = |mode: usize| {
-                for (w, ads) in p.ws.iter().zip(&p.adapters) {
+                for (l, w) in p.ws.iter().enumerate() {
                     let mat = |slot: u32, j: usize| {
-                        let (a, bt) = &ads[slot as usize][j];
+                        let at = p.at + p.targets[..j].iter().map(|t| rank * (p.k + t.out_dim)).sum::<usize>();
+                        let (a, rest) = adapters[slot as usize][l][at..].split_at(rank * p.k);
+                        let bt = &rest[..rank * p.targets[j].out_dim];
                         Some(LoraMat { a: &[], b: &[], bt: None, half: Some(LoraHalf { a, bt }), rank, scale: 0.5 })
                     };
                     delta.fill(0.0);
