@@ -15,20 +15,22 @@
 //!   packed in 12 bytes, `u8 q[128]`; weight `i` of sub-block `j` (32 weights) is
 //!   `d·s_j·nibble − dmin·n_j`, the nibbles of sub-blocks `2c` and `2c + 1` being the low and
 //!   high halves of bytes `32c..32c + 32`. Each sub-block is a `Q4_1` block whose scale `d·s_j`
-//!   and offset `−dmin·n_j` need 17 significant bits: they are kept as f32, which holds them
-//!   exactly;
+//!   and offset `−dmin·n_j` need 17 significant bits: the kernels make them in f32, which holds
+//!   them exactly, from `s_j` and `n_j` (a byte each) and the super-block's `d` and `−dmin`;
 //! - `Q6_K`: super-blocks of 256 weights, `u8 ql[128]` (low four bits), `u8 qh[64]` (high two
 //!   bits), `i8 s[16]`, `f16 d`; weight `t` is `d·s[t / 16]·(q_t − 32)` with the 6-bit `q_t`
 //!   spread over `ql` and `qh` as ggml's `dequantize_row_q6_K` reads them. Each 32 weights are
-//!   a block of 8-bit quants with one scale `d·s` (exact in f32) for each half of 16;
+//!   a block of 8-bit quants with one scale `d·s` (made exactly in f32 from the two) for each
+//!   half of 16;
 //! - `Q5_K`: super-blocks of 256 weights, `f16 d`, `f16 dmin`, the 12 bytes of 6-bit pairs as
 //!   `Q4_K`'s, `u8 qh[32]`, `u8 q[128]`; as `Q4_K` with a fifth bit, bit `j` of `qh[i]` for
-//!   weight `i` of sub-block `j`. Each sub-block is a block of byte quants with `Q4_K`'s exact
-//!   f32 scale and offset.
+//!   weight `i` of sub-block `j`. Each sub-block is a block of byte quants with `Q4_K`'s scale
+//!   and offset.
 //!
 //! The 5-bit formats' quants are stored a byte each (a format that also packed the fifth bits
-//! would unpack them in every kernel): 8.5 bits a weight for `Q5_0`, 9 for `Q5_1` and 10 for
-//! `Q5_K`, against 5.5, 6 and 5.5 in the file. llama.cpp's K-quant files fall back to `Q5_0`
+//! would unpack them in every kernel): 8.5 bits a weight for `Q5_0`, 9 for `Q5_1` and 8.75
+//! for `Q5_K`, against 5.5, 6 and 5.5 in the file (and `Q6_K`'s six bits, 8.625 for 6.5625;
+//! `Q4_K` is 4.75 bits for 4.5). llama.cpp's K-quant files fall back to `Q5_0`
 //! and `Q5_1` for rows that are not a whole number of 256-weight super-blocks.
 //!
 //! # Layout in memory
@@ -43,9 +45,14 @@
 //!   formats, `Q6_K`), vector `k` (of 8) holds weights `4k..4k + 4`; for the 4-bit ones, vector
 //!   `k` (of 4) holds weights `4k..4k + 4` in its low nibbles and `16 + 4k..16 + 4k + 4` in its
 //!   high ones;
-//! - the 16 rows' scales `d` (f16; f32 for the K formats);
-//! - for `Q4_1`, `Q5_1`, `Q4_K` and `Q5_K`, the 16 rows' offsets `m` (f16; f32 for the K
-//!   formats); for `Q6_K`, the 16 rows' scales of the block's second half.
+//! - the 16 rows' scales `d` (f16; for the K formats the 8-bit integer `s_j` or `s[t / 16]`);
+//! - for `Q4_1`, `Q5_1`, `Q4_K` and `Q5_K`, the 16 rows' offsets `m` (f16; for the K formats
+//!   the 8-bit `n_j`); for `Q6_K`, the 16 rows' scales of the block's second half (8-bit).
+//!
+//! After its blocks, a K format's panel holds each super-block's f32 scales ([`SUPER`] blocks
+//! each): the 16 rows' `d`, and for `Q4_K` and `Q5_K` their `−dmin`. A kernel multiplies a
+//! block's integers by them (products exact in f32): the K formats keep the file's 6- or
+//! 8-bit scales at a byte each, not the products at four.
 //!
 //! So weight `i` of a row's block is `d·(u_i − o) + m`, with the format's offset `o` (128 for
 //! `Q8_0`, 8 for `Q4_0`, 16 for `Q5_0`, 32 for `Q6_K`, else 0) and `m = 0` for the formats
@@ -86,6 +93,8 @@ use std::sync::{Mutex, PoisonError};
 pub const BLOCK: usize = 32;
 /// Weight rows interleaved in one panel: one per 32-bit lane of a 64-byte vector.
 pub const PANEL: usize = 16;
+/// Blocks of [`BLOCK`] in a K format's super-block.
+pub(crate) const SUPER: usize = 8;
 
 /// A block format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,9 +168,16 @@ impl Format {
         matches!(self, Format::Q6_K)
     }
 
-    /// Bytes of one scale or offset: f16, or f32 for the K formats' products of two.
+    /// Whether the format has super-blocks of [`SUPER`] blocks whose scales (f32) multiply a
+    /// small integer scale (and offset) of each block: the K formats.
+    pub(crate) const fn is_k(self) -> bool {
+        matches!(self, Format::Q4_K | Format::Q5_K | Format::Q6_K)
+    }
+
+    /// Bytes of one scale or offset in a panel's block: f16, or for the K formats the 8-bit
+    /// integer that multiplies its super-block's scale.
     const fn scale_bytes(self) -> usize {
-        if matches!(self, Format::Q4_K | Format::Q5_K | Format::Q6_K) { 4 } else { 2 }
+        if self.is_k() { 1 } else { 2 }
     }
 
     /// Bytes of a panel's block: the quants, 16 scales, and 16 offsets or second-half scales
@@ -169,6 +185,22 @@ impl Format {
     const fn block_bytes(self) -> usize {
         let per_row = if self.has_offsets() || self.has_half_scales() { 2 } else { 1 };
         self.quant_bytes() + PANEL * self.scale_bytes() * per_row
+    }
+
+    /// Bytes of a panel's super-block scales (K formats): 16 f32 `d`, and with offsets 16 f32
+    /// `−dmin`.
+    const fn super_bytes(self) -> usize {
+        match self {
+            Format::Q4_K | Format::Q5_K => 2 * 4 * PANEL,
+            Format::Q6_K => 4 * PANEL,
+            _ => 0,
+        }
+    }
+
+    /// Bytes of a panel of `blocks` blocks: the blocks, then (K formats) the super-blocks'
+    /// scales.
+    pub(crate) const fn panel_bytes(self, blocks: usize) -> usize {
+        blocks * self.block_bytes() + blocks / SUPER * self.super_bytes()
     }
 
     /// What the unsigned quants carry over the signed value they stand for.
@@ -211,6 +243,18 @@ struct Block {
     d: f32,
     m: f32,
     d_hi: f32,
+    /// K formats: the super-block's scale and `−dmin` (f16 values), and the block's integer
+    /// scale and offset (`Q6_K`: its halves' scales), whose products are `d`, `m` (`d_hi`).
+    k: KScales,
+}
+
+/// A K-format block's scales as stored: `d = sd·s`, `m = sm·n` (`Q6_K`: `d_hi = sd·n`).
+#[derive(Debug, Clone, Copy, Default)]
+struct KScales {
+    sd: f32,
+    sm: f32,
+    s: i8,
+    n: i8,
 }
 
 /// The f16 at `src[i..i + 2]`, as f32.
@@ -263,8 +307,9 @@ impl Block {
                     ((packed[j + 4] & 15) | ((packed[j - 4] >> 6) << 4), (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4))
                 };
                 // Products of an f16 and a 6-bit integer: exact in f32.
+                block.k = KScales { sd: block.d, sm: -f16_at(src, 2), s: s as i8, n: n as i8 };
                 block.d *= f32::from(s);
-                block.m = -(f16_at(src, 2) * f32::from(n));
+                block.m = block.k.sm * f32::from(n);
                 // Q5_K: weight i's fifth bit is bit j of qh[i], and the nibbles follow qh.
                 let at = if format == Format::Q5_K { 48 } else { 16 } + 32 * (j / 2);
                 for (i, (u, &q)) in block.u.iter_mut().zip(&src[at..at + 32]).enumerate() {
@@ -286,8 +331,10 @@ impl Block {
                 }
                 // Products of an f16 and an 8-bit integer: exact in f32.
                 let d = f16_at(src, 208);
-                block.d = d * f32::from(src[192 + 2 * j] as i8);
-                block.d_hi = d * f32::from(src[192 + 2 * j + 1] as i8);
+                let (s, n) = (src[192 + 2 * j] as i8, src[192 + 2 * j + 1] as i8);
+                block.k = KScales { sd: d, sm: 0.0, s, n };
+                block.d = d * f32::from(s);
+                block.d_hi = d * f32::from(n);
                 return block;
             }
         }
@@ -326,10 +373,20 @@ impl QuantMatrix {
         let mut out = QuantMatrix { format, rows, cols, data: Vec::new() };
         let panel_bytes = out.panel_bytes();
         out.data = vec![0u8; out.panels() * panel_bytes];
+        let blocks_bytes = out.blocks() * format.block_bytes();
         out.data.par_chunks_mut(panel_bytes.max(1)).enumerate().for_each(|(p, panel)| {
+            let (blocks, supers) = panel.split_at_mut(blocks_bytes);
             for lane in 0..PANEL.min(rows - p * PANEL) {
-                for (b, dst) in panel.chunks_exact_mut(format.block_bytes()).enumerate() {
-                    put(format, dst, lane, &block(p * PANEL + lane, b));
+                for (b, dst) in blocks.chunks_exact_mut(format.block_bytes()).enumerate() {
+                    let block = block(p * PANEL + lane, b);
+                    put(format, dst, lane, &block);
+                    if format.is_k() && b.is_multiple_of(SUPER) {
+                        let at = b / SUPER * format.super_bytes() + 4 * lane;
+                        supers[at..at + 4].copy_from_slice(&block.k.sd.to_le_bytes());
+                        if format.has_offsets() {
+                            supers[at + 4 * PANEL..at + 4 * PANEL + 4].copy_from_slice(&block.k.sm.to_le_bytes());
+                        }
+                    }
                 }
             }
         });
@@ -389,7 +446,7 @@ impl QuantMatrix {
     }
 
     fn panel_bytes(&self) -> usize {
-        self.blocks() * self.format.block_bytes()
+        self.format.panel_bytes(self.blocks())
     }
 
     /// Panel `p`'s bytes.
@@ -417,15 +474,29 @@ impl QuantMatrix {
             }
         }
         let (scales, width) = (format.quant_bytes(), format.scale_bytes());
-        let value = |i: usize| {
-            if width == 4 { f32::from_le_bytes([src[i], src[i + 1], src[i + 2], src[i + 3]]) } else { f16_at(src, i) }
-        };
-        block.d = value(scales + width * lane);
+        if format.is_k() {
+            // The super-block's scales after the blocks, then the products (exact in f32).
+            let supers = &self.panel(r / PANEL)[self.blocks() * format.block_bytes()..];
+            let at = b / SUPER * format.super_bytes() + 4 * lane;
+            let f32_at = |i: usize| f32::from_le_bytes([supers[i], supers[i + 1], supers[i + 2], supers[i + 3]]);
+            let sm = if format.has_offsets() { f32_at(at + 4 * PANEL) } else { 0.0 };
+            let k = KScales { sd: f32_at(at), sm, s: src[scales + lane] as i8, n: src[scales + PANEL + lane] as i8 };
+            block.d = k.sd * f32::from(k.s);
+            if format.has_offsets() {
+                block.m = k.sm * f32::from(k.n);
+                block.d_hi = block.d;
+            } else {
+                block.d_hi = k.sd * f32::from(k.n);
+            }
+            block.k = k;
+            return block;
+        }
+        block.d = f16_at(src, scales + width * lane);
         block.d_hi = block.d;
         if format.has_offsets() {
-            block.m = value(scales + width * (PANEL + lane));
+            block.m = f16_at(src, scales + width * (PANEL + lane));
         } else if format.has_half_scales() {
-            block.d_hi = value(scales + width * (PANEL + lane));
+            block.d_hi = f16_at(src, scales + width * (PANEL + lane));
         }
         block
     }
@@ -467,14 +538,14 @@ fn put(format: Format, dst: &mut [u8], lane: usize, block: &Block) {
         }
     }
     let (scales, width) = (format.quant_bytes(), format.scale_bytes());
-    // The values came from f16 where the format stores f16: converting back is exact.
-    let mut store = |at: usize, v: f32| {
-        if width == 4 {
-            dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
-        } else {
-            dst[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
-        }
-    };
+    if format.is_k() {
+        // The integers; the super-block's scales go after the panel's blocks (`from_blocks`).
+        dst[scales + lane] = block.k.s as u8;
+        dst[scales + PANEL + lane] = block.k.n as u8;
+        return;
+    }
+    // The values came from f16: converting back is exact.
+    let mut store = |at: usize, v: f32| dst[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
     store(scales + width * lane, block.d);
     if format.has_offsets() {
         store(scales + width * (PANEL + lane), block.m);
@@ -1005,14 +1076,15 @@ mod tests {
             let ggml = random_ggml(format, rows, cols, &mut rng);
             let w = QuantMatrix::from_ggml(format, rows, cols, &ggml).expect("sized right");
             // The same bits per weight as the file, plus the padding rows, but where quants are
-            // kept a byte each (Q6_K, the Q5 formats) and scales in f32 (the K formats): Q4_K
-            // from 4.5 bits to 6, Q6_K from 6.5625 to 10, Q5_0 from 5.5 to 8.5, Q5_1 from 6 to
-            // 9, Q5_K from 5.5 to 10.
+            // kept a byte each (Q6_K, the Q5 formats) and the K formats' 6-bit scales a byte
+            // each with f32 super-block scales: Q4_K from 4.5 bits to 4.75, Q6_K from 6.5625 to
+            // 8.625, Q5_0 from 5.5 to 8.5, Q5_1 from 6 to 9, Q5_K from 5.5 to 8.75.
             let bits = w.size_bytes() as f64 * 8.0 / (32 * cols) as f64;
             let file = (8 * format.ggml_block_bytes()) as f64 / format.ggml_block_weights() as f64;
             let kept = match format {
-                Format::Q4_K => 6.0,
-                Format::Q6_K | Format::Q5_K => 10.0,
+                Format::Q4_K => 4.75,
+                Format::Q6_K => 8.625,
+                Format::Q5_K => 8.75,
                 Format::Q5_0 => 8.5,
                 Format::Q5_1 => 9.0,
                 _ => file,

@@ -8,7 +8,7 @@
 //! rest is `core::arch` intrinsics.
 
 use super::simd::{Q6_K, Q8_0, check, dispatch};
-use super::{BLOCK, Format, PANEL, PanelOut, Q8Row};
+use super::{BLOCK, Format, PANEL, PanelOut, Q8Row, SUPER};
 use std::arch::aarch64::*;
 use std::arch::{asm, is_aarch64_feature_detected};
 
@@ -55,7 +55,7 @@ unsafe fn panel_neon<const R: usize, const K: u8, const F: bool>(
     let format = Format::ALL[K as usize];
     // Callers pass exactly R rows (`panel` matches on the count).
     let Ok(xs) = <&[Q8Row<'_>; R]>::try_from(xs) else { return };
-    let (quant_bytes, block_bytes) = (format.quant_bytes(), format.block_bytes());
+    let (quant_bytes, block_bytes, super_bytes) = (format.quant_bytes(), format.block_bytes(), format.super_bytes());
     let (low4, flip) = (vdupq_n_u8(0x0F), vdupq_n_u8(0x80));
     let offset = vdupq_n_f32(-format.offset());
     for g in 0..PANEL / 4 {
@@ -80,9 +80,15 @@ unsafe fn panel_neon<const R: usize, const K: u8, const F: bool>(
                 }
             }
             // The offsets' term `m − o·d`, or for Q6_K the second half's scales.
-            let (d, c) = if format.scale_bytes() == 4 {
-                let scales = unsafe { at.add(quant_bytes + 16 * g) };
-                unsafe { (f32x4(scales), f32x4(scales.add(4 * PANEL))) }
+            let (d, c) = if format.is_k() {
+                // The block's 8-bit integers times its super-block's f32 scales (exact).
+                // SAFETY: the super-blocks' scales follow the panel's blocks (`check`).
+                let (s, n) =
+                    unsafe { (ints4(at.add(quant_bytes + 4 * g)), ints4(at.add(quant_bytes + PANEL + 4 * g))) };
+                let sup = unsafe { panel.as_ptr().add(blocks * block_bytes + b / SUPER * super_bytes + 16 * g) };
+                let sd = unsafe { f32x4(sup) };
+                let second = if format.has_offsets() { unsafe { f32x4(sup.add(4 * PANEL)) } } else { sd };
+                (vmulq_f32(sd, s), vmulq_f32(second, n))
             } else {
                 let scales = unsafe { at.add(quant_bytes + 8 * g) };
                 let d = unsafe { f16x4(scales) };
@@ -134,6 +140,18 @@ unsafe fn panel_neon<const R: usize, const K: u8, const F: bool>(
 unsafe fn f16x4(at: *const u8) -> float32x4_t {
     // SAFETY: as the function's.
     vcvt_f32_f16(vreinterpret_f16_u8(unsafe { vld1_u8(at) }))
+}
+
+/// Four signed bytes from `at`, as f32.
+///
+/// # Safety
+/// `at` points at 4 readable bytes.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn ints4(at: *const u8) -> float32x4_t {
+    // SAFETY: as the function's.
+    let four = unsafe { at.cast::<u32>().read_unaligned() };
+    vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vcreate_s8(u64::from(four))))))
 }
 
 /// Four f32 values from `at` (any alignment).

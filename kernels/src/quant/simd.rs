@@ -73,7 +73,7 @@ pub(super) use dispatch;
 /// Checks what every path's loads rely on: `panel` is `blocks` blocks of `format`, and each
 /// activation row has `blocks` blocks, with low limbs for all of them or none.
 pub(super) fn check(format: Format, blocks: usize, panel: &[u8], xs: &[Q8Row<'_>]) {
-    assert!(panel.len() == blocks * format.block_bytes(), "dot: the panel is not {blocks} blocks");
+    assert!(panel.len() == format.panel_bytes(blocks), "dot: the panel is not {blocks} blocks");
     assert!(xs.len() <= TILE, "dot: tile too large");
     let limbs = xs.first().is_some_and(|x| !x.lo.is_empty());
     for x in xs {

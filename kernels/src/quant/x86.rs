@@ -4,7 +4,7 @@
 //! four activations broadcast to every lane.
 
 use super::simd::{Q6_K, Q8_0, check, dispatch};
-use super::{BLOCK, Format, PANEL, PanelOut, Q8Row};
+use super::{BLOCK, Format, PANEL, PanelOut, Q8Row, SUPER};
 use std::arch::x86_64::*;
 
 /// Asks for the block [`PREFETCH`] blocks past the one at `at` (blocks of `block_bytes`) to be
@@ -138,6 +138,26 @@ unsafe fn quantize512(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], h
     }
 }
 
+/// Sixteen signed bytes at `at`, as f32.
+///
+/// # Safety
+/// The CPU has AVX-512F; 16 bytes at `at` are readable.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn ints512(at: *const u8) -> __m512 {
+    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(at.cast()) }))
+}
+
+/// Eight signed bytes at `at`, as f32.
+///
+/// # Safety
+/// The CPU has AVX2; 8 bytes at `at` are readable.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn ints256(at: *const u8) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(at.cast()) }))
+}
+
 /// [`Avx512::panel`] for `R` activation rows of format `K`.
 ///
 /// Per block, the quants become eight vectors (a 4-bit vector's low and high nibbles, or
@@ -159,7 +179,7 @@ unsafe fn panel512<const R: usize, const K: u8, const F: bool>(
     let format = Format::ALL[K as usize];
     // Callers pass exactly R rows (`panel` matches on the count).
     let Ok(xs) = <&[Q8Row<'_>; R]>::try_from(xs) else { return };
-    let (quant_bytes, block_bytes) = (format.quant_bytes(), format.block_bytes());
+    let (quant_bytes, block_bytes, super_bytes) = (format.quant_bytes(), format.block_bytes(), format.super_bytes());
     let low4 = _mm512_set1_epi8(0x0F);
     let offset = _mm512_set1_ps(-format.offset());
     let mut acc = [_mm512_setzero_ps(); R];
@@ -183,9 +203,14 @@ unsafe fn panel512<const R: usize, const K: u8, const F: bool>(
             }
         }
         // The offsets' term `m − o·d`, or for Q6_K the second half's scales.
-        let (d, c) = if format.scale_bytes() == 4 {
-            let scales = unsafe { at.add(quant_bytes).cast::<f32>() };
-            unsafe { (_mm512_loadu_ps(scales), _mm512_loadu_ps(scales.add(PANEL))) }
+        let (d, c) = if format.is_k() {
+            // The block's 8-bit integers times its super-block's f32 scales (exact products).
+            // SAFETY: the super-blocks' scales follow the panel's blocks (`check`).
+            let (s, n) = unsafe { (ints512(at.add(quant_bytes)), ints512(at.add(quant_bytes + PANEL))) };
+            let sup = unsafe { panel.as_ptr().add(blocks * block_bytes + b / SUPER * super_bytes).cast::<f32>() };
+            let sd = unsafe { _mm512_loadu_ps(sup) };
+            let second = if format.has_offsets() { unsafe { _mm512_loadu_ps(sup.add(PANEL)) } } else { sd };
+            (_mm512_mul_ps(sd, s), _mm512_mul_ps(second, n))
         } else {
             let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(at.add(quant_bytes).cast()) });
             let c = if format.has_offsets() {
@@ -378,7 +403,7 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
     let format = Format::ALL[K as usize];
     // Callers pass exactly R rows (`panel` matches on the count).
     let Ok(xs) = <&[Q8Row<'_>; R]>::try_from(xs) else { return };
-    let (quant_bytes, block_bytes) = (format.quant_bytes(), format.block_bytes());
+    let (quant_bytes, block_bytes, super_bytes) = (format.quant_bytes(), format.block_bytes(), format.super_bytes());
     let low4 = _mm256_set1_epi8(0x0F);
     let flip = _mm256_set1_epi8(-128);
     let offset = _mm256_set1_ps(-format.offset());
@@ -393,9 +418,18 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
                 prefetch(at, block_bytes);
             }
             // The offsets' term `m − o·d`, or for Q6_K the second half's scales.
-            let (d, c) = if format.scale_bytes() == 4 {
-                let scales = unsafe { at.add(quant_bytes).cast::<f32>().add(8 * half) };
-                unsafe { (_mm256_loadu_ps(scales), _mm256_loadu_ps(scales.add(PANEL))) }
+            let (d, c) = if format.is_k() {
+                // As in `panel512`, for this half's eight rows.
+                // SAFETY: the super-blocks' scales follow the panel's blocks (`check`).
+                let (s, n) = unsafe {
+                    (ints256(at.add(quant_bytes + 8 * half)), ints256(at.add(quant_bytes + PANEL + 8 * half)))
+                };
+                let sup = unsafe {
+                    panel.as_ptr().add(blocks * block_bytes + b / SUPER * super_bytes).cast::<f32>().add(8 * half)
+                };
+                let sd = unsafe { _mm256_loadu_ps(sup) };
+                let second = if format.has_offsets() { unsafe { _mm256_loadu_ps(sup.add(PANEL)) } } else { sd };
+                (_mm256_mul_ps(sd, s), _mm256_mul_ps(second, n))
             } else {
                 let scales = unsafe { at.add(quant_bytes + 16 * half) };
                 let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(scales.cast()) });
