@@ -458,8 +458,8 @@ impl QuantMatrix {
     /// Block `b` of row `r`, unpacked.
     fn block(&self, r: usize, b: usize) -> Block {
         let format = self.format;
-        let at = b * format.block_bytes();
-        let src = &self.panel(r / PANEL)[at..at + format.block_bytes()];
+        let (panel, at) = (self.panel(r / PANEL), b * format.block_bytes());
+        let src = &panel[at..at + format.block_bytes()];
         let lane = r % PANEL;
         let mut block = Block::default();
         for k in 0..format.quant_bytes() / 64 {
@@ -476,7 +476,7 @@ impl QuantMatrix {
         let (scales, width) = (format.quant_bytes(), format.scale_bytes());
         if format.is_k() {
             // The super-block's scales after the blocks, then the products (exact in f32).
-            let supers = &self.panel(r / PANEL)[self.blocks() * format.block_bytes()..];
+            let supers = &panel[self.blocks() * format.block_bytes()..];
             let at = b / SUPER * format.super_bytes() + 4 * lane;
             let f32_at = |i: usize| f32::from_le_bytes([supers[i], supers[i + 1], supers[i + 2], supers[i + 3]]);
             let sm = if format.has_offsets() { f32_at(at + 4 * PANEL) } else { 0.0 };
