@@ -372,7 +372,7 @@ impl QuantMatrix {
     ) -> QuantMatrix {
         let mut out = QuantMatrix { format, rows, cols, data: Vec::new() };
         let panel_bytes = out.panel_bytes();
-        out.data = vec![0u8; out.panels() * panel_bytes];
+        out.data = weight_buffer(out.panels() * panel_bytes);
         let blocks_bytes = out.blocks() * format.block_bytes();
         out.data.par_chunks_mut(panel_bytes.max(1)).enumerate().for_each(|(p, panel)| {
             let (blocks, supers) = panel.split_at_mut(blocks_bytes);
@@ -846,6 +846,29 @@ impl Path {
             Path::Neon(path) => path.panel(w.format, w.blocks(), w.panel(p), xs, out),
         }
     }
+}
+
+/// `len` zeroed bytes for a matrix's weights, their whole 2 MiB pages backed by huge pages
+/// where the kernel has them to give (Linux's transparent huge pages, in `madvise` mode on most
+/// distributions). Decode streams every weight once a step: with 4 KiB pages that is a TLB miss
+/// every 4 KiB, with 2 MiB ones almost none (a 1B Q4_K_M model's decode on a 2-core Zen 4: about
+/// 3% more tokens a second; smaller matrices than 2 MiB get none).
+fn weight_buffer(len: usize) -> Vec<u8> {
+    // A large zeroed allocation is fresh mapped memory, untouched until the repacking writes
+    // it, so the advice comes before any page exists.
+    let buffer = vec![0u8; len];
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = buffer.as_ptr() as usize;
+        let (first, end) = (start.next_multiple_of(HUGE), (start + len) & !(HUGE - 1));
+        if end > first {
+            // SAFETY: the range lies inside `buffer`'s allocation, and MADV_HUGEPAGE changes
+            // how its pages are backed, never what they hold. A refusal (no THP) changes nothing.
+            unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
+        }
+    }
+    buffer
 }
 
 /// Activation rows a panel is unpacked for at once.
