@@ -849,13 +849,14 @@ impl Path {
 }
 
 /// `len` zeroed bytes for a matrix's weights, their whole 2 MiB pages backed by huge pages
-/// where the kernel has them to give (Linux's transparent huge pages, in `madvise` mode on most
+/// where Linux has them to give (Linux's transparent huge pages, in `madvise` mode on most
 /// distributions). Decode streams every weight once a step: with 4 KiB pages that is a TLB miss
 /// every 4 KiB, with 2 MiB ones almost none (a 1B Q4_K_M model's decode on a 2-core Zen 4: about
 /// 3% more tokens a second; smaller matrices than 2 MiB get none).
 fn weight_buffer(len: usize) -> Vec<u8> {
-    // A large zeroed allocation is fresh mapped memory, untouched until the repacking writes
-    // it, so the advice comes before any page exists.
+    // A zeroed allocation this large is fresh mapped memory as a rule, untouched until the
+    // repacking writes it, so the advice comes before its pages exist; where the allocator
+    // reuses memory already touched, the kernel's khugepaged may still collapse it later.
     let buffer = vec![0u8; len];
     #[cfg(target_os = "linux")]
     {
