@@ -257,15 +257,18 @@ mod tests {
         let close = |what: &str, n: usize, got: f32, want: f64, size: f64| {
             assert!((got as f64 - want).abs() <= 1e-5 * size.max(1.0), "{what}, n = {n}: {got} vs {want}");
         };
-        for n in [0, 1, 7, 8, 9, 16, 23, 64, 100] {
+        // Rows of 16-bit floats: one pass of eight and a short one; lengths about whole and partial
+        // steps of 32 and vectors of 16 and 8.
+        const ROWS: usize = 11;
+        for n in [0, 1, 7, 8, 9, 16, 23, 32, 48, 64, 100, 200] {
             let (a, b, y0) = (values(n), values(n), values(n));
             let want_dot: f64 = a.iter().zip(&b).map(|(&a, &b)| a as f64 * b as f64).sum();
             let want_axpy: Vec<f64> = y0.iter().zip(&a).map(|(&y, &a)| y as f64 + 0.75 * a as f64).collect();
-            // Three rows of 16-bit floats (a short last group of four), and the weights to sum them.
-            let rows = values(3 * n);
+            // The rows, and the weights to sum them.
+            let rows = values(ROWS * n);
             let (f16s, bf16s): (Vec<f16>, Vec<bf16>) =
                 rows.iter().map(|&v| (f16::from_f32(v), bf16::from_f32(v))).unzip();
-            let v = values(3);
+            let v = values(ROWS);
             if avx2 {
                 // SAFETY (every call): AVX2, FMA and F16C are present; the slices hold what
                 // each helper reads.
@@ -275,7 +278,7 @@ mod tests {
                 for (g, w) in y.iter().zip(&want_axpy) {
                     close("axpy, AVX2", n, *g, *w, 1.0);
                 }
-                let mut wide = vec![f32::NAN; 3 * n];
+                let mut wide = vec![f32::NAN; ROWS * n];
                 unsafe { x86::widen_avx2(&f16s, &mut wide) };
                 assert!(wide.iter().zip(&f16s).all(|(w, h)| *w == h.to_f32()), "f16 widening, n = {n}");
                 unsafe { x86::widen_avx2(&bf16s, &mut wide) };
@@ -285,8 +288,8 @@ mod tests {
                 if !on {
                     continue;
                 }
-                let (mut dots_f16, mut dots_bf16, mut y) = ([f32::NAN; 3], [f32::NAN; 3], y0.clone());
-                // SAFETY: the path's features are present; the rows hold 3·n values.
+                let (mut dots_f16, mut dots_bf16, mut y) = ([f32::NAN; ROWS], [f32::NAN; ROWS], y0.clone());
+                // SAFETY: the path's features are present; the rows hold ROWS·n values.
                 unsafe {
                     if path == "AVX2" {
                         x86::dots_half_avx2(&f16s, &a, &mut dots_f16);
@@ -298,7 +301,7 @@ mod tests {
                         x86::axpys_bf16_avx512(&v, &bf16s, &mut y);
                     }
                 }
-                for r in 0..3 {
+                for r in 0..ROWS {
                     let row = r * n..(r + 1) * n;
                     let want = |row: &[f32]| -> f64 { row.iter().zip(&a).map(|(&w, &x)| w as f64 * x as f64).sum() };
                     let f16_row: Vec<f32> = f16s[row.clone()].iter().map(|h| h.to_f32()).collect();
@@ -308,8 +311,8 @@ mod tests {
                 }
                 for (i, g) in y.iter().enumerate() {
                     let want =
-                        y0[i] as f64 + (0..3).map(|r| v[r] as f64 * bf16s[r * n + i].to_f32() as f64).sum::<f64>();
-                    close(&format!("axpys_bf16, {path}"), n, *g, want, 3.0);
+                        y0[i] as f64 + (0..ROWS).map(|r| v[r] as f64 * bf16s[r * n + i].to_f32() as f64).sum::<f64>();
+                    close(&format!("axpys_bf16, {path}"), n, *g, want, ROWS as f64);
                 }
             }
         }

@@ -619,13 +619,18 @@ unsafe fn half_lanes<T: crate::ops::Half>(x: &[T], at: usize, n: usize) -> __m51
 }
 
 /// `v[r] = a_r · x` for the `v.len()` consecutive rows `a_r` of `a`, each `x.len()` long (bf16
-/// or f16): four rows a pass over `x`, each with its own accumulator.
+/// or f16). bf16 rows go eight a pass over `x` ([`dots_bf16_512`]); f16 ones four, each with its
+/// own accumulator.
 ///
 /// # Safety
 /// The CPU has AVX-512F/BW/VL; `a` holds `v.len() · x.len()` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn dots_half_avx512<T: crate::ops::Half>(a: &[T], x: &[f32], v: &mut [f32]) {
     let n = x.len();
+    if !T::IEEE {
+        // SAFETY: as the function's; a bf16 is a u16 in memory.
+        return unsafe { dots_bf16_512(std::slice::from_raw_parts(a.as_ptr().cast::<u16>(), a.len()), x, v) };
+    }
     for (c, v) in v.chunks_mut(4).enumerate() {
         // A short last group repeats its first row; the extra sums are dropped.
         let rows: [&[T]; 4] = std::array::from_fn(|r| {
@@ -649,33 +654,139 @@ pub(crate) unsafe fn dots_half_avx512<T: crate::ops::Half>(a: &[T], x: &[f32], v
     }
 }
 
+/// Calls `$body` with `$r` = 0, …, 7 while `$r < $rows`, written out, so that arrays indexed by
+/// `$r` (a pass's accumulators) stay in registers.
+macro_rules! up_to_eight {
+    ($r:ident < $rows:expr, $body:block) => {{
+        let rows = $rows;
+        up_to_eight!(rows, $r, $body, 0 1 2 3 4 5 6 7);
+    }};
+    ($rows:ident, $r:ident, $body:block, $($i:literal)*) => {$(
+        if $i < $rows {
+            let $r = $i;
+            $body
+        }
+    )*};
+}
+
+/// The 32 bf16 (as `u16`) at `at` as f32: those at even offsets in the first vector, those at
+/// odd offsets in the second. A bf16 is the upper half of the f32 it stands for, and in the
+/// 32-bit lanes of the load the even one is the lower half and the odd one the upper: a shift
+/// and a mask, where a conversion in order takes a shuffle of each half.
+///
+/// # Safety
+/// The CPU has AVX-512F; 32 values at `at` are readable.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn bf16_pairs(at: *const u16) -> [__m512; 2] {
+    // SAFETY: as the function's.
+    let w = unsafe { _mm512_loadu_si512(at.cast()) };
+    [
+        _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)),
+        _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(0xFFFF_0000_u32 as i32))),
+    ]
+}
+
+/// The lane indices that take the even-offset (`EVEN`) and odd-offset (`ODD`) values of two
+/// vectors, 32 values in order, into one (`_mm512_permutex2var_ps`), and back.
+const EVEN: [i32; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30];
+const ODD: [i32; 16] = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31];
+const FIRST: [i32; 16] = [0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23];
+const SECOND: [i32; 16] = [8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31];
+
+/// [`dots_half_avx512`] for bf16: eight rows a pass over `x`, 32 values a step, each row's 32
+/// widened by [`bf16_pairs`] and multiplied by `x`'s even- and odd-offset values (separated once
+/// a step, for the eight rows). Two multiply-adds a row a step, on eight independent chains:
+/// the multiply-adds run back to back, where four rows of one each waited on their latency.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL; `a` holds `v.len() · x.len()` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn dots_bf16_512(a: &[u16], x: &[f32], v: &mut [f32]) {
+    let n = x.len();
+    let full = n - n % 32;
+    // SAFETY: each table is 16 lanes.
+    let (even, odd) = unsafe { (_mm512_loadu_si512(EVEN.as_ptr().cast()), _mm512_loadu_si512(ODD.as_ptr().cast())) };
+    for (c, v) in v.chunks_mut(8).enumerate() {
+        let row = |r: usize| a[(8 * c + r) * n..(8 * c + r + 1) * n].as_ptr();
+        let mut acc = [_mm512_setzero_ps(); 8];
+        for i in (0..full).step_by(32) {
+            // SAFETY (every load): values i..i + 32 are below n, inside `x` and each row.
+            let (x0, x1) = unsafe { (_mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(x.as_ptr().add(i + 16))) };
+            let (xe, xo) = (_mm512_permutex2var_ps(x0, even, x1), _mm512_permutex2var_ps(x0, odd, x1));
+            up_to_eight!(r < v.len(), {
+                let [lo, hi] = unsafe { bf16_pairs(row(r).add(i)) };
+                acc[r] = _mm512_fmadd_ps(hi, xo, _mm512_fmadd_ps(lo, xe, acc[r]));
+            });
+        }
+        // The last values (fewer than 32), 16 at a time.
+        for i in (full..n).step_by(16) {
+            let k = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+            // SAFETY: the masks keep every lane below n, inside `x` and each row.
+            let xv = unsafe { _mm512_maskz_loadu_ps(k, x.as_ptr().add(i)) };
+            up_to_eight!(r < v.len(), {
+                let bits = unsafe { _mm256_maskz_loadu_epi16(k, row(r).add(i).cast()) };
+                let w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+                acc[r] = _mm512_fmadd_ps(w, xv, acc[r]);
+            });
+        }
+        for (v, acc) in v.iter_mut().zip(acc) {
+            *v = _mm512_reduce_add_ps(acc);
+        }
+    }
+}
+
 /// `y += Σ_r v[r] · b_r` over the `v.len()` consecutive rows `b_r` of `b`, each `y.len()` long
-/// (bf16): one pass over `y`.
+/// (bf16): one pass over `y`, 32 values a step, each row's 32 widened by [`bf16_pairs`] into the
+/// even- and odd-offset values of `y` (separated at the step's start and merged back at its end);
+/// the rows alternate between two pairs of sums, four independent chains of multiply-adds.
 ///
 /// # Safety
 /// The CPU has AVX-512F/BW/VL; `b` holds `v.len() · y.len()` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn axpys_bf16_avx512(v: &[f32], b: &[half::bf16], y: &mut [f32]) {
     let n = y.len();
-    let mut i = 0;
-    while i < n {
-        let k = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
-        // SAFETY: the mask keeps every lane below n, inside `y` and each row of `b`.
+    let full = n - n % 32;
+    // SAFETY: a bf16 is a u16 in memory; each table is 16 lanes.
+    let b: &[u16] = unsafe { std::slice::from_raw_parts(b.as_ptr().cast(), b.len()) };
+    let idx = |i: &[i32; 16]| unsafe { _mm512_loadu_si512(i.as_ptr().cast()) };
+    let (even, odd, first, second) = (idx(&EVEN), idx(&ODD), idx(&FIRST), idx(&SECOND));
+    for i in (0..full).step_by(32) {
+        // SAFETY (every access): values i..i + 32 are below n, inside `y` and each row of `b`.
         unsafe {
-            // Two chains of multiply-adds (even and odd rows), held in registers.
-            let (mut even, mut odd) = (_mm512_maskz_loadu_ps(k, y.as_ptr().add(i)), _mm512_setzero_ps());
+            let (y0, y1) = (_mm512_loadu_ps(y.as_ptr().add(i)), _mm512_loadu_ps(y.as_ptr().add(i + 16)));
+            let (mut ye, mut yo) = (_mm512_permutex2var_ps(y0, even, y1), _mm512_permutex2var_ps(y0, odd, y1));
+            let (mut ye2, mut yo2) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             let mut r = 0;
             while r + 2 <= v.len() {
-                even = _mm512_fmadd_ps(_mm512_set1_ps(v[r]), half_lanes(&b[r * n..(r + 1) * n], i, n), even);
-                odd = _mm512_fmadd_ps(_mm512_set1_ps(v[r + 1]), half_lanes(&b[(r + 1) * n..(r + 2) * n], i, n), odd);
+                let ([lo, hi], w) = (bf16_pairs(b.as_ptr().add(r * n + i)), _mm512_set1_ps(v[r]));
+                (ye, yo) = (_mm512_fmadd_ps(w, lo, ye), _mm512_fmadd_ps(w, hi, yo));
+                let ([lo, hi], w) = (bf16_pairs(b.as_ptr().add((r + 1) * n + i)), _mm512_set1_ps(v[r + 1]));
+                (ye2, yo2) = (_mm512_fmadd_ps(w, lo, ye2), _mm512_fmadd_ps(w, hi, yo2));
                 r += 2;
             }
             if r < v.len() {
-                even = _mm512_fmadd_ps(_mm512_set1_ps(v[r]), half_lanes(&b[r * n..(r + 1) * n], i, n), even);
+                let ([lo, hi], w) = (bf16_pairs(b.as_ptr().add(r * n + i)), _mm512_set1_ps(v[r]));
+                (ye, yo) = (_mm512_fmadd_ps(w, lo, ye), _mm512_fmadd_ps(w, hi, yo));
             }
-            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), k, _mm512_add_ps(even, odd));
+            let (ye, yo) = (_mm512_add_ps(ye, ye2), _mm512_add_ps(yo, yo2));
+            _mm512_storeu_ps(y.as_mut_ptr().add(i), _mm512_permutex2var_ps(ye, first, yo));
+            _mm512_storeu_ps(y.as_mut_ptr().add(i + 16), _mm512_permutex2var_ps(ye, second, yo));
         }
-        i += 16;
+    }
+    // The last values (fewer than 32), 16 at a time.
+    for i in (full..n).step_by(16) {
+        let k = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+        // SAFETY: the mask keeps every lane below n, inside `y` and each row of `b`.
+        unsafe {
+            let mut sum = _mm512_maskz_loadu_ps(k, y.as_ptr().add(i));
+            for (r, &w) in v.iter().enumerate() {
+                let bits = _mm256_maskz_loadu_epi16(k, b.as_ptr().add(r * n + i).cast());
+                let row = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+                sum = _mm512_fmadd_ps(_mm512_set1_ps(w), row, sum);
+            }
+            _mm512_mask_storeu_ps(y.as_mut_ptr().add(i), k, sum);
+        }
     }
 }
 
@@ -777,13 +888,18 @@ pub(crate) unsafe fn widen_avx2<T: crate::ops::Half>(x: &[T], out: &mut [f32]) {
     }
 }
 
-/// As [`dots_half_avx512`], eight lanes at a time.
+/// As [`dots_half_avx512`], eight lanes at a time: bf16 rows eight a pass ([`dots_bf16_256`]),
+/// f16 ones four.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; `a` holds `v.len() · x.len()` values.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dots_half_avx2<T: crate::ops::Half>(a: &[T], x: &[f32], v: &mut [f32]) {
     let n = x.len();
+    if !T::IEEE {
+        // SAFETY: as the function's; a bf16 is a u16 in memory.
+        return unsafe { dots_bf16_256(std::slice::from_raw_parts(a.as_ptr().cast::<u16>(), a.len()), x, v) };
+    }
     let full = n - n % 8;
     for (c, v) in v.chunks_mut(4).enumerate() {
         // A short last group repeats its first row; the extra sums are dropped.
@@ -805,29 +921,92 @@ pub(crate) unsafe fn dots_half_avx2<T: crate::ops::Half>(a: &[T], x: &[f32], v: 
     }
 }
 
-/// As [`axpys_bf16_avx512`], eight lanes at a time.
+/// As [`bf16_pairs`], 16 bf16 at `at`: those at even offsets, then those at odd ones.
+///
+/// # Safety
+/// The CPU has AVX2; 16 values at `at` are readable.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn bf16_pairs256(at: *const u16) -> [__m256; 2] {
+    // SAFETY: as the function's.
+    let w = unsafe { _mm256_loadu_si256(at.cast()) };
+    [
+        _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)),
+        _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(0xFFFF_0000_u32 as i32))),
+    ]
+}
+
+/// The values at even and at odd offsets of 16 in order (`x0`, then `x1`), each eight in order.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn deinterleave256(x0: __m256, x1: __m256) -> [__m256; 2] {
+    // Within each 128-bit half: 0, 2 of `x0`'s and 0, 2 of `x1`'s (1, 3 for the odd ones); then
+    // the 64-bit quarters back in order.
+    let (even, odd) = (_mm256_shuffle_ps::<0b10_00_10_00>(x0, x1), _mm256_shuffle_ps::<0b11_01_11_01>(x0, x1));
+    let order = |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)));
+    [order(even), order(odd)]
+}
+
+/// [`dots_bf16_512`] eight lanes at a time: 16 values a step.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `a` holds `v.len() · x.len()` values.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_bf16_256(a: &[u16], x: &[f32], v: &mut [f32]) {
+    let n = x.len();
+    let full = n - n % 16;
+    for (c, v) in v.chunks_mut(8).enumerate() {
+        let row = |r: usize| &a[(8 * c + r) * n..(8 * c + r + 1) * n];
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for i in (0..full).step_by(16) {
+            // SAFETY (every load): values i..i + 16 are below n, inside `x` and each row.
+            let (x0, x1) = unsafe { (_mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(x.as_ptr().add(i + 8))) };
+            let [xe, xo] = deinterleave256(x0, x1);
+            up_to_eight!(r < v.len(), {
+                let [lo, hi] = unsafe { bf16_pairs256(row(r).as_ptr().add(i)) };
+                acc[r] = _mm256_fmadd_ps(hi, xo, _mm256_fmadd_ps(lo, xe, acc[r]));
+            });
+        }
+        for (r, (v, acc)) in v.iter_mut().zip(acc).enumerate() {
+            let tail = (full..n).map(|i| f32::from_bits(u32::from(row(r)[i]) << 16) * x[i]).sum::<f32>();
+            *v = sum_lanes256(acc) + tail;
+        }
+    }
+}
+
+/// As [`axpys_bf16_avx512`], eight lanes at a time: 16 values a step.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; `b` holds `v.len() · y.len()` values.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn axpys_bf16_avx2(v: &[f32], b: &[half::bf16], y: &mut [f32]) {
     let n = y.len();
-    let full = n - n % 8;
-    for i in (0..full).step_by(8) {
-        // SAFETY: values i..i + 8 are below n, inside `y` and each row of `b`.
+    let full = n - n % 16;
+    // SAFETY: a bf16 is a u16 in memory.
+    let bits: &[u16] = unsafe { std::slice::from_raw_parts(b.as_ptr().cast(), b.len()) };
+    for i in (0..full).step_by(16) {
+        // SAFETY (every access): values i..i + 16 are below n, inside `y` and each row of `b`.
         unsafe {
-            // Two chains of multiply-adds (even and odd rows), held in registers.
-            let (mut even, mut odd) = (_mm256_loadu_ps(y.as_ptr().add(i)), _mm256_setzero_ps());
+            let [mut ye, mut yo] =
+                deinterleave256(_mm256_loadu_ps(y.as_ptr().add(i)), _mm256_loadu_ps(y.as_ptr().add(i + 8)));
+            let (mut ye2, mut yo2) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let mut r = 0;
             while r + 2 <= v.len() {
-                even = _mm256_fmadd_ps(_mm256_set1_ps(v[r]), half8(&b[r * n..(r + 1) * n], i), even);
-                odd = _mm256_fmadd_ps(_mm256_set1_ps(v[r + 1]), half8(&b[(r + 1) * n..(r + 2) * n], i), odd);
+                let ([lo, hi], w) = (bf16_pairs256(bits.as_ptr().add(r * n + i)), _mm256_set1_ps(v[r]));
+                (ye, yo) = (_mm256_fmadd_ps(w, lo, ye), _mm256_fmadd_ps(w, hi, yo));
+                let ([lo, hi], w) = (bf16_pairs256(bits.as_ptr().add((r + 1) * n + i)), _mm256_set1_ps(v[r + 1]));
+                (ye2, yo2) = (_mm256_fmadd_ps(w, lo, ye2), _mm256_fmadd_ps(w, hi, yo2));
                 r += 2;
             }
             if r < v.len() {
-                even = _mm256_fmadd_ps(_mm256_set1_ps(v[r]), half8(&b[r * n..(r + 1) * n], i), even);
+                let ([lo, hi], w) = (bf16_pairs256(bits.as_ptr().add(r * n + i)), _mm256_set1_ps(v[r]));
+                (ye, yo) = (_mm256_fmadd_ps(w, lo, ye), _mm256_fmadd_ps(w, hi, yo));
             }
-            _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_add_ps(even, odd));
+            let (ye, yo) = (_mm256_add_ps(ye, ye2), _mm256_add_ps(yo, yo2));
+            // Back in order: the pairs of each 128-bit half, then the halves.
+            let (low, high) = (_mm256_unpacklo_ps(ye, yo), _mm256_unpackhi_ps(ye, yo));
+            _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_permute2f128_ps::<0x20>(low, high));
+            _mm256_storeu_ps(y.as_mut_ptr().add(i + 8), _mm256_permute2f128_ps::<0x31>(low, high));
         }
     }
     for (r, &v) in v.iter().enumerate() {
