@@ -236,20 +236,21 @@ impl Beside for Bgmv<'_, '_> {
         self.items.len()
     }
 
-    fn prefetch(&self, i: usize) {
-        let Some(&(_, target, m)) = self.items.get(i) else { return };
-        // Both matrices at once: a row's adapter is a few kilobytes in many short streams
-        // that the hardware prefetcher would meet one at a time.
+    fn memory(&self, i: usize) -> [&[u8]; 2] {
+        let Some(&(_, target, m)) = self.items.get(i) else { return [&[], &[]] };
+        // A row's adapter is a few kilobytes in many short streams, which the hardware
+        // prefetcher would meet one at a time.
         let (a, b) = (m.rank * self.in_dim, m.rank * target.out_dim);
         match m.half {
-            Some(h) => {
-                crate::ops::prefetch(&h.a[..a]);
-                crate::ops::prefetch(&h.bt[..b]);
-            }
-            None => {
-                crate::ops::prefetch(&m.a[..a]);
-                crate::ops::prefetch(&m.bt.unwrap_or(m.b)[..b]);
-            }
+            Some(h) => [bytes(&h.a[..a]), bytes(&h.bt[..b])],
+            None => [bytes(&m.a[..a]), bytes(&m.bt.unwrap_or(m.b)[..b])],
+        }
+    }
+
+    fn prefetch(&self, i: usize) {
+        // Both matrices at once.
+        for range in self.memory(i) {
+            crate::ops::prefetch(range);
         }
     }
 
@@ -267,6 +268,13 @@ impl Beside for Bgmv<'_, '_> {
             row(m, &self.x[t * self.in_dim..(t + 1) * self.in_dim], v, y);
         });
     }
+}
+
+/// `values` as the bytes they occupy.
+fn bytes<T: Copy>(values: &[T]) -> &[u8] {
+    // SAFETY: the same memory, as many bytes as the values' size; every byte of an `f32` or a
+    // `bf16` is initialized.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
 }
 
 thread_local! {

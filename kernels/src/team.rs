@@ -53,13 +53,19 @@ pub fn for_each(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
 }
 
 /// Independent work that shares a parallel section with another loop (the LoRA of a decode
-/// step beside its projection's panels, [`crate::quant::matmul_beside`]): item `i` is asked for
-/// (`prefetch`) before the loop's share of a task and done (`run`) after it, so that the item's
-/// reads from memory are under way while that share computes, and the two need one section.
+/// step beside its projection's panels, [`crate::quant::matmul_beside`]): item `i`'s memory
+/// (`memory`) is asked for a share at a time while the loop's share of a task computes, and the
+/// item is done (`run`) after it, so that its reads from memory overlap the loop's arithmetic
+/// and the two need one section.
 pub trait Beside: Sync {
     /// How many items there are.
     fn tasks(&self) -> usize;
-    /// Asks for item `i`'s memory (a hint; the default asks for nothing).
+    /// The memory item `i` reads, as up to two byte ranges (a hint; the default: none).
+    fn memory(&self, _i: usize) -> [&[u8]; 2] {
+        [&[], &[]]
+    }
+    /// Asks for item `i`'s memory at once, where it has no loop share to overlap (a hint; the
+    /// default asks for nothing).
     fn prefetch(&self, _i: usize) {}
     /// Does item `i`.
     fn run(&self, i: usize);

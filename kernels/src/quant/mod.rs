@@ -921,12 +921,16 @@ pub fn matmul_beside(
         _ => (panels / (4 * threads)).clamp(1, 4).min((panels / side).max(1)),
     };
     let out = crate::team::Shared::new(y);
-    let run = |c: usize| {
+    let run = |c: usize, ahead: &mut Ahead<'_>| {
         let mut values: PanelOut = [[0f32; PANEL]; TILE];
+        let span = c * chunk..((c + 1) * chunk).min(panels);
+        let mut steps = m.div_ceil(TILE) * span.len();
         for i0 in (0..m).step_by(TILE) {
             let t = (m - i0).min(TILE);
             let xs: [Q8Row<'_>; TILE] = std::array::from_fn(|k| x.row(i0 + k.min(t - 1)));
-            for p in c * chunk..((c + 1) * chunk).min(panels) {
+            for p in span.clone() {
+                ahead.ask(ahead.lines().div_ceil(steps));
+                steps -= 1;
                 path.panel(w, p, &xs[..t], &mut values);
                 let cols = PANEL.min(n - p * PANEL);
                 for (k, v) in values[..t].iter().enumerate() {
@@ -941,19 +945,66 @@ pub fn matmul_beside(
     };
     let chunks = panels.div_ceil(chunk);
     match beside {
-        None if chunks == 1 => run(0),
-        None => crate::team::for_each(chunks, &run),
+        None if chunks == 1 => run(0, &mut Ahead::default()),
+        None => crate::team::for_each(chunks, &|c| run(c, &mut Ahead::default())),
+        // Item k's memory into L2 a share a panel while chunk k computes (all at once where
+        // there is no chunk k). Asking for it into L1 as well, once in L2, measured no faster.
         Some(b) => crate::team::for_each(chunks.max(side), &|k| {
+            let mut ahead = Ahead::default();
             if k < side {
-                b.prefetch(k);
+                ahead = Ahead { ranges: b.memory(k), ..ahead };
             }
             if k < chunks {
-                run(k);
+                run(k, &mut ahead);
+            } else {
+                b.prefetch(k);
             }
             if k < side {
                 b.run(k);
             }
         }),
+    }
+}
+
+/// The memory a [`crate::team::Beside`] item reads, asked for into L2 a share at a time while the
+/// panels beside it compute. The panels at batch sizes are arithmetic-bound, leaving memory's
+/// bandwidth spare; asked for all at once, the lines would stall the core on the cache's few
+/// outstanding misses before the panels start.
+#[derive(Default)]
+struct Ahead<'a> {
+    ranges: [&'a [u8]; 2],
+    /// The range being asked for, and the next line in it.
+    range: usize,
+    at: usize,
+}
+
+impl Ahead<'_> {
+    /// Lines not yet asked for.
+    fn lines(&self) -> usize {
+        let rest = |r: &[u8], from: usize| (r.len().saturating_sub(from)).div_ceil(64);
+        match self.range {
+            0 => rest(self.ranges[0], self.at) + rest(self.ranges[1], 0),
+            1 => rest(self.ranges[1], self.at),
+            _ => 0,
+        }
+    }
+
+    /// Asks for the next `n` lines into L2.
+    fn ask(&mut self, mut n: usize) {
+        while n > 0 && self.range < 2 {
+            let range = self.ranges[self.range];
+            if self.at >= range.len() {
+                (self.range, self.at) = (self.range + 1, 0);
+                continue;
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a prefetch reads nothing into the program and never faults.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(range[self.at..].as_ptr().cast())
+            };
+            self.at += 64;
+            n -= 1;
+        }
     }
 }
 
