@@ -163,18 +163,38 @@ pub fn paged_attention<T: KvValue>(
     // grouped by KV head. Up to four items a task amortise claiming one; a decode step's few
     // items go one a task, so that every thread takes a share.
     let per_task = (work.len() / (4 * crate::team::threads())).clamp(1, 4);
-    crate::team::for_each_piece(out, group * hd, per_task, &|item, out_heads| {
-        let (row, pos, kvh, seq) = work[item];
+    let width = layout.slot_width();
+    // Item i's visible positions' slots, a block at a time (runs of consecutive slots).
+    let runs = |i: usize, f: &mut dyn FnMut(std::ops::Range<usize>)| {
+        let (_, pos, _, seq) = work[i];
         let first = sliding_window.map_or(0, |win| (pos + 1).saturating_sub(win));
+        for b in first / layout.block_size..=pos / layout.block_size {
+            let start = (b * layout.block_size).max(first);
+            let end = ((b + 1) * layout.block_size).min(pos + 1);
+            let slot = seq.blocks[b] as usize * layout.block_size + start - b * layout.block_size;
+            f(slot..slot + end.saturating_sub(start));
+        }
+    };
+    crate::team::for_each_piece(out, group * hd, per_task, &|item, out_heads| {
+        let (row, _, kvh, _) = work[item];
+        // A decode row's next item's keys and values (most likely this task's next, else
+        // another thread's) into L2 while this one computes: decode reads the cache once a step,
+        // from memory (a prompt's rows read what the step just wrote, from cache).
+        if item + 1 < work.len() && work[item + 1].3.q_len == 1 {
+            let col = work[item + 1].2 * hd;
+            runs(item + 1, &mut |slots| {
+                for slot in slots {
+                    let at = slot * width + col..slot * width + col + hd;
+                    if at.end <= k_cache.len().min(v_cache.len()) {
+                        crate::ops::prefetch_l2(&k_cache[at.clone()]);
+                        crate::ops::prefetch_l2(&v_cache[at]);
+                    }
+                }
+            });
+        }
         SCRATCH.with_borrow_mut(|scratch| {
             scratch.slots.clear();
-            // The visible positions' slots, a block at a time (runs of consecutive slots).
-            for b in first / layout.block_size..=pos / layout.block_size {
-                let start = (b * layout.block_size).max(first);
-                let end = ((b + 1) * layout.block_size).min(pos + 1);
-                let slot = seq.blocks[b] as usize * layout.block_size + start - b * layout.block_size;
-                scratch.slots.extend(slot..slot + end.saturating_sub(start));
-            }
+            runs(item, &mut |slots| scratch.slots.extend(slots));
             let q_heads = &q[row * q_stride + kvh * group * hd..row * q_stride + (kvh + 1) * group * hd];
             let kv = Kv { k: k_cache, v: v_cache, width: layout.slot_width(), col: kvh * hd, head_dim: hd };
             attend(q_heads, kv, scale, scratch, out_heads);
@@ -248,10 +268,6 @@ fn attend<T: KvValue>(q_heads: &[f32], kv: Kv<'_, T>, scale: f32, scratch: &mut 
     );
     scratch.scores.clear();
     scratch.scores.resize(group * n, 0.0);
-    // The values arrive while the scores are computed.
-    for &slot in &scratch.slots {
-        crate::ops::prefetch(kv.value(slot));
-    }
     #[cfg(target_arch = "x86_64")]
     if crate::quant::has_avx512() && matches!(hd, 64 | 128) {
         // SAFETY: AVX-512F is present; the slots were checked above, and q_heads and

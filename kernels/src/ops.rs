@@ -115,6 +115,20 @@ pub fn prefetch<T>(values: &[T]) {
     let _ = values;
 }
 
+/// As [`prefetch`], into L2: for what is read a while later (the next item of a loop).
+pub fn prefetch_l2<T>(values: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (start, bytes) = (values.as_ptr() as usize, std::mem::size_of_val(values));
+        for line in (start & !63..start + bytes).step_by(64) {
+            // SAFETY: a prefetch reads nothing into the program and never faults.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
+}
+
 /// A 16-bit float that matrices are kept in as they were stored (bf16 or f16): every value
 /// widens exactly to f32.
 pub trait Half: Copy + Send + Sync + 'static {
