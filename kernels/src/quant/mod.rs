@@ -934,10 +934,16 @@ pub fn matmul_beside(
                 path.panel(w, p, &xs[..t], &mut values);
                 let cols = PANEL.min(n - p * PANEL);
                 for (k, v) in values[..t].iter().enumerate() {
+                    let to = out.at((i0 + k) * y_stride + p * PANEL);
                     // SAFETY: row i0 + k < m and columns p·16 .. p·16 + cols <= n are inside
-                    // `y` (asserted above), and only the task owning panel p writes them.
+                    // `y` (asserted above), and only the task owning panel p writes them. A
+                    // whole panel's copy has a constant length: a vector store, not a call.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(v.as_ptr(), out.at((i0 + k) * y_stride + p * PANEL), cols);
+                        if cols == PANEL {
+                            std::ptr::copy_nonoverlapping(v.as_ptr(), to, PANEL);
+                        } else {
+                            std::ptr::copy_nonoverlapping(v.as_ptr(), to, cols);
+                        }
                     }
                 }
             }
