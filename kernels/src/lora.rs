@@ -247,13 +247,6 @@ impl Beside for Bgmv<'_, '_> {
         }
     }
 
-    fn prefetch(&self, i: usize) {
-        // Both matrices at once.
-        for range in self.memory(i) {
-            crate::ops::prefetch(range);
-        }
-    }
-
     fn run(&self, i: usize) {
         let Some(&(t, target, m)) = self.items.get(i) else { return };
         // SAFETY: row t's block of this target lies inside `y` (asserted in `new`), is

@@ -64,9 +64,12 @@ pub trait Beside: Sync {
     fn memory(&self, _i: usize) -> [&[u8]; 2] {
         [&[], &[]]
     }
-    /// Asks for item `i`'s memory at once, where it has no loop share to overlap (a hint; the
-    /// default asks for nothing).
-    fn prefetch(&self, _i: usize) {}
+    /// Asks for item `i`'s memory at once, where it has no loop share to overlap (a hint).
+    fn prefetch(&self, i: usize) {
+        for range in self.memory(i) {
+            crate::ops::prefetch(range);
+        }
+    }
     /// Does item `i`.
     fn run(&self, i: usize);
 }
