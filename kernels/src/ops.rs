@@ -103,30 +103,34 @@ pub fn rope(
 /// Asks for every cache line of `values` to be brought in (a hint: it never faults and changes
 /// nothing the program reads).
 pub fn prefetch<T>(values: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let (start, bytes) = (values.as_ptr() as usize, std::mem::size_of_val(values));
-        for line in (start & !63..start + bytes).step_by(64) {
-            // SAFETY: a prefetch reads nothing into the program and never faults.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line as *const i8) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = values;
+    lines(values, false);
 }
 
 /// As [`prefetch`], into L2: for what is read a while later (the next item of a loop).
 pub fn prefetch_l2<T>(values: &[T]) {
+    lines(values, true);
+}
+
+/// [`prefetch`] into L1, or into L2 only.
+#[inline(always)]
+fn lines<T>(values: &[T], l2: bool) {
     #[cfg(target_arch = "x86_64")]
     {
+        use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
         let (start, bytes) = (values.as_ptr() as usize, std::mem::size_of_val(values));
         for line in (start & !63..start + bytes).step_by(64) {
             // SAFETY: a prefetch reads nothing into the program and never faults.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line as *const i8) };
+            unsafe {
+                if l2 {
+                    _mm_prefetch::<_MM_HINT_T1>(line as *const i8)
+                } else {
+                    _mm_prefetch::<_MM_HINT_T0>(line as *const i8)
+                }
+            };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = values;
+    let _ = (values, l2);
 }
 
 /// A 16-bit float that matrices are kept in as they were stored (bf16 or f16): every value
