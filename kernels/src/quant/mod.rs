@@ -958,7 +958,7 @@ pub fn matmul_beside(
         Some(b) => crate::team::for_each(chunks.max(side), &|k| {
             let mut ahead = Ahead::default();
             if k < side {
-                ahead = Ahead { ranges: b.memory(k), ..ahead };
+                ahead.ranges = b.memory(k);
             }
             if k < chunks {
                 run(k, &mut ahead);
@@ -978,38 +978,23 @@ pub fn matmul_beside(
 /// outstanding misses before the panels start.
 #[derive(Default)]
 struct Ahead<'a> {
+    /// What is not yet asked for.
     ranges: [&'a [u8]; 2],
-    /// The range being asked for, and the next line in it.
-    range: usize,
-    at: usize,
 }
 
 impl Ahead<'_> {
     /// Lines not yet asked for.
     fn lines(&self) -> usize {
-        let rest = |r: &[u8], from: usize| (r.len().saturating_sub(from)).div_ceil(64);
-        match self.range {
-            0 => rest(self.ranges[0], self.at) + rest(self.ranges[1], 0),
-            1 => rest(self.ranges[1], self.at),
-            _ => 0,
-        }
+        self.ranges.iter().map(|r| r.len().div_ceil(64)).sum()
     }
 
-    /// Asks for the next `n` lines into L2.
-    fn ask(&mut self, mut n: usize) {
-        while n > 0 && self.range < 2 {
-            let range = self.ranges[self.range];
-            if self.at >= range.len() {
-                (self.range, self.at) = (self.range + 1, 0);
-                continue;
-            }
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: a prefetch reads nothing into the program and never faults.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(range[self.at..].as_ptr().cast())
-            };
-            self.at += 64;
-            n -= 1;
+    /// Asks for the next `lines` lines into L2.
+    fn ask(&mut self, lines: usize) {
+        let mut bytes = 64 * lines;
+        for range in &mut self.ranges {
+            let (now, later) = range.split_at(bytes.min(range.len()));
+            crate::ops::prefetch_l2(now);
+            (bytes, *range) = (bytes - now.len(), later);
         }
     }
 }
