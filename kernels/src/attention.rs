@@ -109,14 +109,57 @@ pub fn write_kv<T: KvValue>(
     k_cache: &mut [T],
     v_cache: &mut [T],
 ) {
-    let w = layout.slot_width();
     for (t, &slot) in slots.iter().enumerate() {
         let row = &src[t * src_stride..];
-        for (cache, offset) in [(&mut *k_cache, k_offset), (&mut *v_cache, v_offset)] {
-            for (d, &s) in cache[slot * w..(slot + 1) * w].iter_mut().zip(&row[offset..offset + w]) {
-                *d = T::narrow(s);
-            }
-        }
+        let w = layout.slot_width();
+        write_slot(&row[k_offset..k_offset + w], &mut k_cache[slot * w..(slot + 1) * w]);
+        write_slot(&row[v_offset..v_offset + w], &mut v_cache[slot * w..(slot + 1) * w]);
+    }
+}
+
+/// [`write_kv`] of `rows` rows that `prepare(t, row)` finishes first, in place (the rest of what a
+/// step does to its fused `qkv` rows before attention: what the projection still owes them, the
+/// rotary embedding), a share of the rows per task in one parallel section.
+///
+/// # Panics
+/// When two rows share a slot, a slot is outside the pools, or the rows do not hold the keys
+/// and values (caller bugs: the slots come from the block tables).
+#[allow(clippy::too_many_arguments)]
+pub fn write_kv_rows<T: KvValue>(
+    layout: KvLayout,
+    src: &mut [f32],
+    src_stride: usize,
+    (k_offset, v_offset): (usize, usize),
+    slots: &[usize],
+    (k_cache, v_cache): (&mut [T], &mut [T]),
+    prepare: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    let (w, rows) = (layout.slot_width(), slots.len());
+    let mut sorted = slots.to_vec();
+    sorted.sort_unstable();
+    assert!(sorted.windows(2).all(|p| p[0] != p[1]), "write_kv: two rows share a cache slot");
+    let pool = k_cache.len().min(v_cache.len()) / w.max(1);
+    assert!(sorted.last().is_none_or(|&s| s < pool), "write_kv: a slot outside the pools");
+    assert!(k_offset.max(v_offset) + w <= src_stride && src.len() >= rows * src_stride, "write_kv: short rows");
+    let (ks, vs) = (crate::team::Shared::new(k_cache), crate::team::Shared::new(v_cache));
+    crate::team::for_each_row(&mut src[..rows * src_stride], src_stride, &|t, row| {
+        prepare(t, row);
+        let slot = slots[t];
+        // SAFETY: slot < pool (asserted), so its `w` values lie inside both pools, which stay
+        // borrowed mutably for the call; the slots are distinct (asserted) and row t's task
+        // alone writes slot t's.
+        let (k, v) = unsafe {
+            (std::slice::from_raw_parts_mut(ks.at(slot * w), w), std::slice::from_raw_parts_mut(vs.at(slot * w), w))
+        };
+        write_slot(&row[k_offset..k_offset + w], k);
+        write_slot(&row[v_offset..v_offset + w], v);
+    });
+}
+
+/// One head block of keys or values into its slot, rounded to the pool's type.
+fn write_slot<T: KvValue>(values: &[f32], slot: &mut [T]) {
+    for (d, &s) in slot.iter_mut().zip(values) {
+        *d = T::narrow(s);
     }
 }
 
@@ -632,5 +675,42 @@ mod tests {
         let mut out = vec![0f32; 5];
         paged_attention(layout, &q, 1, 1, &[seq], &kc, &vc, 1.0, Some(2), &mut out);
         assert_eq!(out, vec![0.0, 0.5, 1.5, 2.5, 3.5]);
+    }
+
+    #[test]
+    fn rows_prepared_and_written_in_parallel_match_the_serial_write_of_the_prepared_rows() {
+        let layout = KvLayout { block_size: 4, kv_heads: 2, head_dim: 8 };
+        let w = layout.slot_width();
+        // Rows with a query block first and a few columns after the values, over scattered slots.
+        let (rows, stride, pool) = (11, 3 * w + 5, 40 * w);
+        let src: Vec<f32> = (0..rows * stride).map(|i| (i as f32 * 0.37).sin()).collect();
+        let slots: Vec<usize> = (0..rows).map(|t| (t * 7 + 3) % 40).collect();
+        let prepare = |t: usize, row: &mut [f32]| {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = *v * 2.0 + (t + j) as f32 * 0.01;
+            }
+        };
+        let mut got = src.clone();
+        let (mut kc, mut vc) = (vec![half::f16::ZERO; pool], vec![half::f16::ZERO; pool]);
+        write_kv_rows(layout, &mut got, stride, (w, 2 * w), &slots, (&mut kc, &mut vc), &prepare);
+        let mut want = src.clone();
+        for (t, row) in want.chunks_mut(stride).enumerate() {
+            prepare(t, row);
+        }
+        assert_eq!(got, want, "every row prepared in place, once");
+        let (mut kw, mut vw) = (vec![half::f16::ZERO; pool], vec![half::f16::ZERO; pool]);
+        write_kv(layout, &want, stride, w, 2 * w, &slots, &mut kw, &mut vw);
+        assert!(kc == kw && vc == vw, "the pools hold what the serial write stores");
+
+        // Two rows on one slot, or a slot past the pools: refused before anything is touched.
+        for bad in [[3, 3], [3, 40]] {
+            let mut rows2 = src[..2 * stride].to_vec();
+            let (mut k2, mut v2) = (kw.clone(), vw.clone());
+            let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                write_kv_rows(layout, &mut rows2, stride, (w, 2 * w), &bad, (&mut k2, &mut v2), &prepare)
+            }));
+            assert!(refused.is_err(), "slots {bad:?}");
+            assert!(rows2 == src[..2 * stride] && k2 == kw && v2 == vw, "slots {bad:?} left no half state");
+        }
     }
 }

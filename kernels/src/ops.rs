@@ -3,9 +3,6 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// Rows per task for row-wise operations on prefill-sized batches.
-const ROWS_PER_TASK: usize = 16;
-
 /// Copies embedding rows: `out[t] = table[ids[t]]`.
 ///
 /// # Panics
@@ -18,25 +15,19 @@ pub fn embedding(table: &[f32], hidden: usize, ids: &[u32], out: &mut [f32]) {
 }
 
 /// RMSNorm as Llama defines it: `y = x / sqrt(mean(x²) + eps) · weight`, computed in f32
-/// (the mean accumulates in f64 for a reference-grade result).
+/// (the mean accumulates in f64 for a reference-grade result), row by row.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let hidden = weight.len();
-    let rows = out.len() / hidden.max(1);
-    crate::team::for_each_piece(out, hidden.max(1), rows_per_task(rows), &|r, o| {
-        let x = &x[r * hidden..(r + 1) * hidden];
-        let mean_sq = x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / hidden as f64;
-        let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
-        for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
-            *o = (x * inv) * w;
-        }
-    });
+    crate::team::for_each_row(out, hidden, &|r, o| rms_norm_row(&x[r * hidden..(r + 1) * hidden], weight, eps, o));
 }
 
-/// Rows a task of a row-wise operation takes: all of them for one row, a share per thread for
-/// a decode batch (the team is awake between a step's sections, so even a few rows split),
-/// [`ROWS_PER_TASK`] for prefill.
-fn rows_per_task(rows: usize) -> usize {
-    rows.div_ceil(crate::team::threads()).clamp(1, ROWS_PER_TASK)
+/// [`rms_norm`] of one row.
+pub fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_sq = x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / x.len().max(1) as f64;
+    let inv = 1.0 / ((mean_sq as f32) + eps).sqrt();
+    for ((o, x), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = (x * inv) * w;
+    }
 }
 
 /// `x += y`, the residual connection.
@@ -51,18 +42,20 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) {
 /// SwiGLU: for each row of a fused `[gate | up]` matrix (`2·inter` wide), writes
 /// `silu(gate) · up` into `out` (`inter` wide).
 pub fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
-    let rows = out.len() / inter.max(1);
-    crate::team::for_each_piece(out, inter.max(1), rows_per_task(rows), &|r, o| {
-        let (gate, up) = gate_up[2 * inter * r..2 * inter * (r + 1)].split_at(inter);
-        #[cfg(target_arch = "x86_64")]
-        if crate::quant::has_avx512() {
-            // SAFETY: AVX-512F is present; gate and up hold `inter` values, as o does.
-            return unsafe { crate::quant::x86::silu_mul512(gate, up, o) };
-        }
-        for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
-    });
+    crate::team::for_each_row(out, inter, &|r, o| silu_mul_row(&gate_up[2 * inter * r..2 * inter * (r + 1)], o));
+}
+
+/// [`silu_mul`] of one `[gate | up]` row into `out` (half its width).
+pub fn silu_mul_row(gate_up: &[f32], out: &mut [f32]) {
+    let (gate, up) = gate_up.split_at(out.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx512() {
+        // SAFETY: AVX-512F is present; gate and up hold `out.len()` values each.
+        return unsafe { crate::quant::x86::silu_mul512(gate, &up[..out.len()], out) };
+    }
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
 }
 
 /// Rotary position embedding in the "rotate half" layout Hugging Face Llama uses: for each head,
@@ -83,21 +76,26 @@ pub fn rope(
     inv_freq: &[f32],
     attention_scaling: f32,
 ) {
+    crate::team::for_each_row(x, row_stride, &|r, row| {
+        let heads = &mut row[col_offset..col_offset + n_heads * head_dim];
+        rope_row(heads, head_dim, positions[r], inv_freq, attention_scaling);
+    });
+}
+
+/// [`rope`] of one row's heads (`heads`: consecutive `head_dim` blocks) at position `pos`.
+pub fn rope_row(heads: &mut [f32], head_dim: usize, pos: u32, inv_freq: &[f32], attention_scaling: f32) {
     let half = head_dim / 2;
     debug_assert_eq!(inv_freq.len(), half);
-    x.par_chunks_mut(row_stride).zip(positions.par_iter()).with_min_len(ROWS_PER_TASK).for_each(|(row, &pos)| {
-        let heads = &mut row[col_offset..col_offset + n_heads * head_dim];
-        for (i, &f) in inv_freq.iter().enumerate() {
-            let angle = pos as f32 * f;
-            let (sin, cos) = angle.sin_cos();
-            let (sin, cos) = (sin * attention_scaling, cos * attention_scaling);
-            for head in heads.chunks_exact_mut(head_dim) {
-                let (a, b) = (head[i], head[i + half]);
-                head[i] = a * cos - b * sin;
-                head[i + half] = b * cos + a * sin;
-            }
+    for (i, &f) in inv_freq.iter().enumerate() {
+        let angle = pos as f32 * f;
+        let (sin, cos) = angle.sin_cos();
+        let (sin, cos) = (sin * attention_scaling, cos * attention_scaling);
+        for head in heads.chunks_exact_mut(head_dim) {
+            let (a, b) = (head[i], head[i + half]);
+            head[i] = a * cos - b * sin;
+            head[i + half] = b * cos + a * sin;
         }
-    });
+    }
 }
 
 /// Asks for every cache line of `values` to be brought in (a hint: it never faults and changes

@@ -1,7 +1,7 @@
 //! A team of threads that stays awake between the short parallel sections of a forward pass.
 //!
-//! A decode step runs about seven parallel sections per layer (the projections, attention,
-//! LoRA), each a few tens of microseconds at small batches. Fork-join through rayon pays a wake
+//! A decode step runs ten parallel sections per layer (the projections with their LoRA,
+//! attention, the row-wise steps), each a few tens of microseconds at small batches. Fork-join through rayon pays a wake
 //! of a sleeping worker (a futex round trip, and the scheduler's context switch) at most of
 //! them, because its workers go to sleep in the serial gaps between sections. Measured with
 //! `perf` on SmolLM2 at batch 8 on two cores, that was about a tenth of a step.
@@ -98,6 +98,17 @@ pub fn for_each_piece<T: Send>(data: &mut [T], len: usize, per_task: usize, f: &
             f(i, piece);
         }
     });
+}
+
+/// Rows a task of a row-wise section takes at most (prefill-sized batches).
+const ROWS_PER_TASK: usize = 16;
+
+/// Runs `f(r, row)` for every `width`-long row `r` of `data`: a row-wise parallel loop. A task
+/// takes all of them for one row, a share per thread for a decode batch (the team is awake
+/// between a step's sections, so even a few rows split), [`ROWS_PER_TASK`] for prefill.
+pub fn for_each_row<T: Send>(data: &mut [T], width: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
+    let rows = data.len() / width.max(1);
+    for_each_piece(data, width.max(1), rows.div_ceil(threads()).clamp(1, ROWS_PER_TASK), f);
 }
 
 /// The start of a mutably borrowed slice, shared by a section's tasks that write disjoint

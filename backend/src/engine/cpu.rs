@@ -8,7 +8,7 @@ use crate::adapters::AdapterWeights;
 use crate::model::{HostTensor, ModelConfig, ModelWeights, Module, TensorData};
 use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use switchyard_kernels::lora::LoraHalf;
 use switchyard_kernels::ops::Half;
 use switchyard_kernels::quant::{self, Path, Precision, Q8Rows, QuantMatrix};
@@ -108,32 +108,43 @@ impl Linear {
     /// the quantized activations.
     #[allow(clippy::too_many_arguments)]
     fn forward(&self, x: &[f32], m: usize, k: usize, out: usize, y: &mut [f32], y_stride: usize, acts: &mut Acts) {
-        self.forward_beside(x, m, k, out, y, y_stride, acts, None);
+        self.quantize_input(x, m, k, acts);
+        self.multiply(x, m, k, out, y, y_stride, &acts.rows, None);
     }
 
-    /// [`Linear::forward`] with `beside`'s items in the product's parallel section (see
-    /// `quant::matmul_beside`), or in one of their own where the product is not quantized.
-    #[allow(clippy::too_many_arguments)]
-    fn forward_beside(
-        &self,
-        x: &[f32],
-        m: usize,
-        k: usize,
-        out: usize,
-        y: &mut [f32],
-        y_stride: usize,
-        acts: &mut Acts,
-        beside: Option<&dyn Beside>,
-    ) {
-        // Once for every quantized part.
-        if self.holds(|l| matches!(l, Linear::Quant(_))) {
+    /// Whether any part is quantized: its input is then quantized first, once for every part.
+    fn quantized(&self) -> bool {
+        self.holds(|l| matches!(l, Linear::Quant(_)))
+    }
+
+    /// Quantizes the input `x` (`m` rows of `k`) into `acts` where the matrix needs it.
+    fn quantize_input(&self, x: &[f32], m: usize, k: usize, acts: &mut Acts) {
+        if self.quantized() {
             acts.rows.quantize(x, m, k, acts.precision);
         }
-        self.multiply(x, m, k, out, y, y_stride, &acts.rows, beside);
     }
 
-    /// [`Linear::forward_beside`] with `x` already quantized into `q` (where any part is
-    /// quantized).
+    /// Has `make(r, row)` write every input row `r` into `x` (`m` rows of `k`) and quantizes
+    /// the row into `acts` where the matrix needs it, in one parallel section: the row-wise
+    /// step before a product (a norm, SwiGLU) and the product's quantization share it.
+    fn make_input(
+        &self,
+        x: &mut [f32],
+        m: usize,
+        k: usize,
+        acts: &mut Acts,
+        make: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) {
+        if self.quantized() {
+            acts.rows.quantize_made(x, m, k, acts.precision, make);
+        } else {
+            team::for_each_row(&mut x[..m * k], k, make);
+        }
+    }
+
+    /// [`Linear::forward`] with `x` already quantized into `q` (where any part is quantized), and
+    /// `beside`'s items in the product's parallel section (see `quant::matmul_beside`), or in one
+    /// of their own where the product is not quantized.
     #[allow(clippy::too_many_arguments)]
     fn multiply(
         &self,
@@ -256,22 +267,23 @@ impl LayerCache {
     }
 }
 
-/// Writes a step's keys and values (the `k` and `v` columns of the fused `qkv` rows) into a
-/// layer's pools and attends over them.
+/// Finishes a step's fused `qkv` rows (`prepare`: what the projection owes them, the rotary
+/// embedding), writes their keys and values (the `k` and `v` columns) into a layer's pools, and
+/// attends over them.
 #[allow(clippy::too_many_arguments)]
 fn attend_cached<T: KvValue>(
     layout: KvLayout,
-    qkv: &[f32],
+    qkv: &mut [f32],
     qkv_w: usize,
     (q_dim, kv_dim, heads): (usize, usize, usize),
     batch: &Batch,
     seqs: &[AttentionSeq<'_>],
     (k, v): (&mut [T], &mut [T]),
-    scale: f32,
-    window: Option<usize>,
+    prepare: &(dyn Fn(usize, &mut [f32]) + Sync),
+    (scale, window): (f32, Option<usize>),
     out: &mut [f32],
 ) {
-    attention::write_kv(layout, qkv, qkv_w, q_dim, q_dim + kv_dim, &batch.kv_slots, k, v);
+    attention::write_kv_rows(layout, qkv, qkv_w, (q_dim, q_dim + kv_dim), &batch.kv_slots, (&mut *k, &mut *v), prepare);
     attention::paged_attention(layout, qkv, qkv_w, heads, seqs, k, v, scale, window, out);
 }
 
@@ -450,27 +462,30 @@ impl CpuExecutor {
         }
     }
 
-    /// `y[n, out] = x[n, k] · linearᵀ` plus, for every `(m, off)` of `modules` (projections
-    /// of the same input, each into its own column block of `y`) and every row whose adapter
-    /// targets `m` in `layer`, that adapter's product. Decode-shaped batches (no run of rows
-    /// sharing an adapter longer than [`BGMV_RUN`]) do the rows' adapters a row at a time
-    /// (BGMV) beside the projection, in its parallel section, into `lr.delta`, added to `y`
-    /// after; prefill-shaped ones add SGMV's products after the projection.
+    /// `y[n, out] = x[n, k] · linearᵀ` (`x` already in `acts` where `linear` is quantized)
+    /// plus, for every `(m, off)` of `modules` (projections of the same input, each into its
+    /// own column block of `y`) and every row whose adapter targets `m` in `layer`, that
+    /// adapter's product. Decode-shaped batches (no run of rows sharing an adapter longer than
+    /// [`BGMV_RUN`]) do the rows' adapters a row at a time (BGMV) beside the projection, in its
+    /// parallel section, into `lr.delta`, whose rows come back to be added to `y`'s by the
+    /// section that reads them next ([`Owed`]); prefill-shaped ones add SGMV's products after
+    /// the projection.
     #[allow(clippy::too_many_arguments)]
-    fn project(
+    fn project<'l>(
         &self,
         linear: &Linear,
-        lr: &mut LoraRows,
+        lr: &'l mut LoraRows,
         layer: usize,
         modules: &[(Module, usize)],
         x: &[f32],
         (k, out): (usize, usize),
         y: &mut [f32],
-        acts: &mut Acts,
-    ) {
+        acts: &Acts,
+    ) -> Vec<Mutex<&'l mut [f32]>> {
         let n = lr.rows.len();
         if lr.segs.is_empty() {
-            return linear.forward(x, n, k, out, y, out, acts);
+            linear.multiply(x, n, k, out, y, out, &acts.rows, None);
+            return Vec::new();
         }
         let mat = |slot: u32, m: Module| {
             let adapter = self.adapters.get(slot as usize)?.as_ref()?;
@@ -487,30 +502,68 @@ impl CpuExecutor {
                 .iter()
                 .map(|&(m, y_offset)| lora::Target { out_dim: self.config.module_shape(m).1, y_offset })
                 .collect();
+            // All zeros: the section that pays a row zeroes it again.
             let delta = &mut lr.delta[..n * out];
-            delta.fill(0.0);
             let job = lora::Bgmv::new(x, k, &lr.rows, &targets, |slot, j| mat(slot, modules[j].0), delta, out);
-            linear.forward_beside(x, n, k, out, y, out, acts, Some(&job));
+            linear.multiply(x, n, k, out, y, out, &acts.rows, Some(&job));
             drop(job);
-            return ops::add_inplace(&mut y[..n * out], &lr.delta[..n * out]);
+            return locked_rows(delta, out);
         }
-        linear.forward(x, n, k, out, y, out, acts);
+        linear.multiply(x, n, k, out, y, out, &acts.rows, None);
         for &(m, y_offset) in modules {
             let out_dim = self.config.module_shape(m).1;
             let mat = |slot: u32| mat(slot, m);
             lora::sgmv_shrink(x, k, &lr.segs, mat, &mut lr.shrink, self.max_rank);
             lora::sgmv_expand(&lr.shrink, self.max_rank, &lr.segs, mat, out_dim, y, out, y_offset);
         }
+        Vec::new()
     }
 }
 
-fn add_bias(y: &mut [f32], width: usize, bias: Option<&Vec<f32>>) {
-    if let Some(bias) = bias {
-        for row in y.chunks_exact_mut(width) {
-            for (v, b) in row.iter_mut().zip(bias) {
-                *v += b;
+/// `data`'s `width`-long rows, each behind its own lock: for row-wise sections that write more
+/// than one buffer, each row taken by the one task that owns it (never contended).
+fn locked_rows(data: &mut [f32], width: usize) -> Vec<Mutex<&mut [f32]>> {
+    data.chunks_mut(width.max(1)).map(Mutex::new).collect()
+}
+
+/// Row `r` of [`locked_rows`].
+fn lock<'g, 'a>(rows: &'g [Mutex<&'a mut [f32]>], r: usize) -> MutexGuard<'g, &'a mut [f32]> {
+    rows[r].lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a projection still owes its output rows when its parallel section ends: its bias, and
+/// the rows' adapters' part where BGMV did them beside it. The row-wise section that reads the
+/// rows next pays it, so a decode step has no serial pass between its sections.
+struct Owed<'a> {
+    bias: Option<&'a [f32]>,
+    /// [`CpuExecutor::project`]'s rows of `LoraRows::delta`, zeroed again as they are paid.
+    delta: Vec<Mutex<&'a mut [f32]>>,
+}
+
+impl Owed<'_> {
+    /// Adds what row `r` is owed to `row`.
+    fn pay(&self, r: usize, row: &mut [f32]) {
+        if let Some(bias) = self.bias {
+            add(row, bias);
+        }
+        if let Some(delta) = self.delta.get(r) {
+            for (y, d) in row.iter_mut().zip(delta.lock().unwrap_or_else(PoisonError::into_inner).iter_mut()) {
+                *y += std::mem::take(d);
             }
         }
+    }
+
+    /// The residual connection of row `r`: `x += y` and what `y` is owed.
+    fn pay_residual(&self, r: usize, x: &mut [f32], y: &[f32]) {
+        add(x, y);
+        self.pay(r, x);
+    }
+}
+
+/// `y += x`.
+fn add(y: &mut [f32], x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += x;
     }
 }
 
@@ -607,46 +660,100 @@ impl CpuExecutor {
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let (rope_freq, rope_scale) = (&self.inv_freq, self.rope_scale);
 
+        let eps = c.rms_norm_eps;
+        let rotated = (c.num_heads + c.num_kv_heads) * c.head_dim;
+        let qkv_modules = [(Module::Q, 0), (Module::K, q_dim), (Module::V, q_dim + kv_dim)];
+        let gate_up_modules = [(Module::Gate, 0), (Module::Up, inter)];
+        // The previous layer's MLP output, added to the residual by the next norm's section.
+        let mut mlp: Option<Owed<'_>> = None;
         for (li, layer) in self.layers.iter().enumerate() {
-            // Attention block.
-            ops::rms_norm(&x, &layer.input_norm, c.rms_norm_eps, &mut normed);
-            let qkv_modules = [(Module::Q, 0), (Module::K, q_dim), (Module::V, q_dim + kv_dim)];
-            self.project(&layer.qkv, &mut lr, li, &qkv_modules, &normed, (h, qkv_w), &mut qkv, &mut acts);
-            add_bias(&mut qkv, qkv_w, layer.qkv_bias.as_ref());
-            ops::rope(&mut qkv, qkv_w, 0, c.num_heads, c.head_dim, &batch.positions, rope_freq, rope_scale);
-            ops::rope(&mut qkv, qkv_w, q_dim, c.num_kv_heads, c.head_dim, &batch.positions, rope_freq, rope_scale);
+            // Attention block: the residual connection, the norm and its quantization in one
+            // section; the projection; the rows' bias, adapters and rotary embedding and the
+            // cache write in one; attention.
+            let owed = mlp.take();
+            let xs = locked_rows(&mut x, h);
+            layer.qkv.make_input(&mut normed, n, h, &mut acts, &|r, o| {
+                let mut x = lock(&xs, r);
+                if let Some(owed) = &owed {
+                    owed.pay_residual(r, &mut x, &proj[r * h..(r + 1) * h]);
+                }
+                ops::rms_norm_row(&x, &layer.input_norm, eps, o);
+            });
+            drop((xs, owed));
+            let delta = self.project(&layer.qkv, &mut lr, li, &qkv_modules, &normed, (h, qkv_w), &mut qkv, &acts);
+            let owed = Owed { bias: layer.qkv_bias.as_deref(), delta };
+            let prepare = |t: usize, row: &mut [f32]| {
+                owed.pay(t, row);
+                ops::rope_row(&mut row[..rotated], c.head_dim, batch.positions[t], rope_freq, rope_scale);
+            };
             let dims = (q_dim, kv_dim, c.num_heads);
             let (layout, window) = (self.layout, c.sliding_window);
             match &mut self.cache[li] {
-                LayerCache::F32 { k, v } => {
-                    attend_cached(layout, &qkv, qkv_w, dims, batch, &attn_seqs, (k, v), scale, window, &mut attn)
-                }
-                LayerCache::F16 { k, v } => {
-                    attend_cached(layout, &qkv, qkv_w, dims, batch, &attn_seqs, (k, v), scale, window, &mut attn)
-                }
+                LayerCache::F32 { k, v } => attend_cached(
+                    layout,
+                    &mut qkv,
+                    qkv_w,
+                    dims,
+                    batch,
+                    &attn_seqs,
+                    (k, v),
+                    &prepare,
+                    (scale, window),
+                    &mut attn,
+                ),
+                LayerCache::F16 { k, v } => attend_cached(
+                    layout,
+                    &mut qkv,
+                    qkv_w,
+                    dims,
+                    batch,
+                    &attn_seqs,
+                    (k, v),
+                    &prepare,
+                    (scale, window),
+                    &mut attn,
+                ),
             }
-            self.project(&layer.o, &mut lr, li, &[(Module::O, 0)], &attn, (q_dim, h), &mut proj, &mut acts);
-            add_bias(&mut proj, h, layer.o_bias.as_ref());
-            ops::add_inplace(&mut x, &proj);
+            drop(owed);
+            layer.o.quantize_input(&attn, n, q_dim, &mut acts);
+            let delta = self.project(&layer.o, &mut lr, li, &[(Module::O, 0)], &attn, (q_dim, h), &mut proj, &acts);
+            let owed = Owed { bias: layer.o_bias.as_deref(), delta };
 
-            // MLP block.
-            ops::rms_norm(&x, &layer.post_norm, c.rms_norm_eps, &mut normed);
-            let gate_up_modules = [(Module::Gate, 0), (Module::Up, inter)];
-            self.project(
+            // MLP block: the residual connection, the norm and its quantization in one section;
+            // the projection; its bias and adapters, SwiGLU and its quantization in one; the
+            // projection, added to the residual by the next layer's first section.
+            let xs = locked_rows(&mut x, h);
+            layer.gate_up.make_input(&mut normed, n, h, &mut acts, &|r, o| {
+                let mut x = lock(&xs, r);
+                owed.pay_residual(r, &mut x, &proj[r * h..(r + 1) * h]);
+                ops::rms_norm_row(&x, &layer.post_norm, eps, o);
+            });
+            drop((xs, owed));
+            let gate_up_shape = (h, 2 * inter);
+            let delta = self.project(
                 &layer.gate_up,
                 &mut lr,
                 li,
                 &gate_up_modules,
                 &normed,
-                (h, 2 * inter),
+                gate_up_shape,
                 &mut gate_up,
-                &mut acts,
+                &acts,
             );
-            add_bias(&mut gate_up, 2 * inter, layer.gate_up_bias.as_ref());
-            ops::silu_mul(&gate_up, inter, &mut act);
-            self.project(&layer.down, &mut lr, li, &[(Module::Down, 0)], &act, (inter, h), &mut proj, &mut acts);
-            add_bias(&mut proj, h, layer.down_bias.as_ref());
-            ops::add_inplace(&mut x, &proj);
+            let owed = Owed { bias: layer.gate_up_bias.as_deref(), delta };
+            let rows = locked_rows(&mut gate_up, 2 * inter);
+            layer.down.make_input(&mut act, n, inter, &mut acts, &|r, o| {
+                let mut gate_up = lock(&rows, r);
+                owed.pay(r, &mut gate_up);
+                ops::silu_mul_row(&gate_up, o);
+            });
+            drop((rows, owed));
+            let delta =
+                self.project(&layer.down, &mut lr, li, &[(Module::Down, 0)], &act, (inter, h), &mut proj, &acts);
+            mlp = Some(Owed { bias: layer.down_bias.as_deref(), delta });
+        }
+        if let Some(owed) = mlp {
+            team::for_each_row(&mut x, h, &|r, x| owed.pay_residual(r, x, &proj[r * h..(r + 1) * h]));
         }
 
         // Logits only for the rows that need them: the last row of each finishing chunk (and

@@ -597,6 +597,9 @@ pub struct Q8Rows {
     halves: Vec<i32>,
 }
 
+/// Quantizes one row's values into its place in a [`Q8Rows`] ([`Q8Rows::quantize_each`]).
+type Quantize<'a> = dyn FnMut(&[f32]) + 'a;
+
 /// One row of [`Q8Rows`].
 #[derive(Debug, Clone, Copy)]
 pub struct Q8Row<'a> {
@@ -622,7 +625,45 @@ impl Q8Rows {
     /// [`Q8Rows::quantize`] on `path` (AVX-512 has its own rounding loop; the others run the
     /// scalar one, which is the specification: every path gives the same bits for finite input).
     pub fn quantize_on(&mut self, path: Path, x: &[f32], rows: usize, cols: usize, precision: Precision) {
-        assert!(cols.is_multiple_of(BLOCK) && x.len() >= rows * cols, "quantize: bad shape");
+        assert!(x.len() >= rows * cols, "quantize: bad shape");
+        self.quantize_each(path, rows, cols, precision, &|r, quantize| quantize(&x[r * cols..(r + 1) * cols]));
+    }
+
+    /// [`Q8Rows::quantize`] of rows that `make(r, row)` first writes into row `r` of `x`: an
+    /// element-wise step and the quantization of what it writes in one parallel section (a
+    /// decode step's norms and SwiGLU before their products).
+    ///
+    /// # Panics
+    /// When `cols` is not a whole number of blocks or `x` is too short (caller bugs).
+    pub fn quantize_made(
+        &mut self,
+        x: &mut [f32],
+        rows: usize,
+        cols: usize,
+        precision: Precision,
+        make: &(dyn Fn(usize, &mut [f32]) + Sync),
+    ) {
+        assert!(x.len() >= rows * cols, "quantize: bad shape");
+        // Each row behind its own lock, taken by the one task that owns the row: never contended.
+        let xs: Vec<Mutex<&mut [f32]>> = x[..rows * cols].chunks_mut(cols.max(1)).map(Mutex::new).collect();
+        self.quantize_each(Path::detect(), rows, cols, precision, &|r, quantize| {
+            let mut row = xs[r].lock().unwrap_or_else(PoisonError::into_inner);
+            make(r, &mut row);
+            quantize(&row);
+        });
+    }
+
+    /// Sizes the buffers for `rows` rows of `cols` values and runs `each(r, quantize)` for
+    /// every row `r`, a share of the rows per task, where `quantize(values)` quantizes row `r`.
+    fn quantize_each(
+        &mut self,
+        path: Path,
+        rows: usize,
+        cols: usize,
+        precision: Precision,
+        each: &(dyn Fn(usize, &mut Quantize<'_>) + Sync),
+    ) {
+        assert!(cols.is_multiple_of(BLOCK), "quantize: bad shape");
         let blocks = cols / BLOCK;
         let row_q = precision.limbs() * cols;
         self.rows = rows;
@@ -632,33 +673,28 @@ impl Q8Rows {
         self.d.resize(rows * blocks, 0.0);
         self.sum.resize(rows * blocks, 0.0);
         self.halves.resize(2 * rows * blocks, 0);
-        let rows_of = |q: &mut [i8], d: &mut [f32], sum: &mut [f32], halves: &mut [i32], x: &[f32]| {
-            let parts = q.chunks_exact_mut(row_q).zip(d.chunks_exact_mut(blocks)).zip(sum.chunks_exact_mut(blocks));
-            for (((q, d), sum), (halves, x)) in parts.zip(halves.chunks_exact_mut(2 * blocks).zip(x.chunks_exact(cols)))
-            {
-                path.quantize_row(x, q, d, sum, halves);
-            }
-        };
         if rows == 0 || cols == 0 {
             return;
         }
         // A share of the rows per thread (the team is awake between a step's sections, so even
         // a decode step's few rows split), at most about 16K values a task.
-        let per_task = rows.div_ceil(crate::team::threads()).clamp(1, (1 << 14) / cols.max(1) + 1);
+        let per_task = rows.div_ceil(crate::team::threads()).clamp(1, (1 << 14) / cols + 1);
         let tasks: Vec<Mutex<_>> = self
             .q
             .chunks_mut(row_q * per_task)
             .zip(self.d.chunks_mut(blocks * per_task))
             .zip(self.sum.chunks_mut(blocks * per_task))
             .zip(self.halves.chunks_mut(2 * blocks * per_task))
-            .zip(x[..rows * cols].chunks(cols * per_task))
             .map(Mutex::new)
             .collect();
         crate::team::for_each(tasks.len(), &|t| {
             // Each task locks its own rows: never contended.
             let mut task = tasks[t].lock().unwrap_or_else(PoisonError::into_inner);
-            let ((((q, d), sum), halves), x) = &mut *task;
-            rows_of(q, d, sum, halves, x);
+            let (((q, d), sum), halves) = &mut *task;
+            let parts = q.chunks_exact_mut(row_q).zip(d.chunks_exact_mut(blocks)).zip(sum.chunks_exact_mut(blocks));
+            for (i, (((q, d), sum), halves)) in parts.zip(halves.chunks_exact_mut(2 * blocks)).enumerate() {
+                each(t * per_task + i, &mut |x| path.quantize_row(x, q, d, sum, halves));
+            }
         });
     }
 
@@ -1404,5 +1440,29 @@ mod tests {
         );
         let e = QuantMatrix::from_ggml(Format::Q8_0, 2, 64, &[0; 100]).expect_err("refused");
         assert_eq!(e, QuantError::Size { format: Format::Q8_0, rows: 2, cols: 64, got: 100, want: 136 });
+    }
+
+    #[test]
+    fn rows_quantized_as_they_are_made_match_rows_quantized_after() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        // One row, a decode batch's share per thread, and more rows than a task takes.
+        for (rows, cols) in [(1, 64), (8, 576), (37, 96)] {
+            let src: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
+            let want_x: Vec<f32> = src.iter().enumerate().map(|(i, v)| v * (i / cols + 1) as f32).collect();
+            for precision in [Precision::Int8, Precision::Int16] {
+                // Each row made from its source row and its index, over stale values.
+                let mut x = vec![f32::NAN; rows * cols];
+                let mut made = Q8Rows::default();
+                made.quantize_made(&mut x, rows, cols, precision, &|r, row| {
+                    for (o, v) in row.iter_mut().zip(&src[r * cols..(r + 1) * cols]) {
+                        *o = v * (r + 1) as f32;
+                    }
+                });
+                assert_eq!(x, want_x, "{rows}x{cols}: the made rows stay in x");
+                let mut after = Q8Rows::default();
+                after.quantize(&want_x, rows, cols, precision);
+                assert_eq!(made, after, "{rows}x{cols}, {precision:?}");
+            }
+        }
     }
 }

@@ -142,7 +142,7 @@ unsafe fn quantize512(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], h
         }
         d[b] = if two { scale / super::LIMB as f32 } else { scale };
         sum[b] = d[b] * (totals[0] + totals[1]) as f32;
-        halves[2 * b..2 * b + 2].copy_from_slice(&totals);
+        (halves[2 * b], halves[2 * b + 1]) = (totals[0], totals[1]);
     }
 }
 
@@ -383,7 +383,7 @@ unsafe fn quantize256(x: &[f32], q: &mut [i8], d: &mut [f32], sum: &mut [f32], h
         let totals = [sum_i32x8(_mm256_add_epi32(value[0], value[1])), sum_i32x8(_mm256_add_epi32(value[2], value[3]))];
         d[b] = if two { scale / super::LIMB as f32 } else { scale };
         sum[b] = d[b] * (totals[0] + totals[1]) as f32;
-        halves[2 * b..2 * b + 2].copy_from_slice(&totals);
+        (halves[2 * b], halves[2 * b + 1]) = (totals[0], totals[1]);
     }
 }
 
