@@ -583,7 +583,7 @@ impl Precision {
 /// Rows of activations quantized for dot products, as ggml's `Q8_1`: per block of [`BLOCK`], a
 /// scale `e`, the integer values `q` (one or two 8-bit limbs, [`Precision`]) with `x ≈ e·q`,
 /// `e·Σq`, and the integer `Σq` of each half block (for `Q6_K`'s half-block scales).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Q8Rows {
     rows: usize,
     /// Blocks per row.
@@ -595,6 +595,25 @@ pub struct Q8Rows {
     sum: Vec<f32>,
     /// Per block, `Σq` of its first and second halves (with two limbs, `Σ(254·h + l)`).
     halves: Vec<i32>,
+}
+
+/// The same rows quantized alike (the buffers hold more than the rows where earlier rows were
+/// wider).
+impl PartialEq for Q8Rows {
+    fn eq(&self, other: &Q8Rows) -> bool {
+        (self.rows, self.blocks, self.precision) == (other.rows, other.blocks, other.precision)
+            && (0..self.rows).all(|r| {
+                let (a, b) = (self.row(r), other.row(r));
+                (a.q, a.lo, a.d, a.sum, a.halves) == (b.q, b.lo, b.d, b.sum, b.halves)
+            })
+    }
+}
+
+/// `v` at least `len` long (what is past the rows in use keeps stale values).
+fn fit<T: Clone + Default>(v: &mut Vec<T>, len: usize) {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
 }
 
 /// Quantizes one row's values into its place in a [`Q8Rows`] ([`Q8Rows::quantize_each`]).
@@ -669,22 +688,23 @@ impl Q8Rows {
         self.rows = rows;
         self.blocks = blocks;
         self.precision = precision;
-        self.q.resize(rows * row_q, 0);
-        self.d.resize(rows * blocks, 0.0);
-        self.sum.resize(rows * blocks, 0.0);
-        self.halves.resize(2 * rows * blocks, 0);
+        // The buffers only grow: a step's products alternate between input widths, and zeroing
+        // what a wider input needs again each time measured a few percent of a decode step.
+        fit(&mut self.q, rows * row_q);
+        fit(&mut self.d, rows * blocks);
+        fit(&mut self.sum, rows * blocks);
+        fit(&mut self.halves, 2 * rows * blocks);
         if rows == 0 || cols == 0 {
             return;
         }
         // A share of the rows per thread (the team is awake between a step's sections, so even
         // a decode step's few rows split), at most about 16K values a task.
         let per_task = rows.div_ceil(crate::team::threads()).clamp(1, (1 << 14) / cols + 1);
-        let tasks: Vec<Mutex<_>> = self
-            .q
+        let tasks: Vec<Mutex<_>> = self.q[..rows * row_q]
             .chunks_mut(row_q * per_task)
-            .zip(self.d.chunks_mut(blocks * per_task))
-            .zip(self.sum.chunks_mut(blocks * per_task))
-            .zip(self.halves.chunks_mut(2 * blocks * per_task))
+            .zip(self.d[..rows * blocks].chunks_mut(blocks * per_task))
+            .zip(self.sum[..rows * blocks].chunks_mut(blocks * per_task))
+            .zip(self.halves[..2 * rows * blocks].chunks_mut(2 * blocks * per_task))
             .map(Mutex::new)
             .collect();
         crate::team::for_each(tasks.len(), &|t| {
@@ -956,36 +976,48 @@ pub fn matmul_beside(
         0 => (panels / (4 * threads)).clamp(1, 4),
         _ => (panels / (4 * threads)).clamp(1, 4).min((panels / side).max(1)),
     };
+    // Where the panels are arithmetic-bound (several rows), the last chunks a panel each, so
+    // that the threads finish the section together.
+    let tail = if m >= TILE / 2 && chunk > 1 && chunk < panels { (2 * threads).min(panels) } else { 0 };
+    let whole = (panels - tail).div_ceil(chunk);
+    let span_of = |c: usize| {
+        if c < whole {
+            c * chunk..((c + 1) * chunk).min(panels - tail)
+        } else {
+            panels - tail + (c - whole)..panels - tail + (c - whole) + 1
+        }
+    };
     let out = crate::team::Shared::new(y);
     let run = |c: usize, ahead: &mut Ahead<'_>| {
-        let mut values: PanelOut = [[0f32; PANEL]; TILE];
-        let span = c * chunk..((c + 1) * chunk).min(panels);
-        let mut steps = m.div_ceil(TILE) * span.len();
-        for i0 in (0..m).step_by(TILE) {
-            let t = (m - i0).min(TILE);
-            let xs: [Q8Row<'_>; TILE] = std::array::from_fn(|k| x.row(i0 + k.min(t - 1)));
-            for p in span.clone() {
-                ahead.ask(ahead.lines().div_ceil(steps));
-                steps -= 1;
-                path.panel(w, p, &xs[..t], &mut values);
-                let cols = PANEL.min(n - p * PANEL);
-                for (k, v) in values[..t].iter().enumerate() {
-                    let to = out.at((i0 + k) * y_stride + p * PANEL);
-                    // SAFETY: row i0 + k < m and columns p·16 .. p·16 + cols <= n are inside
-                    // `y` (asserted above), and only the task owning panel p writes them. A
-                    // whole panel's copy has a constant length: a vector store, not a call.
-                    unsafe {
-                        if cols == PANEL {
-                            std::ptr::copy_nonoverlapping(v.as_ptr(), to, PANEL);
-                        } else {
-                            std::ptr::copy_nonoverlapping(v.as_ptr(), to, cols);
+        VALUES.with_borrow_mut(|values| {
+            let span = span_of(c);
+            let mut steps = m.div_ceil(TILE) * span.len();
+            for i0 in (0..m).step_by(TILE) {
+                let t = (m - i0).min(TILE);
+                let xs: [Q8Row<'_>; TILE] = std::array::from_fn(|k| x.row(i0 + k.min(t - 1)));
+                for p in span.clone() {
+                    ahead.ask(ahead.lines().div_ceil(steps));
+                    steps -= 1;
+                    path.panel(w, p, &xs[..t], values);
+                    let cols = PANEL.min(n - p * PANEL);
+                    for (k, v) in values[..t].iter().enumerate() {
+                        let to = out.at((i0 + k) * y_stride + p * PANEL);
+                        // SAFETY: row i0 + k < m and columns p·16 .. p·16 + cols <= n are inside
+                        // `y` (asserted above), and only the task owning panel p writes them. A
+                        // whole panel's copy has a constant length: a vector store, not a call.
+                        unsafe {
+                            if cols == PANEL {
+                                std::ptr::copy_nonoverlapping(v.as_ptr(), to, PANEL);
+                            } else {
+                                std::ptr::copy_nonoverlapping(v.as_ptr(), to, cols);
+                            }
                         }
                     }
                 }
             }
-        }
+        })
     };
-    let chunks = panels.div_ceil(chunk);
+    let chunks = whole + tail;
     match beside {
         None if chunks == 1 => run(0, &mut Ahead::default()),
         None => crate::team::for_each(chunks, &|c| run(c, &mut Ahead::default())),
@@ -1006,6 +1038,12 @@ pub fn matmul_beside(
             }
         }),
     }
+}
+
+thread_local! {
+    /// Each thread's products of a panel with a tile, which every panel overwrites (one buffer a
+    /// thread, where a zeroed one a task measured about 1% of a decode step).
+    static VALUES: std::cell::RefCell<PanelOut> = const { std::cell::RefCell::new([[0f32; PANEL]; TILE]) };
 }
 
 /// The memory a [`crate::team::Beside`] item reads, asked for into L2 a share at a time while the
