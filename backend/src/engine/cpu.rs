@@ -267,24 +267,28 @@ impl LayerCache {
     }
 }
 
-/// Finishes a step's fused `qkv` rows (`prepare`: what the projection owes them, the rotary
-/// embedding), writes their keys and values (the `k` and `v` columns) into a layer's pools, and
-/// attends over them.
-#[allow(clippy::too_many_arguments)]
-fn attend_cached<T: KvValue>(
+/// What a layer's attention needs besides its pools and rows: the same for every layer of a step.
+struct Attend<'a> {
     layout: KvLayout,
-    qkv: &mut [f32],
     qkv_w: usize,
-    (q_dim, kv_dim, heads): (usize, usize, usize),
-    batch: &Batch,
-    seqs: &[AttentionSeq<'_>],
-    (k, v): (&mut [T], &mut [T]),
-    prepare: &(dyn Fn(usize, &mut [f32]) + Sync),
-    (scale, window): (f32, Option<usize>),
-    out: &mut [f32],
-) {
-    attention::write_kv_rows(layout, qkv, qkv_w, (q_dim, q_dim + kv_dim), &batch.kv_slots, (&mut *k, &mut *v), prepare);
-    attention::paged_attention(layout, qkv, qkv_w, heads, seqs, k, v, scale, window, out);
+    /// `q_dim`, `kv_dim` and the query heads.
+    dims: (usize, usize, usize),
+    batch: &'a Batch,
+    seqs: &'a [AttentionSeq<'a>],
+    /// What the `qkv` rows still need before attention: what their projection owes them and
+    /// the rotary embedding.
+    prepare: &'a (dyn Fn(usize, &mut [f32]) + Sync),
+    scale: f32,
+    window: Option<usize>,
+}
+
+/// Finishes a step's fused `qkv` rows, writes their keys and values (the `k` and `v` columns)
+/// into a layer's pools, and attends over them.
+fn attend_cached<T: KvValue>(a: &Attend<'_>, qkv: &mut [f32], (k, v): (&mut [T], &mut [T]), out: &mut [f32]) {
+    let (q_dim, kv_dim, heads) = a.dims;
+    let columns = (q_dim, q_dim + kv_dim);
+    attention::write_kv_rows(a.layout, qkv, a.qkv_w, columns, &a.batch.kv_slots, (&mut *k, &mut *v), a.prepare);
+    attention::paged_attention(a.layout, qkv, a.qkv_w, heads, a.seqs, k, v, a.scale, a.window, out);
 }
 
 /// An adapter as the CPU executor holds it: its validated weights (for prefill-shaped batches)
@@ -686,33 +690,19 @@ impl CpuExecutor {
                 owed.pay(t, row);
                 ops::rope_row(&mut row[..rotated], c.head_dim, batch.positions[t], rope_freq, rope_scale);
             };
-            let dims = (q_dim, kv_dim, c.num_heads);
-            let (layout, window) = (self.layout, c.sliding_window);
+            let attend = Attend {
+                layout: self.layout,
+                qkv_w,
+                dims: (q_dim, kv_dim, c.num_heads),
+                batch,
+                seqs: &attn_seqs,
+                prepare: &prepare,
+                scale,
+                window: c.sliding_window,
+            };
             match &mut self.cache[li] {
-                LayerCache::F32 { k, v } => attend_cached(
-                    layout,
-                    &mut qkv,
-                    qkv_w,
-                    dims,
-                    batch,
-                    &attn_seqs,
-                    (k, v),
-                    &prepare,
-                    (scale, window),
-                    &mut attn,
-                ),
-                LayerCache::F16 { k, v } => attend_cached(
-                    layout,
-                    &mut qkv,
-                    qkv_w,
-                    dims,
-                    batch,
-                    &attn_seqs,
-                    (k, v),
-                    &prepare,
-                    (scale, window),
-                    &mut attn,
-                ),
+                LayerCache::F32 { k, v } => attend_cached(&attend, &mut qkv, (k, v), &mut attn),
+                LayerCache::F16 { k, v } => attend_cached(&attend, &mut qkv, (k, v), &mut attn),
             }
             drop(owed);
             layer.o.quantize_input(&attn, n, q_dim, &mut acts);
