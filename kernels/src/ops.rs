@@ -1,7 +1,6 @@
 //! Element-wise and row-wise operations of a Llama-family decoder layer.
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 /// Copies embedding rows: `out[t] = table[ids[t]]`.
 ///
@@ -30,13 +29,12 @@ pub fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// `x += y`, the residual connection.
+/// `x += y` (over the shorter of the two): the residual connection, a row at a time in the
+/// sections that read it next.
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
-    x.par_chunks_mut(1 << 14).zip(y.par_chunks(1 << 14)).for_each(|(x, y)| {
-        for (x, y) in x.iter_mut().zip(y) {
-            *x += y;
-        }
-    });
+    for (x, y) in x.iter_mut().zip(y) {
+        *x += y;
+    }
 }
 
 /// SwiGLU: for each row of a fused `[gate | up]` matrix (`2·inter` wide), writes

@@ -23,7 +23,7 @@ use std::any::Any;
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Condvar, Mutex, OnceLock, PoisonError, TryLockError};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 /// How long a worker spins for the next section before it parks. Long enough to span the
@@ -109,6 +109,37 @@ const ROWS_PER_TASK: usize = 16;
 pub fn for_each_row<T: Send>(data: &mut [T], width: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
     let rows = data.len() / width.max(1);
     for_each_piece(data, width.max(1), rows.div_ceil(threads()).clamp(1, ROWS_PER_TASK), f);
+}
+
+/// A mutably borrowed slice's `width`-long rows, each behind its own lock: for row-wise sections
+/// that write more than one buffer (or write one that a closure captures), each row taken by the
+/// one task that owns it, so never contended.
+#[derive(Debug)]
+pub struct Rows<'a, T>(Vec<Mutex<&'a mut [T]>>);
+
+impl<'a, T> Rows<'a, T> {
+    pub fn new(data: &'a mut [T], width: usize) -> Rows<'a, T> {
+        Rows(data.chunks_mut(width.max(1)).map(Mutex::new).collect())
+    }
+
+    /// Row `r`, or `None` past the last.
+    pub fn get(&self, r: usize) -> Option<MutexGuard<'_, &'a mut [T]>> {
+        Some(self.0.get(r)?.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Row `r`.
+    ///
+    /// # Panics
+    /// Past the last row (a caller bug).
+    pub fn row(&self, r: usize) -> MutexGuard<'_, &'a mut [T]> {
+        self.get(r).unwrap_or_else(|| panic!("row {r} of {}", self.0.len()))
+    }
+}
+
+impl<T> Default for Rows<'_, T> {
+    fn default() -> Self {
+        Rows(Vec::new())
+    }
 }
 
 /// The start of a mutably borrowed slice, shared by a section's tasks that write disjoint

@@ -8,7 +8,7 @@ use crate::adapters::AdapterWeights;
 use crate::model::{HostTensor, ModelConfig, ModelWeights, Module, TensorData};
 use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use switchyard_kernels::lora::LoraHalf;
 use switchyard_kernels::ops::Half;
 use switchyard_kernels::quant::{self, Path, Precision, Q8Rows, QuantMatrix};
@@ -485,11 +485,11 @@ impl CpuExecutor {
         (k, out): (usize, usize),
         y: &mut [f32],
         acts: &Acts,
-    ) -> Vec<Mutex<&'l mut [f32]>> {
+    ) -> team::Rows<'l, f32> {
         let n = lr.rows.len();
         if lr.segs.is_empty() {
             linear.multiply(x, n, k, out, y, out, &acts.rows, None);
-            return Vec::new();
+            return team::Rows::default();
         }
         let mat = |slot: u32, m: Module| {
             let adapter = self.adapters.get(slot as usize)?.as_ref()?;
@@ -511,7 +511,7 @@ impl CpuExecutor {
             let job = lora::Bgmv::new(x, k, &lr.rows, &targets, |slot, j| mat(slot, modules[j].0), delta, out);
             linear.multiply(x, n, k, out, y, out, &acts.rows, Some(&job));
             drop(job);
-            return locked_rows(delta, out);
+            return team::Rows::new(delta, out);
         }
         linear.multiply(x, n, k, out, y, out, &acts.rows, None);
         for &(m, y_offset) in modules {
@@ -520,19 +520,8 @@ impl CpuExecutor {
             lora::sgmv_shrink(x, k, &lr.segs, mat, &mut lr.shrink, self.max_rank);
             lora::sgmv_expand(&lr.shrink, self.max_rank, &lr.segs, mat, out_dim, y, out, y_offset);
         }
-        Vec::new()
+        team::Rows::default()
     }
-}
-
-/// `data`'s `width`-long rows, each behind its own lock: for row-wise sections that write more
-/// than one buffer, each row taken by the one task that owns it (never contended).
-fn locked_rows(data: &mut [f32], width: usize) -> Vec<Mutex<&mut [f32]>> {
-    data.chunks_mut(width.max(1)).map(Mutex::new).collect()
-}
-
-/// Row `r` of [`locked_rows`].
-fn lock<'g, 'a>(rows: &'g [Mutex<&'a mut [f32]>], r: usize) -> MutexGuard<'g, &'a mut [f32]> {
-    rows[r].lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What a projection still owes its output rows when its parallel section ends: its bias, and
@@ -541,17 +530,17 @@ fn lock<'g, 'a>(rows: &'g [Mutex<&'a mut [f32]>], r: usize) -> MutexGuard<'g, &'
 struct Owed<'a> {
     bias: Option<&'a [f32]>,
     /// [`CpuExecutor::project`]'s rows of `LoraRows::delta`, zeroed again as they are paid.
-    delta: Vec<Mutex<&'a mut [f32]>>,
+    delta: team::Rows<'a, f32>,
 }
 
 impl Owed<'_> {
     /// Adds what row `r` is owed to `row`.
     fn pay(&self, r: usize, row: &mut [f32]) {
         if let Some(bias) = self.bias {
-            add(row, bias);
+            ops::add_inplace(row, bias);
         }
-        if let Some(delta) = self.delta.get(r) {
-            for (y, d) in row.iter_mut().zip(delta.lock().unwrap_or_else(PoisonError::into_inner).iter_mut()) {
+        if let Some(mut delta) = self.delta.get(r) {
+            for (y, d) in row.iter_mut().zip(delta.iter_mut()) {
                 *y += std::mem::take(d);
             }
         }
@@ -559,15 +548,8 @@ impl Owed<'_> {
 
     /// The residual connection of row `r`: `x += y` and what `y` is owed.
     fn pay_residual(&self, r: usize, x: &mut [f32], y: &[f32]) {
-        add(x, y);
+        ops::add_inplace(x, y);
         self.pay(r, x);
-    }
-}
-
-/// `y += x`.
-fn add(y: &mut [f32], x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += x;
     }
 }
 
@@ -675,9 +657,9 @@ impl CpuExecutor {
             // section; the projection; the rows' bias, adapters and rotary embedding and the
             // cache write in one; attention.
             let owed = mlp.take();
-            let xs = locked_rows(&mut x, h);
+            let xs = team::Rows::new(&mut x, h);
             layer.qkv.make_input(&mut normed, n, h, &mut acts, &|r, o| {
-                let mut x = lock(&xs, r);
+                let mut x = xs.row(r);
                 if let Some(owed) = &owed {
                     owed.pay_residual(r, &mut x, &proj[r * h..(r + 1) * h]);
                 }
@@ -712,9 +694,9 @@ impl CpuExecutor {
             // MLP block: the residual connection, the norm and its quantization in one section;
             // the projection; its bias and adapters, SwiGLU and its quantization in one; the
             // projection, added to the residual by the next layer's first section.
-            let xs = locked_rows(&mut x, h);
+            let xs = team::Rows::new(&mut x, h);
             layer.gate_up.make_input(&mut normed, n, h, &mut acts, &|r, o| {
-                let mut x = lock(&xs, r);
+                let mut x = xs.row(r);
                 owed.pay_residual(r, &mut x, &proj[r * h..(r + 1) * h]);
                 ops::rms_norm_row(&x, &layer.post_norm, eps, o);
             });
@@ -731,9 +713,9 @@ impl CpuExecutor {
                 &acts,
             );
             let owed = Owed { bias: layer.gate_up_bias.as_deref(), delta };
-            let rows = locked_rows(&mut gate_up, 2 * inter);
+            let rows = team::Rows::new(&mut gate_up, 2 * inter);
             layer.down.make_input(&mut act, n, inter, &mut acts, &|r, o| {
-                let mut gate_up = lock(&rows, r);
+                let mut gate_up = rows.row(r);
                 owed.pay(r, &mut gate_up);
                 ops::silu_mul_row(&gate_up, o);
             });

@@ -663,10 +663,9 @@ impl Q8Rows {
         make: &(dyn Fn(usize, &mut [f32]) + Sync),
     ) {
         assert!(x.len() >= rows * cols, "quantize: bad shape");
-        // Each row behind its own lock, taken by the one task that owns the row: never contended.
-        let xs: Vec<Mutex<&mut [f32]>> = x[..rows * cols].chunks_mut(cols.max(1)).map(Mutex::new).collect();
+        let xs = crate::team::Rows::new(&mut x[..rows * cols], cols);
         self.quantize_each(Path::detect(), rows, cols, precision, &|r, quantize| {
-            let mut row = xs[r].lock().unwrap_or_else(PoisonError::into_inner);
+            let mut row = xs.row(r);
             make(r, &mut row);
             quantize(&row);
         });
