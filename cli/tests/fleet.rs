@@ -683,12 +683,20 @@ async fn a_gateway_killed_during_a_load_leaves_the_operation_to_the_fleet_and_no
 async fn an_adapter_with_one_replica_lives_on_one_backend_and_moves_when_that_one_dies() {
     let Some(cluster) = EtcdCluster::start(3) else { return };
     let (x, y) = (start_backend(&[]), start_backend(&[]));
+    // A third backend that never answers: it is not a place for the copy, and the load says so.
+    let down = format!("127.0.0.1:{}", free_port());
     let dir = tempfile::tempdir().unwrap();
     let store = cluster.url("replicas");
-    let gw = gateway(dir.path(), &[&x.addr, &y.addr], &fleet_tenants(), &["--store", &store]);
+    let gw = gateway(dir.path(), &[&x.addr, &y.addr, &down], &fleet_tenants(), &["--store", &store]);
     let http = reqwest::Client::new();
-    wait_ready(&http, &gw).await;
     let ops = token("ops", "lora:load lora:read");
+    // Both live backends healthy first: one that turns healthy later may take the copy over.
+    until(Duration::from_secs(20), "both live backends healthy", async || {
+        let (_, v) = get(&http, &gw, "/v1/loras", &ops).await;
+        let healthy = v["backends"].as_array().map_or(0, |b| b.iter().filter(|b| b["healthy"] == true).count());
+        healthy == 2
+    })
+    .await;
     let body = json!({"lora_name": "acme/one", "source": {"uri": fixture_uri("r8-qv")}, "replicas": 1});
     let (status, v) = post(&http, &gw, "/v1/loras", &ops, body).await;
     assert_eq!(status, 200, "{v}");

@@ -42,24 +42,72 @@ pub struct BackendView {
     pub adapters: HashMap<String, AdapterStatus>,
     /// Requests this gateway has in flight there now (fresher than the probe's queue figures).
     pub in_flight: u32,
+    /// What this gateway itself changed in `adapters` ([`BackendView::loaded`],
+    /// [`BackendView::unloaded`]).
+    pub changed: Changes,
+}
+
+/// The changes a gateway made to its view of a backend's adapters, counted, so that a probe
+/// that began before one does not undo it.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    count: u64,
+    /// Per adapter, the change (of `count`) that last set it.
+    last: HashMap<String, u64>,
 }
 
 impl BackendView {
-    /// Records a probe's answer.
-    pub fn observe(&mut self, serving: bool, info: BackendInfo, adapters: Vec<AdapterStatus>) {
+    /// Where a probe begins: pass it to [`BackendView::observe`] with the probe's answer.
+    pub fn probe_start(&self) -> u64 {
+        self.changed.count
+    }
+
+    /// Records a probe's answer. The probe began at `since` ([`BackendView::probe_start`]):
+    /// what this gateway itself did to an adapter there after that (a load or an unload whose
+    /// answer came while the probe was under way) stands over what the probe listed.
+    pub fn observe(&mut self, since: u64, serving: bool, info: BackendInfo, adapters: Vec<AdapterStatus>) {
         self.healthy = serving;
         self.last_error = (!serving).then(|| match info.not_serving_reason.as_str() {
             "" => "backend reports NOT_SERVING".to_string(),
             why => format!("backend reports NOT_SERVING: {why}"),
         });
         self.info = Some(info);
-        self.adapters.clear();
+        let mut before = std::mem::take(&mut self.adapters);
         for a in adapters {
             let better = self.adapters.get(&a.name).is_none_or(|old| state_rank(a.state) > state_rank(old.state));
             if better {
                 self.adapters.insert(a.name.clone(), a);
             }
         }
+        self.changed.last.retain(|name, &mut at| {
+            let newer = at > since;
+            if newer {
+                match before.remove(name) {
+                    Some(a) => self.adapters.insert(name.clone(), a),
+                    None => self.adapters.remove(name),
+                };
+            }
+            newer
+        });
+    }
+
+    /// Records that this gateway loaded an adapter there, with the status the backend answered.
+    /// A probe already under way does not undo it.
+    pub fn loaded(&mut self, adapter: AdapterStatus) {
+        self.note(&adapter.name);
+        self.adapters.insert(adapter.name.clone(), adapter);
+    }
+
+    /// Records that this gateway unloaded adapter `name` there (or found it gone). A probe
+    /// already under way does not undo it.
+    pub fn unloaded(&mut self, name: &str) {
+        self.note(name);
+        self.adapters.remove(name);
+    }
+
+    fn note(&mut self, name: &str) {
+        self.changed.count += 1;
+        self.changed.last.insert(name.to_string(), self.changed.count);
     }
 
     /// Records a failed probe. What it said about its adapters no longer holds (a backend
@@ -158,7 +206,7 @@ mod tests {
         let info =
             BackendInfo { loaded_loras: slots.0, max_loras: slots.1, queued_requests: queue, ..Default::default() };
         let list = adapters.iter().map(|(n, s)| AdapterStatus::new(n, "", *s)).collect();
-        b.observe(true, info, list);
+        b.observe(0, true, info, list);
         b
     }
 
@@ -248,7 +296,32 @@ mod tests {
         assert_eq!(rank(&bs, Some("a"), None), vec![1]);
         assert_eq!(rank(&bs, None, Some("y")), vec![1]);
         assert!(rank(&bs, None, Some("x")).is_empty(), "a pinned backend that is down is not replaced");
-        bs[1].observe(false, BackendInfo::default(), vec![]);
+        bs[1].observe(0, false, BackendInfo::default(), vec![]);
         assert!(rank(&bs, None, None).is_empty());
+    }
+
+    #[test]
+    fn a_probe_under_way_does_not_undo_what_the_gateway_did_meanwhile() {
+        use AdapterState::*;
+        let listing = |names: &[(&str, AdapterState)]| -> Vec<AdapterStatus> {
+            names.iter().map(|(n, s)| AdapterStatus::new(n, "", *s)).collect()
+        };
+        let state = |b: &BackendView, name: &str| b.adapters.get(name).map(|a| a.state);
+        let mut b = backend("x", (1, 4), 0, &[("old", Resident)]);
+
+        // A probe begins; meanwhile the gateway loads `new` and unloads `old`; the probe's
+        // listing, taken before, has `new` still fetching and `old` resident.
+        let since = b.probe_start();
+        b.loaded(AdapterStatus::new("new", "", Resident));
+        b.unloaded("old");
+        let stale = listing(&[("new", Fetching), ("old", Resident), ("z", Validated)]);
+        b.observe(since, true, BackendInfo::default(), stale);
+        assert_eq!((state(&b, "new"), state(&b, "old")), (Some(Resident), None), "the gateway's changes stand");
+        assert_eq!(state(&b, "z"), Some(Validated), "the rest of the listing is taken");
+
+        // The next probe began after those changes: its listing is the truth again.
+        let since = b.probe_start();
+        b.observe(since, true, BackendInfo::default(), listing(&[("new", Evicted), ("old", Resident)]));
+        assert_eq!((state(&b, "new"), state(&b, "old")), (Some(Evicted), Some(Resident)));
     }
 }

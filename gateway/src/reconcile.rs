@@ -112,6 +112,7 @@ impl Failures {
 pub async fn round(gw: &Arc<Gateway>, id: &str, failures: &mut Failures) {
     let Some(backend) = gw.members.upstream(id) else { return };
     let address = backend.address().to_string();
+    let since = gw.read_view(id, |v| v.probe_start()).unwrap_or_default();
     let probe = backend.probe().await;
     let (was, now) = match probe {
         Ok(p) => {
@@ -120,7 +121,7 @@ pub async fn round(gw: &Arc<Gateway>, id: &str, failures: &mut Failures) {
             }
             gw.with_view(id, |v| {
                 let was = v.healthy;
-                v.observe(p.serving, p.info, p.adapters);
+                v.observe(since, p.serving, p.info, p.adapters);
                 (was, v.healthy)
             })
         }
@@ -184,7 +185,7 @@ async fn converge(gw: &Arc<Gateway>, id: &str, failures: &mut Failures, fence: u
                 failures.0.remove(&lora.name);
                 tracing::info!(backend = backend.address(), adapter = %lora.name, fetched = r.fetched, "re-applied adapter");
                 if let Some(info) = r.adapter {
-                    gw.with_view(id, |v| v.adapters.insert(info.name.clone(), info));
+                    gw.with_view(id, |v| v.loaded(info));
                 }
             }
             Err(e) if e.code == UpstreamCode::Fenced => return,
@@ -218,10 +219,10 @@ async fn converge(gw: &Arc<Gateway>, id: &str, failures: &mut Failures, fence: u
         match backend.unload_adapter(&name, fence).await {
             Ok(()) => {
                 tracing::info!(backend = backend.address(), adapter = %name, "unloaded an adapter not desired here");
-                gw.with_view(id, |v| v.adapters.remove(&name));
+                gw.with_view(id, |v| v.unloaded(&name));
             }
             Err(e) if e.code == UpstreamCode::NotFound => {
-                gw.with_view(id, |v| v.adapters.remove(&name));
+                gw.with_view(id, |v| v.unloaded(&name));
             }
             Err(e) => {
                 tracing::warn!(backend = backend.address(), adapter = %name, error = %e, "cannot unload an adapter that is not desired");

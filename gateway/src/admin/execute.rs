@@ -188,6 +188,10 @@ async fn load(gw: &Arc<Gateway>, lora: &DesiredLora, expect: Expect, fence: u64)
     // Only where it is placed; the reconcilers unload it from backends that lose their copy.
     let placed = crate::cluster::placement(&lora.name, lora.replicas, &gw.views());
     healthy.retain(|(id, _)| placed.contains(id));
+    if lora.replicas.is_some() {
+        // Its copies go to healthy backends: one that is down is not waiting for one.
+        results.clear();
+    }
     if healthy.is_empty() {
         return Ran::Refused(no_backend());
     }
@@ -228,7 +232,7 @@ async fn load(gw: &Arc<Gateway>, lora: &DesiredLora, expect: Expect, fence: u64)
             Ok(r) => {
                 hot_swap |= r.hot_swap;
                 if let Some(info) = r.adapter {
-                    gw.with_view(&id, |v| v.adapters.insert(info.name.clone(), info));
+                    gw.with_view(&id, |v| v.loaded(info));
                 }
                 Applied::Loaded { hot_swap: r.hot_swap, fetched: r.fetched, warnings: r.warnings }
             }
@@ -262,7 +266,7 @@ async fn unload(gw: &Arc<Gateway>, lora: &DesiredLora, expect: Expect, fence: u6
     }
     for (id, answer) in answers {
         let applied = if gone(&answer) {
-            gw.with_view(&id, |v| v.adapters.remove(name));
+            gw.with_view(&id, |v| v.unloaded(name));
             Applied::Unloaded
         } else {
             // The reconcilers unload it there when it answers: it is no longer desired.
