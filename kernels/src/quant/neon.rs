@@ -8,7 +8,7 @@
 //! rest is `core::arch` intrinsics.
 
 use super::simd::{Q6_K, Q8_0, check, dispatch};
-use super::{BLOCK, Format, PANEL, PanelOut, Q8Row, SUPER};
+use super::{Ahead, BLOCK, Format, PANEL, PanelOut, Q8Row, SUPER};
 use std::arch::aarch64::*;
 use std::arch::{asm, is_aarch64_feature_detected};
 
@@ -26,11 +26,19 @@ impl Neon {
     }
 
     /// `out[i][j]` = row `j` of `panel` (`blocks` blocks of `format`) times `xs[i]`.
-    pub(super) fn panel(self, format: Format, blocks: usize, panel: &[u8], xs: &[Q8Row<'_>], out: &mut PanelOut) {
+    pub(super) fn panel(
+        self,
+        format: Format,
+        blocks: usize,
+        panel: &[u8],
+        xs: &[Q8Row<'_>],
+        out: &mut PanelOut,
+        ahead: &mut Ahead<'_>,
+    ) {
         check(format, blocks, panel, xs);
         // SAFETY: `self` exists only where the features were detected; `check` proved the
         // extents every load in `panel_neon` relies on.
-        unsafe { dispatch!(panel_neon, format, blocks, panel, xs, out) }
+        unsafe { dispatch!(panel_neon, format, blocks, panel, xs, out, ahead) }
     }
 }
 
@@ -51,6 +59,7 @@ unsafe fn panel_neon<const R: usize, const K: u8, const F: bool>(
     panel: &[u8],
     xs: &[Q8Row<'_>],
     out: &mut PanelOut,
+    ahead: &mut Ahead<'_>,
 ) {
     let format = Format::ALL[K as usize];
     // Callers pass exactly R rows (`panel` matches on the count).
@@ -66,6 +75,9 @@ unsafe fn panel_neon<const R: usize, const K: u8, const F: bool>(
             // offsets or (Q6_K) second-half scales, 16 more (f16, or f32 for the K formats);
             // each activation row holds block b's 32 quants, scale and sum.
             let at = unsafe { panel.as_ptr().add(b * block_bytes) };
+            if g == 0 {
+                ahead.step();
+            }
             let mut w = [vdupq_n_s8(0); 8];
             if format.byte_quants() {
                 for (k, w) in w.iter_mut().enumerate() {

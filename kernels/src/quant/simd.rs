@@ -31,27 +31,27 @@ pub(super) fn kind(format: Format) -> u8 {
 /// format `K` and whether the activations have two limbs `F`: the const parameters each path's
 /// kernel is monomorphized on.
 macro_rules! dispatch {
-    ($kernel:ident, $format:expr, $blocks:expr, $panel:expr, $xs:expr, $out:expr) => {{
+    ($kernel:ident, $format:expr, $blocks:expr, $panel:expr, $xs:expr, $out:expr, $ahead:expr) => {{
         macro_rules! go {
             ($r:literal) => {{
                 use super::simd::{Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, kind};
                 match (kind($format), $xs.first().is_some_and(|x| !x.lo.is_empty())) {
-                    (Q8_0, false) => $kernel::<$r, Q8_0, false>($blocks, $panel, $xs, $out),
-                    (Q4_0, false) => $kernel::<$r, Q4_0, false>($blocks, $panel, $xs, $out),
-                    (Q4_1, false) => $kernel::<$r, Q4_1, false>($blocks, $panel, $xs, $out),
-                    (Q4_K, false) => $kernel::<$r, Q4_K, false>($blocks, $panel, $xs, $out),
-                    (Q5_0, false) => $kernel::<$r, Q5_0, false>($blocks, $panel, $xs, $out),
-                    (Q5_1, false) => $kernel::<$r, Q5_1, false>($blocks, $panel, $xs, $out),
-                    (Q5_K, false) => $kernel::<$r, Q5_K, false>($blocks, $panel, $xs, $out),
-                    (_, false) => $kernel::<$r, Q6_K, false>($blocks, $panel, $xs, $out),
-                    (Q8_0, true) => $kernel::<$r, Q8_0, true>($blocks, $panel, $xs, $out),
-                    (Q4_0, true) => $kernel::<$r, Q4_0, true>($blocks, $panel, $xs, $out),
-                    (Q4_1, true) => $kernel::<$r, Q4_1, true>($blocks, $panel, $xs, $out),
-                    (Q4_K, true) => $kernel::<$r, Q4_K, true>($blocks, $panel, $xs, $out),
-                    (Q5_0, true) => $kernel::<$r, Q5_0, true>($blocks, $panel, $xs, $out),
-                    (Q5_1, true) => $kernel::<$r, Q5_1, true>($blocks, $panel, $xs, $out),
-                    (Q5_K, true) => $kernel::<$r, Q5_K, true>($blocks, $panel, $xs, $out),
-                    (_, true) => $kernel::<$r, Q6_K, true>($blocks, $panel, $xs, $out),
+                    (Q8_0, false) => $kernel::<$r, Q8_0, false>($blocks, $panel, $xs, $out, $ahead),
+                    (Q4_0, false) => $kernel::<$r, Q4_0, false>($blocks, $panel, $xs, $out, $ahead),
+                    (Q4_1, false) => $kernel::<$r, Q4_1, false>($blocks, $panel, $xs, $out, $ahead),
+                    (Q4_K, false) => $kernel::<$r, Q4_K, false>($blocks, $panel, $xs, $out, $ahead),
+                    (Q5_0, false) => $kernel::<$r, Q5_0, false>($blocks, $panel, $xs, $out, $ahead),
+                    (Q5_1, false) => $kernel::<$r, Q5_1, false>($blocks, $panel, $xs, $out, $ahead),
+                    (Q5_K, false) => $kernel::<$r, Q5_K, false>($blocks, $panel, $xs, $out, $ahead),
+                    (_, false) => $kernel::<$r, Q6_K, false>($blocks, $panel, $xs, $out, $ahead),
+                    (Q8_0, true) => $kernel::<$r, Q8_0, true>($blocks, $panel, $xs, $out, $ahead),
+                    (Q4_0, true) => $kernel::<$r, Q4_0, true>($blocks, $panel, $xs, $out, $ahead),
+                    (Q4_1, true) => $kernel::<$r, Q4_1, true>($blocks, $panel, $xs, $out, $ahead),
+                    (Q4_K, true) => $kernel::<$r, Q4_K, true>($blocks, $panel, $xs, $out, $ahead),
+                    (Q5_0, true) => $kernel::<$r, Q5_0, true>($blocks, $panel, $xs, $out, $ahead),
+                    (Q5_1, true) => $kernel::<$r, Q5_1, true>($blocks, $panel, $xs, $out, $ahead),
+                    (Q5_K, true) => $kernel::<$r, Q5_K, true>($blocks, $panel, $xs, $out, $ahead),
+                    (_, true) => $kernel::<$r, Q6_K, true>($blocks, $panel, $xs, $out, $ahead),
                 }
             }};
         }

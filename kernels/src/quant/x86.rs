@@ -4,7 +4,7 @@
 //! four activations broadcast to every lane.
 
 use super::simd::{Q6_K, Q8_0, check, dispatch};
-use super::{BLOCK, Format, PANEL, PanelOut, Q8Row, SUPER};
+use super::{Ahead, BLOCK, Format, PANEL, PanelOut, Q8Row, SUPER};
 use std::arch::x86_64::*;
 
 /// Asks for the weights ahead of the block at `at` (`block_bytes` long) to be brought into
@@ -61,11 +61,19 @@ impl Avx512 {
     }
 
     /// `out[i][j]` = row `j` of `panel` (`blocks` blocks of `format`) times `xs[i]`.
-    pub(super) fn panel(self, format: Format, blocks: usize, panel: &[u8], xs: &[Q8Row<'_>], out: &mut PanelOut) {
+    pub(super) fn panel(
+        self,
+        format: Format,
+        blocks: usize,
+        panel: &[u8],
+        xs: &[Q8Row<'_>],
+        out: &mut PanelOut,
+        ahead: &mut Ahead<'_>,
+    ) {
         check(format, blocks, panel, xs);
         // SAFETY: `self` exists only where the features were detected; `check` proved the
         // extents every load in `panel512` relies on.
-        unsafe { dispatch!(panel512, format, blocks, panel, xs, out) }
+        unsafe { dispatch!(panel512, format, blocks, panel, xs, out, ahead) }
     }
 }
 
@@ -183,6 +191,7 @@ unsafe fn panel512<const R: usize, const K: u8, const F: bool>(
     panel: &[u8],
     xs: &[Q8Row<'_>],
     out: &mut PanelOut,
+    ahead: &mut Ahead<'_>,
 ) {
     let format = Format::ALL[K as usize];
     // Callers pass exactly R rows (`panel` matches on the count).
@@ -198,6 +207,7 @@ unsafe fn panel512<const R: usize, const K: u8, const F: bool>(
         // scale and sum.
         let at = unsafe { panel.as_ptr().add(b * block_bytes) };
         prefetch(at, block_bytes);
+        ahead.step();
         let mut w = [_mm512_setzero_si512(); 8];
         if format.byte_quants() {
             for (k, w) in w.iter_mut().enumerate() {
@@ -293,11 +303,19 @@ impl Avx2 {
     }
 
     /// As [`Avx512::panel`].
-    pub(super) fn panel(self, format: Format, blocks: usize, panel: &[u8], xs: &[Q8Row<'_>], out: &mut PanelOut) {
+    pub(super) fn panel(
+        self,
+        format: Format,
+        blocks: usize,
+        panel: &[u8],
+        xs: &[Q8Row<'_>],
+        out: &mut PanelOut,
+        ahead: &mut Ahead<'_>,
+    ) {
         check(format, blocks, panel, xs);
         // SAFETY: `self` exists only where the features were detected; `check` proved the
         // extents every load in `panel256` relies on.
-        unsafe { dispatch!(panel256, format, blocks, panel, xs, out) }
+        unsafe { dispatch!(panel256, format, blocks, panel, xs, out, ahead) }
     }
 
     /// As [`Avx512::quantize_row`], eight values at a time: the same bits as
@@ -407,6 +425,7 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
     panel: &[u8],
     xs: &[Q8Row<'_>],
     out: &mut PanelOut,
+    ahead: &mut Ahead<'_>,
 ) {
     let format = Format::ALL[K as usize];
     // Callers pass exactly R rows (`panel` matches on the count).
@@ -424,6 +443,7 @@ unsafe fn panel256<const R: usize, const K: u8, const F: bool>(
             // The second half finds the panel in cache.
             if half == 0 {
                 prefetch(at, block_bytes);
+                ahead.step();
             }
             // The offsets' term `m − o·d`, or for Q6_K the second half's scales.
             let (d, c) = if format.is_k() {
