@@ -201,7 +201,7 @@ impl<'s, 'a> Bgmv<'s, 'a> {
             rows == 0 || end == 0 || (y.len() >= (rows - 1) * y_stride + end && x.len() >= rows * in_dim),
             "bgmv: x or y too short for {rows} rows"
         );
-        let mut items = Vec::new();
+        let mut items = Vec::with_capacity(rows * targets.len());
         for (t, slot) in row_slots.iter().enumerate() {
             let Some(slot) = *slot else { continue };
             for (j, &target) in targets.iter().enumerate() {

@@ -1020,8 +1020,9 @@ pub fn matmul_beside(
     match beside {
         None if chunks == 1 => run(0, &mut Ahead::default()),
         None => crate::team::for_each(chunks, &|c| run(c, &mut Ahead::default())),
-        // Item k's memory into L2 a share a panel while chunk k computes (all at once where
-        // there is no chunk k). Asking for it into L1 as well, once in L2, measured no faster.
+        // Item k's memory into L2 a few lines a block while chunk k computes (all at once
+        // where there is no chunk k). Asking for it into L1 as well, once in L2, measured no
+        // faster.
         Some(b) => crate::team::for_each(chunks.max(side), &|k| {
             let mut ahead = Ahead::default();
             if k < side {
