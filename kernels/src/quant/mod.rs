@@ -894,11 +894,11 @@ impl Path {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            Path::Avx2(path) => path.panel(w.format, w.blocks(), w.panel(p), xs, out, ahead),
+            Path::Avx2(path) => path.panel(w, p, xs, out, ahead),
             #[cfg(target_arch = "x86_64")]
-            Path::Avx512(path) => path.panel(w.format, w.blocks(), w.panel(p), xs, out, ahead),
+            Path::Avx512(path) => path.panel(w, p, xs, out, ahead),
             #[cfg(target_arch = "aarch64")]
-            Path::Neon(path) => path.panel(w.format, w.blocks(), w.panel(p), xs, out, ahead),
+            Path::Neon(path) => path.panel(w, p, xs, out, ahead),
         }
     }
 }

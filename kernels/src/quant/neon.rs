@@ -8,7 +8,7 @@
 //! rest is `core::arch` intrinsics.
 
 use super::simd::{Q6_K, Q8_0, check, dispatch};
-use super::{Ahead, BLOCK, Format, PANEL, PanelOut, Q8Row, SUPER};
+use super::{Ahead, BLOCK, Format, PANEL, PanelOut, Q8Row, QuantMatrix, SUPER};
 use std::arch::aarch64::*;
 use std::arch::{asm, is_aarch64_feature_detected};
 
@@ -25,16 +25,9 @@ impl Neon {
         .then_some(Neon(()))
     }
 
-    /// `out[i][j]` = row `j` of `panel` (`blocks` blocks of `format`) times `xs[i]`.
-    pub(super) fn panel(
-        self,
-        format: Format,
-        blocks: usize,
-        panel: &[u8],
-        xs: &[Q8Row<'_>],
-        out: &mut PanelOut,
-        ahead: &mut Ahead<'_>,
-    ) {
+    /// `out[i][j]` = row `j` of `w`'s panel `p` times `xs[i]`.
+    pub(super) fn panel(self, w: &QuantMatrix, p: usize, xs: &[Q8Row<'_>], out: &mut PanelOut, ahead: &mut Ahead<'_>) {
+        let (format, blocks, panel) = (w.format, w.blocks(), w.panel(p));
         check(format, blocks, panel, xs);
         // SAFETY: `self` exists only where the features were detected; `check` proved the
         // extents every load in `panel_neon` relies on.

@@ -4,7 +4,7 @@
 //! four activations broadcast to every lane.
 
 use super::simd::{Q6_K, Q8_0, check, dispatch};
-use super::{Ahead, BLOCK, Format, PANEL, PanelOut, Q8Row, SUPER};
+use super::{Ahead, BLOCK, Format, PANEL, PanelOut, Q8Row, QuantMatrix, SUPER};
 use std::arch::x86_64::*;
 
 /// Asks for the weights ahead of the block at `at` (`block_bytes` long) to be brought into
@@ -60,16 +60,9 @@ impl Avx512 {
         .then_some(Avx512(()))
     }
 
-    /// `out[i][j]` = row `j` of `panel` (`blocks` blocks of `format`) times `xs[i]`.
-    pub(super) fn panel(
-        self,
-        format: Format,
-        blocks: usize,
-        panel: &[u8],
-        xs: &[Q8Row<'_>],
-        out: &mut PanelOut,
-        ahead: &mut Ahead<'_>,
-    ) {
+    /// `out[i][j]` = row `j` of `w`'s panel `p` times `xs[i]`.
+    pub(super) fn panel(self, w: &QuantMatrix, p: usize, xs: &[Q8Row<'_>], out: &mut PanelOut, ahead: &mut Ahead<'_>) {
+        let (format, blocks, panel) = (w.format, w.blocks(), w.panel(p));
         check(format, blocks, panel, xs);
         // SAFETY: `self` exists only where the features were detected; `check` proved the
         // extents every load in `panel512` relies on.
@@ -303,15 +296,8 @@ impl Avx2 {
     }
 
     /// As [`Avx512::panel`].
-    pub(super) fn panel(
-        self,
-        format: Format,
-        blocks: usize,
-        panel: &[u8],
-        xs: &[Q8Row<'_>],
-        out: &mut PanelOut,
-        ahead: &mut Ahead<'_>,
-    ) {
+    pub(super) fn panel(self, w: &QuantMatrix, p: usize, xs: &[Q8Row<'_>], out: &mut PanelOut, ahead: &mut Ahead<'_>) {
+        let (format, blocks, panel) = (w.format, w.blocks(), w.panel(p));
         check(format, blocks, panel, xs);
         // SAFETY: `self` exists only where the features were detected; `check` proved the
         // extents every load in `panel256` relies on.
