@@ -15,6 +15,7 @@ use switchyard_backend::adapters::AdapterWeights;
 use switchyard_backend::bench::{BLOCK_SIZE, blocks_needed, decode_tokens_per_s};
 use switchyard_backend::engine::cpu::CpuExecutor;
 use switchyard_backend::engine::executor::Executor;
+use switchyard_backend::engine::sampling::SamplingParams;
 use switchyard_backend::model::ModelWeights;
 use switchyard_backend::model::synthetic::preset_config;
 
@@ -53,8 +54,17 @@ fn main() {
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for _ in 0..rounds {
         for (i, (_, adapters)) in cases.iter().enumerate() {
-            results[i]
-                .push(decode_tokens_per_s(&mut exec, config.vocab_size, adapters, PROMPT_LEN, steps).expect("runs"));
+            results[i].push(
+                decode_tokens_per_s(
+                    &mut exec,
+                    config.vocab_size,
+                    adapters,
+                    PROMPT_LEN,
+                    steps,
+                    &SamplingParams::default(),
+                )
+                .expect("runs"),
+            );
         }
     }
     let medians: Vec<f64> = results.into_iter().map(median).collect();

@@ -3,7 +3,7 @@
 //! decoded step by step through the real scheduler and executor.
 
 use crate::engine::executor::{Executor, ExecutorError};
-use crate::engine::sampling::argmax;
+use crate::engine::sampling::{Sampler, SamplingParams, argmax};
 use crate::engine::scheduler::{Scheduler, SchedulerConfig, Sequence};
 use std::time::Instant;
 
@@ -16,19 +16,24 @@ pub fn blocks_needed(rows: usize, prompt_len: usize, steps: usize) -> usize {
 }
 
 /// Decode tokens per second of one batch: `adapters[i]` is the slot of row `i`. The prefill
-/// step is not timed; each timed step generates one token per row (greedy).
+/// step is not timed; each timed step generates one token per row, sampled under `sampling`
+/// (row `i` seeded with `i`), as the engine samples them.
 pub fn decode_tokens_per_s(
     exec: &mut dyn Executor,
     vocab: usize,
     adapters: &[Option<u32>],
     prompt_len: usize,
     steps: usize,
+    sampling: &SamplingParams,
 ) -> Result<f64, ExecutorError> {
     let blocks = blocks_needed(adapters.len(), prompt_len, steps);
     let cfg = SchedulerConfig::new(BLOCK_SIZE, blocks, adapters.len() * prompt_len.max(1), adapters.len());
     let mut sched = Scheduler::new(cfg);
+    let mut samplers = Vec::with_capacity(adapters.len());
     for (i, &a) in adapters.iter().enumerate() {
-        let prompt = (0..prompt_len as u64).map(|t| ((t * 97 + i as u64 * 13) % vocab as u64) as u32).collect();
+        let prompt: Vec<u32> =
+            (0..prompt_len as u64).map(|t| ((t * 97 + i as u64 * 13) % vocab as u64) as u32).collect();
+        samplers.push(Sampler::new(SamplingParams { seed: Some(i as u64), ..sampling.clone() }, &prompt));
         sched.add(Sequence::new(i as u64, prompt, a));
     }
     let mut run_step = |sched: &mut Scheduler| -> Result<(), ExecutorError> {
@@ -37,7 +42,10 @@ pub fn decode_tokens_per_s(
         sched.complete(&step);
         let width = logits.len() / step.logits_for.len().max(1);
         for (row, &id) in step.logits_for.iter().enumerate() {
-            sched.push_token(id, argmax(&logits[row * width..(row + 1) * width]));
+            let sampler = samplers.get_mut(id as usize).ok_or_else(|| {
+                ExecutorError::Invalid(format!("the scheduler returned sequence {id}, which the bench did not add"))
+            })?;
+            sched.push_token(id, sampler.sample(&logits[row * width..(row + 1) * width]));
         }
         Ok(())
     };

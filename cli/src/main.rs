@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use switchyard_backend::adapters::AdapterWeights;
 use switchyard_backend::bench::{self, BLOCK_SIZE, blocks_needed, decode_tokens_per_s};
+use switchyard_backend::engine::sampling::SamplingParams;
 use switchyard_backend::model::Model;
 use switchyard_backend::service::{
     self, AdapterOptions, DeviceChoice, DtypeChoice, SecurityOptions, ServeOptions, TlsFiles,
@@ -123,6 +124,13 @@ struct BenchArgs {
     /// Threads for the CPU executor (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Sampling temperature of the decode steps (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling of the decode steps: the smallest set of most likely tokens holding
+    /// this much of the probability (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
     /// Print the results as one JSON object.
     #[arg(long)]
     json: bool,
@@ -820,6 +828,8 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     let dtype = service::dtype_for_weights(dtype, &model.weights);
     let slots = a.adapters.iter().copied().max().unwrap_or(0).max(1);
     let config = model.config.clone();
+    let sampling = SamplingParams { temperature: a.temperature, top_p: a.top_p, ..SamplingParams::default() };
+    sampling.validate(config.vocab_size).map_err(|e| anyhow::anyhow!("--{}", e.replace('_', "-")))?;
     let max_batch = a.batch.iter().copied().max().unwrap_or(1);
     let blocks = blocks_needed(max_batch, a.prompt_len, a.steps).max(blocks_needed(1, a.prefill, 1));
     let mut exec = service::build_executor(device, dtype, &config, model.weights, blocks, BLOCK_SIZE, slots, a.rank)?;
@@ -846,7 +856,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         for (&(batch, n), runs) in cases.iter().zip(&mut runs) {
             // Row i uses adapter i mod n: n distinct adapters spread over the batch.
             let rows: Vec<Option<u32>> = (0..batch).map(|i| (n > 0).then(|| (i % n) as u32)).collect();
-            runs.push(decode_tokens_per_s(exec.as_mut(), config.vocab_size, &rows, a.prompt_len, a.steps)?);
+            runs.push(decode_tokens_per_s(exec.as_mut(), config.vocab_size, &rows, a.prompt_len, a.steps, &sampling)?);
         }
     }
     let decode: Vec<(usize, usize, f64)> = cases.iter().zip(runs).map(|(&(b, n), r)| (b, n, median(r))).collect();
@@ -859,6 +869,8 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             "prompt_len": a.prompt_len,
             "steps": a.steps,
             "rounds": a.rounds,
+            "temperature": a.temperature,
+            "top_p": a.top_p,
             "prefill_tokens": a.prefill,
             "prefill_tokens_per_s": prefill.map(|p| p.0),
             "ttft_ms": prefill.map(|p| p.1),
@@ -870,8 +882,12 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         println!("{out}");
         return Ok(());
     }
+    let sampled = match sampling.is_greedy() {
+        true => "greedy".to_string(),
+        false => format!("sampled at temperature {} and top-p {}", a.temperature, a.top_p),
+    };
     println!(
-        "{} on {} ({}), prompt {}, {} decode steps, rank-{} adapters on all projections, median of {} rounds",
+        "{} on {} ({}), prompt {}, {} decode steps ({sampled}), rank-{} adapters on all projections, median of {} rounds",
         model.name,
         exec.device(),
         exec.dtype(),

@@ -310,12 +310,15 @@ mod tests {
 
     /// Samples from random logits under the grammar until it completes or the sampler picks an
     /// end-of-sequence token; returns the text.
-    fn generate(g: &Grammars, tokenizer: &Tokenizer, spec: &GrammarSpec, seed: u64) -> String {
+    /// A random walk under `spec` of at most 400 tokens: its text, and whether the grammar
+    /// ended it (end of sequence, or a complete text) rather than the step limit.
+    fn walk(g: &Grammars, tokenizer: &Tokenizer, spec: &GrammarSpec, seed: u64) -> (String, bool) {
         let mut c = g.compile_blocking(spec).expect("compiles");
         let params = SamplingParams { temperature: 1.0, seed: Some(seed), ..SamplingParams::default() };
         let mut sampler = Sampler::new(params, &[]);
         let mut rng = ChaCha8Rng::seed_from_u64(!seed);
         let mut bytes = Vec::new();
+        let mut ended = false;
         for _ in 0..400 {
             let mut logits: Vec<f32> = (0..g.vocab_size).map(|_| rng.random::<f32>() * 8.0).collect();
             let mask = c.mask().expect("a mask");
@@ -323,16 +326,23 @@ mod tests {
             let token = sampler.sample(&logits);
             assert!(mask.allows(token));
             if tokenizer.eos_ids().contains(&token) {
+                ended = true;
                 break;
             }
             bytes.extend_from_slice(tokenizer.token_bytes(token));
             c.accept(token).expect("accepts an allowed token");
             if c.is_complete() {
+                ended = true;
                 break;
             }
         }
         // A walk cut short by the step limit may end inside a character.
-        String::from_utf8_lossy(&bytes).into_owned()
+        (String::from_utf8_lossy(&bytes).into_owned(), ended)
+    }
+
+    /// [`walk`]'s text.
+    fn generate(g: &Grammars, tokenizer: &Tokenizer, spec: &GrammarSpec, seed: u64) -> String {
+        walk(g, tokenizer, spec, seed).0
     }
 
     #[test]
@@ -374,11 +384,12 @@ mod tests {
     fn json_object_and_regex_constraints_hold() {
         let (g, tokenizer) = grammars();
         for seed in 0..10 {
-            let text = generate(&g, &tokenizer, &GrammarSpec::JsonObject, seed);
-            // A random walk may run out of steps inside a long object; what it wrote parses when
-            // complete, and is always the start of an object.
+            let (text, ended) = walk(&g, &tokenizer, &GrammarSpec::JsonObject, seed);
+            // A random walk may run out of steps inside a long object (even right after a `}`
+            // inside a string); what it wrote parses when the grammar ended it, and is always
+            // the start of an object.
             assert!(text.starts_with('{'), "{text}");
-            if text.ends_with('}') {
+            if ended {
                 let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
                 assert!(v.is_object());
             }

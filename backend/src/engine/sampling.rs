@@ -187,44 +187,57 @@ impl Sampler {
 }
 
 /// Picks a token from `logits` under `p`: greedy, or a draw from `rng` among the candidates
-/// min-p, top-k and top-p leave.
+/// min-p, top-k and top-p leave, each as likely as its softmax weight at the temperature.
+///
+/// Only top-p needs the candidates in order, and only as far as the nucleus reaches: it sorts
+/// a prefix of the heaviest at a time, growing it until it holds `top_p` of the mass. A sort
+/// of the whole vocabulary took about 1.5 ms a token on SmolLM2's 49K, a third of a decode
+/// step at batch 1.
 fn choose(p: &SamplingParams, rng: &mut ChaCha8Rng, c: &mut Vec<(f32, u32)>, logits: &[f32]) -> u32 {
     if p.is_greedy() {
         return argmax(logits);
     }
-    c.clear();
-    c.extend(logits.iter().enumerate().map(|(i, &l)| (l / p.temperature, i as u32)));
-    if p.min_p > 0.0 {
-        // p_i >= min_p * p_max is l_i >= l_max + ln(min_p), on the scaled logits.
-        let max = c.iter().map(|c| c.0).fold(f32::NEG_INFINITY, f32::max);
-        let floor = max + p.min_p.ln();
-        c.retain(|c| c.0 >= floor);
+    let t = p.temperature;
+    let max = logits.iter().map(|&l| l / t).fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        // Every logit -inf (or NaN), or one so large at this temperature that it is certain.
+        return argmax(logits);
     }
-    let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
+    // p_i >= min_p * p_max is l_i >= l_max + ln(min_p), on the scaled logits; NaNs never pass.
+    let floor = if p.min_p > 0.0 { max + p.min_p.ln() } else { f32::NEG_INFINITY };
+    c.clear();
+    c.extend(logits.iter().enumerate().filter_map(|(i, &l)| {
+        let s = l / t;
+        (s >= floor).then(|| ((s - max).exp(), i as u32))
+    }));
+    let heavier_first = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
     if p.top_k > 0 && p.top_k < c.len() {
-        c.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
+        c.select_nth_unstable_by(p.top_k - 1, heavier_first);
         c.truncate(p.top_k);
     }
-    c.sort_unstable_by(by_logit_desc);
-    let Some(&(max, first)) = c.first() else { return argmax(logits) };
-    // Softmax over the candidates (they are sorted, so the max is first).
-    let mut total = 0f32;
-    for cand in c.iter_mut() {
-        cand.0 = (cand.0 - max).exp();
-        total += cand.0;
-    }
-    // Nucleus: the smallest prefix whose mass reaches top_p.
+    let mut total: f32 = c.iter().map(|c| c.0).sum();
     if p.top_p < 1.0 {
-        let mut mass = 0f32;
-        let mut keep = c.len();
-        for (i, cand) in c.iter().enumerate() {
-            mass += cand.0 / total;
-            if mass >= p.top_p {
-                keep = i + 1;
+        // Nucleus: the fewest heaviest candidates whose mass reaches top_p.
+        let need = p.top_p * total;
+        let mut prefix = NUCLEUS_PREFIX.min(c.len());
+        loop {
+            if prefix < c.len() {
+                c.select_nth_unstable_by(prefix - 1, heavier_first);
+            }
+            c[..prefix].sort_unstable_by(heavier_first);
+            let mut mass = 0f32;
+            if let Some(keep) = c[..prefix].iter().position(|cand| {
+                mass += cand.0;
+                mass >= need
+            }) {
+                c.truncate(keep + 1);
                 break;
             }
+            if prefix == c.len() {
+                break;
+            }
+            prefix = (4 * prefix).min(c.len());
         }
-        c.truncate(keep);
         total = c.iter().map(|c| c.0).sum();
     }
     let mut r = rng.random::<f32>() * total;
@@ -234,8 +247,14 @@ fn choose(p: &SamplingParams, rng: &mut ChaCha8Rng, c: &mut Vec<(f32, u32)>, log
         }
         r -= w;
     }
-    c.last().map_or(first, |c| c.1)
+    // Rounding left a sliver past the last weight, or nothing passed: the heaviest there is.
+    c.iter().max_by(|a, b| a.0.total_cmp(&b.0)).map_or_else(|| argmax(logits), |c| c.1)
 }
+
+/// How many of the heaviest candidates the nucleus search sorts first (then four times as
+/// many, until the nucleus is found): at the temperatures people use, `top_p` of the mass lies
+/// in a few dozen tokens.
+const NUCLEUS_PREFIX: usize = 64;
 
 /// A generated token's log-probability, and the most likely tokens' at its position.
 #[derive(Debug, Clone, PartialEq)]
@@ -335,6 +354,65 @@ mod tests {
         for _ in 0..200 {
             assert_eq!(s.sample(&logits), 0);
         }
+    }
+
+    #[test]
+    fn tokens_are_drawn_as_often_as_their_softmax_weight_within_the_nucleus() {
+        // At temperature 0.5 the weights are e^(2l): with these logits, 0.50, 0.30, 0.12, 0.06
+        // and 0.02 of the mass, near enough (computed below).
+        let logits = [1.0f32, 0.744, 0.286, -0.061, -0.61];
+        let weights: Vec<f64> = logits.iter().map(|&l| (f64::from(l) * 2.0).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let draws = 40_000;
+        let counts = |top_p: f32| {
+            let mut s = Sampler::new(SamplingParams { seed: Some(7), ..params(0.5, top_p, 0) }, &[]);
+            let mut n = [0usize; 5];
+            for _ in 0..draws {
+                n[s.sample(&logits) as usize] += 1;
+            }
+            n
+        };
+        // Within five standard deviations of the expected count.
+        let close = |got: usize, p: f64| {
+            let (mean, sd) = (draws as f64 * p, (draws as f64 * p * (1.0 - p)).sqrt());
+            (got as f64 - mean).abs() <= 5.0 * sd + 1.0
+        };
+        let all = counts(1.0);
+        for (i, (&got, w)) in all.iter().zip(&weights).enumerate() {
+            assert!(close(got, w / total), "token {i}: {got} of {draws}, weight {}", w / total);
+        }
+        // top_p 0.85: the three heaviest hold 0.92 of the mass, the two heaviest 0.80, so the
+        // nucleus is three tokens, drawn in proportion among themselves.
+        let nucleus = counts(0.85);
+        let kept: f64 = weights[..3].iter().sum();
+        assert_eq!(nucleus[3] + nucleus[4], 0, "{nucleus:?}");
+        for (i, (&got, w)) in nucleus[..3].iter().zip(&weights).enumerate() {
+            assert!(close(got, w / kept), "token {i}: {got} of {draws} in the nucleus");
+        }
+    }
+
+    #[test]
+    fn a_nucleus_wider_than_the_first_sorted_prefix_is_found_whole() {
+        // 2000 slowly falling logits: the nucleus of 0.9 is about 1700 tokens, far past the
+        // first prefix the search sorts.
+        let logits: Vec<f32> = (0..2000).map(|i| -(i as f32) * 0.001).collect();
+        let weights: Vec<f64> = logits.iter().map(|&l| f64::from(l).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut mass = 0.0;
+        let size = 1 + weights
+            .iter()
+            .position(|w| {
+                mass += w / total;
+                mass >= 0.9
+            })
+            .unwrap_or(weights.len() - 1);
+        assert!(size > 4 * NUCLEUS_PREFIX, "{size}");
+        let mut s = Sampler::new(SamplingParams { seed: Some(3), ..params(1.0, 0.9, 0) }, &[]);
+        let drawn: Vec<u32> = (0..5000).map(|_| s.sample(&logits)).collect();
+        let last = drawn.iter().copied().max().unwrap_or(0) as usize;
+        // The nucleus's edge can move by a token with rounding.
+        assert!(last <= size, "drew token {last} outside the nucleus of {size}");
+        assert!(last + 50 >= size, "never drew past token {last} of a nucleus of {size}");
     }
 
     #[test]
