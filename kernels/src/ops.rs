@@ -43,6 +43,24 @@ pub fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
     crate::team::for_each_row(out, inter, &|r, o| silu_mul_row(&gate_up[2 * inter * r..2 * inter * (r + 1)], o));
 }
 
+/// `out[i] = e^(x[i] / div − sub)`: a softmax's weights, from logits at a temperature less their
+/// largest. The vector exponential where the CPU has AVX-512 (within a few ulp of the exact
+/// value, 0 below f32's range, NaN for NaN), `f32::exp` elsewhere.
+///
+/// # Panics
+/// When `out` is shorter than `x` (a caller bug).
+pub fn exp_scaled(x: &[f32], div: f32, sub: f32, out: &mut [f32]) {
+    assert!(out.len() >= x.len(), "exp_scaled: room for {} values, {} given", out.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx512() {
+        // SAFETY: AVX-512F is present; `out` holds `x.len()` values.
+        return unsafe { crate::quant::x86::exp_scaled512(x, div, sub, out) };
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v / div - sub).exp();
+    }
+}
+
 /// [`silu_mul`] of one `[gate | up]` row into `out` (half its width).
 pub fn silu_mul_row(gate_up: &[f32], out: &mut [f32]) {
     let (gate, up) = gate_up.split_at(out.len());
@@ -392,6 +410,26 @@ mod tests {
         // SAFETY: as above.
         let nan = unsafe { _mm512_cvtss_f32(crate::quant::x86::exp512(_mm512_set1_ps(f32::NAN))) };
         assert!(nan.is_nan());
+    }
+
+    #[test]
+    fn softmax_weights_are_the_exponentials_of_the_scaled_logits() {
+        // Lengths around the vector width, so the masked tail is covered.
+        for n in [1, 15, 16, 17, 100, 49152] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 2000) as f32 * 0.05 - 60.0).collect();
+            let (div, sub) = (0.7, 12.5);
+            let mut out = vec![f32::NAN; n];
+            exp_scaled(&x, div, sub, &mut out);
+            for (i, (&o, &v)) in out.iter().zip(&x).enumerate() {
+                // The exponent as f32 computes it, then its exact exponential.
+                let want = f64::from(v / div - sub).exp();
+                let tolerance = 4.0 * f64::from(f32::EPSILON) * want + 2.0 * f64::from(f32::MIN_POSITIVE);
+                assert!((f64::from(o) - want).abs() <= tolerance, "{n} values, [{i}]: {o} vs {want}");
+            }
+        }
+        let mut out = [1.0f32; 3];
+        exp_scaled(&[f32::NEG_INFINITY, f32::NAN, 0.0], 1.0, 0.0, &mut out);
+        assert!(out[0] == 0.0 && out[1].is_nan() && out[2] == 1.0, "{out:?}");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{HashMap, HashSet};
+use switchyard_kernels::ops;
 
 /// Temperatures below this are greedy. Dividing logits by a smaller one overflows f32 (a
 /// temperature of `1e-39` turns every logit into an infinity, and the softmax into NaN), and
@@ -119,7 +120,9 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
-    scratch: Vec<(f32, u32)>,
+    /// The candidates (weight, token) and every token's weight, reused from draw to draw.
+    candidates: Vec<(f32, u32)>,
+    weights: Vec<f32>,
     /// The row of logits after the request's adjustments (when it has any).
     adjusted: Vec<f32>,
     /// How often each token has been generated (presence and frequency penalties).
@@ -139,7 +142,8 @@ impl Sampler {
             true => prompt.iter().copied().collect(),
             false => HashSet::new(),
         };
-        Sampler { params, rng, scratch: Vec::new(), adjusted: Vec::new(), counts: HashMap::new(), seen }
+        let (candidates, weights, adjusted) = (Vec::new(), Vec::new(), Vec::new());
+        Sampler { params, rng, candidates, weights, adjusted, counts: HashMap::new(), seen }
     }
 
     /// Picks the next token from one row of logits, and counts it for the penalties.
@@ -147,11 +151,11 @@ impl Sampler {
         let token = if self.params.adjusts() {
             let mut adjusted = std::mem::take(&mut self.adjusted);
             self.adjust(logits, &mut adjusted);
-            let token = choose(&self.params, &mut self.rng, &mut self.scratch, &adjusted);
+            let token = choose(&self.params, &mut self.rng, (&mut self.candidates, &mut self.weights), &adjusted);
             self.adjusted = adjusted;
             token
         } else {
-            choose(&self.params, &mut self.rng, &mut self.scratch, logits)
+            choose(&self.params, &mut self.rng, (&mut self.candidates, &mut self.weights), logits)
         };
         *self.counts.entry(token).or_default() += 1;
         if self.params.repetition_penalty != 1.0 {
@@ -193,7 +197,7 @@ impl Sampler {
 /// a prefix of the heaviest at a time, growing it until it holds `top_p` of the mass. A sort
 /// of the whole vocabulary took about 1.5 ms a token on SmolLM2's 49K, a third of a decode
 /// step at batch 1.
-fn choose(p: &SamplingParams, rng: &mut ChaCha8Rng, c: &mut Vec<(f32, u32)>, logits: &[f32]) -> u32 {
+fn choose(p: &SamplingParams, rng: &mut ChaCha8Rng, (c, w): Scratch<'_>, logits: &[f32]) -> u32 {
     if p.is_greedy() {
         return argmax(logits);
     }
@@ -203,13 +207,12 @@ fn choose(p: &SamplingParams, rng: &mut ChaCha8Rng, c: &mut Vec<(f32, u32)>, log
         // Every logit -inf (or NaN), or one so large at this temperature that it is certain.
         return argmax(logits);
     }
-    // p_i >= min_p * p_max is l_i >= l_max + ln(min_p), on the scaled logits; NaNs never pass.
-    let floor = if p.min_p > 0.0 { max + p.min_p.ln() } else { f32::NEG_INFINITY };
+    // Each token's weight: its probability over the most likely one's, e^(l/t − max).
+    w.resize(logits.len(), 0.0);
+    ops::exp_scaled(logits, t, max, w);
+    // min_p keeps p_i >= min_p · p_max: a weight of at least min_p. NaNs never pass.
     c.clear();
-    c.extend(logits.iter().enumerate().filter_map(|(i, &l)| {
-        let s = l / t;
-        (s >= floor).then(|| ((s - max).exp(), i as u32))
-    }));
+    c.extend(w.iter().enumerate().filter_map(|(i, &w)| (w >= p.min_p).then_some((w, i as u32))));
     let heavier_first = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
     if p.top_k > 0 && p.top_k < c.len() {
         c.select_nth_unstable_by(p.top_k - 1, heavier_first);
@@ -250,6 +253,9 @@ fn choose(p: &SamplingParams, rng: &mut ChaCha8Rng, c: &mut Vec<(f32, u32)>, log
     // Rounding left a sliver past the last weight, or nothing passed: the heaviest there is.
     c.iter().max_by(|a, b| a.0.total_cmp(&b.0)).map_or_else(|| argmax(logits), |c| c.1)
 }
+
+/// [`choose`]'s reusable buffers: the candidates (weight, token), and every token's weight.
+type Scratch<'a> = (&'a mut Vec<(f32, u32)>, &'a mut Vec<f32>);
 
 /// How many of the heaviest candidates the nucleus search sorts first (then four times as
 /// many, until the nucleus is found): at the temperatures people use, `top_p` of the mass lies

@@ -1050,6 +1050,26 @@ pub(crate) unsafe fn exp512(x: __m512) -> __m512 {
     _mm512_scalef_ps(p, n)
 }
 
+/// [`crate::ops::exp_scaled`], 16 lanes at a time.
+///
+/// # Safety
+/// The CPU has AVX-512F; `out` holds at least `x.len()` values.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn exp_scaled512(x: &[f32], div: f32, sub: f32, out: &mut [f32]) {
+    let (n, div, sub) = (x.len(), _mm512_set1_ps(div), _mm512_set1_ps(sub));
+    let mut i = 0;
+    while i < n {
+        let k = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+        // SAFETY: the mask keeps every lane below n, inside `x` and `out`.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(k, x.as_ptr().add(i));
+            let e = exp512(_mm512_sub_ps(_mm512_div_ps(v, div), sub));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), k, e);
+        }
+        i += 16;
+    }
+}
+
 /// `out[i] = silu(gate[i]) · up[i]` over `out.len()` values, 16 lanes at a time.
 ///
 /// # Safety
