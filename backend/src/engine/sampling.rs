@@ -258,8 +258,8 @@ fn choose(p: &SamplingParams, rng: &mut ChaCha8Rng, (c, w): Scratch<'_>, logits:
 type Scratch<'a> = (&'a mut Vec<(f32, u32)>, &'a mut Vec<f32>);
 
 /// How many of the heaviest candidates the nucleus search sorts first (then four times as
-/// many, until the nucleus is found): at the temperatures people use, `top_p` of the mass lies
-/// in a few dozen tokens.
+/// many, until the nucleus is found): a confident model's nucleus is a few tokens, a flat
+/// distribution's most of the vocabulary.
 const NUCLEUS_PREFIX: usize = 64;
 
 /// A generated token's log-probability, and the most likely tokens' at its position.
