@@ -109,9 +109,9 @@ pub fn write_kv<T: KvValue>(
     k_cache: &mut [T],
     v_cache: &mut [T],
 ) {
+    let w = layout.slot_width();
     for (t, &slot) in slots.iter().enumerate() {
         let row = &src[t * src_stride..];
-        let w = layout.slot_width();
         write_slot(&row[k_offset..k_offset + w], &mut k_cache[slot * w..(slot + 1) * w]);
         write_slot(&row[v_offset..v_offset + w], &mut v_cache[slot * w..(slot + 1) * w]);
     }

@@ -43,6 +43,19 @@ pub fn silu_mul(gate_up: &[f32], inter: usize, out: &mut [f32]) {
     crate::team::for_each_row(out, inter, &|r, o| silu_mul_row(&gate_up[2 * inter * r..2 * inter * (r + 1)], o));
 }
 
+/// [`silu_mul`] of one `[gate | up]` row into `out` (half its width).
+pub fn silu_mul_row(gate_up: &[f32], out: &mut [f32]) {
+    let (gate, up) = gate_up.split_at(out.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx512() {
+        // SAFETY: AVX-512F is present; gate and up hold `out.len()` values each.
+        return unsafe { crate::quant::x86::silu_mul512(gate, &up[..out.len()], out) };
+    }
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
 /// `out[i] = e^(x[i] / div − sub)`: a softmax's weights, from logits at a temperature less their
 /// largest. The vector exponential where the CPU has AVX-512 (within a few ulp of the exact
 /// value, 0 below f32's range, NaN for NaN), `f32::exp` elsewhere.
@@ -58,19 +71,6 @@ pub fn exp_scaled(x: &[f32], div: f32, sub: f32, out: &mut [f32]) {
     }
     for (o, &v) in out.iter_mut().zip(x) {
         *o = (v / div - sub).exp();
-    }
-}
-
-/// [`silu_mul`] of one `[gate | up]` row into `out` (half its width).
-pub fn silu_mul_row(gate_up: &[f32], out: &mut [f32]) {
-    let (gate, up) = gate_up.split_at(out.len());
-    #[cfg(target_arch = "x86_64")]
-    if crate::quant::has_avx512() {
-        // SAFETY: AVX-512F is present; gate and up hold `out.len()` values each.
-        return unsafe { crate::quant::x86::silu_mul512(gate, &up[..out.len()], out) };
-    }
-    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + (-g).exp()) * u;
     }
 }
 

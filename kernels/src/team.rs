@@ -1,9 +1,10 @@
 //! A team of threads that stays awake between the short parallel sections of a forward pass.
 //!
 //! A decode step runs ten parallel sections per layer (the projections with their LoRA,
-//! attention, the row-wise steps), each a few tens of microseconds at small batches. Fork-join through rayon pays a wake
-//! of a sleeping worker (a futex round trip, and the scheduler's context switch) at most of
-//! them, because its workers go to sleep in the serial gaps between sections. Measured with
+//! attention, the row-wise steps), each a few tens of microseconds at small batches. Fork-join
+//! through rayon pays a wake of a sleeping worker (a futex round trip, and the scheduler's
+//! context switch) at most of them, because its workers go to sleep in the serial gaps between
+//! sections. Measured with
 //! `perf` on SmolLM2 at batch 8 on two cores, that was about a tenth of a step.
 //!
 //! The team is the shape inference engines use instead (llama.cpp's thread pool): its workers
