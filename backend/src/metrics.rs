@@ -455,7 +455,7 @@ impl State {
             &mut encoder,
             "vllm:num_requests_waiting",
             "Requests waiting (vLLM's name)",
-            &ConstGauge::new(snap.waiting as i64),
+            &ConstGauge::new(self.engine.requests_waiting() as i64),
         )?;
         one(
             &mut encoder,
@@ -498,7 +498,12 @@ impl State {
         let snap = self.engine.snapshot();
         let cfg = self.engine.config();
         let block = cfg.scheduler.block_size.max(1);
-        one(&mut encoder, "requests_waiting", "Requests waiting for admission", &ConstGauge::new(snap.waiting as i64))?;
+        one(
+            &mut encoder,
+            "requests_waiting",
+            "Requests waiting for admission",
+            &ConstGauge::new(self.engine.requests_waiting() as i64),
+        )?;
         one(&mut encoder, "requests_running", "Requests being generated", &ConstGauge::new(snap.running as i64))?;
         let (total, free) = (snap.kv_tokens_total / block, snap.kv_tokens_free / block);
         one(&mut encoder, "kv_cache_blocks", "KV cache blocks in all", &ConstGauge::new(total as i64))?;

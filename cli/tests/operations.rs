@@ -8,7 +8,6 @@
 mod support;
 
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::*;
@@ -108,27 +107,6 @@ fn backend_reasons(listed: &Value) -> Vec<String> {
         .flatten()
         .filter_map(|b| b["unhealthy_reason"].as_str().map(str::to_string))
         .collect()
-}
-
-/// A scrape: every sample by its name and labels, as written (`name{a="x",b="y"}`).
-type Samples = BTreeMap<String, f64>;
-
-async fn scrape(http: &reqwest::Client, backend: &Backend) -> Samples {
-    let url = format!("{}/metrics", backend.metrics.as_deref().expect("started with --metrics-listen"));
-    let text = http.get(url).send().await.expect("metrics answer").text().await.expect("text");
-    assert!(text.ends_with("# EOF\n"), "not an OpenMetrics exposition: {text}");
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample {l:?}"));
-            (series.to_string(), value.parse().unwrap_or_else(|_| panic!("bad value in {l:?}")))
-        })
-        .collect()
-}
-
-/// The value of `series`, 0 when absent.
-fn at(samples: &Samples, series: &str) -> f64 {
-    samples.get(series).copied().unwrap_or(0.0)
 }
 
 /// How much `series` grew from `before` to `after`.

@@ -13,14 +13,15 @@ use support::*;
 
 /// A backend with one running place and a gateway with `tenants`: `batch` sends two requests,
 /// then `other` one, all while the engine is wedged, so they wait in a known order (batch's
-/// first one running, its second queued, other's queued last). Returns the order they end in.
+/// first one running, its second queued, other's queued last). Each is sent once the backend
+/// counts the one before. Returns the order they end in.
 async fn finishing_order(tenants: &str) -> Vec<&'static str> {
     let dir = tempfile::tempdir().unwrap();
     // The engine wedges while the file says "stall".
     let faults = dir.path().join("faults");
     let model = fixtures().join("models/tiny-llama");
     let env = [("SWITCHYARD_FAULTS_FILE", faults.display().to_string())];
-    let backend = start_backend_with(&model, &["--max-running", "1"], &env);
+    let backend = start_backend_with(&model, &["--max-running", "1", "--metrics-listen", "127.0.0.1:0"], &env);
     let gw = gateway(dir.path(), &[&backend.addr], tenants, &[]);
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
     wait_ready(&http, &gw).await;
@@ -44,14 +45,32 @@ async fn finishing_order(tenants: &str) -> Vec<&'static str> {
             done.lock().unwrap().push(who);
         })
     };
+    // Until the backend has `n` requests, running or waiting (those a wedged engine has not
+    // taken up count as waiting).
+    let arrived = |n: f64| {
+        let (http, backend) = (&http, &backend);
+        async move {
+            let counted = async {
+                loop {
+                    let now = scrape(http, backend).await;
+                    let held = at(&now, "switchyard_backend_requests_waiting")
+                        + at(&now, "switchyard_backend_requests_running");
+                    if held >= n {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(30), counted).await.expect("the backend has the request");
+        }
+    };
     std::fs::write(&faults, "stall").unwrap();
-    let settle = || tokio::time::sleep(Duration::from_millis(700));
     let first = send("batch-1", "batch");
-    settle().await;
+    arrived(1.0).await;
     let second = send("batch-2", "batch");
-    settle().await;
+    arrived(2.0).await;
     let third = send("other", "other");
-    settle().await;
+    arrived(3.0).await;
     std::fs::write(&faults, "").unwrap();
     for task in [first, second, third] {
         task.await.unwrap();

@@ -25,6 +25,7 @@ use sampling::{Sampler, SamplingParams, TokenLogprobs};
 use scheduler::{Scheduler, SchedulerConfig, Sequence};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use text::{Detokenizer, Matched, StopMatcher};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -240,6 +241,7 @@ enum Command {
         constraint: Option<Box<Constraint>>,
         events: mpsc::UnboundedSender<Event>,
         reply: oneshot::Sender<Result<(), EngineError>>,
+        arrival: Arrival,
     },
     Install {
         name: String,
@@ -264,10 +266,29 @@ enum Command {
     },
 }
 
+/// A request handed to the engine thread and not yet taken up by it: counted while it lives.
+/// Dropped when the thread takes the request, or with the command if the thread never will.
+struct Arrival(Arc<AtomicUsize>);
+
+impl Arrival {
+    fn new(count: &Arc<AtomicUsize>) -> Arrival {
+        count.fetch_add(1, Ordering::Relaxed);
+        Arrival(count.clone())
+    }
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Handle to a running engine. Dropping it lets the engine finish its requests and stop.
 #[derive(Debug)]
 pub struct Engine {
     commands: mpsc::UnboundedSender<Command>,
+    /// Requests sent to the engine thread that it has not taken up yet.
+    arriving: Arc<AtomicUsize>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     health: watch::Receiver<Health>,
     step_seconds: Histogram,
@@ -333,6 +354,7 @@ impl Engine {
         }
         Engine {
             commands,
+            arriving: Arc::new(AtomicUsize::new(0)),
             snapshot,
             health,
             step_seconds,
@@ -366,6 +388,14 @@ impl Engine {
     /// The latest published state.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
+    }
+
+    /// Requests waiting for admission: the scheduler's queue as last published, and the
+    /// requests handed to the engine thread that it has not taken up yet. Those gather while a
+    /// step runs, and for as long as a wedged device holds the thread; the snapshot alone would
+    /// show such a backend as idle.
+    pub fn requests_waiting(&self) -> usize {
+        self.snapshot.borrow().waiting + self.arriving.load(Ordering::Relaxed)
     }
 
     /// Every cached KV block now, and the updates that follow it. Updates with a `seq` no
@@ -433,7 +463,8 @@ impl Engine {
         };
         let (events, rx) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Submit { req: Box::new(req), stops: Box::new(stops), constraint, events, reply })?;
+        let arrival = Arrival::new(&self.arriving);
+        self.send(Command::Submit { req: Box::new(req), stops: Box::new(stops), constraint, events, reply, arrival })?;
         answer.await.map_err(|_| self.stopped())??;
         Ok(rx)
     }
@@ -649,7 +680,8 @@ impl Worker {
                 let blocks = self.scheduler.cached_names().map(BlockHash::id).collect();
                 let _ = reply.send(PrefixSnapshot { seq: self.prefix_seq, blocks });
             }
-            Command::Submit { req, stops, constraint, events, reply } => {
+            Command::Submit { req, stops, constraint, events, reply, arrival } => {
+                drop(arrival);
                 let result = match &self.fault {
                     Some(reason) => Err(EngineError::Failed(reason.clone())),
                     None => self.submit(*req, *stops, constraint, events),

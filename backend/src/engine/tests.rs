@@ -16,13 +16,17 @@ struct Scripted {
     /// Slots whose weights were dropped.
     unloaded: Arc<std::sync::Mutex<Vec<u32>>>,
     delay: Duration,
-    /// What the next forward pass does: [`RUN`], [`PANIC`] or [`FAULT`].
+    /// What the next forward pass does: [`RUN`], [`PANIC`], [`FAULT`] or [`STALL`] (which it
+    /// turns to [`STALLED`] as it wedges).
     fault: Arc<AtomicUsize>,
 }
 
 const RUN: usize = 0;
 const PANIC: usize = 1;
 const FAULT: usize = 2;
+/// The pass waits until told something else, as on a wedged device.
+const STALL: usize = 3;
+const STALLED: usize = 4;
 
 impl Executor for Scripted {
     fn device(&self) -> String {
@@ -47,6 +51,10 @@ impl Executor for Scripted {
     }
     fn forward(&mut self, batch: &executor::Batch) -> Result<Vec<f32>, ExecutorError> {
         std::thread::sleep(self.delay);
+        let _ = self.fault.compare_exchange(STALL, STALLED, Ordering::SeqCst, Ordering::SeqCst);
+        while self.fault.load(Ordering::SeqCst) == STALLED {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         match self.fault.load(Ordering::SeqCst) {
             PANIC => panic!("scripted panic"),
             FAULT => return Err(ExecutorError::DeviceFault("scripted illegal address".into())),
@@ -372,6 +380,62 @@ async fn a_device_fault_stops_the_engine_for_good_and_fails_every_request() {
     assert!(matches!(&err, EngineError::Failed(r) if *r == why), "{err}");
     let snap = f.engine.snapshot();
     assert_eq!((snap.running, snap.waiting, snap.kv_tokens_free), (0, 0, snap.kv_tokens_total));
+}
+
+/// Sends a request to an engine whose next pass wedges; returns once the pass has.
+async fn wedge(f: &Fixture) -> mpsc::UnboundedReceiver<Event> {
+    f.fault.store(STALL, Ordering::SeqCst);
+    let events = f.engine.generate(request(3)).await.expect("accepted");
+    let wedged = async {
+        while f.fault.load(Ordering::SeqCst) != STALLED {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wedged).await.expect("the pass wedges");
+    events
+}
+
+/// Waits until the engine counts `n` requests waiting.
+async fn until_waiting(engine: &Engine, n: usize) {
+    let counted = async {
+        while engine.requests_waiting() != n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    let waited = tokio::time::timeout(Duration::from_secs(10), counted).await;
+    waited.unwrap_or_else(|_| panic!("{n} waiting expected, {} counted", engine.requests_waiting()));
+}
+
+#[tokio::test]
+async fn requests_sent_to_a_wedged_engine_count_as_waiting_until_they_are_served_or_failed() {
+    let f = fixture(1, 8, 1);
+    // The first is taken up, and the pass that would admit it wedges: the engine thread takes
+    // up nothing more, so the next ones wait in its channel. They count.
+    let mut first = wedge(&f).await;
+    until_waiting(&f.engine, 1).await;
+    let queued = async {
+        let (a, b) = tokio::join!(f.engine.generate(request(3)), f.engine.generate(request(3)));
+        (a.expect("accepted"), b.expect("accepted"))
+    };
+    let unwedge = async {
+        until_waiting(&f.engine, 3).await;
+        f.fault.store(RUN, Ordering::SeqCst);
+    };
+    let ((mut second, mut third), ()) = tokio::join!(queued, unwedge);
+    for events in [&mut first, &mut second, &mut third] {
+        finish(events).await;
+    }
+    until_waiting(&f.engine, 0).await;
+
+    // Requests a dead engine thread never took up are not counted for ever.
+    let mut running = wedge(&f).await;
+    let (refused, ()) = tokio::join!(f.engine.generate(request(3)), async {
+        until_waiting(&f.engine, 2).await;
+        f.fault.store(PANIC, Ordering::SeqCst);
+    });
+    assert!(refused.is_err(), "the engine died before taking it up");
+    assert!(failure(&mut running).await.is_some(), "the running request fails");
+    assert_eq!(f.engine.requests_waiting(), 0);
 }
 
 /// An adapter whose weights differ with `seed`.

@@ -464,7 +464,7 @@ impl pb::backend_server::Backend for BackendService {
             max_loras: cfg.max_loras as u32,
             loaded_loras: snap.adapters.len() as u32,
             max_model_len: cfg.max_model_len as u32,
-            queued_requests: snap.waiting as u32,
+            queued_requests: self.engine.requests_waiting() as u32,
             running_requests: snap.running as u32,
             kv_cache_tokens: snap.kv_tokens_total as u64,
             kv_cache_free_tokens: snap.kv_tokens_free as u64,

@@ -9,6 +9,7 @@ pub mod etcd;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -926,4 +927,26 @@ pub async fn deploy_policy(
     }
     let (s, v) = post(http, gw, &format!("/v1/policies/{id}/activate"), &t, body).await;
     assert_eq!(s, 200, "{v}");
+}
+
+/// A scrape: every sample by its name and labels, as written (`name{a="x",b="y"}`).
+pub type Samples = BTreeMap<String, f64>;
+
+/// What a backend started with `--metrics-listen` reports now.
+pub async fn scrape(http: &reqwest::Client, backend: &Backend) -> Samples {
+    let url = format!("{}/metrics", backend.metrics.as_deref().expect("started with --metrics-listen"));
+    let text = http.get(url).send().await.expect("metrics answer").text().await.expect("text");
+    assert!(text.ends_with("# EOF\n"), "not an OpenMetrics exposition: {text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample {l:?}"));
+            (series.to_string(), value.parse().unwrap_or_else(|_| panic!("bad value in {l:?}")))
+        })
+        .collect()
+}
+
+/// The value of `series`, 0 when absent.
+pub fn at(samples: &Samples, series: &str) -> f64 {
+    samples.get(series).copied().unwrap_or(0.0)
 }
