@@ -36,7 +36,7 @@ pub struct LoraMat<'a> {
     /// then expands a row with `rank` contiguous multiply-adds instead of `out` short dot
     /// products.
     pub bt: Option<&'a [f32]>,
-    /// `A` and `Bᵀ` rounded to bf16, where the executor keeps them so (the CPU's `q8` dtype):
+    /// `A` and `Bᵀ` rounded to bf16, where the executor keeps them so (the CPU's quantized dtypes):
     /// [`bgmv`] then reads half the bytes, computing in f32.
     pub half: Option<LoraHalf<'a>>,
     pub rank: usize,
