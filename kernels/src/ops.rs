@@ -102,24 +102,38 @@ pub fn rope(
     inv_freq: &[f32],
     attention_scaling: f32,
 ) {
+    let turns = rope_turns(positions, inv_freq, attention_scaling);
     crate::team::for_each_row(x, row_stride, &|r, row| {
         let heads = &mut row[col_offset..col_offset + n_heads * head_dim];
-        rope_row(heads, head_dim, positions[r], inv_freq, attention_scaling);
+        rope_row(heads, head_dim, &turns[r * head_dim..(r + 1) * head_dim]);
     });
 }
 
-/// [`rope`] of one row's heads (`heads`: consecutive `head_dim` blocks) at position `pos`.
-pub fn rope_row(heads: &mut [f32], head_dim: usize, pos: u32, inv_freq: &[f32], attention_scaling: f32) {
-    let half = head_dim / 2;
-    debug_assert_eq!(inv_freq.len(), half);
-    for (i, &f) in inv_freq.iter().enumerate() {
-        let angle = pos as f32 * f;
-        let (sin, cos) = angle.sin_cos();
-        let (sin, cos) = (sin * attention_scaling, cos * attention_scaling);
-        for head in heads.chunks_exact_mut(head_dim) {
-            let (a, b) = (head[i], head[i + half]);
-            head[i] = a * cos - b * sin;
-            head[i + half] = b * cos + a * sin;
+/// What [`rope`] turns each pair by at each of `positions`: per position, the `cos` of every
+/// pair's angle, then its `sin` (`2 · inv_freq.len()` values), each times `attention_scaling`.
+/// Every layer of a step turns its rows by the same angles: a step works them out once.
+pub fn rope_turns(positions: &[u32], inv_freq: &[f32], attention_scaling: f32) -> Vec<f32> {
+    let half = inv_freq.len();
+    let mut turns = vec![0f32; positions.len() * 2 * half];
+    for (&pos, turns) in positions.iter().zip(turns.chunks_exact_mut(2 * half)) {
+        let (cos, sin) = turns.split_at_mut(half);
+        for ((&f, cos), sin) in inv_freq.iter().zip(cos).zip(sin) {
+            let (s, c) = (pos as f32 * f).sin_cos();
+            (*cos, *sin) = (c * attention_scaling, s * attention_scaling);
+        }
+    }
+    turns
+}
+
+/// [`rope`] of one row's heads (`heads`: consecutive `head_dim` blocks), turned by its
+/// position's [`rope_turns`] (`head_dim` values).
+pub fn rope_row(heads: &mut [f32], head_dim: usize, turns: &[f32]) {
+    debug_assert_eq!(turns.len(), head_dim);
+    let (cos, sin) = turns.split_at(head_dim / 2);
+    for head in heads.chunks_exact_mut(head_dim) {
+        let (a, b) = head.split_at_mut(head_dim / 2);
+        for (((a, b), &cos), &sin) in a.iter_mut().zip(b).zip(cos).zip(sin) {
+            (*a, *b) = (*a * cos - *b * sin, *b * cos + *a * sin);
         }
     }
 }

@@ -644,7 +644,7 @@ impl CpuExecutor {
             .map(|s| AttentionSeq { q_start: s.start, q_len: s.len, context_len: s.context_len, blocks: &s.blocks })
             .collect();
         let scale = 1.0 / (c.head_dim as f32).sqrt();
-        let (rope_freq, rope_scale) = (&self.inv_freq, self.rope_scale);
+        let turns = ops::rope_turns(&batch.positions, &self.inv_freq, self.rope_scale);
 
         let eps = c.rms_norm_eps;
         let rotated = (c.num_heads + c.num_kv_heads) * c.head_dim;
@@ -670,7 +670,7 @@ impl CpuExecutor {
             let owed = Owed { bias: layer.qkv_bias.as_deref(), delta };
             let prepare = |t: usize, row: &mut [f32]| {
                 owed.pay(t, row);
-                ops::rope_row(&mut row[..rotated], c.head_dim, batch.positions[t], rope_freq, rope_scale);
+                ops::rope_row(&mut row[..rotated], c.head_dim, &turns[t * c.head_dim..(t + 1) * c.head_dim]);
             };
             let attend = Attend {
                 layout: self.layout,
