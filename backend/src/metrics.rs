@@ -501,7 +501,7 @@ impl State {
         one(
             &mut encoder,
             "requests_waiting",
-            "Requests waiting for admission",
+            "Requests waiting for admission, those the engine thread has not taken up yet included",
             &ConstGauge::new(self.engine.requests_waiting() as i64),
         )?;
         one(&mut encoder, "requests_running", "Requests being generated", &ConstGauge::new(snap.running as i64))?;
