@@ -236,12 +236,14 @@ enum Command {
     /// Every cached block now.
     PrefixSnapshot(oneshot::Sender<PrefixSnapshot>),
     Submit {
+        /// First, so that it is dropped before `reply` where the command is dropped whole (an
+        /// engine thread gone): a caller told its request was refused finds it uncounted.
+        arrival: Arrival,
         req: Box<GenerateRequest>,
         stops: Box<StopMatcher>,
         constraint: Option<Box<Constraint>>,
         events: mpsc::UnboundedSender<Event>,
         reply: oneshot::Sender<Result<(), EngineError>>,
-        arrival: Arrival,
     },
     Install {
         name: String,
@@ -464,7 +466,7 @@ impl Engine {
         let (events, rx) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
         let arrival = Arrival::new(&self.arriving);
-        self.send(Command::Submit { req: Box::new(req), stops: Box::new(stops), constraint, events, reply, arrival })?;
+        self.send(Command::Submit { arrival, req: Box::new(req), stops: Box::new(stops), constraint, events, reply })?;
         answer.await.map_err(|_| self.stopped())??;
         Ok(rx)
     }
@@ -680,7 +682,7 @@ impl Worker {
                 let blocks = self.scheduler.cached_names().map(BlockHash::id).collect();
                 let _ = reply.send(PrefixSnapshot { seq: self.prefix_seq, blocks });
             }
-            Command::Submit { req, stops, constraint, events, reply, arrival } => {
+            Command::Submit { arrival, req, stops, constraint, events, reply } => {
                 drop(arrival);
                 let result = match &self.fault {
                     Some(reason) => Err(EngineError::Failed(reason.clone())),
