@@ -14,7 +14,9 @@ use support::*;
 /// A backend with one running place and a gateway with `tenants`: `batch` sends two requests,
 /// then `other` one, all while the engine is wedged, so they wait in a known order (batch's
 /// first one running, its second queued, other's queued last). Each is sent once the backend
-/// counts the one before. Returns the order they end in.
+/// counts the one before. Then the engine runs, a step every 20 ms, so that one request's end
+/// is a quarter of a second from the next one's and no delay in answering (a loaded machine's)
+/// can reorder what the clients see. Returns the order they end in.
 async fn finishing_order(tenants: &str) -> Vec<&'static str> {
     let dir = tempfile::tempdir().unwrap();
     // The engine wedges while the file says "stall".
@@ -71,7 +73,7 @@ async fn finishing_order(tenants: &str) -> Vec<&'static str> {
     arrived(2.0).await;
     let third = send("other", "other");
     arrived(3.0).await;
-    std::fs::write(&faults, "").unwrap();
+    std::fs::write(&faults, "slow 20").unwrap();
     for task in [first, second, third] {
         task.await.unwrap();
     }

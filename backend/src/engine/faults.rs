@@ -6,7 +6,9 @@
 //! - absent, empty or anything else: nothing happens;
 //! - `panic`: the pass panics, killing the engine thread (a bug in the engine);
 //! - `device-fault`: the pass fails as a sticky device error does (a GPU fault);
-//! - `stall`: the pass waits until the file says something else (a wedged device).
+//! - `stall`: the pass waits until the file says something else (a wedged device);
+//! - `slow MS`: the pass takes MS milliseconds longer (a slow device: the steps of requests
+//!   run one after another are then far enough apart to tell their order from outside).
 
 use super::executor::{AdapterPreparer, Batch, Executor, ExecutorError, PreparedAdapter, Retired};
 use std::path::PathBuf;
@@ -75,7 +77,11 @@ impl Executor for Faulty {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
-            _ => {}
+            other => {
+                if let Some(ms) = other.strip_prefix("slow ").and_then(|ms| ms.trim().parse().ok()) {
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+            }
         }
         self.inner.forward(batch)
     }
