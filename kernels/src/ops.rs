@@ -389,9 +389,9 @@ mod tests {
 
     #[test]
     fn rms_norm_counts_every_value_of_a_row_past_its_eights() {
-        // Rows of 13 (an eight and five), each value's square distinct, so none can be missed.
+        // Rows of 13 (an eight and five), no value zero, so a value left out changes the norm.
         let hidden = 13;
-        let x: Vec<f32> = (0..2 * hidden).map(|i| (i as f32 - 9.0) * 0.37).collect();
+        let x: Vec<f32> = (0..2 * hidden).map(|i| (i as f32 - 9.5) * 0.37).collect();
         let w: Vec<f32> = (0..hidden).map(|i| 1.0 + i as f32 / 8.0).collect();
         let mut out = vec![0f32; 2 * hidden];
         rms_norm(&x, &w, 1e-5, &mut out);
