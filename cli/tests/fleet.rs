@@ -259,15 +259,6 @@ fn fixture_uri(name: &str) -> String {
     format!("file://{}", fixture_adapter(name).display())
 }
 
-/// Polls an async `check` until it holds or `within` passes.
-async fn until(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what} did not happen within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The names `/v1/models` lists for `who` through `gw`.
 async fn models(http: &reqwest::Client, gw: &Gateway, who: &str) -> Vec<String> {
     let (_, v) = get(http, gw, "/v1/models", &token(who, "")).await;

@@ -49,22 +49,12 @@ async fn finishing_order(tenants: &str) -> Vec<&'static str> {
     };
     // Until the backend has `n` requests, running or waiting (those a wedged engine has not
     // taken up count as waiting).
-    let arrived = |n: f64| {
-        let (http, backend) = (&http, &backend);
-        async move {
-            let counted = async {
-                loop {
-                    let now = scrape(http, backend).await;
-                    let held = at(&now, "switchyard_backend_requests_waiting")
-                        + at(&now, "switchyard_backend_requests_running");
-                    if held >= n {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            };
-            tokio::time::timeout(Duration::from_secs(30), counted).await.expect("the backend has the request");
-        }
+    let arrived = async |n: f64| {
+        until(Duration::from_secs(30), &format!("the backend holding {n} requests"), async || {
+            let now = scrape(&http, &backend).await;
+            at(&now, "switchyard_backend_requests_waiting") + at(&now, "switchyard_backend_requests_running") >= n
+        })
+        .await
     };
     std::fs::write(&faults, "stall").unwrap();
     let first = send("batch-1", "batch");

@@ -308,8 +308,6 @@ mod tests {
         (Grammars::new(tokenizer.clone(), model.config.vocab_size), tokenizer)
     }
 
-    /// Samples from random logits under the grammar until it completes or the sampler picks an
-    /// end-of-sequence token; returns the text.
     /// A random walk under `spec` of at most 400 tokens: its text, and whether the grammar
     /// ended it (end of sequence, or a complete text) rather than the step limit.
     fn walk(g: &Grammars, tokenizer: &Tokenizer, spec: &GrammarSpec, seed: u64) -> (String, bool) {

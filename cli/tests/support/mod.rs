@@ -950,3 +950,12 @@ pub async fn scrape(http: &reqwest::Client, backend: &Backend) -> Samples {
 pub fn at(samples: &Samples, series: &str) -> f64 {
     samples.get(series).copied().unwrap_or(0.0)
 }
+
+/// Polls an async `check` until it holds or `within` passes.
+pub async fn until(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what} did not happen within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
