@@ -2,9 +2,10 @@
 //!
 //! Reads ([`Replica::current`]) never wait on the store, so requests are served from the last
 //! known state while the store is unreachable. The follower task ([`Replica::follow`]) watches
-//! from the copy's revision; when the watch ends it watches again from where it got to, and
-//! when the store has compacted that history it reads a new snapshot. A commit through the
-//! replica returns once the copy holds it, so a caller reads its own writes.
+//! from the copy's revision; when the watch fails it watches again from where it got to, and
+//! when the store no longer has that history it reads a new snapshot and watches on from it.
+//! A commit through the replica returns once the copy holds it, so a caller reads its own
+//! writes.
 
 use super::{Batch, Revision, Snapshot, StateStore, StoreError, Write};
 use futures::StreamExt;
@@ -112,17 +113,41 @@ impl Replica {
         let me = self.clone();
         tokio::spawn(async move {
             loop {
-                let why = me.follow_once().await;
-                me.set_trouble(Some(why.to_string()));
-                if matches!(why, StoreError::Compacted { .. }) {
-                    match me.resync().await {
-                        Ok(()) => me.set_trouble(None),
-                        Err(e) => me.set_trouble(Some(e.to_string())),
-                    }
+                let trouble = match me.follow_once().await {
+                    // The history from the copy's revision is gone (etcd compacted it; the
+                    // directory store keeps none): the store's state now is where the copy goes
+                    // on from. That is routine, not trouble, unless the store cannot be read.
+                    StoreError::Compacted { revision } => me.start_over(revision).await.err(),
+                    other => Some(other),
+                };
+                let pause = trouble.is_some();
+                me.set_trouble(trouble.map(|e| e.to_string()));
+                if pause {
+                    tokio::time::sleep(RETRY_AFTER).await;
                 }
-                tokio::time::sleep(RETRY_AFTER).await;
             }
         })
+    }
+
+    /// Takes the store's state after a watch lost its history past `revision`. A store behind
+    /// that revision went back in time (a restored backup); its state is the desired state, so
+    /// the copy goes back with it.
+    async fn start_over(&self, revision: Revision) -> Result<(), StoreError> {
+        let snapshot = self.store.snapshot().await?;
+        if snapshot.revision >= revision {
+            self.install(snapshot);
+            return Ok(());
+        }
+        tracing::warn!(
+            store = %self.store.describe(),
+            from = revision,
+            to = snapshot.revision,
+            "the state store went back to an older revision (restored from a backup?); serving its state"
+        );
+        let mut state = self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *state = Arc::new(snapshot);
+        self.revision.send_replace(state.revision);
+        Ok(())
     }
 
     /// One watch, from the copy's revision, until it fails.
@@ -146,5 +171,130 @@ impl Replica {
             }
         }
         StoreError::Unavailable { reason: "the watch ended".into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)] // a test fails loudly on a broken fixture
+
+    use super::*;
+    use crate::store::file::FileStore;
+    use crate::store::{Counted, Expect, Lead, Watch};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+    use tokio::sync::Notify;
+
+    /// A directory store whose snapshot reads, once `hold` is set, wait for the test.
+    #[derive(Debug)]
+    struct Held {
+        inner: FileStore,
+        hold: AtomicBool,
+        reached: Notify,
+        release: Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl StateStore for Held {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+            if self.hold.load(Ordering::SeqCst) {
+                self.reached.notify_one();
+                self.release.notified().await;
+            }
+            self.inner.snapshot().await
+        }
+        async fn commit(&self, writes: Vec<Write>) -> Result<Revision, StoreError> {
+            self.inner.commit(writes).await
+        }
+        async fn watch(&self, after: Revision) -> Result<Watch, StoreError> {
+            self.inner.watch(after).await
+        }
+        async fn put_blob(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+            self.inner.put_blob(name, bytes).await
+        }
+        async fn get_blob(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+            self.inner.get_blob(name).await
+        }
+        async fn delete_blob(&self, name: &str) -> Result<(), StoreError> {
+            self.inner.delete_blob(name).await
+        }
+        async fn lead(&self, holder: &str) -> Result<Lead, StoreError> {
+            self.inner.lead(holder).await
+        }
+        async fn add_to_counter(
+            &self,
+            key: &str,
+            want: u64,
+            cap: Option<u64>,
+            ttl: Duration,
+        ) -> Result<Counted, StoreError> {
+            self.inner.add_to_counter(key, want, cap, ttl).await
+        }
+    }
+
+    fn value(r: &Replica, key: &str) -> Option<String> {
+        r.current().entries.get(key).map(|e| e.value.clone())
+    }
+
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(Instant::now() < deadline, "{what} did not happen within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watch_that_lost_its_history_reads_a_snapshot_without_reporting_trouble() {
+        let dir = tempfile::tempdir().expect("dir");
+        let held = Arc::new(Held {
+            inner: FileStore::open(dir.path()).expect("opens"),
+            hold: AtomicBool::new(false),
+            reached: Notify::new(),
+            release: Notify::new(),
+        });
+        let replica = Replica::open(held.clone()).await.expect("first snapshot");
+        // Another gateway commits before this one watches: the directory store keeps no history,
+        // so the first watch is told to read a snapshot.
+        let other = FileStore::open(dir.path()).expect("opens");
+        other.commit(vec![Write::put("loras/x", Expect::Absent, "v1")]).await.expect("commits");
+        held.hold.store(true, Ordering::SeqCst);
+        let follower = replica.follow();
+        tokio::time::timeout(Duration::from_secs(10), held.reached.notified())
+            .await
+            .expect("the follower reads a snapshot");
+        assert_eq!(replica.trouble(), None, "a routine snapshot read was reported as trouble");
+        held.hold.store(false, Ordering::SeqCst);
+        held.release.notify_one();
+        eventually("the commit reaching the copy", || value(&replica, "loras/x").as_deref() == Some("v1")).await;
+        assert_eq!(replica.trouble(), None);
+        follower.abort();
+    }
+
+    #[tokio::test]
+    async fn a_store_restored_from_an_older_backup_is_followed_back() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Arc::new(FileStore::open(dir.path()).expect("opens"));
+        let old = store.commit(vec![Write::put("loras/x", Expect::Absent, "v1")]).await.expect("commits");
+        let state = dir.path().join("store.json");
+        let backup = std::fs::read(&state).expect("backs up");
+        store.commit(vec![Write::put("loras/x", Expect::Any, "v2")]).await.expect("commits");
+        let replica = Replica::open(store).await.expect("first snapshot");
+        let follower = replica.follow();
+
+        let restoring = dir.path().join("store.json.restore");
+        std::fs::write(&restoring, &backup).expect("writes");
+        std::fs::rename(&restoring, &state).expect("restores");
+        eventually("the copy going back to the backup", || value(&replica, "loras/x").as_deref() == Some("v1")).await;
+        assert_eq!(replica.revision(), old);
+        assert_eq!(replica.trouble(), None);
+        // And it follows the restored store on from there.
+        replica.commit(vec![Write::put("loras/y", Expect::Absent, "after")]).await.expect("commits");
+        assert_eq!(value(&replica, "loras/y").as_deref(), Some("after"));
+        assert_eq!(value(&replica, "loras/x").as_deref(), Some("v1"));
+        follower.abort();
     }
 }
