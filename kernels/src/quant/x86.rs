@@ -8,23 +8,27 @@ use super::{Ahead, BLOCK, Format, PANEL, PanelOut, Q8Row, QuantMatrix, SUPER};
 use std::arch::x86_64::*;
 
 /// Asks for the weights ahead of the block at `at` (`block_bytes` long) to be brought into
-/// cache: the lines [`AHEAD_L2`] bytes on into L2, those [`AHEAD_L1`] bytes on into L1, each
-/// line once as the blocks pass (those starting inside the block that far on). Decode streams
+/// cache: [`AHEAD_L2`] bytes on into L2 and [`AHEAD_L1`] bytes on into L1, a line for every 64
+/// bytes of the block. Consecutive blocks continue each other's sequence of addresses, so as
+/// the blocks pass every line is asked for (once, where blocks are whole lines). Decode streams
 /// every weight from memory once a step, and the hardware prefetcher alone leaves the kernels
 /// waiting on it; a request far enough ahead to cover memory's latency at the kernels' pace is
-/// too far for L1, which the lines would leave before use, hence the two. Past the end of the
+/// too far for L1, which the lines would leave before use, hence the two. The count is the
+/// format's constant, so the requests are straight-line code. (The loop this replaced asked for
+/// the lines starting inside each block, a count that varies from block to block; measured on a
+/// 2-core Zen 4 with the `quant` bench, one thread, one row from cache ran 33–75% faster
+/// without it, eight rows 2–5%, and weights streamed from memory 3–10%.) Past the end of the
 /// weights it asks for nothing harmful: a prefetch never faults.
 #[inline(always)]
 fn prefetch(at: *const u8, block_bytes: usize) {
-    fn lines(at: *const u8, ahead: usize, block_bytes: usize, hint: impl Fn(*const i8)) {
-        let first = (at as usize + ahead).next_multiple_of(64) - at as usize;
-        for offset in (first..ahead + block_bytes).step_by(64) {
-            hint(at.wrapping_add(offset).cast());
+    for line in 0..block_bytes.div_ceil(64) {
+        // SAFETY (both): a prefetch is a hint: it reads nothing into the program and never
+        // faults.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(AHEAD_L2 + 64 * line).cast());
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(AHEAD_L1 + 64 * line).cast());
         }
     }
-    // SAFETY (both): a prefetch is a hint: it reads nothing into the program and never faults.
-    lines(at, AHEAD_L2, block_bytes, |line| unsafe { _mm_prefetch::<_MM_HINT_T1>(line) });
-    lines(at, AHEAD_L1, block_bytes, |line| unsafe { _mm_prefetch::<_MM_HINT_T0>(line) });
 }
 
 /// How far ahead of the block computed [`prefetch`] asks for lines into L2 and into L1. Measured
