@@ -199,8 +199,9 @@ async fn converge(gw: &Arc<Gateway>, id: &str, failures: &mut Failures, fence: u
         }
     }
     // What the backend has that no gateway knows about, or that is placed elsewhere. Not while
-    // the store cannot be followed: the copy may be missing what another gateway just recorded.
-    if gw.replica().trouble().is_some() {
+    // the copy is out of step with the store: it may be missing what another gateway just
+    // recorded.
+    if !gw.replica().in_step() {
         return;
     }
     let listed: Vec<String> = gw.read_view(id, |v| v.adapters.keys().cloned().collect()).unwrap_or_default();

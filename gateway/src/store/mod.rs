@@ -166,6 +166,12 @@ pub enum StoreError {
     /// The watch asked for history the store no longer keeps: read a new snapshot.
     #[error("the store compacted its history past revision {revision}")]
     Compacted { revision: Revision },
+    /// The store is at an older revision than a copy of it already held: it was restored from
+    /// an older backup, and will hand out the revisions in between again.
+    #[error(
+        "the store went back from revision {from} to {to} (restored from an older backup?); this gateway keeps serving revision {from} until it is restarted"
+    )]
+    WentBack { from: Revision, to: Revision },
     /// A blob was asked for that the store does not hold.
     #[error("blob {name} is not in the store")]
     BlobMissing { name: String },

@@ -9,6 +9,7 @@
 
 use super::{Batch, Revision, Snapshot, StateStore, StoreError, Write};
 use futures::StreamExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -27,6 +28,12 @@ pub struct Replica {
     revision: tokio::sync::watch::Sender<Revision>,
     /// Why the last read of the store failed, while it is failing.
     trouble: RwLock<Option<String>>,
+    /// Set from the watch's report that the store no longer has the history after the copy's
+    /// revision until a new snapshot is in: the copy is known to miss changes.
+    behind: AtomicBool,
+    /// The copy's revision and the older one the store was found at, once the store went back
+    /// (restored from an older backup), until the store is past the copy's revision.
+    went_back: RwLock<Option<(Revision, Revision)>>,
 }
 
 impl Replica {
@@ -34,7 +41,14 @@ impl Replica {
     pub async fn open(store: Arc<dyn StateStore>) -> Result<Arc<Replica>, StoreError> {
         let first = store.snapshot().await?;
         let (revision, _) = tokio::sync::watch::channel(first.revision);
-        Ok(Arc::new(Replica { store, state: RwLock::new(Arc::new(first)), revision, trouble: RwLock::new(None) }))
+        Ok(Arc::new(Replica {
+            store,
+            state: RwLock::new(Arc::new(first)),
+            revision,
+            trouble: RwLock::new(None),
+            behind: AtomicBool::new(false),
+            went_back: RwLock::new(None),
+        }))
     }
 
     pub fn store(&self) -> &Arc<dyn StateStore> {
@@ -58,6 +72,14 @@ impl Replica {
     /// Why the store cannot be followed now (`None`: it can).
     pub fn trouble(&self) -> Option<String> {
         self.trouble.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Whether the copy keeps up with the store now: it can be followed, and is not waiting for
+    /// a new snapshot after its watch lost the history it needed. What acts on the absence of a
+    /// record (the reconciler unloading what no gateway asked for) waits for this, since the
+    /// copy may then lack what another gateway just recorded.
+    pub fn in_step(&self) -> bool {
+        self.trouble().is_none() && !self.behind.load(Ordering::SeqCst)
     }
 
     fn set_trouble(&self, why: Option<String>) {
@@ -97,8 +119,13 @@ impl Replica {
         Ok(())
     }
 
-    /// Commits `writes` to the store; returns once the copy holds them.
+    /// Commits `writes` to the store; returns once the copy holds them. Refused while the store
+    /// is behind the copy ([`StoreError::WentBack`]): the revision it would return may be one
+    /// the copy already had, for another state.
     pub async fn commit(&self, writes: Vec<Write>) -> Result<Revision, StoreError> {
+        if let Some((from, to)) = self.went_back() {
+            return Err(StoreError::WentBack { from, to });
+        }
         let revision = self.store.commit(writes).await?;
         let mut seen = self.subscribe();
         let caught_up = matches!(tokio::time::timeout(CATCH_UP, seen.wait_for(|r| *r >= revision)).await, Ok(Ok(_)));
@@ -113,12 +140,21 @@ impl Replica {
         let me = self.clone();
         tokio::spawn(async move {
             loop {
-                let trouble = match me.follow_once().await {
-                    // The history from the copy's revision is gone (etcd compacted it; the
-                    // directory store keeps none): the store's state now is where the copy goes
-                    // on from. That is routine, not trouble, unless the store cannot be read.
-                    StoreError::Compacted { revision } => me.start_over(revision).await.err(),
-                    other => Some(other),
+                let trouble = match me.went_back() {
+                    // No watch from a revision the store hands out again: snapshots, until the
+                    // store is past it.
+                    Some((from, _)) => me.start_over(from).await.err(),
+                    None => match me.follow_once().await {
+                        // The history from the copy's revision is gone (etcd compacted it; the
+                        // directory store keeps none): the store's state now is where the copy
+                        // goes on from. That is routine, not trouble, unless the store cannot be
+                        // read.
+                        StoreError::Compacted { revision } => {
+                            me.behind.store(true, Ordering::SeqCst);
+                            me.start_over(revision).await.err()
+                        }
+                        other => Some(other),
+                    },
                 };
                 let pause = trouble.is_some();
                 me.set_trouble(trouble.map(|e| e.to_string()));
@@ -129,24 +165,29 @@ impl Replica {
         })
     }
 
-    /// Takes the store's state after a watch lost its history past `revision`. A store behind
-    /// that revision went back in time (a restored backup); its state is the desired state, so
-    /// the copy goes back with it.
+    /// The copy's revision and the older one the store was found at, while the store is behind.
+    fn went_back(&self) -> Option<(Revision, Revision)> {
+        *self.went_back.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes the store's state after a watch lost its history past `revision` (the copy's).
+    ///
+    /// A store behind that revision went back in time (restored from an older backup): it will
+    /// hand out the revisions up to the copy's again, for other states, and a watch or a cache
+    /// keyed by revision would take one for the other. So the copy stays where it is, saying
+    /// why, and takes the store's state once the store is past its revision (a state it has
+    /// never seen), or when the gateway restarts.
     async fn start_over(&self, revision: Revision) -> Result<(), StoreError> {
         let snapshot = self.store.snapshot().await?;
-        if snapshot.revision >= revision {
-            self.install(snapshot);
-            return Ok(());
+        let went_back = self.went_back();
+        if snapshot.revision < revision || (went_back.is_some() && snapshot.revision == revision) {
+            let (from, to) = went_back.unwrap_or((revision, snapshot.revision));
+            *self.went_back.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((from, to));
+            return Err(StoreError::WentBack { from, to });
         }
-        tracing::warn!(
-            store = %self.store.describe(),
-            from = revision,
-            to = snapshot.revision,
-            "the state store went back to an older revision (restored from a backup?); serving its state"
-        );
-        let mut state = self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *state = Arc::new(snapshot);
-        self.revision.send_replace(state.revision);
+        self.install(snapshot);
+        *self.went_back.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.behind.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -181,7 +222,6 @@ mod tests {
     use super::*;
     use crate::store::file::FileStore;
     use crate::store::{Counted, Expect, Lead, Watch};
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Instant;
     use tokio::sync::Notify;
 
@@ -267,34 +307,51 @@ mod tests {
             .await
             .expect("the follower reads a snapshot");
         assert_eq!(replica.trouble(), None, "a routine snapshot read was reported as trouble");
+        // But the copy is known to miss a change until the snapshot is in.
+        assert!(!replica.in_step());
         held.hold.store(false, Ordering::SeqCst);
         held.release.notify_one();
         eventually("the commit reaching the copy", || value(&replica, "loras/x").as_deref() == Some("v1")).await;
+        // (Out of step a moment longer than the copy is behind: a reader erring on the safe side.)
+        eventually("the copy in step again", || replica.in_step()).await;
         assert_eq!(replica.trouble(), None);
         follower.abort();
     }
 
     #[tokio::test]
-    async fn a_store_restored_from_an_older_backup_is_followed_back() {
+    async fn a_store_restored_from_an_older_backup_is_reported_and_not_followed_back() {
         let dir = tempfile::tempdir().expect("dir");
         let store = Arc::new(FileStore::open(dir.path()).expect("opens"));
-        let old = store.commit(vec![Write::put("loras/x", Expect::Absent, "v1")]).await.expect("commits");
+        store.commit(vec![Write::put("loras/x", Expect::Absent, "v1")]).await.expect("commits");
         let state = dir.path().join("store.json");
         let backup = std::fs::read(&state).expect("backs up");
-        store.commit(vec![Write::put("loras/x", Expect::Any, "v2")]).await.expect("commits");
-        let replica = Replica::open(store).await.expect("first snapshot");
+        let newest = store.commit(vec![Write::put("loras/x", Expect::Any, "v2")]).await.expect("commits");
+        let replica = Replica::open(store.clone()).await.expect("first snapshot");
         let follower = replica.follow();
 
         let restoring = dir.path().join("store.json.restore");
         std::fs::write(&restoring, &backup).expect("writes");
         std::fs::rename(&restoring, &state).expect("restores");
-        eventually("the copy going back to the backup", || value(&replica, "loras/x").as_deref() == Some("v1")).await;
-        assert_eq!(replica.revision(), old);
-        assert_eq!(replica.trouble(), None);
-        // And it follows the restored store on from there.
-        replica.commit(vec![Write::put("loras/y", Expect::Absent, "after")]).await.expect("commits");
-        assert_eq!(value(&replica, "loras/y").as_deref(), Some("after"));
+        eventually("the restore being reported", || replica.trouble().is_some()).await;
+        let trouble = replica.trouble().unwrap_or_default();
+        assert!(trouble.contains("went back from revision 2 to 1"), "{trouble}");
+        assert!(!replica.in_step());
+        let refused = replica.commit(vec![Write::put("loras/mine", Expect::Absent, "v")]).await;
+        assert_eq!(refused, Err(StoreError::WentBack { from: 2, to: 1 }));
+        // The copy keeps the last state it followed, even once the restored store hands out
+        // revision 2 again for another state (another gateway's commit).
+        store.commit(vec![Write::put("loras/y", Expect::Absent, "after")]).await.expect("commits");
+        tokio::time::sleep(2 * RETRY_AFTER).await;
+        assert_eq!((replica.revision(), value(&replica, "loras/x").as_deref()), (newest, Some("v2")));
+        assert_eq!(value(&replica, "loras/y"), None);
+        // Past the revisions it had, the store's history is new to the copy: it follows again.
+        store.commit(vec![Write::put("loras/z", Expect::Absent, "later")]).await.expect("commits");
+        eventually("the copy following again", || value(&replica, "loras/z").is_some()).await;
         assert_eq!(value(&replica, "loras/x").as_deref(), Some("v1"));
+        assert_eq!(value(&replica, "loras/y").as_deref(), Some("after"));
+        eventually("the copy in step again", || replica.in_step()).await;
+        assert_eq!(replica.trouble(), None);
+        replica.commit(vec![Write::put("loras/mine", Expect::Absent, "v")]).await.expect("commits again");
         follower.abort();
     }
 }
