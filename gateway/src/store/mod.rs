@@ -169,7 +169,7 @@ pub enum StoreError {
     /// The store is at an older revision than a copy of it already held: it was restored from
     /// an older backup, and will hand out the revisions in between again.
     #[error(
-        "the store went back from revision {from} to {to} (restored from an older backup?); this gateway keeps serving revision {from} until it is restarted"
+        "the store went back from revision {from} to {to} (restored from an older backup?); this gateway keeps serving revision {from} until the store is past it or the gateway restarts"
     )]
     WentBack { from: Revision, to: Revision },
     /// A blob was asked for that the store does not hold.
