@@ -714,35 +714,56 @@ const SECOND: [i32; 16] = [8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30,
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn dots_bf16_512(a: &[u16], x: &[f32], v: &mut [f32]) {
     let n = x.len();
+    for (c, v) in v.chunks_mut(8).enumerate() {
+        let rows = &a[8 * c * n..];
+        // A whole eight (every row of a rank-8 adapter) with its row count a constant, so that
+        // the step keeps no per-row test and its accumulators stay in registers.
+        // SAFETY: as the function's: `rows` holds `v.len()` rows of `n`.
+        unsafe {
+            if v.len() == 8 {
+                dots_bf16_512_eight::<true>(rows, x, v);
+            } else {
+                dots_bf16_512_eight::<false>(rows, x, v);
+            }
+        }
+    }
+}
+
+/// [`dots_bf16_512`] for up to eight rows (`v.len()`; exactly eight where `EIGHT`).
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL; `a` holds `v.len() · x.len()` values; `v` is at most 8 long.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn dots_bf16_512_eight<const EIGHT: bool>(a: &[u16], x: &[f32], v: &mut [f32]) {
+    let n = x.len();
     let full = n - n % 32;
+    let rows = if EIGHT { 8 } else { v.len() };
     // SAFETY: each table is 16 lanes.
     let (even, odd) = unsafe { (_mm512_loadu_si512(EVEN.as_ptr().cast()), _mm512_loadu_si512(ODD.as_ptr().cast())) };
-    for (c, v) in v.chunks_mut(8).enumerate() {
-        let row = |r: usize| a[(8 * c + r) * n..(8 * c + r + 1) * n].as_ptr();
-        let mut acc = [_mm512_setzero_ps(); 8];
-        for i in (0..full).step_by(32) {
-            // SAFETY (every load): values i..i + 32 are below n, inside `x` and each row.
-            let (x0, x1) = unsafe { (_mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(x.as_ptr().add(i + 16))) };
-            let (xe, xo) = (_mm512_permutex2var_ps(x0, even, x1), _mm512_permutex2var_ps(x0, odd, x1));
-            up_to_eight!(r < v.len(), {
-                let [lo, hi] = unsafe { bf16_pairs(row(r).add(i)) };
-                acc[r] = _mm512_fmadd_ps(hi, xo, _mm512_fmadd_ps(lo, xe, acc[r]));
-            });
-        }
-        // The last values (fewer than 32), 16 at a time.
-        for i in (full..n).step_by(16) {
-            let k = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
-            // SAFETY: the masks keep every lane below n, inside `x` and each row.
-            let xv = unsafe { _mm512_maskz_loadu_ps(k, x.as_ptr().add(i)) };
-            up_to_eight!(r < v.len(), {
-                let bits = unsafe { _mm256_maskz_loadu_epi16(k, row(r).add(i).cast()) };
-                let w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-                acc[r] = _mm512_fmadd_ps(w, xv, acc[r]);
-            });
-        }
-        for (v, acc) in v.iter_mut().zip(acc) {
-            *v = _mm512_reduce_add_ps(acc);
-        }
+    let row = |r: usize| a[r * n..(r + 1) * n].as_ptr();
+    let mut acc = [_mm512_setzero_ps(); 8];
+    for i in (0..full).step_by(32) {
+        // SAFETY (every load): values i..i + 32 are below n, inside `x` and each row.
+        let (x0, x1) = unsafe { (_mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(x.as_ptr().add(i + 16))) };
+        let (xe, xo) = (_mm512_permutex2var_ps(x0, even, x1), _mm512_permutex2var_ps(x0, odd, x1));
+        up_to_eight!(r < rows, {
+            let [lo, hi] = unsafe { bf16_pairs(row(r).add(i)) };
+            acc[r] = _mm512_fmadd_ps(hi, xo, _mm512_fmadd_ps(lo, xe, acc[r]));
+        });
+    }
+    // The last values (fewer than 32), 16 at a time.
+    for i in (full..n).step_by(16) {
+        let k = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+        // SAFETY: the masks keep every lane below n, inside `x` and each row.
+        let xv = unsafe { _mm512_maskz_loadu_ps(k, x.as_ptr().add(i)) };
+        up_to_eight!(r < rows, {
+            let bits = unsafe { _mm256_maskz_loadu_epi16(k, row(r).add(i).cast()) };
+            let w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+            acc[r] = _mm512_fmadd_ps(w, xv, acc[r]);
+        });
+    }
+    for (v, acc) in v.iter_mut().zip(acc) {
+        *v = _mm512_reduce_add_ps(acc);
     }
 }
 
